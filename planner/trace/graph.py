@@ -1,0 +1,178 @@
+"""The cost graph: what the solvers see of a model.
+
+Two views of one trace:
+
+* ``ops``: a networkx DiGraph with one node per traced operation. Node attributes: ``kind``,
+  ``target``, ``module_path``, ``layer`` (index), ``input_shapes``, ``output_shapes``,
+  ``dtypes``, ``fwd_flops``, ``bwd_flops``, ``bytes_read``, ``bytes_written``, ``param_bytes``
+  (parameters first used here; a shared parameter counts once), ``activation_bytes`` (saved
+  for backward). Edges carry ``bytes`` (the tensor passed).
+* ``layers``: the same costs summed per *layer* (a pipeline-stage building block: a top-level
+  submodule, with ModuleList/Sequential containers opened), in topological order, plus a
+  layer-level DiGraph whose edges carry the bytes crossing between layers.
+
+All per-layer figures are **per sample** (batch 1 at the traced sequence length); every one of
+them is linear in the batch, so the cost model scales them by the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpCost:
+    """One operation's per-sample compute profile, enough for a roofline and a GEMM-shape efficiency.
+
+    ``m, n, k`` are set for matrix multiplies (``flops = 2·m·n·k``, batch dims folded into ``m``);
+    ``m`` scales with the micro-batch, ``n``/``k`` are split by tensor parallelism.
+    """
+
+    kind: str
+    flops: float
+    bytes: float
+    m: int = 0
+    n: int = 0
+    k: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TiedParam:
+    """A parameter used by this layer but owned (first used) by an earlier layer."""
+
+    name: str
+    numel: int
+    owner: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layer:
+    """Per-sample costs of one layer. Repeated blocks have equal ``signature``."""
+
+    index: int
+    name: str
+    module_type: str
+    signature: str
+    fwd_flops: float
+    bwd_input_flops: float
+    bwd_weight_flops: float
+    param_count: int
+    tied_params: tuple[TiedParam, ...] = ()
+    activation_bytes: float
+    replicated_activation_bytes: float
+    attention_activation_bytes: float
+    attention_fwd_flops: float
+    input_bytes: float
+    output_bytes: float
+    op_costs: tuple[OpCost, ...] = ()
+    num_ops: int = 0
+
+    @property
+    def bwd_flops(self) -> float:
+        return self.bwd_input_flops + self.bwd_weight_flops
+
+    @property
+    def total_param_count(self) -> int:
+        """Own parameters plus tied ones: what a stage holding only this layer stores."""
+        return self.param_count + sum(t.numel for t in self.tied_params)
+
+
+@dataclass(kw_only=True)
+class CostGraph:
+    """A traced model: op-level graph, layer list and layer-level graph, with provenance notes."""
+
+    name: str
+    ops: nx.DiGraph
+    layers: list[Layer]
+    layer_graph: nx.DiGraph
+    dtype: str
+    seq_len: int | None
+    param_count: int
+    method: str
+    notes: list[str] = field(default_factory=list)
+    trace_time_s: float = 0.0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def fwd_flops(self) -> float:
+        return sum(layer.fwd_flops for layer in self.layers)
+
+    @property
+    def train_flops(self) -> float:
+        """Forward + backward FLOPs per sample (no recomputation)."""
+        return sum(layer.fwd_flops + layer.bwd_flops for layer in self.layers)
+
+    @property
+    def activation_bytes(self) -> float:
+        return sum(layer.activation_bytes for layer in self.layers)
+
+    def is_chain(self) -> bool:
+        """True when every layer feeds only the next one (skip edges make it a general DAG)."""
+        for u, v in self.layer_graph.edges:
+            if v != u + 1:
+                return False
+        return True
+
+    def groups(self) -> list[tuple[str, list[int]]]:
+        """Runs of consecutive layers with equal signature: ``[(signature, [indices...]), ...]``."""
+        out: list[tuple[str, list[int]]] = []
+        for layer in self.layers:
+            if out and out[-1][0] == layer.signature:
+                out[-1][1].append(layer.index)
+            else:
+                out.append((layer.signature, [layer.index]))
+        return out
+
+    def group_summary(self) -> str:
+        """Human form like ``embed, 96 x blocks.*, head``."""
+        parts = []
+        for _, idx in self.groups():
+            first = self.layers[idx[0]]
+            if len(idx) == 1:
+                parts.append(first.name)
+            else:
+                stem = first.name.rsplit(".", 1)[0] if "." in first.name else first.name
+                parts.append(f"{len(idx)} x {stem}.* ({first.module_type})")
+        return ", ".join(parts)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the structure and sizes the plan depends on (not of weight values)."""
+        payload = json.dumps(
+            {
+                "layers": [[lay.name, lay.signature, lay.param_count] for lay in self.layers],
+                "seq_len": self.seq_len,
+                "dtype": self.dtype,
+            },
+            sort_keys=True,
+        )
+        return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def layer_summary_rows(self) -> list[dict]:
+        rows = []
+        for layer in self.layers:
+            rows.append({"index": layer.index, "name": layer.name, "type": layer.module_type,
+                         "params": layer.total_param_count, "fwd_gflops_per_sample": layer.fwd_flops / 1e9,
+                         "activation_mib_per_sample": layer.activation_bytes / 2**20})
+        return rows
+
+
+def layer_graph_from_ops(ops: nx.DiGraph, num_layers: int) -> nx.DiGraph:
+    """Collapse the op graph to layers; an edge's ``bytes`` counts each crossing tensor once."""
+    g = nx.DiGraph()
+    g.add_nodes_from(range(num_layers))
+    crossing: dict[tuple[int, int], dict[str, float]] = defaultdict(dict)
+    for u, v, data in ops.edges(data=True):
+        lu, lv = ops.nodes[u]["layer"], ops.nodes[v]["layer"]
+        if lu != lv and lu >= 0 and lv >= 0:
+            crossing[(lu, lv)][u] = data.get("bytes", 0.0)
+    for (lu, lv), producers in crossing.items():
+        g.add_edge(lu, lv, bytes=float(sum(producers.values())))
+    return g
