@@ -25,8 +25,18 @@ class Family:
     build: Callable[[dict[str, Any]], nn.Module]
     sample_input: Callable[[dict[str, Any], int, int | None, torch.device | str], tuple[torch.Tensor, ...]]
     targets: Callable[[dict[str, Any], int, int | None, torch.Generator | None], torch.Tensor]
-    loss: str  # "lm-cross-entropy" or "cross-entropy"
+    # "lm-cross-entropy": logits [b, s, v] against targets [b, s] (also per-frame speech heads);
+    # "cross-entropy": logits [b, classes] against targets [b].
+    loss: str
     seq_len: Callable[[dict[str, Any]], int | None]
+
+
+def _tokens(batch: int, seq: int, device: torch.device | str) -> torch.Tensor:
+    return torch.zeros(batch, seq, dtype=torch.long, device=device)
+
+
+def _token_targets(vocab: int, batch: int, seq: int, gen: torch.Generator | None) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=gen)
 
 
 def _gpt_build(cfg: dict[str, Any]) -> nn.Module:
@@ -45,9 +55,118 @@ def _gpt_targets(cfg: dict[str, Any], batch: int, seq_len: int | None, gen: torc
     return torch.randint(0, cfg.get("vocab_size", 51200), (batch, s), generator=gen)
 
 
+def _bert_config(cfg: dict[str, Any]):
+    from planner.models.bert import BertConfig
+
+    return BertConfig(**cfg)
+
+
+def _t5_config(cfg: dict[str, Any]):
+    from planner.models.t5 import T5Config
+
+    return T5Config(**cfg)
+
+
+def _vit_config(cfg: dict[str, Any]):
+    from planner.models.vit import ViTConfig
+
+    return ViTConfig(**cfg)
+
+
+def _w2v_config(cfg: dict[str, Any]):
+    from planner.models.wav2vec2 import Wav2Vec2Config
+
+    return Wav2Vec2Config(**cfg)
+
+
+def _ds2_config(cfg: dict[str, Any]):
+    from planner.models.deepspeech2 import DeepSpeech2Config
+
+    return DeepSpeech2Config(**cfg)
+
+
+def _llama_config(cfg: dict[str, Any]):
+    from planner.models.llama import LlamaConfig
+
+    return LlamaConfig(**cfg)
+
+
+def _resnet_config(cfg: dict[str, Any]):
+    from planner.models.resnet import ResNetConfig
+
+    return ResNetConfig(**cfg)
+
+
+def _build(module: str, cls: str, make_config: Callable[[dict[str, Any]], Any]):
+    def build(cfg: dict[str, Any]) -> nn.Module:
+        import importlib
+
+        return getattr(importlib.import_module(f"planner.models.{module}"), cls)(make_config(cfg))
+
+    return build
+
+
+def _images(cfg: dict[str, Any], batch: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    size, channels = cfg.get("image_size", 224), cfg.get("channels", 3)
+    return (torch.randn(batch, channels, size, size, device=device),)
+
+
+def _class_targets(cfg: dict[str, Any], batch: int, seq_len: int | None, gen: torch.Generator | None):
+    return torch.randint(0, cfg.get("num_classes", 1000), (batch,), generator=gen)
+
+
+def _lm_family(make_config: Callable[[dict[str, Any]], Any], module: str, cls: str) -> Family:
+    """Token ids in, per-token logits out (BERT's MLM, Llama, Mixtral)."""
+    return Family(
+        build=_build(module, cls, make_config),
+        sample_input=lambda cfg, b, s, dev: (_tokens(b, s or make_config(cfg).seq_len, dev),),
+        targets=lambda cfg, b, s, gen: _token_targets(make_config(cfg).vocab_size, b, s or make_config(cfg).seq_len,
+                                                      gen),
+        loss="lm-cross-entropy", seq_len=lambda cfg: make_config(cfg).seq_len)
+
+
+def _t5_sample(cfg: dict[str, Any], batch: int, seq_len: int | None, device: torch.device | str):
+    c = _t5_config(cfg)
+    return (_tokens(batch, seq_len or c.seq_len, device), _tokens(batch, c.dec_seq_len, device))
+
+
+def _w2v_sample(cfg: dict[str, Any], batch: int, seq_len: int | None, device: torch.device | str):
+    c = _w2v_config(cfg)
+    return (torch.randn(batch, c.samples_for(seq_len or c.seq_len), device=device),)
+
+
+def _ds2_sample(cfg: dict[str, Any], batch: int, seq_len: int | None, device: torch.device | str):
+    c = _ds2_config(cfg)
+    return (torch.randn(batch, 1, c.freq_bins, seq_len or c.seq_len, device=device),)
+
+
+def _ds2_targets(cfg: dict[str, Any], batch: int, seq_len: int | None, gen: torch.Generator | None):
+    c = _ds2_config(cfg)
+    frames = c.conv_out(c.freq_bins, seq_len or c.seq_len)[1]
+    return _token_targets(c.vocab_size, batch, frames, gen)
+
+
 FAMILIES: dict[str, Family] = {
     "gpt": Family(build=_gpt_build, sample_input=_gpt_sample, targets=_gpt_targets, loss="lm-cross-entropy",
                   seq_len=lambda cfg: cfg.get("seq_len", 2048)),
+    "bert": _lm_family(_bert_config, "bert", "Bert"),
+    "llama": _lm_family(_llama_config, "llama", "Llama"),
+    "t5": Family(build=_build("t5", "T5", _t5_config), sample_input=_t5_sample,
+                 targets=lambda cfg, b, s, gen: _token_targets(_t5_config(cfg).vocab_size, b,
+                                                               _t5_config(cfg).dec_seq_len, gen),
+                 loss="lm-cross-entropy", seq_len=lambda cfg: _t5_config(cfg).seq_len),
+    "vit": Family(build=_build("vit", "ViT", _vit_config), sample_input=lambda cfg, b, s, dev: _images(cfg, b, dev),
+                  targets=_class_targets, loss="cross-entropy", seq_len=lambda cfg: _vit_config(cfg).seq_len),
+    "wav2vec2": Family(build=_build("wav2vec2", "Wav2Vec2", _w2v_config), sample_input=_w2v_sample,
+                       targets=lambda cfg, b, s, gen: _token_targets(_w2v_config(cfg).vocab_size, b,
+                                                                     s or _w2v_config(cfg).seq_len, gen),
+                       loss="lm-cross-entropy", seq_len=lambda cfg: _w2v_config(cfg).seq_len),
+    "deepspeech2": Family(build=_build("deepspeech2", "DeepSpeech2", _ds2_config), sample_input=_ds2_sample,
+                          targets=_ds2_targets, loss="lm-cross-entropy",
+                          seq_len=lambda cfg: _ds2_config(cfg).seq_len),
+    "resnet": Family(build=_build("resnet", "ResNet", _resnet_config),
+                     sample_input=lambda cfg, b, s, dev: _images(cfg, b, dev), targets=_class_targets,
+                     loss="cross-entropy", seq_len=lambda cfg: None),
 }
 
 

@@ -13,6 +13,12 @@ Two views of one trace:
 
 All per-layer figures are **per sample** (batch 1 at the traced sequence length); every one of
 them is linear in the batch, so the cost model scales them by the micro-batch size.
+
+Repeated structure: layers with equal ``signature`` have the same ops, shapes, parameter shapes
+and costs. ``groups()`` gives runs of equal layers (``96 x blocks.*``); ``block_groups()`` also
+finds repeating *patterns* of several layers (alternating attention / MoE blocks, or the two
+sub-layers of a block traced as separate layers) and returns typed :class:`LayerGroup` s;
+``group_graph()`` is the layer graph collapsed to those groups.
 """
 
 from __future__ import annotations
@@ -82,6 +88,45 @@ class Layer:
         return self.param_count + sum(t.numel for t in self.tied_params)
 
 
+@dataclass(frozen=True, kw_only=True)
+class LayerGroup:
+    """``count`` consecutive repetitions of a pattern of ``period`` layers (period 1: "L x block")."""
+
+    signatures: tuple[str, ...]
+    indices: tuple[int, ...]
+    names: tuple[str, ...]
+    module_types: tuple[str, ...]
+
+    @property
+    def period(self) -> int:
+        return len(self.signatures)
+
+    @property
+    def count(self) -> int:
+        return len(self.indices) // self.period
+
+    @property
+    def repeated(self) -> bool:
+        return self.count > 1
+
+    @property
+    def name(self) -> str:
+        """``blocks.*`` for a run of ``blocks.0 … blocks.N``; the layer name for a single layer."""
+        if not self.repeated:
+            return self.names[0] if self.period == 1 else "(" + ", ".join(self.names) + ")"
+        first = self.names[0]
+        stem = first.rsplit(".", 1)[0] if "." in first else first
+        if all(n.startswith(stem + ".") for n in self.names):
+            return f"{stem}.*"
+        return f"{first}..{self.names[-1]}"
+
+    def describe(self) -> str:
+        if not self.repeated:
+            return self.name
+        kinds = ", ".join(dict.fromkeys(self.module_types))
+        return f"{self.count} x {self.name} ({kinds})"
+
+
 @dataclass(kw_only=True)
 class CostGraph:
     """A traced model: op-level graph, layer list and layer-level graph, with provenance notes."""
@@ -131,17 +176,61 @@ class CostGraph:
                 out.append((layer.signature, [layer.index]))
         return out
 
+    def block_groups(self, max_period: int = 4) -> list[LayerGroup]:
+        """Cover the layers, in order, by repeating patterns of up to ``max_period`` layers.
+
+        Greedy from the first layer: take the pattern length that covers the most layers with at
+        least two repetitions (the shortest on a tie), else a single layer. A plain stack gives
+        period 1 (``96 x blocks.*``); alternating dense / MoE blocks give period 2.
+        """
+        sigs = [layer.signature for layer in self.layers]
+        out: list[LayerGroup] = []
+        i = 0
+        while i < len(sigs):
+            best_p, best_count = 1, 1
+            for p in range(1, max_period + 1):
+                pattern = sigs[i:i + p]
+                if len(pattern) < p:
+                    break
+                count = 1
+                while sigs[i + count * p:i + (count + 1) * p] == pattern:
+                    count += 1
+                if count > 1 and count * p > best_count * best_p:
+                    best_p, best_count = p, count
+            span = range(i, i + best_p * best_count)
+            out.append(LayerGroup(signatures=tuple(sigs[i:i + best_p]), indices=tuple(span),
+                                  names=tuple(self.layers[j].name for j in span),
+                                  module_types=tuple(self.layers[j].module_type for j in range(i, i + best_p))))
+            i += best_p * best_count
+        return out
+
+    def group_graph(self) -> nx.DiGraph:
+        """The layer graph with each :meth:`block_groups` group as one node.
+
+        Node attributes: ``name``, ``count``, ``period``, ``layers`` (indices), ``fwd_flops`` and
+        ``param_count`` (of the whole group); edge ``bytes``: what crosses between two groups.
+        """
+        g = nx.DiGraph()
+        group_of: dict[int, int] = {}
+        for gi, grp in enumerate(self.block_groups()):
+            members = [self.layers[j] for j in grp.indices]
+            g.add_node(gi, name=grp.name, count=grp.count, period=grp.period, layers=list(grp.indices),
+                       fwd_flops=sum(m.fwd_flops for m in members), param_count=sum(m.param_count for m in members))
+            group_of.update({j: gi for j in grp.indices})
+        for u, v, data in self.layer_graph.edges(data=True):
+            gu, gv = group_of[u], group_of[v]
+            if gu != gv:
+                prev = g.edges[gu, gv]["bytes"] if g.has_edge(gu, gv) else 0.0
+                g.add_edge(gu, gv, bytes=prev + data.get("bytes", 0.0))
+        return g
+
+    def layer_ops(self, index: int) -> nx.DiGraph:
+        """The op-level subgraph of one layer (a view of ``ops``)."""
+        return self.ops.subgraph([n for n, d in self.ops.nodes(data=True) if d.get("layer") == index])
+
     def group_summary(self) -> str:
-        """Human form like ``embed, 96 x blocks.*, head``."""
-        parts = []
-        for _, idx in self.groups():
-            first = self.layers[idx[0]]
-            if len(idx) == 1:
-                parts.append(first.name)
-            else:
-                stem = first.name.rsplit(".", 1)[0] if "." in first.name else first.name
-                parts.append(f"{len(idx)} x {stem}.* ({first.module_type})")
-        return ", ".join(parts)
+        """Human form like ``embed, 96 x blocks.* (GPTBlock), head``."""
+        return ", ".join(grp.describe() for grp in self.block_groups())
 
     def fingerprint(self) -> str:
         """Stable hash of the structure and sizes the plan depends on (not of weight values)."""

@@ -1,0 +1,46 @@
+# Two commands matter: `make demo` and `make test`. Each installs what it needs first.
+#
+# GPU users: install your CUDA build of torch 2.13 into .venv first (or set TORCH_SPEC /
+# PIP_EXTRA_INDEX_URL); `make install` keeps an installed torch 2.13.x and never replaces it.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.') else 1)" 2>/dev/null \
+		|| $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test,hf]"
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m planner plan --model gpt3-175b --cluster dgx-a100-80g --nodes 128 --global-batch 1536 \
+		-o out/gpt3-175b.plan.json --force
+	$(PY) -m planner plan --model gpt-10m --cluster cpu-local --devices-per-node 2 --pp 2 --global-batch 8 \
+		-o out/gpt-10m.plan.json --force
+	$(PY) -m runtime run out/gpt-10m.plan.json --nproc 2 --steps 5 --out out/gpt-10m.metrics.json
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not multiprocess and not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check planner runtime tests bench
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

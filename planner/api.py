@@ -1,0 +1,281 @@
+"""The public entry points: ``plan(model, cluster, ...)`` and ``evaluate(model, cluster, config)``.
+
+Both trace the model (on meta), price configurations with the cost model and return a
+:class:`Plan` the runtime can execute. ``plan`` searches; ``evaluate`` prices the configuration
+it is given (its stage boundaries still come from the exact partition DP unless
+``partition="uniform"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from planner import __version__
+from planner.cluster import ClusterSpec
+from planner.cost.constants import CostConstants
+from planner.cost.model import StepPrediction, evaluate as evaluate_cost, layer_table, usable_memory_bytes
+from planner.errors import InfeasibleError, SpecError
+from planner.models import ModelPreset, load_preset
+from planner.plan import ModelInfo, ParallelConfig, Plan, Prediction, SolverReport, Stage
+from planner.search import Candidate, SearchResult, SearchSpace, partition_for, search
+from planner.trace import CostGraph, trace_model
+
+GiB = 2**30
+
+
+@dataclass
+class ResolvedModel:
+    module: nn.Module
+    preset: ModelPreset | None
+    graph: CostGraph
+
+
+def resolve_cluster(cluster: ClusterSpec | str, *, nodes: int | None = None,
+                    devices_per_node: int | None = None) -> ClusterSpec:
+    if isinstance(cluster, ClusterSpec):
+        return cluster.resized(nodes=nodes, devices_per_node=devices_per_node)
+    if isinstance(cluster, str):
+        if cluster.endswith(".json"):
+            return ClusterSpec.from_json(cluster).resized(nodes=nodes, devices_per_node=devices_per_node)
+        return ClusterSpec.preset(cluster, nodes=nodes, devices_per_node=devices_per_node)
+    raise SpecError("cluster", type(cluster).__name__, "pass a ClusterSpec, a preset name or a path to a JSON file")
+
+
+def resolve_model(model: nn.Module | str, *, seq_len: int | None = None, sample_input: Any = None,
+                  dtype: str) -> ResolvedModel:
+    """Build (for a preset name) and trace the model at batch 1."""
+    preset = None
+    if isinstance(model, str):
+        preset = load_preset(model)
+        if seq_len is not None and preset.seq_len is not None and seq_len > preset.seq_len:
+            raise SpecError("seq_len", seq_len, f"preset {preset.name} has {preset.seq_len} positions; "
+                            f"use --seq-len <= {preset.seq_len}")
+        module = preset.build(device="meta")
+        inputs = sample_input if sample_input is not None else preset.sample_input(1, seq_len)
+        name = preset.name
+    elif isinstance(model, nn.Module):
+        module = model
+        if sample_input is None:
+            raise SpecError("sample_input", None, "for an nn.Module, pass sample_input= (a tensor or tuple of "
+                            "tensors, batch 1 is enough; meta tensors are fine) so its shapes can be traced")
+        inputs = sample_input
+        name = type(model).__name__
+    else:
+        raise SpecError("model", type(model).__name__, "pass an nn.Module or a preset name "
+                        "(`python -m planner models` lists them)")
+    graph = trace_model(module, inputs, name=name, dtype=dtype, seq_len=seq_len)
+    return ResolvedModel(module=module, preset=preset, graph=graph)
+
+
+def default_dtype(cluster: ClusterSpec) -> str:
+    """Train in bf16 where every device lists a bf16 peak, else fp16, else fp32 (CPU processes)."""
+    for dtype in ("bf16", "fp16"):
+        if all(dtype in g.device.peak_flops for g in cluster.groups):
+            return dtype
+    return "fp32"
+
+
+def _check_batch(global_batch: Any) -> int:
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise SpecError("global_batch", global_batch, "expected a positive integer number of samples per step")
+    return global_batch
+
+
+def plan(model: nn.Module | str, cluster: ClusterSpec | str, *, global_batch: int, seq_len: int | None = None,
+         sample_input: Any = None, nodes: int | None = None, devices_per_node: int | None = None,
+         space: SearchSpace | None = None, constants: CostConstants | None = None, dtype: str | None = None,
+         time_limit_s: float | None = None, top_k: int = 5,
+         progress: Callable[[int, int], None] | None = None) -> Plan:
+    """Search for the fastest configuration of ``model`` on ``cluster`` that fits in memory."""
+    _check_batch(global_batch)
+    spec = resolve_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node)
+    resolved = resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
+    c = constants or CostConstants()
+    result = search(resolved.graph, spec, global_batch, space=space, constants=c, time_limit_s=time_limit_s,
+                    top_k=top_k, progress=progress)
+    if result.best is None:
+        raise _infeasible(resolved.graph, spec, global_batch, result, c)
+    return build_plan(resolved, spec, result.best, c, global_batch=global_batch, result=result)
+
+
+def evaluate(model: nn.Module | str, cluster: ClusterSpec | str, config: ParallelConfig, *,
+             seq_len: int | None = None, sample_input: Any = None, nodes: int | None = None,
+             devices_per_node: int | None = None, constants: CostConstants | None = None, dtype: str | None = None,
+             partition: str = "balanced") -> Plan:
+    """Price one configuration (no search). The plan says whether it fits."""
+    spec = resolve_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node)
+    resolved = resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
+    c = constants or CostConstants()
+    check_config(config, resolved.graph, spec)
+    table = layer_table(resolved.graph, spec, micro_batch=config.micro_batch_size, tp=config.tp,
+                        sequence_parallel=config.sequence_parallel, recompute=config.recompute, c=c)
+    if partition not in ("balanced", "uniform"):
+        raise SpecError("partition", partition, "use 'balanced' (exact DP) or 'uniform' (equal layers per stage)")
+    part = partition_for(resolved.graph, spec, config, table, c, balanced=(partition == "balanced"))
+    status = part.status
+    if not part.feasible:  # no partition fits: price the time-balanced one so the user sees by how much
+        unconstrained = replace(c, allocator_usable_fraction=1e9)
+        part = partition_for(resolved.graph, spec, config, table, unconstrained)
+        status = "infeasible"
+    pred = evaluate_cost(resolved.graph, spec, config, list(part.boundaries), c, table=table)
+    cand = Candidate(config, part.boundaries, pred, status)
+    return build_plan(resolved, spec, cand, c, global_batch=config.global_batch, result=None)
+
+
+def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) -> None:
+    """A hand-written configuration must match the cluster and the model."""
+    from planner import schedules
+
+    if cfg.world_size != cluster.num_devices:
+        raise SpecError("dp*tp*pp", f"{cfg.dp}*{cfg.tp}*{cfg.pp}={cfg.world_size}",
+                        f"the degrees must multiply to the cluster's {cluster.num_devices} devices "
+                        f"({cluster.summary()}); adjust --dp/--tp/--pp or --nodes")
+    dpn = cluster.devices_per_node if cluster.is_homogeneous else None
+    if dpn and cfg.tp > dpn:
+        raise SpecError("tp", cfg.tp, f"tensor parallelism beyond one node ({dpn} devices) is not planned; "
+                        f"use --tp <= {dpn}")
+    if cfg.pp * cfg.virtual_stages > graph.num_layers:
+        raise SpecError("pp", cfg.pp, f"the model has {graph.num_layers} layers, fewer than pp x virtual stages "
+                        f"= {cfg.pp * cfg.virtual_stages}; lower --pp or --virtual-stages")
+    try:
+        schedules.get_schedule(cfg.schedule).validate(cfg.pp, cfg.num_micro_batches, cfg.virtual_stages)
+    except ValueError as exc:
+        raise SpecError("schedule", cfg.schedule, str(exc)) from exc
+
+
+def _ranks_for(pp_index: int, cfg: ParallelConfig) -> tuple[int, ...]:
+    return tuple((pp_index * cfg.dp + d) * cfg.tp + t for d in range(cfg.dp) for t in range(cfg.tp))
+
+
+def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_batch: int) -> Prediction:
+    pred = cand.prediction
+    per_device = []
+    for pp_index in range(cfg.pp):
+        total = int(pred.memory_per_stage[pp_index].total)
+        per_device.extend([total] * (cfg.dp * cfg.tp))
+    peak_stage = max(range(cfg.pp), key=lambda d: pred.memory_per_stage[d].total)
+    stages = []
+    sched = pred.schedule_result
+    for d in range(cfg.pp):
+        stages.append({
+            "device_index": d,
+            "time_per_step_s": pred.stage_times_s[d] * cfg.num_micro_batches,
+            "memory_bytes": pred.memory_per_stage[d].as_dict(),
+            "in_flight_micro_batches": float(getattr(sched, "peak_in_flight", [0] * cfg.pp)[d]) if sched else 0.0,
+            "binding": pred.binding[d],
+        })
+    return Prediction(
+        step_time_s=pred.step_time_s, mfu=pred.mfu, peak_memory_bytes=int(pred.peak_memory_bytes),
+        memory_per_device_bytes=tuple(per_device), fits=pred.fits,
+        throughput_samples_per_s=global_batch / pred.step_time_s if pred.step_time_s > 0 else 0.0,
+        time_breakdown_s=dict(pred.time_breakdown_s),
+        memory_breakdown_bytes=pred.memory_per_stage[peak_stage].as_dict(), stages=tuple(stages))
+
+
+def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c: CostConstants, *,
+               global_batch: int, result: SearchResult | None) -> Plan:
+    graph = resolved.graph
+    cfg = cand.config
+    stages = tuple(
+        Stage(index=j, layer_start=a, layer_stop=b, layer_names=tuple(graph.layers[i].name for i in range(a, b)),
+              ranks=_ranks_for(j % cfg.pp, cfg), virtual_chunk=j // cfg.pp, device_index=j % cfg.pp)
+        for j, (a, b) in enumerate(cand.boundaries)
+    )
+    preset = resolved.preset
+    info = ModelInfo(name=graph.name, preset=preset.name if preset else None,
+                     family=preset.family if preset else None, fingerprint=graph.fingerprint(),
+                     param_count=graph.param_count, num_layers=graph.num_layers,
+                     layer_names=tuple(layer.name for layer in graph.layers), seq_len=graph.seq_len,
+                     dtype=graph.dtype, global_batch=global_batch, flops_per_sample=graph.train_flops)
+    predicted = _prediction(cand, cfg, graph, global_batch)
+    if result is not None:
+        top = result.top
+        second = top[1].step_time_s if len(top) > 1 else math.nan
+        solver = SolverReport(
+            method="enumeration + exact partition DP", status="time_limit" if result.timed_out else "optimal",
+            objective=cand.step_time_s, bound=cand.step_time_s if not result.timed_out else 0.0,
+            gap=0.0 if not result.timed_out else 1.0, time_s=result.time_s)
+        search_info: dict[str, Any] = {
+            "evaluated": result.evaluated, "pruned": result.pruned, "infeasible": result.infeasible,
+            "time_s": result.time_s, "timed_out": result.timed_out,
+            "alternatives": [_alt(x) for x in top[1:]],
+            "runner_up_ratio": second / cand.step_time_s if top and second == second else None,
+        }
+    else:
+        solver = SolverReport(method="given configuration, exact partition DP", status=_status(cand),
+                              objective=cand.step_time_s, bound=cand.step_time_s, gap=0.0, time_s=0.0)
+        search_info = {}
+    explanation = _explain(graph, cluster, cand, c)
+    return Plan(model=info, cluster=cluster.to_dict(), cluster_fingerprint=cluster.fingerprint(), parallel=cfg,
+                stages=stages, predicted=predicted, solver=solver, search=search_info,
+                explanation=tuple(explanation), cost_constants=c.to_dict(), planner_version=__version__)
+
+
+def _status(cand: Candidate) -> str:
+    if cand.partition_status == "infeasible" or not cand.prediction.fits:
+        return "infeasible"
+    return "optimal" if cand.partition_status == "optimal" else "given"
+
+
+def _alt(cand: Candidate) -> dict[str, Any]:
+    return {"config": cand.config.label(), "parallel": cand.config.__dict__ | {},
+            "step_time_s": cand.step_time_s, "mfu": cand.prediction.mfu,
+            "peak_memory_bytes": int(cand.prediction.peak_memory_bytes)}
+
+
+def _explain(graph: CostGraph, cluster: ClusterSpec, cand: Candidate, c: CostConstants) -> list[str]:
+    cfg, pred = cand.config, cand.prediction
+    lines = [
+        f"Model {graph.name}: {graph.param_count / 1e9:.3g}B parameters in {graph.num_layers} layers "
+        f"({graph.group_summary()}), traced with {graph.method}.",
+        f"Cluster {cluster.summary()}; usable memory per device {pred.memory_limit_bytes / GiB:.1f} GiB "
+        f"({c.allocator_usable_fraction:.0%} of {cluster.device.memory_bytes / GiB:.0f} GiB minus "
+        f"{c.reserved_bytes / GiB:.0f} GiB reserved).",
+        f"Configuration {cfg.label()}: step {pred.step_time_s:.3f} s, MFU {pred.mfu:.1%}, "
+        f"peak memory {pred.peak_memory_bytes / GiB:.1f} GiB.",
+    ]
+    total = pred.step_time_s or 1.0
+    parts = ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in pred.time_breakdown_s.items() if v > 0)
+    lines.append(f"Step time breakdown (busiest device): {parts}.")
+    lines.append(f"Bottleneck stage: {pred.bottleneck_stage} ({pred.binding[pred.bottleneck_stage]}).")
+    lines.extend(graph.notes)
+    return lines
+
+
+def _infeasible(graph: CostGraph, cluster: ClusterSpec, global_batch: int, result: SearchResult,
+                c: CostConstants) -> InfeasibleError:
+    limit = usable_memory_bytes(cluster, c)
+    if result.closest_misses:
+        best = result.closest_misses[0]
+        pred: StepPrediction = best.prediction
+        worst = max(range(len(pred.memory_per_stage)), key=lambda d: pred.memory_per_stage[d].total)
+        parts = pred.memory_per_stage[worst]
+        over = parts.total - limit
+        biggest = max(("weights", parts.weights), ("gradients", parts.gradients), ("optimizer", parts.optimizer),
+                      ("activations", parts.activations), key=lambda kv: kv[1])
+        need = (parts.total + c.reserved_bytes) / c.allocator_usable_fraction
+        msg = (f"no configuration of {graph.name} fits on {cluster.summary()} with global batch {global_batch}. "
+               f"Closest: {best.config.label()} needs {parts.total / GiB:.1f} GiB on pipeline stage {worst} "
+               f"({over / GiB:.1f} GiB over the {limit / GiB:.1f} GiB usable); the largest part is "
+               f"{biggest[0]} ({biggest[1] / GiB:.1f} GiB). It would fit on devices with "
+               f"{need / GiB:.0f} GiB, or with more devices (try --nodes {cluster.nodes * 2}).")
+        return InfeasibleError(msg, details={"missing_bytes": over, "stage": worst, "parts": parts.as_dict(),
+                                             "config": best.config.label()})
+    total_state = graph.param_count * (c.weight_bytes + c.grad_bytes + c.optimizer_bytes)
+    min_devices = math.ceil(total_state / limit)
+    return InfeasibleError(
+        f"no configuration of {graph.name} fits on {cluster.summary()} with global batch {global_batch}: "
+        f"even fully sharded, weights + gradients + optimizer state need {total_state / GiB:.0f} GiB, at least "
+        f"{min_devices} devices of {limit / GiB:.1f} GiB usable (before activations). Check that the global "
+        f"batch is divisible by a feasible data-parallel degree, or add nodes.",
+        details={"min_devices": min_devices, "state_bytes": total_state})
+
+
+def default_sample_input(preset: ModelPreset, seq_len: int | None = None) -> tuple[torch.Tensor, ...]:
+    return preset.sample_input(1, seq_len)

@@ -1,0 +1,360 @@
+"""``python -m planner``: plan, evaluate, explain, timeline, models, clusters.
+
+Errors a user can cause print one paragraph naming the field and the fix and exit with code 2
+(``--debug`` shows the traceback). Nothing here decides anything: it parses, calls
+:mod:`planner.api`, and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from planner.errors import PlannerError
+
+GiB = 2**30
+
+
+def _add_model_cluster(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    g = p.add_argument_group("model and cluster")
+    g.add_argument("--model", required=required, help="model preset name (see `python -m planner models`)")
+    g.add_argument("--cluster", required=required, help="cluster preset name or path to a cluster JSON file")
+    g.add_argument("--nodes", type=int, help="number of nodes (overrides the preset)")
+    g.add_argument("--devices-per-node", type=int, help="devices per node (for cpu-local: local processes)")
+    g.add_argument("--global-batch", type=int, help="samples per optimizer step")
+    g.add_argument("--seq-len", type=int, help="sequence length (default: the preset's)")
+    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="training dtype (default: bf16 where the devices support it, else fp32)")
+
+
+def _add_config(p: argparse.ArgumentParser, *, required: bool) -> None:
+    g = p.add_argument_group("configuration" if required else "constraints (fix a knob, search the rest)")
+    g.add_argument("--tp", type=int, required=False, help="tensor-parallel degree")
+    g.add_argument("--pp", type=int, required=False, help="pipeline-parallel degree")
+    g.add_argument("--dp", type=int, required=False, help="data-parallel degree")
+    g.add_argument("--micro-batch", type=int, help="micro-batch size")
+    g.add_argument("--virtual-stages", type=int, help="model chunks per device (interleaved schedules)")
+    g.add_argument("--schedule", help="pipeline schedule (gpipe, 1f1b, interleaved-1f1b, zb-h1, ...)")
+    g.add_argument("--recompute", choices=["none", "selective", "full"], help="activation recomputation")
+    g.add_argument("--sequence-parallel", action="store_true", default=None, help="Megatron sequence parallelism")
+    g.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO / FSDP stage")
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="overlap DP gradient reduction with backward")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", help="write the plan JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m planner", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="search for the fastest configuration that fits")
+    _add_model_cluster(p)
+    _add_config(p, required=False)
+    _add_output(p)
+    p.add_argument("--time-limit", type=float, help="seconds; returns the best plan found so far, labelled")
+    p.add_argument("--top-k", type=int, default=5, help="alternatives kept in the plan (default 5)")
+    p.add_argument("--schedules", help="comma-separated schedules the search may use")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("evaluate", help="predict one hand-written configuration (no search)")
+    _add_model_cluster(p, required=False)
+    _add_config(p, required=True)
+    _add_output(p)
+    p.add_argument("--plan", help="re-evaluate the configuration and stages of this plan file")
+    p.add_argument("--partition", default="balanced", choices=["balanced", "uniform"],
+                   help="stage boundaries: exact memory-aware DP (balanced) or equal layers per stage (uniform)")
+
+    p = sub.add_parser("explain", help="why a plan is what it is")
+    p.add_argument("plan", help="plan JSON file")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("timeline", help="draw the pipeline timeline of a plan (PNG)")
+    p.add_argument("plan", help="plan JSON file")
+    p.add_argument("-o", "--output", required=True, help="PNG path")
+    p.add_argument("--force", action="store_true")
+
+    sub.add_parser("models", help="list model presets")
+    sub.add_parser("clusters", help="list cluster presets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except PlannerError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    return {"plan": _cmd_plan, "evaluate": _cmd_evaluate, "explain": _cmd_explain, "timeline": _cmd_timeline,
+            "models": _cmd_models, "clusters": _cmd_clusters}[args.command](args)
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    from planner.errors import SpecError
+
+    for name in names:
+        if getattr(args, name.replace("-", "_")) is None:
+            raise SpecError(f"--{name}", None, f"this option is required for `{args.command}`")
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    from planner.errors import SpecError
+
+    if args.output and Path(args.output).exists() and not args.force:
+        raise SpecError("--output", args.output, "the file exists; pass --force to overwrite it or choose "
+                        "another path")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from planner.api import plan
+    from planner.search import SearchSpace
+
+    _require(args, "model", "cluster", "global-batch")
+    _check_output(args)
+    space = SearchSpace(
+        tp=(args.tp,) if args.tp else None, pp=(args.pp,) if args.pp else None, dp=(args.dp,) if args.dp else None,
+        micro_batch_size=(args.micro_batch,) if args.micro_batch else None,
+        schedules=tuple(s.strip() for s in args.schedules.split(",")) if args.schedules else (
+            (args.schedule,) if args.schedule else None),
+        virtual_stages=(args.virtual_stages,) if args.virtual_stages else None,
+        recompute=(args.recompute,) if args.recompute else ("none", "selective", "full"),
+        sequence_parallel=(args.sequence_parallel,) if args.sequence_parallel is not None else (False, True),
+        zero_stage=(args.zero,) if args.zero is not None else (0, 1, 2, 3),
+        overlap_grad_reduce=args.overlap_grad_reduce,
+    )
+    _validate_space(space)
+    progress = None if (args.no_progress or args.json) else _ProgressBar()
+    try:
+        result = plan(args.model, args.cluster, global_batch=args.global_batch, seq_len=args.seq_len,
+                      nodes=args.nodes, devices_per_node=args.devices_per_node, space=space, dtype=args.dtype,
+                      time_limit_s=args.time_limit, top_k=args.top_k, progress=progress)
+    finally:
+        if progress:
+            progress.close()
+    return _emit(result, args)
+
+
+def _validate_space(space: Any) -> None:
+    from planner import schedules
+    from planner.errors import SpecError
+
+    for name, values in (("--tp", space.tp), ("--pp", space.pp), ("--dp", space.dp),
+                         ("--micro-batch", space.micro_batch_size), ("--virtual-stages", space.virtual_stages)):
+        for v in values or ():
+            if v < 1:
+                raise SpecError(name, v, "expected an integer >= 1")
+    for s in space.schedules or ():
+        try:
+            schedules.get_schedule(s)
+        except ValueError as exc:
+            raise SpecError("--schedule", s, str(exc)) from exc
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from planner.api import evaluate
+    from planner.errors import SpecError
+    from planner.plan import ParallelConfig, Plan
+
+    _check_output(args)
+    if args.plan:
+        old = Plan.from_json(args.plan)
+        cfg = old.parallel
+        model = old.model.preset
+        if model is None:
+            raise SpecError("--plan", args.plan, "this plan was made from a Python module, not a preset; "
+                            "re-evaluate it with planner.evaluate(module, ...)")
+        from planner.cluster import ClusterSpec
+
+        cluster = ClusterSpec.from_dict(old.cluster)
+        result = evaluate(model, cluster, cfg, seq_len=old.model.seq_len, dtype=old.model.dtype)
+        return _emit(result, args)
+    _require(args, "model", "cluster", "tp", "pp", "dp", "micro-batch", "global-batch")
+    per_replica, rem = divmod(args.global_batch, args.dp * args.micro_batch)
+    if rem or per_replica < 1:
+        raise SpecError("--global-batch", args.global_batch,
+                        f"must be a multiple of dp x micro-batch = {args.dp * args.micro_batch}")
+    cfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch,
+                         num_micro_batches=per_replica, virtual_stages=args.virtual_stages or 1,
+                         schedule=args.schedule or "1f1b", recompute=args.recompute or "none",
+                         sequence_parallel=bool(args.sequence_parallel), zero_stage=args.zero or 0,
+                         overlap_grad_reduce=args.overlap_grad_reduce)
+    result = evaluate(args.model, args.cluster, cfg, seq_len=args.seq_len, nodes=args.nodes,
+                      devices_per_node=args.devices_per_node, dtype=args.dtype, partition=args.partition)
+    return _emit(result, args)
+
+
+def summary_dict(plan: Any) -> dict[str, Any]:
+    cfg, pred = plan.parallel, plan.predicted
+    return {
+        "model": plan.model.name, "cluster": plan.cluster.get("name"), "devices": cfg.world_size,
+        "step_time_s": pred.step_time_s, "mfu": pred.mfu, "peak_memory_bytes": pred.peak_memory_bytes,
+        "fits": pred.fits, "tp": cfg.tp, "pp": cfg.pp, "dp": cfg.dp, "micro_batch": cfg.micro_batch_size,
+        "num_micro_batches": cfg.num_micro_batches, "global_batch": cfg.global_batch, "schedule": cfg.schedule,
+        "virtual_stages": cfg.virtual_stages, "recompute": cfg.recompute, "sequence_parallel": cfg.sequence_parallel,
+        "zero_stage": cfg.zero_stage, "throughput_samples_per_s": pred.throughput_samples_per_s,
+        "time_breakdown_s": pred.time_breakdown_s, "memory_breakdown_bytes": pred.memory_breakdown_bytes,
+        "stages": [[s.layer_start, s.layer_stop] for s in plan.stages],
+        "solver": {"status": plan.solver.status, "gap": plan.solver.gap, "time_s": plan.solver.time_s},
+    }
+
+
+def _emit(plan: Any, args: argparse.Namespace) -> int:
+    written = None
+    if args.output:
+        written = plan.to_json(args.output, force=args.force)
+    if args.json:
+        out = summary_dict(plan)
+        out["plan_file"] = str(written) if written else None
+        print(json.dumps(out, indent=2))
+    else:
+        print_plan(plan)
+        if written:
+            print(f"\nplan written to {written}")
+    return 0 if plan.predicted.fits else 3
+
+
+def print_plan(plan: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cfg, pred = plan.parallel, plan.predicted
+    fit = "[green]fits[/green]" if pred.fits else "[red]DOES NOT FIT[/red]"
+    console.print(f"[bold]{plan.model.name}[/bold] on {plan.cluster.get('name')} ({cfg.world_size} devices), "
+                  f"global batch {cfg.global_batch}")
+    console.print(f"  {cfg.label()}")
+    console.print(f"  predicted step {pred.step_time_s:.4g} s, MFU {pred.mfu:.1%}, "
+                  f"{pred.throughput_samples_per_s:.4g} samples/s, peak memory "
+                  f"{pred.peak_memory_bytes / GiB:.2f} GiB ({fit})")
+    t = Table(title="step time (busiest device)", show_header=True)
+    t.add_column("part")
+    t.add_column("seconds", justify="right")
+    t.add_column("share", justify="right")
+    total = pred.step_time_s or 1.0
+    for k, v in pred.time_breakdown_s.items():
+        t.add_row(k, f"{v:.4g}", f"{v / total:.1%}")
+    console.print(t)
+    m = Table(title="memory per device, by pipeline position (GiB)")
+    for col in ("stage", "layers", "weights", "grads", "optimizer", "activations", "temp", "total", "binding"):
+        m.add_column(col, justify="right" if col not in ("layers", "binding") else "left")
+    shown = plan.stages if len(plan.stages) <= 16 else plan.stages[:8] + plan.stages[-8:]
+    for s in shown:
+        st = pred.stages[s.device_index] if s.device_index < len(pred.stages) else {}
+        mem = st.get("memory_bytes", {})
+        names = s.layer_names
+        label = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)})"
+        m.add_row(str(s.index), label, *(f"{mem.get(k, 0) / GiB:.2f}" for k in
+                                         ("weights", "gradients", "optimizer", "activations", "temporary", "total")),
+                  st.get("binding", ""))
+    console.print(m)
+    console.print(f"  solver: {plan.solver.method}, status {plan.solver.status}, gap {plan.solver.gap:.2%}, "
+                  f"{plan.solver.time_s:.2f} s")
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from planner.plan import Plan
+
+    plan = Plan.from_json(args.plan)
+    if args.json:
+        print(json.dumps({"summary": summary_dict(plan), "explanation": list(plan.explanation),
+                          "alternatives": plan.search.get("alternatives", [])}, indent=2))
+        return 0
+    print_plan(plan)
+    print("\nwhy:")
+    for line in plan.explanation:
+        print(f"  - {line}")
+    alts = plan.search.get("alternatives", [])
+    if alts:
+        print("\nalternatives (next best under the same cost model):")
+        for a in alts:
+            ratio = a["step_time_s"] / plan.predicted.step_time_s
+            print(f"  - {a['config']}: step {a['step_time_s']:.4g} s ({ratio:.3f}x), MFU {a['mfu']:.1%}")
+    return 0
+
+
+def _cmd_timeline(args: argparse.Namespace) -> int:
+    from planner import schedules
+    from planner.errors import SpecError
+    from planner.plan import Plan
+
+    plan = Plan.from_json(args.plan)
+    if Path(args.output).exists() and not args.force:
+        raise SpecError("--output", args.output, "the file exists; pass --force to overwrite it")
+    cfg = plan.parallel
+    stage_s = [s.get("time_per_step_s", 0.0) / cfg.num_micro_batches for s in plan.predicted.stages]
+    if cfg.virtual_stages > 1:
+        stage_s = [t / cfg.virtual_stages for _ in range(cfg.virtual_stages) for t in stage_s]
+    fwd = [t / 3 for t in stage_s]
+    result = schedules.simulate(cfg.schedule, p=cfg.pp, m=cfg.num_micro_batches, v=cfg.virtual_stages,
+                                fwd_s=fwd, bwd_input_s=fwd, bwd_weight_s=fwd)
+    schedules.plot_timeline(result, args.output)
+    print(f"timeline written to {args.output} ({cfg.schedule}, p={cfg.pp}, m={cfg.num_micro_batches}, "
+          f"bubble {result.bubble_fraction:.1%})")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from planner.models import list_presets, load_preset
+
+    for name in list_presets():
+        preset = load_preset(name)
+        print(f"{name:20s} {preset.family:8s} {preset.param_count() / 1e6:12.1f}M  {preset.description[:70]}")
+    return 0
+
+
+def _cmd_clusters(args: argparse.Namespace) -> int:
+    from planner.cluster import ClusterSpec
+
+    for name in ClusterSpec.presets():
+        print(ClusterSpec.preset(name).summary())
+    return 0
+
+
+class _ProgressBar:
+    """A rich progress bar that appears only when the search runs longer than a second."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._start = time.perf_counter()
+        self._bar = None
+        self._task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        if self._bar is None:
+            if time.perf_counter() - self._start < 1.0 or done >= total:
+                return
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("searching (tp, pp, dp)", total=total)
+        self._bar.update(self._task, completed=done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

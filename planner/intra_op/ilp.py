@@ -1,0 +1,327 @@
+r"""The integer program that picks one sharding strategy per op group.
+
+Sets: groups :math:`g \in G` (a decision op with the followers merged into it, or a graph
+input), their strategies :math:`s \in S_g`; edges :math:`(g, h) \in E` along which a tensor
+flows from a member of :math:`g` to the head of :math:`h`.
+
+Data (integers, see :class:`Problem`): :math:`c_{gs}` the group's compute + in-group
+communication time, :math:`m_{gs}` its memory per device, :math:`R^{gh}_{st}` the resharding
+time (forward and backward) when :math:`g` runs :math:`s` and :math:`h` runs :math:`t`,
+:math:`M` the memory per device.
+
+Variables: :math:`x_{gs} \in \{0,1\}` (group :math:`g` runs :math:`s`) and
+:math:`y^{gh}_{st} \in \{0,1\}` (both choices at once).
+
+.. math::
+
+    \min \; \sum_{g}\sum_{s} c_{gs} x_{gs} + \sum_{(g,h)\in E}\sum_{s,t} R^{gh}_{st} y^{gh}_{st}
+
+    \text{one\_strategy}[g]:\quad \sum_s x_{gs} = 1
+
+    \text{edge\_out}[g{\to}h, s]:\quad \sum_t y^{gh}_{st} = x_{gs}
+    \qquad \text{edge\_in}[g{\to}h, t]:\quad \sum_s y^{gh}_{st} = x_{ht}
+
+    \text{memory\_limit}:\quad \sum_g \sum_s m_{gs} x_{gs} \le M
+
+    \text{pin}[k]:\quad \sum_{s \notin A_k} x_{g_k s} = 0
+
+    \text{tied}[p, s]:\quad x_{gs} \le \sum_{t \in T_p(s)} x_{ht}
+
+The two edge families are the transportation form of :math:`y = x_g x_h^\top` (Alpa,
+autoparallel): with binary :math:`x` they force :math:`y` to the single 1 at :math:`(s, t)`, and
+their LP relaxation is tight, so CBC may keep :math:`y` continuous. ``pin`` restricts a group
+to the strategies a user's pin allows; ``tied`` keeps a parameter shared by two groups (tied
+embeddings) in one layout.
+
+Each family is added by one named method and every constraint has a name; when the program is
+infeasible, :func:`explain_infeasible` runs a deletion filter over the relaxable ones (memory,
+pins, ties) and returns a minimal conflicting set by name.
+
+Two backends solve the same integer data: OR-Tools CP-SAT and PuLP/CBC. They reach the same
+optimal objective (ties between equal-cost solutions may be broken differently).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BACKENDS = ("cpsat", "cbc")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pin:
+    """Group ``group`` may only run the strategies in ``allowed``."""
+
+    name: str
+    group: int
+    allowed: frozenset[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tie:
+    """Groups ``g`` and ``h`` must agree: ``compatible[s]`` lists the ``t`` that go with ``s``."""
+
+    name: str
+    g: int
+    h: int
+    compatible: tuple[frozenset[int], ...]
+
+
+@dataclass(kw_only=True)
+class Problem:
+    """The ILP's data, all integers: ``cost[g][s]``, ``memory[g][s]``, ``edges[(g, h)][s][t]``."""
+
+    group_names: list[str]
+    cost: list[list[int]]
+    memory: list[list[int]]
+    edges: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    memory_limit: int | None = None
+    pins: list[Pin] = field(default_factory=list)
+    ties: list[Tie] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        assert len(self.cost) == len(self.memory) == len(self.group_names)
+        for (g, h), mat in self.edges.items():
+            assert g != h and mat.shape == (len(self.cost[g]), len(self.cost[h])), (g, h, mat.shape)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.cost)
+
+    def evaluate(self, choice: Sequence[int]) -> int:
+        """Objective of a full assignment (used by tests and to double-check solvers)."""
+        total = sum(self.cost[g][s] for g, s in enumerate(choice))
+        return total + sum(int(mat[choice[g], choice[h]]) for (g, h), mat in self.edges.items())
+
+    def feasible(self, choice: Sequence[int]) -> bool:
+        if self.memory_limit is not None and sum(self.memory[g][s] for g, s in enumerate(choice)) > self.memory_limit:
+            return False
+        if any(choice[p.group] not in p.allowed for p in self.pins):
+            return False
+        return all(choice[t.h] in t.compatible[choice[t.g]] for t in self.ties)
+
+    def relaxable(self) -> list[str]:
+        """Names of the constraints a user can relax: memory, pins, ties."""
+        names = ["memory_limit"] if self.memory_limit is not None else []
+        return names + [p.name for p in self.pins] + [t.name for t in self.ties]
+
+    def without(self, names: set[str]) -> Problem:
+        return Problem(group_names=self.group_names, cost=self.cost, memory=self.memory, edges=self.edges,
+                       memory_limit=None if "memory_limit" in names else self.memory_limit,
+                       pins=[p for p in self.pins if p.name not in names],
+                       ties=[t for t in self.ties if t.name not in names])
+
+
+@dataclass(frozen=True, kw_only=True)
+class IlpResult:
+    """What a backend reports. ``choice`` is empty unless a solution was found."""
+
+    backend: str
+    status: str  # optimal | feasible | infeasible | unknown
+    objective: float | None
+    bound: float | None
+    gap: float | None
+    solve_time_s: float
+    choice: tuple[int, ...]
+    num_variables: int
+    num_constraints: int
+
+
+def solve_problem(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 30.0,
+                  num_workers: int = 1) -> IlpResult:
+    """Solve with ``backend`` (``"cpsat"`` or ``"cbc"``); one worker keeps CP-SAT deterministic."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: got {backend!r}; use one of {list(BACKENDS)}")
+    builder = _CpSat(problem) if backend == "cpsat" else _Cbc(problem)
+    builder.add_one_strategy()
+    builder.add_edges()
+    builder.add_memory_limit()
+    builder.add_pins()
+    builder.add_ties()
+    builder.set_objective()
+    return builder.solve(time_limit_s=time_limit_s, num_workers=num_workers)
+
+
+def explain_infeasible(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.0) -> list[str]:
+    """A minimal set of relaxable constraint names that together admit no solution (deletion filter)."""
+    kept = problem.relaxable()
+    for name in list(kept):
+        trial = set(problem.relaxable()) - (set(kept) - {name})
+        result = solve_problem(problem.without(trial), backend=backend, time_limit_s=time_limit_s)
+        if result.status == "infeasible":
+            kept.remove(name)
+    return kept
+
+
+# -- backends -------------------------------------------------------------------------------------
+
+class _CpSat:
+    def __init__(self, problem: Problem) -> None:
+        from ortools.sat.python import cp_model
+
+        self.cp_model = cp_model
+        self.p = problem
+        self.model = cp_model.CpModel()
+        self.x = [[self.model.NewBoolVar(f"x[{g},{s}]") for s in range(len(c))] for g, c in enumerate(problem.cost)]
+        self.y: dict[tuple[int, int], list[list]] = {}
+        self.constraints = 0
+
+    def _named(self, ct, name: str) -> None:
+        ct.WithName(name)
+        self.constraints += 1
+
+    def add_one_strategy(self) -> None:
+        for g, xs in enumerate(self.x):
+            self._named(self.model.AddExactlyOne(xs), f"one_strategy[{self.p.group_names[g]}]")
+
+    def add_edges(self) -> None:
+        for (g, h), mat in self.p.edges.items():
+            rows, cols = mat.shape
+            y = [[self.model.NewBoolVar(f"y[{g},{h},{s},{t}]") for t in range(cols)] for s in range(rows)]
+            self.y[(g, h)] = y
+            label = f"{self.p.group_names[g]}->{self.p.group_names[h]}"
+            for s in range(rows):
+                self._named(self.model.Add(sum(y[s]) == self.x[g][s]), f"edge_out[{label},{s}]")
+            for t in range(cols):
+                self._named(self.model.Add(sum(y[s][t] for s in range(rows)) == self.x[h][t]), f"edge_in[{label},{t}]")
+
+    def add_memory_limit(self) -> None:
+        if self.p.memory_limit is None:
+            return
+        terms = [m * xv for ms, xs in zip(self.p.memory, self.x) for m, xv in zip(ms, xs) if m]
+        self._named(self.model.Add(sum(terms) <= self.p.memory_limit), "memory_limit")
+
+    def add_pins(self) -> None:
+        for pin in self.p.pins:
+            banned = [xv for s, xv in enumerate(self.x[pin.group]) if s not in pin.allowed]
+            self._named(self.model.Add(sum(banned) == 0), pin.name)
+
+    def add_ties(self) -> None:
+        for tie in self.p.ties:
+            for s, ok in enumerate(tie.compatible):
+                self._named(self.model.Add(self.x[tie.g][s] <= sum(self.x[tie.h][t] for t in ok)), f"{tie.name}[{s}]")
+
+    def set_objective(self) -> None:
+        terms = [c * xv for cs, xs in zip(self.p.cost, self.x) for c, xv in zip(cs, xs) if c]
+        for (g, h), mat in self.p.edges.items():
+            y = self.y[(g, h)]
+            terms += [int(mat[s, t]) * y[s][t] for s, t in zip(*np.nonzero(mat))]
+        self.model.Minimize(sum(terms))
+
+    def solve(self, *, time_limit_s: float, num_workers: int) -> IlpResult:
+        solver = self.cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = float(time_limit_s)
+        solver.parameters.num_workers = int(num_workers)
+        solver.parameters.random_seed = 0
+        start = time.perf_counter()
+        status = solver.Solve(self.model)
+        elapsed = time.perf_counter() - start
+        cp = self.cp_model
+        name = {cp.OPTIMAL: "optimal", cp.FEASIBLE: "feasible", cp.INFEASIBLE: "infeasible"}.get(status, "unknown")
+        nvars = sum(map(len, self.x)) + sum(len(y) * len(y[0]) for y in self.y.values())
+        if name in ("optimal", "feasible"):
+            choice = tuple(next(s for s, xv in enumerate(xs) if solver.BooleanValue(xv)) for xs in self.x)
+            obj, bound = solver.ObjectiveValue(), solver.BestObjectiveBound()
+            gap = 0.0 if name == "optimal" else (obj - bound) / max(abs(obj), 1.0)
+            return IlpResult(backend="cpsat", status=name, objective=obj, bound=bound if name == "feasible" else obj,
+                             gap=gap, solve_time_s=elapsed, choice=choice, num_variables=nvars,
+                             num_constraints=self.constraints)
+        return IlpResult(backend="cpsat", status=name, objective=None, bound=None, gap=None, solve_time_s=elapsed,
+                         choice=(), num_variables=nvars, num_constraints=self.constraints)
+
+
+class _Cbc:
+    def __init__(self, problem: Problem) -> None:
+        import pulp
+
+        self.pulp = pulp
+        self.p = problem
+        self.prob = pulp.LpProblem("intra_op", pulp.LpMinimize)
+        self.x = [[pulp.LpVariable(f"x_{g}_{s}", cat="Binary") for s in range(len(c))] for g, c in
+                  enumerate(problem.cost)]
+        self.y: dict[tuple[int, int], list[list]] = {}
+        self.names: dict[str, str] = {}  # CBC-safe name → our name
+
+    def _named(self, constraint, name: str) -> None:
+        safe = f"c{len(self.names)}_" + re.sub(r"[^A-Za-z0-9_]", "_", name)[:60]
+        self.names[safe] = name
+        self.prob += constraint, safe
+
+    def add_one_strategy(self) -> None:
+        for g, xs in enumerate(self.x):
+            self._named(self.pulp.lpSum(xs) == 1, f"one_strategy[{self.p.group_names[g]}]")
+
+    def add_edges(self) -> None:
+        for (g, h), mat in self.p.edges.items():
+            rows, cols = mat.shape
+            # continuous is exact here: with binary x the transportation constraints leave one y = 1
+            y = [[self.pulp.LpVariable(f"y_{g}_{h}_{s}_{t}", lowBound=0, upBound=1) for t in range(cols)]
+                 for s in range(rows)]
+            self.y[(g, h)] = y
+            label = f"{self.p.group_names[g]}->{self.p.group_names[h]}"
+            for s in range(rows):
+                self._named(self.pulp.lpSum(y[s]) == self.x[g][s], f"edge_out[{label},{s}]")
+            for t in range(cols):
+                self._named(self.pulp.lpSum(y[s][t] for s in range(rows)) == self.x[h][t], f"edge_in[{label},{t}]")
+
+    def add_memory_limit(self) -> None:
+        if self.p.memory_limit is None:
+            return
+        expr = self.pulp.lpSum(m * xv for ms, xs in zip(self.p.memory, self.x) for m, xv in zip(ms, xs) if m)
+        self._named(expr <= self.p.memory_limit, "memory_limit")
+
+    def add_pins(self) -> None:
+        for pin in self.p.pins:
+            banned = [xv for s, xv in enumerate(self.x[pin.group]) if s not in pin.allowed]
+            if banned:
+                self._named(self.pulp.lpSum(banned) == 0, pin.name)
+
+    def add_ties(self) -> None:
+        for tie in self.p.ties:
+            for s, ok in enumerate(tie.compatible):
+                self._named(self.x[tie.g][s] <= self.pulp.lpSum(self.x[tie.h][t] for t in ok), f"{tie.name}[{s}]")
+
+    def set_objective(self) -> None:
+        terms = [c * xv for cs, xs in zip(self.p.cost, self.x) for c, xv in zip(cs, xs) if c]
+        for (g, h), mat in self.p.edges.items():
+            y = self.y[(g, h)]
+            terms += [int(mat[s, t]) * y[s][t] for s, t in zip(*np.nonzero(mat))]
+        self.prob += self.pulp.lpSum(terms) if terms else 0 * self.x[0][0]
+
+    def solve(self, *, time_limit_s: float, num_workers: int) -> IlpResult:
+        pulp = self.pulp
+        nvars = len(self.prob.variables())
+        ncons = len(self.prob.constraints)
+        with tempfile.TemporaryDirectory(prefix="intra_op_cbc_") as tmp:
+            log = os.path.join(tmp, "cbc.log")
+            solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, threads=num_workers,
+                                       logPath=log, keepFiles=False)
+            start = time.perf_counter()
+            self.prob.solve(solver)
+            elapsed = time.perf_counter() - start
+            text = open(log).read() if os.path.exists(log) else ""
+        status = pulp.LpStatus[self.prob.status]
+        sol = self.prob.sol_status
+        if status == "Infeasible":
+            return IlpResult(backend="cbc", status="infeasible", objective=None, bound=None, gap=None,
+                             solve_time_s=elapsed, choice=(), num_variables=nvars, num_constraints=ncons)
+        if sol not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            return IlpResult(backend="cbc", status="unknown", objective=None, bound=None, gap=None,
+                             solve_time_s=elapsed, choice=(), num_variables=nvars, num_constraints=ncons)
+        choice = tuple(max(range(len(xs)), key=lambda s: xs[s].value() or 0.0) for xs in self.x)
+        obj = float(self.p.evaluate(choice))
+        if sol == pulp.LpSolutionOptimal:
+            bound, name = obj, "optimal"
+        else:
+            m = re.search(r"(?:Lower bound|best possible)[:\s]+(-?[\d.eE+]+)", text)
+            bound, name = (float(m.group(1)) if m else None), "feasible"
+        gap = None if bound is None else (obj - bound) / max(abs(obj), 1.0)
+        return IlpResult(backend="cbc", status=name, objective=obj, bound=bound, gap=gap, solve_time_s=elapsed,
+                         choice=choice, num_variables=nvars, num_constraints=ncons)

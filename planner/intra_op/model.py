@@ -1,0 +1,182 @@
+"""``solve_model``: intra-op sharding of a traced model, each run of repeated layers solved once.
+
+Consecutive layers with equal signature (``CostGraph.groups()``) have the same ops in the same
+order, so layer ``i`` of a run is its first layer with names swapped position by position. One
+op graph is built per run and enters the ILP with weight = run length; the tensors between
+layers become flows between those op graphs (a run's output into its own input ``len - 1``
+times). The ILP is the size of the distinct layers, not of the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from planner.cluster import DeviceSpec
+from planner.intra_op.from_trace import (
+    activation_nodes,
+    external_inputs,
+    layer_nodes,
+    op_graph_from_cost_graph,
+)
+from planner.intra_op.mesh import MeshSpec
+from planner.intra_op.solution import LayerSharding, OpSharding, ShardingSolution
+from planner.intra_op.solve import (
+    PinValue,
+    _Assembly,
+    _cost_model,
+    _Flow,
+    _internal_flows,
+    _limit,
+    _Request,
+    _solve,
+    _Unit,
+    sink_flow,
+)
+from planner.intra_op.strategies import build_groups
+from planner.trace.graph import CostGraph
+
+
+def _runs(cost_graph: CostGraph, chosen: list[int], nodes: dict[int, list[str]]) -> list[list[int]]:
+    """Runs of consecutive chosen layers with equal signature and equal op count."""
+    runs: list[list[int]] = []
+    signature = {layer.index: layer.signature for layer in cost_graph.layers}
+    for li in chosen:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and last == li - 1 and signature[last] == signature[li]
+                and len(nodes[last]) == len(nodes[li])):
+            runs[-1].append(li)
+        else:
+            runs.append([li])
+    return runs
+
+
+def _renames(cost_graph: CostGraph, rep: int, layer: int, nodes: dict[int, list[str]],
+             inputs: dict[int, list[str]]) -> dict[str, str]:
+    """Name in the representative → name in ``layer``: ops, inputs, constant ids and parameters."""
+    g = cost_graph.ops
+    out: dict[str, str] = {}
+    for a, b in zip(nodes[rep], nodes[layer]):
+        out[a] = b
+        out[f"{a}.ids"] = f"{b}.ids"
+        for pa, pb in zip(g.nodes[a]["params"], g.nodes[b]["params"]):
+            out[pa] = pb
+    out.update(zip(inputs[rep], inputs[layer]))
+    return out
+
+
+def _rename_sharding(s: OpSharding, names: Mapping[str, str]) -> OpSharding:
+    return OpSharding(op=names.get(s.op, s.op), kind=s.kind, module_path=s.module_path, strategy=s.strategy,
+                      head=names.get(s.head, s.head), input_layouts=s.input_layouts, output_layout=s.output_layout,
+                      param_layouts={names.get(n, n): lay for n, lay in s.param_layouts.items()})
+
+
+def _rename_at(at: str, names: Mapping[str, str]) -> str:
+    return " -> ".join(names.get(part, part) for part in at.split(" -> "))
+
+
+def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, batch_size: int | None = None,
+                layers: Sequence[int] | None = None, memory_limit_bytes: float | None = None, backend: str = "cpsat",
+                sequence_parallel: bool = False, pins: Mapping[str, PinValue] | None = None,
+                time_limit_s: float = 30.0, optimizer_bytes_per_param: float = 12.0) -> ShardingSolution:
+    """Shard every layer of ``cost_graph`` (or only ``layers``, e.g. one pipeline stage) on ``mesh``.
+
+    ``batch_size`` is the samples one step runs on this mesh (default: the traced batch).
+    ``memory_limit_bytes`` bounds the total over the solved layers, per device. A pin on one copy
+    of a repeated layer (``"blocks.3.mlp.fc1.weight"``) pins every copy, as they share a solve.
+    Outputs that leave the solved layers are reduced (never left ``Partial``).
+    """
+    start = time.perf_counter()
+    n = cost_graph.num_layers
+    chosen = sorted(set(range(n) if layers is None else layers))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= n:
+        raise ValueError(f"layers: got {layers!r}; give indices in 0..{n - 1}")
+    req = _Request(mesh=mesh, device=device, memory_limit_bytes=memory_limit_bytes, backend=backend,
+                   sequence_parallel=sequence_parallel, pins=pins or {}, time_limit_s=time_limit_s,
+                   optimizer_bytes_per_param=optimizer_bytes_per_param, dtype=cost_graph.dtype,
+                   what=f"model {cost_graph.name}")
+    cm = _cost_model(req)
+    nodes = layer_nodes(cost_graph)
+    active = activation_nodes(cost_graph)
+    inputs = {li: external_inputs(cost_graph, nodes[li], active) for li in chosen}
+    runs = _runs(cost_graph, chosen, nodes)
+
+    units: list[_Unit] = []
+    unit_of: dict[int, int] = {}
+    rep_of: dict[int, int] = {}
+    for run in runs:
+        graph = op_graph_from_cost_graph(cost_graph, run[0], batch_size=batch_size)
+        groups, group_of = build_groups(graph, cm)
+        units.append(_Unit(graph=graph, weight=len(run), groups=groups, group_of=group_of))
+        for li in run:
+            unit_of[li], rep_of[li] = len(units) - 1, run[0]
+    renames = {li: _renames(cost_graph, rep_of[li], li, nodes, inputs) for li in chosen}
+    to_rep = {li: {b: a for a, b in renames[li].items()} for li in chosen}
+
+    flows: list[_Flow] = [f for ui in range(len(units)) for f in _internal_flows(ui, units[ui])]
+    layer_links: dict[int, list[tuple[_Flow, str]]] = {li: [] for li in chosen}  # with real names
+    weights: dict[tuple, int] = {}
+    g = cost_graph.ops
+    for li in chosen:
+        rep_inputs = inputs[rep_of[li]]
+        for pos, producer in enumerate(inputs[li]):
+            src_layer = g.nodes[producer]["layer"]
+            if src_layer not in unit_of:
+                continue  # produced outside the solved layers: arrives in whatever layout is best
+            dst_graph = units[unit_of[li]].graph
+            flow = _Flow(src=unit_of[src_layer], src_op=to_rep[src_layer][producer], dst=unit_of[li],
+                         dst_op=rep_inputs[pos], index=None, weight=1, nbytes=dst_graph.ops[rep_inputs[pos]].out_bytes,
+                         differentiable=dst_graph.ops[rep_inputs[pos]].differentiable[0], layer=li)
+            layer_links[li].append((flow, f"{producer} -> {cost_graph.layers[li].name}"))
+            key = (flow.src, flow.src_op, flow.dst, flow.dst_op)
+            weights[key] = weights.get(key, 0) + 1
+    for (src, src_op, dst, dst_op), w in weights.items():
+        proto = next(f for fl in layer_links.values() for f, _ in fl if (f.src, f.src_op, f.dst, f.dst_op) ==
+                     (src, src_op, dst, dst_op))
+        flows.append(_Flow(src=src, src_op=src_op, dst=dst, dst_op=dst_op, index=None, weight=w, nbytes=proto.nbytes,
+                           differentiable=proto.differentiable))
+    # outputs read outside the solved layers (the next stage, the loss) must leave reduced
+    for li in chosen:
+        unit = units[unit_of[li]]
+        for out in unit.graph.outputs:
+            real = renames[li].get(out, out)
+            readers = {g.nodes[s]["layer"] for s in g.successors(real)} - {li}
+            if not readers or not readers <= set(chosen):
+                flow = sink_flow(units, unit_of[li], unit.graph.ops[out], cm, layer=li)
+                flows.append(flow)
+                layer_links[li].append((flow, f"{real} -> (leaves the solved layers)"))
+
+    assembly = _Assembly(units, flows, cm)
+    aliases: dict[str, tuple[int, str, str]] = {}
+    for li in chosen:
+        ui, graph = unit_of[li], units[unit_of[li]].graph
+        for real, rep_name in to_rep[li].items():
+            op = graph.ops.get(rep_name)
+            if op is not None and not op.is_input:
+                aliases[real] = (ui, rep_name, "op")
+                mp = g.nodes[real]["module_path"] if real in g else ""
+                if mp:
+                    aliases[mp] = (ui, rep_name, "op")
+        for op in graph.ops.values():
+            for p in op.params:
+                if p.owned or renames[li].get(p.name, p.name) not in aliases:
+                    aliases[renames[li].get(p.name, p.name)] = (ui, p.name, "param")
+    result, time_unit, build_s = _solve(assembly, aliases, req, start)
+
+    per_unit = {ui: assembly.unit_sharding(ui, result.choice) for ui in set(unit_of.values())}
+    out_layers = []
+    for li in chosen:
+        ops, colls, compute, memory = per_unit[unit_of[li]]
+        names = renames[li]
+        colls = [replace(c, at=_rename_at(c.at, names)) for c in colls]
+        colls += [replace(c, at=at) for f, at in layer_links[li] for c in assembly.flow_collectives(f, result.choice)]
+        rep = rep_of[li]
+        out_layers.append(LayerSharding(
+            index=li, name=cost_graph.layers[li].name,
+            reuses=None if rep == li else cost_graph.layers[rep].name,
+            ops={names.get(k, k): _rename_sharding(s, names) for k, s in ops.items()},
+            collectives=tuple(colls), compute_s=compute, memory_bytes=memory))
+    return ShardingSolution.assemble(mesh=mesh, result=result, time_unit_s=time_unit, build_time_s=build_s,
+                                     sequence_parallel=sequence_parallel, memory_limit_bytes=_limit(req),
+                                     layers=out_layers)

@@ -1,0 +1,25 @@
+"""Pipeline schedules as data, an event simulator, and closed forms for the search.
+
+    from planner.schedules import SCHEDULE_NAMES, get_schedule, simulate, estimate
+    r = simulate("1f1b", p=4, m=8, fwd_s=1.0, bwd_input_s=1.0, bwd_weight_s=1.0)
+    r.step_time_s, r.bubble_fraction, r.peak_in_flight
+
+See docs/schedules.md for every method, its paper and its numbers.
+"""
+
+from planner.schedules.actions import Action, Program, format_actions, parse_actions, parse_program
+from planner.schedules.registry import SCHEDULE_NAMES, ScheduleInfo, get_schedule
+from planner.schedules.simulator import SimResult, simulate
+
+__all__ = [
+    "SCHEDULE_NAMES",
+    "Action",
+    "Program",
+    "ScheduleInfo",
+    "SimResult",
+    "format_actions",
+    "get_schedule",
+    "parse_actions",
+    "parse_program",
+    "simulate",
+]

@@ -1,0 +1,213 @@
+"""Measured op nodes → :class:`CostGraph`: assign ops to layers, own parameters, sum per layer.
+
+* An op belongs to the layer whose module path is the longest prefix of its own. Ops outside any
+  layer (root-level glue, inputs) join a neighbour: the latest layer feeding them, else the
+  earliest layer they feed.
+* A parameter is owned by the first layer that uses it; later users list it in ``tied_params``.
+  Parameters never used in forward are owned by the layer of their module (else the first
+  layer) and reported in the notes, so the owned counts always sum to the model's parameters.
+* Attention scores are recognised by shape, not by name: tensors shaped like a softmax output
+  with three or more dims and a heads dimension (``[b, heads, s, t]`` or ``[b·heads, s, t]``).
+* Costs are divided by the traced batch: every per-layer figure is per sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import networkx as nx
+from torch import nn
+
+from planner.trace.graph import CostGraph, Layer, OpCost, TiedParam, layer_graph_from_ops
+from planner.trace.interpret import OpNode
+from planner.trace.meter import ATTENTION_KERNELS
+
+
+@dataclass(frozen=True)
+class TraceContext:
+    """What the assembler needs besides the ops."""
+
+    model: nn.Module
+    units: list[str]
+    batch: int
+    seq_len: int | None
+    dtype: str
+    name: str
+    method: str
+    softmax_shapes: frozenset[tuple[int, ...]] = frozenset()
+
+
+def layer_of_path(path: str, units: list[str], cache: dict[str, int]) -> int:
+    """Index of the unit that is the longest prefix of ``path`` (-1: none)."""
+    if path in cache:
+        return cache[path]
+    best, best_len = -1, -1
+    for i, unit in enumerate(units):
+        if (unit == "" or path == unit or path.startswith(unit + ".")) and len(unit) > best_len:
+            best, best_len = i, len(unit)
+    cache[path] = best
+    return best
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _score_numels(shapes: frozenset[tuple[int, ...]], batch: int) -> set[int]:
+    """Element counts of attention-score tensors: softmax outputs with a heads dim beyond the batch."""
+    return {_numel(s) for s in shapes if len(s) >= 3 and _numel(s[:-2]) != batch}
+
+
+def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGraph:
+    units, batch, model = ctx.units, ctx.batch, ctx.model
+    cache: dict[str, int] = {}
+    raw_layer = {op.name: layer_of_path(op.module_path, units, cache) if op.module_path else -1 for op in ops}
+    by_name = {op.name: op for op in ops}
+    consumers: dict[str, list[str]] = defaultdict(list)
+    for op in ops:
+        for src in op.inputs:
+            consumers[src].append(op.name)
+    for op in ops:
+        if raw_layer[op.name] < 0:
+            prev = [raw_layer[s] for s in op.inputs if raw_layer.get(s, -1) >= 0]
+            raw_layer[op.name] = max(prev) if prev else -1
+    for op in reversed(ops):
+        if raw_layer[op.name] < 0:
+            nxt = [raw_layer[c] for c in consumers[op.name] if raw_layer[c] >= 0]
+            if nxt:
+                raw_layer[op.name] = min(nxt)
+    last = next((raw_layer[op.name] for op in ops if raw_layer[op.name] >= 0), 0)
+    for op in ops:  # isolated ops (assertions, unused values): the layer running at that point
+        if raw_layer[op.name] < 0:
+            raw_layer[op.name] = last
+        last = raw_layer[op.name]
+    # Layers in order of their first real op (inputs and attribute reads do not define the order).
+    order: list[int] = []
+    for op in ops:
+        if op.kind not in ("placeholder", "get_attr") and raw_layer[op.name] not in order:
+            order.append(raw_layer[op.name])
+    for op in ops:
+        if raw_layer[op.name] not in order:
+            order.append(raw_layer[op.name])
+    if not order:
+        order = [0]
+    new_index = {old: new for new, old in enumerate(order)}
+    unused = [units[i] for i in range(len(units)) if i not in new_index and units[i]]
+    if unused:
+        notes.append(f"{len(unused)} submodule(s) never ran in forward and hold no costs: {unused[:5]}")
+    layer_of = {name: new_index[raw] for name, raw in raw_layer.items()}
+
+    g = nx.DiGraph()
+    for op in ops:
+        recs = op.records
+        moved = sum(r.bytes for r in recs)
+        g.add_node(op.name, kind=op.kind, target=op.target, module_path=op.module_path, layer=layer_of[op.name],
+                   output_shapes=op.output_shapes, output_dtypes=op.dtypes, dtypes=op.dtypes,
+                   fwd_flops=sum(r.flops for r in recs) / batch,
+                   bwd_flops=sum(r.flops * (r.bwd_input_mult + r.bwd_weight_mult) for r in recs) / batch,
+                   bytes_read=max(moved - op.output_bytes, 0.0) / batch if moved else 0.0,
+                   bytes_written=op.output_bytes / batch if moved else 0.0, param_bytes=0.0,
+                   activation_bytes=sum(b for _, b in op.saved) / batch, replayed_from=op.replayed_from)
+    for op in ops:
+        node = g.nodes[op.name]
+        node["input_shapes"] = [s for src in op.inputs for s in by_name[src].output_shapes]
+        node["input_dtypes"] = [d for src in op.inputs for d in by_name[src].dtypes]
+        for src in op.inputs:
+            g.add_edge(src, op.name, bytes=by_name[src].output_bytes / batch)
+
+    own_count, tied = _own_params(ops, layer_of, g, model, units, new_index, notes)
+    score_numels = _score_numels(ctx.softmax_shapes, batch)
+    n_layers = len(order)
+    layer_ops: dict[int, list[OpNode]] = defaultdict(list)
+    for op in ops:
+        layer_ops[layer_of[op.name]].append(op)
+    named_modules = dict(model.named_modules())
+    crossing: dict[int, set[str]] = defaultdict(set)  # layer -> its ops read by other layers
+    for op in ops:
+        for src in op.inputs:
+            if layer_of[src] != layer_of[op.name]:
+                crossing[layer_of[src]].add(src)
+    layers: list[Layer] = []
+    for li in range(n_layers):
+        members = layer_ops[li]
+        member_names = {op.name for op in members}
+        outgoing = set(crossing[li])
+        if li == n_layers - 1 and members:
+            outgoing.add(members[-1].name)
+        incoming = {src for op in members for src in op.inputs if src not in member_names}
+        out_numel = max((_numel(s) for o in outgoing for s in by_name[o].output_shapes), default=0)
+        recs = [r for op in members for r in op.records]
+        saved = [s for op in members for s in op.saved]
+        attention_saved = [b for shape, b in saved if len(shape) >= 3 and _numel(shape) in score_numels]
+        replicated = [b for shape, b in saved if out_numel and shape and _numel(shape) == out_numel]
+        gemm_costs = tuple(OpCost(kind=r.name, flops=r.flops / batch, bytes=r.bytes / batch,
+                                  m=max(r.m // batch, 1) if r.m else 0, n=r.n, k=r.k)
+                           for r in recs if r.flops > 0)
+        mem_bytes = sum(r.bytes for r in recs if r.flops == 0) / batch
+        op_costs = gemm_costs + ((OpCost(kind="memory-bound", flops=0.0, bytes=mem_bytes),) if mem_bytes else ())
+        attention_flops = sum(r.flops for r in recs if r.flops > 0 and (
+            r.name in ATTENTION_KERNELS
+            or (r.name in ("bmm", "baddbmm") and (r.out_numel in score_numels or r.a_numel in score_numels)))) / batch
+        unit_path = units[order[li]] if 0 <= order[li] < len(units) else ""
+        mod_type = type(named_modules[unit_path]).__name__ if unit_path in named_modules else "Module"
+        fwd = sum(r.flops for r in recs) / batch
+        act = sum(b for _, b in saved) / batch
+        sig_src = repr(([(op.kind, op.output_shapes) for op in members],
+                        sorted((tuple(p.shape), str(p.dtype)) for op in members for p in op.params),
+                        [s for s, _ in saved], round(fwd), round(act)))
+        layers.append(Layer(
+            index=li, name=unit_path or ctx.name, module_type=mod_type,
+            signature=hashlib.sha1(sig_src.encode()).hexdigest()[:12],
+            fwd_flops=fwd,
+            bwd_input_flops=sum(r.flops * r.bwd_input_mult for r in recs) / batch,
+            bwd_weight_flops=sum(r.flops * r.bwd_weight_mult for r in recs) / batch,
+            param_count=own_count[li], tied_params=tuple(sorted(tied[li].values(), key=lambda t: t.name)),
+            activation_bytes=act,
+            replicated_activation_bytes=sum(replicated) / batch,
+            attention_activation_bytes=sum(attention_saved) / batch,
+            attention_fwd_flops=attention_flops,
+            input_bytes=sum(by_name[s].output_bytes for s in incoming) / batch,
+            output_bytes=sum(by_name[o].output_bytes for o in outgoing) / batch,
+            op_costs=op_costs, num_ops=len(members),
+        ))
+    total_params = sum(p.numel() for p in model.parameters())
+    return CostGraph(name=ctx.name, ops=g, layers=layers, layer_graph=layer_graph_from_ops(g, n_layers),
+                     dtype=ctx.dtype, seq_len=ctx.seq_len, param_count=total_params, method=ctx.method, notes=notes)
+
+
+def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, model: nn.Module, units: list[str],
+                new_index: dict[int, int], notes: list[str]) -> tuple[dict[int, int], dict[int, dict[str, TiedParam]]]:
+    """First use owns a parameter; never-used ones go to their module's layer (noted)."""
+    param_names: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), n)
+    owner: dict[int, int] = {}
+    own_count: dict[int, int] = defaultdict(int)
+    tied: dict[int, dict[str, TiedParam]] = defaultdict(dict)
+    for op in ops:
+        li = layer_of[op.name]
+        g.nodes[op.name]["params"] = {param_names.get(id(p), "?"): tuple(p.shape) for p in op.params}
+        for p in op.params:
+            if id(p) not in owner:
+                owner[id(p)] = li
+                own_count[li] += p.numel()
+                g.nodes[op.name]["param_bytes"] += p.numel() * p.element_size()
+            elif owner[id(p)] != li:
+                pname = param_names.get(id(p), "?")
+                tied[li][pname] = TiedParam(name=pname, numel=p.numel(), owner=owner[id(p)])
+    unused = [(n, p) for n, p in model.named_parameters() if id(p) not in owner]
+    if unused:
+        cache: dict[str, int] = {}
+        for n, p in unused:
+            raw = layer_of_path(n.rsplit(".", 1)[0] if "." in n else "", units, cache)
+            owner[id(p)] = new_index.get(raw, 0)
+            own_count[owner[id(p)]] += p.numel()
+        total = sum(p.numel() for _, p in unused)
+        notes.append(f"{total:,} parameters ({len(unused)} tensors, e.g. {unused[0][0]}) are never used in forward; "
+                     "each is counted in its module's layer (it still takes memory)")
+    return own_count, tied

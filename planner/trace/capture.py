@@ -1,0 +1,263 @@
+"""The ways a model's forward is captured, finest first; each returns measured :class:`OpNode` s.
+
+* :func:`fx_graph`: ``torch.fx`` symbolic tracing (torch.nn modules are leaves; ``leaf_types``
+  adds more). Fails on data-dependent Python and on forwards fx cannot bind (``**kwargs``); the
+  failure names the innermost module being traced.
+* :func:`export_graph`: ``torch.export.export(..., strict=False)`` on the meta model, which
+  handles most of what fx cannot (Hugging Face models), decomposed to ATen ops. Outputs are
+  reduced to their tensors first, so cache objects in the output do not matter.
+* :func:`capture_modules`: run eagerly with hooks on the layers: one node per layer call, same
+  costs. A module that cannot run on meta at all is replaced by an opaque estimate (see
+  :mod:`planner.trace.opaque`), innermost failing module first.
+
+Graph captures are executed by :class:`GraphRunner`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from planner.trace.interpret import OpNode, value_meta
+from planner.trace.meter import OpMeter, SavedTensorMeter
+from planner.trace.opaque import OpaqueFailure, opaque_call, reason_of
+
+EXPORT_ROOT = "inner"  # attribute name of the wrapped model inside the export wrapper
+
+
+class CaptureFailure(Exception):
+    """A capture method gave up: ``where`` (module path) and ``why`` (first line of the error)."""
+
+    def __init__(self, method: str, where: str, why: str) -> None:
+        super().__init__(f"{method}: {where}: {why}")
+        self.method, self.where, self.why = method, where, why
+
+
+class _Tracer(torch.fx.Tracer):
+    """Symbolic tracer that also proxies buffers and remembers where tracing failed."""
+
+    proxy_buffer_attributes = True
+
+    def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.stack: list[tuple[str, nn.Module]] = []
+        self.failed_at: tuple[str, nn.Module] | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append((self.path_of_module(m), m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def fx_graph(model: nn.Module, args: tuple, kwargs: dict, leaf_types: tuple[type, ...] = ()
+             ) -> tuple[torch.fx.GraphModule, list[Any], nn.Module | None]:
+    """Symbolic trace; returns the graph module, its placeholder values, and (on failure) the culprit."""
+    sig = inspect.signature(model.forward)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        raise CaptureFailure("fx", "<root>", "forward takes *args/**kwargs, which symbolic tracing cannot bind")
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise CaptureFailure("fx", "<root>", f"sample input does not match forward{sig}: {exc}") from exc
+    concrete = {p.name: p.default for p in sig.parameters.values() if p.name not in bound.arguments}
+    tracer = _Tracer(leaf_types)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as exc:
+        where, culprit = tracer.failed_at or ("", None)
+        failure = CaptureFailure("fx", where or "<root>", reason_of(exc))
+        failure.culprit = culprit  # type: ignore[attr-defined]
+        raise failure from exc
+    gm = torch.fx.GraphModule(model, graph)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [bound.arguments[p.name] if p.name in bound.arguments else p.default for p in sig.parameters.values()]
+    if len(placeholders) != len(values):
+        raise CaptureFailure("fx", "<root>", f"{len(placeholders)} placeholders for {len(values)} forward arguments")
+    return gm, values, None
+
+
+def fx_path(node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+class _TensorOutputs(nn.Module):
+    """Export wrapper: the model's outputs reduced to their tensors (caches and dataclasses dropped)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def export_graph(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, list[Any]]:
+    """``torch.export`` (non-strict) on meta; returns the unlifted graph module and its flat inputs."""
+    try:
+        program = torch.export.export(_TensorOutputs(model), tuple(args), dict(kwargs), strict=False)
+        gm = program.module()
+    except Exception as exc:
+        raise CaptureFailure("export", "<root>", reason_of(exc)) from exc
+    flat = [v for v in tree_flatten((tuple(args), dict(kwargs)))[0]]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(flat):
+        raise CaptureFailure("export", "<root>", f"{len(placeholders)} graph inputs for {len(flat)} sample inputs")
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    return gm, flat
+
+
+def export_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    if path == EXPORT_ROOT:
+        return ""
+    return path[len(EXPORT_ROOT) + 1:] if path.startswith(EXPORT_ROOT + ".") else path
+
+
+class _CallStack:
+    """Forward pre/post hooks on every module: which calls are open when an exception flies."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[tuple[str, nn.Module]] = []
+        self.failed: list[tuple[str, nn.Module]] | None = None
+        self.handles = []
+        for path, mod in model.named_modules():
+            self.handles.append(mod.register_forward_pre_hook(self._push(path)))
+            self.handles.append(mod.register_forward_hook(self._pop, always_call=True))
+
+    def _push(self, path: str):
+        def hook(mod, args):
+            self.stack.append((path, mod))
+        return hook
+
+    def _pop(self, mod, args, out):
+        if self.stack and self.stack[-1][1] is mod:
+            self.stack.pop()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def capture_modules(model: nn.Module, args: tuple, kwargs: dict, units: list[str], opm: OpMeter,
+                    stm: SavedTensorMeter, opaque: dict[str, tuple[nn.Module, BaseException]]
+                    ) -> tuple[list[OpNode], list[str]]:
+    """Eager run with hooks on ``units``; modules in ``opaque`` (path -> (module, error)) are estimated.
+
+    Returns the op nodes and the opaque-estimate notes. Raises :class:`CaptureFailure` naming the innermost failing module when the run fails.
+    """
+    ops: list[OpNode] = []
+    producer: dict[int, str] = {}
+    keep: list[torch.Tensor] = []
+    modules = dict(model.named_modules())
+    handles = []
+    counter: dict[str, int] = defaultdict(int)
+    notes: list[str] = []
+
+    def pre(path: str):
+        def hook(mod, a, kw):
+            counter[path] += 1
+            name = f"{path}#{counter[path]}" if counter[path] > 1 else (path or "<model>")
+            opm.key = stm.key = name
+            flat, _ = tree_flatten((a, kw))
+            srcs = sorted({producer[id(t)] for t in flat if isinstance(t, torch.Tensor) and id(t) in producer})
+            ops.append(OpNode(name=name, kind=type(mod).__name__.lower(), target=path, module_path=path,
+                              inputs=srcs, output_shapes=[], output_bytes=0.0, dtypes=[],
+                              params=list(mod.parameters())))
+        return hook
+
+    def post(path: str):
+        def hook(mod, a, kw, out):
+            op = next(o for o in reversed(ops) if o.target == path)
+            op.output_shapes, op.output_bytes, op.dtypes = value_meta(out)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    producer[id(t)] = op.name
+                    keep.append(t)
+            opm.key = stm.key = f"<after {op.name}>"
+        return hook
+
+    def stub(path: str, mod: nn.Module, exc: BaseException):
+        def forward(*a, **kw):
+            out, note = opaque_call(mod, path, a, kw, exc, opm, stm, discard_partial=False)
+            if note not in notes:
+                notes.append(note)
+            return out
+        return forward
+
+    for path in units:
+        mod = modules[path]
+        handles.append(mod.register_forward_pre_hook(pre(path), with_kwargs=True))
+        handles.append(mod.register_forward_hook(post(path), with_kwargs=True))
+    for path, (mod, exc) in opaque.items():
+        mod.forward = stub(path, mod, exc)
+    calls = _CallStack(model)
+    try:
+        opm.key = stm.key = "<before>"
+        with opm, stm:
+            model(*args, **kwargs)
+    except OpaqueFailure as exc:
+        raise CaptureFailure("module", str(exc).split(":")[0], "an opaque module has no tensor input") from exc
+    except Exception as exc:
+        where, culprit = calls.stack[-1] if calls.stack else ("", None)
+        failure = CaptureFailure("module", where or "<root>", reason_of(exc))
+        failure.culprit = culprit  # type: ignore[attr-defined]
+        failure.error = exc  # type: ignore[attr-defined]
+        raise failure from exc
+    finally:
+        calls.remove()
+        for h in handles:
+            h.remove()
+        for mod, _ in opaque.values():
+            vars(mod).pop("forward", None)
+    _charge_glue(ops, opm, stm, {id(p): p for p in model.parameters()})
+    return ops, notes
+
+
+def _charge_glue(ops: list[OpNode], opm: OpMeter, stm: SavedTensorMeter,
+                 params_by_id: dict[int, nn.Parameter]) -> None:
+    """Ops between layer calls (a parent's forward) are charged to the layer call before them."""
+    by_name = {op.name: op for op in ops}
+
+    def target(key: object) -> OpNode | None:
+        if isinstance(key, str) and key.startswith("<after "):
+            key = key[len("<after "):-1]
+        return by_name.get(key) if isinstance(key, str) else None
+
+    for key, recs in opm.records.items():
+        op = target(key) or (ops[0] if ops else None)
+        if op is not None:
+            op.records.extend(recs)
+    for key, saved in stm.saved.items():
+        op = target(key) or (ops[0] if ops else None)
+        if op is not None:
+            op.saved.extend(saved)
+    for key, uses in opm.param_uses.items():
+        op = target(key) or (ops[0] if ops else None)
+        if op is None:
+            continue
+        have = {id(p) for p in op.params}
+        op.params.extend(params_by_id[i] for i in sorted(uses) if i not in have and i in params_by_id)

@@ -1,0 +1,331 @@
+"""Run a traced graph node by node under the meters; replay repeated blocks instead of re-running them.
+
+``GraphRunner`` executes an fx ``GraphModule`` (from ``torch.fx`` or ``torch.export``) on meta
+tensors with :class:`OpMeter` and :class:`SavedTensorMeter` keyed by node name, and returns one
+:class:`OpNode` per graph node.
+
+Block replay (``reuse=True``) is what makes a 96-block model cost about as much as a 2-block one.
+The graph's nodes are cut into *segments*: maximal runs of nodes that belong to the same layer.
+A segment is replayed from an earlier, really executed one (its *reference*) when
+
+1. both have the same *template*: node for node the same op, the same target (for a module
+   call: the same :func:`module_key`, i.e. class, parameter shapes and plain attributes), the
+   same constants, and the same wiring, with inputs from outside the segment numbered in order
+   of first use; and
+2. the values flowing in from outside have the same metadata (shape, stride, dtype,
+   requires_grad, storage base and aliasing, parameter or not).
+
+On meta tensors an op's outputs, FLOPs, bytes and saved tensors are functions of exactly that
+metadata, so the replayed segment's costs are the reference's, not an estimate. The one piece
+of global state is the saved-tensor de-duplication (a tensor saved twice counts once): each save
+the reference made is classified as of a tensor born inside the segment (counted as it was), or
+of an outside input or attribute (counted only if that tensor was not saved before, checked on
+the replayed segment's own input), so the totals equal those of a full run. Outputs used
+outside the segment are fabricated with the reference's metadata (views keep their base).
+``tests/trace`` checks replayed and full traces give identical layer costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from planner.trace.meter import AtenRecord, OpMeter, PackEvent, SavedTensorMeter, storage_base
+from planner.trace.opaque import opaque_call
+from planner.trace.units import module_key
+
+_CONSTS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout,
+           type(Ellipsis))
+_SCRATCH = "<scratch>"
+
+
+@dataclass
+class OpNode:
+    """One measured unit (an fx node, or a layer call in a module-level trace)."""
+
+    name: str
+    kind: str
+    target: str
+    module_path: str
+    inputs: list[str]
+    output_shapes: list[tuple[int, ...]]
+    output_bytes: float
+    dtypes: list[str]
+    params: list[nn.Parameter] = field(default_factory=list)
+    records: list[AtenRecord] = field(default_factory=list)
+    saved: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
+    replayed_from: str = ""
+
+
+def value_meta(value: Any) -> tuple[list[tuple[int, ...]], float, list[str]]:
+    """Shapes, total bytes and dtypes of the tensors in ``value`` (any pytree)."""
+    flat, _ = tree_flatten(value)
+    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    shapes = [tuple(t.shape) for t in tensors]
+    nbytes = float(sum(t.numel() * t.element_size() for t in tensors))
+    dtypes = [str(t.dtype).replace("torch.", "") for t in tensors]
+    return shapes, nbytes, dtypes
+
+
+def op_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__.lower()
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        return name.split(".")[0] if isinstance(node.target, torch._ops.OpOverload) else name
+    return str(node.target) if node.op == "call_method" else node.op
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+@dataclass
+class _Reference:
+    ops: list[OpNode]
+    values: list[Any]
+    events: list[list[tuple[tuple, PackEvent]]]
+    ext_key: tuple
+    base_seen: dict[int, bool]  # id(reference output base) -> saved by the end of the segment
+    mask_bases: set[int]
+
+
+class GraphRunner(torch.fx.Interpreter):
+    """Executes ``gm`` under the meters; see the module docstring for block replay."""
+
+    def __init__(self, gm: torch.fx.GraphModule, *, opm: OpMeter, stm: SavedTensorMeter,
+                 path_of: Callable[[torch.fx.Node], str], unit_of: Callable[[str], int], reuse: bool = True,
+                 opaque_leaves: bool = False, notes: list[str] | None = None) -> None:
+        super().__init__(gm)
+        self.opm, self.stm = opm, stm
+        self.path_of, self.unit_of = path_of, unit_of
+        self.reuse = reuse
+        self.opaque_leaves = opaque_leaves
+        self.notes = notes if notes is not None else []
+        self.modules = dict(gm.named_modules())
+        self.ops: list[OpNode] = []
+        self.refs: dict[tuple, _Reference] = {}
+        self.keep: list[torch.Tensor] = []
+        self.replayed_segments = 0
+
+    # -- execution -------------------------------------------------------------------------------
+    def capture(self, flat_inputs: list[Any]) -> list[OpNode]:
+        self.args_iter = iter(flat_inputs)
+        self.env = {}
+        nodes = list(self.module.graph.nodes)
+        units = [self.unit_of(self.path_of(n)) if n.op not in ("placeholder", "output") else -1 for n in nodes]
+        runs: dict[int, int] = {}
+        for i, u in enumerate(units):
+            if u >= 0 and (i == 0 or units[i - 1] != u):
+                runs[u] = runs.get(u, 0) + 1
+        with self.opm, self.stm:
+            i = 0
+            while i < len(nodes):
+                u = units[i]
+                if u < 0:
+                    self._run(nodes[i])
+                    i += 1
+                    continue
+                j = i
+                while j < len(nodes) and units[j] == u:
+                    j += 1
+                self._run_segment(nodes[i:j], replayable=self.reuse and runs[u] == 1)
+                i = j
+        return self.ops
+
+    def _run(self, node: torch.fx.Node) -> None:
+        self.opm.key = self.stm.key = node.name
+        result = self.run_node(node)
+        self.env[node] = result
+        if node.op == "output":
+            return
+        shapes, nbytes, dtypes = value_meta(result)
+        self.ops.append(OpNode(
+            name=node.name, kind=op_kind(node, self.modules), target=str(node.target), module_path=self.path_of(node),
+            inputs=[a.name for a in node.all_input_nodes], output_shapes=shapes, output_bytes=nbytes, dtypes=dtypes,
+            params=self._params_of(node), records=self.opm.records.get(node.name, []),
+            saved=self.stm.saved.get(node.name, [])))
+
+    def call_module(self, target, args, kwargs):
+        if not self.opaque_leaves:
+            return super().call_module(target, args, kwargs)
+        try:
+            return super().call_module(target, args, kwargs)
+        except Exception as exc:  # a leaf that cannot run on meta: estimate it (noted), keep tracing
+            out, note = opaque_call(self.fetch_attr(target), target, args, kwargs, exc, self.opm, self.stm)
+            self.notes.append(note)
+            return out
+
+    def _params_of(self, node: torch.fx.Node) -> list[nn.Parameter]:
+        if node.op == "call_module":
+            return list(self.modules[node.target].parameters())
+        params = []
+        for a in node.all_input_nodes:
+            if a.op == "get_attr":
+                value = self.fetch_attr(a.target)
+                if isinstance(value, nn.Parameter):
+                    params.append(value)
+        return params
+
+    # -- segments and replay ---------------------------------------------------------------------
+    def _run_segment(self, nodes: list[torch.fx.Node], *, replayable: bool) -> None:
+        template, externals = self._template(nodes) if replayable else (None, [])
+        if template is not None and template in self.refs:
+            ref = self.refs[template]
+            ext_values = [self.env[e] for e in externals]
+            if self._ext_key(ext_values) == ref.ext_key:
+                self._replay(nodes, ext_values, ref)
+                return
+        for n in nodes:
+            self._run(n)
+        if template is not None and template not in self.refs:
+            self.refs[template] = self._reference(nodes, externals)
+
+    def _template(self, nodes: list[torch.fx.Node]) -> tuple[tuple | None, list[torch.fx.Node]]:
+        local = {n: i for i, n in enumerate(nodes)}
+        ext: dict[torch.fx.Node, int] = {}
+
+        def norm(a: Any) -> Any:
+            if isinstance(a, torch.fx.Node):
+                return ("L", local[a]) if a in local else ("E", ext.setdefault(a, len(ext)))
+            if isinstance(a, (tuple, list)):
+                return (type(a).__name__,) + tuple(norm(x) for x in a)
+            if isinstance(a, dict):
+                return ("dict",) + tuple((k, norm(v)) for k, v in a.items())
+            if isinstance(a, slice):
+                return ("slice", norm(a.start), norm(a.stop), norm(a.step))
+            if isinstance(a, _CONSTS):
+                return (type(a).__name__, a)
+            return ("<object>", id(a))
+
+        desc = []
+        for n in nodes:
+            if n.op == "call_module":
+                target: Any = module_key(self.modules[n.target])
+            elif n.op == "get_attr":
+                value = self.fetch_attr(n.target)
+                target = (tuple(value.shape), value.dtype, value.requires_grad) if isinstance(value, torch.Tensor) \
+                    else ("<object>", id(value))
+            elif n.op in ("call_function", "call_method"):
+                target = n.target
+                name = str(getattr(n.target, "__name__", n.target)).split(".")[0]
+                first = n.args[0] if n.args else None
+                mutates = (name.endswith("_") and not name.endswith("__")) or name == "setitem"
+                if mutates and isinstance(first, torch.fx.Node) and first not in local:
+                    return None, []  # in-place on an outside value: state the template cannot see
+            else:
+                return None, []
+            desc.append((n.op, target, norm(n.args), norm(n.kwargs)))
+        return tuple(desc), list(ext)
+
+    def _ext_key(self, values: list[Any]) -> tuple:
+        bases: dict[int, int] = {}
+        counter = [0]
+
+        def meta(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                b = storage_base(v)
+                counter[0] += 1
+                alias = bases.setdefault(id(b), counter[0])
+                return ("T", tuple(v.shape), v.stride(), v.storage_offset(), v.dtype, v.requires_grad,
+                        v.device.type, tuple(b.shape), b.stride(), alias, id(b) in self.stm.excluded,
+                        id(b) in self.stm.masks)
+            if isinstance(v, (tuple, list)):
+                return (type(v).__name__,) + tuple(meta(x) for x in v)
+            if isinstance(v, _CONSTS):
+                return ("V", type(v).__name__, v)
+            return ("<object>", id(v))
+
+        return tuple(meta(v) for v in values)
+
+    def _reference(self, nodes: list[torch.fx.Node], externals: list[torch.fx.Node]) -> _Reference:
+        ops = self.ops[-len(nodes):]
+        values = [self.env[n] for n in nodes]
+        ext_values = [self.env[e] for e in externals]
+        ext_base: dict[int, int] = {}
+        for pos, t in enumerate(_tensors(ext_values)):
+            ext_base.setdefault(id(storage_base(t)), pos)
+        out_base: dict[int, int] = {}
+        for i, v in enumerate(values):
+            for t in _tensors(v):
+                out_base.setdefault(id(storage_base(t)), i)
+        events = []
+        for n in nodes:
+            classified = []
+            for ev in self.stm.events.get(n.name, []):
+                if ev.base_id in ext_base:
+                    cls: tuple = ("E", ext_base[ev.base_id])
+                elif ev.base_id in out_base and nodes[out_base[ev.base_id]].op == "get_attr":
+                    cls = ("A", out_base[ev.base_id])
+                else:
+                    cls = ("L",)  # born inside the segment (a node output or an op's hidden temporary)
+                classified.append((cls, ev))
+            events.append(classified)
+        return _Reference(ops=ops, values=values, events=events, ext_key=self._ext_key(ext_values),
+                          base_seen={b: b in self.stm.seen for b in out_base},
+                          mask_bases={b for b in out_base if b in self.stm.masks})
+
+    def _replay(self, nodes: list[torch.fx.Node], ext_values: list[Any], ref: _Reference) -> None:
+        inside = set(nodes)
+        fabricated: dict[int, torch.Tensor] = {}
+        for i, n in enumerate(nodes):
+            if any(u not in inside for u in n.users):
+                self.env[n] = self._fabricate(ref.values[i], fabricated)
+        ext_tensors = _tensors(ext_values)
+        for i, n in enumerate(nodes):
+            saved = []
+            for cls, ev in ref.events[i]:
+                if cls[0] == "L":
+                    if ev.new:
+                        saved.append((ev.shape, ev.nbytes))
+                    continue
+                t = ext_tensors[cls[1]] if cls[0] == "E" else _tensors(self.fetch_attr(nodes[cls[1]].target))[0]
+                base = storage_base(t)
+                if id(base) not in self.stm.seen:
+                    self.stm.seen.add(id(base))
+                    self.stm.keep.append(base)
+                    saved.append((tuple(base.shape), self.stm.nbytes_of(base)))
+            r = ref.ops[i]
+            self.ops.append(OpNode(
+                name=n.name, kind=r.kind, target=str(n.target), module_path=self.path_of(n),
+                inputs=[a.name for a in n.all_input_nodes], output_shapes=r.output_shapes, output_bytes=r.output_bytes,
+                dtypes=r.dtypes, params=self._params_of(n), records=list(r.records), saved=saved,
+                replayed_from=r.replayed_from or r.name))
+        for ref_base, fab in fabricated.items():
+            if ref.base_seen.get(ref_base):
+                self.stm.seen.add(id(fab))
+                self.stm.keep.append(fab)
+            if ref_base in ref.mask_bases:
+                self.stm.masks[id(fab)] = fab
+        self.replayed_segments += 1
+
+    def _fabricate(self, value: Any, cache: dict[int, torch.Tensor]) -> Any:
+        """A value with ``value``'s metadata; tensors sharing a base still share one."""
+        key = self.opm.key
+        self.opm.key = self.stm.key = _SCRATCH
+
+        def fab(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            b = storage_base(t)
+            fb = cache.get(id(b))
+            if fb is None:
+                fb = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device=b.device)
+                if b.requires_grad:
+                    fb = fb.requires_grad_().clone()  # a non-leaf, like the activation it stands for
+                cache[id(b)] = fb
+                self.keep.append(fb)
+            return fb if t is b else fb.as_strided(t.shape, t.stride(), t.storage_offset())
+
+        try:
+            return tree_map(fab, value)
+        finally:
+            for table in (self.opm.records, self.opm.param_uses, self.stm.saved, self.stm.events):
+                table.pop(_SCRATCH, None)
+            self.opm.key = self.stm.key = key

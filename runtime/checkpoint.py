@@ -1,0 +1,197 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` (DCP): plan-independent, verified on load.
+
+Layout: ``<dir>/step-000002/`` holds DCP's files plus ``manifest.json`` (step, seed, model
+fingerprint, the saving plan's configuration, and the size and SHA-256 of every file). Every rank
+writes its shards into ``step-000002.tmp``; after all are done rank 0 writes the manifest and renames
+the folder, so a folder without ``.tmp`` and with a manifest is complete.
+
+State is keyed by the *full model's* parameter names (``blocks.3.attn.qkv.weight``), never by stage:
+model state via ``get_model_state_dict`` and optimizer state via ``get_optimizer_state_dict`` with
+``flatten_optimizer_state_dict=True``, for each stage a rank runs. DCP stores every tensor with its
+global shape and the offsets of each shard, so a checkpoint saved under one plan loads under any
+other plan of the same model (resharding across dp, tp, pp and ZeRO stages). The one layout
+change tensor parallelism makes (``qkv`` rows reordered per tp rank, see
+:mod:`runtime.tensor_parallel`) is undone before saving and redone after loading.
+
+Before loading, every file is checked against the manifest; a missing, truncated or altered file
+is a :class:`CheckpointError` naming the file, never a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from runtime.errors import CheckpointError
+from runtime.model import StageModule
+from runtime.tensor_parallel import QKV_ATTR, canonical_from_tp, to_tp_rows
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step:06d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path:
+    """The newest complete-looking ``step-*`` folder under ``root`` (verified separately)."""
+    root = Path(root)
+    found = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP_DIR.match(p.name)))
+    if not found:
+        raise CheckpointError(f"checkpoint: --resume was given but {root} holds no step-NNNNNN folder; run without "
+                              "--resume to start from scratch, or point --checkpoint-dir at the run's folder")
+    return found[-1][1]
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check every file against the manifest; returns the manifest or raises :class:`CheckpointError`."""
+    path = Path(path)
+    fix = f"delete {path} to resume from the previous checkpoint, or run without --resume"
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no {MANIFEST}; the save did not finish (the run was stopped "
+                              f"while writing it); {fix}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is damaged ({exc}); {fix}") from exc
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r}, this runtime reads "
+                              f"{FORMAT_VERSION}; {fix}")
+    for name, expected in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: file {name} is missing; {fix}")
+        size = f.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"checkpoint {path}: file {name} has {size} bytes, the manifest says "
+                                  f"{expected['bytes']} (truncated or overwritten); {fix}")
+        if _sha256(f) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: file {name} is corrupted (its SHA-256 differs from the "
+                                  f"manifest's); {fix}")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _canonical_keys(stage: StageModule) -> dict[str, int]:
+    return dict(getattr(stage, QKV_ATTR, {}))
+
+
+def _state_for_save(stages: list[StageModule], optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    for stage, optim in zip(stages, optimizers):
+        msd = get_model_state_dict(stage)
+        osd = get_optimizer_state_dict(stage, optim, options=_OPTIONS)
+        for fqn, tp in _canonical_keys(stage).items():
+            msd[fqn] = canonical_from_tp(_full(msd[fqn]), tp)
+            for key in [k for k in osd if k.startswith(f"state.{fqn}.")]:
+                if isinstance(osd[key], torch.Tensor) and osd[key].dim() > 0:
+                    osd[key] = canonical_from_tp(_full(osd[key]), tp)
+        model_sd.update(msd)
+        optim_sd.update(osd)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def save_checkpoint(root: str | Path, step: int, stages: list[StageModule], optimizers: list[torch.optim.Optimizer],
+                    *, info: dict[str, Any]) -> Path:
+    """Collective: every rank calls it after optimizer step ``step``. Returns the final folder."""
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dcp.save(_state_for_save(stages, optimizers), checkpoint_id=str(tmp))
+    dist.barrier()
+    if rank == 0:
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
+                 if p.is_file()}
+        manifest = {"format": FORMAT_VERSION, "step": step, **info, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: list[torch.optim.Optimizer]) -> None:
+    """Collective: fill this rank's stages and optimizers from a verified checkpoint, resharding as needed."""
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    per_stage = []
+    for stage, optim in zip(stages, optimizers):
+        msd = get_model_state_dict(stage)
+        osd = get_optimizer_state_dict(stage, optim, options=_OPTIONS)
+        templates = {}
+        for fqn in _canonical_keys(stage):
+            templates[fqn] = msd[fqn]
+            msd[fqn] = torch.empty(msd[fqn].shape, dtype=msd[fqn].dtype)
+            for key in [k for k in osd if k.startswith(f"state.{fqn}.")]:
+                if isinstance(osd[key], torch.Tensor) and osd[key].dim() > 0:
+                    templates[key] = osd[key]
+                    osd[key] = torch.empty(osd[key].shape, dtype=osd[key].dtype)
+        per_stage.append((msd, osd, templates))
+        model_sd.update(msd)
+        optim_sd.update(osd)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as exc:  # DCP raises a CheckpointException wrapping each rank's error
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded into this plan ({_first_line(exc)}); it was "
+                              "written for a different model, or is damaged") from exc
+    for stage, optim, (msd, osd, templates) in zip(stages, optimizers, per_stage):
+        tp_of = _canonical_keys(stage)
+        for key, template in templates.items():
+            fqn = key if key in tp_of else next(f for f in tp_of if key.startswith(f"state.{f}."))
+            source = msd if key in msd else osd
+            value = to_tp_rows(source[key], tp_of[fqn])
+            if isinstance(template, DTensor):
+                value = distribute_tensor(value, template.device_mesh, template.placements, src_data_rank=None)
+            source[key] = value
+        set_model_state_dict(stage, msd)
+        set_optimizer_state_dict(stage, optim, osd, options=_OPTIONS)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)

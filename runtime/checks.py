@@ -1,0 +1,114 @@
+"""Pre-flight: everything that must match before a single process trains.
+
+The local launcher runs :func:`preflight` once, before spawning; under ``torchrun`` every rank runs
+it before joining the process group. Each failure is a :class:`RunCheckError` that names the
+mismatch and the fix: world size, devices per node, model fingerprint, schema version (checked when
+the plan is read), schedule, stage placement, batch, tensor-parallel divisibility, tied weights, and
+the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from planner.errors import PlannerError
+from planner.models import ModelPreset
+from planner.plan import Plan
+from planner.trace import trace_model
+from runtime import checkpoint as ckpt
+from runtime.errors import RunCheckError
+from runtime.model import check_layer_coverage, resolve_preset, tied_parameters
+from runtime.parallel_dims import ParallelDims
+from runtime.pipeline_parallel import choose_schedule
+from runtime.tensor_parallel import check_tensor_parallel
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the processes are laid out: ``nodes`` x ``procs_per_node`` = ``world_size``."""
+
+    world_size: int
+    procs_per_node: int
+    nodes: int
+    device_type: str  # "cuda" or "cpu"
+
+
+def load_plan(path: str | Path) -> Plan:
+    try:
+        return Plan.from_json(path)
+    except PlannerError as exc:
+        raise RunCheckError(f"plan {path}: {exc}") from exc
+
+
+def preflight(plan: Plan, launch: Launch, *, preset: ModelPreset | None = None,
+              resume_dir: str | None = None, seq_check: bool = True) -> ModelPreset:
+    """Raise :class:`RunCheckError` on the first mismatch; returns the model preset to build."""
+    ParallelDims.from_plan(plan, launch.world_size)
+    _check_cluster(plan, launch)
+    preset = resolve_preset(plan, preset)
+    if seq_check:
+        _check_fingerprint(plan, preset)
+    p = plan.parallel
+    if plan.model.global_batch != p.global_batch:
+        raise RunCheckError(f"model.global_batch: the plan says {plan.model.global_batch} but dp x micro_batch_size x "
+                            f"num_micro_batches = {p.dp} x {p.micro_batch_size} x {p.num_micro_batches} = "
+                            f"{p.global_batch}; re-create the plan")
+    if launch.device_type == "cuda" and plan.model.dtype == "fp16":
+        raise RunCheckError("model.dtype: fp16 training needs loss scaling, which the runtime does not do; "
+                            "plan with --dtype bf16 (or fp32)")
+    meta = preset.build(device="meta")
+    check_layer_coverage(meta, plan)
+    if p.pp > 1:
+        choose_schedule(plan)
+    else:
+        if len(plan.stages) != 1:
+            raise RunCheckError(f"stages: pp=1 but the plan lists {len(plan.stages)} stages; re-create the plan")
+    check_tensor_parallel(plan, preset)
+    _check_tied(meta, plan)
+    if resume_dir is not None:
+        manifest = ckpt.verify_checkpoint(ckpt.latest_checkpoint(resume_dir))
+        if manifest.get("model_fingerprint") != plan.model.fingerprint:
+            raise RunCheckError(
+                f"checkpoint {resume_dir}: saved for model {manifest.get('model')!r} (fingerprint "
+                f"{manifest.get('model_fingerprint')}) but the plan is for {plan.model.name!r} "
+                f"({plan.model.fingerprint}); resume with a plan for the same model, or start without --resume")
+    return preset
+
+
+def _check_cluster(plan: Plan, launch: Launch) -> None:
+    dpn = plan.cluster.get("devices_per_node")
+    nodes = plan.cluster.get("nodes")
+    if isinstance(dpn, int) and isinstance(nodes, int):
+        if (nodes, dpn) != (launch.nodes, launch.procs_per_node):
+            raise RunCheckError(
+                f"cluster: the plan is for {nodes} node(s) x {dpn} devices per node, but this launch has "
+                f"{launch.nodes} node(s) x {launch.procs_per_node} processes per node; tensor-parallel ranks must "
+                f"share a node as planned. Launch --nnodes {nodes} --nproc-per-node {dpn} (locally: --nproc "
+                f"{nodes * dpn} for one node), or re-plan with --nodes {launch.nodes} --devices-per-node "
+                f"{launch.procs_per_node}")
+
+
+def _check_fingerprint(plan: Plan, preset: ModelPreset) -> None:
+    seq_len = plan.model.seq_len
+    graph = trace_model(preset.build(device="meta"), preset.sample_input(1, seq_len), name=preset.name,
+                        dtype=plan.model.dtype, seq_len=seq_len)
+    if graph.fingerprint() != plan.model.fingerprint:
+        raise RunCheckError(
+            f"model.fingerprint: the plan was made for a model with fingerprint {plan.model.fingerprint} "
+            f"({plan.model.num_layers} layers) but preset {preset.name!r} now traces to {graph.fingerprint()} "
+            f"({graph.num_layers} layers); the model changed since planning. Re-create the plan for this model "
+            f"(python -m planner plan --model {preset.name} …)")
+
+
+def _check_tied(meta: torch.nn.Module, plan: Plan) -> None:
+    pos = {s.index: s.ranks[0] for s in plan.stages}
+    for tied in tied_parameters(meta, plan):
+        stages = sorted(set(tied.stages))
+        if len(stages) > 1 and len({pos[s] for s in stages}) < len(stages):
+            raise RunCheckError(
+                f"stages: the tied parameter {list(tied.names)} lies in stages {stages}, which the plan puts on the "
+                "same ranks; the runtime keeps tied weights in sync only between different ranks. Use a plan whose "
+                "embedding and head stages sit on different pipeline positions, or an untied model")

@@ -1,0 +1,89 @@
+"""Data parallelism over the ``dp`` mesh axis: DDP, FSDP2, or a plain gradient all-reduce.
+
+The plan's ``zero_stage`` picks the wrapper (applied last, after tensor parallelism and recompute):
+
+=========  ===========================================  ==========================================
+zero       what is sharded over dp (ZeRO)               torch
+=========  ===========================================  ==========================================
+0          nothing                                      ``DistributedDataParallel`` on each stage
+                                                        (gradient all-reduce in buckets during
+                                                        backward); with ``tp > 1`` a per-parameter
+                                                        all-reduce after backward instead, since DDP
+                                                        does not take DTensor parameters
+1, 2       optimizer state (1), and gradients (2)       ``fully_shard(reshard_after_forward=False)``:
+                                                        parameters stay gathered from forward to
+                                                        backward, gradients are reduce-scattered, so
+                                                        ZeRO-1 runs as ZeRO-2 (FSDP2 has no mode that
+                                                        all-reduces gradients and shards only Adam's
+                                                        state; memory is at most what ZeRO-1 plans)
+3          parameters too                               ``fully_shard(reshard_after_forward=True)``:
+                                                        parameters are re-gathered for backward
+=========  ===========================================  ==========================================
+
+FSDP2 wraps every layer of a stage and then the stage itself (torchtitan's order), so one layer's
+parameters are gathered at a time. Every mode averages gradients over dp, so the update equals
+single-process training on the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from runtime.model import StageModule
+
+
+@dataclass(frozen=True)
+class DataParallelMode:
+    kind: str  # "none" | "ddp" | "allreduce" | "fsdp"
+    reshard_after_forward: bool = False
+
+    @staticmethod
+    def for_plan(dp: int, tp: int, zero_stage: int) -> DataParallelMode:
+        if zero_stage >= 1:
+            # Even with dp == 1: the plan asked for FSDP's memory layout, and FSDP on one rank is exact.
+            return DataParallelMode("fsdp", reshard_after_forward=zero_stage == 3)
+        if dp == 1:
+            return DataParallelMode("none")
+        return DataParallelMode("allreduce" if tp > 1 else "ddp")
+
+    def describe(self) -> str:
+        return {
+            "none": "no data parallelism",
+            "ddp": "DDP (bucketed gradient all-reduce during backward)",
+            "allreduce": "gradient all-reduce after backward (tp > 1)",
+            "fsdp": f"FSDP2 fully_shard(reshard_after_forward={self.reshard_after_forward})",
+        }[self.kind]
+
+
+def apply_data_parallel(stage: StageModule, mode: DataParallelMode, dp_mesh: DeviceMesh,
+                        device: torch.device) -> nn.Module:
+    """Wrap ``stage``; returns the module the pipeline stage / training loop calls."""
+    if mode.kind in ("none", "allreduce"):
+        return stage
+    if mode.kind == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(stage, device_ids=ids, process_group=dp_mesh.get_group())
+    for path in stage.layer_paths:
+        fully_shard(stage.get_submodule(path), mesh=dp_mesh, reshard_after_forward=mode.reshard_after_forward)
+    fully_shard(stage, mesh=dp_mesh, reshard_after_forward=mode.reshard_after_forward)
+    return stage
+
+
+def allreduce_gradients(modules: list[nn.Module], dp_mesh: DeviceMesh) -> None:
+    """Average gradients over dp (the ``allreduce`` mode), one all-reduce per parameter."""
+    group = dp_mesh.get_group()
+    size = dist.get_world_size(group)
+    for module in modules:
+        for param in module.parameters():
+            if param.grad is None:
+                continue
+            grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+            dist.all_reduce(grad, group=group)
+            grad.div_(size)

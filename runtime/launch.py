@@ -1,0 +1,177 @@
+"""Start the processes of a run, or join the ones ``torchrun`` started.
+
+``run_local`` checks the plan once (:func:`runtime.checks.preflight`) and then starts ``nproc``
+workers on this machine through torch elastic (what ``torchrun`` uses), with a c10d rendezvous on
+a free port of 127.0.0.1 and no restarts: if a worker dies, the agent stops the others and the run
+fails with the dead rank named. ``run_worker`` is what every worker runs, also when the processes
+come from a user's ``torchrun … -m runtime run plan.json`` (``WORLD_SIZE``/``RANK`` are set, so the
+CLI does not launch again): join the process group (gloo on CPU, NCCL with CUDA, with a timeout so a
+lost peer ends the run instead of hanging it), train, and on rank 0 write and print the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+import uuid
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from runtime.checks import Launch, load_plan, preflight
+from runtime.errors import RunCheckError
+from runtime.report import write_report
+from runtime.train import RunOptions, RunResult, train
+
+EXIT_CHECK = 2  # a check failed: the message says what and how to fix it
+EXIT_FAILED = 1  # a worker crashed, was killed, or timed out
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerArgs:
+    plan_path: str
+    options: RunOptions
+    out: str | None = None
+    debug: bool = False
+    checked: bool = False  # preflight already ran in the launcher
+
+
+def in_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_launch(nproc: int) -> Launch:
+    return Launch(world_size=nproc, procs_per_node=nproc, nodes=1,
+                  device_type="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torchrun_launch() -> Launch:
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return Launch(world_size=world, procs_per_node=local, nodes=max(1, world // max(local, 1)),
+                  device_type="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_local(args: WorkerArgs, nproc: int) -> dict[int, Any]:
+    """Check, then start ``nproc`` workers; returns rank -> return value. Raises :class:`RunCheckError`."""
+    plan = load_plan(args.plan_path)
+    preflight(plan, local_launch(nproc), resume_dir=args.options.checkpoint_dir if args.options.resume else None)
+    return launch_workers(nproc, run_worker, replace(args, checked=True))
+
+
+def default_start_method() -> str:
+    """``fork`` on the CPU (workers start in a second instead of re-importing torch); ``spawn`` with CUDA,
+    which cannot be used in a forked child. ``RUNTIME_START_METHOD`` overrides."""
+    return os.environ.get("RUNTIME_START_METHOD") or ("spawn" if torch.cuda.is_available() else "fork")
+
+
+def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = None) -> dict[int, Any]:
+    """Run ``fn(*fn_args)`` on ``nproc`` local workers via torch elastic; rank -> return value.
+
+    A worker that fails makes the agent stop the others at once (no restarts) and this raises
+    :class:`WorkersFailed` naming each failed rank and how it ended.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"runtime-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+                          monitor_interval=0.1, start_method=start_method or default_start_method(),
+                          local_addr="127.0.0.1")
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        return elastic_launch(config, fn)(*fn_args)
+    except ChildFailedError as exc:
+        raise WorkersFailed(_describe_failures(exc)) from None
+
+
+class WorkersFailed(Exception):
+    def __init__(self, summary: tuple[str, int]) -> None:
+        self.exit_code = summary[1]
+        super().__init__(summary[0])
+
+
+def _describe_failures(exc) -> tuple[str, int]:
+    lines, codes = [], []
+    for rank, failure in sorted(exc.failures.items()):
+        code = failure.exitcode
+        if code < 0:
+            try:
+                sig = signal.Signals(-code).name
+            except ValueError:
+                sig = f"signal {-code}"
+            lines.append(f"rank {rank} (pid {failure.pid}) was killed by {sig}")
+        else:
+            lines.append(f"rank {rank} (pid {failure.pid}) exited with code {code}")
+        codes.append(code)
+    exit_code = EXIT_CHECK if codes and all(c == EXIT_CHECK for c in codes) else EXIT_FAILED
+    return ("run failed: " + "; ".join(lines) + ". The other ranks were stopped by the launcher (no restarts).",
+            exit_code)
+
+
+def run_worker(args: WorkerArgs) -> RunResult | None:
+    """One rank: join, check (under torchrun), train, report. Exits the process on error."""
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return _worker(args)
+    except RunCheckError as exc:
+        _print_error(rank, str(exc), args.debug)
+        sys.exit(EXIT_CHECK)
+    except Exception as exc:
+        _print_error(rank, f"{type(exc).__name__}: {_short(exc)}", args.debug)
+        sys.exit(EXIT_FAILED)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _worker(args: WorkerArgs) -> RunResult:
+    plan = load_plan(args.plan_path)
+    launch = torchrun_launch()
+    if not args.checked:
+        preflight(plan, launch, resume_dir=args.options.checkpoint_dir if args.options.resume else None)
+    if launch.device_type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.procs_per_node))
+    init_distributed(args.options.timeout_s)
+    result = train(plan, args.options)
+    if dist.get_rank() == 0:
+        write_report(plan, args.plan_path, args.options, result, launch, out=args.out, verbose=args.options.verbose)
+    return result
+
+
+def init_distributed(timeout_s: float) -> None:
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def _print_error(rank: int, message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return (first[:400] + " (run with --debug for the traceback)") if first else "(run with --debug for details)"
+
+
+def ensure_dir(path: str | None) -> None:
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)

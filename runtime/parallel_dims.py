@@ -1,0 +1,64 @@
+"""The parallel degrees of a run and the named ``DeviceMesh`` built from them.
+
+``ParallelDims`` is the one place that checks the plan's degrees against the launched world
+(``dp * tp * pp == WORLD_SIZE``) and builds the row-major mesh of shape ``(pp, dp, tp)`` with axis
+names ``("pp", "dp", "tp")``, so that ``rank = (pp_index * dp + dp_index) * tp + tp_index`` exactly
+as the plan's stages list them. Vocabulary: an *axis* is a mesh axis, a *dim* a tensor dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from planner.plan import MESH_AXES, Plan
+from runtime.errors import RunCheckError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelDims:
+    dp: int
+    tp: int
+    pp: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "world_size"):
+            if getattr(self, name) < 1:
+                raise RunCheckError(f"{name}: got {getattr(self, name)}; expected an integer >= 1")
+        if self.dp * self.tp * self.pp != self.world_size:
+            raise RunCheckError(
+                f"world size: the plan needs dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = "
+                f"{self.dp * self.tp * self.pp} processes but {self.world_size} were launched; launch "
+                f"{self.dp * self.tp * self.pp} (--nproc, or torchrun --nnodes x --nproc-per-node), or re-plan "
+                f"for {self.world_size} devices with `python -m planner plan`")
+
+    @classmethod
+    def from_plan(cls, plan: Plan, world_size: int) -> ParallelDims:
+        if tuple(plan.mesh_axes) != MESH_AXES:
+            raise RunCheckError(f"mesh.axes: got {list(plan.mesh_axes)}; this runtime reads plans whose mesh axes "
+                                f"are {list(MESH_AXES)}; re-create the plan with `python -m planner plan`")
+        p = plan.parallel
+        return cls(dp=p.dp, tp=p.tp, pp=p.pp, world_size=world_size)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.pp, self.dp, self.tp)
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """``(pp_index, dp_index, tp_index)`` of ``rank``."""
+        return (rank // (self.dp * self.tp), (rank // self.tp) % self.dp, rank % self.tp)
+
+    def rank_of(self, pp_index: int, dp_index: int, tp_index: int) -> int:
+        return (pp_index * self.dp + dp_index) * self.tp + tp_index
+
+    def build_mesh(self, device_type: str, *, timeout: timedelta | None = None) -> DeviceMesh:
+        """The ``(pp, dp, tp)`` mesh; every axis group gets ``timeout`` so a dead peer cannot hang a rank."""
+        mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_AXES)
+        if timeout is not None:
+            for axis in MESH_AXES:
+                dist.distributed_c10d._set_pg_timeout(timeout, mesh.get_group(axis))
+        return mesh

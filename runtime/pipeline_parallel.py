@@ -1,0 +1,140 @@
+"""Pipeline parallelism over the ``pp`` mesh axis with ``torch.distributed.pipelining``.
+
+Each of the plan's stages becomes a ``PipelineStage`` built by hand from its :class:`StageModule`
+(no tracing), and the plan's schedule name picks the schedule that runs them:
+
+================  ===================================================================
+plan schedule     what runs
+================  ===================================================================
+gpipe             ``ScheduleGPipe`` (``ScheduleLoopedBFS`` when ``virtual_stages > 1``)
+1f1b              ``Schedule1F1B``
+interleaved-1f1b  ``ScheduleInterleaved1F1B``
+zb-v              ``ScheduleZBVZeroBubble``
+dualpipe-v        ``ScheduleDualPipeV``
+zb-h1, zb-h2      the planner's own action list (``planner.schedules``: F, B = input
+                  backward, W = weight backward) executed by ``_PipelineScheduleRuntime``;
+                  torch has no class with exactly these orders
+================  ===================================================================
+
+The asynchronous methods (pipedream, pipedream-2bw, pipelined-backprop, pipemare) update weights
+without a flush, and chimera runs two model replicas; the runtime refuses all of them rather than run
+a different schedule. Every schedule gets the plan's ``num_micro_batches`` and averages the
+micro-batch gradients (``scale_grads=True``), so a step equals one step on the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining import schedules as torch_schedules
+from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
+
+from planner.plan import Plan
+from planner.schedules import get_schedule
+from runtime.errors import RunCheckError
+
+TORCH_CLASSES = {
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved-1f1b": "ScheduleInterleaved1F1B",
+    "zb-v": "ScheduleZBVZeroBubble",
+    "dualpipe-v": "ScheduleDualPipeV",
+}
+PROGRAM_SCHEDULES = ("zb-h1", "zb-h2")
+SUPPORTED_SCHEDULES = (*TORCH_CLASSES, *PROGRAM_SCHEDULES)
+_V_SHAPED = ("ScheduleZBVZeroBubble", "ScheduleDualPipeV")
+_KIND_TO_TORCH = {"F": torch_schedules.FORWARD, "B": torch_schedules.BACKWARD_INPUT,
+                  "W": torch_schedules.BACKWARD_WEIGHT, "BW": torch_schedules.FULL_BACKWARD}
+
+
+@dataclass(frozen=True)
+class ScheduleChoice:
+    name: str
+    torch_class: str | None  # None: run the planner's action list
+    stage_to_pp_index: dict[int, int]
+
+    def describe(self) -> str:
+        if self.torch_class:
+            return f"{self.name} -> torch {self.torch_class}"
+        return f"{self.name} -> planner action list on torch _PipelineScheduleRuntime"
+
+
+def choose_schedule(plan: Plan) -> ScheduleChoice:
+    """The schedule that runs the plan, or a :class:`RunCheckError` naming what is wrong and the fix."""
+    p = plan.parallel
+    name = p.schedule
+    supported = ", ".join(SUPPORTED_SCHEDULES)
+    try:
+        info = get_schedule(name)
+    except ValueError as exc:
+        raise RunCheckError(f"parallel.schedule: {exc}; the runtime runs: {supported}") from exc
+    if not info.synchronous:
+        raise RunCheckError(
+            f"parallel.schedule: {name!r} is asynchronous (weights are updated without a pipeline flush), and the "
+            f"runtime runs synchronous schedules only: {supported}. Re-plan with one of those "
+            "(python -m planner plan … --schedules 1f1b,interleaved-1f1b,zb-v)")
+    if name not in SUPPORTED_SCHEDULES:
+        raise RunCheckError(
+            f"parallel.schedule: {name!r} is not supported by the runtime (torch.distributed.pipelining has no "
+            f"class for it and it is not a single-replica action list); the runtime runs: {supported}. "
+            "Re-plan with one of those.")
+    try:
+        info.validate(p.pp, p.num_micro_batches, p.virtual_stages)
+    except ValueError as exc:
+        raise RunCheckError(f"parallel.schedule: {exc}") from exc
+    num_stages = p.pp * p.virtual_stages
+    if len(plan.stages) != num_stages:
+        raise RunCheckError(f"stages: the plan lists {len(plan.stages)} stages but pp x virtual_stages = "
+                            f"{p.pp} x {p.virtual_stages} = {num_stages}; re-create the plan")
+    if name in PROGRAM_SCHEDULES:
+        torch_class = None
+        program = info.build(p.pp, p.num_micro_batches, p.virtual_stages)
+        expected = dict(enumerate(program.placements[0]))
+    else:
+        torch_class = info.torch_class_for(p.virtual_stages) or TORCH_CLASSES[name]
+        style = "v" if torch_class in _V_SHAPED else "loop"
+        expected = generate_stage_to_rank_mapping(p.pp, num_stages, style=style)
+    planned = {s.index: _pp_index_of(plan, s.ranks) for s in plan.stages}
+    if planned != expected:
+        raise RunCheckError(
+            f"stages: the plan puts stages on pipeline positions {planned}, but schedule {name!r} runs stage k on "
+            f"position {expected}; the runtime does not move stages the plan placed. Re-create the plan with a "
+            "planner that writes this schedule's placement")
+    return ScheduleChoice(name=name, torch_class=torch_class, stage_to_pp_index=expected)
+
+
+def _pp_index_of(plan: Plan, ranks: tuple[int, ...]) -> int:
+    per_stage = plan.parallel.dp * plan.parallel.tp
+    positions = {r // per_stage for r in ranks}
+    if len(positions) != 1 or len(ranks) != per_stage:
+        raise RunCheckError(f"stages: ranks {list(ranks)} are not the dp x tp = {per_stage} ranks of one pipeline "
+                            "position (rank = (pp_index * dp + dp_index) * tp + tp_index); re-create the plan")
+    return positions.pop()
+
+
+def build_schedule(choice: ScheduleChoice, modules: list[nn.Module], stage_indices: list[int], plan: Plan, *,
+                   pp_group: torch.distributed.ProcessGroup, device: torch.device,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """``PipelineStage`` per local stage, then the schedule object whose ``step`` runs one batch."""
+    p = plan.parallel
+    num_stages = p.pp * p.virtual_stages
+    stages = [PipelineStage(m, idx, num_stages, device, group=pp_group) for m, idx in zip(modules, stage_indices)]
+    m = p.num_micro_batches
+    if choice.torch_class is None:
+        sched = torch_schedules._PipelineScheduleRuntime(stages, m, loss_fn=loss_fn, scale_grads=True)
+        program = get_schedule(choice.name).build(p.pp, m, p.virtual_stages)
+        order = {d: [torch_schedules._Action(a.stage, _KIND_TO_TORCH[a.kind], a.microbatch) for a in acts]
+                 for d, acts in enumerate(program.actions)}
+        sched.pipeline_order = order
+        sched._validate_and_set_stage_mapping(order)
+        sched._prepare_schedule_with_comms(order)
+        return sched, stages
+    cls = getattr(torch_schedules, choice.torch_class)
+    if issubclass(cls, torch_schedules.PipelineScheduleSingle):
+        assert len(stages) == 1, "a single-stage schedule got several stages on one rank"
+        return cls(stages[0], m, loss_fn=loss_fn, scale_grads=True), stages
+    return cls(stages, m, loss_fn=loss_fn, scale_grads=True), stages

@@ -1,0 +1,336 @@
+"""The training loop: build what the plan says on this rank, then run AdamW steps and measure them.
+
+``train(plan, options)`` runs inside an initialised process group (``runtime.launch`` starts one) and
+parallelizes in this order, each step one small function in its own file:
+
+1. build the full model from the seed and keep this rank's stages (:mod:`runtime.model`);
+2. tensor parallelism on the ``tp`` axis (:mod:`runtime.tensor_parallel`);
+3. activation recomputation (:mod:`runtime.recompute`);
+4. data parallelism on the ``dp`` axis: DDP or FSDP2 (:mod:`runtime.data_parallel`);
+5. pipeline stages and the plan's schedule on the ``pp`` axis (:mod:`runtime.pipeline_parallel`).
+
+With ``pp == 1`` the loop accumulates the plan's ``num_micro_batches`` micro-batches itself. The
+reported loss of a step is the mean over the whole global batch, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from planner.models import ModelPreset
+from planner.plan import Plan
+from runtime import checkpoint as ckpt
+from runtime.data import SyntheticData, as_iterator, check_local_batch
+from runtime.data_parallel import DataParallelMode, allreduce_gradients, apply_data_parallel
+from runtime.model import build_model, build_stage_modules, loss_function, resolve_preset, stages_of_rank, \
+    tied_parameters
+from runtime.parallel_dims import ParallelDims
+from runtime.pipeline_parallel import choose_schedule
+from runtime.recompute import apply_recompute
+from runtime.tensor_parallel import apply_tensor_parallel
+
+FAULT_ENV = "RUNTIME_FAULT_KILL"  # "RANK:STEP": that rank SIGKILLs itself in the middle of that step (tests)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    steps: int
+    seed: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    timeout_s: float = 120.0
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps: got {self.steps}; expected >= 0")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every: needs checkpoint_dir (--checkpoint-dir)")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume: needs checkpoint_dir (--checkpoint-dir) to resume from")
+
+
+@dataclass
+class RankMetrics:
+    rank: int
+    coords: dict[str, int]
+    stages: list[int]
+    step_times_s: list[float] = field(default_factory=list)
+    peak_memory_bytes: int = 0
+    memory_kind: str = ""
+    model_state_bytes: int = 0
+
+
+@dataclass
+class RunResult:
+    """What one rank returns; ``ranks`` (every rank's metrics) is filled on rank 0 only."""
+
+    first_step: int
+    losses: list[float]
+    step_times_s: list[float]  # slowest rank per step
+    rank: RankMetrics
+    ranks: list[RankMetrics] = field(default_factory=list)
+    setup: dict[str, str] = field(default_factory=dict)
+    checkpoints: list[str] = field(default_factory=list)
+
+
+def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPreset | None = None) -> RunResult:
+    """Run ``options.steps`` optimizer steps of ``plan`` on this rank (collective over the world)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = _device()
+    dims = ParallelDims.from_plan(plan, world)
+    mesh = dims.build_mesh(device.type, timeout=timedelta(seconds=options.timeout_s))
+    pp_i, dp_i, tp_i = dims.coords(rank)
+    preset = resolve_preset(plan, preset)
+    par = plan.parallel
+
+    # 1. model and this rank's stages
+    model = build_model(preset, seed=options.seed)
+    my_stages = stages_of_rank(plan, rank)
+    tied = [t for t in tied_parameters(model, plan) if len(set(t.stages)) > 1]
+    stages = build_stage_modules(model, my_stages)
+    del model
+    for stage in stages:
+        stage.to(device)
+    # 2-4. tensor parallel -> recompute -> data parallel
+    dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.zero_stage)
+    wrapped: list[nn.Module] = []
+    for stage in stages:
+        if par.tp > 1:
+            apply_tensor_parallel(stage, mesh["tp"], plan)
+        apply_recompute(stage, par.recompute)
+        wrapped.append(apply_data_parallel(stage, dp_mode, mesh["dp"], device))
+    optimizers = [torch.optim.AdamW(s.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+                  for s in stages]
+    tied_groups = _tied_groups(tied, plan, dims, options.timeout_s)
+    loss_fn = loss_function(preset)
+
+    first_step, checkpoints = 0, []
+    if options.resume:
+        path = ckpt.latest_checkpoint(options.checkpoint_dir)
+        manifest = _verified_manifest(path)
+        ckpt.load_checkpoint(path, stages, optimizers)
+        first_step = int(manifest["step"])
+        if manifest.get("seed") != options.seed and rank == 0:
+            print(f"warning: resuming a run saved with seed {manifest.get('seed')} using seed {options.seed}; "
+                  "the synthetic data after the checkpoint differs from the original run's", flush=True)
+
+    # 5. pipeline
+    schedule, last_holder = None, pp_i == par.pp - 1
+    setup = {"data_parallel": dp_mode.describe(), "recompute": par.recompute,
+             "tensor_parallel": f"Megatron tp={par.tp}" if par.tp > 1 else "none"}
+    if par.pp > 1:
+        from runtime.pipeline_parallel import build_schedule
+
+        choice = choose_schedule(plan)
+        schedule, _ = build_schedule(choice, wrapped, [s.stage_index for s in stages], plan,
+                                     pp_group=mesh["pp"].get_group(), device=device, loss_fn=loss_fn)
+        last_holder = any(s.stage_index == len(plan.stages) - 1 for s in stages)
+        setup["schedule"] = choice.describe()
+    holds_first = any(s.stage_index == 0 for s in stages)
+
+    data_iter = as_iterator(data, SyntheticData(plan, preset, seed=options.seed, dp_index=dp_i,
+                                                first_step=first_step))
+    metrics = RankMetrics(rank=rank, coords={"pp": pp_i, "dp": dp_i, "tp": tp_i},
+                          stages=[s.stage_index for s in stages])
+    losses: list[float] = []
+    fault = _fault_for(rank)
+    autocast = _autocast(plan, device)
+    if rank == 0 and options.verbose:
+        print(f"runtime: {plan.model.name} | {par.label()} | world {world} on {device.type} | "
+              + " | ".join(f"{k}: {v}" for k, v in setup.items()), flush=True)
+
+    for step in range(first_step + 1, first_step + options.steps + 1):
+        inputs, targets = check_local_batch(next(data_iter), plan)
+        inputs, targets = inputs.to(device), targets.to(device)
+        if fault == step:
+            _arm_fault(stages[0], par.num_micro_batches)
+        _sync(device)
+        start = time.perf_counter()
+        with autocast:
+            if schedule is not None:
+                mb_losses: list[torch.Tensor] = []
+                args = (inputs,) if holds_first else ()
+                schedule.step(*args, target=targets if last_holder else None,
+                              losses=mb_losses if last_holder else None, return_outputs=False)
+                local_loss = torch.stack([x.detach().float() for x in mb_losses]).mean() if last_holder else None
+            else:
+                local_loss = _accumulate(wrapped[0], inputs, targets, par.num_micro_batches, loss_fn, dp_mode)
+        if dp_mode.kind == "allreduce":
+            allreduce_gradients(stages, mesh["dp"])
+        for group in tied_groups:
+            group.sync(stages)
+        for optim in optimizers:
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+        _sync(device)
+        metrics.step_times_s.append(time.perf_counter() - start)
+        losses.append(_global_loss(local_loss, last_holder and tp_i == 0, par.dp, device))
+        if rank == 0 and options.verbose:
+            print(f"step {step:4d} | loss {losses[-1]:.6f} | {metrics.step_times_s[-1]:.3f} s", flush=True)
+        if options.checkpoint_every and step % options.checkpoint_every == 0:
+            info = {"seed": options.seed, "model_fingerprint": plan.model.fingerprint, "model": plan.model.name,
+                    "parallel": par.label()}
+            checkpoints.append(str(ckpt.save_checkpoint(options.checkpoint_dir, step, stages, optimizers,
+                                                        info=info)))
+
+    metrics.peak_memory_bytes, metrics.memory_kind = _peak_memory(device)
+    metrics.model_state_bytes = _state_bytes(stages, optimizers)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, metrics)
+    step_times = [max(m.step_times_s[i] for m in gathered) for i in range(options.steps)]
+    return RunResult(first_step=first_step, losses=losses, step_times_s=step_times, rank=metrics,
+                     ranks=gathered if rank == 0 else [], setup=setup, checkpoints=checkpoints)
+
+
+def median_step_time_s(step_times: list[float]) -> float:
+    """Median over steps, leaving out the first (warm-up: allocation, p2p set-up) when there are more."""
+    usable = step_times[1:] if len(step_times) > 1 else step_times
+    return statistics.median(usable) if usable else 0.0
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _autocast(plan: Plan, device: torch.device):
+    """bf16 autocast on GPUs for a bf16 plan; fp32 on the CPU (the plan's dtype is a GPU setting)."""
+    if device.type == "cuda" and plan.model.dtype == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _accumulate(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, m: int, loss_fn,
+                mode: DataParallelMode) -> torch.Tensor:
+    """pp == 1: ``m`` micro-batches, gradients summed as the mean over all of them."""
+    total = torch.zeros((), device=inputs.device)
+    for i, (x, y) in enumerate(zip(inputs.chunk(m), targets.chunk(m))):
+        last = i == m - 1
+        sync = module.no_sync() if (mode.kind == "ddp" and not last) else contextlib.nullcontext()
+        with sync:
+            loss = loss_fn(module(x), y)
+            (loss / m).backward()
+        total += loss.detach().float()
+    return total / m
+
+
+def _global_loss(local: torch.Tensor | None, contributes: bool, dp: int, device: torch.device) -> float:
+    value = torch.zeros((), dtype=torch.float64, device=device)
+    if contributes and local is not None:
+        value += local.double() / dp
+    dist.all_reduce(value)
+    return float(value)
+
+
+@dataclass
+class _TiedGroup:
+    """Gradient sum of one tied parameter between the ranks of two stages (Megatron's embedding group)."""
+
+    names: dict[int, str]  # stage index -> parameter name in that stage
+    group: Any
+
+    def sync(self, stages) -> None:
+        for stage in stages:
+            name = self.names.get(stage.stage_index)
+            if name is None or self.group is None:
+                continue
+            grad = stage.get_parameter(name).grad
+            local = grad.to_local() if hasattr(grad, "to_local") else grad
+            dist.all_reduce(local, group=self.group)
+
+
+def _tied_groups(tied, plan: Plan, dims: ParallelDims, timeout_s: float) -> list[_TiedGroup]:
+    groups = []
+    rank = dist.get_rank()
+    pos = {s.index: s.ranks[0] // (dims.dp * dims.tp) for s in plan.stages}
+    for t in tied:
+        names = dict(zip(t.stages, t.names))
+        positions = sorted({pos[s] for s in names})
+        mine = None
+        for d in range(dims.dp):
+            for tp_i in range(dims.tp):
+                ranks = [dims.rank_of(p, d, tp_i) for p in positions]
+                g = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+                if rank in ranks:
+                    mine = g
+        groups.append(_TiedGroup(names=names, group=mine))
+    return groups
+
+
+def _verified_manifest(path) -> dict[str, Any]:
+    """Rank 0 verifies the files; every rank raises the same error if they are bad."""
+    result: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            result[0] = ckpt.verify_checkpoint(path)
+        except ckpt.CheckpointError as exc:
+            result[0] = exc
+    dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], Exception):
+        raise result[0]
+    return result[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu peak RSS (whole process)"
+
+
+def _state_bytes(stages, optimizers) -> int:
+    """Bytes of this rank's parameters, gradients and optimizer state (local shards)."""
+    def local_bytes(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    total = 0
+    for stage in stages:
+        for p in stage.parameters():
+            total += 2 * local_bytes(p)  # weights + gradients (freed after the step, counted as planned)
+    for optim in optimizers:
+        for state in optim.state.values():
+            total += sum(local_bytes(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return total
+
+
+def _fault_for(rank: int) -> int | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    fault_rank, _, fault_step = spec.partition(":")
+    return int(fault_step) if int(fault_rank) == rank else None
+
+
+def _arm_fault(stage: nn.Module, num_micro_batches: int) -> None:
+    calls = {"n": 0}
+
+    def hook(module, args):
+        calls["n"] += 1
+        if calls["n"] == min(2, num_micro_batches):  # second micro-batch: peers are mid-step, waiting on us
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    stage.register_forward_pre_hook(hook)

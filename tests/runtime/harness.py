@@ -1,0 +1,103 @@
+"""Spawn real ranks once and run several plans in them; and a plain single-process oracle.
+
+Starting a world costs seconds (processes, rendezvous), a gpt-tiny step a fraction of one, so a
+test launches one world per world size and trains every plan of that size in it, one after the other.
+
+:func:`reference_losses` is the oracle: a plain PyTorch loop (no runtime code) over the same model,
+seed and synthetic data, accumulating the plan's micro-batches; the runtime must reproduce it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from planner.models import ModelPreset
+from planner.plan import Plan
+from runtime.data import synthetic_global_batch
+
+LR = 1e-3
+WEIGHT_DECAY = 0.01
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    plan: Plan
+    steps: int = 5
+    seed: int = 0
+    preset: ModelPreset | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    expect_error: bool = False  # the job must raise RunCheckError (e.g. a corrupted checkpoint)
+
+
+@dataclass
+class JobResult:
+    losses: list[float] = field(default_factory=list)
+    error: str | None = None
+    step_times_s: list[float] = field(default_factory=list)
+    peak_memory_bytes: int = 0
+
+
+def run_jobs(jobs: list[Job]) -> dict[str, JobResult]:
+    """Worker entry point: every rank trains every job in order; returns name -> result."""
+    import torch.distributed as dist
+
+    from runtime.errors import RunCheckError
+    from runtime.launch import init_distributed
+    from runtime.train import RunOptions, train
+
+    torch.set_num_threads(1)
+    init_distributed(60.0)
+    results: dict[str, JobResult] = {}
+    try:
+        for job in jobs:
+            options = RunOptions(steps=job.steps, seed=job.seed, lr=LR, weight_decay=WEIGHT_DECAY,
+                                 checkpoint_dir=job.checkpoint_dir, checkpoint_every=job.checkpoint_every,
+                                 resume=job.resume, timeout_s=60.0, verbose=False)
+            try:
+                res = train(job.plan, options, preset=job.preset)
+            except RunCheckError as exc:
+                if not job.expect_error:
+                    raise
+                results[job.name] = JobResult(error=str(exc))
+                continue
+            results[job.name] = JobResult(losses=res.losses, step_times_s=res.step_times_s,
+                                          peak_memory_bytes=res.rank.peak_memory_bytes)
+    finally:
+        dist.destroy_process_group()
+    return results
+
+
+def reference_losses(plan: Plan, preset: ModelPreset, *, steps: int, seed: int = 0,
+                     first_step: int = 0) -> list[float]:
+    """Single process, no runtime code: the numbers every plan of this model and batch must give."""
+    torch.set_num_threads(1)
+    model = preset.build(device="cpu", dtype=torch.float32, seed=seed)
+    model.train()
+    optim = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    m = plan.parallel.num_micro_batches * plan.parallel.dp  # micro-batches of the global batch
+    losses = []
+    for step in range(1, first_step + steps + 1):
+        x, y = synthetic_global_batch(preset, batch=plan.parallel.global_batch, seq_len=plan.model.seq_len,
+                                      seed=seed, step=step - 1)
+        total = 0.0
+        for xb, yb in zip(x.chunk(m), y.chunk(m)):
+            logits = model(xb)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
+            (loss / m).backward()
+            total += loss.item()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        if step > first_step:
+            losses.append(total / m)
+    return losses
+
+
+def run_reference(plans: list[tuple[str, Plan, ModelPreset]], steps: int) -> dict[str, list[float]]:
+    """Worker entry point for a 1-process world that only computes oracles (keeps pytest's process clean)."""
+    return {name: reference_losses(plan, preset, steps=steps) for name, plan, preset in plans}

@@ -1,0 +1,77 @@
+"""Plans for runtime tests, written without the search: the dataclasses filled in by hand.
+
+Stage boundaries split the layers as evenly as possible; the stage -> pipeline position placement is
+the one the schedule's ``ScheduleInfo.build`` uses (loop, or V for zb-v / dualpipe-v), and ranks
+follow ``rank = (pp_index * dp + dp_index) * tp + tp_index``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from planner.models import ModelPreset, load_preset
+from planner.plan import ModelInfo, ParallelConfig, Plan, Prediction, SolverReport, Stage
+from planner.schedules import get_schedule
+from planner.trace import trace_model
+
+CLUSTER_DEVICE = {"name": "cpu-process", "peak_flops": {"fp32": 4.0e10}, "memory_bytes": 4 * 2**30,
+                  "memory_bandwidth_bytes_per_s": 1.0e10}
+
+
+@functools.lru_cache(maxsize=None)
+def _graph(preset_key: str, tie: bool | None):
+    preset = tiny_preset(preset_key, tie)
+    return trace_model(preset.build(device="meta"), preset.sample_input(1, preset.seq_len), name=preset.name,
+                       dtype="fp32", seq_len=preset.seq_len)
+
+
+def tiny_preset(name: str = "gpt-tiny", tie: bool | None = None) -> ModelPreset:
+    preset = load_preset(name)
+    if tie is None:
+        return preset
+    return ModelPreset(name=preset.name, family=preset.family, config={**preset.config, "tie_embeddings": tie},
+                       description=preset.description, source=preset.source, tags=preset.tags)
+
+
+def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1, tp: int = 1, pp: int = 1,
+              micro_batch_size: int = 2, num_micro_batches: int = 2, schedule: str = "1f1b",
+              virtual_stages: int = 1, recompute: str = "none", zero_stage: int = 0,
+              nodes: int = 1, step_time_s: float = 0.05) -> Plan:
+    graph = _graph(preset, tie)
+    cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
+                         num_micro_batches=num_micro_batches, virtual_stages=virtual_stages, schedule=schedule,
+                         recompute=recompute, zero_stage=zero_stage)
+    names = [layer.name for layer in graph.layers]
+    n_stages = pp * virtual_stages
+    bounds = [round(i * len(names) / n_stages) for i in range(n_stages + 1)]
+    placement = get_schedule(schedule).build(pp, num_micro_batches, virtual_stages).placements[0] \
+        if pp > 1 else (0,)
+    stages = tuple(
+        Stage(index=k, layer_start=bounds[k], layer_stop=bounds[k + 1],
+              layer_names=tuple(names[bounds[k]:bounds[k + 1]]),
+              ranks=tuple((placement[k] * dp + d) * tp + t for d in range(dp) for t in range(tp)),
+              virtual_chunk=k // pp, device_index=placement[k])
+        for k in range(n_stages))
+    world = cfg.world_size
+    state_bytes = 16 * graph.param_count // world
+    model = ModelInfo(name=graph.name, preset=preset, family="gpt", fingerprint=graph.fingerprint(),
+                      param_count=graph.param_count, num_layers=graph.num_layers, layer_names=tuple(names),
+                      seq_len=graph.seq_len, dtype="fp32", global_batch=cfg.global_batch,
+                      flops_per_sample=graph.train_flops)
+    predicted = Prediction(step_time_s=step_time_s, mfu=0.1, peak_memory_bytes=state_bytes,
+                           memory_per_device_bytes=(state_bytes,) * world, fits=True,
+                           throughput_samples_per_s=cfg.global_batch / step_time_s, time_breakdown_s={},
+                           memory_breakdown_bytes={})
+    cluster = {"name": "cpu-local", "device": CLUSTER_DEVICE, "nodes": nodes, "devices_per_node": world // nodes,
+               "intra_node": {"kind": "loopback", "bandwidth_bytes_per_s": 1e9, "latency_s": 5e-5},
+               "inter_node": {"kind": "ethernet", "bandwidth_bytes_per_s": 1e9, "latency_s": 1e-4}}
+    return Plan(model=model, cluster=cluster, cluster_fingerprint="sha256:" + "0" * 16, parallel=cfg,
+                stages=stages, predicted=predicted,
+                solver=SolverReport(method="test helper", status="given", objective=step_time_s,
+                                    bound=step_time_s, gap=0.0, time_s=0.0))
+
+
+def write_plan(plan: Plan, path: str | Path) -> str:
+    plan.to_json(path, force=True)
+    return str(path)
