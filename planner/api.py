@@ -20,7 +20,7 @@ from planner import __version__
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.cost.model import StepPrediction, evaluate as evaluate_cost, layer_table, usable_memory_bytes
-from planner.errors import InfeasibleError, SpecError
+from planner.errors import InfeasibleError, PlannerError, SpecError
 from planner.models import ModelPreset, load_preset
 from planner.plan import ModelInfo, ParallelConfig, Plan, Prediction, SolverReport, Stage
 from planner.search import Candidate, SearchResult, SearchSpace, partition_for, search
@@ -145,8 +145,8 @@ def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) ->
                         f"= {cfg.pp * cfg.virtual_stages}; lower --pp or --virtual-stages")
     try:
         schedules.get_schedule(cfg.schedule).validate(cfg.pp, cfg.num_micro_batches, cfg.virtual_stages)
-    except ValueError as exc:
-        raise SpecError("schedule", cfg.schedule, str(exc)) from exc
+    except ValueError as exc:  # the message already names the field, the value and the fix
+        raise PlannerError(str(exc)) from exc
 
 
 def _ranks_for(pp_index: int, cfg: ParallelConfig) -> tuple[int, ...]:

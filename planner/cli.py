@@ -154,7 +154,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _validate_space(space: Any) -> None:
     from planner import schedules
-    from planner.errors import SpecError
+    from planner.errors import PlannerError, SpecError
 
     for name, values in (("--tp", space.tp), ("--pp", space.pp), ("--dp", space.dp),
                          ("--micro-batch", space.micro_batch_size), ("--virtual-stages", space.virtual_stages)):
@@ -164,8 +164,8 @@ def _validate_space(space: Any) -> None:
     for s in space.schedules or ():
         try:
             schedules.get_schedule(s)
-        except ValueError as exc:
-            raise SpecError("--schedule", s, str(exc)) from exc
+        except ValueError as exc:  # the message already names the field, the value and the fix
+            raise PlannerError(str(exc)) from exc
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

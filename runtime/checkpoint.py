@@ -139,15 +139,21 @@ def save_checkpoint(root: str | Path, step: int, stages: list[StageModule], opti
     dcp.save(_state_for_save(stages, optimizers), checkpoint_id=str(tmp))
     dist.barrier()
     if rank == 0:
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
-                 if p.is_file()}
-        manifest = {"format": FORMAT_VERSION, "step": step, **info, "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp, step=step, info=info)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     dist.barrier()
     return final
+
+
+def write_manifest(folder: Path, *, step: int, info: dict[str, Any]) -> dict[str, Any]:
+    """Record the size and SHA-256 of every file in ``folder`` (written last: its presence means complete)."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != MANIFEST}
+    manifest = {"format": FORMAT_VERSION, "step": step, **info, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
 
 
 def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: list[torch.optim.Optimizer]) -> None:

@@ -5,11 +5,13 @@ The plan's ``zero_stage`` picks the wrapper (applied last, after tensor parallel
 =========  ===========================================  ==========================================
 zero       what is sharded over dp (ZeRO)               torch
 =========  ===========================================  ==========================================
-0          nothing                                      ``DistributedDataParallel`` on each stage
-                                                        (gradient all-reduce in buckets during
-                                                        backward); with ``tp > 1`` a per-parameter
-                                                        all-reduce after backward instead, since DDP
-                                                        does not take DTensor parameters
+0          nothing                                      ``DistributedDataParallel`` when pp = tp = 1
+                                                        (bucketed all-reduce overlapping backward);
+                                                        otherwise one flat all-reduce of all
+                                                        gradients after the pipeline flush: DDP takes
+                                                        no DTensor parameters (tp), and its reducer
+                                                        asserts under a schedule's several backward
+                                                        passes per step (pp)
 1, 2       optimizer state (1), and gradients (2)       ``fully_shard(reshard_after_forward=False)``:
                                                         parameters stay gathered from forward to
                                                         backward, gradients are reduce-scattered, so
@@ -34,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from runtime.model import StageModule
@@ -45,19 +48,19 @@ class DataParallelMode:
     reshard_after_forward: bool = False
 
     @staticmethod
-    def for_plan(dp: int, tp: int, zero_stage: int) -> DataParallelMode:
+    def for_plan(dp: int, tp: int, pp: int, zero_stage: int) -> DataParallelMode:
         if zero_stage >= 1:
             # Even with dp == 1: the plan asked for FSDP's memory layout, and FSDP on one rank is exact.
             return DataParallelMode("fsdp", reshard_after_forward=zero_stage == 3)
         if dp == 1:
             return DataParallelMode("none")
-        return DataParallelMode("allreduce" if tp > 1 else "ddp")
+        return DataParallelMode("ddp" if tp == 1 and pp == 1 else "allreduce")
 
     def describe(self) -> str:
         return {
             "none": "no data parallelism",
             "ddp": "DDP (bucketed gradient all-reduce during backward)",
-            "allreduce": "gradient all-reduce after backward (tp > 1)",
+            "allreduce": "flat gradient all-reduce after the pipeline flush",
             "fsdp": f"FSDP2 fully_shard(reshard_after_forward={self.reshard_after_forward})",
         }[self.kind]
 
@@ -77,13 +80,19 @@ def apply_data_parallel(stage: StageModule, mode: DataParallelMode, dp_mesh: Dev
 
 
 def allreduce_gradients(modules: list[nn.Module], dp_mesh: DeviceMesh) -> None:
-    """Average gradients over dp (the ``allreduce`` mode), one all-reduce per parameter."""
+    """Average gradients over dp (the ``allreduce`` mode): one all-reduce of all of them, flattened."""
     group = dp_mesh.get_group()
-    size = dist.get_world_size(group)
-    for module in modules:
-        for param in module.parameters():
-            if param.grad is None:
-                continue
-            grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
-            dist.all_reduce(grad, group=group)
-            grad.div_(size)
+    grads = [_local(p.grad) for module in modules for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat.div_(dist.get_world_size(group))
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t

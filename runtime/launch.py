@@ -33,6 +33,7 @@ from runtime.train import RunOptions, RunResult, train
 
 EXIT_CHECK = 2  # a check failed: the message says what and how to fix it
 EXIT_FAILED = 1  # a worker crashed, was killed, or timed out
+_LOST_PEER = ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out", "Socket Timeout")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +120,7 @@ def _describe_failures(exc) -> tuple[str, int]:
             lines.append(f"rank {rank} (pid {failure.pid}) exited with code {code}")
         codes.append(code)
     exit_code = EXIT_CHECK if codes and all(c == EXIT_CHECK for c in codes) else EXIT_FAILED
-    return ("run failed: " + "; ".join(lines) + ". The other ranks were stopped by the launcher (no restarts).",
+    return ("run failed: " + "; ".join(lines) + ". The launcher stopped the remaining ranks (no restarts).",
             exit_code)
 
 
@@ -132,7 +133,11 @@ def run_worker(args: WorkerArgs) -> RunResult | None:
         _print_error(rank, str(exc), args.debug)
         sys.exit(EXIT_CHECK)
     except Exception as exc:
-        _print_error(rank, f"{type(exc).__name__}: {_short(exc)}", args.debug)
+        text = _short(exc)
+        if any(marker in text for marker in _LOST_PEER):
+            text = ("lost contact with another rank (its process died, or it hung past --timeout-s); its log says "
+                    f"why. Underlying error: {text}")
+        _print_error(rank, f"{type(exc).__name__}: {text}", args.debug)
         sys.exit(EXIT_FAILED)
     finally:
         if dist.is_initialized():

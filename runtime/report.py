@@ -42,8 +42,8 @@ def build_report(plan: Plan, plan_path: str, options: RunOptions, result: RunRes
                 "device": launch.device_type, "backend": "nccl" if launch.device_type == "cuda" else "gloo",
                 "steps": options.steps, "first_step": result.first_step, "seed": options.seed, "lr": options.lr,
                 "torch": torch.__version__, "host": platform.node(), **result.setup},
-        "steps": [{"step": result.first_step + i + 1, "loss": loss, "step_time_s": t}
-                  for i, (loss, t) in enumerate(zip(result.losses, result.step_times_s))],
+        "steps": [{"step": result.first_step + i + 1, "loss": loss, "grad_norm": g, "step_time_s": t}
+                  for i, (loss, g, t) in enumerate(zip(result.losses, result.grad_norms, result.step_times_s))],
         "ranks": ranks,
         "predicted": {"step_time_s": pred.step_time_s, "peak_memory_bytes": pred.peak_memory_bytes,
                       "memory_per_device_bytes": per_device, "mfu": pred.mfu},

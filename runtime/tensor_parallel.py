@@ -45,7 +45,7 @@ def check_tensor_parallel(plan: Plan, preset: ModelPreset) -> None:
                             "parallelism is written for the 'gpt' family only; re-plan with tp=1")
     if plan.parallel.sequence_parallel:
         raise RunCheckError("parallel.sequence_parallel: true is not implemented by the runtime yet; re-plan "
-                            "without sequence parallelism (python -m planner … --no-sequence-parallel)")
+                            "without --sequence-parallel")
     cfg = preset.config
     hidden, heads = cfg["hidden"], cfg["heads"]
     ffn = cfg.get("ffn_hidden") or 4 * hidden

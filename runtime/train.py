@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from planner.models import ModelPreset
 from planner.plan import Plan
@@ -82,6 +83,7 @@ class RunResult:
 
     first_step: int
     losses: list[float]
+    grad_norms: list[float]  # global L2 norm of the averaged gradient, before the optimizer step
     step_times_s: list[float]  # slowest rank per step
     rank: RankMetrics
     ranks: list[RankMetrics] = field(default_factory=list)
@@ -108,7 +110,7 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     for stage in stages:
         stage.to(device)
     # 2-4. tensor parallel -> recompute -> data parallel
-    dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.zero_stage)
+    dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage)
     wrapped: list[nn.Module] = []
     for stage in stages:
         if par.tp > 1:
@@ -149,6 +151,8 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     metrics = RankMetrics(rank=rank, coords={"pp": pp_i, "dp": dp_i, "tp": tp_i},
                           stages=[s.stage_index for s in stages])
     losses: list[float] = []
+    grad_norms: list[float] = []
+    duplicate_names = {n for t in tied for n in t.names[1:]}  # count a tied weight's gradient once
     fault = _fault_for(rank)
     autocast = _autocast(plan, device)
     if rank == 0 and options.verbose:
@@ -175,6 +179,7 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
             allreduce_gradients(stages, mesh["dp"])
         for group in tied_groups:
             group.sync(stages)
+        grad_norms.append(global_grad_norm(stages, {"dp": dp_i, "tp": tp_i}, skip=duplicate_names, device=device))
         for optim in optimizers:
             optim.step()
             optim.zero_grad(set_to_none=True)
@@ -182,7 +187,8 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
         metrics.step_times_s.append(time.perf_counter() - start)
         losses.append(_global_loss(local_loss, last_holder and tp_i == 0, par.dp, device))
         if rank == 0 and options.verbose:
-            print(f"step {step:4d} | loss {losses[-1]:.6f} | {metrics.step_times_s[-1]:.3f} s", flush=True)
+            print(f"step {step:4d} | loss {losses[-1]:.6f} | grad norm {grad_norms[-1]:.6f} | "
+                  f"{metrics.step_times_s[-1]:.3f} s", flush=True)
         if options.checkpoint_every and step % options.checkpoint_every == 0:
             info = {"seed": options.seed, "model_fingerprint": plan.model.fingerprint, "model": plan.model.name,
                     "parallel": par.label()}
@@ -194,7 +200,7 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, metrics)
     step_times = [max(m.step_times_s[i] for m in gathered) for i in range(options.steps)]
-    return RunResult(first_step=first_step, losses=losses, step_times_s=step_times, rank=metrics,
+    return RunResult(first_step=first_step, losses=losses, grad_norms=grad_norms, step_times_s=step_times, rank=metrics,
                      ranks=gathered if rank == 0 else [], setup=setup, checkpoints=checkpoints)
 
 
@@ -233,6 +239,30 @@ def _accumulate(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     return total / m
 
 
+def global_grad_norm(stages, coords: dict[str, int], *, skip: set[str], device: torch.device) -> float:
+    """L2 norm of the whole model's gradient, each element counted once across all ranks.
+
+    A gradient replicated over an axis (a plain tensor over dp after the all-reduce, a layer norm over
+    tp, a DTensor placed ``Replicate()``) is counted on that axis's coordinate 0 only; a sharded one
+    (FSDP over dp, TP over tp) is counted on every coordinate.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for stage in stages:
+        for name, param in stage.named_parameters():
+            if param.grad is None or name in skip:
+                continue
+            grad = param.grad
+            sharded_axes: set[str] = set()
+            if isinstance(grad, DTensor):
+                names = grad.device_mesh.mesh_dim_names or ()
+                sharded_axes = {n for n, pl in zip(names, grad.placements) if not pl.is_replicate()}
+                grad = grad._local_tensor
+            if all(coords[axis] == 0 for axis in ("dp", "tp") if axis not in sharded_axes):
+                total += grad.double().pow(2).sum()
+    dist.all_reduce(total)
+    return float(total.sqrt())
+
+
 def _global_loss(local: torch.Tensor | None, contributes: bool, dp: int, device: torch.device) -> float:
     value = torch.zeros((), dtype=torch.float64, device=device)
     if contributes and local is not None:
@@ -254,8 +284,7 @@ class _TiedGroup:
             if name is None or self.group is None:
                 continue
             grad = stage.get_parameter(name).grad
-            local = grad.to_local() if hasattr(grad, "to_local") else grad
-            dist.all_reduce(local, group=self.group)
+            dist.all_reduce(grad._local_tensor if isinstance(grad, DTensor) else grad, group=self.group)
 
 
 def _tied_groups(tied, plan: Plan, dims: ParallelDims, timeout_s: float) -> list[_TiedGroup]:

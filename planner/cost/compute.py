@@ -1,9 +1,25 @@
-"""Compute time of a layer: a roofline per op with a GEMM efficiency that depends on shape.
+"""Compute time of a layer: a roofline per op, with a GEMM efficiency that depends on shape.
 
-``time = max(flops / (peak * eff(m, n, k)), bytes / (bandwidth * bw_eff))`` per op. The GEMM
-efficiency ``eff = eff_max * Π d / (d + d_half)`` over its three dims: a GEMM is fast only when
-every dim fills the tensor-core tiles. Per-sample op costs from the trace are scaled by the
-micro-batch (``m`` and bytes grow with it) and split by tensor parallelism (``n`` or ``k``).
+Per op, on one of the ``tp`` devices of a layer, for one micro-batch of ``b`` samples::
+
+    t(op) = max(flops / (peak(dtype) · eff(m, n, k)),  bytes / (bandwidth · bw_eff))
+
+``eff(m, n, k) = eff_max · Π_d d / (d + d_half)``: a GEMM is fast only when every dim fills the
+tensor-core tiles and the waves of thread blocks (small micro-batches, attention's head dim and
+thin tensor-parallel shards are slower). The trace gives per-sample ``(m, n, k)``; ``m`` scales
+with the micro-batch, and tensor parallelism splits a linear's larger output/input dim (Megatron's
+column- then row-parallel pairs, a vocabulary-parallel head) and attention's heads (batched ``m``).
+
+Memory-bound ops (everything without FLOPs: norms, softmax, dropout, residual adds, copies) are
+one traffic total per layer, scaled by ``elementwise_traffic_factor`` (fused kernels move less
+than the traced eager program) and by the tensor-parallel shard: without sequence parallelism
+the layer norms and dropouts (``replicated_activation_bytes``) run on the full activation on every
+tp rank. Backward: the GEMM time times the layer's backward/forward FLOP ratios (input and weight
+gradients separately, so zero-bubble schedules can split them), memory-bound traffic twice the
+forward's (read the saved input and the incoming gradient, write the outgoing one).
+
+Host dispatch: ``op_dispatch_s`` per traced op; asynchronous devices hide it behind device time
+(``max``), a CPU adds it.
 """
 
 from __future__ import annotations
@@ -13,14 +29,46 @@ from dataclasses import dataclass
 from planner.cluster import DeviceSpec
 from planner.cost.constants import CostConstants
 from planner.trace.graph import Layer
+from planner.trace.meter import ATTENTION_KERNELS
+
+ATTENTION_KINDS = frozenset({"bmm", "baddbmm"}) | ATTENTION_KERNELS
+LINEAR_KINDS = frozenset({"addmm", "mm", "linear", "convolution", "_grouped_mm"})
 
 
 def gemm_efficiency(m: float, n: float, k: float, c: CostConstants) -> float:
+    """Fraction of the dtype's peak a GEMM of shape (m, n, k) reaches: eff_max · Π d/(d + d_half)."""
     eff = c.gemm_efficiency_max
     for d in (m, n, k):
         if d > 0:
             eff *= d / (d + c.gemm_half_efficiency_dim)
     return eff
+
+
+def tp_split_dims(kind: str, m: float, n: float, k: float, tp: int) -> tuple[float, float, float]:
+    """The GEMM shape on one of ``tp`` devices: attention splits heads (folded into ``m``), a
+    linear splits its larger output/input dim (column-parallel ``n``, row-parallel ``k``)."""
+    if tp <= 1:
+        return m, n, k
+    if kind in ATTENTION_KINDS:
+        return max(m / tp, 1.0), n, k
+    if n >= k:
+        return m, max(n / tp, 1.0), k
+    return m, n, max(k / tp, 1.0)
+
+
+def activation_shard(layer: Layer, tp: int, sequence_parallel: bool) -> float:
+    """Fraction of a layer's activations (and element-wise work) one tp rank holds.
+
+    Tensor parallelism splits everything between the column- and row-parallel GEMMs; layer norms,
+    dropouts and residuals (``replicated_activation_bytes``) stay whole on every rank unless
+    sequence parallelism splits them along the sequence (Korthikanti et al. 2022, §4.2).
+    """
+    if tp <= 1:
+        return 1.0
+    if sequence_parallel or layer.activation_bytes <= 0:
+        return 1.0 / tp
+    replicated = min(1.0, layer.replicated_activation_bytes / layer.activation_bytes)
+    return replicated + (1.0 - replicated) / tp
 
 
 @dataclass(frozen=True)
@@ -39,36 +87,52 @@ class LayerTimes:
 
 def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: bool, device: DeviceSpec,
                 dtype: str, c: CostConstants) -> LayerTimes:
-    """Seconds for one micro-batch of ``layer`` on one of its ``tp`` devices."""
+    """Seconds for one micro-batch of ``layer`` on one of its ``tp`` devices (no communication)."""
     peak = device.peak(dtype)
     bw = device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
-    gemm_fwd = 0.0
-    attention = 0.0
-    gemm_flops = 0.0
+    gemm_fwd = attention_gemm = gemm_flops = 0.0
     for op in layer.op_costs:
         if op.flops <= 0:
             continue
         flops = op.flops * micro_batch / tp
-        eff = gemm_efficiency(op.m * micro_batch, max(op.n / tp, 1.0), op.k, c) if op.m else c.gemm_efficiency_max
+        if op.m:
+            m, n, k = tp_split_dims(op.kind, op.m * micro_batch, op.n, op.k, tp)
+            eff = gemm_efficiency(m, n, k, c)
+        else:  # a FLOP-counted op without a GEMM shape (fused attention kernels): a large GEMM
+            eff = c.gemm_efficiency_max
         t = max(flops / (peak * eff), op.bytes * micro_batch / tp / bw) + c.kernel_overhead_s
         gemm_fwd += t
         gemm_flops += op.flops
-        if op.kind in ("bmm", "baddbmm"):
-            attention += t
+        if op.kind in ATTENTION_KINDS:
+            attention_gemm += t
     mem_bytes = sum(op.bytes for op in layer.op_costs if op.flops <= 0) * micro_batch
-    if sequence_parallel or layer.activation_bytes <= 0:
-        shard = 1.0 / tp
-    else:
-        replicated = min(1.0, layer.replicated_activation_bytes / layer.activation_bytes)
-        shard = replicated + (1.0 - replicated) / tp
-    mem_fwd = mem_bytes * shard / bw
-    fwd = gemm_fwd + mem_fwd
+    mem_fwd = mem_bytes * c.elementwise_traffic_factor * activation_shard(layer, tp, sequence_parallel) / bw
     if gemm_flops > 0:
         b_ratio = layer.bwd_input_flops / gemm_flops
         w_ratio = layer.bwd_weight_flops / gemm_flops
     else:
         b_ratio, w_ratio = 1.0, 0.0
-    # Backward of memory-bound ops reads the saved input and the incoming gradient and writes one:
-    # about twice the forward traffic.
-    return LayerTimes(fwd_s=fwd, bwd_input_s=gemm_fwd * b_ratio + 2 * mem_fwd, bwd_weight_s=gemm_fwd * w_ratio,
-                      attention_fwd_s=attention)
+    bwd_in = gemm_fwd * b_ratio + 2 * mem_fwd
+    bwd_w = gemm_fwd * w_ratio
+    # Selective recomputation repeats the attention core: its GEMMs and the element-wise work on
+    # the score tensors (softmax, dropout), which is the attention share of the saved activations.
+    att_share = layer.attention_activation_bytes / layer.activation_bytes if layer.activation_bytes > 0 else 0.0
+    attention = attention_gemm + mem_fwd * min(1.0, att_share)
+    fwd = gemm_fwd + mem_fwd
+    host_fwd = layer.num_ops * c.op_dispatch_s
+    if host_fwd > 0 and c.async_dispatch:
+        # The device runs ahead of the host: a pass costs whichever is longer (autograd runs
+        # about two ops per forward op).
+        fwd_total = max(fwd, host_fwd)
+        bwd, bwd_total = bwd_in + bwd_w, max(bwd_in + bwd_w, 2 * host_fwd)
+        if bwd > 0:
+            bwd_in, bwd_w = bwd_in * bwd_total / bwd, bwd_w * bwd_total / bwd
+        else:
+            bwd_in = bwd_total
+        attention = attention * fwd_total / fwd if fwd > 0 else 0.0
+        fwd = fwd_total
+    elif host_fwd > 0:
+        fwd += host_fwd
+        bwd_in += 2 * host_fwd
+        attention += host_fwd * min(1.0, att_share)
+    return LayerTimes(fwd_s=fwd, bwd_input_s=bwd_in, bwd_weight_s=bwd_w, attention_fwd_s=attention)

@@ -1,39 +1,88 @@
 """Every constant the cost model uses, in one record that each plan stores.
 
-Sources and calibration are in docs/cost-model.md; change a value here and the plan files made
+Where each value comes from (a datasheet, a paper, or the calibration against Megatron-LM's
+published runs) is written next to it and, with the formulas that use it, in
+docs/cost-model.md; the calibration itself is docs/calibration.md
+(``python -m planner.cost.calibrate --markdown``). Change a value here and the plan files made
 afterwards say so (``Plan.cost_constants``).
+
+The defaults describe a GPU cluster running a Megatron-style trainer (fused element-wise
+kernels, asynchronous kernel launches). A CPU run is described by the constants that
+:func:`planner.cost.calibrate.cpu_constants` derives from micro-benchmarks of this machine.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# Bytes per element of each training dtype (activations, gradients exchanged between ranks).
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
 
 @dataclass(frozen=True, kw_only=True)
 class CostConstants:
-    # Compute: achievable fraction of peak for large GEMMs, and the size at which a GEMM dim
-    # reaches half of that (tile quantisation and wave effects make small GEMMs slower).
+    # --- compute --------------------------------------------------------------------------
+    # A GEMM reaches eff_max · Π_d d / (d + d_half) of the dtype's peak over its (m, n, k):
+    # large GEMMs approach eff_max (cuBLAS on A100 reaches ~80% of the 312 TFLOP/s bf16 peak
+    # on large square GEMMs), a GEMM with one small dim (attention's head dim 64-128, a small
+    # micro-batch) pays for tile quantisation and partial waves. Calibrated against
+    # Narayanan et al. 2021 Table 1 (docs/calibration.md).
     gemm_efficiency_max: float = 0.80
     gemm_half_efficiency_dim: float = 96.0
-    # Memory-bound ops reach this fraction of HBM bandwidth.
+    # Memory-bound ops reach this fraction of the HBM bandwidth (STREAM-like kernels on A100
+    # reach ~80-90% of 2.0 TB/s; layer norms and softmaxes less).
     memory_bandwidth_efficiency: float = 0.70
-    # Per-kernel launch/dispatch overhead (seconds), charged per op per micro-batch.
+    # Fraction of the element-wise traffic the trace measures (the eager PyTorch program: each
+    # op reads and writes HBM) that a trainer with fused kernels actually moves: Megatron-LM fuses
+    # scale+mask+softmax, bias+GeLU and bias+dropout+add, so the chains of the traced program
+    # collapse to about one read and one write each. 1.0 for eager execution (the CPU).
+    elementwise_traffic_factor: float = 0.35
+    # Host time to dispatch one traced op (Python + ATen + launch). With ``async_dispatch`` the
+    # device runs ahead of the host and a layer costs max(device, host) time; without it (CPU:
+    # the "device" is the host) the two add up. A100 launches cost ~4-6 µs.
+    op_dispatch_s: float = 5e-6
+    async_dispatch: bool = True
+    # Kept for plan files written before op_dispatch_s existed: an extra per-op charge (s).
     kernel_overhead_s: float = 0.0
-    # Communication: achievable fraction of link bandwidth for NCCL collectives.
+    # --- communication -------------------------------------------------------------------
+    # Achievable fraction of a link's unidirectional bandwidth for NCCL collectives: inside a
+    # node (NVLink/NVSwitch: nccl-tests all-reduce bus bandwidth ~230 GB/s of 300 GB/s on DGX
+    # A100) and over the network (InfiniBand HDR: ~23 of 25 GB/s per NIC).
     link_efficiency: float = 0.80
-    # Memory: bytes per parameter for mixed-precision Adam (Rajbhandari et al., ZeRO).
+    network_efficiency: float = 0.90
+    # Megatron's scatter/gather for pipeline sends (Narayanan et al. 2021, §4.1): each of the tp
+    # ranks of a stage sends 1/tp of the activation over its own NIC, the receiver all-gathers it
+    # over NVLink.
+    pp_scatter_gather: bool = True
+    # --- memory ---------------------------------------------------------------------------
+    # Bytes per parameter for mixed-precision Adam (Rajbhandari et al. 2020, ZeRO §3: 2 + 2 +
+    # 12 = 16): bf16/fp16 weights and gradients, fp32 master weights, Adam m and v. Training
+    # in fp32 keeps 4 + 4 + 8 (no master copy): see ``state_bytes``.
     weight_bytes: int = 2
     grad_bytes: int = 2
     optimizer_bytes: int = 12  # fp32 master weights, Adam m and v
-    # Allocator: fraction of device memory usable after fragmentation, minus a fixed reserve
-    # (CUDA context, NCCL buffers, cuBLAS workspace).
+    # Allocator: fraction of device memory usable after fragmentation (PyTorch's caching
+    # allocator typically loses a few %), minus a fixed reserve for the CUDA context, NCCL
+    # buffers and cuBLAS workspaces (~1-2 GiB on A100).
     allocator_usable_fraction: float = 0.95
     reserved_bytes: int = 2 * 2**30
-    # Optimizer step reads and writes weights, grads and states once (bytes per parameter).
+    # Optimizer step traffic per parameter: read fp32 master, m, v and the gradient, write
+    # master, m, v and the low-precision weight copy (4·3 + 2 + 4·3 + 2 = 28, rounded up for the
+    # gradient-norm pass and the fp32 gradient copy Megatron keeps).
     optimizer_step_bytes_per_param: int = 36
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def state_bytes(self, dtype: str) -> tuple[float, float, float]:
+        """(weight, gradient, optimizer) bytes per parameter when training in ``dtype``.
+
+        Mixed precision (bf16/fp16/fp8) keeps the fp32 master copy in the optimizer state; fp32
+        training holds fp32 weights and gradients and only Adam's m and v.
+        """
+        if DTYPE_BYTES.get(dtype, 2) >= 4:
+            return 4.0, 4.0, 8.0
+        return float(self.weight_bytes), float(self.grad_bytes), float(self.optimizer_bytes)
 
 
 DEFAULT = CostConstants()

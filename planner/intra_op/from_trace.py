@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from planner.intra_op.graph import DTYPE_BYTES, GraphBuilder, OpGraph, view_dim_map
-from planner.trace.graph import CostGraph
+
+if TYPE_CHECKING:  # the tracer imports torch; reading its graph does not need it
+    from planner.trace.graph import CostGraph
 
 _POINTWISE = {"gelu", "relu", "silu", "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "pow", "neg", "abs",
               "erf", "sin", "cos", "newgeluactivation", "geluactivation", "quickgeluactivation", "mish",

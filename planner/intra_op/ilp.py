@@ -29,7 +29,10 @@ Variables: :math:`x_{gs} \in \{0,1\}` (group :math:`g` runs :math:`s`) and
 
 The two edge families are the transportation form of :math:`y = x_g x_h^\top` (Alpa,
 autoparallel): with binary :math:`x` they force :math:`y` to the single 1 at :math:`(s, t)`, and
-their LP relaxation is tight, so CBC may keep :math:`y` continuous. ``pin`` restricts a group
+their LP relaxation is tight, so CBC may keep :math:`y` continuous. Strategies whose rows (or
+columns) of :math:`R^{gh}` are equal (they hand over the tensor in the same layout) are merged
+into one class before the :math:`y` are made: :math:`\sum_t y_{ct} = \sum_{s \in c} x_{gs}`;
+this is the same polytope, with far fewer variables. ``pin`` restricts a group
 to the strategies a user's pin allows; ``tied`` keeps a parameter shared by two groups (tied
 embeddings) in one layout.
 
@@ -160,6 +163,16 @@ def explain_infeasible(problem: Problem, *, backend: str = "cpsat", time_limit_s
     return kept
 
 
+def compress(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(row class of each s, column class of each t, class matrix)`` with equal rows/columns merged."""
+    _, rows, inv_r = np.unique(mat, axis=0, return_index=True, return_inverse=True)
+    small = mat[np.sort(rows)]
+    order_r = np.argsort(np.argsort(rows))  # np.unique sorts rows; keep first-appearance order
+    _, cols, inv_c = np.unique(small, axis=1, return_index=True, return_inverse=True)
+    order_c = np.argsort(np.argsort(cols))
+    return order_r[inv_r.ravel()], order_c[inv_c.ravel()], small[:, np.sort(cols)]
+
+
 # -- backends -------------------------------------------------------------------------------------
 
 class _CpSat:
@@ -183,14 +196,17 @@ class _CpSat:
 
     def add_edges(self) -> None:
         for (g, h), mat in self.p.edges.items():
-            rows, cols = mat.shape
-            y = [[self.model.NewBoolVar(f"y[{g},{h},{s},{t}]") for t in range(cols)] for s in range(rows)]
-            self.y[(g, h)] = y
+            row_of, col_of, small = compress(mat)
+            rows, cols = small.shape
+            y = [[self.model.NewBoolVar(f"y[{g},{h},{a},{b}]") for b in range(cols)] for a in range(rows)]
+            self.y[(g, h)] = (y, small)
             label = f"{self.p.group_names[g]}->{self.p.group_names[h]}"
-            for s in range(rows):
-                self._named(self.model.Add(sum(y[s]) == self.x[g][s]), f"edge_out[{label},{s}]")
-            for t in range(cols):
-                self._named(self.model.Add(sum(y[s][t] for s in range(rows)) == self.x[h][t]), f"edge_in[{label},{t}]")
+            for a in range(rows):
+                members = [self.x[g][s] for s in range(len(row_of)) if row_of[s] == a]
+                self._named(self.model.Add(sum(y[a]) == sum(members)), f"edge_out[{label},{a}]")
+            for b in range(cols):
+                members = [self.x[h][t] for t in range(len(col_of)) if col_of[t] == b]
+                self._named(self.model.Add(sum(y[a][b] for a in range(rows)) == sum(members)), f"edge_in[{label},{b}]")
 
     def add_memory_limit(self) -> None:
         if self.p.memory_limit is None:
@@ -210,9 +226,8 @@ class _CpSat:
 
     def set_objective(self) -> None:
         terms = [c * xv for cs, xs in zip(self.p.cost, self.x) for c, xv in zip(cs, xs) if c]
-        for (g, h), mat in self.p.edges.items():
-            y = self.y[(g, h)]
-            terms += [int(mat[s, t]) * y[s][t] for s, t in zip(*np.nonzero(mat))]
+        for y, small in self.y.values():
+            terms += [int(small[a, b]) * y[a][b] for a, b in zip(*np.nonzero(small))]
         self.model.Minimize(sum(terms))
 
     def solve(self, *, time_limit_s: float, num_workers: int) -> IlpResult:
@@ -220,12 +235,18 @@ class _CpSat:
         solver.parameters.max_time_in_seconds = float(time_limit_s)
         solver.parameters.num_workers = int(num_workers)
         solver.parameters.random_seed = 0
+        # The LP relaxation of this model is nearly tight, so CP-SAT is fastest when it solves the full LP
+        # from the start; its presolve and probing (seconds on a 2-D mesh) buy nothing on a pure 0-1 model.
+        solver.parameters.cp_model_presolve = False
+        solver.parameters.cp_model_probing_level = 0
+        solver.parameters.linearization_level = 2
+        solver.parameters.add_lp_constraints_lazily = False
         start = time.perf_counter()
         status = solver.Solve(self.model)
         elapsed = time.perf_counter() - start
         cp = self.cp_model
         name = {cp.OPTIMAL: "optimal", cp.FEASIBLE: "feasible", cp.INFEASIBLE: "infeasible"}.get(status, "unknown")
-        nvars = sum(map(len, self.x)) + sum(len(y) * len(y[0]) for y in self.y.values())
+        nvars = sum(map(len, self.x)) + sum(small.size for _, small in self.y.values())
         if name in ("optimal", "feasible"):
             choice = tuple(next(s for s, xv in enumerate(xs) if solver.BooleanValue(xv)) for xs in self.x)
             obj, bound = solver.ObjectiveValue(), solver.BestObjectiveBound()
@@ -259,17 +280,21 @@ class _Cbc:
             self._named(self.pulp.lpSum(xs) == 1, f"one_strategy[{self.p.group_names[g]}]")
 
     def add_edges(self) -> None:
+        lp_sum = self.pulp.lpSum
         for (g, h), mat in self.p.edges.items():
-            rows, cols = mat.shape
+            row_of, col_of, small = compress(mat)
+            rows, cols = small.shape
             # continuous is exact here: with binary x the transportation constraints leave one y = 1
-            y = [[self.pulp.LpVariable(f"y_{g}_{h}_{s}_{t}", lowBound=0, upBound=1) for t in range(cols)]
-                 for s in range(rows)]
-            self.y[(g, h)] = y
+            y = [[self.pulp.LpVariable(f"y_{g}_{h}_{a}_{b}", lowBound=0, upBound=1) for b in range(cols)]
+                 for a in range(rows)]
+            self.y[(g, h)] = (y, small)
             label = f"{self.p.group_names[g]}->{self.p.group_names[h]}"
-            for s in range(rows):
-                self._named(self.pulp.lpSum(y[s]) == self.x[g][s], f"edge_out[{label},{s}]")
-            for t in range(cols):
-                self._named(self.pulp.lpSum(y[s][t] for s in range(rows)) == self.x[h][t], f"edge_in[{label},{t}]")
+            for a in range(rows):
+                members = [self.x[g][s] for s in range(len(row_of)) if row_of[s] == a]
+                self._named(lp_sum(y[a]) == lp_sum(members), f"edge_out[{label},{a}]")
+            for b in range(cols):
+                members = [self.x[h][t] for t in range(len(col_of)) if col_of[t] == b]
+                self._named(lp_sum(y[a][b] for a in range(rows)) == lp_sum(members), f"edge_in[{label},{b}]")
 
     def add_memory_limit(self) -> None:
         if self.p.memory_limit is None:
@@ -290,9 +315,8 @@ class _Cbc:
 
     def set_objective(self) -> None:
         terms = [c * xv for cs, xs in zip(self.p.cost, self.x) for c, xv in zip(cs, xs) if c]
-        for (g, h), mat in self.p.edges.items():
-            y = self.y[(g, h)]
-            terms += [int(mat[s, t]) * y[s][t] for s, t in zip(*np.nonzero(mat))]
+        for y, small in self.y.values():
+            terms += [int(small[a, b]) * y[a][b] for a, b in zip(*np.nonzero(small))]
         self.prob += self.pulp.lpSum(terms) if terms else 0 * self.x[0][0]
 
     def solve(self, *, time_limit_s: float, num_workers: int) -> IlpResult:

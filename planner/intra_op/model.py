@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from planner.cluster import DeviceSpec
 from planner.intra_op.from_trace import (
@@ -23,19 +24,21 @@ from planner.intra_op.from_trace import (
 from planner.intra_op.mesh import MeshSpec
 from planner.intra_op.solution import LayerSharding, OpSharding, ShardingSolution
 from planner.intra_op.solve import (
+    Assembly,
+    Flow,
     PinValue,
-    _Assembly,
-    _cost_model,
-    _Flow,
-    _internal_flows,
-    _limit,
-    _Request,
-    _solve,
-    _Unit,
+    Request,
+    Unit,
+    cost_model,
+    internal_flows,
+    resolved_memory_limit,
     sink_flow,
+    solve_assembly,
 )
 from planner.intra_op.strategies import build_groups
-from planner.trace.graph import CostGraph
+
+if TYPE_CHECKING:  # the tracer imports torch; reading its graph does not need it
+    from planner.trace.graph import CostGraph
 
 
 def _runs(cost_graph: CostGraph, chosen: list[int], nodes: dict[int, list[str]]) -> list[list[int]]:
@@ -92,30 +95,30 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
     chosen = sorted(set(range(n) if layers is None else layers))
     if not chosen or chosen[0] < 0 or chosen[-1] >= n:
         raise ValueError(f"layers: got {layers!r}; give indices in 0..{n - 1}")
-    req = _Request(mesh=mesh, device=device, memory_limit_bytes=memory_limit_bytes, backend=backend,
+    req = Request(mesh=mesh, device=device, memory_limit_bytes=memory_limit_bytes, backend=backend,
                    sequence_parallel=sequence_parallel, pins=pins or {}, time_limit_s=time_limit_s,
                    optimizer_bytes_per_param=optimizer_bytes_per_param, dtype=cost_graph.dtype,
                    what=f"model {cost_graph.name}")
-    cm = _cost_model(req)
+    cm = cost_model(req)
     nodes = layer_nodes(cost_graph)
     active = activation_nodes(cost_graph)
     inputs = {li: external_inputs(cost_graph, nodes[li], active) for li in chosen}
     runs = _runs(cost_graph, chosen, nodes)
 
-    units: list[_Unit] = []
+    units: list[Unit] = []
     unit_of: dict[int, int] = {}
     rep_of: dict[int, int] = {}
     for run in runs:
         graph = op_graph_from_cost_graph(cost_graph, run[0], batch_size=batch_size)
         groups, group_of = build_groups(graph, cm)
-        units.append(_Unit(graph=graph, weight=len(run), groups=groups, group_of=group_of))
+        units.append(Unit(graph=graph, weight=len(run), groups=groups, group_of=group_of))
         for li in run:
             unit_of[li], rep_of[li] = len(units) - 1, run[0]
     renames = {li: _renames(cost_graph, rep_of[li], li, nodes, inputs) for li in chosen}
     to_rep = {li: {b: a for a, b in renames[li].items()} for li in chosen}
 
-    flows: list[_Flow] = [f for ui in range(len(units)) for f in _internal_flows(ui, units[ui])]
-    layer_links: dict[int, list[tuple[_Flow, str]]] = {li: [] for li in chosen}  # with real names
+    flows: list[Flow] = [f for ui in range(len(units)) for f in internal_flows(ui, units[ui])]
+    layer_links: dict[int, list[tuple[Flow, str]]] = {li: [] for li in chosen}  # with real names
     weights: dict[tuple, int] = {}
     g = cost_graph.ops
     for li in chosen:
@@ -125,7 +128,7 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
             if src_layer not in unit_of:
                 continue  # produced outside the solved layers: arrives in whatever layout is best
             dst_graph = units[unit_of[li]].graph
-            flow = _Flow(src=unit_of[src_layer], src_op=to_rep[src_layer][producer], dst=unit_of[li],
+            flow = Flow(src=unit_of[src_layer], src_op=to_rep[src_layer][producer], dst=unit_of[li],
                          dst_op=rep_inputs[pos], index=None, weight=1, nbytes=dst_graph.ops[rep_inputs[pos]].out_bytes,
                          differentiable=dst_graph.ops[rep_inputs[pos]].differentiable[0], layer=li)
             layer_links[li].append((flow, f"{producer} -> {cost_graph.layers[li].name}"))
@@ -134,7 +137,7 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
     for (src, src_op, dst, dst_op), w in weights.items():
         proto = next(f for fl in layer_links.values() for f, _ in fl if (f.src, f.src_op, f.dst, f.dst_op) ==
                      (src, src_op, dst, dst_op))
-        flows.append(_Flow(src=src, src_op=src_op, dst=dst, dst_op=dst_op, index=None, weight=w, nbytes=proto.nbytes,
+        flows.append(Flow(src=src, src_op=src_op, dst=dst, dst_op=dst_op, index=None, weight=w, nbytes=proto.nbytes,
                            differentiable=proto.differentiable))
     # outputs read outside the solved layers (the next stage, the loss) must leave reduced
     for li in chosen:
@@ -147,7 +150,7 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
                 flows.append(flow)
                 layer_links[li].append((flow, f"{real} -> (leaves the solved layers)"))
 
-    assembly = _Assembly(units, flows, cm)
+    assembly = Assembly(units, flows, cm)
     aliases: dict[str, tuple[int, str, str]] = {}
     for li in chosen:
         ui, graph = unit_of[li], units[unit_of[li]].graph
@@ -162,7 +165,7 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
             for p in op.params:
                 if p.owned or renames[li].get(p.name, p.name) not in aliases:
                     aliases[renames[li].get(p.name, p.name)] = (ui, p.name, "param")
-    result, time_unit, build_s = _solve(assembly, aliases, req, start)
+    result, time_unit, build_s = solve_assembly(assembly, aliases, req, start)
 
     per_unit = {ui: assembly.unit_sharding(ui, result.choice) for ui in set(unit_of.values())}
     out_layers = []
@@ -178,5 +181,5 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
             ops={names.get(k, k): _rename_sharding(s, names) for k, s in ops.items()},
             collectives=tuple(colls), compute_s=compute, memory_bytes=memory))
     return ShardingSolution.assemble(mesh=mesh, result=result, time_unit_s=time_unit, build_time_s=build_s,
-                                     sequence_parallel=sequence_parallel, memory_limit_bytes=_limit(req),
+                                     sequence_parallel=sequence_parallel, memory_limit_bytes=resolved_memory_limit(req),
                                      layers=out_layers)

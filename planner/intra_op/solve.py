@@ -35,7 +35,7 @@ PinValue = Sequence[Placement | str] | str
 
 
 @dataclass(kw_only=True)
-class _Unit:
+class Unit:
     """One op graph in the ILP, counted ``weight`` times."""
 
     graph: OpGraph
@@ -50,7 +50,7 @@ class _Unit:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Flow:
+class Flow:
     """A tensor from ``src_op`` of unit ``src`` into ``dst_op`` of unit ``dst``.
 
     ``index`` is the consumer's operand position; ``None`` means ``dst_op`` is an input op of
@@ -68,7 +68,7 @@ class _Flow:
     layer: int = 0  # the layer (position in ``layers``) whose collectives it is reported with
 
 
-def _flow_layouts(flow: _Flow, s: GroupStrategy, t: GroupStrategy) -> tuple[Layout, Layout, Layout]:
+def flow_layouts(flow: Flow, s: GroupStrategy, t: GroupStrategy) -> tuple[Layout, Layout, Layout]:
     out = s.out_layouts[flow.src_op]
     if flow.index is None:
         arrive = t.out_layouts[flow.dst_op]
@@ -76,34 +76,34 @@ def _flow_layouts(flow: _Flow, s: GroupStrategy, t: GroupStrategy) -> tuple[Layo
     return out, t.head.in_layouts[flow.index], t.head.in_grad_layouts[flow.index]
 
 
-def sink_flow(units: list[_Unit], unit: int, out, cm: CostModel, layer: int = 0) -> _Flow:
+def sink_flow(units: list[Unit], unit: int, out, cm: CostModel, layer: int = 0) -> Flow:
     """A flow from an output that leaves the solved graph into a sink that takes any non-Partial
     layout: whoever reads it next (the loss, the next pipeline stage) needs the reduced value."""
     b = GraphBuilder(f"sink:{out.name}")
     b.input(out.name, out.out_shape, roles=(None,) * len(out.out_shape))
     graph = b.build()
     groups, group_of = build_groups(graph, cm)
-    units.append(_Unit(graph=graph, weight=1, groups=groups, group_of=group_of))
-    return _Flow(src=unit, src_op=out.name, dst=len(units) - 1, dst_op=out.name, index=None, weight=1,
+    units.append(Unit(graph=graph, weight=1, groups=groups, group_of=group_of))
+    return Flow(src=unit, src_op=out.name, dst=len(units) - 1, dst_op=out.name, index=None, weight=1,
                  nbytes=out.out_bytes, differentiable=True, layer=layer)
 
 
-def _internal_flows(unit_index: int, unit: _Unit) -> list[_Flow]:
+def internal_flows(unit_index: int, unit: Unit) -> list[Flow]:
     flows = []
     g = unit.graph
     for op in g.ops.values():
         if op.follows or op.is_input:
             continue
         for j, src in enumerate(op.inputs):
-            flows.append(_Flow(src=unit_index, src_op=src, dst=unit_index, dst_op=op.name, index=j, weight=unit.weight,
+            flows.append(Flow(src=unit_index, src_op=src, dst=unit_index, dst_op=op.name, index=j, weight=unit.weight,
                                nbytes=g.ops[src].out_bytes, differentiable=op.differentiable[j]))
     return flows
 
 
-class _Assembly:
+class Assembly:
     """Units and flows → integer :class:`Problem`; and back from a choice to a solution."""
 
-    def __init__(self, units: list[_Unit], flows: list[_Flow], cm: CostModel) -> None:
+    def __init__(self, units: list[Unit], flows: list[Flow], cm: CostModel) -> None:
         self.units = units
         self.flows = flows
         self.cm = cm
@@ -121,13 +121,13 @@ class _Assembly:
         u = self.units[unit]
         return u.groups[u.group_of[op]].strategies
 
-    def flow_matrix(self, flow: _Flow) -> np.ndarray:
+    def flow_matrix(self, flow: Flow) -> np.ndarray:
         src, dst = self._strategies(flow.src, flow.src_op), self._strategies(flow.dst, flow.dst_op)
         mat = np.zeros((len(src), len(dst)))
         cache: dict[tuple, float] = {}
         for s, ss in enumerate(src):
             for t, tt in enumerate(dst):
-                key = _flow_layouts(flow, ss, tt)
+                key = flow_layouts(flow, ss, tt)
                 if key not in cache:
                     cache[key] = edge_steps(self.cm, flow.nbytes, *key, flow.differentiable)[0]
                 mat[s, t] = cache[key]
@@ -159,10 +159,10 @@ class _Assembly:
         return problem, time_unit, mem_unit
 
     # -- back from a choice -----------------------------------------------------------------------
-    def flow_collectives(self, flow: _Flow, choice: Sequence[int]):
+    def flow_collectives(self, flow: Flow, choice: Sequence[int]):
         s = self.units[flow.src].strategy(choice, flow.src_op)
         t = self.units[flow.dst].strategy(choice, flow.dst_op)
-        out, arrive, grad = _flow_layouts(flow, s, t)
+        out, arrive, grad = flow_layouts(flow, s, t)
         _, fwd, bwd = edge_steps(self.cm, flow.nbytes, out, arrive, grad, flow.differentiable)
         at = f"{flow.src_op} -> {flow.dst_op}"
         return self.cm.collectives(fwd, "fwd", at) + self.cm.collectives(bwd, "bwd", at)
@@ -210,7 +210,7 @@ def _pin_layout(value: PinValue, mesh: MeshSpec, key: str) -> Layout | str:
     return layout
 
 
-def _resolve_pins(pins: Mapping[str, PinValue], assembly: _Assembly, aliases: Mapping[str, tuple[int, str, str]],
+def _resolve_pins(pins: Mapping[str, PinValue], assembly: Assembly, aliases: Mapping[str, tuple[int, str, str]],
                   mesh: MeshSpec) -> list[Pin]:
     """Pins → allowed strategy sets. ``aliases``: real name → (unit, name in the unit, "param" | "op")."""
     out: list[Pin] = []
@@ -249,7 +249,7 @@ def _resolve_pins(pins: Mapping[str, PinValue], assembly: _Assembly, aliases: Ma
     return out
 
 
-def _ties(assembly: _Assembly) -> list[Tie]:
+def _ties(assembly: Assembly) -> list[Tie]:
     """One layout per parameter: a tied parameter's users follow its owner."""
     users: dict[str, list[tuple[int, str, int, bool]]] = {}
     for ui, u in enumerate(assembly.units):
@@ -277,7 +277,7 @@ def _ties(assembly: _Assembly) -> list[Tie]:
 # -- the shared solve -----------------------------------------------------------------------------------
 
 @dataclass(kw_only=True)
-class _Request:
+class Request:
     mesh: MeshSpec
     device: DeviceSpec
     memory_limit_bytes: float | None
@@ -291,20 +291,20 @@ class _Request:
     extra: dict = field(default_factory=dict)
 
 
-def _cost_model(req: _Request) -> CostModel:
+def cost_model(req: Request) -> CostModel:
     return CostModel(mesh=req.mesh, device=req.device, dtype=req.dtype, sequence_parallel=req.sequence_parallel,
                      optimizer_bytes_per_param=req.optimizer_bytes_per_param)
 
 
-def _limit(req: _Request) -> float | None:
+def resolved_memory_limit(req: Request) -> float | None:
     limit = req.device.memory_bytes if req.memory_limit_bytes is None else req.memory_limit_bytes
     if limit is not None and limit <= 0:
         raise ValueError(f"memory_limit_bytes: got {limit}; give the bytes per device, or math.inf for no limit")
     return None if limit is None or math.isinf(limit) else float(limit)
 
 
-def _solve(assembly: _Assembly, aliases: Mapping[str, tuple[int, str, str]], req: _Request, start: float):
-    limit = _limit(req)
+def solve_assembly(assembly: Assembly, aliases: Mapping[str, tuple[int, str, str]], req: Request, start: float):
+    limit = resolved_memory_limit(req)
     problem, time_unit, mem_unit = assembly.problem(limit)
     problem.pins = _resolve_pins(req.pins or {}, assembly, aliases, req.mesh)
     problem.ties = _ties(assembly)
@@ -356,36 +356,36 @@ def solve_layer(op_graph: OpGraph, mesh: MeshSpec, device: DeviceSpec, *, memory
     output layout into its input layout, as the next copy of the block will read it.
     """
     start = time.perf_counter()
-    req = _Request(mesh=mesh, device=device, memory_limit_bytes=memory_limit_bytes, backend=backend,
+    req = Request(mesh=mesh, device=device, memory_limit_bytes=memory_limit_bytes, backend=backend,
                    sequence_parallel=sequence_parallel, pins=pins or {}, time_limit_s=time_limit_s,
                    optimizer_bytes_per_param=optimizer_bytes_per_param, dtype=op_graph.dtype,
                    what=f"graph {op_graph.name}")
-    cm = _cost_model(req)
+    cm = cost_model(req)
     groups, group_of = build_groups(op_graph, cm)
-    unit = _Unit(graph=op_graph, weight=1, groups=groups, group_of=group_of)
-    flows = _internal_flows(0, unit)
+    unit = Unit(graph=op_graph, weight=1, groups=groups, group_of=group_of)
+    flows = internal_flows(0, unit)
     units = [unit]
     inputs = [op for op in op_graph.ops.values() if op.is_input and op.differentiable[0]]
     outs = [op_graph.ops[n] for n in op_graph.outputs]
     if feeds_itself and len(inputs) == 1 and len(outs) == 1 and outs[0].out_shape == inputs[0].out_shape:
-        flows.append(_Flow(src=0, src_op=outs[0].name, dst=0, dst_op=inputs[0].name, index=None, weight=1,
+        flows.append(Flow(src=0, src_op=outs[0].name, dst=0, dst_op=inputs[0].name, index=None, weight=1,
                            nbytes=outs[0].out_bytes, differentiable=True))
     else:
         for out in outs:
             flows.append(sink_flow(units, 0, out, cm))
-    assembly = _Assembly(units, flows, cm)
-    aliases = _graph_aliases(op_graph, 0)
-    result, time_unit, build_s = _solve(assembly, aliases, req, start)
+    assembly = Assembly(units, flows, cm)
+    aliases = graph_aliases(op_graph, 0)
+    result, time_unit, build_s = solve_assembly(assembly, aliases, req, start)
     ops, colls, compute, memory = assembly.unit_sharding(0, result.choice)
     colls += [c for f in flows if f.index is None for c in assembly.flow_collectives(f, result.choice)]
     layer = LayerSharding(index=None, name=op_graph.name, reuses=None, ops=ops, collectives=tuple(colls),
                           compute_s=compute, memory_bytes=memory)
     return ShardingSolution.assemble(mesh=mesh, result=result, time_unit_s=time_unit, build_time_s=build_s,
-                                     sequence_parallel=sequence_parallel, memory_limit_bytes=_limit(req),
+                                     sequence_parallel=sequence_parallel, memory_limit_bytes=resolved_memory_limit(req),
                                      layers=[layer])
 
 
-def _graph_aliases(graph: OpGraph, unit: int) -> dict[str, tuple[int, str, str]]:
+def graph_aliases(graph: OpGraph, unit: int) -> dict[str, tuple[int, str, str]]:
     aliases: dict[str, tuple[int, str, str]] = {}
     for op in graph.ops.values():
         if op.is_input:

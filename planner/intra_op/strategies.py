@@ -161,7 +161,8 @@ def residual_stream(graph: OpGraph) -> set[str]:
             if member(op.name) and member(src):
                 neighbours[op.name].add(src)
                 neighbours[src].add(op.name)
-    todo = [n for n in graph.ops if member(n) and (graph.ops[n].is_input or n in graph.outputs)]
+    consumed = {src for op in graph.ops.values() for src in op.inputs}
+    todo = [n for n in graph.ops if member(n) and (n in consumed if graph.ops[n].is_input else n in graph.outputs)]
     seen = set(todo)
     while todo:
         for nxt in neighbours[todo.pop()] - seen:

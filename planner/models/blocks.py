@@ -86,7 +86,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-        b, s, _ = x.shape
+        b, s = x.shape[0], x.shape[1]  # indexing, not unpacking: fx traces it without bytecode scans
         src = x if context is None else context
         t = src.shape[1]
         q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)

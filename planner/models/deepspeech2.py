@@ -75,12 +75,12 @@ class BiGRULayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.first:
-            b, c, f, t = x.shape
+            b, c, f, t = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
             x = x.reshape(b, c * f, t).transpose(1, 2)
         if self.norm is not None:
             x = self.norm(x.transpose(1, 2)).transpose(1, 2)
-        y, _ = self.rnn(x)
-        b, t, _ = y.shape
+        y = self.rnn(x)[0]
+        b, t = y.shape[0], y.shape[1]
         return y.view(b, t, 2, self.hidden).sum(2)
 
 

@@ -84,8 +84,9 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("future_mask", future, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        q, k, v = self.qkv(x).split(h, dim=2)
+        b, s, h = x.shape[0], x.shape[1], x.shape[2]
+        qkv = self.qkv(x).split(h, dim=2)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.heads, self.head_dim).transpose(1, 2)

@@ -53,12 +53,13 @@ class MoEFeedForward(nn.Module):
         return (self.top_k * tokens * self.capacity_percent + den - 1) // den
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
+        b, s, h = x.shape[0], x.shape[1], x.shape[2]
         tokens = b * s
         e, k = self.num_experts, self.top_k
         cap = self.capacity(tokens)
         flat = x.reshape(tokens, h)
-        top_logits, top_idx = self.router(flat).topk(k, dim=-1)
+        top = self.router(flat).topk(k, dim=-1)
+        top_logits, top_idx = top[0], top[1]
         top_w = F.softmax(top_logits.float(), dim=-1).to(x.dtype)
         # Choice-major order: every token's first choice is placed before any second choice.
         expert = top_idx.t().reshape(-1)  # [k·T]
@@ -66,7 +67,7 @@ class MoEFeedForward(nn.Module):
         position = (onehot.cumsum(0) * onehot).sum(1) - 1  # slot within its expert
         slot = torch.where(position < cap, expert * cap + position, torch.full_like(position, e * cap))
         source = torch.arange(tokens, device=x.device).repeat(k)
-        buffer = torch.zeros(e * cap + 1, h, dtype=x.dtype, device=x.device).index_add(0, slot, flat[source])
+        buffer = flat.new_zeros((e * cap + 1, h)).index_add(0, slot, flat[source])
         expert_in = buffer[:-1].view(e, cap, h)
         act = F.silu(torch.bmm(expert_in, self.w_gate)) * torch.bmm(expert_in, self.w_up)
         expert_out = torch.bmm(act, self.w_down).reshape(e * cap, h)

@@ -67,6 +67,7 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
     units, batch, model = ctx.units, ctx.batch, ctx.model
     cache: dict[str, int] = {}
     raw_layer = {op.name: layer_of_path(op.module_path, units, cache) if op.module_path else -1 for op in ops}
+    direct = dict(raw_layer)  # before glue joins a neighbour: defines the order of layers
     by_name = {op.name: op for op in ops}
     consumers: dict[str, list[str]] = defaultdict(list)
     for op in ops:
@@ -86,18 +87,21 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
         if raw_layer[op.name] < 0:
             raw_layer[op.name] = last
         last = raw_layer[op.name]
-    # Layers in order of their first real op (inputs and attribute reads do not define the order).
+    # Layers in order of their first own op (glue that joined a layer does not move it).
     order: list[int] = []
     for op in ops:
-        if op.kind not in ("placeholder", "get_attr") and raw_layer[op.name] not in order:
-            order.append(raw_layer[op.name])
+        if direct[op.name] >= 0 and direct[op.name] not in order:
+            order.append(direct[op.name])
     for op in ops:
         if raw_layer[op.name] not in order:
             order.append(raw_layer[op.name])
     if not order:
         order = [0]
     new_index = {old: new for new, old in enumerate(order)}
-    unused = [units[i] for i in range(len(units)) if i not in new_index and units[i]]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    ran = {id(modules.get(units[i])) for i in new_index if 0 <= i < len(units)}
+    unused = [units[i] for i in range(len(units))
+              if i not in new_index and units[i] and id(modules.get(units[i])) not in ran]  # aliases ran
     if unused:
         notes.append(f"{len(unused)} submodule(s) never ran in forward and hold no costs: {unused[:5]}")
     layer_of = {name: new_index[raw] for name, raw in raw_layer.items()}
@@ -203,11 +207,15 @@ def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, mode
     unused = [(n, p) for n, p in model.named_parameters() if id(p) not in owner]
     if unused:
         cache: dict[str, int] = {}
+        ran = sorted(new_index)
         for n, p in unused:
             raw = layer_of_path(n.rsplit(".", 1)[0] if "." in n else "", units, cache)
-            owner[id(p)] = new_index.get(raw, 0)
+            if raw not in new_index:  # its layer never ran: the nearest earlier layer that did
+                raw = max((r for r in ran if r < raw), default=ran[0])
+            owner[id(p)] = new_index[raw]
             own_count[owner[id(p)]] += p.numel()
         total = sum(p.numel() for _, p in unused)
         notes.append(f"{total:,} parameters ({len(unused)} tensors, e.g. {unused[0][0]}) are never used in forward; "
-                     "each is counted in its module's layer (it still takes memory)")
+                     "each is counted in its module's layer, or the nearest earlier one that ran (it still takes "
+                     "memory)")
     return own_count, tied

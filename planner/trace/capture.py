@@ -15,8 +15,12 @@ Graph captures are executed by :class:`GraphRunner`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -111,13 +115,43 @@ class _TensorOutputs(nn.Module):
         return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
 
+def innermost_module(exc: BaseException, model: nn.Module) -> str:
+    """Path of the innermost submodule of ``model`` whose code is on the exception's traceback."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    found = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in paths and paths[id(owner)]:
+            found = paths[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch.export's warnings and graph dumps on failure (the failure itself is reported)."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._export", "torch._dynamo",
+                                              "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR + 10)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_graph(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, list[Any]]:
     """``torch.export`` (non-strict) on meta; returns the unlifted graph module and its flat inputs."""
     try:
-        program = torch.export.export(_TensorOutputs(model), tuple(args), dict(kwargs), strict=False)
-        gm = program.module()
+        with _quiet():
+            program = torch.export.export(_TensorOutputs(model), tuple(args), dict(kwargs), strict=False)
+            gm = program.module()
     except Exception as exc:
-        raise CaptureFailure("export", "<root>", reason_of(exc)) from exc
+        raise CaptureFailure("export", innermost_module(exc, model) or "<root>", reason_of(exc)) from exc
     flat = [v for v in tree_flatten((tuple(args), dict(kwargs)))[0]]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(flat):
@@ -146,7 +180,7 @@ class _CallStack:
         self.handles = []
         for path, mod in model.named_modules():
             self.handles.append(mod.register_forward_pre_hook(self._push(path)))
-            self.handles.append(mod.register_forward_hook(self._pop, always_call=True))
+            self.handles.append(mod.register_forward_hook(self._pop))  # not on exceptions: the stack stays
 
     def _push(self, path: str):
         def hook(mod, args):
@@ -154,8 +188,10 @@ class _CallStack:
         return hook
 
     def _pop(self, mod, args, out):
-        if self.stack and self.stack[-1][1] is mod:
-            self.stack.pop()
+        # Calls that raised and were caught inside the model left entries above this one.
+        while self.stack:
+            if self.stack.pop()[1] is mod:
+                break
 
     def remove(self) -> None:
         for h in self.handles:

@@ -43,6 +43,7 @@ from planner.trace.units import module_key
 _CONSTS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout,
            type(Ellipsis))
 _SCRATCH = "<scratch>"
+_HARMLESS_INPLACE = frozenset({"detach_"})  # changes nothing a later op's cost depends on
 
 
 @dataclass
@@ -111,6 +112,7 @@ class GraphRunner(torch.fx.Interpreter):
         self.modules = dict(gm.named_modules())
         self.ops: list[OpNode] = []
         self.refs: dict[tuple, _Reference] = {}
+        self.module_keys: dict[int, tuple] = {}
         self.keep: list[torch.Tensor] = []
         self.replayed_segments = 0
 
@@ -207,7 +209,8 @@ class GraphRunner(torch.fx.Interpreter):
         desc = []
         for n in nodes:
             if n.op == "call_module":
-                target: Any = module_key(self.modules[n.target])
+                mod = self.modules[n.target]
+                target: Any = self.module_keys.get(id(mod)) or self.module_keys.setdefault(id(mod), module_key(mod))
             elif n.op == "get_attr":
                 value = self.fetch_attr(n.target)
                 target = (tuple(value.shape), value.dtype, value.requires_grad) if isinstance(value, torch.Tensor) \
@@ -216,7 +219,8 @@ class GraphRunner(torch.fx.Interpreter):
                 target = n.target
                 name = str(getattr(n.target, "__name__", n.target)).split(".")[0]
                 first = n.args[0] if n.args else None
-                mutates = (name.endswith("_") and not name.endswith("__")) or name == "setitem"
+                mutates = ((name.endswith("_") and not name.endswith("__")) or name == "setitem") \
+                    and name not in _HARMLESS_INPLACE
                 if mutates and isinstance(first, torch.fx.Node) and first not in local:
                     return None, []  # in-place on an outside value: state the template cannot see
             else:

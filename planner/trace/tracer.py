@@ -26,6 +26,7 @@ Layers are the pipeline building blocks (:func:`layer_units`).
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from typing import Any
 
@@ -221,7 +222,7 @@ def _summarise(notes: list[str]) -> list[str]:
 
 def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, name: str | None = None,
                 dtype: str = "bf16", seq_len: int | None = None, force_module_level: bool = False,
-                reuse: bool = True) -> CostGraph:
+                reuse: bool = True, copy_model: bool = True) -> CostGraph:
     """Trace ``model`` on ``sample_input`` (shapes matter, values do not) into a :class:`CostGraph`.
 
     ``sample_input``: a tensor, a tuple of positional arguments, or a dict of keyword arguments.
@@ -229,6 +230,8 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
     are per sample. ``seq_len`` is recorded on the graph; by default it is dim 1 of the first
     integer (token-id) input, and ``None`` for float inputs (images, audio): pass it for those.
     ``reuse``: replay repeated blocks / extrapolate recurrent layers (exact; ``False`` runs all).
+    ``copy_model=False`` traces ``model`` itself instead of a meta copy (faster for a model built
+    only to be traced): it must be on meta, and is left in training mode in ``dtype``.
     """
     if not isinstance(model, nn.Module):
         raise SpecError("model", type(model).__name__, "expected a torch.nn.Module or a preset name")
@@ -246,18 +249,30 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
     torch_dtype = TORCH_DTYPES[dtype]
     args, kwargs = tree_map(lambda t: t.to(torch_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
                             else t, (args, kwargs))
-    meta = _meta_copy(model, torch_dtype)
-    tracing = _Tracing(meta, args, kwargs, reuse)
+    if copy_model:
+        meta = _meta_copy(model, torch_dtype)
+    elif any(t.device.type != "meta" for t in list(model.parameters()) + list(model.buffers())):
+        raise SpecError("copy_model", False, "only a model already on the meta device can be traced in place")
+    else:
+        meta = model.to(dtype=torch_dtype).train().requires_grad_(True)
     label = name or type(model).__name__
+    gc_enabled = gc.isenabled()
+    gc.disable()  # millions of short-lived meta tensors and graph nodes: collection would cost ~25%
     try:
-        ops, method = _capture(tracing, force_module_level)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # Python-level randomness in a forward (LayerDrop) is repeatable
+            tracing = _Tracing(meta, args, kwargs, reuse)
+            ops, method = _capture(tracing, force_module_level)
+        ctx = TraceContext(model=meta, units=tracing.units if method != "opaque" else [""], batch=batch,
+                           seq_len=seq_len, dtype=dtype, name=label, method=method,
+                           softmax_shapes=tracing.softmax_shapes)
+        graph = assemble(ops, ctx, tracing.notes)
     except OpaqueFailure as exc:
         raise TraceError(f"model {label} cannot be traced at any granularity and gives nothing to estimate "
                          f"from ({exc}); pass a sample_input with at least one tensor") from exc
-    ctx = TraceContext(model=meta, units=tracing.units if method != "opaque" else [""], batch=batch,
-                       seq_len=seq_len, dtype=dtype, name=label, method=method,
-                       softmax_shapes=tracing.softmax_shapes)
-    graph = assemble(ops, ctx, tracing.notes)
+    finally:
+        if gc_enabled:
+            gc.enable()
     graph.trace_time_s = time.perf_counter() - start
     return graph
 
@@ -280,7 +295,7 @@ def _capture(tracing: _Tracing, force_module_level: bool) -> tuple[list[OpNode],
         ops, estimated = tracing.modules()
     except CaptureFailure as f:
         failures.append(_describe(f))
-        ops = tracing.whole_model("; ".join(failures))
+        ops = tracing.whole_model("no finer capture worked, see the previous note")
         tracing.notes.insert(0, "fell back to one opaque layer for the whole model after: " + "; ".join(failures))
         return ops, "opaque"
     tracing.notes.insert(0, "fell back to a module-level trace (one graph node per layer call, same costs, no "
@@ -296,4 +311,5 @@ def trace_preset(preset: str | Any, *, batch: int = 1, dtype: str = "bf16", seq_
     p = preset if isinstance(preset, ModelPreset) else load_preset(str(preset))
     model = p.build(device="meta")
     s = seq_len or p.seq_len
-    return trace_model(model, p.sample_input(batch, seq_len), name=p.name, dtype=dtype, seq_len=s, reuse=reuse)
+    return trace_model(model, p.sample_input(batch, seq_len), name=p.name, dtype=dtype, seq_len=s, reuse=reuse,
+                       copy_model=False)

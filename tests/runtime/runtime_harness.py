@@ -38,6 +38,7 @@ class Job:
 @dataclass
 class JobResult:
     losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
     error: str | None = None
     step_times_s: list[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
@@ -66,22 +67,22 @@ def run_jobs(jobs: list[Job]) -> dict[str, JobResult]:
                     raise
                 results[job.name] = JobResult(error=str(exc))
                 continue
-            results[job.name] = JobResult(losses=res.losses, step_times_s=res.step_times_s,
+            results[job.name] = JobResult(losses=res.losses, grad_norms=res.grad_norms, step_times_s=res.step_times_s,
                                           peak_memory_bytes=res.rank.peak_memory_bytes)
     finally:
         dist.destroy_process_group()
     return results
 
 
-def reference_losses(plan: Plan, preset: ModelPreset, *, steps: int, seed: int = 0,
-                     first_step: int = 0) -> list[float]:
+def reference_losses(plan: Plan, preset: ModelPreset, *, steps: int, seed: int = 0, first_step: int = 0,
+                     lr: float = LR) -> tuple[list[float], list[float]]:
     """Single process, no runtime code: the numbers every plan of this model and batch must give."""
     torch.set_num_threads(1)
     model = preset.build(device="cpu", dtype=torch.float32, seed=seed)
     model.train()
-    optim = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     m = plan.parallel.num_micro_batches * plan.parallel.dp  # micro-batches of the global batch
-    losses = []
+    losses, norms = [], []
     for step in range(1, first_step + steps + 1):
         x, y = synthetic_global_batch(preset, batch=plan.parallel.global_batch, seq_len=plan.model.seq_len,
                                       seed=seed, step=step - 1)
@@ -91,13 +92,17 @@ def reference_losses(plan: Plan, preset: ModelPreset, *, steps: int, seed: int =
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
             (loss / m).backward()
             total += loss.item()
+        norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None))
         optim.step()
         optim.zero_grad(set_to_none=True)
         if step > first_step:
             losses.append(total / m)
-    return losses
+            norms.append(float(norm))
+    return losses, norms
 
 
-def run_reference(plans: list[tuple[str, Plan, ModelPreset]], steps: int) -> dict[str, list[float]]:
-    """Worker entry point for a 1-process world that only computes oracles (keeps pytest's process clean)."""
-    return {name: reference_losses(plan, preset, steps=steps) for name, plan, preset in plans}
+def run_reference(cases: list[tuple[object, Plan, ModelPreset, float]], steps: int) -> dict:
+    """Worker entry point for a 1-process world that only computes oracles (keeps pytest's process clean).
+
+    ``cases``: ``(key, plan, preset, lr)``; returns key -> (losses, grad norms)."""
+    return {key: reference_losses(plan, preset, steps=steps, lr=lr) for key, plan, preset, lr in cases}

@@ -1,0 +1,1 @@
+"""Benchmarks behind `make bench`: each section measures something and returns Markdown."""

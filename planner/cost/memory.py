@@ -1,0 +1,171 @@
+"""Memory of one device: model state, activations in flight, temporary buffers, allocator margin.
+
+For a device holding the layers of its pipeline chunks, with ``P`` parameters (its own plus tied
+ones used there, counted once) split ``tp`` ways, and ``(w, g, o)`` bytes per parameter from
+:meth:`CostConstants.state_bytes` (mixed-precision Adam: 2 + 2 + 12 = 16)::
+
+    weights     w·P/tp   (÷dp with ZeRO-3 / FSDP full sharding)
+    gradients   g·P/tp   (÷dp with ZeRO-2 and ZeRO-3)
+    optimizer   o·P/tp   (÷dp with ZeRO-1, 2 and 3)
+    activations in_flight · Σ_layers stored(layer) + max_layers work(layer)
+    temporary   2 · max_layers out(layer)                 pipeline send + receive buffers
+                + 2 · logits / (tp, or 1 when the head's
+                  output is already sequence-sharded)     fp32 logits for the loss, last stage
+                + (2·w + g) · max_layers P(layer)/tp      ZeRO-3 only: the gathered layer, the
+                                                          prefetched next one, its full gradient
+
+``stored`` and ``work`` come from :func:`planner.cost.model.layer_table` (what autograd saves per
+micro-batch, after tensor/sequence parallelism and recomputation); ``in_flight`` is the number of
+micro-batches whose activations the schedule keeps on that device
+(:func:`planner.schedules.in_flight`). A device fits when the total is at most
+``usable_fraction · memory − reserved`` (allocator fragmentation; CUDA context, NCCL and cuBLAS
+workspaces). The three implementations below (one stage, vector over starts, matrix over
+segments) are the same formula; ``tests/cost/test_memory_consistency.py`` checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from planner.cluster import ClusterSpec
+from planner.cost.constants import DTYPE_BYTES, CostConstants
+from planner.plan import ParallelConfig
+
+if TYPE_CHECKING:
+    from planner.cost.model import LayerTable
+
+
+def stage_params(table: LayerTable, start: int, stop: int) -> float:
+    """Parameters a stage holds: its own plus tied ones owned outside it (counted once each)."""
+    own = float(table.params[start:stop].sum())
+    extra: dict[str, int] = {}
+    for i in range(start, stop):
+        for name, numel, owner in table.tied[i]:
+            if not start <= owner < stop:
+                extra[name] = numel
+    return own + sum(extra.values())
+
+
+@dataclass(frozen=True)
+class MemoryParts:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    temporary: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.temporary
+
+    def as_dict(self) -> dict[str, int]:
+        return {"weights": int(self.weights), "gradients": int(self.gradients), "optimizer": int(self.optimizer),
+                "activations": int(self.activations), "temporary": int(self.temporary), "total": int(self.total)}
+
+
+def _per_param_bytes(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> tuple[float, float, float]:
+    """Weight, gradient and optimizer bytes per (unsplit) parameter on one device, after sharding."""
+    w, g, o = c.state_bytes(table.dtype)
+    dp = cfg.dp
+    return (w / (dp if cfg.zero_stage >= 3 else 1) / cfg.tp, g / (dp if cfg.zero_stage >= 2 else 1) / cfg.tp,
+            o / (dp if cfg.zero_stage >= 1 else 1) / cfg.tp)
+
+
+def _gather_bytes_per_param(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> float:
+    """ZeRO-3 temporaries per parameter of the largest layer: two gathered copies and one gradient."""
+    if cfg.zero_stage < 3 or cfg.dp <= 1:
+        return 0.0
+    w, g, _ = c.state_bytes(table.dtype)
+    return (2 * w + g) / cfg.tp
+
+
+def _logits_factor(table: LayerTable, cfg: ParallelConfig) -> float:
+    """Bytes of the fp32 loss workspace per byte of the last layer's (per-device) output."""
+    fp32 = 4.0 / DTYPE_BYTES.get(table.dtype, 2)
+    return fp32 / (1 if cfg.sequence_parallel else cfg.tp)
+
+
+def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight: float, cfg: ParallelConfig,
+                 c: CostConstants, is_last: bool) -> MemoryParts:
+    """Memory of one device holding ``chunks`` (one per virtual stage) of layers."""
+    params = sum(stage_params(table, a, b) for a, b in chunks)
+    pw, pg, po = _per_param_bytes(table, cfg, c)
+    stored = sum(float(table.stored_act_bytes[a:b].sum()) for a, b in chunks)
+    work = max(float(table.work_act_bytes[a:b].max()) for a, b in chunks)
+    out = max(float(table.output_bytes[a:b].max()) for a, b in chunks)
+    temp = 2 * out  # send and receive buffers
+    temp += _gather_bytes_per_param(table, cfg, c) * max(float(table.params[a:b].max()) for a, b in chunks)
+    if is_last:
+        temp += _logits_factor(table, cfg) * float(table.output_bytes[chunks[-1][1] - 1])
+    return MemoryParts(pw * params, pg * params, po * params, in_flight * stored + work, temp)
+
+
+def usable_memory_bytes(cluster: ClusterSpec, c: CostConstants) -> float:
+    """What the allocator can hand out: ``usable_fraction · memory − reserved``."""
+    return cluster.device.memory_bytes * c.allocator_usable_fraction - c.reserved_bytes
+
+
+def _range_max(arr: np.ndarray) -> np.ndarray:
+    n = len(arr)
+    out = np.zeros((n + 1, n + 1))
+    for i in range(n):
+        out[i, i + 1:] = np.maximum.accumulate(arr[i:])
+    return out
+
+
+def stage_memory_matrix(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *, p: int,
+                        in_flight: list[float]):
+    """``f(k)[i, j]``: memory of a stage holding layers [i, j) at position k (same formula as
+    :func:`stage_memory` for one chunk), for the partition DP's matrix path."""
+    mats = table.matrices()
+    per_param = sum(_per_param_bytes(table, cfg, c))
+    base = per_param * mats["params"] + mats["work_out"]
+    gather = _gather_bytes_per_param(table, cfg, c)
+    if gather:
+        base = base + gather * mats["param_max"]
+    last_col = np.concatenate([[0.0], _logits_factor(table, cfg) * table.output_bytes])[None, :]
+
+    def matrix(k: int) -> np.ndarray:
+        mem = base + in_flight[k] * mats["stored"]
+        return mem + last_col if k == p - 1 else mem
+
+    return matrix
+
+
+def stage_memory_vec(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *, p: int,
+                     in_flight: list[float]):
+    """``f(j, k)``: memory of a stage holding layers [i, j) at position k, as a vector over all i.
+
+    Same formula as :func:`stage_memory` for one chunk; used by the partition DP.
+    """
+    n = len(table.params)
+    P = np.concatenate([[0.0], np.cumsum(table.params)])
+    S = np.concatenate([[0.0], np.cumsum(table.stored_act_bytes)])
+    per_param = sum(_per_param_bytes(table, cfg, c))
+    gather = _gather_bytes_per_param(table, cfg, c)
+    tied = [(u, name, numel, owner) for u in range(n) for name, numel, owner in table.tied[u]]
+    logits = _logits_factor(table, cfg)
+
+    def vec(j: int, k: int) -> np.ndarray:
+        i = np.arange(j)
+        params = P[j] - P[i]
+        seen: set[str] = set()
+        for u, name, numel, owner in tied:
+            if u < j and name not in seen:
+                # counted once per stage: for start i with owner < i <= (last user of name below j)
+                users = [uu for uu, nn, _, _ in tied if nn == name and uu < j]
+                params = params + numel * ((i > owner) & (i <= max(users)))
+                seen.add(name)
+        work = np.maximum.accumulate(table.work_act_bytes[:j][::-1])[::-1]
+        out = np.maximum.accumulate(table.output_bytes[:j][::-1])[::-1]
+        mem = per_param * params + in_flight[k] * (S[j] - S[i]) + work + 2 * out
+        if gather:
+            mem = mem + gather * np.maximum.accumulate(table.params[:j][::-1])[::-1]
+        if k == p - 1:
+            mem = mem + logits * table.output_bytes[j - 1]
+        return mem
+
+    return vec
