@@ -20,7 +20,9 @@ from planner import __version__
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.cost.model import StepPrediction, evaluate as evaluate_cost, layer_table, usable_memory_bytes
+from planner.baselines import BaselineResult, run_baselines
 from planner.errors import InfeasibleError, PlannerError, SpecError
+from planner.graph_io import graph_to_dict
 from planner.models import ModelPreset, load_preset
 from planner.plan import ModelInfo, ParallelConfig, Plan, Prediction, SolverReport, Stage
 from planner.search import Candidate, SearchResult, SearchSpace, partition_for, search
@@ -31,7 +33,7 @@ GiB = 2**30
 
 @dataclass
 class ResolvedModel:
-    module: nn.Module
+    module: nn.Module | None  # None when the graph comes from a plan file
     preset: ModelPreset | None
     graph: CostGraph
 
@@ -90,18 +92,33 @@ def _check_batch(global_batch: Any) -> int:
 def plan(model: nn.Module | str, cluster: ClusterSpec | str, *, global_batch: int, seq_len: int | None = None,
          sample_input: Any = None, nodes: int | None = None, devices_per_node: int | None = None,
          space: SearchSpace | None = None, constants: CostConstants | None = None, dtype: str | None = None,
-         time_limit_s: float | None = None, top_k: int = 5,
+         time_limit_s: float | None = None, top_k: int = 5, baselines: bool = True,
          progress: Callable[[int, int], None] | None = None) -> Plan:
-    """Search for the fastest configuration of ``model`` on ``cluster`` that fits in memory."""
+    """Search for the fastest configuration of ``model`` on ``cluster`` that fits in memory.
+
+    With ``baselines`` (default), the plan also records the best configuration each common
+    recipe (pure DP, ZeRO-3/FSDP, Megatron-LM) reaches under the same cost model.
+    """
     _check_batch(global_batch)
     spec = resolve_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node)
     resolved = resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
+    return plan_resolved(resolved, spec, global_batch=global_batch, space=space, constants=constants,
+                         time_limit_s=time_limit_s, top_k=top_k, baselines=baselines, progress=progress)
+
+
+def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: int,
+                  space: SearchSpace | None = None, constants: CostConstants | None = None,
+                  time_limit_s: float | None = None, top_k: int = 5, baselines: bool = True,
+                  progress: Callable[[int, int], None] | None = None) -> Plan:
+    """:func:`plan` for an already traced model (used by what-if analysis on a stored graph)."""
+    _check_batch(global_batch)
     c = constants or CostConstants()
     result = search(resolved.graph, spec, global_batch, space=space, constants=c, time_limit_s=time_limit_s,
                     top_k=top_k, progress=progress)
     if result.best is None:
         raise _infeasible(resolved.graph, spec, global_batch, result, c)
-    return build_plan(resolved, spec, result.best, c, global_batch=global_batch, result=result)
+    base = run_baselines(resolved.graph, spec, global_batch, c) if baselines else []
+    return build_plan(resolved, spec, result.best, c, global_batch=global_batch, result=result, baselines=base)
 
 
 def evaluate(model: nn.Module | str, cluster: ClusterSpec | str, config: ParallelConfig, *,
@@ -153,7 +170,24 @@ def _ranks_for(pp_index: int, cfg: ParallelConfig) -> tuple[int, ...]:
     return tuple((pp_index * cfg.dp + d) * cfg.tp + t for d in range(cfg.dp) for t in range(cfg.tp))
 
 
-def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_batch: int) -> Prediction:
+def _chunk_phase_times(graph: CostGraph, cluster: ClusterSpec, cand: Candidate,
+                       c: CostConstants) -> list[tuple[float, float, float]]:
+    """(forward, backward-input incl. recompute, backward-weight) seconds per micro-batch per chunk,
+    tensor-parallel communication split evenly between forward and backward, as the cost model does."""
+    cfg = cand.config
+    table = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
+                        sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c)
+    out = []
+    for a, b in cand.boundaries:
+        comm = float(table.tp_comm_s[a:b].sum()) / 2
+        out.append((float(table.fwd_s[a:b].sum()) + comm,
+                    float(table.bwd_input_s[a:b].sum() + table.recompute_s[a:b].sum()) + comm,
+                    float(table.bwd_weight_s[a:b].sum())))
+    return out
+
+
+def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_batch: int,
+                phases: list[tuple[float, float, float]]) -> Prediction:
     pred = cand.prediction
     per_device = []
     for pp_index in range(cfg.pp):
@@ -169,6 +203,7 @@ def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_b
             "memory_bytes": pred.memory_per_stage[d].as_dict(),
             "in_flight_micro_batches": float(getattr(sched, "peak_in_flight", [0] * cfg.pp)[d]) if sched else 0.0,
             "binding": pred.binding[d],
+            "chunk_phase_times_s": [list(phases[j]) for j in range(len(phases)) if j % cfg.pp == d],
         })
     return Prediction(
         step_time_s=pred.step_time_s, mfu=pred.mfu, peak_memory_bytes=int(pred.peak_memory_bytes),
@@ -179,7 +214,8 @@ def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_b
 
 
 def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c: CostConstants, *,
-               global_batch: int, result: SearchResult | None) -> Plan:
+               global_batch: int, result: SearchResult | None,
+               baselines: list[BaselineResult] | None = None) -> Plan:
     graph = resolved.graph
     cfg = cand.config
     stages = tuple(
@@ -193,7 +229,7 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
                      param_count=graph.param_count, num_layers=graph.num_layers,
                      layer_names=tuple(layer.name for layer in graph.layers), seq_len=graph.seq_len,
                      dtype=graph.dtype, global_batch=global_batch, flops_per_sample=graph.train_flops)
-    predicted = _prediction(cand, cfg, graph, global_batch)
+    predicted = _prediction(cand, cfg, graph, global_batch, _chunk_phase_times(graph, cluster, cand, c))
     if result is not None:
         top = result.top
         second = top[1].step_time_s if len(top) > 1 else math.nan
@@ -212,9 +248,20 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
                               objective=cand.step_time_s, bound=cand.step_time_s, gap=0.0, time_s=0.0)
         search_info = {}
     explanation = _explain(graph, cluster, cand, c)
+    if baselines:
+        search_info["baselines"] = [b.to_dict(cand.step_time_s) for b in baselines]
+        for b in baselines:
+            if b.step_time_s:
+                ratio = b.step_time_s / cand.step_time_s
+                verdict = (f"{ratio:.2f}x faster than" if ratio > 1.0005 else "ties")
+                explanation.append(f"Plan {verdict} the best {b.name} configuration ({b.config}: "
+                                   f"{b.step_time_s:.4g} s/step).")
+            else:
+                explanation.append(f"{b.name} cannot run this job: {b.reason}.")
     return Plan(model=info, cluster=cluster.to_dict(), cluster_fingerprint=cluster.fingerprint(), parallel=cfg,
                 stages=stages, predicted=predicted, solver=solver, search=search_info,
-                explanation=tuple(explanation), cost_constants=c.to_dict(), planner_version=__version__)
+                explanation=tuple(explanation), cost_constants=c.to_dict(), graph=graph_to_dict(graph),
+                planner_version=__version__)
 
 
 def _status(cand: Candidate) -> str:

@@ -73,9 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default="balanced", choices=["balanced", "uniform"],
                    help="stage boundaries: exact memory-aware DP (balanced) or equal layers per stage (uniform)")
 
-    p = sub.add_parser("explain", help="why a plan is what it is")
+    p = sub.add_parser("explain", help="why a plan is what it is; --what-if re-plans a changed cluster")
     p.add_argument("plan", help="plan JSON file")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--what-if", action="append", default=[], metavar="KNOB=VALUE",
+                   help="re-plan with a change, without retracing: inter_node_bandwidth=2x, nodes=16, memory=0.5x, "
+                        "intra_node_bandwidth=…, devices_per_node=…, peak_flops=…, global_batch=… (repeatable)")
+
+    p = sub.add_parser("compare", help="the plan against the baselines (pure DP, ZeRO-3, Megatron-LM)")
+    p.add_argument("plan", help="plan JSON file")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("report", help="write a Markdown report with timeline and memory charts")
+    p.add_argument("plan", help="plan JSON file")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="write into an existing folder")
 
     p = sub.add_parser("timeline", help="draw the pipeline timeline of a plan (PNG)")
     p.add_argument("plan", help="plan JSON file")
@@ -104,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     return {"plan": _cmd_plan, "evaluate": _cmd_evaluate, "explain": _cmd_explain, "timeline": _cmd_timeline,
-            "models": _cmd_models, "clusters": _cmd_clusters}[args.command](args)
+            "compare": _cmd_compare, "report": _cmd_report, "models": _cmd_models,
+            "clusters": _cmd_clusters}[args.command](args)
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
@@ -235,7 +248,9 @@ def print_plan(plan: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    import shutil
+
+    console = Console(width=max(shutil.get_terminal_size((130, 40)).columns, 130))
     cfg, pred = plan.parallel, plan.predicted
     fit = "[green]fits[/green]" if pred.fits else "[red]DOES NOT FIT[/red]"
     console.print(f"[bold]{plan.model.name}[/bold] on {plan.cluster.get('name')} ({cfg.world_size} devices), "
@@ -250,7 +265,8 @@ def print_plan(plan: Any) -> None:
     t.add_column("share", justify="right")
     total = pred.step_time_s or 1.0
     for k, v in pred.time_breakdown_s.items():
-        t.add_row(k, f"{v:.4g}", f"{v / total:.1%}")
+        if v > 0:
+            t.add_row(k, f"{v:.4g}", f"{v / total:.1%}")
     console.print(t)
     m = Table(title="memory per device, by pipeline position (GiB)")
     for col in ("stage", "layers", "weights", "grads", "optimizer", "activations", "temp", "total", "binding"):
@@ -273,6 +289,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from planner.plan import Plan
 
     plan = Plan.from_json(args.plan)
+    if args.what_if:
+        return _what_if(plan, args)
     if args.json:
         print(json.dumps({"summary": summary_dict(plan), "explanation": list(plan.explanation),
                           "alternatives": plan.search.get("alternatives", [])}, indent=2))
@@ -290,22 +308,83 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_timeline(args: argparse.Namespace) -> int:
-    from planner import schedules
+def _what_if(plan: Any, args: argparse.Namespace) -> int:
+    from planner import whatif
+
+    changes = [whatif.parse(text) for text in args.what_if]
+    new = whatif.replan(plan, changes, baselines=False)
+    old, cur = plan.predicted, new.predicted
+    rows = [("configuration", plan.parallel.label(), new.parallel.label()),
+            ("devices", str(plan.parallel.world_size), str(new.parallel.world_size)),
+            ("global batch", str(plan.parallel.global_batch), str(new.parallel.global_batch)),
+            ("step time (s)", f"{old.step_time_s:.4g}", f"{cur.step_time_s:.4g}"),
+            ("throughput (samples/s)", f"{old.throughput_samples_per_s:.4g}", f"{cur.throughput_samples_per_s:.4g}"),
+            ("MFU", f"{old.mfu:.1%}", f"{cur.mfu:.1%}"),
+            ("peak memory (GiB)", f"{old.peak_memory_bytes / GiB:.2f}", f"{cur.peak_memory_bytes / GiB:.2f}")]
+    if args.json:
+        print(json.dumps({"what_if": args.what_if, "before": summary_dict(plan), "after": summary_dict(new)},
+                         indent=2))
+        return 0
+    print(f"what if {', '.join(args.what_if)} (re-planned from the stored cost graph, no retracing):")
+    width = max(len(r[0]) for r in rows)
+    print(f"  {'':{width}}  {'now':>40}  {'what-if':>40}")
+    for name, a, b in rows:
+        print(f"  {name:{width}}  {a:>40}  {b:>40}")
+    ratio = cur.throughput_samples_per_s / old.throughput_samples_per_s if old.throughput_samples_per_s else 0.0
+    print(f"  throughput changes by {ratio:.3f}x")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from planner.plan import Plan
+
+    plan = Plan.from_json(args.plan)
+    rows = plan.search.get("baselines", [])
+    if args.json:
+        print(json.dumps({"plan": summary_dict(plan), "baselines": rows}, indent=2))
+        return 0
+    if not rows:
+        print("this plan records no baselines (made by `evaluate`, or with baselines off); "
+              "re-create it with `python -m planner plan`")
+        return 0
+    print(f"{plan.model.name} on {plan.cluster.get('name')} ({plan.parallel.world_size} devices), "
+          f"global batch {plan.parallel.global_batch}, same cost model and graph:")
+    print(f"  {'recipe':13s} {'step (s)':>10s} {'MFU':>7s} {'plan faster by':>15s}  configuration")
+    print(f"  {'this plan':13s} {plan.predicted.step_time_s:10.4g} {plan.predicted.mfu:7.1%} {'':>15s}  "
+          f"{plan.parallel.label()}")
+    for b in rows:
+        if b.get("step_time_s"):
+            print(f"  {b['name']:13s} {b['step_time_s']:10.4g} {b['mfu']:7.1%} {b['speedup_of_plan']:14.3f}x  "
+                  f"{b['config']}")
+        else:
+            print(f"  {b['name']:13s} {'—':>10s} {'—':>7s} {'—':>15s}  cannot run: {b.get('reason', '')}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
     from planner.errors import SpecError
     from planner.plan import Plan
+    from planner.report import write_report
+
+    plan = Plan.from_json(args.plan)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise SpecError("--output", args.output, "the folder is not empty; pass --force to write into it")
+    index = write_report(plan, out)
+    print(f"report written to {index} (timeline.png, memory.png, baselines.png)")
+    return 0
+
+
+def _cmd_timeline(args: argparse.Namespace) -> int:
+    from planner.errors import SpecError
+    from planner.plan import Plan
+    from planner.report import timeline
 
     plan = Plan.from_json(args.plan)
     if Path(args.output).exists() and not args.force:
         raise SpecError("--output", args.output, "the file exists; pass --force to overwrite it")
     cfg = plan.parallel
-    stage_s = [s.get("time_per_step_s", 0.0) / cfg.num_micro_batches for s in plan.predicted.stages]
-    if cfg.virtual_stages > 1:
-        stage_s = [t / cfg.virtual_stages for _ in range(cfg.virtual_stages) for t in stage_s]
-    fwd = [t / 3 for t in stage_s]
-    result = schedules.simulate(cfg.schedule, p=cfg.pp, m=cfg.num_micro_batches, v=cfg.virtual_stages,
-                                fwd_s=fwd, bwd_input_s=fwd, bwd_weight_s=fwd)
-    schedules.plot_timeline(result, args.output)
+    result = timeline(plan, Path(args.output))
     print(f"timeline written to {args.output} ({cfg.schedule}, p={cfg.pp}, m={cfg.num_micro_batches}, "
           f"bubble {result.bubble_fraction:.1%})")
     return 0

@@ -155,6 +155,7 @@ class Plan:
     search: dict[str, Any] = field(default_factory=dict)
     explanation: tuple[str, ...] = ()
     cost_constants: dict[str, Any] = field(default_factory=dict)
+    graph: dict[str, Any] = field(default_factory=dict)  # layer-level cost graph (planner.graph_io)
     schema_version: str = SCHEMA_VERSION
     planner_version: str = ""
 
@@ -198,6 +199,7 @@ class Plan:
             solver=SolverReport(**d["solver"]), mesh_axes=tuple(d["mesh"]["axes"]),
             placements=d.get("placements", {}), search=d.get("search", {}),
             explanation=tuple(d.get("explanation", ())), cost_constants=d.get("cost_constants", {}),
+            graph=d.get("graph", {}),
             schema_version=version, planner_version=d.get("planner_version", ""),
         )
 

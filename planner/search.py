@@ -52,6 +52,7 @@ class SearchSpace:
     zero_stage: tuple[int, ...] = (0, 1, 2, 3)
     overlap_grad_reduce: bool = False
     max_micro_batch_size: int = 16
+    partition: str = "balanced"  # "balanced" (exact DP) or "uniform" (equal layers per stage)
 
 
 @dataclass
@@ -217,9 +218,9 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                     cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=m,
                                          virtual_stages=v, schedule=sched, recompute=rec, sequence_parallel=sp,
                                          zero_stage=zero, overlap_grad_reduce=space.overlap_grad_reduce)
-                    part = partition_for(graph, cluster, cfg, table, c)
+                    part = partition_for(graph, cluster, cfg, table, c, balanced=space.partition == "balanced")
                     evaluated += 1
-                    if not part.feasible:
+                    if not part.feasible and part.status != "given":
                         infeasible += 1
                         continue
                     pred = evaluate(graph, cluster, cfg, list(part.boundaries), c, table=table)

@@ -71,7 +71,7 @@ def run_local(args: WorkerArgs, nproc: int) -> dict[int, Any]:
     """Check, then start ``nproc`` workers; returns rank -> return value. Raises :class:`RunCheckError`."""
     plan = load_plan(args.plan_path)
     preflight(plan, local_launch(nproc), resume_dir=args.options.checkpoint_dir if args.options.resume else None)
-    return launch_workers(nproc, run_worker, replace(args, checked=True))
+    return launch_workers(nproc, run_worker, replace(args, checked=True), debug=args.debug)
 
 
 def default_start_method() -> str:
@@ -80,7 +80,8 @@ def default_start_method() -> str:
     return os.environ.get("RUNTIME_START_METHOD") or ("spawn" if torch.cuda.is_available() else "fork")
 
 
-def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = None) -> dict[int, Any]:
+def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = None,
+                   debug: bool = False) -> dict[int, Any]:
     """Run ``fn(*fn_args)`` on ``nproc`` local workers via torch elastic; rank -> return value.
 
     A worker that fails makes the agent stop the others at once (no restarts) and this raises
@@ -93,7 +94,9 @@ def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = Non
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
                           monitor_interval=0.1, start_method=start_method or default_start_method(),
                           local_addr="127.0.0.1")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    if not debug:  # the agent logs each failure with its traceback; we print one line per failure instead
+        for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return elastic_launch(config, fn)(*fn_args)
     except ChildFailedError as exc:

@@ -35,8 +35,14 @@ from planner.plan import Plan
 from runtime import checkpoint as ckpt
 from runtime.data import SyntheticData, as_iterator, check_local_batch
 from runtime.data_parallel import DataParallelMode, allreduce_gradients, apply_data_parallel
-from runtime.model import build_model, build_stage_modules, loss_function, resolve_preset, stages_of_rank, \
-    tied_parameters
+from runtime.model import (
+    build_model,
+    build_stage_modules,
+    loss_function,
+    resolve_preset,
+    stages_of_rank,
+    tied_parameters,
+)
 from runtime.parallel_dims import ParallelDims
 from runtime.pipeline_parallel import choose_schedule
 from runtime.recompute import apply_recompute

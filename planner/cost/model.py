@@ -8,64 +8,95 @@ Two layers of API:
 * :func:`evaluate` prices a full configuration with given stage boundaries and returns a
   :class:`StepPrediction` whose time breakdown adds up to the step time.
 
-Memory per device (bytes), for a stage holding parameters ``P`` split ``tp`` ways:
-  weights ``2·P/tp`` (÷dp under ZeRO-3), gradients ``2·P/tp`` (÷dp under ZeRO-2/3),
-  optimizer ``12·P/tp`` (÷dp under ZeRO-1/2/3),
-  activations ``in_flight(schedule, stage) × Σ stored(layer) × micro-batch``, where stored is
-  what autograd saves (from the trace) times the tensor-parallel shard, minus attention scores
-  under selective recomputation, or only each layer's input under full recomputation (plus
-  one layer's full activations while it is recomputed), and temporary buffers (send/receive
-  and the loss workspace on the last stage). A device fits when the sum is at most
-  ``usable_fraction × memory − reserved`` (see CostConstants).
+Step time (docs/cost-model.md has every formula)::
+
+    step = pipeline(schedule; per-chunk fwd, bwd-input, bwd-weight; p2p)      busiest device's
+                                                                              work + bubble + p2p
+         + max_devices(exposed DP gradient sync + ZeRO-3 gathers + tied-embedding sync + optimizer)
+
+Per chunk, per micro-batch: forward = compute + forward tensor-parallel collectives; backward-input
+= compute + backward collectives + recomputation; backward-weight = compute. Every device runs
+``m`` micro-batches of its chunks, so ``step ≥ m · Σ_layers LayerTable.total_s / pp`` (the busiest
+device works at least the average) — the lower bound the search prunes with.
+
+Memory: :mod:`planner.cost.memory`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from planner.cluster import ClusterSpec
-from planner.cost.comm import Group, all_gather_s, all_reduce_s, p2p_s, reduce_scatter_s, strided_group
-from planner.cost.compute import layer_times
-from planner.cost.constants import CostConstants
+from planner.cost.comm import (
+    Group,
+    all_gather_s,
+    all_reduce_s,
+    p2p_s,
+    reduce_scatter_s,
+    strided_group,
+)
+from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS, activation_shard, layer_times
+from planner.cost.constants import DTYPE_BYTES, CostConstants
+from planner.cost.memory import (
+    MemoryParts,
+    _range_max,
+    stage_memory,
+    stage_memory_matrix,
+    stage_memory_vec,
+    stage_params,
+    usable_memory_bytes,
+)
 from planner.plan import ParallelConfig
 from planner.trace.graph import CostGraph, Layer
 
-
-def _linear_count(layer: Layer) -> int:
-    return sum(1 for op in layer.op_costs if op.kind in ("addmm", "mm", "convolution"))
-
-
-def _range_max(arr: np.ndarray) -> np.ndarray:
-    n = len(arr)
-    out = np.zeros((n + 1, n + 1))
-    for i in range(n):
-        out[i, i + 1:] = np.maximum.accumulate(arr[i:])
-    return out
+__all__ = [
+    "LayerTable", "MemoryParts", "StepPrediction", "evaluate", "layer_table", "stage_memory",
+    "stage_memory_matrix", "stage_memory_vec", "stage_params", "tp_collectives", "usable_memory_bytes",
+]
 
 
-def _tied_spans(tied: list[list[tuple[str, int, int]]]) -> list[tuple[str, int, int]]:
-    """Each tied parameter once: (name, numel, owner layer)."""
-    spans: dict[str, tuple[str, int, int]] = {}
-    for entries in tied:
-        for name, numel, owner in entries:
-            spans[name] = (name, numel, owner)
-    return sorted(spans.values())
+def tp_collectives(layer: Layer, dtype: str) -> tuple[list[float], list[float]]:
+    """Bytes per sample of each forward and each backward all-reduce under Megatron tensor parallelism.
+
+    Linears are column-parallel until a row-parallel one closes the group: one that contracts
+    (``k > n``), or a square one after attention (the output projection). A row-parallel linear
+    all-reduces its output in forward (``m·n``); a column-parallel group all-reduces its input's
+    gradient in backward (``m·k``). A GPT block gives two of each; a vocabulary-parallel head only
+    the backward one; a layer with parameters but no GEMM (a vocabulary-parallel embedding) one
+    forward all-reduce of its output. With sequence parallelism each all-reduce becomes a
+    reduce-scatter plus an all-gather of the same bytes and the same ring time.
+    """
+    elt = DTYPE_BYTES.get(dtype, 2)
+    fwd: list[float] = []
+    bwd: list[float] = []
+    group_open = after_attention = False
+    linears = 0
+    for op in layer.op_costs:
+        if op.kind in ATTENTION_KINDS:
+            after_attention = True
+            continue
+        if op.kind not in LINEAR_KINDS or not op.m:
+            continue
+        linears += 1
+        row = group_open and (op.k > op.n or (op.k == op.n and after_attention))
+        if row:
+            fwd.append(float(op.m * op.n * elt))
+            group_open = False
+        elif not group_open:
+            bwd.append(float(op.m * op.k * elt))
+            group_open = True
+        after_attention = False
+    if not linears and layer.param_count > 0 and layer.output_bytes > 0:
+        fwd.append(float(layer.output_bytes))
+    return fwd, bwd
 
 
 def tp_allreduces(layer: Layer) -> int:
-    """All-reduces per forward under Megatron-style tensor parallelism.
-
-    Column- then row-parallel pairs of weight GEMMs need one all-reduce per pair; a layer with
-    parameters but no GEMM (a vocabulary-parallel embedding) needs one. Refined per op by the
-    intra-op ILP where it runs.
-    """
-    n = _linear_count(layer)
-    if n:
-        return math.ceil(n / 2)
-    return 1 if layer.param_count > 0 else 0
+    """All-reduces per forward + backward pass under tensor parallelism (see :func:`tp_collectives`)."""
+    fwd, bwd = tp_collectives(layer, "bf16")
+    return len(fwd) + len(bwd)
 
 
 @dataclass
@@ -78,15 +109,21 @@ class LayerTable:
     recompute_s: np.ndarray
     tp_comm_s: np.ndarray  # forward + backward
     stored_act_bytes: np.ndarray  # held per in-flight micro-batch
-    work_act_bytes: np.ndarray  # extra working set while one layer is recomputed (full recompute)
+    work_act_bytes: np.ndarray  # extra working set while one layer is recomputed
     params: np.ndarray  # own parameters (not divided by tp)
     output_bytes: np.ndarray  # per micro-batch, per device
     tied: list[list[tuple[str, int, int]]]
     _matrices: dict[str, np.ndarray] | None = None
+    tp_comm_fwd_s: np.ndarray | None = None  # the forward part of tp_comm_s (None: half of it)
+    dtype: str = "bf16"
 
     @property
     def total_s(self) -> np.ndarray:
         return self.fwd_s + self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_comm_s
+
+    @property
+    def tp_comm_forward_s(self) -> np.ndarray:
+        return self.tp_comm_s / 2 if self.tp_comm_fwd_s is None else self.tp_comm_fwd_s
 
     def matrices(self) -> dict[str, np.ndarray]:
         """Per-segment sums and maxima, ``[i, j]`` for layers [i, j), computed once per table."""
@@ -95,27 +132,39 @@ class LayerTable:
             P = np.concatenate([[0.0], np.cumsum(self.params)])
             S = np.concatenate([[0.0], np.cumsum(self.stored_act_bytes)])
             params = P[None, :] - P[:, None]
-            for name, numel, owner in _tied_spans(self.tied):
+            spans: dict[str, tuple[int, int]] = {}
+            for entries in self.tied:
+                for name, numel, owner in entries:
+                    spans[name] = (numel, owner)
+            i = np.arange(n + 1)[:, None]
+            j = np.arange(n + 1)[None, :]
+            for name, (numel, owner) in sorted(spans.items()):
                 # held by [i, j) when some user u is inside (i <= u < j) and its owner is not (i > owner)
-                i = np.arange(n + 1)[:, None]
                 users = np.array([u for u, t in enumerate(self.tied) if any(x[0] == name for x in t)])
-                first_user_at_or_after_i = np.array([users[users >= ii].min() if (users >= ii).any() else n + 1
-                                                     for ii in range(n + 1)])[:, None]
-                j = np.arange(n + 1)[None, :]
-                params = params + numel * ((i > owner) & (first_user_at_or_after_i < j))
-            work = _range_max(self.work_act_bytes)
-            out = _range_max(self.output_bytes)
-            self._matrices = {"params": params, "stored": S[None, :] - S[:, None], "work_out": work + 2 * out}
+                first_user = np.array([users[users >= ii].min() if (users >= ii).any() else n + 1
+                                       for ii in range(n + 1)])[:, None]
+                params = params + numel * ((i > owner) & (first_user < j))
+            self._matrices = {"params": params, "stored": S[None, :] - S[:, None],
+                              "work_out": _range_max(self.work_act_bytes) + 2 * _range_max(self.output_bytes),
+                              "param_max": _range_max(self.params)}
         return self._matrices
 
 
 def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int, sequence_parallel: bool,
                 recompute: str, c: CostConstants, dtype: str | None = None) -> LayerTable:
+    """Seconds and bytes per layer and micro-batch on one device of a ``tp``-way group.
+
+    Recomputation (Chen et al. 2016; Korthikanti et al. 2022): ``none`` stores what autograd
+    saves; ``selective`` drops the attention scores (softmax, dropout mask and output:
+    ``attention_activation_bytes``) and repeats the attention core in backward; ``full`` stores
+    only each layer's input, repeats the whole forward (its tensor-parallel collectives too) and
+    holds one layer's full activations while it is recomputed.
+    """
     dtype = dtype or graph.dtype
     device = cluster.device
     tp_group = strided_group(cluster, tp, 1)
     n = graph.num_layers
-    arr = {k: np.zeros(n) for k in ("f", "b", "w", "r", "tc", "st", "wk", "p", "o")}
+    arr = {k: np.zeros(n) for k in ("f", "b", "w", "r", "tc", "tcf", "st", "wk", "p", "o")}
     by_signature: dict[str, object] = {}
     for i, layer in enumerate(graph.layers):
         t = by_signature.get(layer.signature)
@@ -124,81 +173,32 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
                             device=device, dtype=dtype, c=c)
             by_signature[layer.signature] = t
         arr["f"][i], arr["b"][i], arr["w"][i] = t.fwd_s, t.bwd_input_s, t.bwd_weight_s
-        out_bytes = layer.output_bytes * micro_batch
-        ar = all_reduce_s(out_bytes, tp_group, c) if tp > 1 else 0.0
-        arr["tc"][i] = 2 * tp_allreduces(layer) * ar
-        if sequence_parallel or layer.activation_bytes <= 0:
-            shard = 1.0 / tp
+        if tp > 1:
+            fwd_c, bwd_c = tp_collectives(layer, dtype)
+            tc_fwd = sum(all_reduce_s(x * micro_batch, tp_group, c) for x in fwd_c)
+            tc_bwd = sum(all_reduce_s(x * micro_batch, tp_group, c) for x in bwd_c)
         else:
-            rep = min(1.0, layer.replicated_activation_bytes / layer.activation_bytes)
-            shard = rep + (1.0 - rep) / tp
+            tc_fwd = tc_bwd = 0.0
+        arr["tcf"][i], arr["tc"][i] = tc_fwd, tc_fwd + tc_bwd
+        shard = activation_shard(layer, tp, sequence_parallel)
         full = layer.activation_bytes * shard * micro_batch
         if recompute == "none":
             arr["st"][i] = full
         elif recompute == "selective":
-            arr["st"][i] = (layer.activation_bytes - layer.attention_activation_bytes) * shard * micro_batch
+            attention = layer.attention_activation_bytes * shard * micro_batch
+            arr["st"][i] = full - attention
+            arr["wk"][i] = attention
             arr["r"][i] = t.attention_fwd_s
         else:
             arr["st"][i] = layer.input_bytes * micro_batch / (tp if sequence_parallel else 1)
             arr["wk"][i] = full
-            arr["r"][i] = t.fwd_s + arr["tc"][i] / 2
+            arr["r"][i] = t.fwd_s + tc_fwd
         arr["p"][i] = layer.param_count
-        arr["o"][i] = out_bytes / (tp if sequence_parallel else 1)
+        arr["o"][i] = layer.output_bytes * micro_batch / (tp if sequence_parallel else 1)
     tied = [[(t.name, t.numel, t.owner) for t in layer.tied_params] for layer in graph.layers]
     return LayerTable(fwd_s=arr["f"], bwd_input_s=arr["b"], bwd_weight_s=arr["w"], recompute_s=arr["r"],
                       tp_comm_s=arr["tc"], stored_act_bytes=arr["st"], work_act_bytes=arr["wk"], params=arr["p"],
-                      output_bytes=arr["o"], tied=tied)
-
-
-def stage_params(table: LayerTable, start: int, stop: int) -> float:
-    """Parameters a stage holds: its own plus tied ones owned outside it (counted once each)."""
-    own = float(table.params[start:stop].sum())
-    extra: dict[str, int] = {}
-    for i in range(start, stop):
-        for name, numel, owner in table.tied[i]:
-            if not start <= owner < stop:
-                extra[name] = numel
-    return own + sum(extra.values())
-
-
-@dataclass(frozen=True)
-class MemoryParts:
-    weights: float
-    gradients: float
-    optimizer: float
-    activations: float
-    temporary: float
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.temporary
-
-    def as_dict(self) -> dict[str, int]:
-        return {"weights": int(self.weights), "gradients": int(self.gradients), "optimizer": int(self.optimizer),
-                "activations": int(self.activations), "temporary": int(self.temporary), "total": int(self.total)}
-
-
-def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight: float, cfg: ParallelConfig,
-                 c: CostConstants, is_last: bool) -> MemoryParts:
-    """Memory of one device holding ``chunks`` (one per virtual stage) of layers."""
-    params = sum(stage_params(table, a, b) for a, b in chunks) / cfg.tp
-    dp = cfg.dp
-    weights = c.weight_bytes * params / (dp if cfg.zero_stage >= 3 else 1)
-    grads = c.grad_bytes * params / (dp if cfg.zero_stage >= 2 else 1)
-    optim = c.optimizer_bytes * params / (dp if cfg.zero_stage >= 1 else 1)
-    stored = sum(float(table.stored_act_bytes[a:b].sum()) for a, b in chunks)
-    work = max(float(table.work_act_bytes[a:b].max()) for a, b in chunks)
-    acts = in_flight * stored + work
-    out = max(float(table.output_bytes[a:b].max()) for a, b in chunks)
-    temp = 2 * out  # send and receive buffers
-    if is_last:
-        last = chunks[-1][1] - 1
-        temp += 2 * float(table.output_bytes[last]) / (1 if cfg.sequence_parallel else cfg.tp)  # fp32 logits
-    return MemoryParts(weights, grads, optim, acts, temp)
-
-
-def usable_memory_bytes(cluster: ClusterSpec, c: CostConstants) -> float:
-    return cluster.device.memory_bytes * c.allocator_usable_fraction - c.reserved_bytes
+                      output_bytes=arr["o"], tied=tied, tp_comm_fwd_s=arr["tcf"], dtype=dtype)
 
 
 @dataclass
@@ -224,6 +224,30 @@ def _chunks_of_device(boundaries: list[tuple[int, int]], pp: int, device: int) -
     return [boundaries[j] for j in range(len(boundaries)) if j % pp == device]
 
 
+def _pipeline_p2p_s(table: LayerTable, boundaries: list[tuple[int, int]], cfg: ParallelConfig,
+                    cluster: ClusterSpec, c: CostConstants) -> float:
+    """Seconds to hand one micro-batch's activation (or its gradient) to the next stage.
+
+    Consecutive stages are ``dp·tp`` ranks apart. With Megatron's scatter/gather each tp rank sends
+    ``1/tp`` on its own link and the receiver all-gathers over NVLink; sequence-parallel outputs are
+    already split.
+    """
+    if len(boundaries) <= 1:
+        return 0.0
+    dpn = cluster.devices_per_node if cluster.is_homogeneous else 1
+    same_node = cfg.dp * cfg.tp < dpn
+    tp_group = strided_group(cluster, cfg.tp, 1)
+    worst = 0.0
+    for _, b in boundaries[:-1]:
+        nbytes = float(table.output_bytes[b - 1])  # per device (already split under sp)
+        if cfg.tp > 1 and not cfg.sequence_parallel and c.pp_scatter_gather:
+            t = p2p_s(nbytes / cfg.tp, same_node=same_node, cluster=cluster, c=c) + all_gather_s(nbytes, tp_group, c)
+        else:
+            t = p2p_s(nbytes, same_node=same_node, cluster=cluster, c=c)
+        worst = max(worst, t)
+    return worst
+
+
 def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, boundaries: list[tuple[int, int]],
              c: CostConstants, *, table: LayerTable | None = None) -> StepPrediction:
     """Price ``cfg`` with ``boundaries`` (pp × virtual_stages contiguous chunks, in model order)."""
@@ -234,61 +258,81 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     if table is None:
         table = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
                             sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c)
-    same_node = cfg.dp * cfg.tp < (cluster.devices_per_node if cluster.is_homogeneous else 1)
-    fwd, bin_, bw, p2p_list = [], [], [], []
+    tcf = table.tp_comm_forward_s
+    fwd, bin_, bw = [], [], []
     for a, b in boundaries:
-        comm_half = float(table.tp_comm_s[a:b].sum()) / 2
-        fwd.append(float(table.fwd_s[a:b].sum()) + comm_half)
-        bin_.append(float(table.bwd_input_s[a:b].sum()) + comm_half + float(table.recompute_s[a:b].sum()))
+        comm_f = float(tcf[a:b].sum())
+        comm_b = float(table.tp_comm_s[a:b].sum()) - comm_f
+        fwd.append(max(float(table.fwd_s[a:b].sum()) + comm_f, 1e-12))
+        bin_.append(float(table.bwd_input_s[a:b].sum()) + comm_b + float(table.recompute_s[a:b].sum()))
         bw.append(float(table.bwd_weight_s[a:b].sum()))
-        p2p_list.append(p2p_s(float(table.output_bytes[b - 1]), same_node=same_node, cluster=cluster, c=c))
-    p2p = max(p2p_list[:-1]) if len(p2p_list) > 1 else 0.0
+    p2p = _pipeline_p2p_s(table, boundaries, cfg, cluster, c)
     result = schedules.estimate(cfg.schedule, p=p, m=m, v=v, fwd_s=fwd, bwd_input_s=bin_, bwd_weight_s=bw,
                                 p2p_s=p2p)
     pipeline_s = result.step_time_s
+    if p2p > 0:
+        no_p2p_s = schedules.estimate(cfg.schedule, p=p, m=m, v=v, fwd_s=fwd, bwd_input_s=bin_, bwd_weight_s=bw,
+                                      p2p_s=0.0).step_time_s
+    else:
+        no_p2p_s = pipeline_s
 
-    # Data-parallel gradient reduction (and ZeRO-3 parameter gathers), per device, slowest device.
+    # Per device: data-parallel gradient sync (and ZeRO gathers), tied-embedding sync, optimizer.
+    w_b, g_b, _ = c.state_bytes(table.dtype)
     dp_group: Group = strided_group(cluster, cfg.dp, cfg.tp)
-    dp_exposed, optim_s = [], []
+    bw_mem = cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
+    per_device = [sum(fwd[j] + bin_[j] + bw[j] for j in range(len(boundaries)) if j % p == d) for d in range(p)]
+    dp_exposed, fsdp_exposed, tied_sync, optim_s = [], [], [], []
     for d in range(p):
         chunks = _chunks_of_device(boundaries, p, d)
         params = sum(stage_params(table, a, b) for a, b in chunks) / cfg.tp
-        grad_bytes = c.grad_bytes * params
+        grads, weights = g_b * params, w_b * params
         if cfg.zero_stage == 0:
-            sync = all_reduce_s(grad_bytes, dp_group, c)
+            reduce, gather = all_reduce_s(grads, dp_group, c), 0.0
+        elif cfg.zero_stage < 3:
+            reduce, gather = reduce_scatter_s(grads, dp_group, c), all_gather_s(weights, dp_group, c)
+        else:  # gradients are reduce-scattered per micro-batch, parameters gathered on use
+            reduce, gather = 0.0, 0.0
+        if cfg.overlap_grad_reduce:  # buckets reduce while the last micro-batch's backward runs
+            reduce = max(0.0, reduce - sum(bin_[j] + bw[j] for j in range(len(boundaries)) if j % p == d))
+        dp_exposed.append(reduce + gather)
+        if cfg.zero_stage >= 3 and cfg.dp > 1:
+            per_mb = 2 * all_gather_s(weights, dp_group, c) + reduce_scatter_s(grads, dp_group, c)
+            fsdp_exposed.append(m * max(0.0, per_mb - per_device[d]))  # prefetch hides what compute covers
         else:
-            sync = reduce_scatter_s(grad_bytes, dp_group, c) + all_gather_s(c.weight_bytes * params, dp_group, c)
-        if cfg.zero_stage >= 3:
-            per_mb = 2 * all_gather_s(c.weight_bytes * params, dp_group, c) + reduce_scatter_s(grad_bytes, dp_group, c)
-            compute_mb = sum(fwd[j] + bin_[j] + bw[j] for j in range(len(boundaries)) if j % p == d)
-            sync += m * max(0.0, per_mb - compute_mb)
-        if cfg.overlap_grad_reduce:
-            last_bwd = sum(bin_[j] + bw[j] for j in range(len(boundaries)) if j % p == d)
-            sync = max(0.0, sync - last_bwd)
-        dp_exposed.append(sync)
+            fsdp_exposed.append(0.0)
+        tied_sync.append(_tied_sync_s(table, boundaries, d, cfg, cluster, c, g_b))
         shard = cfg.dp if cfg.zero_stage >= 1 else 1
-        optim_s.append(c.optimizer_step_bytes_per_param * params / shard
-                       / (cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency))
-    tail = [dp_exposed[d] + optim_s[d] for d in range(p)]
-    step = pipeline_s + max(tail)
+        optim_s.append(c.optimizer_step_bytes_per_param * params / shard / bw_mem)
+    tail = [dp_exposed[d] + fsdp_exposed[d] + tied_sync[d] + optim_s[d] for d in range(p)]
+    worst_tail = int(np.argmax(tail))
+    step = pipeline_s + tail[worst_tail]
 
-    # Breakdown along the busiest device: its work, the rest of the pipeline time is bubble.
-    per_device = [sum(fwd[j] + bin_[j] + bw[j] for j in range(len(boundaries)) if j % p == d) for d in range(p)]
+    # Breakdown along the busiest device: its own work, then what the pipeline adds, then the tail.
     busiest = int(np.argmax(per_device))
     chunks_b = _chunks_of_device(boundaries, p, busiest)
-    compute = m * sum(float(table.fwd_s[a:b].sum() + table.bwd_input_s[a:b].sum() + table.bwd_weight_s[a:b].sum())
-                      for a, b in chunks_b)
-    tp_comm = m * sum(float(table.tp_comm_s[a:b].sum()) for a, b in chunks_b)
-    recomp = m * sum(float(table.recompute_s[a:b].sum()) for a, b in chunks_b)
-    worst_tail = int(np.argmax(tail))
+
+    def seg(arr: np.ndarray) -> float:
+        return m * sum(float(arr[a:b].sum()) for a, b in chunks_b)
+
+    compute = seg(table.fwd_s) + seg(table.bwd_input_s) + seg(table.bwd_weight_s)
+    recomp, tp_comm = seg(table.recompute_s), seg(table.tp_comm_s)
+    bubble = no_p2p_s - compute - recomp - tp_comm
+    dp_key = "dp_comm_exposed_after_overlap" if cfg.overlap_grad_reduce else "dp_comm_exposed"
     breakdown = {
         "compute": compute,
         "recompute": recomp,
         "tp_comm": tp_comm,
-        "pp_bubble_and_p2p": max(0.0, pipeline_s - compute - tp_comm - recomp),
-        "dp_comm_exposed": dp_exposed[worst_tail],
+        "pp_bubble": bubble,
+        "pp_p2p_exposed": pipeline_s - no_p2p_s,
+        dp_key: dp_exposed[worst_tail],
+        "zero3_gather_exposed": fsdp_exposed[worst_tail],
+        "embedding_sync": tied_sync[worst_tail],
         "optimizer": optim_s[worst_tail],
     }
+    notes = []
+    if cfg.overlap_grad_reduce:
+        notes.append("data-parallel gradient reduction overlaps the last micro-batch's backward; "
+                     f"{dp_key} is what remains exposed")
 
     limit = usable_memory_bytes(cluster, c)
     memory: list[MemoryParts] = []
@@ -303,71 +347,41 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
         elif memory[d].total > 0.9 * limit:
             binding.append("memory")
         elif d == busiest and pipeline_s > 0:
-            comm_share = (tp_comm + dp_exposed[d]) / step
+            comm_share = (tp_comm + dp_exposed[d] + fsdp_exposed[d]) / step if step > 0 else 0.0
             binding.append("communication" if comm_share > 0.3 else "compute")
         else:
             binding.append("none (waits on the bottleneck stage)")
     flops = graph.train_flops * cfg.global_batch
-    peak = cluster.device.peak(graph.dtype) * cfg.world_size
+    peak = cluster.device.peak(table.dtype) * cfg.world_size
     mfu = flops / (step * peak) if step > 0 else 0.0
     return StepPrediction(step_time_s=step, mfu=mfu, fits=all(mp.total <= limit for mp in memory),
                           memory_per_stage=memory, time_breakdown_s=breakdown, stage_times_s=per_device,
                           bottleneck_stage=busiest, binding=binding, memory_limit_bytes=limit,
-                          schedule_result=result)
+                          schedule_result=result, notes=notes)
 
 
-def stage_memory_matrix(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *, p: int,
-                        in_flight: list[float]):
-    """``f(k)[i, j]``: memory of a stage holding layers [i, j) at position k (same formula as
-    :func:`stage_memory` for one chunk), for the partition DP's matrix path."""
-    mats = table.matrices()
-    dp = cfg.dp
-    per_param = (c.weight_bytes / (dp if cfg.zero_stage >= 3 else 1)
-                 + c.grad_bytes / (dp if cfg.zero_stage >= 2 else 1)
-                 + c.optimizer_bytes / (dp if cfg.zero_stage >= 1 else 1)) / cfg.tp
-    base = per_param * mats["params"] + mats["work_out"]
-    logits_shard = 1 if cfg.sequence_parallel else cfg.tp
-    last_col = np.concatenate([[0.0], 2 * table.output_bytes / logits_shard])[None, :]
-
-    def matrix(k: int) -> np.ndarray:
-        mem = base + in_flight[k] * mats["stored"]
-        return mem + last_col if k == p - 1 else mem
-
-    return matrix
-
-
-def stage_memory_vec(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *, p: int,
-                     in_flight: list[float]):
-    """``f(j, k)``: memory of a stage holding layers [i, j) at position k, as a vector over all i.
-
-    Same formula as :func:`stage_memory` for one chunk; used by the partition DP.
-    """
-    n = len(table.params)
-    P = np.concatenate([[0.0], np.cumsum(table.params)])
-    S = np.concatenate([[0.0], np.cumsum(table.stored_act_bytes)])
-    dp = cfg.dp
-    per_param = (c.weight_bytes / (dp if cfg.zero_stage >= 3 else 1)
-                 + c.grad_bytes / (dp if cfg.zero_stage >= 2 else 1)
-                 + c.optimizer_bytes / (dp if cfg.zero_stage >= 1 else 1)) / cfg.tp
-    tied = [(u, name, numel, owner) for u in range(n) for name, numel, owner in table.tied[u]]
-    logits_shard = 1 if cfg.sequence_parallel else cfg.tp
-
-    def vec(j: int, k: int) -> np.ndarray:
-        i = np.arange(j)
-        params = P[j] - P[i]
-        seen: set[str] = set()
-        for u, name, numel, owner in tied:
-            if u < j and name not in seen:
-                # counted once per stage: for start i with owner < i <= (first user of name below j)
-                users = [uu for uu, nn, _, _ in tied if nn == name and uu < j]
-                first_user_max = max(users)
-                params = params + numel * ((i > owner) & (i <= first_user_max))
-                seen.add(name)
-        work = np.maximum.accumulate(table.work_act_bytes[:j][::-1])[::-1]
-        out = np.maximum.accumulate(table.output_bytes[:j][::-1])[::-1]
-        mem = per_param * params + in_flight[k] * (S[j] - S[i]) + work + 2 * out
-        if k == p - 1:
-            mem = mem + 2 * table.output_bytes[j - 1] / logits_shard
-        return mem
-
-    return vec
+def _tied_sync_s(table: LayerTable, boundaries: list[tuple[int, int]], device: int, cfg: ParallelConfig,
+                 cluster: ClusterSpec, c: CostConstants, grad_bytes: float) -> float:
+    """All-reduce of tied parameters' gradients between the pipeline devices that hold them
+    (Megatron's embedding group: the first and last stage share the word embedding)."""
+    if cfg.pp <= 1:
+        return 0.0
+    holders: dict[str, tuple[int, set[int]]] = {}
+    for i, entries in enumerate(table.tied):
+        for name, numel, owner in entries:
+            holders.setdefault(name, (numel, set()))[1].update((owner, i))
+    p = cfg.pp
+    device_of = [j % p for j, (a, b) in enumerate(boundaries) for _ in range(a, b)]
+    dpn = cluster.devices_per_node if cluster.is_homogeneous else 1
+    total = 0.0
+    for numel, layers in holders.values():
+        devices = {device_of[i] for i in layers}
+        if device not in devices or len(devices) < 2:
+            continue
+        span = (max(devices) - min(devices)) * cfg.dp * cfg.tp  # rank distance between the holders
+        group = Group(size=len(devices), nodes=1 if span < dpn else len(devices), per_node=1,
+                      intra_bw=cluster.intra_node.bandwidth_bytes_per_s, intra_latency_s=cluster.intra_node.latency_s,
+                      nic_bw=min(g.inter_node.bandwidth_bytes_per_s / g.devices_per_node for g in cluster.groups),
+                      inter_latency_s=cluster.inter_node.latency_s)
+        total += all_reduce_s(grad_bytes * numel / cfg.tp, group, c)
+    return total

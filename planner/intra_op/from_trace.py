@@ -85,12 +85,17 @@ def op_graph_from_cost_graph(cost_graph: CostGraph, layer: int, *, batch_size: i
     """The :class:`OpGraph` of layer ``layer`` for a step of ``batch_size`` samples (default: traced)."""
     if not 0 <= layer < cost_graph.num_layers:
         raise ValueError(f"layer: got {layer}; the model has layers 0..{cost_graph.num_layers - 1}")
+    return layer_op_graph(cost_graph, layer, batch_size=batch_size, active=activation_nodes(cost_graph),
+                          nodes=layer_nodes(cost_graph)[layer])
+
+
+def layer_op_graph(cost_graph: CostGraph, layer: int, *, batch_size: int | None, active: set[str],
+                   nodes: list[str]) -> OpGraph:
+    """:func:`op_graph_from_cost_graph` with the whole-graph scans done once by the caller."""
     b0 = traced_batch(cost_graph)
     batch = batch_size or b0
     if batch < 1:
         raise ValueError(f"batch_size: got {batch_size}; expected a positive integer")
-    active = activation_nodes(cost_graph)
-    nodes = layer_nodes(cost_graph)[layer]
     conv = _Converter(cost_graph, active, b0=b0, batch=batch,
                       name=cost_graph.layers[layer].name if cost_graph.layers else f"layer{layer}")
     for src in external_inputs(cost_graph, nodes, active):

@@ -50,6 +50,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -265,10 +266,14 @@ class _Cbc:
         self.pulp = pulp
         self.p = problem
         self.prob = pulp.LpProblem("intra_op", pulp.LpMinimize)
-        self.x = [[pulp.LpVariable(f"x_{g}_{s}", cat="Binary") for s in range(len(c))] for g, c in
-                  enumerate(problem.cost)]
+        self.x = [[self._var(f"x_{g}_{s}", "Binary") for s in range(len(c))] for g, c in enumerate(problem.cost)]
         self.y: dict[tuple[int, int], list[list]] = {}
         self.names: dict[str, str] = {}  # CBC-safe name → our name
+
+    def _var(self, name: str, cat: str):
+        if hasattr(self.prob, "add_variable"):  # PuLP >= 3.3; LpVariable(...) alone is deprecated there
+            return self.prob.add_variable(name, 0, 1, cat=cat)
+        return self.pulp.LpVariable(name, lowBound=0, upBound=1, cat=cat)
 
     def _named(self, constraint, name: str) -> None:
         safe = f"c{len(self.names)}_" + re.sub(r"[^A-Za-z0-9_]", "_", name)[:60]
@@ -285,8 +290,7 @@ class _Cbc:
             row_of, col_of, small = compress(mat)
             rows, cols = small.shape
             # continuous is exact here: with binary x the transportation constraints leave one y = 1
-            y = [[self.pulp.LpVariable(f"y_{g}_{h}_{a}_{b}", lowBound=0, upBound=1) for b in range(cols)]
-                 for a in range(rows)]
+            y = [[self._var(f"y_{g}_{h}_{a}_{b}", "Continuous") for b in range(cols)] for a in range(rows)]
             self.y[(g, h)] = (y, small)
             label = f"{self.p.group_names[g]}->{self.p.group_names[h]}"
             for a in range(rows):
@@ -321,12 +325,13 @@ class _Cbc:
 
     def solve(self, *, time_limit_s: float, num_workers: int) -> IlpResult:
         pulp = self.pulp
-        nvars = len(self.prob.variables())
-        ncons = len(self.prob.constraints)
+        nvars, ncons = self.prob.numVariables(), self.prob.numConstraints()
         with tempfile.TemporaryDirectory(prefix="intra_op_cbc_") as tmp:
             log = os.path.join(tmp, "cbc.log")
-            solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, threads=num_workers,
-                                       logPath=log, keepFiles=False)
+            with warnings.catch_warnings():  # PuLP 3 warns that its bundled CBC goes away in PuLP 4
+                warnings.simplefilter("ignore", DeprecationWarning)
+                solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, threads=num_workers,
+                                           logPath=log, keepFiles=False)
             start = time.perf_counter()
             self.prob.solve(solver)
             elapsed = time.perf_counter() - start

@@ -19,7 +19,7 @@ from planner.intra_op.from_trace import (
     activation_nodes,
     external_inputs,
     layer_nodes,
-    op_graph_from_cost_graph,
+    layer_op_graph,
 )
 from planner.intra_op.mesh import MeshSpec
 from planner.intra_op.solution import LayerSharding, OpSharding, ShardingSolution
@@ -109,7 +109,7 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
     unit_of: dict[int, int] = {}
     rep_of: dict[int, int] = {}
     for run in runs:
-        graph = op_graph_from_cost_graph(cost_graph, run[0], batch_size=batch_size)
+        graph = layer_op_graph(cost_graph, run[0], batch_size=batch_size, active=active, nodes=nodes[run[0]])
         groups, group_of = build_groups(graph, cm)
         units.append(Unit(graph=graph, weight=len(run), groups=groups, group_of=group_of))
         for li in run:

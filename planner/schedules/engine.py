@@ -31,6 +31,7 @@ class Executed:
     program: Program
     starts: tuple[tuple[float, ...], ...]
     ends: tuple[tuple[float, ...], ...]
+    sequence: tuple[tuple[int, int], ...] = ()  # (device, index) in the order the engine resolved them
 
     @property
     def makespan_s(self) -> float:
@@ -58,6 +59,7 @@ def execute(
     cursor = [0] * program.num_devices
     free_at = [0.0] * program.num_devices
     remaining = sum(len(a) for a in program.actions)
+    sequence: list[tuple[int, int]] = []
 
     def ready_time(action: Action) -> float | None:
         k, j = action.stage, action.microbatch
@@ -110,6 +112,7 @@ def execute(
                 starts[device].append(start)
                 ends[device].append(end)
                 free_at[device] = end
+                sequence.append((device, cursor[device]))
                 cursor[device] += 1
                 remaining -= 1
                 progressed = True
@@ -119,6 +122,7 @@ def execute(
         program=program,
         starts=tuple(tuple(s) for s in starts),
         ends=tuple(tuple(e) for e in ends),
+        sequence=tuple(sequence),
     )
 
 

@@ -1,11 +1,15 @@
 """Measured op nodes → :class:`CostGraph`: assign ops to layers, own parameters, sum per layer.
 
 * An op belongs to the layer whose module path is the longest prefix of its own. Ops outside any
-  layer (root-level glue, inputs) join a neighbour: the latest layer feeding them, else the
-  earliest layer they feed.
+  layer (root-level glue, inputs) join a neighbour: the latest layer feeding them, else the one
+  layer they feed, else (values several layers read, like an attention mask built from
+  nothing) the layer running at that point, so repeated blocks stay alike.
 * A parameter is owned by the first layer that uses it; later users list it in ``tied_params``.
   Parameters never used in forward are owned by the layer of their module (else the first
   layer) and reported in the notes, so the owned counts always sum to the model's parameters.
+* Activation memory is what autograd saves for backward, counted once per layer that saves it
+  (a tensor several layers save, like rotary tables or the encoder output a decoder reads, is
+  held by every pipeline stage holding one of them), once within a layer.
 * Attention scores are recognised by shape, not by name: tensors shaped like a softmax output
   with three or more dims and a heads dimension (``[b, heads, s, t]`` or ``[b·heads, s, t]``).
 * Costs are divided by the traced batch: every per-layer figure is per sample.
@@ -79,9 +83,9 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
             raw_layer[op.name] = max(prev) if prev else -1
     for op in reversed(ops):
         if raw_layer[op.name] < 0:
-            nxt = [raw_layer[c] for c in consumers[op.name] if raw_layer[c] >= 0]
-            if nxt:
-                raw_layer[op.name] = min(nxt)
+            nxt = {raw_layer[c] for c in consumers[op.name] if raw_layer[c] >= 0}
+            if len(nxt) == 1:  # shared inputs (masks, positions) stay with the layer that makes them
+                raw_layer[op.name] = nxt.pop()
     last = next((raw_layer[op.name] for op in ops if raw_layer[op.name] >= 0), 0)
     for op in ops:  # isolated ops (assertions, unused values): the layer running at that point
         if raw_layer[op.name] < 0:
@@ -106,6 +110,19 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
         notes.append(f"{len(unused)} submodule(s) never ran in forward and hold no costs: {unused[:5]}")
     layer_of = {name: new_index[raw] for name, raw in raw_layer.items()}
 
+    # Saved tensors: once per layer that saves them (each pipeline stage holding such a layer keeps
+    # the tensor alive), once within a layer; an op is charged with the first save in its layer.
+    seen_in: dict[int, set[object]] = defaultdict(set)
+    saved_by: dict[str, list[tuple[tuple[int, ...], int]]] = {}
+    for op in ops:
+        seen = seen_in[layer_of[op.name]]
+        mine = []
+        for ev in op.events:
+            if ev.base_id not in seen:
+                seen.add(ev.base_id)
+                mine.append((ev.shape, ev.nbytes))
+        saved_by[op.name] = mine
+
     g = nx.DiGraph()
     for op in ops:
         recs = op.records
@@ -116,7 +133,7 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
                    bwd_flops=sum(r.flops * (r.bwd_input_mult + r.bwd_weight_mult) for r in recs) / batch,
                    bytes_read=max(moved - op.output_bytes, 0.0) / batch if moved else 0.0,
                    bytes_written=op.output_bytes / batch if moved else 0.0, param_bytes=0.0,
-                   activation_bytes=sum(b for _, b in op.saved) / batch, replayed_from=op.replayed_from)
+                   activation_bytes=sum(b for _, b in saved_by[op.name]) / batch, replayed_from=op.replayed_from)
     for op in ops:
         node = g.nodes[op.name]
         node["input_shapes"] = [s for src in op.inputs for s in by_name[src].output_shapes]
@@ -146,7 +163,7 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
         incoming = {src for op in members for src in op.inputs if src not in member_names}
         out_numel = max((_numel(s) for o in outgoing for s in by_name[o].output_shapes), default=0)
         recs = [r for op in members for r in op.records]
-        saved = [s for op in members for s in op.saved]
+        saved = [s for op in members for s in saved_by[op.name]]
         attention_saved = [b for shape, b in saved if len(shape) >= 3 and _numel(shape) in score_numels]
         replicated = [b for shape, b in saved if out_numel and shape and _numel(shape) == out_numel]
         gemm_costs = tuple(OpCost(kind=r.name, flops=r.flops / batch, bytes=r.bytes / batch,

@@ -291,6 +291,10 @@ def _charge_glue(ops: list[OpNode], opm: OpMeter, stm: SavedTensorMeter,
         op = target(key) or (ops[0] if ops else None)
         if op is not None:
             op.saved.extend(saved)
+    for key, events in stm.events.items():
+        op = target(key) or (ops[0] if ops else None)
+        if op is not None:
+            op.events.extend(events)
     for key, uses in opm.param_uses.items():
         op = target(key) or (ops[0] if ops else None)
         if op is None:

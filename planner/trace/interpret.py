@@ -61,6 +61,7 @@ class OpNode:
     params: list[nn.Parameter] = field(default_factory=list)
     records: list[AtenRecord] = field(default_factory=list)
     saved: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
+    events: list[PackEvent] = field(default_factory=list)  # every tensor saved for backward, by identity
     replayed_from: str = ""
 
 
@@ -152,7 +153,7 @@ class GraphRunner(torch.fx.Interpreter):
             name=node.name, kind=op_kind(node, self.modules), target=str(node.target), module_path=self.path_of(node),
             inputs=[a.name for a in node.all_input_nodes], output_shapes=shapes, output_bytes=nbytes, dtypes=dtypes,
             params=self._params_of(node), records=self.opm.records.get(node.name, []),
-            saved=self.stm.saved.get(node.name, [])))
+            saved=self.stm.saved.get(node.name, []), events=self.stm.events.get(node.name, [])))
 
     def call_module(self, target, args, kwargs):
         if not self.opaque_leaves:
@@ -282,16 +283,20 @@ class GraphRunner(torch.fx.Interpreter):
             if any(u not in inside for u in n.users):
                 self.env[n] = self._fabricate(ref.values[i], fabricated)
         ext_tensors = _tensors(ext_values)
+        segment = nodes[0].name  # born-inside tensors get identities unique to this segment
         for i, n in enumerate(nodes):
-            saved = []
+            saved, events = [], []
             for cls, ev in ref.events[i]:
                 if cls[0] == "L":
                     if ev.new:
                         saved.append((ev.shape, ev.nbytes))
+                    events.append(PackEvent((segment, ev.base_id), ev.shape, ev.nbytes, ev.new))
                     continue
                 t = ext_tensors[cls[1]] if cls[0] == "E" else _tensors(self.fetch_attr(nodes[cls[1]].target))[0]
                 base = storage_base(t)
-                if id(base) not in self.stm.seen:
+                new = id(base) not in self.stm.seen
+                events.append(PackEvent(id(base), tuple(base.shape), self.stm.nbytes_of(base), new))
+                if new:
                     self.stm.seen.add(id(base))
                     self.stm.keep.append(base)
                     saved.append((tuple(base.shape), self.stm.nbytes_of(base)))
@@ -299,7 +304,7 @@ class GraphRunner(torch.fx.Interpreter):
             self.ops.append(OpNode(
                 name=n.name, kind=r.kind, target=str(n.target), module_path=self.path_of(n),
                 inputs=[a.name for a in n.all_input_nodes], output_shapes=r.output_shapes, output_bytes=r.output_bytes,
-                dtypes=r.dtypes, params=self._params_of(n), records=list(r.records), saved=saved,
+                dtypes=r.dtypes, params=self._params_of(n), records=list(r.records), saved=saved, events=events,
                 replayed_from=r.replayed_from or r.name))
         for ref_base, fab in fabricated.items():
             if ref.base_seen.get(ref_base):

@@ -152,7 +152,7 @@ class OpMeter(TorchDispatchMode):
 class PackEvent:
     """One tensor autograd saved: its storage base, shape, bytes, and whether it was new (counted)."""
 
-    base_id: int
+    base_id: object  # id() of the storage base (replayed blocks use a per-block stand-in)
     shape: tuple[int, ...]
     nbytes: int
     new: bool

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from planner.trace.meter import AtenRecord, OpMeter, SavedTensorMeter, storage_base
+from planner.trace.meter import AtenRecord, OpMeter, PackEvent, SavedTensorMeter, storage_base
 
 _SCRATCH = "<opaque scratch>"
 
@@ -81,10 +81,13 @@ def opaque_call(module: nn.Module, path: str, args: tuple, kwargs: dict, exc: Ba
     if params:
         opm.param_uses.setdefault(key, set()).update(id(p) for p in params)
     base = storage_base(x)
-    if x.is_floating_point() and id(base) not in stm.seen and id(base) not in stm.excluded:
-        stm.seen.add(id(base))
-        stm.keep.append(base)
-        stm.saved.setdefault(key, []).append((tuple(base.shape), stm.nbytes_of(base)))
+    if x.is_floating_point() and id(base) not in stm.excluded:
+        new = id(base) not in stm.seen
+        stm.events.setdefault(key, []).append(PackEvent(id(base), tuple(base.shape), stm.nbytes_of(base), new))
+        if new:
+            stm.seen.add(id(base))
+            stm.keep.append(base)
+            stm.saved.setdefault(key, []).append((tuple(base.shape), stm.nbytes_of(base)))
     stm.keep.append(out)
     note = (f"{path or '<root>'} ({type(module).__name__}) cannot run on the meta device ({reason_of(exc)}); "
             f"treated as an opaque leaf: costs estimated from its {n_params:,} parameters (2 FLOPs per "

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import time
 from typing import Any
 
@@ -205,7 +206,7 @@ class _Tracing:
         return [OpNode(name="<model>", kind=type(self.meta).__name__.lower(), target="", module_path="",
                        inputs=[], output_shapes=shapes, output_bytes=nbytes, dtypes=dtypes,
                        params=list(self.meta.parameters()), records=opm.records.get("<model>", []),
-                       saved=stm.saved.get("<model>", []))]
+                       saved=stm.saved.get("<model>", []), events=stm.events.get("<model>", []))]
 
 
 def _summarise(notes: list[str]) -> list[str]:
@@ -228,10 +229,11 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
     ``sample_input``: a tensor, a tuple of positional arguments, or a dict of keyword arguments.
     All per-layer numbers are divided by the sample batch (the first tensor's dim 0), so they
     are per sample. ``seq_len`` is recorded on the graph; by default it is dim 1 of the first
-    integer (token-id) input, and ``None`` for float inputs (images, audio): pass it for those.
+    integer (token-id) input, else the length of the attention scores seen in the trace (ViT's
+    patches, wav2vec's frames), else ``None`` (a CNN).
     ``reuse``: replay repeated blocks / extrapolate recurrent layers (exact; ``False`` runs all).
     ``copy_model=False`` traces ``model`` itself instead of a meta copy (faster for a model built
-    only to be traced): it must be on meta, and is left in training mode in ``dtype``.
+    only to be traced): it is moved to meta and ``dtype`` in place and left in training mode.
     """
     if not isinstance(model, nn.Module):
         raise SpecError("model", type(model).__name__, "expected a torch.nn.Module or a preset name")
@@ -251,10 +253,8 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
                             else t, (args, kwargs))
     if copy_model:
         meta = _meta_copy(model, torch_dtype)
-    elif any(t.device.type != "meta" for t in list(model.parameters()) + list(model.buffers())):
-        raise SpecError("copy_model", False, "only a model already on the meta device can be traced in place")
     else:
-        meta = model.to(dtype=torch_dtype).train().requires_grad_(True)
+        meta = model.to(device="meta", dtype=torch_dtype).train().requires_grad_(True)
     label = name or type(model).__name__
     gc_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived meta tensors and graph nodes: collection would cost ~25%
@@ -263,6 +263,8 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
             torch.manual_seed(0)  # Python-level randomness in a forward (LayerDrop) is repeatable
             tracing = _Tracing(meta, args, kwargs, reuse)
             ops, method = _capture(tracing, force_module_level)
+        if seq_len is None:
+            seq_len = _attention_length(tracing.softmax_shapes, batch)
         ctx = TraceContext(model=meta, units=tracing.units if method != "opaque" else [""], batch=batch,
                            seq_len=seq_len, dtype=dtype, name=label, method=method,
                            softmax_shapes=tracing.softmax_shapes)
@@ -275,6 +277,12 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
             gc.enable()
     graph.trace_time_s = time.perf_counter() - start
     return graph
+
+
+def _attention_length(shapes: frozenset[tuple[int, ...]], batch: int) -> int | None:
+    """The key length of the attention scores seen (the most common), for float-input models."""
+    lengths = [s[-1] for s in shapes if len(s) >= 3 and math.prod(s[:-2]) != batch]
+    return max(set(lengths), key=lengths.count) if lengths else None
 
 
 def _capture(tracing: _Tracing, force_module_level: bool) -> tuple[list[OpNode], str]:

@@ -8,7 +8,6 @@ from planner.cluster import ClusterSpec
 from planner.intra_op import MeshSpec
 
 
-
 @pytest.fixture(scope="session")
 def node() -> ClusterSpec:
     return ClusterSpec.preset("dgx-a100-80g")

@@ -7,7 +7,15 @@ import math
 import pytest
 
 from planner.cluster import LinkSpec
-from planner.intra_op import MeshSpec, Partial, Replicate, Shard, from_dims_mapping, placement_from_str, to_dims_mapping
+from planner.intra_op import (
+    MeshSpec,
+    Partial,
+    Replicate,
+    Shard,
+    from_dims_mapping,
+    placement_from_str,
+    to_dims_mapping,
+)
 from planner.intra_op.collectives import (
     all_gather_s,
     all_reduce_s,

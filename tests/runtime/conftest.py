@@ -36,6 +36,7 @@ WORLD2 = {
     "dp=2 (DDP)": dict(dp=2, num_micro_batches=2),
     "dp=2 zero=1 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=1),
     "dp=2 zero=3 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=3),
+    "dp=2 user dataloader": dict(dp=2, num_micro_batches=2, user_data=True),
 }
 WORLD4 = {
     "pp=2 dp=2 1f1b": dict(pp=2, dp=2, num_micro_batches=2),
@@ -50,9 +51,10 @@ WORLD4 = {
 
 
 def job_for(name: str, spec: dict, steps: int = STEPS) -> Job:
-    args = {k: v for k, v in spec.items() if k != "tie"}
+    args = {k: v for k, v in spec.items() if k not in ("tie", "user_data")}
     tie = spec.get("tie")
-    return Job(name, make_plan(tie=tie, **args), steps=steps, preset=tiny_preset("gpt-tiny", tie))
+    return Job(name, make_plan(tie=tie, **args), steps=steps, preset=tiny_preset("gpt-tiny", tie),
+               user_data=spec.get("user_data", False))
 
 
 def launch(nproc: int, fn, *args):

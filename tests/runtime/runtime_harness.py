@@ -33,6 +33,7 @@ class Job:
     checkpoint_every: int = 0
     resume: bool = False
     expect_error: bool = False  # the job must raise RunCheckError (e.g. a corrupted checkpoint)
+    user_data: bool = False  # feed the batches through train(data=...) as a user's dataloader would
 
 
 @dataclass
@@ -60,8 +61,9 @@ def run_jobs(jobs: list[Job]) -> dict[str, JobResult]:
             options = RunOptions(steps=job.steps, seed=job.seed, lr=LR, weight_decay=WEIGHT_DECAY,
                                  checkpoint_dir=job.checkpoint_dir, checkpoint_every=job.checkpoint_every,
                                  resume=job.resume, timeout_s=60.0, verbose=False)
+            data = _user_loader(job) if job.user_data else None
             try:
-                res = train(job.plan, options, preset=job.preset)
+                res = train(job.plan, options, preset=job.preset, data=data)
             except RunCheckError as exc:
                 if not job.expect_error:
                     raise
@@ -72,6 +74,21 @@ def run_jobs(jobs: list[Job]) -> dict[str, JobResult]:
     finally:
         dist.destroy_process_group()
     return results
+
+
+def _user_loader(job: Job):
+    """A plain generator of this dp rank's (inputs, targets), like a DistributedSampler-backed loader."""
+    import torch.distributed as dist
+
+    from runtime.data import local_rows
+    from runtime.parallel_dims import ParallelDims
+
+    dp_index = ParallelDims.from_plan(job.plan, dist.get_world_size()).coords(dist.get_rank())[1]
+    rows = local_rows(job.plan, dp_index)
+    for step in range(job.steps):
+        x, y = synthetic_global_batch(job.preset, batch=job.plan.parallel.global_batch,
+                                      seq_len=job.plan.model.seq_len, seed=job.seed, step=step)
+        yield x[rows], y[rows]
 
 
 def reference_losses(plan: Plan, preset: ModelPreset, *, steps: int, seed: int = 0, first_step: int = 0,

@@ -19,7 +19,7 @@ CLUSTER_DEVICE = {"name": "cpu-process", "peak_flops": {"fp32": 4.0e10}, "memory
                   "memory_bandwidth_bytes_per_s": 1.0e10}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _graph(preset_key: str, tie: bool | None):
     preset = tiny_preset(preset_key, tie)
     return trace_model(preset.build(device="meta"), preset.sample_input(1, preset.seq_len), name=preset.name,

@@ -1,0 +1,82 @@
+"""What a user would otherwise pick: pure data parallelism, ZeRO-3/FSDP, Megatron-LM's recipe.
+
+Each baseline is a *restricted search space* priced by the same cost model on the same graph,
+and the best configuration inside it is reported, so a baseline is never a straw man: the plan's
+margin over it is the margin over the best that recipe can do.
+
+* ``pure-dp``: every device holds the whole model (tp = pp = 1, no ZeRO); micro-batch size and
+  recomputation free (gradient accumulation when the batch does not fit).
+* ``zero3-fsdp``: DeepSpeed ZeRO-3 / PyTorch FSDP: tp = pp = 1, parameters, gradients and
+  optimizer state sharded over all devices.
+* ``megatron-lm``: Narayanan et al. 2021 + Korthikanti et al. 2022: tensor parallel across the
+  devices of one node, pipeline across nodes with 1F1B or interleaved 1F1B, equal layers per
+  stage, sequence parallelism with selective (or full) recomputation, distributed optimizer
+  (ZeRO-1) allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from planner.cluster import ClusterSpec
+from planner.cost.constants import CostConstants
+from planner.search import SearchSpace, search
+from planner.trace.graph import CostGraph
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    name: str
+    description: str
+    config: str | None
+    step_time_s: float | None
+    mfu: float | None
+    peak_memory_bytes: int | None
+    reason: str = ""
+
+    def to_dict(self, ours_s: float) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "description": self.description, "config": self.config,
+                             "step_time_s": self.step_time_s, "mfu": self.mfu,
+                             "peak_memory_bytes": self.peak_memory_bytes, "fits": self.step_time_s is not None}
+        if self.step_time_s:
+            d["speedup_of_plan"] = self.step_time_s / ours_s
+        else:
+            d["reason"] = self.reason
+        return d
+
+
+def baseline_spaces(cluster: ClusterSpec) -> dict[str, tuple[str, SearchSpace]]:
+    dpn = cluster.devices_per_node if cluster.is_homogeneous else min(g.devices_per_node for g in cluster.groups)
+    tp = min(dpn, cluster.num_devices)
+    return {
+        "pure-dp": ("pure data parallelism (DDP)",
+                    SearchSpace(tp=(1,), pp=(1,), zero_stage=(0,), sequence_parallel=(False,))),
+        "zero3-fsdp": ("DeepSpeed ZeRO-3 / FSDP, no model parallelism",
+                       SearchSpace(tp=(1,), pp=(1,), zero_stage=(3,), sequence_parallel=(False,))),
+        "megatron-lm": (f"Megatron-LM recipe: tp={tp} within a node, pipeline across nodes, uniform stages, "
+                        "sequence parallel + selective recompute",
+                        SearchSpace(tp=(tp,), schedules=("1f1b", "interleaved-1f1b"),
+                                    sequence_parallel=(True,) if tp > 1 else (False,),
+                                    recompute=("selective", "full"), zero_stage=(0, 1), partition="uniform")),
+    }
+
+
+def run_baselines(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: CostConstants) -> list[BaselineResult]:
+    out = []
+    for name, (description, space) in baseline_spaces(cluster).items():
+        result = search(graph, cluster, global_batch, space=space, constants=c, top_k=1)
+        if result.best is None:
+            reason = "no configuration of this recipe fits in memory"
+            if result.closest_misses:
+                miss = result.closest_misses[0]
+                reason += (f" (closest: {miss.config.label()} needs "
+                           f"{miss.prediction.peak_memory_bytes / 2**30:.1f} GiB per device)")
+            elif result.evaluated == 0:
+                reason = "the recipe does not apply here (no valid degrees for this cluster and batch)"
+            out.append(BaselineResult(name, description, None, None, None, None, reason))
+            continue
+        best = result.best
+        out.append(BaselineResult(name, description, best.config.label(), best.step_time_s, best.prediction.mfu,
+                                  int(best.prediction.peak_memory_bytes)))
+    return out

@@ -1,0 +1,253 @@
+"""Predictions next to published measurements: ``python -m planner.cost.calibrate [--markdown]``.
+
+Megatron-LM (Narayanan et al., SC'21, "Efficient Large-Scale Language Model Training on GPU
+Clusters Using Megatron-LM", arXiv:2104.04473, Table 1): GPT models of 1.7B to 1T parameters on
+DGX A100 80 GB nodes (8 GPUs, NVSwitch, 8 × 200 Gb/s HDR InfiniBand), sequence 2048, vocabulary
+51,200, mixed precision, full activation recomputation, the interleaved schedule. The table
+gives tensor/pipeline degrees, GPUs, global batch and the achieved teraFLOP/s per GPU, counted
+with the paper's Eq. 3, ``F = 96·B·s·l·h²·(1 + s/6h + V/16lh)`` FLOPs per iteration (which
+includes the recomputed forward). We predict the iteration time with this cost model and report
+``F / (time · GPUs)`` next to the published figure.
+
+What the table does not give, we choose and say so: the micro-batch size and the number of model
+chunks per device (the authors tuned both). For each row we evaluate micro-batches {1, 2, 4, 8}
+and the 1F1B schedule plus the interleaved schedule with 2 chunks per device where the layer count
+allows, place layers as Megatron does (equal transformer blocks per chunk, the embedding with the
+first, the head with the last), and keep the fastest configuration that fits in 80 GB.
+
+Pure and deterministic apart from the CPU part (:mod:`planner.cost.cpu_calibration`), which
+measures this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from planner.cluster import ClusterSpec
+from planner.cost.constants import CostConstants
+from planner.cost.model import StepPrediction, evaluate, layer_table, usable_memory_bytes
+from planner.plan import ParallelConfig
+from planner.trace.graph import CostGraph
+
+GiB = 2**30
+
+NARAYANAN_SOURCE = ("Narayanan et al., 'Efficient Large-Scale Language Model Training on GPU Clusters Using "
+                    "Megatron-LM', SC'21 (arXiv:2104.04473), Table 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublishedRun:
+    """One published training configuration and its measured throughput."""
+
+    name: str
+    params_b: float
+    heads: int
+    hidden: int
+    layers: int
+    tp: int
+    pp: int
+    gpus: int
+    batch: int
+    tflops_per_gpu: float
+    seq_len: int = 2048
+    vocab: int = 51200
+    recompute: str = "full"
+    source: str = NARAYANAN_SOURCE
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.tp * self.pp)
+
+    def flops_per_iteration(self) -> float:
+        """Narayanan et al. Eq. 3: 96·B·s·l·h²·(1 + s/6h + V/16lh) (forward, recomputed forward, backward)."""
+        b, s, l, h, v = self.batch, self.seq_len, self.layers, self.hidden, self.vocab
+        return 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+
+    def published_iteration_s(self) -> float:
+        return self.flops_per_iteration() / (self.tflops_per_gpu * 1e12 * self.gpus)
+
+
+# Table 1 of Narayanan et al. 2021 (also transcribed in SotaroKaneda/MLCarbon data/megatron_table.csv).
+NARAYANAN_TABLE1: tuple[PublishedRun, ...] = (
+    PublishedRun(name="gpt-1.7b", params_b=1.7, heads=24, hidden=2304, layers=24, tp=1, pp=1, gpus=32,
+                 batch=512, tflops_per_gpu=137),
+    PublishedRun(name="gpt-3.6b", params_b=3.6, heads=32, hidden=3072, layers=30, tp=2, pp=1, gpus=64,
+                 batch=512, tflops_per_gpu=138),
+    PublishedRun(name="gpt-7.5b", params_b=7.5, heads=32, hidden=4096, layers=36, tp=4, pp=1, gpus=128,
+                 batch=512, tflops_per_gpu=142),
+    PublishedRun(name="gpt-18b", params_b=18.4, heads=48, hidden=6144, layers=40, tp=8, pp=1, gpus=256,
+                 batch=1024, tflops_per_gpu=135),
+    PublishedRun(name="gpt-39b", params_b=39.1, heads=64, hidden=8192, layers=48, tp=8, pp=2, gpus=512,
+                 batch=1536, tflops_per_gpu=138),
+    PublishedRun(name="gpt-76b", params_b=76.1, heads=80, hidden=10240, layers=60, tp=8, pp=4, gpus=1024,
+                 batch=1792, tflops_per_gpu=140),
+    PublishedRun(name="gpt-145b", params_b=145.6, heads=96, hidden=12288, layers=80, tp=8, pp=8, gpus=1536,
+                 batch=2304, tflops_per_gpu=148),
+    PublishedRun(name="gpt-310b", params_b=310.1, heads=128, hidden=16384, layers=96, tp=8, pp=16, gpus=1920,
+                 batch=2160, tflops_per_gpu=155),
+    PublishedRun(name="gpt-530b", params_b=529.6, heads=128, hidden=20480, layers=105, tp=8, pp=35, gpus=2520,
+                 batch=2520, tflops_per_gpu=163),
+    PublishedRun(name="gpt-1t", params_b=1008.0, heads=160, hidden=25600, layers=128, tp=8, pp=64, gpus=3072,
+                 batch=3072, tflops_per_gpu=163),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def gpt_graph(heads: int, hidden: int, layers: int, seq_len: int = 2048, vocab: int = 51200) -> CostGraph:
+    """Trace a Megatron-style GPT (tied embedding, dropout 0.1) on the meta device, in bf16."""
+    from planner.models.gpt import GPT, GPTConfig
+    from planner.trace import trace_model
+
+    cfg = GPTConfig(num_layers=layers, hidden=hidden, heads=heads, vocab_size=vocab, seq_len=seq_len,
+                    dropout=0.1, tie_embeddings=True)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    tokens = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    return trace_model(model, (tokens,), name=f"gpt-{layers}x{hidden}", dtype="bf16", seq_len=seq_len,
+                       copy_model=False)
+
+
+def megatron_boundaries(num_layers: int, chunks: int) -> list[tuple[int, int]]:
+    """Megatron's layout: equal transformer blocks per chunk, embedding (layer 0) with the first
+    chunk, head (the last layer) with the last chunk."""
+    blocks = num_layers - 2
+    if blocks % chunks:
+        raise ValueError(f"chunks: {blocks} blocks do not split into {chunks} equal chunks")
+    per = blocks // chunks
+    out = []
+    for j in range(chunks):
+        a, b = 1 + j * per, 1 + (j + 1) * per
+        out.append((0 if j == 0 else a, num_layers if j == chunks - 1 else b))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowResult:
+    run: PublishedRun
+    config: ParallelConfig
+    prediction: StepPrediction
+    published_s: float
+    fits_40gb: bool
+
+    @property
+    def predicted_s(self) -> float:
+        return self.prediction.step_time_s
+
+    @property
+    def predicted_tflops(self) -> float:
+        return self.run.flops_per_iteration() / (self.predicted_s * self.run.gpus) / 1e12
+
+    @property
+    def error(self) -> float:
+        """Relative error of the predicted iteration time (= of the TFLOP/s, inverted)."""
+        return self.predicted_s / self.published_s - 1.0
+
+
+def _candidates(run: PublishedRun, num_layers: int) -> list[ParallelConfig]:
+    from planner import schedules
+
+    per_replica = run.batch // run.dp
+    out = []
+    for mb in (1, 2, 4, 8):
+        if per_replica % mb:
+            continue
+        m = per_replica // mb
+        options = [("1f1b", 1)] if run.pp > 1 else [("1f1b", 1)]
+        if run.pp > 1 and (num_layers - 2) % (2 * run.pp) == 0:
+            options.append(("interleaved-1f1b", 2))
+        for sched, v in options:
+            try:
+                schedules.get_schedule(sched).validate(run.pp, m, v)
+            except ValueError:
+                continue
+            out.append(ParallelConfig(dp=run.dp, tp=run.tp, pp=run.pp, micro_batch_size=mb, num_micro_batches=m,
+                                      virtual_stages=v, schedule=sched, recompute=run.recompute))
+    return out
+
+
+def predict_run(run: PublishedRun, c: CostConstants | None = None) -> RowResult:
+    """The fastest candidate configuration of ``run`` that fits in 80 GB, priced by the cost model."""
+    c = c or CostConstants()
+    graph = gpt_graph(run.heads, run.hidden, run.layers, run.seq_len, run.vocab)
+    nodes = max(1, run.gpus // 8)
+    cluster = ClusterSpec.preset("dgx-a100-80g", nodes=nodes)
+    small = ClusterSpec.preset("dgx-a100-40g", nodes=nodes)
+    best: tuple[ParallelConfig, StepPrediction] | None = None
+    tables: dict[int, object] = {}
+    for cfg in _candidates(run, graph.num_layers):
+        if cfg.micro_batch_size not in tables:
+            tables[cfg.micro_batch_size] = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
+                                                       sequence_parallel=False, recompute=cfg.recompute, c=c)
+        bounds = megatron_boundaries(graph.num_layers, cfg.pp * cfg.virtual_stages)
+        pred = evaluate(graph, cluster, cfg, bounds, c, table=tables[cfg.micro_batch_size])
+        if pred.fits and (best is None or pred.step_time_s < best[1].step_time_s):
+            best = (cfg, pred)
+    if best is None:
+        raise RuntimeError(f"{run.name}: no candidate configuration fits in 80 GB under the cost model")
+    cfg, pred = best
+    return RowResult(run=run, config=cfg, prediction=pred, published_s=run.published_iteration_s(),
+                     fits_40gb=pred.peak_memory_bytes <= usable_memory_bytes(small, c))
+
+
+def narayanan_rows(c: CostConstants | None = None) -> list[RowResult]:
+    return [predict_run(run, c) for run in NARAYANAN_TABLE1]
+
+
+def markdown_table(rows: list[RowResult]) -> str:
+    head = ("| model | tp | pp | dp | batch | chosen micro-batch, schedule | published TFLOP/s/GPU | predicted "
+            "TFLOP/s/GPU | published s/iter | predicted s/iter | error | peak memory GiB | fits 80 GB | fits 40 GB |")
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        cfg = r.config
+        sched = cfg.schedule + (f" v={cfg.virtual_stages}" if cfg.virtual_stages > 1 else "")
+        lines.append(
+            f"| {r.run.name} ({r.run.params_b:g}B) | {cfg.tp} | {cfg.pp} | {cfg.dp} | {r.run.batch} | "
+            f"{cfg.micro_batch_size}, {sched} | {r.run.tflops_per_gpu:.0f} | {r.predicted_tflops:.1f} | "
+            f"{r.published_s:.2f} | {r.predicted_s:.2f} | {r.error:+.1%} | "
+            f"{r.prediction.peak_memory_bytes / GiB:.1f} | {'yes' if r.prediction.fits else 'no'} | "
+            f"{'yes' if r.fits_40gb else 'no'} |")
+    worst = max(rows, key=lambda r: abs(r.error))
+    lines.append("")
+    lines.append(f"Largest error: {worst.run.name} {worst.error:+.1%} (iteration time).")
+    return "\n".join(lines)
+
+
+def breakdown_table(rows: list[RowResult]) -> str:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r.prediction.time_breakdown_s if k not in keys]
+    lines = ["| model | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for r in rows:
+        step = r.predicted_s
+        cells = [f"{r.prediction.time_breakdown_s.get(k, 0.0) / step:.1%}" for k in keys]
+        lines.append(f"| {r.run.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m planner.cost.calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables (docs/calibration.md)")
+    parser.add_argument("--breakdown", action="store_true", help="also print each row's step-time breakdown")
+    parser.add_argument("--cpu", action="store_true", help="also measure and predict small models on this CPU")
+    args = parser.parse_args(argv)
+    rows = narayanan_rows()
+    print(markdown_table(rows) if args.markdown else "\n".join(
+        f"{r.run.name:10s} published {r.run.tflops_per_gpu:5.0f} TFLOP/s  predicted {r.predicted_tflops:6.1f}  "
+        f"error {r.error:+.1%}  ({r.config.label()})" for r in rows))
+    if args.breakdown:
+        print()
+        print(breakdown_table(rows))
+    if args.cpu:
+        from planner.cost.cpu_calibration import cpu_report
+
+        print()
+        print(cpu_report(markdown=args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

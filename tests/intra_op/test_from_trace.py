@@ -1,0 +1,68 @@
+"""The tracer's op graph → intra-op op graph, and Megatron found on the traced GPT-3 block."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from planner.intra_op import Replicate, Shard, op_graph_from_cost_graph, solve_layer
+from planner.intra_op.strategies import CostModel, build_groups
+
+
+def test_gpt_tiny_block_graph(gpt_tiny, mesh_of, device):
+    graph = op_graph_from_cost_graph(gpt_tiny, 1, batch_size=8)
+    ops = graph.ops
+    (x,) = [op for op in ops.values() if op.is_input]
+    assert x.out_shape == (8, 64, 128) and x.roles == ("batch", "seq", None)
+    assert graph.outputs == ("add_2",)
+    assert "blocks_0_attn_future_mask" not in ops  # a buffer: a constant, dropped
+    followers = {op.kind for op in ops.values() if op.follows}
+    assert followers == {"split", "chunk", "view", "transpose", "mul", "masked_fill", "softmax", "reshape", "gelu"}
+    assert ops["view"].roles == ("batch", "seq", "heads", None)  # hidden cut into heads
+    assert ops["transpose_3"].dim_map == (0, 1, 3, 2)  # k.transpose(-2, -1)
+    qkv = ops["blocks_0_attn_qkv"]
+    assert [p.name for p in qkv.params] == ["blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias"]
+    assert qkv.fwd_flops == pytest.approx(2 * 8 * 64 * 128 * 384)  # traced per sample, times the batch
+    groups, _ = build_groups(graph, CostModel(mesh=mesh_of(tp=4), device=device))
+    assert len(groups) == len([op for op in ops.values() if not op.follows])
+
+
+def test_embedding_and_tied_head(gpt3_2layer):
+    embed = op_graph_from_cost_graph(gpt3_2layer, 0)
+    assert embed.ops["embed_wte"].params[0].owned and embed.ops["tokens"].differentiable == (False,)
+    assert embed.ops["embed_wpe"].inputs == ("embed_wpe.ids",)  # positions: a constant arange
+    head = op_graph_from_cost_graph(gpt3_2layer, gpt3_2layer.num_layers - 1)
+    (lm_param,) = head.ops["head_lm_head"].params
+    assert lm_param.name == "embed.wte.weight" and not lm_param.owned  # tied: layout shared, memory once
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_traced_gpt3_block_is_megatron(gpt3_2layer, mesh_of, device, sequence_parallel):
+    graph = op_graph_from_cost_graph(gpt3_2layer, 1, batch_size=1)
+    sol = solve_layer(graph, mesh_of(tp=8), device, memory_limit_bytes=20e9, sequence_parallel=sequence_parallel)
+    p = sol.params
+    assert p["blocks.0.attn.qkv.weight"] == p["blocks.0.mlp.fc1.weight"] == (Shard(0),)
+    assert p["blocks.0.attn.proj.weight"] == p["blocks.0.mlp.fc2.weight"] == (Shard(1),)
+    kinds = sorted(c.kind for c in sol.collectives if c.phase == "fwd")
+    if sequence_parallel:
+        assert kinds == ["all_gather", "all_gather", "reduce_scatter", "reduce_scatter"]
+        assert sol.op("blocks_0_ln1").output_layout == (Shard(1),)
+    else:
+        assert kinds == ["all_reduce", "all_reduce"]
+        assert sol.op("blocks_0_ln1").output_layout == (Replicate(),)
+    bytes_ = {c.nbytes for c in sol.collectives if c.phase != "grad_sync"}
+    assert bytes_ == {2048 * 12288 * 2}
+
+
+def test_batch_size_scales_costs_not_weights(gpt3_2layer):
+    one = op_graph_from_cost_graph(gpt3_2layer, 1, batch_size=1)
+    four = op_graph_from_cost_graph(gpt3_2layer, 1, batch_size=4)
+    name = "blocks_0_mlp_fc1"
+    assert four.ops[name].fwd_flops == pytest.approx(4 * one.ops[name].fwd_flops)
+    assert four.ops[name].out_shape == (4, 2048, 4 * 12288)
+    assert four.ops[name].params == one.ops[name].params
+    weights = sum(math.prod(p.shape) for p in one.ops[name].params) * 2  # bf16, read once per step
+    assert four.ops[name].bytes_moved - weights * 3 == pytest.approx(4 * (one.ops[name].bytes_moved - weights * 3))
+    with pytest.raises(ValueError, match="layers 0..3"):
+        op_graph_from_cost_graph(gpt3_2layer, 7)

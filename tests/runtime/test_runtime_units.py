@@ -1,0 +1,132 @@
+"""Single-process checks of the pieces: mesh coordinates, stage cutting, TP row order, schedule choice, checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from runtime_plans import make_plan, tiny_preset
+
+from runtime.checks import Launch, preflight
+from runtime.data_parallel import DataParallelMode
+from runtime.errors import RunCheckError
+from runtime.model import StageModule, build_stage_modules
+from runtime.parallel_dims import ParallelDims
+from runtime.pipeline_parallel import SUPPORTED_SCHEDULES, choose_schedule
+from runtime.tensor_parallel import canonical_from_tp, to_tp_rows, tp_styles
+
+LOCAL2 = Launch(world_size=2, procs_per_node=2, nodes=1, device_type="cpu")
+
+
+def test_rank_layout_is_the_plans():
+    dims = ParallelDims(dp=3, tp=2, pp=2, world_size=12)
+    assert dims.shape == (2, 3, 2)
+    for rank in range(12):
+        pp_i, dp_i, tp_i = dims.coords(rank)
+        assert rank == (pp_i * 3 + dp_i) * 2 + tp_i == dims.rank_of(pp_i, dp_i, tp_i)
+
+
+def test_world_size_mismatch_names_both_numbers():
+    with pytest.raises(RunCheckError, match=r"dp\*tp\*pp = 2\*1\*2 = 4 processes but 3 were launched"):
+        ParallelDims(dp=2, tp=1, pp=2, world_size=3)
+
+
+def test_stage_modules_keep_full_model_names_and_chain_to_the_full_model():
+    plan = make_plan(pp=2, num_micro_batches=4, schedule="interleaved-1f1b", virtual_stages=2)
+    model = tiny_preset().build(device="cpu", seed=0)
+    stages = build_stage_modules(model, list(plan.stages))
+    names = [n for s in stages for n, _ in s.named_parameters()]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert [s.layer_paths for s in stages] == [st.layer_names for st in plan.stages]
+    x = torch.randint(0, 8192, (2, 16))
+    with torch.no_grad():
+        y = x
+        for s in stages:
+            y = s(y)
+        assert torch.equal(y, model(x))
+
+
+def test_tp_row_order_gives_each_rank_whole_heads():
+    hidden, tp = 8, 2
+    rows = torch.arange(3 * hidden)  # q rows 0-7, k rows 8-15, v rows 16-23
+    reordered = to_tp_rows(rows, tp)
+    assert reordered[:12].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]  # rank 0: q, k, v of heads 0-1
+    assert torch.equal(canonical_from_tp(reordered, tp), rows)
+    w = torch.randn(3 * hidden, 5)
+    assert torch.equal(canonical_from_tp(to_tp_rows(w, 4), 4), w)
+
+
+def test_tp_styles_default_and_from_placements():
+    plan = make_plan(tp=2, num_micro_batches=4)
+    assert tp_styles(plan) == {"attn.qkv": "colwise", "attn.proj": "rowwise", "mlp.fc1": "colwise",
+                               "mlp.fc2": "rowwise"}
+    placed = dataclasses.replace(plan, placements={
+        "blocks.0.mlp.fc1.weight": ["Replicate()", "Replicate()", "Shard(0)"],
+        "blocks.0.mlp.fc2.weight": {"tp": "Shard(1)"},
+        "blocks.0.ln1.weight": ["Replicate()", "Replicate()", "Replicate()"]})
+    assert tp_styles(placed) == {"mlp.fc1": "colwise", "mlp.fc2": "rowwise"}
+    bad = dataclasses.replace(plan, placements={"blocks.0.mlp.fc1.weight": "Shard(0)"})
+    with pytest.raises(RunCheckError, match="one placement string per mesh axis"):
+        tp_styles(bad)
+
+
+@pytest.mark.parametrize("schedule, v, expected", [
+    ("gpipe", 1, "ScheduleGPipe"), ("gpipe", 2, "ScheduleLoopedBFS"), ("1f1b", 1, "Schedule1F1B"),
+    ("interleaved-1f1b", 2, "ScheduleInterleaved1F1B"), ("zb-v", 2, "ScheduleZBVZeroBubble"),
+    ("dualpipe-v", 2, "ScheduleDualPipeV"), ("zb-h1", 1, None), ("zb-h2", 1, None),
+])
+def test_each_schedule_maps_to_what_runs_it(schedule, v, expected):
+    choice = choose_schedule(make_plan(pp=2, num_micro_batches=4, schedule=schedule, virtual_stages=v))
+    assert choice.torch_class == expected
+    if schedule in ("zb-v", "dualpipe-v"):
+        assert choice.stage_to_pp_index == {0: 0, 1: 1, 2: 1, 3: 0}  # V placement
+
+
+def test_a_plan_whose_placement_differs_from_its_schedule_is_refused():
+    plan = make_plan(pp=2, num_micro_batches=4, schedule="interleaved-1f1b", virtual_stages=2)  # loop placement
+    wrong = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, schedule="zb-v"))
+    with pytest.raises(RunCheckError, match="does not move stages the plan placed"):
+        choose_schedule(wrong)
+
+
+@pytest.mark.parametrize("schedule", ["pipedream", "pipedream-2bw", "pipelined-backprop", "pipemare"])
+def test_asynchronous_schedules_are_refused_listing_the_supported_ones(schedule):
+    plan = make_plan(pp=2, num_micro_batches=4)
+    plan = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, schedule=schedule))
+    with pytest.raises(RunCheckError, match="asynchronous") as info:
+        choose_schedule(plan)
+    assert all(name in str(info.value) for name in SUPPORTED_SCHEDULES)
+
+
+@pytest.mark.parametrize("dp, tp, pp, zero, kind, reshard", [
+    (1, 1, 1, 0, "none", False), (2, 1, 1, 0, "ddp", False), (2, 2, 1, 0, "allreduce", False),
+    (2, 1, 2, 0, "allreduce", False), (2, 1, 1, 1, "fsdp", False), (2, 1, 1, 2, "fsdp", False),
+    (2, 1, 1, 3, "fsdp", True),
+])
+def test_zero_stage_to_data_parallel_mode(dp, tp, pp, zero, kind, reshard):
+    mode = DataParallelMode.for_plan(dp, tp, pp, zero)
+    assert (mode.kind, mode.reshard_after_forward) == (kind, reshard)
+
+
+def test_preflight_accepts_a_good_plan_and_names_bad_fields():
+    plan = make_plan(pp=2, num_micro_batches=4)
+    assert preflight(plan, LOCAL2).name == "gpt-tiny"
+    with pytest.raises(RunCheckError, match="1 node.s. x 2 devices per node.*2 node.s. x 1 processes"):
+        preflight(plan, Launch(world_size=2, procs_per_node=1, nodes=2, device_type="cpu"))
+    odd = dataclasses.replace(plan, model=dataclasses.replace(plan.model, global_batch=7))
+    with pytest.raises(RunCheckError, match="global_batch"):
+        preflight(odd, LOCAL2)
+
+
+def test_tied_weights_on_one_rank_are_refused():
+    plan = make_plan(pp=2, num_micro_batches=4, schedule="zb-v", virtual_stages=2, tie=True)  # V: stage 0, 3 on rank 0
+    with pytest.raises(RunCheckError, match="tied parameter"):
+        preflight(plan, LOCAL2, preset=tiny_preset("gpt-tiny", True))
+
+
+def test_stage_module_forward_is_a_chain():
+    model = tiny_preset().build(device="meta")
+    stage = StageModule(model, ("blocks.1", "blocks.2"), stage_index=1)
+    assert [n for n, _ in stage.named_children()] == ["blocks"]
+    assert stage.get_submodule("blocks.2") is model.blocks[2]
