@@ -9,6 +9,7 @@ it is given (its stage boundaries still come from the exact partition DP unless
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -113,12 +114,18 @@ def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: i
     """:func:`plan` for an already traced model (used by what-if analysis on a stored graph)."""
     _check_batch(global_batch)
     c = constants or CostConstants()
+    tables: dict = {}
     result = search(resolved.graph, spec, global_batch, space=space, constants=c, time_limit_s=time_limit_s,
-                    top_k=top_k, progress=progress)
+                    top_k=top_k, progress=progress, table_cache=tables)
     if result.best is None:
         raise _infeasible(resolved.graph, spec, global_batch, result, c)
-    base = run_baselines(resolved.graph, spec, global_batch, c) if baselines else []
-    return build_plan(resolved, spec, result.best, c, global_batch=global_batch, result=result, baselines=base)
+    start = time.perf_counter()
+    base = run_baselines(resolved.graph, spec, global_batch, c, table_cache=tables) if baselines else []
+    baseline_s = time.perf_counter() - start
+    out = build_plan(resolved, spec, result.best, c, global_batch=global_batch, result=result, baselines=base)
+    out.search["phase_times_s"] = {"trace": resolved.graph.trace_time_s, "search": result.time_s,
+                                   "baselines": baseline_s}
+    return out
 
 
 def evaluate(model: nn.Module | str, cluster: ClusterSpec | str, config: ParallelConfig, *,
@@ -253,9 +260,15 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
         for b in baselines:
             if b.step_time_s:
                 ratio = b.step_time_s / cand.step_time_s
-                verdict = (f"{ratio:.2f}x faster than" if ratio > 1.0005 else "ties")
-                explanation.append(f"Plan {verdict} the best {b.name} configuration ({b.config}: "
-                                   f"{b.step_time_s:.4g} s/step).")
+                if ratio > 1.0005:
+                    explanation.append(f"Plan is {ratio:.2f}x faster than the best {b.name} configuration "
+                                       f"({b.config}: {b.step_time_s:.4g} s/step).")
+                elif ratio >= 0.9995:
+                    explanation.append(f"Plan ties the best {b.name} configuration ({b.config}).")
+                else:
+                    explanation.append(f"The best {b.name} configuration ({b.config}: {b.step_time_s:.4g} s/step) "
+                                       f"is {1 / ratio:.2f}x faster than this plan: the constraints given to the "
+                                       "search (fixed degrees, schedules, ...) exclude it.")
             else:
                 explanation.append(f"{b.name} cannot run this job: {b.reason}.")
     return Plan(model=info, cluster=cluster.to_dict(), cluster_fingerprint=cluster.fingerprint(), parallel=cfg,

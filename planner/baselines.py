@@ -62,10 +62,11 @@ def baseline_spaces(cluster: ClusterSpec) -> dict[str, tuple[str, SearchSpace]]:
     }
 
 
-def run_baselines(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: CostConstants) -> list[BaselineResult]:
+def run_baselines(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: CostConstants, *,
+                  table_cache: dict | None = None) -> list[BaselineResult]:
     out = []
     for name, (description, space) in baseline_spaces(cluster).items():
-        result = search(graph, cluster, global_batch, space=space, constants=c, top_k=1)
+        result = search(graph, cluster, global_batch, space=space, constants=c, top_k=1, table_cache=table_cache)
         if result.best is None:
             reason = "no configuration of this recipe fits in memory"
             if result.closest_misses:
@@ -73,10 +74,18 @@ def run_baselines(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: 
                 reason += (f" (closest: {miss.config.label()} needs "
                            f"{miss.prediction.peak_memory_bytes / 2**30:.1f} GiB per device)")
             elif result.evaluated == 0:
-                reason = "the recipe does not apply here (no valid degrees for this cluster and batch)"
+                reason = _why_not_applicable(space, cluster, global_batch)
             out.append(BaselineResult(name, description, None, None, None, None, reason))
             continue
         best = result.best
         out.append(BaselineResult(name, description, best.config.label(), best.step_time_s, best.prediction.mfu,
                                   int(best.prediction.peak_memory_bytes)))
     return out
+
+
+def _why_not_applicable(space: SearchSpace, cluster: ClusterSpec, global_batch: int) -> str:
+    n = cluster.num_devices
+    if space.tp == (1,) and space.pp == (1,) and global_batch % n:
+        return (f"it needs one data-parallel replica per device, and the global batch {global_batch} is not "
+                f"divisible by {n} devices")
+    return "no degrees of this recipe divide the device count and the global batch"

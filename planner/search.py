@@ -11,6 +11,7 @@ exceeds the true prediction, so pruning never discards the optimum (docs/search.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -26,11 +27,13 @@ from planner.cost.model import (
     StepPrediction,
     evaluate,
     layer_table,
+    stage_memory,
     stage_memory_matrix,
     stage_memory_vec,
     usable_memory_bytes,
 )
 from planner.inter_op.chain import Partition, StageCosts, partition_dp, uniform_partition
+from planner.inter_op.unconstrained import partition_unconstrained
 from planner.plan import RECOMPUTE, ParallelConfig
 from planner.trace.graph import CostGraph
 
@@ -147,7 +150,7 @@ def partition_for(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, t
     if not balanced:
         return Partition(uniform_partition(n, p * v), math.nan, "given")
     if v == 1:
-        flights = [schedules.in_flight(cfg.schedule, p=p, m=cfg.num_micro_batches, v=1, device=k) for k in range(p)]
+        flights = list(flights_of(cfg.schedule, p, cfg.num_micro_batches, 1))
         vec = stage_memory_vec(table, cfg, c, p=p, in_flight=flights)
         costs = StageCosts(time=table.total_s, memory=lambda i, j, k: float(vec(j, k)[i]),
                            limit=usable_memory_bytes(cluster, c), memory_vec=vec,
@@ -159,10 +162,80 @@ def partition_for(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, t
     return partition_dp(costs, p * v)
 
 
+@functools.lru_cache(maxsize=65536)
+def flights_of(schedule: str, p: int, m: int, v: int) -> tuple[float, ...]:
+    """Micro-batches in flight on each pipeline position (memoised: the search asks often)."""
+    return tuple(schedules.in_flight(schedule, p=p, m=m, v=v, device=k) for k in range(p))
+
+
+def _memory_lower_bound(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> float:
+    """No device of the configuration can need less than this.
+
+    The devices of one replica together hold every layer; each device's memory is a sum of
+    non-negative terms (model state, in-flight activations, maxima of buffers), so the busiest
+    holds at least the whole model's memory at the smallest in-flight count divided by pp.
+    """
+    n = len(table.params)
+    p, v = cfg.pp, cfg.virtual_stages
+    flight = min(flights_of(cfg.schedule, p, cfg.num_micro_batches, v))
+    return stage_memory(table, [(0, n)], in_flight=flight, cfg=cfg, c=c, is_last=False).total / p
+
+
+def _busiest_device_s(table: LayerTable, boundaries: tuple[tuple[int, int], ...], pp: int) -> float:
+    """Per-micro-batch work of the busiest device: every device runs all m micro-batches of it."""
+    prefix = np.concatenate([[0.0], np.cumsum(table.total_s)])
+    work = [0.0] * pp
+    for j, (a, b) in enumerate(boundaries):
+        work[j % pp] += float(prefix[b] - prefix[a])
+    return max(work)
+
+
+class _PartitionCache:
+    """Partitions shared by configurations that differ only in what does not change them.
+
+    The time-only optimum of a (table, stage count) is computed once; when it fits at every
+    position it is also the memory-constrained optimum, else the constrained DP runs (cached by
+    the memory-relevant knobs: schedule in-flight counts, ZeRO stage, dp).
+    """
+
+    def __init__(self) -> None:
+        self.free: dict[tuple, Partition] = {}
+        self.bound: dict[tuple, Partition] = {}
+
+    def get(self, graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, table: LayerTable,
+            c: CostConstants, balanced: bool, cutoff_s: float = math.inf) -> Partition:
+        """The partition, or status "pruned" when even the time-only optimum cannot beat
+        ``cutoff_s`` (the memory-constrained bottleneck is never below the unconstrained one)."""
+        if not balanced or cfg.virtual_stages > 1:
+            return partition_for(graph, cluster, cfg, table, c, balanced=balanced)
+        p = cfg.pp
+        free_key = (id(table), p)
+        if free_key not in self.free:
+            self.free[free_key] = partition_unconstrained(table.total_s, p)
+        free = self.free[free_key]
+        flights = flights_of(cfg.schedule, p, cfg.num_micro_batches, 1)
+        limit = usable_memory_bytes(cluster, c)
+        if free.feasible and all(
+                stage_memory(table, [seg], in_flight=flights[k], cfg=cfg, c=c, is_last=(k == p - 1)).total <= limit
+                for k, seg in enumerate(free.boundaries)):
+            return free
+        if free.feasible and cfg.num_micro_batches * free.bottleneck_s >= cutoff_s:
+            return Partition((), free.bottleneck_s, "pruned")
+        key = (id(table), p, flights, cfg.zero_stage, cfg.dp)
+        if key not in self.bound:
+            self.bound[key] = partition_for(graph, cluster, cfg, table, c)
+        return self.bound[key]
+
+
 def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: SearchSpace | None = None,
            constants: CostConstants | None = None, time_limit_s: float | None = None, top_k: int = 5,
-           progress: Callable[[int, int], None] | None = None) -> SearchResult:
-    """Best configuration under the cost model; ``top`` holds the ``top_k`` best, sorted."""
+           progress: Callable[[int, int], None] | None = None,
+           table_cache: dict[tuple, LayerTable] | None = None) -> SearchResult:
+    """Best configuration under the cost model; ``top`` holds the ``top_k`` best, sorted.
+
+    ``table_cache`` lets several searches on the same graph, cluster and constants (the plan and
+    its baselines) share layer tables.
+    """
     space = space or SearchSpace()
     c = constants or CostConstants()
     start = time.perf_counter()
@@ -170,7 +243,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
     misses: list[Candidate] = []
     evaluated = pruned = infeasible = 0
     skipped: dict[str, int] = {}
-    tables: dict[tuple, LayerTable] = {}
+    tables: dict[tuple, LayerTable] = table_cache if table_cache is not None else {}
     degrees = list(candidate_degrees(graph, cluster, global_batch, space))
     timed_out = False
 
@@ -195,9 +268,12 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                     if key not in tables:
                         tables[key] = layer_table(graph, cluster, micro_batch=mb, tp=tp, sequence_parallel=sp,
                                                   recompute=rec, c=c)
-                    bound = m * float(tables[key].total_s.sum()) / pp
+                    tot = tables[key].total_s
+                    bound = m * max(float(tot.sum()) / pp, float(tot.max()))
                     families.append((bound, (pp, tp, dp, mb, RECOMPUTE.index(rec), sp)))
     families.sort()
+    limit = usable_memory_bytes(cluster, c)
+    partition_cache = _PartitionCache()
     for done, (bound, (pp, tp, dp, mb, rec_i, sp)) in enumerate(families):
         if progress and done % 16 == 0:
             progress(done, len(families))
@@ -218,10 +294,20 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                     cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=m,
                                          virtual_stages=v, schedule=sched, recompute=rec, sequence_parallel=sp,
                                          zero_stage=zero, overlap_grad_reduce=space.overlap_grad_reduce)
-                    part = partition_for(graph, cluster, cfg, table, c, balanced=space.partition == "balanced")
                     evaluated += 1
+                    if _memory_lower_bound(table, cfg, c) > limit:
+                        infeasible += 1
+                        continue
+                    part = partition_cache.get(graph, cluster, cfg, table, c, space.partition == "balanced",
+                                               cutoff_s=kth_best())
+                    if part.status == "pruned":
+                        pruned += 1
+                        continue
                     if not part.feasible and part.status != "given":
                         infeasible += 1
+                        continue
+                    if part.feasible and m * _busiest_device_s(table, part.boundaries, pp) >= kth_best():
+                        pruned += 1
                         continue
                     pred = evaluate(graph, cluster, cfg, list(part.boundaries), c, table=table)
                     cand = Candidate(cfg, part.boundaries, pred, part.status)

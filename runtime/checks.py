@@ -44,19 +44,34 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def preflight(plan: Plan, launch: Launch, *, preset: ModelPreset | None = None,
-              resume_dir: str | None = None, seq_check: bool = True) -> ModelPreset:
+              resume_dir: str | None = None) -> ModelPreset:
     """Raise :class:`RunCheckError` on the first mismatch; returns the model preset to build."""
     ParallelDims.from_plan(plan, launch.world_size)
     _check_cluster(plan, launch)
     preset = resolve_preset(plan, preset)
-    if seq_check:
-        _check_fingerprint(plan, preset)
+    _check_fingerprint(plan, preset)
+    static_checks(plan, preset, device_type=launch.device_type)
+    if resume_dir is not None:
+        check_manifest_model(ckpt.verify_checkpoint(ckpt.latest_checkpoint(resume_dir)), plan, resume_dir)
+    return preset
+
+
+def check_manifest_model(manifest: dict, plan: Plan, where: object) -> None:
+    if manifest.get("model_fingerprint") != plan.model.fingerprint:
+        raise RunCheckError(
+            f"checkpoint {where}: saved for model {manifest.get('model')!r} (fingerprint "
+            f"{manifest.get('model_fingerprint')}) but the plan is for {plan.model.name!r} "
+            f"({plan.model.fingerprint}); resume with a plan for the same model, or start without --resume")
+
+
+def static_checks(plan: Plan, preset: ModelPreset, *, device_type: str) -> None:
+    """The checks that need no trace (``train`` runs them on every rank, for API users too)."""
     p = plan.parallel
     if plan.model.global_batch != p.global_batch:
         raise RunCheckError(f"model.global_batch: the plan says {plan.model.global_batch} but dp x micro_batch_size x "
                             f"num_micro_batches = {p.dp} x {p.micro_batch_size} x {p.num_micro_batches} = "
                             f"{p.global_batch}; re-create the plan")
-    if launch.device_type == "cuda" and plan.model.dtype == "fp16":
+    if device_type == "cuda" and plan.model.dtype == "fp16":
         raise RunCheckError("model.dtype: fp16 training needs loss scaling, which the runtime does not do; "
                             "plan with --dtype bf16 (or fp32)")
     meta = preset.build(device="meta")
@@ -68,14 +83,6 @@ def preflight(plan: Plan, launch: Launch, *, preset: ModelPreset | None = None,
             raise RunCheckError(f"stages: pp=1 but the plan lists {len(plan.stages)} stages; re-create the plan")
     check_tensor_parallel(plan, preset)
     _check_tied(meta, plan)
-    if resume_dir is not None:
-        manifest = ckpt.verify_checkpoint(ckpt.latest_checkpoint(resume_dir))
-        if manifest.get("model_fingerprint") != plan.model.fingerprint:
-            raise RunCheckError(
-                f"checkpoint {resume_dir}: saved for model {manifest.get('model')!r} (fingerprint "
-                f"{manifest.get('model_fingerprint')}) but the plan is for {plan.model.name!r} "
-                f"({plan.model.fingerprint}); resume with a plan for the same model, or start without --resume")
-    return preset
 
 
 def _check_cluster(plan: Plan, launch: Launch) -> None:

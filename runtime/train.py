@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from planner.models import ModelPreset
 from planner.plan import Plan
 from runtime import checkpoint as ckpt
+from runtime.checks import check_manifest_model, static_checks
 from runtime.data import SyntheticData, as_iterator, check_local_batch
 from runtime.data_parallel import DataParallelMode, allreduce_gradients, apply_data_parallel
 from runtime.model import (
@@ -44,7 +45,7 @@ from runtime.model import (
     tied_parameters,
 )
 from runtime.parallel_dims import ParallelDims
-from runtime.pipeline_parallel import choose_schedule
+from runtime.pipeline_parallel import build_schedule, choose_schedule
 from runtime.recompute import apply_recompute
 from runtime.tensor_parallel import apply_tensor_parallel
 
@@ -105,6 +106,7 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     mesh = dims.build_mesh(device.type, timeout=timedelta(seconds=options.timeout_s))
     pp_i, dp_i, tp_i = dims.coords(rank)
     preset = resolve_preset(plan, preset)
+    static_checks(plan, preset, device_type=device.type)
     par = plan.parallel
 
     # 1. model and this rank's stages
@@ -132,6 +134,7 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     if options.resume:
         path = ckpt.latest_checkpoint(options.checkpoint_dir)
         manifest = _verified_manifest(path)
+        check_manifest_model(manifest, plan, path)
         ckpt.load_checkpoint(path, stages, optimizers)
         first_step = int(manifest["step"])
         if manifest.get("seed") != options.seed and rank == 0:
@@ -143,8 +146,6 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     setup = {"data_parallel": dp_mode.describe(), "recompute": par.recompute,
              "tensor_parallel": f"Megatron tp={par.tp}" if par.tp > 1 else "none"}
     if par.pp > 1:
-        from runtime.pipeline_parallel import build_schedule
-
         choice = choose_schedule(plan)
         schedule, _ = build_schedule(choice, wrapped, [s.stage_index for s in stages], plan,
                                      pp_group=mesh["pp"].get_group(), device=device, loss_fn=loss_fn)

@@ -5,9 +5,10 @@ repeated blocks solved once), :func:`op_graph_from_cost_graph` (tracer → op gr
 :class:`GraphBuilder` (write an op graph by hand). See ``docs/intra-op.md``.
 """
 
+from planner.intra_op.builder import GraphBuilder
 from planner.intra_op.collectives import Collective
 from planner.intra_op.from_trace import op_graph_from_cost_graph
-from planner.intra_op.graph import GraphBuilder, Op, OpGraph, Param
+from planner.intra_op.graph import Op, OpGraph, Param
 from planner.intra_op.mesh import MeshSpec
 from planner.intra_op.model import solve_model
 from planner.intra_op.placement import (

@@ -6,7 +6,8 @@ They need no tracing, so tests and benchmarks can use GPT-3 sizes (hidden 12288)
 
 from __future__ import annotations
 
-from planner.intra_op.graph import GraphBuilder, OpGraph
+from planner.intra_op.builder import GraphBuilder
+from planner.intra_op.graph import OpGraph
 
 
 def _attention(b: GraphBuilder, x: str, *, batch: int, seq: int, hidden: int, heads: int) -> str:

@@ -11,7 +11,11 @@ not its call arguments, so some facts are recovered from shapes:
   follow the ops (a linear keeps its leading dims, a view moves them);
 * a transpose's two dims: the pair whose swap turns the input shape into the output shape; if
   equal sizes make that ambiguous, splits of those dims are not passed through (noted);
-* ``softmax`` is assumed to normalise the last dim; ``split`` followed by ``getitem`` is a chunk.
+* ``softmax`` is assumed to normalise the last dim; ``split`` followed by ``getitem`` is a chunk;
+  a ``getitem`` that shrinks dims is a slice (RoPE's halves), one that only adds size-1 dims a
+  view; reductions, ``cat`` and ``expand`` find their dim from the shapes;
+* parameters read by functional ops (``x * self.weight``, ``bmm(x, self.w_up)``) are operands of
+  that op: an elementwise op with a weight, or a matmul with a stacked weight (experts).
 
 Costs are the traced ones (per sample) times ``batch_size``; parameter reads are not scaled.
 Unknown op kinds become *opaque* ops that may only split the batch.
@@ -21,9 +25,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from planner.intra_op.graph import DTYPE_BYTES, GraphBuilder, OpGraph, view_dim_map
+from planner.intra_op.builder import GraphBuilder
+from planner.intra_op.graph import DTYPE_BYTES, OpGraph, Param, view_dim_map
 
 if TYPE_CHECKING:  # the tracer imports torch; reading its graph does not need it
     from planner.trace.graph import CostGraph
@@ -39,6 +45,9 @@ _SPLITS = {"split", "chunk", "unbind", "tensor_split"}
 _BINARY = {"add", "sub", "mul", "truediv", "div", "masked_fill", "where", "iadd", "maximum", "minimum"}
 _SOFTMAX = {"softmax", "log_softmax"}
 _MATMUL = {"matmul", "bmm", "mm"}
+_REDUCE = {"sum", "mean", "amax", "amin", "var", "std", "logsumexp", "norm"}
+_CAT = {"cat", "concat", "concatenate"}
+_EXPAND = {"expand", "expand_as", "repeat"}
 _TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int64": "int64", "bool": "bool"}
 
 
@@ -129,20 +138,30 @@ class _Converter:
     def _dtype(self, data) -> str | None:
         return _TORCH_DTYPES.get(data["dtypes"][0]) if data.get("dtypes") else None
 
+    def _param_nodes(self, node: str) -> list[Param]:
+        """Parameters read through ``get_attr`` nodes (``x * self.weight``, ``bmm(x, self.w_up)``)."""
+        out = []
+        for p in self.g.predecessors(node):
+            data = self.g.nodes[p]
+            if data["kind"] == "get_attr" and data["params"]:
+                (name, shape), = data["params"].items()
+                out.append(Param(name=name, shape=tuple(shape), owned=data["param_bytes"] > 0))
+        return out
+
     def _costs(self, node: str) -> dict[str, float]:
         data = self.g.nodes[node]
-        weights = sum(math.prod(s) for s in data["params"].values()) * DTYPE_BYTES[self.cg.dtype]
+        shapes = list(data["params"].values()) + [p.shape for p in self._param_nodes(node)]
+        weights = sum(math.prod(s) for s in shapes) * DTYPE_BYTES[self.cg.dtype]
         activations = max((data["bytes_read"] + data["bytes_written"]) * self.b0 - weights, 0.0)
         return {"fwd_flops": data["fwd_flops"] * self.batch, "bwd_flops": data["bwd_flops"] * self.batch,
                 "bytes_moved": 3.0 * (activations * self.batch / self.b0 + weights),
                 "saved_bytes": data["activation_bytes"] * self.batch}
 
-    def _finish(self, name: str, node: str, traced_shape: tuple[int, ...]) -> None:
-        from dataclasses import replace
-
-        op = self.b.ops[name]
-        self.b.ops[name] = replace(op, module_path=self.g.nodes[node]["module_path"], **self._costs(node))
-        self.traced[name] = traced_shape
+    def _finish(self, node: str, traced_shape: tuple[int, ...]) -> None:
+        """Measured costs and module path replace the builder's estimates."""
+        op = self.b.ops[node]
+        self.b.ops[node] = replace(op, module_path=self.g.nodes[node]["module_path"], **self._costs(node))
+        self.traced[node] = traced_shape
 
     def add_input(self, src: str) -> None:
         data = self.g.nodes[src]
@@ -178,7 +197,13 @@ class _Converter:
         b = self.b
         params = data["params"]
         owned = data["param_bytes"] > 0
-        if kind == "embedding" and params:
+        # parameters of a functional op: on the consumer (``x * self.weight``) or on a get_attr input
+        attrs = self._param_nodes(node)
+        if params and kind not in ("linear", "embedding") and "norm" not in kind:
+            attrs += [Param(name=n, shape=tuple(sh), owned=owned) for n, sh in params.items()]
+        if attrs and ins:
+            self._with_params(node, kind, ins, attrs, out)
+        elif kind == "embedding" and params:
             (pname, pshape), = params.items()
             ids = ins[0] if ins else self._constant_ids(node, tuple(data["input_shapes"][0]) if data[
                 "input_shapes"] else out[:-1])
@@ -201,13 +226,47 @@ class _Converter:
         elif len(ins) == 1 and not params:
             self._unary(node, kind, ins[0], out)
             return
+        elif kind in _CAT and len(ins) >= 2 and self._cat_dim(ins, out) is not None:
+            b.concat(node, ins, self._cat_dim(ins, out))
         elif kind in _BINARY and len(ins) >= 2 and not params:
             b.elementwise(node, ins, kind=kind, saved=kind == "mul")
         else:
             roles = ("batch",) + (None,) * (len(out) - 1) if out and out[0] == self.b0 else (None,) * len(out)
             b.opaque(node, ins, self._scaled(out, roles), kind=kind, out_roles=roles)
             self.b.notes.append(f"{node} ({kind}): unknown to the intra-op solver; it may only split the batch")
-        self._finish(node, node, out)
+        self._finish(node, out)
+
+    def _with_params(self, node: str, kind: str, ins: list[str], params: list[Param], out: tuple[int, ...]) -> None:
+        b = self.b
+        if kind in _MATMUL and len(ins) == 1 and len(params) == 1 and len(params[0].shape) >= 2:
+            b.matmul_param(node, ins[0], params[0])
+        elif kind in _BINARY and ins:
+            b.elementwise(node, ins, kind=kind, params=params, saved=kind == "mul")
+        else:
+            roles = ("batch",) + (None,) * (len(out) - 1) if out and out[0] == self.b0 else (None,) * len(out)
+            b.opaque(node, ins, self._scaled(out, roles), kind=kind, out_roles=roles)
+            b.ops[node] = replace(b.ops[node], params=tuple(params),
+                                  param_labels=tuple(tuple(f"p{j}_{i}" for i in range(len(p.shape)))
+                                                     for j, p in enumerate(params)),
+                                  no_split=b.ops[node].no_split | {f"p{j}_{i}" for j, p in enumerate(params)
+                                                                   for i in range(len(p.shape))})
+            b.notes.append(f"{node} ({kind}): unknown to the intra-op solver; it may only split the batch")
+        self._finish(node, out)
+
+    def _cat_dim(self, ins: list[str], out: tuple[int, ...]) -> int | None:
+        shapes = [self.traced[x] for x in ins]
+        if any(len(sh) != len(out) for sh in shapes):
+            return None
+        dims = [i for i in range(len(out)) if any(sh[i] != out[i] for sh in shapes)]
+        if len(dims) == 1 and sum(sh[dims[0]] for sh in shapes) == out[dims[0]]:
+            return dims[0]
+        return None
+
+    def _reduced_roles(self, tin, out, roles) -> tuple:
+        if len(out) == len(tin):
+            return tuple(r if a == c else None for r, a, c in zip(roles, tin, out))
+        drop = _removed_dim(tin, out)
+        return tuple(r for i, r in enumerate(roles) if i != drop) if drop is not None else (None,) * len(out)
 
     def _matmul_ok(self, ins: list[str]) -> bool:
         sa, sb = self.b.shape(ins[0]), self.b.shape(ins[1])
@@ -227,14 +286,36 @@ class _Converter:
         if kind in _SPLITS:
             b.follow(node, x, b.shape(x), tuple(range(len(tin))), kind=kind, linear=True)
             self.chunk_of[node] = x
-            self._finish(node, node, tin)
+            self._finish(node, tin)
             return
         if kind == "getitem" and x in self.chunk_of and len(out) == len(tin):
             diff = [i for i, (a, c) in enumerate(zip(tin, out)) if a != c]
             if len(diff) == 1 and tin[diff[0]] % out[diff[0]] == 0:
                 b.chunk(node, x, diff[0], tin[diff[0]] // out[diff[0]])
-                self._finish(node, node, out)
+                self._finish(node, out)
                 return
+        if kind in _REDUCE and len(out) <= len(tin) and math.prod(out) < math.prod(tin):
+            try:
+                b.reduce(node, x, self._scaled(out, self._reduced_roles(tin, out, roles)), kind=kind)
+                self._finish(node, out)
+                return
+            except ValueError:
+                pass  # which dims were reduced is ambiguous: opaque below
+        if kind in _EXPAND and len(out) == len(tin):
+            dim_map = tuple(i if a == c else None for i, (a, c) in enumerate(zip(tin, out)))
+            scaled = tuple(sb if d is not None else c for sb, d, c in zip(b.shape(x), dim_map, out))
+            b.follow(node, x, scaled, dim_map, kind=kind, linear=True)
+            self._finish(node, out)
+            return
+        if kind == "getitem" and len(out) == len(tin) and out != tin and all(c <= a for a, c in zip(tin, out)):
+            # a slice (RoPE's halves): the sliced dims cannot stay split, the others can
+            dim_map = tuple(i if a == c else None for i, (a, c) in enumerate(zip(tin, out)))
+            scaled = tuple(sb if d is not None else c for sb, d, c in zip(b.shape(x), dim_map, out))
+            b.follow(node, x, scaled, dim_map, kind="slice", linear=True)
+            self._finish(node, out)
+            return
+        if kind == "getitem" and out != tin and math.prod(out) == math.prod(tin):
+            kind = "view"  # x[:, None]: indexing that only adds or drops size-1 dims
         if out == tin and (kind in _SCALING or kind == "getitem"):
             b.pointwise(node, x, kind=kind, linear=True, saved=False)
         elif out == tin and (kind in _POINTWISE or kind.endswith("activation")):
@@ -256,8 +337,6 @@ class _Converter:
                                "do not pass through it")
             b.permute(node, x, perm, kind=kind)
             if ambiguous:
-                from dataclasses import replace
-
                 op = b.ops[node]
                 b.ops[node] = replace(op, dim_map=tuple(None if i in ambiguous else d
                                                         for i, d in enumerate(op.dim_map)))
@@ -265,7 +344,11 @@ class _Converter:
             roles_out = ("batch",) + (None,) * (len(out) - 1) if out and out[0] == self.b0 else (None,) * len(out)
             b.opaque(node, [x], self._scaled(out, roles_out), kind=kind, out_roles=roles_out)
             b.notes.append(f"{node} ({kind}): unknown to the intra-op solver; it may only split the batch")
-        self._finish(node, node, out)
+        self._finish(node, out)
+
+
+def _removed_dim(src: tuple[int, ...], dst: tuple[int, ...]) -> int | None:
+    return next((i for i in range(len(src)) if src[:i] + src[i + 1:] == dst), None)
 
 
 def _infer_perm(src: tuple[int, ...], dst: tuple[int, ...]) -> tuple[list[int], set[int]]:

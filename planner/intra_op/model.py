@@ -129,8 +129,8 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
                 continue  # produced outside the solved layers: arrives in whatever layout is best
             dst_graph = units[unit_of[li]].graph
             flow = Flow(src=unit_of[src_layer], src_op=to_rep[src_layer][producer], dst=unit_of[li],
-                         dst_op=rep_inputs[pos], index=None, weight=1, nbytes=dst_graph.ops[rep_inputs[pos]].out_bytes,
-                         differentiable=dst_graph.ops[rep_inputs[pos]].differentiable[0], layer=li)
+                        dst_op=rep_inputs[pos], index=None, weight=1, nbytes=dst_graph.ops[rep_inputs[pos]].out_bytes,
+                        differentiable=dst_graph.ops[rep_inputs[pos]].differentiable[0])
             layer_links[li].append((flow, f"{producer} -> {cost_graph.layers[li].name}"))
             key = (flow.src, flow.src_op, flow.dst, flow.dst_op)
             weights[key] = weights.get(key, 0) + 1
@@ -146,7 +146,7 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
             real = renames[li].get(out, out)
             readers = {g.nodes[s]["layer"] for s in g.successors(real)} - {li}
             if not readers or not readers <= set(chosen):
-                flow = sink_flow(units, unit_of[li], unit.graph.ops[out], cm, layer=li)
+                flow = sink_flow(units, unit_of[li], unit.graph.ops[out], cm)
                 flows.append(flow)
                 layer_links[li].append((flow, f"{real} -> (leaves the solved layers)"))
 

@@ -23,11 +23,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Shard:
     """Split along tensor dim ``dim`` (non-negative) across the ranks of one mesh axis."""
 
     dim: int
+
+    # Layouts are dict keys in the hot loops of the cost tables: plain hash and eq are twice as fast.
+    def __hash__(self) -> int:
+        return self.dim
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Shard and other.dim == self.dim
 
     def to_torch_str(self) -> str:
         return f"Shard({self.dim})"
@@ -36,9 +43,15 @@ class Shard:
         return f"S({self.dim})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Replicate:
     """Every rank of the axis holds the whole tensor."""
+
+    def __hash__(self) -> int:
+        return -1
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Replicate
 
     def to_torch_str(self) -> str:
         return "Replicate()"
@@ -47,9 +60,15 @@ class Replicate:
         return "R"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Partial:
     """Every rank holds a full-shape addend; the value is the sum over the axis."""
+
+    def __hash__(self) -> int:
+        return -2
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Partial
 
     def to_torch_str(self) -> str:
         return "Partial()"

@@ -17,14 +17,15 @@ import difflib
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import numpy as np
 
 from planner.cluster import DeviceSpec
 from planner.errors import InfeasibleError, PlannerError
-from planner.intra_op.graph import GraphBuilder, OpGraph
+from planner.intra_op.builder import GraphBuilder
+from planner.intra_op.graph import Op, OpGraph
 from planner.intra_op.ilp import Pin, Problem, Tie, explain_infeasible, solve_problem
 from planner.intra_op.mesh import MeshSpec
 from planner.intra_op.placement import Layout, Placement, as_placement, layout_short
@@ -65,7 +66,6 @@ class Flow:
     weight: int
     nbytes: float
     differentiable: bool
-    layer: int = 0  # the layer (position in ``layers``) whose collectives it is reported with
 
 
 def flow_layouts(flow: Flow, s: GroupStrategy, t: GroupStrategy) -> tuple[Layout, Layout, Layout]:
@@ -76,7 +76,7 @@ def flow_layouts(flow: Flow, s: GroupStrategy, t: GroupStrategy) -> tuple[Layout
     return out, t.head.in_layouts[flow.index], t.head.in_grad_layouts[flow.index]
 
 
-def sink_flow(units: list[Unit], unit: int, out, cm: CostModel, layer: int = 0) -> Flow:
+def sink_flow(units: list[Unit], unit: int, out: Op, cm: CostModel) -> Flow:
     """A flow from an output that leaves the solved graph into a sink that takes any non-Partial
     layout: whoever reads it next (the loss, the next pipeline stage) needs the reduced value."""
     b = GraphBuilder(f"sink:{out.name}")
@@ -85,7 +85,7 @@ def sink_flow(units: list[Unit], unit: int, out, cm: CostModel, layer: int = 0) 
     groups, group_of = build_groups(graph, cm)
     units.append(Unit(graph=graph, weight=1, groups=groups, group_of=group_of))
     return Flow(src=unit, src_op=out.name, dst=len(units) - 1, dst_op=out.name, index=None, weight=1,
-                 nbytes=out.out_bytes, differentiable=True, layer=layer)
+                nbytes=out.out_bytes, differentiable=True)
 
 
 def internal_flows(unit_index: int, unit: Unit) -> list[Flow]:
@@ -96,7 +96,7 @@ def internal_flows(unit_index: int, unit: Unit) -> list[Flow]:
             continue
         for j, src in enumerate(op.inputs):
             flows.append(Flow(src=unit_index, src_op=src, dst=unit_index, dst_op=op.name, index=j, weight=unit.weight,
-                               nbytes=g.ops[src].out_bytes, differentiable=op.differentiable[j]))
+                              nbytes=g.ops[src].out_bytes, differentiable=op.differentiable[j]))
     return flows
 
 
@@ -117,21 +117,21 @@ class Assembly:
         u = self.units[unit]
         return u.offset + u.group_of[op]
 
-    def _strategies(self, unit: int, op: str) -> tuple[GroupStrategy, ...]:
+    def strategies_of(self, unit: int, op: str) -> tuple[GroupStrategy, ...]:
         u = self.units[unit]
         return u.groups[u.group_of[op]].strategies
 
     def flow_matrix(self, flow: Flow) -> np.ndarray:
-        src, dst = self._strategies(flow.src, flow.src_op), self._strategies(flow.dst, flow.dst_op)
-        mat = np.zeros((len(src), len(dst)))
-        cache: dict[tuple, float] = {}
-        for s, ss in enumerate(src):
-            for t, tt in enumerate(dst):
-                key = flow_layouts(flow, ss, tt)
-                if key not in cache:
-                    cache[key] = edge_steps(self.cm, flow.nbytes, *key, flow.differentiable)[0]
-                mat[s, t] = cache[key]
-        return mat * flow.weight
+        """Seconds (times the flow's weight) for every pair of producer and consumer strategies."""
+        src, dst = self.strategies_of(flow.src, flow.src_op), self.strategies_of(flow.dst, flow.dst_op)
+        # the cost depends only on the producer's layout and what the consumer reads: price each pair once
+        rows: dict[Layout, int] = {}
+        row_of = [rows.setdefault(st.out_layouts[flow.src_op], len(rows)) for st in src]
+        cols: dict[tuple[Layout, Layout], int] = {}
+        col_of = [cols.setdefault(flow_layouts(flow, src[0], st)[1:], len(cols)) for st in dst]
+        small = np.array([[edge_steps(self.cm, flow.nbytes, out, arrive, grad, flow.differentiable)[0]
+                           for arrive, grad in cols] for out in rows])
+        return small[np.ix_(row_of, col_of)] * flow.weight
 
     def problem(self, memory_limit: float | None) -> tuple[Problem, float, float]:
         cost = [[u.weight * st.time_s for st in grp.strategies] for u in self.units for grp in u.groups]
@@ -265,8 +265,8 @@ def _ties(assembly: Assembly) -> list[Tie]:
             g, h = assembly.gid(owner[0], owner[1]), assembly.gid(use[0], use[1])
             if use is owner or g == h:
                 continue
-            src = assembly._strategies(owner[0], owner[1])
-            dst = assembly._strategies(use[0], use[1])
+            src = assembly.strategies_of(owner[0], owner[1])
+            dst = assembly.strategies_of(use[0], use[1])
             compatible = tuple(frozenset(t for t, tt in enumerate(dst)
                                          if tt.head.param_layouts[use[2]] == ss.head.param_layouts[owner[2]])
                                for ss in src)
@@ -288,7 +288,6 @@ class Request:
     optimizer_bytes_per_param: float
     dtype: str
     what: str
-    extra: dict = field(default_factory=dict)
 
 
 def cost_model(req: Request) -> CostModel:

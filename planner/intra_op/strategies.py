@@ -151,9 +151,9 @@ def residual_stream(graph: OpGraph) -> set[str]:
     """The layer's differentiable inputs and outputs and the norms, dropouts and elementwise ops
     joined to them through one another: what Megatron-LM's tensor parallelism leaves replicated
     and its sequence parallelism splits along the sequence."""
-    def member(name: str) -> bool:
+    def member(name: str) -> bool:  # followers (views, pointwise) only connect: their head decides
         op = graph.ops[name]
-        return op.elementwise or (op.is_input and op.differentiable[0])
+        return op.elementwise or op.follows or (op.is_input and op.differentiable[0])
 
     neighbours: dict[str, set[str]] = {n: set() for n in graph.ops}
     for op in graph.ops.values():

@@ -8,6 +8,8 @@ See docs/schedules.md for every method, its paper and its numbers.
 """
 
 from planner.schedules.actions import Action, Program, format_actions, parse_actions, parse_program
+from planner.schedules.closed_form import estimate, in_flight, staleness, weight_versions
+from planner.schedules.plot import plot_timeline
 from planner.schedules.registry import SCHEDULE_NAMES, ScheduleInfo, get_schedule
 from planner.schedules.simulator import SimResult, simulate
 
@@ -17,9 +19,14 @@ __all__ = [
     "Program",
     "ScheduleInfo",
     "SimResult",
+    "estimate",
     "format_actions",
     "get_schedule",
+    "in_flight",
     "parse_actions",
     "parse_program",
+    "plot_timeline",
     "simulate",
+    "staleness",
+    "weight_versions",
 ]

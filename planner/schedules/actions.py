@@ -19,24 +19,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 KINDS = ("F", "B", "W", "BW")
 _ACTION_RE = re.compile(r"^(\d+)(BW|F|B|W)(\d+)$")
 
 
-@dataclass(frozen=True, order=True)
-class Action:
-    """One compute action: ``kind`` of ``stage`` (model chunk, model order) on ``microbatch``."""
+class Action(NamedTuple):
+    """One compute action: ``kind`` of ``stage`` (model chunk, model order) on ``microbatch``.
+
+    A NamedTuple rather than a dataclass: programs hold thousands of them and the asynchronous
+    simulations build them by the hundred thousand, so creation cost matters (torch's ``_Action`` is
+    one too). Values are checked where they enter from outside, in :meth:`parse`.
+    """
 
     stage: int
     kind: str
     microbatch: int
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"Action.kind: got {self.kind!r}; expected one of {KINDS}")
-        if self.stage < 0 or self.microbatch < 0:
-            raise ValueError(f"Action: stage and microbatch must be >= 0, got {self.stage}, {self.microbatch}")
 
     def __str__(self) -> str:
         return f"{self.stage}{self.kind}{self.microbatch}"
@@ -109,7 +108,7 @@ def parse_program(text: str) -> Program:
     prefix = "# stages->devices:"
     if not lines or not lines[0].startswith(prefix):
         raise ValueError(f"program text: the first line must start with {prefix!r}")
-    fields = [f.strip() for f in lines[0][len(prefix):].split(";")]
+    fields = [f.strip() for f in lines[0][len(prefix) :].split(";")]
     placements = tuple(tuple(int(tok) for tok in part.split()) for part in fields[0].split("|"))
     microbatches = int(fields[1].removeprefix("microbatches:"))
     replica_of: tuple[int, ...] = ()

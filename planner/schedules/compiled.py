@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from planner.schedules.actions import Action, Program
 from planner.schedules.engine import execute
-from planner.schedules.registry import get_schedule
+from planner.schedules.registry import build_program
 
 _KIND = {"F": 0, "B": 1, "W": 2, "BW": 3}
 
@@ -64,11 +64,16 @@ def compile_program(program: Program) -> CompiledProgram:
 @lru_cache(maxsize=512)
 def compiled(name: str, p: int, m: int, v: int) -> CompiledProgram:
     """The compiled program of a synchronous schedule, cached per ``(name, p, m, v)``."""
-    return compile_program(get_schedule(name).build(p, m, v))
+    return compile_program(build_program(name, p, m, v))
 
 
-def makespan(prog: CompiledProgram, fwd: tuple[float, ...], bwd_in: tuple[float, ...], bwd_w: tuple[float, ...],
-             p2p: float) -> float:
+def makespan(
+    prog: CompiledProgram,
+    fwd: tuple[float, ...],
+    bwd_in: tuple[float, ...],
+    bwd_w: tuple[float, ...],
+    p2p: float,
+) -> float:
     """Step time of the compiled program with these per-stage durations (exact, same as the engine)."""
     table = (fwd, bwd_in, bwd_w, tuple(b + w for b, w in zip(bwd_in, bwd_w)))
     ends = [0.0] * prog.size

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.schedules.actions import Action, Program
+from planner.schedules.actions import Program
 
 
 @dataclass(frozen=True)
@@ -49,73 +49,69 @@ def execute(
     num_stages = program.num_stages
     n_mb = program.microbatches
     assert len(fwd_s) == len(bwd_input_s) == len(bwd_weight_s) == num_stages
-    device_of = program.device_of
+    last = num_stages - 1
+    # Device of (stage, micro-batch) as a flat list, so the inner loop only indexes lists.
+    replica = program.replica_of or (0,) * n_mb
+    device_of = [program.placements[replica[j]][k] for k in range(num_stages) for j in range(n_mb)]
+    fused = tuple(b + w for b, w in zip(bwd_input_s, bwd_weight_s))
+    duration = {"F": fwd_s, "B": bwd_input_s, "W": bwd_weight_s, "BW": fused}
     # Completion times indexed [stage * n_mb + microbatch]; None until the action has run.
     fwd_end: list[float | None] = [None] * (num_stages * n_mb)
     grad_end: list[float | None] = [None] * (num_stages * n_mb)  # input-gradient ready (B or BW done)
-    kind_b: list[bool] = [False] * (num_stages * n_mb)  # True when the backward ran as split B
+    split: list[bool] = [False] * (num_stages * n_mb)  # True when the backward ran as B (W follows)
     starts: list[list[float]] = [[] for _ in program.actions]
     ends: list[list[float]] = [[] for _ in program.actions]
     cursor = [0] * program.num_devices
     free_at = [0.0] * program.num_devices
     remaining = sum(len(a) for a in program.actions)
     sequence: list[tuple[int, int]] = []
-
-    def ready_time(action: Action) -> float | None:
-        k, j = action.stage, action.microbatch
-        own = device_of(k, j)
-        if action.kind == "F":
-            if k == 0:
-                return 0.0
-            prev = fwd_end[(k - 1) * n_mb + j]
-            if prev is None:
-                return None
-            return prev + (p2p_s if device_of(k - 1, j) != own else 0.0)
-        if action.kind == "W":
-            done = grad_end[k * n_mb + j]
-            if done is None or not kind_b[k * n_mb + j]:
-                return None
-            return done
-        # B or BW
-        own_fwd = fwd_end[k * n_mb + j]
-        if own_fwd is None:
-            return None
-        if k == num_stages - 1:
-            return own_fwd
-        nxt = grad_end[(k + 1) * n_mb + j]
-        if nxt is None:
-            return None
-        return max(own_fwd, nxt + (p2p_s if device_of(k + 1, j) != own else 0.0))
-
-    durations = {"F": fwd_s, "B": bwd_input_s, "W": bwd_weight_s}
     while remaining:
         progressed = False
         for device, device_actions in enumerate(program.actions):
-            while cursor[device] < len(device_actions):
-                action = device_actions[cursor[device]]
-                ready = ready_time(action)
-                if ready is None:
-                    break
-                start = max(ready, free_at[device])
-                k = action.stage
-                if action.kind == "BW":
-                    duration = bwd_input_s[k] + bwd_weight_s[k]
-                else:
-                    duration = durations[action.kind][k]
-                end = start + duration
-                index = k * n_mb + action.microbatch
-                if action.kind == "F":
-                    fwd_end[index] = end
-                elif action.kind in ("B", "BW"):
-                    grad_end[index] = end
-                    kind_b[index] = action.kind == "B"
+            i = cursor[device]
+            free = free_at[device]
+            while i < len(device_actions):
+                k, kind, j = device_actions[i]
+                at = k * n_mb + j
+                if kind == "F":
+                    if k == 0:
+                        ready = 0.0
+                    else:
+                        prev = fwd_end[at - n_mb]
+                        if prev is None:
+                            break
+                        ready = prev + p2p_s if device_of[at - n_mb] != device else prev
+                elif kind == "W":
+                    ready = grad_end[at]
+                    if ready is None or not split[at]:
+                        break
+                else:  # B or BW
+                    ready = fwd_end[at]
+                    if ready is None:
+                        break
+                    if k != last:
+                        nxt = grad_end[at + n_mb]
+                        if nxt is None:
+                            break
+                        if device_of[at + n_mb] != device:
+                            nxt += p2p_s
+                        if nxt > ready:
+                            ready = nxt
+                start = ready if ready > free else free
+                free = start + duration[kind][k]
+                if kind == "F":
+                    fwd_end[at] = free
+                elif kind != "W":
+                    grad_end[at] = free
+                    split[at] = kind == "B"
                 starts[device].append(start)
-                ends[device].append(end)
-                free_at[device] = end
-                sequence.append((device, cursor[device]))
-                cursor[device] += 1
+                ends[device].append(free)
+                sequence.append((device, i))
+                i += 1
                 remaining -= 1
                 progressed = True
+            cursor[device] = i
+            free_at[device] = free
         if not progressed:
             raise ValueError(_deadlock_report(program, cursor))
     return Executed(
@@ -133,6 +129,7 @@ def _deadlock_report(program: Program, cursor: list[int]) -> str:
             stuck.append(f"d{device} step {cursor[device]} waits at {device_actions[cursor[device]]}")
         else:
             stuck.append(f"d{device} done")
-    return "schedule deadlocks: every unfinished device waits for an action that can not run yet; " + "; ".join(
-        stuck
+    return (
+        "schedule deadlocks: every unfinished device waits for an action that can not run yet; "
+        + "; ".join(stuck)
     )

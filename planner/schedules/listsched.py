@@ -62,7 +62,9 @@ def list_schedule(
         if not ran:
             upcoming = [t for t in (*free_at, *fwd_end.values(), *grad_end.values()) if t > time]
             if not upcoming:
-                raise AssertionError(f"list schedule stalled at t={time}: the rule never picks a ready action")
+                raise AssertionError(
+                    f"list schedule stalled at t={time}: the rule never picks a ready action"
+                )
             time = min(upcoming)
     return Program(placements, tuple(tuple(o) for o in order), microbatches, replica_of)
 

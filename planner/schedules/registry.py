@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from planner.errors import SpecError
 from planner.schedules import bidirectional, orders, vshape
@@ -43,6 +44,8 @@ class ScheduleInfo:
     methods and PipeDream-2BW/PipeMare (one update per step), 1 for PipeDream and Pipelined Backprop
     (one update per micro-batch). ``extra_param_buffers`` counts parameter-sized buffers beyond the
     weight versions that the method itself adds (PipeMare's discrepancy-correction velocity).
+    ``build(p, m, v)`` writes the action order; for asynchronous schedules ``m`` there counts every
+    simulated micro-batch (several optimizer steps), see :func:`build_program`.
     """
 
     name: str
@@ -83,7 +86,9 @@ class ScheduleInfo:
         _positive_int("v", v, "v is the number of model chunks per device; use v >= 1")
         if self.chunks_per_device is not None and v != self.chunks_per_device:
             raise SpecError(
-                "v", v, f"{where} runs exactly {self.chunks_per_device} chunk(s) per device; set v={self.chunks_per_device}"
+                "v",
+                v,
+                f"{where} runs exactly {self.chunks_per_device} chunk(s) per device; set v={self.chunks_per_device}"
                 + (" or pick 'interleaved-1f1b' for v > 1" if self.chunks_per_device == 1 else ""),
             )
         if v < self.min_v:
@@ -103,6 +108,14 @@ def _positive_int(field_name: str, value: object, fix: str) -> None:
         raise SpecError(field_name, value, f"expected a positive integer; {fix}")
 
 
+@lru_cache(maxsize=256)
+def build_program(name: str, p: int, m: int, v: int) -> Program:
+    """The (immutable) program of ``name`` for ``(p, m, v)``, cached: some orders take a list-scheduling
+    pass to derive. ``m`` counts every simulated micro-batch (several steps for asynchronous schedules).
+    """
+    return _REGISTRY[name].build(p, m, v)
+
+
 def get_schedule(name: str) -> ScheduleInfo:
     """The :class:`ScheduleInfo` called ``name``; a bad name raises ``ValueError`` with a suggestion."""
     info = _REGISTRY.get(name) if isinstance(name, str) else None
@@ -115,7 +128,9 @@ def get_schedule(name: str) -> ScheduleInfo:
 
 _ZB = "Qi, Wan, Huang, Lin. Zero Bubble Pipeline Parallelism. ICLR 2024"
 _ZB_URL = "https://arxiv.org/abs/2401.10241"
-_2BW = "Narayanan, Phanishayee, Shi, Chen, Zaharia. Memory-Efficient Pipeline-Parallel DNN Training. ICML 2021"
+_2BW = (
+    "Narayanan, Phanishayee, Shi, Chen, Zaharia. Memory-Efficient Pipeline-Parallel DNN Training. ICML 2021"
+)
 _2BW_URL = "https://arxiv.org/abs/2006.09503"
 
 _ENTRIES = (
@@ -174,8 +189,8 @@ _ENTRIES = (
         description="Each device holds v model chunks (stage k on device k mod p). Micro-batches go in "
         "groups of p through chunk 0, then chunk 1, ...; the bubble shrinks by v at the cost of v times "
         "more point-to-point messages.",
-        memory="Device d holds (2(p-1-d) + (v-1)p + 1) chunk activations of 1/v stage each at most; "
-        "device 0 about p(1 + (v-1)/v... see in_flight) - a little more than 1F1B.",
+        memory="Device d holds min(2(p-1-d) + (v-1)p + 1, mv) chunks of 1/v stage: device 0 holds "
+        "p + (p-1)/v micro-batches, a little more than 1F1B's p.",
         constraints="v >= 2; m a multiple of p (Megatron's rule)",
         async_semantics=None,
         updates_per_microbatch=False,
@@ -248,8 +263,9 @@ _ENTRIES = (
         "stage d of one and stage p-1-d of the other); half of each unit of p micro-batches goes each way "
         "and fills the other pipeline's bubbles. The replicas all-reduce gradients before a synchronous "
         "update.",
-        memory="Two stages of weights per device (weight_versions = 2 counts the second replica). Device 0 "
-        "holds p/2 + 1 micro-batches for m = p; the middle devices up to p.",
+        memory="Two stages of weights per device (weight_versions = 2 counts the second replica). Device d "
+        "holds p/2 + 1 + min(d, p-1-d) micro-batches for m = p (p/2 + 1 at the ends, p in the middle) and p on "
+        "every device once m >= 2p.",
         constraints="p even; m a multiple of p",
         async_semantics=None,
         updates_per_microbatch=False,
@@ -315,8 +331,8 @@ _ENTRIES = (
         description="Two chunks per device placed in a V (device d holds stages d and 2p-1-d), steady "
         "pattern F0 B0 W0 F1 B1 W1, W postponed in the drain. Zero bubble with equal F, B, W when steps "
         "overlap per device, at 1F1B's activation memory.",
-        memory="Device d holds at most p micro-batch-stages of activations (counted in full stages), like 1F1B's "
-        "first device.",
+        memory="Device d holds min(p, m, (m+d+1)/2) micro-batches (chunks count 1/2): p once m >= 2p-1, like "
+        "1F1B's first device, but on every device.",
         constraints="v = 2; any p, m",
         async_semantics=None,
         updates_per_microbatch=False,
@@ -338,8 +354,8 @@ _ENTRIES = (
         description="DualPipe folded onto one model copy: V placement, steady phase of paired "
         "forward-of-one-chunk + full-backward-of-the-other (DeepSeek overlaps the pair's compute with its "
         "all-to-all; we model the pair back to back), zero-bubble B/W splits in warm-up and drain only.",
-        memory="One weight copy (unlike DualPipe's two); device d holds up to about p + 1 micro-batch-stages "
-        "of activations.",
+        memory="One weight copy (DualPipe needs two); every device holds p + 1/2 micro-batches (chunks count "
+        "1/2).",
         constraints="v = 2; m >= 2p",
         async_semantics=None,
         updates_per_microbatch=False,
@@ -393,7 +409,8 @@ _ENTRIES = (
         "size starts inversely proportional to the stage's delay and ramps to the base rate, since early "
         "training is most sensitive to delay. Discrepancy correction: the backward uses weights "
         "extrapolated back by the delay along an exponential moving average of recent weight updates (the "
-        "velocity buffer), approximating the forward weights without stashing them.",
+        "velocity buffer), approximating the forward weights without stashing them. The warm-up length and "
+        "the average's decay are hyper-parameters of the optimizer; the timeline does not depend on them.",
         updates_per_microbatch=False,
         extra_param_buffers=1,
         build=lambda p, m, v: orders.pipelined_backprop(p, m),

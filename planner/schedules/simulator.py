@@ -7,9 +7,10 @@ What "one step" means:
   the next step. ``overlapped_step_time_s`` is the period when steps run back to back and each device
   starts its next step as soon as its own work allows (no global sync; the zero-bubble papers'
   "optimizer post-validation"): ZB-H2 and ZB-V reach zero bubble only in that sense.
-* asynchronous schedules never flush: we simulate several steps of ``m`` micro-batches and report the
-  steady-state time of one step, averaged over a window of whole steps after a warm-up of at least
-  ``2p`` micro-batches (:func:`async_window`). Both step times are then the same.
+* asynchronous schedules never flush: we simulate a long run (``m + 18p`` micro-batches or more) and
+  report ``m`` times the steady-state seconds per micro-batch, found as the
+  exact period of the repeating pattern (:func:`_steady_period`). Both step times are then the same;
+  ``window_s`` marks one steady step on the timeline.
 
 ``bubble_fraction`` is the idle share of device-time ``p * step_time_s`` in the measured window.
 Memory is reported in micro-batches of one full stage (``1/p`` of the model): a chunk holding ``1/v``
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from planner.errors import SpecError
 from planner.schedules.actions import Program
 from planner.schedules.engine import Executed, execute
-from planner.schedules.registry import ScheduleInfo, get_schedule
+from planner.schedules.registry import ScheduleInfo, build_program, get_schedule
 
 Timeline = tuple[tuple[tuple[float, float, str], ...], ...]
 
@@ -40,7 +41,8 @@ class SimResult:
     ``weight_versions[d]``: parameter copies of one stage held on device ``d`` (stashed versions,
     2BW's double buffer, or Chimera's second replica). ``staleness[d]``: most updates missing from the
     weights a forward on device ``d`` sees, compared with sequential SGD. ``exact`` is False when
-    :func:`estimate` returned a bound instead of the simulated value.
+    :func:`estimate` returned a bound instead of the simulated value. ``overlapped_*`` (steps back to
+    back without a global sync) is None in :func:`estimate` results for synchronous schedules.
     """
 
     schedule: str
@@ -50,8 +52,8 @@ class SimResult:
     synchronous: bool
     step_time_s: float
     bubble_fraction: float
-    overlapped_step_time_s: float
-    overlapped_bubble_fraction: float
+    overlapped_step_time_s: float | None
+    overlapped_bubble_fraction: float | None
     peak_in_flight: tuple[float, ...]
     weight_versions: tuple[int, ...]
     staleness: tuple[int, ...]
@@ -91,12 +93,16 @@ class SimResult:
         return "\n".join(lines)
 
 
-def stage_times(value: float | Sequence[float], count: int, field_name: str, *, positive: bool) -> tuple[float, ...]:
+def stage_times(
+    value: float | Sequence[float], count: int, field_name: str, *, positive: bool
+) -> tuple[float, ...]:
     """Normalise a scalar or a per-stage sequence of seconds to a tuple of length ``count``."""
     values = (value,) * count if isinstance(value, int | float) else tuple(value)
     if len(values) != count:
         raise SpecError(
-            field_name, value, f"give one number (every stage) or a sequence of p*v = {count} stage times in model order"
+            field_name,
+            value,
+            f"give one number (every stage) or a sequence of p*v = {count} stage times in model order",
         )
     for x in values:
         bad = isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x < 0
@@ -135,7 +141,7 @@ def simulate(
 
 
 def _simulate_sync(info: ScheduleInfo, p: int, m: int, v: int, fwd, bwd_in, bwd_w, p2p: float) -> SimResult:
-    program = info.build(p, m, v)
+    program = build_program(info.name, p, m, v)
     run = execute(program, fwd, bwd_in, bwd_w, p2p)
     step = run.makespan_s
     busy = _busy_in(run, 0.0, step)
@@ -143,7 +149,7 @@ def _simulate_sync(info: ScheduleInfo, p: int, m: int, v: int, fwd, bwd_in, bwd_
     steps = 4
     repeated = execute(_repeat(program, steps), fwd, bwd_in, bwd_w, p2p)
     finish = _step_finish(repeated, m, steps)
-    overlapped = finish[-1] - finish[-2]
+    overlapped = (finish[3] - finish[1]) / 2  # over two steps: the period may alternate
     weights = 2 if info.name == "chimera" else 1
     return SimResult(
         schedule=info.name,
@@ -165,32 +171,46 @@ def _simulate_sync(info: ScheduleInfo, p: int, m: int, v: int, fwd, bwd_in, bwd_
     )
 
 
-def async_window(p: int, m: int) -> tuple[int, int, int]:
-    """(first measured step, measured steps K, simulated steps) for an asynchronous schedule.
+def _steady_period(finish: list[float], p: int) -> float:
+    """Seconds per micro-batch once the no-flush pipeline repeats itself.
 
-    The steady state of a no-flush pipeline repeats every few micro-batches, not always every one
-    (1F1B with p2p repeats every ``p``), so we average over ``K`` steps with ``K * m`` a multiple of
-    ``2p``, after at least ``2p`` micro-batches of warm-up and before ``2p`` of drain.
+    The steady state repeats every few micro-batches, not always every one (1F1B with p2p latency
+    repeats every ``p``, Pipelined Backprop every 3): we look for the shortest cycle length ``k``
+    with ``finish[j + k] - finish[j]`` constant over a window of ``6p`` micro-batches that ends ``4p``
+    before the drain, and return that difference over ``k``. If none is found (a transient longer
+    than the run), the average slope over the window is returned.
     """
-    settle = math.ceil(2 * p / m) + 1
-    measured = 2 * p // math.gcd(m, 2 * p)
-    return settle, measured, 2 * settle + measured
+    n = len(finish)
+    for k in range(1, 4 * p + 2):
+        hi = n - 4 * p - k
+        lo = max(0, hi - 6 * p)
+        gaps = [finish[j + k] - finish[j] for j in range(lo, hi)]
+        if gaps and max(gaps) - min(gaps) <= 1e-9 * max(1.0, abs(finish[-1])):
+            return gaps[-1] / k
+    hi = n - 4 * p
+    lo = max(0, hi - 6 * p)
+    return (finish[hi] - finish[lo]) / (hi - lo)
 
 
 def _simulate_async(info: ScheduleInfo, p: int, m: int, v: int, fwd, bwd_in, bwd_w, p2p: float) -> SimResult:
-    first, count, steps = async_window(p, m)
-    program = info.build(p, m * steps, v)
+    warm = m * math.ceil(2 * p / m)  # the step marked on the timeline starts after >= 2p micro-batches
+    n = warm + m + 16 * p
+    program = build_program(info.name, p, n, v)
     run = execute(program, fwd, bwd_in, bwd_w, p2p)
-    finish = _step_finish(run, m, steps)
-    t0, t1 = finish[first - 1], finish[first - 1 + count]
-    step = (t1 - t0) / count
-    busy = _busy_in(run, t0, t1) / count
-    bubble = _bubble(busy, p, step)
+    per_mb = [0.0] * n
+    for device_actions, ends in zip(program.actions, run.ends):
+        for a, end in zip(device_actions, ends):
+            per_mb[a.microbatch] = max(per_mb[a.microbatch], end)
+    period = _steady_period(per_mb, p)
+    step = m * period
+    work_per_mb = sum(fwd) + sum(bwd_in) + sum(bwd_w)
+    bubble = max(0.0, 1.0 - work_per_mb / (p * period)) if period > 0 else 0.0
     staleness = _async_staleness(info, run, m)
     if info.name == "pipedream":
         versions = _stashed_versions(program)
     else:
         versions = (2 if info.name == "pipedream-2bw" else 1,) * p
+    t0 = per_mb[warm - 1]
     return SimResult(
         schedule=info.name,
         p=p,
@@ -206,7 +226,7 @@ def _simulate_async(info: ScheduleInfo, p: int, m: int, v: int, fwd, bwd_in, bwd
         staleness=staleness,
         max_staleness=max(staleness),
         timeline=_timeline(run),
-        window_s=(t0, t1),
+        window_s=(t0, t0 + step),
         program=program,
     )
 
@@ -242,15 +262,20 @@ def _stashed_versions(program: Program) -> tuple[int, ...]:
     result = []
     for device_actions in program.actions:
         current = 0
-        in_use: dict[int, int] = {}
+        version_of: dict[int, int] = {}
+        users: dict[int, int] = {}  # version -> in-flight micro-batches that read it
         most = 1
         for a in device_actions:
             if a.kind == "F":
-                in_use[a.microbatch] = current
+                version_of[a.microbatch] = current
+                users[current] = users.get(current, 0) + 1
             else:
-                in_use.pop(a.microbatch, None)
+                old = version_of.pop(a.microbatch)
+                users[old] -= 1
+                if not users[old]:
+                    del users[old]
                 current += 1
-            most = max(most, len(set(in_use.values()) | {current}))
+            most = max(most, len(users) + (current not in users))
         result.append(most)
     return tuple(result)
 
@@ -270,7 +295,9 @@ def _async_staleness(info: ScheduleInfo, run: Executed, m: int) -> tuple[int, ..
         return (1,) * program.num_devices
     result = []
     for device, device_actions in enumerate(program.actions):
-        update_at = _update_times(device_actions, run.ends[device], m, per_microbatch=info.updates_per_microbatch)
+        update_at = _update_times(
+            device_actions, run.ends[device], m, per_microbatch=info.updates_per_microbatch
+        )
         applied = sorted(update_at.values())
         worst = 0
         for a, start in zip(device_actions, run.starts[device]):
@@ -315,7 +342,7 @@ def _count_le(sorted_times: list[float], t: float) -> int:
 def _repeat(program: Program, steps: int) -> Program:
     m = program.microbatches
     actions = tuple(
-        tuple(type(a)(a.stage, a.kind, a.microbatch + s * m) for s in range(steps) for a in device_actions)
+        tuple(a._replace(microbatch=a.microbatch + s * m) for s in range(steps) for a in device_actions)
         for device_actions in program.actions
     )
     return Program(program.placements, actions, m * steps, program.replica_of * steps)
@@ -332,7 +359,9 @@ def _step_finish(run: Executed, m: int, steps: int) -> list[float]:
 
 
 def _busy_in(run: Executed, t0: float, t1: float) -> float:
-    return sum(max(0.0, min(e, t1) - max(s, t0)) for st, en in zip(run.starts, run.ends) for s, e in zip(st, en))
+    return sum(
+        max(0.0, min(e, t1) - max(s, t0)) for st, en in zip(run.starts, run.ends) for s, e in zip(st, en)
+    )
 
 
 def _bubble(busy: float, p: int, span: float) -> float:

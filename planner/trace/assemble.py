@@ -1,9 +1,10 @@
 """Measured op nodes → :class:`CostGraph`: assign ops to layers, own parameters, sum per layer.
 
 * An op belongs to the layer whose module path is the longest prefix of its own. Ops outside any
-  layer (root-level glue, inputs) join a neighbour: the latest layer feeding them, else the one
-  layer they feed, else (values several layers read, like an attention mask built from
-  nothing) the layer running at that point, so repeated blocks stay alike.
+  layer (root-level glue, inputs) join a neighbour: the latest layer feeding them (but not a
+  stack's block when the one layer they feed is outside the stack), else the one layer they
+  feed, else (values several layers read, like an attention mask built from nothing) the layer
+  running at that point. Either way repeated blocks stay alike.
 * A parameter is owned by the first layer that uses it; later users list it in ``tied_params``.
   Parameters never used in forward are owned by the layer of their module (else the first
   layer) and reported in the notes, so the owned counts always sum to the model's parameters.
@@ -55,6 +56,11 @@ def layer_of_path(path: str, units: list[str], cache: dict[str, int]) -> int:
     return best
 
 
+def _in_stack(unit: str) -> bool:
+    """A layer that is an item of a ModuleList/Sequential (``blocks.3``)."""
+    return unit.rsplit(".", 1)[-1].isdigit()
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -77,15 +83,25 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
     for op in ops:
         for src in op.inputs:
             consumers[src].append(op.name)
+    # Glue: the latest layer feeding it (producer) and the one layer it feeds (consumer), through
+    # chains of glue. It joins the producer, unless that is a block of a stack and the consumer is
+    # not (pooling before a classifier stays out of the last block, so blocks stay alike).
+    producer: dict[str, int] = {}
     for op in ops:
-        if raw_layer[op.name] < 0:
-            prev = [raw_layer[s] for s in op.inputs if raw_layer.get(s, -1) >= 0]
-            raw_layer[op.name] = max(prev) if prev else -1
+        prev = [producer[s] for s in op.inputs if producer.get(s, -1) >= 0]
+        producer[op.name] = direct[op.name] if direct[op.name] >= 0 else (max(prev) if prev else -1)
+    consumer: dict[str, int] = {}
     for op in reversed(ops):
-        if raw_layer[op.name] < 0:
-            nxt = {raw_layer[c] for c in consumers[op.name] if raw_layer[c] >= 0}
-            if len(nxt) == 1:  # shared inputs (masks, positions) stay with the layer that makes them
-                raw_layer[op.name] = nxt.pop()
+        nxt = {consumer[c] for c in consumers[op.name] if consumer.get(c, -1) >= 0}
+        # Shared inputs (masks, positions) read by several layers stay with the layer that makes them.
+        consumer[op.name] = direct[op.name] if direct[op.name] >= 0 else (nxt.pop() if len(nxt) == 1 else -1)
+    for op in ops:
+        if direct[op.name] < 0:
+            p, c = producer[op.name], consumer[op.name]
+            if p >= 0 and c >= 0:
+                raw_layer[op.name] = c if _in_stack(units[p]) and not _in_stack(units[c]) else p
+            else:
+                raw_layer[op.name] = max(p, c)
     last = next((raw_layer[op.name] for op in ops if raw_layer[op.name] >= 0), 0)
     for op in ops:  # isolated ops (assertions, unused values): the layer running at that point
         if raw_layer[op.name] < 0:
@@ -178,7 +194,7 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
         mod_type = type(named_modules[unit_path]).__name__ if unit_path in named_modules else "Module"
         fwd = sum(r.flops for r in recs) / batch
         act = sum(b for _, b in saved) / batch
-        sig_src = repr(([(op.kind, op.output_shapes) for op in members],
+        sig_src = repr(([(op.kind, op.output_shapes) for op in members if op.kind != "placeholder"],
                         sorted((tuple(p.shape), str(p.dtype)) for op in members for p in op.params),
                         [s for s, _ in saved], round(fwd), round(act)))
         layers.append(Layer(

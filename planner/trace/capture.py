@@ -21,6 +21,7 @@ import io
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,9 +29,10 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from planner.trace.interpret import OpNode, value_meta
+from planner.trace.interpret import OpNode, fx_path, value_meta
 from planner.trace.meter import OpMeter, SavedTensorMeter
 from planner.trace.opaque import OpaqueFailure, opaque_call, reason_of
+from planner.trace.units import module_key
 
 EXPORT_ROOT = "inner"  # attribute name of the wrapped model inside the export wrapper
 
@@ -43,23 +45,62 @@ class CaptureFailure(Exception):
         self.method, self.where, self.why = method, where, why
 
 
+@dataclass(frozen=True)
+class BlockLeaf:
+    """A layer traced as one ``call_module`` node because an identical earlier layer was traced inline.
+
+    ``reference``: that earlier layer's path; ``arg_nodes``: the reference call's flattened
+    arguments (graph nodes, or None for constants); ``out_node``: the node it returned.
+    """
+
+    reference: str
+    arg_nodes: tuple[torch.fx.Node | None, ...]
+    out_node: torch.fx.Node
+
+
+def _arg_structure(args: tuple, kwargs: dict) -> tuple:
+    flat, spec = tree_flatten((args, kwargs))
+    parts = []
+    for a in flat:
+        if isinstance(a, torch.fx.Proxy):
+            parts.append(("proxy",))
+        elif isinstance(a, (int, float, bool, str, type(None))):
+            parts.append(("const", type(a).__name__, a))
+        else:
+            parts.append(("object", id(a)))
+    return (str(spec), tuple(parts))
+
+
 class _Tracer(torch.fx.Tracer):
-    """Symbolic tracer that also proxies buffers and remembers where tracing failed."""
+    """Symbolic tracer that proxies buffers, remembers where tracing failed, and traces each distinct layer once.
+
+    A layer (one of ``units``) whose :func:`module_key` and argument structure equal those of a
+    layer already traced inline becomes a ``call_module`` leaf: fx would record the same nodes
+    for it, so :class:`GraphRunner` replays the reference's nodes instead (and checks, at run
+    time, that the input metadata agree too).
+    """
 
     proxy_buffer_attributes = True
 
-    def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
+    def __init__(self, leaf_types: tuple[type, ...] = (), units: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.leaf_types = leaf_types
+        self.units = units
         self.stack: list[tuple[str, nn.Module]] = []
         self.failed_at: tuple[str, nn.Module] | None = None
+        self.references: dict[tuple, tuple[str, tuple, torch.fx.Node]] = {}
+        self.block_leaves: dict[str, BlockLeaf] = {}
+        self._keys: dict[int, tuple] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        self.stack.append((self.path_of_module(m), m))
+        path = self.path_of_module(m)
+        self.stack.append((path, m))
         try:
+            if path in self.units and not self.is_leaf_module(m, path):
+                return self._call_unit(m, path, forward, args, kwargs)
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_at is None:
@@ -68,10 +109,27 @@ class _Tracer(torch.fx.Tracer):
         finally:
             self.stack.pop()
 
+    def _call_unit(self, m, path, forward, args, kwargs):
+        key = self._keys.get(id(m)) or self._keys.setdefault(id(m), module_key(m))
+        signature = (key, _arg_structure(args, kwargs))
+        ref = self.references.get(signature)
+        if ref is not None:
+            self.block_leaves[path] = BlockLeaf(reference=ref[0], arg_nodes=ref[1], out_node=ref[2])
+            return self.create_proxy("call_module", path, args, kwargs)
+        result = super().call_module(m, forward, args, kwargs)
+        if isinstance(result, torch.fx.Proxy):  # only single-output layers are replayed as leaves
+            flat, _ = tree_flatten((args, kwargs))
+            arg_nodes = tuple(a.node if isinstance(a, torch.fx.Proxy) else None for a in flat)
+            self.references[signature] = (path, arg_nodes, result.node)
+        return result
 
-def fx_graph(model: nn.Module, args: tuple, kwargs: dict, leaf_types: tuple[type, ...] = ()
-             ) -> tuple[torch.fx.GraphModule, list[Any], nn.Module | None]:
-    """Symbolic trace; returns the graph module, its placeholder values, and (on failure) the culprit."""
+
+def fx_graph(model: nn.Module, args: tuple, kwargs: dict, leaf_types: tuple[type, ...] = (),
+             units: frozenset[str] = frozenset()) -> tuple[torch.fx.GraphModule, list[Any], dict[str, BlockLeaf]]:
+    """Symbolic trace; returns the graph module, its placeholder values, and the layers made leaves.
+
+    ``units``: layer paths that may be traced once and replayed (empty: trace everything inline).
+    """
     sig = inspect.signature(model.forward)
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
         raise CaptureFailure("fx", "<root>", "forward takes *args/**kwargs, which symbolic tracing cannot bind")
@@ -80,7 +138,7 @@ def fx_graph(model: nn.Module, args: tuple, kwargs: dict, leaf_types: tuple[type
     except TypeError as exc:
         raise CaptureFailure("fx", "<root>", f"sample input does not match forward{sig}: {exc}") from exc
     concrete = {p.name: p.default for p in sig.parameters.values() if p.name not in bound.arguments}
-    tracer = _Tracer(leaf_types)
+    tracer = _Tracer(leaf_types, units)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:
@@ -93,14 +151,7 @@ def fx_graph(model: nn.Module, args: tuple, kwargs: dict, leaf_types: tuple[type
     values = [bound.arguments[p.name] if p.name in bound.arguments else p.default for p in sig.parameters.values()]
     if len(placeholders) != len(values):
         raise CaptureFailure("fx", "<root>", f"{len(placeholders)} placeholders for {len(values)} forward arguments")
-    return gm, values, None
-
-
-def fx_path(node: torch.fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
+    return gm, values, tracer.block_leaves
 
 
 class _TensorOutputs(nn.Module):

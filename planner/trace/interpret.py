@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import inspect
+
 import torch
 import torch.fx
 from torch import nn
@@ -84,6 +86,14 @@ def op_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
     return str(node.target) if node.op == "call_method" else node.op
 
 
+def fx_path(node: torch.fx.Node) -> str:
+    """Module path of an fx node: the called module, else the innermost module on its stack."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
@@ -103,8 +113,14 @@ class GraphRunner(torch.fx.Interpreter):
 
     def __init__(self, gm: torch.fx.GraphModule, *, opm: OpMeter, stm: SavedTensorMeter,
                  path_of: Callable[[torch.fx.Node], str], unit_of: Callable[[str], int], reuse: bool = True,
-                 opaque_leaves: bool = False, notes: list[str] | None = None) -> None:
+                 opaque_leaves: bool = False, notes: list[str] | None = None,
+                 block_leaves: dict[str, Any] | None = None,
+                 trace_module: Callable[[nn.Module, tuple, dict], tuple[torch.fx.GraphModule, list[Any]]] | None = None,
+                 name_prefix: str = "", input_names: list[str | None] | None = None) -> None:
         super().__init__(gm)
+        self.trace_module = trace_module  # fx-traces one module (a leaf whose replay did not apply)
+        self.name_prefix = name_prefix  # a nested runner's node names are prefixed with the leaf's
+        self.input_names = input_names  # a nested runner's placeholders: the outer nodes they stand for
         self.opm, self.stm = opm, stm
         self.path_of, self.unit_of = path_of, unit_of
         self.reuse = reuse
@@ -116,9 +132,18 @@ class GraphRunner(torch.fx.Interpreter):
         self.module_keys: dict[int, tuple] = {}
         self.keep: list[torch.Tensor] = []
         self.replayed_segments = 0
+        self.block_leaves = block_leaves or {}  # layer path -> BlockLeaf (see capture._Tracer)
+        self.unit_refs: dict[int, tuple[_Reference, list[torch.fx.Node], list[torch.fx.Node]]] = {}
+        self.alias: dict[str, str] = {}  # a replayed leaf call -> the op node that produced its output
+        self.eager_leaves: list[str] = []
 
     # -- execution -------------------------------------------------------------------------------
     def capture(self, flat_inputs: list[Any]) -> list[OpNode]:
+        with self.opm, self.stm:
+            self._execute(flat_inputs)
+        return self.ops
+
+    def _execute(self, flat_inputs: list[Any]) -> Any:
         self.args_iter = iter(flat_inputs)
         self.env = {}
         nodes = list(self.module.graph.nodes)
@@ -127,33 +152,45 @@ class GraphRunner(torch.fx.Interpreter):
         for i, u in enumerate(units):
             if u >= 0 and (i == 0 or units[i - 1] != u):
                 runs[u] = runs.get(u, 0) + 1
-        with self.opm, self.stm:
-            i = 0
-            while i < len(nodes):
-                u = units[i]
-                if u < 0:
-                    self._run(nodes[i])
-                    i += 1
-                    continue
-                j = i
-                while j < len(nodes) and units[j] == u:
-                    j += 1
-                self._run_segment(nodes[i:j], replayable=self.reuse and runs[u] == 1)
-                i = j
-        return self.ops
+        i = 0
+        while i < len(nodes):
+            u = units[i]
+            if u < 0:
+                self._run(nodes[i])
+                i += 1
+                continue
+            j = i
+            while j < len(nodes) and units[j] == u:
+                j += 1
+            self._run_segment(nodes[i:j], u, replayable=self.reuse and runs[u] == 1)
+            i = j
+        return self.env[nodes[-1]] if nodes else None
+
+    def _name(self, node: torch.fx.Node) -> str:
+        if self.input_names is not None and node.op == "placeholder":
+            placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
+            outer = self.input_names[placeholders.index(node)]
+            if outer is not None:
+                return outer
+        return self.name_prefix + node.name
 
     def _run(self, node: torch.fx.Node) -> None:
-        self.opm.key = self.stm.key = node.name
+        name = self._name(node)
+        self.opm.key = self.stm.key = name
         result = self.run_node(node)
         self.env[node] = result
-        if node.op == "output":
-            return
+        if node.op == "output" or (self.input_names is not None and node.op == "placeholder"):
+            return  # a nested runner's inputs are the outer graph's nodes
         shapes, nbytes, dtypes = value_meta(result)
         self.ops.append(OpNode(
-            name=node.name, kind=op_kind(node, self.modules), target=str(node.target), module_path=self.path_of(node),
-            inputs=[a.name for a in node.all_input_nodes], output_shapes=shapes, output_bytes=nbytes, dtypes=dtypes,
-            params=self._params_of(node), records=self.opm.records.get(node.name, []),
-            saved=self.stm.saved.get(node.name, []), events=self.stm.events.get(node.name, [])))
+            name=name, kind=op_kind(node, self.modules), target=str(node.target), module_path=self.path_of(node),
+            inputs=self._inputs(node), output_shapes=shapes, output_bytes=nbytes, dtypes=dtypes,
+            params=self._params_of(node), records=self.opm.records.get(name, []),
+            saved=self.stm.saved.get(name, []), events=self.stm.events.get(name, [])))
+
+    def _inputs(self, node: torch.fx.Node) -> list[str]:
+        names = [self._name(a) for a in node.all_input_nodes]
+        return [self.alias.get(n, n) for n in names]
 
     def call_module(self, target, args, kwargs):
         if not self.opaque_leaves:
@@ -177,18 +214,114 @@ class GraphRunner(torch.fx.Interpreter):
         return params
 
     # -- segments and replay ---------------------------------------------------------------------
-    def _run_segment(self, nodes: list[torch.fx.Node], *, replayable: bool) -> None:
+    def _run_segment(self, nodes: list[torch.fx.Node], unit: int, *, replayable: bool) -> None:
+        if len(nodes) == 1 and nodes[0].op == "call_module" and nodes[0].target in self.block_leaves:
+            self._run_block_leaf(nodes[0])
+            return
         template, externals = self._template(nodes) if replayable else (None, [])
         if template is not None and template in self.refs:
             ref = self.refs[template]
             ext_values = [self.env[e] for e in externals]
             if self._ext_key(ext_values) == ref.ext_key:
-                self._replay(nodes, ext_values, ref)
+                fabricated: dict[int, torch.Tensor] = {}
+                inside = set(nodes)
+                for i, n in enumerate(nodes):
+                    if any(u not in inside for u in n.users):
+                        self.env[n] = self._fabricate(ref.values[i], fabricated)
+                specs = [(self._name(n), str(n.target), self.path_of(n), self._inputs(n), self._params_of(n),
+                          n.target if n.op == "get_attr" else None) for n in nodes]
+                self._replay(specs, ext_values, ref, fabricated)
                 return
         for n in nodes:
             self._run(n)
-        if template is not None and template not in self.refs:
-            self.refs[template] = self._reference(nodes, externals)
+        if template is not None:
+            if template not in self.refs:
+                self.refs[template] = self._reference(nodes, externals)
+            self.unit_refs[unit] = (self.refs[template], nodes, externals)
+
+    def _run_block_leaf(self, node: torch.fx.Node) -> None:
+        """A layer fx left as one call: replay its reference's nodes, renamed, or run it eagerly."""
+        leaf = self.block_leaves[node.target]
+        ref_entry = self.unit_refs.get(self.unit_of(leaf.reference))
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        flat_values = tree_flatten((args, kwargs))[0]
+        flat_nodes = tree_flatten((node.args, node.kwargs))[0]
+        if ref_entry is not None and len(flat_values) == len(leaf.arg_nodes):
+            ref, ref_nodes, ref_ext = ref_entry
+            position = {n: i for i, n in enumerate(leaf.arg_nodes) if n is not None}
+            if all(e in position for e in ref_ext) and leaf.out_node in ref_nodes:
+                ext_values = [flat_values[position[e]] for e in ref_ext]
+                if self._ext_key(ext_values) == ref.ext_key:
+                    self._replay_leaf(node, leaf, ref, ref_nodes, ref_ext, ext_values,
+                                      [flat_nodes[position[e]] for e in ref_ext])
+                    return
+        if self.trace_module is not None and self._run_nested(node, args, kwargs):
+            return
+        self.eager_leaves.append(str(node.target))
+        self._run(node)
+
+    def _run_nested(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> bool:
+        """Trace the leaf's module on its own and run that graph here, names and paths prefixed."""
+        module = self.fetch_attr(node.target)
+        try:
+            sub, values = self.trace_module(module, args, kwargs)
+            bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
+        except Exception:
+            return False
+        sources = [bound.arguments.get(p) for p in inspect.signature(module.forward).parameters]
+        names = [self.alias.get(self._name(a), self._name(a)) if isinstance(a, torch.fx.Node) else None
+                 for a in sources]
+        prefix = str(node.target)
+        child = GraphRunner(sub, opm=self.opm, stm=self.stm, unit_of=lambda p: -1, reuse=False,
+                            path_of=lambda n: f"{prefix}.{fx_path(n)}" if fx_path(n) else prefix,
+                            opaque_leaves=self.opaque_leaves, notes=self.notes,
+                            name_prefix=f"{self._name(node)}__", input_names=names)
+        out = child._execute(values)
+        self.env[node] = out
+        self.ops.extend(child.ops)
+        produced = [n for n in sub.graph.nodes if n.op == "output"][0].args[0]
+        if isinstance(produced, torch.fx.Node):
+            self.alias[self._name(node)] = child._name(produced)
+        return True
+
+    def _replay_leaf(self, node, leaf, ref: _Reference, ref_nodes: list[torch.fx.Node],
+                     ref_ext: list[torch.fx.Node], ext_values: list[Any], ext_nodes: list[Any]) -> None:
+        old, new = leaf.reference, str(node.target)
+        old_prefix, new_prefix = old.replace(".", "_") + "_", new.replace(".", "_") + "_"
+
+        def repath(path: str) -> str:
+            return new + path[len(old):] if path == old or path.startswith(old + ".") else path
+
+        def rename(name: str) -> str:
+            return new_prefix + name[len(old_prefix):] if name.startswith(old_prefix) else f"{node.name}__{name}"
+
+        local = {n: rename(n.name) for n in ref_nodes}
+        outside = {e: (a.name if isinstance(a, torch.fx.Node) else None) for e, a in zip(ref_ext, ext_nodes)}
+        specs = []
+        for n, r in zip(ref_nodes, ref.ops):
+            inputs = []
+            for a in n.all_input_nodes:
+                src = local.get(a) or outside.get(a) or a.name
+                inputs.append(src if a in local else self.alias.get(src, src))
+            target = repath(str(n.target)) if n.op in ("call_module", "get_attr") else str(n.target)
+            params = [self._twin(p, old, new) for p in r.params]
+            specs.append((local[n], target, repath(r.module_path), inputs, params,
+                          target if n.op == "get_attr" else None))
+        fabricated: dict[int, torch.Tensor] = {}
+        self.env[node] = self._fabricate(ref.values[ref_nodes.index(leaf.out_node)], fabricated)
+        self.alias[node.name] = local[leaf.out_node]
+        self._replay(specs, ext_values, ref, fabricated)
+
+    def _twin(self, p: nn.Parameter, old: str, new: str) -> nn.Parameter:
+        """The parameter at the same place in layer ``new`` as ``p`` in layer ``old``."""
+        if not hasattr(self, "_param_names"):
+            self._param_names: dict[int, list[str]] = {}
+            for name, q in self.module.named_parameters(remove_duplicate=False):
+                self._param_names.setdefault(id(q), []).append(name)
+        for name in self._param_names.get(id(p), []):
+            if name.startswith(old + "."):
+                return self.module.get_parameter(new + name[len(old):])
+        return p  # owned outside the layer (shared): the same parameter
 
     def _template(self, nodes: list[torch.fx.Node]) -> tuple[tuple | None, list[torch.fx.Node]]:
         local = {n: i for i, n in enumerate(nodes)}
@@ -263,7 +396,7 @@ class GraphRunner(torch.fx.Interpreter):
         events = []
         for n in nodes:
             classified = []
-            for ev in self.stm.events.get(n.name, []):
+            for ev in self.stm.events.get(self._name(n), []):
                 if ev.base_id in ext_base:
                     cls: tuple = ("E", ext_base[ev.base_id])
                 elif ev.base_id in out_base and nodes[out_base[ev.base_id]].op == "get_attr":
@@ -276,15 +409,12 @@ class GraphRunner(torch.fx.Interpreter):
                           base_seen={b: b in self.stm.seen for b in out_base},
                           mask_bases={b for b in out_base if b in self.stm.masks})
 
-    def _replay(self, nodes: list[torch.fx.Node], ext_values: list[Any], ref: _Reference) -> None:
-        inside = set(nodes)
-        fabricated: dict[int, torch.Tensor] = {}
-        for i, n in enumerate(nodes):
-            if any(u not in inside for u in n.users):
-                self.env[n] = self._fabricate(ref.values[i], fabricated)
+    def _replay(self, specs: list[tuple], ext_values: list[Any], ref: _Reference,
+                fabricated: dict[int, torch.Tensor]) -> None:
+        """Op nodes for a replayed segment: ``specs`` = (name, target, path, inputs, params, attr) per node."""
         ext_tensors = _tensors(ext_values)
-        segment = nodes[0].name  # born-inside tensors get identities unique to this segment
-        for i, n in enumerate(nodes):
+        segment = specs[0][0]  # born-inside tensors get identities unique to this segment
+        for i, (name, target, path, inputs, params, _attr) in enumerate(specs):
             saved, events = [], []
             for cls, ev in ref.events[i]:
                 if cls[0] == "L":
@@ -292,7 +422,7 @@ class GraphRunner(torch.fx.Interpreter):
                         saved.append((ev.shape, ev.nbytes))
                     events.append(PackEvent((segment, ev.base_id), ev.shape, ev.nbytes, ev.new))
                     continue
-                t = ext_tensors[cls[1]] if cls[0] == "E" else _tensors(self.fetch_attr(nodes[cls[1]].target))[0]
+                t = ext_tensors[cls[1]] if cls[0] == "E" else _tensors(self.fetch_attr(specs[cls[1]][5]))[0]
                 base = storage_base(t)
                 new = id(base) not in self.stm.seen
                 events.append(PackEvent(id(base), tuple(base.shape), self.stm.nbytes_of(base), new))
@@ -302,10 +432,9 @@ class GraphRunner(torch.fx.Interpreter):
                     saved.append((tuple(base.shape), self.stm.nbytes_of(base)))
             r = ref.ops[i]
             self.ops.append(OpNode(
-                name=n.name, kind=r.kind, target=str(n.target), module_path=self.path_of(n),
-                inputs=[a.name for a in n.all_input_nodes], output_shapes=r.output_shapes, output_bytes=r.output_bytes,
-                dtypes=r.dtypes, params=self._params_of(n), records=list(r.records), saved=saved, events=events,
-                replayed_from=r.replayed_from or r.name))
+                name=name, kind=r.kind, target=target, module_path=path, inputs=inputs,
+                output_shapes=r.output_shapes, output_bytes=r.output_bytes, dtypes=r.dtypes, params=params,
+                records=list(r.records), saved=saved, events=events, replayed_from=r.replayed_from or r.name))
         for ref_base, fab in fabricated.items():
             if ref.base_seen.get(ref_base):
                 self.stm.seen.add(id(fab))

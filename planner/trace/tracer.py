@@ -111,15 +111,21 @@ class _Tracing:
         self.notes: list[str] = []
         self.softmax_shapes: frozenset[tuple[int, ...]] = frozenset()
         self.fx_culprit: nn.Module | None = None
+        self.leaf_types: tuple[type, ...] = ()
 
     def unit_of(self, path: str) -> int:
         return layer_of_path(path, self.units, self.cache) if path else -1
 
     def _run_graph(self, method: str, gm: torch.fx.GraphModule, inputs: list[Any], path_of,
-                   opaque_leaves: bool = False) -> list[OpNode]:
+                   opaque_leaves: bool = False, block_leaves: dict | None = None) -> list[OpNode]:
         opm, stm = _meters(gm)
+        def trace_module(module: nn.Module, args: tuple, kwargs: dict):
+            sub, values, _ = fx_graph(module, args, kwargs, self.leaf_types)
+            return sub, values
+
         runner = GraphRunner(gm, opm=opm, stm=stm, path_of=path_of, unit_of=self.unit_of, reuse=self.reuse,
-                             opaque_leaves=opaque_leaves, notes=self.notes)
+                             opaque_leaves=opaque_leaves, notes=self.notes, block_leaves=block_leaves,
+                             trace_module=trace_module)
         try:
             with rnn_shortcut(gm, opm, stm, enabled=self.reuse):
                 ops = runner.capture(inputs)
@@ -132,15 +138,20 @@ class _Tracing:
         if runner.replayed_segments:
             self.notes.append(f"{runner.replayed_segments} repeated layer(s) replayed from an identical earlier one "
                               "(exact: same ops, module attributes and input metadata)")
+        if runner.eager_leaves:
+            self.notes.append(f"{', '.join(runner.eager_leaves[:3])}{' …' if len(runner.eager_leaves) > 3 else ''}: "
+                              "built like an earlier layer but fed different input shapes, so measured as one "
+                              "graph node each (costs exact, no op-level detail inside)")
         return ops
 
     def fx(self) -> list[OpNode]:
+        units = frozenset(self.units) if self.reuse else frozenset()
         try:
-            gm, values, _ = fx_graph(self.meta, self.args, self.kwargs)
+            gm, values, leaves = fx_graph(self.meta, self.args, self.kwargs, units=units)
         except CaptureFailure as f:
             self.fx_culprit = getattr(f, "culprit", None)
             raise
-        return self._run_graph("fx", gm, values, fx_path)
+        return self._run_graph("fx", gm, values, fx_path, block_leaves=leaves)
 
     def export(self) -> list[OpNode]:
         gm, flat = export_graph(self.meta, self.args, self.kwargs)
@@ -162,7 +173,8 @@ class _Tracing:
         leaves: tuple[type, ...] = (type(culprit),)
         for _ in range(_MAX_OPAQUE_ROUNDS):
             try:
-                gm, values, _ = fx_graph(self.meta, self.args, self.kwargs, leaves)
+                gm, values, block_leaves = fx_graph(self.meta, self.args, self.kwargs, leaves,
+                                                    units=frozenset(self.units) if self.reuse else frozenset())
                 break
             except CaptureFailure as f:
                 nxt = getattr(f, "culprit", None)
@@ -171,9 +183,10 @@ class _Tracing:
                 leaves += (type(nxt),)
         else:
             raise CaptureFailure("fx+opaque", "<root>", f"still failing after {_MAX_OPAQUE_ROUNDS} leaf classes")
+        self.leaf_types = leaves
         self.notes.append(f"symbolic tracing treats {', '.join(t.__name__ for t in leaves)} as leaf module(s): "
                           "their costs are measured by running them eagerly")
-        return self._run_graph("fx+opaque", gm, values, fx_path, opaque_leaves=True)
+        return self._run_graph("fx+opaque", gm, values, fx_path, opaque_leaves=True, block_leaves=block_leaves)
 
     def modules(self) -> tuple[list[OpNode], bool]:
         """Module-level capture, making the innermost failing module class opaque, round by round."""

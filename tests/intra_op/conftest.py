@@ -26,24 +26,25 @@ def mesh_of(node):
     return make
 
 
-def _trace_gpt(num_layers: int):
-    from planner.models import load_preset
-    from planner.models.gpt import GPT, GPTConfig
-    from planner.trace import trace_model
-
-    preset = load_preset("gpt3-175b")
-    cfg = dict(preset.config, num_layers=num_layers)
+def _trace(preset_name: str, num_layers: int):
+    """A preset with fewer layers, built and traced on meta at batch 1."""
     import torch
 
+    from planner.models import FAMILIES, load_preset
+    from planner.trace import trace_model
+
+    preset = load_preset(preset_name)
+    family = FAMILIES[preset.family]
+    cfg = dict(preset.config, num_layers=num_layers)
     with torch.device("meta"):
-        model = GPT(GPTConfig(**cfg))
-    return trace_model(model, preset.sample_input(1), name=f"gpt3-175b-{num_layers}l")
+        model = family.build(cfg)
+    return trace_model(model, family.sample_input(cfg, 1, None, "meta"), name=f"{preset_name}-{num_layers}l")
 
 
 @pytest.fixture(scope="session")
 def gpt3_2layer():
     """GPT-3 175B sizes, two blocks: embed, blocks.0, blocks.1, head."""
-    return _trace_gpt(2)
+    return _trace("gpt3-175b", 2)
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +62,15 @@ def gpt_tiny():
 
     preset = load_preset("gpt-tiny")
     return trace_model(preset.build(), preset.sample_input(2), name="gpt-tiny")
+
+
+@pytest.fixture(scope="session")
+def llama_2layer():
+    """LLaMA-2 7B sizes, two blocks: RMSNorm written out, RoPE, SwiGLU."""
+    return _trace("llama2-7b", 2)
+
+
+@pytest.fixture(scope="session")
+def mixtral_2layer():
+    """Mixtral 8x7B sizes, two blocks: 8 stacked SwiGLU experts, top-2 routing."""
+    return _trace("mixtral-8x7b", 2)

@@ -66,3 +66,24 @@ def test_batch_size_scales_costs_not_weights(gpt3_2layer):
     assert four.ops[name].bytes_moved - weights * 3 == pytest.approx(4 * (one.ops[name].bytes_moved - weights * 3))
     with pytest.raises(ValueError, match="layers 0..3"):
         op_graph_from_cost_graph(gpt3_2layer, 7)
+
+
+def test_traced_llama_block_is_megatron_with_sequence_parallelism(llama_2layer, mesh_of, device):
+    # RMSNorm written out (pow, mean, rsqrt, mul by weight), RoPE slices and cat, SwiGLU's gating multiply
+    graph = op_graph_from_cost_graph(llama_2layer, 1)
+    sol = solve_layer(graph, mesh_of(tp=8), device, memory_limit_bytes=8e9, sequence_parallel=True)
+    p = sol.params
+    for name in ("attn.q", "attn.k", "attn.v", "ffn.gate", "ffn.up"):
+        assert p[f"blocks.0.{name}.weight"] == (Shard(0),), name
+    assert p["blocks.0.attn.o.weight"] == p["blocks.0.ffn.down.weight"] == (Shard(1),)
+    assert p["blocks.0.attn_norm.weight"] == (Replicate(),)  # the norm's scale, read by a plain multiply
+    fwd = sorted(c.kind for c in sol.collectives if c.phase == "fwd")
+    assert set(fwd) == {"all_gather", "reduce_scatter"} and fwd.count("reduce_scatter") == 2
+
+
+def test_traced_mixtral_experts_are_split_by_expert(mixtral_2layer, mesh_of, device):
+    graph = op_graph_from_cost_graph(mixtral_2layer, 1)
+    sol = solve_layer(graph, mesh_of(ep=8), device, memory_limit_bytes=30e9)
+    for w in ("w_gate", "w_up", "w_down"):  # stacked [experts, ...] weights: expert parallel
+        assert sol.params[f"blocks.0.ffn.{w}"] == (Shard(0),)
+    assert sol.op("bmm").strategy == "ep=expert"

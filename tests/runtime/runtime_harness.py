@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from runtime_plans import make_plan, tiny_preset
 
 from planner.models import ModelPreset
 from planner.plan import Plan
@@ -20,6 +21,7 @@ from runtime.data import synthetic_global_batch
 
 LR = 1e-3
 WEIGHT_DECAY = 0.01
+STEPS = 5
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,15 @@ class JobResult:
     error: str | None = None
     step_times_s: list[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
+    model_state_bytes: int = 0
+
+
+def job_for(name: str, spec: dict, steps: int = STEPS) -> Job:
+    """A :class:`Job` from a ``WORLD2``/``WORLD4`` entry of :mod:`runtime_plans`."""
+    args = {k: v for k, v in spec.items() if k not in ("tie", "user_data")}
+    tie = spec.get("tie")
+    return Job(name, make_plan(tie=tie, **args), steps=steps, preset=tiny_preset("gpt-tiny", tie),
+               user_data=spec.get("user_data", False))
 
 
 def run_jobs(jobs: list[Job]) -> dict[str, JobResult]:
@@ -70,7 +81,8 @@ def run_jobs(jobs: list[Job]) -> dict[str, JobResult]:
                 results[job.name] = JobResult(error=str(exc))
                 continue
             results[job.name] = JobResult(losses=res.losses, grad_norms=res.grad_norms, step_times_s=res.step_times_s,
-                                          peak_memory_bytes=res.rank.peak_memory_bytes)
+                                          peak_memory_bytes=res.rank.peak_memory_bytes,
+                                          model_state_bytes=res.rank.model_state_bytes)
     finally:
         dist.destroy_process_group()
     return results

@@ -75,3 +75,34 @@ def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1,
 def write_plan(plan: Plan, path: str | Path) -> str:
     plan.to_json(path, force=True)
     return str(path)
+
+
+# name -> (make_plan arguments). Every plan trains gpt-tiny on a global batch of 8 in 4 micro-batches.
+WORLD2 = {
+    "pp=2 1f1b": dict(pp=2, num_micro_batches=4),
+    "pp=2 gpipe": dict(pp=2, num_micro_batches=4, schedule="gpipe"),
+    "pp=2 v=2 gpipe (looped BFS)": dict(pp=2, num_micro_batches=4, schedule="gpipe", virtual_stages=2),
+    "pp=2 v=2 interleaved-1f1b": dict(pp=2, num_micro_batches=4, schedule="interleaved-1f1b", virtual_stages=2),
+    "pp=2 zb-h1": dict(pp=2, num_micro_batches=4, schedule="zb-h1"),
+    "pp=2 zb-h2": dict(pp=2, num_micro_batches=4, schedule="zb-h2"),
+    "pp=2 v=2 zb-v": dict(pp=2, num_micro_batches=4, schedule="zb-v", virtual_stages=2),
+    "pp=2 v=2 dualpipe-v": dict(pp=2, num_micro_batches=4, schedule="dualpipe-v", virtual_stages=2),
+    "pp=2 recompute=full": dict(pp=2, num_micro_batches=4, recompute="full"),
+    "pp=2 tied embeddings": dict(pp=2, num_micro_batches=4, tie=True),
+    "tp=2": dict(tp=2, num_micro_batches=4),
+    "tp=2 recompute=selective": dict(tp=2, num_micro_batches=4, recompute="selective"),
+    "dp=2 (DDP)": dict(dp=2, num_micro_batches=2),
+    "dp=2 zero=1 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=1),
+    "dp=2 zero=3 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=3),
+    "dp=2 user dataloader": dict(dp=2, num_micro_batches=2, user_data=True),
+}
+WORLD4 = {
+    "pp=2 dp=2 1f1b": dict(pp=2, dp=2, num_micro_batches=2),
+    "pp=2 dp=2 v=2 interleaved-1f1b": dict(pp=2, dp=2, num_micro_batches=2, schedule="interleaved-1f1b",
+                                           virtual_stages=2),
+    "pp=2 dp=2 zero=3": dict(pp=2, dp=2, num_micro_batches=2, zero_stage=3),
+    "pp=2 dp=2 tied embeddings": dict(pp=2, dp=2, num_micro_batches=2, tie=True),
+    "pp=2 tp=2": dict(pp=2, tp=2, num_micro_batches=4),
+    "dp=2 tp=2": dict(dp=2, tp=2, num_micro_batches=2),
+    "dp=2 tp=2 zero=2 (FSDP2 + TP)": dict(dp=2, tp=2, num_micro_batches=2, zero_stage=2),
+}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -123,29 +124,54 @@ def test_killed_rank_ends_the_run(tmp_path):
     assert "step    2" in proc.stdout and "step    3" not in proc.stdout
 
 
-@pytest.mark.multiprocess
-def test_torchrun_style_survivor_exits_when_peer_dies(tmp_path):
-    """Processes started as torchrun does (no runtime launcher): the survivor must not hang."""
-    plan = write_plan(make_plan(pp=2, num_micro_batches=4), tmp_path / "pp2.json")
+def _torchrun_style(plan: str, steps: int, timeout_s: int, env1: dict | None = None) -> list[subprocess.Popen]:
+    """Two ranks started as torchrun starts them (RANK/WORLD_SIZE set): no runtime launcher above them."""
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
             "LOCAL_WORLD_SIZE": "2"}
-    cmd = [sys.executable, "-m", "runtime", "run", plan, "--steps", "8", "--timeout-s", "30"]
+    cmd = [sys.executable, "-u", "-m", "runtime", "run", plan, "--steps", str(steps), "--timeout-s", str(timeout_s)]
+    return [subprocess.Popen(cmd, cwd=REPO, env={**base, "RANK": str(r), "LOCAL_RANK": str(r),
+                                                 **((env1 or {}) if r == 1 else {})},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+
+
+@pytest.mark.multiprocess
+def test_torchrun_style_survivor_exits_when_peer_dies(tmp_path):
+    plan = write_plan(make_plan(pp=2, num_micro_batches=4), tmp_path / "pp2.json")
     start = time.monotonic()
-    procs = [subprocess.Popen(cmd, cwd=REPO, env={**base, "RANK": str(r), "LOCAL_RANK": str(r),
-                                                  **({FAULT_ENV: "1:3"} if r == 1 else {})},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = _torchrun_style(plan, 8, 30, {FAULT_ENV: "1:3"})
     try:
         out0, err0 = procs[0].communicate(timeout=90)
         procs[1].communicate(timeout=30)
     finally:
         for p in procs:
             p.kill()
-    elapsed = time.monotonic() - start
     assert procs[1].returncode == -9
     assert procs[0].returncode == 1, err0[-2000:]
-    assert elapsed < 60
+    assert time.monotonic() - start < 60
     assert "lost contact with another rank" in err0
     assert "step    2" in out0
+
+
+@pytest.mark.multiprocess
+def test_hung_peer_is_timed_out(tmp_path):
+    """A peer that stops answering (SIGSTOP) makes the other rank fail after --timeout-s, not hang."""
+    plan = write_plan(make_plan(pp=2, num_micro_batches=4), tmp_path / "pp2.json")
+    procs = _torchrun_style(plan, 1000, 8)
+    try:
+        for line in procs[0].stdout:  # wait until training runs
+            if line.startswith("step    2"):
+                break
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err0 = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - stopped
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 1, err0[-2000:]
+    assert 5 < waited < 40, (waited, err0[-2000:])
+    print("WAITED", waited)
+    assert "Timed out" in err0 and "lost contact with another rank" in err0
 
 
 @pytest.mark.multiprocess

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import pytest
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, when not installed
-
-from planner.trace import CostGraph, trace_preset  # noqa: E402
+from planner.models import load_preset
+from planner.trace import CostGraph, trace_model
 
 
 @functools.cache
-def _trace(name: str, dtype: str) -> CostGraph:
-    return trace_preset(name, dtype=dtype)
+def _trace(name: str, dtype: str) -> tuple[CostGraph, nn.Module]:
+    preset = load_preset(name)
+    model = preset.build(device="meta")
+    graph = trace_model(model, preset.sample_input(1), name=name, dtype=dtype, seq_len=preset.seq_len,
+                        copy_model=False)
+    return graph, model
 
 
 @pytest.fixture(scope="session")
 def traced():
     """``traced(preset, dtype="fp16") -> CostGraph``, each traced once per session."""
-    return lambda name, dtype="fp16": _trace(name, dtype)
+    return lambda name, dtype="fp16": _trace(name, dtype)[0]
+
+
+@pytest.fixture(scope="session")
+def traced_model():
+    """``traced_model(preset) -> nn.Module``: the meta model ``traced(preset)`` traced."""
+    return lambda name, dtype="fp16": _trace(name, dtype)[1]

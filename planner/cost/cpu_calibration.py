@@ -1,0 +1,216 @@
+"""Calibrate the cost model to this CPU by profiling, then check it against measured training steps.
+
+This is the one module of ``planner/cost`` that runs real compute (the rest is pure); only
+``python -m planner.cost.calibrate --cpu`` and the tests that ask for it import it.
+
+Profiled calibration (micro-benchmarks of the machine, never of the models we then predict):
+
+* GEMM: fp32 ``torch.mm`` at square and skinny shapes; the fastest large one sets the device's
+  fp32 peak (``gemm_efficiency_max = 1``), and ``gemm_half_efficiency_dim`` is the least-squares fit
+  of ``eff(m, n, k) = Π d/(d + d_half)`` to the rest.
+* Memory-bound ops: ``torch.add`` on tensors of a few MB (the size of the activations of the small
+  models we plan here) sets the bandwidth (``memory_bandwidth_efficiency = 1``); eager PyTorch
+  moves what the trace counts (``elementwise_traffic_factor = 1``).
+* Dispatch: a forward + backward of a tiny op chain gives the host time per op (``op_dispatch_s``);
+  the CPU runs ops synchronously (``async_dispatch = False``).
+
+Measured: a single-process training step (forward, cross-entropy loss, backward, AdamW) of
+gpt-tiny and gpt-10m with plain torch, median of several steps after warm-up; peak memory as the
+growth of the process's peak RSS over a baseline taken after torch has initialised (a fresh
+subprocess per model). Predicted: :func:`planner.api.evaluate` on a one-device cpu-local cluster
+with the calibrated constants, i.e. what ``python -m planner evaluate`` computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from planner.cluster import ClusterSpec
+from planner.cost.constants import CostConstants
+
+GiB = 2**30
+MiB = 2**20
+
+
+def _median_s(fn, *, warmup: int = 2, repeats: int = 7) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuProfile:
+    """What the micro-benchmarks measured on this machine."""
+
+    peak_flops: float  # fp32 FLOP/s of the fastest large GEMM
+    gemm_half_efficiency_dim: float
+    memory_bandwidth: float  # bytes/s of a few-MB element-wise op
+    op_dispatch_s: float  # host seconds per op (forward + backward averaged)
+    threads: int
+
+
+def profile_cpu() -> CpuProfile:
+    """Run the micro-benchmarks (a few seconds)."""
+    torch.manual_seed(0)
+    shapes = [(1024, 1024, 1024), (512, 512, 512), (256, 256, 256), (128, 128, 128), (64, 64, 64),
+              (2048, 256, 256), (2048, 64, 256), (4096, 32, 64), (512, 2048, 128)]
+    rates: list[tuple[tuple[int, int, int], float]] = []
+    for m, n, k in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        t = _median_s(lambda a=a, b=b: torch.mm(a, b), repeats=9)
+        rates.append(((m, n, k), 2 * m * n * k / t))
+    peak = max(r for _, r in rates)
+    best, best_err = 1.0, math.inf
+    for d_half in [2.0 ** (x / 4) for x in range(0, 49)]:  # 1 .. 4096
+        err = 0.0
+        for (m, n, k), r in rates:
+            eff = (m / (m + d_half)) * (n / (n + d_half)) * (k / (k + d_half))
+            err += math.log(r / (peak * eff)) ** 2
+        if err < best_err:
+            best, best_err = d_half, err
+    # Peak of the fitted curve: the largest measured rate divided by its fitted efficiency.
+    (m, n, k), r = max(rates, key=lambda x: x[1])
+    peak_fit = r / ((m / (m + best)) * (n / (n + best)) * (k / (k + best)))
+    x, y = torch.randn(1 << 19), torch.randn(1 << 19)  # 2 MiB each
+    t_add = _median_s(lambda: torch.add(x, y), repeats=21)
+    bandwidth = 3 * x.numel() * 4 / t_add
+    # Dispatch: a chain of tiny ops, forward and backward, per op.
+    w = torch.randn(4, requires_grad=True)
+
+    def chain() -> None:
+        h = w
+        for _ in range(50):
+            h = h * 1.0001 + 0.0001
+        h.sum().backward()
+
+    t_chain = _median_s(chain, repeats=9)
+    per_op = t_chain / (100 * 3)  # 100 forward ops, about twice as many backward: 3 per forward op
+    return CpuProfile(peak_flops=peak_fit, gemm_half_efficiency_dim=best, memory_bandwidth=bandwidth,
+                      op_dispatch_s=per_op, threads=torch.get_num_threads())
+
+
+def cpu_constants(profile: CpuProfile, base: CostConstants | None = None) -> CostConstants:
+    """Cost constants for this CPU: the profile's fits, eager execution, synchronous dispatch."""
+    base = base or CostConstants()
+    return replace(base, gemm_efficiency_max=1.0, gemm_half_efficiency_dim=profile.gemm_half_efficiency_dim,
+                   memory_bandwidth_efficiency=1.0, elementwise_traffic_factor=1.0,
+                   op_dispatch_s=profile.op_dispatch_s, async_dispatch=False, reserved_bytes=0)
+
+
+def cpu_cluster(profile: CpuProfile) -> ClusterSpec:
+    """cpu-local with one device whose fp32 peak and bandwidth are the measured ones."""
+    base = ClusterSpec.preset("cpu-local", nodes=1, devices_per_node=1)
+    group = base.groups[0]
+    device = replace(group.device, peak_flops={"fp32": profile.peak_flops},
+                     memory_bandwidth_bytes_per_s=profile.memory_bandwidth)
+    return replace(base, groups=(replace(group, device=device),))
+
+
+_MEASURE = r"""
+import json, resource, statistics, sys, time
+import torch
+import torch.nn.functional as F
+preset_name, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+# Baseline after torch's lazy initialisation: a small training step on an unrelated tensor.
+w = torch.randn(64, 64, requires_grad=True)
+(w @ w).sum().backward()
+torch.optim.AdamW([w]).step()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from planner.models import load_preset
+p = load_preset(preset_name)
+model = p.build(device="cpu").train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+gen = torch.Generator().manual_seed(0)
+tokens = torch.randint(0, p.config["vocab_size"], (batch, p.seq_len), generator=gen)
+targets = torch.randint(0, p.config["vocab_size"], (batch, p.seq_len), generator=gen)
+times = []
+for i in range(steps + 3):
+    start = time.perf_counter()
+    logits = model(tokens)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if i >= 3:
+        times.append(time.perf_counter() - start)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"step_s": statistics.median(times), "peak_bytes": peak - base, "threads": torch.get_num_threads()}))
+"""
+
+
+def measure_step(preset: str, batch: int, *, steps: int = 10) -> dict:
+    """Median training-step seconds and peak-memory growth (bytes) of ``preset`` at ``batch``,
+    in a fresh Python process (so the peak RSS belongs to this model alone)."""
+    out = subprocess.run([sys.executable, "-c", _MEASURE, preset, str(batch), str(steps)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuRow:
+    preset: str
+    batch: int
+    predicted_s: float
+    measured_s: float
+    predicted_bytes: float
+    measured_bytes: float
+
+    @property
+    def time_error(self) -> float:
+        return self.predicted_s / self.measured_s - 1.0
+
+    @property
+    def memory_error(self) -> float:
+        return self.predicted_bytes / self.measured_bytes - 1.0
+
+
+def predict_step(preset: str, batch: int, profile: CpuProfile) -> tuple[float, float]:
+    """Predicted (step seconds, peak bytes) of a one-device plan, through :func:`planner.api.evaluate`."""
+    from planner.api import evaluate
+    from planner.plan import ParallelConfig
+
+    cfg = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=batch, num_micro_batches=1)
+    plan = evaluate(preset, cpu_cluster(profile), cfg, constants=cpu_constants(profile), dtype="fp32")
+    return plan.predicted.step_time_s, float(plan.predicted.peak_memory_bytes)
+
+
+CPU_CASES = (("gpt-tiny", 8), ("gpt-tiny", 32), ("gpt-10m", 8), ("gpt-10m", 16))
+
+
+def cpu_rows(cases=CPU_CASES, profile: CpuProfile | None = None) -> tuple[CpuProfile, list[CpuRow]]:
+    profile = profile or profile_cpu()
+    rows = []
+    for preset, batch in cases:
+        measured = measure_step(preset, batch)
+        pred_s, pred_b = predict_step(preset, batch, profile)
+        rows.append(CpuRow(preset=preset, batch=batch, predicted_s=pred_s, measured_s=measured["step_s"],
+                           predicted_bytes=pred_b, measured_bytes=measured["peak_bytes"]))
+    return profile, rows
+
+
+def cpu_report(*, markdown: bool = False) -> str:
+    profile, rows = cpu_rows()
+    lines = [f"CPU profile: fp32 peak {profile.peak_flops / 1e9:.1f} GFLOP/s, GEMM d_half "
+             f"{profile.gemm_half_efficiency_dim:.0f}, bandwidth {profile.memory_bandwidth / 1e9:.1f} GB/s, "
+             f"dispatch {profile.op_dispatch_s * 1e6:.1f} µs/op, {profile.threads} threads", ""]
+    lines.append("| model | batch | predicted step s | measured step s | error | predicted peak MiB | "
+                 "measured peak MiB | error |")
+    lines.append("|" + "---|" * 8)
+    for r in rows:
+        lines.append(f"| {r.preset} | {r.batch} | {r.predicted_s:.4f} | {r.measured_s:.4f} | {r.time_error:+.1%} | "
+                     f"{r.predicted_bytes / MiB:.1f} | {r.measured_bytes / MiB:.1f} | {r.memory_error:+.1%} |")
+    return "\n".join(lines)

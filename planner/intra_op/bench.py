@@ -1,0 +1,90 @@
+"""Solve-time benchmark behind the figures in ``docs/intra-op.md``.
+
+    python -m planner.intra_op.bench            # GPT-3 175B layer and model on one DGX A100 node
+    python -m planner.intra_op.bench --quick    # skip tracing the 96-layer model
+
+Times are wall clock, best of ``--repeat`` warm runs, ``solve_layer`` / ``solve_model`` end to end
+(strategy tables, ILP build, solve, solution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from functools import partial
+
+from planner.cluster import ClusterSpec
+from planner.intra_op.examples import gpt_block_graph
+from planner.intra_op.mesh import MeshSpec
+from planner.intra_op.solve import solve_layer
+
+GPT3 = {"seq": 2048, "hidden": 12288, "heads": 96}
+
+
+def _best(fn, repeat: int):
+    fn()  # warm up: imports, solver start-up
+    best, best_out = math.inf, None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        elapsed = time.perf_counter() - start
+        if elapsed < best:
+            best, best_out = elapsed, out
+    return best, best_out
+
+
+def layer_rows(node: ClusterSpec, repeat: int) -> list[str]:
+    rows = ["| mesh | batch | SP | backend | ILP variables | solve (s) | end to end (s) | qkv / proj / fc1 / fc2 |",
+            "|---|---|---|---|---|---|---|---|"]
+    cases = [({"tp": 2}, 1), ({"tp": 4}, 1), ({"tp": 8}, 1), ({"dp": 2, "tp": 4}, 8)]
+    for axes, batch in cases:
+        mesh = MeshSpec.from_cluster(node, axes)
+        graph = gpt_block_graph(batch=batch, **GPT3)
+        for sp in (False, True):
+            for backend in ("cpsat", "cbc"):
+                seconds, sol = _best(partial(solve_layer, graph, mesh, node.device, memory_limit_bytes=20e9,
+                                             backend=backend, sequence_parallel=sp), repeat)
+                chosen = " / ".join(sol.op(n).strategy for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
+                rows.append(f"| {mesh.describe()} | {batch} | {'on' if sp else 'off'} | {backend} | "
+                            f"{sol.num_variables} | {sol.solve_time_s:.3f} | {seconds:.3f} | {chosen} |")
+    return rows
+
+
+def model_rows(node: ClusterSpec, repeat: int) -> list[str]:
+    from planner.intra_op.from_trace import op_graph_from_cost_graph
+    from planner.intra_op.model import solve_model
+    from planner.models import load_preset
+    from planner.trace import trace_model
+
+    preset = load_preset("gpt3-175b")
+    start = time.perf_counter()
+    cost_graph = trace_model(preset.build(device="meta"), preset.sample_input(1), name="gpt3-175b")
+    traced = time.perf_counter() - start
+    mesh = MeshSpec.from_cluster(node, {"tp": 8})
+    one, one_sol = _best(lambda: solve_layer(op_graph_from_cost_graph(cost_graph, 1), mesh, node.device,
+                                             memory_limit_bytes=math.inf), repeat)
+    whole, sol = _best(lambda: solve_model(cost_graph, mesh, node.device, memory_limit_bytes=math.inf), repeat)
+    return [f"Traced GPT-3 175B ({cost_graph.group_summary()}) in {traced:.1f} s.", "",
+            "| what | ILP variables | end to end (s) |", "|---|---|---|",
+            f"| one block (`solve_layer`) | {one_sol.num_variables} | {one:.3f} |",
+            f"| whole model, 98 layers (`solve_model`) | {sol.num_variables} | {whole:.3f} |"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="skip tracing the whole GPT-3 175B")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    node = ClusterSpec.preset("dgx-a100-80g")
+    print(f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}; "
+          f"cluster preset {node.name}; GPT-3 175B layer, bf16, memory limit 20 GB.\n")
+    print("\n".join(layer_rows(node, args.repeat)))
+    if not args.quick:
+        print()
+        print("\n".join(model_rows(node, args.repeat)))
+
+
+if __name__ == "__main__":
+    main()

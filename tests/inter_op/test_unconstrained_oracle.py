@@ -1,0 +1,24 @@
+"""The bisection min-max partition equals brute force (no memory limits) on random chains."""
+
+import math
+
+import numpy as np
+import pytest
+
+from planner.inter_op.chain import StageCosts, brute_force
+from planner.inter_op.unconstrained import partition_unconstrained
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_matches_brute_force(seed):
+    rng = np.random.default_rng(1000 + seed)
+    n = int(rng.integers(1, 11))
+    p = int(rng.integers(1, n + 1))
+    time = rng.uniform(0.0, 3.0, size=n) * (rng.random(n) > 0.2)  # some zero-cost layers
+    fast = partition_unconstrained(time, p)
+    oracle = brute_force(StageCosts(time=time, memory=lambda i, j, k: 0.0, limit=math.inf), p)
+    assert fast.bottleneck_s == pytest.approx(oracle.bottleneck_s, abs=1e-12)
+    assert len(fast.boundaries) == p and fast.boundaries[0][0] == 0 and fast.boundaries[-1][1] == n
+    assert all(b > a for a, b in fast.boundaries)
+    prefix = np.concatenate([[0.0], np.cumsum(time)])
+    assert max(prefix[b] - prefix[a] for a, b in fast.boundaries) == pytest.approx(fast.bottleneck_s)
