@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from planner import __version__
+from planner.baselines import BaselineResult, run_baselines
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
-from planner.cost.model import StepPrediction, evaluate as evaluate_cost, layer_table, usable_memory_bytes
-from planner.baselines import BaselineResult, run_baselines
+from planner.cost.model import StepPrediction, layer_table, usable_memory_bytes
+from planner.cost.model import evaluate as evaluate_cost
 from planner.errors import InfeasibleError, PlannerError, SpecError
 from planner.graph_io import graph_to_dict
 from planner.models import ModelPreset, load_preset
@@ -123,8 +124,8 @@ def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: i
     base = run_baselines(resolved.graph, spec, global_batch, c, table_cache=tables) if baselines else []
     baseline_s = time.perf_counter() - start
     out = build_plan(resolved, spec, result.best, c, global_batch=global_batch, result=result, baselines=base)
-    out.search["phase_times_s"] = {"trace": resolved.graph.trace_time_s, "search": result.time_s,
-                                   "baselines": baseline_s}
+    out.timings.update({"trace_s": resolved.graph.trace_time_s, "search_s": result.time_s,
+                        "baselines_s": baseline_s})
     return out
 
 
@@ -240,10 +241,12 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
     if result is not None:
         top = result.top
         second = top[1].step_time_s if len(top) > 1 else math.nan
+        bound = result.lower_bound_s
+        gap = max(0.0, (cand.step_time_s - bound) / cand.step_time_s) if cand.step_time_s > 0 else 0.0
         solver = SolverReport(
-            method="enumeration + exact partition DP", status="time_limit" if result.timed_out else "optimal",
-            objective=cand.step_time_s, bound=cand.step_time_s if not result.timed_out else 0.0,
-            gap=0.0 if not result.timed_out else 1.0, time_s=result.time_s)
+            method="best-first enumeration + exact partition DP",
+            status="time_limit" if result.timed_out and gap > 0 else "optimal",
+            objective=cand.step_time_s, bound=bound, gap=gap, time_s=result.time_s)
         search_info: dict[str, Any] = {
             "evaluated": result.evaluated, "pruned": result.pruned, "infeasible": result.infeasible,
             "time_s": result.time_s, "timed_out": result.timed_out,
@@ -255,6 +258,9 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
                               objective=cand.step_time_s, bound=cand.step_time_s, gap=0.0, time_s=0.0)
         search_info = {}
     explanation = _explain(graph, cluster, cand, c)
+    placements = _placements(graph, cluster, cfg, explanation)
+    if placements:
+        search_info["intra_op"] = placements.get("solver", {})
     if baselines:
         search_info["baselines"] = [b.to_dict(cand.step_time_s) for b in baselines]
         for b in baselines:
@@ -274,7 +280,30 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
     return Plan(model=info, cluster=cluster.to_dict(), cluster_fingerprint=cluster.fingerprint(), parallel=cfg,
                 stages=stages, predicted=predicted, solver=solver, search=search_info,
                 explanation=tuple(explanation), cost_constants=c.to_dict(), graph=graph_to_dict(graph),
+                placements=placements or {},
                 planner_version=__version__)
+
+
+def _placements(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, explanation: list[str]) -> dict | None:
+    """Tensor splits on the tp axis from the intra-op ILP (None when tp = 1 or no op-level graph)."""
+    if cfg.tp == 1 or graph.ops.number_of_nodes() == 0:
+        return None
+    from planner import intra_op
+
+    if not hasattr(intra_op, "plan_placements"):
+        return None
+    try:
+        out = intra_op.plan_placements(graph, cluster, tp=cfg.tp, micro_batch=cfg.micro_batch_size,
+                                       sequence_parallel=cfg.sequence_parallel)
+    except PlannerError as exc:
+        explanation.append(f"Intra-op sharding could not be solved ({exc}); the runtime falls back to its "
+                           "model-specific tensor-parallel plan.")
+        return None
+    if out:
+        solver = out.get("solver", {})
+        explanation.append(f"Tensor splits on the tp axis from the intra-op ILP: status {solver.get('status')}, "
+                           f"gap {solver.get('gap')}, {solver.get('time_s', 0):.2f} s.")
+    return out
 
 
 def _status(cand: Candidate) -> str:

@@ -225,7 +225,7 @@ def summary_dict(plan: Any) -> dict[str, Any]:
         "zero_stage": cfg.zero_stage, "throughput_samples_per_s": pred.throughput_samples_per_s,
         "time_breakdown_s": pred.time_breakdown_s, "memory_breakdown_bytes": pred.memory_breakdown_bytes,
         "stages": [[s.layer_start, s.layer_stop] for s in plan.stages],
-        "solver": {"status": plan.solver.status, "gap": plan.solver.gap, "time_s": plan.solver.time_s},
+        "solver": {"status": plan.solver.status, "gap": plan.solver.gap},
     }
 
 
@@ -236,6 +236,7 @@ def _emit(plan: Any, args: argparse.Namespace) -> int:
     if args.json:
         out = summary_dict(plan)
         out["plan_file"] = str(written) if written else None
+        out["timings_s"] = dict(plan.timings)
         print(json.dumps(out, indent=2))
     else:
         print_plan(plan)
@@ -245,10 +246,10 @@ def _emit(plan: Any, args: argparse.Namespace) -> int:
 
 
 def print_plan(plan: Any) -> None:
+    import shutil
+
     from rich.console import Console
     from rich.table import Table
-
-    import shutil
 
     console = Console(width=max(shutil.get_terminal_size((130, 40)).columns, 130))
     cfg, pred = plan.parallel, plan.predicted
@@ -281,8 +282,10 @@ def print_plan(plan: Any) -> None:
                                          ("weights", "gradients", "optimizer", "activations", "temporary", "total")),
                   st.get("binding", ""))
     console.print(m)
-    console.print(f"  solver: {plan.solver.method}, status {plan.solver.status}, gap {plan.solver.gap:.2%}, "
-                  f"{plan.solver.time_s:.2f} s")
+    timing = ""
+    if plan.timings:
+        timing = ", planned in " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in plan.timings.items())
+    console.print(f"  solver: {plan.solver.method}, status {plan.solver.status}, gap {plan.solver.gap:.2%}{timing}")
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

@@ -136,7 +136,7 @@ class SolverReport:
     objective: float
     bound: float
     gap: float
-    time_s: float
+    time_s: float = field(default=0.0, compare=False)  # wall clock: kept in memory, not in the file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,6 +158,9 @@ class Plan:
     graph: dict[str, Any] = field(default_factory=dict)  # layer-level cost graph (planner.graph_io)
     schema_version: str = SCHEMA_VERSION
     planner_version: str = ""
+    # Wall-clock times of this run (trace, search, solvers). Not written to the file, so the same
+    # inputs give byte-identical plan files.
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def mesh_shape(self) -> tuple[int, int, int]:
@@ -168,6 +171,8 @@ class Plan:
         d = asdict(self)
         d["mesh"] = {"axes": list(self.mesh_axes), "shape": list(self.mesh_shape)}
         del d["mesh_axes"]
+        del d["timings"]
+        d = _without_wall_clock(d)
         d["stages"] = [
             {**{k: v for k, v in asdict(s).items() if k not in ("layer_start", "layer_stop")},
              "layers": [s.layer_start, s.layer_stop]}
@@ -243,6 +248,19 @@ def write_atomic(path: Path, text: str, *, force: bool = False) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+_WALL_CLOCK_KEYS = {"time_s", "solve_time_s", "build_time_s", "trace_time_s", "phase_times_s", "timings"}
+
+
+def _without_wall_clock(x: Any, *, inside_predicted: bool = False) -> Any:
+    """Drop wall-clock measurements (they differ run to run); predictions are kept."""
+    if isinstance(x, dict):
+        return {k: _without_wall_clock(v, inside_predicted=inside_predicted or k == "predicted")
+                for k, v in x.items() if inside_predicted or k not in _WALL_CLOCK_KEYS}
+    if isinstance(x, (list, tuple)):
+        return [_without_wall_clock(v, inside_predicted=inside_predicted) for v in x]
+    return x
 
 
 def _jsonable(x: Any) -> Any:

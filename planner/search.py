@@ -81,6 +81,9 @@ class SearchResult:
     timed_out: bool
     closest_misses: list[Candidate] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    # A proven lower bound on the optimum: the best's own time when the search finished, else the
+    # smaller of that and the bound of the first family not yet visited (families go in bound order).
+    lower_bound_s: float = 0.0
 
 
 def _divisors(n: int) -> list[int]:
@@ -272,6 +275,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                     bound = m * max(float(tot.sum()) / pp, float(tot.max()))
                     families.append((bound, (pp, tp, dp, mb, RECOMPUTE.index(rec), sp)))
     families.sort()
+    unvisited_bound = math.inf
     limit = usable_memory_bytes(cluster, c)
     partition_cache = _PartitionCache()
     for done, (bound, (pp, tp, dp, mb, rec_i, sp)) in enumerate(families):
@@ -282,6 +286,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
             break
         if time_limit_s is not None and time.perf_counter() - start > time_limit_s and top:
             timed_out = True
+            unvisited_bound = bound
             break
         rec = RECOMPUTE[rec_i]
         m = global_batch // dp // mb
@@ -323,9 +328,10 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                         del top[top_k:]
     if progress:
         progress(len(families), len(families))
+    best_s = top[0].step_time_s if top else math.inf
     return SearchResult(best=top[0] if top else None, top=top, evaluated=evaluated, pruned=pruned,
                         infeasible=infeasible, time_s=time.perf_counter() - start, timed_out=timed_out,
-                        closest_misses=misses, skipped=skipped)
+                        closest_misses=misses, skipped=skipped, lower_bound_s=min(best_s, unvisited_bound))
 
 
 def _rank_key(cand: Candidate) -> tuple:

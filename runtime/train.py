@@ -49,7 +49,9 @@ from runtime.pipeline_parallel import build_schedule, choose_schedule
 from runtime.recompute import apply_recompute
 from runtime.tensor_parallel import apply_tensor_parallel
 
-FAULT_ENV = "RUNTIME_FAULT_KILL"  # "RANK:STEP": that rank SIGKILLs itself in the middle of that step (tests)
+# For fault tests: "kill:RANK:STEP" (that rank SIGKILLs itself in the middle of that step) or "hang:RANK:STEP"
+# (it stops communicating there, sleeping until it is killed).
+FAULT_ENV = "RUNTIME_FAULT"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,8 +171,8 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     for step in range(first_step + 1, first_step + options.steps + 1):
         inputs, targets = check_local_batch(next(data_iter), plan)
         inputs, targets = inputs.to(device), targets.to(device)
-        if fault == step:
-            _arm_fault(stages[0], par.num_micro_batches)
+        if fault is not None and fault[1] == step:
+            _arm_fault(stages[0], par.num_micro_batches, fault[0])
         _sync(device)
         start = time.perf_counter()
         with autocast:
@@ -353,20 +355,25 @@ def _state_bytes(stages, optimizers) -> int:
     return total
 
 
-def _fault_for(rank: int) -> int | None:
+def _fault_for(rank: int) -> tuple[str, int] | None:
     spec = os.environ.get(FAULT_ENV, "")
     if not spec:
         return None
-    fault_rank, _, fault_step = spec.partition(":")
-    return int(fault_step) if int(fault_rank) == rank else None
+    kind, fault_rank, fault_step = spec.split(":")
+    if kind not in ("kill", "hang"):
+        raise ValueError(f"{FAULT_ENV}: got {spec!r}; use kill:RANK:STEP or hang:RANK:STEP")
+    return (kind, int(fault_step)) if int(fault_rank) == rank else None
 
 
-def _arm_fault(stage: nn.Module, num_micro_batches: int) -> None:
+def _arm_fault(stage: nn.Module, num_micro_batches: int, kind: str) -> None:
     calls = {"n": 0}
 
     def hook(module, args):
         calls["n"] += 1
         if calls["n"] == min(2, num_micro_batches):  # second micro-batch: peers are mid-step, waiting on us
-            os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            while True:
+                time.sleep(60)
 
     stage.register_forward_pre_hook(hook)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def traced(preset: str, seq_len: int | None = None):
     """A traced preset, cached for the whole session (tracing is the slow part)."""
     from planner.models import load_preset

@@ -96,7 +96,7 @@ NARAYANAN_TABLE1: tuple[PublishedRun, ...] = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpt_graph(heads: int, hidden: int, layers: int, seq_len: int = 2048, vocab: int = 51200) -> CostGraph:
     """Trace a Megatron-style GPT (tied embedding, dropout 0.1) on the meta device, in bf16."""
     from planner.models.gpt import GPT, GPTConfig

@@ -100,7 +100,11 @@ class _Sigma:
     def __call__(self, T: float, G: float, budget: float = math.inf):
         pr = self.pr
         base = [(t <= T) & (g <= G) for t, g in zip(pr.time, pr.tail)]
-        windows = [[w for w in range(1, self.n + 1) if np.diagonal(b, w).any()] for b in base]
+        windows = []
+        for b in base:
+            i, j = np.nonzero(b)
+            windows.append(np.unique(j - i))
+        self._win = windows
         xfer = np.where(pr.xfer <= T, pr.xfer, np.inf)
         if self.by_remaining is not None:
             flights = [self.by_remaining[s] for s in range(1, max(pr.stage_counts) + 1)]
@@ -143,7 +147,7 @@ class _Sigma:
             sub = prev[jlo:jhi + 1]
             F = np.full_like(prev, np.inf)
             for c in range(C):
-                if not windows[c]:
+                if not windows[c].size:
                     continue
                 src = cols[lay.valid[c][cols]]
                 ilo, ihi = max(0, jlo - windows[c][-1]), jhi - 1
@@ -151,14 +155,14 @@ class _Sigma:
                     continue
                 H = self._h(sub[:, src, :], c, xfer[:, c, :, jlo:jhi + 1], src)
                 A = self._matrix(base, c, flights[s - 1], False)
-                acc = np.full((ihi - ilo + 1, src.size), np.inf)
-                for w in windows[c]:
-                    i0, i1 = max(ilo, jlo - w), min(ihi, jhi - w)
-                    if i1 < i0:
-                        continue
-                    a = np.diagonal(A, w)[i0:i1 + 1]
-                    np.minimum(acc[i0 - ilo:i1 - ilo + 1], a[:, None] + H[i0 + w - jlo:i1 + w - jlo + 1],
-                               out=acc[i0 - ilo:i1 - ilo + 1])
+                # acc[i, u] = min over window w of A[i, i+w] + H[i+w, u], all (i, w) at once
+                rows_i = np.arange(ilo, ihi + 1)[:, None]
+                J = rows_i + self._win[c][None, :]
+                inside = (J >= jlo) & (J <= jhi)
+                a = np.where(inside, A[rows_i, np.minimum(J, n)], np.inf)
+                gathered = H[np.clip(J - jlo, 0, jhi - jlo)]
+                gathered += a[:, :, None]
+                acc = gathered.min(axis=1)
                 F[ilo:ihi + 1, src + lay.shift[c], c] = acc
             self._prune(F, budget)
             history.append(F)

@@ -29,7 +29,7 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from planner.trace.interpret import OpNode, fx_path, value_meta
+from planner.trace.interpret import OpNode, value_meta
 from planner.trace.meter import OpMeter, SavedTensorMeter
 from planner.trace.opaque import OpaqueFailure, opaque_call, reason_of
 from planner.trace.units import module_key

@@ -27,11 +27,10 @@ outside the segment are fabricated with the reference's metadata (views keep the
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import inspect
 
 import torch
 import torch.fx

@@ -47,7 +47,7 @@ def _materialise(model: nn.Module, device: torch.device) -> nn.Module:
         for m in real.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        for name, p in real.named_parameters():
+        for p in real.parameters():
             if not torch.isfinite(p).all():
                 p.normal_(0.0, 0.02)
         for b in real.buffers():  # non-persistent buffers (masks, frequencies) came back empty

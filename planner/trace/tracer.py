@@ -37,9 +37,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from planner.errors import SpecError, TraceError
 from planner.trace.assemble import TraceContext, assemble, layer_of_path
-from planner.trace.capture import CaptureFailure, capture_modules, export_graph, export_path, fx_graph, fx_path
+from planner.trace.capture import CaptureFailure, capture_modules, export_graph, export_path, fx_graph
 from planner.trace.graph import CostGraph
-from planner.trace.interpret import GraphRunner, OpNode, value_meta
+from planner.trace.interpret import GraphRunner, OpNode, fx_path, value_meta
 from planner.trace.meter import OpMeter, SavedTensorMeter
 from planner.trace.opaque import OpaqueFailure, opaque_call
 from planner.trace.rnn import rnn_shortcut

@@ -8,9 +8,9 @@ docs/reliability.md is generated from these cases (see test_bad_inputs.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 TINY = ["--model", "gpt-tiny", "--cluster", "cpu-local", "--devices-per-node", "2"]
 EVAL = ["evaluate", *TINY, "--global-batch", "8"]

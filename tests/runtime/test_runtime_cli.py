@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -115,7 +114,7 @@ def test_bad_plan_is_refused_with_the_fix(tmp_path, capsys, changes, expected):
 @pytest.mark.multiprocess
 def test_killed_rank_ends_the_run(tmp_path):
     plan = write_plan(make_plan(pp=2, num_micro_batches=4), tmp_path / "pp2.json")
-    proc, elapsed = _cli("run", plan, "--nproc", "2", "--steps", "8", env={FAULT_ENV: "1:3"})
+    proc, elapsed = _cli("run", plan, "--nproc", "2", "--steps", "8", env={FAULT_ENV: "kill:1:3"})
     assert proc.returncode == 1
     assert elapsed < 60
     assert "run failed" in proc.stderr and "Traceback" not in proc.stderr
@@ -138,7 +137,7 @@ def _torchrun_style(plan: str, steps: int, timeout_s: int, env1: dict | None = N
 def test_torchrun_style_survivor_exits_when_peer_dies(tmp_path):
     plan = write_plan(make_plan(pp=2, num_micro_batches=4), tmp_path / "pp2.json")
     start = time.monotonic()
-    procs = _torchrun_style(plan, 8, 30, {FAULT_ENV: "1:3"})
+    procs = _torchrun_style(plan, 8, 30, {FAULT_ENV: "kill:1:3"})
     try:
         out0, err0 = procs[0].communicate(timeout=90)
         procs[1].communicate(timeout=30)
@@ -153,25 +152,15 @@ def test_torchrun_style_survivor_exits_when_peer_dies(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_hung_peer_is_timed_out(tmp_path):
-    """A peer that stops answering (SIGSTOP) makes the other rank fail after --timeout-s, not hang."""
+def test_hung_rank_is_timed_out(tmp_path):
+    """A rank that stops communicating mid-step makes its peer fail after --timeout-s instead of hanging."""
     plan = write_plan(make_plan(pp=2, num_micro_batches=4), tmp_path / "pp2.json")
-    procs = _torchrun_style(plan, 1000, 8)
-    try:
-        for line in procs[0].stdout:  # wait until training runs
-            if line.startswith("step    2"):
-                break
-        os.kill(procs[1].pid, signal.SIGSTOP)
-        stopped = time.monotonic()
-        _, err0 = procs[0].communicate(timeout=60)
-        waited = time.monotonic() - stopped
-    finally:
-        for p in procs:
-            p.kill()
-    assert procs[0].returncode == 1, err0[-2000:]
-    assert 5 < waited < 40, (waited, err0[-2000:])
-    print("WAITED", waited)
-    assert "Timed out" in err0 and "lost contact with another rank" in err0
+    proc, elapsed = _cli("run", plan, "--nproc", "2", "--steps", "8", "--timeout-s", "8",
+                         env={FAULT_ENV: "hang:1:3"})
+    assert proc.returncode == 1
+    assert elapsed < 60
+    assert "Timed out" in proc.stderr and "lost contact with another rank" in proc.stderr
+    assert "step    2" in proc.stdout and "step    3" not in proc.stdout
 
 
 @pytest.mark.multiprocess

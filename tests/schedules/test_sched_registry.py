@@ -55,3 +55,18 @@ def test_metadata():
     assert "vertical sync" in get_schedule("pipedream").async_semantics
     assert "2 weight versions" in get_schedule("pipedream-2bw").async_semantics
     assert get_schedule("pipemare").extra_param_buffers == 1
+
+
+def test_package_stays_light_to_import():
+    """No torch anywhere in planner/schedules; matplotlib only inside plot_timeline."""
+    from pathlib import Path
+
+    import planner.schedules as pkg
+
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert "import torch" not in text and "from torch" not in text, path.name
+        assert "import numpy" not in text, path.name
+        for line in text.splitlines():
+            if "import matplotlib" in line:
+                assert path.name == "plot.py" and line.startswith("    "), f"{path.name}: {line}"

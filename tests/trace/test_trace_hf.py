@@ -100,3 +100,17 @@ def test_t5_relative_buckets_match_hf():
         theirs = T5Attention._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=32,
                                                        max_distance=128)
         assert torch.equal(ours, theirs)
+
+
+def test_export_graph_replay_equals_full_run():
+    model, sample = build_hf("hf-llama", num_layers=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = trace_model(model, sample, dtype="bf16")
+        full = trace_model(model, sample, dtype="bf16", reuse=False)
+    assert any("replayed" in n for n in fast.notes)
+    assert fast.group_summary() == "model.embed_tokens, model.rotary_emb, 3 x model.layers.* (LlamaDecoderLayer), " \
+                                   "model.norm, lm_head"
+    for a, b in zip(fast.layers, full.layers, strict=True):
+        assert (a.signature, a.fwd_flops, a.bwd_flops, a.activation_bytes, a.param_count, a.op_costs) == \
+               (b.signature, b.fwd_flops, b.bwd_flops, b.activation_bytes, b.param_count, b.op_costs)
