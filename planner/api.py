@@ -356,13 +356,29 @@ def _infeasible(graph: CostGraph, cluster: ClusterSpec, global_batch: int, resul
                f"{need / GiB:.0f} GiB, or with more devices (try --nodes {cluster.nodes * 2}).")
         return InfeasibleError(msg, details={"missing_bytes": over, "stage": worst, "parts": parts.as_dict(),
                                              "config": best.config.label()})
+    n = cluster.num_devices
+    if result.memory_bound_misses:
+        parts, cfg = result.memory_bound_misses[0]
+        need = parts["total"]
+        per_device = (need + c.reserved_bytes) / c.allocator_usable_fraction
+        named = {k: v for k, v in parts.items() if k != "total"}
+        biggest = max(named, key=named.get)
+        nodes = math.ceil(cluster.nodes * need / limit)
+        return InfeasibleError(
+            f"no configuration of {graph.name} fits on {cluster.summary()} with global batch {global_batch}. "
+            f"Closest: {cfg.label()} needs at least {need / GiB:.1f} GiB on its busiest device "
+            f"({(need - limit) / GiB:.1f} GiB over the {limit / GiB:.1f} GiB usable); the largest part is "
+            f"{biggest} ({named[biggest] / GiB:.1f} GiB). It would need devices with at least "
+            f"{per_device / GiB:.0f} GiB, or about {nodes} nodes of these (--nodes {nodes}).",
+            details={"missing_bytes": need - limit, "config": cfg.label(), "parts": named})
     total_state = graph.param_count * (c.weight_bytes + c.grad_bytes + c.optimizer_bytes)
     min_devices = math.ceil(total_state / limit)
     return InfeasibleError(
         f"no configuration of {graph.name} fits on {cluster.summary()} with global batch {global_batch}: "
-        f"even fully sharded, weights + gradients + optimizer state need {total_state / GiB:.0f} GiB, at least "
-        f"{min_devices} devices of {limit / GiB:.1f} GiB usable (before activations). Check that the global "
-        f"batch is divisible by a feasible data-parallel degree, or add nodes.",
+        f"even fully sharded, weights + gradients + optimizer state need {total_state / GiB:.0f} GiB "
+        f"({total_state / n / GiB:.1f} GiB per device on {n} devices; {limit / GiB:.1f} GiB usable), so at least "
+        f"{min_devices} devices before activations. Also check that the global batch is divisible by a "
+        f"feasible data-parallel degree.",
         details={"min_devices": min_devices, "state_bytes": total_state})
 
 

@@ -84,6 +84,8 @@ class SearchResult:
     # A proven lower bound on the optimum: the best's own time when the search finished, else the
     # smaller of that and the bound of the first family not yet visited (families go in bound order).
     lower_bound_s: float = 0.0
+    # Configurations rejected by the memory lower bound alone: (bytes needed at least, config).
+    memory_bound_misses: list[tuple[dict[str, float], ParallelConfig]] = field(default_factory=list)
 
 
 def _divisors(n: int) -> list[int]:
@@ -171,7 +173,7 @@ def flights_of(schedule: str, p: int, m: int, v: int) -> tuple[float, ...]:
     return tuple(schedules.in_flight(schedule, p=p, m=m, v=v, device=k) for k in range(p))
 
 
-def _memory_lower_bound(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> float:
+def _memory_lower_bound(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> dict[str, float]:
     """No device of the configuration can need less than this.
 
     The devices of one replica together hold every layer; each device's memory is a sum of
@@ -181,7 +183,8 @@ def _memory_lower_bound(table: LayerTable, cfg: ParallelConfig, c: CostConstants
     n = len(table.params)
     p, v = cfg.pp, cfg.virtual_stages
     flight = min(flights_of(cfg.schedule, p, cfg.num_micro_batches, v))
-    return stage_memory(table, [(0, n)], in_flight=flight, cfg=cfg, c=c, is_last=False).total / p
+    parts = stage_memory(table, [(0, n)], in_flight=flight, cfg=cfg, c=c, is_last=False).as_dict()
+    return {k: v / p for k, v in parts.items()}
 
 
 def _busiest_device_s(table: LayerTable, boundaries: tuple[tuple[int, int], ...], pp: int) -> float:
@@ -276,6 +279,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                     families.append((bound, (pp, tp, dp, mb, RECOMPUTE.index(rec), sp)))
     families.sort()
     unvisited_bound = math.inf
+    bound_misses: list[tuple[dict[str, float], ParallelConfig]] = []
     limit = usable_memory_bytes(cluster, c)
     partition_cache = _PartitionCache()
     for done, (bound, (pp, tp, dp, mb, rec_i, sp)) in enumerate(families):
@@ -300,8 +304,12 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                                          virtual_stages=v, schedule=sched, recompute=rec, sequence_parallel=sp,
                                          zero_stage=zero, overlap_grad_reduce=space.overlap_grad_reduce)
                     evaluated += 1
-                    if _memory_lower_bound(table, cfg, c) > limit:
+                    need = _memory_lower_bound(table, cfg, c)
+                    if need["total"] > limit:
                         infeasible += 1
+                        bound_misses.append((need, cfg))
+                        bound_misses.sort(key=lambda x: x[0]["total"])
+                        del bound_misses[3:]
                         continue
                     part = partition_cache.get(graph, cluster, cfg, table, c, space.partition == "balanced",
                                                cutoff_s=kth_best())
@@ -331,7 +339,8 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
     best_s = top[0].step_time_s if top else math.inf
     return SearchResult(best=top[0] if top else None, top=top, evaluated=evaluated, pruned=pruned,
                         infeasible=infeasible, time_s=time.perf_counter() - start, timed_out=timed_out,
-                        closest_misses=misses, skipped=skipped, lower_bound_s=min(best_s, unvisited_bound))
+                        closest_misses=misses, skipped=skipped, lower_bound_s=min(best_s, unvisited_bound),
+                        memory_bound_misses=bound_misses)
 
 
 def _rank_key(cand: Candidate) -> tuple:

@@ -44,12 +44,16 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def preflight(plan: Plan, launch: Launch, *, preset: ModelPreset | None = None,
-              resume_dir: str | None = None) -> ModelPreset:
-    """Raise :class:`RunCheckError` on the first mismatch; returns the model preset to build."""
+              resume_dir: str | None = None, fingerprint: bool = True) -> ModelPreset:
+    """Raise :class:`RunCheckError` on the first mismatch; returns the model preset to build.
+
+    ``fingerprint=False`` skips the trace (under torchrun rank 0 alone traces, see :func:`check_fingerprint`).
+    """
     ParallelDims.from_plan(plan, launch.world_size)
     _check_cluster(plan, launch)
     preset = resolve_preset(plan, preset)
-    _check_fingerprint(plan, preset)
+    if fingerprint:
+        check_fingerprint(plan, preset)
     static_checks(plan, preset, device_type=launch.device_type)
     if resume_dir is not None:
         check_manifest_model(ckpt.verify_checkpoint(ckpt.latest_checkpoint(resume_dir)), plan, resume_dir)
@@ -98,7 +102,7 @@ def _check_cluster(plan: Plan, launch: Launch) -> None:
                 f"{launch.procs_per_node}")
 
 
-def _check_fingerprint(plan: Plan, preset: ModelPreset) -> None:
+def check_fingerprint(plan: Plan, preset: ModelPreset) -> None:
     seq_len = plan.model.seq_len
     graph = trace_model(preset.build(device="meta"), preset.sample_input(1, seq_len), name=preset.name,
                         dtype=plan.model.dtype, seq_len=seq_len)

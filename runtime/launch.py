@@ -20,13 +20,12 @@ import traceback
 import uuid
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from runtime.checks import Launch, load_plan, preflight
+from runtime.checks import Launch, check_fingerprint, load_plan, preflight
 from runtime.errors import RunCheckError
 from runtime.report import write_report
 from runtime.train import RunOptions, RunResult, train
@@ -151,10 +150,21 @@ def _worker(args: WorkerArgs) -> RunResult:
     plan = load_plan(args.plan_path)
     launch = torchrun_launch()
     if not args.checked:
-        preflight(plan, launch, resume_dir=args.options.checkpoint_dir if args.options.resume else None)
+        preset = preflight(plan, launch, fingerprint=False,
+                           resume_dir=args.options.checkpoint_dir if args.options.resume else None)
     if launch.device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.procs_per_node))
     init_distributed(args.options.timeout_s)
+    if not args.checked:  # one trace for the whole job: rank 0 checks the fingerprint, every rank gets the verdict
+        verdict: list[Any] = [None]
+        if dist.get_rank() == 0:
+            try:
+                check_fingerprint(plan, preset)
+            except RunCheckError as exc:
+                verdict[0] = str(exc)
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise RunCheckError(verdict[0] if dist.get_rank() == 0 else "rank 0 found: " + verdict[0])
     result = train(plan, args.options)
     if dist.get_rank() == 0:
         write_report(plan, args.plan_path, args.options, result, launch, out=args.out, verbose=args.options.verbose)
@@ -179,7 +189,3 @@ def _short(exc: BaseException) -> str:
     first = text[0] if text else ""
     return (first[:400] + " (run with --debug for the traceback)") if first else "(run with --debug for details)"
 
-
-def ensure_dir(path: str | None) -> None:
-    if path:
-        Path(path).mkdir(parents=True, exist_ok=True)

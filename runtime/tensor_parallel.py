@@ -1,10 +1,25 @@
-"""Megatron-style tensor parallelism for the GPT family on the ``tp`` mesh axis.
+"""Tensor parallelism on the ``tp`` mesh axis, module by module as the plan says (GPT family).
 
-Inside every transformer block: ``attn.qkv`` and ``mlp.fc1`` are column-parallel (weight
-``Shard(0)``), ``attn.proj`` and ``mlp.fc2`` row-parallel (weight ``Shard(1)``, one all-reduce of the
-output), applied with ``parallelize_module``. Embedding, layer norms and the LM head stay replicated.
-When ``plan.placements`` is filled (by the intra-op solver) the styles come from it instead: a
-Linear weight placed ``Shard(0)`` on the ``tp`` axis is column-parallel, ``Shard(1)`` row-parallel.
+Which module is split how comes from ``plan.placements["style"]`` (written by the planner's intra-op
+solver, format ``intra_op_sharding/1``: ``{module fqn: style}``); a plan without placements gets
+Megatron's recipe: in every block ``attn.qkv`` and ``mlp.fc1`` column-parallel, ``attn.proj`` and
+``mlp.fc2`` row-parallel, everything else replicated. Styles become ``parallelize_module`` entries:
+
+=============  ===========================  ==================================================
+style          module                       torch
+=============  ===========================  ==================================================
+``colwise``    Linear in a block            ``ColwiseParallel()``, feeding the block's
+                                            row-parallel partner (qkv → proj, fc1 → fc2)
+``rowwise``    Linear in a block            ``RowwiseParallel()`` (one all-reduce)
+``colwise``    Linear outside a block       ``ColwiseParallel(output_layouts=Replicate())``
+               (the LM head)                (logits split by vocabulary, then gathered)
+``colwise``    Embedding                    ``ColwiseParallel(output_layouts=Replicate())``
+                                            (hidden dim split, then gathered)
+``vocab``      Embedding                    ``RowwiseParallel(input_layouts=Replicate())``
+                                            (vocab-parallel lookup, one all-reduce)
+``replicate``  any                          nothing
+``sequence``   norm                         refused: sequence parallelism is not implemented
+=============  ===========================  ==================================================
 
 The fused ``qkv`` weight stores its rows as ``[q; k; v]``; a plain ``Shard(0)`` of that would give
 rank 0 all of ``q`` and half of ``k``. So before sharding, its rows are reordered to
@@ -18,12 +33,12 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from planner.models import ModelPreset
@@ -31,8 +46,10 @@ from planner.plan import Plan
 from runtime.errors import RunCheckError
 from runtime.model import StageModule
 
-GPT_STYLES = {"attn.qkv": "colwise", "attn.proj": "rowwise", "mlp.fc1": "colwise", "mlp.fc2": "rowwise"}
+GPT_BLOCK_STYLES = {"attn.qkv": "colwise", "attn.proj": "rowwise", "mlp.fc1": "colwise", "mlp.fc2": "rowwise"}
+_PAIRS = (("attn.qkv", "attn.proj"), ("mlp.fc1", "mlp.fc2"))  # column-parallel -> its row-parallel partner
 QKV_ATTR = "_tp_qkv_groups"  # on a StageModule: {fqn: tp} of tensors stored in the tp row order
+PLACEMENTS_SCHEMA = "intra_op_sharding/1"
 
 
 def check_tensor_parallel(plan: Plan, preset: ModelPreset) -> None:
@@ -49,7 +66,8 @@ def check_tensor_parallel(plan: Plan, preset: ModelPreset) -> None:
     cfg = preset.config
     hidden, heads = cfg["hidden"], cfg["heads"]
     ffn = cfg.get("ffn_hidden") or 4 * hidden
-    for name, value in (("heads", heads), ("ffn_hidden", ffn)):
+    for name, value in (("heads", heads), ("ffn_hidden", ffn), ("hidden", hidden),
+                        ("vocab_size", cfg.get("vocab_size", 51200))):
         if value % tp:
             raise RunCheckError(f"parallel.tp: tp={tp} does not divide the model's {name}={value}; "
                                 f"re-plan with a tp that divides it")
@@ -57,39 +75,49 @@ def check_tensor_parallel(plan: Plan, preset: ModelPreset) -> None:
         raise RunCheckError(f"parallel.tp: tp={tp} with dropout={cfg.get('dropout', 0.1)} needs a tensor-parallel "
                             "RNG tracker (Megatron's), which the runtime does not have; use a preset with "
                             "dropout 0 or tp=1")
+    styles = tp_styles(plan)
+    if cfg.get("tie_embeddings", True) and any(styles.get(m, "replicate") != "replicate"
+                                               for m in ("embed.wte", "head.lm_head")):
+        raise RunCheckError("placements.style: the tied embedding / LM head weight is split on tp; the runtime "
+                            "keeps tied weights replicated on tp. Re-plan with an untied model or tp=1")
 
 
 def tp_styles(plan: Plan) -> dict[str, str]:
-    """``{module suffix inside a block: "colwise"|"rowwise"}``, from ``plan.placements`` when present."""
+    """``{module fqn: style}`` for every module the plan splits on tp (see the module docstring)."""
     if not plan.placements:
-        return dict(GPT_STYLES)
-    styles: dict[str, str] = {}
-    for fqn, placement in plan.placements.items():
-        if not fqn.endswith(".weight") or ".blocks." not in f".{fqn}":
-            continue
-        tp_place = _tp_placement(fqn, placement, plan)
-        suffix = fqn.split(".", 2)[2].removesuffix(".weight") if fqn.startswith("blocks.") else None
-        if suffix is None or tp_place == "Replicate()":
-            continue
-        style = {"Shard(0)": "colwise", "Shard(1)": "rowwise"}.get(tp_place)
-        if style is None:
-            raise RunCheckError(f"placements.{fqn}: tp placement {tp_place!r} is not a column (Shard(0)) or row "
-                                "(Shard(1)) split of a Linear weight; the runtime applies only those")
-        if styles.setdefault(suffix, style) != style:
-            raise RunCheckError(f"placements.{fqn}: blocks disagree on {suffix} ({styles[suffix]} vs {style}); "
-                                "the runtime applies one style per block position")
-    return styles
+        return {f"{layer}.{suffix}": style for layer in plan.model.layer_names if layer.startswith("blocks.")
+                for suffix, style in GPT_BLOCK_STYLES.items()}
+    styles = plan.placements.get("style")
+    schema = plan.placements.get("schema", PLACEMENTS_SCHEMA)
+    if schema != PLACEMENTS_SCHEMA or not isinstance(styles, dict):
+        raise RunCheckError(f"placements: schema {schema!r} without a 'style' table is not readable by the runtime, "
+                            f"which reads {PLACEMENTS_SCHEMA} ({{'style': {{module: style}}}}); re-create the plan")
+    out = {m: s for m, s in styles.items() if s != "replicate"}
+    for module, style in out.items():
+        if style == "sequence":
+            raise RunCheckError(f"placements.style.{module}: 'sequence' (sequence parallelism) is not implemented "
+                                "by the runtime yet; re-plan without --sequence-parallel")
+        if style not in ("colwise", "rowwise", "vocab"):
+            raise RunCheckError(f"placements.style.{module}: unknown style {style!r}; the runtime applies colwise, "
+                                "rowwise, vocab and replicate")
+    _check_pairs(out)
+    return out
 
 
-def _tp_placement(fqn: str, placement: Any, plan: Plan) -> str:
-    axes = list(plan.mesh_axes)
-    if isinstance(placement, dict) and "tp" in placement:
-        return str(placement["tp"])
-    if isinstance(placement, (list, tuple)) and len(placement) == len(axes):
-        return str(placement[axes.index("tp")])
-    raise RunCheckError(f"placements.{fqn}: got {placement!r}; the runtime reads one placement string per mesh "
-                        f"axis ({axes}), as a list in axis order or a dict by axis name, e.g. "
-                        '["Replicate()", "Replicate()", "Shard(0)"]')
+def _check_pairs(styles: dict[str, str]) -> None:
+    """Inside a block the only splits are Megatron's pairs: column-parallel then its row-parallel partner."""
+    blocks = {m.rsplit(".", 2)[0] for m in styles if m.startswith("blocks.")}
+    for block in blocks:
+        for col, row in _PAIRS:
+            pair = (styles.get(f"{block}.{col}", "replicate"), styles.get(f"{block}.{row}", "replicate"))
+            if pair not in (("colwise", "rowwise"), ("replicate", "replicate")):
+                raise RunCheckError(f"placements.style: {block}.{col} / {block}.{row} are {pair[0]} / {pair[1]}; "
+                                    "the runtime splits a block only as Megatron does (column then row parallel)")
+        known = {f"{block}.{name}" for pair in _PAIRS for name in pair}
+        extra = [m for m in styles if m.startswith(block + ".") and m not in known]
+        if extra:
+            raise RunCheckError(f"placements.style: {extra} inside {block} are split; the runtime splits only "
+                                f"{sorted(known)} inside a block")
 
 
 def to_tp_rows(t: torch.Tensor, tp: int) -> torch.Tensor:
@@ -103,30 +131,42 @@ def canonical_from_tp(t: torch.Tensor, tp: int) -> torch.Tensor:
 
 
 def apply_tensor_parallel(stage: StageModule, tp_mesh: DeviceMesh, plan: Plan) -> None:
-    """Shard every GPT block of ``stage`` over ``tp_mesh`` (in place)."""
+    """Split the modules of ``stage`` that the plan splits over ``tp_mesh`` (in place)."""
     tp = tp_mesh.size()
     styles = tp_styles(plan)
     groups: dict[str, int] = {}
     for path in stage.layer_paths:
-        if not path.startswith("blocks."):
+        mine = {m[len(path) + 1:]: s for m, s in styles.items() if m.startswith(path + ".")}
+        if not mine:
             continue
-        block = stage.get_submodule(path)
-        plan_map = {}
-        for suffix, style in styles.items():
-            plan_map[suffix] = ColwiseParallel() if style == "colwise" else RowwiseParallel()
-        if styles.get("attn.qkv") == "colwise":
-            qkv = block.get_submodule("attn.qkv")
+        layer = stage.get_submodule(path)
+        plan_map = {name: _parallel_style(layer.get_submodule(name), style, in_block=path.startswith("blocks."))
+                    for name, style in mine.items()}
+        if mine.get("attn.qkv") == "colwise":
+            qkv = layer.get_submodule("attn.qkv")
             with torch.no_grad():
                 for name, param in qkv.named_parameters():
                     param.copy_(to_tp_rows(param, tp))
                     groups[f"{path}.attn.qkv.{name}"] = tp
-            attn = block.get_submodule("attn")
+            attn = layer.get_submodule("attn")
             attn.forward = types.MethodType(_tp_attention_forward, attn)
-        elif any(k.startswith("attn.") for k in styles):
-            raise RunCheckError("placements: attention projections sharded without a column-parallel qkv; "
-                                "the runtime shards attention only as Megatron does (qkv column, proj row)")
-        parallelize_module(block, tp_mesh, plan_map)
+        parallelize_module(layer, tp_mesh, plan_map)
     setattr(stage, QKV_ATTR, groups)
+
+
+def _parallel_style(module: nn.Module, style: str, *, in_block: bool):
+    if isinstance(module, nn.Embedding):
+        if style == "vocab":
+            return RowwiseParallel(input_layouts=Replicate())
+        if style == "colwise":
+            return ColwiseParallel(output_layouts=Replicate())
+    elif isinstance(module, nn.Linear):
+        if style == "colwise":
+            return ColwiseParallel() if in_block else ColwiseParallel(output_layouts=Replicate())
+        if style == "rowwise" and in_block:
+            return RowwiseParallel()
+    raise RunCheckError(f"placements.style: {style!r} for a {type(module).__name__} "
+                        f"{'inside' if in_block else 'outside'} a block is not something the runtime applies")
 
 
 def _tp_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from runtime.checks import check_manifest_model, static_checks
 from runtime.data import SyntheticData, as_iterator, check_local_batch
 from runtime.data_parallel import DataParallelMode, allreduce_gradients, apply_data_parallel
 from runtime.model import (
+    StageModule,
     build_model,
     build_stage_modules,
     loss_function,
@@ -109,108 +110,133 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     pp_i, dp_i, tp_i = dims.coords(rank)
     preset = resolve_preset(plan, preset)
     static_checks(plan, preset, device_type=device.type)
-    par = plan.parallel
-
-    # 1. model and this rank's stages
-    model = build_model(preset, seed=options.seed)
-    my_stages = stages_of_rank(plan, rank)
-    tied = [t for t in tied_parameters(model, plan) if len(set(t.stages)) > 1]
-    stages = build_stage_modules(model, my_stages)
-    del model
-    for stage in stages:
-        stage.to(device)
-    # 2-4. tensor parallel -> recompute -> data parallel
-    dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage)
-    wrapped: list[nn.Module] = []
-    for stage in stages:
-        if par.tp > 1:
-            apply_tensor_parallel(stage, mesh["tp"], plan)
-        apply_recompute(stage, par.recompute)
-        wrapped.append(apply_data_parallel(stage, dp_mode, mesh["dp"], device))
-    optimizers = [torch.optim.AdamW(s.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-                  for s in stages]
-    tied_groups = _tied_groups(tied, plan, dims, options.timeout_s)
-    loss_fn = loss_function(preset)
+    r = _build(plan, preset, options, mesh, dims, device)
 
     first_step, checkpoints = 0, []
     if options.resume:
-        path = ckpt.latest_checkpoint(options.checkpoint_dir)
-        manifest = _verified_manifest(path)
-        check_manifest_model(manifest, plan, path)
-        ckpt.load_checkpoint(path, stages, optimizers)
-        first_step = int(manifest["step"])
-        if manifest.get("seed") != options.seed and rank == 0:
-            print(f"warning: resuming a run saved with seed {manifest.get('seed')} using seed {options.seed}; "
-                  "the synthetic data after the checkpoint differs from the original run's", flush=True)
-
-    # 5. pipeline
-    schedule, last_holder = None, pp_i == par.pp - 1
-    setup = {"data_parallel": dp_mode.describe(), "recompute": par.recompute,
-             "tensor_parallel": f"Megatron tp={par.tp}" if par.tp > 1 else "none"}
-    if par.pp > 1:
-        choice = choose_schedule(plan)
-        schedule, _ = build_schedule(choice, wrapped, [s.stage_index for s in stages], plan,
-                                     pp_group=mesh["pp"].get_group(), device=device, loss_fn=loss_fn)
-        last_holder = any(s.stage_index == len(plan.stages) - 1 for s in stages)
-        setup["schedule"] = choice.describe()
-    holds_first = any(s.stage_index == 0 for s in stages)
-
+        first_step = _resume(plan, options, r)
     data_iter = as_iterator(data, SyntheticData(plan, preset, seed=options.seed, dp_index=dp_i,
                                                 first_step=first_step))
     metrics = RankMetrics(rank=rank, coords={"pp": pp_i, "dp": dp_i, "tp": tp_i},
-                          stages=[s.stage_index for s in stages])
+                          stages=[s.stage_index for s in r.stages])
     losses: list[float] = []
     grad_norms: list[float] = []
-    duplicate_names = {n for t in tied for n in t.names[1:]}  # count a tied weight's gradient once
     fault = _fault_for(rank)
-    autocast = _autocast(plan, device)
     if rank == 0 and options.verbose:
-        print(f"runtime: {plan.model.name} | {par.label()} | world {world} on {device.type} | "
-              + " | ".join(f"{k}: {v}" for k, v in setup.items()), flush=True)
+        print(f"runtime: {plan.model.name} | {plan.parallel.label()} | world {world} on {device.type} | "
+              + " | ".join(f"{k}: {v}" for k, v in r.setup.items()), flush=True)
 
     for step in range(first_step + 1, first_step + options.steps + 1):
         inputs, targets = check_local_batch(next(data_iter), plan)
-        inputs, targets = inputs.to(device), targets.to(device)
         if fault is not None and fault[1] == step:
-            _arm_fault(stages[0], par.num_micro_batches, fault[0])
+            _arm_fault(r.stages[0], plan.parallel.num_micro_batches, fault[0])
         _sync(device)
         start = time.perf_counter()
-        with autocast:
-            if schedule is not None:
-                mb_losses: list[torch.Tensor] = []
-                args = (inputs,) if holds_first else ()
-                schedule.step(*args, target=targets if last_holder else None,
-                              losses=mb_losses if last_holder else None, return_outputs=False)
-                local_loss = torch.stack([x.detach().float() for x in mb_losses]).mean() if last_holder else None
-            else:
-                local_loss = _accumulate(wrapped[0], inputs, targets, par.num_micro_batches, loss_fn, dp_mode)
-        if dp_mode.kind == "allreduce":
-            allreduce_gradients(stages, mesh["dp"])
-        for group in tied_groups:
-            group.sync(stages)
-        grad_norms.append(global_grad_norm(stages, {"dp": dp_i, "tp": tp_i}, skip=duplicate_names, device=device))
-        for optim in optimizers:
+        local_loss = _forward_backward(r, plan, inputs.to(device), targets.to(device))
+        if r.dp_mode.kind == "allreduce":
+            allreduce_gradients(r.stages, mesh["dp"])
+        for group in r.tied_groups:
+            group.sync(r.stages)
+        grad_norms.append(global_grad_norm(r.stages, {"dp": dp_i, "tp": tp_i}, skip=r.duplicate_names,
+                                           device=device))
+        for optim in r.optimizers:
             optim.step()
             optim.zero_grad(set_to_none=True)
         _sync(device)
         metrics.step_times_s.append(time.perf_counter() - start)
-        losses.append(_global_loss(local_loss, last_holder and tp_i == 0, par.dp, device))
+        losses.append(_global_loss(local_loss, r.last_holder and tp_i == 0, plan.parallel.dp, device))
         if rank == 0 and options.verbose:
             print(f"step {step:4d} | loss {losses[-1]:.6f} | grad norm {grad_norms[-1]:.6f} | "
                   f"{metrics.step_times_s[-1]:.3f} s", flush=True)
         if options.checkpoint_every and step % options.checkpoint_every == 0:
             info = {"seed": options.seed, "model_fingerprint": plan.model.fingerprint, "model": plan.model.name,
-                    "parallel": par.label()}
-            checkpoints.append(str(ckpt.save_checkpoint(options.checkpoint_dir, step, stages, optimizers,
+                    "parallel": plan.parallel.label()}
+            checkpoints.append(str(ckpt.save_checkpoint(options.checkpoint_dir, step, r.stages, r.optimizers,
                                                         info=info)))
 
     metrics.peak_memory_bytes, metrics.memory_kind = _peak_memory(device)
-    metrics.model_state_bytes = _state_bytes(stages, optimizers)
+    metrics.model_state_bytes = _state_bytes(r.stages, r.optimizers)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, metrics)
     step_times = [max(m.step_times_s[i] for m in gathered) for i in range(options.steps)]
-    return RunResult(first_step=first_step, losses=losses, grad_norms=grad_norms, step_times_s=step_times, rank=metrics,
-                     ranks=gathered if rank == 0 else [], setup=setup, checkpoints=checkpoints)
+    return RunResult(first_step=first_step, losses=losses, grad_norms=grad_norms, step_times_s=step_times,
+                     rank=metrics, ranks=gathered if rank == 0 else [], setup=r.setup, checkpoints=checkpoints)
+
+
+@dataclass
+class _Rank:
+    """Everything one rank built from the plan."""
+
+    stages: list[StageModule]  # this rank's stages, in model order (the modules checkpoints see)
+    wrapped: list[nn.Module]  # the same, as DDP/FSDP wrapped them (what forward calls)
+    optimizers: list[torch.optim.Optimizer]  # one AdamW per stage
+    dp_mode: DataParallelMode
+    tied_groups: list[_TiedGroup]
+    duplicate_names: set[str]  # second names of tied weights: their gradient is counted once
+    loss_fn: Any
+    autocast: Any
+    schedule: Any = None  # the pipeline schedule when pp > 1
+    holds_first: bool = True
+    last_holder: bool = True
+    setup: dict[str, str] = field(default_factory=dict)
+
+
+def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: ParallelDims,
+           device: torch.device) -> _Rank:
+    """Steps 1-5 of the module docstring, in that order."""
+    par = plan.parallel
+    model = build_model(preset, seed=options.seed)
+    tied = [t for t in tied_parameters(model, plan) if len(set(t.stages)) > 1]
+    stages = build_stage_modules(model, stages_of_rank(plan, dist.get_rank()))
+    del model
+    dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage)
+    wrapped: list[nn.Module] = []
+    for stage in stages:
+        stage.to(device)
+        if par.tp > 1:
+            apply_tensor_parallel(stage, mesh["tp"], plan)
+        apply_recompute(stage, par.recompute)
+        wrapped.append(apply_data_parallel(stage, dp_mode, mesh["dp"], device))
+    r = _Rank(stages=stages, wrapped=wrapped, dp_mode=dp_mode,
+              optimizers=[torch.optim.AdamW(s.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+                          for s in stages],
+              tied_groups=_tied_groups(tied, plan, dims, options.timeout_s),
+              duplicate_names={n for t in tied for n in t.names[1:]}, loss_fn=loss_function(preset),
+              autocast=_autocast(plan, device),
+              setup={"data_parallel": dp_mode.describe(), "recompute": par.recompute,
+                     "tensor_parallel": f"Megatron tp={par.tp}" if par.tp > 1 else "none"})
+    if par.pp > 1:
+        choice = choose_schedule(plan)
+        r.schedule, _ = build_schedule(choice, wrapped, [s.stage_index for s in stages], plan,
+                                       pp_group=mesh["pp"].get_group(), device=device, loss_fn=r.loss_fn)
+        r.holds_first = any(s.stage_index == 0 for s in stages)
+        r.last_holder = any(s.stage_index == len(plan.stages) - 1 for s in stages)
+        r.setup["schedule"] = choice.describe()
+    return r
+
+
+def _forward_backward(r: _Rank, plan: Plan, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """One step's forward and backward over all micro-batches; the mean micro-batch loss where it is known."""
+    with r.autocast:
+        if r.schedule is None:
+            return _accumulate(r.wrapped[0], inputs, targets, plan.parallel.num_micro_batches, r.loss_fn,
+                               r.dp_mode)
+        mb_losses: list[torch.Tensor] = []
+        r.schedule.step(*((inputs,) if r.holds_first else ()), target=targets if r.last_holder else None,
+                        losses=mb_losses if r.last_holder else None, return_outputs=False)
+    return torch.stack([x.detach().float() for x in mb_losses]).mean() if r.last_holder else None
+
+
+def _resume(plan: Plan, options: RunOptions, r: _Rank) -> int:
+    """Load the newest checkpoint into this rank's stages and optimizers; returns the step it ends."""
+    path = ckpt.latest_checkpoint(options.checkpoint_dir)
+    manifest = _verified_manifest(path)
+    check_manifest_model(manifest, plan, path)
+    ckpt.load_checkpoint(path, r.stages, r.optimizers)
+    if manifest.get("seed") != options.seed and dist.get_rank() == 0:
+        print(f"warning: resuming a run saved with seed {manifest.get('seed')} using seed {options.seed}; "
+              "the synthetic data after the checkpoint differs from the original run's", flush=True)
+    return int(manifest["step"])
 
 
 def median_step_time_s(step_times: list[float]) -> float:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,8 +64,8 @@ class PublishedRun:
 
     def flops_per_iteration(self) -> float:
         """Narayanan et al. Eq. 3: 96·B·s·l·h²·(1 + s/6h + V/16lh) (forward, recomputed forward, backward)."""
-        b, s, l, h, v = self.batch, self.seq_len, self.layers, self.hidden, self.vocab
-        return 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+        b, s, n, h, v = self.batch, self.seq_len, self.layers, self.hidden, self.vocab
+        return 96 * b * s * n * h * h * (1 + s / (6 * h) + v / (16 * n * h))
 
     def published_iteration_s(self) -> float:
         return self.flops_per_iteration() / (self.tflops_per_gpu * 1e12 * self.gpus)
@@ -98,17 +98,42 @@ NARAYANAN_TABLE1: tuple[PublishedRun, ...] = (
 
 @functools.cache
 def gpt_graph(heads: int, hidden: int, layers: int, seq_len: int = 2048, vocab: int = 51200) -> CostGraph:
-    """Trace a Megatron-style GPT (tied embedding, dropout 0.1) on the meta device, in bf16."""
+    """A Megatron-style GPT (tied embedding, dropout 0.1) traced on the meta device in bf16.
+
+    Traced with two transformer blocks, then the block repeated to ``layers``: identical blocks
+    have identical costs (the tracer's own block replay relies on the same fact; a test checks the
+    result equals the full trace), and tracing 128 blocks would only repeat the second one.
+    """
     from planner.models.gpt import GPT, GPTConfig
     from planner.trace import trace_model
 
-    cfg = GPTConfig(num_layers=layers, hidden=hidden, heads=heads, vocab_size=vocab, seq_len=seq_len,
+    cfg = GPTConfig(num_layers=min(layers, 2), hidden=hidden, heads=heads, vocab_size=vocab, seq_len=seq_len,
                     dropout=0.1, tie_embeddings=True)
     with torch.device("meta"):
         model = GPT(cfg)
     tokens = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
-    return trace_model(model, (tokens,), name=f"gpt-{layers}x{hidden}", dtype="bf16", seq_len=seq_len,
-                       copy_model=False)
+    graph = trace_model(model, (tokens,), name=f"gpt-{layers}x{hidden}", dtype="bf16", seq_len=seq_len,
+                        copy_model=False)
+    return repeat_block(graph, layers) if layers > 2 else graph
+
+
+def repeat_block(graph: CostGraph, blocks: int) -> CostGraph:
+    """``graph`` (embedding, blocks..., head) with its last block repeated to ``blocks`` blocks."""
+    import networkx as nx
+
+    first, body, last = graph.layers[0], graph.layers[1:-1], graph.layers[-1]
+    block = body[-1]
+    layers = [first] + [replace(b, index=1 + i) for i, b in enumerate(body)]
+    layers += [replace(block, index=1 + i, name=f"blocks.{i}") for i in range(len(body), blocks)]
+    layers.append(replace(last, index=blocks + 1))
+    chain = nx.DiGraph()
+    chain.add_nodes_from(range(len(layers)))
+    for i in range(len(layers) - 1):
+        chain.add_edge(i, i + 1, bytes=layers[i].output_bytes)
+    params = graph.param_count + (blocks - len(body)) * block.param_count
+    return CostGraph(name=graph.name, ops=graph.ops, layers=layers, layer_graph=chain, dtype=graph.dtype,
+                     seq_len=graph.seq_len, param_count=params, method=graph.method,
+                     notes=graph.notes + [f"block {block.name} repeated to {blocks} blocks"])
 
 
 def megatron_boundaries(num_layers: int, chunks: int) -> list[tuple[int, int]]:

@@ -44,6 +44,11 @@ class CostConstants:
     async_dispatch: bool = True
     # Kept for plan files written before op_dispatch_s existed: an extra per-op charge (s).
     kernel_overhead_s: float = 0.0
+    # The training loss is not part of the traced model. For a model whose last layer emits
+    # logits (a language model's head: [b, s, vocab]), cross-entropy moves that output in fp32
+    # about this many times: forward log-softmax (read, write), backward zero-fill, scatter,
+    # log-softmax backward (read two, write one). Charged to the last layer, 1/3 forward.
+    loss_traffic_passes: float = 6.0
     # --- communication -------------------------------------------------------------------
     # Achievable fraction of a link's unidirectional bandwidth for NCCL collectives: inside a
     # node (NVLink/NVSwitch: nccl-tests all-reduce bus bandwidth ~230 GB/s of 300 GB/s on DGX
@@ -61,6 +66,10 @@ class CostConstants:
     weight_bytes: int = 2
     grad_bytes: int = 2
     optimizer_bytes: int = 12  # fp32 master weights, Adam m and v
+    # fp32 copies of the last layer's output alive while the loss runs (the fp32 logits or the
+    # log-probabilities autograd saves, the gradient of the log-probabilities, the gradient of the
+    # logits); Megatron's vocabulary-parallel cross-entropy works in place on two.
+    loss_workspace_copies: float = 2.0
     # Allocator: fraction of device memory usable after fragmentation (PyTorch's caching
     # allocator typically loses a few %), minus a fixed reserve for the CUDA context, NCCL
     # buffers and cuBLAS workspaces (~1-2 GiB on A100).
@@ -69,7 +78,11 @@ class CostConstants:
     # Optimizer step traffic per parameter: read fp32 master, m, v and the gradient, write
     # master, m, v and the low-precision weight copy (4·3 + 2 + 4·3 + 2 = 28, rounded up for the
     # gradient-norm pass and the fp32 gradient copy Megatron keeps).
-    optimizer_step_bytes_per_param: int = 36
+    optimizer_step_bytes_per_param: float = 36
+    # Temporaries the optimizer step allocates per parameter it updates: none for a fused Adam
+    # (Megatron, apex); 4 for torch's foreach AdamW in fp32 (one parameter-sized list, the square
+    # root of the second moment). Counted with the other temporaries.
+    optimizer_temp_bytes_per_param: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)

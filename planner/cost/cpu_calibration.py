@@ -8,11 +8,16 @@ Profiled calibration (micro-benchmarks of the machine, never of the models we th
 * GEMM: fp32 ``torch.mm`` at square and skinny shapes; the fastest large one sets the device's
   fp32 peak (``gemm_efficiency_max = 1``), and ``gemm_half_efficiency_dim`` is the least-squares fit
   of ``eff(m, n, k) = Π d/(d + d_half)`` to the rest.
-* Memory-bound ops: ``torch.add`` on tensors of a few MB (the size of the activations of the small
-  models we plan here) sets the bandwidth (``memory_bandwidth_efficiency = 1``); eager PyTorch
-  moves what the trace counts (``elementwise_traffic_factor = 1``).
+* Memory-bound ops: a mix of the element-wise ops a transformer runs (add, mul, GeLU, softmax,
+  log-softmax, layer norm, masked fill, transpose copy) on 4 MiB tensors sets the effective
+  bandwidth, bytes as the trace counts them over CPU seconds (``memory_bandwidth_efficiency = 1``:
+  on a CPU these ops are as much compute-bound as memory-bound, which the mix captures); eager
+  PyTorch moves what the trace counts (``elementwise_traffic_factor = 1``).
 * Dispatch: a forward + backward of a tiny op chain gives the host time per op (``op_dispatch_s``);
   the CPU runs ops synchronously (``async_dispatch = False``).
+* Optimizer: one torch AdamW step over 1M parameters gives the seconds per parameter (expressed as
+  ``optimizer_step_bytes_per_param`` at the measured bandwidth). torch's foreach AdamW allocates one
+  fp32 parameter-sized temporary (``optimizer_temp_bytes_per_param = 4``).
 
 Measured: a single-process training step (forward, cross-entropy loss, backward, AdamW) of
 gpt-tiny and gpt-10m with plain torch, median of several steps after warm-up; peak memory as the
@@ -60,6 +65,7 @@ class CpuProfile:
     gemm_half_efficiency_dim: float
     memory_bandwidth: float  # bytes/s of a few-MB element-wise op
     op_dispatch_s: float  # host seconds per op (forward + backward averaged)
+    optimizer_s_per_param: float  # one AdamW step, per parameter
     threads: int
 
 
@@ -94,9 +100,19 @@ def _profile() -> CpuProfile:
     # Peak of the fitted curve: the largest measured rate divided by its fitted efficiency.
     (m, n, k), r = max(rates, key=lambda x: x[1])
     peak_fit = r / ((m / (m + best)) * (n / (n + best)) * (k / (k + best)))
-    x, y = torch.randn(1 << 19), torch.randn(1 << 19)  # 2 MiB each
-    t_add = _median_s(lambda: torch.add(x, y), repeats=21)
-    bandwidth = 3 * x.numel() * 4 / t_add
+    # Element-wise throughput: the ops a transformer's memory-bound share is made of, on 4 MiB
+    # tensors, counted as the trace counts them (bytes read + written).
+    x, y = torch.randn(256, 4096), torch.randn(256, 4096)
+    mask = torch.rand(256, 4096) > 0.5
+    ops = [(lambda: torch.add(x, y), 3), (lambda: torch.mul(x, y), 3), (lambda: torch.nn.functional.gelu(x), 2),
+           (lambda: torch.softmax(x, -1), 2), (lambda: torch.log_softmax(x, -1), 2),
+           (lambda: torch.nn.functional.layer_norm(x, (4096,)), 2), (lambda: x.masked_fill(mask, 0.0), 2.25),
+           (lambda: x.t().contiguous(), 2)]
+    moved = spent = 0.0
+    for fn, tensors in ops:
+        spent += _median_s(fn, repeats=9)
+        moved += tensors * x.numel() * 4
+    bandwidth = moved / spent
     # Dispatch: a chain of tiny ops, forward and backward, per op.
     w = torch.randn(4, requires_grad=True)
 
@@ -108,8 +124,14 @@ def _profile() -> CpuProfile:
 
     t_chain = _median_s(chain, repeats=9)
     per_op = t_chain / (100 * 3)  # 100 forward ops, about twice as many backward: 3 per forward op
+    # Optimizer: torch's AdamW (foreach) over 1M parameters in 16 tensors.
+    params = [torch.nn.Parameter(torch.randn(1 << 16)) for _ in range(16)]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    t_opt = _median_s(opt.step, repeats=9)
     return CpuProfile(peak_flops=peak_fit, gemm_half_efficiency_dim=best, memory_bandwidth=bandwidth,
-                      op_dispatch_s=per_op, threads=1)
+                      op_dispatch_s=per_op, optimizer_s_per_param=t_opt / (16 << 16), threads=1)
 
 
 def cpu_constants(profile: CpuProfile, base: CostConstants | None = None) -> CostConstants:
@@ -117,7 +139,9 @@ def cpu_constants(profile: CpuProfile, base: CostConstants | None = None) -> Cos
     base = base or CostConstants()
     return replace(base, gemm_efficiency_max=1.0, gemm_half_efficiency_dim=profile.gemm_half_efficiency_dim,
                    memory_bandwidth_efficiency=1.0, elementwise_traffic_factor=1.0,
-                   op_dispatch_s=profile.op_dispatch_s, async_dispatch=False, reserved_bytes=0)
+                   op_dispatch_s=profile.op_dispatch_s, async_dispatch=False, reserved_bytes=0,
+                   optimizer_step_bytes_per_param=profile.optimizer_s_per_param * profile.memory_bandwidth,
+                   optimizer_temp_bytes_per_param=4.0)
 
 
 def cpu_cluster(profile: CpuProfile) -> ClusterSpec:
@@ -136,13 +160,14 @@ import torch.nn.functional as F
 preset_name, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)
 torch.manual_seed(0)
-# Baseline after torch's lazy initialisation: a small training step on an unrelated tensor.
-w = torch.randn(64, 64, requires_grad=True)
-(w @ w).sum().backward()
-torch.optim.AdamW([w]).step()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 from planner.models import load_preset
 p = load_preset(preset_name)
+# Baseline after imports and torch's lazy initialisation: a small training step on an unrelated tensor.
+w = torch.randn(64, 64, requires_grad=True)
+F.cross_entropy(w @ w, torch.zeros(64, dtype=torch.long)).backward()
+torch.optim.AdamW([w]).step()
+del w
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model = p.build(device="cpu").train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 gen = torch.Generator().manual_seed(0)

@@ -8,11 +8,19 @@ ones used there, counted once) split ``tp`` ways, and ``(w, g, o)`` bytes per pa
     gradients   g·P/tp   (÷dp with ZeRO-2 and ZeRO-3)
     optimizer   o·P/tp   (÷dp with ZeRO-1, 2 and 3)
     activations in_flight · Σ_layers stored(layer) + max_layers work(layer)
-    temporary   2 · max_layers out(layer)                 pipeline send + receive buffers
-                + 2 · logits / (tp, or 1 when the head's
-                  output is already sequence-sharded)     fp32 logits for the loss, last stage
+    temporary   2 · max_layers out(layer)                 the output being produced and its
+                                                          gradient; pipeline send/receive buffers
+                + copies · out(last) · 4/elt / (tp, or 1  the loss's fp32 workspace on the last
+                  when sequence-sharded already)          stage (loss_workspace_copies)
                 + (2·w + g) · max_layers P(layer)/tp      ZeRO-3 only: the gathered layer, the
                                                           prefetched next one, its full gradient
+                + max(0, t_opt·P/tp − activations − the   the optimizer step's temporaries (÷dp
+                  temporaries above)                      with ZeRO ≥ 1): it runs after the
+                                                          activations are freed
+
+Gradients are counted throughout: Megatron and DDP keep persistent gradient buffers, and with
+several micro-batches gradients accumulate while later micro-batches run (for a single-micro-batch
+eager run that frees gradients between steps this is conservative).
 
 ``stored`` and ``work`` come from :func:`planner.cost.model.layer_table` (what autograd saves per
 micro-batch, after tensor/sequence parallelism and recomputation); ``in_flight`` is the number of
@@ -74,6 +82,11 @@ def _per_param_bytes(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -
             o / (dp if cfg.zero_stage >= 1 else 1) / cfg.tp)
 
 
+def _optimizer_temp_per_param(cfg: ParallelConfig, c: CostConstants) -> float:
+    """The optimizer step's temporaries per (unsplit) parameter: over the shard it updates."""
+    return c.optimizer_temp_bytes_per_param / (cfg.dp if cfg.zero_stage >= 1 else 1) / cfg.tp
+
+
 def _gather_bytes_per_param(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> float:
     """ZeRO-3 temporaries per parameter of the largest layer: two gathered copies and one gradient."""
     if cfg.zero_stage < 3 or cfg.dp <= 1:
@@ -82,10 +95,10 @@ def _gather_bytes_per_param(table: LayerTable, cfg: ParallelConfig, c: CostConst
     return (2 * w + g) / cfg.tp
 
 
-def _logits_factor(table: LayerTable, cfg: ParallelConfig) -> float:
+def _logits_factor(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> float:
     """Bytes of the fp32 loss workspace per byte of the last layer's (per-device) output."""
     fp32 = 4.0 / DTYPE_BYTES.get(table.dtype, 2)
-    return fp32 / (1 if cfg.sequence_parallel else cfg.tp)
+    return c.loss_workspace_copies * fp32 / (1 if cfg.sequence_parallel else cfg.tp)
 
 
 def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight: float, cfg: ParallelConfig,
@@ -96,11 +109,15 @@ def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight:
     stored = sum(float(table.stored_act_bytes[a:b].sum()) for a, b in chunks)
     work = max(float(table.work_act_bytes[a:b].max()) for a, b in chunks)
     out = max(float(table.output_bytes[a:b].max()) for a, b in chunks)
-    temp = 2 * out  # send and receive buffers
+    temp = 2 * out  # the output being produced and its gradient; pipeline send and receive buffers
     temp += _gather_bytes_per_param(table, cfg, c) * max(float(table.params[a:b].max()) for a, b in chunks)
     if is_last:
-        temp += _logits_factor(table, cfg) * float(table.output_bytes[chunks[-1][1] - 1])
-    return MemoryParts(pw * params, pg * params, po * params, in_flight * stored + work, temp)
+        temp += _logits_factor(table, cfg, c) * float(table.output_bytes[chunks[-1][1] - 1])
+    activations = in_flight * stored + work
+    # The optimizer step runs after the activations are freed: its temporaries add only what
+    # exceeds the backward-time peak.
+    temp += max(0.0, _optimizer_temp_per_param(cfg, c) * params - activations - temp)
+    return MemoryParts(pw * params, pg * params, po * params, activations, temp)
 
 
 def usable_memory_bytes(cluster: ClusterSpec, c: CostConstants) -> float:
@@ -121,16 +138,19 @@ def stage_memory_matrix(table: LayerTable, cfg: ParallelConfig, c: CostConstants
     """``f(k)[i, j]``: memory of a stage holding layers [i, j) at position k (same formula as
     :func:`stage_memory` for one chunk), for the partition DP's matrix path."""
     mats = table.matrices()
-    per_param = sum(_per_param_bytes(table, cfg, c))
-    base = per_param * mats["params"] + mats["work_out"]
+    state = sum(_per_param_bytes(table, cfg, c)) * mats["params"]
+    opt_temp = _optimizer_temp_per_param(cfg, c) * mats["params"]
+    transient = mats["work_out"]
     gather = _gather_bytes_per_param(table, cfg, c)
     if gather:
-        base = base + gather * mats["param_max"]
-    last_col = np.concatenate([[0.0], _logits_factor(table, cfg) * table.output_bytes])[None, :]
+        transient = transient + gather * mats["param_max"]
+    last_col = np.concatenate([[0.0], _logits_factor(table, cfg, c) * table.output_bytes])[None, :]
 
     def matrix(k: int) -> np.ndarray:
-        mem = base + in_flight[k] * mats["stored"]
-        return mem + last_col if k == p - 1 else mem
+        peak = transient + in_flight[k] * mats["stored"]
+        if k == p - 1:
+            peak = peak + last_col
+        return state + np.maximum(peak, opt_temp)
 
     return matrix
 
@@ -145,9 +165,10 @@ def stage_memory_vec(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *
     P = np.concatenate([[0.0], np.cumsum(table.params)])
     S = np.concatenate([[0.0], np.cumsum(table.stored_act_bytes)])
     per_param = sum(_per_param_bytes(table, cfg, c))
+    opt_temp = _optimizer_temp_per_param(cfg, c)
     gather = _gather_bytes_per_param(table, cfg, c)
     tied = [(u, name, numel, owner) for u in range(n) for name, numel, owner in table.tied[u]]
-    logits = _logits_factor(table, cfg)
+    logits = _logits_factor(table, cfg, c)
 
     def vec(j: int, k: int) -> np.ndarray:
         i = np.arange(j)
@@ -161,11 +182,11 @@ def stage_memory_vec(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *
                 seen.add(name)
         work = np.maximum.accumulate(table.work_act_bytes[:j][::-1])[::-1]
         out = np.maximum.accumulate(table.output_bytes[:j][::-1])[::-1]
-        mem = per_param * params + in_flight[k] * (S[j] - S[i]) + work + 2 * out
+        peak = in_flight[k] * (S[j] - S[i]) + work + 2 * out
         if gather:
-            mem = mem + gather * np.maximum.accumulate(table.params[:j][::-1])[::-1]
+            peak = peak + gather * np.maximum.accumulate(table.params[:j][::-1])[::-1]
         if k == p - 1:
-            mem = mem + logits * table.output_bytes[j - 1]
-        return mem
+            peak = peak + logits * table.output_bytes[j - 1]
+        return per_param * params + np.maximum(peak, opt_temp * params)
 
     return vec

@@ -99,6 +99,15 @@ def tp_allreduces(layer: Layer) -> int:
     return len(fwd) + len(bwd)
 
 
+def loss_traffic_s(layer: Layer, *, micro_batch: int, tp: int, dtype: str, cluster: ClusterSpec,
+                   c: CostConstants) -> float:
+    """Seconds of the training loss (forward + backward) on the last layer's output: memory-bound,
+    ``loss_traffic_passes`` passes over it in fp32, split across tp ranks (vocabulary-parallel)."""
+    fp32_bytes = layer.output_bytes * micro_batch * 4.0 / DTYPE_BYTES.get(dtype, 2) / tp
+    bw = cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
+    return c.loss_traffic_passes * fp32_bytes / bw
+
+
 @dataclass
 class LayerTable:
     """Per-layer, per-micro-batch figures for one (micro-batch, tp, sp, recompute) choice."""
@@ -193,6 +202,12 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
             arr["st"][i] = layer.input_bytes * micro_batch / (tp if sequence_parallel else 1)
             arr["wk"][i] = full
             arr["r"][i] = t.fwd_s + tc_fwd
+        if i == n - 1:  # the loss reads the last layer's output (vocabulary-parallel under tp)
+            loss_s = loss_traffic_s(layer, micro_batch=micro_batch, tp=tp, dtype=dtype, cluster=cluster, c=c)
+            arr["f"][i] += loss_s / 3
+            arr["b"][i] += 2 * loss_s / 3
+            if recompute == "full":
+                arr["r"][i] += loss_s / 3
         arr["p"][i] = layer.param_count
         arr["o"][i] = layer.output_bytes * micro_batch / (tp if sequence_parallel else 1)
     tied = [[(t.name, t.numel, t.owner) for t in layer.tied_params] for layer in graph.layers]

@@ -123,16 +123,15 @@ def equal_submesh_sequence(problem: StageProblem, p: int) -> list[int] | None:
 def baseline_cuts(method: str, graph: CostGraph, problem: StageProblem, p: int, first_submesh: int
                   ) -> list[tuple[int, int]]:
     """Layer ranges of ``p`` stages by a baseline rule."""
-    n = problem.num_layers
     if method == "uniform":
+        n = problem.num_layers
         return list(uniform_partition(n, p))
     if method == "parameters":
         counts = [layer.total_param_count for layer in graph.layers]
         bounds = deepspeed_partition_balanced(counts, p)
         return [(a, b) for a, b in zip(bounds, bounds[1:])]
     if method == "time":
-        t = problem.time[first_submesh]
-        micros = [int(t[k, k + 1] * 1_000_000) for k in range(n)]
+        micros = [int(t * 1_000_000) for t in problem.layer_time[first_submesh]]
         return _cuts_from_sizes(block_partition(micros, p))
     raise ValueError(f"method: got {method!r}; use one of {BASELINES}")
 

@@ -39,6 +39,7 @@ import numpy as np
 from planner.inter_op.problem import CROSS_GROUP, CROSS_NODE, SAME_NODE, PlanCost, StageProblem
 
 _REL = 1e-12
+_PROBE = 1.3  # first bound tried in a box: its floor times this
 
 
 @dataclass(frozen=True)
@@ -286,20 +287,26 @@ def solve_dp(problem: StageProblem, *, time_limit_s: float | None = None,
             b1 = min(b1, int(np.searchsorted(Gc, target - m1 * Tc[a0] - sig)) - 1)
             if a1 < a0 or b1 < b0:
                 continue
+        # Probe a bound a little above the box's floor first (plans near the floor have the small
+        # bottleneck the objective rewards); the part above the probe keeps the inherited bound.
+        ae = a1
+        if Tc[a1] > Tc[a0] * _PROBE:
+            ae = max(a0, min(a1, int(np.searchsorted(Tc, Tc[a0] * _PROBE, side="right")) - 1))
+            push(ae + 1, a1, b0, b1, sig)
         budget = target - m1 * Tc[a0] - Gc[b0]
         evaluations += 1
-        value, stages = sigma(float(Tc[a1]), float(Gc[b1]), budget)
+        value, stages = sigma(float(Tc[ae]), float(Gc[b1]), budget)
         if stages is None or value >= budget:
-            continue  # infeasible, or nothing in the box can beat the best plan
+            continue  # infeasible, or nothing in [a0, ae] x [b0, b1] can beat the best plan
         cost = problem.evaluate(stages)
         assert cost.feasible, cost.reason
         if cost.objective_s < best.objective_s:
             best, best_stages = cost, stages
-        # Σ* equals `value` on [T', T_a1] x [G', G_b1] (the plan's own bounds): settled. Split the rest.
+        # Σ* equals `value` on [T', T_ae] x [G', G_b1] (the plan's own bounds): settled. Split the rest.
         ia = max(a0, int(np.searchsorted(Tc, cost.bottleneck_s)))
         ib = max(b0, int(np.searchsorted(Gc, cost.tail_max_s)))
         push(a0, ia - 1, b0, b1, value)
-        push(ia, a1, b0, ib - 1, value)
+        push(ia, ae, b0, ib - 1, value)
     elapsed = time.perf_counter() - start
     if not best.feasible:
         status = "time_limit" if timed_out else "infeasible"

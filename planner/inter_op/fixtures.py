@@ -10,17 +10,19 @@ time is ``flops / (peak × gemm_efficiency_max)``, which keeps the fixtures easy
 * :func:`vit_large_stem`: a convolutional stem worth several blocks, then blocks and a head.
 * :func:`big_branch`: two parallel branches (one much heavier) joining again: a DAG.
 * :func:`encoder_decoder`: every decoder layer reads the encoder output: a DAG with long edges.
-* :func:`random_graph`: random layer costs and random skip edges, for the oracle tests.
+* :func:`random_graph`: random layer costs and random skip edges; :func:`random_instance` adds a
+  random small cluster (one or two device types, random memory) for the oracle tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import networkx as nx
 import numpy as np
 
+from planner.cluster import ClusterSpec, NodeGroup
 from planner.trace.graph import CostGraph, Layer, OpCost, TiedParam
 
 MIB = 2**20
@@ -55,8 +57,16 @@ def _layer(index: int, spec: LayerSpec) -> Layer:
 
 
 def synthetic_graph(name: str, specs: Sequence[LayerSpec], edges: Sequence[tuple[int, int]] | None = None,
-                    *, seq_len: int = 2048) -> CostGraph:
-    """A cost graph from layer specs; ``edges`` default to a chain. Edge bytes: the producer's output."""
+                    *, seq_len: int = 2048, dtype: str = "fp16", scale: float = 1.0) -> CostGraph:
+    """A cost graph from layer specs; ``edges`` default to a chain. Edge bytes: the producer's output.
+
+    ``scale`` multiplies every layer's FLOPs, parameters and tensor sizes (a wider model).
+    """
+    if scale != 1.0:
+        specs = [replace(s, gflops=s.gflops * scale, params=int(s.params * scale), act_mib=s.act_mib * scale,
+                         out_mib=s.out_mib * scale, tied=tuple((n, int(k * scale), o) for n, k, o in s.tied))
+                 for s in specs]
+        name = f"{name}-x{scale:g}"
     layers = [_layer(i, s) for i, s in enumerate(specs)]
     g = nx.DiGraph()
     g.add_nodes_from(range(len(layers)))
@@ -64,7 +74,7 @@ def synthetic_graph(name: str, specs: Sequence[LayerSpec], edges: Sequence[tuple
         if not 0 <= u < v < len(layers):
             raise ValueError(f"edge ({u}, {v}) is not forward in layer order; list producers before consumers")
         g.add_edge(u, v, bytes=layers[u].output_bytes)
-    return CostGraph(name=name, ops=nx.DiGraph(), layers=layers, layer_graph=g, dtype="bf16", seq_len=seq_len,
+    return CostGraph(name=name, ops=nx.DiGraph(), layers=layers, layer_graph=g, dtype=dtype, seq_len=seq_len,
                      param_count=sum(s.params for s in specs), method="synthetic")
 
 
@@ -72,28 +82,28 @@ def _block(i: int, prefix: str = "blocks", gflops: float = 50.0, params: int = 1
     return LayerSpec(name=f"{prefix}.{i}", gflops=gflops, params=params, act_mib=200.0, out_mib=4.0)
 
 
-def uniform_blocks(n: int = 16) -> CostGraph:
-    return synthetic_graph(f"uniform-{n}", [_block(i) for i in range(n)])
+def uniform_blocks(n: int = 16, scale: float = 1.0) -> CostGraph:
+    return synthetic_graph(f"uniform-{n}", [_block(i) for i in range(n)], scale=scale)
 
 
-def imbalanced_lm(n: int = 16) -> CostGraph:
+def imbalanced_lm(n: int = 16, scale: float = 1.0) -> CostGraph:
     """Embedding ~20 blocks of parameters and no compute; head ~8 blocks of compute, untied."""
     specs = [LayerSpec(name="embed", gflops=0.0, params=260_000_000, act_mib=4.0, out_mib=4.0, module_type="Embed")]
     specs += [_block(i) for i in range(n)]
     specs.append(LayerSpec(name="head", gflops=400.0, params=260_000_000, act_mib=1000.0, out_mib=500.0,
                            module_type="LMHead"))
-    return synthetic_graph(f"imbalanced-lm-{n}", specs)
+    return synthetic_graph(f"imbalanced-lm-{n}", specs, scale=scale)
 
 
-def vit_large_stem(n: int = 16) -> CostGraph:
+def vit_large_stem(n: int = 16, scale: float = 1.0) -> CostGraph:
     """A convolutional stem costing ~6 blocks with large activations, then blocks and a small head."""
     specs = [LayerSpec(name="stem", gflops=300.0, params=2_000_000, act_mib=1500.0, out_mib=4.0, module_type="ConvStem")]
     specs += [_block(i) for i in range(n)]
     specs.append(LayerSpec(name="head", gflops=0.5, params=1_300_000, act_mib=1.0, out_mib=0.01, module_type="Head"))
-    return synthetic_graph(f"vit-large-stem-{n}", specs)
+    return synthetic_graph(f"vit-large-stem-{n}", specs, scale=scale)
 
 
-def big_branch(n_heavy: int = 10, n_light: int = 2, n_tail: int = 4) -> CostGraph:
+def big_branch(n_heavy: int = 10, n_light: int = 2, n_tail: int = 4, scale: float = 1.0) -> CostGraph:
     """stem → (heavy branch ‖ light branch) → merge → tail; layers listed in a topological order.
 
     The light branch reads the stem output, so that tensor crosses every stage boundary inside
@@ -111,10 +121,10 @@ def big_branch(n_heavy: int = 10, n_light: int = 2, n_tail: int = 4) -> CostGrap
     edges += list(zip(heavy, heavy[1:])) + list(zip(light, light[1:]))
     edges += [(heavy[-1], merge), (light[-1], merge)]
     edges += [(k, k + 1) for k in range(merge, len(specs) - 1)]
-    return synthetic_graph(f"big-branch-{n_heavy}-{n_light}", specs, edges)
+    return synthetic_graph(f"big-branch-{n_heavy}-{n_light}", specs, edges, scale=scale)
 
 
-def encoder_decoder(n_enc: int = 8, n_dec: int = 8) -> CostGraph:
+def encoder_decoder(n_enc: int = 8, n_dec: int = 8, scale: float = 1.0) -> CostGraph:
     """embed → encoder blocks → decoder blocks (each also reading the encoder output) → head."""
     specs = [LayerSpec(name="embed", gflops=0.0, params=33_000_000, act_mib=4.0, out_mib=4.0, module_type="Embed")]
     specs += [_block(i, "encoder") for i in range(n_enc)]
@@ -125,7 +135,7 @@ def encoder_decoder(n_enc: int = 8, n_dec: int = 8) -> CostGraph:
     edges = [(k, k + 1) for k in range(n - 1)]
     enc_out = n_enc
     edges += [(enc_out, d) for d in range(n_enc + 2, n_enc + 1 + n_dec)]
-    return synthetic_graph(f"encoder-decoder-{n_enc}-{n_dec}", specs, edges)
+    return synthetic_graph(f"encoder-decoder-{n_enc}-{n_dec}", specs, edges, scale=scale)
 
 
 def random_graph(rng: np.random.Generator, n: int, *, skip_prob: float = 0.3, tied_prob: float = 0.2) -> CostGraph:
@@ -136,7 +146,7 @@ def random_graph(rng: np.random.Generator, n: int, *, skip_prob: float = 0.3, ti
         gflops = float(rng.uniform(5.0, 60.0) * (8.0 if heavy else 1.0)) if rng.random() > 0.1 else 0.0
         params = int(rng.uniform(1e6, 4e8) if rng.random() < 0.3 else rng.uniform(1e6, 5e7))
         specs.append(LayerSpec(name=f"layer{i}", gflops=round(gflops, 3), params=params,
-                               act_mib=round(float(rng.uniform(10.0, 2000.0)), 1),
+                               act_mib=round(float(rng.uniform(10.0, 600.0)), 1),
                                out_mib=round(float(rng.uniform(0.5, 64.0)), 2)))
     if n >= 3 and rng.random() < tied_prob:  # a head tied to the first layer's weights
         last = specs[-1]
@@ -148,3 +158,35 @@ def random_graph(rng: np.random.Generator, n: int, *, skip_prob: float = 0.3, ti
             if rng.random() < skip_prob / n:
                 edges.append((u, v))
     return synthetic_graph(f"random-{n}", specs, edges)
+
+
+def random_cluster(rng: np.random.Generator, *, max_devices: int = 4) -> ClusterSpec:
+    """A random small cluster: one node group (A100 or V100) or two (one of each), random memory sizes."""
+    a100 = ClusterSpec.preset("dgx-a100-80g").groups[0]
+    v100 = ClusterSpec.preset("dgx1-v100").groups[0]
+
+    def group(base: NodeGroup, nodes: int, dpn: int) -> NodeGroup:
+        mem = int(rng.uniform(4.0, 48.0) * 2**30)
+        return replace(base, nodes=nodes, devices_per_node=dpn, device=replace(base.device, memory_bytes=mem))
+
+    shapes = [(n, d) for n in (1, 2, 4) for d in (1, 2, 4) if n * d <= max_devices]
+    if rng.random() < 0.35:
+        half = [(n, d) for n, d in shapes if n * d <= max_devices // 2]
+        (n1, d1), (n2, d2) = half[rng.integers(len(half))], half[rng.integers(len(half))]
+        groups = (group(a100, n1, d1), group(v100, n2, d2))
+    else:
+        n, d = shapes[rng.integers(len(shapes))]
+        groups = (group(a100 if rng.random() < 0.5 else v100, n, d),)
+    return ClusterSpec(name="random", groups=groups)
+
+
+def random_instance(seed: int, *, max_layers: int = 10, max_devices: int = 4) -> tuple[CostGraph, ClusterSpec, dict]:
+    """(graph, cluster, solve_stages keyword arguments) for the oracle tests."""
+    rng = np.random.default_rng(seed)
+    graph = random_graph(rng, int(rng.integers(2, max_layers + 1)))
+    cluster = random_cluster(rng, max_devices=max_devices)
+    dpn = min(g.devices_per_node for g in cluster.groups)
+    tp = 2 if dpn % 2 == 0 and rng.random() < 0.3 else 1
+    kwargs = dict(schedule=str(rng.choice(["1f1b", "gpipe", "zb-h1", "zb-h2"])),
+                  num_micro_batches=int(rng.integers(1, 9)), micro_batch=int(rng.choice([1, 2, 4])), tp=tp)
+    return graph, cluster, kwargs

@@ -125,9 +125,11 @@ class StageProblem:
     group_first_rank: tuple[int, ...]
     stage_counts: tuple[int, ...]  # allowed numbers of stages
     time: list[np.ndarray]  # [c][i, j]: t of layers [i, j) on sub-mesh c (inf where i >= j)
+    layer_time: list[np.ndarray]  # [c][l]: t of layer l alone on sub-mesh c
     grad_sync: list[np.ndarray]  # [c][i, j]
     optimizer: list[np.ndarray]  # [c][i, j]
     xfer: np.ndarray  # [link, ca, cb, j]: transfer at cut j between sub-meshes ca -> cb
+    xfer_side: np.ndarray  # [link, c, j]: one side's time; xfer = max of the two sides
     limit: tuple[float, ...]  # usable bytes per device, per sub-mesh
     _tables: list[LayerTable]
     _cfgs: list[ParallelConfig]
@@ -252,7 +254,7 @@ def _group_cluster(cluster: ClusterSpec, g: int) -> ClusterSpec:
     return ClusterSpec(name=f"{cluster.name}[{g}]", groups=(cluster.groups[g],))
 
 
-def _submeshes(cluster: ClusterSpec, tp: int, micro_batch: int) -> list[SubMesh]:
+def _submeshes(cluster: ClusterSpec, tp: int, micro_batch: int, stage_devices: int | None) -> list[SubMesh]:
     out: list[SubMesh] = []
     for gi, grp in enumerate(cluster.groups):
         dpn = grp.devices_per_node
@@ -264,6 +266,8 @@ def _submeshes(cluster: ClusterSpec, tp: int, micro_batch: int) -> list[SubMesh]
         sizes += [(n * dpn, n) for n in range(1, grp.nodes + 1)]
         for devices, nodes in sizes:
             if devices % tp or (nodes == 0 and devices & (devices - 1)):
+                continue
+            if stage_devices is not None and devices != stage_devices:
                 continue
             r = devices // tp
             if micro_batch % r:
@@ -308,9 +312,13 @@ def _tail_tables(table: LayerTable, grp: NodeGroup, sm: SubMesh, tp: int, zero_s
 
 def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_micro_batches: int,
                   micro_batch: int, tp: int = 1, num_stages: int | None = None, sequence_parallel: bool = False,
-                  recompute: str = "none", zero_stage: int = 0,
+                  recompute: str = "none", zero_stage: int = 0, stage_devices: int | None = None,
                   constants: CostConstants | None = None) -> StageProblem:
-    """Price every (layer range, sub-mesh) once; errors name the argument and the fix."""
+    """Price every (layer range, sub-mesh) once; errors name the argument and the fix.
+
+    ``stage_devices`` fixes every stage's sub-mesh size (e.g. ``tp × dp`` as Megatron-LM does);
+    ``None`` lets each stage choose its own.
+    """
     c = constants or CostConstants()
     info = schedules.get_schedule(schedule)
     if info.name not in SUPPORTED_SCHEDULES:
@@ -332,8 +340,12 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
     n = graph.num_layers
     if n < 1:
         raise SpecError("graph", graph.name, "the cost graph has no layers")
-    subs = _submeshes(cluster, tp, micro_batch)
+    subs = _submeshes(cluster, tp, micro_batch, stage_devices)
     if not subs:
+        if stage_devices is not None:
+            raise SpecError("stage_devices", stage_devices, "no sub-mesh has this many devices with this tp and "
+                            "micro-batch; use a power-of-two slice of a node or whole nodes, tp x (a divisor of "
+                            "the micro-batch)")
         raise SpecError("micro_batch", micro_batch, "no sub-mesh shape divides it into replicas; use a micro-batch "
                         "divisible by the replica counts (powers of two)")
     units = tuple(g.num_devices // tp for g in cluster.groups)
@@ -355,7 +367,7 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
     for g in cluster.groups:
         firsts.append(acc)
         acc += g.num_devices
-    time, sync, optim, tables, cfgs, limits = [], [], [], [], [], []
+    time, layer_time, sync, optim, tables, cfgs, limits = [], [], [], [], [], [], []
     group_tables: dict[tuple[int, int], LayerTable] = {}
     for sm in subs:
         grp = cluster.groups[sm.group]
@@ -369,6 +381,7 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
         seg = prefix[None, :] - prefix[:, None]
         seg[np.tril_indices(n + 1)] = np.inf
         time.append(seg)
+        layer_time.append(np.asarray(table.total_s, dtype=float))
         s, o = _tail_tables(table, grp, sm, tp, zero_stage, c)
         sync.append(s)
         optim.append(o)
@@ -377,19 +390,25 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
                                    sequence_parallel=sequence_parallel, zero_stage=zero_stage))
         limits.append(usable_memory_bytes(_group_cluster(cluster, sm.group), c))
     cut = _cut_bytes(graph) * micro_batch / (tp if sequence_parallel else 1)
+    # One side of a cut: sub-mesh c sends (or receives) its replicas' share over a link class.
+    side = np.zeros((3, len(subs), n + 1))
+    for sm in subs:
+        for link in (SAME_NODE, CROSS_NODE, CROSS_GROUP):
+            net = cluster if link == CROSS_GROUP else _group_cluster(cluster, sm.group)
+            side[link, sm.index] = [2 * p2p_s(float(x), same_node=link == SAME_NODE, cluster=net, c=c)
+                                    for x in cut / sm.replicas]
+    # The side with fewer replicas moves more bytes per device and sets the time: max of the two sides.
     xfer = np.full((3, len(subs), len(subs), n + 1), np.inf)
     for a in subs:
         for b in subs:
-            per_device = cut / min(a.replicas, b.replicas)
             links = [CROSS_GROUP] if a.group != b.group else [CROSS_NODE] + ([SAME_NODE] if a.is_slice and b.is_slice
                                                                            else [])
             for link in links:
-                net = cluster if link == CROSS_GROUP else _group_cluster(cluster, a.group)
-                xfer[link, a.index, b.index] = [2 * p2p_s(float(x), same_node=link == SAME_NODE, cluster=net, c=c)
-                                                for x in per_device]
+                xfer[link, a.index, b.index] = np.maximum(side[link, a.index], side[link, b.index])
     return StageProblem(graph_name=graph.name, layer_names=tuple(layer.name for layer in graph.layers),
                         cluster=cluster, schedule=info.name, num_micro_batches=num_micro_batches,
                         micro_batch=micro_batch, tp=tp, submeshes=tuple(subs), group_units=units,
                         group_units_per_node=tuple(g.devices_per_node // tp for g in cluster.groups),
-                        group_first_rank=tuple(firsts), stage_counts=tuple(counts), time=time, grad_sync=sync,
-                        optimizer=optim, xfer=xfer, limit=tuple(limits), _tables=tables, _cfgs=cfgs, _constants=c)
+                        group_first_rank=tuple(firsts), stage_counts=tuple(counts), time=time, layer_time=layer_time,
+                        grad_sync=sync,
+                        optimizer=optim, xfer=xfer, xfer_side=side, limit=tuple(limits), _tables=tables, _cfgs=cfgs, _constants=c)

@@ -194,4 +194,9 @@ def view_dim_map(src: Sequence[int], dst: Sequence[int], roles: Sequence[str | N
             if role is None and len([d for d in gj if dst[d] > 1]) > 1 and len([d for d in gi if src[d] > 1]) == 1:
                 role = "heads"
             out_roles[major_out] = role
+        elif major_in is None and major_out is None and len(gi) == len(gj) == 1:
+            # a size-1 dim kept in place: the batch of a model traced at batch 1 keeps its role, so
+            # the view still fits when the batch is scaled up
+            dim_map[gi[0]] = gj[0]
+            out_roles[gj[0]] = roles[gi[0]]
     return tuple(dim_map), tuple(out_roles)

@@ -5,6 +5,15 @@ Axes are listed outermost first, so the last axis is the one whose ranks are adj
 ``r`` has coordinate ``r % shape[-1]`` on it), as in ``torch.distributed.init_device_mesh``.
 :meth:`MeshSpec.from_cluster` gives an axis the intra-node link when all its ranks share a node
 and otherwise the node's network, shared by the node's devices.
+
+An axis may carry a *role* that limits what the solver may split on it (no role: anything):
+
+* ``"model"``: tensor (model) parallelism, as the plan's ``tp`` axis means it. No strategy
+  splits the batch there (sequence dims only with sequence parallelism, as in Megatron-SP), and
+  an op that can split one of its parameters on the axis must: the inter-op memory model counts
+  ``P / tp`` parameters per device (``planner/cost/memory.py``), so replicating a weight over
+  ``tp`` would break the plan's memory figure.
+* ``"data"``: data parallelism, as the plan's ``dp`` axis means it: only batch dims are split.
 """
 
 from __future__ import annotations
@@ -16,14 +25,22 @@ from typing import Any
 
 from planner.cluster import ClusterSpec, LinkSpec
 
+AXIS_ROLES = ("model", "data")
+AxisRoles = Mapping[str, str] | Sequence[tuple[str, str]]
+
 
 @dataclass(frozen=True, kw_only=True)
 class MeshSpec:
-    """Named mesh axes, their sizes and links; ``axes=("dp", "tp"), shape=(2, 4)`` is 8 devices."""
+    """Named mesh axes, their sizes and links; ``axes=("dp", "tp"), shape=(2, 4)`` is 8 devices.
+
+    ``roles`` maps an axis to ``"model"`` or ``"data"`` (see the module docstring); it is stored
+    as ``(axis, role)`` pairs in axis order, axes without a role left out.
+    """
 
     axes: tuple[str, ...]
     shape: tuple[int, ...]
     links: tuple[LinkSpec, ...]
+    roles: AxisRoles = ()
 
     def __post_init__(self) -> None:
         if not self.axes or len(self.axes) > 2:
@@ -35,10 +52,20 @@ class MeshSpec:
             raise ValueError(f"MeshSpec.shape: got {self.shape!r}; give one positive size per axis {self.axes}")
         if len(self.links) != len(self.axes):
             raise ValueError(f"MeshSpec.links: got {len(self.links)} links for axes {self.axes}; give one per axis")
+        items = list(self.roles.items()) if isinstance(self.roles, Mapping) else [tuple(r) for r in self.roles]
+        given = dict(items)
+        for axis, role in items:
+            if axis not in self.axes or role not in AXIS_ROLES:
+                raise ValueError(f"MeshSpec.roles: got {axis!r}: {role!r}; map an axis of {list(self.axes)} to one "
+                                 f"of {list(AXIS_ROLES)}, e.g. {{'tp': 'model'}}")
+        # frozen: normalise once so that equal meshes compare and hash equal
+        object.__setattr__(self, "roles", tuple((a, given[a]) for a in self.axes if a in given))
 
     @classmethod
-    def from_cluster(cls, cluster: ClusterSpec, axes: Mapping[str, int] | Sequence[tuple[str, int]]) -> MeshSpec:
-        """A mesh on the first devices of ``cluster``; ``axes`` maps names to sizes, outermost first."""
+    def from_cluster(cls, cluster: ClusterSpec, axes: Mapping[str, int] | Sequence[tuple[str, int]], *,
+                     roles: AxisRoles = ()) -> MeshSpec:
+        """A mesh on the first devices of ``cluster``; ``axes`` maps names to sizes, outermost first,
+        ``roles`` axes to ``"model"`` / ``"data"``."""
         items = list(axes.items()) if isinstance(axes, Mapping) else [tuple(a) for a in axes]
         names = tuple(str(n) for n, _ in items)
         sizes = tuple(int(s) for _, s in items)
@@ -56,11 +83,11 @@ class MeshSpec:
                 inter = cluster.inter_node
                 links.append(LinkSpec(kind=inter.kind, bandwidth_bytes_per_s=inter.bandwidth_bytes_per_s / per_node,
                                       latency_s=inter.latency_s))
-        return cls(axes=names, shape=sizes, links=tuple(links))
+        return cls(axes=names, shape=sizes, links=tuple(links), roles=roles)
 
     @classmethod
-    def one_axis(cls, name: str, size: int, link: LinkSpec) -> MeshSpec:
-        return cls(axes=(name,), shape=(size,), links=(link,))
+    def one_axis(cls, name: str, size: int, link: LinkSpec, *, role: str | None = None) -> MeshSpec:
+        return cls(axes=(name,), shape=(size,), links=(link,), roles={name: role} if role else ())
 
     @property
     def ndim(self) -> int:
@@ -75,8 +102,21 @@ class MeshSpec:
             raise ValueError(f"mesh axis: got {axis!r}; this mesh has axes {list(self.axes)}")
         return self.axes.index(axis)
 
+    def role(self, axis: str) -> str | None:
+        """``"model"``, ``"data"`` or ``None`` (anything may be split on ``axis``)."""
+        return dict(self.roles).get(axis)
+
+    @property
+    def axis_roles(self) -> tuple[str | None, ...]:
+        """One role (or ``None``) per axis, in axis order."""
+        return tuple(self.role(a) for a in self.axes)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"axes": list(self.axes), "shape": list(self.shape), "links": [link.to_dict() for link in self.links]}
+        out = {"axes": list(self.axes), "shape": list(self.shape), "links": [link.to_dict() for link in self.links]}
+        if self.roles:
+            out["roles"] = dict(self.roles)
+        return out
 
     def describe(self) -> str:
-        return " x ".join(f"{a}={n}" for a, n in zip(self.axes, self.shape))
+        text = " x ".join(f"{a}={n}" for a, n in zip(self.axes, self.shape))
+        return text + (f" ({', '.join(f'{a}: {r}' for a, r in self.roles)})" if self.roles else "")

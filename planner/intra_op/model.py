@@ -69,8 +69,10 @@ def _renames(cost_graph: CostGraph, rep: int, layer: int, nodes: dict[int, list[
     return out
 
 
-def _rename_sharding(s: OpSharding, names: Mapping[str, str]) -> OpSharding:
-    return OpSharding(op=names.get(s.op, s.op), kind=s.kind, module_path=s.module_path, strategy=s.strategy,
+def _rename_sharding(s: OpSharding, names: Mapping[str, str], module_paths: Mapping[str, str]) -> OpSharding:
+    op = names.get(s.op, s.op)
+    module_path = module_paths.get(op, s.module_path) if s.module_path else s.module_path
+    return OpSharding(op=op, kind=s.kind, module_path=module_path, strategy=s.strategy,
                       head=names.get(s.head, s.head), input_layouts=s.input_layouts, output_layout=s.output_layout,
                       param_layouts={names.get(n, n): lay for n, lay in s.param_layouts.items()})
 
@@ -168,6 +170,7 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
     result, time_unit, build_s = solve_assembly(assembly, aliases, req, start)
 
     per_unit = {ui: assembly.unit_sharding(ui, result.choice) for ui in set(unit_of.values())}
+    module_paths = {n: d["module_path"] for n, d in g.nodes(data=True)}  # a copy's ops live in its own modules
     out_layers = []
     for li in chosen:
         ops, colls, compute, memory = per_unit[unit_of[li]]
@@ -178,7 +181,7 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
         out_layers.append(LayerSharding(
             index=li, name=cost_graph.layers[li].name,
             reuses=None if rep == li else cost_graph.layers[rep].name,
-            ops={names.get(k, k): _rename_sharding(s, names) for k, s in ops.items()},
+            ops={names.get(k, k): _rename_sharding(s, names, module_paths) for k, s in ops.items()},
             collectives=tuple(colls), compute_s=compute, memory_bytes=memory))
     return ShardingSolution.assemble(mesh=mesh, result=result, time_unit_s=time_unit, build_time_s=build_s,
                                      sequence_parallel=sequence_parallel, memory_limit_bytes=resolved_memory_limit(req),

@@ -107,8 +107,14 @@ def as_placement(value: Placement | str) -> Placement:
     return value if isinstance(value, (Shard, Replicate, Partial)) else placement_from_str(value)
 
 
+_STRS: dict[Layout, tuple[str, ...]] = {}  # a model's solution writes a few distinct layouts thousands of times
+
+
 def layout_to_strs(layout: Layout) -> list[str]:
-    return [p.to_torch_str() for p in layout]
+    strs = _STRS.get(layout)
+    if strs is None:
+        strs = _STRS[layout] = tuple(p.to_torch_str() for p in layout)
+    return list(strs)
 
 
 def layout_short(layout: Layout) -> str:

@@ -71,11 +71,15 @@ class LayerSharding:
     def comm_s(self) -> float:
         return sum(c.time_s for c in self.collectives)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "reuses": self.reuses, "compute_s": self.compute_s,
-                "comm_s": self.comm_s, "memory_bytes": self.memory_bytes,
-                "ops": {n: s.to_dict() for n, s in self.ops.items()},
-                "collectives": [c.to_dict() for c in self.collectives]}
+    def to_dict(self, *, expand: bool = True) -> dict[str, Any]:
+        """``expand=False`` leaves out ``ops`` and ``collectives`` of a copy (``reuses`` is set): they are
+        those of the layer it reuses, under this layer's names."""
+        out = {"index": self.index, "name": self.name, "reuses": self.reuses, "compute_s": self.compute_s,
+               "comm_s": self.comm_s, "memory_bytes": self.memory_bytes}
+        if expand or self.reuses is None:
+            out["ops"] = {n: s.to_dict() for n, s in self.ops.items()}
+            out["collectives"] = [c.to_dict() for c in self.collectives]
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,7 +146,8 @@ class ShardingSolution:
         """``Counter`` of ``(kind, axis)`` over collectives, optionally of one phase."""
         return Counter((c.kind, c.axis) for c in self.collectives if phase is None or c.phase == phase)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, expand_copies: bool = True) -> dict[str, Any]:
+        """The JSON form; ``expand_copies=False`` lists a repeated layer's ops once, under the first copy."""
         return {
             "schema": SCHEMA,
             "mesh": self.mesh.to_dict(),
@@ -153,7 +158,7 @@ class ShardingSolution:
             "options": {"sequence_parallel": self.sequence_parallel, "memory_limit_bytes": self.memory_limit_bytes},
             "predicted": {"compute_s": self.compute_s, "comm_s": self.comm_s, "memory_bytes": self.memory_bytes},
             "params": {n: layout_to_strs(lay) for n, lay in self.params.items()},
-            "layers": [layer.to_dict() for layer in self.layers],
+            "layers": [layer.to_dict(expand=expand_copies) for layer in self.layers],
         }
 
     def summary(self) -> str:

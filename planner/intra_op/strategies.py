@@ -19,6 +19,10 @@ head's strategies, and each follower's layout is the head's pushed through its `
 placement that cannot pass (a Partial into gelu, a split of softmax's dim) is undone inside the
 group first, and that collective is charged to the group.
 
+Mesh axes with a role (``MeshSpec.roles``) narrow the choice per axis: on a ``"model"`` axis no
+batch label is split and an op that can split one of its parameters there must (the tensor
+parallelism the plan's ``tp`` axis stands for); on a ``"data"`` axis only batch labels are.
+
 Costs are plain functions: compute is a roofline, ``max(flops / peak, bytes / memory bw)`` on
 the local share; memory is parameters (weights, gradients, optimizer state) plus activations
 saved for backward, both for the local shard.
@@ -171,10 +175,35 @@ def residual_stream(graph: OpGraph) -> set[str]:
     return seen
 
 
+def batch_labels(op: Op) -> frozenset[str]:
+    """An op's batch labels: named ``batch``, or an output dim with the batch role (GShard's groups)."""
+    named = {c for c in (*op.out_labels, *(c for t in op.in_labels for c in t)) if op.name_of_label(c) == "batch"}
+    return frozenset(named | {c for c, r in zip(op.out_labels, op.roles) if r == "batch"})
+
+
+def _per_axis(options: Sequence, is_batch, roles: Sequence[str | None]) -> list[list]:
+    """The choices of each mesh axis (``None`` = no split first): all, or narrowed by the axis's role."""
+    out = []
+    for role in roles:
+        kept = [o for o in options if role is None or (role == "data") == bool(is_batch(o))]
+        out.append([None, *kept])
+    return out
+
+
+def _splitting_params(strategies: list[OpStrategy], roles: Sequence[str | None]) -> list[OpStrategy]:
+    """On each model axis, keep the strategies that split a parameter there, if any can."""
+    for i, role in enumerate(roles):
+        if role == "model":
+            splitting = [s for s in strategies if any(isinstance(lay[i], Shard) for lay in s.param_layouts)]
+            strategies = splitting or strategies
+    return strategies
+
+
 def decision_strategies(op: Op, graph: OpGraph, cm: CostModel, *, residual: bool = False) -> list[OpStrategy]:
     """All valid per-axis label splits of an einsum-style op, with their costs.
 
     On the residual stream only the batch, and with sequence parallelism the sequence, may be split.
+    Axis roles narrow that per axis (see the module docstring).
     """
     mesh = cm.mesh
     sizes = graph.label_sizes(op)
@@ -183,9 +212,10 @@ def decision_strategies(op: Op, graph: OpGraph, cm: CostModel, *, residual: bool
     labels = [c for c in ordered if c not in op.no_split and sizes[c] > 1
               and (cm.sequence_parallel or c not in op.seq_labels)
               and (not residual or c in op.seq_labels or op.name_of_label(c) == "batch")]
+    batch = batch_labels(op)
     in_bytes = [graph.ops[src].out_bytes for src in op.inputs]
     out: list[OpStrategy] = []
-    for split in itertools.product([None, *labels], repeat=mesh.ndim):
+    for split in itertools.product(*_per_axis(labels, batch.__contains__, mesh.axis_roles)):
         if not _divides(split, sizes, mesh.shape):
             continue
         in_layouts = tuple(_layout_of(t, split) for t in op.in_labels)
@@ -217,7 +247,7 @@ def decision_strategies(op: Op, graph: OpGraph, cm: CostModel, *, residual: bool
         out.append(OpStrategy(name=_strategy_name(op, split, mesh.axes), split=tuple(split), in_layouts=in_layouts,
                               in_grad_layouts=in_grads, param_layouts=param_layouts, out_layout=out_layout,
                               compute_s=compute, memory_bytes=memory, collectives=tuple(syncs)))
-    return out
+    return _splitting_params(out, mesh.axis_roles) if op.params else out
 
 
 def input_strategies(op: Op, cm: CostModel, *, residual: bool = False) -> list[OpStrategy]:
@@ -227,7 +257,7 @@ def input_strategies(op: Op, cm: CostModel, *, residual: bool = False) -> list[O
     dims = [d for d in op.split_dims if op.out_shape[d] > 1 and (cm.sequence_parallel or d not in op.seq_dims)
             and (not residual or roles[d] in ("batch", "seq"))]
     out: list[OpStrategy] = []
-    for choice in itertools.product([None, *dims], repeat=mesh.ndim):
+    for choice in itertools.product(*_per_axis(dims, lambda d: roles[d] == "batch", mesh.axis_roles)):
         ways: dict[int, int] = {}
         for d, n in zip(choice, mesh.shape):
             if d is not None:

@@ -121,8 +121,8 @@ def _lm_family(make_config: Callable[[dict[str, Any]], Any], module: str, cls: s
     return Family(
         build=_build(module, cls, make_config),
         sample_input=lambda cfg, b, s, dev: (_tokens(b, s or make_config(cfg).seq_len, dev),),
-        targets=lambda cfg, b, s, gen: _token_targets(make_config(cfg).vocab_size, b, s or make_config(cfg).seq_len,
-                                                      gen),
+        targets=lambda cfg, b, s, gen: _token_targets(make_config(cfg).vocab_size, b,
+                                                      s or make_config(cfg).seq_len, gen),
         loss="lm-cross-entropy", seq_len=lambda cfg: make_config(cfg).seq_len)
 
 
@@ -156,7 +156,8 @@ FAMILIES: dict[str, Family] = {
                  targets=lambda cfg, b, s, gen: _token_targets(_t5_config(cfg).vocab_size, b,
                                                                _t5_config(cfg).dec_seq_len, gen),
                  loss="lm-cross-entropy", seq_len=lambda cfg: _t5_config(cfg).seq_len),
-    "vit": Family(build=_build("vit", "ViT", _vit_config), sample_input=lambda cfg, b, s, dev: _images(cfg, b, dev),
+    "vit": Family(build=_build("vit", "ViT", _vit_config),
+                  sample_input=lambda cfg, b, s, dev: _images(cfg, b, dev),
                   targets=_class_targets, loss="cross-entropy", seq_len=lambda cfg: _vit_config(cfg).seq_len),
     "wav2vec2": Family(build=_build("wav2vec2", "Wav2Vec2", _w2v_config), sample_input=_w2v_sample,
                        targets=lambda cfg, b, s, gen: _token_targets(_w2v_config(cfg).vocab_size, b,

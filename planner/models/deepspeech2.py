@@ -39,7 +39,8 @@ class DeepSpeech2Config:
         object.__setattr__(self, "conv_kernels", tuple(tuple(k) for k in self.conv_kernels))
         object.__setattr__(self, "conv_strides", tuple(tuple(s) for s in self.conv_strides))
         if not len(self.conv_channels) == len(self.conv_kernels) == len(self.conv_strides):
-            raise ValueError("DeepSpeech2Config: conv_channels, conv_kernels and conv_strides differ in length")
+            raise ValueError("DeepSpeech2Config: conv_channels, conv_kernels and conv_strides differ in "
+                             "length; give one entry per conv layer in each")
 
     def conv_out(self, freq: int, time: int) -> tuple[int, int]:
         """(freq, time) after the conv stack (padding k//2 on both axes)."""

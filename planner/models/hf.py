@@ -38,12 +38,14 @@ def _tokens(seq: int) -> Callable[[int], dict[str, torch.Tensor]]:
 HF_MODELS: dict[str, HFModel] = {
     "hf-gpt2": HFModel(config_class="GPT2Config", model_class="GPT2LMHeadModel", layers_field="n_layer",
                        sample=_tokens(1024), seq_len=1024, description="GPT-2 small (124M), 1024 tokens"),
-    "hf-bert": HFModel(config_class="BertConfig", model_class="BertForMaskedLM", layers_field="num_hidden_layers",
+    "hf-bert": HFModel(config_class="BertConfig", model_class="BertForMaskedLM",
+                       layers_field="num_hidden_layers",
                        sample=_tokens(512), seq_len=512, description="BERT-base MLM (110M), 512 tokens"),
     "hf-t5": HFModel(config_class="T5Config", model_class="T5ForConditionalGeneration",
                      layers_field=("num_layers", "num_decoder_layers"),
                      sample=lambda b: {"input_ids": torch.zeros(b, 512, dtype=torch.long, device="meta"),
-                                       "decoder_input_ids": torch.zeros(b, 128, dtype=torch.long, device="meta")},
+                                       "decoder_input_ids": torch.zeros(b, 128, dtype=torch.long,
+                                                                        device="meta")},
                      seq_len=512, description="T5-small (60M), 512 encoder / 128 decoder tokens"),
     "hf-vit": HFModel(config_class="ViTConfig", model_class="ViTForImageClassification",
                       layers_field="num_hidden_layers",
@@ -53,15 +55,17 @@ HF_MODELS: dict[str, HFModel] = {
                            layers_field="num_hidden_layers",
                            sample=lambda b: {"input_values": torch.zeros(b, 250000, device="meta")},
                            seq_len=781, description="wav2vec 2.0 BASE + CTC head (94M), 15.6 s of audio"),
-    "hf-llama": HFModel(config_class="LlamaConfig", model_class="LlamaForCausalLM", layers_field="num_hidden_layers",
-                        sample=_tokens(4096), seq_len=4096, description="Llama-7B default config (6.7B), 4096 tokens"),
+    "hf-llama": HFModel(config_class="LlamaConfig", model_class="LlamaForCausalLM",
+                        layers_field="num_hidden_layers", sample=_tokens(4096), seq_len=4096,
+                        description="Llama-7B default config (6.7B), 4096 tokens"),
     "hf-mixtral": HFModel(config_class="MixtralConfig", model_class="MixtralForCausalLM",
                           layers_field="num_hidden_layers", sample=_tokens(4096), seq_len=4096,
                           description="Mixtral-8x7B default config (46.7B), 4096 tokens"),
 }
 
 
-def build_hf(name: str, *, num_layers: int | None = None, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+def build_hf(name: str, *, num_layers: int | None = None,
+             **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     """``(model on meta, sample kwargs)`` for one of :data:`HF_MODELS`, from the default config.
 
     ``num_layers`` shortens the stack(s) for quick tests; ``overrides`` set other config fields.

@@ -58,13 +58,13 @@ class LlamaBlock(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden, cfg.eps)
-        self.attn = Attention(cfg.hidden, cfg.heads, kv_heads=cfg.kv_heads, bias=False, causal=True, rotary=True,
-                              rope_theta=cfg.rope_theta, fused=cfg.fused_attention)
+        self.attn = Attention(cfg.hidden, cfg.heads, kv_heads=cfg.kv_heads, bias=False, causal=True,
+                              rotary=True, rope_theta=cfg.rope_theta, fused=cfg.fused_attention)
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.eps)
         self.ffn: nn.Module
         if cfg.num_experts:
-            self.ffn = MoEFeedForward(cfg.hidden, cfg.ffn_hidden, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                                      capacity_factor=cfg.capacity_factor)
+            self.ffn = MoEFeedForward(cfg.hidden, cfg.ffn_hidden, num_experts=cfg.num_experts,
+                                      top_k=cfg.top_k, capacity_factor=cfg.capacity_factor)
         else:
             self.ffn = FeedForward(cfg.hidden, cfg.ffn_hidden, activation="swiglu", bias=False)
 

@@ -33,7 +33,8 @@ class MoEFeedForward(nn.Module):
                  capacity_factor: float = 1.0) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"MoEFeedForward.top_k: got {top_k}; expected 1 <= top_k <= num_experts={num_experts}")
+            raise ValueError(f"MoEFeedForward.top_k: got {top_k}; "
+                             f"expected 1 <= top_k <= num_experts={num_experts}")
         if capacity_factor <= 0:
             raise ValueError(f"MoEFeedForward.capacity_factor: got {capacity_factor}; expected > 0")
         self.num_experts = num_experts

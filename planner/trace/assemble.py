@@ -143,13 +143,15 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
     for op in ops:
         recs = op.records
         moved = sum(r.bytes for r in recs)
-        g.add_node(op.name, kind=op.kind, target=op.target, module_path=op.module_path, layer=layer_of[op.name],
+        g.add_node(op.name, kind=op.kind, target=op.target, module_path=op.module_path,
+                   layer=layer_of[op.name],
                    output_shapes=op.output_shapes, output_dtypes=op.dtypes, dtypes=op.dtypes,
                    fwd_flops=sum(r.flops for r in recs) / batch,
                    bwd_flops=sum(r.flops * (r.bwd_input_mult + r.bwd_weight_mult) for r in recs) / batch,
                    bytes_read=max(moved - op.output_bytes, 0.0) / batch if moved else 0.0,
                    bytes_written=op.output_bytes / batch if moved else 0.0, param_bytes=0.0,
-                   activation_bytes=sum(b for _, b in saved_by[op.name]) / batch, replayed_from=op.replayed_from)
+                   activation_bytes=sum(b for _, b in saved_by[op.name]) / batch,
+                   replayed_from=op.replayed_from)
     for op in ops:
         node = g.nodes[op.name]
         node["input_shapes"] = [s for src in op.inputs for s in by_name[src].output_shapes]
@@ -186,15 +188,19 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
                                   m=max(r.m // batch, 1) if r.m else 0, n=r.n, k=r.k)
                            for r in recs if r.flops > 0)
         mem_bytes = sum(r.bytes for r in recs if r.flops == 0) / batch
-        op_costs = gemm_costs + ((OpCost(kind="memory-bound", flops=0.0, bytes=mem_bytes),) if mem_bytes else ())
+        memory_bound = (OpCost(kind="memory-bound", flops=0.0, bytes=mem_bytes),) if mem_bytes else ()
+        op_costs = gemm_costs + memory_bound
         attention_flops = sum(r.flops for r in recs if r.flops > 0 and (
             r.name in ATTENTION_KERNELS
-            or (r.name in ("bmm", "baddbmm") and (r.out_numel in score_numels or r.a_numel in score_numels)))) / batch
+            or (r.name in ("bmm", "baddbmm")
+                and (r.out_numel in score_numels or r.a_numel in score_numels)))) / batch
         unit_path = units[order[li]] if 0 <= order[li] < len(units) else ""
         mod_type = type(named_modules[unit_path]).__name__ if unit_path in named_modules else "Module"
         fwd = sum(r.flops for r in recs) / batch
         act = sum(b for _, b in saved) / batch
-        sig_src = repr(([(op.kind, op.output_shapes) for op in members if op.kind != "placeholder"],
+        real_ops = [(op.kind, op.output_shapes) for op in members
+                    if op.kind not in ("placeholder", "get_attr")]
+        sig_src = repr((real_ops,
                         sorted((tuple(p.shape), str(p.dtype)) for op in members for p in op.params),
                         [s for s, _ in saved], round(fwd), round(act)))
         layers.append(Layer(
@@ -214,11 +220,13 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
         ))
     total_params = sum(p.numel() for p in model.parameters())
     return CostGraph(name=ctx.name, ops=g, layers=layers, layer_graph=layer_graph_from_ops(g, n_layers),
-                     dtype=ctx.dtype, seq_len=ctx.seq_len, param_count=total_params, method=ctx.method, notes=notes)
+                     dtype=ctx.dtype, seq_len=ctx.seq_len, param_count=total_params, method=ctx.method,
+                     notes=notes)
 
 
-def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, model: nn.Module, units: list[str],
-                new_index: dict[int, int], notes: list[str]) -> tuple[dict[int, int], dict[int, dict[str, TiedParam]]]:
+def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, model: nn.Module,
+                units: list[str], new_index: dict[int, int],
+                notes: list[str]) -> tuple[dict[int, int], dict[int, dict[str, TiedParam]]]:
     """First use owns a parameter; never-used ones go to their module's layer (noted)."""
     param_names: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -248,7 +256,7 @@ def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, mode
             owner[id(p)] = new_index[raw]
             own_count[owner[id(p)]] += p.numel()
         total = sum(p.numel() for _, p in unused)
-        notes.append(f"{total:,} parameters ({len(unused)} tensors, e.g. {unused[0][0]}) are never used in forward; "
-                     "each is counted in its module's layer, or the nearest earlier one that ran (it still takes "
-                     "memory)")
+        notes.append(f"{total:,} parameters ({len(unused)} tensors, e.g. {unused[0][0]}) are never used "
+                     "in forward; each is counted in its module's layer, or the nearest earlier one that ran "
+                     "(it still takes memory)")
     return own_count, tied

@@ -72,7 +72,7 @@ def _arg_structure(args: tuple, kwargs: dict) -> tuple:
 
 
 class _Tracer(torch.fx.Tracer):
-    """Symbolic tracer that proxies buffers, remembers where tracing failed, and traces each distinct layer once.
+    """Symbolic tracer: proxies buffers, remembers where tracing failed, traces each distinct layer once.
 
     A layer (one of ``units``) whose :func:`module_key` and argument structure equal those of a
     layer already traced inline becomes a ``call_module`` leaf: fx would record the same nodes
@@ -125,14 +125,16 @@ class _Tracer(torch.fx.Tracer):
 
 
 def fx_graph(model: nn.Module, args: tuple, kwargs: dict, leaf_types: tuple[type, ...] = (),
-             units: frozenset[str] = frozenset()) -> tuple[torch.fx.GraphModule, list[Any], dict[str, BlockLeaf]]:
+             units: frozenset[str] = frozenset()
+             ) -> tuple[torch.fx.GraphModule, list[Any], dict[str, BlockLeaf]]:
     """Symbolic trace; returns the graph module, its placeholder values, and the layers made leaves.
 
     ``units``: layer paths that may be traced once and replayed (empty: trace everything inline).
     """
     sig = inspect.signature(model.forward)
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
-        raise CaptureFailure("fx", "<root>", "forward takes *args/**kwargs, which symbolic tracing cannot bind")
+        raise CaptureFailure("fx", "<root>",
+                             "forward takes *args/**kwargs, which symbolic tracing cannot bind")
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as exc:
@@ -148,9 +150,11 @@ def fx_graph(model: nn.Module, args: tuple, kwargs: dict, leaf_types: tuple[type
         raise failure from exc
     gm = torch.fx.GraphModule(model, graph)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = [bound.arguments[p.name] if p.name in bound.arguments else p.default for p in sig.parameters.values()]
+    values = [bound.arguments[p.name] if p.name in bound.arguments else p.default
+              for p in sig.parameters.values()]
     if len(placeholders) != len(values):
-        raise CaptureFailure("fx", "<root>", f"{len(placeholders)} placeholders for {len(values)} forward arguments")
+        raise CaptureFailure("fx", "<root>",
+                             f"{len(placeholders)} placeholders for {len(values)} forward arguments")
     return gm, values, tracer.block_leaves
 
 
@@ -203,10 +207,11 @@ def export_graph(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.
             gm = program.module()
     except Exception as exc:
         raise CaptureFailure("export", innermost_module(exc, model) or "<root>", reason_of(exc)) from exc
-    flat = [v for v in tree_flatten((tuple(args), dict(kwargs)))[0]]
+    flat = list(tree_flatten((tuple(args), dict(kwargs)))[0])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(flat):
-        raise CaptureFailure("export", "<root>", f"{len(placeholders)} graph inputs for {len(flat)} sample inputs")
+        raise CaptureFailure("export", "<root>",
+                             f"{len(placeholders)} graph inputs for {len(flat)} sample inputs")
     for p in gm.parameters():
         p.requires_grad_(True)
     return gm, flat
@@ -227,7 +232,6 @@ class _CallStack:
 
     def __init__(self, model: nn.Module) -> None:
         self.stack: list[tuple[str, nn.Module]] = []
-        self.failed: list[tuple[str, nn.Module]] | None = None
         self.handles = []
         for path, mod in model.named_modules():
             self.handles.append(mod.register_forward_pre_hook(self._push(path)))
@@ -254,7 +258,8 @@ def capture_modules(model: nn.Module, args: tuple, kwargs: dict, units: list[str
                     ) -> tuple[list[OpNode], list[str]]:
     """Eager run with hooks on ``units``; modules in ``opaque`` (path -> (module, error)) are estimated.
 
-    Returns the op nodes and the opaque-estimate notes. Raises :class:`CaptureFailure` naming the innermost failing module when the run fails.
+    Returns the op nodes and the opaque-estimate notes. Raises :class:`CaptureFailure` naming the
+    innermost failing module when the run fails.
     """
     ops: list[OpNode] = []
     producer: dict[int, str] = {}
@@ -270,7 +275,8 @@ def capture_modules(model: nn.Module, args: tuple, kwargs: dict, units: list[str
             name = f"{path}#{counter[path]}" if counter[path] > 1 else (path or "<model>")
             opm.key = stm.key = name
             flat, _ = tree_flatten((a, kw))
-            srcs = sorted({producer[id(t)] for t in flat if isinstance(t, torch.Tensor) and id(t) in producer})
+            srcs = sorted({producer[id(t)] for t in flat
+                           if isinstance(t, torch.Tensor) and id(t) in producer})
             ops.append(OpNode(name=name, kind=type(mod).__name__.lower(), target=path, module_path=path,
                               inputs=srcs, output_shapes=[], output_bytes=0.0, dtypes=[],
                               params=list(mod.parameters())))
@@ -307,7 +313,8 @@ def capture_modules(model: nn.Module, args: tuple, kwargs: dict, units: list[str
         with opm, stm:
             model(*args, **kwargs)
     except OpaqueFailure as exc:
-        raise CaptureFailure("module", str(exc).split(":")[0], "an opaque module has no tensor input") from exc
+        raise CaptureFailure("module", str(exc).split(":")[0],
+                             "an opaque module has no tensor input") from exc
     except Exception as exc:
         where, culprit = calls.stack[-1] if calls.stack else ("", None)
         failure = CaptureFailure("module", where or "<root>", reason_of(exc))

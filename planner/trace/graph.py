@@ -4,9 +4,12 @@ Two views of one trace:
 
 * ``ops``: a networkx DiGraph with one node per traced operation. Node attributes: ``kind``,
   ``target``, ``module_path``, ``layer`` (index), ``input_shapes``, ``output_shapes``,
-  ``dtypes``, ``fwd_flops``, ``bwd_flops``, ``bytes_read``, ``bytes_written``, ``param_bytes``
-  (parameters first used here; a shared parameter counts once), ``activation_bytes`` (saved
-  for backward). Edges carry ``bytes`` (the tensor passed).
+  ``input_dtypes``, ``output_dtypes`` (``dtypes`` is the same list), ``fwd_flops``,
+  ``bwd_flops``, ``bytes_read``, ``bytes_written``, ``params`` (name -> shape),
+  ``param_bytes`` (parameters first used here; a shared parameter counts once),
+  ``activation_bytes`` (saved for backward, once per layer), ``replayed_from`` (the node whose
+  measured costs a replayed block's node carries; empty when measured itself). Edges carry
+  ``bytes`` (the tensor passed). With a module-level trace a node is a whole layer call.
 * ``layers``: the same costs summed per *layer* (a pipeline-stage building block: a top-level
   submodule, with ModuleList/Sequential containers opened), in topological order, plus a
   layer-level DiGraph whose edges carry the bytes crossing between layers.
@@ -200,7 +203,8 @@ class CostGraph:
             span = range(i, i + best_p * best_count)
             out.append(LayerGroup(signatures=tuple(sigs[i:i + best_p]), indices=tuple(span),
                                   names=tuple(self.layers[j].name for j in span),
-                                  module_types=tuple(self.layers[j].module_type for j in range(i, i + best_p))))
+                                  module_types=tuple(self.layers[j].module_type
+                                                     for j in range(i, i + best_p))))
             i += best_p * best_count
         return out
 
@@ -215,7 +219,8 @@ class CostGraph:
         for gi, grp in enumerate(self.block_groups()):
             members = [self.layers[j] for j in grp.indices]
             g.add_node(gi, name=grp.name, count=grp.count, period=grp.period, layers=list(grp.indices),
-                       fwd_flops=sum(m.fwd_flops for m in members), param_count=sum(m.param_count for m in members))
+                       fwd_flops=sum(m.fwd_flops for m in members),
+                       param_count=sum(m.param_count for m in members))
             group_of.update({j: gi for j in grp.indices})
         for u, v, data in self.layer_graph.edges(data=True):
             gu, gv = group_of[u], group_of[v]

@@ -22,7 +22,13 @@ the reference made is classified as of a tensor born inside the segment (counted
 of an outside input or attribute (counted only if that tensor was not saved before, checked on
 the replayed segment's own input), so the totals equal those of a full run. Outputs used
 outside the segment are fabricated with the reference's metadata (views keep their base).
-``tests/trace`` checks replayed and full traces give identical layer costs.
+
+With fx the tracer goes further and traces each distinct layer only once: later identical
+layers are single ``call_module`` nodes (:class:`~planner.trace.capture.BlockLeaf`) whose
+reference nodes are replayed here under new names (``blocks_1_attn_qkv`` → ``blocks_5_attn_qkv``)
+and this layer's own parameters. If the input metadata differ, the leaf's module is traced on
+its own and run in place by a nested runner (names prefixed with the leaf's). ``tests/trace``
+checks replayed and full traces give identical layers.
 """
 
 from __future__ import annotations
@@ -114,7 +120,8 @@ class GraphRunner(torch.fx.Interpreter):
                  path_of: Callable[[torch.fx.Node], str], unit_of: Callable[[str], int], reuse: bool = True,
                  opaque_leaves: bool = False, notes: list[str] | None = None,
                  block_leaves: dict[str, Any] | None = None,
-                 trace_module: Callable[[nn.Module, tuple, dict], tuple[torch.fx.GraphModule, list[Any]]] | None = None,
+                 trace_module: Callable[[nn.Module, tuple, dict],
+                                        tuple[torch.fx.GraphModule, list[Any]]] | None = None,
                  name_prefix: str = "", input_names: list[str | None] | None = None) -> None:
         super().__init__(gm)
         self.trace_module = trace_module  # fx-traces one module (a leaf whose replay did not apply)
@@ -135,6 +142,7 @@ class GraphRunner(torch.fx.Interpreter):
         self.unit_refs: dict[int, tuple[_Reference, list[torch.fx.Node], list[torch.fx.Node]]] = {}
         self.alias: dict[str, str] = {}  # a replayed leaf call -> the op node that produced its output
         self.eager_leaves: list[str] = []
+        self.param_names: dict[int, list[str]] = {}  # id -> every name of a parameter (filled on first use)
 
     # -- execution -------------------------------------------------------------------------------
     def capture(self, flat_inputs: list[Any]) -> list[OpNode]:
@@ -146,7 +154,8 @@ class GraphRunner(torch.fx.Interpreter):
         self.args_iter = iter(flat_inputs)
         self.env = {}
         nodes = list(self.module.graph.nodes)
-        units = [self.unit_of(self.path_of(n)) if n.op not in ("placeholder", "output") else -1 for n in nodes]
+        units = [self.unit_of(self.path_of(n)) if n.op not in ("placeholder", "output") else -1
+                 for n in nodes]
         runs: dict[int, int] = {}
         for i, u in enumerate(units):
             if u >= 0 and (i == 0 or units[i - 1] != u):
@@ -182,7 +191,8 @@ class GraphRunner(torch.fx.Interpreter):
             return  # a nested runner's inputs are the outer graph's nodes
         shapes, nbytes, dtypes = value_meta(result)
         self.ops.append(OpNode(
-            name=name, kind=op_kind(node, self.modules), target=str(node.target), module_path=self.path_of(node),
+            name=name, kind=op_kind(node, self.modules), target=str(node.target),
+            module_path=self.path_of(node),
             inputs=self._inputs(node), output_shapes=shapes, output_bytes=nbytes, dtypes=dtypes,
             params=self._params_of(node), records=self.opm.records.get(name, []),
             saved=self.stm.saved.get(name, []), events=self.stm.events.get(name, [])))
@@ -292,7 +302,9 @@ class GraphRunner(torch.fx.Interpreter):
             return new + path[len(old):] if path == old or path.startswith(old + ".") else path
 
         def rename(name: str) -> str:
-            return new_prefix + name[len(old_prefix):] if name.startswith(old_prefix) else f"{node.name}__{name}"
+            if name.startswith(old_prefix):
+                return new_prefix + name[len(old_prefix):]
+            return f"{node.name}__{name}"
 
         local = {n: rename(n.name) for n in ref_nodes}
         outside = {e: (a.name if isinstance(a, torch.fx.Node) else None) for e, a in zip(ref_ext, ext_nodes)}
@@ -313,11 +325,10 @@ class GraphRunner(torch.fx.Interpreter):
 
     def _twin(self, p: nn.Parameter, old: str, new: str) -> nn.Parameter:
         """The parameter at the same place in layer ``new`` as ``p`` in layer ``old``."""
-        if not hasattr(self, "_param_names"):
-            self._param_names: dict[int, list[str]] = {}
+        if not self.param_names:
             for name, q in self.module.named_parameters(remove_duplicate=False):
-                self._param_names.setdefault(id(q), []).append(name)
-        for name in self._param_names.get(id(p), []):
+                self.param_names.setdefault(id(q), []).append(name)
+        for name in self.param_names.get(id(p), []):
             if name.startswith(old + "."):
                 return self.module.get_parameter(new + name[len(old):])
         return p  # owned outside the layer (shared): the same parameter
@@ -343,10 +354,13 @@ class GraphRunner(torch.fx.Interpreter):
         for n in nodes:
             if n.op == "call_module":
                 mod = self.modules[n.target]
-                target: Any = self.module_keys.get(id(mod)) or self.module_keys.setdefault(id(mod), module_key(mod))
+                if id(mod) not in self.module_keys:
+                    self.module_keys[id(mod)] = module_key(mod)
+                target: Any = self.module_keys[id(mod)]
             elif n.op == "get_attr":
                 value = self.fetch_attr(n.target)
-                target = (tuple(value.shape), value.dtype, value.requires_grad) if isinstance(value, torch.Tensor) \
+                is_tensor = isinstance(value, torch.Tensor)
+                target = (tuple(value.shape), value.dtype, value.requires_grad) if is_tensor \
                     else ("<object>", id(value))
             elif n.op in ("call_function", "call_method"):
                 target = n.target
@@ -410,7 +424,7 @@ class GraphRunner(torch.fx.Interpreter):
 
     def _replay(self, specs: list[tuple], ext_values: list[Any], ref: _Reference,
                 fabricated: dict[int, torch.Tensor]) -> None:
-        """Op nodes for a replayed segment: ``specs`` = (name, target, path, inputs, params, attr) per node."""
+        """Op nodes of a replayed segment; ``specs``: (name, target, path, inputs, params, attr) per node."""
         ext_tensors = _tensors(ext_values)
         segment = specs[0][0]  # born-inside tensors get identities unique to this segment
         for i, (name, target, path, inputs, params, _attr) in enumerate(specs):

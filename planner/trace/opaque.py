@@ -83,7 +83,8 @@ def opaque_call(module: nn.Module, path: str, args: tuple, kwargs: dict, exc: Ba
     base = storage_base(x)
     if x.is_floating_point() and id(base) not in stm.excluded:
         new = id(base) not in stm.seen
-        stm.events.setdefault(key, []).append(PackEvent(id(base), tuple(base.shape), stm.nbytes_of(base), new))
+        event = PackEvent(id(base), tuple(base.shape), stm.nbytes_of(base), new)
+        stm.events.setdefault(key, []).append(event)
         if new:
             stm.seen.add(id(base))
             stm.keep.append(base)

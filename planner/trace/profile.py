@@ -94,7 +94,8 @@ def profile_layers(model: nn.Module, sample_input: Any, device: str | torch.devi
     whole sample batch. A layer called more than once is timed on its first call's inputs.
     """
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"profile_layers: repeats={repeats}, warmup={warmup}; need repeats >= 1 and warmup >= 0")
+        raise ValueError(f"profile_layers: repeats={repeats}, warmup={warmup}; "
+                         "need repeats >= 1 and warmup >= 0")
     dev = torch.device(device)
     real = _materialise(model, dev)
     real.train()

@@ -27,7 +27,8 @@ _MIN_STEPS = 4  # below this a full run is as cheap as two short ones
 
 
 @contextlib.contextmanager
-def rnn_shortcut(model: nn.Module, opm: OpMeter, stm: SavedTensorMeter, enabled: bool = True) -> Iterator[None]:
+def rnn_shortcut(model: nn.Module, opm: OpMeter, stm: SavedTensorMeter,
+                 enabled: bool = True) -> Iterator[None]:
     """While active, every ``nn.RNNBase`` in ``model`` runs as two short runs plus extrapolation."""
     patched = []
     if enabled:
@@ -79,7 +80,8 @@ def _extrapolated(module: nn.RNNBase, forward, opm: OpMeter, stm: SavedTensorMet
         f2, b2 = r2.get(k, (0.0, 0.0))
         name, m, n, kk, bm, wm = k
         opm.records.setdefault(key, []).append(AtenRecord(
-            name, max(f1 + (steps - 1) * (f2 - f1), 0.0), max(b1 + (steps - 1) * (b2 - b1), 0.0), m, n, kk, bm, wm))
+            name, max(f1 + (steps - 1) * (f2 - f1), 0.0), max(b1 + (steps - 1) * (b2 - b1), 0.0),
+            m, n, kk, bm, wm))
     # The input is saved once whatever the length (steps are views of it): keep it as a real event.
     x_events = [ev for ev in e1 if ev.base_id == x_base]
     for ev in x_events[:1]:

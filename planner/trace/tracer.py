@@ -41,7 +41,7 @@ from planner.trace.capture import CaptureFailure, capture_modules, export_graph,
 from planner.trace.graph import CostGraph
 from planner.trace.interpret import GraphRunner, OpNode, fx_path, value_meta
 from planner.trace.meter import OpMeter, SavedTensorMeter
-from planner.trace.opaque import OpaqueFailure, opaque_call
+from planner.trace.opaque import OpaqueFailure, opaque_call, reason_of
 from planner.trace.rnn import rnn_shortcut
 from planner.trace.units import CONTAINERS, layer_units
 
@@ -76,7 +76,8 @@ def _deepcopy_to_meta(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for t in list(model.parameters()) + list(model.buffers()):
         twin = torch.empty(t.shape, dtype=t.dtype, device="meta")
-        memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
+        is_param = isinstance(t, nn.Parameter)
+        memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if is_param else twin
     return copy.deepcopy(model, memo)
 
 
@@ -118,11 +119,11 @@ class _Tracing:
 
     def _run_graph(self, method: str, gm: torch.fx.GraphModule, inputs: list[Any], path_of,
                    opaque_leaves: bool = False, block_leaves: dict | None = None) -> list[OpNode]:
-        opm, stm = _meters(gm)
         def trace_module(module: nn.Module, args: tuple, kwargs: dict):
             sub, values, _ = fx_graph(module, args, kwargs, self.leaf_types)
             return sub, values
 
+        opm, stm = _meters(gm)
         runner = GraphRunner(gm, opm=opm, stm=stm, path_of=path_of, unit_of=self.unit_of, reuse=self.reuse,
                              opaque_leaves=opaque_leaves, notes=self.notes, block_leaves=block_leaves,
                              trace_module=trace_module)
@@ -132,15 +133,15 @@ class _Tracing:
         except Exception as exc:
             node = next((n for n in gm.graph.nodes if n.name == opm.key), None)
             where = (path_of(node) if node is not None else "") or "<root>"
-            raise CaptureFailure(method, where, f"running the graph on meta: {type(exc).__name__}: "
-                                 f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from exc
+            raise CaptureFailure(method, where, f"running the graph on meta: {reason_of(exc)}") from exc
         self.softmax_shapes = frozenset(opm.softmax_shapes)
         if runner.replayed_segments:
-            self.notes.append(f"{runner.replayed_segments} repeated layer(s) replayed from an identical earlier one "
-                              "(exact: same ops, module attributes and input metadata)")
+            self.notes.append(f"{runner.replayed_segments} repeated layer(s) replayed from an identical "
+                              "earlier one (exact: same ops, module attributes and input metadata)")
         if runner.eager_leaves:
-            self.notes.append(f"{', '.join(runner.eager_leaves[:3])}{' …' if len(runner.eager_leaves) > 3 else ''}: "
-                              "built like an earlier layer but fed different input shapes, so measured as one "
+            more = " …" if len(runner.eager_leaves) > 3 else ""
+            self.notes.append(f"{', '.join(runner.eager_leaves[:3])}{more}: built like an earlier layer "
+                              "but fed different input shapes, and not traceable on its own: measured as one "
                               "graph node each (costs exact, no op-level detail inside)")
         return ops
 
@@ -173,8 +174,8 @@ class _Tracing:
         leaves: tuple[type, ...] = (type(culprit),)
         for _ in range(_MAX_OPAQUE_ROUNDS):
             try:
-                gm, values, block_leaves = fx_graph(self.meta, self.args, self.kwargs, leaves,
-                                                    units=frozenset(self.units) if self.reuse else frozenset())
+                units = frozenset(self.units) if self.reuse else frozenset()
+                gm, values, block_leaves = fx_graph(self.meta, self.args, self.kwargs, leaves, units=units)
                 break
             except CaptureFailure as f:
                 nxt = getattr(f, "culprit", None)
@@ -182,11 +183,14 @@ class _Tracing:
                     raise CaptureFailure("fx+opaque", f.where, f.why) from f
                 leaves += (type(nxt),)
         else:
-            raise CaptureFailure("fx+opaque", "<root>", f"still failing after {_MAX_OPAQUE_ROUNDS} leaf classes")
+            raise CaptureFailure("fx+opaque", "<root>",
+                                 f"still failing after {_MAX_OPAQUE_ROUNDS} leaf classes")
         self.leaf_types = leaves
-        self.notes.append(f"symbolic tracing treats {', '.join(t.__name__ for t in leaves)} as leaf module(s): "
-                          "their costs are measured by running them eagerly")
-        return self._run_graph("fx+opaque", gm, values, fx_path, opaque_leaves=True, block_leaves=block_leaves)
+        names = ", ".join(t.__name__ for t in leaves)
+        self.notes.append(f"symbolic tracing treats {names} as leaf module(s): their costs are measured by "
+                          "running them eagerly")
+        return self._run_graph("fx+opaque", gm, values, fx_path, opaque_leaves=True,
+                               block_leaves=block_leaves)
 
     def modules(self) -> tuple[list[OpNode], bool]:
         """Module-level capture, making the innermost failing module class opaque, round by round."""
@@ -195,7 +199,8 @@ class _Tracing:
             opm, stm = _meters(self.meta)
             try:
                 with rnn_shortcut(self.meta, opm, stm, enabled=self.reuse):
-                    ops, notes = capture_modules(self.meta, self.args, self.kwargs, self.units, opm, stm, opaque)
+                    ops, notes = capture_modules(self.meta, self.args, self.kwargs, self.units, opm, stm,
+                                                 opaque)
             except CaptureFailure as f:
                 culprit = getattr(f, "culprit", None)
                 if culprit is None or culprit is self.meta or f.where in opaque:
@@ -207,7 +212,8 @@ class _Tracing:
             self.softmax_shapes = frozenset(opm.softmax_shapes)
             self.notes.extend(_summarise(notes))
             return ops, bool(opaque)
-        raise CaptureFailure("module", "<root>", f"still failing after {_MAX_OPAQUE_ROUNDS} opaque module classes")
+        raise CaptureFailure("module", "<root>",
+                             f"still failing after {_MAX_OPAQUE_ROUNDS} opaque module classes")
 
     def whole_model(self, reason: str) -> list[OpNode]:
         opm, stm = _meters(self.meta)
@@ -262,8 +268,9 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
         tokens = next((t for t in tensors if not t.is_floating_point() and t.dim() >= 2), None)
         seq_len = int(tokens.shape[1]) if tokens is not None else None
     torch_dtype = TORCH_DTYPES[dtype]
-    args, kwargs = tree_map(lambda t: t.to(torch_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                            else t, (args, kwargs))
+    args, kwargs = tree_map(
+        lambda t: t.to(torch_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        (args, kwargs))
     if copy_model:
         meta = _meta_copy(model, torch_dtype)
     else:
@@ -303,7 +310,8 @@ def _capture(tracing: _Tracing, force_module_level: bool) -> tuple[list[OpNode],
     if force_module_level:
         failures.append("module-level tracing was requested")
     else:
-        for method, attempt in (("fx", tracing.fx), ("export", tracing.export), ("fx+opaque", tracing.fx_opaque)):
+        attempts = (("fx", tracing.fx), ("export", tracing.export), ("fx+opaque", tracing.fx_opaque))
+        for method, attempt in attempts:
             try:
                 ops = attempt()
             except CaptureFailure as f:
@@ -317,20 +325,21 @@ def _capture(tracing: _Tracing, force_module_level: bool) -> tuple[list[OpNode],
     except CaptureFailure as f:
         failures.append(_describe(f))
         ops = tracing.whole_model("no finer capture worked, see the previous note")
-        tracing.notes.insert(0, "fell back to one opaque layer for the whole model after: " + "; ".join(failures))
+        tracing.notes.insert(0, "fell back to one opaque layer for the whole model after: "
+                             + "; ".join(failures))
         return ops, "opaque"
-    tracing.notes.insert(0, "fell back to a module-level trace (one graph node per layer call, same costs, no "
-                         "op-level detail inside layers) after: " + "; ".join(failures))
+    tracing.notes.insert(0, "fell back to a module-level trace (one graph node per layer call, same costs, "
+                         "no op-level detail inside layers) after: " + "; ".join(failures))
     return ops, "module+opaque" if estimated else "module"
 
 
 def trace_preset(preset: str | Any, *, batch: int = 1, dtype: str = "bf16", seq_len: int | None = None,
                  reuse: bool = True) -> CostGraph:
-    """Trace a model preset (a name or a :class:`~planner.models.ModelPreset`) with its own sequence length."""
+    """Trace a preset (a name or a :class:`~planner.models.ModelPreset`) at its own sequence length."""
     from planner.models import ModelPreset, load_preset
 
     p = preset if isinstance(preset, ModelPreset) else load_preset(str(preset))
     model = p.build(device="meta")
     s = seq_len or p.seq_len
-    return trace_model(model, p.sample_input(batch, seq_len), name=p.name, dtype=dtype, seq_len=s, reuse=reuse,
-                       copy_model=False)
+    return trace_model(model, p.sample_input(batch, seq_len), name=p.name, dtype=dtype, seq_len=s,
+                       reuse=reuse, copy_model=False)

@@ -70,7 +70,8 @@ def module_key(m: nn.Module) -> tuple:
     identity, so they only ever equal themselves: replaying a module's cost onto another is
     done only when nothing the forward could read differs.
     """
-    params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in m.named_parameters(recurse=False))
+    params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad)
+                   for n, p in m.named_parameters(recurse=False))
     buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in m.named_buffers(recurse=False) if b is not None)
     attrs = tuple(sorted((k, _attr_key(v)) for k, v in vars(m).items()
                          if not k.startswith("_") and k != "training"))

@@ -31,8 +31,8 @@ SMALL = {
                   num_experts=4, top_k=2, capacity_factor=2.0),
     "resnet": dict(depths=[1, 2], widths=[8, 16], image_size=32, num_classes=10),
 }
-OUTPUT = {"gpt": (2, 16, 100), "bert": (2, 16, 100), "t5": (2, 8, 100), "vit": (2, 10), "wav2vec2": (2, 10, 32),
-          "deepspeech2": (2, 20, 29), "llama": (2, 16, 100), "resnet": (2, 10)}
+OUTPUT = {"gpt": (2, 16, 100), "bert": (2, 16, 100), "t5": (2, 8, 100), "vit": (2, 10),
+          "wav2vec2": (2, 10, 32), "deepspeech2": (2, 20, 29), "llama": (2, 16, 100), "resnet": (2, 10)}
 
 
 def test_every_family_is_registered_and_tested():
@@ -122,10 +122,11 @@ def test_moe_capacity_is_top_k_share_of_tokens():
 
 
 def test_t5_relative_buckets():
-    b = relative_buckets(1, 300, bidirectional=True, buckets=32, max_distance=128, device=torch.device("cpu"))[0]
+    cpu = torch.device("cpu")
+    b = relative_buckets(1, 300, bidirectional=True, buckets=32, max_distance=128, device=cpu)[0]
     assert b[0].item() == 0 and b[1].item() == 17 and b[7].item() == 23  # exact below 8, +16 for "after"
     assert b[299].item() == 31  # beyond max_distance: the last bucket
-    causal = relative_buckets(300, 1, bidirectional=False, buckets=32, max_distance=128, device=torch.device("cpu"))
+    causal = relative_buckets(300, 1, bidirectional=False, buckets=32, max_distance=128, device=cpu)
     assert causal[5, 0].item() == 5 and causal[299, 0].item() == 31
 
 

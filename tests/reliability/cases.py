@@ -127,7 +127,7 @@ CASES: list[Case] = [
     # -- infeasible ---------------------------------------------------------------------------
     Case("infeasible-175b-one-node", "infeasible", "GPT-3 175B on one DGX A100 node",
          lambda t: ["plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-80g", "--global-batch", "8"], 2,
-         ("no configuration", "GiB over", "would fit on devices with")),
+         ("no configuration", "GiB over", "the largest part is optimizer", "--nodes 5")),
     Case("infeasible-given-config", "infeasible", "a hand-written configuration that does not fit (exit 3)",
          lambda t: ["evaluate", "--model", "gpt3-13b", "--cluster", "dgx-a100-80g", "--global-batch", "8",
                     "--tp", "1", "--pp", "1", "--dp", "8", "--micro-batch", "1"], 3, ()),

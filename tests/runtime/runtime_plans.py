@@ -37,7 +37,7 @@ def tiny_preset(name: str = "gpt-tiny", tie: bool | None = None) -> ModelPreset:
 def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1, tp: int = 1, pp: int = 1,
               micro_batch_size: int = 2, num_micro_batches: int = 2, schedule: str = "1f1b",
               virtual_stages: int = 1, recompute: str = "none", zero_stage: int = 0,
-              nodes: int = 1, step_time_s: float = 0.05) -> Plan:
+              nodes: int = 1, step_time_s: float = 0.05, styles: dict[str, str] | None = None) -> Plan:
     graph = _graph(preset, tie)
     cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
                          num_micro_batches=num_micro_batches, virtual_stages=virtual_stages, schedule=schedule,
@@ -66,8 +66,9 @@ def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1,
     cluster = {"name": "cpu-local", "device": CLUSTER_DEVICE, "nodes": nodes, "devices_per_node": world // nodes,
                "intra_node": {"kind": "loopback", "bandwidth_bytes_per_s": 1e9, "latency_s": 5e-5},
                "inter_node": {"kind": "ethernet", "bandwidth_bytes_per_s": 1e9, "latency_s": 1e-4}}
+    placements = {"schema": "intra_op_sharding/1", "style": styles} if styles else {}
     return Plan(model=model, cluster=cluster, cluster_fingerprint="sha256:" + "0" * 16, parallel=cfg,
-                stages=stages, predicted=predicted,
+                stages=stages, predicted=predicted, placements=placements,
                 solver=SolverReport(method="test helper", status="given", objective=step_time_s,
                                     bound=step_time_s, gap=0.0, time_s=0.0))
 
@@ -75,6 +76,16 @@ def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1,
 def write_plan(plan: Plan, path: str | Path) -> str:
     plan.to_json(path, force=True)
     return str(path)
+
+
+def solver_styles(num_layers: int = 4, *, embedding: str = "colwise", head: str = "colwise") -> dict[str, str]:
+    """What the planner's intra-op solver writes for gpt-tiny at tp=2 (``plan.placements["style"]``)."""
+    styles = {"embed.wte": embedding, "embed.wpe": "colwise" if embedding == "colwise" else "replicate",
+              "head.lm_head": head}
+    for i in range(num_layers):
+        styles |= {f"blocks.{i}.attn.qkv": "colwise", f"blocks.{i}.attn.proj": "rowwise",
+                   f"blocks.{i}.mlp.fc1": "colwise", f"blocks.{i}.mlp.fc2": "rowwise"}
+    return styles
 
 
 # name -> (make_plan arguments). Every plan trains gpt-tiny on a global batch of 8 in 4 micro-batches.
@@ -91,6 +102,10 @@ WORLD2 = {
     "pp=2 tied embeddings": dict(pp=2, num_micro_batches=4, tie=True),
     "tp=2": dict(tp=2, num_micro_batches=4),
     "tp=2 recompute=selective": dict(tp=2, num_micro_batches=4, recompute="selective"),
+    "tp=2 solver placements (split embeddings, vocab-split head)": dict(tp=2, num_micro_batches=4,
+                                                                        styles=solver_styles()),
+    "tp=2 vocab-parallel embedding": dict(tp=2, num_micro_batches=4,
+                                          styles=solver_styles(embedding="vocab", head="replicate")),
     "dp=2 (DDP)": dict(dp=2, num_micro_batches=2),
     "dp=2 zero=1 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=1),
     "dp=2 zero=3 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=3),
@@ -103,6 +118,7 @@ WORLD4 = {
     "pp=2 dp=2 zero=3": dict(pp=2, dp=2, num_micro_batches=2, zero_stage=3),
     "pp=2 dp=2 tied embeddings": dict(pp=2, dp=2, num_micro_batches=2, tie=True),
     "pp=2 tp=2": dict(pp=2, tp=2, num_micro_batches=4),
+    "pp=2 tp=2 solver placements": dict(pp=2, tp=2, num_micro_batches=4, styles=solver_styles()),
     "dp=2 tp=2": dict(dp=2, tp=2, num_micro_batches=2),
     "dp=2 tp=2 zero=2 (FSDP2 + TP)": dict(dp=2, tp=2, num_micro_batches=2, zero_stage=2),
 }

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import launch
 from runtime_harness import Job, run_jobs
-from runtime_plans import make_plan
+from runtime_plans import make_plan, solver_styles
 
 from runtime.checkpoint import MANIFEST, latest_checkpoint, verify_checkpoint, write_manifest
 from runtime.errors import CheckpointError
@@ -23,19 +23,21 @@ PP2 = dict(pp=2, num_micro_batches=4)
 DP2 = dict(dp=2, num_micro_batches=2)
 TP2 = dict(tp=2, num_micro_batches=4)
 ZERO3 = dict(dp=2, num_micro_batches=2, zero_stage=3)
+TP2_SOLVED = dict(tp=2, num_micro_batches=4, styles=solver_styles())
 
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     a, b, c = (str(root / x) for x in "abc")
-    pp2, dp2, tp2, z3 = (make_plan(**s) for s in (PP2, DP2, TP2, ZERO3))
+    pp2, dp2, tp2, z3, tp2s = (make_plan(**s) for s in (PP2, DP2, TP2, ZERO3, TP2_SOLVED))
     jobs = [
         Job("straight", pp2, steps=4),
         Job("save under pp=2", pp2, steps=2, checkpoint_dir=a, checkpoint_every=2),
         Job("pp=2 -> pp=2", pp2, steps=2, checkpoint_dir=a, resume=True),
         Job("pp=2 -> dp=2", dp2, steps=2, checkpoint_dir=a, resume=True),
         Job("pp=2 -> tp=2", tp2, steps=2, checkpoint_dir=a, resume=True),
+        Job("pp=2 -> tp=2 split embeddings", tp2s, steps=2, checkpoint_dir=a, resume=True),
         Job("save under tp=2", tp2, steps=2, checkpoint_dir=b, checkpoint_every=2),
         Job("tp=2 -> pp=2", pp2, steps=2, checkpoint_dir=b, resume=True),
         Job("save under zero=3", z3, steps=2, checkpoint_dir=c, checkpoint_every=2),
@@ -45,7 +47,8 @@ def resumed(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("name", ["pp=2 -> pp=2", "pp=2 -> dp=2", "pp=2 -> tp=2", "tp=2 -> pp=2", "zero=3 -> tp=2"])
+@pytest.mark.parametrize("name", ["pp=2 -> pp=2", "pp=2 -> dp=2", "pp=2 -> tp=2", "pp=2 -> tp=2 split embeddings",
+                                  "tp=2 -> pp=2", "zero=3 -> tp=2"])
 def test_resume_continues_the_straight_run(name, resumed):
     _, results = resumed
     straight = results["straight"].losses

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from runtime_plans import make_plan, tiny_preset
+from runtime_plans import make_plan, solver_styles, tiny_preset
 
 from runtime.checks import Launch, preflight
 from runtime.data_parallel import DataParallelMode
@@ -59,16 +59,27 @@ def test_tp_row_order_gives_each_rank_whole_heads():
 
 def test_tp_styles_default_and_from_placements():
     plan = make_plan(tp=2, num_micro_batches=4)
-    assert tp_styles(plan) == {"attn.qkv": "colwise", "attn.proj": "rowwise", "mlp.fc1": "colwise",
-                               "mlp.fc2": "rowwise"}
-    placed = dataclasses.replace(plan, placements={
-        "blocks.0.mlp.fc1.weight": ["Replicate()", "Replicate()", "Shard(0)"],
-        "blocks.0.mlp.fc2.weight": {"tp": "Shard(1)"},
-        "blocks.0.ln1.weight": ["Replicate()", "Replicate()", "Replicate()"]})
-    assert tp_styles(placed) == {"mlp.fc1": "colwise", "mlp.fc2": "rowwise"}
-    bad = dataclasses.replace(plan, placements={"blocks.0.mlp.fc1.weight": "Shard(0)"})
-    with pytest.raises(RunCheckError, match="one placement string per mesh axis"):
-        tp_styles(bad)
+    default = tp_styles(plan)
+    assert default["blocks.0.attn.qkv"] == "colwise" and default["blocks.3.mlp.fc2"] == "rowwise"
+    assert "embed.wte" not in default and "head.lm_head" not in default and len(default) == 16
+    solved = make_plan(tp=2, num_micro_batches=4, styles=solver_styles())
+    assert tp_styles(solved) == solver_styles()
+    assert "embed.wpe" not in tp_styles(make_plan(tp=2, num_micro_batches=4,
+                                                  styles=solver_styles(embedding="vocab")))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"blocks.0.attn.proj": "replicate"}, "column then row parallel"),
+    ({"blocks.0.ln1": "sequence"}, "sequence parallelism"),
+    ({"blocks.0.mlp.fc1": "diagonal"}, "unknown style"),
+])
+def test_tp_styles_the_runtime_cannot_apply_are_refused(change, message):
+    plan = make_plan(tp=2, num_micro_batches=4, styles=solver_styles() | change)
+    with pytest.raises(RunCheckError, match=message):
+        tp_styles(plan)
+    unknown = dataclasses.replace(plan, placements={"schema": "something/9", "params": {}})
+    with pytest.raises(RunCheckError, match="intra_op_sharding/1"):
+        tp_styles(unknown)
 
 
 @pytest.mark.parametrize("schedule, v, expected", [

@@ -17,7 +17,9 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(c, c, 3, stride=stride, padding=1)
         self.bn1 = nn.BatchNorm2d(c)
-        self.downsample = nn.Sequential(nn.Conv2d(c, c, 1, stride=stride), nn.BatchNorm2d(c)) if stride > 1 else None
+        self.downsample = None
+        if stride > 1:
+            self.downsample = nn.Sequential(nn.Conv2d(c, c, 1, stride=stride), nn.BatchNorm2d(c))
 
     def forward(self, x):
         short = self.downsample(x) if self.downsample is not None else x
@@ -75,8 +77,9 @@ def test_layer_units_open_stacks_but_not_blocks():
 
 def test_resnet_stages_group_by_shape(traced):
     g = traced("resnet50")
-    assert g.group_summary() == ("stem, layer1.0, 2 x layer1.* (Bottleneck), layer2.0, 3 x layer2.* (Bottleneck), "
-                                 "layer3.0, 5 x layer3.* (Bottleneck), layer4.0, 2 x layer4.* (Bottleneck), head")
+    assert g.group_summary() == ("stem, layer1.0, 2 x layer1.* (Bottleneck), layer2.0, "
+                                 "3 x layer2.* (Bottleneck), layer3.0, 5 x layer3.* (Bottleneck), layer4.0, "
+                                 "2 x layer4.* (Bottleneck), head")
     assert g.is_chain() and g.seq_len is None
     # ResNet-50: 4.09 GMACs per 224x224 image (He et al. 2016, Table 1: 3.8e9 "FLOPs" counting
     # multiply-adds, without the v1.5 stride move); torchvision's v1.5 layout is 4.09.
@@ -85,7 +88,8 @@ def test_resnet_stages_group_by_shape(traced):
 
 def test_torchvision_like_model_groups_each_stage():
     g = trace_model(TorchvisionLike(), torch.randn(2, 3, 16, 16), dtype="fp32")
-    assert g.group_summary() == "conv1, relu, 2 x layer1.* (Bottleneck), layer2.0, 2 x layer2.* (Bottleneck), fc"
+    assert g.group_summary() == ("conv1, relu, 2 x layer1.* (Bottleneck), layer2.0, "
+                                 "2 x layer2.* (Bottleneck), fc")
     grouped = g.block_groups()
     assert [(grp.count, grp.period) for grp in grouped] == [(1, 1), (1, 1), (2, 1), (1, 1), (2, 1), (1, 1)]
     gg = g.group_graph()

@@ -59,7 +59,8 @@ def _ours(family: str, **cfg) -> CostGraph:
 
 def test_hf_gpt2_equals_our_gpt():
     hf, _ = _trace_hf("hf-gpt2")
-    ours = _ours("gpt", num_layers=2, hidden=768, heads=12, vocab_size=50257, seq_len=1024, tie_embeddings=True)
+    ours = _ours("gpt", num_layers=2, hidden=768, heads=12, vocab_size=50257, seq_len=1024,
+                 tie_embeddings=True)
     assert hf.param_count == ours.param_count
     assert hf.fwd_flops == pytest.approx(ours.fwd_flops, rel=1e-9)
     assert hf.train_flops == pytest.approx(ours.train_flops, rel=1e-9)
@@ -67,7 +68,8 @@ def test_hf_gpt2_equals_our_gpt():
 
 def test_hf_llama_equals_our_llama():
     hf, _ = _trace_hf("hf-llama")
-    ours = _ours("llama", num_layers=2, hidden=4096, heads=32, ffn_hidden=11008, vocab_size=32000, seq_len=4096)
+    ours = _ours("llama", num_layers=2, hidden=4096, heads=32, ffn_hidden=11008, vocab_size=32000,
+                 seq_len=4096)
     assert hf.param_count == ours.param_count
     assert hf.fwd_flops == pytest.approx(ours.fwd_flops, rel=1e-9)
 
@@ -109,8 +111,8 @@ def test_export_graph_replay_equals_full_run():
         fast = trace_model(model, sample, dtype="bf16")
         full = trace_model(model, sample, dtype="bf16", reuse=False)
     assert any("replayed" in n for n in fast.notes)
-    assert fast.group_summary() == "model.embed_tokens, model.rotary_emb, 3 x model.layers.* (LlamaDecoderLayer), " \
-                                   "model.norm, lm_head"
+    assert fast.group_summary() == ("model.embed_tokens, model.rotary_emb, "
+                                    "3 x model.layers.* (LlamaDecoderLayer), model.norm, lm_head")
     for a, b in zip(fast.layers, full.layers, strict=True):
         assert (a.signature, a.fwd_flops, a.bwd_flops, a.activation_bytes, a.param_count, a.op_costs) == \
                (b.signature, b.fwd_flops, b.bwd_flops, b.activation_bytes, b.param_count, b.op_costs)

@@ -9,7 +9,8 @@ from planner.models import FAMILIES
 from planner.trace import CostGraph, trace_model
 
 SMALL = {
-    "gpt": dict(num_layers=3, hidden=64, heads=4, vocab_size=500, seq_len=32, dropout=0.1, tie_embeddings=True),
+    "gpt": dict(num_layers=3, hidden=64, heads=4, vocab_size=500, seq_len=32, dropout=0.1,
+                tie_embeddings=True),
     "t5": dict(num_layers=3, hidden=64, ffn_hidden=128, heads=4, head_dim=16, vocab_size=500, seq_len=32,
                dec_seq_len=16),
     "llama": dict(num_layers=3, hidden=64, heads=4, kv_heads=2, ffn_hidden=128, vocab_size=500, seq_len=32,
@@ -32,7 +33,8 @@ def _trace(family: str, reuse: bool) -> CostGraph:
 def _layer_costs(g: CostGraph) -> list[tuple]:
     return [(layer.name, layer.signature, layer.fwd_flops, layer.bwd_input_flops, layer.bwd_weight_flops,
              layer.activation_bytes, layer.attention_activation_bytes, layer.replicated_activation_bytes,
-             layer.attention_fwd_flops, layer.param_count, layer.tied_params, layer.input_bytes, layer.output_bytes)
+             layer.attention_fwd_flops, layer.param_count, layer.tied_params, layer.input_bytes,
+             layer.output_bytes)
             for layer in g.layers]
 
 
