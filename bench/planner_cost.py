@@ -1,10 +1,13 @@
 """Section ``planner_cost``: how the planner's own wall time and memory grow with the problem.
 
-Two sweeps, each point a fresh process (``python -m bench.point``), so the peak resident memory
-is that point's: GPT-3 175B at batch 1536 on 8 → 4096 A100s (1 → 512 DGX nodes), and a GPT of
-fixed width (GPT-3 6.7B: hidden 4096, 32 heads) with 12 → 128 blocks on 128 A100s. The growth rate
-is the least-squares slope of log(cost) against log(size) over the points where a plan exists
-(where no configuration fits, the planner proves that instead, which is a different amount of work).
+Two sweeps, each point a fresh process (``python -m bench.point``): GPT-3 175B at batch 1536 on
+8 → 4096 A100s (1 → 512 DGX nodes), and a GPT of fixed width (GPT-3 6.7B: hidden 4096, 32 heads)
+with 12 → 128 blocks on 128 A100s. Time is ``plan()`` end to end (trace, search, baselines);
+memory is the resident-set high-water mark ``plan()`` adds to its process (reset just before the
+call, see ``bench/point.py``), next to the process's lifetime peak from ``resource.getrusage``.
+The growth rate is the least-squares slope of log(cost) against log(size) over the points where a
+plan exists (where no configuration fits, the planner proves that instead, a different amount of
+work).
 """
 
 from __future__ import annotations
@@ -28,12 +31,19 @@ class Sweep:
     blocks: tuple[int, ...] = ()  # blocks axis: one point per block count
     fixed_nodes: int = 1
 
-    def commands(self) -> list[tuple[int, list[str]]]:
+    def commands(self, *, one_process: bool) -> list[list[str]]:
+        """One command per point, or (``one_process``) one command for the whole sweep."""
         base = [sys.executable, "-m", "bench.point", "--model", self.model, "--cluster", self.cluster,
                 "--global-batch", str(self.global_batch)]
         if self.axis == "gpus":
-            return [(n, base + ["--nodes", str(n)]) for n in self.nodes]
-        return [(b, base + ["--nodes", str(self.fixed_nodes), "--layers", str(b)]) for b in self.blocks]
+            sizes = [[str(n)] for n in self.nodes]
+            flag, fixed = "--nodes", []
+        else:
+            sizes = [[str(b)] for b in self.blocks]
+            flag, fixed = "--layers", ["--nodes", str(self.fixed_nodes)]
+        if one_process:
+            sizes = [[x for s in sizes for x in s]]
+        return [base + fixed + [flag, *s] for s in sizes]
 
 
 FULL = (
@@ -48,18 +58,18 @@ QUICK = (
 )
 
 
-def run_sweep(sweep: Sweep) -> tuple[list[dict], list[str]]:
+def run_sweep(sweep: Sweep, *, one_process: bool) -> tuple[list[dict], list[str]]:
     points, commands = [], []
-    for size, cmd in sweep.commands():
-        say(f"{sweep.model} {sweep.axis}={size if sweep.axis == 'blocks' else size * 8}")
-        res = run_cmd(cmd, timeout_s=600)
+    for cmd in sweep.commands(one_process=one_process):
+        say(" ".join(cmd[3:]))
+        res = run_cmd(cmd, timeout_s=900)
         commands.append(res.cmd)
+        got = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+        for point in got:
+            point["size"] = point["gpus"] if sweep.axis == "gpus" else point["blocks"]
+            points.append(point)
         if not res.ok:
-            points.append({"size": size, "error": res.error_line()})
-            continue
-        point = json.loads(res.stdout.strip().splitlines()[-1])
-        point["size"] = point["gpus"] if sweep.axis == "gpus" else size
-        points.append(point)
+            points.append({"size": cmd[-1], "error": res.error_line()})
     return points, commands
 
 
@@ -107,10 +117,13 @@ def section(ctx: Context) -> str:
     sweeps = QUICK if ctx.quick else FULL
     results, commands = [], []
     for sweep in sweeps:
-        points, cmds = run_sweep(sweep)
+        points, cmds = run_sweep(sweep, one_process=ctx.quick)
         results.append((sweep, points))
         commands += cmds
     lines = ["## Planner cost: wall time and memory as the problem grows\n", __doc__.split("\n\n", 1)[1].strip(), ""]
+    if ctx.quick:
+        lines += ["Quick run: each sweep's points share one process (the memory high-water mark is reset before "
+                  "each point, but later points reuse what earlier ones left allocated).", ""]
     rates = []
     for sweep, points in results:
         unit = "GPUs" if sweep.axis == "gpus" else "blocks"

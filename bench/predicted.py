@@ -247,21 +247,26 @@ def _figure(ctx: Context, rows: list[Row]) -> str:
         return ""
     path, link = ctx.figure_path("predicted_speedup")
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(ok) + 1.5))
+    from matplotlib.ticker import FormatStrFormatter
+
     names = list(RECIPES) + list(PARTITIONS)
-    markers = dict(zip(names, "osD^vx"))
+    style = {n: (m, f"C{k}") for k, (n, m) in enumerate(zip(names, "osD^vx"))}
     for i, r in enumerate(ok):
         times = r.baseline_times()
         for n in names:
             if n in times and not (n in PARTITIONS and r.partitions[n][1] == "same split as the plan"):
-                ax.scatter(times[n] / r.ours_s, i, marker=markers[n], label=n if i == 0 else None, s=28)
+                ax.scatter(times[n] / r.ours_s, i, marker=style[n][0], color=style[n][1], s=28)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.axvline(WIN, color="grey", lw=0.8, ls="--")
     ax.set_yticks(range(len(ok)), [r.w.key for r in ok], fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("baseline step time / plan step time (predicted; > 1: the plan is faster)")
-    handles = [plt.Line2D([], [], marker=markers[n], ls="", color=f"C{k}") for k, n in enumerate(names)]
-    ax.legend(handles, names, fontsize=7, loc="lower right")
+    for axis_fmt in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis_fmt(FormatStrFormatter("%.1f"))
+    ax.tick_params(axis="x", which="both", labelsize=7)
+    ax.set_xlabel(f"baseline step time / plan step time (predicted; > 1: the plan is faster; dashed: {WIN:.2f})")
+    handles = [plt.Line2D([], [], marker=style[n][0], ls="", color=style[n][1]) for n in names]
+    ax.legend(handles, names, fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

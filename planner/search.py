@@ -80,7 +80,6 @@ class SearchResult:
     time_s: float
     timed_out: bool
     closest_misses: list[Candidate] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)
     # A proven lower bound on the optimum: the best's own time when the search finished, else the
     # smaller of that and the bound of the first family not yet visited (families go in bound order).
     lower_bound_s: float = 0.0
@@ -184,7 +183,7 @@ def _memory_lower_bound(table: LayerTable, cfg: ParallelConfig, c: CostConstants
     p, v = cfg.pp, cfg.virtual_stages
     flight = min(flights_of(cfg.schedule, p, cfg.num_micro_batches, v))
     parts = stage_memory(table, [(0, n)], in_flight=flight, cfg=cfg, c=c, is_last=False).as_dict()
-    return {k: v / p for k, v in parts.items()}
+    return {part: nbytes / p for part, nbytes in parts.items()}
 
 
 def _busiest_device_s(table: LayerTable, boundaries: tuple[tuple[int, int], ...], pp: int) -> float:
@@ -248,7 +247,6 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
     top: list[Candidate] = []
     misses: list[Candidate] = []
     evaluated = pruned = infeasible = 0
-    skipped: dict[str, int] = {}
     tables: dict[tuple, LayerTable] = table_cache if table_cache is not None else {}
     degrees = list(candidate_degrees(graph, cluster, global_batch, space))
     timed_out = False
@@ -339,7 +337,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
     best_s = top[0].step_time_s if top else math.inf
     return SearchResult(best=top[0] if top else None, top=top, evaluated=evaluated, pruned=pruned,
                         infeasible=infeasible, time_s=time.perf_counter() - start, timed_out=timed_out,
-                        closest_misses=misses, skipped=skipped, lower_bound_s=min(best_s, unvisited_bound),
+                        closest_misses=misses, lower_bound_s=min(best_s, unvisited_bound),
                         memory_bound_misses=bound_misses)
 
 

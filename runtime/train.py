@@ -36,6 +36,7 @@ from runtime import checkpoint as ckpt
 from runtime.checks import check_manifest_model, static_checks
 from runtime.data import SyntheticData, as_iterator, check_local_batch
 from runtime.data_parallel import DataParallelMode, allreduce_gradients, apply_data_parallel
+from runtime.errors import RunCheckError
 from runtime.model import (
     StageModule,
     build_model,
@@ -103,6 +104,13 @@ class RunResult:
 
 def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPreset | None = None) -> RunResult:
     """Run ``options.steps`` optimizer steps of ``plan`` on this rank (collective over the world)."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise RunCheckError("train() runs on every rank of a process group: start the ranks with torchrun or "
+                                "runtime.launch.launch_workers, or call torch.distributed.init_process_group first")
+        from runtime.launch import init_distributed
+
+        init_distributed(options.timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     device = _device()
     dims = ParallelDims.from_plan(plan, world)

@@ -156,7 +156,8 @@ class RowResult:
     config: ParallelConfig
     prediction: StepPrediction
     published_s: float
-    fits_40gb: bool
+    least_memory_bytes: float  # the candidate configuration with the least peak memory (micro-batch 1)
+    fits_40gb: bool  # whether that one fits on A100-40GB
 
     @property
     def predicted_s(self) -> float:
@@ -202,6 +203,7 @@ def predict_run(run: PublishedRun, c: CostConstants | None = None) -> RowResult:
     cluster = ClusterSpec.preset("dgx-a100-80g", nodes=nodes)
     small = ClusterSpec.preset("dgx-a100-40g", nodes=nodes)
     best: tuple[ParallelConfig, StepPrediction] | None = None
+    least = float("inf")
     tables: dict[int, object] = {}
     for cfg in _candidates(run, graph.num_layers):
         if cfg.micro_batch_size not in tables:
@@ -209,23 +211,86 @@ def predict_run(run: PublishedRun, c: CostConstants | None = None) -> RowResult:
                                                        sequence_parallel=False, recompute=cfg.recompute, c=c)
         bounds = megatron_boundaries(graph.num_layers, cfg.pp * cfg.virtual_stages)
         pred = evaluate(graph, cluster, cfg, bounds, c, table=tables[cfg.micro_batch_size])
+        least = min(least, pred.peak_memory_bytes)
         if pred.fits and (best is None or pred.step_time_s < best[1].step_time_s):
             best = (cfg, pred)
     if best is None:
         raise RuntimeError(f"{run.name}: no candidate configuration fits in 80 GB under the cost model")
     cfg, pred = best
     return RowResult(run=run, config=cfg, prediction=pred, published_s=run.published_iteration_s(),
-                     fits_40gb=pred.peak_memory_bytes <= usable_memory_bytes(small, c))
+                     least_memory_bytes=least, fits_40gb=least <= usable_memory_bytes(small, c))
 
 
 def narayanan_rows(c: CostConstants | None = None) -> list[RowResult]:
     return [predict_run(run, c) for run in NARAYANAN_TABLE1]
 
 
+@dataclass(frozen=True, kw_only=True)
+class PublishedMfu:
+    """A published model-FLOPs utilisation of one configuration (Korthikanti et al. 2022)."""
+
+    name: str
+    heads: int
+    hidden: int
+    layers: int
+    tp: int
+    pp: int
+    dp: int
+    batch: int
+    micro_batch: int
+    recompute: str
+    sequence_parallel: bool
+    mfu: float
+    source: str
+    assumptions: str
+
+
+KORTHIKANTI_SOURCE = ("Korthikanti et al., 'Reducing Activation Recomputation in Large Transformer Models', "
+                      "MLSys 2023 (arXiv:2205.05198), abstract")
+_KORTHIKANTI_ASSUMED = ("tp=8, pp=35 as in Narayanan et al. Table 1's 530B row, dp=8 (2240 = 8 x 280 GPUs); global "
+                        "batch 2240 (one sequence per GPU, as in that row) and micro-batch 1 are our assumptions")
+
+KORTHIKANTI_530B: tuple[PublishedMfu, ...] = (
+    PublishedMfu(name="530B, selective recompute + sequence parallel", heads=128, hidden=20480, layers=105, tp=8,
+                 pp=35, dp=8, batch=2240, micro_batch=1, recompute="selective", sequence_parallel=True, mfu=0.542,
+                 source=KORTHIKANTI_SOURCE, assumptions=_KORTHIKANTI_ASSUMED),
+    PublishedMfu(name="530B, full recompute", heads=128, hidden=20480, layers=105, tp=8, pp=35, dp=8, batch=2240,
+                 micro_batch=1, recompute="full", sequence_parallel=False, mfu=0.421, source=KORTHIKANTI_SOURCE,
+                 assumptions=_KORTHIKANTI_ASSUMED),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MfuResult:
+    run: PublishedMfu
+    prediction: StepPrediction
+
+    @property
+    def error(self) -> float:
+        """Relative error of the predicted iteration time (MFU is inversely proportional to it)."""
+        return self.run.mfu / self.prediction.mfu - 1.0
+
+
+def predict_mfu(run: PublishedMfu, c: CostConstants | None = None) -> MfuResult:
+    c = c or CostConstants()
+    graph = gpt_graph(run.heads, run.hidden, run.layers)
+    cluster = ClusterSpec.preset("dgx-a100-80g", nodes=run.tp * run.pp * run.dp // 8)
+    cfg = ParallelConfig(dp=run.dp, tp=run.tp, pp=run.pp, micro_batch_size=run.micro_batch,
+                         num_micro_batches=run.batch // (run.dp * run.micro_batch), recompute=run.recompute,
+                         sequence_parallel=run.sequence_parallel)
+    pred = evaluate(graph, cluster, cfg, megatron_boundaries(graph.num_layers, run.pp), c)
+    return MfuResult(run=run, prediction=pred)
+
+
+def korthikanti_rows(c: CostConstants | None = None) -> list[MfuResult]:
+    return [predict_mfu(run, c) for run in KORTHIKANTI_530B]
+
+
 def markdown_table(rows: list[RowResult]) -> str:
     head = ("| model | tp | pp | dp | batch | chosen micro-batch, schedule | published TFLOP/s/GPU | predicted "
-            "TFLOP/s/GPU | published s/iter | predicted s/iter | error | peak memory GiB | fits 80 GB | fits 40 GB |")
-    lines = [head, "|" + "---|" * 14]
+            "TFLOP/s/GPU | published s/iter | predicted s/iter | error | peak memory GiB | fits 80 GB | "
+            "least memory GiB (micro-batch 1) | fits 40 GB |")
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         cfg = r.config
         sched = cfg.schedule + (f" v={cfg.virtual_stages}" if cfg.virtual_stages > 1 else "")
@@ -234,10 +299,20 @@ def markdown_table(rows: list[RowResult]) -> str:
             f"{cfg.micro_batch_size}, {sched} | {r.run.tflops_per_gpu:.0f} | {r.predicted_tflops:.1f} | "
             f"{r.published_s:.2f} | {r.predicted_s:.2f} | {r.error:+.1%} | "
             f"{r.prediction.peak_memory_bytes / GiB:.1f} | {'yes' if r.prediction.fits else 'no'} | "
-            f"{'yes' if r.fits_40gb else 'no'} |")
+            f"{r.least_memory_bytes / GiB:.1f} | {'yes' if r.fits_40gb else 'no'} |")
     worst = max(rows, key=lambda r: abs(r.error))
     lines.append("")
     lines.append(f"Largest error: {worst.run.name} {worst.error:+.1%} (iteration time).")
+    return "\n".join(lines)
+
+
+def mfu_table(rows: list[MfuResult]) -> str:
+    lines = ["| configuration | published MFU | predicted MFU | predicted s/iter | error (iteration time) | "
+             "peak memory GiB | fits 80 GB |", "|" + "---|" * 7]
+    for r in rows:
+        p = r.prediction
+        lines.append(f"| {r.run.name} | {r.run.mfu:.1%} | {p.mfu:.1%} | {p.step_time_s:.2f} | {r.error:+.1%} | "
+                     f"{p.peak_memory_bytes / GiB:.1f} | {'yes' if p.fits else 'no'} |")
     return "\n".join(lines)
 
 
@@ -263,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(rows) if args.markdown else "\n".join(
         f"{r.run.name:10s} published {r.run.tflops_per_gpu:5.0f} TFLOP/s  predicted {r.predicted_tflops:6.1f}  "
         f"error {r.error:+.1%}  ({r.config.label()})" for r in rows))
+    mfu = korthikanti_rows()
+    print()
+    print(mfu_table(mfu) if args.markdown else "\n".join(
+        f"{r.run.name}: published MFU {r.run.mfu:.1%}  predicted {r.prediction.mfu:.1%}  error {r.error:+.1%}"
+        for r in mfu))
     if args.breakdown:
         print()
         print(breakdown_table(rows))

@@ -75,7 +75,7 @@ import numpy as np
 from planner.inter_op.problem import CROSS_GROUP, CROSS_NODE, SAME_NODE, StageProblem
 
 BACKENDS = ("cpsat", "cbc")
-_SCALE = 1e9  # CP-SAT time resolution: the largest time maps to this many units
+_SCALE = 1e7  # CP-SAT time resolution: the largest time maps to this many units (1e9 misled its presolve)
 
 
 @dataclass

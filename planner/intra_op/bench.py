@@ -18,6 +18,7 @@ from functools import partial
 from planner.cluster import ClusterSpec
 from planner.intra_op.examples import gpt_block_graph
 from planner.intra_op.mesh import MeshSpec
+from planner.intra_op.placements import plan_placements
 from planner.intra_op.solve import solve_layer
 
 GPT3 = {"seq": 2048, "hidden": 12288, "heads": 96}
@@ -66,10 +67,16 @@ def model_rows(node: ClusterSpec, repeat: int) -> list[str]:
     one, one_sol = _best(lambda: solve_layer(op_graph_from_cost_graph(cost_graph, 1), mesh, node.device,
                                              memory_limit_bytes=math.inf), repeat)
     whole, sol = _best(lambda: solve_model(cost_graph, mesh, node.device, memory_limit_bytes=math.inf), repeat)
-    return [f"Traced GPT-3 175B ({cost_graph.group_summary()}) in {traced:.1f} s.", "",
+    rows = [f"Traced GPT-3 175B ({cost_graph.group_summary()}) in {traced:.1f} s.", "",
             "| what | ILP variables | end to end (s) |", "|---|---|---|",
             f"| one block (`solve_layer`) | {one_sol.num_variables} | {one:.3f} |",
             f"| whole model, 98 layers (`solve_model`) | {sol.num_variables} | {whole:.3f} |"]
+    for sp in (False, True):
+        seconds, d = _best(lambda sp=sp: plan_placements(cost_graph, node, tp=8, micro_batch=1, sequence_parallel=sp),
+                           repeat)
+        rows.append(f"| `plan_placements`, model-only tp=8, SP {'on' if sp else 'off'} | "
+                    f"{d['solver']['num_variables']} | {seconds:.3f} |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,10 @@
                                   "output": [...], "params": {"<param>": [...]}}},
                  "collectives": [{"kind", "axis", "bytes", "phase", "at", "time_s"}]}]}
 
+``to_dict(expand_copies=False)`` gives a copy of a repeated layer (``reuses`` set) no ``ops`` and
+``collectives``: they are the reused layer's under the copy's names. ``planner.intra_op.placements``
+adds ``style`` and the plan's solver names for ``plan.placements``.
+
 Placements are torch's constructor text (``Shard(0)``, ``Replicate()``, ``Partial()``), one per
 mesh axis in mesh order: ``distribute_tensor(t, mesh, [Shard(0)])`` applies one directly.
 """

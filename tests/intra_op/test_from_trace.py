@@ -87,3 +87,14 @@ def test_traced_mixtral_experts_are_split_by_expert(mixtral_2layer, mesh_of, dev
     for w in ("w_gate", "w_up", "w_down"):  # stacked [experts, ...] weights: expert parallel
         assert sol.params[f"blocks.0.ffn.{w}"] == (Shard(0),)
     assert sol.op("bmm").strategy == "ep=expert"
+
+
+def test_batch_one_trace_solved_at_a_larger_batch(llama_2layer, mesh_of, device):
+    # traced at batch 1, the batch dim has size 1: views must keep it in place, or the heads split cannot pass
+    graph = op_graph_from_cost_graph(llama_2layer, 1, batch_size=2)
+    assert graph.notes == []
+    assert graph.ops["view"].out_shape == (2, 4096, 32, 128) and graph.ops["reshape"].out_shape == (2, 4096, 4096)
+    sol = solve_layer(graph, mesh_of(tp=8), device, memory_limit_bytes=math.inf)
+    for name in ("attn.q", "attn.k", "attn.v"):  # were row-parallel when the views lost the batch
+        assert sol.params[f"blocks.0.{name}.weight"] == (Shard(0),), name
+    assert sol.op("reshape").output_layout == (Shard(2),)  # the heads split passes the merge

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# This folder is called runtime too: with only tests/ on sys.path (``pytest`` rather than ``python -m pytest``)
+# ``import runtime`` would make a namespace package of tests/runtime + runtime/ and skip runtime/__init__.py.
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from runtime_harness import LR, STEPS, job_for, run_jobs, run_reference  # noqa: E402,F401
 from runtime_plans import WORLD2, WORLD4, make_plan, tiny_preset  # noqa: E402,F401

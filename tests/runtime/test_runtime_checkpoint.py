@@ -12,12 +12,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import launch
 from runtime_harness import Job, run_jobs
 from runtime_plans import make_plan, solver_styles
 
 from runtime.checkpoint import MANIFEST, latest_checkpoint, verify_checkpoint, write_manifest
 from runtime.errors import CheckpointError
+from runtime.launch import launch_workers as launch
 
 PP2 = dict(pp=2, num_micro_batches=4)
 DP2 = dict(dp=2, num_micro_batches=2)

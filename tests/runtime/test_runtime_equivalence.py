@@ -9,7 +9,8 @@ norm before each update is compared too.
 from __future__ import annotations
 
 import pytest
-from conftest import STEPS, WORLD2, WORLD4
+from runtime_harness import STEPS
+from runtime_plans import WORLD2, WORLD4
 
 LOSS_TOL = 1e-5
 NORM_RTOL = 1e-4

@@ -141,3 +141,11 @@ def test_stage_module_forward_is_a_chain():
     stage = StageModule(model, ("blocks.1", "blocks.2"), stage_index=1)
     assert [n for n, _ in stage.named_children()] == ["blocks"]
     assert stage.get_submodule("blocks.2") is model.blocks[2]
+
+
+def test_train_outside_a_process_group_says_how_to_start_one(monkeypatch):
+    from runtime import RunOptions, train
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RunCheckError, match="torchrun or runtime.launch.launch_workers"):
+        train(make_plan(), RunOptions(steps=1))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -129,15 +128,14 @@ def test_large_programs_get_the_slowest_stage_bound():
     assert sim.step_time_s < est.step_time_s
 
 
-def test_estimate_is_fast():
+def test_estimate_never_builds_a_timeline():
+    # The search calls estimate() ~100k times, so it must stay closed-form (its speed is in
+    # `make bench`, not asserted here): no per-action timeline is ever materialised.
     rng = random.Random(0)
-    calls, start = 0, time.perf_counter()
     for name in SCHEDULE_NAMES:
         info = get_schedule(name)
         v = info.chunks_per_device or info.min_v
-        for _ in range(100):
+        for _ in range(20):
             f = rng.uniform(0.5, 2)
-            estimate(name, p=8, m=32, v=v, fwd_s=f, bwd_input_s=2 * f, bwd_weight_s=f, p2p_s=0.01 * f)
-            calls += 1
-    per_call = (time.perf_counter() - start) / calls
-    assert per_call < 1e-3, f"{per_call * 1e6:.0f} us per estimate() call"
+            est = estimate(name, p=8, m=32, v=v, fwd_s=f, bwd_input_s=2 * f, bwd_weight_s=f, p2p_s=0.01 * f)
+            assert not est.timeline, name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import time
 
 import pytest
 
@@ -86,12 +85,11 @@ def test_vit_h14_flops_are_the_gemm_count(traced):
     assert g.seq_len == n
 
 
-def test_gpt3_175b_traces_and_groups_in_under_5_s_within_2_gib():
-    start = time.perf_counter()
+def test_gpt3_175b_traces_one_block_and_replays_95_within_2_gib():
+    # The speed claim (< 5 s) is a benchmark (`make bench`, docs/benchmarks.md), not a timed test;
+    # here we check what makes it fast: 95 of the 96 identical blocks are replayed, not re-run.
     g = trace_preset("gpt3-175b")  # build on meta, trace, and group: what a plan starts with
-    summary = g.group_summary()
-    elapsed = time.perf_counter() - start
-    assert summary == "embed, 96 x blocks.* (GPTBlock), head"
-    assert elapsed < 5.0
+    assert g.group_summary() == "embed, 96 x blocks.* (GPTBlock), head"
+    assert any("95 repeated layer(s) replayed" in note for note in g.notes), g.notes
     # Peak resident memory of this whole test process (torch and all), a bound on the trace's.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 2 * 2**30
