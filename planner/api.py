@@ -204,6 +204,9 @@ def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_b
     peak_stage = max(range(cfg.pp), key=lambda d: pred.memory_per_stage[d].total)
     stages = []
     sched = pred.schedule_result
+    from planner.schedules import chunk_devices
+
+    devices = chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
     for d in range(cfg.pp):
         stages.append({
             "device_index": d,
@@ -211,7 +214,7 @@ def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_b
             "memory_bytes": pred.memory_per_stage[d].as_dict(),
             "in_flight_micro_batches": float(getattr(sched, "peak_in_flight", [0] * cfg.pp)[d]) if sched else 0.0,
             "binding": pred.binding[d],
-            "chunk_phase_times_s": [list(phases[j]) for j in range(len(phases)) if j % cfg.pp == d],
+            "chunk_phase_times_s": [list(phases[j]) for j in range(len(phases)) if devices[j] == d],
         })
     return Prediction(
         step_time_s=pred.step_time_s, mfu=pred.mfu, peak_memory_bytes=int(pred.peak_memory_bytes),
@@ -226,9 +229,12 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
                baselines: list[BaselineResult] | None = None) -> Plan:
     graph = resolved.graph
     cfg = cand.config
+    from planner.schedules import chunk_devices
+
+    devices = chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
     stages = tuple(
         Stage(index=j, layer_start=a, layer_stop=b, layer_names=tuple(graph.layers[i].name for i in range(a, b)),
-              ranks=_ranks_for(j % cfg.pp, cfg), virtual_chunk=j // cfg.pp, device_index=j % cfg.pp)
+              ranks=_ranks_for(devices[j], cfg), virtual_chunk=j // cfg.pp, device_index=devices[j])
         for j, (a, b) in enumerate(cand.boundaries)
     )
     preset = resolved.preset
@@ -301,8 +307,9 @@ def _placements(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, exp
         return None
     if out:
         solver = out.get("solver", {})
-        explanation.append(f"Tensor splits on the tp axis from the intra-op ILP: status {solver.get('status')}, "
-                           f"gap {solver.get('gap')}, {solver.get('time_s', 0):.2f} s.")
+        styles = sorted(set((out.get("style") or {}).values()))
+        explanation.append(f"Tensor splits on the tp axis from the intra-op ILP (status {solver.get('status')}, "
+                           f"gap {solver.get('gap')}): module styles {', '.join(styles)}.")
     return out
 
 

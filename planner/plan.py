@@ -250,17 +250,21 @@ def write_atomic(path: Path, text: str, *, force: bool = False) -> Path:
     return path
 
 
-_WALL_CLOCK_KEYS = {"time_s", "solve_time_s", "build_time_s", "trace_time_s", "phase_times_s", "timings"}
+_WALL_CLOCK_KEYS = ("time_s", "solve_time_s", "build_time_s", "trace_time_s", "phase_times_s")
 
 
-def _without_wall_clock(x: Any, *, inside_predicted: bool = False) -> Any:
-    """Drop wall-clock measurements (they differ run to run); predictions are kept."""
-    if isinstance(x, dict):
-        return {k: _without_wall_clock(v, inside_predicted=inside_predicted or k == "predicted")
-                for k, v in x.items() if inside_predicted or k not in _WALL_CLOCK_KEYS}
-    if isinstance(x, (list, tuple)):
-        return [_without_wall_clock(v, inside_predicted=inside_predicted) for v in x]
-    return x
+def _without_wall_clock(d: dict[str, Any]) -> dict[str, Any]:
+    """Drop the solvers' wall-clock measurements (they differ run to run); predictions stay.
+
+    Only the solver reports carry wall clock: ``solver``, ``search`` and ``placements.solver``.
+    A predicted time elsewhere (a collective's ``time_s`` in placements) is kept.
+    """
+    for block in (d.get("solver"), d.get("search"), (d.get("search") or {}).get("intra_op"),
+                  (d.get("placements") or {}).get("solver")):
+        if isinstance(block, dict):
+            for key in _WALL_CLOCK_KEYS:
+                block.pop(key, None)
+    return d
 
 
 def _jsonable(x: Any) -> Any:

@@ -20,13 +20,14 @@ def stage_phase_lists(plan: Plan) -> tuple[list[float], list[float], list[float]
     chunks: dict[int, tuple[float, float, float]] = {}
     for st in plan.predicted.stages:
         d = st["device_index"]
-        for v, times in enumerate(st.get("chunk_phase_times_s", [])):
-            chunks[v * cfg.pp + d] = tuple(times)
+        mine = [s.index for s in plan.stages if s.device_index == d]  # this device's chunks, model order
+        for j, times in zip(mine, st.get("chunk_phase_times_s", [])):
+            chunks[j] = tuple(times)
     n = cfg.pp * cfg.virtual_stages
     if len(chunks) != n:  # an older plan: split each device's time 1:1:1
         per = [st.get("time_per_step_s", 0.0) / cfg.num_micro_batches / cfg.virtual_stages / 3
                for st in plan.predicted.stages]
-        chunks = {j: (per[j % cfg.pp],) * 3 for j in range(n)}
+        chunks = {s.index: (per[s.device_index],) * 3 for s in plan.stages}
     ordered = [chunks[j] for j in range(n)]
     return [t[0] for t in ordered], [t[1] for t in ordered], [t[2] for t in ordered]
 

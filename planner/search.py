@@ -186,12 +186,13 @@ def _memory_lower_bound(table: LayerTable, cfg: ParallelConfig, c: CostConstants
     return {part: nbytes / p for part, nbytes in parts.items()}
 
 
-def _busiest_device_s(table: LayerTable, boundaries: tuple[tuple[int, int], ...], pp: int) -> float:
+def _busiest_device_s(table: LayerTable, boundaries: tuple[tuple[int, int], ...], cfg: ParallelConfig) -> float:
     """Per-micro-batch work of the busiest device: every device runs all m micro-batches of it."""
     prefix = np.concatenate([[0.0], np.cumsum(table.total_s)])
-    work = [0.0] * pp
+    devices = schedules.chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
+    work = [0.0] * cfg.pp
     for j, (a, b) in enumerate(boundaries):
-        work[j % pp] += float(prefix[b] - prefix[a])
+        work[devices[j]] += float(prefix[b] - prefix[a])
     return max(work)
 
 
@@ -317,7 +318,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                     if not part.feasible and part.status != "given":
                         infeasible += 1
                         continue
-                    if part.feasible and m * _busiest_device_s(table, part.boundaries, pp) >= kth_best():
+                    if part.feasible and m * _busiest_device_s(table, part.boundaries, cfg) >= kth_best():
                         pruned += 1
                         continue
                     pred = evaluate(graph, cluster, cfg, list(part.boundaries), c, table=table)

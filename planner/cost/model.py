@@ -235,8 +235,10 @@ class StepPrediction:
         return max(m.total for m in self.memory_per_stage)
 
 
-def _chunks_of_device(boundaries: list[tuple[int, int]], pp: int, device: int) -> list[tuple[int, int]]:
-    return [boundaries[j] for j in range(len(boundaries)) if j % pp == device]
+def _chunks_of_device(boundaries: list[tuple[int, int]], devices: tuple[int, ...],
+                      device: int) -> list[tuple[int, int]]:
+    """The chunks ``device`` runs, by the schedule's placement (V-shapes fold back; never j % pp)."""
+    return [boundaries[j] for j in range(len(boundaries)) if devices[j] == device]
 
 
 def _pipeline_p2p_s(table: LayerTable, boundaries: list[tuple[int, int]], cfg: ParallelConfig,
@@ -270,6 +272,7 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
 
     p, v, m = cfg.pp, cfg.virtual_stages, cfg.num_micro_batches
     assert len(boundaries) == p * v, (len(boundaries), p, v)
+    devices = schedules.chunk_devices(cfg.schedule, p, v)  # chunk -> device, as the schedule places it
     if table is None:
         table = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
                             sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c)
@@ -295,10 +298,10 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     w_b, g_b, _ = c.state_bytes(table.dtype)
     dp_group: Group = strided_group(cluster, cfg.dp, cfg.tp)
     bw_mem = cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
-    per_device = [sum(fwd[j] + bin_[j] + bw[j] for j in range(len(boundaries)) if j % p == d) for d in range(p)]
+    per_device = [sum(fwd[j] + bin_[j] + bw[j] for j in range(len(boundaries)) if devices[j] == d) for d in range(p)]
     dp_exposed, fsdp_exposed, tied_sync, optim_s = [], [], [], []
     for d in range(p):
-        chunks = _chunks_of_device(boundaries, p, d)
+        chunks = _chunks_of_device(boundaries, devices, d)
         params = sum(stage_params(table, a, b) for a, b in chunks) / cfg.tp
         grads, weights = g_b * params, w_b * params
         if cfg.zero_stage == 0:
@@ -308,7 +311,7 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
         else:  # gradients are reduce-scattered per micro-batch, parameters gathered on use
             reduce, gather = 0.0, 0.0
         if cfg.overlap_grad_reduce:  # buckets reduce while the last micro-batch's backward runs
-            reduce = max(0.0, reduce - sum(bin_[j] + bw[j] for j in range(len(boundaries)) if j % p == d))
+            reduce = max(0.0, reduce - sum(bin_[j] + bw[j] for j in range(len(boundaries)) if devices[j] == d))
         dp_exposed.append(reduce + gather)
         if cfg.zero_stage >= 3 and cfg.dp > 1:
             per_mb = 2 * all_gather_s(weights, dp_group, c) + reduce_scatter_s(grads, dp_group, c)
@@ -324,7 +327,7 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
 
     # Breakdown along the busiest device: its own work, then what the pipeline adds, then the tail.
     busiest = int(np.argmax(per_device))
-    chunks_b = _chunks_of_device(boundaries, p, busiest)
+    chunks_b = _chunks_of_device(boundaries, devices, busiest)
 
     def seg(arr: np.ndarray) -> float:
         return m * sum(float(arr[a:b].sum()) for a, b in chunks_b)
@@ -354,9 +357,9 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     limit = usable_memory_bytes(cluster, c)
     memory: list[MemoryParts] = []
     for d in range(p):
-        chunks = _chunks_of_device(boundaries, p, d)
+        chunks = _chunks_of_device(boundaries, devices, d)
         flight = schedules.in_flight(cfg.schedule, p=p, m=m, v=v, device=d)
-        memory.append(stage_memory(table, chunks, in_flight=flight, cfg=cfg, c=c, is_last=(d == (p * v - 1) % p)))
+        memory.append(stage_memory(table, chunks, in_flight=flight, cfg=cfg, c=c, is_last=(d == devices[-1])))
     binding = []
     for d in range(p):
         if memory[d].total > limit:
@@ -387,16 +390,18 @@ def _tied_sync_s(table: LayerTable, boundaries: list[tuple[int, int]], device: i
     for i, entries in enumerate(table.tied):
         for name, numel, owner in entries:
             holders.setdefault(name, (numel, set()))[1].update((owner, i))
-    p = cfg.pp
-    device_of = [j % p for j, (a, b) in enumerate(boundaries) for _ in range(a, b)]
+    from planner.schedules import chunk_devices
+
+    chunk_device = chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
+    device_of = [chunk_device[j] for j, (a, b) in enumerate(boundaries) for _ in range(a, b)]
     dpn = cluster.devices_per_node if cluster.is_homogeneous else 1
     total = 0.0
     for numel, layers in holders.values():
-        devices = {device_of[i] for i in layers}
-        if device not in devices or len(devices) < 2:
+        holders_dev = {device_of[i] for i in layers}
+        if device not in holders_dev or len(holders_dev) < 2:
             continue
-        span = (max(devices) - min(devices)) * cfg.dp * cfg.tp  # rank distance between the holders
-        group = Group(size=len(devices), nodes=1 if span < dpn else len(devices), per_node=1,
+        span = (max(holders_dev) - min(holders_dev)) * cfg.dp * cfg.tp  # rank distance between the holders
+        group = Group(size=len(holders_dev), nodes=1 if span < dpn else len(holders_dev), per_node=1,
                       intra_bw=cluster.intra_node.bandwidth_bytes_per_s, intra_latency_s=cluster.intra_node.latency_s,
                       nic_bw=min(g.inter_node.bandwidth_bytes_per_s / g.devices_per_node for g in cluster.groups),
                       inter_latency_s=cluster.inter_node.latency_s)

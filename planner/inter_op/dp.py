@@ -277,8 +277,8 @@ def solve_dp(problem: StageProblem, *, time_limit_s: float | None = None,
         target = best.objective_s * (1 - _REL)
         if lb >= target:
             break
-        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-            timed_out = True
+        if time_limit_s is not None and best.feasible and time.perf_counter() - start > time_limit_s:
+            timed_out = True  # stop only once there is a plan to return (the first probe is cheap)
             break
         heapq.heappop(heap)
         if math.isfinite(target):  # cells whose bound alone reaches the best plan are never opened

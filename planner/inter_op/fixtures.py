@@ -10,6 +10,7 @@ time is ``flops / (peak × gemm_efficiency_max)``, which keeps the fixtures easy
 * :func:`vit_large_stem`: a convolutional stem worth several blocks, then blocks and a head.
 * :func:`big_branch`: two parallel branches (one much heavier) joining again: a DAG.
 * :func:`encoder_decoder`: every decoder layer reads the encoder output: a DAG with long edges.
+* :func:`gpt3_like`: GPT-3 175B's layer costs without tracing (the scale test).
 * :func:`random_graph`: random layer costs and random skip edges; :func:`random_instance` adds a
   random small cluster (one or two device types, random memory) for the oracle tests.
 """
@@ -136,6 +137,20 @@ def encoder_decoder(n_enc: int = 8, n_dec: int = 8, scale: float = 1.0) -> CostG
     enc_out = n_enc
     edges += [(enc_out, d) for d in range(n_enc + 2, n_enc + 1 + n_dec)]
     return synthetic_graph(f"encoder-decoder-{n_enc}-{n_dec}", specs, edges, scale=scale)
+
+
+def gpt3_like(n: int = 96) -> CostGraph:
+    """GPT-3 175B's per-sample layer costs at sequence 2048 (from the traced preset), as a synthetic chain.
+
+    Embedding: 629M + 25M parameters, no matrix multiply; 96 blocks of 1.81B parameters and 7.63 TFLOP
+    forward per sample; a head tied to the embedding (2.58 TFLOP). Compute has no shape penalty here.
+    """
+    specs = [LayerSpec(name="embed", gflops=0.0, params=654_311_424, act_mib=24.0, out_mib=48.0, module_type="Embed")]
+    specs += [LayerSpec(name=f"blocks.{i}", gflops=7627.9, params=1_812_099_072, act_mib=2736.0, out_mib=48.0)
+              for i in range(n)]
+    specs.append(LayerSpec(name="head", gflops=2577.0, params=24_576, act_mib=96.0, out_mib=200.0,
+                           module_type="LMHead", tied=(("embed.wte.weight", 629_145_600, 0),)))
+    return synthetic_graph(f"gpt3-like-{n}", specs, dtype="bf16")
 
 
 def random_graph(rng: np.random.Generator, n: int, *, skip_prob: float = 0.3, tied_prob: float = 0.2) -> CostGraph:

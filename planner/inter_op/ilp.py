@@ -8,26 +8,26 @@ program covers every stage count; otherwise (ZB-H1/H2) one program per ``p`` is 
 
 Sets: slots :math:`s = 1..P`; cuts :math:`0 \le i < j \le L`; sub-meshes :math:`c` (node group
 :math:`g(c)`, :math:`e_c` tensor-parallel groups, slice or whole nodes); node groups :math:`g`
-with :math:`U_g` tp-groups, :math:`n_g` per node. Data: :math:`t_{ijc}` stage time,
-:math:`\gamma_{ijc}` gradient tail, :math:`\mu^s_{ijc}` memory at slot :math:`s` (limit
-:math:`M_c`), :math:`x^{\ell}_{j,ab}` transfer at cut :math:`j` from sub-mesh :math:`a` to
-:math:`b` over link :math:`\ell` (:math:`\bar x` = the cross-node or cross-group link, :math:`x^{sn}`
-the same-node one).
+with :math:`U_g` tp-groups, :math:`n_g` per node; links :math:`\ell \in` {same node, cross node,
+cross group}. Data: :math:`t_{ijc}` stage time, :math:`\gamma_{ijc}` gradient tail,
+:math:`\mu^s_{ijc}` memory at slot :math:`s` (limit :math:`M_c`), :math:`\xi^\ell_{jc}` the time
+of one side of cut :math:`j` on sub-mesh :math:`c` over link :math:`\ell` (a transfer takes the
+larger side: the one with fewer replicas moves more bytes per device).
 
 Variables: :math:`z_{sijc} \in \{0,1\}` (slot :math:`s` holds layers :math:`[i, j)` on
 :math:`c`; only built when :math:`\mu^s_{ijc} \le M_c` and :math:`t_{ijc} < \infty`),
-:math:`w_s \in \{0,1\}` (slot used), :math:`q_{sjab} \in [0,1]` (cut :math:`j` between slots
-:math:`s+1` on :math:`a` and :math:`s` on :math:`b`), :math:`\nu_{sjab} \in [0,1]` (that cut is
-inside one node), node offsets :math:`o_{gs} \in \{0..n_g-1\}`, :math:`k_{gs} \in \mathbb{Z}_{\ge0}`,
-:math:`h_{gs} \in \{0,1\}`, bounds :math:`T, G \ge 0`. With :math:`y_{sc} = \sum_{ij} z_{sijc}`:
+:math:`w_s \in \{0,1\}` (slot used), node offsets :math:`o_{gs} \in \{0..n_g-1\}`,
+:math:`k_{gs} \in \mathbb{Z}_{\ge 0}`, :math:`h_{gs} \in \{0,1\}`, the transfer below slot
+:math:`s` :math:`X_s \ge 0`, link flags :math:`\sigma_s, \nu_s \in [0, 1]` (same group, same
+node), bounds :math:`T, G \ge 0`. With :math:`y_{sc} = \sum_{ij} z_{sijc}` and
+:math:`\Gamma_{sg} = \sum_{c \in g} y_{sc}`:
 
 .. math::
 
-    \min\; (m-1)\,T + G + \sum_s \Big(\sum_{ijc} t_{ijc} z_{sijc} + X_s\Big), \qquad
-    X_s = \sum_{jab} \bar x_{j,ab}\, q_{sjab} - \sum_{jab} (\bar x_{j,ab} - x^{sn}_{j,ab})\, \nu_{sjab}
+    \min\; (m-1)\,T + G + \sum_s \Big(\sum_{ijc} t_{ijc} z_{sijc} + X_s\Big)
 
-    \text{one\_stage}[s]:\ \textstyle\sum_{ijc} z_{sijc} = w_s \;(w_1 = 1) \qquad
-    \text{slots\_in\_order}[s]:\ w_{s+1} \le w_s \qquad \text{stage\_count}:\ \textstyle\sum_s w_s \ge p_{min}
+    \text{one\_stage}[s]:\ \textstyle\sum_{ijc} z_{sijc} = w_s \;(w_s = 1 \text{ for } s \le p_{min}) \qquad
+    \text{slots\_in\_order}[s]:\ w_{s+1} \le w_s
 
     \text{chain}[s, j]:\ \textstyle\sum_{kc} z_{sjkc} = \sum_{ic} z_{s+1,ijc} \;(0<j<L) \qquad
     \text{first\_stage}[s]:\ \textstyle\sum_{kc} z_{s0kc} = w_s - w_{s+1}
@@ -38,26 +38,37 @@ inside one node), node offsets :math:`o_{gs} \in \{0..n_g-1\}`, :math:`k_{gs} \i
     \text{slice\_fits}[g, s]:\ o_{g,s-1} + \textstyle\sum_{c \in g\, \text{slice}} e_c y_{sc} \le n_g \qquad
     \text{whole\_aligned}[g, s]:\ o_{g,s-1} + (n_g - 1) \textstyle\sum_{c \in g\, \text{whole}} y_{sc} \le n_g - 1
 
-    \text{cut\_out}[s, j, a]:\ \textstyle\sum_b q_{sjab} = \sum_i z_{s+1,ija} \qquad
-    \text{cut\_in}[s, j, b]:\ \textstyle\sum_a q_{sjab} = \sum_k z_{sjkb}
+    \text{transfer\_send}[s, \ell]:\ \textstyle\sum_{ijc} \xi^\ell_{jc} z_{s+1,ijc} - R_\ell \le X_s \qquad
+    \text{transfer\_recv}[s, \ell]:\ \textstyle\sum_{ijc,\, i>0} \xi^\ell_{ic} z_{sijc} - R_\ell \le X_s
 
-    \text{same\_node}[s, j, a, b]:\ \nu_{sjab} \le q_{sjab},\ \nu_{sjab} \le h_{g(a),s} \qquad
+    R_{same} = 0,\quad R_{cross\,node} = \bar\xi\,\nu_s,\quad R_{cross\,group} = \bar\xi\,\sigma_s \quad
+    (\bar\xi \text{: the row's largest coefficient})
+
+    \text{same\_group}[s, g]:\ \sigma_s + \Gamma_{s+1,g} - \Gamma_{sg} \le 1 \qquad
+    \text{same\_node\_in\_group}[s]:\ \nu_s \le \sigma_s
+
+    \text{same\_node\_offset}[s, g]:\ \nu_s + \Gamma_{sg} - h_{gs} \le 1 \qquad
     \text{node\_shared}[g, s]:\ h_{gs} \le o_{gs}
 
     \text{bottleneck\_stage}[s]:\ \textstyle\sum_{ijc} t_{ijc} z_{sijc} \le T \qquad
     \text{bottleneck\_transfer}[s]:\ X_s \le T \qquad
     \text{tail}[s]:\ \textstyle\sum_{ijc} \gamma_{ijc} z_{sijc} \le G
 
+    \text{capacity}:\ \textstyle\sum_{sijc} t_{ijc}\, e_c\, z_{sijc} \le T \sum_g U_g
+
 ``offset`` counts the tp-groups of each node group used by slots ``1..s`` (placed from the top
 ranks down, the mirror of placing stages in pipeline order from rank 0): a slice fits when the
 partly filled node has room, whole nodes need an empty offset, and the cut below slot ``s`` is
-inside one node exactly when the offset after it is not zero. ``cut_out``/``cut_in`` are the
-transportation form of :math:`q = z_{s+1} \wedge z_s`, tight in the LP relaxation, so ``q``
-and ``\nu`` stay continuous for CBC. For the explanation of an infeasible instance
-(:func:`explain_infeasible`) memory is written as named rows ``memory[s]`` instead of a filter.
+inside one node exactly when the offset after it is not zero. The transfer rows are exact
+because link times are ordered (same node ≤ cross node ≤ cross group, checked when the program
+is built): the flags only switch off the rows of slower links than the one the two stages share.
+``capacity`` is a valid cut (every stage's device-time ``t_k e_k`` is at most ``T e_k``) that
+tightens the LP bound. For the explanation of an infeasible instance (:func:`explain_infeasible`)
+memory is written as named rows ``memory[s]`` instead of a filter on ``z``.
 
-CP-SAT needs integers: times are scaled to units of ``max time / 10⁹`` and rounded. The plan it
-returns is priced again exactly; its reported lower bound subtracts the largest rounding error.
+CP-SAT needs integers: times are scaled to units of ``max time / 10⁷`` and rounded (at 10⁹ its
+presolve once claimed a wrong optimum). The plan it returns is priced again exactly; its lower
+bound subtracts the largest rounding error, so CP-SAT agrees with the brute force to about 10⁻⁶.
 """
 
 from __future__ import annotations
@@ -422,7 +433,7 @@ def solve_cbc(ilp: StageILP, *, time_limit_s: float | None, num_workers: int = 1
     prob = pulp.LpProblem("inter_op", pulp.LpMinimize)
     xs = []
     for k, (kind, lb, ub) in enumerate(zip(lm.kinds, lm.lb, lm.ub)):
-        cat = {"B": pulp.LpBinary, "I": pulp.LpInteger, "C": pulp.LpContinuous}[kind]
+        cat = pulp.LpContinuous if kind == "C" else pulp.LpInteger  # LpBinary would drop fixed bounds
         xs.append(pulp.LpVariable(f"v{k}", lowBound=lb, upBound=None if math.isinf(ub) else ub, cat=cat))
     for r in lm.rows:
         expr = pulp.lpSum(v * xs[k] for k, v in r.coef.items())

@@ -28,6 +28,7 @@ class StageAssignment:
     layer_names: tuple[str, ...]
     device_group: int  # index into cluster.groups
     device_name: str
+    submesh: int  # index into the problem's sub-mesh shapes (StageProblem.submeshes)
     ranks: tuple[int, ...]  # global ranks; replica r runs on ranks[r*tp:(r+1)*tp]
     nodes: tuple[int, ...]  # global node indices
     submesh_shape: tuple[int, int]  # (nodes, devices per node), Alpa's notation
@@ -83,6 +84,11 @@ class StageSolution:
         return tuple((s.layer_start, s.layer_stop) for s in self.stages)
 
     @property
+    def assignment(self) -> tuple[tuple[int, int, int], ...]:
+        """``(layer_start, layer_stop, submesh)`` per stage: what ``StageProblem.evaluate`` prices."""
+        return tuple((s.layer_start, s.layer_stop, s.submesh) for s in self.stages)
+
+    @property
     def layers_per_stage(self) -> tuple[int, ...]:
         return tuple(s.num_layers for s in self.stages)
 
@@ -123,7 +129,7 @@ def make_solution(problem: StageProblem, *, method: str, status: str, stages: tu
         nodes = tuple(sorted({problem.cluster.node_of_rank(r) for r in ranks}))
         out.append(StageAssignment(
             index=k, layer_start=i, layer_stop=j, layer_names=problem.layer_names[i:j], device_group=sm.group,
-            device_name=sm.device_name, ranks=ranks, nodes=nodes, submesh_shape=sm.shape(grp.devices_per_node),
+            device_name=sm.device_name, submesh=c, ranks=ranks, nodes=nodes, submesh_shape=sm.shape(grp.devices_per_node),
             replicas=sm.replicas, tp=problem.tp, micro_batch_per_replica=problem.micro_batch // sm.replicas,
             in_flight=cost.in_flight[k], stage_time_s=cost.stage_time_s[k],
             transfer_out_s=cost.transfer_s[k] if k < p - 1 else 0.0,

@@ -9,6 +9,7 @@ See docs/schedules.md for every method, its paper and its numbers.
 
 from planner.schedules.actions import Action, Program, format_actions, parse_actions, parse_program
 from planner.schedules.closed_form import estimate, in_flight, staleness, weight_versions
+from planner.schedules.placement import chunk_devices
 from planner.schedules.plot import plot_timeline
 from planner.schedules.registry import SCHEDULE_NAMES, ScheduleInfo, get_schedule
 from planner.schedules.simulator import SimResult, simulate
@@ -19,6 +20,7 @@ __all__ = [
     "Program",
     "ScheduleInfo",
     "SimResult",
+    "chunk_devices",
     "estimate",
     "format_actions",
     "get_schedule",

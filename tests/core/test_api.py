@@ -80,3 +80,15 @@ def test_time_limit_returns_labelled_plan_with_proven_gap():
     assert quick.predicted.step_time_s >= full.predicted.step_time_s * (1 - 1e-9)
     if quick.solver.status == "time_limit":
         assert 0 < quick.solver.gap <= 1
+
+
+def test_tensor_parallel_plan_is_deterministic_and_carries_placements():
+    from planner import evaluate
+
+    cfg = ParallelConfig(dp=1, tp=2, pp=1, micro_batch_size=2, num_micro_batches=2)
+    a = evaluate("gpt-tiny", "cpu-local", cfg, devices_per_node=2)
+    b = evaluate("gpt-tiny", "cpu-local", cfg, devices_per_node=2)
+    assert a.to_json_text() == b.to_json_text()
+    style = a.placements["style"]
+    assert style["blocks.0.attn.qkv"] == "colwise" and style["blocks.0.attn.proj"] == "rowwise"
+    assert style["blocks.0.mlp.fc1"] == "colwise" and style["blocks.0.mlp.fc2"] == "rowwise"
