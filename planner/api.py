@@ -301,7 +301,7 @@ def _placements(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, exp
     try:
         out = intra_op.plan_placements(graph, cluster, tp=cfg.tp, micro_batch=cfg.micro_batch_size,
                                        sequence_parallel=cfg.sequence_parallel)
-    except PlannerError as exc:
+    except (PlannerError, RuntimeError) as exc:  # RuntimeError: both ILP backends failed
         explanation.append(f"Intra-op sharding could not be solved ({exc}); the runtime falls back to its "
                            "model-specific tensor-parallel plan.")
         return None

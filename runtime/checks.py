@@ -9,6 +9,8 @@ the checkpoint to resume from.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,17 +91,29 @@ def static_checks(plan: Plan, preset: ModelPreset, *, device_type: str) -> None:
     _check_tied(meta, plan)
 
 
+ALLOW_MISMATCH_ENV = "RUNTIME_ALLOW_MISMATCH"
+
+
+def _mismatch(message: str, risk: str) -> None:
+    """Refuse a plan that does not match, unless the user chose ``--allow-mismatch``."""
+    if os.environ.get(ALLOW_MISMATCH_ENV) == "1":
+        print(f"warning: {message}. Running anyway (--allow-mismatch): {risk}", file=sys.stderr)
+        return
+    raise RunCheckError(f"{message}. To run it anyway pass --allow-mismatch ({risk})")
+
+
 def _check_cluster(plan: Plan, launch: Launch) -> None:
     dpn = plan.cluster.get("devices_per_node")
     nodes = plan.cluster.get("nodes")
     if isinstance(dpn, int) and isinstance(nodes, int):
         if (nodes, dpn) != (launch.nodes, launch.procs_per_node):
-            raise RunCheckError(
+            _mismatch(
                 f"cluster: the plan is for {nodes} node(s) x {dpn} devices per node, but this launch has "
                 f"{launch.nodes} node(s) x {launch.procs_per_node} processes per node; tensor-parallel ranks must "
                 f"share a node as planned. Launch --nnodes {nodes} --nproc-per-node {dpn} (locally: --nproc "
                 f"{nodes * dpn} for one node), or re-plan with --nodes {launch.nodes} --devices-per-node "
-                f"{launch.procs_per_node}")
+                f"{launch.procs_per_node}",
+                "tensor-parallel groups may then cross nodes and the predicted step time no longer applies")
 
 
 def check_fingerprint(plan: Plan, preset: ModelPreset) -> None:
@@ -107,11 +121,13 @@ def check_fingerprint(plan: Plan, preset: ModelPreset) -> None:
     graph = trace_model(preset.build(device="meta"), preset.sample_input(1, seq_len), name=preset.name,
                         dtype=plan.model.dtype, seq_len=seq_len)
     if graph.fingerprint() != plan.model.fingerprint:
-        raise RunCheckError(
+        _mismatch(
             f"model.fingerprint: the plan was made for a model with fingerprint {plan.model.fingerprint} "
             f"({plan.model.num_layers} layers) but preset {preset.name!r} now traces to {graph.fingerprint()} "
             f"({graph.num_layers} layers); the model changed since planning. Re-create the plan for this model "
-            f"(python -m planner plan --model {preset.name} …)")
+            f"(python -m planner plan --model {preset.name} …)",
+            "stages are cut at the plan's layer names, memory and time predictions were made for another model, "
+            "and a stage may no longer fit")
 
 
 def _check_tied(meta: torch.nn.Module, plan: Plan) -> None:

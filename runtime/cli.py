@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --checkpoint-dir")
     run.add_argument("--timeout-s", type=float, default=120.0,
                      help="collective timeout: a rank waiting this long on a lost peer fails (default 120)")
+    run.add_argument("--allow-mismatch", action="store_true",
+                     help="run a plan whose model fingerprint or node layout does not match, with a warning "
+                          "saying why that is risky (the schema version must still match)")
     run.add_argument("--quiet", action="store_true", help="print only errors")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.allow_mismatch:  # read by runtime.checks in this process and in the spawned workers
+        from runtime.checks import ALLOW_MISMATCH_ENV
+
+        os.environ[ALLOW_MISMATCH_ENV] = "1"
     from runtime.launch import WorkerArgs, WorkersFailed, in_torchrun, run_local, run_worker
     from runtime.train import RunOptions
 

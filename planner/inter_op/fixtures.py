@@ -201,7 +201,7 @@ def random_instance(seed: int, *, max_layers: int = 10, max_devices: int = 4) ->
     graph = random_graph(rng, int(rng.integers(2, max_layers + 1)))
     cluster = random_cluster(rng, max_devices=max_devices)
     dpn = min(g.devices_per_node for g in cluster.groups)
-    tp = 2 if dpn % 2 == 0 and rng.random() < 0.3 else 1
+    tp = 2 if dpn % 2 == 0 and rng.random() < 0.5 else 1
     kwargs = dict(schedule=str(rng.choice(["1f1b", "gpipe", "zb-h1", "zb-h2"])),
                   num_micro_batches=int(rng.integers(1, 9)), micro_batch=int(rng.choice([1, 2, 4])), tp=tp)
     return graph, cluster, kwargs

@@ -434,7 +434,7 @@ def solve_cbc(ilp: StageILP, *, time_limit_s: float | None, num_workers: int = 1
     xs = []
     for k, (kind, lb, ub) in enumerate(zip(lm.kinds, lm.lb, lm.ub)):
         cat = pulp.LpContinuous if kind == "C" else pulp.LpInteger  # LpBinary would drop fixed bounds
-        xs.append(pulp.LpVariable(f"v{k}", lowBound=lb, upBound=None if math.isinf(ub) else ub, cat=cat))
+        xs.append(prob.add_variable(f"v{k}", lowBound=lb, upBound=None if math.isinf(ub) else ub, cat=cat))
     for r in lm.rows:
         expr = pulp.lpSum(v * xs[k] for k, v in r.coef.items())
         rhs = r.rhs

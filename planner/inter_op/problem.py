@@ -290,8 +290,10 @@ def _cut_bytes(graph: CostGraph) -> np.ndarray:
     return np.cumsum(diff)[: n + 1]
 
 
-def _tail_tables(table: LayerTable, grp: NodeGroup, sm: SubMesh, tp: int, zero_stage: int,
+def _tail_tables(table: LayerTable, grp: NodeGroup, sm: SubMesh, tp: int, zero_stage: int, dtype: str,
                  c: CostConstants) -> tuple[np.ndarray, np.ndarray]:
+    """Per step: gradient sync over the stage's replicas (as ``cost.model.evaluate``) and the optimizer step."""
+    weight_bytes, grad_bytes, _ = c.state_bytes(dtype)
     params = table.matrices()["params"] / tp
     group = strided_group(ClusterSpec(name="g", groups=(grp,)), sm.replicas, tp)
     values, inverse = np.unique(params.ravel(), return_inverse=True)
@@ -299,11 +301,11 @@ def _tail_tables(table: LayerTable, grp: NodeGroup, sm: SubMesh, tp: int, zero_s
     for k, per_device in enumerate(values):
         if per_device <= 0 or sm.replicas == 1:
             continue
-        grads = c.grad_bytes * per_device
+        grads = grad_bytes * per_device
         if zero_stage == 0:
             sync[k] = all_reduce_s(grads, group, c)
         else:
-            sync[k] = reduce_scatter_s(grads, group, c) + all_gather_s(c.weight_bytes * per_device, group, c)
+            sync[k] = reduce_scatter_s(grads, group, c) + all_gather_s(weight_bytes * per_device, group, c)
     shard = sm.replicas if zero_stage >= 1 else 1
     optim = c.optimizer_step_bytes_per_param * params / shard / (
         grp.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency)
@@ -382,7 +384,7 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
         seg[np.tril_indices(n + 1)] = np.inf
         time.append(seg)
         layer_time.append(np.asarray(table.total_s, dtype=float))
-        s, o = _tail_tables(table, grp, sm, tp, zero_stage, c)
+        s, o = _tail_tables(table, grp, sm, tp, zero_stage, getattr(table, "dtype", graph.dtype), c)
         sync.append(s)
         optim.append(o)
         tables.append(table)
@@ -390,13 +392,22 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
                                    sequence_parallel=sequence_parallel, zero_stage=zero_stage))
         limits.append(usable_memory_bytes(_group_cluster(cluster, sm.group), c))
     cut = _cut_bytes(graph) * micro_batch / (tp if sequence_parallel else 1)
+    # Megatron's scatter/gather (cost.model's p2p): each tp rank sends 1/tp, the receiver
+    # all-gathers over NVLink; sequence-parallel activations are already split.
+    scatter = tp > 1 and not sequence_parallel and getattr(c, "pp_scatter_gather", False)
     # One side of a cut: sub-mesh c sends (or receives) its replicas' share over a link class.
     side = np.zeros((3, len(subs), n + 1))
     for sm in subs:
+        tp_group = strided_group(_group_cluster(cluster, sm.group), tp, 1)
         for link in (SAME_NODE, CROSS_NODE, CROSS_GROUP):
             net = cluster if link == CROSS_GROUP else _group_cluster(cluster, sm.group)
-            side[link, sm.index] = [2 * p2p_s(float(x), same_node=link == SAME_NODE, cluster=net, c=c)
-                                    for x in cut / sm.replicas]
+            for j, x in enumerate(cut / sm.replicas):
+                if scatter:
+                    t = p2p_s(float(x) / tp, same_node=link == SAME_NODE, cluster=net, c=c) + all_gather_s(
+                        float(x), tp_group, c)
+                else:
+                    t = p2p_s(float(x), same_node=link == SAME_NODE, cluster=net, c=c)
+                side[link, sm.index, j] = 2 * t  # activations forward, their gradients backward
     # The side with fewer replicas moves more bytes per device and sets the time: max of the two sides.
     xfer = np.full((3, len(subs), len(subs), n + 1), np.inf)
     for a in subs:

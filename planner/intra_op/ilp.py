@@ -52,7 +52,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -136,13 +136,41 @@ class IlpResult:
     choice: tuple[int, ...]
     num_variables: int
     num_constraints: int
+    note: str = ""  # set when the other backend had to take over (see solve_problem)
 
 
 def solve_problem(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 30.0,
-                  num_workers: int = 1) -> IlpResult:
-    """Solve with ``backend`` (``"cpsat"`` or ``"cbc"``); one worker keeps CP-SAT deterministic."""
+                  num_workers: int = 1, fallback: bool = True) -> IlpResult:
+    """Solve with ``backend`` (``"cpsat"`` or ``"cbc"``); one worker keeps CP-SAT deterministic.
+
+    Solver trouble (backend not installed or crashing, no solution within the time limit) falls
+    back to the other backend when ``fallback``; the result's ``note`` says what happened. A
+    proven infeasibility is final (both backends solve the same model).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend: got {backend!r}; use one of {list(BACKENDS)}")
+    first, trouble = _try_backend(problem, backend, time_limit_s, num_workers)
+    if not fallback or first is not None and first.status != "unknown":
+        if first is None:
+            raise RuntimeError(f"intra-op ILP: backend {backend} failed: {trouble}")
+        return first
+    other = "cbc" if backend == "cpsat" else "cpsat"
+    second, trouble2 = _try_backend(problem, other, time_limit_s, num_workers)
+    why = trouble or f"no solution within {time_limit_s:g} s"
+    if second is None:
+        raise RuntimeError(f"intra-op ILP: both backends failed ({backend}: {why}; {other}: {trouble2})")
+    return replace(second, note=f"{backend} failed ({why}); solved with {other}")
+
+
+def _try_backend(problem: Problem, backend: str, time_limit_s: float,
+                 num_workers: int) -> tuple[IlpResult | None, str]:
+    try:
+        return _solve_with(problem, backend, time_limit_s, num_workers), ""
+    except Exception as exc:  # solver missing (ImportError), crashed or numerically confused
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _solve_with(problem: Problem, backend: str, time_limit_s: float, num_workers: int) -> IlpResult:
     builder = _CpSat(problem) if backend == "cpsat" else _Cbc(problem)
     builder.add_one_strategy()
     builder.add_edges()

@@ -24,6 +24,7 @@ class Case:
     make: Callable[[Path], list[str]]  # builds argv (may write files into the temp dir)
     exit_code: int
     fragments: tuple[str, ...]
+    cli: str = "planner"  # which command line: "planner" (python -m planner) or "runtime" (python -m runtime)
 
 
 def _cluster_file(tmp: Path, mutate) -> str:
@@ -54,6 +55,35 @@ def _plan_file(tmp: Path, mutate) -> str:
     bad = tmp / "bad-plan.json"
     bad.write_text(json.dumps(d) if not isinstance(d, str) else d)
     return str(bad)
+
+
+def _checkpoint(tmp: Path, *, manifest: str | dict | None, data: bytes = b"weights") -> str:
+    """A checkpoint folder as the runtime writes it, damaged as asked (no training needed)."""
+    root = tmp / "ckpt"
+    step = root / "step-000002"
+    step.mkdir(parents=True, exist_ok=True)
+    (step / "__0_0.distcp").write_bytes(data)
+    if manifest is not None:
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        (step / "manifest.json").write_text(text)
+    return str(root)
+
+
+def _good_manifest(plan_path: str, *, sha: str | None = None, size: int | None = None) -> dict:
+    import hashlib
+
+    from runtime.checkpoint import FORMAT_VERSION
+
+    plan = json.loads(Path(plan_path).read_text())
+    return {"format": FORMAT_VERSION, "step": 2, "model": "gpt-tiny", "model_fingerprint": plan["model"]["fingerprint"],
+            "files": {"__0_0.distcp": {"bytes": size if size is not None else 7,
+                                       "sha256": sha or hashlib.sha256(b"weights").hexdigest()}}}
+
+
+def _run_ckpt(tmp: Path, manifest_fn) -> list[str]:
+    plan = _plan_file(tmp, lambda d: None)
+    root = _checkpoint(tmp, manifest=manifest_fn(plan))
+    return ["run", plan, "--nproc", "2", "--steps", "1", "--checkpoint-dir", root, "--resume"]
 
 
 def _raw_file(tmp: Path, name: str, text: str) -> str:
@@ -151,4 +181,26 @@ CASES: list[Case] = [
     Case("plan-bad-fingerprint", "plan file", "plan whose fingerprint is malformed",
          lambda t: ["explain", _plan_file(t, lambda d: d["model"].update(fingerprint="abc"))], 2,
          ("model.fingerprint",)),
+    # -- running a plan (checked before any process starts) -------------------------------------
+    Case("run-world-size", "runtime", "plan for 2 devices launched on 4 processes",
+         lambda t: ["run", _plan_file(t, lambda d: None), "--nproc", "4", "--steps", "1"], 2, ("world",), "runtime"),
+    Case("run-model-changed", "runtime", "plan whose model fingerprint no longer matches the model",
+         lambda t: ["run", _plan_file(t, lambda d: d["model"].update(fingerprint="sha256:0000000000000000")),
+                    "--nproc", "2", "--steps", "1"], 2, ("model.fingerprint", "--allow-mismatch"), "runtime"),
+    Case("run-async-schedule", "runtime", "plan with an asynchronous schedule the runtime does not run",
+         lambda t: ["run", _plan_file(t, lambda d: d["parallel"].update(schedule="pipedream")),
+                    "--nproc", "2", "--steps", "1"], 2, ("pipedream", "1f1b"), "runtime"),
+    # -- checkpoints ----------------------------------------------------------------------------
+    Case("ckpt-none", "checkpoint", "--resume with a folder holding no checkpoint",
+         lambda t: ["run", _plan_file(t, lambda d: None), "--nproc", "2", "--steps", "1", "--checkpoint-dir",
+                    str(t / "empty"), "--resume"], 2, ("no step-NNNNNN folder",), "runtime"),
+    Case("ckpt-unfinished", "checkpoint", "checkpoint whose save never finished (no manifest)",
+         lambda t: _run_ckpt(t, lambda plan: None), 2, ("no manifest.json", "did not finish"), "runtime"),
+    Case("ckpt-damaged-manifest", "checkpoint", "checkpoint with a garbled manifest",
+         lambda t: _run_ckpt(t, lambda plan: "{not json"), 2, ("manifest.json is damaged",), "runtime"),
+    Case("ckpt-corrupted", "checkpoint", "checkpoint file with a flipped byte",
+         lambda t: _run_ckpt(t, lambda plan: _good_manifest(plan, sha="0" * 64)), 2, ("is corrupted", "SHA-256"),
+         "runtime"),
+    Case("ckpt-truncated", "checkpoint", "truncated checkpoint file",
+         lambda t: _run_ckpt(t, lambda plan: _good_manifest(plan, size=1000)), 2, ("truncated",), "runtime"),
 ]

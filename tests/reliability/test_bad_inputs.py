@@ -15,16 +15,21 @@ from planner.cli import main
 from .cases import CASES  # noqa: TID252
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
-_results: dict[str, tuple[int, str]] = {}
+_results: dict[str, tuple[int, str, str]] = {}  # id -> (exit code, stderr, subcommand)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_gets_clear_answer(case, tmp_path, capsys):
     argv = case.make(tmp_path)
     capsys.readouterr()
-    code = main(argv)
+    if case.cli == "runtime":
+        from runtime.cli import main as runtime_main
+
+        code = runtime_main(argv)
+    else:
+        code = main(argv)
     err = capsys.readouterr().err
-    _results[case.id] = (code, err.strip())
+    _results[case.id] = (code, err.strip(), argv[0])
     assert code == case.exit_code, err
     assert "Traceback" not in err
     for fragment in case.fragments:
@@ -39,14 +44,14 @@ def _render() -> str:
         "asserts every exit code and message fragment below, and fails if this page is stale.\n",
         f"{len(CASES)} cases. Exit code 2: the input is wrong (message names the field and the fix); "
         "3: the configuration was priced but does not fit in memory.\n",
-        "| # | area | input | exit | message |", "| --- | --- | --- | --- | --- |",
+        "| # | area | input | command | exit | message |", "| --- | --- | --- | --- | --- | --- |",
     ]
     for i, case in enumerate(CASES, 1):
-        code, err = _results[case.id]
+        code, err, verb = _results[case.id]
         msg = err.replace("|", "\\|").replace("\n", " ")
         if code == 3:
             msg = "(prediction printed; stdout says DOES NOT FIT)"
-        lines.append(f"| {i} | {case.area} | {case.what} | {code} | {msg} |")
+        lines.append(f"| {i} | {case.area} | {case.what} | python -m {case.cli} {verb} | {code} | {msg} |")
     return "\n".join(lines) + "\n"
 
 
@@ -57,7 +62,7 @@ def test_doc_table_is_current():
     # Temp paths differ per run: compare with them masked.
     import re
 
-    mask = lambda s: re.sub(r"/tmp/\S*?/(?=[\w.-]+\.json)", "<tmp>/", s)  # noqa: E731
+    mask = lambda s: re.sub(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/[^/\s]+", "<tmp>", s)  # noqa: E731
     if os.environ.get("PLANNER_WRITE_DOCS"):
         DOC.write_text(mask(text))
     assert DOC.exists(), "docs/reliability.md missing: regenerate it (see module docstring)"
