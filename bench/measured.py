@@ -2,10 +2,10 @@
 
 Small models on ``cpu-local`` (each device is a local process, gloo over loopback). For each
 case the bench writes the plan (``planner.plan``) and one plan per baseline configuration
-(``planner.evaluate``), then runs each with ``python -m runtime run`` and reads the measured step
-time from its metrics JSON (median over the steps after the first, the slowest rank; see
-``runtime/report.py``). All runs of a case happen one after another in this invocation, so their
-ratio is the comparison; absolute times on a shared 2-core machine are not.
+(``planner.evaluate``), then runs each with ``python -m runtime run`` and reads the per-step times from its metrics JSON
+(``steps[].step_time_s``: the slowest rank's wall time of each step; see ``runtime/report.py``).
+All runs of a case happen one after another in this invocation, so their ratio is the comparison;
+absolute times on a shared 2-core machine are not.
 
 The plan is searched in the space the runtime executes (``runnable_space``: no sequence
 parallelism, the runtime's schedules); when the unconstrained plan differs, the page says so.
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import Context, fmt_ratio, fmt_s, md_table, rel_path, run_cmd, say
@@ -60,18 +61,20 @@ class Case:
 def _cases(quick: bool) -> tuple[Case, ...]:
     if quick:
         return (Case("gpt-tiny", 2, 8, 3, (Config("pure DP (DDP)", 1, 1, 2, 4),)),)
+    # 4 steps per run: the first is warm-up, so each run adds 3 step times.
     return (
-        Case("gpt-tiny", 2, 16, 5, (
+        Case("gpt-tiny", 2, 16, 4, (
             Config("pure DP (DDP)", 1, 1, 2, 8),
             Config("ZeRO-3 / FSDP", 1, 1, 2, 8, zero=3),
             Config("tp=2 (Megatron TP)", 2, 1, 1, 16),
             Config("pp=2 uniform, 1F1B", 1, 2, 1, 4, partition="uniform"),
+            Config("pp=2 planner's split, 1F1B", 1, 2, 1, 4),
         )),
-        Case("gpt-10m", 2, 8, 5, (
+        Case("gpt-10m", 2, 8, 4, (
             Config("pure DP (DDP)", 1, 1, 2, 4),
             Config("pp=2 uniform, 1F1B", 1, 2, 1, 2, partition="uniform"),
         )),
-        Case("gpt-tiny", 4, 16, 5, (
+        Case("gpt-tiny", 4, 16, 4, (
             Config("pure DP (DDP)", 1, 1, 4, 4),
             Config("pp=2 x dp=2 uniform, 1F1B", 1, 2, 2, 2, partition="uniform"),
         )),
@@ -142,95 +145,131 @@ def _write_plan(case: Case, conf: Config | None, path: Path):
     return p
 
 
-def _steps_after_first(metrics: dict) -> list[float]:
-    return [s["step_time_s"] for s in metrics.get("steps", [])][1:]
+@dataclass
+class Entry:
+    name: str
+    conf: Config | None  # None: the plan
+    plan_path: Path
+    plan: object = None
+    note: str = ""  # why it was not run
+    step_times: list[float] = field(default_factory=list)  # after each run's first step, pooled
+    round_medians: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.plan.parallel.label() if self.plan is not None else ""
+
+    @property
+    def stages(self) -> str:
+        return "/".join(str(s.layer_stop - s.layer_start) for s in self.plan.stages) if self.plan is not None else ""
+
+    @property
+    def measured_s(self) -> float:
+        return statistics.median(self.step_times) if self.step_times else math.nan
+
+
+def _slug(entry_name: str, conf: Config | None) -> str:
+    if conf is None:
+        return "plan"
+    return (entry_name.split(" ")[0].replace("=", "").replace("/", "")
+            + f"-tp{conf.tp}pp{conf.pp}dp{conf.dp}mb{conf.micro_batch}z{conf.zero}-{conf.partition}")
+
+
+def _prepare(case: Case, folder: Path, commands: list[str]) -> list[Entry]:
+    """Write every plan of the case; mark baselines identical to the plan as not to be run."""
+    entries = [Entry("plan", None, folder / "plan.plan.json")]
+    entries += [Entry(c.name, c, folder / f"{_slug(c.name, c)}.plan.json") for c in case.baselines]
+    for e in entries:
+        rel = rel_path(str(e.plan_path))
+        if e.conf is None:
+            commands.append(f"planner.plan({case.model!r}, {CLUSTER!r}, devices_per_node={case.nproc}, "
+                            f"global_batch={case.global_batch}, space=bench.measured.runnable_space())"
+                            f".to_json({rel!r})")
+        else:
+            commands.append(e.conf.cli(case.model, case.nproc, case.global_batch, rel)
+                            + ("  # written by bench.measured._uniform_plan" if e.conf.partition == "uniform" else ""))
+        try:
+            e.plan = _write_plan(case, e.conf, e.plan_path)
+        except Exception as exc:  # noqa: BLE001 - reported on the page
+            e.note = f"plan failed: {type(exc).__name__}: {str(exc)[:160]}"
+            continue
+        if e.conf is not None and (e.label, e.stages) == (entries[0].label, entries[0].stages):
+            e.note = "same configuration as the plan: not run again"
+    return entries
+
+
+def _run_case(case: Case, entries: list[Entry], rounds: int, commands: list[str], problems: list[str]) -> None:
+    """Run every runnable entry ``rounds`` times, forwards then backwards, so slow drift of the machine's
+    load hits every configuration alike."""
+    runnable = [e for e in entries if not e.note]
+    for r in range(rounds):
+        for e in runnable if r % 2 == 0 else runnable[::-1]:
+            if e.note:  # failed in an earlier round
+                continue
+            say(f"{case.model} x{case.nproc}: {e.name} (round {r + 1}/{rounds})")
+            metrics_path = e.plan_path.with_name(e.plan_path.name.replace(".plan.json", f".r{r + 1}.metrics.json"))
+            if metrics_path.exists():
+                metrics_path.unlink()
+            res = run_cmd([sys.executable, "-m", "runtime", "run", str(e.plan_path), "--nproc", str(case.nproc),
+                           "--steps", str(case.steps), "--out", str(metrics_path), "--quiet"], timeout_s=600)
+            commands.append(res.cmd)
+            if not res.ok or not metrics_path.exists():
+                e.note = f"run failed: {res.error_line()}"
+                problems.append(f"`{res.cmd}` failed: {res.error_line()}")
+                continue
+            steps = [s["step_time_s"] for s in json.loads(metrics_path.read_text()).get("steps", [])][1:]
+            e.step_times += steps
+            if steps:
+                e.round_medians.append(statistics.median(steps))
 
 
 def section(ctx: Context) -> str:
-    from planner import evaluate  # noqa: F401  (import once here: the plans below are written in-process)
-
-    lines = ["## Measured on this machine (CPU, gloo)\n", __doc__.split("\n\n", 1)[1].strip(), ""]
+    rounds = 1 if ctx.quick else 2
+    lines = ["## Measured on this machine (CPU, gloo)\n", __doc__.split("\n\n", 1)[1].strip(), "",
+             f"Each configuration runs {rounds} time(s) (all configurations of a case in order, then in reverse "
+             "order); the measured step time is the median of the steps after each run's first (warm-up) step, "
+             "pooled over the runs.", ""]
     commands: list[str] = []
     problems: list[str] = PROBLEMS
     PROBLEMS.clear()
     for case in _cases(ctx.quick):
         folder = ctx.work_dir / "cpu" / f"{case.model}-n{case.nproc}"
         folder.mkdir(parents=True, exist_ok=True)
-        entries: list[tuple[str, Config | None]] = [("plan", None)] + [(c.name, c) for c in case.baselines]
-        results = []
-        ours_label = None
-        for name, conf in entries:
-            slug = "plan" if conf is None else name.split(" ")[0].replace("=", "").replace("/", "")
-            slug += "" if conf is None else f"-{conf.tp}{conf.pp}{conf.dp}{conf.micro_batch}z{conf.zero}"
-            plan_path, metrics_path = folder / f"{slug}.plan.json", folder / f"{slug}.metrics.json"
-            say(f"{case.model} x{case.nproc}: {name}")
-            rel_plan = rel_path(str(plan_path))
-            if conf is None:
-                commands.append(f"planner.plan({case.model!r}, {CLUSTER!r}, devices_per_node={case.nproc}, "
-                                f"global_batch={case.global_batch}, space=bench.measured.runnable_space())"
-                                f".to_json({str(rel_plan)!r})")
-            else:
-                commands.append(conf.cli(case.model, case.nproc, case.global_batch, str(rel_plan))
-                                + ("  # written by bench.measured._uniform_plan" if conf.partition == "uniform"
-                                   else ""))
-            try:
-                p = _write_plan(case, conf, plan_path)
-            except Exception as exc:  # noqa: BLE001 - reported on the page
-                results.append((name, None, None, f"plan failed: {type(exc).__name__}: {str(exc)[:160]}"))
-                continue
-            label = p.parallel.label()
-            stages = "/".join(str(s.layer_stop - s.layer_start) for s in p.stages)
-            if conf is None:
-                ours_label, ours_stages = label, stages
-            elif label == ours_label and stages == ours_stages:
-                results.append((name, label, p, "same configuration as the plan: not run again"))
-                continue
-            if metrics_path.exists():
-                metrics_path.unlink()
-            res = run_cmd([sys.executable, "-m", "runtime", "run", str(plan_path), "--nproc", str(case.nproc),
-                           "--steps", str(case.steps), "--out", str(metrics_path), "--quiet"], timeout_s=600)
-            commands.append(res.cmd)
-            if not res.ok or not metrics_path.exists():
-                results.append((name, label, p, f"run failed: {res.error_line()}"))
-                problems.append(f"`{res.cmd}` failed: {res.error_line()}")
-                continue
-            metrics = json.loads(metrics_path.read_text())
-            results.append((name, label, p, metrics))
+        entries = _prepare(case, folder, commands)
+        _run_case(case, entries, rounds, commands, problems)
+        ours = entries[0]
         lines += [f"### {case.model}, {case.nproc} processes, global batch {case.global_batch}, "
                   f"{case.steps} steps per run\n"]
         try:
             free = _unconstrained_label(case)
         except Exception as exc:  # noqa: BLE001 - reported on the page
             free = f"error: {type(exc).__name__}: {exc}"
-        if ours_label and free != ours_label:
+        if ours.label and free != ours.label:
             lines += [f"Without the runtime's limits the planner picks `{free}`; the plan run here is the best "
-                      f"configuration the runtime executes, `{ours_label}`.\n"]
-        ours_ms = next((r[3]["measured"]["step_time_s"] for r in results if r[0] == "plan" and isinstance(r[3], dict)),
-                       None)
-        ours_pred = next((r[2].predicted.step_time_s for r in results if r[0] == "plan" and r[2] is not None), None)
+                      f"configuration the runtime executes, `{ours.label}`.\n"]
+        ours_pred = ours.plan.predicted.step_time_s if ours.plan is not None else math.nan
         table = []
-        for name, label, p, m in results:
-            stages = "/".join(str(s.layer_stop - s.layer_start) for s in p.stages) if p is not None else ""
-            pred = p.predicted.step_time_s if p is not None else math.nan
-            if not isinstance(m, dict):
-                table.append([name, f"`{label}`" if label else "", stages, fmt_s(pred), m, "", "", ""])
+        for e in entries:
+            pred = e.plan.predicted.step_time_s if e.plan is not None else math.nan
+            if not e.step_times:
+                table.append([e.name, f"`{e.label}`" if e.label else "", e.stages, fmt_s(pred), e.note, "", "", ""])
                 continue
-            ms = m["measured"]["step_time_s"]
-            later = _steps_after_first(m)
-            spread = f"{min(later):.3g}–{max(later):.3g}" if later else "—"
-            table.append([name, f"`{label}`", stages, fmt_s(pred), fmt_s(ms), spread,
-                          fmt_ratio(ours_ms / ms) if ours_ms and name != "plan" else "",
-                          fmt_ratio(ours_pred / pred) if ours_pred and name != "plan" else ""])
-            if name != "plan" and ours_ms and ours_ms > ms:
-                problems.append(f"{case.model} x{case.nproc}: {name} measured faster than the plan "
-                                f"({ms:.3g} s vs {ours_ms:.3g} s; predicted {pred:.3g} s vs {ours_pred:.3g} s).")
+            is_plan = e is ours
+            table.append([e.name, f"`{e.label}`", e.stages, fmt_s(pred), fmt_s(e.measured_s),
+                          " / ".join(f"{x:.3g}" for x in e.round_medians),
+                          "" if is_plan else fmt_ratio(ours.measured_s / e.measured_s),
+                          "" if is_plan else fmt_ratio(ours_pred / pred)])
+            if not is_plan and ours.measured_s > e.measured_s:
+                problems.append(f"{case.model} x{case.nproc}: {e.name} measured faster than the plan "
+                                f"({e.measured_s:.3g} s vs {ours.measured_s:.3g} s; predicted {pred:.3g} s vs "
+                                f"{ours_pred:.3g} s).")
         lines.append(md_table(["configuration", "parallel", "layers per stage", "predicted step (s)",
-                               "measured step (s, median)", "measured range (s)", "plan / this (measured)",
+                               "measured step (s, median)", "median per run (s)", "plan / this (measured)",
                                "plan / this (predicted)"], table))
         lines.append("")
-    lines += ["Ratios below 1.00 mean the plan was faster. Measured range: fastest and slowest step after the "
-              "first.", "", "Commands, in the order they ran (the plan files are written in the bench process by "
-              "the API calls equivalent to the `planner` lines):", "", "```"] + commands + ["```"]
+    lines += ["Ratios below 1.00 mean the plan was faster.", "",
+              "Commands, in the order they ran (the plan files are written in the bench process by the API calls "
+              "equivalent to the `planner` lines):", "", "```"] + commands + ["```"]
     if problems:
-        lines += ["", "Where the plan lost or a run failed in this run:", ""] + [f"* {p}" for p in problems]
+        lines += ["", "Where the plan lost, or something failed, in this run:", ""] + [f"* {p}" for p in problems]
     return "\n".join(lines)

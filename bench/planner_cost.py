@@ -84,6 +84,7 @@ def _figure(ctx: Context, results: list[tuple[Sweep, list[dict]]]) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter, NullLocator
 
     path, link = ctx.figure_path("planner_cost")
     fig, axes = plt.subplots(2, len(results), figsize=(5.2 * len(results), 7), squeeze=False)
@@ -93,15 +94,23 @@ def _figure(ctx: Context, results: list[tuple[Sweep, list[dict]]]) -> str:
             ax = axes[row][col]
             good = [p for p in points if p.get("feasible") and p.get(key, 0) > 0]
             bad = [p for p in points if p.get("feasible") is False and p.get(key, 0) > 0]
-            ax.loglog([p["size"] for p in good], [p[key] for p in good], "o-", label="plan found")
+            ax.loglog([p["size"] for p in good], [p[key] for p in good], "o-", color="C0", label="plan found")
             if bad:
-                ax.loglog([p["size"] for p in bad], [p[key] for p in bad], "x", ms=8, label="no configuration fits")
+                ax.loglog([p["size"] for p in bad], [p[key] for p in bad], "x", ms=8, color="C3",
+                          label="no configuration fits")
             slope, c = fit(points, key)
             if math.isfinite(slope):
                 xs = np.array([min(p["size"] for p in good), max(p["size"] for p in good)], dtype=float)
                 ax.loglog(xs, np.exp(c) * xs ** slope, "--", color="grey", label=f"fit: slope {slope:.2f}")
             if key == "wall_s" and good and "search_s" in good[0]:
-                ax.loglog([p["size"] for p in good], [p["search_s"] for p in good], "s:", ms=4, label="search only")
+                ax.loglog([p["size"] for p in good], [p["search_s"] for p in good], "s:", ms=4, color="C2",
+                          label="search only")
+            sizes = sorted({p["size"] for p in points if isinstance(p.get("size"), int)})
+            ax.set_xticks(sizes, [str(x) for x in sizes], fontsize=7, rotation=45 if len(sizes) > 8 else 0)
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("GPUs" if sweep.axis == "gpus" else "transformer blocks")
             ax.set_ylabel(ylabel)
             ax.set_title(sweep.name, fontsize=9)
@@ -134,7 +143,7 @@ def section(ctx: Context) -> str:
                 rows.append([p["size"], f"error: {p['error']}", "", "", "", "", "", ""])
                 continue
             rows.append([p["size"], p.get("layers", "—"), f"`{p['config']}`" if p.get("feasible") else
-                         f"none fits ({p.get('error', '')[:80]})", f"{p['wall_s']:.2f}",
+                         "no configuration fits (proved)", f"{p['wall_s']:.2f}",
                          fmt_s(p.get("trace_s"), 3), fmt_s(p.get("search_s"), 3), p.get("evaluated", "—"),
                          f"{p['peak_rss_mib']:.0f} (+{p['peak_delta_mib']:.0f})"])
         lines.append(md_table([unit, "graph layers", "plan", "plan() wall (s)", "trace (s)", "search (s)",

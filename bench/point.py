@@ -67,7 +67,7 @@ def measure(model: str, cluster: str, *, global_batch: int, nodes: int | None = 
         out.update(feasible=True, config=p.parallel.label(), step_time_s=p.predicted.step_time_s,
                    layers=p.model.num_layers, evaluated=p.search.get("evaluated"), **p.timings)
     except PlannerError as exc:
-        out.update(feasible=False, error=str(exc).split(". ")[0][:200])
+        out.update(feasible=False, reason=str(exc).split(". ")[0][:200])
     out["wall_s"] = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     hwm = _status_mib("VmHWM")

@@ -12,7 +12,10 @@ For every workload × cluster the plan's predicted step time is compared with
   torch 2.13).
 
 Everything is priced by the same cost model, so the ratio is the planner's margin over the best
-that recipe can do under that model, not a measurement. Most plans for these batch sizes have a
+that recipe can do under that model, not a measurement. On the mixed A100 + V100 cluster the joint
+search prices every device as the cluster's slowest (``ClusterSpec.device``), so those rows match
+an all-V100 cluster of the same size; the solver that places stages on each device type is
+benchmarked in the ``inter_op`` section. Most plans for these batch sizes have a
 single pipeline stage, where the partitions coincide; the second table therefore compares the
 partitions on the best *pipelined* configuration (pp ≥ 2) of each workload as well.
 """
@@ -160,7 +163,8 @@ def _recipe_candidate(graph, cluster, global_batch: int, name: str, c):
     return search(graph, cluster, global_batch, space=space, constants=c, top_k=1).best
 
 
-def _why(ours: dict[str, float], ours_cfg: str, theirs: dict[str, float], name: str, their_cfg: str) -> str:
+def _why(ours: dict[str, float], ours_cfg: str, ours_mem: float, theirs: dict[str, float], name: str,
+         their_cfg: str, their_mem: float) -> str:
     """The breakdown terms where the baseline spends the most extra time, in seconds per step."""
     diffs = sorted(((theirs.get(k, 0.0) - ours.get(k, 0.0), k) for k in set(ours) | set(theirs)), reverse=True)
     parts = [f"{k} {theirs.get(k, 0.0):.3g} s vs {ours.get(k, 0.0):.3g} s" for d, k in diffs[:3] if d > 1e-9]
@@ -168,7 +172,7 @@ def _why(ours: dict[str, float], ours_cfg: str, theirs: dict[str, float], name: 
     text = f"{name} `{their_cfg}` against the plan `{ours_cfg}`: " + ("; ".join(parts) or "no single term")
     if saved:
         text += f" (the plan pays more in {saved[-1]})"
-    return text + "."
+    return text + f"; peak memory per device {their_mem / GiB:.1f} GiB vs {ours_mem / GiB:.1f} GiB."
 
 
 def run_workload(w: Workload) -> Row:
@@ -201,9 +205,12 @@ def run_workload(w: Workload) -> Row:
             cand = _recipe_candidate(graph, spec, w.global_batch, name, c)
             theirs = dict(cand.prediction.time_breakdown_s) if cand else {}
             their_cfg = cand.config.label() if cand else row.recipes[name]["config"]
+            their_mem = cand.prediction.peak_memory_bytes if cand else math.nan
         else:
             theirs, their_cfg = dict(preds[name][0].time_breakdown_s), f"{cfg.label()}, {name} split"
-        row.why_win = _why(row.breakdown, row.config, theirs, name, their_cfg)
+            their_mem = preds[name][0].peak_memory_bytes
+        row.why_win = _why(row.breakdown, row.config, p.predicted.peak_memory_bytes, theirs, name, their_cfg,
+                           their_mem)
     row.pipelined = _pipelined(graph, spec, w, p, c, ours_bounds)
     return row
 

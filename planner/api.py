@@ -264,6 +264,8 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
                               objective=cand.step_time_s, bound=cand.step_time_s, gap=0.0, time_s=0.0)
         search_info = {}
     explanation = _explain(graph, cluster, cand, c)
+    if cfg.pp > 1 and result is not None:
+        explanation.append(_why_schedule(graph, cluster, cand, c))
     placements = _placements(graph, cluster, cfg, explanation)
     if placements:
         search_info["intra_op"] = placements.get("solver", {})
@@ -311,6 +313,41 @@ def _placements(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, exp
         explanation.append(f"Tensor splits on the tp axis from the intra-op ILP (status {solver.get('status')}, "
                            f"gap {solver.get('gap')}): module styles {', '.join(styles)}.")
     return out
+
+
+def _why_schedule(graph: CostGraph, cluster: ClusterSpec, cand: Candidate, c: CostConstants) -> str:
+    """The chosen schedule against the other synchronous ones at the same degrees and micro-batching."""
+    from planner import schedules
+    from planner.search import SYNC_DEFAULT
+
+    cfg = cand.config
+    table = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
+                        sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c)
+    rows = []
+    for name in SYNC_DEFAULT:
+        info = schedules.get_schedule(name)
+        v = info.chunks_per_device or (cfg.virtual_stages if name == cfg.schedule else 2 if name ==
+                                        "interleaved-1f1b" else 1)
+        try:
+            info.validate(cfg.pp, cfg.num_micro_batches, v)
+        except ValueError:
+            continue
+        if cfg.pp * v > graph.num_layers:
+            continue
+        alt = replace(cfg, schedule=name, virtual_stages=v)
+        part = partition_for(graph, cluster, alt, table, c)
+        if not part.feasible:
+            rows.append(f"{name}: no stage split fits in memory")
+            continue
+        pred = evaluate_cost(graph, cluster, alt, list(part.boundaries), c, table=table)
+        bubble = getattr(pred.schedule_result, "bubble_fraction", float("nan"))
+        note = "" if pred.fits else ", does not fit"
+        rows.append(f"{name}{f' v={v}' if v > 1 else ''}: {pred.step_time_s:.4g} s (bubble {bubble:.0%}{note})")
+    chosen = cand.prediction
+    bubble = getattr(chosen.schedule_result, "bubble_fraction", float("nan"))
+    return (f"Schedule {cfg.schedule} chosen: {chosen.step_time_s:.4g} s per step, bubble {bubble:.0%}; at the same "
+            f"degrees and micro-batching the others give " + "; ".join(r for r in rows if not r.startswith(
+                f"{cfg.schedule}:") and not r.startswith(f"{cfg.schedule} ")) + ".")
 
 
 def _status(cand: Candidate) -> str:

@@ -37,7 +37,9 @@ from planner.inter_op.unconstrained import partition_unconstrained
 from planner.plan import RECOMPUTE, ParallelConfig
 from planner.trace.graph import CostGraph
 
-SYNC_DEFAULT = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+# Synchronous schedules the runtime executes; the asynchronous ones (and Chimera) change the training
+# semantics or need a runtime we do not have, so the search uses them only when asked (--schedules).
+SYNC_DEFAULT = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,8 +214,13 @@ class _PartitionCache:
             c: CostConstants, balanced: bool, cutoff_s: float = math.inf) -> Partition:
         """The partition, or status "pruned" when even the time-only optimum cannot beat
         ``cutoff_s`` (the memory-constrained bottleneck is never below the unconstrained one)."""
-        if not balanced or cfg.virtual_stages > 1:
-            return partition_for(graph, cluster, cfg, table, c, balanced=balanced)
+        if not balanced:
+            return partition_for(graph, cluster, cfg, table, c, balanced=False)
+        if cfg.virtual_stages > 1:  # time-only split into p·v chunks (memory is checked by evaluate)
+            key = (id(table), cfg.pp * cfg.virtual_stages)
+            if key not in self.free:
+                self.free[key] = partition_unconstrained(table.total_s, cfg.pp * cfg.virtual_stages)
+            return self.free[key]
         p = cfg.pp
         free_key = (id(table), p)
         if free_key not in self.free:

@@ -20,9 +20,10 @@ Profiled calibration (micro-benchmarks of the machine, never of the models we th
   fp32 parameter-sized temporary (``optimizer_temp_bytes_per_param = 4``).
 
 Measured: a single-process training step (forward, cross-entropy loss, backward, AdamW) of
-gpt-tiny and gpt-10m with plain torch, median of several steps after warm-up; peak memory as the
-growth of the process's peak RSS over a baseline taken after torch has initialised (a fresh
-subprocess per model). Predicted: :func:`planner.api.evaluate` on a one-device cpu-local cluster
+gpt-tiny and gpt-10m with plain torch on one intra-op thread, the median CPU time (process time:
+the machine is shared, and other processes' load does not count) of several steps after warm-up;
+peak memory as the process's peak resident set (``VmHWM``, reset after imports and torch's lazy
+initialisation) minus its resident set at that point, in a fresh subprocess per model. Predicted: :func:`planner.api.evaluate` on a one-device cpu-local cluster
 with the calibrated constants, i.e. what ``python -m planner evaluate`` computes.
 """
 
@@ -167,7 +168,24 @@ w = torch.randn(64, 64, requires_grad=True)
 F.cross_entropy(w @ w, torch.zeros(64, dtype=torch.long)).backward()
 torch.optim.AdamW([w]).step()
 del w
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+try:  # reset the peak-RSS mark so that imports' transients do not hide the training peak
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+except OSError:
+    base = None
+if base is None:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model = p.build(device="cpu").train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 gen = torch.Generator().manual_seed(0)
@@ -183,7 +201,7 @@ for i in range(steps + 2):
     opt.zero_grad(set_to_none=True)
     if i >= 2:
         times.append(time.process_time() - start)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"step_s": statistics.median(times), "peak_bytes": peak - base, "threads": torch.get_num_threads()}))
 """
 

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.errors import SpecError
 from planner.inter_op.baselines import BASELINES, best_baseline
 from planner.inter_op.dp import solve_dp
-from planner.inter_op.ilp import BACKENDS, StageILP, solve_cbc, solve_cpsat
+from planner.inter_op.ilp import BACKENDS, StageILP, explain_infeasible, solve_cbc, solve_cpsat
 from planner.inter_op.problem import StageProblem, build_problem
 from planner.inter_op.solution import StageSolution, make_solution
 from planner.trace.graph import CostGraph
 
 METHODS = ("dp",) + BACKENDS
+_EXPLAIN_MAX_LAYERS = 40
 
 
 def _problem(graph: CostGraph, cluster: ClusterSpec, problem: StageProblem | None, **kw) -> StageProblem:
@@ -39,9 +41,10 @@ def solve_stages(graph: CostGraph, cluster: ClusterSpec, *, schedule: str = "1f1
                  micro_batch: int, tp: int = 1, num_stages: int | None = None, method: str = "dp",
                  time_limit_s: float | None = None, sequence_parallel: bool = False, recompute: str = "none",
                  zero_stage: int = 0, stage_devices: int | None = None, constants: CostConstants | None = None,
-                 num_workers: int = 1, problem: StageProblem | None = None) -> StageSolution:
+                 num_workers: int = 1, explain: bool = True, problem: StageProblem | None = None) -> StageSolution:
     """Stages, sub-meshes and replication minimising the predicted step time (exact; see module docs).
 
+    An infeasible result names a minimal set of conflicting constraints in ``notes`` (``explain``).
     ``num_stages=None`` lets the solver choose the stage count; ``stage_devices`` fixes every
     stage's sub-mesh size (``None``: each stage picks a slice or whole nodes). ``time_limit_s`` returns the best
     plan found so far with its bound and gap (status ``feasible``), or ``time_limit`` if none.
@@ -57,11 +60,26 @@ def solve_stages(graph: CostGraph, cluster: ClusterSpec, *, schedule: str = "1f1
     remaining = None if time_limit_s is None else max(1e-3, time_limit_s - (time.perf_counter() - start))
     if method == "dp":
         res = solve_dp(pr, time_limit_s=remaining)
-        return make_solution(pr, method="dp", status=res.status, stages=res.stages,
-                             cost=res.cost if res.cost.feasible else None, bound_s=res.bound_s,
-                             solve_time_s=time.perf_counter() - start,
-                             notes=(f"{res.evaluations} DP evaluations of the bottleneck bounds",))
-    return _solve_ilp(pr, method, remaining, num_workers, start)
+        sol = make_solution(pr, method="dp", status=res.status, stages=res.stages,
+                            cost=res.cost if res.cost.feasible else None, bound_s=res.bound_s,
+                            solve_time_s=time.perf_counter() - start,
+                            notes=(f"{res.evaluations} DP evaluations of the bottleneck bounds",))
+    else:
+        sol = _solve_ilp(pr, method, remaining, num_workers, start)
+    if sol.status == "infeasible" and explain:
+        sol = replace(sol, notes=sol.notes + (_explain(pr),))
+    return sol
+
+
+def _explain(pr: StageProblem) -> str:
+    if pr.num_layers > _EXPLAIN_MAX_LAYERS:
+        return (f"no explanation: more than {_EXPLAIN_MAX_LAYERS} layers (run planner.inter_op.ilp.explain_infeasible "
+                "on a smaller model)")
+    conflict = explain_infeasible(pr)
+    if conflict and conflict[0].startswith("structure"):
+        return conflict[0]
+    return ("conflicting constraints: " + ", ".join(conflict) + " (memory[s] is the stage s-th from the end; relax "
+            "with more devices, a smaller micro-batch, recomputation or ZeRO-1)")
 
 
 def _solve_ilp(pr: StageProblem, method: str, time_limit_s: float | None, num_workers: int,
@@ -131,6 +149,4 @@ def baselines(graph: CostGraph, cluster: ClusterSpec, *, schedule: str = "1f1b",
 
 
 def _without_bound(sol: StageSolution) -> StageSolution:
-    from dataclasses import replace
-
     return replace(sol, bound_s=math.nan, gap=None)
