@@ -4,7 +4,8 @@ Two sweeps, each point a fresh process (``python -m bench.point``): GPT-3 175B a
 8 → 4096 A100s (1 → 512 DGX nodes), and a GPT of fixed width (GPT-3 6.7B: hidden 4096, 32 heads)
 with 12 → 128 blocks on 128 A100s. Time is ``plan()`` end to end (trace, search, baselines);
 memory is the resident-set high-water mark ``plan()`` adds to its process (reset just before the
-call, see ``bench/point.py``), next to the process's lifetime peak from ``resource.getrusage``.
+call, see ``bench/point.py``), next to the process's lifetime peak (``VmHWM``; not
+``resource.getrusage``, which a child inherits from its parent on Linux).
 The growth rate is the least-squares slope of log(cost) against log(size) over the points where a
 plan exists (where no configuration fits, the planner proves that instead, a different amount of
 work).

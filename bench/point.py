@@ -6,12 +6,14 @@
 ``--nodes`` and ``--layers`` take several values (one point each, in this process); the full
 bench starts one process per point so each point's memory is its own.
 
-Memory: the process's resident-set high-water mark is reset just before ``plan()`` (Linux
-``/proc/self/clear_refs``, value 5), so ``peak_delta_mib`` is the most memory ``plan()`` added on
-top of what the process already held (imports, the model on meta). ``peak_rss_mib`` is the
-process's peak over its life (``resource.getrusage``), imports included. Where the reset is not
-available, the delta is measured against ``getrusage`` and can read 0 for small problems (imports
-peak higher than planning); ``hwm_reset`` says which.
+Memory: the process's resident-set high-water mark (``VmHWM``) is reset just before ``plan()``
+(Linux ``/proc/self/clear_refs``, value 5), so ``peak_delta_mib`` is the most memory ``plan()``
+added on top of what the process already held (imports, the model on meta). ``peak_rss_mib`` is
+the process's peak over its life, imports included, from ``VmHWM`` read before the reset and after
+the call. ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` is not used for it: Linux carries that
+value over from the parent across ``fork`` and ``exec``, so a child of a large bench process
+reports the parent's peak. Where ``/proc`` is not available, both fall back to ``getrusage``
+(``hwm_reset`` false) and the delta can read 0 for small problems.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def measure(model: str, cluster: str, *, global_batch: int, nodes: int | None = 
     out: dict = {"model": preset.name, "cluster": cluster, "nodes": nodes, "blocks": layers,
                  "global_batch": global_batch, "gpus": resolve_cluster(cluster, nodes=nodes).num_devices}
     rss_before = _status_mib("VmRSS")
+    hwm_before = _status_mib("VmHWM")
     reset = _reset_hwm()
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
@@ -71,12 +74,13 @@ def measure(model: str, cluster: str, *, global_batch: int, nodes: int | None = 
     out["wall_s"] = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     hwm = _status_mib("VmHWM")
-    out["hwm_reset"] = bool(reset and hwm is not None and rss_before is not None)
+    out["hwm_reset"] = bool(reset and hwm is not None and rss_before is not None and hwm_before is not None)
     if out["hwm_reset"]:
         out["peak_delta_mib"] = max(0.0, hwm - rss_before)
+        out["peak_rss_mib"] = max(hwm_before, hwm)
     else:
         out["peak_delta_mib"] = peak - maxrss_before
-    out["peak_rss_mib"] = peak
+        out["peak_rss_mib"] = peak
     return out
 
 

@@ -307,12 +307,18 @@ def markdown_table(rows: list[RowResult]) -> str:
 
 
 def mfu_table(rows: list[MfuResult]) -> str:
-    lines = ["| configuration | published MFU | predicted MFU | predicted s/iter | error (iteration time) | "
-             "peak memory GiB | fits 80 GB |", "|" + "---|" * 7]
+    lines = ["| configuration | GPUs | tp | pp | dp | batch | micro-batch | published MFU | predicted MFU | "
+             "predicted s/iter | error (iteration time) | peak memory GiB | fits 80 GB |", "|" + "---|" * 13]
     for r in rows:
-        p = r.prediction
-        lines.append(f"| {r.run.name} | {r.run.mfu:.1%} | {p.mfu:.1%} | {p.step_time_s:.2f} | {r.error:+.1%} | "
+        p, run = r.prediction, r.run
+        lines.append(f"| {run.name} | {run.tp * run.pp * run.dp} | {run.tp} | {run.pp} | {run.dp} | {run.batch} | "
+                     f"{run.micro_batch} | {run.mfu:.1%} | {p.mfu:.1%} | {p.step_time_s:.2f} | {r.error:+.1%} | "
                      f"{p.peak_memory_bytes / GiB:.1f} | {'yes' if p.fits else 'no'} |")
+    full, sel = rows[1], rows[0]
+    lines.append("")
+    lines.append(f"Selective + sequence parallel over full recomputation: published "
+                 f"{sel.run.mfu / full.run.mfu:.3f}x, predicted "
+                 f"{full.prediction.step_time_s / sel.prediction.step_time_s:.3f}x.")
     return "\n".join(lines)
 
 
@@ -347,7 +353,8 @@ def layer_overheads(micro_batch: int, c: CostConstants | None = None) -> dict[tu
 def overhead_table() -> str:
     pred = {mb: layer_overheads(mb) for mb in (1, 4)}
     base = KORTHIKANTI_TABLE4_MS[("none", False)]
-    lines = ["| option (22B layer, tp = 8) | published ms | published vs baseline | predicted vs baseline, "
+    lines = ["One layer of the 22B model: hidden 6144, 64 heads, sequence 2048, tensor parallel 8.", "",
+             "| option | published ms | published vs baseline | predicted vs baseline, "
              "micro-batch 1 | predicted, micro-batch 4 |", "|" + "---|" * 5]
     names = {("none", False): "no recomputation (baseline)", ("none", True): "sequence parallel",
              ("full", False): "full recomputation", ("selective", False): "selective recomputation",
@@ -397,9 +404,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m planner.cost.calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print markdown tables (docs/calibration.md)")
     parser.add_argument("--breakdown", action="store_true", help="also print each row's step-time breakdown")
+    parser.add_argument("--constants", action="store_true", help="print the default cost constants and exit")
     parser.add_argument("--sensitivity", action="store_true", help="also print Table 1 errors under other constants")
     parser.add_argument("--cpu", action="store_true", help="also measure and predict small models on this CPU")
     args = parser.parse_args(argv)
+    if args.constants:
+        print("| constant | default |\n|---|---|")
+        c = CostConstants()
+        for key, value in c.to_dict().items():
+            print(f"| `{key}` | {value:g} |" if isinstance(value, float) else f"| `{key}` | {value} |")
+        print()
+        for dtype in ("bf16", "fp32"):
+            w, g, o = c.state_bytes(dtype)
+            print(f"state bytes per parameter training in {dtype}: weights {w:g}, gradients {g:g}, "
+                  f"optimizer {o:g}, total {w + g + o:g}")
+        small, big = (ClusterSpec.preset(n) for n in ("dgx-a100-40g", "dgx-a100-80g"))
+        for cl in (small, big):
+            print(f"usable memory on {cl.device.name}: {usable_memory_bytes(cl, c) / GiB:.1f} GiB of "
+                  f"{cl.device.memory_bytes / GiB:.0f} GiB")
+        return 0
     rows = narayanan_rows()
     print(markdown_table(rows) if args.markdown else "\n".join(
         f"{r.run.name:10s} published {r.run.tflops_per_gpu:5.0f} TFLOP/s  predicted {r.predicted_tflops:6.1f}  "

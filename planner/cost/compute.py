@@ -4,6 +4,8 @@ Per op, on one of the ``tp`` devices of a layer, for one micro-batch of ``b`` sa
 
     t(op) = max(flops / (peak(dtype) · eff(m, n, k)),  bytes / (bandwidth · bw_eff))
 
+(``bytes``: the traced activation traffic times ``b`` plus the weight read once.)
+
 ``eff(m, n, k) = eff_max · Π_d d / (d + d_half)``: a GEMM is fast only when every dim fills the
 tensor-core tiles and the waves of thread blocks (small micro-batches, attention's head dim and
 thin tensor-parallel shards are slower). The trace gives per-sample ``(m, n, k)``; ``m`` scales
@@ -27,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.cluster import DeviceSpec
-from planner.cost.constants import CostConstants
+from planner.cost.constants import DTYPE_BYTES, CostConstants
 from planner.trace.graph import Layer
 from planner.trace.meter import ATTENTION_KERNELS
 
@@ -90,22 +92,32 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
     """Seconds for one micro-batch of ``layer`` on one of its ``tp`` devices (no communication)."""
     peak = device.peak(dtype)
     bw = device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
+    elt = DTYPE_BYTES.get(dtype, 2)
     gemm_fwd = attention_gemm = gemm_flops = 0.0
+    weight_elems = 0.0
     for op in layer.op_costs:
         if op.flops <= 0:
             continue
         flops = op.flops * micro_batch / tp
+        # The trace's bytes are per sample with the weight read once; the weight does not grow
+        # with the micro-batch.
+        weight = op.k * op.n * elt if op.kind in LINEAR_KINDS else 0.0
+        weight_elems += op.k * op.n if op.kind in LINEAR_KINDS else 0.0
+        nbytes = (max(op.bytes - weight, 0.0) * micro_batch + min(weight, op.bytes)) / tp
         if op.m:
             m, n, k = tp_split_dims(op.kind, op.m * micro_batch, op.n, op.k, tp)
             eff = gemm_efficiency(m, n, k, c)
         else:  # a FLOP-counted op without a GEMM shape (fused attention kernels): a large GEMM
             eff = c.gemm_efficiency_max
-        t = max(flops / (peak * eff), op.bytes * micro_batch / tp / bw) + c.kernel_overhead_s
+        t = max(flops / (peak * eff), nbytes / bw) + c.kernel_overhead_s
         gemm_fwd += t
         gemm_flops += op.flops
         if op.kind in ATTENTION_KINDS:
             attention_gemm += t
-    mem_bytes = sum(op.bytes for op in layer.op_costs if op.flops <= 0) * micro_batch
+    # Parameters read by memory-bound ops (embedding tables, norms, biases) once per micro-batch.
+    params = max(layer.param_count - weight_elems, 0.0) * elt
+    per_sample = sum(op.bytes for op in layer.op_costs if op.flops <= 0)
+    mem_bytes = max(per_sample - params, 0.0) * micro_batch + min(params, per_sample)
     mem_fwd = mem_bytes * c.elementwise_traffic_factor * activation_shard(layer, tp, sequence_parallel) / bw
     if gemm_flops > 0:
         b_ratio = layer.bwd_input_flops / gemm_flops

@@ -23,14 +23,14 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 class CostConstants:
     # --- compute --------------------------------------------------------------------------
     # A GEMM reaches eff_max · Π_d d / (d + d_half) of the dtype's peak over its (m, n, k):
-    # large GEMMs approach eff_max (cuBLAS on A100 reaches ~80% of the 312 TFLOP/s bf16 peak
-    # on large square GEMMs), a GEMM with one small dim (attention's head dim 64-128, a small
-    # micro-batch) pays for tile quantisation and partial waves. Calibrated against
-    # Narayanan et al. 2021 Table 1 (docs/calibration.md).
+    # large GEMMs approach eff_max, a GEMM with one small dim (attention's head dim, a small
+    # micro-batch, a thin tensor-parallel shard) pays for tile quantisation and partial waves.
+    # Chosen, not fitted; docs/calibration.md checks them against Narayanan et al. 2021 Table 1
+    # and shows how the error moves when they move.
     gemm_efficiency_max: float = 0.80
     gemm_half_efficiency_dim: float = 96.0
-    # Memory-bound ops reach this fraction of the HBM bandwidth (STREAM-like kernels on A100
-    # reach ~80-90% of 2.0 TB/s; layer norms and softmaxes less).
+    # Memory-bound ops reach this fraction of the HBM bandwidth (streaming kernels come close to
+    # the datasheet figure; reductions such as layer norm and softmax do less).
     memory_bandwidth_efficiency: float = 0.70
     # Fraction of the element-wise traffic the trace measures (the eager PyTorch program: each
     # op reads and writes HBM) that a trainer with fused kernels actually moves: Megatron-LM fuses
@@ -39,7 +39,7 @@ class CostConstants:
     elementwise_traffic_factor: float = 0.35
     # Host time to dispatch one traced op (Python + ATen + launch). With ``async_dispatch`` the
     # device runs ahead of the host and a layer costs max(device, host) time; without it (CPU:
-    # the "device" is the host) the two add up. A100 launches cost ~4-6 µs.
+    # the "device" is the host) the two add up. The GPU value is the order of a CUDA launch.
     op_dispatch_s: float = 5e-6
     async_dispatch: bool = True
     # Kept for plan files written before op_dispatch_s existed: an extra per-op charge (s).
@@ -51,8 +51,8 @@ class CostConstants:
     loss_traffic_passes: float = 6.0
     # --- communication -------------------------------------------------------------------
     # Achievable fraction of a link's unidirectional bandwidth for NCCL collectives: inside a
-    # node (NVLink/NVSwitch: nccl-tests all-reduce bus bandwidth ~230 GB/s of 300 GB/s on DGX
-    # A100) and over the network (InfiniBand HDR: ~23 of 25 GB/s per NIC).
+    # node (NVLink/NVSwitch) and over the network (InfiniBand), where large messages come
+    # closer to the line rate.
     link_efficiency: float = 0.80
     network_efficiency: float = 0.90
     # Megatron's scatter/gather for pipeline sends (Narayanan et al. 2021, §4.1): each of the tp
@@ -71,8 +71,8 @@ class CostConstants:
     # logits); Megatron's vocabulary-parallel cross-entropy works in place on two.
     loss_workspace_copies: float = 2.0
     # Allocator: fraction of device memory usable after fragmentation (PyTorch's caching
-    # allocator typically loses a few %), minus a fixed reserve for the CUDA context, NCCL
-    # buffers and cuBLAS workspaces (~1-2 GiB on A100).
+    # allocator loses a few per cent), minus a fixed reserve for the CUDA context, NCCL
+    # buffers and cuBLAS workspaces.
     allocator_usable_fraction: float = 0.95
     reserved_bytes: int = 2 * 2**30
     # Optimizer step traffic per parameter: read fp32 master, m, v and the gradient, write
@@ -81,7 +81,7 @@ class CostConstants:
     optimizer_step_bytes_per_param: float = 36
     # Temporaries the optimizer step allocates per parameter it updates: none for a fused Adam
     # (Megatron, apex); 4 for torch's foreach AdamW in fp32 (one parameter-sized list, the square
-    # root of the second moment). Counted with the other temporaries.
+    # root of the second moment). It runs after the activations are freed (see memory.py).
     optimizer_temp_bytes_per_param: float = 0.0
 
     def to_dict(self) -> dict:

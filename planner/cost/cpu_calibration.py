@@ -15,15 +15,22 @@ Profiled calibration (micro-benchmarks of the machine, never of the models we th
   PyTorch moves what the trace counts (``elementwise_traffic_factor = 1``).
 * Dispatch: a forward + backward of a tiny op chain gives the host time per op (``op_dispatch_s``);
   the CPU runs ops synchronously (``async_dispatch = False``).
+* Loss: cross-entropy forward + backward on 8 and 32 MiB of fp32 logits, expressed as passes over
+  the logits at the measured bandwidth (``loss_traffic_passes``; big fresh tensors also pay for
+  page faults on first touch, which the element-wise mix on 4 MiB tensors does not see).
 * Optimizer: one torch AdamW step over 1M parameters gives the seconds per parameter (expressed as
   ``optimizer_step_bytes_per_param`` at the measured bandwidth). torch's foreach AdamW allocates one
   fp32 parameter-sized temporary (``optimizer_temp_bytes_per_param = 4``).
 
 Measured: a single-process training step (forward, cross-entropy loss, backward, AdamW) of
-gpt-tiny and gpt-10m with plain torch on one intra-op thread, the median CPU time (process time:
-the machine is shared, and other processes' load does not count) of several steps after warm-up;
-peak memory as the process's peak resident set (``VmHWM``, reset after imports and torch's lazy
-initialisation) minus its resident set at that point, in a fresh subprocess per model. Predicted: :func:`planner.api.evaluate` on a one-device cpu-local cluster
+gpt-tiny and gpt-10m with plain torch on one intra-op thread, the least CPU time (process time, as
+for the micro-benchmarks: the machine is shared, and the minimum is the least disturbed run) of
+several steps after warm-up;
+peak memory as tensor memory, the CPU analogue of ``torch.cuda.max_memory_allocated`` (weights and
+optimizer state between steps plus the peak of one step's allocations, from the profiler's memory
+events), in a fresh subprocess per model. (Not the process's resident set: what the C allocator keeps
+from earlier work in the process makes it wander by tens of MiB, and the model leaves such
+allocator overhead to its allocator margin.) Predicted: :func:`planner.api.evaluate` on a one-device cpu-local cluster
 with the calibrated constants, i.e. what ``python -m planner evaluate`` computes.
 """
 
@@ -31,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
@@ -46,8 +52,9 @@ GiB = 2**30
 MiB = 2**20
 
 
-def _median_s(fn, *, warmup: int = 2, repeats: int = 7) -> float:
-    """Median CPU seconds of ``fn`` (process time: other processes on a shared machine do not count)."""
+def _best_s(fn, *, warmup: int = 2, repeats: int = 7) -> float:
+    """Least CPU seconds of ``fn`` over ``repeats`` runs (process time: other processes on a shared
+    machine do not count; the minimum is the least disturbed run, for benchmarks and steps alike)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -55,7 +62,7 @@ def _median_s(fn, *, warmup: int = 2, repeats: int = 7) -> float:
         start = time.process_time()
         fn()
         times.append(time.process_time() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +74,7 @@ class CpuProfile:
     memory_bandwidth: float  # bytes/s of a few-MB element-wise op
     op_dispatch_s: float  # host seconds per op (forward + backward averaged)
     optimizer_s_per_param: float  # one AdamW step, per parameter
+    loss_traffic_passes: float  # cross-entropy forward + backward, in passes over fp32 logits
     threads: int
 
 
@@ -87,7 +95,7 @@ def _profile() -> CpuProfile:
     rates: list[tuple[tuple[int, int, int], float]] = []
     for m, n, k in shapes:
         a, b = torch.randn(m, k), torch.randn(k, n)
-        t = _median_s(lambda a=a, b=b: torch.mm(a, b), repeats=9)
+        t = _best_s(lambda a=a, b=b: torch.mm(a, b), repeats=9)
         rates.append(((m, n, k), 2 * m * n * k / t))
     peak = max(r for _, r in rates)
     best, best_err = 1.0, math.inf
@@ -111,7 +119,7 @@ def _profile() -> CpuProfile:
            (lambda: x.t().contiguous(), 2)]
     moved = spent = 0.0
     for fn, tensors in ops:
-        spent += _median_s(fn, repeats=9)
+        spent += _best_s(fn, repeats=9)
         moved += tensors * x.numel() * 4
     bandwidth = moved / spent
     # Dispatch: a chain of tiny ops, forward and backward, per op.
@@ -123,16 +131,25 @@ def _profile() -> CpuProfile:
             h = h * 1.0001 + 0.0001
         h.sum().backward()
 
-    t_chain = _median_s(chain, repeats=9)
+    t_chain = _best_s(chain, repeats=9)
     per_op = t_chain / (100 * 3)  # 100 forward ops, about twice as many backward: 3 per forward op
+    # The loss: cross-entropy forward + backward on fp32 logits of 8 and 32 MiB (vocabulary 8192), in
+    # passes over the logits at the bandwidth above (large tensors also pay for first-touch page faults).
+    passes = []
+    for rows in (256, 1024):
+        logits = torch.randn(rows, 8192, requires_grad=True)
+        labels = torch.randint(0, 8192, (rows,))
+        t_loss = _best_s(lambda lg=logits, lb=labels: torch.nn.functional.cross_entropy(lg, lb).backward())
+        passes.append(t_loss * bandwidth / (logits.numel() * 4))
     # Optimizer: torch's AdamW (foreach) over 1M parameters in 16 tensors.
     params = [torch.nn.Parameter(torch.randn(1 << 16)) for _ in range(16)]
     for q in params:
         q.grad = torch.randn_like(q)
     opt = torch.optim.AdamW(params, lr=1e-4)
-    t_opt = _median_s(opt.step, repeats=9)
+    t_opt = _best_s(opt.step, repeats=9)
     return CpuProfile(peak_flops=peak_fit, gemm_half_efficiency_dim=best, memory_bandwidth=bandwidth,
-                      op_dispatch_s=per_op, optimizer_s_per_param=t_opt / (16 << 16), threads=1)
+                      op_dispatch_s=per_op, optimizer_s_per_param=t_opt / (16 << 16),
+                      loss_traffic_passes=sum(passes) / len(passes), threads=1)
 
 
 def cpu_constants(profile: CpuProfile, base: CostConstants | None = None) -> CostConstants:
@@ -142,7 +159,7 @@ def cpu_constants(profile: CpuProfile, base: CostConstants | None = None) -> Cos
                    memory_bandwidth_efficiency=1.0, elementwise_traffic_factor=1.0,
                    op_dispatch_s=profile.op_dispatch_s, async_dispatch=False, reserved_bytes=0,
                    optimizer_step_bytes_per_param=profile.optimizer_s_per_param * profile.memory_bandwidth,
-                   optimizer_temp_bytes_per_param=4.0)
+                   optimizer_temp_bytes_per_param=4.0, loss_traffic_passes=profile.loss_traffic_passes)
 
 
 def cpu_cluster(profile: CpuProfile) -> ClusterSpec:
@@ -155,37 +172,17 @@ def cpu_cluster(profile: CpuProfile) -> ClusterSpec:
 
 
 _MEASURE = r"""
-import json, resource, statistics, sys, time
+import dataclasses, json, sys, time
 import torch
 import torch.nn.functional as F
 preset_name, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)
 torch.manual_seed(0)
+from planner.cost.cpu_calibration import profile_cpu
 from planner.models import load_preset
 p = load_preset(preset_name)
-# Baseline after imports and torch's lazy initialisation: a small training step on an unrelated tensor.
-w = torch.randn(64, 64, requires_grad=True)
-F.cross_entropy(w @ w, torch.zeros(64, dtype=torch.long)).backward()
-torch.optim.AdamW([w]).step()
-del w
-
-
-def status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-try:  # reset the peak-RSS mark so that imports' transients do not hide the training peak
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status("VmRSS")
-except OSError:
-    base = None
-if base is None:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# Calibrate right before measuring, in the same process: a shared machine's speed drifts.
+machine = profile_cpu()
 model = p.build(device="cpu").train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 gen = torch.Generator().manual_seed(0)
@@ -201,14 +198,33 @@ for i in range(steps + 2):
     opt.zero_grad(set_to_none=True)
     if i >= 2:
         times.append(time.process_time() - start)
-peak = status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"step_s": statistics.median(times), "peak_bytes": peak - base, "threads": torch.get_num_threads()}))
+# Tensor memory (the CPU analogue of torch.cuda.max_memory_allocated): what lives between steps
+# (weights, optimizer state) plus the peak of one step's allocations, from the profiler's events.
+from torch.profiler import ProfilerActivity, profile
+del logits, loss  # nothing from the timed steps may stay alive across the measured one
+live = sum(q.numel() * q.element_size() for q in model.parameters())
+live += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+            if isinstance(t, torch.Tensor))
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    logits = model(tokens)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    del logits, loss
+events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+cur = top = 0
+for _, nbytes in events:
+    cur += nbytes
+    top = max(top, cur)
+print(json.dumps({"step_s": min(times), "peak_bytes": live + top, "threads": torch.get_num_threads(),
+                  "profile": dataclasses.asdict(machine)}))
 """
 
 
 def measure_step(preset: str, batch: int, *, steps: int = 5) -> dict:
-    """Median training-step seconds and peak-memory growth (bytes) of ``preset`` at ``batch``,
-    in a fresh Python process (so the peak RSS belongs to this model alone)."""
+    """Least training-step CPU seconds and peak tensor bytes of ``preset`` at ``batch``, and the
+    machine profile taken just before, in a fresh Python process."""
     out = subprocess.run([sys.executable, "-c", _MEASURE, preset, str(batch), str(steps)], check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -245,26 +261,33 @@ def predict_step(preset: str, batch: int, profile: CpuProfile) -> tuple[float, f
 CPU_CASES = (("gpt-tiny", 4), ("gpt-tiny", 16), ("gpt-10m", 2), ("gpt-10m", 8))
 
 
-def cpu_rows(cases=CPU_CASES, profile: CpuProfile | None = None) -> tuple[CpuProfile, list[CpuRow]]:
-    profile = profile or profile_cpu()
+def cpu_rows(cases=CPU_CASES) -> list[tuple[CpuProfile, CpuRow]]:
+    """For each case: profile the machine and measure the step in one fresh process, then predict
+    with that profile."""
     rows = []
     for preset, batch in cases:
         measured = measure_step(preset, batch)
+        profile = CpuProfile(**measured["profile"])
         pred_s, pred_b = predict_step(preset, batch, profile)
-        rows.append(CpuRow(preset=preset, batch=batch, predicted_s=pred_s, measured_s=measured["step_s"],
-                           predicted_bytes=pred_b, measured_bytes=measured["peak_bytes"]))
-    return profile, rows
+        rows.append((profile, CpuRow(preset=preset, batch=batch, predicted_s=pred_s, measured_s=measured["step_s"],
+                                     predicted_bytes=pred_b, measured_bytes=measured["peak_bytes"])))
+    return rows
 
 
 def cpu_report(*, markdown: bool = False) -> str:
-    profile, rows = cpu_rows()
-    lines = [f"CPU profile: fp32 peak {profile.peak_flops / 1e9:.1f} GFLOP/s, GEMM d_half "
-             f"{profile.gemm_half_efficiency_dim:.0f}, bandwidth {profile.memory_bandwidth / 1e9:.1f} GB/s, "
-             f"dispatch {profile.op_dispatch_s * 1e6:.1f} µs/op, {profile.threads} threads", ""]
-    lines.append("| model | batch | predicted step s | measured step s | error | predicted peak MiB | "
-                 "measured peak MiB | error |")
-    lines.append("|" + "---|" * 8)
-    for r in rows:
-        lines.append(f"| {r.preset} | {r.batch} | {r.predicted_s:.4f} | {r.measured_s:.4f} | {r.time_error:+.1%} | "
-                     f"{r.predicted_bytes / MiB:.1f} | {r.measured_bytes / MiB:.1f} | {r.memory_error:+.1%} |")
+    rows = cpu_rows()
+    lines = ["| model | batch | profile: fp32 GFLOP/s, d_half, GB/s, µs/op | predicted step s | measured step s "
+             "(CPU time) | error | predicted peak MiB | measured peak tensor MiB | error |",
+             "|" + "---|" * 9]
+    for prof, r in rows:
+        fit = (f"{prof.peak_flops / 1e9:.0f}, {prof.gemm_half_efficiency_dim:.0f}, {prof.memory_bandwidth / 1e9:.1f}, "
+               f"{prof.op_dispatch_s * 1e6:.1f}")
+        lines.append(f"| {r.preset} | {r.batch} | {fit} | {r.predicted_s:.4f} | {r.measured_s:.4f} | "
+                     f"{r.time_error:+.1%} | {r.predicted_bytes / MiB:.1f} | {r.measured_bytes / MiB:.1f} | "
+                     f"{r.memory_error:+.1%} |")
+    worst_t = max((r for _, r in rows), key=lambda r: abs(r.time_error))
+    worst_m = max((r for _, r in rows), key=lambda r: abs(r.memory_error))
+    lines.append("")
+    lines.append(f"Largest errors: step time {worst_t.time_error:+.1%} ({worst_t.preset}, batch {worst_t.batch}), "
+                 f"peak memory {worst_m.memory_error:+.1%} ({worst_m.preset}, batch {worst_m.batch}).")
     return "\n".join(lines)

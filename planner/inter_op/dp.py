@@ -87,8 +87,8 @@ class _Sigma:
         self.pr = problem
         self.lay = _Layout(problem)
         self.by_remaining = problem.flight_by_remaining
-        self.n = n = problem.num_layers
-        per_layer = np.array([[t[k, k + 1] for k in range(n)] for t in problem.time])
+        self.n = problem.num_layers
+        per_layer = np.array(problem.layer_time)
         self.layer_min = per_layer.min(axis=0)
         self.prefix_lb = np.concatenate([[0.0], np.cumsum(self.layer_min)]) * (1 - 1e-9)
         units = np.array([sm.units for sm in problem.submeshes], dtype=float)[:, None]
@@ -101,11 +101,10 @@ class _Sigma:
     def __call__(self, T: float, G: float, budget: float = math.inf):
         pr = self.pr
         base = [(t <= T) & (g <= G) for t, g in zip(pr.time, pr.tail)]
-        windows = []
+        windows = []  # stage lengths (in layers) that some stage may have under the bounds, per sub-mesh
         for b in base:
             i, j = np.nonzero(b)
             windows.append(np.unique(j - i))
-        self._win = windows
         xfer = np.where(pr.xfer <= T, pr.xfer, np.inf)
         if self.by_remaining is not None:
             flights = [self.by_remaining[s] for s in range(1, max(pr.stage_counts) + 1)]
@@ -158,7 +157,7 @@ class _Sigma:
                 A = self._matrix(base, c, flights[s - 1], False)
                 # acc[i, u] = min over window w of A[i, i+w] + H[i+w, u], all (i, w) at once
                 rows_i = np.arange(ilo, ihi + 1)[:, None]
-                J = rows_i + self._win[c][None, :]
+                J = rows_i + windows[c][None, :]
                 inside = (J >= jlo) & (J <= jhi)
                 a = np.where(inside, A[rows_i, np.minimum(J, n)], np.inf)
                 gathered = H[np.clip(J - jlo, 0, jhi - jlo)]
@@ -271,14 +270,14 @@ def solve_dp(problem: StageProblem, *, time_limit_s: float | None = None,
 
     push(a_lo, len(Tc) - 1, 0, len(Gc) - 1, sigma_lb)
     evaluations = 0
-    timed_out = False
+    timed_out = checked_top = False
     while heap:
         lb, _, a0, a1, b0, b1, sig = heap[0]
         target = best.objective_s * (1 - _REL)
         if lb >= target:
             break
-        if time_limit_s is not None and best.feasible and time.perf_counter() - start > time_limit_s:
-            timed_out = True  # stop only once there is a plan to return (the first probe is cheap)
+        if time_limit_s is not None and evaluations and time.perf_counter() - start > time_limit_s:
+            timed_out = True
             break
         heapq.heappop(heap)
         if math.isfinite(target):  # cells whose bound alone reaches the best plan are never opened
@@ -296,6 +295,16 @@ def solve_dp(problem: StageProblem, *, time_limit_s: float | None = None,
         budget = target - m1 * Tc[a0] - Gc[b0]
         evaluations += 1
         value, stages = sigma(float(Tc[ae]), float(Gc[b1]), budget)
+        if stages is None and not best.feasible and not checked_top:
+            # The first probe found nothing: ask once whether anything fits at all (no bounds). If
+            # not, the instance is infeasible; if so, that plan prunes the rest of the search.
+            checked_top = True
+            evaluations += 1
+            top_value, top_stages = sigma(float(Tc[-1]), float(Gc[-1]), math.inf)
+            if top_stages is None:
+                heap.clear()
+                break
+            best, best_stages = problem.evaluate(top_stages), top_stages
         if stages is None or value >= budget:
             continue  # infeasible, or nothing in [a0, ae] x [b0, b1] can beat the best plan
         cost = problem.evaluate(stages)

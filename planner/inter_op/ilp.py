@@ -143,11 +143,20 @@ class StageILP:
         self.lm = LinearModel()
         self.z: dict[tuple[int, int, int, int], int] = {}
         self.used: dict[int, int] = {}
-        self.T = self.lm.var("T", "C", 0.0, math.inf, seconds=True)
+        self.T = self.lm.var("T", "C", self._bottleneck_floor(), math.inf, seconds=True)
         self.G = self.lm.var("G", "C", 0.0, math.inf, seconds=True)
         self.o: dict[tuple[int, int], int] = {}
         self.h: dict[tuple[int, int], int] = {}
         self._build()
+
+    def _bottleneck_floor(self) -> float:
+        """A valid lower bound on T (it tightens the LP): every layer sits in some stage, and all
+        stages' device-time ``t_k e_k`` fits in ``T`` times all units."""
+        pr = self.pr
+        per_layer = np.array(pr.layer_time)
+        units = np.array([sm.units for sm in pr.submeshes], dtype=float)[:, None]
+        work = float((per_layer * units).min(axis=0).sum()) / sum(pr.group_units)
+        return max(float(per_layer.min(axis=0).max()), work) * (1 - 1e-9)
 
     # -- variables ----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -379,7 +388,10 @@ def solve_cpsat(ilp: StageILP, *, time_limit_s: float | None, num_workers: int =
     top = int(math.ceil(scale)) * 4 + 4
     xs = []
     for name, lb, ub, secs in zip(lm.names, lm.lb, lm.ub, lm.time_var):
-        xs.append(model.NewIntVar(0, top, name) if secs else model.NewIntVar(int(lb), int(ub), name))
+        if secs:
+            xs.append(model.NewIntVar(max(0, math.floor(lb * scale) - 1), top, name))
+        else:
+            xs.append(model.NewIntVar(int(lb), int(ub), name))
     ncons = 0
     for r in lm.rows:
         if r.name in skip:

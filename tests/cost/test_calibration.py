@@ -75,9 +75,10 @@ def test_cpu_constants_come_from_the_profile():
     from planner.cost.cpu_calibration import CpuProfile, cpu_cluster, cpu_constants
 
     prof = CpuProfile(peak_flops=5e10, gemm_half_efficiency_dim=12.0, memory_bandwidth=6e9, op_dispatch_s=4e-6,
-                      optimizer_s_per_param=3e-9, threads=1)
+                      optimizer_s_per_param=3e-9, loss_traffic_passes=9.0, threads=1)
     c = cpu_constants(prof)
     assert (c.gemm_efficiency_max, c.gemm_half_efficiency_dim, c.async_dispatch) == (1.0, 12.0, False)
     assert c.optimizer_step_bytes_per_param == pytest.approx(3e-9 * 6e9)
+    assert (c.loss_traffic_passes, c.elementwise_traffic_factor, c.optimizer_temp_bytes_per_param) == (9.0, 1.0, 4.0)
     dev = cpu_cluster(prof).device
     assert dev.peak("fp32") == 5e10 and dev.memory_bandwidth_bytes_per_s == 6e9

@@ -23,7 +23,7 @@ TOL = {"dp": 1e-9, "cbc": 1e-9, "cpsat": 1e-6}  # CP-SAT solves an integer resca
 GAP = {"dp": 0.0, "cbc": 0.0, "cpsat": 1e-5}  # CP-SAT's bound subtracts the worst rounding error
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(seed: int):
     graph, cluster, kwargs = random_instance(seed)
     problem = build_problem(graph, cluster, **kwargs)
