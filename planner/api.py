@@ -9,6 +9,7 @@ it is given (its stage boundaries still come from the exact partition DP unless
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -104,8 +105,17 @@ def plan(model: nn.Module | str, cluster: ClusterSpec | str, *, global_batch: in
     _check_batch(global_batch)
     spec = resolve_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node)
     resolved = resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
-    return plan_resolved(resolved, spec, global_batch=global_batch, space=space, constants=constants,
-                         time_limit_s=time_limit_s, top_k=top_k, baselines=baselines, progress=progress)
+    bar = None
+    if progress is None and sys.stderr.isatty():  # interactive: a bar once the search passes a second
+        from planner.cli import ProgressBar
+
+        progress = bar = ProgressBar()
+    try:
+        return plan_resolved(resolved, spec, global_batch=global_batch, space=space, constants=constants,
+                             time_limit_s=time_limit_s, top_k=top_k, baselines=baselines, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: int,
@@ -377,6 +387,7 @@ def _explain(graph: CostGraph, cluster: ClusterSpec, cand: Candidate, c: CostCon
     parts = ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in pred.time_breakdown_s.items() if v > 0)
     lines.append(f"Step time breakdown (busiest device): {parts}.")
     lines.append(f"Bottleneck stage: {pred.bottleneck_stage} ({pred.binding[pred.bottleneck_stage]}).")
+    lines.extend(getattr(pred, "notes", []) or [])
     lines.extend(graph.notes)
     return lines
 

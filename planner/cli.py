@@ -154,7 +154,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         overlap_grad_reduce=args.overlap_grad_reduce,
     )
     _validate_space(space)
-    progress = None if (args.no_progress or args.json) else _ProgressBar()
+    progress = None if (args.no_progress or args.json) else ProgressBar()
     try:
         result = plan(args.model, args.cluster, global_batch=args.global_batch, seq_len=args.seq_len,
                       nodes=args.nodes, devices_per_node=args.devices_per_node, space=space, dtype=args.dtype,
@@ -410,7 +410,7 @@ def _cmd_clusters(args: argparse.Namespace) -> int:
     return 0
 
 
-class _ProgressBar:
+class ProgressBar:
     """A rich progress bar that appears only when the search runs longer than a second."""
 
     def __init__(self) -> None:

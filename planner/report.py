@@ -115,7 +115,8 @@ def write_report(plan: Plan, out_dir: Path) -> Path:
         "## Step time breakdown (busiest device)\n", "| part | seconds | share |", "| --- | --- | --- |",
     ]
     for k, v in pred.time_breakdown_s.items():
-        lines.append(f"| {k} | {v:.4g} | {v / pred.step_time_s:.1%} |")
+        if v > 0:
+            lines.append(f"| {k} | {v:.4g} | {v / pred.step_time_s:.1%} |")
     if has_baselines:
         lines += ["\n## Against the baselines\n", "![baselines](baselines.png)\n",
                   "| recipe | best configuration | step (s) | plan is faster by |", "| --- | --- | --- | --- |"]

@@ -3,7 +3,7 @@
 Megatron-LM (Narayanan et al., SC'21, "Efficient Large-Scale Language Model Training on GPU
 Clusters Using Megatron-LM", arXiv:2104.04473, Table 1): GPT models of 1.7B to 1T parameters on
 DGX A100 80 GB nodes (8 GPUs, NVSwitch, 8 × 200 Gb/s HDR InfiniBand), sequence 2048, vocabulary
-51,200, mixed precision, full activation recomputation, the interleaved schedule. The table
+51,200, mixed precision, full activation recomputation. The table
 gives tensor/pipeline degrees, GPUs, global batch and the achieved teraFLOP/s per GPU, counted
 with the paper's Eq. 3, ``F = 96·B·s·l·h²·(1 + s/6h + V/16lh)`` FLOPs per iteration (which
 includes the recomputed forward). We predict the iteration time with this cost model and report
@@ -182,7 +182,7 @@ def _candidates(run: PublishedRun, num_layers: int) -> list[ParallelConfig]:
         if per_replica % mb:
             continue
         m = per_replica // mb
-        options = [("1f1b", 1)] if run.pp > 1 else [("1f1b", 1)]
+        options = [("1f1b", 1)]
         if run.pp > 1 and (num_layers - 2) % (2 * run.pp) == 0:
             options.append(("interleaved-1f1b", 2))
         for sched, v in options:
