@@ -154,7 +154,7 @@ def evaluate(model: nn.Module | str, cluster: ClusterSpec | str, config: Paralle
         raise SpecError("partition", partition, "use 'balanced' (exact DP) or 'uniform' (equal layers per stage)")
     part = partition_for(resolved.graph, spec, config, table, c, balanced=(partition == "balanced"))
     status = part.status
-    if not part.feasible:  # no partition fits: price the time-balanced one so the user sees by how much
+    if not part.feasible and part.status != "given":  # nothing fits: price the time-balanced split instead
         unconstrained = replace(c, allocator_usable_fraction=1e9)
         part = partition_for(resolved.graph, spec, config, table, unconstrained)
         status = "infeasible"

@@ -92,3 +92,12 @@ def test_tensor_parallel_plan_is_deterministic_and_carries_placements():
     style = a.placements["style"]
     assert style["blocks.0.attn.qkv"] == "colwise" and style["blocks.0.attn.proj"] == "rowwise"
     assert style["blocks.0.mlp.fc1"] == "colwise" and style["blocks.0.mlp.fc2"] == "rowwise"
+
+
+def test_evaluate_uniform_partition_is_equal_layers_and_labelled_given():
+    from planner import evaluate
+
+    cfg = ParallelConfig(dp=1, tp=1, pp=2, micro_batch_size=2, num_micro_batches=4)
+    p = evaluate("gpt-tiny", "cpu-local", cfg, devices_per_node=2, partition="uniform")
+    assert [(s.layer_start, s.layer_stop) for s in p.stages] == [(0, 3), (3, 6)]
+    assert p.solver.status == "given" and p.predicted.fits
