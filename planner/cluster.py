@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from planner.errors import SpecError
+from planner.errors import SpecError, read_json_file
 from planner.paths import datasets_dir
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
@@ -227,16 +227,7 @@ class ClusterSpec:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ClusterSpec:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise SpecError("cluster", str(path), f"cannot read the file ({exc.strerror}); check the path") from exc
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecError("cluster", str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}: "
-                            f"{exc.msg}); fix the syntax") from exc
+        data = read_json_file(path, "cluster", what="the file", damaged_fix="fix the syntax")
         return cls.from_dict(data, source=str(path))
 
     @classmethod

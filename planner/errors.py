@@ -6,6 +6,10 @@ without a traceback. Internal invariants use ``assert`` instead.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 
 class PlannerError(Exception):
     """Base class for errors the CLI reports as a one-paragraph message (exit code 2)."""
@@ -40,3 +44,17 @@ class TraceError(PlannerError):
 
 class PlanMismatchError(PlannerError):
     """A plan file does not match the model, cluster, world or schema it is used with."""
+
+
+def read_json_file(path: str | Path, field: str, *, what: str, damaged_fix: str) -> Any:
+    """Parse a user's JSON file; unreadable or malformed files become a SpecError naming the fix."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(field, str(path), f"cannot read {what} ({exc.strerror}); check the path") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(field, str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                        f"{damaged_fix}") from exc

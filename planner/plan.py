@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.errors import PlanMismatchError, SpecError
+from planner.errors import PlanMismatchError, SpecError, read_json_file
 from planner.paths import repo_dir
 
 SCHEMA_VERSION = "1.0"
@@ -217,16 +217,8 @@ class Plan:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Plan:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise SpecError("plan", str(path), f"cannot read the plan file ({exc.strerror}); check the path") from exc
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecError("plan", str(path), f"not valid JSON (line {exc.lineno}: {exc.msg}); the file is "
-                            "damaged: re-create it with `python -m planner plan`") from exc
+        data = read_json_file(path, "plan", what="the plan file",
+                              damaged_fix="the file is damaged: re-create it with `python -m planner plan`")
         return cls.from_dict(data, source=str(path))
 
 

@@ -162,10 +162,7 @@ def partition_for(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, t
                            limit=usable_memory_bytes(cluster, c), memory_vec=vec,
                            memory_matrix=stage_memory_matrix(table, cfg, c, p=p, in_flight=flights))
         return partition_dp(costs, p)
-    zeros = np.zeros((n + 1, n + 1))
-    costs = StageCosts(time=table.total_s, memory=lambda i, j, k: 0.0, limit=math.inf,
-                       memory_matrix=lambda k: zeros)
-    return partition_dp(costs, p * v)
+    return partition_unconstrained(table.total_s, p * v)  # memory is checked per device by evaluate
 
 
 @functools.lru_cache(maxsize=65536)
@@ -216,10 +213,10 @@ class _PartitionCache:
         ``cutoff_s`` (the memory-constrained bottleneck is never below the unconstrained one)."""
         if not balanced:
             return partition_for(graph, cluster, cfg, table, c, balanced=False)
-        if cfg.virtual_stages > 1:  # time-only split into p·v chunks (memory is checked by evaluate)
+        if cfg.virtual_stages > 1:  # time-only split into p·v chunks, shared by every v > 1 schedule
             key = (id(table), cfg.pp * cfg.virtual_stages)
             if key not in self.free:
-                self.free[key] = partition_unconstrained(table.total_s, cfg.pp * cfg.virtual_stages)
+                self.free[key] = partition_for(graph, cluster, cfg, table, c)
             return self.free[key]
         p = cfg.pp
         free_key = (id(table), p)

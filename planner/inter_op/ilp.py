@@ -74,15 +74,13 @@ bound subtracts the largest rounding error, so CP-SAT agrees with the brute forc
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from planner.cbc import run_cbc
 from planner.inter_op.problem import CROSS_GROUP, CROSS_NODE, SAME_NODE, StageProblem
 
 BACKENDS = ("cpsat", "cbc")
@@ -456,16 +454,7 @@ def solve_cbc(ilp: StageILP, *, time_limit_s: float | None, num_workers: int = 1
         con = expr <= rhs if r.sense == "<=" else expr == rhs if r.sense == "==" else expr >= rhs
         prob += con, re.sub(r"[^A-Za-z0-9_]", "_", r.name)
     prob += pulp.lpSum(v * xs[k] for k, v in lm.objective.items())
-    with tempfile.TemporaryDirectory(prefix="inter_op_cbc_") as tmp:
-        log = os.path.join(tmp, "cbc.log")
-        with warnings.catch_warnings():  # PuLP 3 warns that its bundled CBC goes away in PuLP 4
-            warnings.simplefilter("ignore", DeprecationWarning)
-            solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, threads=num_workers,
-                                       logPath=log, keepFiles=False)
-        start = time.perf_counter()
-        prob.solve(solver)
-        elapsed = time.perf_counter() - start
-        text = open(log).read() if os.path.exists(log) else ""
+    elapsed, text = run_cbc(prob, time_limit_s=time_limit_s, threads=num_workers, prefix="inter_op_cbc_")
     status = pulp.LpStatus[prob.status]
     sol = prob.sol_status
     nvars, ncons = len(xs), len(lm.rows)

@@ -46,15 +46,14 @@ optimal objective (ties between equal-cost solutions may be broken differently).
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from planner.cbc import run_cbc
 
 BACKENDS = ("cpsat", "cbc")
 
@@ -354,16 +353,7 @@ class _Cbc:
     def solve(self, *, time_limit_s: float, num_workers: int) -> IlpResult:
         pulp = self.pulp
         nvars, ncons = self.prob.numVariables(), self.prob.numConstraints()
-        with tempfile.TemporaryDirectory(prefix="intra_op_cbc_") as tmp:
-            log = os.path.join(tmp, "cbc.log")
-            with warnings.catch_warnings():  # PuLP 3 warns that its bundled CBC goes away in PuLP 4
-                warnings.simplefilter("ignore", DeprecationWarning)
-                solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, threads=num_workers,
-                                           logPath=log, keepFiles=False)
-            start = time.perf_counter()
-            self.prob.solve(solver)
-            elapsed = time.perf_counter() - start
-            text = open(log).read() if os.path.exists(log) else ""
+        elapsed, text = run_cbc(self.prob, time_limit_s=time_limit_s, threads=num_workers, prefix="intra_op_cbc_")
         status = pulp.LpStatus[self.prob.status]
         sol = self.prob.sol_status
         if status == "Infeasible":
