@@ -4,7 +4,8 @@ Per op, on one of the ``tp`` devices of a layer, for one micro-batch of ``b`` sa
 
     t(op) = max(flops / (peak(dtype) · eff(m, n, k)),  bytes / (bandwidth · bw_eff))
 
-(``bytes``: the traced activation traffic times ``b`` plus the weight read once.)
+(``bytes``: the traced activation traffic times ``b`` plus the weight read once per kernel: once
+for an ordinary GEMM, once per time step for a recurrent layer's merged per-step GEMMs.)
 
 ``eff(m, n, k) = eff_max · Π_d d / (d + d_half)``: a GEMM is fast only when every dim fills the
 tensor-core tiles and the waves of thread blocks (small micro-batches, attention's head dim and
@@ -44,6 +45,18 @@ def gemm_efficiency(m: float, n: float, k: float, c: CostConstants) -> float:
         if d > 0:
             eff *= d / (d + c.gemm_half_efficiency_dim)
     return eff
+
+
+def gemm_calls(kind: str, flops: float, m: int, n: int, k: int) -> float:
+    """How many GEMMs of shape ``(m, n, k)`` one traced op stands for.
+
+    One, except where the tracer merged identical kernels into one record: a recurrent layer's
+    per-time-step GEMMs (:mod:`planner.trace.rnn`) are ``T`` kernels of a small ``m``, and each
+    reads its weight again, so the weight traffic is per call, not per record.
+    """
+    if kind not in LINEAR_KINDS or not (m and n and k):
+        return 1.0
+    return max(1.0, float(round(flops / (2.0 * m * n * k))))
 
 
 def tp_split_dims(kind: str, m: float, n: float, k: float, tp: int) -> tuple[float, float, float]:
@@ -99,9 +112,10 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
         if op.flops <= 0:
             continue
         flops = op.flops * micro_batch / tp
-        # The trace's bytes are per sample with the weight read once; the weight does not grow
-        # with the micro-batch.
-        weight = op.k * op.n * elt if op.kind in LINEAR_KINDS else 0.0
+        # The trace's bytes are per sample with the weight read once per call; the weight does not
+        # grow with the micro-batch.
+        calls = gemm_calls(op.kind, op.flops, op.m, op.n, op.k)
+        weight = calls * op.k * op.n * elt if op.kind in LINEAR_KINDS else 0.0
         weight_elems += op.k * op.n if op.kind in LINEAR_KINDS else 0.0
         nbytes = (max(op.bytes - weight, 0.0) * micro_batch + min(weight, op.bytes)) / tp
         if op.m:
@@ -109,7 +123,7 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
             eff = gemm_efficiency(m, n, k, c)
         else:  # a FLOP-counted op without a GEMM shape (fused attention kernels): a large GEMM
             eff = c.gemm_efficiency_max
-        t = max(flops / (peak * eff), nbytes / bw) + c.kernel_overhead_s
+        t = max(flops / (peak * eff), nbytes / bw) + calls * c.kernel_overhead_s
         gemm_fwd += t
         gemm_flops += op.flops
         if op.kind in ATTENTION_KINDS:

@@ -123,3 +123,23 @@ def test_dispatch_overhead_hides_on_asynchronous_devices_and_adds_on_cpus():
     assert t_gpu.fwd_s == pytest.approx(max(device_s, 100 * 5e-6))
     assert t_cpu.fwd_s == pytest.approx(device_s + 100 * 5e-6)
     assert t_cpu.bwd_s == pytest.approx(2 * device_s + 2 * 100 * 5e-6)
+
+
+def test_merged_per_step_gemms_read_their_weight_once_per_step():
+    """A recurrent layer's T per-step GEMMs (one merged record) read the weight T times, and that
+    traffic does not grow with the micro-batch; only the activations do."""
+    steps, m, n, k = 750, 1, 3072, 1024
+    one = gemm(m, n, k)
+    merged = OpCost(kind="addmm", flops=one.flops * steps, bytes=one.bytes * steps, m=m, n=n, k=k)
+    weight, act = 2.0 * k * n, 2.0 * (m * k + m * n)
+    for b in (1, 8, 64):
+        t = layer_times(layer([merged]), micro_batch=b, tp=1, sequence_parallel=False, device=DEVICE,
+                        dtype="bf16", c=C)
+        compute = steps * one.flops * b / (100e12 * gemm_efficiency(m * b, n, k, C))
+        assert t.fwd_s == pytest.approx(max(compute, steps * (weight + b * act) / 1e12))
+        assert t.fwd_s > steps * weight / 1e12
+    # An ordinary GEMM is one call: its weight is read once whatever the micro-batch.
+    big = gemm(4, 4096, 4096)
+    t = layer_times(layer([big]), micro_batch=2, tp=1, sequence_parallel=False, device=DEVICE, dtype="bf16", c=C)
+    compute = big.flops * 2 / (100e12 * gemm_efficiency(8, 4096, 4096, C))
+    assert t.fwd_s == pytest.approx(max(compute, (2.0 * 4096 * 4096 + 2 * 2.0 * 4 * 8192) / 1e12))
