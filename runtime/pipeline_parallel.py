@@ -20,6 +20,16 @@ The asynchronous methods (pipedream, pipedream-2bw, pipelined-backprop, pipemare
 without a flush, and chimera runs two model replicas; the runtime refuses all of them rather than run
 a different schedule. Every schedule gets the plan's ``num_micro_batches`` and averages the
 micro-batch gradients (``scale_grads=True``), so a step equals one step on the whole batch.
+
+What crosses a stage boundary is one block's output, ``[micro_batch, seq, hidden]`` in fp32 (the
+residual stream; bf16 autocast leaves it fp32). With sequence parallelism each tp rank holds only its
+``seq / tp`` positions of it, and stages exchange that **shard**: tp rank ``t`` of stage ``k`` sends
+to tp rank ``t`` of stage ``k + 1`` (the ``pp`` axis groups ranks of equal tp index), which reads it
+as the same shard. Gathering before the send and splitting after would send ``tp`` times the bytes
+to get the same result (Megatron-SP also sends the shard). For the GPT family the runtime gives
+``PipelineStage`` these shapes (:func:`stage_io_examples`: tokens into the first stage, the boundary
+tensor between stages, logits out of the last), so torch's static metadata path sets up the p2p
+buffers without a first inference forward; other families let torch infer them from that forward.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
+from planner.models import ModelPreset
 from planner.plan import Plan
 from planner.schedules import get_schedule
 from runtime.errors import RunCheckError
@@ -116,13 +127,50 @@ def _pp_index_of(plan: Plan, ranks: tuple[int, ...]) -> int:
     return positions.pop()
 
 
+def boundary_shape(plan: Plan, hidden: int) -> tuple[int, int, int]:
+    """``[micro_batch, seq, hidden]`` of the tensor one stage sends the next, on one rank.
+
+    With ``sequence_parallel`` it is this tp rank's shard: ``seq / tp`` positions (see the module docstring).
+    """
+    p = plan.parallel
+    seq_len = plan.model.seq_len
+    if seq_len is None:
+        raise RunCheckError(f"model.seq_len: the plan of {plan.model.name} has none; the pipeline needs it to size "
+                            "what stages exchange; re-create the plan")
+    return (p.micro_batch_size, seq_len // p.tp if p.sequence_parallel else seq_len, hidden)
+
+
+def stage_io_examples(plan: Plan, preset: ModelPreset, stage_index: int, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Meta tensors shaped as what stage ``stage_index`` takes and returns (GPT family), else ``None``."""
+    if preset.family != "gpt":
+        return None
+    p = plan.parallel
+    last = p.pp * p.virtual_stages - 1
+    boundary = torch.empty(boundary_shape(plan, preset.config["hidden"]), device="meta", requires_grad=True)
+    # The head runs under the plan's autocast (runtime.train._autocast): bf16 logits on GPUs for bf16 plans.
+    logits_dtype = torch.bfloat16 if device.type == "cuda" and plan.model.dtype == "bf16" else torch.float32
+    tokens = torch.empty((p.micro_batch_size, plan.model.seq_len), dtype=torch.long, device="meta")
+    logits = torch.empty((p.micro_batch_size, plan.model.seq_len, preset.config.get("vocab_size", 51200)),
+                         dtype=logits_dtype, device="meta", requires_grad=True)
+    return (tokens if stage_index == 0 else boundary), (logits if stage_index == last else boundary)
+
+
 def build_schedule(choice: ScheduleChoice, modules: list[nn.Module], stage_indices: list[int], plan: Plan, *,
                    pp_group: torch.distributed.ProcessGroup, device: torch.device,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    """``PipelineStage`` per local stage, then the schedule object whose ``step`` runs one batch."""
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], preset: ModelPreset | None = None):
+    """``PipelineStage`` per local stage, then the schedule object whose ``step`` runs one batch.
+
+    With ``preset`` the stages get their input and output shapes up front (:func:`stage_io_examples`).
+    """
     p = plan.parallel
     num_stages = p.pp * p.virtual_stages
-    stages = [PipelineStage(m, idx, num_stages, device, group=pp_group) for m, idx in zip(modules, stage_indices)]
+    stages = []
+    for module, idx in zip(modules, stage_indices):
+        io = stage_io_examples(plan, preset, idx, device) if preset is not None else None
+        inputs, outputs = io if io is not None else (None, None)
+        stages.append(PipelineStage(module, idx, num_stages, device, input_args=inputs, output_args=outputs,
+                                    group=pp_group))
     m = p.num_micro_batches
     if choice.torch_class is None:
         sched = torch_schedules._PipelineScheduleRuntime(stages, m, loss_fn=loss_fn, scale_grads=True)

@@ -7,6 +7,9 @@
   activations grow with ``seq_len²``), as in Korthikanti et al. 2022; the rest is kept.
 
 Applied after tensor parallelism (it wraps whatever forward TP installed) and before FSDP/DDP.
+With sequence parallelism the gather of the sequence sits in ``attn.qkv``'s input hook, inside the
+checkpointed forward: selective recompute keeps only the rank's ``s / tp`` shard of the attention's
+input and redoes the all-gather in backward (Korthikanti et al.'s pairing of the two).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from runtime.model import (
 from runtime.parallel_dims import ParallelDims
 from runtime.pipeline_parallel import build_schedule, choose_schedule
 from runtime.recompute import apply_recompute
-from runtime.tensor_parallel import apply_tensor_parallel
+from runtime.tensor_parallel import apply_tensor_parallel, reduce_partial_gradients
 
 # For fault tests: "kill:RANK:STEP" (that rank SIGKILLs itself in the middle of that step) or "hang:RANK:STEP"
 # (it stops communicating there, sleeping until it is killed).
@@ -141,6 +141,8 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
         _sync(device)
         start = time.perf_counter()
         local_loss = _forward_backward(r, plan, inputs.to(device), targets.to(device))
+        if plan.parallel.sequence_parallel:  # LayerNorm gradients of sequence shards are partial sums over tp
+            reduce_partial_gradients(r.stages)
         if r.dp_mode.kind == "allreduce":
             allreduce_gradients(r.stages, mesh["dp"])
         for group in r.tied_groups:
@@ -212,11 +214,13 @@ def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: Par
               duplicate_names={n for t in tied for n in t.names[1:]}, loss_fn=loss_function(preset),
               autocast=_autocast(plan, device),
               setup={"data_parallel": dp_mode.describe(), "recompute": par.recompute,
-                     "tensor_parallel": f"Megatron tp={par.tp}" if par.tp > 1 else "none"})
+                     "tensor_parallel": (f"Megatron tp={par.tp}" + (" + sequence parallel" if par.sequence_parallel
+                                                                    else "")) if par.tp > 1 else "none"})
     if par.pp > 1:
         choice = choose_schedule(plan)
         r.schedule, _ = build_schedule(choice, wrapped, [s.stage_index for s in stages], plan,
-                                       pp_group=mesh["pp"].get_group(), device=device, loss_fn=r.loss_fn)
+                                       pp_group=mesh["pp"].get_group(), device=device, loss_fn=r.loss_fn,
+                                       preset=preset)
         r.holds_first = any(s.stage_index == 0 for s in stages)
         r.last_holder = any(s.stage_index == len(plan.stages) - 1 for s in stages)
         r.setup["schedule"] = choice.describe()

@@ -98,6 +98,31 @@ def _resnet_config(cfg: dict[str, Any]):
     return ResNetConfig(**cfg)
 
 
+def _mlp_config(cfg: dict[str, Any]):
+    from planner.models.mlp import MLPConfig
+
+    return MLPConfig(**cfg)
+
+
+def _cnn_config(cfg: dict[str, Any]):
+    from planner.models.cnn import CNNConfig
+
+    return CNNConfig(**cfg)
+
+
+def _features(cfg: dict[str, Any], batch: int, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(batch, _mlp_config(cfg).input_dim, device=device),)
+
+
+def _cnn_sample(cfg: dict[str, Any], batch: int, seq_len: int | None, device: torch.device | str):
+    c = _cnn_config(cfg)
+    return (torch.randn(batch, c.channels, c.image_size, c.image_size, device=device),)
+
+
+def _classes(num_classes: int, batch: int, gen: torch.Generator | None) -> torch.Tensor:
+    return torch.randint(0, num_classes, (batch,), generator=gen)
+
+
 def _build(module: str, cls: str, make_config: Callable[[dict[str, Any]], Any]):
     def build(cfg: dict[str, Any]) -> nn.Module:
         import importlib
@@ -169,6 +194,14 @@ FAMILIES: dict[str, Family] = {
     "resnet": Family(build=_build("resnet", "ResNet", _resnet_config),
                      sample_input=lambda cfg, b, s, dev: _images(cfg, b, dev), targets=_class_targets,
                      loss="cross-entropy", seq_len=lambda cfg: None),
+    # Small classifiers on synthetic data, for checking the runtime against one process (see mlp.py, cnn.py).
+    "mlp": Family(build=_build("mlp", "MLP", _mlp_config),
+                  sample_input=lambda cfg, b, s, dev: _features(cfg, b, dev),
+                  targets=lambda cfg, b, s, gen: _classes(_mlp_config(cfg).num_classes, b, gen),
+                  loss="cross-entropy", seq_len=lambda cfg: None),
+    "cnn": Family(build=_build("cnn", "CNN", _cnn_config), sample_input=_cnn_sample,
+                  targets=lambda cfg, b, s, gen: _classes(_cnn_config(cfg).num_classes, b, gen),
+                  loss="cross-entropy", seq_len=lambda cfg: None),
 }
 
 

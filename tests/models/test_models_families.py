@@ -12,7 +12,9 @@ from torch import nn
 from planner.errors import SpecError
 from planner.models import FAMILIES, list_presets, load_preset
 from planner.models.blocks import Attention, Rotary
+from planner.models.cnn import CNNConfig
 from planner.models.deepspeech2 import DeepSpeech2Config
+from planner.models.mlp import MLPConfig
 from planner.models.moe import MoEFeedForward
 from planner.models.t5 import relative_buckets
 from planner.models.wav2vec2 import Wav2Vec2Config
@@ -30,9 +32,12 @@ SMALL = {
     "llama": dict(num_layers=2, hidden=32, heads=4, kv_heads=2, ffn_hidden=64, vocab_size=100, seq_len=16,
                   num_experts=4, top_k=2, capacity_factor=2.0),
     "resnet": dict(depths=[1, 2], widths=[8, 16], image_size=32, num_classes=10),
+    "mlp": dict(input_dim=12, hidden=16, ffn_hidden=24, num_layers=2, num_classes=10),
+    "cnn": dict(widths=[8, 16], depths=[1, 2], image_size=16, groups=4, num_classes=10),
 }
 OUTPUT = {"gpt": (2, 16, 100), "bert": (2, 16, 100), "t5": (2, 8, 100), "vit": (2, 10),
-          "wav2vec2": (2, 10, 32), "deepspeech2": (2, 20, 29), "llama": (2, 16, 100), "resnet": (2, 10)}
+          "wav2vec2": (2, 10, 32), "deepspeech2": (2, 20, 29), "llama": (2, 16, 100), "resnet": (2, 10),
+          "mlp": (2, 10), "cnn": (2, 10)}
 
 
 def test_every_family_is_registered_and_tested():
@@ -164,3 +169,73 @@ def test_preset_sample_and_targets_agree(name):
     assert targets.shape[0] == 2
     if p.spec.loss == "lm-cross-entropy" and p.family != "t5":
         assert targets.shape[1] == (p.seq_len if p.family != "deepspeech2" else (p.seq_len + 1) // 2)
+
+
+# --- the mlp and cnn families (small classifiers for the runtime's equivalence tests) ---------------------
+
+@pytest.mark.parametrize("name", ["mlp-tiny", "mlp-1b", "cnn-tiny", "cnn-25m"])
+def test_mlp_cnn_presets_trace_to_their_parameter_count(name):
+    from tests_helpers import traced
+
+    preset = load_preset(name)
+    graph = traced(name)
+    model = preset.build(device="meta")
+    unique = sum(p.numel() for p in model.parameters())
+    config = (MLPConfig if preset.family == "mlp" else CNNConfig)(**preset.config)
+    assert graph.param_count == unique == config.param_count() == sum(layer.param_count for layer in graph.layers)
+    assert graph.method == "fx"
+    head = "embed" if preset.family == "mlp" else "stem"
+    blocks = config.num_layers if preset.family == "mlp" else len(config.block_shapes())
+    assert [layer.name for layer in graph.layers] == [head] + [f"blocks.{i}" for i in range(blocks)] + ["head"]
+
+
+@pytest.mark.parametrize("name", ["mlp-tiny", "mlp-1b"])
+def test_mlp_flops_are_the_gemm_count(name):
+    """A block is two GEMMs: forward 2·b·in·out each, training 3x that; the features need no gradient."""
+    from planner.trace import trace_preset
+
+    cfg = MLPConfig(**load_preset(name).config)
+    graph = trace_preset(name, batch=4, dtype="fp32")  # the graph's figures are per sample (b = 1)
+    h, f = cfg.hidden, cfg.ffn
+    blocks = [layer for layer in graph.layers if layer.name.startswith("blocks.")]
+    assert len(blocks) == cfg.num_layers
+    for layer in blocks:
+        assert layer.fwd_flops == 2 * (h * f + f * h)
+        assert layer.fwd_flops + layer.bwd_flops == 2 * (h * f + f * h) * 3
+    embed = graph.layers[0]
+    assert embed.fwd_flops == embed.bwd_weight_flops == 2 * cfg.input_dim * h and embed.bwd_input_flops == 0
+    assert graph.train_flops == cfg.flops_per_sample()
+
+
+def test_cnn_forward_flops_are_the_convolution_count():
+    """Each 3x3 convolution costs 2·9·c_in·c_out per output pixel; the head one GEMM."""
+    from tests_helpers import traced
+
+    cfg = CNNConfig(**load_preset("cnn-tiny").config)
+    size = cfg.image_size // cfg.stem_stride
+    expected = 2 * 9 * cfg.channels * cfg.widths[0] * size * size
+    for c_in, c_out, stride in cfg.block_shapes():
+        size //= stride
+        expected += 2 * 9 * c_in * c_out * size * size
+    expected += 2 * cfg.widths[-1] * cfg.num_classes
+    assert traced("cnn-tiny").fwd_flops == expected
+
+
+def test_cnn_has_no_batch_statistics():
+    """GroupNorm: a sample's output does not depend on the rest of its batch (micro-batching is exact)."""
+    torch.manual_seed(0)
+    model = FAMILIES["cnn"].build(dict(SMALL["cnn"]))
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(model(x)[:2], model(x[:2]))
+    assert not list(model.buffers())
+
+
+@pytest.mark.parametrize(("family", "config", "field"), [
+    ("mlp", dict(input_dim=0, hidden=8, num_layers=1, num_classes=2), "input_dim"),
+    ("mlp", dict(input_dim=8, hidden=8, num_layers=1, num_classes=2, dropout=1.0), "dropout"),
+    ("cnn", dict(widths=[8, 6], depths=[1, 1], groups=4), "widths"),
+    ("cnn", dict(widths=[8], depths=[1, 1]), "depths"),
+])
+def test_mlp_cnn_configs_name_the_bad_field(family, config, field):
+    with pytest.raises(ValueError, match=field):
+        FAMILIES[family].build(config)

@@ -37,11 +37,12 @@ def tiny_preset(name: str = "gpt-tiny", tie: bool | None = None) -> ModelPreset:
 def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1, tp: int = 1, pp: int = 1,
               micro_batch_size: int = 2, num_micro_batches: int = 2, schedule: str = "1f1b",
               virtual_stages: int = 1, recompute: str = "none", zero_stage: int = 0,
-              nodes: int = 1, step_time_s: float = 0.05, styles: dict[str, str] | None = None) -> Plan:
+              nodes: int = 1, step_time_s: float = 0.05, styles: dict[str, str] | None = None,
+              sequence_parallel: bool = False) -> Plan:
     graph = _graph(preset, tie)
     cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
                          num_micro_batches=num_micro_batches, virtual_stages=virtual_stages, schedule=schedule,
-                         recompute=recompute, zero_stage=zero_stage)
+                         recompute=recompute, zero_stage=zero_stage, sequence_parallel=sequence_parallel)
     names = [layer.name for layer in graph.layers]
     n_stages = pp * virtual_stages
     bounds = [round(i * len(names) / n_stages) for i in range(n_stages + 1)]
@@ -55,8 +56,9 @@ def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1,
         for k in range(n_stages))
     world = cfg.world_size
     state_bytes = 16 * graph.param_count // world
-    model = ModelInfo(name=graph.name, preset=preset, family="gpt", fingerprint=graph.fingerprint(),
-                      param_count=graph.param_count, num_layers=graph.num_layers, layer_names=tuple(names),
+    model = ModelInfo(name=graph.name, preset=preset, family=tiny_preset(preset).family,
+                      fingerprint=graph.fingerprint(), param_count=graph.param_count,
+                      num_layers=graph.num_layers, layer_names=tuple(names),
                       seq_len=graph.seq_len, dtype="fp32", global_batch=cfg.global_batch,
                       flops_per_sample=graph.train_flops)
     predicted = Prediction(step_time_s=step_time_s, mfu=0.1, peak_memory_bytes=state_bytes,
@@ -76,6 +78,11 @@ def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1,
 def write_plan(plan: Plan, path: str | Path) -> str:
     plan.to_json(path, force=True)
     return str(path)
+
+
+def sequence_norms(num_layers: int = 4) -> dict[str, str]:
+    """The ``sequence`` style on every LayerNorm of gpt-tiny, as the intra-op solver writes sequence-split norms."""
+    return {"head.ln_f": "sequence"} | {f"blocks.{i}.{ln}": "sequence" for i in range(num_layers) for ln in ("ln1", "ln2")}
 
 
 def solver_styles(num_layers: int = 4, *, embedding: str = "colwise", head: str = "colwise") -> dict[str, str]:
@@ -106,6 +113,14 @@ WORLD2 = {
                                                                         styles=solver_styles()),
     "tp=2 vocab-parallel embedding": dict(tp=2, num_micro_batches=4,
                                           styles=solver_styles(embedding="vocab", head="replicate")),
+    "tp=2 sp": dict(tp=2, num_micro_batches=4, sequence_parallel=True),
+    "tp=2 sp recompute=selective": dict(tp=2, num_micro_batches=4, sequence_parallel=True, recompute="selective"),
+    "tp=2 sp solver placements + sequence norms": dict(tp=2, num_micro_batches=4, sequence_parallel=True,
+                                                       styles=solver_styles() | sequence_norms()),
+    "tp=2 sp vocab embedding, replicated head and blocks.3": dict(
+        tp=2, num_micro_batches=4, sequence_parallel=True,
+        styles={k: v for k, v in solver_styles(embedding="vocab", head="replicate").items()
+                if not k.startswith("blocks.3.")}),
     "dp=2 (DDP)": dict(dp=2, num_micro_batches=2),
     "dp=2 zero=1 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=1),
     "dp=2 zero=3 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=3),
@@ -119,6 +134,7 @@ WORLD4 = {
     "pp=2 dp=2 tied embeddings": dict(pp=2, dp=2, num_micro_batches=2, tie=True),
     "pp=2 tp=2": dict(pp=2, tp=2, num_micro_batches=4),
     "pp=2 tp=2 solver placements": dict(pp=2, tp=2, num_micro_batches=4, styles=solver_styles()),
+    "pp=2 tp=2 sp": dict(pp=2, tp=2, num_micro_batches=4, sequence_parallel=True),
     "dp=2 tp=2": dict(dp=2, tp=2, num_micro_batches=2),
     "dp=2 tp=2 zero=2 (FSDP2 + TP)": dict(dp=2, tp=2, num_micro_batches=2, zero_stage=2),
 }

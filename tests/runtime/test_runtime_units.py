@@ -6,15 +6,15 @@ import dataclasses
 
 import pytest
 import torch
-from runtime_plans import make_plan, solver_styles, tiny_preset
+from runtime_plans import make_plan, sequence_norms, solver_styles, tiny_preset
 
 from runtime.checks import Launch, preflight
 from runtime.data_parallel import DataParallelMode
 from runtime.errors import RunCheckError
 from runtime.model import StageModule, build_stage_modules
 from runtime.parallel_dims import ParallelDims
-from runtime.pipeline_parallel import SUPPORTED_SCHEDULES, choose_schedule
-from runtime.tensor_parallel import canonical_from_tp, to_tp_rows, tp_styles
+from runtime.pipeline_parallel import SUPPORTED_SCHEDULES, boundary_shape, choose_schedule, stage_io_examples
+from runtime.tensor_parallel import canonical_from_tp, check_tensor_parallel, to_tp_rows, tp_styles
 
 LOCAL2 = Launch(world_size=2, procs_per_node=2, nodes=1, device_type="cpu")
 
@@ -70,7 +70,7 @@ def test_tp_styles_default_and_from_placements():
 
 @pytest.mark.parametrize("change, message", [
     ({"blocks.0.attn.proj": "replicate"}, "column then row parallel"),
-    ({"blocks.0.ln1": "sequence"}, "sequence parallelism"),
+    ({"blocks.0.ln1": "sequence"}, "sequence_parallel is false"),
     ({"blocks.0.mlp.fc1": "diagonal"}, "unknown style"),
 ])
 def test_tp_styles_the_runtime_cannot_apply_are_refused(change, message):
@@ -80,6 +80,47 @@ def test_tp_styles_the_runtime_cannot_apply_are_refused(change, message):
     unknown = dataclasses.replace(plan, placements={"schema": "something/9", "params": {}})
     with pytest.raises(RunCheckError, match="intra_op_sharding/1"):
         tp_styles(unknown)
+
+
+def test_sequence_styles_are_read_with_sequence_parallelism():
+    styles = solver_styles() | sequence_norms()
+    plan = make_plan(tp=2, num_micro_batches=4, sequence_parallel=True, styles=styles)
+    assert tp_styles(plan) == styles
+    check_tensor_parallel(plan, tiny_preset())
+    default = make_plan(tp=2, num_micro_batches=4, sequence_parallel=True)
+    assert tp_styles(default) == tp_styles(make_plan(tp=2, num_micro_batches=4))  # norms: SP applies them all
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"blocks.0.attn.qkv": "sequence"}, "column then row parallel"),  # only a norm takes the sequence style
+    ({"blocks.0.attn.ln_q": "sequence"}, "inside blocks.0 are split"),
+])
+def test_sequence_style_outside_a_norm_is_refused(change, message):
+    plan = make_plan(tp=2, num_micro_batches=4, sequence_parallel=True, styles=solver_styles() | change)
+    with pytest.raises(RunCheckError, match=message):
+        tp_styles(plan)
+
+
+def test_sequence_parallelism_checks_name_the_field():
+    plan = make_plan(tp=2, num_micro_batches=4, sequence_parallel=True)
+    odd = dataclasses.replace(plan, model=dataclasses.replace(plan.model, seq_len=63))
+    with pytest.raises(RunCheckError, match=r"parallel.sequence_parallel: tp=2 does not divide .*seq_len=63"):
+        check_tensor_parallel(odd, tiny_preset())
+    base = tiny_preset()
+    dropped = dataclasses.replace(base, config={**base.config, "dropout": 0.1})
+    with pytest.raises(RunCheckError, match="dropout=0.1"):  # the tp rule, kept for SP
+        check_tensor_parallel(plan, dropped)
+
+
+def test_stages_exchange_the_sequence_shard_under_sequence_parallelism():
+    sp = make_plan(pp=2, tp=2, num_micro_batches=4, sequence_parallel=True)
+    assert boundary_shape(sp, 128) == (2, 32, 128)  # micro-batch 2, 64 / tp positions, hidden 128
+    assert boundary_shape(make_plan(pp=2, tp=2, num_micro_batches=4), 128) == (2, 64, 128)
+    first_in, first_out = stage_io_examples(sp, tiny_preset(), 0, torch.device("cpu"))
+    last_in, last_out = stage_io_examples(sp, tiny_preset(), 1, torch.device("cpu"))
+    assert (first_in.shape, first_in.dtype) == ((2, 64), torch.long)  # token ids, whole
+    assert first_out.shape == last_in.shape == (2, 32, 128) and last_in.requires_grad
+    assert last_out.shape == (2, 64, 8192)  # logits, whole: the loss sees every position
 
 
 @pytest.mark.parametrize("schedule, v, expected", [
