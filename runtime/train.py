@@ -191,6 +191,15 @@ class _Rank:
     setup: dict[str, str] = field(default_factory=dict)
 
 
+def _tp_label(plan: Plan, preset: ModelPreset) -> str:
+    """How the run splits tensors, for the run log: which code path, tp, and sequence parallelism."""
+    par = plan.parallel
+    if par.tp == 1:
+        return "none"
+    kind = "GPT column/row pairs" if preset.family == "gpt" else "Linear column/row pairs"
+    return f"{kind} tp={par.tp}" + (" + sequence parallel" if par.sequence_parallel else "")
+
+
 def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: ParallelDims,
            device: torch.device) -> _Rank:
     """Steps 1-5 of the module docstring, in that order."""
@@ -214,8 +223,7 @@ def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: Par
               duplicate_names={n for t in tied for n in t.names[1:]}, loss_fn=loss_function(preset),
               autocast=_autocast(plan, device),
               setup={"data_parallel": dp_mode.describe(), "recompute": par.recompute,
-                     "tensor_parallel": (f"Megatron tp={par.tp}" + (" + sequence parallel" if par.sequence_parallel
-                                                                    else "")) if par.tp > 1 else "none"})
+                     "tensor_parallel": _tp_label(plan, preset)})
     if par.pp > 1:
         choice = choose_schedule(plan)
         r.schedule, _ = build_schedule(choice, wrapped, [s.stage_index for s in stages], plan,
