@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
-from planner.errors import PlannerError
+from planner.errors import run_command
 
 GiB = 2**30
 
@@ -102,16 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return _dispatch(args)
-    except PlannerError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: _dispatch(args), debug=args.debug)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

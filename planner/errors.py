@@ -7,8 +7,14 @@ without a traceback. Internal invariants use ``assert`` instead.
 from __future__ import annotations
 
 import json
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+EXIT_USER_ERROR = 2  # the input is wrong: the message names the field and the fix
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 class PlannerError(Exception):
@@ -58,3 +64,25 @@ def read_json_file(path: str | Path, field: str, *, what: str, damaged_fix: str)
     except json.JSONDecodeError as exc:
         raise SpecError(field, str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
                         f"{damaged_fix}") from exc
+
+
+def run_command(body: Callable[[], int], *, debug: bool,
+                user_errors: type[Exception] = PlannerError) -> int:
+    """Run one CLI command and turn the errors a user can cause into an exit code.
+
+    ``user_errors`` (default :class:`PlannerError`) prints ``error: <message>`` on stderr and
+    returns :data:`EXIT_USER_ERROR`, with the traceback first when ``debug``; Ctrl-C prints
+    ``interrupted`` and returns :data:`EXIT_INTERRUPTED`. Anything else is a bug and propagates
+    with its traceback. ``python -m planner`` and ``python -m runtime`` both exit through here, so
+    their codes and messages cannot drift apart.
+    """
+    try:
+        return body()
+    except user_errors as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

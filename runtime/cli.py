@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 
+from planner.errors import run_command
 from runtime.errors import RunCheckError
 
 
@@ -42,16 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except RunCheckError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: _run(args), debug=args.debug, user_errors=RunCheckError)
 
 
 def _run(args: argparse.Namespace) -> int:
