@@ -159,7 +159,7 @@ def _recipe_candidate(graph, cluster, global_batch: int, name: str, c):
     from planner.baselines import baseline_spaces
     from planner.search import search
 
-    _, space = baseline_spaces(cluster)[name]
+    _, space = baseline_spaces(cluster, has_sequence=bool(graph.seq_len))[name]
     return search(graph, cluster, global_batch, space=space, constants=c, top_k=1).best
 
 

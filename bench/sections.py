@@ -6,26 +6,37 @@
   (:mod:`bench.solvers`).
 * ``measured``: our plan vs baseline configurations, run with gloo on this machine (:mod:`bench.measured`).
 * ``planner_cost``: wall time and peak memory of ``plan`` as GPUs and layers grow (:mod:`bench.planner_cost`).
-* ``planning_speed``: the headline planning times (below).
+* ``planning_speed``: the headline planning times, as a fresh command line and in-process (below).
 * ``intra_op``: the intra-op sharding ILP's own benchmark (:mod:`bench.solvers`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from collections.abc import Callable
 
 from bench import measured, planner_cost, predicted, solvers
-from bench.common import Context, fmt_ratio, md_table, say
+from bench.common import Context, fmt_ratio, fmt_s, md_table, run_cmd, say
+
+PLANNING_SPEED_CASES = [("gpt3-175b", "dgx-a100-80g", 128, 1536), ("megatron-1t", "dgx-a100-80g", 384, 3072)]
+PLANNING_SPEED_QUICK = [("gpt3-1.3b", "dgx-a100-80g", 4, 512)]
 
 
 def planning_speed(ctx: Context) -> str:
-    """Wall time of `plan` for the headline cases (the issue targets: 175B/1024 < 10 s, 1T/3072 < 30 s)."""
+    """Wall time of planning the headline cases (the issue targets: 175B/1024 < 10 s, 1T/3072 < 30 s).
+
+    Two measurements per case: the command a user types (``python -m planner plan``, a fresh
+    process, imports included, timed from outside) and ``plan()`` in this process (imports already
+    paid). The 1-minute load average is read before and after each command: this machine is shared,
+    and a loaded machine stretches every wall time.
+    """
     from planner import plan
 
-    cases = [("gpt3-175b", "dgx-a100-80g", 128, 1536), ("megatron-1t", "dgx-a100-80g", 384, 3072)]
-    if ctx.quick:
-        cases = [("gpt3-1.3b", "dgx-a100-80g", 4, 512)]
+    cases = PLANNING_SPEED_QUICK if ctx.quick else PLANNING_SPEED_CASES
+    cli_rows, cli_cmds = _planning_speed_cli(ctx, cases)
     rows = []
     for model, cluster, nodes, gb in cases:
         say(f"{model} on {nodes} x {cluster}")
@@ -41,12 +52,47 @@ def planning_speed(ctx: Context) -> str:
                      f"{fmt_ratio(p.predicted.step_time_s / best['step_time_s'])} vs {best['name']}" if best else "—"])
     return "\n".join([
         "## Planning speed\n",
-        "`plan()` end to end (trace on meta, search, baselines) in this process, for the sizes of "
-        "Narayanan et al. 2021; the issue's targets are < 10 s for GPT-3 175B on 1024 GPUs and < 30 s for "
-        "the 1T model on 3072 GPUs on a laptop-class machine.\n",
+        "The issue's targets are < 10 s for GPT-3 175B on 1024 GPUs and < 30 s for the 1T model on 3072 GPUs "
+        "(the sizes of Narayanan et al. 2021), for the command a user types, on this machine.\n",
+        "### The command line, imports included\n",
+        "Each command below runs in a fresh process; *CLI wall* is timed around it from outside. Trace, search "
+        "and baselines are the timings the command itself reports (`--json`); *rest* is everything else: Python "
+        "and torch imports, building the model on meta, the intra-op placement solve, writing the plan. Trace "
+        "includes torch's one-time import of `torch._dynamo`: torch runs elementwise ops on meta through Python "
+        "reference kernels wrapped in `torch._disable_dynamo`, which imports it on the first call. Load is "
+        "the 1-minute load average before → after the command (2 cores, shared).\n",
+        md_table(["model", "GPUs", "global batch", "CLI wall (s)", "trace (s)", "search (s)", "baselines (s)",
+                  "rest (s)", "load before → after", "exit"], cli_rows),
+        "\n```\n" + "\n".join(cli_cmds) + "\n```\n",
+        "### `plan()` in this process\n",
+        "`plan()` end to end (trace on meta, search, baselines), imports already paid.\n",
         md_table(["model", "cluster", "GPUs", "global batch", "plan wall (s)", "trace (s)", "search (s)",
                   "baselines (s)", "chosen configuration", "predicted step (s)", "MFU", "plan / best baseline"],
                  rows)])
+
+
+def _planning_speed_cli(ctx: Context, cases: list[tuple[str, str, int, int]]) -> tuple[list[list[str]], list[str]]:
+    """One fresh ``python -m planner plan`` per case: its wall time, its own phase timings, the load."""
+    out_dir = ctx.work_dir / "planning_speed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, cmds = [], []
+    for model, cluster, nodes, gb in cases:
+        cmd = [sys.executable, "-m", "planner", "plan", "--model", model, "--cluster", cluster, "--nodes", str(nodes),
+               "--global-batch", str(gb), "-o", str(out_dir / f"{model}.plan.json"), "--force", "--json"]
+        say(f"CLI: {model} on {nodes} x {cluster}")
+        load_before = os.getloadavg()[0]
+        res = run_cmd(cmd)
+        load_after = os.getloadavg()[0]
+        cmds.append(res.cmd)
+        timings: dict[str, float] = {}
+        if res.returncode in (0, 3):  # 3: the plan was written but does not fit
+            timings = json.loads(res.stdout).get("timings_s", {})
+        phases = [timings.get(k) for k in ("trace_s", "search_s", "baselines_s")]
+        rest = res.wall_s - sum(phases) if all(v is not None for v in phases) else None
+        rows.append([model, nodes * 8, gb, f"{res.wall_s:.2f}", *(fmt_s(v, 3) for v in phases), fmt_s(rest, 3),
+                     f"{load_before:.2f} → {load_after:.2f}",
+                     str(res.returncode) if res.returncode in (0, 3) else f"{res.returncode}: {res.error_line()}"])
+    return rows, cmds
 
 
 SECTIONS: dict[str, Callable[[Context], str]] = {

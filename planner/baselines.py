@@ -46,7 +46,7 @@ class BaselineResult:
         return d
 
 
-def baseline_spaces(cluster: ClusterSpec) -> dict[str, tuple[str, SearchSpace]]:
+def baseline_spaces(cluster: ClusterSpec, *, has_sequence: bool = True) -> dict[str, tuple[str, SearchSpace]]:
     dpn = cluster.devices_per_node if cluster.is_homogeneous else min(g.devices_per_node for g in cluster.groups)
     tp = min(dpn, cluster.num_devices)
     return {
@@ -57,7 +57,7 @@ def baseline_spaces(cluster: ClusterSpec) -> dict[str, tuple[str, SearchSpace]]:
         "megatron-lm": (f"Megatron-LM recipe: tp={tp} within a node, pipeline across nodes, uniform stages, "
                         "sequence parallel + selective recompute",
                         SearchSpace(tp=(tp,), schedules=("1f1b", "interleaved-1f1b"),
-                                    sequence_parallel=(True,) if tp > 1 else (False,),
+                                    sequence_parallel=(True,) if tp > 1 and has_sequence else (False,),
                                     recompute=("selective", "full"), zero_stage=(0, 1), partition="uniform")),
     }
 
@@ -65,7 +65,7 @@ def baseline_spaces(cluster: ClusterSpec) -> dict[str, tuple[str, SearchSpace]]:
 def run_baselines(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: CostConstants, *,
                   table_cache: dict | None = None) -> list[BaselineResult]:
     out = []
-    for name, (description, space) in baseline_spaces(cluster).items():
+    for name, (description, space) in baseline_spaces(cluster, has_sequence=bool(graph.seq_len)).items():
         result = search(graph, cluster, global_batch, space=space, constants=c, top_k=1, table_cache=table_cache)
         if result.best is None:
             reason = "no configuration of this recipe fits in memory"

@@ -318,6 +318,41 @@ class ClusterSpec:
             rank -= g.num_devices
         raise AssertionError("unreachable")
 
+    def group_index_of_rank(self, rank: int) -> int:
+        """Index in ``groups`` of the node group that holds ``rank`` (ranks go group by group)."""
+        assert 0 <= rank < self.num_devices, rank
+        for gi, g in enumerate(self.groups):
+            if rank < g.num_devices:
+                return gi
+            rank -= g.num_devices
+        raise AssertionError("unreachable")
+
+    def group_view(self, index: int) -> ClusterSpec:
+        """Node group ``index`` alone, as a homogeneous cluster: what one device type costs."""
+        return ClusterSpec(name=f"{self.name}[{index}]", groups=(self.groups[index],))
+
+    def position_groups(self, pp: int, ranks_per_position: int) -> tuple[tuple[int, ...], ...]:
+        """The node groups each pipeline position's ranks touch, in position order.
+
+        Ranks follow ``rank = (pp_index·dp + dp_index)·tp + tp_index`` (planner.api.build_plan), so
+        position ``k`` holds ranks ``[k·dp·tp, (k+1)·dp·tp)``; more than one group means its dp
+        replicas (or tp groups) straddle device types.
+        """
+        if pp * ranks_per_position != self.num_devices:
+            raise SpecError("pp*dp*tp", pp * ranks_per_position,
+                            f"must equal the cluster's {self.num_devices} devices ({self.summary()})")
+        out = []
+        for k in range(pp):
+            first, last = k * ranks_per_position, (k + 1) * ranks_per_position - 1
+            out.append(tuple(range(self.group_index_of_rank(first), self.group_index_of_rank(last) + 1)))
+        return tuple(out)
+
+    def slowest_group(self, indices: tuple[int, ...]) -> int:
+        """Among node groups ``indices``, the one whose device :attr:`device` would pick (slowest peak,
+        then least memory): what a lock-step tp group or dp replica spanning them runs at."""
+        return min(indices, key=lambda gi: (max(self.groups[gi].device.peak_flops.values()),
+                                            self.groups[gi].device.memory_bytes, gi))
+
     def node_of_rank(self, rank: int) -> int:
         assert 0 <= rank < self.num_devices, rank
         node = 0

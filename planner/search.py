@@ -7,6 +7,11 @@ bound* on its step time is already worse than the k-th best plan found: every de
 synchronous pipeline must run all ``m`` micro-batches of its layers, so
 ``step ≥ m · Σ_layers t(layer) / pp`` (busiest device at least the average). The bound never
 exceeds the true prediction, so pruning never discards the optimum (docs/search.md).
+
+Tensor-parallel communication is priced by the intra-op ILP (``layer_table``'s default, one
+cached solve per (tp, micro-batch, sp)); bounds and memory screens use the table without it
+(``tp_pricing="none"``: same memory, lower times), so the ILP runs only for configurations that
+survive them.
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ from planner.cost.model import (
     LayerTable,
     StepPrediction,
     evaluate,
+    group_layer_tables,
     layer_table,
     stage_memory,
     stage_memory_matrix,
     stage_memory_vec,
     usable_memory_bytes,
 )
+from planner.errors import SpecError
 from planner.inter_op.chain import Partition, StageCosts, partition_dp, uniform_partition
+from planner.inter_op.hetero import hetero_partition
 from planner.inter_op.unconstrained import partition_unconstrained
 from planner.plan import RECOMPUTE, ParallelConfig
 from planner.trace.graph import CostGraph
@@ -150,11 +158,22 @@ def _virtuals_for(schedule: str, pp: int, m: int, layers: int, space: SearchSpac
 
 def partition_for(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, table: LayerTable,
                   c: CostConstants, *, balanced: bool = True) -> Partition:
-    """Stage boundaries for ``cfg``: exact min-max DP under memory (v = 1), time-only for v > 1."""
+    """Stage boundaries for ``cfg``: exact min-max DP under memory (v = 1), time-only for v > 1.
+
+    On a mixed cluster the exact stage DP of :mod:`planner.inter_op` splits the layers with each
+    pipeline position's own device speed and memory, when it models ``cfg``
+    (:func:`planner.inter_op.hetero.hetero_partition`).
+    """
     p, v = cfg.pp, cfg.virtual_stages
     n = graph.num_layers
     if not balanced:
         return Partition(uniform_partition(n, p * v), math.nan, "given")
+    if not cluster.is_homogeneous:  # each position on its own device type (planner/inter_op/hetero.py)
+        part = hetero_partition(graph, cluster, cfg, c)
+        if part is not None:
+            return part
+        # Not modelled by the stage DP (a position straddling device types, v > 1, ...): the
+        # single-device split below, which evaluate then prices per device type.
     if v == 1:
         flights = list(flights_of(cfg.schedule, p, cfg.num_micro_batches, 1))
         vec = stage_memory_vec(table, cfg, c, p=p, in_flight=flights)
@@ -195,6 +214,83 @@ def _busiest_device_s(table: LayerTable, boundaries: tuple[tuple[int, int], ...]
     return max(work)
 
 
+def _position_tables(graph: CostGraph, cluster: ClusterSpec, key: tuple, pp: int, dp: int, c: CostConstants,
+                     tp_pricing: str = "ilp") -> list[LayerTable]:
+    """The layer table each pipeline position of a mixed cluster is priced with (its device type;
+    a position straddling types at its slowest member, as :func:`planner.cost.model.evaluate`)."""
+    tp, mb, sp, rec = key
+    per_group = group_layer_tables(graph, cluster, micro_batch=mb, tp=tp, sequence_parallel=sp, recompute=rec, c=c,
+                                   tp_pricing=tp_pricing)
+    return [per_group[cluster.slowest_group(span)] for span in cluster.position_groups(pp, dp * tp)]
+
+
+def _mixed_work_bound_s(graph: CostGraph, cluster: ClusterSpec, key: tuple, pp: int, dp: int, c: CostConstants,
+                        tp_pricing: str = "ilp") -> float:
+    """A lower bound on the busiest position's work per micro-batch on a mixed cluster.
+
+    Position ``k`` runs its layers at its own speed, ``w_k = Σ_{l∈k} t_k(l) ≤ T``. For any weights
+    ``μ_k ≥ 0``, ``T·Σ_k μ_k ≥ Σ_k μ_k w_k ≥ Σ_l min_k μ_k t_k(l)`` (weak duality of the fractional
+    split). Two choices are taken: ``μ = 1`` (every layer at its fastest) and ``μ_k = 1 / Σ_l t_k(l)``
+    (positions weighted by speed: tight when the device types differ by one factor). A single
+    layer also runs whole on some position: ``T ≥ max_l min_k t_k(l)``. ``tp_pricing="none"``
+    leaves out tensor-parallel communication (non-negative seconds): still a lower bound, cheaper.
+    """
+    times = np.array([t.total_s for t in _position_tables(graph, cluster, key, pp, dp, c, tp_pricing)])
+    fastest = times.min(axis=0)  # [layer], over positions
+    best = max(float(fastest.sum()) / pp, float(fastest.max()))
+    mu = 1.0 / np.maximum(times.sum(axis=1), 1e-300)
+    return max(best, float((times * mu[:, None]).min(axis=0).sum() / mu.sum()))
+
+
+def _busiest_position_s(graph: CostGraph, cluster: ClusterSpec, boundaries: tuple[tuple[int, int], ...],
+                        cfg: ParallelConfig, c: CostConstants) -> float:
+    """:func:`_busiest_device_s` on a mixed cluster: each position's chunks at its own speed."""
+    key = (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
+    tables = _position_tables(graph, cluster, key, cfg.pp, cfg.dp, c)
+    devices = schedules.chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
+    work = [0.0] * cfg.pp
+    for j, (a, b) in enumerate(boundaries):
+        work[devices[j]] += float(tables[devices[j]].total_s[a:b].sum())
+    return max(work)
+
+
+def _largest_usable_bytes(cluster: ClusterSpec, c: CostConstants) -> float:
+    """The most memory any device may use (the memory lower bound is for the busiest device, which
+    on a mixed cluster may be the one with the most memory)."""
+    if cluster.is_homogeneous:
+        return usable_memory_bytes(cluster, c)
+    return max(usable_memory_bytes(cluster.group_view(g), c) for g in range(len(cluster.groups)))
+
+
+def _priced_table(tables: dict[tuple, LayerTable], graph: CostGraph, cluster: ClusterSpec, key: tuple,
+                  c: CostConstants) -> LayerTable:
+    """The layer table of ``key`` = (tp, mb, sp, recompute), tp communication priced by the intra-op
+    ILP (:func:`planner.cost.model.layer_table`); built on first use and kept in ``tables``."""
+    if key not in tables:
+        tp, mb, sp, rec = key
+        tables[key] = layer_table(graph, cluster, micro_batch=mb, tp=tp, sequence_parallel=sp, recompute=rec, c=c)
+    return tables[key]
+
+
+def _bound_table(tables: dict[tuple, LayerTable], graph: CostGraph, cluster: ClusterSpec, key: tuple,
+                 c: CostConstants) -> LayerTable:
+    """``key``'s layer table without tensor-parallel communication (``tp_pricing="none"``).
+
+    Every array but ``tp_comm_s`` (and full recomputation's repeat of the forward collectives) is
+    the priced table's, and those only add non-negative seconds, so its times are lower bounds and
+    its memory is exact: the search bounds and memory-screens every family with it and runs the
+    ILP only for configurations that survive (most families of a large cluster never need it).
+    """
+    if key[0] == 1:  # no tp communication to leave out
+        return _priced_table(tables, graph, cluster, key, c)
+    bound_key = ("no-tp-comm", *key)
+    if bound_key not in tables:
+        tp, mb, sp, rec = key
+        tables[bound_key] = layer_table(graph, cluster, micro_batch=mb, tp=tp, sequence_parallel=sp, recompute=rec,
+                                        c=c, tp_pricing="none")
+    return tables[bound_key]
+
+
 class _PartitionCache:
     """Partitions shared by configurations that differ only in what does not change them.
 
@@ -213,6 +309,12 @@ class _PartitionCache:
         ``cutoff_s`` (the memory-constrained bottleneck is never below the unconstrained one)."""
         if not balanced:
             return partition_for(graph, cluster, cfg, table, c, balanced=False)
+        if not cluster.is_homogeneous:  # per-device-type split: every knob but sp/recompute/tp/mb changes it
+            key = ("hetero", id(table), cfg.pp, cfg.dp, cfg.virtual_stages, cfg.schedule, cfg.num_micro_batches,
+                   cfg.zero_stage)
+            if key not in self.bound:
+                self.bound[key] = partition_for(graph, cluster, cfg, table, c)
+            return self.bound[key]
         if cfg.virtual_stages > 1:  # time-only split into p·v chunks, shared by every v > 1 schedule
             key = (id(table), cfg.pp * cfg.virtual_stages)
             if key not in self.free:
@@ -237,6 +339,14 @@ class _PartitionCache:
         return self.bound[key]
 
 
+def check_sequence_parallel(graph: CostGraph, allowed: Iterable[bool]) -> None:
+    """Sequence parallelism splits activations along the sequence; a model without one (an MLP, a
+    CNN: ``seq_len`` is None) cannot use it, so asking for it alone is an error, not an empty search."""
+    if not graph.seq_len and False not in tuple(allowed):
+        raise SpecError("sequence_parallel", True, f"model {graph.name!r} has no sequence dimension (seq_len is "
+                        "None), so there is nothing to split along it; drop --sequence-parallel")
+
+
 def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: SearchSpace | None = None,
            constants: CostConstants | None = None, time_limit_s: float | None = None, top_k: int = 5,
            progress: Callable[[int, int], None] | None = None,
@@ -248,6 +358,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
     """
     space = space or SearchSpace()
     c = constants or CostConstants()
+    check_sequence_parallel(graph, space.sequence_parallel)
     start = time.perf_counter()
     top: list[Candidate] = []
     misses: list[Candidate] = []
@@ -270,20 +381,20 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
         for mb in mbs:
             m = per_replica // mb
             for sp in space.sequence_parallel:
-                if sp and tp == 1:
+                if sp and (tp == 1 or not graph.seq_len):
                     continue
                 for rec in space.recompute:
                     key = (tp, mb, sp, rec)
-                    if key not in tables:
-                        tables[key] = layer_table(graph, cluster, micro_batch=mb, tp=tp, sequence_parallel=sp,
-                                                  recompute=rec, c=c)
-                    tot = tables[key].total_s
-                    bound = m * max(float(tot.sum()) / pp, float(tot.max()))
+                    if cluster.is_homogeneous:
+                        tot = _bound_table(tables, graph, cluster, key, c).total_s
+                        bound = m * max(float(tot.sum()) / pp, float(tot.max()))
+                    else:
+                        bound = m * _mixed_work_bound_s(graph, cluster, key, pp, dp, c, tp_pricing="none")
                     families.append((bound, (pp, tp, dp, mb, RECOMPUTE.index(rec), sp)))
     families.sort()
     unvisited_bound = math.inf
     bound_misses: list[tuple[dict[str, float], ParallelConfig]] = []
-    limit = usable_memory_bytes(cluster, c)
+    limit = _largest_usable_bytes(cluster, c)
     partition_cache = _PartitionCache()
     for done, (bound, (pp, tp, dp, mb, rec_i, sp)) in enumerate(families):
         if progress and done % 16 == 0:
@@ -297,7 +408,9 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
             break
         rec = RECOMPUTE[rec_i]
         m = global_batch // dp // mb
-        table = tables[(tp, mb, sp, rec)]
+        key = (tp, mb, sp, rec)
+        # memory and the cheap time bounds need no tp pricing; the ILP runs only for survivors
+        cheap = _bound_table(tables, graph, cluster, key, c)
         for sched in _schedules_for(pp, space):
             for v in _virtuals_for(sched, pp, m, graph.num_layers, space):
                 for zero in [z for z in space.zero_stage if pp == 1 or z <= 1]:
@@ -307,12 +420,32 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                                          virtual_stages=v, schedule=sched, recompute=rec, sequence_parallel=sp,
                                          zero_stage=zero, overlap_grad_reduce=space.overlap_grad_reduce)
                     evaluated += 1
-                    need = _memory_lower_bound(table, cfg, c)
+                    need = _memory_lower_bound(cheap, cfg, c)
                     if need["total"] > limit:
                         infeasible += 1
                         bound_misses.append((need, cfg))
                         bound_misses.sort(key=lambda x: x[0]["total"])
                         del bound_misses[3:]
+                        continue
+                    if cluster.is_homogeneous and tp > 1 and key not in tables:
+                        # Until this family's tp group is priced, screen on the table without tp
+                        # communication (same memory, lower times): no split that fits there fits
+                        # anywhere, and the busiest device runs at least the slowest chunk of the
+                        # best split there (its min-max bottleneck). Once priced, the priced
+                        # partition below does the same, tighter.
+                        part = partition_cache.get(graph, cluster, cfg, cheap, c, space.partition == "balanced",
+                                                   cutoff_s=kth_best())
+                        if part.status == "pruned" or (part.feasible and m * part.bottleneck_s >= kth_best()):
+                            pruned += 1
+                            continue
+                        if not part.feasible and part.status != "given":
+                            infeasible += 1
+                            continue
+                    table = _priced_table(tables, graph, cluster, key, c)
+                    tot = table.total_s
+                    if m * (max(float(tot.sum()) / pp, float(tot.max())) if cluster.is_homogeneous else
+                            _mixed_work_bound_s(graph, cluster, key, pp, dp, c)) >= kth_best():
+                        pruned += 1  # the family's bound with tp priced
                         continue
                     part = partition_cache.get(graph, cluster, cfg, table, c, space.partition == "balanced",
                                                cutoff_s=kth_best())
@@ -322,7 +455,9 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                     if not part.feasible and part.status != "given":
                         infeasible += 1
                         continue
-                    if part.feasible and m * _busiest_device_s(table, part.boundaries, cfg) >= kth_best():
+                    if part.feasible and m * (_busiest_device_s(table, part.boundaries, cfg) if cluster.is_homogeneous
+                                              else _busiest_position_s(graph, cluster, part.boundaries, cfg,
+                                                                       c)) >= kth_best():
                         pruned += 1
                         continue
                     pred = evaluate(graph, cluster, cfg, list(part.boundaries), c, table=table)

@@ -33,6 +33,7 @@ from planner.cost.comm import (
     Group,
     all_gather_s,
     all_reduce_s,
+    group_of_ranks,
     p2p_s,
     reduce_scatter_s,
     strided_group,
@@ -93,6 +94,23 @@ def tp_collectives(layer: Layer, dtype: str) -> tuple[list[float], list[float]]:
     return fwd, bwd
 
 
+def megatron_tp_s(layer: Layer, *, dtype: str, micro_batch: int, group: Group, sequence_parallel: bool,
+                  c: CostConstants) -> tuple[float, float]:
+    """Forward and backward seconds of :func:`tp_collectives` for one micro-batch on ``group``.
+
+    Without sequence parallelism each is an all-reduce (ring or tree, whichever is faster); with it
+    Megatron-SP runs a reduce-scatter and an all-gather of the same bytes (ring only), which is
+    also how the intra-op ILP prices that recipe, so the two pricings agree on it.
+    """
+    def one(nbytes: float) -> float:
+        if sequence_parallel:
+            return reduce_scatter_s(nbytes, group, c) + all_gather_s(nbytes, group, c)
+        return all_reduce_s(nbytes, group, c)
+
+    fwd_c, bwd_c = tp_collectives(layer, dtype)
+    return (sum(one(x * micro_batch) for x in fwd_c), sum(one(x * micro_batch) for x in bwd_c))
+
+
 def tp_allreduces(layer: Layer) -> int:
     """All-reduces per forward + backward pass under tensor parallelism (see :func:`tp_collectives`)."""
     fwd, bwd = tp_collectives(layer, "bf16")
@@ -125,6 +143,10 @@ class LayerTable:
     _matrices: dict[str, np.ndarray] | None = None
     tp_comm_fwd_s: np.ndarray | None = None  # the forward part of tp_comm_s (None: half of it)
     dtype: str = "bf16"
+    # How tp_comm_s was priced: "ilp" (the intra-op ILP's optimum), "megatron" (the all-reduce
+    # count of tp_collectives), "none" (left out: a lower bound for the search) or "" (tp = 1).
+    tp_source: str = ""
+    tp_note: str = ""  # one line for the plan: what priced it, or why the ILP could not
 
     @property
     def total_s(self) -> np.ndarray:
@@ -159,8 +181,11 @@ class LayerTable:
         return self._matrices
 
 
+TP_PRICING = ("ilp", "megatron", "none")
+
+
 def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int, sequence_parallel: bool,
-                recompute: str, c: CostConstants, dtype: str | None = None) -> LayerTable:
+                recompute: str, c: CostConstants, dtype: str | None = None, tp_pricing: str = "ilp") -> LayerTable:
     """Seconds and bytes per layer and micro-batch on one device of a ``tp``-way group.
 
     Recomputation (Chen et al. 2016; Korthikanti et al. 2022): ``none`` stores what autograd
@@ -168,11 +193,40 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
     ``attention_activation_bytes``) and repeats the attention core in backward; ``full`` stores
     only each layer's input, repeats the whole forward (its tensor-parallel collectives too) and
     holds one layer's full activations while it is recomputed.
+
+    Tensor-parallel communication (``tp > 1``), by ``tp_pricing``:
+
+    * ``"ilp"`` (default): each layer's forward and backward collectives in the intra-op ILP's
+      optimum for the model on the real tp group (:func:`planner.intra_op.pricing.tp_pricing`,
+      cached; the plan's placements are that same solve). When the ILP cannot be used the table
+      falls back to the Megatron count and says why in ``tp_note`` (``tp_source="megatron"``).
+    * ``"megatron"``: :func:`tp_collectives`' all-reduces (with sequence parallelism each is the
+      reduce-scatter + all-gather Megatron-SP runs), priced by :mod:`planner.cost.comm`.
+    * ``"none"``: no tp communication, a lower bound of both (the search's cheap bounds).
+
+    Compute, parameters and activations stay the calibrated per-layer figures for Megatron's split
+    (:func:`planner.cost.compute.layer_times`, :func:`~planner.cost.compute.activation_shard`): the
+    ILP's model axis splits every weight it can (``P / tp``, as the memory model counts), and on the
+    traced transformers its optimum splits the same ops Megatron does.
     """
+    if tp_pricing not in TP_PRICING:
+        raise ValueError(f"tp_pricing: got {tp_pricing!r}; use one of {list(TP_PRICING)}")
     dtype = dtype or graph.dtype
     device = cluster.device
     tp_group = strided_group(cluster, tp, 1)
     n = graph.num_layers
+    ilp = None
+    source, note = "", ""
+    if tp > 1:
+        source = tp_pricing
+        if tp_pricing == "ilp":
+            from planner.intra_op.pricing import tp_pricing as ilp_tp_pricing
+
+            ilp = ilp_tp_pricing(graph, cluster, tp=tp, micro_batch=micro_batch,
+                                 sequence_parallel=sequence_parallel, c=c, dtype=dtype)
+            note = ilp.note()
+            if ilp.source != "ilp":
+                source, ilp = "megatron", None
     arr = {k: np.zeros(n) for k in ("f", "b", "w", "r", "tc", "tcf", "st", "wk", "p", "o")}
     by_signature: dict[str, object] = {}
     for i, layer in enumerate(graph.layers):
@@ -182,10 +236,11 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
                             device=device, dtype=dtype, c=c)
             by_signature[layer.signature] = t
         arr["f"][i], arr["b"][i], arr["w"][i] = t.fwd_s, t.bwd_input_s, t.bwd_weight_s
-        if tp > 1:
-            fwd_c, bwd_c = tp_collectives(layer, dtype)
-            tc_fwd = sum(all_reduce_s(x * micro_batch, tp_group, c) for x in fwd_c)
-            tc_bwd = sum(all_reduce_s(x * micro_batch, tp_group, c) for x in bwd_c)
+        if ilp is not None:
+            tc_fwd, tc_bwd = ilp.fwd_s[i], ilp.bwd_s[i]
+        elif tp > 1 and tp_pricing != "none":
+            tc_fwd, tc_bwd = megatron_tp_s(layer, dtype=dtype, micro_batch=micro_batch, group=tp_group,
+                                           sequence_parallel=sequence_parallel, c=c)
         else:
             tc_fwd = tc_bwd = 0.0
         arr["tcf"][i], arr["tc"][i] = tc_fwd, tc_fwd + tc_bwd
@@ -213,7 +268,8 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
     tied = [[(t.name, t.numel, t.owner) for t in layer.tied_params] for layer in graph.layers]
     return LayerTable(fwd_s=arr["f"], bwd_input_s=arr["b"], bwd_weight_s=arr["w"], recompute_s=arr["r"],
                       tp_comm_s=arr["tc"], stored_act_bytes=arr["st"], work_act_bytes=arr["wk"], params=arr["p"],
-                      output_bytes=arr["o"], tied=tied, tp_comm_fwd_s=arr["tcf"], dtype=dtype)
+                      output_bytes=arr["o"], tied=tied, tp_comm_fwd_s=arr["tcf"], dtype=dtype, tp_source=source,
+                      tp_note=note)
 
 
 @dataclass
@@ -229,6 +285,9 @@ class StepPrediction:
     memory_limit_bytes: float
     schedule_result: object = None
     notes: list[str] = field(default_factory=list)
+    # Per pipeline position (mixed clusters: each device type's own limit; empty when not set).
+    memory_limit_per_stage_bytes: list[float] = field(default_factory=list)
+    stage_device_names: list[str] = field(default_factory=list)
 
     @property
     def peak_memory_bytes(self) -> float:
@@ -276,15 +335,20 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     if table is None:
         table = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
                             sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c)
-    tcf = table.tp_comm_forward_s
+    # Each pipeline position on its own device type (one table for all on a homogeneous cluster).
+    pos = [_Position(table, cluster, usable_memory_bytes(cluster, c), cluster.device.name)] * p \
+        if cluster.is_homogeneous else _positions(graph, cluster, cfg, c, table.dtype)
     fwd, bin_, bw = [], [], []
-    for a, b in boundaries:
+    for j, (a, b) in enumerate(boundaries):
+        t = pos[devices[j]].table
+        tcf = t.tp_comm_forward_s
         comm_f = float(tcf[a:b].sum())
-        comm_b = float(table.tp_comm_s[a:b].sum()) - comm_f
-        fwd.append(max(float(table.fwd_s[a:b].sum()) + comm_f, 1e-12))
-        bin_.append(float(table.bwd_input_s[a:b].sum()) + comm_b + float(table.recompute_s[a:b].sum()))
-        bw.append(float(table.bwd_weight_s[a:b].sum()))
-    p2p = _pipeline_p2p_s(table, boundaries, cfg, cluster, c)
+        comm_b = float(t.tp_comm_s[a:b].sum()) - comm_f
+        fwd.append(max(float(t.fwd_s[a:b].sum()) + comm_f, 1e-12))
+        bin_.append(float(t.bwd_input_s[a:b].sum()) + comm_b + float(t.recompute_s[a:b].sum()))
+        bw.append(float(t.bwd_weight_s[a:b].sum()))
+    p2p = _pipeline_p2p_s(table, boundaries, cfg, cluster, c) if cluster.is_homogeneous else \
+        _pipeline_p2p_mixed_s(table, boundaries, devices, cfg, cluster, c)
     result = schedules.estimate(cfg.schedule, p=p, m=m, v=v, fwd_s=fwd, bwd_input_s=bin_, bwd_weight_s=bw,
                                 p2p_s=p2p)
     pipeline_s = result.step_time_s
@@ -301,6 +365,9 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     per_device = [sum(fwd[j] + bin_[j] + bw[j] for j in range(len(boundaries)) if devices[j] == d) for d in range(p)]
     dp_exposed, fsdp_exposed, tied_sync, optim_s = [], [], [], []
     for d in range(p):
+        if not cluster.is_homogeneous:  # this position's own replicas, links and memory bandwidth
+            dp_group = group_of_ranks(cluster, [(d * cfg.dp + i) * cfg.tp for i in range(cfg.dp)])
+            bw_mem = pos[d].cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
         chunks = _chunks_of_device(boundaries, devices, d)
         params = sum(stage_params(table, a, b) for a, b in chunks) / cfg.tp
         grads, weights = g_b * params, w_b * params
@@ -328,12 +395,13 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     # Breakdown along the busiest device: its own work, then what the pipeline adds, then the tail.
     busiest = int(np.argmax(per_device))
     chunks_b = _chunks_of_device(boundaries, devices, busiest)
+    tb = pos[busiest].table
 
     def seg(arr: np.ndarray) -> float:
         return m * sum(float(arr[a:b].sum()) for a, b in chunks_b)
 
-    compute = seg(table.fwd_s) + seg(table.bwd_input_s) + seg(table.bwd_weight_s)
-    recomp, tp_comm = seg(table.recompute_s), seg(table.tp_comm_s)
+    compute = seg(tb.fwd_s) + seg(tb.bwd_input_s) + seg(tb.bwd_weight_s)
+    recomp, tp_comm = seg(tb.recompute_s), seg(tb.tp_comm_s)
     bubble = no_p2p_s - compute - recomp - tp_comm
     if -1e-9 * no_p2p_s < bubble < 0:  # rounding: the busiest device's work is a lower bound of the pipeline
         bubble = 0.0
@@ -354,7 +422,8 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
         notes.append("data-parallel gradient reduction overlaps the last micro-batch's backward; "
                      f"{dp_key} is what remains exposed")
 
-    limit = usable_memory_bytes(cluster, c)
+    limits = [x.limit for x in pos]
+    limit = min(limits)
     memory: list[MemoryParts] = []
     for d in range(p):
         chunks = _chunks_of_device(boundaries, devices, d)
@@ -362,9 +431,9 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
         memory.append(stage_memory(table, chunks, in_flight=flight, cfg=cfg, c=c, is_last=(d == devices[-1])))
     binding = []
     for d in range(p):
-        if memory[d].total > limit:
+        if memory[d].total > limits[d]:
             binding.append("memory (over the limit)")
-        elif memory[d].total > 0.9 * limit:
+        elif memory[d].total > 0.9 * limits[d]:
             binding.append("memory")
         elif d == busiest and pipeline_s > 0:
             comm_share = (tp_comm + dp_exposed[d] + fsdp_exposed[d]) / step if step > 0 else 0.0
@@ -372,12 +441,114 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
         else:
             binding.append("none (waits on the bottleneck stage)")
     flops = graph.train_flops * cfg.global_batch
-    peak = cluster.device.peak(table.dtype) * cfg.world_size
+    if cluster.is_homogeneous:
+        peak = cluster.device.peak(table.dtype) * cfg.world_size
+    else:  # every device at its own peak: MFU against what the cluster could do
+        peak = sum(g.device.peak(table.dtype) * g.num_devices for g in cluster.groups)
+        notes.append("mixed cluster: pipeline positions run on " + ", ".join(
+            f"{d}:{x.device_name}" for d, x in enumerate(pos)) + " (each priced with its own speed and memory)")
     mfu = flops / (step * peak) if step > 0 else 0.0
-    return StepPrediction(step_time_s=step, mfu=mfu, fits=all(mp.total <= limit for mp in memory),
+    return StepPrediction(step_time_s=step, mfu=mfu, fits=all(mp.total <= lim for mp, lim in zip(memory, limits)),
                           memory_per_stage=memory, time_breakdown_s=breakdown, stage_times_s=per_device,
                           bottleneck_stage=busiest, binding=binding, memory_limit_bytes=limit,
-                          schedule_result=result, notes=notes)
+                          schedule_result=result, notes=notes, memory_limit_per_stage_bytes=limits,
+                          stage_device_names=[x.device_name for x in pos])
+
+
+def _pipeline_p2p_mixed_s(table: LayerTable, boundaries: list[tuple[int, int]], devices: tuple[int, ...],
+                          cfg: ParallelConfig, cluster: ClusterSpec, c: CostConstants) -> float:
+    """:func:`_pipeline_p2p_s` on a mixed cluster, with each cut's own link.
+
+    Rank ``(k·dp + d)·tp + t`` of position ``k`` sends to the same ``(d, t)`` of the next chunk's
+    position: the node's link when every such pair shares a node, the node group's network when
+    they share a group, else the slower network of the two groups (``p2p_s`` on the whole cluster).
+    The tensor-parallel all-gather of the scatter/gather runs on the receiver's own group.
+    """
+    if len(boundaries) <= 1:
+        return 0.0
+    per = cfg.dp * cfg.tp
+    worst = 0.0
+    for j, (_, b) in enumerate(boundaries[:-1]):
+        src, dst = devices[j], devices[j + 1]
+        pairs = [(src * per + r, dst * per + r) for r in range(per)]
+        groups = {cluster.group_index_of_rank(r) for pair in pairs for r in pair}
+        if len(groups) == 1:
+            net = cluster.group_view(groups.pop())
+            same_node = all(cluster.node_of_rank(a) == cluster.node_of_rank(b_) for a, b_ in pairs)
+        else:
+            net, same_node = cluster, False
+        nbytes = float(table.output_bytes[b - 1])
+        if cfg.tp > 1 and not cfg.sequence_parallel and c.pp_scatter_gather:
+            receiver = cluster.group_view(cluster.group_index_of_rank(dst * per))
+            t = p2p_s(nbytes / cfg.tp, same_node=same_node, cluster=net, c=c) + all_gather_s(
+                nbytes, strided_group(receiver, cfg.tp, 1), c)
+        else:
+            t = p2p_s(nbytes, same_node=same_node, cluster=net, c=c)
+        worst = max(worst, t)
+    return worst
+
+
+@dataclass(frozen=True)
+class _Position:
+    """What one pipeline position runs on: its layer table, its device type's cluster view, its
+    usable memory per device and the device's name."""
+
+    table: LayerTable
+    cluster: ClusterSpec
+    limit: float
+    device_name: str
+
+
+_GROUP_TABLES: dict[tuple, tuple[CostGraph, LayerTable]] = {}
+_GROUP_TABLES_MAX = 512
+
+
+def group_layer_tables(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int,
+                       sequence_parallel: bool, recompute: str, c: CostConstants,
+                       dtype: str | None = None, tp_pricing: str = "ilp") -> list[LayerTable]:
+    """:func:`layer_table` of every node group of ``cluster`` on its own device and links, in group order.
+
+    Memoised (the search prices many configurations with the same tables); an entry keeps its
+    graph alive so that an ``id`` is never reused for another graph while cached.
+    """
+    out = []
+    for gi in range(len(cluster.groups)):
+        view = cluster.group_view(gi)
+        key = (id(graph), view.fingerprint(), micro_batch, tp, sequence_parallel, recompute, c, dtype, tp_pricing)
+        hit = _GROUP_TABLES.get(key)
+        if hit is None or hit[0] is not graph:
+            if len(_GROUP_TABLES) >= _GROUP_TABLES_MAX:
+                _GROUP_TABLES.clear()
+            hit = (graph, layer_table(graph, view, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
+                                      recompute=recompute, c=c, dtype=dtype, tp_pricing=tp_pricing))
+            _GROUP_TABLES[key] = hit
+        out.append(hit[1])
+    return out
+
+
+def position_layer_tables(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: CostConstants,
+                          dtype: str | None = None) -> list[LayerTable]:
+    """The layer table :func:`evaluate` prices each pipeline position of a mixed cluster with."""
+    return [x.table for x in _positions(graph, cluster, cfg, c, dtype or graph.dtype)]
+
+
+def _positions(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: CostConstants,
+               dtype: str) -> list[_Position]:
+    """Each pipeline position of a mixed cluster with its own device type.
+
+    Position ``k`` holds ranks ``[k·dp·tp, (k+1)·dp·tp)``. One whose ranks straddle node groups runs
+    in lock step (tp all-reduces every layer, dp all-reduces every step), so it is priced at its
+    slowest member's speed and held to its smallest member's memory (docs/inter-op.md).
+    """
+    tables = group_layer_tables(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
+                                sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c, dtype=dtype)
+    out = []
+    for span in cluster.position_groups(cfg.pp, cfg.dp * cfg.tp):
+        slow = cluster.slowest_group(span)
+        limit = min(usable_memory_bytes(cluster.group_view(g), c) for g in span)
+        name = "+".join(cluster.groups[g].device.name for g in span)
+        out.append(_Position(tables[slow], cluster.group_view(slow), limit, name))
+    return out
 
 
 def _tied_sync_s(table: LayerTable, boundaries: list[tuple[int, int]], device: int, cfg: ParallelConfig,

@@ -117,7 +117,11 @@ class _Sigma:
                 best, best_stages = value, stages
         return best, best_stages
 
-    def _matrix(self, base: list[np.ndarray], c: int, flight: float, last: bool) -> np.ndarray:
+    def _matrix(self, base: list[np.ndarray], c: int, flight: float, last: bool, s: int) -> np.ndarray:
+        """Stage times of sub-mesh ``c`` as the ``s``-th stage from the end, ``∞`` where not allowed."""
+        groups = self.pr.stage_groups
+        if groups is not None and groups[len(groups) - s] != self.groups[c]:
+            return np.full_like(self.pr.time[c], np.inf)  # the rank layout gives this position another group
         ok = base[c] & self.pr.memory_ok(c, flight, last)
         return np.where(ok, self.pr.time[c], np.inf)
 
@@ -130,7 +134,7 @@ class _Sigma:
         C = len(pr.submeshes)
         F = np.full((n + 1, lay.size, C), np.inf)
         for c in range(C):
-            F[:n, lay.start[c], c] = self._matrix(base, c, flights[0], True)[:n, n]
+            F[:n, lay.start[c], c] = self._matrix(base, c, flights[0], True, 1)[:n, n]
         self._prune(F, budget)
         history = [F]
         best, best_at = math.inf, None
@@ -154,7 +158,7 @@ class _Sigma:
                 if src.size == 0 or ihi < ilo:
                     continue
                 H = self._h(sub[:, src, :], c, xfer[:, c, :, jlo:jhi + 1], src)
-                A = self._matrix(base, c, flights[s - 1], False)
+                A = self._matrix(base, c, flights[s - 1], False, s)
                 # acc[i, u] = min over window w of A[i, i+w] + H[i+w, u], all (i, w) at once
                 rows_i = np.arange(ilo, ihi + 1)[:, None]
                 J = rows_i + windows[c][None, :]
@@ -206,7 +210,7 @@ class _Sigma:
         stages = []
         while True:
             target = history[s - 1][i, u, c]
-            A = self._matrix(base, c, flights[s - 1], s == 1)
+            A = self._matrix(base, c, flights[s - 1], s == 1, s)
             if s == 1:
                 assert A[i, self.n] == target
                 stages.append((i, self.n, c))

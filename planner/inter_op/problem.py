@@ -51,7 +51,7 @@ from planner import schedules
 from planner.cluster import ClusterSpec, NodeGroup
 from planner.cost.comm import all_gather_s, all_reduce_s, p2p_s, reduce_scatter_s, strided_group
 from planner.cost.constants import CostConstants
-from planner.cost.model import LayerTable, layer_table, stage_memory_matrix, usable_memory_bytes
+from planner.cost.model import LayerTable, group_layer_tables, stage_memory_matrix, usable_memory_bytes
 from planner.errors import SpecError
 from planner.plan import RECOMPUTE, ParallelConfig
 from planner.trace.graph import CostGraph
@@ -134,6 +134,9 @@ class StageProblem:
     _tables: list[LayerTable]
     _cfgs: list[ParallelConfig]
     _constants: CostConstants
+    # Node group of each pipeline position when the rank layout fixes it (the joint search: position k
+    # holds ranks [k·dp·tp, (k+1)·dp·tp)); None lets every stage pick its group.
+    stage_groups: tuple[int, ...] | None = None
     _flight: dict[tuple[int, int], float] = field(default_factory=dict)
     _mem: dict[tuple[int, float, bool], np.ndarray] = field(default_factory=dict)
     _ok: dict[tuple[int, float, bool], np.ndarray] = field(default_factory=dict)
@@ -192,6 +195,9 @@ class StageProblem:
         for c in configs:
             sm = self.submeshes[c]
             g, upn = sm.group, self.group_units_per_node[sm.group]
+            if self.stage_groups is not None and g != self.stage_groups[len(ranks)]:
+                return (f"stage {len(ranks)}: the rank layout puts this position on node group "
+                        f"{self.stage_groups[len(ranks)]}, not {g}")
             offset = used[g] % upn
             if sm.is_slice and offset + sm.units > upn:
                 return f"stage {len(ranks)}: a {sm.devices}-device slice does not fit in the rest of a node"
@@ -315,11 +321,13 @@ def _tail_tables(table: LayerTable, grp: NodeGroup, sm: SubMesh, tp: int, zero_s
 def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_micro_batches: int,
                   micro_batch: int, tp: int = 1, num_stages: int | None = None, sequence_parallel: bool = False,
                   recompute: str = "none", zero_stage: int = 0, stage_devices: int | None = None,
-                  constants: CostConstants | None = None) -> StageProblem:
+                  constants: CostConstants | None = None,
+                  stage_groups: tuple[int, ...] | None = None) -> StageProblem:
     """Price every (layer range, sub-mesh) once; errors name the argument and the fix.
 
     ``stage_devices`` fixes every stage's sub-mesh size (e.g. ``tp × dp`` as Megatron-LM does);
-    ``None`` lets each stage choose its own.
+    ``None`` lets each stage choose its own. ``stage_groups`` fixes the node group of each pipeline
+    position (one entry per stage; needs ``num_stages``); the DP and the brute force honour it.
     """
     c = constants or CostConstants()
     info = schedules.get_schedule(schedule)
@@ -365,6 +373,12 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
                             f"per layer and per tp-group, and what {schedule} accepts for m={num_micro_batches})"
                             if counts else "no stage count is allowed")
         counts = [num_stages]
+    if stage_groups is not None:
+        if num_stages is None or len(stage_groups) != num_stages:
+            raise SpecError("stage_groups", stage_groups, "give one node group per stage and num_stages = its length")
+        if any(not 0 <= g < len(cluster.groups) for g in stage_groups):
+            raise SpecError("stage_groups", stage_groups, f"node groups are 0..{len(cluster.groups) - 1}")
+        stage_groups = tuple(int(g) for g in stage_groups)
     firsts, acc = [], 0
     for g in cluster.groups:
         firsts.append(acc)
@@ -375,9 +389,10 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
         grp = cluster.groups[sm.group]
         per_replica = micro_batch // sm.replicas
         key = (sm.group, per_replica)
-        if key not in group_tables:
-            group_tables[key] = layer_table(graph, _group_cluster(cluster, sm.group), micro_batch=per_replica, tp=tp,
-                                            sequence_parallel=sequence_parallel, recompute=recompute, c=c)
+        if key not in group_tables:  # memoised across problems: the joint search builds many
+            group_tables[key] = group_layer_tables(graph, cluster, micro_batch=per_replica, tp=tp,
+                                                   sequence_parallel=sequence_parallel, recompute=recompute,
+                                                   c=c)[sm.group]
         table = group_tables[key]
         prefix = np.concatenate([[0.0], np.cumsum(table.total_s)])
         seg = prefix[None, :] - prefix[:, None]
@@ -422,4 +437,5 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
                         group_units_per_node=tuple(g.devices_per_node // tp for g in cluster.groups),
                         group_first_rank=tuple(firsts), stage_counts=tuple(counts), time=time, layer_time=layer_time,
                         grad_sync=sync,
-                        optimizer=optim, xfer=xfer, xfer_side=side, limit=tuple(limits), _tables=tables, _cfgs=cfgs, _constants=c)
+                        optimizer=optim, xfer=xfer, xfer_side=side, limit=tuple(limits), _tables=tables, _cfgs=cfgs, _constants=c,
+                        stage_groups=stage_groups)

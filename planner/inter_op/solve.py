@@ -72,6 +72,8 @@ def solve_stages(graph: CostGraph, cluster: ClusterSpec, *, schedule: str = "1f1
 
 
 def _explain(pr: StageProblem) -> str:
+    if pr.stage_groups is not None:
+        return "no explanation: the integer program behind it does not model fixed stage_groups"
     if pr.num_layers > _EXPLAIN_MAX_LAYERS:
         return (f"no explanation: more than {_EXPLAIN_MAX_LAYERS} layers (run planner.inter_op.ilp.explain_infeasible "
                 "on a smaller model)")
@@ -85,6 +87,8 @@ def _explain(pr: StageProblem) -> str:
 def _solve_ilp(pr: StageProblem, method: str, time_limit_s: float | None, num_workers: int,
                start: float) -> StageSolution:
     """One program when the in-flight count depends on p - k only; else one per stage count."""
+    if pr.stage_groups is not None:
+        raise SpecError("method", method, "a problem with fixed stage_groups is solved by method='dp' only")
     runs = [None] if pr.flight_by_remaining is not None else list(pr.stage_counts)
     best_cost, best_stages, statuses, bounds, sizes = None, (), [], [], []
     for n_done, p in enumerate(runs):

@@ -1,15 +1,13 @@
-"""Alpha-beta costs of collectives on one mesh axis, and of changing a tensor's layout.
+"""Collectives on one mesh axis, priced by :mod:`planner.cost.comm`, and the cost of changing a layout.
 
-Ring algorithms on ``n`` ranks, link bandwidth ``bw`` (bytes/s one device sends) and per-step
-latency ``alpha``; ``nbytes`` is the size of the *whole* buffer the collective works on:
-
-    all-reduce      2(n-1)/n · nbytes/bw + 2(n-1)·alpha
-    reduce-scatter   (n-1)/n · nbytes/bw +  (n-1)·alpha     (nbytes: the full input)
-    all-gather       (n-1)/n · nbytes/bw +  (n-1)·alpha     (nbytes: the full output)
-    all-to-all       (n-1)/n · nbytes/bw +  (n-1)·alpha     (nbytes: one rank's local tensor)
-
-These are deliberately small and local to the intra-op solver; they should be unified with
-``planner/cost`` (being written at the same time) once that settles.
+The intra-op solver keeps no alpha-beta formulas of its own: a collective of ``kind`` on mesh
+axis ``i`` costs what :mod:`planner.cost.comm` says it costs on that axis's
+:class:`~planner.cost.comm.Group` (``MeshSpec.group(i)``) under the run's
+:class:`~planner.cost.constants.CostConstants`, so the ILP and the inter-op cost model price a
+tensor-parallel all-reduce identically (ring or tree, link and network efficiency, the NICs a
+group spans). ``nbytes`` means what it means there: the *whole* buffer the collective works on
+(all-reduce: per rank; reduce-scatter: the full input; all-gather: the full output; all-to-all:
+one rank's local tensor).
 
 :func:`redistribute` prices a layout change the way DTensor performs it, one mesh axis at a
 time: Shard→Replicate all-gathers, Partial→Replicate all-reduces, Partial→Shard
@@ -21,42 +19,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from planner.cluster import LinkSpec
+from planner.cost import comm
+from planner.cost.comm import Group
+from planner.cost.constants import CostConstants
 from planner.intra_op.placement import Layout, Partial, Replicate, Shard
 
 COLLECTIVE_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
 
-
-def all_reduce_s(nbytes: float, n: int, link: LinkSpec) -> float:
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    return 2 * (n - 1) / n * nbytes / link.bandwidth_bytes_per_s + 2 * (n - 1) * link.latency_s
+_COST = {"all_reduce": comm.all_reduce_s, "reduce_scatter": comm.reduce_scatter_s, "all_gather": comm.all_gather_s,
+         "all_to_all": comm.all_to_all_s}
 
 
-def reduce_scatter_s(nbytes: float, n: int, link: LinkSpec) -> float:
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    return (n - 1) / n * nbytes / link.bandwidth_bytes_per_s + (n - 1) * link.latency_s
-
-
-def all_gather_s(nbytes: float, n: int, link: LinkSpec) -> float:
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    return (n - 1) / n * nbytes / link.bandwidth_bytes_per_s + (n - 1) * link.latency_s
-
-
-def all_to_all_s(nbytes: float, n: int, link: LinkSpec) -> float:
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    return (n - 1) / n * nbytes / link.bandwidth_bytes_per_s + (n - 1) * link.latency_s
-
-
-_COST = {"all_reduce": all_reduce_s, "reduce_scatter": reduce_scatter_s, "all_gather": all_gather_s,
-         "all_to_all": all_to_all_s}
-
-
-def collective_s(kind: str, nbytes: float, n: int, link: LinkSpec) -> float:
-    return _COST[kind](nbytes, n, link)
+def collective_s(kind: str, nbytes: float, group: Group, c: CostConstants) -> float:
+    """Seconds of one ``kind`` collective over ``group`` (delegates to :mod:`planner.cost.comm`)."""
+    if kind not in _COST:
+        raise ValueError(f"collective kind: got {kind!r}; expected one of {list(COLLECTIVE_KINDS)}")
+    return _COST[kind](nbytes, group, c)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,7 +91,7 @@ def redistribute_plan(nbytes: float, src: Layout, dst: Layout,
     return steps
 
 
-def redistribute_s(nbytes: float, src: Layout, dst: Layout, mesh_shape: Sequence[int],
-                   links: Sequence[LinkSpec]) -> float:
-    return sum(collective_s(kind, b, mesh_shape[i], links[i])
-               for i, kind, b in redistribute_plan(nbytes, src, dst, mesh_shape))
+def redistribute_s(nbytes: float, src: Layout, dst: Layout, groups: Sequence[Group], c: CostConstants) -> float:
+    """Seconds to turn ``src`` into ``dst``; ``groups[i]`` is mesh axis ``i``'s group."""
+    shape = [g.size for g in groups]
+    return sum(collective_s(kind, b, groups[i], c) for i, kind, b in redistribute_plan(nbytes, src, dst, shape))

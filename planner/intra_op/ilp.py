@@ -191,14 +191,33 @@ def explain_infeasible(problem: Problem, *, backend: str = "cpsat", time_limit_s
     return kept
 
 
+def _first_appearance_classes(rows: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Class of each row (equal rows share one, numbered by first appearance) and each class's first row.
+
+    A dict over the rows' bytes: the matrices are small (strategies × strategies), where this is
+    several times faster than ``np.unique(axis=0)``, and the search solves many of them.
+    """
+    seen: dict[bytes, int] = {}
+    first: list[int] = []
+    of = np.empty(rows.shape[0], dtype=np.int64)
+    for i in range(rows.shape[0]):
+        key = rows[i].tobytes()
+        cls = seen.get(key)
+        if cls is None:
+            cls = seen[key] = len(first)
+            first.append(i)
+        of[i] = cls
+    return of, first
+
+
 def compress(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(row class of each s, column class of each t, class matrix)`` with equal rows/columns merged."""
-    _, rows, inv_r = np.unique(mat, axis=0, return_index=True, return_inverse=True)
-    small = mat[np.sort(rows)]
-    order_r = np.argsort(np.argsort(rows))  # np.unique sorts rows; keep first-appearance order
-    _, cols, inv_c = np.unique(small, axis=1, return_index=True, return_inverse=True)
-    order_c = np.argsort(np.argsort(cols))
-    return order_r[inv_r.ravel()], order_c[inv_c.ravel()], small[:, np.sort(cols)]
+    """``(row class of each s, column class of each t, class matrix)`` with equal rows/columns merged,
+    classes numbered in order of first appearance."""
+    mat = np.ascontiguousarray(mat)
+    row_of, first_rows = _first_appearance_classes(mat)
+    small = mat[first_rows]
+    col_of, first_cols = _first_appearance_classes(np.ascontiguousarray(small.T))
+    return row_of, col_of, small[:, first_cols]
 
 
 # -- backends -------------------------------------------------------------------------------------

@@ -6,6 +6,13 @@ Axes are listed outermost first, so the last axis is the one whose ranks are adj
 :meth:`MeshSpec.from_cluster` gives an axis the intra-node link when all its ranks share a node
 and otherwise the node's network, shared by the node's devices.
 
+Each axis also carries the communicating :class:`~planner.cost.comm.Group` its collectives run
+on. :meth:`MeshSpec.from_cluster` takes it from the cluster's real topology
+(:func:`planner.cost.comm.strided_group`: an axis of stride ``s`` has ``devices_per_node // s``
+ranks per node and rings over that many NICs), the same group the inter-op cost model prices the
+plan's ``tp`` all-reduces on; a mesh written by hand with links only gets a one-hop group per
+link. Collective times then come from :mod:`planner.cost.comm` (one source of truth).
+
 An axis may carry a *role* that limits what the solver may split on it (no role: anything):
 
 * ``"model"``: tensor (model) parallelism, as the plan's ``tp`` axis means it. No strategy
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from planner.cluster import ClusterSpec, LinkSpec
+from planner.cost.comm import Group, strided_group
 
 AXIS_ROLES = ("model", "data")
 AxisRoles = Mapping[str, str] | Sequence[tuple[str, str]]
@@ -41,6 +49,7 @@ class MeshSpec:
     shape: tuple[int, ...]
     links: tuple[LinkSpec, ...]
     roles: AxisRoles = ()
+    groups: tuple[Group, ...] = ()  # per axis; empty: one-hop groups from ``links`` (see :meth:`group`)
 
     def __post_init__(self) -> None:
         if not self.axes or len(self.axes) > 2:
@@ -58,6 +67,10 @@ class MeshSpec:
             if axis not in self.axes or role not in AXIS_ROLES:
                 raise ValueError(f"MeshSpec.roles: got {axis!r}: {role!r}; map an axis of {list(self.axes)} to one "
                                  f"of {list(AXIS_ROLES)}, e.g. {{'tp': 'model'}}")
+        if self.groups and (len(self.groups) != len(self.axes)
+                            or any(g.size != n for g, n in zip(self.groups, self.shape))):
+            raise ValueError(f"MeshSpec.groups: got sizes {[g.size for g in self.groups]} for shape {self.shape}; "
+                             "give one Group per axis with the axis's size, or none")
         # frozen: normalise once so that equal meshes compare and hash equal
         object.__setattr__(self, "roles", tuple((a, given[a]) for a in self.axes if a in given))
 
@@ -74,16 +87,17 @@ class MeshSpec:
             raise ValueError(f"mesh {dict(items)}: needs {total} devices; cluster {cluster.name} has "
                              f"{cluster.num_devices}; shrink an axis or add nodes")
         per_node = cluster.devices_per_node
-        links = []
+        links, groups = [], []
         for i, size in enumerate(sizes):
             stride = math.prod(sizes[i + 1:])
+            groups.append(strided_group(cluster, size, stride))
             if stride * size <= per_node:
                 links.append(cluster.intra_node)
             else:
                 inter = cluster.inter_node
                 links.append(LinkSpec(kind=inter.kind, bandwidth_bytes_per_s=inter.bandwidth_bytes_per_s / per_node,
                                       latency_s=inter.latency_s))
-        return cls(axes=names, shape=sizes, links=tuple(links), roles=roles)
+        return cls(axes=names, shape=sizes, links=tuple(links), roles=roles, groups=tuple(groups))
 
     @classmethod
     def one_axis(cls, name: str, size: int, link: LinkSpec, *, role: str | None = None) -> MeshSpec:
@@ -101,6 +115,19 @@ class MeshSpec:
         if axis not in self.axes:
             raise ValueError(f"mesh axis: got {axis!r}; this mesh has axes {list(self.axes)}")
         return self.axes.index(axis)
+
+    def group(self, i: int) -> Group:
+        """The :class:`Group` the collectives of axis ``i`` run on.
+
+        Without explicit ``groups`` the axis is one hop of its link: every rank on the same link
+        class (``nodes=1``), so the ring runs at ``link.bandwidth · link_efficiency``.
+        """
+        if self.groups:
+            return self.groups[i]
+        link = self.links[i]
+        return Group(size=self.shape[i], nodes=1, per_node=self.shape[i], intra_bw=link.bandwidth_bytes_per_s,
+                     intra_latency_s=link.latency_s, nic_bw=link.bandwidth_bytes_per_s,
+                     inter_latency_s=link.latency_s)
 
     def role(self, axis: str) -> str | None:
         """``"model"``, ``"data"`` or ``None`` (anything may be split on ``axis``)."""

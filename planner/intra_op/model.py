@@ -10,17 +10,20 @@ times). The ILP is the size of the distinct layers, not of the model.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from planner.cluster import DeviceSpec
+from planner.cost.constants import CostConstants
 from planner.intra_op.from_trace import (
     activation_nodes,
     external_inputs,
     layer_nodes,
     layer_op_graph,
 )
+from planner.intra_op.ilp import IlpResult
 from planner.intra_op.mesh import MeshSpec
 from planner.intra_op.solution import LayerSharding, OpSharding, ShardingSolution
 from planner.intra_op.solve import (
@@ -81,17 +84,162 @@ def _rename_at(at: str, names: Mapping[str, str]) -> str:
     return " -> ".join(names.get(part, part) for part in at.split(" -> "))
 
 
+@dataclass(kw_only=True)
+class _Prep:
+    """What a model solve needs from the graph that does not depend on the batch or the mesh."""
+
+    chosen: list[int]
+    nodes: dict[int, list[str]]
+    active: set[str]
+    inputs: dict[int, list[str]]
+    runs: list[list[int]]
+    renames: dict[int, dict[str, str]]
+    to_rep: dict[int, dict[str, str]]
+    leaves: dict[tuple[int, str], bool] = field(default_factory=dict)
+
+
+def _leaves(prep: _Prep, g, li: int, real: str) -> bool:
+    """Whether op ``real`` of layer ``li`` is read outside the solved layers (or by nobody): it must
+    leave reduced. Cached: it depends on the graph only."""
+    key = (li, real)
+    if key not in prep.leaves:
+        readers = {g.nodes[s]["layer"] for s in g.successors(real)} - {li}
+        prep.leaves[key] = not readers or not readers <= set(prep.chosen)
+    return prep.leaves[key]
+
+
+_PREP: dict[tuple[int, tuple[int, ...]], tuple[weakref.ref, _Prep]] = {}
+
+
+def _prep(cost_graph: CostGraph, chosen: list[int]) -> _Prep:
+    """Whole-graph scans and the copy → representative renames, once per graph and layer set
+    (the joint search solves the same graph for many micro-batches and tp degrees)."""
+    key = (id(cost_graph), tuple(chosen))
+    hit = _PREP.get(key)
+    if hit is not None and hit[0]() is cost_graph:
+        return hit[1]
+    nodes = layer_nodes(cost_graph)
+    active = activation_nodes(cost_graph)
+    inputs = {li: external_inputs(cost_graph, nodes[li], active) for li in chosen}
+    runs = _runs(cost_graph, chosen, nodes)
+    rep_of = {li: run[0] for run in runs for li in run}
+    renames = {li: _renames(cost_graph, rep_of[li], li, nodes, inputs) for li in chosen}
+    prep = _Prep(chosen=chosen, nodes=nodes, active=active, inputs=inputs, runs=runs, renames=renames,
+                 to_rep={li: {b: a for a, b in renames[li].items()} for li in chosen})
+    if len(_PREP) > 64:  # a long-lived process planning many models: keep the recent ones
+        _PREP.pop(next(iter(_PREP)))
+    _PREP[key] = (weakref.ref(cost_graph), prep)
+    return prep
+
+
+def layers_without_ops(cost_graph: CostGraph) -> list[int]:
+    """Layers the trace has no op-level nodes for (a graph built from one traced block, say):
+    the ILP has nothing to shard there, so it cannot price them."""
+    prep = _prep(cost_graph, list(range(cost_graph.num_layers)))
+    return [li for li in prep.chosen if not prep.nodes.get(li)]
+
+
+@dataclass(kw_only=True)
+class ModelSolve:
+    """One solved model ILP before it is expanded into per-layer shardings.
+
+    Pricing needs only each layer's collective seconds (:meth:`layer_comm_s`); the plan needs the
+    full :class:`ShardingSolution` (:meth:`solution`), built from the same choice on demand, so
+    the figures the search prices with and the placements the plan carries are one solve.
+    """
+
+    cost_graph: CostGraph
+    mesh: MeshSpec
+    sequence_parallel: bool
+    memory_limit_bytes: float | None
+    prep: _Prep
+    units: list[Unit]
+    unit_of: dict[int, int]
+    assembly: Assembly
+    layer_links: dict[int, list[tuple[Flow, str]]]
+    result: IlpResult
+    time_unit_s: float
+    build_time_s: float
+    _per_unit: dict[int, tuple] = field(default_factory=dict)
+    _solution: ShardingSolution | None = None
+
+    def _unit(self, ui: int) -> tuple:
+        if ui not in self._per_unit:
+            self._per_unit[ui] = self.assembly.unit_sharding(ui, self.result.choice)
+        return self._per_unit[ui]
+
+    def layer_comm_s(self) -> dict[int, dict[str, float]]:
+        """Seconds of each solved layer's collectives by phase (``fwd``, ``bwd``, ``grad_sync``),
+        the same figures :meth:`solution` reports per layer."""
+        out: dict[int, dict[str, float]] = {}
+        link_cache: dict[tuple, list] = {}
+        for li in self.prep.chosen:
+            phases = {"fwd": 0.0, "bwd": 0.0, "grad_sync": 0.0}
+            for c in self._unit(self.unit_of[li])[1]:
+                phases[c.phase] += c.time_s
+            for flow, _ in self.layer_links[li]:
+                key = (flow.src, flow.src_op, flow.dst, flow.dst_op, flow.nbytes)
+                if key not in link_cache:
+                    link_cache[key] = self.assembly.flow_collectives(flow, self.result.choice)
+                for c in link_cache[key]:
+                    phases[c.phase] += c.time_s
+            out[li] = phases
+        return out
+
+    def solution(self) -> ShardingSolution:
+        """The per-layer :class:`ShardingSolution` of this solve (built once)."""
+        if self._solution is None:
+            self._solution = self._expand()
+        return self._solution
+
+    def _expand(self) -> ShardingSolution:
+        cg, prep = self.cost_graph, self.prep
+        g = cg.ops
+        module_paths = {n: d["module_path"] for n, d in g.nodes(data=True)}  # a copy's ops live in its own modules
+        rep_of = {li: run[0] for run in prep.runs for li in run}
+        out_layers = []
+        for li in prep.chosen:
+            ops, colls, compute, memory = self._unit(self.unit_of[li])
+            names = prep.renames[li]
+            colls = [replace(c, at=_rename_at(c.at, names)) for c in colls]
+            colls += [replace(c, at=at) for f, at in self.layer_links[li]
+                      for c in self.assembly.flow_collectives(f, self.result.choice)]
+            rep = rep_of[li]
+            out_layers.append(LayerSharding(
+                index=li, name=cg.layers[li].name,
+                reuses=None if rep == li else cg.layers[rep].name,
+                ops={names.get(k, k): _rename_sharding(s, names, module_paths) for k, s in ops.items()},
+                collectives=tuple(colls), compute_s=compute, memory_bytes=memory))
+        return ShardingSolution.assemble(mesh=self.mesh, result=self.result, time_unit_s=self.time_unit_s,
+                                         build_time_s=self.build_time_s, sequence_parallel=self.sequence_parallel,
+                                         memory_limit_bytes=self.memory_limit_bytes, layers=out_layers)
+
+
 def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, batch_size: int | None = None,
                 layers: Sequence[int] | None = None, memory_limit_bytes: float | None = None, backend: str = "cpsat",
                 sequence_parallel: bool = False, pins: Mapping[str, PinValue] | None = None,
-                time_limit_s: float = 30.0, optimizer_bytes_per_param: float = 12.0) -> ShardingSolution:
+                time_limit_s: float = 30.0, optimizer_bytes_per_param: float = 12.0,
+                constants: CostConstants | None = None) -> ShardingSolution:
     """Shard every layer of ``cost_graph`` (or only ``layers``, e.g. one pipeline stage) on ``mesh``.
 
     ``batch_size`` is the samples one step runs on this mesh (default: the traced batch).
     ``memory_limit_bytes`` bounds the total over the solved layers, per device. A pin on one copy
     of a repeated layer (``"blocks.3.mlp.fc1.weight"``) pins every copy, as they share a solve.
-    Outputs that leave the solved layers are reduced (never left ``Partial``).
+    Outputs that leave the solved layers are reduced (never left ``Partial``). ``constants`` sets
+    the link efficiencies collectives are priced with (:mod:`planner.cost.comm`).
     """
+    return solve_model_ilp(cost_graph, mesh, device, batch_size=batch_size, layers=layers,
+                           memory_limit_bytes=memory_limit_bytes, backend=backend,
+                           sequence_parallel=sequence_parallel, pins=pins, time_limit_s=time_limit_s,
+                           optimizer_bytes_per_param=optimizer_bytes_per_param, constants=constants).solution()
+
+
+def solve_model_ilp(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, batch_size: int | None = None,
+                    layers: Sequence[int] | None = None, memory_limit_bytes: float | None = None,
+                    backend: str = "cpsat", sequence_parallel: bool = False,
+                    pins: Mapping[str, PinValue] | None = None, time_limit_s: float = 30.0,
+                    optimizer_bytes_per_param: float = 12.0, constants: CostConstants | None = None) -> ModelSolve:
+    """:func:`solve_model`, stopped before the per-layer expansion (see :class:`ModelSolve`)."""
     start = time.perf_counter()
     n = cost_graph.num_layers
     chosen = sorted(set(range(n) if layers is None else layers))
@@ -100,28 +248,26 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
     req = Request(mesh=mesh, device=device, memory_limit_bytes=memory_limit_bytes, backend=backend,
                    sequence_parallel=sequence_parallel, pins=pins or {}, time_limit_s=time_limit_s,
                    optimizer_bytes_per_param=optimizer_bytes_per_param, dtype=cost_graph.dtype,
-                   what=f"model {cost_graph.name}")
+                   what=f"model {cost_graph.name}", constants=constants)
     cm = cost_model(req)
-    nodes = layer_nodes(cost_graph)
-    active = activation_nodes(cost_graph)
-    inputs = {li: external_inputs(cost_graph, nodes[li], active) for li in chosen}
-    runs = _runs(cost_graph, chosen, nodes)
+    prep = _prep(cost_graph, chosen)
+    nodes, active, inputs, runs = prep.nodes, prep.active, prep.inputs, prep.runs
 
     units: list[Unit] = []
     unit_of: dict[int, int] = {}
-    rep_of: dict[int, int] = {}
     for run in runs:
         graph = layer_op_graph(cost_graph, run[0], batch_size=batch_size, active=active, nodes=nodes[run[0]])
         groups, group_of = build_groups(graph, cm)
         units.append(Unit(graph=graph, weight=len(run), groups=groups, group_of=group_of))
         for li in run:
-            unit_of[li], rep_of[li] = len(units) - 1, run[0]
-    renames = {li: _renames(cost_graph, rep_of[li], li, nodes, inputs) for li in chosen}
-    to_rep = {li: {b: a for a, b in renames[li].items()} for li in chosen}
+            unit_of[li] = len(units) - 1
+    rep_of = {li: run[0] for run in runs for li in run}
+    renames, to_rep = prep.renames, prep.to_rep
 
     flows: list[Flow] = [f for ui in range(len(units)) for f in internal_flows(ui, units[ui])]
     layer_links: dict[int, list[tuple[Flow, str]]] = {li: [] for li in chosen}  # with real names
     weights: dict[tuple, int] = {}
+    protos: dict[tuple, Flow] = {}
     g = cost_graph.ops
     for li in chosen:
         rep_inputs = inputs[rep_of[li]]
@@ -136,9 +282,9 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
             layer_links[li].append((flow, f"{producer} -> {cost_graph.layers[li].name}"))
             key = (flow.src, flow.src_op, flow.dst, flow.dst_op)
             weights[key] = weights.get(key, 0) + 1
+            protos.setdefault(key, flow)
     for (src, src_op, dst, dst_op), w in weights.items():
-        proto = next(f for fl in layer_links.values() for f, _ in fl if (f.src, f.src_op, f.dst, f.dst_op) ==
-                     (src, src_op, dst, dst_op))
+        proto = protos[(src, src_op, dst, dst_op)]
         flows.append(Flow(src=src, src_op=src_op, dst=dst, dst_op=dst_op, index=None, weight=w, nbytes=proto.nbytes,
                            differentiable=proto.differentiable))
     # outputs read outside the solved layers (the next stage, the loss) must leave reduced
@@ -146,15 +292,14 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
         unit = units[unit_of[li]]
         for out in unit.graph.outputs:
             real = renames[li].get(out, out)
-            readers = {g.nodes[s]["layer"] for s in g.successors(real)} - {li}
-            if not readers or not readers <= set(chosen):
+            if _leaves(prep, g, li, real):
                 flow = sink_flow(units, unit_of[li], unit.graph.ops[out], cm)
                 flows.append(flow)
                 layer_links[li].append((flow, f"{real} -> (leaves the solved layers)"))
 
     assembly = Assembly(units, flows, cm)
     aliases: dict[str, tuple[int, str, str]] = {}
-    for li in chosen:
+    for li in chosen if pins else ():  # names pins may use; without pins nothing reads them
         ui, graph = unit_of[li], units[unit_of[li]].graph
         for real, rep_name in to_rep[li].items():
             op = graph.ops.get(rep_name)
@@ -168,21 +313,7 @@ def solve_model(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *, ba
                 if p.owned or renames[li].get(p.name, p.name) not in aliases:
                     aliases[renames[li].get(p.name, p.name)] = (ui, p.name, "param")
     result, time_unit, build_s = solve_assembly(assembly, aliases, req, start)
-
-    per_unit = {ui: assembly.unit_sharding(ui, result.choice) for ui in set(unit_of.values())}
-    module_paths = {n: d["module_path"] for n, d in g.nodes(data=True)}  # a copy's ops live in its own modules
-    out_layers = []
-    for li in chosen:
-        ops, colls, compute, memory = per_unit[unit_of[li]]
-        names = renames[li]
-        colls = [replace(c, at=_rename_at(c.at, names)) for c in colls]
-        colls += [replace(c, at=at) for f, at in layer_links[li] for c in assembly.flow_collectives(f, result.choice)]
-        rep = rep_of[li]
-        out_layers.append(LayerSharding(
-            index=li, name=cost_graph.layers[li].name,
-            reuses=None if rep == li else cost_graph.layers[rep].name,
-            ops={names.get(k, k): _rename_sharding(s, names, module_paths) for k, s in ops.items()},
-            collectives=tuple(colls), compute_s=compute, memory_bytes=memory))
-    return ShardingSolution.assemble(mesh=mesh, result=result, time_unit_s=time_unit, build_time_s=build_s,
-                                     sequence_parallel=sequence_parallel, memory_limit_bytes=resolved_memory_limit(req),
-                                     layers=out_layers)
+    return ModelSolve(cost_graph=cost_graph, mesh=mesh, sequence_parallel=sequence_parallel,
+                      memory_limit_bytes=resolved_memory_limit(req), prep=prep, units=units, unit_of=unit_of,
+                      assembly=assembly, layer_links=layer_links, result=result, time_unit_s=time_unit,
+                      build_time_s=build_s)

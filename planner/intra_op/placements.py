@@ -28,29 +28,25 @@ With ``options.sequence_parallel`` a ``colwise`` after a ``sequence`` norm reads
 
 from __future__ import annotations
 
-import math
-import time
 from typing import TYPE_CHECKING, Any
 
 from planner.cluster import ClusterSpec
-from planner.errors import SpecError
-from planner.intra_op.mesh import MeshSpec
-from planner.intra_op.model import solve_model
+from planner.cost.constants import CostConstants
+from planner.errors import PlannerError, SpecError
 from planner.intra_op.placement import Layout, Replicate, Shard
+from planner.intra_op.pricing import (
+    DEFAULT_BACKEND,
+    DEFAULT_TIME_LIMIT_S,
+    TP_AXIS,
+    has_op_level_nodes,
+    tp_pricing,
+)
 from planner.intra_op.solution import OpSharding, ShardingSolution
 
 if TYPE_CHECKING:  # the tracer imports torch; reading its graph does not need it
     from planner.trace.graph import CostGraph
 
-TP_AXIS = "tp"
-# traces with one node per layer call (or one for the whole model): nothing inside a layer to shard
-MODULE_LEVEL_METHODS = frozenset({"module", "module+opaque", "opaque"})
 _WEIGHT_STYLES = {"linear": {0: "colwise", 1: "rowwise"}, "embedding": {0: "vocab", 1: "colwise"}}
-
-
-def has_op_level_nodes(cost_graph: CostGraph) -> bool:
-    """Whether the trace looks inside layers (fx / export), not one node per layer call."""
-    return cost_graph.ops.number_of_nodes() > 0 and cost_graph.method not in MODULE_LEVEL_METHODS
 
 
 def module_style(op: OpSharding, axis: int = 0) -> str | None:
@@ -82,16 +78,18 @@ def module_styles(solution: ShardingSolution, axis: str = TP_AXIS) -> dict[str, 
 
 
 def plan_placements(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, micro_batch: int,
-                    sequence_parallel: bool, backend: str = "cpsat", time_limit_s: float = 10.0
-                    ) -> dict[str, Any] | None:
-    """Solve the whole model on a model-only ``tp`` mesh of ``tp`` devices for one micro-batch.
+                    sequence_parallel: bool, backend: str = DEFAULT_BACKEND, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+                    constants: CostConstants | None = None) -> dict[str, Any] | None:
+    """The whole model on a model-only ``tp`` mesh of ``tp`` devices for one micro-batch.
 
-    Returns the JSON-ready dict described in ``docs/intra-op.md`` (``intra_op_sharding/1`` with
-    ``style`` and the plan's solver names), or ``None`` when ``tp == 1`` or the trace has no
+    This is the solve the joint search priced the tp group with (:func:`planner.intra_op.pricing.tp_pricing`,
+    cached per graph, tp group, micro-batch, sequence parallelism, dtype and ``constants``), not a
+    second one. Returns the JSON-ready dict described in ``docs/intra-op.md`` (``intra_op_sharding/1``
+    with ``style`` and the plan's solver names), or ``None`` when ``tp == 1`` or the trace has no
     op-level nodes. Deterministic apart from the wall-clock keys (``time_s``, ``solve_time_s``,
     ``build_time_s``), which the plan file drops. Raises :class:`~planner.errors.PlannerError`
-    (``SpecError`` for bad arguments or a graph the converter cannot read, ``InfeasibleError``
-    when the ILP has no answer) so that ``plan()`` can fall back to the runtime's own tensor-parallel recipe.
+    (``SpecError`` for bad arguments, ``PlannerError`` when the ILP could not be solved) so that
+    ``plan()`` can fall back to the runtime's own tensor-parallel recipe.
     """
     for name, value in (("tp", tp), ("micro_batch", micro_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -100,19 +98,8 @@ def plan_placements(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, mic
         raise SpecError("tp", tp, f"cluster {cluster.name} has {cluster.num_devices} devices; give at most that")
     if tp == 1 or not has_op_level_nodes(cost_graph):
         return None
-    start = time.perf_counter()
-    mesh = MeshSpec.from_cluster(cluster, {TP_AXIS: tp}, roles={TP_AXIS: "model"})
-    try:
-        solution = solve_model(cost_graph, mesh, cluster.device, batch_size=micro_batch,
-                               memory_limit_bytes=math.inf, backend=backend, sequence_parallel=sequence_parallel,
-                               time_limit_s=time_limit_s)
-    except ValueError as exc:  # a trace the op-graph converter cannot read: not the caller's fault
-        if isinstance(exc, SpecError):
-            raise
-        raise SpecError("cost_graph", cost_graph.name, f"its op graph cannot be sharded ({exc})") from exc
-    out = solution.to_dict(expand_copies=False)  # 96 copies of a block would be ~0.7 MB of JSON in the plan
-    out["solver"].update(objective=solution.objective_s, bound=solution.bound_s,
-                         time_s=time.perf_counter() - start)
-    out["options"]["micro_batch"] = micro_batch
-    out["style"] = module_styles(solution)
-    return out
+    pricing = tp_pricing(cost_graph, cluster, tp=tp, micro_batch=micro_batch, sequence_parallel=sequence_parallel,
+                         c=constants or CostConstants(), backend=backend, time_limit_s=time_limit_s)
+    if pricing.source != "ilp":
+        raise PlannerError(f"intra-op sharding of {cost_graph.name} on tp={tp}: {pricing.reason}")
+    return pricing.placements()

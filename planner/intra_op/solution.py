@@ -11,7 +11,7 @@
      "options": {"sequence_parallel", "memory_limit_bytes"},
      "predicted": {"compute_s", "comm_s", "memory_bytes"},
      "params": {"<param name>": ["Shard(0)", ...one per mesh axis]},
-     "layers": [{"index", "name", "reuses", "compute_s", "comm_s", "memory_bytes",
+     "layers": [{"index", "name", "reuses", "compute_s", "comm_s", "comm_by_phase_s", "memory_bytes",
                  "ops": {"<op>": {"kind", "module_path", "strategy", "head", "inputs": [[...]],
                                   "output": [...], "params": {"<param>": [...]}}},
                  "collectives": [{"kind", "axis", "bytes", "phase", "at", "time_s"}]}]}
@@ -75,11 +75,17 @@ class LayerSharding:
     def comm_s(self) -> float:
         return sum(c.time_s for c in self.collectives)
 
+    def phase_comm_s(self, phase: str) -> float:
+        """Seconds of this layer's ``fwd``, ``bwd`` or ``grad_sync`` collectives."""
+        return sum(c.time_s for c in self.collectives if c.phase == phase)
+
     def to_dict(self, *, expand: bool = True) -> dict[str, Any]:
         """``expand=False`` leaves out ``ops`` and ``collectives`` of a copy (``reuses`` is set): they are
         those of the layer it reuses, under this layer's names."""
         out = {"index": self.index, "name": self.name, "reuses": self.reuses, "compute_s": self.compute_s,
-               "comm_s": self.comm_s, "memory_bytes": self.memory_bytes}
+               "comm_s": self.comm_s, "memory_bytes": self.memory_bytes,
+               # per phase, also for a copy: its links to the neighbouring layers may differ from the reused layer's
+               "comm_by_phase_s": {p: self.phase_comm_s(p) for p in ("fwd", "bwd", "grad_sync")}}
         if expand or self.reuses is None:
             out["ops"] = {n: s.to_dict() for n, s in self.ops.items()}
             out["collectives"] = [c.to_dict() for c in self.collectives]

@@ -23,6 +23,7 @@ from fnmatch import fnmatchcase
 import numpy as np
 
 from planner.cluster import DeviceSpec
+from planner.cost.constants import CostConstants
 from planner.errors import InfeasibleError, PlannerError
 from planner.intra_op.builder import GraphBuilder
 from planner.intra_op.graph import Op, OpGraph
@@ -288,11 +289,13 @@ class Request:
     optimizer_bytes_per_param: float
     dtype: str
     what: str
+    constants: CostConstants | None = None  # None: CostConstants() (link efficiencies for collectives)
 
 
 def cost_model(req: Request) -> CostModel:
     return CostModel(mesh=req.mesh, device=req.device, dtype=req.dtype, sequence_parallel=req.sequence_parallel,
-                     optimizer_bytes_per_param=req.optimizer_bytes_per_param)
+                     optimizer_bytes_per_param=req.optimizer_bytes_per_param,
+                     constants=req.constants or CostConstants())
 
 
 def resolved_memory_limit(req: Request) -> float | None:
@@ -344,7 +347,7 @@ def _allowed(problem: Problem, g: int) -> list[int]:
 def solve_layer(op_graph: OpGraph, mesh: MeshSpec, device: DeviceSpec, *, memory_limit_bytes: float | None = None,
                 backend: str = "cpsat", sequence_parallel: bool = False, pins: Mapping[str, PinValue] | None = None,
                 time_limit_s: float = 30.0, optimizer_bytes_per_param: float = 12.0,
-                feeds_itself: bool = True) -> ShardingSolution:
+                feeds_itself: bool = True, constants: CostConstants | None = None) -> ShardingSolution:
     """Pick a sharding strategy for every op of ``op_graph`` on ``mesh``.
 
     ``memory_limit_bytes`` (default: the device's memory; ``math.inf`` for none) bounds the
@@ -353,12 +356,13 @@ def solve_layer(op_graph: OpGraph, mesh: MeshSpec, device: DeviceSpec, *, memory
     mesh axis, or to a strategy name such as ``"tp=column"``. With ``feeds_itself`` (a repeated
     block), a graph with one input and one output of the same shape also pays for turning its
     output layout into its input layout, as the next copy of the block will read it.
+    ``constants`` sets the link efficiencies collectives are priced with (:mod:`planner.cost.comm`).
     """
     start = time.perf_counter()
     req = Request(mesh=mesh, device=device, memory_limit_bytes=memory_limit_bytes, backend=backend,
                    sequence_parallel=sequence_parallel, pins=pins or {}, time_limit_s=time_limit_s,
                    optimizer_bytes_per_param=optimizer_bytes_per_param, dtype=op_graph.dtype,
-                   what=f"graph {op_graph.name}")
+                   what=f"graph {op_graph.name}", constants=constants)
     cm = cost_model(req)
     groups, group_of = build_groups(op_graph, cm)
     unit = Unit(graph=op_graph, weight=1, groups=groups, group_of=group_of)

@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from planner.cluster import DeviceSpec
+from planner.cost.constants import CostConstants
 from planner.intra_op.collectives import Collective, collective_s, redistribute_plan
 from planner.intra_op.graph import DTYPE_BYTES, Op, OpGraph
 from planner.intra_op.mesh import MeshSpec
@@ -59,6 +60,7 @@ class CostModel:
     dtype: str = "bf16"
     sequence_parallel: bool = False
     optimizer_bytes_per_param: float = 12.0  # Adam in mixed precision: fp32 master weights + 2 moments
+    constants: CostConstants = field(default_factory=CostConstants)  # link efficiencies for collectives
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -75,13 +77,17 @@ class CostModel:
         hit = self._cache.get(key)
         if hit is None:
             steps = tuple(redistribute_plan(nbytes, src, dst, self.mesh.shape))
-            time_s = sum(collective_s(kind, b, self.mesh.shape[i], self.mesh.links[i]) for i, kind, b in steps)
+            time_s = sum(self.collective_s(i, kind, b) for i, kind, b in steps)
             hit = self._cache[key] = (time_s, steps)
         return hit
 
+    def collective_s(self, axis: int, kind: str, nbytes: float) -> float:
+        """One collective on mesh axis ``axis``, priced by :mod:`planner.cost.comm` on its group."""
+        return collective_s(kind, nbytes, self.mesh.group(axis), self.constants)
+
     def collectives(self, steps, phase: str, at: str) -> list[Collective]:
         return [Collective(kind=kind, axis=self.mesh.axes[i], nbytes=b, phase=phase, at=at,
-                           time_s=collective_s(kind, b, self.mesh.shape[i], self.mesh.links[i]))
+                           time_s=self.collective_s(i, kind, b))
                 for i, kind, b in steps]
 
 

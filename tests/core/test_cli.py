@@ -97,3 +97,58 @@ def test_models_lists_required_presets(capsys):
     assert code == 0
     for name in ("gpt3-125m", "gpt3-175b", "megatron-22b", "mt-nlg-530b", "megatron-1t", "gpt-tiny"):
         assert name in out
+
+
+def test_both_clis_turn_errors_into_exit_codes_through_one_helper(capsys):
+    import runtime.cli
+    from planner.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, PlannerError, SpecError, run_command
+    from runtime.errors import RunCheckError
+
+    assert runtime.cli.run_command is run_command  # python -m runtime exits through the same code
+
+    def bad_nodes():
+        raise SpecError("--nodes", 0, "expected an integer >= 1")
+
+    assert run_command(bad_nodes, debug=False) == EXIT_USER_ERROR == 2
+    assert capsys.readouterr().err == "error: --nodes: got 0; expected an integer >= 1\n"
+    assert run_command(bad_nodes, debug=True) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.endswith("error: --nodes: got 0; expected an integer >= 1\n")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_command(interrupted, debug=False) == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert run_command(lambda: 3, debug=False) == 3  # a command's own exit code passes through
+    with pytest.raises(ZeroDivisionError):  # a bug is not a user error: it keeps its traceback
+        run_command(lambda: 1 // 0, debug=False)
+
+    def not_a_run_check():
+        raise PlannerError("a planner error")
+
+    with pytest.raises(PlannerError):  # the runtime CLI reports only RunCheckError as a user error
+        run_command(not_a_run_check, debug=False, user_errors=RunCheckError)
+
+
+def test_building_the_plan_reuses_the_layer_tables_the_search_built(monkeypatch):
+    from planner import api
+    from planner.cost.constants import CostConstants
+    from planner.search import SearchSpace, search
+
+    resolved = api.resolve_model("gpt-tiny", dtype="fp32")
+    spec = api.resolve_cluster("cpu-local", devices_per_node=2)
+    c = CostConstants()
+    tables: dict = {}
+    best = search(resolved.graph, spec, 8, space=SearchSpace(pp=(2,)), constants=c, table_cache=tables).best
+    fresh = api._chunk_phase_times(resolved.graph, spec, best, c)  # builds its own table
+    cfg = best.config
+    key = (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
+    assert api._candidate_table(resolved.graph, spec, cfg, c, tables) is tables[key]
+    built = []
+    real = api.layer_table
+    monkeypatch.setattr(api, "layer_table", lambda *a, **k: built.append(k) or real(*a, **k))
+    assert api._chunk_phase_times(resolved.graph, spec, best, c, tables) == fresh
+    assert "Schedule" in api._why_schedule(resolved.graph, spec, best, c, tables)
+    assert built == []  # neither rebuilt the table
+    assert len(fresh) == 2 and all(f > 0 and b > 0 for f, b, _ in fresh)

@@ -7,6 +7,8 @@ import math
 import pytest
 
 from planner.cluster import LinkSpec
+from planner.cost import comm
+from planner.cost.constants import CostConstants
 from planner.intra_op import (
     MeshSpec,
     Partial,
@@ -16,13 +18,8 @@ from planner.intra_op import (
     placement_from_str,
     to_dims_mapping,
 )
-from planner.intra_op.collectives import (
-    all_gather_s,
-    all_reduce_s,
-    all_to_all_s,
-    redistribute_plan,
-    reduce_scatter_s,
-)
+from planner.intra_op.collectives import collective_s, redistribute_plan, redistribute_s
+from planner.intra_op.strategies import CostModel
 
 LINK = LinkSpec(kind="nvswitch", bandwidth_bytes_per_s=100e9, latency_s=5e-6)
 
@@ -59,15 +56,43 @@ def test_gshard_dims_mapping_round_trip():
         from_dims_mapping(["ep"], axes)
 
 
-def test_collective_formulas():
-    b, n = 1e9, 8
-    assert all_reduce_s(b, n, LINK) == pytest.approx(2 * 7 / 8 * 1e9 / 100e9 + 14 * 5e-6)
-    assert all_gather_s(b, n, LINK) == pytest.approx(7 / 8 * 1e9 / 100e9 + 7 * 5e-6)
-    assert reduce_scatter_s(b, n, LINK) == pytest.approx(all_gather_s(b, n, LINK))
-    assert all_to_all_s(b, n, LINK) == pytest.approx(7 / 8 * 1e9 / 100e9 + 7 * 5e-6)
-    # Megatron-SP's identity: an all-reduce is a reduce-scatter then an all-gather
-    assert all_reduce_s(b, n, LINK) == pytest.approx(reduce_scatter_s(b, n, LINK) + all_gather_s(b, n, LINK))
-    assert all_reduce_s(b, 1, LINK) == 0.0
+def test_collectives_are_priced_by_cost_comm():
+    """One source of truth: the ILP's collective times are planner.cost.comm's on the axis's group."""
+    c = CostConstants()
+    mesh = MeshSpec.one_axis("tp", 8, LINK)
+    g = mesh.group(0)
+    assert (g.size, g.nodes, g.intra_bw, g.latency_s) == (8, 1, 100e9, 5e-6)
+    b = 1e9
+    bw = 100e9 * c.link_efficiency
+    ring = 2 * 7 / 8 * b / bw + 14 * 5e-6
+    tree = 2 * b / bw + 2 * 3 * 5e-6
+    assert collective_s("all_reduce", b, g, c) == pytest.approx(min(ring, tree)) == comm.all_reduce_s(b, g, c)
+    assert collective_s("all_gather", b, g, c) == pytest.approx(7 / 8 * b / bw + 7 * 5e-6)
+    assert collective_s("reduce_scatter", b, g, c) == comm.reduce_scatter_s(b, g, c)
+    assert collective_s("all_to_all", b, g, c) == comm.all_to_all_s(b, g, c)
+    assert collective_s("all_reduce", b, mesh.group(0), CostConstants(link_efficiency=0.4)) > ring
+    # Megatron-SP's identity holds for the ring: reduce-scatter + all-gather = a ring all-reduce
+    assert (collective_s("reduce_scatter", b, g, c) + collective_s("all_gather", b, g, c)
+            == pytest.approx(comm.ring_all_reduce_s(b, g, c)))
+    assert collective_s("all_reduce", b, MeshSpec.one_axis("tp", 1, LINK).group(0), c) == 0.0
+    with pytest.raises(ValueError, match="collective kind"):
+        collective_s("broadcast_all", b, g, c)
+    # the cost model and redistribute_s go through the same function
+    cm = CostModel(mesh=mesh, device=None, constants=c)  # type: ignore[arg-type]  # device unused here
+    t, steps = cm.transfer(800.0, (Partial(),), (Replicate(),))
+    assert steps == ((0, "all_reduce", 800.0),) and t == comm.all_reduce_s(800.0, g, c)
+    assert redistribute_s(800.0, (Partial(),), (Replicate(),), [g], c) == t
+
+
+def test_mesh_groups_follow_the_cluster_topology(node):
+    """from_cluster gives each axis strided_group's group: the one the inter-op model prices tp with."""
+    mesh = MeshSpec.from_cluster(node, {"tp": 8})
+    assert mesh.group(0) == comm.strided_group(node, 8, 1)
+    two = node.resized(nodes=2)
+    mesh = MeshSpec.from_cluster(two, (("dp", 2), ("tp", 8)))
+    assert mesh.group(0) == comm.strided_group(two, 2, 8) and mesh.group(0).nodes == 2
+    with pytest.raises(ValueError, match="MeshSpec.groups"):
+        MeshSpec(axes=("tp",), shape=(4,), links=(LINK,), groups=(comm.strided_group(node, 8, 1),))
 
 
 @pytest.mark.parametrize(("src", "dst", "expect"), [
