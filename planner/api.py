@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
+import json
 import math
 import sys
 import time
@@ -137,9 +139,10 @@ def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: i
     _check_batch(global_batch)
     c = constants or CostConstants()
     tables: dict = {}
+    given = spec
     with _frozen_heap():
-        result = search(resolved.graph, spec, global_batch, space=space, constants=c, time_limit_s=time_limit_s,
-                        top_k=top_k, progress=progress, table_cache=tables)
+        spec, result, tables, orders = _search_group_orders(resolved.graph, spec, global_batch, space=space, c=c,
+                                                            time_limit_s=time_limit_s, top_k=top_k, progress=progress)
         if result.best is None:
             raise _infeasible(resolved.graph, spec, global_batch, result, c)
         start = time.perf_counter()
@@ -147,9 +150,73 @@ def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: i
         baseline_s = time.perf_counter() - start
         out = build_plan(resolved, spec, result.best, c, global_batch=global_batch, result=result, baselines=base,
                          tables=tables)
-    out.timings.update({"trace_s": resolved.graph.trace_time_s, "search_s": result.time_s,
+    if len(orders) > 1:
+        out = replace(out, explanation=out.explanation + (_group_order_note(given, spec, orders),))
+    out.timings.update({"trace_s": resolved.graph.trace_time_s, "search_s": sum(r.time_s for _, r in orders),
                         "baselines_s": baseline_s})
     return out
+
+
+MAX_GROUP_ORDERS = 6  # 3 distinct node groups; beyond that the cluster file's order is kept
+
+
+def group_orders(spec: ClusterSpec) -> list[ClusterSpec]:
+    """The cluster with its node groups in every distinct order, the file's order first.
+
+    Ranks go group by group, so the group order decides which device type runs which pipeline
+    positions: on a mixed cluster, heavy first or last layers (an embedding, an LM head) may want the
+    faster devices. Orders are tried only up to :data:`MAX_GROUP_ORDERS`; with more groups, the
+    file's order alone.
+    """
+    if spec.is_homogeneous:
+        return [spec]
+    seen: set[tuple] = set()
+    out: list[ClusterSpec] = []
+    for perm in itertools.permutations(range(len(spec.groups))):
+        key = tuple(json.dumps(spec.groups[i].to_dict(), sort_keys=True) for i in perm)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(replace(spec, groups=tuple(spec.groups[i] for i in perm)))
+        if len(out) > MAX_GROUP_ORDERS:
+            return [spec]
+    return out
+
+
+def _search_group_orders(graph: CostGraph, spec: ClusterSpec, global_batch: int, *, space: SearchSpace | None,
+                         c: CostConstants, time_limit_s: float | None, top_k: int,
+                         progress: Callable[[int, int], None] | None
+                         ) -> tuple[ClusterSpec, SearchResult, dict, list[tuple[ClusterSpec, SearchResult]]]:
+    """The search on every node-group order (:func:`group_orders`); the fastest order wins, the
+    file's order on ties. Returns the chosen cluster, its result and table cache, and every order's
+    result (for the explanation)."""
+    orders = group_orders(spec)
+    start = time.perf_counter()
+    runs: list[tuple[ClusterSpec, SearchResult, dict]] = []
+    for order in orders:
+        left = None if time_limit_s is None else max(time_limit_s - (time.perf_counter() - start), 0.0)
+        tables: dict = {}
+        result = search(graph, order, global_batch, space=space, constants=c, time_limit_s=left, top_k=top_k,
+                        progress=progress, table_cache=tables)
+        runs.append((order, result, tables))
+    feasible = [r for r in runs if r[1].best is not None]
+    chosen = min(feasible, key=lambda r: r[1].best.step_time_s) if feasible else runs[0]
+    return chosen[0], chosen[1], chosen[2], [(o, r) for o, r, _ in runs]
+
+
+def _group_order_note(given: ClusterSpec, chosen: ClusterSpec,
+                      orders: list[tuple[ClusterSpec, SearchResult]]) -> str:
+    """Which node-group order the plan uses, how to launch it, and what the other orders predict."""
+    def label(spec: ClusterSpec) -> str:
+        return " then ".join(f"{g.nodes}x{g.devices_per_node} {g.device.name}" for g in spec.groups)
+
+    others = "; ".join(f"{label(o)}: " + (f"{r.best.step_time_s:.4g} s" if r.best else "does not fit")
+                       for o, r in orders if o is not chosen)
+    if chosen.groups == given.groups:
+        return f"Node-group order: the cluster file's ({label(chosen)}) is the fastest; other orders: {others}."
+    return (f"Node-group order: ranks go {label(chosen)}, not the cluster file's order, because it is faster "
+            f"(other orders: {others}). Launch the nodes in this order (node rank 0 = the first group's first "
+            "node); the plan's cluster lists the groups in it.")
 
 
 @contextlib.contextmanager

@@ -37,7 +37,9 @@ def test_plan_puts_more_layers_on_the_faster_devices(blocks):
                         space=SearchSpace(pp=(2,), tp=(1,)), baselines=False)
     cfg = out.parallel
     assert (cfg.pp, cfg.dp, cfg.tp) == (2, 8, 1)
-    a100 = [s for s in out.stages if MIXED.groups[MIXED.group_index_of_rank(s.ranks[0])].device.name.startswith("A100")]
+    cluster = ClusterSpec.from_dict(out.cluster)  # plan() may reorder the node groups (see below)
+    a100 = [s for s in out.stages
+            if cluster.groups[cluster.group_index_of_rank(s.ranks[0])].device.name.startswith("A100")]
     v100 = [s for s in out.stages if s not in a100]
     assert len(a100) == len(v100) == 1
     n_a = a100[0].layer_stop - a100[0].layer_start
@@ -45,7 +47,7 @@ def test_plan_puts_more_layers_on_the_faster_devices(blocks):
     assert n_a >= 2 * n_v, (n_a, n_v)  # equal blocks: the A100 position takes at least twice the layers
     # the plan's prediction is evaluate's for the same configuration and split
     bounds = [(s.layer_start, s.layer_stop) for s in out.stages]
-    pred = evaluate(graph, MIXED, cfg, bounds, C)
+    pred = evaluate(graph, cluster, cfg, bounds, C)
     assert out.predicted.step_time_s == pytest.approx(pred.step_time_s, rel=1e-12)
     for st in out.predicted.stages:  # the timeline's phase times are the position's own device's too
         per_mb = sum(sum(phases) for phases in st["chunk_phase_times_s"])
@@ -55,7 +57,7 @@ def test_plan_puts_more_layers_on_the_faster_devices(blocks):
                         recompute=cfg.recompute, c=C)
     old = partition_unconstrained(table.total_s, cfg.pp).boundaries
     assert [b - a for a, b in old] == [blocks // 2] * 2
-    ratio = evaluate(graph, MIXED, cfg, list(old), C).step_time_s / pred.step_time_s
+    ratio = evaluate(graph, cluster, cfg, list(old), C).step_time_s / pred.step_time_s
     assert ratio > 1.5, ratio  # measured 1.66 / 1.68 / 1.71 for 8 / 16 / 24 blocks
 
 
@@ -102,3 +104,37 @@ def test_straddling_configuration_is_priced_by_its_slowest_member():
     assert pred.stage_times_s[0] == pytest.approx(float(v100.total_s.sum()), rel=1e-9)
     assert pred.memory_limit_per_stage_bytes == [usable_memory_bytes(MIXED.group_view(1), C)]
     assert pred.stage_device_names == ["A100-SXM4-80GB+V100-SXM2-32GB"]
+
+
+def test_plan_tries_every_node_group_order_and_says_how_to_launch():
+    """Ranks go group by group, so the group order decides which device type runs which pipeline
+    position; plan() searches each order, and when it is not the file's says so."""
+    from planner.api import group_orders
+    from planner.search import search
+
+    from dataclasses import replace
+
+    graph = F.imbalanced_lm(12)
+    space = SearchSpace(pp=(2,), tp=(1,))
+    v100_first = replace(MIXED, groups=MIXED.groups[::-1])  # the cluster file lists the V100 node first
+    orders = group_orders(v100_first)
+    assert [o.groups for o in orders] == [v100_first.groups, MIXED.groups]
+    per_order = [search(graph, o, 64, space=space, constants=C).best.step_time_s for o in orders]
+    assert per_order[1] < per_order[0]  # here the A100 node first is faster (measured 0.1126 vs 0.1143 s)
+    out = plan_resolved(ResolvedModel(module=None, preset=None, graph=graph), v100_first, global_batch=64,
+                        space=space, baselines=False)
+    assert out.predicted.step_time_s == pytest.approx(per_order[1], rel=1e-12)
+    chosen = ClusterSpec.from_dict(out.cluster)
+    assert chosen.groups == MIXED.groups  # reordered, and the plan's cluster says so
+    note = [line for line in out.explanation if line.startswith("Node-group order")]
+    assert len(note) == 1 and "Launch the nodes in this order" in note[0], note
+    # the file's order, when it is the fastest, is kept
+    kept = plan_resolved(ResolvedModel(module=None, preset=None, graph=graph), MIXED, global_batch=64, space=space,
+                         baselines=False)
+    assert ClusterSpec.from_dict(kept.cluster).groups == MIXED.groups
+    assert any("is the fastest" in line for line in kept.explanation)
+    bounds = [(s.layer_start, s.layer_stop) for s in out.stages]
+    assert evaluate(graph, chosen, out.parallel, bounds, C).step_time_s == pytest.approx(out.predicted.step_time_s,
+                                                                                         rel=1e-12)
+    # a homogeneous cluster has one order and no note
+    assert group_orders(ClusterSpec.preset("dgx-a100-80g")) == [ClusterSpec.preset("dgx-a100-80g")]
