@@ -206,7 +206,7 @@ def _memory_lower_bound(table: LayerTable, cfg: ParallelConfig, c: CostConstants
 
 def _busiest_device_s(table: LayerTable, boundaries: tuple[tuple[int, int], ...], cfg: ParallelConfig) -> float:
     """Per-micro-batch work of the busiest device: every device runs all m micro-batches of it."""
-    prefix = np.concatenate([[0.0], np.cumsum(table.total_s)])
+    prefix = table.total_prefix_s()
     devices = schedules.chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
     work = [0.0] * cfg.pp
     for j, (a, b) in enumerate(boundaries):
@@ -386,8 +386,8 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                 for rec in space.recompute:
                     key = (tp, mb, sp, rec)
                     if cluster.is_homogeneous:
-                        tot = _bound_table(tables, graph, cluster, key, c).total_s
-                        bound = m * max(float(tot.sum()) / pp, float(tot.max()))
+                        total_sum, total_max = _bound_table(tables, graph, cluster, key, c).total_summary_s()
+                        bound = m * max(total_sum / pp, total_max)
                     else:
                         bound = m * _mixed_work_bound_s(graph, cluster, key, pp, dp, c, tp_pricing="none")
                     families.append((bound, (pp, tp, dp, mb, RECOMPUTE.index(rec), sp)))
@@ -411,6 +411,9 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
         key = (tp, mb, sp, rec)
         # memory and the cheap time bounds need no tp pricing; the ILP runs only for survivors
         cheap = _bound_table(tables, graph, cluster, key, c)
+        # Within a family the memory bound varies only with the smallest in-flight count and the
+        # ZeRO stage (table, tp, pp, dp and sp are the family's), so each is computed once.
+        family_memory: dict[tuple[float, int], dict[str, float]] = {}
         for sched in _schedules_for(pp, space):
             for v in _virtuals_for(sched, pp, m, graph.num_layers, space):
                 for zero in [z for z in space.zero_stage if pp == 1 or z <= 1]:
@@ -420,10 +423,13 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                                          virtual_stages=v, schedule=sched, recompute=rec, sequence_parallel=sp,
                                          zero_stage=zero, overlap_grad_reduce=space.overlap_grad_reduce)
                     evaluated += 1
-                    need = _memory_lower_bound(cheap, cfg, c)
+                    memory_key = (min(flights_of(sched, pp, m, v)), zero)
+                    if memory_key not in family_memory:
+                        family_memory[memory_key] = _memory_lower_bound(cheap, cfg, c)
+                    need = family_memory[memory_key]
                     if need["total"] > limit:
                         infeasible += 1
-                        bound_misses.append((need, cfg))
+                        bound_misses.append((dict(need), cfg))
                         bound_misses.sort(key=lambda x: x[0]["total"])
                         del bound_misses[3:]
                         continue
@@ -442,8 +448,8 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                             infeasible += 1
                             continue
                     table = _priced_table(tables, graph, cluster, key, c)
-                    tot = table.total_s
-                    if m * (max(float(tot.sum()) / pp, float(tot.max())) if cluster.is_homogeneous else
+                    total_sum, total_max = table.total_summary_s()
+                    if m * (max(total_sum / pp, total_max) if cluster.is_homogeneous else
                             _mixed_work_bound_s(graph, cluster, key, pp, dp, c)) >= kth_best():
                         pruned += 1  # the family's bound with tp priced
                         continue

@@ -48,6 +48,11 @@ if TYPE_CHECKING:
 
 def stage_params(table: LayerTable, start: int, stop: int) -> float:
     """Parameters a stage holds: its own plus tied ones owned outside it (counted once each)."""
+    return table.segment(start, stop).params if start < stop else _stage_params(table, start, stop)
+
+
+def _stage_params(table: LayerTable, start: int, stop: int) -> float:
+    """:func:`stage_params`, computed (``LayerTable.segment`` memoises it)."""
     own = float(table.params[start:stop].sum())
     extra: dict[str, int] = {}
     for i in range(start, stop):
@@ -104,13 +109,14 @@ def _logits_factor(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> 
 def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight: float, cfg: ParallelConfig,
                  c: CostConstants, is_last: bool) -> MemoryParts:
     """Memory of one device holding ``chunks`` (one per virtual stage) of layers."""
-    params = sum(stage_params(table, a, b) for a, b in chunks)
+    segs = [table.segment(a, b) for a, b in chunks]  # memoised sums and maxima, as the slices give them
+    params = sum(s.params for s in segs)
     pw, pg, po = _per_param_bytes(table, cfg, c)
-    stored = sum(float(table.stored_act_bytes[a:b].sum()) for a, b in chunks)
-    work = max(float(table.work_act_bytes[a:b].max()) for a, b in chunks)
-    out = max(float(table.output_bytes[a:b].max()) for a, b in chunks)
+    stored = sum(s.stored_act_bytes for s in segs)
+    work = max(s.work_act_max for s in segs)
+    out = max(s.output_max for s in segs)
     temp = 2 * out  # the output being produced and its gradient; pipeline send and receive buffers
-    temp += _gather_bytes_per_param(table, cfg, c) * max(float(table.params[a:b].max()) for a, b in chunks)
+    temp += _gather_bytes_per_param(table, cfg, c) * max(s.param_max for s in segs)
     if is_last:
         temp += _logits_factor(table, cfg, c) * float(table.output_bytes[chunks[-1][1] - 1])
     activations = in_flight * stored + work
@@ -126,17 +132,29 @@ def usable_memory_bytes(cluster: ClusterSpec, c: CostConstants) -> float:
 
 
 def _range_max(arr: np.ndarray) -> np.ndarray:
+    """``out[i, j] = max(arr[i:j])`` for ``i < j`` (0 elsewhere), shape ``(n+1, n+1)``.
+
+    One running maximum along each row of ``arr`` with the entries before the row's start masked
+    out; maxima are exact, so this equals slicing row by row.
+    """
     n = len(arr)
     out = np.zeros((n + 1, n + 1))
-    for i in range(n):
-        out[i, i + 1:] = np.maximum.accumulate(arr[i:])
+    if n:
+        after_start = np.arange(n)[None, :] >= np.arange(n)[:, None]  # [i, l]: layer l is in a run from i
+        running = np.maximum.accumulate(np.where(after_start, arr[None, :], -np.inf), axis=1)
+        out[:n, 1:] = np.where(after_start, running, 0.0)
     return out
 
 
 def stage_memory_matrix(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *, p: int,
                         in_flight: list[float]):
     """``f(k)[i, j]``: memory of a stage holding layers [i, j) at position k (same formula as
-    :func:`stage_memory` for one chunk), for the partition DP's matrix path."""
+    :func:`stage_memory` for one chunk), for the partition DP's matrix path.
+
+    ``f(k, rows, cols)`` is the block ``f(k)[rows, cols]``, computed on the block only (the DP
+    needs just the starts and ends a stage at position k can have); every entry is the same
+    element-wise arithmetic, so the block equals the slice of the full matrix exactly.
+    """
     mats = table.matrices()
     state = sum(_per_param_bytes(table, cfg, c)) * mats["params"]
     opt_temp = _optimizer_temp_per_param(cfg, c) * mats["params"]
@@ -146,11 +164,14 @@ def stage_memory_matrix(table: LayerTable, cfg: ParallelConfig, c: CostConstants
         transient = transient + gather * mats["param_max"]
     last_col = np.concatenate([[0.0], _logits_factor(table, cfg, c) * table.output_bytes])[None, :]
 
-    def matrix(k: int) -> np.ndarray:
-        peak = transient + in_flight[k] * mats["stored"]
+    stored = mats["stored"]
+    everything = slice(None)
+
+    def matrix(k: int, rows: slice = everything, cols: slice = everything) -> np.ndarray:
+        peak = transient[rows, cols] + in_flight[k] * stored[rows, cols]
         if k == p - 1:
-            peak = peak + last_col
-        return state + np.maximum(peak, opt_temp)
+            peak = peak + last_col[:, cols]
+        return state[rows, cols] + np.maximum(peak, opt_temp[rows, cols])
 
     return matrix
 

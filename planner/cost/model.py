@@ -24,7 +24,9 @@ Memory: :mod:`planner.cost.memory`.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,6 +45,7 @@ from planner.cost.constants import DTYPE_BYTES, CostConstants
 from planner.cost.memory import (
     MemoryParts,
     _range_max,
+    _stage_params,
     stage_memory,
     stage_memory_matrix,
     stage_memory_vec,
@@ -126,9 +129,34 @@ def loss_traffic_s(layer: Layer, *, micro_batch: int, tp: int, dtype: str, clust
     return c.loss_traffic_passes * fp32_bytes / bw
 
 
+class Segment(NamedTuple):
+    """Sums and maxima over one contiguous run of layers ``[a, b)`` of a :class:`LayerTable`.
+
+    Each field is exactly what ``float(arr[a:b].sum())`` (or ``.max()``) gives, so code that reads
+    it instead of slicing prices every configuration to the same bit.
+    """
+
+    fwd_s: float
+    bwd_input_s: float
+    bwd_weight_s: float
+    recompute_s: float
+    tp_comm_s: float
+    tp_comm_fwd_s: float
+    stored_act_bytes: float
+    work_act_max: float
+    output_max: float
+    param_max: float
+    params: float  # stage_params: own plus tied ones owned outside the run, counted once
+
+
 @dataclass
 class LayerTable:
-    """Per-layer, per-micro-batch figures for one (micro-batch, tp, sp, recompute) choice."""
+    """Per-layer, per-micro-batch figures for one (micro-batch, tp, sp, recompute) choice.
+
+    The arrays are never modified after construction (every builder fills them once), which is
+    what lets :meth:`segment` memoise per-segment sums: the search prices the same segments for
+    many configurations that share a table.
+    """
 
     fwd_s: np.ndarray
     bwd_input_s: np.ndarray
@@ -147,14 +175,59 @@ class LayerTable:
     # count of tp_collectives), "none" (left out: a lower bound for the search) or "" (tp = 1).
     tp_source: str = ""
     tp_note: str = ""  # one line for the plan: what priced it, or why the ILP could not
+    # Memoised derived figures (see segment, total_s, total_summary_s); not part of the table's value.
+    _segments: dict[tuple[int, int], Segment] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _totals: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def total_s(self) -> np.ndarray:
-        return self.fwd_s + self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_comm_s
+        """Seconds per layer and micro-batch, all parts; computed once (read-only: it is shared)."""
+        total = self._totals.get("total")
+        if total is None:
+            total = self.fwd_s + self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_comm_s
+            total.setflags(write=False)
+            self._totals["total"] = total
+        return total  # type: ignore[return-value]
+
+    def total_summary_s(self) -> tuple[float, float]:
+        """``(Σ total_s, max total_s)``: the search's work bound reads them for every configuration."""
+        summary = self._totals.get("summary")
+        if summary is None:
+            total = self.total_s
+            summary = (float(total.sum()), float(total.max()))
+            self._totals["summary"] = summary
+        return summary  # type: ignore[return-value]
+
+    def total_prefix_s(self) -> np.ndarray:
+        """``[0, cumsum(total_s)]`` (read-only), for pricing any run of layers by a difference."""
+        prefix = self._totals.get("prefix")
+        if prefix is None:
+            prefix = np.concatenate([[0.0], np.cumsum(self.total_s)])
+            prefix.setflags(write=False)
+            self._totals["prefix"] = prefix
+        return prefix  # type: ignore[return-value]
 
     @property
     def tp_comm_forward_s(self) -> np.ndarray:
         return self.tp_comm_s / 2 if self.tp_comm_fwd_s is None else self.tp_comm_fwd_s
+
+    def segment(self, a: int, b: int) -> Segment:
+        """Sums and maxima of layers ``[a, b)`` (``a < b``), computed once per table and segment.
+
+        The values are the slices' own numpy reductions (not prefix-sum differences, which round
+        differently), so cached and uncached pricing agree exactly.
+        """
+        hit = self._segments.get((a, b))
+        if hit is None:
+            hit = Segment(
+                fwd_s=float(self.fwd_s[a:b].sum()), bwd_input_s=float(self.bwd_input_s[a:b].sum()),
+                bwd_weight_s=float(self.bwd_weight_s[a:b].sum()), recompute_s=float(self.recompute_s[a:b].sum()),
+                tp_comm_s=float(self.tp_comm_s[a:b].sum()), tp_comm_fwd_s=float(self.tp_comm_forward_s[a:b].sum()),
+                stored_act_bytes=float(self.stored_act_bytes[a:b].sum()),
+                work_act_max=float(self.work_act_bytes[a:b].max()), output_max=float(self.output_bytes[a:b].max()),
+                param_max=float(self.params[a:b].max()), params=_stage_params(self, a, b))
+            self._segments[(a, b)] = hit
+        return hit
 
     def matrices(self) -> dict[str, np.ndarray]:
         """Per-segment sums and maxima, ``[i, j]`` for layers [i, j), computed once per table."""
@@ -172,8 +245,9 @@ class LayerTable:
             for name, (numel, owner) in sorted(spans.items()):
                 # held by [i, j) when some user u is inside (i <= u < j) and its owner is not (i > owner)
                 users = np.array([u for u, t in enumerate(self.tied) if any(x[0] == name for x in t)])
-                first_user = np.array([users[users >= ii].min() if (users >= ii).any() else n + 1
-                                       for ii in range(n + 1)])[:, None]
+                # the first user at or after each start ii (n + 1: none), users being ascending
+                after = np.searchsorted(users, np.arange(n + 1))
+                first_user = np.where(after < len(users), users[np.minimum(after, len(users) - 1)], n + 1)[:, None]
                 params = params + numel * ((i > owner) & (first_user < j))
             self._matrices = {"params": params, "stored": S[None, :] - S[:, None],
                               "work_out": _range_max(self.work_act_bytes) + 2 * _range_max(self.output_bytes),
@@ -328,6 +402,7 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
              c: CostConstants, *, table: LayerTable | None = None) -> StepPrediction:
     """Price ``cfg`` with ``boundaries`` (pp × virtual_stages contiguous chunks, in model order)."""
     from planner import schedules
+    from planner.schedules.closed_form import in_flight_per_device, step_time
 
     p, v, m = cfg.pp, cfg.virtual_stages, cfg.num_micro_batches
     assert len(boundaries) == p * v, (len(boundaries), p, v)
@@ -340,21 +415,19 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
         if cluster.is_homogeneous else _positions(graph, cluster, cfg, c, table.dtype)
     fwd, bin_, bw = [], [], []
     for j, (a, b) in enumerate(boundaries):
-        t = pos[devices[j]].table
-        tcf = t.tp_comm_forward_s
-        comm_f = float(tcf[a:b].sum())
-        comm_b = float(t.tp_comm_s[a:b].sum()) - comm_f
-        fwd.append(max(float(t.fwd_s[a:b].sum()) + comm_f, 1e-12))
-        bin_.append(float(t.bwd_input_s[a:b].sum()) + comm_b + float(t.recompute_s[a:b].sum()))
-        bw.append(float(t.bwd_weight_s[a:b].sum()))
+        s = pos[devices[j]].table.segment(a, b)
+        comm_f = s.tp_comm_fwd_s
+        comm_b = s.tp_comm_s - comm_f
+        fwd.append(max(s.fwd_s + comm_f, 1e-12))
+        bin_.append(s.bwd_input_s + comm_b + s.recompute_s)
+        bw.append(s.bwd_weight_s)
     p2p = _pipeline_p2p_s(table, boundaries, cfg, cluster, c) if cluster.is_homogeneous else \
         _pipeline_p2p_mixed_s(table, boundaries, devices, cfg, cluster, c)
     result = schedules.estimate(cfg.schedule, p=p, m=m, v=v, fwd_s=fwd, bwd_input_s=bin_, bwd_weight_s=bw,
                                 p2p_s=p2p)
     pipeline_s = result.step_time_s
     if p2p > 0:
-        no_p2p_s = schedules.estimate(cfg.schedule, p=p, m=m, v=v, fwd_s=fwd, bwd_input_s=bin_, bwd_weight_s=bw,
-                                      p2p_s=0.0).step_time_s
+        no_p2p_s = step_time(cfg.schedule, p=p, m=m, v=v, fwd_s=fwd, bwd_input_s=bin_, bwd_weight_s=bw, p2p_s=0.0)
     else:
         no_p2p_s = pipeline_s
 
@@ -364,6 +437,7 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     bw_mem = cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
     per_device = [sum(fwd[j] + bin_[j] + bw[j] for j in range(len(boundaries)) if devices[j] == d) for d in range(p)]
     dp_exposed, fsdp_exposed, tied_sync, optim_s = [], [], [], []
+    tied_holders = _tied_holder_devices(table, boundaries, cfg) if p > 1 else []
     for d in range(p):
         if not cluster.is_homogeneous:  # this position's own replicas, links and memory bandwidth
             dp_group = group_of_ranks(cluster, [(d * cfg.dp + i) * cfg.tp for i in range(cfg.dp)])
@@ -385,7 +459,7 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
             fsdp_exposed.append(m * max(0.0, per_mb - per_device[d]))  # prefetch hides what compute covers
         else:
             fsdp_exposed.append(0.0)
-        tied_sync.append(_tied_sync_s(table, boundaries, d, cfg, cluster, c, g_b))
+        tied_sync.append(_tied_sync_s(table, boundaries, d, cfg, cluster, c, g_b, tied_holders))
         shard = cfg.dp if cfg.zero_stage >= 1 else 1
         optim_s.append(c.optimizer_step_bytes_per_param * params / shard / bw_mem)
     tail = [dp_exposed[d] + fsdp_exposed[d] + tied_sync[d] + optim_s[d] for d in range(p)]
@@ -397,11 +471,13 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     chunks_b = _chunks_of_device(boundaries, devices, busiest)
     tb = pos[busiest].table
 
-    def seg(arr: np.ndarray) -> float:
-        return m * sum(float(arr[a:b].sum()) for a, b in chunks_b)
+    segs_b = [tb.segment(a, b) for a, b in chunks_b]
 
-    compute = seg(tb.fwd_s) + seg(tb.bwd_input_s) + seg(tb.bwd_weight_s)
-    recomp, tp_comm = seg(tb.recompute_s), seg(tb.tp_comm_s)
+    def seg(field_name: str) -> float:
+        return m * sum(getattr(s, field_name) for s in segs_b)
+
+    compute = seg("fwd_s") + seg("bwd_input_s") + seg("bwd_weight_s")
+    recomp, tp_comm = seg("recompute_s"), seg("tp_comm_s")
     bubble = no_p2p_s - compute - recomp - tp_comm
     if -1e-9 * no_p2p_s < bubble < 0:  # rounding: the busiest device's work is a lower bound of the pipeline
         bubble = 0.0
@@ -425,10 +501,10 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     limits = [x.limit for x in pos]
     limit = min(limits)
     memory: list[MemoryParts] = []
+    flights = in_flight_per_device(cfg.schedule, p=p, m=m, v=v)
     for d in range(p):
         chunks = _chunks_of_device(boundaries, devices, d)
-        flight = schedules.in_flight(cfg.schedule, p=p, m=m, v=v, device=d)
-        memory.append(stage_memory(table, chunks, in_flight=flight, cfg=cfg, c=c, is_last=(d == devices[-1])))
+        memory.append(stage_memory(table, chunks, in_flight=flights[d], cfg=cfg, c=c, is_last=(d == devices[-1])))
     binding = []
     for d in range(p):
         if memory[d].total > limits[d]:
@@ -551,24 +627,42 @@ def _positions(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: C
     return out
 
 
-def _tied_sync_s(table: LayerTable, boundaries: list[tuple[int, int]], device: int, cfg: ParallelConfig,
-                 cluster: ClusterSpec, c: CostConstants, grad_bytes: float) -> float:
-    """All-reduce of tied parameters' gradients between the pipeline devices that hold them
-    (Megatron's embedding group: the first and last stage share the word embedding)."""
-    if cfg.pp <= 1:
-        return 0.0
+def _tied_holder_devices(table: LayerTable, boundaries: list[tuple[int, int]],
+                         cfg: ParallelConfig) -> list[tuple[int, set[int]]]:
+    """``(numel, pipeline devices holding it)`` per tied parameter, in first-use order.
+
+    A device holds a tied parameter when one of its chunks owns or uses it. Computed once per
+    :func:`evaluate` call (it does not depend on the device asked about), not once per device.
+    """
     holders: dict[str, tuple[int, set[int]]] = {}
     for i, entries in enumerate(table.tied):
         for name, numel, owner in entries:
             holders.setdefault(name, (numel, set()))[1].update((owner, i))
+    if not holders:
+        return []
     from planner.schedules import chunk_devices
 
     chunk_device = chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
-    device_of = [chunk_device[j] for j, (a, b) in enumerate(boundaries) for _ in range(a, b)]
+    starts = [a for a, _ in boundaries]  # contiguous chunks in model order: layer i is in the last start <= i
+    return [(numel, {chunk_device[bisect.bisect_right(starts, i) - 1] for i in layers})
+            for numel, layers in holders.values()]
+
+
+def _tied_sync_s(table: LayerTable, boundaries: list[tuple[int, int]], device: int, cfg: ParallelConfig,
+                 cluster: ClusterSpec, c: CostConstants, grad_bytes: float,
+                 holders: list[tuple[int, set[int]]] | None = None) -> float:
+    """All-reduce of tied parameters' gradients between the pipeline devices that hold them
+    (Megatron's embedding group: the first and last stage share the word embedding).
+
+    ``holders`` is :func:`_tied_holder_devices` of the same arguments, when the caller has it.
+    """
+    if cfg.pp <= 1:
+        return 0.0
+    if holders is None:
+        holders = _tied_holder_devices(table, boundaries, cfg)
     dpn = cluster.devices_per_node if cluster.is_homogeneous else 1
     total = 0.0
-    for numel, layers in holders.values():
-        holders_dev = {device_of[i] for i in layers}
+    for numel, holders_dev in holders:
         if device not in holders_dev or len(holders_dev) < 2:
             continue
         span = (max(holders_dev) - min(holders_dev)) * cfg.dp * cfg.tp  # rank distance between the holders

@@ -37,8 +37,9 @@ class StageCosts:
     memory: Callable[[int, int, int], float]
     limit: float
     memory_vec: Callable[[int, int], np.ndarray] | None = None
-    # memory_matrix(k)[i, j] = memory of layers [i, j) at position k, shape (n+1, n+1); fastest path.
-    memory_matrix: Callable[[int], np.ndarray] | None = None
+    # memory_matrix(k, rows, cols) = the block [rows, cols] of the (n+1, n+1) matrix whose [i, j] is
+    # the memory of layers [i, j) at position k; fastest path.
+    memory_matrix: Callable[[int, slice, slice], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,30 +100,50 @@ def partition_dp(costs: StageCosts, p: int) -> Partition:
     return Partition(tuple(reversed(bounds)), float(f[p][n]), "optimal")
 
 
+def _stage_window(n: int, p: int, k: int) -> tuple[slice, slice]:
+    """Starts and ends stage ``k`` of ``p`` (0-based) can have on a path to a full partition.
+
+    The ``k`` stages before it hold a layer each, so it starts at ``i >= k``; the ``p - 1 - k``
+    after it do too, so it ends at ``j <= n - (p - 1 - k)``, and ``i < j``. Cells outside the
+    window are infinite or lead to no partition of all ``n`` layers, so leaving them out changes
+    neither the optimum nor the argmin (first minimum) of any column on the optimal path.
+    """
+    last_end = n - (p - 1 - k)
+    return slice(k, last_end), slice(k + 1, last_end + 1)
+
+
 def _partition_matrix(costs: StageCosts, p: int, prefix: np.ndarray) -> Partition:
-    """Same recurrence, one (n+1) x (n+1) array operation per position."""
+    """Same recurrence, one array operation per position over the stage's window of (start, end).
+
+    ``f`` holds the best bottleneck for each end of the previous stage, which is exactly the next
+    window's rows, so it never needs the full length. ``seg`` is infinite where ``i >= j`` (an
+    empty stage), which makes a separate validity mask unnecessary. Once no end of stage ``k`` is
+    reachable the answer is "infeasible" (most calls of the search end so: the first positions
+    keep the most micro-batches in flight), and the remaining positions are not computed.
+    """
     n = len(costs.time)
     seg = prefix[None, :] - prefix[:, None]  # seg[i, j] = time of layers [i, j)
-    valid = np.triu(np.ones((n + 1, n + 1), dtype=bool), k=1)
-    f = np.full(n + 1, math.inf)
+    seg[np.tril_indices(n + 1)] = math.inf
+    f = np.full(n - p + 1, math.inf)  # over the first window's rows: the first stage starts at layer 0
     f[0] = 0.0
-    args = []
+    windows: list[tuple[int, int, np.ndarray]] = []  # (first row, first column, argmin row per column)
     for k in range(p):
-        cand = np.maximum(f[:, None], seg)
-        ok = valid & (costs.memory_matrix(k) <= costs.limit)
-        cand = np.where(ok, cand, math.inf)
-        arg = np.argmin(cand, axis=0)
-        f = cand[arg, np.arange(n + 1)]
-        args.append(arg)
-    if not np.isfinite(f[n]):
+        rows, cols = _stage_window(n, p, k)
+        cand = np.maximum(f[:, None], seg[rows, cols])
+        cand = np.where(costs.memory_matrix(k, rows, cols) <= costs.limit, cand, math.inf)
+        windows.append((rows.start, cols.start, np.argmin(cand, axis=0)))
+        f = cand.min(axis=0)  # = cand[argmin, column]: the best bottleneck per end
+        if f.min() == math.inf:  # no stage k fits anywhere: every later f is infinite too
+            return Partition((), math.inf, "infeasible")
+    if not np.isfinite(f[-1]):
         return Partition((), math.inf, "infeasible")
     bounds = []
     j = n
-    for k in range(p - 1, -1, -1):
-        i = int(args[k][j])
+    for row0, col0, arg in reversed(windows):
+        i = row0 + int(arg[j - col0])
         bounds.append((i, j))
         j = i
-    return Partition(tuple(reversed(bounds)), float(f[n]), "optimal")
+    return Partition(tuple(reversed(bounds)), float(f[-1]), "optimal")
 
 
 def brute_force(costs: StageCosts, p: int) -> Partition:

@@ -10,6 +10,7 @@ partition; the memory-constrained problem goes to :func:`planner.inter_op.chain.
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -17,37 +18,48 @@ import numpy as np
 from planner.inter_op.chain import Partition
 
 
-def _stages_needed(prefix: np.ndarray, bound: float) -> int:
+def _furthest_end(prefix: list[float], start: int, bound: float) -> int:
+    """The furthest end ``j`` with ``prefix[j] - prefix[start] <= bound`` (relative slack 1e-12),
+    at least ``start + 1`` (a stage holds one layer at least).
+
+    ``prefix`` is a Python list: ``bisect`` on it is ``np.searchsorted(side="right")`` on the same
+    doubles without numpy's per-call overhead (the greedy packing calls this O(p log L²) times).
+    """
+    j = bisect.bisect_right(prefix, prefix[start] + bound * (1 + 1e-12)) - 1
+    return max(j, start + 1)
+
+
+def _stages_needed(prefix: list[float], bound: float) -> int:
+    """Stages the greedy left-to-right packing under ``bound`` uses (the fewest possible)."""
     n = len(prefix) - 1
     start, count = 0, 0
     while start < n:
-        # furthest end j with prefix[j] - prefix[start] <= bound (at least one layer)
-        j = int(np.searchsorted(prefix, prefix[start] + bound * (1 + 1e-12), side="right")) - 1
-        start = max(j, start + 1)
+        start = _furthest_end(prefix, start, bound)
         count += 1
     return count
 
 
 def partition_unconstrained(time: np.ndarray, p: int) -> Partition:
+    """The min-max split of ``time`` into ``p`` contiguous non-empty stages (module docstring)."""
     n = len(time)
     if p < 1 or p > n:
         return Partition((), math.inf, "infeasible")
     prefix = np.concatenate([[0.0], np.cumsum(np.asarray(time, dtype=float))])
     seg = (prefix[None, :] - prefix[:, None])[np.triu_indices(n + 1, k=1)]
-    candidates = np.unique(seg)
+    candidates = np.unique(seg).tolist()
+    prefix_list = prefix.tolist()
     lo, hi = 0, len(candidates) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if _stages_needed(prefix, candidates[mid]) <= p:
+        if _stages_needed(prefix_list, candidates[mid]) <= p:
             hi = mid
         else:
             lo = mid + 1
-    bound = float(candidates[lo])
+    bound = candidates[lo]
     # Greedy cuts under the optimal bound, then split the longest stages until there are p.
     cuts, start = [], 0
     while start < n:
-        j = int(np.searchsorted(prefix, prefix[start] + bound * (1 + 1e-12), side="right")) - 1
-        j = max(j, start + 1)
+        j = _furthest_end(prefix_list, start, bound)
         cuts.append((start, j))
         start = j
     while len(cuts) < p:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -170,14 +171,57 @@ def _try_backend(problem: Problem, backend: str, time_limit_s: float,
 
 
 def _solve_with(problem: Problem, backend: str, time_limit_s: float, num_workers: int) -> IlpResult:
-    builder = _CpSat(problem) if backend == "cpsat" else _Cbc(problem)
-    builder.add_one_strategy()
-    builder.add_edges()
-    builder.add_memory_limit()
-    builder.add_pins()
-    builder.add_ties()
+    if backend == "cpsat":
+        builder = _cpsat_model(problem)
+    else:
+        builder = _Cbc(problem)
+        builder.add_one_strategy()
+        builder.add_edges()
+        builder.add_memory_limit()
+        builder.add_pins()
+        builder.add_ties()
     builder.set_objective()
     return builder.solve(time_limit_s=time_limit_s, num_workers=num_workers)
+
+
+_CPSAT_MODELS: OrderedDict[tuple, _CpSat] = OrderedDict()
+_CPSAT_MODELS_KEPT = 32  # one per (graph, tp group, sequence parallel) the search prices, with room to spare
+
+
+def _cpsat_model(problem: Problem) -> _CpSat:
+    """A CP-SAT model with every constraint of ``problem`` and no objective yet.
+
+    The joint search solves the same graph on the same tp group for many micro-batches: only the
+    costs change, and with them the objective. The variables and constraints depend on the groups'
+    strategy counts, each edge's row and column classes (:func:`compress`), the memory data, pins
+    and ties; when all of those equal an earlier problem's, its model is reused and only the
+    objective is set again (``minimize`` clears the old one). The model is then the very same
+    CP-SAT proto a fresh build gives (same variables, constraints and order), so the solve, its
+    choice and its statistics are too; ``tests/intra_op/test_ilp_oracle.py`` checks that.
+    """
+    classes = [compress(mat) for mat in problem.edges.values()]
+    key = (tuple(problem.group_names), tuple(map(len, problem.cost)),
+           tuple((g, h, row_of.tobytes(), col_of.tobytes(), small.shape)
+                 for (g, h), (row_of, col_of, small) in zip(problem.edges, classes)),
+           None if problem.memory_limit is None else (problem.memory_limit, tuple(map(tuple, problem.memory))),
+           tuple(problem.pins), tuple(problem.ties))
+    builder = _CPSAT_MODELS.get(key)
+    if builder is None:
+        builder = _CpSat(problem)
+        builder.add_one_strategy()
+        builder.add_edges(classes)
+        builder.add_memory_limit()
+        builder.add_pins()
+        builder.add_ties()
+        _CPSAT_MODELS[key] = builder
+        while len(_CPSAT_MODELS) > _CPSAT_MODELS_KEPT:
+            _CPSAT_MODELS.popitem(last=False)
+    else:
+        _CPSAT_MODELS.move_to_end(key)
+        builder.p = problem
+        for (y, _), edge, (_, _, small) in zip(list(builder.y.values()), problem.edges, classes):
+            builder.y[edge] = (y, small)  # same classes, new costs
+    return builder
 
 
 def explain_infeasible(problem: Problem, *, backend: str = "cpsat", time_limit_s: float = 10.0) -> list[str]:
@@ -220,6 +264,14 @@ def compress(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return row_of, col_of, small[:, first_cols]
 
 
+def _members(class_of: np.ndarray, classes: int, xs: list) -> list[list]:
+    """The variables of each class, in strategy order: ``class_of[s]`` is strategy ``s``'s class."""
+    out: list[list] = [[] for _ in range(classes)]
+    for s, cls in enumerate(class_of.tolist()):
+        out[cls].append(xs[s])
+    return out
+
+
 # -- backends -------------------------------------------------------------------------------------
 
 class _CpSat:
@@ -229,53 +281,58 @@ class _CpSat:
         self.cp_model = cp_model
         self.p = problem
         self.model = cp_model.CpModel()
-        self.x = [[self.model.NewBoolVar(f"x[{g},{s}]") for s in range(len(c))] for g, c in enumerate(problem.cost)]
+        # the snake_case API: each CamelCase name is a deprecation wrapper around it, one more
+        # Python call per variable and constraint
+        new_bool = self.model.new_bool_var
+        self.x = [[new_bool(f"x[{g},{s}]") for s in range(len(c))] for g, c in enumerate(problem.cost)]
         self.y: dict[tuple[int, int], list[list]] = {}
         self.constraints = 0
 
     def _named(self, ct, name: str) -> None:
-        ct.WithName(name)
+        ct.with_name(name)
         self.constraints += 1
 
     def add_one_strategy(self) -> None:
         for g, xs in enumerate(self.x):
-            self._named(self.model.AddExactlyOne(xs), f"one_strategy[{self.p.group_names[g]}]")
+            self._named(self.model.add_exactly_one(xs), f"one_strategy[{self.p.group_names[g]}]")
 
-    def add_edges(self) -> None:
-        for (g, h), mat in self.p.edges.items():
-            row_of, col_of, small = compress(mat)
+    def add_edges(self, classes: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> None:
+        """``classes``: :func:`compress` of each edge matrix, in ``edges`` order, if already made."""
+        new_bool, add = self.model.new_bool_var, self.model.add
+        if classes is None:
+            classes = [compress(mat) for mat in self.p.edges.values()]
+        for (g, h), (row_of, col_of, small) in zip(self.p.edges, classes):
             rows, cols = small.shape
-            y = [[self.model.NewBoolVar(f"y[{g},{h},{a},{b}]") for b in range(cols)] for a in range(rows)]
+            y = [[new_bool(f"y[{g},{h},{a},{b}]") for b in range(cols)] for a in range(rows)]
             self.y[(g, h)] = (y, small)
             label = f"{self.p.group_names[g]}->{self.p.group_names[h]}"
-            for a in range(rows):
-                members = [self.x[g][s] for s in range(len(row_of)) if row_of[s] == a]
-                self._named(self.model.Add(sum(y[a]) == sum(members)), f"edge_out[{label},{a}]")
-            for b in range(cols):
-                members = [self.x[h][t] for t in range(len(col_of)) if col_of[t] == b]
-                self._named(self.model.Add(sum(y[a][b] for a in range(rows)) == sum(members)), f"edge_in[{label},{b}]")
+            for a, members in enumerate(_members(row_of, rows, self.x[g])):
+                self._named(add(sum(y[a]) == sum(members)), f"edge_out[{label},{a}]")
+            for b, members in enumerate(_members(col_of, cols, self.x[h])):
+                self._named(add(sum(y[a][b] for a in range(rows)) == sum(members)), f"edge_in[{label},{b}]")
 
     def add_memory_limit(self) -> None:
         if self.p.memory_limit is None:
             return
         terms = [m * xv for ms, xs in zip(self.p.memory, self.x) for m, xv in zip(ms, xs) if m]
-        self._named(self.model.Add(sum(terms) <= self.p.memory_limit), "memory_limit")
+        self._named(self.model.add(sum(terms) <= self.p.memory_limit), "memory_limit")
 
     def add_pins(self) -> None:
         for pin in self.p.pins:
             banned = [xv for s, xv in enumerate(self.x[pin.group]) if s not in pin.allowed]
-            self._named(self.model.Add(sum(banned) == 0), pin.name)
+            self._named(self.model.add(sum(banned) == 0), pin.name)
 
     def add_ties(self) -> None:
         for tie in self.p.ties:
             for s, ok in enumerate(tie.compatible):
-                self._named(self.model.Add(self.x[tie.g][s] <= sum(self.x[tie.h][t] for t in ok)), f"{tie.name}[{s}]")
+                self._named(self.model.add(self.x[tie.g][s] <= sum(self.x[tie.h][t] for t in ok)), f"{tie.name}[{s}]")
 
     def set_objective(self) -> None:
         terms = [c * xv for cs, xs in zip(self.p.cost, self.x) for c, xv in zip(cs, xs) if c]
         for y, small in self.y.values():
-            terms += [int(small[a, b]) * y[a][b] for a, b in zip(*np.nonzero(small))]
-        self.model.Minimize(sum(terms))
+            rows, cols = np.nonzero(small)
+            terms += [c * y[a][b] for a, b, c in zip(rows.tolist(), cols.tolist(), small[rows, cols].tolist())]
+        self.model.minimize(sum(terms))
 
     def solve(self, *, time_limit_s: float, num_workers: int) -> IlpResult:
         solver = self.cp_model.CpSolver()
@@ -289,14 +346,15 @@ class _CpSat:
         solver.parameters.linearization_level = 2
         solver.parameters.add_lp_constraints_lazily = False
         start = time.perf_counter()
-        status = solver.Solve(self.model)
+        status = solver.solve(self.model)
         elapsed = time.perf_counter() - start
         cp = self.cp_model
         name = {cp.OPTIMAL: "optimal", cp.FEASIBLE: "feasible", cp.INFEASIBLE: "infeasible"}.get(status, "unknown")
         nvars = sum(map(len, self.x)) + sum(small.size for _, small in self.y.values())
         if name in ("optimal", "feasible"):
-            choice = tuple(next(s for s, xv in enumerate(xs) if solver.BooleanValue(xv)) for xs in self.x)
-            obj, bound = solver.ObjectiveValue(), solver.BestObjectiveBound()
+            value = solver.boolean_value
+            choice = tuple(next(s for s, xv in enumerate(xs) if value(xv)) for xs in self.x)
+            obj, bound = solver.objective_value, solver.best_objective_bound
             gap = 0.0 if name == "optimal" else (obj - bound) / max(abs(obj), 1.0)
             return IlpResult(backend="cpsat", status=name, objective=obj, bound=bound if name == "feasible" else obj,
                              gap=gap, solve_time_s=elapsed, choice=choice, num_variables=nvars,

@@ -23,6 +23,7 @@ from planner.intra_op.from_trace import (
     layer_nodes,
     layer_op_graph,
 )
+from planner.intra_op.graph import OpGraph
 from planner.intra_op.ilp import IlpResult
 from planner.intra_op.mesh import MeshSpec
 from planner.intra_op.solution import LayerSharding, OpSharding, ShardingSolution
@@ -84,9 +85,13 @@ def _rename_at(at: str, names: Mapping[str, str]) -> str:
     return " -> ".join(names.get(part, part) for part in at.split(" -> "))
 
 
+_OP_GRAPHS_KEPT = 256  # op graphs per _Prep: ~3 distinct layers x the micro-batches a search tries
+
+
 @dataclass(kw_only=True)
 class _Prep:
-    """What a model solve needs from the graph that does not depend on the batch or the mesh."""
+    """What a model solve needs from the graph that does not depend on the batch or the mesh, and
+    the layers' op graphs per batch size (they do not depend on the mesh)."""
 
     chosen: list[int]
     nodes: dict[int, list[str]]
@@ -96,6 +101,20 @@ class _Prep:
     renames: dict[int, dict[str, str]]
     to_rep: dict[int, dict[str, str]]
     leaves: dict[tuple[int, str], bool] = field(default_factory=dict)
+    op_graphs: dict[tuple[int, int | None], OpGraph] = field(default_factory=dict)
+
+    def op_graph(self, cost_graph: CostGraph, layer: int, batch_size: int | None) -> OpGraph:
+        """Layer ``layer``'s op graph at ``batch_size`` (cached). It depends on neither the mesh nor
+        the sequence parallelism, so the search's solves at one micro-batch and several tp degrees
+        share it; nothing downstream mutates an op graph."""
+        key = (layer, batch_size)
+        graph = self.op_graphs.get(key)
+        if graph is None:
+            if len(self.op_graphs) >= _OP_GRAPHS_KEPT:  # a long search over many micro-batches: keep recent ones
+                self.op_graphs.pop(next(iter(self.op_graphs)))
+            graph = self.op_graphs[key] = layer_op_graph(cost_graph, layer, batch_size=batch_size, active=self.active,
+                                                         nodes=self.nodes[layer])
+        return graph
 
 
 def _leaves(prep: _Prep, g, li: int, real: str) -> bool:
@@ -173,17 +192,24 @@ class ModelSolve:
         the same figures :meth:`solution` reports per layer."""
         out: dict[int, dict[str, float]] = {}
         link_cache: dict[tuple, list] = {}
+        # the copies of a block sum the same collectives in the same order: add them up once
+        # (the same float additions, so the same bits as summing every layer)
+        summed: dict[tuple, dict[str, float]] = {}
         for li in self.prep.chosen:
-            phases = {"fwd": 0.0, "bwd": 0.0, "grad_sync": 0.0}
-            for c in self._unit(self.unit_of[li])[1]:
-                phases[c.phase] += c.time_s
-            for flow, _ in self.layer_links[li]:
-                key = (flow.src, flow.src_op, flow.dst, flow.dst_op, flow.nbytes)
-                if key not in link_cache:
-                    link_cache[key] = self.assembly.flow_collectives(flow, self.result.choice)
-                for c in link_cache[key]:
+            ui = self.unit_of[li]
+            keys = tuple((flow.src, flow.src_op, flow.dst, flow.dst_op, flow.nbytes) for flow, _ in self.layer_links[li])
+            phases = summed.get((ui, keys))
+            if phases is None:
+                phases = {"fwd": 0.0, "bwd": 0.0, "grad_sync": 0.0}
+                for c in self._unit(ui)[1]:
                     phases[c.phase] += c.time_s
-            out[li] = phases
+                for (flow, _), key in zip(self.layer_links[li], keys):
+                    if key not in link_cache:
+                        link_cache[key] = self.assembly.flow_collectives(flow, self.result.choice)
+                    for c in link_cache[key]:
+                        phases[c.phase] += c.time_s
+                summed[(ui, keys)] = phases
+            out[li] = dict(phases)
         return out
 
     def solution(self) -> ShardingSolution:
@@ -251,12 +277,12 @@ def solve_model_ilp(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *
                    what=f"model {cost_graph.name}", constants=constants)
     cm = cost_model(req)
     prep = _prep(cost_graph, chosen)
-    nodes, active, inputs, runs = prep.nodes, prep.active, prep.inputs, prep.runs
+    inputs, runs = prep.inputs, prep.runs
 
     units: list[Unit] = []
     unit_of: dict[int, int] = {}
     for run in runs:
-        graph = layer_op_graph(cost_graph, run[0], batch_size=batch_size, active=active, nodes=nodes[run[0]])
+        graph = prep.op_graph(cost_graph, run[0], batch_size)
         groups, group_of = build_groups(graph, cm)
         units.append(Unit(graph=graph, weight=len(run), groups=groups, group_of=group_of))
         for li in run:

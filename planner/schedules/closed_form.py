@@ -27,6 +27,7 @@ stage's F, B and W, an upper bound because the step time never decreases when an
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -202,23 +203,10 @@ def estimate(
     ``exact=False`` marks an upper bound. ``overlapped_step_time_s`` is only measured by ``simulate``
     (here it is None for synchronous schedules).
     """
-    info = get_schedule(name)
-    info.validate(p, m, v)
-    count = p * v
-    fwd = stage_times(fwd_s, count, "fwd_s", positive=True)
-    bwd_in = stage_times(bwd_input_s, count, "bwd_input_s", positive=False)
-    bwd_w = stage_times(bwd_weight_s, count, "bwd_weight_s", positive=False)
-    (c,) = stage_times(p2p_s, 1, "p2p_s", positive=False)
-    if p == 1:
-        c = 0.0  # no hop between devices
+    info, fwd, bwd_in, bwd_w, c = _checked(name, p, m, v, fwd_s, bwd_input_s, bwd_weight_s, p2p_s)
     work = m * (sum(fwd) + sum(bwd_in) + sum(bwd_w))
-    if info.synchronous:
-        step, exact = _sync_step(info.name, p, m, v, fwd, bwd_in, bwd_w, c)
-        overlapped = None
-    else:
-        totals = [fwd[k] + bwd_in[k] + bwd_w[k] for k in range(count)]
-        step, exact = m * async_cycle_time(info.name, totals, c), True
-        overlapped = step
+    step, exact = _step(info.name, info.synchronous, p, m, v, fwd, bwd_in, bwd_w, c)
+    overlapped = None if info.synchronous else step
     bubble = max(0.0, 1.0 - work / (p * step)) if step > 0 else 0.0
     stale = tuple(_staleness(info.name, p, m, d) for d in range(p))
     return SimResult(
@@ -237,6 +225,46 @@ def estimate(
         max_staleness=max(stale),
         exact=exact,
     )
+
+
+def step_time(
+    name: str,
+    *,
+    p: int,
+    m: int,
+    v: int = 1,
+    fwd_s: float | Sequence[float],
+    bwd_input_s: float | Sequence[float],
+    bwd_weight_s: float | Sequence[float],
+    p2p_s: float = 0.0,
+) -> float:
+    """``estimate(...).step_time_s`` alone (same checks, same number), without building the rest of
+    the :class:`SimResult` (in-flight counts, staleness): the cost model asks it for the step
+    without p2p of every configuration it prices."""
+    info, fwd, bwd_in, bwd_w, c = _checked(name, p, m, v, fwd_s, bwd_input_s, bwd_weight_s, p2p_s)
+    return _step(info.name, info.synchronous, p, m, v, fwd, bwd_in, bwd_w, c)[0]
+
+
+def _checked(name, p, m, v, fwd_s, bwd_input_s, bwd_weight_s, p2p_s):
+    """Validate ``estimate``'s arguments; returns the schedule, the per-stage tuples and the hop."""
+    info = get_schedule(name)
+    info.validate(p, m, v)
+    count = p * v
+    fwd = stage_times(fwd_s, count, "fwd_s", positive=True)
+    bwd_in = stage_times(bwd_input_s, count, "bwd_input_s", positive=False)
+    bwd_w = stage_times(bwd_weight_s, count, "bwd_weight_s", positive=False)
+    (c,) = stage_times(p2p_s, 1, "p2p_s", positive=False)
+    if p == 1:
+        c = 0.0  # no hop between devices
+    return info, fwd, bwd_in, bwd_w, c
+
+
+def _step(name, synchronous, p, m, v, fwd, bwd_in, bwd_w, c) -> tuple[float, bool]:
+    """(step time, exact?) of validated inputs, synchronous or asynchronous."""
+    if synchronous:
+        return _sync_step(name, p, m, v, fwd, bwd_in, bwd_w, c)
+    totals = [fwd[k] + bwd_in[k] + bwd_w[k] for k in range(len(fwd))]
+    return m * async_cycle_time(name, totals, c), True
 
 
 def _sync_step(name, p, m, v, fwd, bwd_in, bwd_w, c) -> tuple[float, bool]:
@@ -275,6 +303,14 @@ def in_flight(name: str, *, p: int, m: int, v: int = 1, device: int) -> float:
     get_schedule(name).validate(p, m, v)
     _check_device(device, p)
     return _in_flight(name, p, m, v, device)
+
+
+@functools.lru_cache(maxsize=4096)
+def in_flight_per_device(name: str, *, p: int, m: int, v: int = 1) -> tuple[float, ...]:
+    """:func:`in_flight` of every device ``0..p-1``, validated once and memoised: the cost model asks
+    for it with every configuration it prices, and it depends only on (schedule, p, m, v)."""
+    get_schedule(name).validate(p, m, v)
+    return tuple(_in_flight(name, p, m, v, d) for d in range(p))
 
 
 def weight_versions(name: str, *, p: int, m: int, v: int = 1, device: int) -> int:

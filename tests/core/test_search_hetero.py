@@ -109,10 +109,10 @@ def test_straddling_configuration_is_priced_by_its_slowest_member():
 def test_plan_tries_every_node_group_order_and_says_how_to_launch():
     """Ranks go group by group, so the group order decides which device type runs which pipeline
     position; plan() searches each order, and when it is not the file's says so."""
+    from dataclasses import replace
+
     from planner.api import group_orders
     from planner.search import search
-
-    from dataclasses import replace
 
     graph = F.imbalanced_lm(12)
     space = SearchSpace(pp=(2,), tp=(1,))

@@ -22,3 +22,17 @@ def test_matches_brute_force(seed):
     assert all(b > a for a, b in fast.boundaries)
     prefix = np.concatenate([[0.0], np.cumsum(time)])
     assert max(prefix[b] - prefix[a] for a, b in fast.boundaries) == pytest.approx(fast.bottleneck_s)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_furthest_end_is_numpys_searchsorted(seed):
+    """The list-and-bisect packing step equals the numpy expression it replaced, bit for bit."""
+    from planner.inter_op.unconstrained import _furthest_end
+
+    rng = np.random.default_rng(seed)
+    time = rng.integers(0, 4, size=15).astype(float)  # zeros and equal sums: boundary ties
+    prefix = np.concatenate([[0.0], np.cumsum(time)])
+    for start in range(15):
+        for bound in np.unique(prefix[None, :] - prefix[:, None]):
+            old = int(np.searchsorted(prefix, prefix[start] + bound * (1 + 1e-12), side="right")) - 1
+            assert _furthest_end(prefix.tolist(), start, float(bound)) == max(old, start + 1)

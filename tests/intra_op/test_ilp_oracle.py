@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from planner.intra_op import ilp
 from planner.intra_op.ilp import Pin, Problem, Tie, compress, explain_infeasible, solve_problem
 
 
@@ -99,3 +100,59 @@ def test_tie_conflicting_with_a_pin_is_named():
                             Pin(name="pin[owner]", group=0, allowed=frozenset({0}))],
                       ties=[Tie(name="tied[w]", g=0, h=1, compatible=(frozenset({0}), frozenset({1})))])
     assert explain_infeasible(problem) == ["pin[user]", "pin[owner]", "tied[w]"]
+
+
+# -- the CP-SAT model kept across problems that differ only in costs (the search's micro-batches) -----
+
+def _fresh_proto(problem: Problem) -> str:
+    """The CP-SAT proto a from-scratch build of ``problem`` gives, objective included."""
+    builder = ilp._CpSat(problem)
+    builder.add_one_strategy()
+    builder.add_edges()
+    builder.add_memory_limit()
+    builder.add_pins()
+    builder.add_ties()
+    builder.set_objective()
+    return str(builder.model.proto)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), data=st.data())
+def test_reused_cpsat_model_is_the_fresh_model_and_optimal(problem, data):
+    """New costs and edge seconds scaled by k > 0 keep every edge's row and column classes, so the
+    model of ``problem`` is reused: its proto must be byte for byte the fresh build's, and the
+    solve must still be the brute-force optimum."""
+    first = ilp._cpsat_model(problem)
+    k = data.draw(st.integers(2, 7))
+    cost = [[data.draw(st.integers(0, 100)) for _ in c] for c in problem.cost]
+    again = Problem(group_names=problem.group_names, cost=cost, memory=problem.memory,
+                    edges={e: m * k for e, m in problem.edges.items()}, memory_limit=problem.memory_limit,
+                    pins=problem.pins, ties=problem.ties)
+    reused = ilp._cpsat_model(again)
+    assert reused is first
+    reused.set_objective()
+    assert str(reused.model.proto) == _fresh_proto(again)
+    best, _ = brute_force(again)
+    result = solve_problem(again, backend="cpsat", time_limit_s=20)
+    if best is None:
+        assert result.status == "infeasible"
+    else:
+        assert result.status == "optimal" and result.objective == best
+        assert again.evaluate(result.choice) == best
+
+
+def test_cpsat_model_is_rebuilt_when_an_edge_changes_classes():
+    """Rows that were equal and now differ make more ``y`` variables: another model, not the old one."""
+    mat = np.array([[4, 1], [4, 1], [0, 2]], dtype=np.int64)
+    problem = Problem(group_names=["a", "b"], cost=[[5, 1, 3], [2, 2]], memory=[[0] * 3, [0] * 2],
+                      edges={(0, 1): mat})
+    first = ilp._cpsat_model(problem)
+    changed = Problem(group_names=["a", "b"], cost=problem.cost, memory=problem.memory,
+                      edges={(0, 1): mat + np.array([[0, 0], [1, 0], [0, 0]])})
+    second = ilp._cpsat_model(changed)
+    assert second is not first
+    assert first.y[(0, 1)][1].shape == (2, 2) and second.y[(0, 1)][1].shape == (3, 2)
+    second.set_objective()
+    assert str(second.model.proto) == _fresh_proto(changed)
+    best, _ = brute_force(changed)
+    assert solve_problem(changed, backend="cpsat").objective == best == 4  # a runs 1 (1), b runs 1 (2), edge 1

@@ -139,3 +139,30 @@ def test_estimate_never_builds_a_timeline():
             f = rng.uniform(0.5, 2)
             est = estimate(name, p=8, m=32, v=v, fwd_s=f, bwd_input_s=2 * f, bwd_weight_s=f, p2p_s=0.01 * f)
             assert not est.timeline, name
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_step_time_is_estimates_step_time_exactly(name):
+    """closed_form.step_time (what the cost model calls for the no-p2p step) is estimate's number, bit for
+    bit, with uniform and with per-chunk times, and rejects what estimate rejects."""
+    rng = random.Random(7)
+    cases = [case for case in GRID if case[0] == name]
+    assert cases
+    for _, p, m, v in cases:
+        count = p * v
+        for f, b, w, c in TIMES:
+            per_chunk = [round(f * rng.uniform(0.5, 1.5), 3) for _ in range(count)]
+            for fwd in (f, per_chunk):
+                kwargs = dict(p=p, m=m, v=v, fwd_s=fwd, bwd_input_s=b, bwd_weight_s=w, p2p_s=c)
+                assert cf.step_time(name, **kwargs) == estimate(name, **kwargs).step_time_s
+    _, p, m, v = cases[0]
+    with pytest.raises(ValueError, match="fwd_s"):
+        cf.step_time(name, p=p, m=m, v=v, fwd_s=[1.0] * (p * v + 1), bwd_input_s=1.0, bwd_weight_s=1.0)
+
+
+def test_in_flight_per_device_is_in_flight_of_each_device():
+    for name, p, m, v in GRID:
+        expected = tuple(in_flight(name, p=p, m=m, v=v, device=d) for d in range(p))
+        assert cf.in_flight_per_device(name, p=p, m=m, v=v) == expected
+    with pytest.raises(ValueError):
+        cf.in_flight_per_device("1f1b", p=2, m=1, v=3)  # 1F1B has one chunk per device
