@@ -7,8 +7,8 @@ case the bench writes the plan (``planner.plan``) and one plan per baseline conf
 All runs of a case happen one after another in this invocation, so their ratio is the comparison;
 absolute times on a shared 2-core machine are not.
 
-The plan is searched in the space the runtime executes (``runnable_space``: no sequence
-parallelism, the runtime's schedules); when the unconstrained plan differs, the page says so.
+The plan is searched in the space the runtime executes (``runnable_space``: the runtime's
+schedules); when the unconstrained plan differs, the page says so.
 Uniform stage splits are built here (``_uniform_plan``) from ``planner.api.build_plan`` with equal
 layer counts, and checked against ``planner.evaluate(..., partition="uniform")``, which should give
 the same split (a mismatch is listed under the tables).
@@ -112,12 +112,12 @@ def _uniform_plan(model: str, nproc: int, cfg):
 
 
 def runnable_space():
-    """The search space the runtime can execute today: no sequence parallelism (runtime/tensor_parallel.py
-    refuses it) and only the schedules ``runtime.pipeline_parallel`` runs."""
+    """The search space the runtime can execute: only the schedules ``runtime.pipeline_parallel`` runs
+    (sequence parallelism runs since runtime/tensor_parallel.py implements it)."""
     from planner.search import SYNC_DEFAULT, SearchSpace
     from runtime.pipeline_parallel import SUPPORTED_SCHEDULES
 
-    return SearchSpace(sequence_parallel=(False,), schedules=tuple(s for s in SYNC_DEFAULT if s in SUPPORTED_SCHEDULES))
+    return SearchSpace(schedules=tuple(s for s in SYNC_DEFAULT if s in SUPPORTED_SCHEDULES))
 
 
 def _unconstrained_label(case: Case) -> str:

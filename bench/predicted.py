@@ -12,10 +12,10 @@ For every workload × cluster the plan's predicted step time is compared with
   torch 2.13).
 
 Everything is priced by the same cost model, so the ratio is the planner's margin over the best
-that recipe can do under that model, not a measurement. On the mixed A100 + V100 cluster the joint
-search prices every device as the cluster's slowest (``ClusterSpec.device``), so those rows match
-an all-V100 cluster of the same size; the solver that places stages on each device type is
-benchmarked in the ``inter_op`` section. Most plans for these batch sizes have a
+that recipe can do under that model, not a measurement. On the mixed A100 + V100 cluster each
+pipeline position is split and priced on its own device type (and both node-group orders are
+tried); a configuration whose data-parallel replicas span both types runs at the V100's pace. The
+stage solver on its own is benchmarked in the ``inter_op`` section. Most plans for these batch sizes have a
 single pipeline stage, where the partitions coincide; the second table therefore compares the
 partitions on the best *pipelined* configuration (pp ≥ 2) of each workload as well.
 """
