@@ -189,6 +189,26 @@ def test_mlp_cnn_presets_trace_to_their_parameter_count(name):
     assert [layer.name for layer in graph.layers] == [head] + [f"blocks.{i}" for i in range(blocks)] + ["head"]
 
 
+@pytest.mark.parametrize("name", ["llama-tiny", "bert-tiny", "vit-tiny"])
+def test_tiny_transformer_presets_trace_to_their_parameter_count(name):
+    """The runtime's tensor-parallel test presets: traced with fx, every parameter counted once (BERT's tied decoder)."""
+    from tests_helpers import traced
+
+    from planner.models.bert import BertConfig
+    from planner.models.llama import LlamaConfig
+    from planner.models.vit import ViTConfig
+
+    preset = load_preset(name)
+    graph = traced(name)
+    model = preset.build(device="meta")
+    unique = sum(p.numel() for p in model.parameters())
+    config = {"llama": LlamaConfig, "bert": BertConfig, "vit": ViTConfig}[preset.family](**preset.config)
+    assert graph.param_count == unique == config.param_count()
+    assert graph.method == "fx"
+    assert [layer.name for layer in graph.layers] == ["embed"] + [f"blocks.{i}" for i in range(4)] + ["head"]
+    assert preset.config.get("dropout", 0.0) == 0.0  # tensor parallelism refuses dropout
+
+
 @pytest.mark.parametrize("name", ["mlp-tiny", "mlp-1b"])
 def test_mlp_flops_are_the_gemm_count(name):
     """A block is two GEMMs: forward 2·b·in·out each, training 3x that; the features need no gradient."""

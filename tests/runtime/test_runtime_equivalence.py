@@ -13,23 +13,11 @@ the activations and gradients of one tp=2 + SP forward and backward.
 from __future__ import annotations
 
 import pytest
-from runtime_harness import STEPS
+from runtime_harness import LOSS_TOL
+from runtime_harness import check_matches as _check
 from runtime_plans import WORLD2, WORLD4, make_plan, tiny_preset
 
-LOSS_TOL = 1e-5
-NORM_RTOL = 1e-4
-
 pytestmark = pytest.mark.multiprocess
-
-
-def _check(result, reference) -> None:
-    ref_losses, ref_norms = reference
-    assert result.error is None
-    assert len(result.losses) == STEPS
-    diff = max(abs(a - b) for a, b in zip(result.losses, ref_losses))
-    assert diff <= LOSS_TOL, f"losses {result.losses} vs single process {ref_losses}"
-    rel = max(abs(a / b - 1) for a, b in zip(result.grad_norms, ref_norms))
-    assert rel <= NORM_RTOL, f"grad norms {result.grad_norms} vs single process {ref_norms}"
 
 
 @pytest.mark.parametrize("name", list(WORLD2))

@@ -15,10 +15,18 @@ Run as a script, it prints the equivalence table of docs/runtime.md ("Other mode
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
-from runtime_harness import LR, STEPS, Job, run_jobs, run_reference
+from runtime_harness import (
+    EQUIVALENCE_HEADER,
+    LOSS_TOL,
+    LR,
+    STEPS,
+    Job,
+    equivalence_row,
+    run_jobs,
+    run_reference,
+)
+from runtime_harness import check_matches as _check
 from runtime_plans import make_plan, tiny_preset
 from torch import nn
 
@@ -27,8 +35,6 @@ from runtime.errors import RunCheckError
 from runtime.tensor_parallel import check_tensor_parallel
 from runtime.tensor_parallel_generic import generic_styles, linear_pairs
 
-LOSS_TOL = 1e-5
-NORM_RTOL = 1e-4
 PRESETS = ("mlp-tiny", "cnn-tiny")
 # The synchronous schedules the search tries (planner.search.SYNC_DEFAULT), each at pp=2 with 4
 # micro-batches of 2 (global batch 8); the looped and V-shaped ones hold 2 chunks per rank.
@@ -89,16 +95,6 @@ def world2_results() -> dict:
 @pytest.fixture(scope="module")
 def world4_results() -> dict:
     return _launch(4, run_jobs, _jobs(WORLD4))[0]
-
-
-def _check(result, reference) -> None:
-    ref_losses, ref_norms = reference
-    assert result.error is None
-    assert len(result.losses) == STEPS
-    diff = max(abs(a - b) for a, b in zip(result.losses, ref_losses))
-    assert diff <= LOSS_TOL, f"losses {result.losses} vs single process {ref_losses}"
-    rel = max(abs(a / b - 1) for a, b in zip(result.grad_norms, ref_norms))
-    assert rel <= NORM_RTOL, f"grad norms {result.grad_norms} vs single process {ref_norms}"
 
 
 @pytest.mark.multiprocess
@@ -254,16 +250,11 @@ def equivalence_rows() -> list[str]:
     """The markdown table of docs/runtime.md: every plan above against the single-process loop."""
     cases = [((p, LR), make_plan(preset=p, num_micro_batches=4), tiny_preset(p), LR) for p in PRESETS]
     refs = _launch(1, run_reference, cases, STEPS)[0]
-    rows = ["| plan (global batch 8, fp32, gloo) | ranks | max abs loss diff | max rel grad-norm diff | "
-            "median step s |", "|---|---|---|---|---|"]
+    rows = list(EQUIVALENCE_HEADER)
     for nproc, table in ((2, WORLD2), (4, WORLD4)):
         results = _launch(nproc, run_jobs, _jobs(table))[0]
         for name, spec in table.items():
-            r, (ref_losses, ref_norms) = results[name], refs[(spec["preset"], LR)]
-            loss_diff = max(abs(a - b) for a, b in zip(r.losses, ref_losses))
-            norm_diff = max(abs(a / b - 1) for a, b in zip(r.grad_norms, ref_norms))
-            rows.append(f"| {name} | {nproc} | {loss_diff:.1e} | {norm_diff:.1e} | "
-                        f"{statistics.median(r.step_times_s[1:]):.3f} |")
+            rows.append(equivalence_row(name, nproc, results[name], refs[(spec["preset"], LR)]))
     return rows
 
 
