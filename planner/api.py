@@ -38,6 +38,7 @@ from planner.search import (
     SearchSpace,
     check_sequence_parallel,
     partition_for,
+    priced_table,
     search,
 )
 from planner.trace import CostGraph, trace_model
@@ -272,8 +273,8 @@ def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) ->
         raise SpecError("dp*tp*pp", f"{cfg.dp}*{cfg.tp}*{cfg.pp}={cfg.world_size}",
                         f"the degrees must multiply to the cluster's {cluster.num_devices} devices "
                         f"({cluster.summary()}); adjust --dp/--tp/--pp or --nodes")
-    dpn = cluster.devices_per_node if cluster.is_homogeneous else None
-    if dpn and cfg.tp > dpn:
+    dpn = min(g.devices_per_node for g in cluster.groups)  # a tp group must fit in every group's nodes
+    if cfg.tp > dpn:
         raise SpecError("tp", cfg.tp, f"tensor parallelism beyond one node ({dpn} devices) is not planned; "
                         f"use --tp <= {dpn}")
     if cfg.sequence_parallel:
@@ -300,13 +301,7 @@ def _candidate_table(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig
     comparison); the search has always priced it, so neither rebuilds it.
     """
     key = (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
-    if tables is not None and key in tables:
-        return tables[key]
-    table = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
-                        sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c)
-    if tables is not None:
-        tables[key] = table
-    return table
+    return priced_table({} if tables is None else tables, graph, cluster, key, c)
 
 
 def _chunk_phase_times(graph: CostGraph, cluster: ClusterSpec, cand: Candidate, c: CostConstants,

@@ -262,7 +262,7 @@ def _largest_usable_bytes(cluster: ClusterSpec, c: CostConstants) -> float:
     return max(usable_memory_bytes(cluster.group_view(g), c) for g in range(len(cluster.groups)))
 
 
-def _priced_table(tables: dict[tuple, LayerTable], graph: CostGraph, cluster: ClusterSpec, key: tuple,
+def priced_table(tables: dict[tuple, LayerTable], graph: CostGraph, cluster: ClusterSpec, key: tuple,
                   c: CostConstants) -> LayerTable:
     """The layer table of ``key`` = (tp, mb, sp, recompute), tp communication priced by the intra-op
     ILP (:func:`planner.cost.model.layer_table`); built on first use and kept in ``tables``."""
@@ -282,7 +282,7 @@ def _bound_table(tables: dict[tuple, LayerTable], graph: CostGraph, cluster: Clu
     ILP only for configurations that survive (most families of a large cluster never need it).
     """
     if key[0] == 1:  # no tp communication to leave out
-        return _priced_table(tables, graph, cluster, key, c)
+        return priced_table(tables, graph, cluster, key, c)
     bound_key = ("no-tp-comm", *key)
     if bound_key not in tables:
         tp, mb, sp, rec = key
@@ -447,7 +447,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
                         if not part.feasible and part.status != "given":
                             infeasible += 1
                             continue
-                    table = _priced_table(tables, graph, cluster, key, c)
+                    table = priced_table(tables, graph, cluster, key, c)
                     total_sum, total_max = table.total_summary_s()
                     if m * (max(total_sum / pp, total_max) if cluster.is_homogeneous else
                             _mixed_work_bound_s(graph, cluster, key, pp, dp, c)) >= kth_best():

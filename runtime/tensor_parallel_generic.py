@@ -127,8 +127,8 @@ def check_generic_tensor_parallel(plan: Plan, preset: ModelPreset) -> None:
         raise RunCheckError(f"parallel.sequence_parallel: true for a {preset.family!r} model with a sequence of "
                             f"{preset.seq_len}; the runtime splits sequences for the 'gpt' family only. Re-plan "
                             "without --sequence-parallel")
-    # A model without a sequence (seq_len None) has nothing for sequence parallelism to split: the flag,
-    # which the planner's search may set for any model, changes nothing here.
+    # A model without a sequence (seq_len None) has nothing for sequence parallelism to split; the planner
+    # no longer sets the flag for one, and a hand-edited plan that does runs exactly as without it.
     model = preset.build(device="meta")
     for name, module in model.named_modules():
         if isinstance(module, nn.Dropout) and module.p > 0:

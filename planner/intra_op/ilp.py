@@ -175,17 +175,27 @@ def _solve_with(problem: Problem, backend: str, time_limit_s: float, num_workers
         builder = _cpsat_model(problem)
     else:
         builder = _Cbc(problem)
-        builder.add_one_strategy()
-        builder.add_edges()
-        builder.add_memory_limit()
-        builder.add_pins()
-        builder.add_ties()
+        add_constraints(builder)
     builder.set_objective()
     return builder.solve(time_limit_s=time_limit_s, num_workers=num_workers)
 
 
 _CPSAT_MODELS: OrderedDict[tuple, _CpSat] = OrderedDict()
 _CPSAT_MODELS_KEPT = 32  # one per (graph, tp group, sequence parallel) the search prices, with room to spare
+
+
+def add_constraints(builder: _CpSat | _Cbc, classes: Sequence | None = None) -> None:
+    """Every constraint family of the module docstring, each by its named method, in one order (so
+    two builds of one problem give the same model); ``classes``: precomputed :func:`compress` of
+    the edges (CP-SAT only)."""
+    builder.add_one_strategy()
+    if classes is None:
+        builder.add_edges()
+    else:
+        builder.add_edges(classes)
+    builder.add_memory_limit()
+    builder.add_pins()
+    builder.add_ties()
 
 
 def _cpsat_model(problem: Problem) -> _CpSat:
@@ -208,11 +218,7 @@ def _cpsat_model(problem: Problem) -> _CpSat:
     builder = _CPSAT_MODELS.get(key)
     if builder is None:
         builder = _CpSat(problem)
-        builder.add_one_strategy()
-        builder.add_edges(classes)
-        builder.add_memory_limit()
-        builder.add_pins()
-        builder.add_ties()
+        add_constraints(builder, classes)
         _CPSAT_MODELS[key] = builder
         while len(_CPSAT_MODELS) > _CPSAT_MODELS_KEPT:
             _CPSAT_MODELS.popitem(last=False)

@@ -107,11 +107,7 @@ def test_tie_conflicting_with_a_pin_is_named():
 def _fresh_proto(problem: Problem) -> str:
     """The CP-SAT proto a from-scratch build of ``problem`` gives, objective included."""
     builder = ilp._CpSat(problem)
-    builder.add_one_strategy()
-    builder.add_edges()
-    builder.add_memory_limit()
-    builder.add_pins()
-    builder.add_ties()
+    ilp.add_constraints(builder)
     builder.set_objective()
     return str(builder.model.proto)
 
