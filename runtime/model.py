@@ -23,12 +23,14 @@ from torch import nn
 from planner.models import ModelPreset, load_preset
 from planner.plan import Plan, Stage
 from runtime.errors import RunCheckError
+from runtime.layer_graph import StagePlan, is_chain, run_stage, stage_plans, trace_layers
 
 
 class StageModule(nn.Module):
     """A chain of the full model's layers that keeps their full-model paths as parameter names."""
 
-    def __init__(self, model: nn.Module, layer_names: tuple[str, ...], *, stage_index: int) -> None:
+    def __init__(self, model: nn.Module, layer_names: tuple[str, ...], *, stage_index: int,
+                 graph: StagePlan | None = None) -> None:
         super().__init__()
         # Underscored names: a model may well have a layer called ``layers`` or ``index``.
         self._stage_index = stage_index
@@ -42,6 +44,7 @@ class StageModule(nn.Module):
                 parent = getattr(parent, name)
             parent.add_module(leaf, model.get_submodule(path))
         self._checkpoint_layers = False  # set by runtime.recompute for recompute="full"
+        self._graph = graph  # None: a chain of one-tensor layers; else the cut of the traced forward
 
     @property
     def stage_index(self) -> int:
@@ -54,15 +57,45 @@ class StageModule(nn.Module):
     def _chain(self) -> list[nn.Module]:
         return [self.get_submodule(path) for path in self._paths]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self._chain():
-            if self._checkpoint_layers and torch.is_grad_enabled():
-                from torch.utils.checkpoint import checkpoint
+    @property
+    def input_names(self) -> tuple[str, ...] | None:
+        """The model inputs this stage takes by name (a non-chain model), or ``None`` (a chain: positional)."""
+        return self._graph.input_names if self._graph is not None else None
 
-                x = checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
+    def _call(self, layer: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self._checkpoint_layers and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def forward(self, *received: torch.Tensor, **inputs: torch.Tensor):
+        """A chain: ``forward(x)``. Otherwise ``forward(*what the previous stage sent, **model inputs)``."""
+        received = tuple(_ContiguousGrad.apply(t) if t.requires_grad else t for t in received)
+        if self._graph is not None:
+            return run_stage(self._graph, self, received, inputs, self._call)
+        (x,) = received
+        for layer in self._chain():
+            x = self._call(layer, x)
         return x
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous.
+
+    The gradient of a stage's input is sent to the previous stage, and torch's pipelining allocates the
+    receive buffer with the strides of that gradient (its backward metadata); gloo refuses a
+    non-contiguous buffer. Layers that reshape their input (Deep Speech 2's first GRU flattens
+    ``[b, c, f, t]`` and transposes to ``[b, t, c·f]``) produce a strided gradient, hence this.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 @dataclass(frozen=True)
@@ -95,8 +128,19 @@ def stages_of_rank(plan: Plan, rank: int) -> list[Stage]:
     return sorted((s for s in plan.stages if rank in s.ranks), key=lambda s: s.index)
 
 
-def build_stage_modules(model: nn.Module, stages: list[Stage]) -> list[StageModule]:
-    return [StageModule(model, s.layer_names, stage_index=s.index) for s in stages]
+def build_stage_modules(model: nn.Module, stages: list[Stage], plan: Plan | None = None) -> list[StageModule]:
+    """This rank's stages; a model that is not a chain of layers runs its traced forward, cut at the stages.
+
+    Without ``plan`` the model is taken to be a chain (the stages' layers called in turn)."""
+    if plan is None:
+        return [StageModule(model, s.layer_names, stage_index=s.index) for s in stages]
+    layer_names = plan.model.layer_names or tuple(n for s in plan.stages for n in s.layer_names)
+    graph = trace_layers(model, layer_names)
+    graphs: list[StagePlan | None] = [None] * len(plan.stages)
+    if not is_chain(graph, layer_names):
+        ordered = sorted(plan.stages, key=lambda s: s.index)
+        graphs = list(stage_plans(graph, [s.layer_names for s in ordered]))
+    return [StageModule(model, s.layer_names, stage_index=s.index, graph=graphs[s.index]) for s in stages]
 
 
 def _stage_of_param(name: str, stages: tuple[Stage, ...]) -> int:

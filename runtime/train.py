@@ -34,7 +34,15 @@ from planner.models import ModelPreset
 from planner.plan import Plan
 from runtime import checkpoint as ckpt
 from runtime.checks import check_manifest_model, static_checks
-from runtime.data import SyntheticData, as_iterator, check_local_batch
+from runtime.data import (
+    Inputs,
+    SyntheticData,
+    as_iterator,
+    check_local_batch,
+    input_tuple,
+    map_inputs,
+    micro_batches,
+)
 from runtime.data_parallel import DataParallelMode, allreduce_gradients, apply_data_parallel
 from runtime.errors import RunCheckError
 from runtime.model import (
@@ -135,13 +143,13 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
               + " | ".join(f"{k}: {v}" for k, v in r.setup.items()), flush=True)
 
     for step in range(first_step + 1, first_step + options.steps + 1):
-        inputs, targets = check_local_batch(next(data_iter), plan)
+        inputs, targets = check_local_batch(next(data_iter), plan, r.num_inputs)
         if fault is not None and fault[1] == step:
             _arm_fault(r.stages[0], plan.parallel.num_micro_batches, fault[0])
         _sync(device)
         start = time.perf_counter()
-        local_loss = _forward_backward(r, plan, inputs.to(device), targets.to(device))
-        if plan.parallel.sequence_parallel:  # LayerNorm gradients of sequence shards are partial sums over tp
+        local_loss = _forward_backward(r, plan, map_inputs(inputs, lambda t: t.to(device)), targets.to(device))
+        if plan.parallel.tp > 1:  # DTensor gradients to their parameters' placements (see the function)
             reduce_partial_gradients(r.stages)
         if r.dp_mode.kind == "allreduce":
             allreduce_gradients(r.stages, mesh["dp"])
@@ -188,6 +196,8 @@ class _Rank:
     schedule: Any = None  # the pipeline schedule when pp > 1
     holds_first: bool = True
     last_holder: bool = True
+    num_inputs: int = 1  # tensors the model takes (T5: 2)
+    input_names: tuple[str, ...] | None = None  # non-chain models: every stage takes the inputs by name
     setup: dict[str, str] = field(default_factory=dict)
 
 
@@ -206,7 +216,7 @@ def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: Par
     par = plan.parallel
     model = build_model(preset, seed=options.seed)
     tied = [t for t in tied_parameters(model, plan) if len(set(t.stages)) > 1]
-    stages = build_stage_modules(model, stages_of_rank(plan, dist.get_rank()))
+    stages = build_stage_modules(model, stages_of_rank(plan, dist.get_rank()), plan)
     del model
     dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage)
     wrapped: list[nn.Module] = []
@@ -221,7 +231,8 @@ def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: Par
                           for s in stages],
               tied_groups=_tied_groups(tied, plan, dims, options.timeout_s),
               duplicate_names={n for t in tied for n in t.names[1:]}, loss_fn=loss_function(preset),
-              autocast=_autocast(plan, device),
+              autocast=_autocast(plan, device), num_inputs=len(preset.sample_input(1, plan.model.seq_len)),
+              input_names=stages[0].input_names if stages else None,
               setup={"data_parallel": dp_mode.describe(), "recompute": par.recompute,
                      "tensor_parallel": _tp_label(plan, preset)})
     if par.pp > 1:
@@ -235,15 +246,22 @@ def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: Par
     return r
 
 
-def _forward_backward(r: _Rank, plan: Plan, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-    """One step's forward and backward over all micro-batches; the mean micro-batch loss where it is known."""
+def _forward_backward(r: _Rank, plan: Plan, inputs: Inputs, targets: torch.Tensor) -> torch.Tensor | None:
+    """One step's forward and backward over all micro-batches; the mean micro-batch loss where it is known.
+
+    A chain's first stage takes the inputs positionally; a non-chain model's stages all take them by name
+    (``runtime.layer_graph``): T5's decoder stages read the decoder tokens, not only what the encoder sent."""
     with r.autocast:
         if r.schedule is None:
             return _accumulate(r.wrapped[0], inputs, targets, plan.parallel.num_micro_batches, r.loss_fn,
-                               r.dp_mode)
+                               r.dp_mode, r.input_names)
         mb_losses: list[torch.Tensor] = []
-        r.schedule.step(*((inputs,) if r.holds_first else ()), target=targets if r.last_holder else None,
-                        losses=mb_losses if r.last_holder else None, return_outputs=False)
+        if r.input_names is not None:
+            args, kwargs = (), dict(zip(r.input_names, input_tuple(inputs)))
+        else:
+            args, kwargs = ((inputs,) if r.holds_first else ()), {}
+        r.schedule.step(*args, target=targets if r.last_holder else None,
+                        losses=mb_losses if r.last_holder else None, return_outputs=False, **kwargs)
     return torch.stack([x.detach().float() for x in mb_losses]).mean() if r.last_holder else None
 
 
@@ -280,15 +298,16 @@ def _autocast(plan: Plan, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _accumulate(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, m: int, loss_fn,
-                mode: DataParallelMode) -> torch.Tensor:
+def _accumulate(module: nn.Module, inputs: Inputs, targets: torch.Tensor, m: int, loss_fn,
+                mode: DataParallelMode, input_names: tuple[str, ...] | None) -> torch.Tensor:
     """pp == 1: ``m`` micro-batches, gradients summed as the mean over all of them."""
-    total = torch.zeros((), device=inputs.device)
-    for i, (x, y) in enumerate(zip(inputs.chunk(m), targets.chunk(m))):
+    total = torch.zeros((), device=targets.device)
+    for i, (xs, y) in enumerate(zip(micro_batches(inputs, m), targets.chunk(m))):
         last = i == m - 1
         sync = module.no_sync() if (mode.kind == "ddp" and not last) else contextlib.nullcontext()
         with sync:
-            loss = loss_fn(module(x), y)
+            out = module(**dict(zip(input_names, xs))) if input_names is not None else module(*xs)
+            loss = loss_fn(out, y)
             (loss / m).backward()
         total += loss.detach().float()
     return total / m
