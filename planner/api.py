@@ -30,7 +30,7 @@ from planner.cost.model import LayerTable, StepPrediction, layer_table, usable_m
 from planner.cost.model import evaluate as evaluate_cost
 from planner.errors import InfeasibleError, PlannerError, SpecError
 from planner.graph_io import graph_to_dict
-from planner.models import ModelPreset, load_preset
+from planner.models import FAMILIES, ModelPreset, load_preset
 from planner.plan import ModelInfo, ParallelConfig, Plan, Prediction, SolverReport, Stage
 from planner.search import (
     Candidate,
@@ -139,6 +139,7 @@ def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: i
     """:func:`plan` for an already traced model (used by what-if analysis on a stored graph)."""
     _check_batch(global_batch)
     c = constants or CostConstants()
+    space = runnable_space(resolved, space or SearchSpace())
     tables: dict = {}
     given = spec
     with _frozen_heap():
@@ -250,6 +251,8 @@ def evaluate(model: nn.Module | str, cluster: ClusterSpec | str, config: Paralle
     resolved = resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
     c = constants or CostConstants()
     check_config(config, resolved.graph, spec)
+    if config.sequence_parallel:
+        runnable_space(resolved, SearchSpace(sequence_parallel=(True,)))
     table = layer_table(resolved.graph, spec, micro_batch=config.micro_batch_size, tp=config.tp,
                         sequence_parallel=config.sequence_parallel, recompute=config.recompute, c=c)
     if partition not in ("balanced", "uniform"):
@@ -263,6 +266,27 @@ def evaluate(model: nn.Module | str, cluster: ClusterSpec | str, config: Paralle
     pred = evaluate_cost(resolved.graph, spec, config, list(part.boundaries), c, table=table)
     cand = Candidate(config, part.boundaries, pred, status)
     return build_plan(resolved, spec, cand, c, global_batch=config.global_batch, result=None)
+
+
+def runnable_space(resolved: ResolvedModel, space: SearchSpace) -> SearchSpace:
+    """``space`` without sequence parallelism for a preset family whose blocks the runtime does not split along
+    the sequence (``Family.sequence_parallel``); asking for it alone is an error naming the fix.
+
+    A model without a preset (a module, a stored graph) keeps the space: it is planned, not run here.
+    """
+    preset = resolved.preset
+    if preset is None or preset.spec.sequence_parallel or not resolved.graph.seq_len \
+            or True not in space.sequence_parallel:
+        return space
+    if False not in space.sequence_parallel:
+        raise SpecError("sequence_parallel", True, _no_sequence_parallel(preset))
+    return replace(space, sequence_parallel=(False,))
+
+
+def _no_sequence_parallel(preset: ModelPreset) -> str:
+    families = sorted(name for name, fam in FAMILIES.items() if fam.sequence_parallel)
+    return (f"the runtime splits the sequence only for the {families} families, not for {preset.family!r} "
+            f"(model {preset.name}); drop --sequence-parallel")
 
 
 def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) -> None:

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-mismatch", action="store_true",
                      help="run a plan whose model fingerprint or node layout does not match, with a warning "
                           "saying why that is risky (the schema version must still match)")
+    run.add_argument("--verify-replicas", action="store_true",
+                     help="after the last step, print how far the tensor-parallel copies of each replicated "
+                          "parameter drifted apart (0 when consistent; a collective over every tp group)")
     run.add_argument("--quiet", action="store_true", help="print only errors")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -56,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         options = RunOptions(steps=args.steps, seed=args.seed, lr=args.lr, checkpoint_dir=args.checkpoint_dir,
                              checkpoint_every=args.checkpoint_every, resume=args.resume, timeout_s=args.timeout_s,
-                             verbose=not args.quiet)
+                             verbose=not args.quiet, verify_replicas=args.verify_replicas)
     except ValueError as exc:
         raise RunCheckError(str(exc)) from exc
     worker = WorkerArgs(plan_path=args.plan, options=options, out=args.out, debug=args.debug)

@@ -49,7 +49,9 @@ are local), and the head returns full logits: the loss is the single-device loss
 A LayerNorm on a shard gives only its positions' share of its weight gradient (DTensor marks it
 ``Partial``); :func:`reduce_partial_gradients` sums those over tp once per step, after the last
 micro-batch (Megatron's all-reduce of the sequence-parallel LayerNorm gradients).
-Dropout stays refused with tp (no tensor-parallel RNG tracker), so it is refused with SP too.
+Dropout draws the same mask on every tp rank where they hold the same values and a rank's own mask
+where they differ (attention probabilities of its heads; under SP, a block's output dropouts on its
+positions): see :mod:`runtime.tensor_parallel_rng`.
 
 The fused ``qkv`` weight stores its rows as ``[q; k; v]``; a plain ``Shard(0)`` of that would give
 rank 0 all of ``q`` and half of ``k``. So before sharding, its rows are reordered to
@@ -61,6 +63,7 @@ depend on ``tp``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 
@@ -85,9 +88,12 @@ from planner.models.gpt import GPTBlock, GPTEmbedding, GPTHead
 from planner.plan import Plan
 from runtime.errors import RunCheckError
 from runtime.model import StageModule
+from runtime.tensor_parallel_rng import SplitRegionRNG, fork_dropout
+from runtime.tensor_parallel_tied import check_tied_splits, retie, tied_uses
 
 GPT_BLOCK_STYLES = {"attn.qkv": "colwise", "attn.proj": "rowwise", "mlp.fc1": "colwise", "mlp.fc2": "rowwise"}
 _PAIRS = (("attn.qkv", "attn.proj"), ("mlp.fc1", "mlp.fc2"))  # column-parallel -> its row-parallel partner
+_OUTPUT_DROPOUT = {"attn.proj": "attn.resid_drop", "mlp.fc2": "mlp.drop"}  # the dropout after each row-parallel one
 _BLOCK_NORMS = ("ln1", "ln2")  # the LayerNorms of a GPT block: "sequence" is the one split they take
 QKV_ATTR = "_tp_qkv_groups"  # on a StageModule: {fqn: tp} of tensors stored in the tp row order
 PLACEMENTS_SCHEMA = "intra_op_sharding/1"
@@ -115,15 +121,7 @@ def check_tensor_parallel(plan: Plan, preset: ModelPreset) -> None:
         if value % tp:
             raise RunCheckError(f"parallel.tp: tp={tp} does not divide the model's {name}={value}; "
                                 f"re-plan with a tp that divides it")
-    if cfg.get("dropout", 0.1) > 0:
-        raise RunCheckError(f"parallel.tp: tp={tp} with dropout={cfg.get('dropout', 0.1)} needs a tensor-parallel "
-                            "RNG tracker (Megatron's), which the runtime does not have; use a preset with "
-                            "dropout 0 or tp=1")
-    styles = tp_styles(plan)
-    if cfg.get("tie_embeddings", True) and any(styles.get(m, "replicate") != "replicate"
-                                               for m in ("embed.wte", "head.lm_head")):
-        raise RunCheckError("placements.style: the tied embedding / LM head weight is split on tp; the runtime "
-                            "keeps tied weights replicated on tp. Re-plan with an untied model or tp=1")
+    check_tied_splits(preset.build(device="meta"), tp_styles(plan))
 
 
 def tp_styles(plan: Plan) -> dict[str, str]:
@@ -187,6 +185,8 @@ def apply_tensor_parallel(stage: StageModule, tp_mesh: DeviceMesh, plan: Plan) -
     styles = tp_styles(plan)
     sp = plan.parallel.sequence_parallel
     groups: dict[str, int] = {}
+    tied = tied_uses(stage)
+    rng = SplitRegionRNG(tp_mesh.get_local_rank())
     for path in stage.layer_paths:
         mine = {m[len(path) + 1:]: s for m, s in styles.items() if m.startswith(path + ".")}
         layer = stage.get_submodule(path)
@@ -205,22 +205,31 @@ def apply_tensor_parallel(stage: StageModule, tp_mesh: DeviceMesh, plan: Plan) -
                     groups[f"{path}.attn.qkv.{name}"] = tp
             attn = layer.get_submodule("attn")
             attn.forward = types.MethodType(_tp_attention_forward, attn)
-        parallelize_module(layer, tp_mesh, plan_map)
+            attn.split_rng = rng  # its probabilities' dropout acts on this rank's heads
+        if sp and isinstance(layer, GPTBlock):  # a split pair's output dropout acts on this rank's positions
+            for row, dropout in _OUTPUT_DROPOUT.items():
+                if mine.get(row) == "rowwise":
+                    fork_dropout(layer.get_submodule(dropout), rng)
+        parallelize_module(layer, tp_mesh, plan_map, src_data_rank=None)  # every rank built the same weights
+    retie(stage, tied)
     setattr(stage, QKV_ATTR, groups)
 
 
 def reduce_partial_gradients(modules: list[nn.Module]) -> int:
-    """Sum every ``Partial`` DTensor gradient to its parameter's placement (in place); returns how many.
+    """Bring every DTensor gradient to its parameter's placement (in place); returns how many changed.
 
-    Run after the whole step's backward: the partial sums of all micro-batches add up first, then
-    one redistribute (an all-reduce over tp) per parameter makes the gradient the full one on every
-    rank, which is what the optimizer, the dp all-reduce and the gradient norm expect.
+    Run after the whole step's backward. A ``Partial`` gradient (a LayerNorm that saw only this rank's
+    sequence positions) is a partial sum: after all micro-batches have added theirs, one redistribute
+    (an all-reduce over tp) per parameter makes it the full gradient. A ``Replicate`` gradient of a
+    sharded parameter (DTensor's backward of a vocabulary-parallel embedding gives one) becomes this
+    rank's shard, a local slice with no communication. Either way the optimizer, the dp all-reduce,
+    the sum of tied copies across pipeline stages and the gradient norm then see each rank's shard.
     """
     count = 0
     for module in modules:
         for param in module.parameters():
             grad = param.grad
-            if isinstance(grad, DTensor) and any(p.is_partial() for p in grad.placements):
+            if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(param.placements):
                 param.grad = grad.redistribute(placements=param.placements)
                 count += 1
     return count
@@ -284,12 +293,16 @@ def _tp_attention_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q = q.reshape(b, s, local_heads, self.head_dim).transpose(1, 2)
     k = k.reshape(b, s, local_heads, self.head_dim).transpose(1, 2)
     v = v.reshape(b, s, local_heads, self.head_dim).transpose(1, 2)
-    if self.fused:
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-    else:
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-        scores = scores.masked_fill(self.future_mask[:s, :s], float("-inf"))
-        y = self.attn_drop(F.softmax(scores, dim=-1)) @ v
+    rng = getattr(self, "split_rng", None)
+    own_stream = rng.fork(x.device) if rng is not None and self.training and self.dropout > 0 else \
+        contextlib.nullcontext()
+    with own_stream:  # dropout on this rank's heads: its own mask (runtime.tensor_parallel_rng)
+        if self.fused:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+            scores = scores.masked_fill(self.future_mask[:s, :s], float("-inf"))
+            y = self.attn_drop(F.softmax(scores, dim=-1)) @ v
     y = y.transpose(1, 2).reshape(b, s, local_heads * self.head_dim)
     return self.resid_drop(self.proj(y))

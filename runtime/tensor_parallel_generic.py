@@ -42,18 +42,25 @@ one all-reduce), and the module's ``heads`` / ``kv_heads`` are set to ``heads / 
 and of ``k``/``v`` line up with whole grouped-query groups, so grouped-query attention splits too.
 Plans without placements split every such attention.
 
-Families (``TP_FAMILIES``): ``mlp``, ``bert`` and ``vit`` run tp > 1 (``llama`` passes every check
-but is then refused: see docs/runtime.md, "Known problem"); the
-equivalence tests are tests/runtime/test_runtime_mlp_cnn.py and test_runtime_blocks_tp.py. Refused
-with tp > 1, with the reason (``TP_REFUSED``): ``cnn``, ``resnet`` and ``deepspeech2``
-(convolutions / RNNs are not split), ``t5`` (its relative position bias would need slicing per
-head), ``wav2vec2`` (convolutional encoder), and a mixture-of-experts Llama (Mixtral: experts are not
-split). Sequence parallelism is GPT-only.
+T5's self-attention adds a per-head relative-position bias (``rel_bias``, an ``Embedding(buckets,
+heads)``): beside a head-split attention each rank adds its own heads' bias, whichever way the plan
+splits the table (:func:`head_bias_tables`). A weight tied between
+modules (BERT's decoder and word embedding, T5's embeddings and LM head) is split once, the same way
+for every module that reads it (:mod:`runtime.tensor_parallel_tied`).
 
-Also refused, with the module and the fix: a split style on anything but a Linear, a dim ``tp``
-does not divide, an attention whose ``heads`` or ``kv_heads`` ``tp`` does not divide, a split
-Linear whose weight is tied to another module (BERT's decoder), ``sequence`` (sequence
-parallelism), and dropout (it would need a tensor-parallel RNG).
+Any model family goes through here (all but the GPT): what is split is only ever a Linear, an
+Embedding or a head-bias table, so convolutions, recurrent layers, norms and Mixtral's experts stay
+whole on every rank, as the planner's placements say (its solver splits Linears and Embeddings).
+The equivalence tests are tests/runtime/test_runtime_mlp_cnn.py, test_runtime_blocks_tp.py,
+test_runtime_families.py and test_runtime_planner_plans.py. Sequence parallelism runs for the Llama
+family (:mod:`runtime.sequence_parallel_llama`; the GPT's is in :mod:`runtime.tensor_parallel`).
+
+Dropout runs with its masks drawn as :mod:`runtime.tensor_parallel_rng` says: the dropouts inside a
+split pair's elementwise region and a head-split attention's draw from the rank's own stream.
+
+Refused, with the module and the fix: a split style on anything but a Linear or an Embedding, a dim
+``tp`` does not divide, an attention whose ``heads`` or ``kv_heads`` ``tp`` does not divide, a tied
+weight split two ways, and ``sequence`` (sequence parallelism).
 """
 
 from __future__ import annotations
@@ -64,10 +71,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
+    PrepareModuleOutput,
     RowwiseParallel,
     parallelize_module,
 )
@@ -76,20 +84,12 @@ from planner.models import ModelPreset
 from planner.plan import Plan
 from runtime.errors import RunCheckError
 from runtime.model import StageModule
+from runtime.sequence_parallel_llama import apply_llama_sequence_parallel
 from runtime.tensor_parallel import PLACEMENTS_SCHEMA
+from runtime.tensor_parallel_rng import SplitRegionRNG, fork_dropout, fork_module, has_dropout
+from runtime.tensor_parallel_tied import check_tied_splits, retie, tied_uses
 
-# Families whose generic tensor parallelism the equivalence tests check (tests/runtime/test_runtime_mlp_cnn.py,
-# tests/runtime/test_runtime_blocks_tp.py), and why each other family is refused with tp > 1.
-TP_FAMILIES = frozenset({"mlp", "llama", "bert", "vit"})
-TP_REFUSED = {
-    "cnn": "its convolutions are not split on tp (channel splitting is not implemented)",
-    "resnet": "its convolutions are not split on tp (channel splitting is not implemented)",
-    "t5": "its relative position bias is added to every head's scores and would have to be sliced per head "
-          "(not implemented)",
-    "wav2vec2": "its convolutional feature encoder and grouped positional convolution are not split on tp "
-                "(not implemented), and no equivalence test covers it",
-    "deepspeech2": "its convolutions and recurrent layers are not split on tp (not implemented)",
-}
+SEQUENCE_PARALLEL_FAMILIES = frozenset({"gpt", "llama"})  # gpt: runtime.tensor_parallel; llama: sequence_parallel_llama
 SPLIT_STYLES = ("colwise", "rowwise", "vocab")  # vocab: Embeddings only
 
 # Ops that act on each element alone: a tensor split on its last dim stays a valid split through them.
@@ -107,41 +107,26 @@ def check_generic_tensor_parallel(plan: Plan, preset: ModelPreset) -> None:
     tp = plan.parallel.tp
     if tp == 1:
         return
-    if preset.family not in TP_FAMILIES:
-        what = TP_REFUSED.get(preset.family, "no equivalence test covers it")
-        raise RunCheckError(f"parallel.tp: tp={tp} for model family {preset.family!r}: the runtime's tensor "
-                            f"parallelism covers the 'gpt' family and the generic Linear splits of {sorted(TP_FAMILIES)}"
-                            f"; {what}. Re-plan with --tp 1")
-    if preset.family == "llama" and preset.config.get("num_experts", 0):
-        raise RunCheckError(f"parallel.tp: tp={tp} for a mixture-of-experts Llama (model.num_experts="
-                            f"{preset.config['num_experts']}): the runtime splits dense blocks only (expert "
-                            "parallelism and split experts are not implemented). Re-plan with --tp 1")
     if plan.parallel.sequence_parallel and preset.seq_len is not None:
-        raise RunCheckError(f"parallel.sequence_parallel: true for a {preset.family!r} model with a sequence of "
-                            f"{preset.seq_len}; the runtime splits sequences for the 'gpt' family only. Re-plan "
-                            "without --sequence-parallel")
+        if preset.family not in SEQUENCE_PARALLEL_FAMILIES:
+            raise RunCheckError(f"parallel.sequence_parallel: true for a {preset.family!r} model with a sequence of "
+                                f"{preset.seq_len}; the runtime splits sequences for the 'gpt' and 'llama' families "
+                                "only. Re-plan without --sequence-parallel")
+        seq_len = plan.model.seq_len or preset.seq_len
+        if seq_len % tp:
+            raise RunCheckError(f"parallel.sequence_parallel: tp={tp} does not divide the sequence length "
+                                f"model.seq_len={seq_len}, which sequence parallelism splits; re-plan with a tp "
+                                "that divides it or without --sequence-parallel")
     # A model without a sequence (seq_len None) has nothing for sequence parallelism to split; the planner
     # no longer sets the flag for one, and a hand-edited plan that does runs exactly as without it.
     model = preset.build(device="meta")
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout) and module.p > 0:
-            raise RunCheckError(f"parallel.tp: module {name!r} is a dropout with p={module.p}; a split activation "
-                                "needs a tensor-parallel RNG tracker to drop what one process drops, which the "
-                                "runtime does not have. Use a preset with dropout 0, or tp=1")
     layers = plan.model.layer_names
     generic_styles(plan, model, layers)  # reads and checks the style table
+    check_tied_splits(model, _planned_styles(plan, model, layers))
     for module, style in (plan.placements.get("style") or {}).items():
         if style != "replicate" and not any(module == p or module.startswith(f"{p}.") or not p for p in layers):
             raise RunCheckError(f"placements.style.{module}: {style}, but the module lies in none of the plan's "
                                 f"layers {list(layers)}; re-create the plan for this model")
-    if preset.family == "llama":
-        # Not understood yet: llama-tiny at tp=2 (and at pp=2 x tp=2) matched one process in most runs but
-        # drifted by 1e-4..6e-4 from the first step in some loaded runs (bert, vit, mlp never did). A plan
-        # that might train differently from one process is refused rather than run; the checks above still
-        # run first so a plan that is wrong anyway says why.
-        raise RunCheckError(f"parallel.tp: tp={tp} for the 'llama' family is refused: its losses drifted from "
-                            "single-process training in some runs (docs/runtime.md, 'Known problem'). Re-plan "
-                            "with --tp 1")
 
 
 def generic_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) -> dict[str, ParallelStyle]:
@@ -159,6 +144,7 @@ def generic_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) ->
             continue
         layer = root.get_submodule(path) if path else root
         pairs = linear_pairs(layer) | head_split_attention(layer, mine, tp, prefix)
+        head_bias = head_bias_tables(layer, mine, tp)
         partners: dict[str, list[str]] = {}
         for col, row in pairs.items():
             partners.setdefault(row, []).append(col)
@@ -174,7 +160,10 @@ def generic_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) ->
             if size % tp:
                 raise RunCheckError(f"placements.style.{fqn}: {style} splits {dim}={size}, which tp={tp} does not "
                                     "divide; re-plan with a tp that divides it, or mark the module replicate")
-            _check_untied(root, module, fqn, style)
+            if rel in head_bias:  # a per-head bias table: this rank's heads only (see head_bias_tables)
+                out[fqn] = ColwiseParallel() if style == "colwise" else \
+                    RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1))
+                continue
             if isinstance(module, nn.Embedding):  # the lookup's output is made whole at once
                 out[fqn] = ColwiseParallel(output_layouts=Replicate()) if style == "colwise" else \
                     RowwiseParallel(input_layouts=Replicate())  # vocab-parallel lookup, one all-reduce
@@ -238,6 +227,39 @@ def localize_attention_heads(layer: nn.Module, styles: dict[str, str], tp: int) 
     return count
 
 
+def head_bias_tables(layer: nn.Module, styles: dict[str, str], tp: int) -> dict[str, str]:
+    """``{table path: its style}`` of the per-head position-bias tables beside a head-split attention in ``layer``.
+
+    T5's self-attention adds ``rel_bias(buckets)`` (an ``Embedding(buckets, heads)``) to every head's
+    scores. When its attention is head-split (:func:`head_split_attention`), each rank must add the
+    bias of its own heads, whatever the table's own split:
+
+    * ``colwise`` (the heads column split): ``ColwiseParallel()``, the output stays split by heads;
+    * ``vocab`` (the bucket rows split): ``RowwiseParallel(output_layouts=Shard(-1))``, the partial
+      lookups are reduce-scattered onto the heads;
+    * whole (``replicate``): ``PrepareModuleOutput`` keeps this rank's heads of the output, whose
+      backward gathers the heads' gradients, so every rank's copy of the table gets the full one.
+    """
+    from planner.models.t5 import T5SelfAttention
+
+    out: dict[str, str] = {}
+    for name, module in layer.named_modules():
+        if not isinstance(module, T5SelfAttention):
+            continue
+        base = f"{name}." if name else ""
+        if head_split_attention(module.attn, _relative(styles, base + "attn"), tp, base + "attn."):
+            out[base + "rel_bias"] = styles.get(base + "rel_bias", "replicate")
+    return out
+
+
+def _bias_tables(layer: nn.Module) -> list[str]:
+    """Paths of the per-head bias tables in ``layer`` (T5's ``rel_bias``), which follow their attention's heads."""
+    from planner.models.t5 import T5SelfAttention
+
+    return [f"{name}.rel_bias" if name else "rel_bias" for name, m in layer.named_modules()
+            if isinstance(m, T5SelfAttention)]
+
+
 def _attention_projections(layer: nn.Module) -> dict[str, str]:
     """``{q/k/v path: o path}`` of every :class:`~planner.models.blocks.Attention` in ``layer`` (Megatron's default)."""
     from planner.models.blocks import Attention
@@ -250,15 +272,6 @@ def _attention_projections(layer: nn.Module) -> dict[str, str]:
     return out
 
 
-def _check_untied(root: nn.Module, module: nn.Linear | nn.Embedding, fqn: str, style: str) -> None:
-    """A split weight must not be shared with another module (BERT's decoder is the word embedding)."""
-    shared = [name for name, p in root.named_parameters(remove_duplicate=False)
-              if p is module.weight and not name.startswith(f"{fqn}.")]
-    if shared:
-        raise RunCheckError(f"placements.style.{fqn}: {style}, but its weight is tied to {shared[0]}; the runtime "
-                            "keeps tied weights replicated on tp. Mark it replicate, or use an untied model")
-
-
 def _planned_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) -> dict[str, str]:
     """The plan's split styles (``colwise`` / ``rowwise`` / ``vocab``), or the found pairs and attentions when it has none."""
     if not plan.placements:
@@ -268,6 +281,7 @@ def _planned_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) -
             layer = root.get_submodule(path) if path else root
             for col, row in (linear_pairs(layer) | _attention_projections(layer)).items():
                 styles |= {prefix + col: "colwise", prefix + row: "rowwise"}
+            styles |= {prefix + table: "colwise" for table in _bias_tables(layer)}  # beside their split heads
         return styles
     table = plan.placements.get("style")
     schema = plan.placements.get("schema", PLACEMENTS_SCHEMA)
@@ -279,8 +293,11 @@ def _planned_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) -
         if style == "replicate":
             continue
         if style == "sequence":
+            if plan.parallel.sequence_parallel and plan.model.family in SEQUENCE_PARALLEL_FAMILIES:
+                continue  # every norm of the residual stream runs on the sequence shard anyway
             raise RunCheckError(f"placements.style.{module}: 'sequence' (sequence parallelism) is implemented for "
-                                "the 'gpt' family only; re-plan this model without --sequence-parallel")
+                                "the 'gpt' and 'llama' families, with parallel.sequence_parallel true; re-plan this "
+                                "model without --sequence-parallel")
         if style not in SPLIT_STYLES:
             raise RunCheckError(f"placements.style.{module}: style {style!r} is not one the runtime applies to a "
                                 f"{plan.model.family!r} model (it splits Linears colwise or rowwise, Embeddings colwise or vocab); mark it "
@@ -322,11 +339,25 @@ def linear_pairs(layer: nn.Module) -> dict[str, str]:
     intermediate value may be read only inside that elementwise region, and every Linear involved
     must be called once. A forward fx cannot trace has no pairs.
     """
+    return _pairs_and_regions(layer)[0]
+
+
+def pair_dropouts(layer: nn.Module) -> dict[str, list[str]]:
+    """``{rowwise partner: the dropout modules inside its pair's elementwise region}`` (paths relative to ``layer``).
+
+    When the pair stays split, those dropouts act on this rank's slice only (see
+    :mod:`runtime.tensor_parallel_rng`).
+    """
+    return _pairs_and_regions(layer)[1]
+
+
+def _pairs_and_regions(layer: nn.Module) -> tuple[dict[str, str], dict[str, list[str]]]:
     try:
         graph = fx.symbolic_trace(layer).graph
     except Exception:  # noqa: BLE001 - any trace failure just means "no pair proven": gather instead
-        return {}
+        return {}, {}
     calls: dict[str, int] = {}
+    order = {node: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
@@ -338,17 +369,22 @@ def linear_pairs(layer: nn.Module) -> dict[str, str]:
     # sources[n]: the Linear call nodes of which n is an elementwise function (absent: n is not one).
     sources: dict[fx.Node, frozenset[fx.Node]] = {}
     pairs: dict[str, str] = {}
+    dropouts: dict[str, list[str]] = {}
     for node in graph.nodes:
         inputs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
         if is_linear(node) and len(node.args) == 1 and not node.kwargs and node.args[0] in sources:
             region = _region(node.args[0], sources)
             if all(set(n.users) <= region | {node} for n in region):
-                pairs |= {src.target: node.target for src in sources[node.args[0]]}
+                # In graph order: a frozenset of nodes iterates by address, which differs between ranks.
+                pairs |= {src.target: node.target for src in sorted(sources[node.args[0]], key=order.__getitem__)}
+                dropouts[node.target] = [n.target for n in sorted(region, key=order.__getitem__)
+                                         if n.op == "call_module" and isinstance(layer.get_submodule(n.target),
+                                                                                 nn.Dropout)]
         if is_linear(node):
             sources[node] = frozenset({node})
         elif inputs and all(a in sources for a in inputs) and _is_elementwise(node, layer, len(inputs)):
             sources[node] = frozenset().union(*(sources[a] for a in inputs))
-    return pairs
+    return pairs, dropouts
 
 
 def _region(value: fx.Node, sources: dict[fx.Node, frozenset[fx.Node]]) -> set[fx.Node]:
@@ -384,7 +420,7 @@ def _is_elementwise(node: fx.Node, layer: nn.Module, node_inputs: int) -> bool:
         return node.target in _ELEMENTWISE_METHODS
     if node.op == "call_module":
         module = layer.get_submodule(node.target)
-        return isinstance(module, _ELEMENTWISE_MODULES) or (isinstance(module, nn.Dropout) and module.p == 0)
+        return isinstance(module, (*_ELEMENTWISE_MODULES, nn.Dropout))  # dropout: see pair_dropouts
     return False
 
 
@@ -402,14 +438,40 @@ def apply_generic_tensor_parallel(stage: StageModule, tp_mesh: DeviceMesh, plan:
     """
     styles = generic_styles(plan, stage, stage.layer_paths)
     planned = _planned_styles(plan, stage, stage.layer_paths)
+    tied = tied_uses(stage)
+    rng = SplitRegionRNG(tp_mesh.get_local_rank())
     for path in stage.layer_paths:
         mine = _relative(styles, path)
         layer = stage.get_submodule(path)
+        _fork_split_dropouts(layer, mine, _relative(planned, path), tp_mesh.size(), rng)
+        if plan.parallel.sequence_parallel and plan.model.seq_len:
+            mine = apply_llama_sequence_parallel(layer, path, mine, tp_mesh)
         if "" in mine:  # the layer is itself a split Linear
-            parallelize_module(layer, tp_mesh, mine.pop(""))
+            parallelize_module(layer, tp_mesh, mine.pop(""), src_data_rank=None)
         if mine:
-            parallelize_module(layer, tp_mesh, mine)
+            parallelize_module(layer, tp_mesh, mine, src_data_rank=None)
         localize_attention_heads(layer, _relative(planned, path), tp_mesh.size())
+        for table, style in head_bias_tables(layer, _relative(planned, path), tp_mesh.size()).items():
+            if style == "replicate":  # a whole table: keep this rank's heads of its output
+                parallelize_module(layer.get_submodule(table), tp_mesh, PrepareModuleOutput(
+                    output_layouts=Replicate(), desired_output_layouts=Shard(-1), use_local_output=True))
+    retie(stage, tied)
+
+
+def _fork_split_dropouts(layer: nn.Module, styles: dict[str, ParallelStyle], planned: dict[str, str], tp: int,
+                         rng: SplitRegionRNG) -> None:
+    """Give the dropouts that act on this rank's own values (split pairs, head-split attention) its own stream."""
+    if not has_dropout(layer):
+        return
+    for row, dropouts in pair_dropouts(layer).items():
+        style = styles.get(row)
+        if isinstance(style, RowwiseParallel) and not style.input_layouts[0].is_replicate():  # the pair stays split
+            for name in dropouts:
+                fork_dropout(layer.get_submodule(name), rng)
+    for q in head_split_attention(layer, planned, tp):
+        attention = layer.get_submodule(q.rsplit(".", 1)[0]) if "." in q else layer
+        if has_dropout(attention):
+            fork_module(attention, rng)
 
 
 def _relative(styles: dict, path: str) -> dict:

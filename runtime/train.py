@@ -58,6 +58,7 @@ from runtime.parallel_dims import ParallelDims
 from runtime.pipeline_parallel import build_schedule, choose_schedule
 from runtime.recompute import apply_recompute
 from runtime.tensor_parallel import apply_tensor_parallel, reduce_partial_gradients
+from runtime.tensor_parallel_rng import replica_divergence
 
 # For fault tests: "kill:RANK:STEP" (that rank SIGKILLs itself in the middle of that step) or "hang:RANK:STEP"
 # (it stops communicating there, sleeping until it is killed).
@@ -75,6 +76,7 @@ class RunOptions:
     resume: bool = False
     timeout_s: float = 120.0
     verbose: bool = True
+    verify_replicas: bool = False  # after the last step, measure how far tp replicas of a parameter drifted apart
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -108,6 +110,7 @@ class RunResult:
     ranks: list[RankMetrics] = field(default_factory=list)
     setup: dict[str, str] = field(default_factory=dict)
     checkpoints: list[str] = field(default_factory=list)
+    tp_replica_max_diff: float | None = None  # with verify_replicas and tp > 1: 0.0 when every copy is identical
 
 
 def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPreset | None = None) -> RunResult:
@@ -172,13 +175,20 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
             checkpoints.append(str(ckpt.save_checkpoint(options.checkpoint_dir, step, r.stages, r.optimizers,
                                                         info=info)))
 
+    replica_diff = None
+    if options.verify_replicas and plan.parallel.tp > 1:
+        replica_diff = replica_divergence(r.stages, mesh["tp"].get_group())
+        if rank == 0 and options.verbose:
+            print(f"tp replicas: largest difference between copies of a replicated parameter {replica_diff:.3g}",
+                  flush=True)
     metrics.peak_memory_bytes, metrics.memory_kind = _peak_memory(device)
     metrics.model_state_bytes = _state_bytes(r.stages, r.optimizers)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, metrics)
     step_times = [max(m.step_times_s[i] for m in gathered) for i in range(options.steps)]
     return RunResult(first_step=first_step, losses=losses, grad_norms=grad_norms, step_times_s=step_times,
-                     rank=metrics, ranks=gathered if rank == 0 else [], setup=r.setup, checkpoints=checkpoints)
+                     rank=metrics, ranks=gathered if rank == 0 else [], setup=r.setup, checkpoints=checkpoints,
+                     tp_replica_max_diff=replica_diff)
 
 
 @dataclass

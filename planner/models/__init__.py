@@ -30,6 +30,10 @@ class Family:
     # "cross-entropy": logits [b, classes] against targets [b].
     loss: str
     seq_len: Callable[[dict[str, Any]], int | None]
+    # Whether the runtime lays this family's blocks out for sequence parallelism (norms on sequence
+    # shards between the tensor-parallel regions: runtime.tensor_parallel, runtime.sequence_parallel_llama).
+    # The search plans sequence parallelism only for these, so that every plan it writes can run.
+    sequence_parallel: bool = False
 
 
 def _tokens(batch: int, seq: int, device: torch.device | str) -> torch.Tensor:
@@ -141,14 +145,15 @@ def _class_targets(cfg: dict[str, Any], batch: int, seq_len: int | None, gen: to
     return torch.randint(0, cfg.get("num_classes", 1000), (batch,), generator=gen)
 
 
-def _lm_family(make_config: Callable[[dict[str, Any]], Any], module: str, cls: str) -> Family:
+def _lm_family(make_config: Callable[[dict[str, Any]], Any], module: str, cls: str, *,
+               sequence_parallel: bool = False) -> Family:
     """Token ids in, per-token logits out (BERT's MLM, Llama, Mixtral)."""
     return Family(
         build=_build(module, cls, make_config),
         sample_input=lambda cfg, b, s, dev: (_tokens(b, s or make_config(cfg).seq_len, dev),),
         targets=lambda cfg, b, s, gen: _token_targets(make_config(cfg).vocab_size, b,
                                                       s or make_config(cfg).seq_len, gen),
-        loss="lm-cross-entropy", seq_len=lambda cfg: make_config(cfg).seq_len)
+        loss="lm-cross-entropy", seq_len=lambda cfg: make_config(cfg).seq_len, sequence_parallel=sequence_parallel)
 
 
 def _t5_sample(cfg: dict[str, Any], batch: int, seq_len: int | None, device: torch.device | str):
@@ -174,9 +179,9 @@ def _ds2_targets(cfg: dict[str, Any], batch: int, seq_len: int | None, gen: torc
 
 FAMILIES: dict[str, Family] = {
     "gpt": Family(build=_gpt_build, sample_input=_gpt_sample, targets=_gpt_targets, loss="lm-cross-entropy",
-                  seq_len=lambda cfg: cfg.get("seq_len", 2048)),
+                  seq_len=lambda cfg: cfg.get("seq_len", 2048), sequence_parallel=True),
     "bert": _lm_family(_bert_config, "bert", "Bert"),
-    "llama": _lm_family(_llama_config, "llama", "Llama"),
+    "llama": _lm_family(_llama_config, "llama", "Llama", sequence_parallel=True),
     "t5": Family(build=_build("t5", "T5", _t5_config), sample_input=_t5_sample,
                  targets=lambda cfg, b, s, gen: _token_targets(_t5_config(cfg).vocab_size, b,
                                                                _t5_config(cfg).dec_seq_len, gen),

@@ -39,6 +39,7 @@ class Job:
     resume: bool = False
     expect_error: bool = False  # the job must raise RunCheckError (e.g. a corrupted checkpoint)
     user_data: bool = False  # feed the batches through train(data=...) as a user's dataloader would
+    verify_replicas: bool = False  # measure how far tp copies of replicated parameters drifted (dropout tests)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class JobResult:
     step_times_s: list[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
     model_state_bytes: int = 0
+    tp_replica_max_diff: float | None = None
 
 
 def job_for(name: str, spec: dict, steps: int = STEPS) -> Job:
@@ -74,7 +76,8 @@ def run_jobs(jobs: list[Job]) -> dict[str, JobResult]:
         for job in jobs:
             options = RunOptions(steps=job.steps, seed=job.seed, lr=LR, weight_decay=WEIGHT_DECAY,
                                  checkpoint_dir=job.checkpoint_dir, checkpoint_every=job.checkpoint_every,
-                                 resume=job.resume, timeout_s=60.0, verbose=False)
+                                 resume=job.resume, timeout_s=60.0, verbose=False,
+                                 verify_replicas=job.verify_replicas)
             data = _user_loader(job) if job.user_data else None
             try:
                 res = train(job.plan, options, preset=job.preset, data=data)
@@ -85,7 +88,8 @@ def run_jobs(jobs: list[Job]) -> dict[str, JobResult]:
                 continue
             results[job.name] = JobResult(losses=res.losses, grad_norms=res.grad_norms, step_times_s=res.step_times_s,
                                           peak_memory_bytes=res.rank.peak_memory_bytes,
-                                          model_state_bytes=res.rank.model_state_bytes)
+                                          model_state_bytes=res.rank.model_state_bytes,
+                                          tp_replica_max_diff=res.tp_replica_max_diff)
     finally:
         dist.destroy_process_group()
     return results
@@ -103,14 +107,17 @@ def _user_loader(job: Job):
     for step in range(job.steps):
         x, y = synthetic_global_batch(job.preset, batch=job.plan.parallel.global_batch,
                                       seq_len=job.plan.model.seq_len, seed=job.seed, step=step)
-        yield x[rows], y[rows]
+        yield (tuple(t[rows] for t in x) if isinstance(x, tuple) else x[rows]), y[rows]
 
 
 def reference_losses(plan: Plan, preset: ModelPreset, *, steps: int, seed: int = 0, first_step: int = 0,
-                     lr: float = LR) -> tuple[list[float], list[float]]:
-    """Single process, no runtime code: the numbers every plan of this model and batch must give."""
+                     lr: float = LR, dtype: torch.dtype = torch.float32) -> tuple[list[float], list[float]]:
+    """Single process, no runtime code: the numbers every plan of this model and batch must give.
+
+    ``dtype`` float64 gives the same training computed with less rounding (see :func:`rounding_rtol`).
+    """
     torch.set_num_threads(1)
-    model = preset.build(device="cpu", dtype=torch.float32, seed=seed)
+    model = preset.build(device="cpu", dtype=dtype, seed=seed)
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     m = plan.parallel.num_micro_batches * plan.parallel.dp  # micro-batches of the global batch
@@ -119,8 +126,10 @@ def reference_losses(plan: Plan, preset: ModelPreset, *, steps: int, seed: int =
         x, y = synthetic_global_batch(preset, batch=plan.parallel.global_batch, seq_len=plan.model.seq_len,
                                       seed=seed, step=step - 1)
         total = 0.0
-        for xb, yb in zip(x.chunk(m), y.chunk(m)):
-            logits = model(xb)
+        xs = x if isinstance(x, tuple) else (x,)  # T5 takes two inputs: encoder and decoder tokens
+        xs = tuple(t.to(dtype) if t.is_floating_point() else t for t in xs)
+        for *xb, yb in zip(*(t.chunk(m) for t in xs), y.chunk(m)):
+            logits = model(*xb)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1))
             (loss / m).backward()
             total += loss.item()
@@ -140,7 +149,25 @@ def run_reference(cases: list[tuple[object, Plan, ModelPreset, float]], steps: i
     return {key: reference_losses(plan, preset, steps=steps, lr=lr) for key, plan, preset, lr in cases}
 
 
-def check_matches(result: JobResult, reference: tuple[list[float], list[float]]) -> None:
+def rounding_rtol(cases: list[tuple[object, Plan, ModelPreset]], steps: int) -> dict:
+    """Worker entry point: key -> the gradient-norm tolerance of each case, from its own rounding error.
+
+    The fp32 single-process run is itself off from the same run in fp64: by about 1e-7 for most tiny
+    presets, but by up to 1.1e-4 relative by step 5 for t5-tiny, whose AdamW steps amplify the
+    rounding of near-zero gradient elements. A multi-process run rounds differently again, so it is
+    held to ``max(NORM_RTOL, 4 x that error)``: the fixed bar wherever fp32 is that accurate, and a
+    bar a few times the reference's own inaccuracy where it is not. Losses keep ``LOSS_TOL``.
+    """
+    out = {}
+    for key, plan, preset in cases:
+        single = reference_losses(plan, preset, steps=steps)[1]
+        double = reference_losses(plan, preset, steps=steps, dtype=torch.float64)[1]
+        out[key] = max(NORM_RTOL, 4 * max(abs(a / b - 1) for a, b in zip(single, double)))
+    return out
+
+
+def check_matches(result: JobResult, reference: tuple[list[float], list[float]], norm_rtol: float = NORM_RTOL
+                  ) -> None:
     """A run's losses and gradient norms against the single-process ``(losses, grad norms)``."""
     ref_losses, ref_norms = reference
     assert result.error is None, result.error
@@ -148,7 +175,7 @@ def check_matches(result: JobResult, reference: tuple[list[float], list[float]])
     diff = max(abs(a - b) for a, b in zip(result.losses, ref_losses))
     assert diff <= LOSS_TOL, f"losses {result.losses} vs single process {ref_losses}"
     rel = max(abs(a / b - 1) for a, b in zip(result.grad_norms, ref_norms))
-    assert rel <= NORM_RTOL, f"grad norms {result.grad_norms} vs single process {ref_norms}"
+    assert rel <= norm_rtol, f"grad norms {result.grad_norms} vs single process {ref_norms} (tolerance {norm_rtol:.1e})"
 
 
 EQUIVALENCE_HEADER = ["| plan (global batch 8, fp32, gloo) | ranks | max abs loss diff | max rel grad-norm diff | "

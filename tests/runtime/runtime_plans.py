@@ -20,17 +20,23 @@ CLUSTER_DEVICE = {"name": "cpu-process", "peak_flops": {"fp32": 4.0e10}, "memory
 
 
 @functools.cache
-def _graph(preset_key: str, tie: bool | None):
-    preset = tiny_preset(preset_key, tie)
+def _graph(preset_key: str, tie: bool | None, dropout: float | None = None):
+    preset = tiny_preset(preset_key, tie, dropout)
     return trace_model(preset.build(device="meta"), preset.sample_input(1, preset.seq_len), name=preset.name,
                        dtype="fp32", seq_len=preset.seq_len)
 
 
-def tiny_preset(name: str = "gpt-tiny", tie: bool | None = None) -> ModelPreset:
+def tiny_preset(name: str = "gpt-tiny", tie: bool | None = None, dropout: float | None = None) -> ModelPreset:
+    """A preset by name, with ``tie_embeddings`` and ``dropout`` overridden where given."""
     preset = load_preset(name)
-    if tie is None:
+    config = dict(preset.config)
+    if tie is not None:
+        config["tie_embeddings"] = tie
+    if dropout is not None:
+        config["dropout"] = dropout
+    if config == preset.config:
         return preset
-    return ModelPreset(name=preset.name, family=preset.family, config={**preset.config, "tie_embeddings": tie},
+    return ModelPreset(name=preset.name, family=preset.family, config=config,
                        description=preset.description, source=preset.source, tags=preset.tags)
 
 
@@ -38,8 +44,8 @@ def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1,
               micro_batch_size: int = 2, num_micro_batches: int = 2, schedule: str = "1f1b",
               virtual_stages: int = 1, recompute: str = "none", zero_stage: int = 0,
               nodes: int = 1, step_time_s: float = 0.05, styles: dict[str, str] | None = None,
-              sequence_parallel: bool = False) -> Plan:
-    graph = _graph(preset, tie)
+              sequence_parallel: bool = False, dropout: float | None = None) -> Plan:
+    graph = _graph(preset, tie, dropout)
     cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
                          num_micro_batches=num_micro_batches, virtual_stages=virtual_stages, schedule=schedule,
                          recompute=recompute, zero_stage=zero_stage, sequence_parallel=sequence_parallel)

@@ -37,8 +37,10 @@ def test_the_comparison_can_fail(references):
     assert max(abs(a - b) for a, b in zip(trained[1:], frozen[1:])) > 100 * LOSS_TOL
 
 
-def _sequence_parallel_probe() -> dict:
-    """Worker (2 ranks): gpt-tiny at tp=2 with SP, one forward + backward; what ended up where."""
+def _sequence_parallel_probe(preset_name: str = "gpt-tiny",
+                              names: tuple[str, ...] = ("embed", "blocks.0", "blocks.0.ln1", "blocks.3", "head")
+                              ) -> dict:
+    """Worker (2 ranks): ``preset_name`` at tp=2 with SP, one forward + backward; what ended up where."""
     from datetime import timedelta
 
     import torch
@@ -54,7 +56,8 @@ def _sequence_parallel_probe() -> dict:
 
     torch.set_num_threads(1)
     init_distributed(60.0)
-    plan, preset = make_plan(tp=2, num_micro_batches=4, sequence_parallel=True), tiny_preset()
+    plan = make_plan(preset=preset_name, tp=2, num_micro_batches=4, sequence_parallel=True)
+    preset = tiny_preset(preset_name)
     mesh = ParallelDims.from_plan(plan, 2).build_mesh("cpu", timeout=timedelta(seconds=60))
     stage = build_stage_modules(build_model(preset, seed=0), stages_of_rank(plan, dist.get_rank()))[0]
     apply_tensor_parallel(stage, mesh["tp"], plan)
@@ -65,7 +68,7 @@ def _sequence_parallel_probe() -> dict:
             seen[name] = (type(out).__name__, tuple(out.shape), tuple(getattr(out, "placements", ())))
         return hook
 
-    for name in ("embed", "blocks.0", "blocks.0.ln1", "blocks.3", "head"):
+    for name in names:
         stage.get_submodule(name).register_forward_hook(record(name))
     x, y = synthetic_global_batch(preset, batch=2, seq_len=plan.model.seq_len, seed=0, step=0)
 
@@ -107,3 +110,21 @@ def test_sequence_parallel_keeps_the_residual_stream_split():
     assert probe["partial_before"] == norms  # each rank saw half the positions: its LayerNorm grads are partial
     assert probe["reduced"] == len(norms) and probe["partial_after"] == []
     assert probe["norm_grad_diff"] < 1e-6  # summed over tp, they are the single-process gradients
+
+
+def test_llama_sequence_parallel_keeps_the_residual_stream_split():
+    """The Llama family's sequence parallelism (runtime.sequence_parallel_llama): shards between the regions."""
+    from runtime.launch import launch_workers
+
+    names = ("embed", "blocks.0", "blocks.0.attn_norm", "blocks.0.attn", "blocks.3", "head")
+    probe = launch_workers(2, _sequence_parallel_probe, "llama-tiny", names)[0]
+    seen = probe["seen"]
+    # llama-tiny: batch 2, seq 32, hidden 64, vocab 256. Between the regions each rank holds 16 of the 32 positions.
+    local = ("Tensor", "AsyncCollectiveTensor")  # a plain tensor, or one whose collective is still in flight
+    for name in ("embed", "blocks.0", "blocks.0.attn_norm", "blocks.0.attn", "blocks.3"):
+        assert seen[name][0] in local and seen[name][1:] == ((2, 16, 64), ()), name
+    assert seen["head"][0] in local and seen["head"][1:] == ((2, 32, 256), ())
+    norms = sorted([f"blocks.{i}.{n}.weight" for i in range(4) for n in ("attn_norm", "ffn_norm")] + ["head.norm.weight"])
+    assert probe["partial_before"] == norms
+    assert probe["reduced"] == len(norms) and probe["partial_after"] == []
+    assert probe["norm_grad_diff"] < 1e-6

@@ -209,7 +209,7 @@ def test_pairs_never_cross_layers_and_a_layer_may_itself_be_a_linear():
 
 
 @pytest.mark.parametrize(("preset", "tp", "styles", "match"), [
-    ("cnn-tiny", 2, None, "convolutions are not split"),
+    ("cnn-tiny", 2, {"blocks.0.conv": "colwise"}, "blocks.0.conv: colwise on a Conv2d"),
     ("mlp-tiny", 2, {"blocks.0.norm": "colwise"}, "blocks.0.norm: colwise on a LayerNorm"),
     ("mlp-tiny", 2, {"blocks.0.fc1": "vocab"}, "blocks.0.fc1: style 'vocab'"),
     ("mlp-tiny", 2, {"blocks.0.norm": "sequence"}, "blocks.0.norm: 'sequence'"),
@@ -221,15 +221,6 @@ def test_generic_tensor_parallel_refuses_with_the_module_and_the_fix(preset, tp,
     plan = make_plan(preset=preset, tp=tp, num_micro_batches=4, styles=styles)
     with pytest.raises(RunCheckError, match=match):
         check_tensor_parallel(plan, tiny_preset(preset))
-
-
-def test_dropout_is_refused_on_tp():
-    from planner.models import ModelPreset
-
-    base = tiny_preset("mlp-tiny")
-    dropped = ModelPreset(name=base.name, family="mlp", config={**base.config, "dropout": 0.1})
-    with pytest.raises(RunCheckError, match="blocks.0.drop.*dropout with p=0.1"):
-        check_tensor_parallel(make_plan(preset="mlp-tiny", tp=2, num_micro_batches=4), dropped)
 
 
 def test_planner_styles_for_mlp_at_tp2_are_what_the_runtime_runs():

@@ -106,10 +106,6 @@ def test_sequence_parallelism_checks_name_the_field():
     odd = dataclasses.replace(plan, model=dataclasses.replace(plan.model, seq_len=63))
     with pytest.raises(RunCheckError, match=r"parallel.sequence_parallel: tp=2 does not divide .*seq_len=63"):
         check_tensor_parallel(odd, tiny_preset())
-    base = tiny_preset()
-    dropped = dataclasses.replace(base, config={**base.config, "dropout": 0.1})
-    with pytest.raises(RunCheckError, match="dropout=0.1"):  # the tp rule, kept for SP
-        check_tensor_parallel(plan, dropped)
 
 
 def test_stages_exchange_the_sequence_shard_under_sequence_parallelism():
