@@ -221,7 +221,7 @@ def _with(base: str, family: str | None = None, **config) -> ModelPreset:
      r"embed.tokens: vocab \(splits dim 0\), dec_embed.tokens: replicate \(splits no dim\), head.lm_head: rowwise "
      r"\(splits dim 1\) share one weight"),
     (_with("resnet-tiny"), dict(tp=2, styles={"stem.conv": "colwise"}), "stem.conv: colwise on a Conv2d"),
-    (_with("llama-tiny"), dict(tp=2, sequence_parallel=True), "sequence_parallel.*'gpt' family only"),
+    (_with("bert-tiny"), dict(tp=2, sequence_parallel=True), "sequence_parallel.*'gpt' and 'llama' families only"),
     (_with("bert-tiny"), dict(tp=2, styles={"head.decoder": "colwise"}),
      r"embed.word: replicate \(splits no dim\), head.decoder: colwise \(splits dim 0\) share one weight"),
     (_with("vit-tiny"), dict(tp=2, styles={"embed.proj": "colwise"}), "embed.proj: colwise on a Conv2d"),
@@ -241,6 +241,15 @@ def test_planner_llama_plan_is_split_and_trains_as_one_process(world2_results, r
     _, split = _split_param_count(planned)
     assert {f"blocks.{b}.{m}" for b in range(4) for m in (*ATTENTION, *FFN["llama-tiny"])} <= split
     _check(world2_results[PLANNED], references[("llama-tiny", LR)])
+
+
+def test_llama_sequence_parallel_needs_tp_to_divide_the_sequence():
+    import dataclasses
+
+    plan = make_plan(preset="llama-tiny", tp=2, num_micro_batches=4, sequence_parallel=True)
+    odd = dataclasses.replace(plan, model=dataclasses.replace(plan.model, seq_len=31))
+    with pytest.raises(RunCheckError, match=r"sequence_parallel: tp=2 does not divide .*seq_len=31"):
+        check_tensor_parallel(odd, tiny_preset("llama-tiny"))
 
 
 def equivalence_rows() -> list[str]:
