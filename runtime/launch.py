@@ -119,11 +119,20 @@ def _describe_failures(exc) -> tuple[str, int]:
                 sig = f"signal {-code}"
             lines.append(f"rank {rank} (pid {failure.pid}) was killed by {sig}")
         else:
-            lines.append(f"rank {rank} (pid {failure.pid}) exited with code {code}")
+            lines.append(f"rank {rank} (pid {failure.pid}) exited with code {code}{_raised(failure)}")
         codes.append(code)
     exit_code = EXIT_CHECK if codes and all(c == EXIT_CHECK for c in codes) else EXIT_FAILED
     return ("run failed: " + "; ".join(lines) + ". The launcher stopped the remaining ranks (no restarts).",
             exit_code)
+
+
+def _raised(failure) -> str:
+    """``: <the exception>`` when the worker died of one the launcher recorded (not a deliberate exit)."""
+    message = failure.message.get("message", "") if isinstance(failure.message, dict) else ""
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    if not first or first.startswith("SystemExit") or first.startswith("Process failed"):
+        return ""
+    return f" ({first[:300]})"
 
 
 def run_worker(args: WorkerArgs) -> RunResult | None:
