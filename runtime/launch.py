@@ -74,9 +74,40 @@ def run_local(args: WorkerArgs, nproc: int) -> dict[int, Any]:
 
 
 def default_start_method() -> str:
-    """``fork`` on the CPU (workers start in a second instead of re-importing torch); ``spawn`` with CUDA,
-    which cannot be used in a forked child. ``RUNTIME_START_METHOD`` overrides."""
-    return os.environ.get("RUNTIME_START_METHOD") or ("spawn" if torch.cuda.is_available() else "fork")
+    """``forkserver`` on the CPU, ``spawn`` with CUDA (which cannot be used in a forked child);
+    ``RUNTIME_START_METHOD`` overrides.
+
+    Not plain ``fork``: the launcher's process runs threads (the rendezvous store, the agent's
+    monitor), and a child forked while one of them holds a lock can hang before it joins; one in
+    about ten 4-rank worlds did here (``DistStoreError: wait timeout`` on the hung rank's key). The
+    fork server is a clean single-threaded process that has imported torch once (see
+    :func:`_preload_fork_server`), so workers still start in about a second.
+    """
+    return os.environ.get("RUNTIME_START_METHOD") or ("spawn" if torch.cuda.is_available() else "forkserver")
+
+
+_PRELOAD = ["torch", "torch.distributed", "runtime.train", "planner.models"]
+
+
+_OWN_ENV_PREFIX = "RUNTIME_"  # RUNTIME_FAULT, RUNTIME_ALLOW_MISMATCH, ...: read by the workers
+
+
+def _with_own_env(env: dict[str, str], fn, *args: Any) -> Any:
+    """Worker side: the launcher's ``RUNTIME_*`` variables as they were at launch, then ``fn(*args)``.
+
+    A fork server's children inherit its environment from when it started, not the launcher's now.
+    """
+    for key in [k for k in os.environ if k.startswith(_OWN_ENV_PREFIX) and k not in env]:
+        del os.environ[key]
+    os.environ.update(env)
+    return fn(*args)
+
+
+def _preload_fork_server() -> None:
+    """Have the fork server import torch and the runtime before it forks any worker (once per process)."""
+    import multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
 
 
 def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = None,
@@ -89,15 +120,18 @@ def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = Non
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    method = start_method or default_start_method()
+    if method == "forkserver":
+        _preload_fork_server()
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"runtime-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-                          monitor_interval=0.1, start_method=start_method or default_start_method(),
-                          local_addr="127.0.0.1")
+                          monitor_interval=0.1, start_method=method, local_addr="127.0.0.1")
     if not debug:  # the agent logs each failure with its traceback; we print one line per failure instead
         for name in ("torch.distributed.elastic", "torch.multiprocessing"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    ours = {k: v for k, v in os.environ.items() if k.startswith(_OWN_ENV_PREFIX)}
     try:
-        return elastic_launch(config, fn)(*fn_args)
+        return elastic_launch(config, _with_own_env)(ours, fn, *fn_args)
     except ChildFailedError as exc:
         raise WorkersFailed(_describe_failures(exc)) from None
 

@@ -443,6 +443,9 @@ def apply_generic_tensor_parallel(stage: StageModule, tp_mesh: DeviceMesh, plan:
     for path in stage.layer_paths:
         mine = _relative(styles, path)
         layer = stage.get_submodule(path)
+        # Read before localize_attention_heads divides the head counts.
+        whole_tables = [t for t, s in head_bias_tables(layer, _relative(planned, path), tp_mesh.size()).items()
+                        if s == "replicate"]
         _fork_split_dropouts(layer, mine, _relative(planned, path), tp_mesh.size(), rng)
         if plan.parallel.sequence_parallel and plan.model.seq_len:
             mine = apply_llama_sequence_parallel(layer, path, mine, tp_mesh)
@@ -451,10 +454,9 @@ def apply_generic_tensor_parallel(stage: StageModule, tp_mesh: DeviceMesh, plan:
         if mine:
             parallelize_module(layer, tp_mesh, mine, src_data_rank=None)
         localize_attention_heads(layer, _relative(planned, path), tp_mesh.size())
-        for table, style in head_bias_tables(layer, _relative(planned, path), tp_mesh.size()).items():
-            if style == "replicate":  # a whole table: keep this rank's heads of its output
-                parallelize_module(layer.get_submodule(table), tp_mesh, PrepareModuleOutput(
-                    output_layouts=Replicate(), desired_output_layouts=Shard(-1), use_local_output=True))
+        for table in whole_tables:  # a whole bias table: keep this rank's heads of its output
+            parallelize_module(layer.get_submodule(table), tp_mesh, PrepareModuleOutput(
+                output_layouts=Replicate(), desired_output_layouts=Shard(-1), use_local_output=True))
     retie(stage, tied)
 
 

@@ -7,7 +7,8 @@ steps in fp32, losses within 1e-5 of the plain single-process loop and gradient 
 relative. These are the plans a user gets, splits of tied weights (BERT, T5), T5's per-head
 position bias (also with its tables split by buckets or whole, as the planner may choose), Mixtral's router, convolutional and recurrent models' heads included; the other
 runtime tests use hand-written plans. The GPT, Llama and Mixtral plans also run with sequence
-parallelism, the families the runtime splits along the sequence. One more case covers a tied GPT with Megatron's
+parallelism, the families the runtime splits along the sequence, and the 4-head presets also at
+tp=4 (one head per rank). One more case covers a tied GPT with Megatron's
 vocabulary-parallel embedding and LM head, split across two pipeline stages.
 
 Run as a script, it prints the table of docs/runtime.md ("The planner's own plans")::
@@ -43,17 +44,18 @@ GPT_BLOCK = {"attn.qkv": "colwise", "attn.proj": "rowwise", "mlp.fc1": "colwise"
 TIED_GPT = "gpt-tiny tied pp=2 tp=2 (vocab-parallel embedding + LM head)"
 BIAS_STYLES = ("vocab", "replicate")
 SEQUENCE_PARALLEL = ("gpt-tiny", "llama-tiny", "mixtral-tiny")  # the families the runtime splits along the sequence
+TP4 = ("gpt-tiny", "llama-tiny", "mixtral-tiny", "bert-tiny", "t5-tiny")  # 4 heads: one per rank at tp=4
 
 
 @functools.cache
-def planned(preset: str, pp: int, sequence_parallel: bool = False) -> Plan:
-    """The planner's plan for ``preset`` at tp=2 and ``pp``: micro-batches of 2, 4 of them (global batch 8)."""
+def planned(preset: str, pp: int, sequence_parallel: bool = False, tp: int = 2) -> Plan:
+    """The planner's plan for ``preset`` at ``tp`` and ``pp``: micro-batches of 2, 4 of them (global batch 8)."""
     from planner.api import evaluate
     from planner.plan import ParallelConfig
 
-    config = ParallelConfig(tp=2, pp=pp, micro_batch_size=2, num_micro_batches=4,
+    config = ParallelConfig(tp=tp, pp=pp, micro_batch_size=2, num_micro_batches=4,
                             sequence_parallel=sequence_parallel)
-    return evaluate(preset, "cpu-local", config, devices_per_node=2 * pp, dtype="fp32")
+    return evaluate(preset, "cpu-local", config, devices_per_node=tp * pp, dtype="fp32")
 
 
 def tied_gpt_plan() -> Plan:
@@ -62,10 +64,10 @@ def tied_gpt_plan() -> Plan:
                      styles={**styles, "embed.wte": "vocab", "head.lm_head": "colwise"})
 
 
-def t5_with_bias_tables(style: str) -> Plan:
-    """The planner's t5-tiny tp=2 plan with every relative-position bias table split ``style`` instead (``vocab``:
-    by bucket rows, as the planner chooses for t5-11b's decoder; ``replicate``: whole)."""
-    plan = planned("t5-tiny", 1)
+def t5_with_bias_tables(style: str, tp: int = 2) -> Plan:
+    """The planner's t5-tiny plan at ``tp`` with every relative-position bias table split ``style`` instead
+    (``vocab``: by bucket rows, as the planner chooses for t5-11b's decoder; ``replicate``: whole)."""
+    plan = planned("t5-tiny", 1, tp=tp)
     styles = {m: (style if m.endswith("rel_bias") else s) for m, s in plan.placements["style"].items()}
     return dataclasses.replace(plan, placements={**plan.placements, "style": styles})
 
@@ -78,9 +80,18 @@ def _jobs(pp: int) -> list[Job]:
                      preset=tiny_preset("t5-tiny")) for s in BIAS_STYLES]
     jobs += [Job(f"{p} {'pp=2 ' if pp > 1 else ''}tp=2 sequence parallel", planned(p, pp, True), steps=STEPS,
                  preset=tiny_preset(p)) for p in SEQUENCE_PARALLEL]
+    if pp > 1:  # the same 4-rank world also runs tp=4 (one head per rank for the 4-head presets)
+        jobs += [Job(tp4_name(p), planned(p, 1, p in SEQUENCE_PARALLEL, tp=4), steps=STEPS, preset=tiny_preset(p))
+                 for p in TP4]
+        jobs.append(Job("t5-tiny tp=4, bias tables replicate", t5_with_bias_tables("replicate", tp=4), steps=STEPS,
+                        preset=tiny_preset("t5-tiny")))
     if pp > 1:
         jobs.append(Job(TIED_GPT, tied_gpt_plan(), steps=STEPS, preset=tiny_preset("gpt-tiny", True)))
     return jobs
+
+
+def tp4_name(preset: str) -> str:
+    return f"{preset} tp=4{' sequence parallel' if preset in SEQUENCE_PARALLEL else ''}"
 
 
 def _preset_of(name: str) -> tuple[str, bool | None]:
@@ -163,6 +174,14 @@ def test_planner_sequence_parallel_plans_train_as_one_process(preset, world2_res
     for results, name in ((world2_results, f"{preset} tp=2 sequence parallel"),
                           (world4_results, f"{preset} pp=2 tp=2 sequence parallel")):
         _check(results[name], references[(preset, None)], norm_rtol[(preset, None)])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", [tp4_name(p) for p in TP4] + ["t5-tiny tp=4, bias tables replicate"])
+def test_planner_tp4_plans_train_as_one_process(name, world4_results, references, norm_rtol):
+    """tp=4 (sequence parallel where the family runs it): the planner keeps llama-tiny's 2 key/value heads whole
+    rather than split them 4 ways, and T5's whole bias tables give each rank its one head."""
+    _check(world4_results[name], references[_preset_of(name)], norm_rtol[_preset_of(name)])
 
 
 @pytest.mark.multiprocess
