@@ -86,9 +86,6 @@ def default_start_method() -> str:
     return os.environ.get("RUNTIME_START_METHOD") or ("spawn" if torch.cuda.is_available() else "forkserver")
 
 
-_PRELOAD = ["torch", "torch.distributed", "runtime.train", "planner.models"]
-
-
 _OWN_ENV_PREFIX = "RUNTIME_"  # RUNTIME_FAULT, RUNTIME_ALLOW_MISMATCH, ...: read by the workers
 
 
@@ -101,6 +98,9 @@ def _with_own_env(env: dict[str, str], fn, *args: Any) -> Any:
         del os.environ[key]
     os.environ.update(env)
     return fn(*args)
+
+
+_PRELOAD = ["torch", "torch.distributed", "runtime.train", "planner.models"]
 
 
 def _preload_fork_server() -> None:
