@@ -78,12 +78,18 @@ def default_start_method() -> str:
     ``RUNTIME_START_METHOD`` overrides.
 
     Not plain ``fork``: the launcher's process runs threads (the rendezvous store, the agent's
-    monitor), and a child forked while one of them holds a lock can hang before it joins; one in
-    about ten 4-rank worlds did here (``DistStoreError: wait timeout`` on the hung rank's key). The
+    monitor), and a child forked while one of them holds a lock can hang before it joins; now and
+    then one did in the 4-rank test worlds (``DistStoreError: wait timeout`` on its key). The
     fork server is a clean single-threaded process that has imported torch once (see
     :func:`_preload_fork_server`), so workers still start in about a second.
     """
-    return os.environ.get("RUNTIME_START_METHOD") or ("spawn" if torch.cuda.is_available() else "forkserver")
+    method = os.environ.get("RUNTIME_START_METHOD") or ("spawn" if torch.cuda.is_available() else "forkserver")
+    if method not in START_METHODS:
+        raise RunCheckError(f"RUNTIME_START_METHOD: got {method!r}; use one of {', '.join(START_METHODS)}, or unset it")
+    return method
+
+
+START_METHODS = ("forkserver", "spawn", "fork")
 
 
 _OWN_ENV_PREFIX = "RUNTIME_"  # RUNTIME_FAULT, RUNTIME_ALLOW_MISMATCH, ...: read by the workers

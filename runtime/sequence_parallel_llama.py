@@ -47,12 +47,6 @@ _KEEP_MINE = PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_l
 _REGIONS = {"attn": "o", "ffn": "down"}  # a block's tensor-parallel region -> the Linear that ends it
 
 
-def is_llama_layer(layer: nn.Module) -> bool:
-    from planner.models.llama import LlamaBlock, LlamaEmbedding, LlamaHead
-
-    return isinstance(layer, (LlamaEmbedding, LlamaBlock, LlamaHead))
-
-
 def apply_llama_sequence_parallel(layer: nn.Module, path: str, styles: dict[str, ParallelStyle],
                                   tp_mesh: DeviceMesh) -> dict[str, ParallelStyle]:
     """Lay ``layer`` out for sequence parallelism; returns its Linear styles (``styles``, relative) adjusted.

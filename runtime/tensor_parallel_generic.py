@@ -89,7 +89,6 @@ from runtime.tensor_parallel import PLACEMENTS_SCHEMA
 from runtime.tensor_parallel_rng import SplitRegionRNG, fork_dropout, fork_module, has_dropout
 from runtime.tensor_parallel_tied import check_tied_splits, retie, tied_uses
 
-SEQUENCE_PARALLEL_FAMILIES = frozenset({"gpt", "llama"})  # gpt: runtime.tensor_parallel; llama: sequence_parallel_llama
 SPLIT_STYLES = ("colwise", "rowwise", "vocab")  # vocab: Embeddings only
 
 # Ops that act on each element alone: a tensor split on its last dim stays a valid split through them.
@@ -108,7 +107,7 @@ def check_generic_tensor_parallel(plan: Plan, preset: ModelPreset) -> None:
     if tp == 1:
         return
     if plan.parallel.sequence_parallel and preset.seq_len is not None:
-        if preset.family not in SEQUENCE_PARALLEL_FAMILIES:
+        if not preset.spec.sequence_parallel:  # gpt: runtime.tensor_parallel; llama: sequence_parallel_llama
             raise RunCheckError(f"parallel.sequence_parallel: true for a {preset.family!r} model with a sequence of "
                                 f"{preset.seq_len}; the runtime splits sequences for the 'gpt' and 'llama' families "
                                 "only. Re-plan without --sequence-parallel")
@@ -293,7 +292,7 @@ def _planned_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) -
         if style == "replicate":
             continue
         if style == "sequence":
-            if plan.parallel.sequence_parallel and plan.model.family in SEQUENCE_PARALLEL_FAMILIES:
+            if plan.parallel.sequence_parallel and _splits_sequence(plan.model.family):
                 continue  # every norm of the residual stream runs on the sequence shard anyway
             raise RunCheckError(f"placements.style.{module}: 'sequence' (sequence parallelism) is implemented for "
                                 "the 'gpt' and 'llama' families, with parallel.sequence_parallel true; re-plan this "
@@ -305,6 +304,13 @@ def _planned_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) -
         if any(module == p or module.startswith(p + ".") or not p for p in layer_paths):
             out[module] = style
     return out
+
+
+def _splits_sequence(family: str | None) -> bool:
+    """Whether the runtime lays ``family`` out for sequence parallelism (``Family.sequence_parallel``)."""
+    from planner.models import FAMILIES
+
+    return family in FAMILIES and FAMILIES[family].sequence_parallel
 
 
 def _splittable(layer: nn.Module, rel: str, fqn: str, style: str) -> nn.Linear | nn.Embedding:

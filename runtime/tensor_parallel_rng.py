@@ -57,29 +57,23 @@ class SplitRegionRNG:
 
 def fork_dropout(module: nn.Dropout, rng: SplitRegionRNG) -> None:
     """Make ``module`` (a dropout on a split region) draw its mask from ``rng``'s stream, in place."""
-    if getattr(module, "_split_region_rng", None) is not None:
-        return
-    plain = module.forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if not module.training or module.p == 0:
-            return plain(x)
-        with rng.fork(x.device):
-            return plain(x)
-
-    module.forward = forward
-    module._split_region_rng = rng
+    _fork_forward(module, rng, lambda: module.training and module.p > 0)
 
 
 def fork_module(module: nn.Module, rng: SplitRegionRNG) -> None:
     """Run all of ``module``'s forward on ``rng``'s stream (an attention on this rank's heads: its only random
     op, the dropout on the attention probabilities, fused or not, acts on values only this rank holds)."""
+    _fork_forward(module, rng, lambda: module.training)
+
+
+def _fork_forward(module: nn.Module, rng: SplitRegionRNG, drops) -> None:
+    """Wrap ``module.forward`` so that it runs on ``rng``'s stream whenever ``drops()`` (once per module)."""
     if getattr(module, "_split_region_rng", None) is not None:
         return
     plain = module.forward
 
     def forward(*args, **kwargs):
-        if not module.training:
+        if not drops():
             return plain(*args, **kwargs)
         device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)),
                       torch.device("cpu"))

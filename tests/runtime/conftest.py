@@ -17,14 +17,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from runtime_harness import LR, STEPS, job_for, run_jobs, run_reference  # noqa: E402,F401
+from runtime_harness import LR, STEPS, job_for, launch, run_jobs, run_reference  # noqa: E402,F401
 from runtime_plans import WORLD2, WORLD4, make_plan, tiny_preset  # noqa: E402,F401
-
-
-def launch(nproc: int, fn, *args):
-    from runtime.launch import launch_workers
-
-    return launch_workers(nproc, fn, *args)
 
 
 @pytest.fixture(scope="session")

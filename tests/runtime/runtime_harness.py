@@ -152,9 +152,10 @@ def run_reference(cases: list[tuple[object, Plan, ModelPreset, float]], steps: i
 def rounding_rtol(cases: list[tuple[object, Plan, ModelPreset]], steps: int) -> dict:
     """Worker entry point: key -> the gradient-norm tolerance of each case, from its own rounding error.
 
-    The fp32 single-process run is itself off from the same run in fp64: by about 1e-7 for most tiny
-    presets, but by up to 1.1e-4 relative by step 5 for t5-tiny, whose AdamW steps amplify the
-    rounding of near-zero gradient elements. A multi-process run rounds differently again, so it is
+    The fp32 single-process run is itself off from the same run in fp64: far below 1e-4 for most tiny
+    presets, but 1.1e-4 relative by step 5 for t5-tiny (``test_runtime_planner_plans.py --bars``
+    prints it), whose AdamW steps amplify the rounding of near-zero gradient elements. A
+    multi-process run rounds differently again, so it is
     held to ``max(NORM_RTOL, 4 x that error)``: the fixed bar wherever fp32 is that accurate, and a
     bar a few times the reference's own inaccuracy where it is not. Losses keep ``LOSS_TOL``.
     """
@@ -164,6 +165,28 @@ def rounding_rtol(cases: list[tuple[object, Plan, ModelPreset]], steps: int) -> 
         double = reference_losses(plan, preset, steps=steps, dtype=torch.float64)[1]
         out[key] = max(NORM_RTOL, 4 * max(abs(a / b - 1) for a, b in zip(single, double)))
     return out
+
+
+def launch(nproc: int, fn, *args):
+    """One world of ``nproc`` ranks running ``fn(*args)`` with the runtime's launcher; rank -> return value."""
+    from runtime.launch import launch_workers
+
+    return launch_workers(nproc, fn, *args)
+
+
+def preset_references(presets, lrs: tuple[float, ...] = (LR, 0.0), num_micro_batches: int = 4) -> dict:
+    """``(preset, lr) -> (losses, grad norms)`` of the single-process loop for each tiny preset, global batch 8
+    in ``num_micro_batches``, computed in a one-rank world (pytest's own process never trains)."""
+    cases = [((p, lr), make_plan(preset=p, num_micro_batches=num_micro_batches), tiny_preset(p), lr)
+             for p in presets for lr in lrs]
+    return launch(1, run_reference, cases, STEPS)[0]
+
+
+def check_untrained_is_caught(references: dict, preset: str) -> None:
+    """A run that did not train (lr 0) starts at the same loss and is far outside the tolerance by step 2."""
+    trained, frozen = references[(preset, LR)][0], references[(preset, 0.0)][0]
+    assert abs(trained[0] - frozen[0]) <= 1e-7
+    assert max(abs(a - b) for a, b in zip(trained[1:], frozen[1:])) > 100 * LOSS_TOL
 
 
 def check_matches(result: JobResult, reference: tuple[list[float], list[float]], norm_rtol: float = NORM_RTOL

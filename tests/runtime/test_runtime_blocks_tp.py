@@ -20,13 +20,14 @@ import functools
 import pytest
 from runtime_harness import (
     EQUIVALENCE_HEADER,
-    LOSS_TOL,
     LR,
     STEPS,
     Job,
+    check_untrained_is_caught,
     equivalence_row,
+    launch,
+    preset_references,
     run_jobs,
-    run_reference,
 )
 from runtime_harness import check_matches as _check
 from runtime_plans import make_plan, tiny_preset
@@ -77,32 +78,20 @@ def _jobs(cases: dict[str, dict]) -> list[Job]:
     return jobs
 
 
-def _launch(nproc: int, fn, *args):
-    from runtime.launch import launch_workers
-
-    return launch_workers(nproc, fn, *args)
-
-
-def _references() -> dict:
-    """(preset, lr) -> (losses, grad norms) of the single-process loop, global batch 8 in 4 micro-batches."""
-    cases = [((p, lr), make_plan(preset=p, num_micro_batches=4), tiny_preset(p), lr) for p in PRESETS
-             for lr in (LR, 0.0)]
-    return _launch(1, run_reference, cases, STEPS)[0]
-
-
 @pytest.fixture(scope="module")
 def references() -> dict:
-    return _references()
+    """(preset, lr) -> (losses, grad norms) of the single-process loop, global batch 8 in 4 micro-batches."""
+    return preset_references(PRESETS)
 
 
 @pytest.fixture(scope="module")
 def world2_results() -> dict:
-    return _launch(2, run_jobs, _jobs(WORLD2))[0]
+    return launch(2, run_jobs, _jobs(WORLD2))[0]
 
 
 @pytest.fixture(scope="module")
 def world4_results() -> dict:
-    return _launch(4, run_jobs, _jobs(WORLD4))[0]
+    return launch(4, run_jobs, _jobs(WORLD4))[0]
 
 
 @pytest.mark.multiprocess
@@ -121,9 +110,7 @@ def test_four_ranks_match_single_process(name, world4_results, references):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_the_comparison_can_fail(preset, references):
     """A run that did not train (lr 0) is far outside the tolerance by step 2: the checks have teeth."""
-    trained, frozen = references[(preset, LR)][0], references[(preset, 0.0)][0]
-    assert trained[0] == pytest.approx(frozen[0], abs=1e-7)
-    assert max(abs(a - b) for a, b in zip(trained[1:], frozen[1:])) > 100 * LOSS_TOL
+    check_untrained_is_caught(references, preset)
 
 
 def _split_param_count(plan: Plan) -> tuple[int, set[str]]:
@@ -254,10 +241,10 @@ def test_llama_sequence_parallel_needs_tp_to_divide_the_sequence():
 
 def equivalence_rows() -> list[str]:
     """The markdown table of docs/runtime.md: every plan above against the single-process loop."""
-    refs = _references()
+    refs = preset_references(PRESETS, (LR,))
     rows = list(EQUIVALENCE_HEADER)
     for nproc, table in ((2, WORLD2), (4, WORLD4)):
-        results = _launch(nproc, run_jobs, _jobs(table))[0]
+        results = launch(nproc, run_jobs, _jobs(table))[0]
         for name, r in results.items():
             preset = "llama-tiny" if name == PLANNED else table[name]["preset"]
             rows.append(equivalence_row(name, nproc, r, refs[(preset, LR)]))

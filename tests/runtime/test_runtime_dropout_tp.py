@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from runtime_harness import LR, STEPS, WEIGHT_DECAY, Job, JobResult, run_reference
+from runtime_harness import LR, STEPS, WEIGHT_DECAY, Job, JobResult, launch, preset_references
 from runtime_plans import make_plan, tiny_preset
 from torch import nn
 
@@ -76,19 +76,13 @@ def run_with_control(jobs: list[Job], control: Job) -> dict:
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    from runtime.launch import launch_workers
-
     jobs = [_job(name, preset, args) for name, (preset, args) in CASES.items()]
-    return launch_workers(2, run_with_control, jobs, _job(CONTROL, "gpt-tiny", dict(tp=2)))[0]
+    return launch(2, run_with_control, jobs, _job(CONTROL, "gpt-tiny", dict(tp=2)))[0]
 
 
 @pytest.fixture(scope="module")
 def no_dropout() -> dict:
-    from runtime.launch import launch_workers
-
-    presets = sorted({preset for preset, _ in CASES.values()})
-    return launch_workers(1, run_reference, [(p, make_plan(preset=p, num_micro_batches=4), tiny_preset(p), LR)
-                                             for p in presets], STEPS)[0]
+    return preset_references(sorted({preset for preset, _ in CASES.values()}), (LR,))
 
 
 @pytest.mark.multiprocess
@@ -97,7 +91,7 @@ def test_tp_replicas_stay_identical_with_dropout(name, results, no_dropout):
     r = results[name]
     assert r.error is None and len(r.losses) == STEPS
     assert r.tp_replica_max_diff == 0.0
-    plain = no_dropout[CASES[name][0]][0]
+    plain = no_dropout[(CASES[name][0], LR)][0]
     assert abs(r.losses[0] - plain[0]) > 1e-4  # dropout is on
     assert max(abs(a - b) for a, b in zip(r.losses, plain)) < 0.5
 
@@ -141,18 +135,14 @@ def test_a_forked_dropout_in_eval_mode_draws_nothing():
 
 def table_rows() -> list[str]:
     """The markdown table of docs/runtime.md ("Dropout with tp > 1")."""
-    from runtime.launch import launch_workers
-
     jobs = [_job(name, preset, args) for name, (preset, args) in CASES.items()]
-    runs = launch_workers(2, run_with_control, jobs, _job(CONTROL, "gpt-tiny", dict(tp=2)))[0]
-    presets = sorted({preset for preset, _ in CASES.values()})
-    plain = launch_workers(1, run_reference, [(p, make_plan(preset=p, num_micro_batches=4), tiny_preset(p), LR)
-                                              for p in presets], STEPS)[0]
+    runs = launch(2, run_with_control, jobs, _job(CONTROL, "gpt-tiny", dict(tp=2)))[0]
+    plain = preset_references(sorted({preset for preset, _ in CASES.values()}), (LR,))
     rows = [f"| plan (dropout {P}, 2 ranks, fp32, gloo) | largest tp replica difference | step-1 loss | "
             "step-1 loss without dropout (one process) |", "|---|---|---|---|"]
     for name, r in runs.items():
         preset = CASES[name][0] if name in CASES else "gpt-tiny"
-        rows.append(f"| {name} | {r.tp_replica_max_diff:.1e} | {r.losses[0]:.4f} | {plain[preset][0][0]:.4f} |")
+        rows.append(f"| {name} | {r.tp_replica_max_diff:.1e} | {r.losses[0]:.4f} | {plain[(preset, LR)][0][0]:.4f} |")
     return rows
 
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import pytest
 from runtime_harness import (
     EQUIVALENCE_HEADER,
-    LOSS_TOL,
     LR,
     STEPS,
     Job,
+    check_untrained_is_caught,
     equivalence_row,
+    launch,
+    preset_references,
     run_jobs,
-    run_reference,
 )
 from runtime_harness import check_matches as _check
 from runtime_plans import make_plan, tiny_preset
@@ -73,28 +74,20 @@ def _jobs(cases: dict[str, dict]) -> list[Job]:
     return [Job(name, make_plan(**spec), steps=STEPS, preset=tiny_preset(spec["preset"])) for name, spec in cases.items()]
 
 
-def _launch(nproc: int, fn, *args):
-    from runtime.launch import launch_workers
-
-    return launch_workers(nproc, fn, *args)
-
-
 @pytest.fixture(scope="module")
 def references() -> dict:
     """(preset, lr) -> (losses, grad norms) of the single-process loop; every plan here has global batch 8 in 4."""
-    plan = {p: make_plan(preset=p, num_micro_batches=4) for p in PRESETS}
-    cases = [((p, lr), plan[p], tiny_preset(p), lr) for p in PRESETS for lr in (LR, 0.0)]
-    return _launch(1, run_reference, cases, STEPS)[0]
+    return preset_references(PRESETS)
 
 
 @pytest.fixture(scope="module")
 def world2_results() -> dict:
-    return _launch(2, run_jobs, _jobs(WORLD2))[0]
+    return launch(2, run_jobs, _jobs(WORLD2))[0]
 
 
 @pytest.fixture(scope="module")
 def world4_results() -> dict:
-    return _launch(4, run_jobs, _jobs(WORLD4))[0]
+    return launch(4, run_jobs, _jobs(WORLD4))[0]
 
 
 @pytest.mark.multiprocess
@@ -137,9 +130,7 @@ def test_tp_ranks_hold_their_shards_only(name, world2_results):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_the_comparison_can_fail(preset, references):
     """A run that did not train (lr 0) is far outside the tolerance by step 2: the checks have teeth."""
-    trained, frozen = references[(preset, LR)][0], references[(preset, 0.0)][0]
-    assert trained[0] == pytest.approx(frozen[0], abs=1e-7)
-    assert max(abs(a - b) for a, b in zip(trained[1:], frozen[1:])) > 100 * LOSS_TOL
+    check_untrained_is_caught(references, preset)
 
 
 # --- single process: what the generic tensor parallelism accepts and refuses -----------------------------
@@ -239,11 +230,10 @@ def test_planner_styles_for_mlp_at_tp2_are_what_the_runtime_runs():
 
 def equivalence_rows() -> list[str]:
     """The markdown table of docs/runtime.md: every plan above against the single-process loop."""
-    cases = [((p, LR), make_plan(preset=p, num_micro_batches=4), tiny_preset(p), LR) for p in PRESETS]
-    refs = _launch(1, run_reference, cases, STEPS)[0]
+    refs = preset_references(PRESETS, (LR,))
     rows = list(EQUIVALENCE_HEADER)
     for nproc, table in ((2, WORLD2), (4, WORLD4)):
-        results = _launch(nproc, run_jobs, _jobs(table))[0]
+        results = launch(nproc, run_jobs, _jobs(table))[0]
         for name, spec in table.items():
             rows.append(equivalence_row(name, nproc, results[name], refs[(spec["preset"], LR)]))
     return rows
