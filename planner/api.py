@@ -297,10 +297,15 @@ def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) ->
         raise SpecError("dp*tp*pp", f"{cfg.dp}*{cfg.tp}*{cfg.pp}={cfg.world_size}",
                         f"the degrees must multiply to the cluster's {cluster.num_devices} devices "
                         f"({cluster.summary()}); adjust --dp/--tp/--pp or --nodes")
-    dpn = min(g.devices_per_node for g in cluster.groups)  # a tp group must fit in every group's nodes
-    if cfg.tp > dpn:
-        raise SpecError("tp", cfg.tp, f"tensor parallelism beyond one node ({dpn} devices) is not planned; "
-                        f"use --tp <= {dpn}")
+    dpn = min(g.devices_per_node for g in cluster.groups)
+    # A tp group wider than a node is priced (its collectives cross the network every layer, which
+    # the explanation says) on one device type; on a mixed cluster it could straddle two.
+    if cfg.tp > dpn and not cluster.is_homogeneous:
+        raise SpecError("tp", cfg.tp, f"tensor parallelism beyond one node ({dpn} devices) is not priced on a "
+                        f"mixed cluster; use --tp <= {dpn}")
+    if cfg.tp > dpn and cfg.tp % dpn:
+        raise SpecError("tp", cfg.tp, f"a tensor-parallel group wider than a node must span whole nodes of "
+                        f"{dpn} devices; use --tp {dpn * (cfg.tp // dpn)} or {dpn * (cfg.tp // dpn + 1)}")
     if cfg.sequence_parallel:
         check_sequence_parallel(graph, (True,))
     if cfg.pp * cfg.virtual_stages > graph.num_layers:
@@ -326,28 +331,6 @@ def _candidate_table(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig
     """
     key = (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
     return priced_table({} if tables is None else tables, graph, cluster, key, c)
-
-
-def _chunk_phase_times(graph: CostGraph, cluster: ClusterSpec, cand: Candidate, c: CostConstants,
-                       tables: dict[tuple, LayerTable] | None = None) -> list[tuple[float, float, float]]:
-    """(forward, backward-input incl. recompute, backward-weight) seconds per micro-batch per chunk,
-    tensor-parallel communication split evenly between forward and backward, as the cost model does."""
-    from planner.cost.model import position_layer_tables
-    from planner.schedules import chunk_devices
-
-    table = _candidate_table(graph, cluster, cand.config, c, tables)
-    cfg = cand.config
-    own = None if cluster.is_homogeneous else position_layer_tables(graph, cluster, cfg, c, table.dtype)
-    devices = chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
-    out = []
-    for j, (a, b) in enumerate(cand.boundaries):
-        if own is not None:  # mixed cluster: the chunk's position runs on its own device type
-            table = own[devices[j]]
-        comm = float(table.tp_comm_s[a:b].sum()) / 2
-        out.append((float(table.fwd_s[a:b].sum()) + comm,
-                    float(table.bwd_input_s[a:b].sum() + table.recompute_s[a:b].sum()) + comm,
-                    float(table.bwd_weight_s[a:b].sum())))
-    return out
 
 
 def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_batch: int,
@@ -400,7 +383,7 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
                      param_count=graph.param_count, num_layers=graph.num_layers,
                      layer_names=tuple(layer.name for layer in graph.layers), seq_len=graph.seq_len,
                      dtype=graph.dtype, global_batch=global_batch, flops_per_sample=graph.train_flops)
-    predicted = _prediction(cand, cfg, graph, global_batch, _chunk_phase_times(graph, cluster, cand, c, tables))
+    predicted = _prediction(cand, cfg, graph, global_batch, cand.prediction.chunk_phase_times_s)
     if result is not None:
         top = result.top
         second = top[1].step_time_s if len(top) > 1 else math.nan

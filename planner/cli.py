@@ -95,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list model presets")
     sub.add_parser("clusters", help="list cluster presets")
+    p = sub.add_parser("profile-cluster", help="measure collectives, GEMMs and memory here; write a cluster JSON")
+    p.add_argument("-o", "--output", required=True, help="cluster JSON to write (then: plan --cluster FILE)")
+    p.add_argument("--base", help="preset or cluster file for the device and links (default: cpu-local on the CPU, "
+                                  "the DGX preset of the GPU)")
+    p.add_argument("--nproc", type=int, help="local processes to measure (default: the GPUs, else 2)")
+    p.add_argument("--max-bytes", type=int, help="largest message (default 64 MiB on the CPU, 1 GiB on GPUs)")
+    p.add_argument("--iterations", type=int, help="timed samples per point (default 5)")
+    p.add_argument("--force", action="store_true", help="overwrite the output file")
+    from planner.validation.command import add_arguments as _validate_arguments
+
+    _validate_arguments(sub.add_parser("validate", help="the cost model's predictions against measured runs"))
     return parser
 
 
@@ -107,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     return {"plan": _cmd_plan, "evaluate": _cmd_evaluate, "explain": _cmd_explain, "timeline": _cmd_timeline,
             "compare": _cmd_compare, "report": _cmd_report, "models": _cmd_models,
-            "clusters": _cmd_clusters}[args.command](args)
+            "clusters": _cmd_clusters, "profile-cluster": _cmd_profile_cluster, "validate": _cmd_validate}[args.command](args)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from planner.validation.command import run
+
+    return run(args)
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
@@ -397,6 +414,27 @@ def _cmd_clusters(args: argparse.Namespace) -> int:
 
     for name in ClusterSpec.presets():
         print(ClusterSpec.preset(name).summary())
+    return 0
+
+
+def _cmd_profile_cluster(args: argparse.Namespace) -> int:
+    """Measure in a subprocess (``python -m runtime profile-cluster``: the planner never imports
+    torch.distributed), then load what it wrote with the planner's own loader."""
+    import subprocess
+
+    from planner.cluster import ClusterSpec
+
+    cmd = [sys.executable, "-m", "runtime", "profile-cluster", "-o", args.output]
+    for flag, value in (("--base", args.base), ("--nproc", args.nproc), ("--max-bytes", args.max_bytes),
+                        ("--iterations", args.iterations)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    cmd += ["--force"] if args.force else []
+    code = subprocess.run(cmd, check=False).returncode
+    if code:
+        return code
+    print(f"{ClusterSpec.from_json(args.output).summary()}; plan with: python -m planner plan --model MODEL "
+          f"--cluster {args.output}")
     return 0
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import SpecError, read_json_file
-from planner.paths import datasets_dir
+from planner.paths import datasets_dir, repo_dir
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
+MEASURED_FIELDS = ("collectives", "gemm", "memory")  # optional, per node group (docs/cluster.md)
 LINK_KINDS = ("nvlink", "nvswitch", "pcie", "infiniband", "ethernet", "roce", "shm", "loopback")
 
 
@@ -143,15 +144,187 @@ class LinkSpec:
         return cls(kind=kind, bandwidth_bytes_per_s=float(bw), latency_s=float(lat))
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+REQUIRED_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def _point_fields(d: Any, keys: dict[str, tuple[bool, str]], prefix: str, source: str | None) -> dict[str, Any]:
+    """The fields of one measured point: ``keys`` maps a name to (integer?, the fix)."""
+    if not isinstance(d, dict):
+        raise SpecError(prefix.rstrip("."), d, f"expected an object with {', '.join(keys)}", source=source)
+    _known_keys(d, set(keys), prefix, source)
+    return {k: _positive(_require(d, k, prefix, source), f"{prefix}{k}", fix, source, integer=integer)
+            for k, (integer, fix) in keys.items()}
+
+
+def _point_list(d: Any, field_name: str, example: str, source: str | None) -> list:
+    if not isinstance(d, list) or not d:
+        raise SpecError(field_name, d, f"expected a non-empty list of measured points like {example}", source=source)
+    return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectivePoint:
+    """One nccl-tests row: ``nodes`` whole nodes (every device of each), ``message_bytes`` the full
+    buffer (nccl-tests' "size"), and the bus bandwidth it reported (``busbw``)."""
+
+    nodes: int
+    message_bytes: float
+    bus_bandwidth_bytes_per_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nodes": self.nodes, "message_bytes": self.message_bytes,
+                "bus_bandwidth_bytes_per_s": self.bus_bandwidth_bytes_per_s}
+
+
+_COLLECTIVE_POINT = {"nodes": (True, "whole nodes in the collective, e.g. 2"),
+                     "message_bytes": (False, "the full buffer in bytes (nccl-tests' size), e.g. 1048576"),
+                     "bus_bandwidth_bytes_per_s": (False, "nccl-tests' busbw in bytes per second, e.g. 180e9 "
+                                                          "(not GB/s)")}
+_COLLECTIVE_EXAMPLE = '{"nodes": 1, "message_bytes": 1048576, "bus_bandwidth_bytes_per_s": 1.2e11}'
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasuredCollectives:
+    """Measured bus bandwidth per collective (docs/cluster.md); ``all_to_all``/``send_recv`` may be empty."""
+
+    all_reduce: tuple[CollectivePoint, ...]
+    all_gather: tuple[CollectivePoint, ...]
+    reduce_scatter: tuple[CollectivePoint, ...]
+    all_to_all: tuple[CollectivePoint, ...] = ()
+    send_recv: tuple[CollectivePoint, ...] = ()
+
+    def __hash__(self) -> int:  # hashed with every comm.Group that carries it: compute once
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, name) for name in COLLECTIVES))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def points(self, collective: str) -> tuple[CollectivePoint, ...]:
+        return getattr(self, collective)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: [p.to_dict() for p in getattr(self, name)] for name in COLLECTIVES if getattr(self, name)}
+
+    @classmethod
+    def from_dict(cls, d: Any, *, prefix: str = "collectives.", source: str | None = None) -> MeasuredCollectives:
+        if not isinstance(d, dict):
+            raise SpecError(prefix.rstrip("."), d, 'expected an object like {"all_reduce": [points], "all_gather": '
+                            '[...], "reduce_scatter": [...]}', source=source)
+        _known_keys(d, set(COLLECTIVES), prefix, source)
+        parsed: dict[str, tuple[CollectivePoint, ...]] = {}
+        for name in COLLECTIVES:
+            if name not in d:
+                if name in REQUIRED_COLLECTIVES:
+                    raise SpecError(f"{prefix}{name}", None, "this collective is required when `collectives` is "
+                                    f"given (nccl-tests: {name.replace('_', '')}_perf)", source=source)
+                continue
+            seen: set[tuple[int, float]] = set()
+            points = []
+            for i, p in enumerate(_point_list(d[name], f"{prefix}{name}", _COLLECTIVE_EXAMPLE, source)):
+                fields = _point_fields(p, _COLLECTIVE_POINT, f"{prefix}{name}[{i}].", source)
+                key = (fields["nodes"], float(fields["message_bytes"]))
+                if key in seen:
+                    raise SpecError(f"{prefix}{name}[{i}]", p, "a second point for the same nodes and message_bytes; "
+                                    "keep one (the median of the runs)", source=source)
+                seen.add(key)
+                points.append(CollectivePoint(nodes=int(fields["nodes"]), message_bytes=fields["message_bytes"],
+                                              bus_bandwidth_bytes_per_s=fields["bus_bandwidth_bytes_per_s"]))
+            parsed[name] = tuple(points)
+        return cls(**parsed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GemmPoint:
+    """Achieved FLOP/s of one GEMM ``(m, k) x (k, n)`` in ``dtype`` (2·m·n·k FLOPs per call)."""
+
+    m: int
+    n: int
+    k: int
+    dtype: str
+    flops_per_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"m": self.m, "n": self.n, "k": self.k, "dtype": self.dtype, "flops_per_s": self.flops_per_s}
+
+    @classmethod
+    def from_dict(cls, d: Any, *, prefix: str, source: str | None = None) -> GemmPoint:
+        dims = {x: (True, f"the GEMM's {x} dimension, a positive integer") for x in "mnk"}
+        fields = _point_fields({k: v for k, v in d.items() if k != "dtype"} if isinstance(d, dict) else d,
+                               {**dims, "flops_per_s": (False, "achieved FLOP/s, e.g. 6.1e14")}, prefix, source)
+        dtype = _require(d, "dtype", prefix, source)
+        if dtype not in DTYPES:
+            raise SpecError(f"{prefix}dtype", dtype, f"use one of {list(DTYPES)}", source=source)
+        return cls(m=fields["m"], n=fields["n"], k=fields["k"], dtype=dtype, flops_per_s=float(fields["flops_per_s"]))
+
+
+def _gemm_from_list(d: Any, field_name: str, source: str | None) -> tuple[GemmPoint, ...]:
+    example = '{"m": 4096, "n": 4096, "k": 4096, "dtype": "bf16", "flops_per_s": 6.1e14}'
+    points, seen = [], set()
+    for i, p in enumerate(_point_list(d, field_name, example, source)):
+        point = GemmPoint.from_dict(p, prefix=f"{field_name}[{i}].", source=source)
+        key = (point.m, point.n, point.k, point.dtype)
+        if key in seen:
+            raise SpecError(f"{field_name}[{i}]", p, "a second point for the same shape and dtype; keep one",
+                            source=source)
+        seen.add(key)
+        points.append(point)
+    return tuple(points)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeasuredMemory:
+    """What the allocator can hand out, measured: ``usable_fraction · memory_bytes − reserved_bytes``.
+
+    A field left out keeps the cost constants' value (``allocator_usable_fraction``, ``reserved_bytes``).
+    """
+
+    reserved_bytes: int | None = None
+    usable_fraction: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.reserved_bytes is not None:
+            out["reserved_bytes"] = self.reserved_bytes
+        if self.usable_fraction is not None:
+            out["usable_fraction"] = self.usable_fraction
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, *, prefix: str = "memory.", source: str | None = None) -> MeasuredMemory:
+        if not isinstance(d, dict) or not d:
+            raise SpecError(prefix.rstrip("."), d, 'expected an object like {"reserved_bytes": 3221225472, '
+                            '"usable_fraction": 0.95} (either field may be left out, not both)', source=source)
+        _known_keys(d, {"reserved_bytes", "usable_fraction"}, prefix, source)
+        reserved = d.get("reserved_bytes")
+        if reserved is not None and (isinstance(reserved, bool) or not isinstance(reserved, int) or reserved < 0):
+            raise SpecError(f"{prefix}reserved_bytes", reserved, "expected bytes, an integer >= 0, e.g. 3221225472 "
+                            "for 3 GiB", source=source)
+        fraction = d.get("usable_fraction")
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not math.isfinite(fraction) or not 0 < fraction <= 1):
+            raise SpecError(f"{prefix}usable_fraction", fraction, "expected a fraction in (0, 1], e.g. 0.95",
+                            source=source)
+        return cls(reserved_bytes=reserved, usable_fraction=None if fraction is None else float(fraction))
+
+
 @dataclass(frozen=True, kw_only=True)
 class NodeGroup:
-    """Identical nodes: device type, devices per node, intra-node link and node network bandwidth."""
+    """Identical nodes: device type, devices per node, intra-node link and node network bandwidth.
+
+    ``collectives``, ``gemm`` and ``memory`` are optional measurements of these nodes
+    (``python -m planner profile-cluster``); the cost model prefers them where they apply.
+    """
 
     device: DeviceSpec
     nodes: int
     devices_per_node: int
     intra_node: LinkSpec
     inter_node: LinkSpec
+    collectives: MeasuredCollectives | None = None
+    gemm: tuple[GemmPoint, ...] | None = None
+    memory: MeasuredMemory | None = None
 
     @property
     def num_devices(self) -> int:
@@ -164,14 +337,27 @@ class NodeGroup:
             "devices_per_node": self.devices_per_node,
             "intra_node": self.intra_node.to_dict(),
             "inter_node": self.inter_node.to_dict(),
+            **self.measured_dict(),
         }
+
+    def measured_dict(self) -> dict[str, Any]:
+        """The measured fields that are set (none: an empty dict, so unmeasured files stay as they were)."""
+        out: dict[str, Any] = {}
+        if self.collectives is not None:
+            out["collectives"] = self.collectives.to_dict()
+        if self.gemm is not None:
+            out["gemm"] = [p.to_dict() for p in self.gemm]
+        if self.memory is not None:
+            out["memory"] = self.memory.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Any, *, prefix: str = "", source: str | None = None) -> NodeGroup:
         if not isinstance(d, dict):
             raise SpecError(prefix.rstrip(".") or "group", d, "expected an object", source=source)
-        _known_keys(d, {"device", "nodes", "devices_per_node", "intra_node", "inter_node"}, prefix, source)
-        return cls(
+        _known_keys(d, {"device", "nodes", "devices_per_node", "intra_node", "inter_node", *MEASURED_FIELDS},
+                    prefix, source)
+        group = cls(
             device=DeviceSpec.from_dict(_require(d, "device", prefix, source), prefix=f"{prefix}device.",
                                         source=source),
             nodes=_positive(_require(d, "nodes", prefix, source), f"{prefix}nodes", "the number of nodes", source,
@@ -182,7 +368,43 @@ class NodeGroup:
                                           source=source),
             inter_node=LinkSpec.from_dict(_require(d, "inter_node", prefix, source), prefix=f"{prefix}inter_node.",
                                           source=source),
+            collectives=MeasuredCollectives.from_dict(d["collectives"], prefix=f"{prefix}collectives.", source=source)
+            if "collectives" in d else None,
+            gemm=_gemm_from_list(d["gemm"], f"{prefix}gemm", source) if "gemm" in d else None,
+            memory=MeasuredMemory.from_dict(d["memory"], prefix=f"{prefix}memory.", source=source)
+            if "memory" in d else None,
         )
+        if group.memory is not None:
+            fraction = group.memory.usable_fraction if group.memory.usable_fraction is not None else 1.0
+            if group.memory.reserved_bytes is not None and group.memory.reserved_bytes >= fraction * group.device.memory_bytes:
+                raise SpecError(f"{prefix}memory.reserved_bytes", group.memory.reserved_bytes,
+                                f"leaves no usable memory of the device's {group.device.memory_bytes} bytes; it is "
+                                "the memory held outside the allocator (CUDA context, NCCL, cuBLAS), a few GiB",
+                                source=source)
+        return group
+
+
+_SCHEMA_VALIDATOR: Any = None
+
+
+def check_cluster_schema(d: dict, *, source: str | None = None) -> None:
+    """Check a cluster dict against docs/cluster.schema.json; the error names the field.
+
+    :meth:`ClusterSpec.from_dict` runs it after its own checks (which give the more specific
+    fixes), so a file the loader accepts is one the published schema describes.
+    """
+    global _SCHEMA_VALIDATOR
+    import jsonschema
+
+    if _SCHEMA_VALIDATOR is None:
+        schema = json.loads((repo_dir() / "docs" / "cluster.schema.json").read_text())
+        _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(schema)
+    errors = sorted(_SCHEMA_VALIDATOR.iter_errors(d), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise SpecError(where, err.instance if not isinstance(err.instance, (dict, list)) else "...",
+                        f"{err.message}; see docs/cluster.md for the format", source=source)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,11 +467,15 @@ class ClusterSpec:
             if not isinstance(groups, list) or not groups:
                 raise SpecError("groups", groups, "expected a non-empty list of node groups", source=source)
             parsed = tuple(NodeGroup.from_dict(g, prefix=f"groups[{i}].", source=source) for i, g in enumerate(groups))
-            return cls(name=name, groups=parsed, description=description)
-        _known_keys(d, {"name", "description", "device", "nodes", "devices_per_node", "intra_node", "inter_node"},
-                    "", source)
-        group = NodeGroup.from_dict({k: v for k, v in d.items() if k not in ("name", "description")}, source=source)
-        return cls(name=name, groups=(group,), description=description)
+            spec = cls(name=name, groups=parsed, description=description)
+        else:
+            _known_keys(d, {"name", "description", "device", "nodes", "devices_per_node", "intra_node", "inter_node",
+                            *MEASURED_FIELDS}, "", source)
+            group = NodeGroup.from_dict({k: v for k, v in d.items() if k not in ("name", "description")},
+                                        source=source)
+            spec = cls(name=name, groups=(group,), description=description)
+        check_cluster_schema(d, source=source)  # the published schema agrees with the checks above
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         if self.is_homogeneous:
@@ -273,6 +499,10 @@ class ClusterSpec:
             _positive(devices_per_node, "devices_per_node", "pass --devices-per-node N with N >= 1", None,
                       integer=True)
         g = self.groups[0]
+        if devices_per_node not in (None, g.devices_per_node) and g.collectives is not None:
+            raise SpecError("devices_per_node", devices_per_node,
+                            f"the cluster's measured collectives describe nodes of {g.devices_per_node} devices; "
+                            "measure nodes of this size (profile-cluster --nproc N) or drop --devices-per-node")
         g = replace(g, nodes=nodes or g.nodes, devices_per_node=devices_per_node or g.devices_per_node)
         return replace(self, groups=(g,))
 
@@ -365,8 +595,12 @@ class ClusterSpec:
 
     def fingerprint(self) -> str:
         """Stable hash of everything that changes predictions (not the name or description)."""
-        payload = json.dumps([g.to_dict() for g in self.groups], sort_keys=True)
-        return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+        cached = self.__dict__.get("_fingerprint")  # frozen: computed once (measured curves make it long)
+        if cached is None:
+            payload = json.dumps([g.to_dict() for g in self.groups], sort_keys=True)
+            cached = "sha256:" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+            object.__setattr__(self, "_fingerprint", cached)
+        return cached
 
     def summary(self) -> str:
         parts = [f"{g.nodes}x{g.devices_per_node} {g.device.name}" for g in self.groups]

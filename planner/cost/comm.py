@@ -21,16 +21,30 @@ Formulas (S = bytes per rank, B = bus bandwidth above, α = latency of the slowe
                   (every rank's off-node share crosses its own NIC: no k-fold aggregation)
   broadcast       S/B + log2(n)·α  (pipelined ring/tree)
   point-to-point  S/b + α, b = the NVLink or the one NIC between the two ranks
+
+**Measured curves.** When the cluster file has ``collectives`` (nccl-tests bus bandwidth of whole
+nodes, :mod:`planner.cost.measured`), a collective is priced from them instead
+(:func:`measured_time_s`), and by the formulas above only outside the measured range
+(:func:`measured_notes` says which). A group of whole nodes reads the curve directly. A group
+inside one node reads the one-node curve at its own message size: bus bandwidth is a per-device
+link figure, and on a switched node (NVSwitch) a subset of devices gets the same links. A group
+spread over nodes with ``k`` of a node's ``d`` devices (dp under tp: one per tp rank) drives
+``k`` of the node's ``d`` NICs: it gets ``k/d`` of the measured bus bandwidth, read at the
+message size that puts the same bytes on each NIC (``S·d/k``). All-to-all and send/recv are
+bounded by each rank's own NIC share, so they read the curve unscaled; a send/recv between
+nodes reads the smallest measured node count above one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from planner.cluster import ClusterSpec
+from planner.cluster import ClusterSpec, MeasuredCollectives
 from planner.cost.constants import CostConstants
+from planner.cost.measured import collective_tables, format_bytes
+from planner.plan import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,9 @@ class Group:
     intra_latency_s: float
     nic_bw: float  # one rank's share of its node's network bandwidth
     inter_latency_s: float
+    # The node group's measured bus bandwidth (None: alpha-beta only) and its devices per node.
+    measured: MeasuredCollectives | None = None
+    devices_per_node: int = 0
 
     @property
     def bus_bw(self) -> float:
@@ -86,8 +103,10 @@ def strided_group(cluster: ClusterSpec, size: int, stride: int) -> Group:
     per_node = max(1, min(size, dpn // stride)) if stride < dpn else 1
     nodes = max(1, math.ceil(size / per_node))
     intra = cluster.intra_node
+    measured = cluster.groups[0].collectives if cluster.is_homogeneous else None
     return Group(size=size, nodes=nodes, per_node=per_node, intra_bw=intra.bandwidth_bytes_per_s,
-                 intra_latency_s=intra.latency_s, nic_bw=_nic_bw(cluster), inter_latency_s=cluster.inter_node.latency_s)
+                 intra_latency_s=intra.latency_s, nic_bw=_nic_bw(cluster), inter_latency_s=cluster.inter_node.latency_s,
+                 measured=measured, devices_per_node=dpn if measured is not None else 0)
 
 
 def group_of_ranks(cluster: ClusterSpec, ranks: Sequence[int]) -> Group:
@@ -108,9 +127,107 @@ def group_of_ranks(cluster: ClusterSpec, ranks: Sequence[int]) -> Group:
     intra = min(groups, key=lambda g: g.intra_node.bandwidth_bytes_per_s).intra_node
     nic = min(g.inter_node.bandwidth_bytes_per_s / g.devices_per_node for g in groups)
     inter_lat = max(g.inter_node.latency_s for g in groups)
+    measured = groups[0].collectives if len(groups) == 1 else None  # curves describe one node group's nodes
     return Group(size=len(ranks), nodes=len(per_node), per_node=min(per_node.values()),
                  intra_bw=intra.bandwidth_bytes_per_s, intra_latency_s=intra.latency_s, nic_bw=nic,
-                 inter_latency_s=inter_lat)
+                 inter_latency_s=inter_lat, measured=measured,
+                 devices_per_node=groups[0].devices_per_node if measured is not None else 0)
+
+
+def _measured_query(collective: str, nbytes: float, g: Group) -> tuple[int, float, float] | None:
+    """``(nodes, message bytes, share)`` to read from the whole-node curves for ``g`` (module docstring)."""
+    if g.nodes <= 1:
+        return 1, nbytes, 1.0
+    if collective == "send_recv":
+        table = collective_tables(g.measured)["send_recv"]  # type: ignore[arg-type]
+        above_one = [k for k in table.nodes if k >= 2]
+        return (above_one[0], nbytes, 1.0) if above_one else None
+    if collective == "all_to_all" or g.devices_per_node <= 0:
+        return g.nodes, nbytes, 1.0
+    share = min(1.0, g.per_node / g.devices_per_node)
+    return g.nodes, nbytes / share, share
+
+
+def measured_time_s(collective: str, nbytes: float, g: Group) -> float | None:
+    """Seconds of ``collective`` on ``g`` from the measured bus bandwidth, or ``None`` outside its range.
+
+    nccl-tests conventions: all-reduce ``2(n−1)/n·S/busbw``; all-gather, reduce-scatter and
+    all-to-all ``(n−1)/n·S/busbw``; send/recv ``S/busbw`` (``S`` the full buffer).
+    """
+    if g.measured is None:
+        return None
+    query = _measured_query(collective, nbytes, g)
+    if query is None:
+        return None
+    nodes, lookup_bytes, share = query
+    busbw = collective_tables(g.measured)[collective].bus_bandwidth(nodes, lookup_bytes)
+    if busbw is None:
+        return None
+    n = g.size
+    factor = 1.0 if collective == "send_recv" else (2 * (n - 1) / n if collective == "all_reduce" else (n - 1) / n)
+    return factor * nbytes / (busbw * share)
+
+
+def measured_notes(priced: Sequence[tuple[str, str, float, Group]]) -> list[str]:
+    """Plan notes for collectives on a measured cluster: ``priced`` holds ``(label, collective,
+    bytes, group)`` of what a configuration runs; one line per label that fell outside the
+    measured curves (priced by the alpha-beta formulas instead), or one line saying all were
+    measured. Groups without measurements are left out."""
+    outside: dict[str, list[tuple[float, Group, str]]] = {}
+    inside: list[str] = []
+    for label, collective, nbytes, g in priced:
+        if g.measured is None or g.size <= 1 or nbytes <= 0:
+            continue
+        if measured_time_s(collective, nbytes, g) is not None:
+            if label not in inside:
+                inside.append(label)
+            continue
+        query = _measured_query(collective, nbytes, g)
+        table = collective_tables(g.measured)[collective]
+        where = (f"{query[0]} node(s) at {format_bytes(query[1])}" if query else f"{g.nodes} node(s)")
+        outside.setdefault(label, []).append((nbytes, g, f"{where}; measured: {table.describe()}"))
+    notes = []
+    for label, items in outside.items():
+        sizes = sorted(x for x, _, _ in items)
+        span = format_bytes(sizes[0]) if sizes[0] == sizes[-1] else f"{format_bytes(sizes[0])}-{format_bytes(sizes[-1])}"
+        notes.append(f"{label} ({len(items)} message size(s), {span}) is outside the cluster's measured "
+                     f"collectives ({items[0][2]}): priced by the alpha-beta links instead")
+    measured_only = [x for x in inside if x not in outside]
+    if measured_only:
+        notes.append(f"{', '.join(measured_only)} priced from the cluster's measured bus bandwidth (docs/cluster.md)")
+    return notes
+
+
+def step_collective_notes(cluster: ClusterSpec, cfg: ParallelConfig, c: CostConstants, *, tp_bytes: Sequence[float],
+                          dp_bytes: Sequence[float], p2p_bytes: Sequence[float]) -> list[str]:
+    """:func:`measured_notes` for one configuration's collectives, as :mod:`planner.cost.model` prices
+    them: ``tp_bytes`` each tensor-parallel all-reduce of a micro-batch (a reduce-scatter plus an
+    all-gather under sequence parallelism), ``dp_bytes`` each pipeline device's gradients,
+    ``p2p_bytes`` each pipeline cut's activation (``1/tp`` of it per rank under Megatron's
+    scatter/gather)."""
+    priced: list[tuple[str, str, float, Group]] = []
+    if cfg.tp > 1:
+        tp_group = strided_group(cluster, cfg.tp, 1)
+        kinds = ("reduce_scatter", "all_gather") if cfg.sequence_parallel else ("all_reduce",)
+        priced += [(f"tp {kind}", kind, x, tp_group) for x in sorted(set(tp_bytes)) for kind in kinds]
+    if cfg.dp > 1:
+        dp_group = strided_group(cluster, cfg.dp, cfg.tp)
+        kinds = ("all_reduce",) if cfg.zero_stage == 0 else ("reduce_scatter", "all_gather")
+        priced += [(f"dp {kind}", kind, x, dp_group) for x in sorted(set(dp_bytes)) for kind in kinds]
+    if p2p_bytes and cluster.is_homogeneous:
+        pair = pair_group(cluster, same_node=cfg.dp * cfg.tp < cluster.devices_per_node)
+        split = cfg.tp if cfg.tp > 1 and not cfg.sequence_parallel and c.pp_scatter_gather else 1
+        priced += [("pp send_recv", "send_recv", x / split, pair) for x in sorted(set(p2p_bytes))]
+    return measured_notes(priced)
+
+
+def pair_group(cluster: ClusterSpec, *, same_node: bool) -> Group:
+    """Two ranks that exchange a pipeline send/recv, on one node or on two (what :func:`p2p_s` prices)."""
+    intra = cluster.intra_node
+    measured = cluster.groups[0].collectives if cluster.is_homogeneous else None
+    return Group(size=2, nodes=1 if same_node else 2, per_node=1, intra_bw=intra.bandwidth_bytes_per_s,
+                 intra_latency_s=intra.latency_s, nic_bw=_nic_bw(cluster), inter_latency_s=cluster.inter_node.latency_s,
+                 measured=measured, devices_per_node=cluster.groups[0].devices_per_node if measured else 0)
 
 
 def ring_all_reduce_s(nbytes: float, g: Group, c: CostConstants) -> float:
@@ -126,6 +243,8 @@ def all_reduce_s(nbytes: float, g: Group, c: CostConstants) -> float:
     """All-reduce of ``nbytes`` per rank: the faster of ring and tree."""
     if g.size <= 1 or nbytes <= 0:
         return 0.0
+    if g.measured is not None and (t := measured_time_s("all_reduce", nbytes, g)) is not None:
+        return t
     return min(ring_all_reduce_s(nbytes, g, c), tree_all_reduce_s(nbytes, g, c))
 
 
@@ -134,12 +253,17 @@ def reduce_scatter_s(nbytes: float, g: Group, c: CostConstants) -> float:
     n = g.size
     if n <= 1 or nbytes <= 0:
         return 0.0
+    if g.measured is not None and (t := measured_time_s("reduce_scatter", nbytes, g)) is not None:
+        return t
     return (n - 1) / n * nbytes / g.ring_bw(c) + (n - 1) * g.latency_s
 
 
 def all_gather_s(nbytes: float, g: Group, c: CostConstants) -> float:
     """``nbytes`` is the gathered (full) buffer size per rank."""
-    return reduce_scatter_s(nbytes, g, c)
+    if g.measured is not None and g.size > 1 and nbytes > 0 and \
+            (t := measured_time_s("all_gather", nbytes, g)) is not None:
+        return t
+    return reduce_scatter_s(nbytes, replace(g, measured=None) if g.measured is not None else g, c)
 
 
 def all_to_all_s(nbytes: float, g: Group, c: CostConstants) -> float:
@@ -151,6 +275,8 @@ def all_to_all_s(nbytes: float, g: Group, c: CostConstants) -> float:
     n = g.size
     if n <= 1 or nbytes <= 0:
         return 0.0
+    if g.measured is not None and g.measured.all_to_all and (t := measured_time_s("all_to_all", nbytes, g)) is not None:
+        return t
     k = g.per_node if g.nodes > 1 else n
     intra = (k - 1) / n * nbytes / (g.intra_bw * c.link_efficiency)
     inter = (n - k) / n * nbytes / (g.nic_bw * c.network_efficiency) if g.nodes > 1 else 0.0
@@ -167,6 +293,9 @@ def p2p_s(nbytes: float, *, same_node: bool, cluster: ClusterSpec, c: CostConsta
     """One rank sends ``nbytes`` to one rank; every rank of a stage does so at once, on its own NIC."""
     if nbytes <= 0:
         return 0.0
+    if cluster.is_homogeneous and (m := cluster.groups[0].collectives) is not None and m.send_recv and \
+            (t := measured_time_s("send_recv", nbytes, pair_group(cluster, same_node=same_node))) is not None:
+        return t
     if same_node:
         link = cluster.intra_node
         return nbytes / (link.bandwidth_bytes_per_s * c.link_efficiency) + link.latency_s

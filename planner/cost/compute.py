@@ -29,8 +29,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.cluster import DeviceSpec
+from planner.cluster import DeviceSpec, GemmPoint
 from planner.cost.constants import DTYPE_BYTES, CostConstants
+from planner.cost.measured import gemm_tables
 from planner.trace.graph import Layer
 from planner.trace.meter import ATTENTION_KERNELS
 
@@ -45,6 +46,18 @@ def gemm_efficiency(m: float, n: float, k: float, c: CostConstants) -> float:
         if d > 0:
             eff *= d / (d + c.gemm_half_efficiency_dim)
     return eff
+
+
+def measured_gemm_efficiency(m: float, n: float, k: float, *, dtype: str, device: DeviceSpec,
+                             points: tuple[GemmPoint, ...], c: CostConstants) -> float:
+    """:func:`gemm_efficiency` scaled by the measured/formula ratio of the cluster's measured GEMMs of
+    ``dtype`` near ``(m, n, k)`` (:mod:`planner.cost.measured`); the formula alone when none is near."""
+    eff = gemm_efficiency(m, n, k, c)
+    if min(m, n, k) <= 0:
+        return eff
+    table = gemm_tables(points, tuple(sorted(device.peak_flops.items())), c).get(dtype)
+    ratio = table.correction(m, n, k) if table is not None else None
+    return eff if ratio is None else eff * ratio
 
 
 def gemm_calls(kind: str, flops: float, m: int, n: int, k: int) -> float:
@@ -101,12 +114,15 @@ class LayerTimes:
 
 
 def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: bool, device: DeviceSpec,
-                dtype: str, c: CostConstants) -> LayerTimes:
-    """Seconds for one micro-batch of ``layer`` on one of its ``tp`` devices (no communication)."""
+                dtype: str, c: CostConstants, gemm: tuple[GemmPoint, ...] | None = None) -> LayerTimes:
+    """Seconds for one micro-batch of ``layer`` on one of its ``tp`` devices (no communication).
+
+    ``gemm``: the cluster's measured GEMM points (:func:`measured_gemm_efficiency`), if any.
+    """
     peak = device.peak(dtype)
     bw = device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
     elt = DTYPE_BYTES.get(dtype, 2)
-    gemm_fwd = attention_gemm = gemm_flops = 0.0
+    gemm_fwd = attention_gemm = gemm_flops = fused_attention = 0.0
     weight_elems = 0.0
     for op in layer.op_costs:
         if op.flops <= 0:
@@ -118,16 +134,25 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
         weight = calls * op.k * op.n * elt if op.kind in LINEAR_KINDS else 0.0
         weight_elems += op.k * op.n if op.kind in LINEAR_KINDS else 0.0
         nbytes = (max(op.bytes - weight, 0.0) * micro_batch + min(weight, op.bytes)) / tp
-        if op.m:
+        if op.kind in ATTENTION_KERNELS:
+            # A fused kernel (FlashAttention): its own efficiency, and under a causal mask it skips the
+            # score tiles above the diagonal, about half the FLOPs the model is credited with.
+            eff = c.fused_attention_efficiency
+            if op.causal:
+                flops *= 0.5
+        elif op.m:
             m, n, k = tp_split_dims(op.kind, op.m * micro_batch, op.n, op.k, tp)
-            eff = gemm_efficiency(m, n, k, c)
-        else:  # a FLOP-counted op without a GEMM shape (fused attention kernels): a large GEMM
+            eff = gemm_efficiency(m, n, k, c) if gemm is None else measured_gemm_efficiency(
+                m, n, k, dtype=dtype, device=device, points=gemm, c=c)
+        else:  # a FLOP-counted op without a GEMM shape: a large GEMM
             eff = c.gemm_efficiency_max
         t = max(flops / (peak * eff), nbytes / bw) + calls * c.kernel_overhead_s
         gemm_fwd += t
         gemm_flops += op.flops
         if op.kind in ATTENTION_KINDS:
             attention_gemm += t
+        if op.kind in ATTENTION_KERNELS:
+            fused_attention += t
     # Parameters read by memory-bound ops (embedding tables, norms, biases) once per micro-batch.
     params = max(layer.param_count - weight_elems, 0.0) * elt
     per_sample = sum(op.bytes for op in layer.op_costs if op.flops <= 0)
@@ -138,7 +163,9 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
         w_ratio = layer.bwd_weight_flops / gemm_flops
     else:
         b_ratio, w_ratio = 1.0, 0.0
-    bwd_in = gemm_fwd * b_ratio + 2 * mem_fwd
+    # A fused attention kernel's backward recomputes the scores it did not store: one more QKᵀ GEMM
+    # (and the softmax) on top of the two gradient GEMMs per forward GEMM (Dao 2023: 2.5 x forward).
+    bwd_in = gemm_fwd * b_ratio + 2 * mem_fwd + c.fused_attention_bwd_recompute * fused_attention
     bwd_w = gemm_fwd * w_ratio
     # Selective recomputation repeats the attention core: its GEMMs and the element-wise work on
     # the score tensors (softmax, dropout), which is the attention share of the saved activations.

@@ -13,7 +13,9 @@ kernels, asynchronous kernel launches). A CPU run is described by the constants 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+from planner.errors import SpecError
 
 # Bytes per element of each training dtype (activations, gradients exchanged between ranks).
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -29,6 +31,14 @@ class CostConstants:
     # and shows how the error moves when they move.
     gemm_efficiency_max: float = 0.80
     gemm_half_efficiency_dim: float = 96.0
+    # A fused attention kernel (FlashAttention-2 and the memory-efficient kernel SDPA picks) runs at
+    # about this fraction of the dtype's dense peak on the FLOPs it really computes (a causal mask
+    # halves them): Dao 2023 reports 50-73% of A100 peak forward and backward for FlashAttention-2
+    # and 335 TFLOP/s (34%) on H100, FlashAttention-3 (Shah et al. 2024) 75% forward on H100.
+    fused_attention_efficiency: float = 0.5
+    # Its backward repeats QKᵀ (scores are recomputed, not stored): 2.5 x the forward FLOPs where
+    # the model's 2 x counts two gradient GEMMs per forward GEMM, i.e. 0.5 x the forward time more.
+    fused_attention_bwd_recompute: float = 0.5
     # Memory-bound ops reach this fraction of the HBM bandwidth (streaming kernels come close to
     # the datasheet figure; reductions such as layer norm and softmax do less).
     memory_bandwidth_efficiency: float = 0.70
@@ -42,6 +52,13 @@ class CostConstants:
     # the "device" is the host) the two add up. The GPU value is the order of a CUDA launch.
     op_dispatch_s: float = 5e-6
     async_dispatch: bool = True
+    # Fixed cost of one pipeline step (one chunk's forward or backward of one micro-batch) when
+    # pp > 1, during which the device idles: the step waits on its received input (Megatron-LM
+    # synchronises the stream after ``batch_isend_irecv``), so the host's lead is lost and the
+    # step's first kernels wait on their launch, plus the p2p kernels' own launch and handshake
+    # (tens of microseconds each) and the scheduler's Python. An estimate of that order, not a fit;
+    # `python -m planner validate` shows what it does to the sweep's pipelined rows.
+    pipeline_step_overhead_s: float = 2e-4
     # Kept for plan files written before op_dispatch_s existed: an extra per-op charge (s).
     kernel_overhead_s: float = 0.0
     # The training loss is not part of the traced model. For a model whose last layer emits
@@ -49,12 +66,34 @@ class CostConstants:
     # about this many times: forward log-softmax (read, write), backward zero-fill, scatter,
     # log-softmax backward (read two, write one). Charged to the last layer, 1/3 forward.
     loss_traffic_passes: float = 6.0
+    # Under tensor parallelism, whether the loss runs on the vocabulary-split logits (Megatron's
+    # vocabulary-parallel cross-entropy: each tp rank 1/tp of the loss, no gather). False: the head
+    # all-gathers its output over tp and every tp rank computes the whole loss, which is what
+    # torch's ``ColwiseParallel(output_layouts=Replicate())`` does (runtime/tensor_parallel.py).
+    vocab_parallel_loss: bool = True
     # --- communication -------------------------------------------------------------------
     # Achievable fraction of a link's unidirectional bandwidth for NCCL collectives: inside a
     # node (NVLink/NVSwitch) and over the network (InfiniBand), where large messages come
     # closer to the line rate.
     link_efficiency: float = 0.80
     network_efficiency: float = 0.90
+    # Fraction of the communication a runtime issues in the background (data-parallel gradient
+    # buckets during backward, FSDP's prefetched all-gathers) that really runs while compute does.
+    # 1 on GPUs: NCCL runs on its own stream and SMs. 0 where the collectives need the same cores as
+    # the compute: gloo's threads on a CPU whose cores the ranks share (measured by
+    # ``python -m bench.cpu_profile``: an all-reduce started before a GEMM loop adds its whole time).
+    comm_compute_overlap: float = 1.0
+    # Host seconds the data-parallel sharding framework spends per wrapped layer and micro-batch
+    # beyond its collectives (FSDP2: gathering into and splitting out of flat buffers, DTensor
+    # bookkeeping, the sharded optimizer's per-tensor dispatch), charged to every ZeRO stage the
+    # runtime runs with FSDP. 0 where the host runs ahead of the device (GPUs); a CPU measures it
+    # (``bench.cpu_profile``: a small MLP stack under FSDP2 against DDP).
+    fsdp_layer_overhead_s: float = 0.0
+    # The same for tensor parallelism, per split Linear or Embedding and micro-batch (torch's
+    # DTensor dispatch and redistribution in ColwiseParallel / RowwiseParallel, and the optimizer
+    # on DTensor parameters), beyond the tensor-parallel collectives. 0 on GPUs (hidden behind
+    # device time); measured on a CPU (the same MLP stack split in tp pairs against one process).
+    tp_layer_overhead_s: float = 0.0
     # Megatron's scatter/gather for pipeline sends (Narayanan et al. 2021, §4.1): each of the tp
     # ranks of a stage sends 1/tp of the activation over its own NIC, the receiver all-gathers it
     # over NVLink.
@@ -66,6 +105,12 @@ class CostConstants:
     weight_bytes: int = 2
     grad_bytes: int = 2
     optimizer_bytes: int = 12  # fp32 master weights, Adam m and v
+    # bf16 keeps only 8 mantissa bits, too few to sum gradients across micro-batches and ranks:
+    # Megatron-LM turns on ``accumulate_allreduce_grads_in_fp32`` whenever it trains in bf16, torch
+    # FSDP2 as torchtitan sets it reduces in fp32, nanotron has ``accumulate_grad_in_fp32``. So a
+    # bf16 run holds and reduces fp32 gradients: 2 + 4 + 12 = 18 bytes per parameter (Megatron's
+    # distributed-optimizer table); fp16 keeps ``grad_bytes``.
+    bf16_grad_bytes: int = 4
     # fp32 copies of the last layer's output alive while the loss runs (the fp32 logits or the
     # log-probabilities autograd saves, the gradient of the log-probabilities, the gradient of the
     # logits); Megatron's vocabulary-parallel cross-entropy works in place on two.
@@ -95,7 +140,26 @@ class CostConstants:
         """
         if DTYPE_BYTES.get(dtype, 2) >= 4:
             return 4.0, 4.0, 8.0
-        return float(self.weight_bytes), float(self.grad_bytes), float(self.optimizer_bytes)
+        grads = self.bf16_grad_bytes if dtype == "bf16" else self.grad_bytes
+        return float(self.weight_bytes), float(grads), float(self.optimizer_bytes)
+
+
+# What the trainer that runs the plan does to element-wise work, which the trace sees as eager
+# PyTorch (each op reads and writes memory). The defaults describe Megatron-LM's fused kernels;
+# torch.compile fuses element-wise chains the same way; a plain eager PyTorch trainer (nanotron,
+# llm-foundry, torchtitan without compile, this project's runtime) moves every traced byte.
+TRAINERS: dict[str, dict[str, object]] = {
+    "megatron": {},
+    "compiled": {},
+    "eager": {"elementwise_traffic_factor": 1.0},
+}
+
+
+def trainer_constants(trainer: str, base: CostConstants | None = None) -> CostConstants:
+    """``base`` (default: the defaults) as the named trainer runs it (:data:`TRAINERS`)."""
+    if trainer not in TRAINERS:
+        raise SpecError("trainer", trainer, f"use one of {sorted(TRAINERS)}")
+    return replace(base or CostConstants(), **TRAINERS[trainer])
 
 
 DEFAULT = CostConstants()

@@ -127,8 +127,18 @@ def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight:
 
 
 def usable_memory_bytes(cluster: ClusterSpec, c: CostConstants) -> float:
-    """What the allocator can hand out: ``usable_fraction · memory − reserved``."""
-    return cluster.device.memory_bytes * c.allocator_usable_fraction - c.reserved_bytes
+    """What the allocator can hand out: ``usable_fraction · memory − reserved``.
+
+    The cluster's measured ``memory`` (of the node group whose device :attr:`ClusterSpec.device`
+    picks) replaces the constants it gives; without it, ``c``'s.
+    """
+    device = cluster.device
+    measured = next((g.memory for g in cluster.groups if g.device is device), None)
+    if measured is None:
+        return device.memory_bytes * c.allocator_usable_fraction - c.reserved_bytes
+    fraction = c.allocator_usable_fraction if measured.usable_fraction is None else measured.usable_fraction
+    reserved = c.reserved_bytes if measured.reserved_bytes is None else measured.reserved_bytes
+    return device.memory_bytes * fraction - reserved
 
 
 def _range_max(arr: np.ndarray) -> np.ndarray:

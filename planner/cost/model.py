@@ -38,6 +38,7 @@ from planner.cost.comm import (
     group_of_ranks,
     p2p_s,
     reduce_scatter_s,
+    step_collective_notes,
     strided_group,
 )
 from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS, activation_shard, layer_times
@@ -307,7 +308,8 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
         t = by_signature.get(layer.signature)
         if t is None:  # repeated blocks have equal signatures and equal costs
             t = layer_times(layer, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
-                            device=device, dtype=dtype, c=c)
+                            device=device, dtype=dtype, c=c,
+                            gemm=cluster.groups[0].gemm if cluster.is_homogeneous else None)
             by_signature[layer.signature] = t
         arr["f"][i], arr["b"][i], arr["w"][i] = t.fwd_s, t.bwd_input_s, t.bwd_weight_s
         if ilp is not None:
@@ -362,6 +364,9 @@ class StepPrediction:
     # Per pipeline position (mixed clusters: each device type's own limit; empty when not set).
     memory_limit_per_stage_bytes: list[float] = field(default_factory=list)
     stage_device_names: list[str] = field(default_factory=list)
+    # Per chunk, in model order: (forward, backward-input, backward-weight) seconds of one micro-batch,
+    # as the schedule was priced (communication and pipeline-step overheads included).
+    chunk_phase_times_s: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def peak_memory_bytes(self) -> float:
@@ -372,30 +377,6 @@ def _chunks_of_device(boundaries: list[tuple[int, int]], devices: tuple[int, ...
                       device: int) -> list[tuple[int, int]]:
     """The chunks ``device`` runs, by the schedule's placement (V-shapes fold back; never j % pp)."""
     return [boundaries[j] for j in range(len(boundaries)) if devices[j] == device]
-
-
-def _pipeline_p2p_s(table: LayerTable, boundaries: list[tuple[int, int]], cfg: ParallelConfig,
-                    cluster: ClusterSpec, c: CostConstants) -> float:
-    """Seconds to hand one micro-batch's activation (or its gradient) to the next stage.
-
-    Consecutive stages are ``dp·tp`` ranks apart. With Megatron's scatter/gather each tp rank sends
-    ``1/tp`` on its own link and the receiver all-gathers over NVLink; sequence-parallel outputs are
-    already split.
-    """
-    if len(boundaries) <= 1:
-        return 0.0
-    dpn = cluster.devices_per_node if cluster.is_homogeneous else 1
-    same_node = cfg.dp * cfg.tp < dpn
-    tp_group = strided_group(cluster, cfg.tp, 1)
-    worst = 0.0
-    for _, b in boundaries[:-1]:
-        nbytes = float(table.output_bytes[b - 1])  # per device (already split under sp)
-        if cfg.tp > 1 and not cfg.sequence_parallel and c.pp_scatter_gather:
-            t = p2p_s(nbytes / cfg.tp, same_node=same_node, cluster=cluster, c=c) + all_gather_s(nbytes, tp_group, c)
-        else:
-            t = p2p_s(nbytes, same_node=same_node, cluster=cluster, c=c)
-        worst = max(worst, t)
-    return worst
 
 
 def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, boundaries: list[tuple[int, int]],
@@ -414,15 +395,17 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     pos = [_Position(table, cluster, usable_memory_bytes(cluster, c), cluster.device.name)] * p \
         if cluster.is_homogeneous else _positions(graph, cluster, cfg, c, table.dtype)
     fwd, bin_, bw = [], [], []
+    # A pipeline runs each chunk's micro-batch as its own step: wait on the received activation, then
+    # launch the chunk's kernels, so the host's lead over the device is lost at every step.
+    step_overhead = c.pipeline_step_overhead_s if p > 1 else 0.0
     for j, (a, b) in enumerate(boundaries):
         s = pos[devices[j]].table.segment(a, b)
         comm_f = s.tp_comm_fwd_s
         comm_b = s.tp_comm_s - comm_f
-        fwd.append(max(s.fwd_s + comm_f, 1e-12))
-        bin_.append(s.bwd_input_s + comm_b + s.recompute_s)
+        fwd.append(max(s.fwd_s + comm_f, 1e-12) + step_overhead)
+        bin_.append(s.bwd_input_s + comm_b + s.recompute_s + step_overhead)
         bw.append(s.bwd_weight_s)
-    p2p = _pipeline_p2p_s(table, boundaries, cfg, cluster, c) if cluster.is_homogeneous else \
-        _pipeline_p2p_mixed_s(table, boundaries, devices, cfg, cluster, c)
+    p2p = _pipeline_p2p_s(table, boundaries, devices, cfg, cluster, c)
     result = schedules.estimate(cfg.schedule, p=p, m=m, v=v, fwd_s=fwd, bwd_input_s=bin_, bwd_weight_s=bw,
                                 p2p_s=p2p)
     pipeline_s = result.step_time_s
@@ -478,7 +461,8 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
 
     compute = seg("fwd_s") + seg("bwd_input_s") + seg("bwd_weight_s")
     recomp, tp_comm = seg("recompute_s"), seg("tp_comm_s")
-    bubble = no_p2p_s - compute - recomp - tp_comm
+    steps = 2 * m * len(chunks_b) * step_overhead  # the busiest device's pipeline-step overheads
+    bubble = no_p2p_s - compute - recomp - tp_comm - steps
     if -1e-9 * no_p2p_s < bubble < 0:  # rounding: the busiest device's work is a lower bound of the pipeline
         bubble = 0.0
     dp_key = "dp_comm_exposed_after_overlap" if cfg.overlap_grad_reduce else "dp_comm_exposed"
@@ -487,6 +471,7 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
         "recompute": recomp,
         "tp_comm": tp_comm,
         "pp_bubble": bubble,
+        "pp_step_overhead": steps,
         "pp_p2p_exposed": pipeline_s - no_p2p_s,
         dp_key: dp_exposed[worst_tail],
         "zero3_gather_exposed": fsdp_exposed[worst_tail],
@@ -494,9 +479,18 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
         "optimizer": optim_s[worst_tail],
     }
     notes = []
+    if cluster.is_homogeneous and cfg.tp > cluster.devices_per_node:
+        notes.append(f"tensor parallelism spans {cfg.tp // cluster.devices_per_node} nodes: its collectives "
+                     f"({tp_comm:.3g} s of this step) cross the network in every layer")
     if cfg.overlap_grad_reduce:
         notes.append("data-parallel gradient reduction overlaps the last micro-batch's backward; "
                      f"{dp_key} is what remains exposed")
+    if any(grp.collectives is not None for grp in cluster.groups):  # what the measured curves priced (cluster.md)
+        tp_bytes = [x * cfg.micro_batch_size for lay in graph.layers for x in sum(tp_collectives(lay, table.dtype), [])]
+        dp_bytes = [g_b * sum(stage_params(table, a, b) for a, b in _chunks_of_device(boundaries, devices, d)) / cfg.tp
+                    for d in range(p)]
+        p2p_bytes = [float(table.output_bytes[b - 1]) for _, b in boundaries[:-1]]
+        notes.extend(step_collective_notes(cluster, cfg, c, tp_bytes=tp_bytes, dp_bytes=dp_bytes, p2p_bytes=p2p_bytes))
 
     limits = [x.limit for x in pos]
     limit = min(limits)
@@ -528,17 +522,25 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
                           memory_per_stage=memory, time_breakdown_s=breakdown, stage_times_s=per_device,
                           bottleneck_stage=busiest, binding=binding, memory_limit_bytes=limit,
                           schedule_result=result, notes=notes, memory_limit_per_stage_bytes=limits,
-                          stage_device_names=[x.device_name for x in pos])
+                          stage_device_names=[x.device_name for x in pos],
+                          chunk_phase_times_s=list(zip(fwd, bin_, bw)))
 
 
-def _pipeline_p2p_mixed_s(table: LayerTable, boundaries: list[tuple[int, int]], devices: tuple[int, ...],
-                          cfg: ParallelConfig, cluster: ClusterSpec, c: CostConstants) -> float:
-    """:func:`_pipeline_p2p_s` on a mixed cluster, with each cut's own link.
+def _pipeline_p2p_s(table: LayerTable, boundaries: list[tuple[int, int]], devices: tuple[int, ...],
+                    cfg: ParallelConfig, cluster: ClusterSpec, c: CostConstants) -> float:
+    """Seconds to hand one micro-batch's activation (or its gradient) across the slowest pipeline cut.
 
-    Rank ``(k·dp + d)·tp + t`` of position ``k`` sends to the same ``(d, t)`` of the next chunk's
-    position: the node's link when every such pair shares a node, the node group's network when
-    they share a group, else the slower network of the two groups (``p2p_s`` on the whole cluster).
-    The tensor-parallel all-gather of the scatter/gather runs on the receiver's own group.
+    Every cut is priced on the link it crosses. Rank ``(k·dp + d)·tp + t`` of position ``k`` sends to
+    the same ``(d, t)`` of the next chunk's position: the node's link (NVLink) when every such pair
+    shares a node, else the network: the node group's when both ends are in one group, else the
+    slower of the two groups' (``p2p_s`` on the whole cluster). So a node holding several stages
+    sends over NVLink inside and over its NICs at the cuts between nodes, wherever they fall.
+    With Megatron's scatter/gather each tp rank sends ``1/tp`` on its own link and the receiver
+    all-gathers over its own group; sequence-parallel outputs are already split. Consecutive chunks
+    on one device (the fold of a V-shape) hand over in memory.
+
+    Ranks, nodes and node groups are contiguous ranges, so every pair shares a node exactly when the
+    span from the lower position's first rank to the higher one's last lies in one node.
     """
     if len(boundaries) <= 1:
         return 0.0
@@ -546,11 +548,13 @@ def _pipeline_p2p_mixed_s(table: LayerTable, boundaries: list[tuple[int, int]], 
     worst = 0.0
     for j, (_, b) in enumerate(boundaries[:-1]):
         src, dst = devices[j], devices[j + 1]
-        pairs = [(src * per + r, dst * per + r) for r in range(per)]
-        groups = {cluster.group_index_of_rank(r) for pair in pairs for r in pair}
-        if len(groups) == 1:
-            net = cluster.group_view(groups.pop())
-            same_node = all(cluster.node_of_rank(a) == cluster.node_of_rank(b_) for a, b_ in pairs)
+        if src == dst:
+            continue
+        lo, hi = min(src, dst) * per, (max(src, dst) + 1) * per - 1
+        group = cluster.group_index_of_rank(lo)
+        if group == cluster.group_index_of_rank(hi):
+            net = cluster if len(cluster.groups) == 1 else cluster.group_view(group)
+            same_node = cluster.node_of_rank(lo) == cluster.node_of_rank(hi)
         else:
             net, same_node = cluster, False
         nbytes = float(table.output_bytes[b - 1])

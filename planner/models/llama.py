@@ -3,7 +3,8 @@
 Layers: ``embed → blocks.0 … blocks.{L-1} → head``, one tensor in and out each. Blocks use
 rotary positions, grouped-query attention when ``kv_heads < heads`` (Llama-2-70B, Mixtral),
 no biases, and a SwiGLU feed-forward, or with ``num_experts > 0`` the top-k mixture of experts
-of :mod:`planner.models.moe` (Mixtral: 8 experts, top 2). Embedding and LM head are not tied.
+of :mod:`planner.models.moe` (Mixtral: 8 experts, top 2). Embedding and LM head are not tied
+unless ``tie_embeddings`` (Llama 3.2 1B/3B, nanotron's small benchmark models).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class LlamaConfig:
     top_k: int = 2
     capacity_factor: float = 1.0
     fused_attention: bool = False
+    tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -44,7 +46,7 @@ class LlamaConfig:
         kv = (self.kv_heads or self.heads) * (h // self.heads)
         attn = 2 * h * h + 2 * h * kv
         ffn = self.num_experts * 3 * h * f + h * self.num_experts if self.num_experts else 3 * h * f
-        return 2 * v * h + self.num_layers * (attn + ffn + 2 * h) + h
+        return (1 if self.tie_embeddings else 2) * v * h + self.num_layers * (attn + ffn + 2 * h) + h
 
     def active_param_count(self) -> int:
         """Parameters a token passes through (top-k experts only): what sets FLOPs per token."""
@@ -101,6 +103,8 @@ class Llama(nn.Module):
         self.embed = LlamaEmbedding(cfg)
         self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_layers))
         self.head = LlamaHead(cfg)
+        if cfg.tie_embeddings:
+            self.head.lm_head.weight = self.embed.tokens.weight
         init_weights(self)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,8 @@ Where a formula is not known to hold (p2p outside the checked regime, very small
 at most :data:`EXACT_MAX_ACTIONS` actions is timed exactly by :mod:`.compiled`; a larger one gets
 ``T(F + c, B + c, W, c=0)``, an upper bound (charging each hop to the action before it), with
 ``exact=False``. Non-uniform stage times: GPipe (v=1) and the asynchronous schedules have exact
-formulas; otherwise small programs are timed exactly and large ones get the closed form at the slowest
-stage's F, B and W, an upper bound because the step time never decreases when an action gets longer.
+formulas; otherwise small programs are timed exactly and large ones get the busiest device's work plus
+the closed form's bubble at the mean chunk times (:func:`device_balanced_time`, ``exact=False``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import math
 from collections.abc import Sequence
 
 from planner.schedules import compiled
+from planner.schedules.placement import chunk_devices
 from planner.schedules.registry import get_schedule
 from planner.schedules.simulator import SimResult, stage_times
 
@@ -280,13 +281,35 @@ def _sync_step(name, p, m, v, fwd, bwd_in, bwd_w, c) -> tuple[float, bool]:
     exact_prog = compiled.compiled(name, p, m, v) if _actions(name, p, m, v) <= EXACT_MAX_ACTIONS else None
     if exact_prog is not None:
         return compiled.makespan(exact_prog, fwd, bwd_in, bwd_w, c), True
-    f, b, w = max(fwd), max(bwd_in), max(bwd_w)
-    value = _sync_uniform(name, p, m, v, f, b, w, c)
-    if value is None:
-        value = _sync_uniform(name, p, m, v, f + c, b + c, w, 0.0)
+    value = device_balanced_time(name, p, m, v, fwd, bwd_in, bwd_w, c)
     if value is None:  # a shape no formula covers (e.g. ZB-V with m < 2p - 1): time it, however long
         return compiled.makespan(compiled.compiled(name, p, m, v), fwd, bwd_in, bwd_w, c), True
     return value, False
+
+
+def device_balanced_time(name: str, p: int, m: int, v: int, fwd: Sequence[float], bwd_in: Sequence[float],
+                         bwd_w: Sequence[float], c: float) -> float | None:
+    """Step time of unequal chunks too many to time exactly: the busiest device's work plus the
+    schedule's bubble at the mean chunk times.
+
+    With equal chunks this is the closed form itself (work ``m·v·(F+B+W)`` plus its bubble). With
+    unequal ones a device does its own chunks' work whatever the others do, and the fill and drain
+    pass through chunks of every size, so the bubble is the one of the average chunk. Charging every
+    chunk the slowest one's times instead (an upper bound) gave interleaved 1F1B with a heavy head
+    chunk many times Megatron's ``(p-1)/(v·m)`` bubble. Against the exact timing of small programs
+    (``tests/schedules``) it is within a few per cent in the median and about 15% at worst.
+    """
+    n = len(fwd)
+    f, b, w = sum(fwd) / n, sum(bwd_in) / n, sum(bwd_w) / n
+    uniform = _sync_uniform(name, p, m, v, f, b, w, c)
+    if uniform is None:
+        uniform = _sync_uniform(name, p, m, v, f + c, b + c, w, 0.0)
+    if uniform is None:
+        return None
+    per_device = [0.0] * p
+    for j, d in enumerate(chunk_devices(name, p, v)):
+        per_device[d] += m * (fwd[j] + bwd_in[j] + bwd_w[j])
+    return uniform - m * v * (f + b + w) + max(per_device)
 
 
 def _actions(name: str, p: int, m: int, v: int) -> int:

@@ -185,7 +185,7 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
         attention_saved = [b for shape, b in saved if len(shape) >= 3 and _numel(shape) in score_numels]
         replicated = [b for shape, b in saved if out_numel and shape and _numel(shape) == out_numel]
         gemm_costs = tuple(OpCost(kind=r.name, flops=r.flops / batch, bytes=r.bytes / batch,
-                                  m=max(r.m // batch, 1) if r.m else 0, n=r.n, k=r.k)
+                                  m=max(r.m // batch, 1) if r.m else 0, n=r.n, k=r.k, causal=r.causal)
                            for r in recs if r.flops > 0)
         mem_bytes = sum(r.bytes for r in recs if r.flops == 0) / batch
         memory_bound = (OpCost(kind="memory-bound", flops=0.0, bytes=mem_bytes),) if mem_bytes else ()

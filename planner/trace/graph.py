@@ -48,6 +48,7 @@ class OpCost:
     m: int = 0
     n: int = 0
     k: int = 0
+    causal: bool = False  # a fused attention kernel under a causal mask: it computes half the scores
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +145,9 @@ class CostGraph:
     method: str
     notes: list[str] = field(default_factory=list)
     trace_time_s: float = 0.0
+    # How the model computes attention, as traced: "fused" (SDPA's flash / memory-efficient kernel:
+    # no s x s scores in memory), "eager" (scores materialised), "none", or "" (not recorded).
+    attention: str = ""
 
     @property
     def num_layers(self) -> int:

@@ -55,6 +55,19 @@ ATTENTION_KERNELS = frozenset(
      "_flash_attention_forward", "_efficient_attention_forward"})
 
 
+# Where each attention kernel takes ``is_causal`` positionally (ATen's schemas).
+_CAUSAL_ARG = {"_scaled_dot_product_efficient_attention": 6, "_scaled_dot_product_cudnn_attention": 6,
+               "_flash_attention_forward": 8, "_efficient_attention_forward": 9}
+
+
+def _is_causal(name: str, args: tuple, kwargs: dict) -> bool:
+    if "is_causal" in kwargs:
+        return bool(kwargs["is_causal"])
+    i = _CAUSAL_ARG.get(name, 4)
+    # ``_efficient_attention_forward`` takes a mask type (1: causal from the top left), the rest a bool.
+    return len(args) > i and isinstance(args[i], (bool, int)) and args[i] == 1
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -75,6 +88,7 @@ class AtenRecord:
     bwd_weight_mult: int = 0  # backward-weight FLOPs = flops x this (1 when a parameter operand needs grad)
     out_numel: int = 0  # GEMMs only: output elements (attention-score detection)
     a_numel: int = 0  # GEMMs only: first operand's elements
+    causal: bool = False  # attention kernels only: a causal mask, so the kernel skips half the scores
 
 
 @dataclass
@@ -143,8 +157,10 @@ class OpMeter(TorchDispatchMode):
             # A product of two operands has two gradients, each costing one forward's FLOPs.
             w_mult = min(n_param, 1)
             b_mult = min(n_act, 2 - w_mult)
+        name = str(packet.__name__)
+        causal = name in ATTENTION_KERNELS and _is_causal(name, args, kwargs)
         self.records.setdefault(self.key, []).append(
-            AtenRecord(str(packet.__name__), flops, moved, m, n, k, b_mult, w_mult, out_numel, a_numel))
+            AtenRecord(name, flops, moved, m, n, k, b_mult, w_mult, out_numel, a_numel, causal))
         return out
 
 

@@ -37,10 +37,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from planner.errors import SpecError, TraceError
 from planner.trace.assemble import TraceContext, assemble, layer_of_path
+from planner.trace.attention import FusedAttention
 from planner.trace.capture import CaptureFailure, capture_modules, export_graph, export_path, fx_graph
 from planner.trace.graph import CostGraph
 from planner.trace.interpret import GraphRunner, OpNode, fx_path, value_meta
-from planner.trace.meter import OpMeter, SavedTensorMeter
+from planner.trace.meter import ATTENTION_KERNELS, OpMeter, SavedTensorMeter
 from planner.trace.opaque import OpaqueFailure, opaque_call, reason_of
 from planner.trace.rnn import rnn_shortcut
 from planner.trace.units import CONTAINERS, layer_units
@@ -282,7 +283,8 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # Python-level randomness in a forward (LayerDrop) is repeatable
             tracing = _Tracing(meta, args, kwargs, reuse)
-            ops, method = _capture(tracing, force_module_level)
+            with FusedAttention():  # SDPA as the fused kernel a GPU runs, not the meta math fallback
+                ops, method = _capture(tracing, force_module_level)
         if seq_len is None:
             seq_len = _attention_length(tracing.softmax_shapes, batch)
         ctx = TraceContext(model=meta, units=tracing.units if method != "opaque" else [""], batch=batch,
@@ -295,8 +297,19 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
     finally:
         if gc_enabled:
             gc.enable()
+    graph.attention = attention_kind(graph)
     graph.trace_time_s = time.perf_counter() - start
     return graph
+
+
+def attention_kind(graph: CostGraph) -> str:
+    """``"fused"`` when the model's attention runs a fused kernel (SDPA: flash or memory-efficient),
+    ``"eager"`` when it materialises the scores (``softmax(q @ kᵀ)``), ``"none"`` without attention."""
+    if any(op.kind in ATTENTION_KERNELS for layer in graph.layers for op in layer.op_costs):
+        return "fused"
+    if any(layer.attention_fwd_flops > 0 for layer in graph.layers):
+        return "eager"
+    return "none"
 
 
 def _attention_length(shapes: frozenset[tuple[int, ...]], batch: int) -> int | None:

@@ -134,6 +134,7 @@ def test_both_clis_turn_errors_into_exit_codes_through_one_helper(capsys):
 def test_building_the_plan_reuses_the_layer_tables_the_search_built(monkeypatch):
     from planner import api
     from planner.cost.constants import CostConstants
+    from planner.cost.model import evaluate as evaluate_cost
     from planner.search import SearchSpace, search
 
     resolved = api.resolve_model("gpt-tiny", dtype="fp32")
@@ -141,14 +142,16 @@ def test_building_the_plan_reuses_the_layer_tables_the_search_built(monkeypatch)
     c = CostConstants()
     tables: dict = {}
     best = search(resolved.graph, spec, 8, space=SearchSpace(pp=(2,)), constants=c, table_cache=tables).best
-    fresh = api._chunk_phase_times(resolved.graph, spec, best, c)  # builds its own table
     cfg = best.config
     key = (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
     assert api._candidate_table(resolved.graph, spec, cfg, c, tables) is tables[key]
     built = []
     real = api.layer_table
     monkeypatch.setattr(api, "layer_table", lambda *a, **k: built.append(k) or real(*a, **k))
-    assert api._chunk_phase_times(resolved.graph, spec, best, c, tables) == fresh
     assert "Schedule" in api._why_schedule(resolved.graph, spec, best, c, tables)
-    assert built == []  # neither rebuilt the table
-    assert len(fresh) == 2 and all(f > 0 and b > 0 for f, b, _ in fresh)
+    assert built == []  # the schedule comparison did not rebuild the table
+    # the phase times the plan shows are the ones the search priced the schedule with
+    phases = best.prediction.chunk_phase_times_s
+    assert len(phases) == 2 and all(f > 0 and b > 0 for f, b, _ in phases)
+    again = evaluate_cost(resolved.graph, spec, cfg, list(best.boundaries), c, table=tables[key])
+    assert again.chunk_phase_times_s == phases

@@ -71,8 +71,9 @@ def test_evaluate_prices_each_position_on_its_device():
     assert pred.bottleneck_stage == 1
     v100 = layer_table(graph, MIXED.group_view(1), micro_batch=1, tp=1, sequence_parallel=False, recompute="none", c=C)
     a100 = layer_table(graph, MIXED.group_view(0), micro_batch=1, tp=1, sequence_parallel=False, recompute="none", c=C)
-    assert pred.stage_times_s[1] == pytest.approx(float(v100.total_s[8:].sum()), rel=1e-9)
-    assert pred.stage_times_s[0] == pytest.approx(float(a100.total_s[:8].sum()), rel=1e-9)
+    steps = 2 * C.pipeline_step_overhead_s  # one chunk's forward and backward step per micro-batch
+    assert pred.stage_times_s[1] == pytest.approx(float(v100.total_s[8:].sum()) + steps, rel=1e-9)
+    assert pred.stage_times_s[0] == pytest.approx(float(a100.total_s[:8].sum()) + steps, rel=1e-9)
     assert pred.stage_times_s[1] > 2 * pred.stage_times_s[0]
 
 
@@ -116,13 +117,14 @@ def test_plan_tries_every_node_group_order_and_says_how_to_launch():
 
     graph = F.imbalanced_lm(12)
     space = SearchSpace(pp=(2,), tp=(1,))
+    c = replace(C, pipeline_step_overhead_s=0.0)  # the order this test reasons about, without step overheads
     v100_first = replace(MIXED, groups=MIXED.groups[::-1])  # the cluster file lists the V100 node first
     orders = group_orders(v100_first)
     assert [o.groups for o in orders] == [v100_first.groups, MIXED.groups]
-    per_order = [search(graph, o, 64, space=space, constants=C).best.step_time_s for o in orders]
+    per_order = [search(graph, o, 64, space=space, constants=c).best.step_time_s for o in orders]
     assert per_order[1] < per_order[0]  # here the A100 node first is faster (measured 0.1126 vs 0.1143 s)
     out = plan_resolved(ResolvedModel(module=None, preset=None, graph=graph), v100_first, global_batch=64,
-                        space=space, baselines=False)
+                        space=space, baselines=False, constants=c)
     assert out.predicted.step_time_s == pytest.approx(per_order[1], rel=1e-12)
     chosen = ClusterSpec.from_dict(out.cluster)
     assert chosen.groups == MIXED.groups  # reordered, and the plan's cluster says so
@@ -130,11 +132,11 @@ def test_plan_tries_every_node_group_order_and_says_how_to_launch():
     assert len(note) == 1 and "Launch the nodes in this order" in note[0], note
     # the file's order, when it is the fastest, is kept
     kept = plan_resolved(ResolvedModel(module=None, preset=None, graph=graph), MIXED, global_batch=64, space=space,
-                         baselines=False)
+                         baselines=False, constants=c)
     assert ClusterSpec.from_dict(kept.cluster).groups == MIXED.groups
     assert any("is the fastest" in line for line in kept.explanation)
     bounds = [(s.layer_start, s.layer_stop) for s in out.stages]
-    assert evaluate(graph, chosen, out.parallel, bounds, C).step_time_s == pytest.approx(out.predicted.step_time_s,
+    assert evaluate(graph, chosen, out.parallel, bounds, c).step_time_s == pytest.approx(out.predicted.step_time_s,
                                                                                          rel=1e-12)
     # a homogeneous cluster has one order and no note
     assert group_orders(ClusterSpec.preset("dgx-a100-80g")) == [ClusterSpec.preset("dgx-a100-80g")]

@@ -1,0 +1,80 @@
+"""Trace ``scaled_dot_product_attention`` as the fused kernel a GPU runs, not as its math fallback.
+
+On the meta device ``F.scaled_dot_product_attention`` has no fused kernel to pick, so torch runs
+its reference decomposition: two batched GEMMs around a softmax that materialise the ``s × s``
+scores, save them for backward and, for a boolean mask, add an fp32 bias. Priced as traced, a
+model that calls SDPA looked *more* expensive than one that writes attention by hand, while every
+GPU trainer runs FlashAttention (Dao et al. 2022; Dao 2023) or the memory-efficient kernel
+(Rabe & Staats 2021): scores stay in on-chip memory, and backward saves only ``q, k, v``, the
+output and one log-sum-exp per row.
+
+:class:`FusedAttention` is a ``TorchFunctionMode`` active while a model is traced. It sends each
+SDPA call on meta tensors to the ATen kernel a GPU would choose (flash without a mask, the
+memory-efficient kernel with one), whose meta implementations give the right output, saved
+tensors and FLOPs. A model that writes attention by hand (``softmax(q @ kᵀ) @ v``) is untouched,
+so each model is priced with the attention it really runs; the graph records which
+(:attr:`planner.trace.graph.CostGraph.attention`).
+
+Anything the kernels cannot take (fewer than 4 dims, real tensors, fx proxies while symbolic
+tracing) falls through to torch's own function unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_aten = torch.ops.aten
+
+
+def _is_meta_tensor(x: Any) -> bool:
+    # fx proxies and other subclasses keep their own __torch_function__: leave them to torch.
+    return type(x) is torch.Tensor and x.device.type == "meta"
+
+
+def fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+               enable_gqa: bool = False) -> torch.Tensor | None:
+    """SDPA through the fused kernel on meta tensors, or ``None`` when it does not apply."""
+    if not all(_is_meta_tensor(t) for t in (query, key, value)) or query.dim() != 4:
+        return None
+    if attn_mask is not None and not _is_meta_tensor(attn_mask):
+        return None
+    if key.shape[-3] != query.shape[-3]:
+        if not enable_gqa or query.shape[-3] % key.shape[-3]:
+            return None
+        # Grouped-query attention: the kernel reads each kv head for its group of query heads.
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
+    if attn_mask is None:
+        return _aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
+                                                          scale=scale)[0]
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device="meta").masked_fill(
+            attn_mask.logical_not(), float("-inf"))
+    bias = attn_mask.to(query.dtype).expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    return _aten._scaled_dot_product_efficient_attention(query, key, value, bias, query.requires_grad, dropout_p,
+                                                         is_causal, scale=scale)[0]
+
+
+class FusedAttention(TorchFunctionMode):
+    """While active, SDPA calls on meta tensors run the fused kernel; ``calls`` counts them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            try:
+                out = fused_sdpa(*args, **kwargs)
+            except (RuntimeError, TypeError, ValueError):  # shapes the kernel refuses: torch's own path
+                out = None
+            if out is not None:
+                self.calls += 1
+                return out
+        return func(*args, **kwargs)

@@ -1,0 +1,485 @@
+"""Measured runs turned into cases the cost model can price: model, cluster, configuration, measurement.
+
+Two files in ``datasets/measured/`` (see its README for sources and caveats):
+
+* ``h100_sweep.json``: nanotron's dp/tp/pp/micro-batch/ZeRO sweeps of Llama-shaped 1B and 3B models
+  on 8-512 H100s. Every row becomes a :class:`Case` of source ``sweep`` or a :class:`Skip` with
+  its reason (:data:`SWEEP_RULES` lists the exclusions).
+* ``published_runs.json``: published runs of many frameworks. Rows whose model, GPU, precision or
+  sharding the planner cannot express are skipped with the reason; what is expressed only
+  approximately (an assumed micro-batch, HSDP priced as FSDP, ...) is named in
+  :attr:`Case.approximations`.
+
+Nothing here prices anything: :mod:`planner.validation.price` does. Pure and deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from planner.errors import SpecError, read_json_file
+from planner.paths import datasets_dir
+from planner.plan import ParallelConfig
+
+SWEEP_FILE = "h100_sweep.json"
+PUBLISHED_FILE = "published_runs.json"
+SWEEP_CLUSTER_FILE = "nanotron-h100-efa.json"
+
+FAILED = ("crashed_or_oom", "oom")  # a memory failure (the playbook figure does not tell crash from OOM)
+NOT_MEMORY = ("timeout", "fail")  # old_bench runs that ended for reasons the planner does not model
+
+SWEEP_RULES = (
+    "status 'unconfirmed' (numbers in the figure's hover text, drawn as crashed, not among the 1728 "
+    "successes): excluded",
+    "status 'timeout' or 'fail' (old_bench): excluded; neither is a memory failure",
+    "gbs_consistent false (the figure's GBS differs from dp x mbz x grad_acc): excluded",
+    "the same configuration measured more than once: one case; it ran if any row ran, its throughput is "
+    "the best ok row's (the playbook's PP code was optimised during the sweep)",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """A model family and its config: the key under which its graph is traced once."""
+
+    name: str
+    family: str  # "llama" or "gpt"
+    config: tuple[tuple[str, Any], ...]  # sorted items, hashable
+    dtype: str = "bf16"
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.config)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.kwargs["seq_len"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterRef:
+    """Which cluster a case runs on: a preset (or the sweep's measured file) resized."""
+
+    preset: str  # a name in datasets/clusters, or "sweep" for datasets/measured/nanotron-h100-efa.json
+    nodes: int
+    devices_per_node: int = 8
+    memory_gib: float | None = None  # overrides the preset's device memory (H100 96 GB)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    """One measured configuration, ready to price."""
+
+    source: str  # "sweep" or "published"
+    case_id: str
+    group: str  # "model:GPUs"
+    model: ModelSpec
+    cluster: ClusterRef
+    config: ParallelConfig
+    status: str  # "ok" (it ran) or "failed" (crashed or out of memory)
+    measured_tokens_per_s_per_gpu: float | None
+    measured_from: str = "tokens/s/gpu"
+    approximations: tuple[str, ...] = ()
+    # The trainer that ran it, as its source states (planner.cost.constants.TRAINERS): whether its
+    # element-wise work was fused (Megatron-LM and its descendants, torch.compile) or eager.
+    trainer: str = "megatron"
+    # Cost-model constants the source states for this run beyond its trainer's profile (a fused
+    # cross-entropy, say), as sorted (field, value) pairs.
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def gpus(self) -> int:
+        return self.config.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.global_batch * self.model.seq_len
+
+    @property
+    def measured_step_s(self) -> float | None:
+        t = self.measured_tokens_per_s_per_gpu
+        return None if not t else self.tokens_per_step / (t * self.gpus)
+
+
+@dataclass(frozen=True)
+class Skip:
+    source: str
+    case_id: str
+    reason: str
+
+
+@dataclass
+class Cases:
+    cases: list[Case] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+    def skip_counts(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = defaultdict(int)
+        for s in self.skipped:
+            out[(s.source, s.reason)] += 1
+        return dict(sorted(out.items(), key=lambda kv: (kv[0][0], -kv[1], kv[0][1])))
+
+
+def measured_dir() -> Path:
+    return datasets_dir() / "measured"
+
+
+def _load(path: Path | None, name: str) -> dict:
+    path = path or measured_dir() / name
+    return read_json_file(path, "measured data", what=f"the measured data file {name}",
+                          damaged_fix=f"restore it from ../shared/data/measured/{name}")
+
+
+# -- the sweep --------------------------------------------------------------------------------------
+
+def sweep_model(name: str, m: dict[str, Any]) -> ModelSpec:
+    """A sweep model (nanotron's Llama: SwiGLU, RMSNorm, RoPE, tied embeddings, flash attention)."""
+    cfg = {"num_layers": m["layers"], "hidden": m["hidden"], "heads": m["heads"], "ffn_hidden": m["ffn"],
+           "kv_heads": m["kv_heads"] if m["kv_heads"] != m["heads"] else None, "vocab_size": m["vocab"],
+           "seq_len": m["seq_len"], "tie_embeddings": bool(m.get("tied_embeddings")), "fused_attention": True}
+    return ModelSpec(name=name, family="llama", config=tuple(sorted(cfg.items())))
+
+
+def sweep_config(row: dict[str, Any]) -> ParallelConfig:
+    """nanotron's run: 1F1B pipeline engine, sequence-parallel tp (REDUCE_SCATTER mode), no recompute."""
+    tp = row["tp"]
+    return ParallelConfig(dp=row["dp"], tp=tp, pp=row["pp"], micro_batch_size=row["mbz"],
+                          num_micro_batches=row["grad_acc"], schedule="1f1b", recompute="none",
+                          sequence_parallel=tp > 1 and row.get("tp_mode") == "REDUCE_SCATTER",
+                          zero_stage=int(row["zero_stage"]), overlap_grad_reduce=True)  # DDP-style buckets
+
+
+def _config_key(row: dict[str, Any]) -> tuple:
+    return (row["model"], row["gpus"], row["dp"], row["tp"], row["pp"], row["mbz"], row["grad_acc"],
+            row["zero_stage"])
+
+
+def sweep_cases(path: Path | None = None) -> Cases:
+    data = _load(path, SWEEP_FILE)
+    models = {name: sweep_model(name, m) for name, m in data["models"].items()}
+    out = Cases()
+    merged: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in data["runs"]:
+        rid = row.get("src") or "?"
+        if row["status"] == "unconfirmed":
+            out.skipped.append(Skip("sweep", rid, "status unconfirmed (hover text only, drawn as crashed)"))
+        elif row["status"] in NOT_MEMORY:
+            out.skipped.append(Skip("sweep", rid, f"status {row['status']} (not a memory failure)"))
+        elif row.get("gbs_consistent") is False:
+            out.skipped.append(Skip("sweep", rid, "global batch differs from dp x mbz x grad_acc"))
+        elif row["model"] not in models:
+            out.skipped.append(Skip("sweep", rid, f"model {row['model']} not described in the file"))
+        else:
+            merged[_config_key(row)].append(row)
+    for rows in merged.values():
+        ok = [r for r in rows if r["status"] == "ok" and r.get("tokens_per_sec_per_gpu")]
+        row = max(ok, key=lambda r: r["tokens_per_sec_per_gpu"]) if ok else rows[0]
+        for extra in rows:
+            if extra is not row:
+                out.skipped.append(Skip("sweep", extra.get("src") or "?", "same configuration as another row (merged)"))
+        if row["status"] not in ("ok",) + FAILED:
+            out.skipped.append(Skip("sweep", row.get("src") or "?", f"status {row['status']}"))
+            continue
+        model = models[row["model"]]
+        out.cases.append(Case(
+            source="sweep", case_id=row.get("src") or "?", group=f"{row['model']}:{row['gpus']}", model=model,
+            cluster=ClusterRef(preset="sweep", nodes=row["nodes"], devices_per_node=row["gpus"] // row["nodes"]),
+            config=sweep_config(row), status="ok" if ok else "failed",
+            measured_tokens_per_s_per_gpu=float(row["tokens_per_sec_per_gpu"]) if ok else None,
+            trainer="eager"))  # nanotron: eager PyTorch around flash-attention
+    out.cases.sort(key=lambda c: (c.group, c.case_id))
+    return out
+
+
+# -- published runs ---------------------------------------------------------------------------------
+
+class Unusable(Exception):
+    """A published run the planner cannot express; the message is the skip reason."""
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    if isinstance(x, (int, float)) and math.isfinite(x):
+        return float(x)
+    return None
+
+
+def _int(x: Any) -> int | None:
+    v = _num(x)
+    return int(v) if v is not None and v == int(v) else None
+
+
+_GPU_PRESETS = (  # (pattern in the run's cluster.gpu, preset); first match wins
+    (r"GB200|GB300|H200|B200", None),
+    (r"H100", "dgx-h100"),
+    (r"A100.*40|40GB", "dgx-a100-40g"),
+    (r"A100|A800|Ampere", "dgx-a100-80g"),
+    (r"V100", "dgx1-v100"),
+)
+_PRESET_MEMORY_GIB = {"dgx-h100": 80, "dgx-a100-40g": 40, "dgx-a100-80g": 80, "dgx1-v100": 32}
+
+
+def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
+    cl = run["cluster"]
+    gpu = str(cl.get("gpu") or "")
+    preset = None
+    for pattern, name in _GPU_PRESETS:
+        if re.search(pattern, gpu):
+            if name is None:
+                raise Unusable(f"no cluster preset for this GPU ({re.search(pattern, gpu).group(0)})")
+            preset = name
+            break
+    if preset is None:
+        raise Unusable("GPU type not stated or unknown")
+    if "Ampere" in gpu and "A100" not in gpu:
+        notes.append("'NVIDIA Ampere' taken as A100 80GB")
+    gpus = _int(cl.get("total_gpus"))
+    if gpus is None:
+        raise Unusable("GPU count is a range or missing")
+    per_node = _int(cl.get("gpus_per_node")) or 8
+    if gpus < per_node:
+        per_node = gpus
+    if gpus % per_node:
+        raise Unusable("GPU count is not a whole number of nodes")
+    mem = _num(cl.get("gpu_memory_gb"))
+    memory_gib = None
+    if mem and abs(mem - _PRESET_MEMORY_GIB[preset]) > 0.05 * mem:
+        memory_gib = mem
+        notes.append(f"{preset} with {mem:g} GB devices")
+    if "inter_node" in cl and cl["inter_node"] and preset != "dgx1-v100":
+        notes.append(f"network as the {preset} preset (run states: {str(cl['inter_node'])[:40]})")
+    return ClusterRef(preset=preset, nodes=gpus // per_node, devices_per_node=per_node, memory_gib=memory_gib)
+
+
+_OLD_ATTENTION = ("deepspeed-azure-2022", "pytorch-fsdp-blog-2022", "opt-175b", "fsdp-paper")
+
+
+def published_model(run: dict[str, Any], notes: list[str]) -> ModelSpec:
+    m = run["model"]
+    layers, hidden, heads = _int(m.get("layers")), _int(m.get("hidden")), _int(m.get("heads"))
+    seq = _int(m.get("seq_len"))
+    if None in (layers, hidden, heads, seq):
+        raise Unusable("model dimensions not given")
+    name = str(m.get("name") or "")
+    if re.search(r"MoE|Mixtral|expert", name, re.I):
+        raise Unusable("mixture of experts")
+    if re.search(r"T5", name):
+        raise Unusable("encoder-decoder model")
+    vocab = _int(m.get("vocab"))
+    if vocab is None:
+        vocab = 51200
+        notes.append("vocabulary not given: 51200 assumed")
+    ffn, kv = _int(m.get("ffn")), _int(m.get("kv_heads"))
+    fused = not run["id"].startswith(_OLD_ATTENTION)
+    if re.search(r"llama", name, re.I):
+        if ffn is None:
+            raise Unusable("model dimensions not given")
+        cfg: dict[str, Any] = {"num_layers": layers, "hidden": hidden, "heads": heads, "ffn_hidden": ffn,
+                               "kv_heads": kv if kv and kv != heads else None, "vocab_size": vocab,
+                               "seq_len": seq, "fused_attention": fused}
+        family = "llama"
+    else:
+        cfg = {"num_layers": layers, "hidden": hidden, "heads": heads, "vocab_size": vocab, "seq_len": seq,
+               "dropout": 0.0, "tie_embeddings": True, "fused_attention": fused}
+        if ffn and ffn != 4 * hidden:
+            cfg["ffn_hidden"] = ffn
+        family = "gpt"
+        if kv and kv != heads:
+            notes.append(f"grouped-query attention ({kv} kv heads) priced as multi-head (gpt family)")
+    dtype = "fp16" if re.search(r"fp16", str(run["config"].get("precision") or "")) else "bf16"
+    if run["cluster"].get("gpu") and "V100" in run["cluster"]["gpu"]:
+        dtype = "fp16"
+    return ModelSpec(name=f"{family}-{layers}x{hidden}-s{seq}", family=family, config=tuple(sorted(cfg.items())),
+                     dtype=dtype)
+
+
+def _zero_stage(c: dict[str, Any], notes: list[str]) -> int:
+    text = str(c.get("sharding") or "")
+    if re.search(r"offload|Gemini", text, re.I) or c.get("cpu_offload_params") or c.get("offload"):
+        raise Unusable("CPU offload not modelled")
+    if re.search(r"ZeRO\+\+", text):
+        raise Unusable("ZeRO++ (quantized, hierarchical) not modelled")
+    if re.search(r"HSDP", text):
+        notes.append("HSDP priced as ZeRO-3 over the whole dp group")
+        return 3
+    if re.search(r"NOT resharded|reshard_after_forward.*false", text, re.I):
+        notes.append("FSDP without reshard after forward priced as ZeRO-3")
+        return 3
+    stage = _int(c.get("zero_stage"))
+    if stage is not None:
+        return stage
+    if re.search(r"SHARD_GRAD_OP|ZeRO-2", text):
+        return 2
+    if re.search(r"FSDP|FULL_SHARD|ZeRO-3", text):
+        return 3
+    if re.search(r"distributed optimizer", text):
+        return 1
+    return 0
+
+
+def _recompute(c: dict[str, Any], notes: list[str]) -> str:
+    text = str(c.get("activation_checkpointing") or "none").lower()
+    if text.startswith("selective"):
+        if "fraction" in text or "layer" in text:
+            notes.append(f"activation checkpointing '{text[:30]}' priced as selective")
+        return "selective"
+    if text.startswith(("full", "on", "implied")):
+        return "full"
+    return "none"
+
+
+def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> ParallelConfig:
+    c = run["config"]
+    cp = _int(c.get("cp")) or 1
+    if cp > 1:
+        raise Unusable("context parallelism (cp > 1) not modelled")
+    if re.search(r"fp8|float8", str(c.get("precision") or ""), re.I):
+        raise Unusable("FP8 not modelled")
+    tp, pp = _int(c.get("tp")) or 1, _int(c.get("pp")) or 1
+    dp = _int(c.get("dp")) or _int(c.get("dp_shard"))
+    if dp is None:
+        if gpus % (tp * pp):
+            raise Unusable("dp x tp x pp does not match the GPU count")
+        dp = gpus // (tp * pp)
+    if dp * tp * pp != gpus:
+        raise Unusable("dp x tp x pp does not match the GPU count")
+    mb = _int(c.get("micro_batch"))
+    if mb is None:
+        mb = 1
+        notes.append("micro-batch not published: 1 assumed")
+    gbs = _int(c.get("global_batch_seqs"))
+    if gbs is None and _int(c.get("batch_size_per_dp")):
+        gbs = dp * _int(c.get("batch_size_per_dp"))
+    if gbs is None and _int(c.get("grad_accum")):
+        gbs = dp * mb * _int(c.get("grad_accum"))
+    if gbs is None:
+        raise Unusable("global batch not given")
+    if gbs % (dp * mb):
+        raise Unusable("global batch is not a multiple of dp x micro-batch")
+    vpp = _int(c.get("vpp")) or 1
+    zero = _zero_stage(c, notes)
+    sp = c.get("sequence_parallel")
+    if sp is None:
+        sp = tp > 1
+        if tp > 1:
+            notes.append("sequence parallelism not stated: on (tp > 1)")
+    return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=gbs // (dp * mb),
+                          virtual_stages=vpp if pp > 1 else 1,
+                          schedule="interleaved-1f1b" if pp > 1 and vpp > 1 else "1f1b",
+                          recompute=_recompute(c, notes), sequence_parallel=bool(sp and tp > 1), zero_stage=zero,
+                          overlap_grad_reduce=_overlaps_grad_reduce(run))
+
+
+def _overlaps_grad_reduce(run: dict[str, Any]) -> bool:
+    """Whether the run reduces gradients in buckets during backward: torch DDP and FSDP always do;
+    Megatron-LM only with ``--overlap-grad-reduce`` (off by default), which its run notes state."""
+    return published_trainer(run) != "megatron" or "--overlap-grad-reduce" in str(run["config"].get("comm_overlap"))
+
+
+def _flops_per_token(model: ModelSpec, recompute: str, hardware: bool) -> float:
+    """Training FLOPs per token as the publishers count them: 6 x (block and LM-head parameters) plus
+    12 x layers x hidden x seq for attention (Megatron's Eq. 3, PaLM's count); x 4/3 when the
+    figure counts the recomputed forward."""
+    k = model.kwargs
+    h, L, s, v = k["hidden"], k["num_layers"], k["seq_len"], k["vocab_size"]
+    kv = (k.get("kv_heads") or k["heads"]) * (h // k["heads"])
+    if model.family == "llama":
+        block = 2 * h * h + 2 * h * kv + 3 * h * k["ffn_hidden"]
+    else:
+        block = 4 * h * h + 2 * h * (k.get("ffn_hidden") or 4 * h)
+    flops = 6 * (L * block + v * h) + 12 * L * h * s
+    return flops * (4 / 3 if hardware and recompute == "full" else 1.0)
+
+
+def published_throughput(run: dict[str, Any], model: ModelSpec, cfg: ParallelConfig, gpus: int,
+                         notes: list[str]) -> tuple[float, str]:
+    """Measured tokens/s per GPU and where it came from."""
+    me = run["measured"]
+    if _num(me.get("tokens_per_s_per_gpu")):
+        return float(me["tokens_per_s_per_gpu"]), "tokens/s/gpu"
+    if _num(me.get("tokens_per_s")):
+        return float(me["tokens_per_s"]) / gpus, "tokens/s"
+    if _num(me.get("step_time_s")):
+        return cfg.global_batch * model.seq_len / (float(me["step_time_s"]) * gpus), "step time"
+    tflops = _num(me.get("model_tflops_per_gpu")) or _num(me.get("tflops_per_gpu"))
+    if tflops:
+        text = " ".join(str(x) for x in (me.get("tflops_kind"), me.get("flops_convention"),
+                                         run["config"].get("activation_checkpointing")))
+        hardware = bool(re.search(r"hardware|96|recompute factor", text, re.I)) and \
+            not _num(me.get("model_tflops_per_gpu"))
+        return tflops * 1e12 / _flops_per_token(model, cfg.recompute, hardware), \
+            "TFLOP/s (6N + 12Lhs per token" + (", x4/3 recompute)" if hardware else ")")
+    raise Unusable("no throughput in tokens/s, step time or TFLOP/s")
+
+
+# Trainers whose element-wise work runs eagerly (one kernel per op), by the run id's source prefix;
+# Megatron-LM and the stacks built on it (NeMo, Megatron-Bridge, MegaScale, Megatron-DeepSpeed, metaseq)
+# fuse it, and so does torch.compile.
+_EAGER_TRAINERS = ("llmfoundry", "fms", "torchtitan", "fsdp", "pytorch", "colossalai")
+
+
+def published_trainer(run: dict[str, Any]) -> str:
+    """``"compiled"``, ``"eager"`` or ``"megatron"``: how the run's trainer executes element-wise work."""
+    if run["config"].get("compile") is True:
+        return "compiled"
+    return "eager" if run["id"].startswith(_EAGER_TRAINERS) else "megatron"
+
+
+# llm-foundry's models default to ``loss_fn: fused_crossentropy``: flash-attn's cross-entropy kernel reads
+# the bf16 logits once and writes their gradient in place (no fp32 log-probabilities kept, about one
+# fp32-sized pass over the logits instead of six).
+_FUSED_CROSS_ENTROPY = (("loss_traffic_passes", 1.0), ("loss_workspace_copies", 0.0))
+
+
+def published_settings(run: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Constants the run's own source fixes (see :data:`_FUSED_CROSS_ENTROPY`)."""
+    return _FUSED_CROSS_ENTROPY if run["id"].startswith("llmfoundry") else ()
+
+
+def published_cases(path: Path | None = None) -> Cases:
+    data = _load(path, PUBLISHED_FILE)
+    out = Cases()
+    for run in data["runs"]:
+        notes: list[str] = []
+        try:
+            cluster = published_cluster(run, notes)
+            model = published_model(run, notes)
+            gpus = cluster.nodes * cluster.devices_per_node
+            cfg = published_config(run, gpus, notes)
+            tput, how = published_throughput(run, model, cfg, gpus, notes)
+        except Unusable as exc:
+            out.skipped.append(Skip("published", run["id"], str(exc)))
+            continue
+        out.cases.append(Case(source="published", case_id=run["id"], group=f"{run['model']['name']}:{gpus}",
+                              model=model, cluster=cluster, config=cfg, status="ok",
+                              measured_tokens_per_s_per_gpu=tput, measured_from=how,
+                              approximations=tuple(notes), trainer=published_trainer(run),
+                              settings=published_settings(run)))
+    return out
+
+
+def load_cases(source: str = "all", *, sweep_path: Path | None = None,
+               published_path: Path | None = None) -> Cases:
+    if source not in ("sweep", "published", "all"):
+        raise SpecError("--source", source, "use sweep, published or all")
+    out = Cases()
+    if source in ("sweep", "all"):
+        s = sweep_cases(sweep_path)
+        out.cases += s.cases
+        out.skipped += s.skipped
+    if source in ("published", "all"):
+        p = published_cases(published_path)
+        out.cases += p.cases
+        out.skipped += p.skipped
+    return out
+
+
+def sweep_cluster_dict() -> dict[str, Any]:
+    return json.loads((measured_dir() / SWEEP_CLUSTER_FILE).read_text())

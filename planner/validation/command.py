@@ -1,0 +1,67 @@
+"""``python -m planner validate``: arguments and the command (registered in :mod:`planner.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=["sweep", "published", "all"], default="all",
+                   help="which measured data: the H100 sweep, the published runs, or both (default)")
+    p.add_argument("--group", metavar="MODEL:GPUS", help="only this group, e.g. playbook-1B:64")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--csv", metavar="FILE", help="also write every priced case to this CSV file")
+    p.add_argument("--network", choices=["file", "busbw"], default="file",
+                   help="the sweep cluster's network: its file as is, measured collectives included (default), or "
+                        "busbw: inter-node bandwidth set to the all-reduce bus bandwidth measured at each node count")
+    p.add_argument("--constants", metavar="FILE",
+                   help="JSON object of cost-model constants to override (fields of CostConstants)")
+
+
+def load_constants(path: str | None) -> Any:
+    from dataclasses import fields
+
+    from planner.cost.constants import CostConstants
+    from planner.errors import SpecError, read_json_file
+
+    if path is None:
+        return CostConstants()
+    data = read_json_file(path, "--constants", what="the constants file", damaged_fix="fix the syntax")
+    if not isinstance(data, dict):
+        raise SpecError("--constants", path, "expected a JSON object of CostConstants fields")
+    known = {f.name for f in fields(CostConstants)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError("--constants", unknown, f"not CostConstants fields; known: {sorted(known)}")
+    return CostConstants(**data)
+
+
+def run(args: argparse.Namespace) -> int:
+    from planner.errors import SpecError
+    from planner.validation.cases import load_cases
+    from planner.validation.price import validate_cases
+    from planner.validation.report import json_report, text_report, write_csv
+
+    constants = load_constants(args.constants)
+    loaded = load_cases(args.source)
+    cases = loaded.cases
+    if args.group:
+        cases = [c for c in cases if c.group == args.group]
+        if not cases:
+            known = sorted({c.group for c in loaded.cases if c.source == "sweep"})
+            raise SpecError("--group", args.group, f"no such group; sweep groups are {known} "
+                            "(published runs are grouped by model name and GPUs)")
+    result = validate_cases(cases, constants=constants, network=args.network)
+    sources = ("sweep", "published") if args.source == "all" else (args.source,)
+    skipped = [] if args.group else loaded.skipped
+    if args.csv:
+        write_csv(result, args.csv)
+    if args.json:
+        print(json.dumps(json_report(result, sources, skipped), indent=2))
+    else:
+        print(text_report(result, sources, skipped))
+        if args.csv:
+            print(f"every case written to {args.csv}")
+    return 0

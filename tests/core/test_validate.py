@@ -1,0 +1,202 @@
+"""`python -m planner validate`: the metrics on hand-made cases, the translation of real measured rows,
+and the command end to end on one small group."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from planner.cli import main
+from planner.plan import ParallelConfig
+from planner.validation import metrics
+from planner.validation.cases import Case, ClusterRef, ModelSpec, published_cases, sweep_cases
+from planner.validation.price import Priced, interpolate_log, summarise_group
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def test_ranks_average_ties():
+    assert metrics.ranks([10.0, 20.0, 20.0, 5.0]) == [2.0, 3.5, 3.5, 1.0]
+
+
+def test_spearman_with_ties_known_value():
+    # ranks x = 1, 2.5, 2.5, 4; y = 1, 3, 2, 4 -> 4.5 / sqrt(4.5 * 5)
+    assert metrics.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / math.sqrt(22.5))
+
+
+def test_spearman_extremes_and_undefined():
+    assert metrics.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert metrics.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(metrics.spearman([1, 2], [2, 1]))
+    assert math.isnan(metrics.spearman([1, 2, 3], [5, 5, 5]))
+
+
+def test_top1_takes_the_fastest_predicted_that_fits():
+    # the fastest prediction (30) is predicted not to fit: the pick is 20, measured 80 of the best 100
+    assert metrics.top1([10, 30, 20], [100, 50, 80], [True, False, True]) == (pytest.approx(0.8), 2)
+    assert metrics.top1([10, 30], [100, 50], [False, False]) == (0.0, None)
+
+
+def test_healthy_is_a_quarter_of_the_best():
+    assert metrics.healthy([100.0, 24.9, 25.0]) == [True, False, True]
+
+
+def _case(i: int, status: str, measured: float | None) -> Case:
+    model = ModelSpec(name="m", family="llama", config=(("heads", 4), ("seq_len", 100)))
+    return Case(source="sweep", case_id=f"c{i}", group="m:8", model=model, cluster=ClusterRef(preset="sweep", nodes=1),
+                config=ParallelConfig(dp=8, micro_batch_size=1, num_micro_batches=i + 1), status=status,
+                measured_tokens_per_s_per_gpu=measured)
+
+
+def _priced(case: Case, predicted_tokens_per_s_per_gpu: float, fits: bool) -> Priced:
+    step = case.tokens_per_step / (predicted_tokens_per_s_per_gpu * case.gpus)
+    return Priced(case=case, predicted_step_s=step, fits=fits, peak_memory_gib=1.0, breakdown_s={})
+
+
+def test_group_summary_on_a_hand_made_group():
+    ran = [_priced(_case(0, "ok", 100.0), 200.0, True), _priced(_case(1, "ok", 50.0), 100.0, True),
+           _priced(_case(2, "ok", 80.0), 300.0, False), _priced(_case(3, "ok", 10.0), 5.0, True)]
+    failed = [_priced(_case(4, "failed", None), 1.0, False), _priced(_case(5, "failed", None), 1.0, True)]
+    g = summarise_group("m:8", ran + failed)
+    assert (g.configs_ok, g.configs_failed, g.healthy) == (4, 2, 3)  # 10 < 25% of 100
+    assert g.top1 == pytest.approx(1.0)  # 300 does not fit; 200 (measured 100) is the pick
+    # healthy: predicted 200, 100, 300 against measured 100, 50, 80 -> ranks (2,1,3) vs (3,1,2)
+    assert g.spearman == pytest.approx(0.5)
+    # step-time ratios = measured/predicted throughput: 0.5, 0.5, 0.2667 -> errors 0.5, 0.5, 0.733
+    assert g.error == pytest.approx(0.5)
+    assert g.median_ratio == pytest.approx(0.5)
+    assert g.fit_ok == pytest.approx(3 / 4)
+    assert g.fit_failed == pytest.approx(1 / 2)
+
+
+def test_interpolate_log():
+    assert interpolate_log([(1, 100.0), (4, 25.0)], 2) == pytest.approx(50.0)
+    assert interpolate_log([(1, 100.0), (4, 25.0)], 64) == pytest.approx(25.0)  # clamped
+
+
+# -- translation of real rows ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return sweep_cases()
+
+
+@pytest.fixture(scope="module")
+def published():
+    return published_cases()
+
+
+def _by_id(cases, case_id: str) -> Case:
+    found = [c for c in cases.cases if c.case_id == case_id]
+    assert len(found) == 1, case_id
+    return found[0]
+
+
+def test_sweep_row_translation(sweep):
+    c = _by_id(sweep, "playbook:1B/8n/#13")  # 64 GPUs, dp 8 tp 4 pp 2, mbz 8, grad_acc 4, ZeRO-1
+    assert c.config == ParallelConfig(dp=8, tp=4, pp=2, micro_batch_size=8, num_micro_batches=4, schedule="1f1b",
+                                      recompute="none", sequence_parallel=True, zero_stage=1,
+                                      overlap_grad_reduce=True)
+    assert c.trainer == "eager"  # nanotron
+    assert c.group == "playbook-1B:64" and c.status == "ok"
+    assert c.measured_tokens_per_s_per_gpu == pytest.approx(23202.03)
+    assert (c.cluster.preset, c.cluster.nodes, c.cluster.devices_per_node) == ("sweep", 8, 8)
+    k = c.model.kwargs
+    assert (k["num_layers"], k["hidden"], k["ffn_hidden"], k["vocab_size"], k["seq_len"]) == (16, 2048, 8192, 131072,
+                                                                                                4096)
+    assert k["tie_embeddings"] and k["fused_attention"] and k["kv_heads"] is None
+    assert c.measured_step_s == pytest.approx(256 * 4096 / (23202.03 * 64))
+
+
+def test_sweep_exclusions(sweep):
+    reasons = {s.reason for s in sweep.skipped}
+    assert "status unconfirmed (hover text only, drawn as crashed)" in reasons
+    assert "global batch differs from dp x mbz x grad_acc" in reasons
+    assert not any(c.case_id.startswith("playbook") and c.config.global_batch != 256 for c in sweep.cases)
+    # an old_bench config that ran once and hit OOM once counts as ran
+    c = [c for c in sweep.cases if c.group == "old_bench-llama-1B:64" and c.config.tp == 8 and c.config.pp == 8
+         and c.config.micro_batch_size == 16]
+    assert len(c) == 1 and c[0].status == "ok"
+
+
+def test_published_row_translation(published):
+    c = _by_id(published, "megascale-175b-megascale-g256-gb768")
+    assert c.config == ParallelConfig(dp=4, tp=8, pp=8, micro_batch_size=1, num_micro_batches=192, virtual_stages=6,
+                                      schedule="interleaved-1f1b", recompute="none", sequence_parallel=True,
+                                      zero_stage=2)  # Megatron-based: no --overlap-grad-reduce stated
+    assert c.trainer == "megatron" and c.settings == ()
+    assert "micro-batch not published: 1 assumed" in c.approximations
+    assert c.model.family == "gpt" and c.cluster.preset == "dgx-a100-80g" and c.cluster.nodes == 32
+    m = _by_id(published, "llmfoundry-h100_80gb-amp_bf16-mpt70b-s2048-g512-mb8-r1")
+    assert m.config == ParallelConfig(dp=512, micro_batch_size=8, num_micro_batches=1, recompute="full", zero_stage=3,
+                                      overlap_grad_reduce=True)  # torch FSDP
+    assert m.trainer == "eager" and dict(m.settings) == {"loss_traffic_passes": 1.0, "loss_workspace_copies": 0.0}
+    assert m.measured_tokens_per_s_per_gpu == 1007.0 and m.cluster.preset == "dgx-h100"
+
+
+def test_published_skip_reasons(published):
+    why = {s.case_id: s.reason for s in published.skipped}
+    assert why["torchtitan-2412-t2-llama31-8b-g8-fsdp4-cp2-s65536"] == "context parallelism (cp > 1) not modelled"
+    assert why["nemo2407-gpt3-175b-g128-fp8"] == "model dimensions not given"
+    assert why["mbridge-25.11-dgx-h100-llama3-8b-g8-fsdp8"] == "FP8 not modelled"
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def test_llama_tied_embeddings_share_one_matrix():
+    from planner.models.llama import Llama, LlamaConfig
+
+    for tie in (False, True):
+        cfg = LlamaConfig(num_layers=2, hidden=64, heads=4, ffn_hidden=128, vocab_size=1000, seq_len=16,
+                          tie_embeddings=tie)
+        with torch.device("meta"):
+            model = Llama(cfg)
+        assert sum(p.numel() for p in model.parameters()) == cfg.param_count()
+        assert cfg.param_count() == (1 if tie else 2) * 1000 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def test_validate_one_group_end_to_end(capsys):
+    code = main(["validate", "--source", "sweep", "--group", "old_bench-llama-1B:8", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    (g,) = out["sweep"]["groups"]
+    assert (g["group"], g["configs_ok"], g["configs_failed"], g["healthy"]) == ("old_bench-llama-1B:8", 9, 6, 9)
+    assert 0.0 <= g["top1"] <= 1.0 and -1.0 <= g["spearman"] <= 1.0
+    assert len(out["sweep"]["runs"]) == 15
+    best = max(r["measured_tokens_per_s_per_gpu"] or 0 for r in out["sweep"]["runs"])
+    assert best == 33200  # dp 4 tp 2 mbz 8, the group's fastest measured
+
+
+def test_validate_text_names_targets_and_unknown_group_is_a_clear_error(capsys):
+    assert main(["validate", "--source", "sweep", "--group", "old_bench-llama-1B:16"]) == 0
+    out = capsys.readouterr().out
+    assert "old_bench-llama-1B:16" in out and "top-1, median over groups" in out
+    assert main(["validate", "--source", "sweep", "--group", "nope:8"]) == 2
+    assert "--group" in capsys.readouterr().err
+
+
+def test_busbw_network_matches_the_measured_all_reduce_at_each_node_count():
+    from planner.validation.price import CasePricer
+
+    pricer = CasePricer(network="busbw")
+    spec, notes = pricer.cluster(ClusterRef(preset="sweep", nodes=64))
+    assert spec.num_devices == 512
+    assert spec.inter_node.bandwidth_bytes_per_s * pricer.c.network_efficiency == pytest.approx(32.94e9)
+    spec, _ = pricer.cluster(ClusterRef(preset="sweep", nodes=2))
+    assert spec.inter_node.bandwidth_bytes_per_s * pricer.c.network_efficiency == pytest.approx(361.75e9)
+    assert "64 nodes" in notes[0]
+
+
+def test_constants_file_with_an_unknown_field_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "c.json"
+    bad.write_text('{"no_such_constant": 1}')
+    assert main(["validate", "--source", "sweep", "--constants", str(bad)]) == 2
+    assert "no_such_constant" in capsys.readouterr().err

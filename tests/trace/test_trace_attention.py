@@ -1,0 +1,95 @@
+"""SDPA is traced as the fused kernel a GPU runs; hand-written attention as what it is."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from planner.cluster import ClusterSpec
+from planner.cost.compute import layer_times
+from planner.cost.constants import CostConstants
+from planner.models import ModelPreset
+from planner.trace import trace_model
+from planner.trace.meter import ATTENTION_KERNELS
+
+SEQ = 256
+
+
+def _gpt(fused: bool, hidden: int = 128, seq: int = SEQ):
+    cfg = {"num_layers": 2, "hidden": hidden, "heads": 4, "vocab_size": 512, "seq_len": seq, "dropout": 0.0,
+           "fused_attention": fused}
+    preset = ModelPreset(name=f"gpt-attn-{fused}", family="gpt", config=cfg)
+    return trace_model(preset.build(device="meta"), preset.sample_input(1, None), name=preset.name, dtype="bf16")
+
+
+def _block(graph):
+    return next(layer for layer in graph.layers if layer.name.startswith("blocks."))
+
+
+def test_sdpa_traces_as_flash_with_no_score_tensors():
+    eager, fused = _gpt(False), _gpt(True)
+    assert eager.attention == "eager" and fused.attention == "fused"
+    b_eager, b_fused = _block(eager), _block(fused)
+    kernels = [op for op in b_fused.op_costs if op.kind in ATTENTION_KERNELS]
+    assert len(kernels) == 1 and kernels[0].causal
+    assert not any(op.kind in ATTENTION_KERNELS for op in b_eager.op_costs)
+    # The same model FLOPs (MFU is credited the same way) ...
+    assert b_fused.fwd_flops == pytest.approx(b_eager.fwd_flops, rel=1e-9)
+    # ... but no s x s scores saved for backward: the eager block saves the softmax output (heads * s^2
+    # bf16), the fused one a log-sum-exp per row instead (heads * s fp32).
+    scores, lse = 4 * SEQ * SEQ * 2, 4 * SEQ * 4
+    assert b_eager.activation_bytes - b_fused.activation_bytes == pytest.approx(scores - lse, rel=0.01)
+    assert b_fused.attention_activation_bytes == 0
+    assert b_eager.attention_activation_bytes >= scores
+
+
+def test_fused_causal_attention_is_priced_cheaper_than_eager():
+    cluster = ClusterSpec.preset("dgx-h100")
+    c = CostConstants()
+    # Large enough that the device, not the host's op dispatch, sets the time.
+    blocks = {fused: _block(_gpt(fused, hidden=1024, seq=2048)) for fused in (False, True)}
+    t = {fused: layer_times(blocks[fused], micro_batch=4, tp=1, sequence_parallel=False,
+                            device=cluster.device, dtype="bf16", c=c) for fused in (False, True)}
+    assert t[True].fwd_s < t[False].fwd_s
+    assert t[True].bwd_input_s < t[False].bwd_input_s
+    # Halving the kernel's efficiency slows the fused block; the eager one does not see the constant.
+    slow = dataclasses.replace(c, fused_attention_efficiency=c.fused_attention_efficiency / 2)
+    t_slow = layer_times(blocks[True], micro_batch=4, tp=1, sequence_parallel=False, device=cluster.device,
+                         dtype="bf16", c=slow)
+    assert t_slow.fwd_s > t[True].fwd_s
+
+
+class MaskedSDPA(nn.Module):
+    """SDPA with a boolean padding mask and grouped-query heads: the memory-efficient kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(64, 64)
+        self.kv = nn.Linear(64, 32)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, 4, 16).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2, 16).transpose(1, 2).chunk(2, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2).flatten(2)
+
+
+def test_masked_grouped_query_sdpa_uses_the_memory_efficient_kernel():
+    x = torch.zeros(1, 32, 64)
+    mask = torch.ones(1, 1, 32, 32, dtype=torch.bool)
+    graph = trace_model(MaskedSDPA(), (x, mask), dtype="bf16")
+    kinds = {op.kind for layer in graph.layers for op in layer.op_costs}
+    assert "_scaled_dot_product_efficient_attention" in kinds
+    assert graph.attention == "fused"
+    # Forward FLOPs of attention: 2 GEMMs of 2 * s * s * d per head, 4 heads.
+    attn = sum(op.flops for layer in graph.layers for op in layer.op_costs if op.kind in ATTENTION_KERNELS)
+    assert attn == pytest.approx(4 * 2 * 2 * 32 * 32 * 16)
+
+
+def test_a_model_without_attention_says_so():
+    graph = trace_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), (torch.zeros(2, 8),), dtype="fp32")
+    assert graph.attention == "none"
