@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner import __version__
+from planner import __version__, uncertainty
 from planner.baselines import BaselineResult, run_baselines
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
@@ -384,6 +384,9 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
                      layer_names=tuple(layer.name for layer in graph.layers), seq_len=graph.seq_len,
                      dtype=graph.dtype, global_batch=global_batch, flops_per_sample=graph.train_flops)
     predicted = _prediction(cand, cfg, graph, global_batch, cand.prediction.chunk_phase_times_s)
+    predicted = replace(predicted, uncertainty=uncertainty.describe(
+        predicted.step_time_s, predicted.time_breakdown_s, nodes=cluster.nodes, pp=cfg.pp,
+        intra_link=cluster.intra_node.kind))
     if result is not None:
         top = result.top
         second = top[1].step_time_s if len(top) > 1 else math.nan

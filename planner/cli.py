@@ -233,6 +233,7 @@ def summary_dict(plan: Any) -> dict[str, Any]:
         "time_breakdown_s": pred.time_breakdown_s, "memory_breakdown_bytes": pred.memory_breakdown_bytes,
         "stages": [[s.layer_start, s.layer_stop] for s in plan.stages],
         "solver": {"status": plan.solver.status, "gap": plan.solver.gap},
+        "uncertainty": pred.uncertainty,
     }
 
 
@@ -255,6 +256,8 @@ def _emit(plan: Any, args: argparse.Namespace) -> int:
 def print_plan(plan: Any) -> None:
     import shutil
 
+    from planner.uncertainty import summary_line
+
     from rich.console import Console
     from rich.table import Table
 
@@ -267,6 +270,9 @@ def print_plan(plan: Any) -> None:
     console.print(f"  predicted step {pred.step_time_s:.4g} s, MFU {pred.mfu:.1%}, "
                   f"{pred.throughput_samples_per_s:.4g} samples/s, peak memory "
                   f"{pred.peak_memory_bytes / GiB:.2f} GiB ({fit})")
+    band = summary_line(pred.uncertainty)
+    if band:
+        console.print(f"  {band}", highlight=False)
     t = Table(title="step time (busiest device)", show_header=True)
     t.add_column("part")
     t.add_column("seconds", justify="right")

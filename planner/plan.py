@@ -127,6 +127,9 @@ class Prediction:
     time_breakdown_s: dict[str, float]
     memory_breakdown_bytes: dict[str, int]
     stages: tuple[dict[str, Any], ...] = ()
+    # How sure the prediction is (planner.uncertainty): the regime, the measured/predicted band of the
+    # validation runs in it, the step-time band in seconds, and the effects that dominate the doubt.
+    uncertainty: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,7 +200,7 @@ class Plan:
         model = ModelInfo(**{**m, "layer_names": tuple(m["layer_names"])})
         p = d["predicted"]
         predicted = Prediction(**{**p, "memory_per_device_bytes": tuple(p["memory_per_device_bytes"]),
-                                  "stages": tuple(p.get("stages", ()))})
+                                  "stages": tuple(p.get("stages", ())), "uncertainty": p.get("uncertainty", {})})
         return cls(
             model=model, cluster=d["cluster"], cluster_fingerprint=d["cluster_fingerprint"],
             parallel=ParallelConfig(**d["parallel"]), stages=stages, predicted=predicted,

@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "busbw: inter-node bandwidth set to the all-reduce bus bandwidth measured at each node count")
     p.add_argument("--constants", metavar="FILE",
                    help="JSON object of cost-model constants to override (fields of CostConstants)")
+    p.add_argument("--write-bands", action="store_true",
+                   help="write the per-regime error bands plans carry (datasets/measured/error_bands.json); "
+                        "needs the whole data set and the default constants")
 
 
 def load_constants(path: str | None) -> Any:
@@ -53,7 +56,15 @@ def run(args: argparse.Namespace) -> int:
             known = sorted({c.group for c in loaded.cases if c.source == "sweep"})
             raise SpecError("--group", args.group, f"no such group; sweep groups are {known} "
                             "(published runs are grouped by model name and GPUs)")
+    if args.write_bands and (args.group or args.source != "all" or args.constants or args.network != "file"):
+        raise SpecError("--write-bands", True, "the bands come from every case with the default constants and "
+                        "network: drop --group, --source, --constants and --network")
     result = validate_cases(cases, constants=constants, network=args.network)
+    if args.write_bands:
+        from planner.uncertainty import write_bands
+
+        path = write_bands(result.residual_bands(), "python -m planner validate --write-bands")
+        print(f"error bands written to {path}")
     sources = ("sweep", "published") if args.source == "all" else (args.source,)
     skipped = [] if args.group else loaded.skipped
     if args.csv:

@@ -261,6 +261,25 @@ class Validation:
             by.setdefault(p.case.group, []).append(p)
         return [summarise_group(g, by[g]) for g in sorted(by, key=_group_sort_key)]
 
+    def residual_bands(self) -> dict[str, Any]:
+        """Measured ÷ predicted step time per regime (:mod:`planner.uncertainty`) over the runs a
+        prediction is judged on: the sweep's healthy configurations and every published run."""
+        from planner.uncertainty import bands_from_ratios, regime
+
+        ratios: dict[str, list[float]] = {}
+        for source in ("sweep", "published"):
+            runs = [p for p in self.of(source) if p.case.status == "ok" and p.step_ratio]
+            if source == "sweep":
+                best: dict[str, float] = {}
+                for p in runs:
+                    best[p.case.group] = max(best.get(p.case.group, 0.0), p.case.measured_tokens_per_s_per_gpu or 0.0)
+                runs = [p for p in runs if (p.case.measured_tokens_per_s_per_gpu or 0.0)
+                        >= metrics.HEALTHY_FRACTION * best[p.case.group]]
+            for p in runs:
+                key = regime(p.case.cluster.nodes, p.case.config.pp)
+                ratios.setdefault(key, []).append(1.0 / p.step_ratio)
+        return bands_from_ratios(ratios)
+
     def overall(self, source: str = "sweep") -> dict[str, float]:
         """Medians over groups (top-1, Spearman, error), the worst group's top-1, and the fit shares
         pooled over every run of ``source``."""
