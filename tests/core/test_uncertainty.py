@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from planner import ParallelConfig, evaluate
-from planner.uncertainty import bands_from_ratios, dominant_effects, load_bands, quantile, regime, summary_line
+from planner.uncertainty import (
+    bands_from_ratios,
+    dominant_effects,
+    load_bands,
+    quantile,
+    regime,
+    summary_line,
+)
 
 
 def test_quantile_interpolates_like_numpy():
