@@ -117,14 +117,14 @@ class Row:
 
 def partition_baselines(graph, cluster, cfg, c, *, ours_boundaries) -> dict[str, tuple[Any, str]]:
     """Price ``cfg`` with each baseline's stage boundaries: name -> (StepPrediction | None, note)."""
-    from planner.cost.model import evaluate, layer_table
     from planner.inter_op.baselines import block_partition, deepspeed_partition_balanced
     from planner.inter_op.chain import uniform_partition
+    from planner.pricing import Pricer, table_key
 
     chunks = cfg.pp * cfg.virtual_stages
     n = graph.num_layers
-    table = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
-                        sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c)
+    pricer = Pricer(graph, cluster, c)
+    table = pricer.table(table_key(cfg))  # tp communication priced by the intra-op ILP
     out: dict[str, tuple[Any, str]] = {}
     for column, method in PARTITIONS.items():
         if method == "uniform":
@@ -147,7 +147,7 @@ def partition_baselines(graph, cluster, cfg, c, *, ours_boundaries) -> dict[str,
             note = "same split as the plan"
         else:
             note = "layers " + "/".join(str(b - a) for a, b in bounds)
-        pred = evaluate(graph, cluster, cfg, bounds, c, table=table)
+        pred = pricer.evaluate(cfg, bounds, table)
         if not pred.fits:
             out[column] = (None, f"over memory ({pred.peak_memory_bytes / GiB:.1f} GiB)")
             continue

@@ -21,6 +21,7 @@ from typing import Any
 
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
+from planner.pricing import Pricer
 from planner.search import SearchSpace, search
 from planner.trace.graph import CostGraph
 
@@ -63,10 +64,13 @@ def baseline_spaces(cluster: ClusterSpec, *, has_sequence: bool = True) -> dict[
 
 
 def run_baselines(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: CostConstants, *,
-                  table_cache: dict | None = None) -> list[BaselineResult]:
+                  pricer: Pricer | None = None) -> list[BaselineResult]:
+    """The best configuration of each recipe under the same cost model; ``pricer`` (the plan's, of the same
+    graph, cluster and constants) shares its tables, tp solves and partitions with the plan's search."""
+    pricer = pricer or Pricer(graph, cluster, c)
     out = []
     for name, (description, space) in baseline_spaces(cluster, has_sequence=bool(graph.seq_len)).items():
-        result = search(graph, cluster, global_batch, space=space, constants=c, top_k=1, table_cache=table_cache)
+        result = search(graph, cluster, global_batch, space=space, top_k=1, pricer=pricer)
         if result.best is None:
             reason = "no configuration of this recipe fits in memory"
             if result.closest_misses:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from planner.cost.constants import TRAINERS, trainer_constants
 from planner.errors import run_command
 
 GiB = 2**30
@@ -28,6 +29,10 @@ def _add_model_cluster(p: argparse.ArgumentParser, *, required: bool = True) -> 
     g.add_argument("--seq-len", type=int, help="sequence length (default: the preset's)")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                    help="training dtype (default: bf16 where the devices support it, else fp32)")
+    g.add_argument("--trainer", choices=sorted(TRAINERS), default="megatron",
+                   help="what runs the plan, for the cost model: megatron (fused kernels, bf16 weights with an fp32 "
+                        "master copy; default), compiled (torch.compile), eager (unfused PyTorch), torch (this "
+                        "project's runtime, torchtitan: eager, fp32 parameters under autocast)")
 
 
 def _add_config(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -165,7 +170,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     try:
         result = plan(args.model, args.cluster, global_batch=args.global_batch, seq_len=args.seq_len,
                       nodes=args.nodes, devices_per_node=args.devices_per_node, space=space, dtype=args.dtype,
-                      time_limit_s=args.time_limit, top_k=args.top_k, progress=progress)
+                      time_limit_s=args.time_limit, top_k=args.top_k, progress=progress,
+                      constants=trainer_constants(args.trainer))
     finally:
         if progress:
             progress.close()
@@ -202,9 +208,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise SpecError("--plan", args.plan, "this plan was made from a Python module, not a preset; "
                             "re-evaluate it with planner.evaluate(module, ...)")
         from planner.cluster import ClusterSpec
+        from planner.cost.constants import CostConstants
 
         cluster = ClusterSpec.from_dict(old.cluster)
-        result = evaluate(model, cluster, cfg, seq_len=old.model.seq_len, dtype=old.model.dtype)
+        known = {f for f in CostConstants.__dataclass_fields__}  # the plan's own constants (older files: fewer)
+        constants = CostConstants(**{k: v for k, v in old.cost_constants.items() if k in known})
+        result = evaluate(model, cluster, cfg, seq_len=old.model.seq_len, dtype=old.model.dtype, constants=constants)
         return _emit(result, args)
     _require(args, "model", "cluster", "tp", "pp", "dp", "micro-batch", "global-batch")
     per_replica, rem = divmod(args.global_batch, args.dp * args.micro_batch)
@@ -217,7 +226,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                          sequence_parallel=bool(args.sequence_parallel), zero_stage=args.zero or 0,
                          overlap_grad_reduce=args.overlap_grad_reduce)
     result = evaluate(args.model, args.cluster, cfg, seq_len=args.seq_len, nodes=args.nodes,
-                      devices_per_node=args.devices_per_node, dtype=args.dtype, partition=args.partition)
+                      devices_per_node=args.devices_per_node, dtype=args.dtype, partition=args.partition,
+                      constants=trainer_constants(args.trainer))
     return _emit(result, args)
 
 
@@ -256,10 +266,10 @@ def _emit(plan: Any, args: argparse.Namespace) -> int:
 def print_plan(plan: Any) -> None:
     import shutil
 
-    from planner.uncertainty import summary_line
-
     from rich.console import Console
     from rich.table import Table
+
+    from planner.uncertainty import summary_line
 
     console = Console(width=max(shutil.get_terminal_size((130, 40)).columns, 130))
     cfg, pred = plan.parallel, plan.predicted

@@ -10,10 +10,14 @@ and never re-decides what the plan decided. Python API::
 
     python -m runtime run plan.json --nproc 2 --steps 5 --out metrics.json   # command line
 
+    pm = parallelize(model, plan, loss_fn=my_loss)    # a user's own model and loop, under torchrun
+    loss = pm.step(inputs, targets); opt.step()        # see docs/train-your-own-model.md
+
 See docs/runtime.md.
 """
 
 from runtime.errors import CheckpointError, RunCheckError
+from runtime.parallelize import ParallelModel, parallelize
 from runtime.train import RunOptions, RunResult, train
 
-__all__ = ["CheckpointError", "RunCheckError", "RunOptions", "RunResult", "train"]
+__all__ = ["CheckpointError", "ParallelModel", "RunCheckError", "RunOptions", "RunResult", "parallelize", "train"]

@@ -108,9 +108,9 @@ def _canonical_keys(stage: StageModule) -> dict[str, int]:
 def _state_for_save(stages: list[StageModule], optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
     model_sd: dict[str, Any] = {}
     optim_sd: dict[str, Any] = {}
-    for stage, optim in zip(stages, optimizers):
+    for stage, optim in zip(stages, optimizers or [None] * len(stages)):  # no optimizers: the model alone
         msd = get_model_state_dict(stage)
-        osd = get_optimizer_state_dict(stage, optim, options=_OPTIONS)
+        osd = get_optimizer_state_dict(stage, optim, options=_OPTIONS) if optim is not None else {}
         for fqn, tp in _canonical_keys(stage).items():
             msd[fqn] = canonical_from_tp(_full(msd[fqn]), tp)
             for key in [k for k in osd if k.startswith(f"state.{fqn}.")]:
@@ -118,7 +118,7 @@ def _state_for_save(stages: list[StageModule], optimizers: list[torch.optim.Opti
                     osd[key] = canonical_from_tp(_full(osd[key]), tp)
         model_sd.update(msd)
         optim_sd.update(osd)
-    return {"model": model_sd, "optim": optim_sd}
+    return {"model": model_sd, "optim": optim_sd} if optimizers else {"model": model_sd}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -160,9 +160,9 @@ def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: lis
     model_sd: dict[str, Any] = {}
     optim_sd: dict[str, Any] = {}
     per_stage = []
-    for stage, optim in zip(stages, optimizers):
+    for stage, optim in zip(stages, optimizers or [None] * len(stages)):  # no optimizers: the model alone
         msd = get_model_state_dict(stage)
-        osd = get_optimizer_state_dict(stage, optim, options=_OPTIONS)
+        osd = get_optimizer_state_dict(stage, optim, options=_OPTIONS) if optim is not None else {}
         templates = {}
         for fqn in _canonical_keys(stage):
             templates[fqn] = msd[fqn]
@@ -174,13 +174,13 @@ def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: lis
         per_stage.append((msd, osd, templates))
         model_sd.update(msd)
         optim_sd.update(osd)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": model_sd, "optim": optim_sd} if optimizers else {"model": model_sd}
     try:
         dcp.load(state, checkpoint_id=str(path))
     except Exception as exc:  # DCP raises a CheckpointException wrapping each rank's error
         raise CheckpointError(f"checkpoint {path}: cannot be loaded into this plan ({_first_line(exc)}); it was "
                               "written for a different model, or is damaged") from exc
-    for stage, optim, (msd, osd, templates) in zip(stages, optimizers, per_stage):
+    for stage, optim, (msd, osd, templates) in zip(stages, optimizers or [None] * len(stages), per_stage):
         tp_of = _canonical_keys(stage)
         for key, template in templates.items():
             fqn = key if key in tp_of else next(f for f in tp_of if key.startswith(f"state.{f}."))
@@ -190,7 +190,8 @@ def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: lis
                 value = distribute_tensor(value, template.device_mesh, template.placements, src_data_rank=None)
             source[key] = value
         set_model_state_dict(stage, msd)
-        set_optimizer_state_dict(stage, optim, osd, options=_OPTIONS)
+        if optim is not None:
+            set_optimizer_state_dict(stage, optim, osd, options=_OPTIONS)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -128,6 +129,46 @@ def check_fingerprint(plan: Plan, preset: ModelPreset) -> None:
             f"(python -m planner plan --model {preset.name} …)",
             "stages are cut at the plan's layer names, memory and time predictions were made for another model, "
             "and a stage may no longer fit")
+
+
+def check_module_fingerprint(plan: Plan, model: torch.nn.Module, sample_input: Any) -> None:
+    """A user's module against the plan made for it: trace it as the planner did and compare fingerprints.
+
+    ``sample_input`` is what was given to ``planner.plan(..., sample_input=...)`` (batch 1 is enough). A
+    mismatch names the first layer that differs (name, parameter count) from the plan's layer graph."""
+    from planner.graph_io import graph_from_dict
+
+    try:
+        graph = trace_model(model, sample_input, name=plan.model.name, dtype=plan.model.dtype,
+                            seq_len=plan.model.seq_len, copy_model=True)
+    except PlannerError as exc:
+        raise RunCheckError(f"model: {type(model).__name__} could not be traced as the planner traces it ({exc}); "
+                            "pass parallelize(..., sample_input=) the sample input the plan was made with") from exc
+    if graph.fingerprint() == plan.model.fingerprint:
+        return
+    what = f"{graph.num_layers} layers, {graph.param_count} parameters"
+    if plan.graph:
+        planned = [(layer.name, layer.param_count, layer.signature) for layer in graph_from_dict(plan.graph).layers]
+        traced = [(layer.name, layer.param_count, layer.signature) for layer in graph.layers]
+        diffs = [(p, t) for p, t in zip(planned, traced) if p != t]
+        if len(planned) != len(traced):
+            what = (f"{len(traced)} layers where the plan has {len(planned)} (layers only in the plan: "
+                    f"{sorted({n for n, *_ in planned} - {n for n, *_ in traced})[:5]}, only in the model: "
+                    f"{sorted({n for n, *_ in traced} - {n for n, *_ in planned})[:5]})")
+        elif diffs:
+            (pname, pcount, _), (tname, tcount, _) = diffs[0]
+            shape = "same parameter count, other shapes or ops" if pcount == tcount else \
+                f"{tcount} parameters where the plan has {pcount}"
+            what = f"layer {tname!r} differs from the plan's {pname!r}: {shape}"
+            if len(diffs) > 1:
+                what += f" (and {len(diffs) - 1} more layers differ)"
+    _mismatch(
+        f"model.fingerprint: the plan was made for a model {plan.model.name} with fingerprint "
+        f"{plan.model.fingerprint} ({plan.model.num_layers} layers, {plan.model.param_count} parameters), but this "
+        f"{type(model).__name__} traces to {graph.fingerprint()}: {what}. Re-create the plan for this model "
+        "(planner.plan(model, cluster, global_batch=..., sample_input=...))",
+        "stages are cut at the plan's layer names, memory and time predictions were made for another model, "
+        "and a stage may no longer fit")
 
 
 def _check_tied(meta: torch.nn.Module, plan: Plan) -> None:

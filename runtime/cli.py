@@ -1,5 +1,11 @@
 """``python -m runtime run plan.json --nproc N --steps K …``: train a plan on local processes.
 
+``run`` trains the plan's preset on synthetic data by default; ``--model pkg.module:factory`` trains the
+user's own model instead (through :func:`runtime.parallelize.parallelize`), with ``--data`` and ``--loss``
+for its batches and loss (:mod:`runtime.user_model`). ``dry-run plan.json`` builds every rank of the plan
+on the meta device and prints the bytes each would hold next to the plan's prediction
+(:mod:`runtime.dry_run`).
+
 Launched by ``torchrun`` (``WORLD_SIZE`` and ``RANK`` set), the same command joins the existing
 processes instead of starting new ones. A failed check prints one paragraph naming the mismatch and
 the fix and exits with code 2; a crashed or killed worker exits with code 1. ``--debug`` adds the
@@ -38,14 +44,74 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verify-replicas", action="store_true",
                      help="after the last step, print how far the tensor-parallel copies of each replicated "
                           "parameter drifted apart (0 when consistent; a collective over every tp group)")
+    run.add_argument("--model", default=None, metavar="PKG.MODULE:FACTORY",
+                     help="train your own model: FACTORY() returns the nn.Module the plan was made for (real "
+                          "weights, or on the meta device); default: the plan's preset")
+    run.add_argument("--data", default=None, metavar="PKG.MODULE:LOADER",
+                     help="LOADER(rank=, world=, ...) yields this data-parallel rank's (inputs, targets) per step; "
+                          "default: the preset's synthetic data")
+    run.add_argument("--loss", default=None, metavar="PKG.MODULE:FN",
+                     help="FN(output, targets) -> the mean loss of one micro-batch; default: the preset's loss, "
+                          "else cross-entropy over the last dim of the output (or its .logits)")
     run.add_argument("--quiet", action="store_true", help="print only errors")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
+    dry = sub.add_parser("dry-run", help="build every rank of a plan on the meta device (a fake process group, no "
+                                         "memory) and print the bytes each would hold next to the plan's prediction")
+    dry.add_argument("plan", help="plan JSON written by `python -m planner plan`")
+    dry.add_argument("--rank", type=int, default=None,
+                     help="build this rank alone (default: every rank, one per group of identical roles)")
+    dry.add_argument("--model", default=None, metavar="PKG.MODULE:FACTORY",
+                     help="the model to build (called under torch.device('meta')); default: the plan's preset")
+    dry.add_argument("--json", action="store_true", help="print the report as JSON")
+    dry.add_argument("--debug", action="store_true", help="show tracebacks")
+    prof = sub.add_parser("profile-cluster", help="measure collectives, GEMMs and memory here and write a cluster "
+                                                  "JSON (runtime/profile_cluster.py, docs/cluster.md)")
+    prof.add_argument("-o", "--output", required=True, help="cluster JSON to write")
+    prof.add_argument("--base", help="preset or cluster file for the device and links (default: cpu-local on the "
+                                     "CPU, the DGX preset of the GPU)")
+    prof.add_argument("--nproc", type=int, help="local processes (default: the GPUs, else 2); ignored under torchrun")
+    prof.add_argument("--min-bytes", type=int, default=4096, help="smallest message (default 4096)")
+    prof.add_argument("--max-bytes", type=int, help="largest message (default 64 MiB on the CPU, 1 GiB on GPUs)")
+    prof.add_argument("--iterations", type=int, default=5, help="timed samples per point (default 5)")
+    prof.add_argument("--timeout-s", type=float, default=120.0, help="collective timeout (default 120)")
+    prof.add_argument("--force", action="store_true", help="overwrite the output file")
+    prof.add_argument("--quiet", action="store_true", help="print only errors")
+    prof.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "profile-cluster":
+        return run_command(lambda: _profile(args), debug=args.debug, user_errors=RunCheckError)
+    if args.command == "dry-run":
+        return run_command(lambda: _dry_run(args), debug=args.debug, user_errors=RunCheckError)
     return run_command(lambda: _run(args), debug=args.debug, user_errors=RunCheckError)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from runtime.profile_cluster import ProfileOptions, run
+
+    options = ProfileOptions(output=args.output, base=args.base, min_bytes=args.min_bytes, max_bytes=args.max_bytes,
+                             iterations=args.iterations, timeout_s=args.timeout_s, force=args.force,
+                             verbose=not args.quiet)
+    return run(options, args.nproc)
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    import json
+
+    from runtime.checks import load_plan
+    from runtime.dry_run import dry_run, format_report
+
+    build = None
+    if args.model:
+        from runtime.user_model import meta_factory
+
+        build = meta_factory(args.model)
+    report = dry_run(load_plan(args.plan), rank=args.rank, build_model=build)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -62,7 +128,16 @@ def _run(args: argparse.Namespace) -> int:
                              verbose=not args.quiet, verify_replicas=args.verify_replicas)
     except ValueError as exc:
         raise RunCheckError(str(exc)) from exc
-    worker = WorkerArgs(plan_path=args.plan, options=options, out=args.out, debug=args.debug)
+    user = None
+    if args.model or args.data or args.loss:
+        from runtime.user_model import UserCode
+
+        user = UserCode(model=args.model, data=args.data, loss=args.loss)
+        if not in_torchrun():  # in the launcher: a typo, a factory that raises, a bad batch fail before any start
+            from runtime.checks import load_plan
+
+            user.preflight(load_plan(args.plan), seed=args.seed)
+    worker = WorkerArgs(plan_path=args.plan, options=options, out=args.out, debug=args.debug, user=user)
     if in_torchrun():
         run_worker(worker)
         return 0
@@ -74,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         run_local(worker, nproc)
     except WorkersFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if str(exc):  # empty when a signal stopped the run: rank 0 printed the one line already
+            print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0

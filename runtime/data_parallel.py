@@ -73,10 +73,35 @@ def apply_data_parallel(stage: StageModule, mode: DataParallelMode, dp_mesh: Dev
     if mode.kind == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(stage, device_ids=ids, process_group=dp_mesh.get_group())
-    for path in stage.layer_paths:
-        fully_shard(stage.get_submodule(path), mesh=dp_mesh, reshard_after_forward=mode.reshard_after_forward)
+    for group in _layer_groups(stage):
+        fully_shard(group if len(group) > 1 else group[0], mesh=dp_mesh,
+                    reshard_after_forward=mode.reshard_after_forward)
     fully_shard(stage, mesh=dp_mesh, reshard_after_forward=mode.reshard_after_forward)
     return stage
+
+
+def _layer_groups(stage: StageModule) -> list[list[nn.Module]]:
+    """The stage's layers, one FSDP group each, except that layers sharing a parameter (a tied embedding and
+    LM head) form one group: FSDP2 refuses a parameter managed by two groups, and sharding it twice would
+    untie it."""
+    layers = [stage.get_submodule(path) for path in stage.layer_paths]
+    group_of: dict[int, int] = {}  # parameter id -> index of the first layer holding it
+    parent = list(range(len(layers)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, layer in enumerate(layers):
+        for param in layer.parameters():
+            j = group_of.setdefault(id(param), i)
+            if j != i:
+                parent[root(i)] = root(j)
+    groups: dict[int, list[nn.Module]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(root(i), []).append(layer)
+    return list(groups.values())
 
 
 def allreduce_gradients(modules: list[nn.Module], dp_mesh: DeviceMesh) -> None:

@@ -7,15 +7,29 @@ fails with the dead rank named. ``run_worker`` is what every worker runs, also w
 come from a user's ``torchrun … -m runtime run plan.json`` (``WORLD_SIZE``/``RANK`` are set, so the
 CLI does not launch again): join the process group (gloo on CPU, NCCL with CUDA, with a timeout so a
 lost peer ends the run instead of hanging it), train, and on rank 0 write and print the report.
+
+A run ends cleanly, and never twice. A launcher that is killed, even by SIGKILL, leaves no worker
+training or writing checkpoints as an orphan: every worker watches the launcher's process (a thread
+blocked on a Linux pidfd, which becomes readable the moment the launcher exits) and SIGKILLs itself
+then (:func:`watch_launcher`). The parent-death signal alone (``PR_SET_PDEATHSIG``, also armed, see
+:func:`die_with_parent`: it covers workers whose parent is torchrun's agent) is not enough here: on the
+CPU the workers' parent is the fork server, and that lives on until its last client exits, the
+workers included. SIGTERM to the launcher reaches the workers
+through torch elastic's shutdown; they stop after the step in progress (saving a checkpoint when
+``--checkpoint-dir`` is set, see :class:`runtime.train.StopRequest`), rank 0 prints one line, and the
+run exits with code 143.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import sys
+import threading
 import traceback
 import uuid
 from dataclasses import dataclass, replace
@@ -28,7 +42,7 @@ import torch.distributed as dist
 from runtime.checks import Launch, check_fingerprint, load_plan, preflight
 from runtime.errors import RunCheckError
 from runtime.report import write_report
-from runtime.train import RunOptions, RunResult, train
+from runtime.train import EXIT_STOPPED, RunOptions, RunResult, train
 
 EXIT_CHECK = 2  # a check failed: the message says what and how to fix it
 EXIT_FAILED = 1  # a worker crashed, was killed, or timed out
@@ -42,6 +56,7 @@ class WorkerArgs:
     out: str | None = None
     debug: bool = False
     checked: bool = False  # preflight already ran in the launcher
+    user: Any = None  # runtime.user_model.UserCode: --model/--data/--loss, else the plan's preset
 
 
 def in_torchrun() -> bool:
@@ -69,7 +84,13 @@ def torchrun_launch() -> Launch:
 def run_local(args: WorkerArgs, nproc: int) -> dict[int, Any]:
     """Check, then start ``nproc`` workers; returns rank -> return value. Raises :class:`RunCheckError`."""
     plan = load_plan(args.plan_path)
-    preflight(plan, local_launch(nproc), resume_dir=args.options.checkpoint_dir if args.options.resume else None)
+    resume_dir = args.options.checkpoint_dir if args.options.resume else None
+    if args.user is not None and args.user.model:  # parallelize() checks the model itself, in the workers
+        from runtime.user_model import preflight_user
+
+        preflight_user(plan, local_launch(nproc), resume_dir=resume_dir)
+    else:
+        preflight(plan, local_launch(nproc), resume_dir=resume_dir)
     return launch_workers(nproc, run_worker, replace(args, checked=True), debug=args.debug)
 
 
@@ -100,6 +121,9 @@ def _with_own_env(env: dict[str, str], fn, *args: Any) -> Any:
 
     A fork server's children inherit its environment from when it started, not the launcher's now.
     """
+    die_with_parent()
+    if _LAUNCHER_PID_ENV in env:
+        watch_launcher(int(env[_LAUNCHER_PID_ENV]))
     for key in [k for k in os.environ if k.startswith(_OWN_ENV_PREFIX) and k not in env]:
         del os.environ[key]
     os.environ.update(env)
@@ -107,6 +131,48 @@ def _with_own_env(env: dict[str, str], fn, *args: Any) -> Any:
 
 
 _PRELOAD = ["torch", "torch.distributed", "runtime.train", "planner.models"]
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LAUNCHER_PID_ENV = "RUNTIME_LAUNCHER_PID"  # set by launch_workers for its workers
+
+
+def watch_launcher(pid: int) -> bool:
+    """SIGKILL this process as soon as process ``pid`` (the launcher) exits; returns whether it watches.
+
+    A daemon thread blocks on a pidfd of the launcher (Linux 5.3+), which becomes readable when the launcher
+    exits, even while it is an unreaped zombie. SIGKILL, not SIGTERM: an orphan must not save a checkpoint."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # already gone
+        os.kill(os.getpid(), signal.SIGKILL)
+    except (AttributeError, OSError):  # not Linux, or an old kernel: the parent-death signal only
+        return False
+
+    def wait_then_die() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait_then_die, name="runtime-launcher-watch", daemon=True).start()
+    return True
+
+
+def die_with_parent() -> bool:
+    """Have the kernel SIGKILL this process when its parent exits (Linux ``prctl(PR_SET_PDEATHSIG)``).
+
+    A worker's parent is the fork server (CPU) or the launcher (``spawn``); the fork server exits when the
+    launcher does. SIGKILL, not SIGTERM: an orphan must not save a checkpoint on its way out. Returns
+    whether it is armed (``False`` off Linux). If the parent is already gone (we were re-parented before
+    arming), exit now."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if parent == 1 or os.getppid() != parent:
+        os._exit(EXIT_FAILED)
+    return True
 
 
 def _preload_fork_server() -> None:
@@ -123,6 +189,7 @@ def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = Non
     A worker that fails makes the agent stop the others at once (no restarts) and this raises
     :class:`WorkersFailed` naming each failed rank and how it ended.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -135,11 +202,17 @@ def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = Non
     if not debug:  # the agent logs each failure with its traceback; we print one line per failure instead
         for name in ("torch.distributed.elastic", "torch.multiprocessing"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        for name in list(logging.root.manager.loggerDict):  # modules that set their own level (the agent's
+            if name.startswith("torch.distributed.elastic."):  # "Received 15 death signal" warning)
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     ours = {k: v for k, v in os.environ.items() if k.startswith(_OWN_ENV_PREFIX)}
+    ours[_LAUNCHER_PID_ENV] = str(os.getpid())
     try:
         return elastic_launch(config, _with_own_env)(ours, fn, *fn_args)
     except ChildFailedError as exc:
         raise WorkersFailed(_describe_failures(exc)) from None
+    except SignalException as exc:  # the launcher got SIGTERM/SIGINT: the agent has stopped the workers
+        raise WorkersFailed(("", EXIT_STOPPED if exc.sigval == signal.SIGTERM else 128 + int(exc.sigval))) from None
 
 
 class WorkersFailed(Exception):
@@ -161,6 +234,8 @@ def _describe_failures(exc) -> tuple[str, int]:
         else:
             lines.append(f"rank {rank} (pid {failure.pid}) exited with code {code}{_raised(failure)}")
         codes.append(code)
+    if codes and all(c == EXIT_STOPPED for c in codes):  # stopped by a signal: rank 0 printed the one line
+        return "", EXIT_STOPPED
     exit_code = EXIT_CHECK if codes and all(c == EXIT_CHECK for c in codes) else EXIT_FAILED
     return ("run failed: " + "; ".join(lines) + ". The launcher stopped the remaining ranks (no restarts).",
             exit_code)
@@ -178,6 +253,8 @@ def _raised(failure) -> str:
 def run_worker(args: WorkerArgs) -> RunResult | None:
     """One rank: join, check (under torchrun), train, report. Exits the process on error."""
     rank = int(os.environ.get("RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ and _LAUNCHER_PID_ENV not in os.environ:
+        die_with_parent()  # started by torchrun's agent (from its main thread): end with it
     try:
         return _worker(args)
     except RunCheckError as exc:
@@ -198,6 +275,11 @@ def run_worker(args: WorkerArgs) -> RunResult | None:
 def _worker(args: WorkerArgs) -> RunResult:
     plan = load_plan(args.plan_path)
     launch = torchrun_launch()
+    if args.user is not None and args.user.model and not args.checked:  # parallelize() checks the model
+        from runtime.user_model import preflight_user
+
+        preflight_user(plan, launch, resume_dir=args.options.checkpoint_dir if args.options.resume else None)
+        args = replace(args, checked=True)
     if not args.checked:
         preset = preflight(plan, launch, fingerprint=False,
                            resume_dir=args.options.checkpoint_dir if args.options.resume else None)
@@ -214,9 +296,19 @@ def _worker(args: WorkerArgs) -> RunResult:
         dist.broadcast_object_list(verdict, src=0)
         if verdict[0] is not None:
             raise RunCheckError(verdict[0] if dist.get_rank() == 0 else "rank 0 found: " + verdict[0])
-    result = train(plan, args.options)
-    if dist.get_rank() == 0:
-        write_report(plan, args.plan_path, args.options, result, launch, out=args.out, verbose=args.options.verbose)
+    if args.user is not None:
+        from runtime.user_model import train_user
+
+        result = train_user(plan, args.options, args.user)
+    else:
+        result = train(plan, args.options)
+    stopped = result.stopped_by is not None
+    if dist.get_rank() == 0 and (args.out or not stopped):  # stopped: the one line train() printed is enough
+        write_report(plan, args.plan_path, args.options, result, launch, out=args.out,
+                     verbose=args.options.verbose and not stopped)
+    if stopped:
+        dist.destroy_process_group()
+        sys.exit(EXIT_STOPPED)
     return result
 
 

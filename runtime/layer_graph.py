@@ -21,11 +21,13 @@ schedule's ``step``, which torch hands to every stage; see ``runtime.train._forw
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx import _pytree as fx_pytree
 
 from runtime.errors import RunCheckError
 
@@ -62,6 +64,91 @@ def trace_layers(model: nn.Module, layer_names: tuple[str, ...]) -> fx.Graph:
             "forward without data-dependent control flow between its layers") from exc
 
 
+def export_layers(model: nn.Module, layer_names: tuple[str, ...], sample_kwargs: dict[str, Any],
+                  device: torch.device) -> tuple[fx.Graph, Any]:
+    """``(graph, output spec)``: the model's forward from ``torch.export``, every layer one ``call_module`` node.
+
+    For forwards ``torch.fx`` cannot trace (Hugging Face models take ``**kwargs`` and build masks with
+    Python control flow). ``torch.export`` records the forward at ``sample_kwargs``' shapes, keeping each
+    layer's own call signature (``preserve_module_call_signature``); ``torch.export.unflatten`` gives
+    it back as nested graphs, which this inlines into one graph over the full model's paths: planned
+    layers stay calls of the model's own modules (which hold the real, possibly sharded, weights),
+    everything else becomes glue of ATen ops. The shapes are static: the graph runs micro-batches of
+    the sample's size. Devices the export baked into glue (``arange(..., device=cpu)``) become
+    ``device``. The output spec rebuilds the forward's return value (a Hugging Face ``ModelOutput``)
+    from the graph's flat outputs.
+    """
+    try:
+        with warnings.catch_warnings():  # unflatten's notes on its own pytree-spec attributes
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (), sample_kwargs, strict=False,
+                                          preserve_module_call_signature=tuple(layer_names))
+            unflat = torch.export.unflatten(program)
+    except Exception as exc:  # export raises many kinds: data-dependent control flow, unsupported ops …
+        raise RunCheckError(
+            f"model: {type(model).__name__}.forward could be traced neither by torch.fx nor by torch.export at "
+            f"layer granularity ({type(exc).__name__}: {_first_line(exc)}); the runtime cuts pipeline stages on "
+            "that trace. Write the forward without data-dependent control flow between layers, or plan it with "
+            "pp=1") from exc
+    graph = fx.Graph()
+    # Non-tensor inputs (``use_cache=False``) were specialised by the export: they stay constants, not inputs.
+    top_inputs = [graph.placeholder(n.target) if isinstance(sample_kwargs.get(n.target), torch.Tensor)
+                  else sample_kwargs.get(n.target) for n in unflat.graph.nodes if n.op == "placeholder"]
+    out = _inline(graph, unflat, "", top_inputs, {}, frozenset(layer_names), model, device)
+    graph.output(out)
+    return graph, program.call_spec.out_spec
+
+
+def _inline(graph: fx.Graph, module: nn.Module, prefix: str, args: list[Any], kwargs: dict[str, Any],
+            layers: frozenset[str], model: nn.Module, device: torch.device) -> Any:
+    """Copy ``module.graph`` (an unflattened export graph) into ``graph``; returns what its output node returns."""
+    env: dict[fx.Node, Any] = {}
+    positional = iter(args)
+    for node in module.graph.nodes:
+        def load(a: Any) -> Any:
+            return fx.node.map_arg(a, lambda n: env[n])
+
+        if node.op == "placeholder":
+            env[node] = kwargs[node.target] if node.target in kwargs else next(positional)
+        elif node.op == "get_attr":
+            env[node] = _attr(graph, module, node.target, prefix, model, device)
+        elif node.op == "call_module":
+            path = prefix + node.target
+            if path in layers:
+                env[node] = graph.call_module(path, load(node.args), load(node.kwargs))
+            else:
+                env[node] = _inline(graph, module.get_submodule(node.target), path + ".", list(load(node.args)),
+                                    load(node.kwargs), layers, model, device)
+        elif node.op in ("call_function", "call_method"):
+            kw = dict(load(node.kwargs))
+            if isinstance(kw.get("device"), (torch.device, str)):
+                kw["device"] = device
+            env[node] = graph.create_node(node.op, node.target, load(node.args), kw)
+        elif node.op == "output":
+            return load(node.args[0])
+    raise AssertionError("an fx graph ends with an output node")
+
+
+def _attr(graph: fx.Graph, module: nn.Module, target: str, prefix: str, model: nn.Module,
+          device: torch.device) -> Any:
+    """A parameter or buffer of the model stays a ``get_attr`` (at its full path); anything else is a constant."""
+    full = prefix + target
+    owner, _, name = full.rpartition(".")
+    try:
+        holder = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        holder = None
+    if holder is not None and (name in holder._parameters or name in holder._buffers):
+        return graph.get_attr(full)
+    value = operator.attrgetter(target)(module)  # a pytree spec or a lifted constant tensor
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def is_chain(graph: fx.Graph, layer_names: tuple[str, ...]) -> bool:
     """One input, the layers called in plan order each on the previous one's output, and nothing else."""
     nodes = [n for n in graph.nodes if n.op != "output"]
@@ -76,18 +163,34 @@ def is_chain(graph: fx.Graph, layer_names: tuple[str, ...]) -> bool:
     return output.args == (prev,)
 
 
-def stage_plans(graph: fx.Graph, stages: list[tuple[str, ...]]) -> list[StagePlan]:
-    """Cut ``graph`` into the plan's ``stages`` (each a tuple of layer names, in model order)."""
+def stage_plans(graph: fx.Graph, stages: list[tuple[str, ...]], stateless: frozenset[str] = frozenset()
+                ) -> list[StagePlan]:
+    """Cut ``graph`` into the plan's ``stages`` (each a tuple of layer names, in model order).
+
+    Two kinds of glue do not follow the next layer: glue computed from the model's inputs and constants
+    alone (position ids, an attention mask) runs in every stage that reads it rather than being sent, and
+    the unpacking of a layer's output (``getitem``, pytree flattening) stays with that layer, so what
+    crosses a boundary is tensors, not the tuples a layer returns. A ``stateless`` layer (no parameters or
+    buffers: T5's dropout, called after the embedding and again after the final norm) called again
+    after a later stage's layer runs that second call in the later stage."""
     stage_of_layer = {name: k for k, names in enumerate(stages) for name in names}
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     placeholders = tuple(n.name for n in graph.nodes if n.op == "placeholder")
     output = next(n for n in graph.nodes if n.op == "output")
     last = len(stages) - 1
+    free = _input_only(graph)
     stage_of: dict[fx.Node, int] = {}
     pending: list[fx.Node] = []  # glue waiting for the next layer
     for node in nodes:
-        if node.op == "call_module" and node.target in stage_of_layer:
+        if node in free:
+            continue
+        producers = {stage_of.get(a) for a in node.all_input_nodes if a not in free and a.op != "placeholder"}
+        if node.op == "call_function" and node.target in _UNPACKING and len(producers) == 1 and None not in producers:
+            stage_of[node] = producers.pop()
+        elif node.op == "call_module" and node.target in stage_of_layer:
             k = stage_of_layer[node.target]
+            if node.target in stateless and stage_of:
+                k = max(k, *stage_of.values())
             if any(stage_of[n] > k for n in stage_of):
                 raise RunCheckError(
                     f"stages: layer {node.target!r} runs after a layer of a later stage in the model's forward; "
@@ -103,14 +206,44 @@ def stage_plans(graph: fx.Graph, stages: list[tuple[str, ...]]) -> list[StagePla
             pending.append(node)
     for glue in pending:
         stage_of[glue] = last
+
     def read_after(n: fx.Node, k: int) -> bool:
         return any(u is output or stage_of[u] > k for u in n.users)
 
-    sends = [tuple(n.name for n in nodes if stage_of[n] <= k and read_after(n, k)) for k in range(last)]
+    sends = [tuple(n.name for n in nodes if n not in free and stage_of[n] <= k and read_after(n, k))
+             for k in range(last)]
     sends.append(tuple(_names(output.args[0])))
     return [StagePlan(input_names=placeholders, receives=sends[k - 1] if k else (),
-                      nodes=tuple(n for n in nodes if stage_of[n] == k), sends=sends[k])
+                      nodes=_with_input_glue([n for n in nodes if stage_of.get(n) == k], free, nodes),
+                      sends=sends[k])
             for k in range(len(stages))]
+
+
+# Glue that only unpacks a layer's output: it runs in that layer's stage (see stage_plans).
+_UNPACKING = frozenset({operator.getitem, fx_pytree.tree_flatten_spec})
+
+
+def _input_only(graph: fx.Graph) -> set[fx.Node]:
+    """Glue nodes computed from the model's inputs and constants alone (no layer output reaches them)."""
+    free: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method", "get_attr") and \
+                all(a in free or a.op == "placeholder" for a in node.all_input_nodes):
+            free.add(node)
+    return free
+
+
+def _with_input_glue(own: list[fx.Node], free: set[fx.Node], order: list[fx.Node]) -> tuple[fx.Node, ...]:
+    """``own`` plus the input-only glue they read (recomputed here instead of received), in graph order."""
+    needed: set[fx.Node] = set()
+    todo = [a for n in own for a in n.all_input_nodes if a in free]
+    while todo:
+        node = todo.pop()
+        if node not in needed:
+            needed.add(node)
+            todo.extend(a for a in node.all_input_nodes if a in free)
+    chosen = set(own) | needed
+    return tuple(n for n in order if n in chosen)
 
 
 def _names(arg: Any) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,19 +24,21 @@ from torch import nn
 from planner.models import ModelPreset, load_preset
 from planner.plan import Plan, Stage
 from runtime.errors import RunCheckError
-from runtime.layer_graph import StagePlan, is_chain, run_stage, stage_plans, trace_layers
+from runtime.layer_graph import StagePlan, export_layers, is_chain, run_stage, stage_plans, trace_layers
 
 
 class StageModule(nn.Module):
     """A chain of the full model's layers that keeps their full-model paths as parameter names."""
 
     def __init__(self, model: nn.Module, layer_names: tuple[str, ...], *, stage_index: int,
-                 graph: StagePlan | None = None) -> None:
+                 graph: StagePlan | None = None, whole: bool = False, output_spec: Any = None) -> None:
         super().__init__()
         # Underscored names: a model may well have a layer called ``layers`` or ``index``.
         self._stage_index = stage_index
         self._paths = tuple(layer_names)
-        for path in self._paths:
+        # Stateless layers of other stages this stage's graph calls again (see layer_graph.stage_plans).
+        borrowed = sorted({n.target for n in graph.nodes if n.op == "call_module"} - set(self._paths)) if graph else []
+        for path in (*self._paths, *borrowed):
             parent: nn.Module = self
             *heads, leaf = path.split(".")
             for name in heads:
@@ -43,8 +46,13 @@ class StageModule(nn.Module):
                     parent.add_module(name, nn.Module())
                 parent = getattr(parent, name)
             parent.add_module(leaf, model.get_submodule(path))
+        for path in loose_attributes(graph, (*self._paths, *borrowed)):  # read by this stage's glue
+            _attach(self, path, model)
         self._checkpoint_layers = False  # set by runtime.recompute for recompute="full"
         self._graph = graph  # None: a chain of one-tensor layers; else the cut of the traced forward
+        # whole: the only stage, run by the model's own forward (a list, so that it is not a submodule)
+        self._whole = [model] if whole else []
+        self.output_spec = output_spec  # rebuilds the model's return value from a graph's flat outputs
 
     @property
     def stage_index(self) -> int:
@@ -54,6 +62,11 @@ class StageModule(nn.Module):
     def layer_paths(self) -> tuple[str, ...]:
         return self._paths
 
+    @property
+    def is_whole(self) -> bool:
+        """Whether this stage is the whole model, run by the model's own forward."""
+        return bool(self._whole)
+
     def _chain(self) -> list[nn.Module]:
         return [self.get_submodule(path) for path in self._paths]
 
@@ -62,15 +75,17 @@ class StageModule(nn.Module):
         """The model inputs this stage takes by name (a non-chain model), or ``None`` (a chain: positional)."""
         return self._graph.input_names if self._graph is not None else None
 
-    def _call(self, layer: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    def _call(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self._checkpoint_layers and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
+            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
 
     def forward(self, *received: torch.Tensor, **inputs: torch.Tensor):
         """A chain: ``forward(x)``. Otherwise ``forward(*what the previous stage sent, **model inputs)``."""
+        if self._whole:  # the model is one stage: its own forward, on its own (sharded) layers
+            return self._whole[0](*received, **inputs)
         received = tuple(_ContiguousGrad.apply(t) if t.requires_grad else t for t in received)
         if self._graph is not None:
             return run_stage(self._graph, self, received, inputs, self._call)
@@ -78,6 +93,32 @@ class StageModule(nn.Module):
         for layer in self._chain():
             x = self._call(layer, x)
         return x
+
+
+def loose_attributes(graph: StagePlan | None, layer_paths: tuple[str, ...]) -> list[str]:
+    """Parameters and buffers outside every layer that ``graph`` reads (``get_attr``): a learned position table
+    as a bare ``nn.Parameter`` on the model. Each goes with the stage whose glue reads it."""
+    if graph is None:
+        return []
+    targets = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    return sorted(t for t in targets if not any(t == p or t.startswith(p + ".") for p in layer_paths))
+
+
+def _attach(stage: nn.Module, path: str, model: nn.Module) -> None:
+    """Register ``model``'s attribute at ``path`` on ``stage`` at the same path (a parameter stays a parameter)."""
+    owner_path, _, leaf = path.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    parent: nn.Module = stage
+    for name in owner_path.split(".") if owner_path else []:
+        if not hasattr(parent, name):
+            parent.add_module(name, nn.Module())
+        parent = getattr(parent, name)
+    if leaf in owner._parameters:
+        parent.register_parameter(leaf, owner._parameters[leaf])
+    elif leaf in owner._buffers:
+        parent.register_buffer(leaf, owner._buffers[leaf], persistent=leaf not in owner._non_persistent_buffers_set)
+    else:  # a plain tensor attribute: read, never trained
+        setattr(parent, leaf, getattr(owner, leaf))
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -128,19 +169,51 @@ def stages_of_rank(plan: Plan, rank: int) -> list[Stage]:
     return sorted((s for s in plan.stages if rank in s.ranks), key=lambda s: s.index)
 
 
-def build_stage_modules(model: nn.Module, stages: list[Stage], plan: Plan | None = None) -> list[StageModule]:
+def build_stage_modules(model: nn.Module, stages: list[Stage], plan: Plan | None = None, *,
+                        sample_kwargs: dict[str, Any] | None = None, device: torch.device | None = None,
+                        whole_if_single: bool = False) -> list[StageModule]:
     """This rank's stages; a model that is not a chain of layers runs its traced forward, cut at the stages.
 
-    Without ``plan`` the model is taken to be a chain (the stages' layers called in turn)."""
+    Without ``plan`` the model is taken to be a chain (the stages' layers called in turn). The forward is
+    traced with ``torch.fx``; when fx cannot trace it and ``sample_kwargs`` (one micro-batch of the model's
+    inputs, by name) is given, with ``torch.export`` (:func:`runtime.layer_graph.export_layers`). With
+    ``whole_if_single`` a plan of one stage runs the model's own forward: nothing is cut, so nothing is traced.
+    """
     if plan is None:
         return [StageModule(model, s.layer_names, stage_index=s.index) for s in stages]
     layer_names = plan.model.layer_names or tuple(n for s in plan.stages for n in s.layer_names)
-    graph = trace_layers(model, layer_names)
+    # By tensor: a tied one is inside when any of its names is (T5's ``shared.weight`` is encoder.embed_tokens')
+    inside = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+              if any(n.startswith(x + ".") for x in layer_names)}
+    outside = [n for n, p in model.named_parameters() if id(p) not in inside]
+    if whole_if_single and len(plan.stages) == 1 and not outside:  # (a parameter outside every layer would be
+        # missing from the stage's parameters: optimizer, DDP and FSDP; the cut forward below registers it)
+        return [StageModule(model, s.layer_names, stage_index=s.index, whole=True) for s in stages]
+    output_spec = None
+    try:
+        graph = trace_layers(model, layer_names)
+    except RunCheckError:
+        if sample_kwargs is None:
+            raise
+        graph, output_spec = export_layers(model, layer_names, sample_kwargs, device or torch.device("cpu"))
     graphs: list[StagePlan | None] = [None] * len(plan.stages)
-    if not is_chain(graph, layer_names):
+    if output_spec is not None or not is_chain(graph, layer_names):
         ordered = sorted(plan.stages, key=lambda s: s.index)
-        graphs = list(stage_plans(graph, [s.layer_names for s in ordered]))
-    return [StageModule(model, s.layer_names, stage_index=s.index, graph=graphs[s.index]) for s in stages]
+        stateless = frozenset(n for n in layer_names if not any(True for _ in model.get_submodule(n).parameters())
+                              and not any(True for _ in model.get_submodule(n).buffers()))
+        graphs = list(stage_plans(graph, [s.layer_names for s in ordered], stateless))
+        readers: dict[str, list[int]] = {}
+        for k, g in enumerate(graphs):
+            for attr in loose_attributes(g, layer_names):
+                readers.setdefault(attr, []).append(k)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for attr, ks in readers.items():
+            if len(ks) > 1 and attr in params:  # a buffer is read, never trained: each stage may hold it
+                raise RunCheckError(f"stages: parameter {attr!r} (outside every layer) is read by stages {ks}; the "
+                                    "runtime keeps it in one stage. Move it into a layer (a module of its own), or "
+                                    "re-plan so that its readers share a stage")
+    return [StageModule(model, s.layer_names, stage_index=s.index, graph=graphs[s.index], output_spec=output_spec)
+            for s in stages]
 
 
 def _stage_of_param(name: str, stages: tuple[Stage, ...]) -> int:
@@ -157,15 +230,21 @@ def tied_parameters(model: nn.Module, plan: Plan) -> list[TiedParameter]:
         by_id.setdefault(id(param), []).append(name)
     tied = []
     for names in by_id.values():
-        if len(names) > 1:
-            tied.append(TiedParameter(tuple(names), tuple(_stage_of_param(n, plan.stages) for n in names)))
+        # A name outside every layer (T5's ``shared.weight``, reached as the embeddings' and head's) is dropped.
+        placed = [(n, k) for n in names if (k := _stage_of_param(n, plan.stages)) >= 0]
+        if len(placed) > 1:
+            tied.append(TiedParameter(tuple(n for n, _ in placed), tuple(k for _, k in placed)))
     return tied
 
 
 def check_layer_coverage(model: nn.Module, plan: Plan) -> None:
-    """Every parameter must fall in exactly one planned stage, or training would silently skip it."""
-    for name, _ in model.named_parameters(remove_duplicate=False):
-        if _stage_of_param(name, plan.stages) < 0:
+    """Every parameter must fall in a planned stage under one of its names, or training would silently skip it."""
+    placed = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
+              if _stage_of_param(name, plan.stages) >= 0}
+    if len(placed) < len({id(p) for p in model.parameters()}):  # outside every layer: placed if the forward reads it
+        placed |= _read_by_forward(model, plan)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in placed:
             raise RunCheckError(
                 f"stages: parameter {name!r} of model {plan.model.name} is in no planned stage (the stages cover "
                 f"layers {[n for s in plan.stages for n in s.layer_names]}); re-create the plan for this model")
@@ -176,6 +255,18 @@ def check_layer_coverage(model: nn.Module, plan: Plan) -> None:
             except AttributeError as exc:
                 raise RunCheckError(f"stages[{stage.index}].layer_names: {layer!r} is not a module of model "
                                     f"{plan.model.name}; re-create the plan for this model") from exc
+
+
+def _read_by_forward(model: nn.Module, plan: Plan) -> set[int]:
+    """Ids of the parameters the model's top-level forward reads directly (``get_attr``); empty if fx cannot trace."""
+    layer_names = plan.model.layer_names or tuple(n for s in plan.stages for n in s.layer_names)
+    try:
+        graph = trace_layers(model, layer_names)
+    except RunCheckError:
+        return set()
+    reads = [str(n.target) for n in graph.nodes if n.op == "get_attr"]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {id(params[t]) for t in reads if t in params}
 
 
 def loss_function(preset: ModelPreset) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

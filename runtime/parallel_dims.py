@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from planner.plan import MESH_AXES, Plan
 from runtime.errors import RunCheckError
+from runtime.rank_layout import RankLayout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,15 +46,21 @@ class ParallelDims:
         return cls(dp=p.dp, tp=p.tp, pp=p.pp, world_size=world_size)
 
     @property
+    def layout(self) -> RankLayout:
+        """The rank formula of the plan contract (:class:`runtime.rank_layout.RankLayout`)."""
+        return RankLayout(pp=self.pp, dp=self.dp, tp=self.tp)
+
+    @property
     def shape(self) -> tuple[int, int, int]:
-        return (self.pp, self.dp, self.tp)
+        return self.layout.shape
 
     def coords(self, rank: int) -> tuple[int, int, int]:
         """``(pp_index, dp_index, tp_index)`` of ``rank``."""
-        return (rank // (self.dp * self.tp), (rank // self.tp) % self.dp, rank % self.tp)
+        c = self.layout.coords(rank)
+        return (c.pp, c.dp, c.tp)
 
     def rank_of(self, pp_index: int, dp_index: int, tp_index: int) -> int:
-        return (pp_index * self.dp + dp_index) * self.tp + tp_index
+        return self.layout.rank_of(pp_index, dp_index, tp_index)
 
     def build_mesh(self, device_type: str, *, timeout: timedelta | None = None) -> DeviceMesh:
         """The ``(pp, dp, tp)`` mesh; every axis group gets ``timeout`` so a dead peer cannot hang a rank."""

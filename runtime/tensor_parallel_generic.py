@@ -1,10 +1,11 @@
-"""Tensor parallelism for models other than the GPT (MLP, Llama, BERT, ViT): Linears, Embeddings, attention heads.
+"""The runtime's one tensor-parallel path, for every model: Linears, Embeddings, attention heads.
 
-:mod:`runtime.tensor_parallel` splits a GPT the Megatron way with model-specific code (fused
-``qkv``, attention heads). This file splits a model it knows nothing about, from the plan's
-``placements["style"]`` table (``{module fqn: colwise | rowwise | vocab | replicate}``, written by the
-planner's intra-op solver, see :mod:`planner.intra_op.placements`), with ``parallelize_module``. Only
-``nn.Linear`` and ``nn.Embedding`` modules are split; every split must give the single-process
+Every model (the project's presets of every family, GPT included; a user's ``nn.Module``; a Hugging
+Face model) is split here from the plan's ``placements["style"]`` table (``{module fqn: colwise |
+rowwise | vocab | replicate}``, written by the planner's intra-op solver, see
+:mod:`planner.intra_op.placements`), with ``parallelize_module``. Only ``nn.Linear``, transformers'
+``Conv1D`` (GPT-2's projections: ``y = x W + b`` with ``W [in, out]``; colwise splits ``W`` on dim 1,
+rowwise on dim 0) and ``nn.Embedding`` modules are split; every split must give the single-process
 numbers, so the torch style of each Linear depends on what runs between it and the next one:
 
 ==============================================  ===============================================
@@ -31,47 +32,54 @@ nothing but elementwise ops lie between it and its row-parallel partner. Several
 Linears may feed one partner through a two-operand elementwise op (SwiGLU's
 ``w2(silu(w1(x)) * w3(x))``): then all of them must be planned ``colwise``. An op that mixes the
 last dim (a norm, a softmax, a reshape) between the two, a Linear called twice, or a forward fx
-cannot trace makes the pair a gather instead. A plan without placements gets every such pair
-split and everything else replicated: Megatron's recipe, found rather than hard-coded.
+cannot trace makes the pair a gather instead (a layer fx cannot trace is searched child by child:
+the GPT block's MLP; :mod:`runtime.tensor_parallel_pairs` finds the pairs). A plan without placements gets every such pair split and everything else
+replicated: Megatron's recipe, found rather than hard-coded.
 
-Attention is the one pair fx cannot prove (reshapes to heads lie between the projections), so the
-shared :class:`planner.models.blocks.Attention` (BERT, ViT, Llama) is recognised by type: when its
-``q``, ``k``, ``v`` are ``colwise`` and ``o`` is ``rowwise`` they stay split (Megatron's attention,
-one all-reduce), and the module's ``heads`` / ``kv_heads`` are set to ``heads / tp`` and
-``kv_heads / tp`` so that its own forward computes this rank's heads. The column blocks of ``q``
-and of ``k``/``v`` line up with whole grouped-query groups, so grouped-query attention splits too.
-Plans without placements split every such attention.
+Attention is the one pair fx cannot prove (reshapes to heads lie between the projections), so an
+attention module declares its projections (``head_layout``,
+:class:`planner.models.blocks.HeadLayout`: the shared ``Attention`` of BERT, ViT, Llama, T5 has
+``q``, ``k``, ``v`` → ``o``; the GPT's has a fused ``qkv`` → ``proj``): when its column projections
+are ``colwise`` and its row one ``rowwise`` they stay split (Megatron's attention, one all-reduce),
+and the module's ``heads`` / ``kv_heads`` are set to ``heads / tp`` and ``kv_heads / tp`` so that
+its own forward computes this rank's heads. The column blocks of ``q`` and of ``k``/``v`` line up
+with whole grouped-query groups, so grouped-query attention splits too. A fused projection packing
+``[q; k; v]`` gets its rows reordered to ``[q_0; k_0; v_0; q_1; …]`` first, so that a plain
+``Shard(0)`` gives each rank its heads (checkpoints store the model's own order:
+:mod:`runtime.tensor_parallel`). Plans without placements split every such attention.
 
 T5's self-attention adds a per-head relative-position bias (``rel_bias``, an ``Embedding(buckets,
 heads)``): beside a head-split attention each rank adds its own heads' bias, whichever way the plan
-splits the table (:func:`head_bias_tables`). A weight tied between
-modules (BERT's decoder and word embedding, T5's embeddings and LM head) is split once, the same way
-for every module that reads it (:mod:`runtime.tensor_parallel_tied`).
+splits the table (:func:`head_bias_tables`). A tensor tied between
+modules (BERT's decoder and word embedding, T5's embeddings and LM head, BERT's decoder bias held by
+its parent as ``cls.predictions.bias``) is split once, the same way for every module that reads it
+(:mod:`runtime.tensor_parallel_tied`).
 
-Any model family goes through here (all but the GPT): what is split is only ever a Linear, an
-Embedding or a head-bias table, so convolutions, recurrent layers, norms and Mixtral's experts stay
-whole on every rank, as the planner's placements say (its solver splits Linears and Embeddings).
-The equivalence tests are tests/runtime/test_runtime_mlp_cnn.py, test_runtime_blocks_tp.py,
-test_runtime_families.py and test_runtime_planner_plans.py. Sequence parallelism runs for the Llama
-family (:mod:`runtime.sequence_parallel_llama`; the GPT's is in :mod:`runtime.tensor_parallel`).
+What is split is only ever a Linear, a ``Conv1D``, an Embedding or a head-bias table, so
+convolutions, recurrent layers, norms and Mixtral's experts stay whole on every rank, as the
+planner's placements say. The equivalence tests are tests/runtime/test_runtime_equivalence.py,
+test_runtime_mlp_cnn.py, test_runtime_blocks_tp.py, test_runtime_families.py,
+test_runtime_planner_plans.py and test_parallelize_hf_models.py. Sequence parallelism is the one
+family-specific layout: :mod:`runtime.sequence_parallel_gpt` and :mod:`runtime.sequence_parallel_llama`.
 
 Dropout runs with its masks drawn as :mod:`runtime.tensor_parallel_rng` says: the dropouts inside a
-split pair's elementwise region and a head-split attention's draw from the rank's own stream.
+split pair's elementwise region and a head-split attention's per-head part (its ``attend`` method
+where it has one, else its forward) draw from the rank's own stream.
 
-Refused, with the module and the fix: a split style on anything but a Linear or an Embedding, a dim
-``tp`` does not divide, an attention whose ``heads`` or ``kv_heads`` ``tp`` does not divide, a tied
-weight split two ways, and ``sequence`` (sequence parallelism).
+Refused, with the module and the fix: a split style on anything but a Linear, a ``Conv1D`` or an
+Embedding, a dim ``tp`` does not divide, an attention whose ``heads`` or ``kv_heads`` ``tp`` does not
+divide, a tied tensor split two ways, and ``sequence`` on anything but a norm of a family whose
+sequence parallelism the runtime lays out.
 """
 
 from __future__ import annotations
 
-import operator
+from functools import partial
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -84,22 +92,15 @@ from planner.models import ModelPreset
 from planner.plan import Plan
 from runtime.errors import RunCheckError
 from runtime.model import StageModule
+from runtime.rank_layout import TensorSplits
+from runtime.sequence_parallel_gpt import apply_gpt_sequence_parallel, is_gpt_layer
 from runtime.sequence_parallel_llama import apply_llama_sequence_parallel
-from runtime.tensor_parallel import PLACEMENTS_SCHEMA
+from runtime.tensor_parallel_pairs import is_conv1d, linear_pairs, pair_dropouts
 from runtime.tensor_parallel_rng import SplitRegionRNG, fork_dropout, fork_module, has_dropout
 from runtime.tensor_parallel_tied import check_tied_splits, retie, tied_uses
 
 SPLIT_STYLES = ("colwise", "rowwise", "vocab")  # vocab: Embeddings only
-
-# Ops that act on each element alone: a tensor split on its last dim stays a valid split through them.
-_ELEMENTWISE_FUNCTIONS = frozenset({F.gelu, F.relu, F.silu, F.mish, F.leaky_relu, F.elu, F.hardswish, torch.relu,
-                                    torch.tanh, torch.sigmoid, F.sigmoid, F.tanh, operator.neg})
-_ELEMENTWISE_METHODS = frozenset({"relu", "tanh", "sigmoid", "neg"})
-_BINARY_FUNCTIONS = frozenset({operator.mul, operator.add, operator.sub, torch.mul, torch.add, torch.sub})
-_BINARY_METHODS = frozenset({"mul", "add", "sub"})
-_ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Tanh, nn.Sigmoid,
-                        nn.Identity)
-
+QKV_ATTR = "_tp_qkv_groups"  # on a StageModule: {parameter fqn: tp} of tensors stored in the tp row order
 
 def check_generic_tensor_parallel(plan: Plan, preset: ModelPreset) -> None:
     """Refuse, before any process starts, what :func:`apply_generic_tensor_parallel` cannot split exactly."""
@@ -118,12 +119,18 @@ def check_generic_tensor_parallel(plan: Plan, preset: ModelPreset) -> None:
                                 "that divides it or without --sequence-parallel")
     # A model without a sequence (seq_len None) has nothing for sequence parallelism to split; the planner
     # no longer sets the flag for one, and a hand-edited plan that does runs exactly as without it.
-    model = preset.build(device="meta")
+    check_module_tensor_parallel(plan, preset.build(device="meta"))
+
+
+def check_module_tensor_parallel(plan: Plan, model: nn.Module) -> None:
+    """The checks of :func:`check_generic_tensor_parallel` that need only the model (a preset's or a user's)."""
     layers = plan.model.layer_names
     generic_styles(plan, model, layers)  # reads and checks the style table
-    check_tied_splits(model, _planned_styles(plan, model, layers))
-    for module, style in (plan.placements.get("style") or {}).items():
-        if style != "replicate" and not any(module == p or module.startswith(f"{p}.") or not p for p in layers):
+    # Ties among the planned layers only: a module outside them (T5's ``shared``) is never called.
+    in_layers = StageModule(model, layers, stage_index=0)
+    check_tied_splits(in_layers, _planned_styles(plan, in_layers, layers))
+    for module, style in TensorSplits.from_plan(plan).split().items():
+        if not any(module == p or module.startswith(f"{p}.") or not p for p in layers):
             raise RunCheckError(f"placements.style.{module}: {style}, but the module lies in none of the plan's "
                                 f"layers {list(layers)}; re-create the plan for this model")
 
@@ -153,6 +160,8 @@ def generic_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) ->
             if isinstance(module, nn.Embedding):
                 dim, size = ("num_embeddings", module.num_embeddings) if style == "vocab" else \
                     ("embedding_dim", module.embedding_dim)
+            elif is_conv1d(module):  # W [in, out]: nf output features, nx input features
+                dim, size = ("nf", module.nf) if style == "colwise" else ("nx", module.nx)
             else:
                 dim, size = ("out_features", module.out_features) if style == "colwise" else \
                     ("in_features", module.in_features)
@@ -180,50 +189,99 @@ def generic_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) ->
 
 
 def head_split_attention(layer: nn.Module, styles: dict[str, str], tp: int, prefix: str = "") -> dict[str, str]:
-    """``{q/k/v path: o path}`` of every :class:`~planner.models.blocks.Attention` in ``layer`` split by heads.
+    """``{column Linear path: row Linear path}`` of every attention module in ``layer`` that is split by heads.
 
-    An attention whose ``q``, ``k`` and ``v`` are planned ``colwise`` and ``o`` ``rowwise`` (paths
-    relative to ``layer`` in ``styles``) runs Megatron's split: each rank computes ``heads / tp``
-    query heads and ``kv_heads / tp`` key/value heads (whole groups of grouped-query attention, as
-    the contiguous column blocks of ``q`` and ``k``/``v`` line up), and ``o`` sums the ranks' outputs.
-    :func:`localize_attention_heads` then sets the module's head counts to the local ones. Any other
-    mix leaves each Linear to be gathered on its own (exact, more communication).
+    An attention module declares its projections in ``head_layout``
+    (:class:`planner.models.blocks.HeadLayout`: the shared ``Attention``'s ``q``, ``k``, ``v`` → ``o``;
+    the GPT's fused ``qkv`` → ``proj``). When every column Linear is planned ``colwise`` and the row
+    Linear ``rowwise`` (paths relative to ``layer`` in ``styles``) it runs Megatron's split: each rank
+    computes ``heads / tp`` query heads and ``kv_heads / tp`` key/value heads (whole groups of
+    grouped-query attention, as the contiguous column blocks of ``q`` and ``k``/``v`` line up), and the
+    row Linear sums the ranks' outputs. :func:`localize_attention_heads` then sets the module's head
+    counts to the local ones. Any other mix leaves each Linear to be gathered on its own (exact, more
+    communication).
     """
-    from planner.models.blocks import Attention
-
     pairs: dict[str, str] = {}
     for name, module in layer.named_modules():
-        if not isinstance(module, Attention):
+        heads = _head_layout(module)
+        if heads is None:
             continue
         base = f"{name}." if name else ""
-        q, k, v, o = (base + c for c in ("q", "k", "v", "o"))
-        if not all(styles.get(c) == "colwise" for c in (q, k, v)) or styles.get(o) != "rowwise":
+        cols, row = [base + c for c in heads.columns], base + heads.row
+        if not all(styles.get(c) == "colwise" for c in cols) or styles.get(row) != "rowwise":
             continue
-        for field, heads in (("heads", module.heads), ("kv_heads", module.kv_heads)):
-            if heads % tp:
-                raise RunCheckError(f"placements.style.{prefix}{name}: the attention's {field}={heads} is split "
+        for field in ("heads", "kv_heads"):
+            count = getattr(module, field, None)
+            if isinstance(count, int) and count % tp:
+                raise RunCheckError(f"placements.style.{prefix}{name}: the attention's {field}={count} is split "
                                     f"on tp={tp}, which does not divide it; re-plan with a tp that divides "
-                                    f"{field}, or mark {prefix}{q}/k/v/o replicate")
-        pairs |= {q: o, k: o, v: o}
+                                    f"{field}, or mark {prefix}{base}{'/'.join(heads.columns)}/{heads.row} "
+                                    "replicate")
+        pairs |= dict.fromkeys(cols, row)
     return pairs
 
 
 def localize_attention_heads(layer: nn.Module, styles: dict[str, str], tp: int) -> int:
     """Set ``heads`` / ``kv_heads`` of each head-split attention in ``layer`` to its rank's share; returns how many.
 
-    ``Attention.forward`` reshapes its projections by these counts, so with a column-parallel ``q``,
-    ``k``, ``v`` handing it local tensors it computes exactly this rank's heads.
+    The attention's forward shapes its projections by these counts, so with column-parallel
+    projections handing it local tensors it computes exactly this rank's heads.
     """
-    from planner.models.blocks import Attention
-
     count = 0
     for name, module in layer.named_modules():
+        heads = _head_layout(module)
         base = f"{name}." if name else ""
-        if isinstance(module, Attention) and "q" in head_split_attention(module, _relative(styles, name), tp, base):
-            module.heads //= tp
-            module.kv_heads //= tp
+        if heads is not None and heads.columns[0] in head_split_attention(module, _relative(styles, name), tp,
+                                                                          base):
+            for field in ("heads", "kv_heads"):
+                if isinstance(getattr(module, field, None), int):
+                    setattr(module, field, getattr(module, field) // tp)
             count += 1
     return count
+
+
+def _head_layout(module: nn.Module):
+    """The module's :class:`planner.models.blocks.HeadLayout`, if it is an attention tp can split by heads."""
+    from planner.models.blocks import HeadLayout
+
+    layout = getattr(type(module), "head_layout", None)
+    return layout if isinstance(layout, HeadLayout) else None
+
+
+def to_tp_rows(t: torch.Tensor, tp: int, packed: int = 3) -> torch.Tensor:
+    """``[q; k; v]`` rows (dim 0) → ``[q_0; k_0; v_0; q_1; …]`` so that ``Shard(0)`` gives each rank its heads."""
+    return t.reshape(packed, tp, t.shape[0] // (packed * tp), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def canonical_from_tp(t: torch.Tensor, tp: int, packed: int = 3) -> torch.Tensor:
+    """Inverse of :func:`to_tp_rows`."""
+    return t.reshape(tp, packed, t.shape[0] // (packed * tp), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def _pack_rows_by_rank(layer: nn.Module, path: str, planned: dict[str, str], tp: int) -> dict[str, int]:
+    """Reorder the rows of each packed projection of a head-split attention in ``layer`` (in place, before sharding).
+
+    Returns ``{parameter fqn: tp}`` of the reordered tensors (``QKV_ATTR``: checkpoints undo it).
+    """
+    prefix = f"{path}." if path else ""
+    out: dict[str, int] = {}
+    for name, module in layer.named_modules():
+        heads = _head_layout(module)
+        if heads is None or heads.packed == 1:
+            continue
+        base = f"{name}." if name else ""
+        if not head_split_attention(module, _relative(planned, name), tp, base):
+            continue
+        if heads.packed != 3:
+            raise RunCheckError(f"{prefix}{name}: a projection packing {heads.packed} blocks of heads; the runtime "
+                                "reorders packed [q; k; v] projections (3) only. Mark its projections replicate")
+        for column in heads.columns:
+            linear = module.get_submodule(column)
+            with torch.no_grad():
+                for pname, param in linear.named_parameters(recurse=False):
+                    param.copy_(to_tp_rows(param, tp))
+                    out[f"{prefix}{base}{column}.{pname}"] = tp
+    return out
 
 
 def head_bias_tables(layer: nn.Module, styles: dict[str, str], tp: int) -> dict[str, str]:
@@ -260,20 +318,19 @@ def _bias_tables(layer: nn.Module) -> list[str]:
 
 
 def _attention_projections(layer: nn.Module) -> dict[str, str]:
-    """``{q/k/v path: o path}`` of every :class:`~planner.models.blocks.Attention` in ``layer`` (Megatron's default)."""
-    from planner.models.blocks import Attention
-
+    """``{column path: row path}`` of every attention module with a ``head_layout`` in ``layer`` (Megatron's default)."""
     out: dict[str, str] = {}
     for name, module in layer.named_modules():
-        if isinstance(module, Attention):
+        heads = _head_layout(module)
+        if heads is not None:
             base = f"{name}." if name else ""
-            out |= {base + c: base + "o" for c in ("q", "k", "v")}
+            out |= {base + c: base + heads.row for c in heads.columns}
     return out
 
 
 def _planned_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) -> dict[str, str]:
     """The plan's split styles (``colwise`` / ``rowwise`` / ``vocab``), or the found pairs and attentions when it has none."""
-    if not plan.placements:
+    if not TensorSplits.from_plan(plan).given:
         styles: dict[str, str] = {}
         for path in layer_paths:
             prefix = f"{path}." if path else ""
@@ -282,16 +339,14 @@ def _planned_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) -
                 styles |= {prefix + col: "colwise", prefix + row: "rowwise"}
             styles |= {prefix + table: "colwise" for table in _bias_tables(layer)}  # beside their split heads
         return styles
-    table = plan.placements.get("style")
-    schema = plan.placements.get("schema", PLACEMENTS_SCHEMA)
-    if schema != PLACEMENTS_SCHEMA or not isinstance(table, dict):
-        raise RunCheckError(f"placements: schema {schema!r} without a 'style' table is not readable by the runtime, "
-                            f"which reads {PLACEMENTS_SCHEMA} ({{'style': {{module: style}}}}); re-create the plan")
     out = {}
-    for module, style in table.items():
-        if style == "replicate":
-            continue
+    for module, style in TensorSplits.from_plan(plan).split().items():
         if style == "sequence":
+            target = _module_or_none(root, module)
+            if isinstance(target, (nn.Linear, nn.Embedding)) or is_conv1d(target):
+                raise RunCheckError(f"placements.style.{module}: 'sequence' splits a norm along the sequence, and this "
+                                    f"is a {type(target).__name__}; mark it colwise, rowwise or replicate (or "
+                                    "re-create the plan)")
             if plan.parallel.sequence_parallel and _splits_sequence(plan.model.family):
                 continue  # every norm of the residual stream runs on the sequence shard anyway
             raise RunCheckError(f"placements.style.{module}: 'sequence' (sequence parallelism) is implemented for "
@@ -306,6 +361,13 @@ def _planned_styles(plan: Plan, root: nn.Module, layer_paths: tuple[str, ...]) -
     return out
 
 
+def _module_or_none(root: nn.Module, fqn: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(fqn)
+    except AttributeError:
+        return None
+
+
 def _splits_sequence(family: str | None) -> bool:
     """Whether the runtime lays ``family`` out for sequence parallelism (``Family.sequence_parallel``)."""
     from planner.models import FAMILIES
@@ -313,9 +375,9 @@ def _splits_sequence(family: str | None) -> bool:
     return family in FAMILIES and FAMILIES[family].sequence_parallel
 
 
-def _splittable(layer: nn.Module, rel: str, fqn: str, style: str) -> nn.Linear | nn.Embedding:
-    """The module at ``rel``, if ``style`` is a split the runtime applies to it (Linear: colwise / rowwise;
-    Embedding: colwise = hidden dim, vocab = rows)."""
+def _splittable(layer: nn.Module, rel: str, fqn: str, style: str) -> nn.Module:
+    """The module at ``rel``, if ``style`` is a split the runtime applies to it (Linear or transformers'
+    ``Conv1D``: colwise / rowwise; Embedding: colwise = hidden dim, vocab = rows)."""
     try:
         module = layer.get_submodule(rel)
     except AttributeError as exc:
@@ -326,144 +388,88 @@ def _splittable(layer: nn.Module, rel: str, fqn: str, style: str) -> nn.Linear |
             raise RunCheckError(f"placements.style.{fqn}: rowwise on an Embedding; the runtime splits an "
                                 "Embedding by its hidden dim (colwise) or its vocabulary (vocab). Re-create the plan")
         return module
-    if not isinstance(module, nn.Linear):
+    if not isinstance(module, nn.Linear) and not is_conv1d(module):
         raise RunCheckError(f"placements.style.{fqn}: {style} on a {type(module).__name__}; the runtime splits only "
-                            "nn.Linear and nn.Embedding modules of this family. Mark it replicate (or re-plan with "
-                            "--tp 1)")
+                            "nn.Linear, transformers' Conv1D and nn.Embedding modules. Mark it replicate (or re-plan "
+                            "with --tp 1)")
     if style == "vocab":
         raise RunCheckError(f"placements.style.{fqn}: style 'vocab' is for Embeddings, and this is a Linear; "
                             "mark it colwise, rowwise or replicate (or re-create the plan)")
     return module
 
 
-def linear_pairs(layer: nn.Module) -> dict[str, str]:
-    """``{colwise candidate: its rowwise partner}``: Linears → elementwise ops only → Linear, in ``layer``'s forward.
+class _Conv1DColwise(ColwiseParallel):
+    """``ColwiseParallel`` for a ``Conv1D``: ``W [in, out]`` split on dim 1 and the bias on dim 0 (output features)."""
 
-    Paths are relative to ``layer``. Found with ``torch.fx``: the partner is a Linear called on one
-    value that is an elementwise function of the outputs of one or more Linears (``fc2(gelu(fc1(x)))``,
-    or SwiGLU's ``w2(silu(w1(x)) * w3(x))``, where ``w1`` and ``w3`` both pair with ``w2``); every
-    intermediate value may be read only inside that elementwise region, and every Linear involved
-    must be called once. A forward fx cannot trace has no pairs.
-    """
-    return _pairs_and_regions(layer)[0]
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, partial(_split_conv1d, {"weight": 1, "bias": 0}),
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
 
 
-def pair_dropouts(layer: nn.Module) -> dict[str, list[str]]:
-    """``{rowwise partner: the dropout modules inside its pair's elementwise region}`` (paths relative to ``layer``).
+class _Conv1DRowwise(RowwiseParallel):
+    """``RowwiseParallel`` for a ``Conv1D``: ``W [in, out]`` split on dim 0 (input features), the bias whole."""
 
-    When the pair stays split, those dropouts act on this rank's slice only (see
-    :mod:`runtime.tensor_parallel_rng`).
-    """
-    return _pairs_and_regions(layer)[1]
-
-
-def _pairs_and_regions(layer: nn.Module) -> tuple[dict[str, str], dict[str, list[str]]]:
-    try:
-        graph = fx.symbolic_trace(layer).graph
-    except Exception:  # noqa: BLE001 - any trace failure just means "no pair proven": gather instead
-        return {}, {}
-    calls: dict[str, int] = {}
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-
-    def is_linear(node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(layer.get_submodule(node.target), nn.Linear) \
-            and calls[node.target] == 1
-
-    # sources[n]: the Linear call nodes of which n is an elementwise function (absent: n is not one).
-    sources: dict[fx.Node, frozenset[fx.Node]] = {}
-    pairs: dict[str, str] = {}
-    dropouts: dict[str, list[str]] = {}
-    for node in graph.nodes:
-        inputs = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
-        if is_linear(node) and len(node.args) == 1 and not node.kwargs and node.args[0] in sources:
-            region = _region(node.args[0], sources)
-            if all(set(n.users) <= region | {node} for n in region):
-                # In graph order: a frozenset of nodes iterates by address, which differs between ranks.
-                pairs |= {src.target: node.target for src in sorted(sources[node.args[0]], key=order.__getitem__)}
-                dropouts[node.target] = [n.target for n in sorted(region, key=order.__getitem__)
-                                         if n.op == "call_module" and isinstance(layer.get_submodule(n.target),
-                                                                                 nn.Dropout)]
-        if is_linear(node):
-            sources[node] = frozenset({node})
-        elif inputs and all(a in sources for a in inputs) and _is_elementwise(node, layer, len(inputs)):
-            sources[node] = frozenset().union(*(sources[a] for a in inputs))
-    return pairs, dropouts
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        self.desired_input_layouts = (Shard(-1),)
+        return distribute_module(module, device_mesh, partial(_split_conv1d, {"weight": 0, "bias": None}),
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
 
 
-def _region(value: fx.Node, sources: dict[fx.Node, frozenset[fx.Node]]) -> set[fx.Node]:
-    """The nodes ``value`` is computed from inside its elementwise region, itself and its source Linears included."""
-    region, todo = set(), [value]
-    while todo:
-        node = todo.pop()
-        if node in region:
-            continue
-        region.add(node)
-        if node not in sources[node]:  # a Linear ends the region: its own input is whole
-            todo.extend(a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node))
-    return region
+def _split_conv1d(dims: dict[str, int | None], name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+    for pname, param in list(module.named_parameters(recurse=False)):
+        dim = dims.get(pname)
+        placement = Replicate() if dim is None else Shard(dim)
+        # src_data_rank=None: every rank built the same weights, each keeps its slice (no broadcast)
+        module.register_parameter(pname, nn.Parameter(distribute_tensor(param, device_mesh, [placement],
+                                                                        src_data_rank=None),
+                                                      requires_grad=param.requires_grad))
 
 
-def _is_elementwise(node: fx.Node, layer: nn.Module, node_inputs: int) -> bool:
-    """Whether ``node`` acts on each element alone; ``node_inputs``: how many of its arguments are tensors in the region.
-
-    Two-operand ops (``*``, ``+``, ``-``) qualify only when both operands lie in the region (equally
-    split); with one, the other is a Python number (a tensor would come from outside and be whole).
-    """
-    if node_inputs > 1 or (node.target in _BINARY_FUNCTIONS or node.target in _BINARY_METHODS):
-        if node.op == "call_function" and node.target in _BINARY_FUNCTIONS:
-            return all(isinstance(a, (fx.Node, int, float)) for a in node.args) and not node.kwargs
-        if node.op == "call_method" and node.target in _BINARY_METHODS:
-            return all(isinstance(a, (fx.Node, int, float)) for a in node.args) and not node.kwargs
-        return False
-    if any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
-        return False
-    if node.op == "call_function":
-        return node.target in _ELEMENTWISE_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _ELEMENTWISE_METHODS
-    if node.op == "call_module":
-        module = layer.get_submodule(node.target)
-        return isinstance(module, (*_ELEMENTWISE_MODULES, nn.Dropout))  # dropout: see pair_dropouts
-    return False
-
-
-def is_gpt_stage(stage: StageModule) -> bool:
-    """Whether ``stage`` holds GPT-family layers (split by :mod:`runtime.tensor_parallel`, not here)."""
-    from planner.models.gpt import GPTBlock, GPTEmbedding, GPTHead
-
-    return any(isinstance(stage.get_submodule(p), (GPTEmbedding, GPTBlock, GPTHead)) for p in stage.layer_paths)
+def _for_module(module: nn.Module, style: ParallelStyle) -> ParallelStyle:
+    """``style`` as torch applies it to ``module``: a Linear's styles become their ``Conv1D`` twins on a ``Conv1D``."""
+    if not is_conv1d(module) or not isinstance(style, (ColwiseParallel, RowwiseParallel)):
+        return style
+    twin = _Conv1DColwise if isinstance(style, ColwiseParallel) else _Conv1DRowwise
+    return twin(input_layouts=style.input_layouts[0], output_layouts=style.output_layouts[0],
+                use_local_output=style.use_local_output)
 
 
 def apply_generic_tensor_parallel(stage: StageModule, tp_mesh: DeviceMesh, plan: Plan) -> None:
     """Split the Linears of ``stage`` that the plan splits over ``tp_mesh`` (in place), layer by layer.
 
-    Head-split attentions (:func:`head_split_attention`) get their local head counts afterwards.
+    Packed projections of head-split attentions get their rows in tp order first, and head-split
+    attentions get their local head counts afterwards.
     """
+    tp = tp_mesh.size()
     styles = generic_styles(plan, stage, stage.layer_paths)
     planned = _planned_styles(plan, stage, stage.layer_paths)
     tied = tied_uses(stage)
     rng = SplitRegionRNG(tp_mesh.get_local_rank())
+    packed: dict[str, int] = {}
     for path in stage.layer_paths:
         mine = _relative(styles, path)
         layer = stage.get_submodule(path)
         # Read before localize_attention_heads divides the head counts.
-        whole_tables = [t for t, s in head_bias_tables(layer, _relative(planned, path), tp_mesh.size()).items()
+        whole_tables = [t for t, s in head_bias_tables(layer, _relative(planned, path), tp).items()
                         if s == "replicate"]
-        _fork_split_dropouts(layer, mine, _relative(planned, path), tp_mesh.size(), rng)
+        _fork_split_dropouts(layer, mine, _relative(planned, path), tp, rng)
         if plan.parallel.sequence_parallel and plan.model.seq_len:
-            mine = apply_llama_sequence_parallel(layer, path, mine, tp_mesh)
+            mine = apply_gpt_sequence_parallel(layer, path, mine, tp_mesh, rng) if is_gpt_layer(layer) else \
+                apply_llama_sequence_parallel(layer, path, mine, tp_mesh)
+        packed |= _pack_rows_by_rank(layer, path, _relative(planned, path), tp)
+        mine = {rel: _for_module(layer.get_submodule(rel) if rel else layer, style) for rel, style in mine.items()}
         if "" in mine:  # the layer is itself a split Linear
             parallelize_module(layer, tp_mesh, mine.pop(""), src_data_rank=None)
         if mine:
-            parallelize_module(layer, tp_mesh, mine, src_data_rank=None)
-        localize_attention_heads(layer, _relative(planned, path), tp_mesh.size())
+            parallelize_module(layer, tp_mesh, mine, src_data_rank=None)  # every rank built the same weights
+        localize_attention_heads(layer, _relative(planned, path), tp)
         for table in whole_tables:  # a whole bias table: keep this rank's heads of its output
             parallelize_module(layer.get_submodule(table), tp_mesh, PrepareModuleOutput(
                 output_layouts=Replicate(), desired_output_layouts=Shard(-1), use_local_output=True))
     retie(stage, tied)
+    setattr(stage, QKV_ATTR, packed)
 
 
 def _fork_split_dropouts(layer: nn.Module, styles: dict[str, ParallelStyle], planned: dict[str, str], tp: int,
@@ -476,10 +482,24 @@ def _fork_split_dropouts(layer: nn.Module, styles: dict[str, ParallelStyle], pla
         if isinstance(style, RowwiseParallel) and not style.input_layouts[0].is_replicate():  # the pair stays split
             for name in dropouts:
                 fork_dropout(layer.get_submodule(name), rng)
-    for q in head_split_attention(layer, planned, tp):
-        attention = layer.get_submodule(q.rsplit(".", 1)[0]) if "." in q else layer
+    for name in {col.rsplit(".", 1)[0] if "." in col else "" for col in head_split_attention(layer, planned, tp)}:
+        attention = layer.get_submodule(name)
         if has_dropout(attention):
-            fork_module(attention, rng)
+            # Its per-head part (``attend``) where the forward also drops out the output, which every rank holds.
+            _fork_attend(attention, rng) if hasattr(attention, "attend") else fork_module(attention, rng)
+
+
+def _fork_attend(attention: nn.Module, rng: SplitRegionRNG) -> None:
+    """Run ``attention.attend`` (its per-head part) on ``rng``'s stream while training (in place)."""
+    plain = attention.attend
+
+    def attend(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not attention.training:
+            return plain(q, *args, **kwargs)
+        with rng.fork(q.device):
+            return plain(q, *args, **kwargs)
+
+    attention.attend = attend
 
 
 def _relative(styles: dict, path: str) -> dict:

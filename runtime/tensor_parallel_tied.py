@@ -14,8 +14,14 @@ module                 style        dim of ``weight`` it splits
 ``nn.Embedding``       ``colwise``  1 (the hidden dim)
 ``nn.Linear``          ``colwise``  0 (output features: logits by vocabulary)
 ``nn.Linear``          ``rowwise``  1 (input features: the hidden dim)
+transformers'          ``colwise``  1 (its ``weight`` is ``[in, out]``)
+``Conv1D``             ``rowwise``  0
 any                    unsplit      none
 =====================  ===========  ==============================================
+
+A tied bias follows its module's output features (split by ``colwise``). A module that is never
+split but holds a tied bias (BERT's ``cls.predictions.bias``, its decoder's bias) ends up holding
+the splitting module's shard.
 
 Megatron's pair is ``vocab`` + ``colwise`` (both dim 0); ``colwise`` embedding + ``rowwise`` head
 (both dim 1) is the other exact one. With the same split every module's local shard is the same
@@ -29,6 +35,7 @@ from __future__ import annotations
 from torch import nn
 
 from runtime.errors import RunCheckError
+from runtime.tensor_parallel_pairs import is_conv1d
 
 # (module type, style) -> the dim of module.weight that style splits.
 _WEIGHT_DIM = {(nn.Embedding, "vocab"): 0, (nn.Embedding, "colwise"): 1,
@@ -37,6 +44,8 @@ _WEIGHT_DIM = {(nn.Embedding, "vocab"): 0, (nn.Embedding, "colwise"): 1,
 
 def split_dim(module: nn.Module, style: str | None) -> int | None:
     """The dim of ``module.weight`` that ``style`` splits (``None``: not split)."""
+    if is_conv1d(module):  # transformers' Conv1D: W [in, out], the transpose of a Linear's
+        return {"colwise": 1, "rowwise": 0}.get(style or "")
     for (kind, name), dim in _WEIGHT_DIM.items():
         if isinstance(module, kind) and style == name:
             return dim
@@ -54,40 +63,66 @@ def tied_uses(root: nn.Module) -> list[list[tuple[str, str]]]:
     return [uses for uses in groups.values() if len(uses) > 1]
 
 
+def param_split_dim(module: nn.Module, name: str, style: str | None) -> int | None:
+    """The dim of ``module``'s parameter ``name`` that ``style`` splits (``None``: not split).
+
+    A bias follows its module's output features: split (dim 0) by a column-parallel Linear or
+    ``Conv1D``, whole under a row-parallel one.
+    """
+    if name == "weight":
+        return split_dim(module, style)
+    if name == "bias" and style == "colwise" and split_dim(module, style) is not None:
+        return 0
+    return None
+
+
+def _splits(module: nn.Module) -> bool:
+    """Whether the runtime splits modules like ``module`` (its parameters are split with it)."""
+    return split_dim(module, "colwise") is not None
+
+
 def check_tied_splits(root: nn.Module, styles: dict[str, str]) -> None:
     """Refuse a plan that splits one tied weight two ways (or splits it in one module and not in another).
 
-    ``styles``: ``{module fqn in root: style}``; absent means replicated.
+    ``styles``: ``{module fqn in root: style}``; absent means replicated. A module the runtime never
+    splits that holds a tied parameter other than a weight (BERT's MLM head keeps its decoder's
+    bias as ``cls.predictions.bias``) only holds it: after the split it holds the splitting module's
+    shard (its own forward must not compute with it, as BERT's does not).
     """
     for uses in tied_uses(root):
-        dims = {fqn: split_dim(root.get_submodule(fqn), styles.get(fqn)) for fqn, name in uses if name == "weight"}
+        dims = {(fqn, name): param_split_dim(root.get_submodule(fqn), name, styles.get(fqn))
+                for fqn, name in uses if name == "weight" or _splits(root.get_submodule(fqn))}
         if len(set(dims.values())) > 1:
-            said = ", ".join(f"{fqn}: {styles.get(fqn, 'replicate')} (splits "
-                             f"{'no dim' if d is None else f'dim {d}'})" for fqn, d in dims.items())
-            raise RunCheckError(f"placements.style: {said} share one weight, which can be split only one way. "
+            said = ", ".join(f"{fqn if name == 'weight' else f'{fqn}.{name}'}: {styles.get(fqn, 'replicate')} "
+                             f"(splits {'no dim' if d is None else f'dim {d}'})" for (fqn, name), d in dims.items())
+            what = "weight" if all(name == "weight" for _, name in dims) else "tensor"
+            raise RunCheckError(f"placements.style: {said} share one {what}, which can be split only one way. "
                                 "Give them splits of the same dim (embedding 'vocab' with LM head 'colwise', or "
                                 "embedding 'colwise' with LM head 'rowwise'), or mark them all 'replicate'; "
                                 "re-creating the plan does this")
         for fqn, name in uses:
-            if name != "weight" and styles.get(fqn, "replicate") != "replicate":
-                raise RunCheckError(f"placements.style.{fqn}: {styles[fqn]}, but its {name!r} is tied to another "
-                                    "module's parameter, which the runtime splits only for weights; mark it "
-                                    "'replicate'")
+            module = root.get_submodule(fqn)
+            if not _splits(module) and styles.get(fqn, "replicate") != "replicate":
+                raise RunCheckError(f"placements.style.{fqn}: {styles[fqn]} on a {type(module).__name__}, which "
+                                    f"holds {name!r} tied to another module's parameter; mark it 'replicate'")
 
 
 def retie(root: nn.Module, uses: list[list[tuple[str, str]]]) -> int:
-    """Make each group of ``uses`` (from :func:`tied_uses` before splitting) share its first module's parameter.
+    """Make each group of ``uses`` (from :func:`tied_uses` before splitting) share one parameter again.
 
     Returns how many modules were re-tied. Call after ``parallelize_module``, which gave each split
-    module a parameter of its own; :func:`check_tied_splits` made sure those are the same shard.
+    module a parameter of its own; :func:`check_tied_splits` made sure those are the same shard. The
+    shared one is the first split module's (a holder that is never split, such as BERT's
+    ``cls.predictions.bias``, then holds the shard), else the first module's.
     """
+    from torch.distributed.tensor import DTensor
+
     count = 0
     for group in uses:
-        first_fqn, first_name = group[0]
-        param = getattr(root.get_submodule(first_fqn), first_name)
-        for fqn, name in group[1:]:
-            module = root.get_submodule(fqn)
-            if getattr(module, name) is not param:
-                module.register_parameter(name, param)
+        params = [getattr(root.get_submodule(fqn), name) for fqn, name in group]
+        param = next((p for p in params if isinstance(p, DTensor)), params[0])
+        for (fqn, name), current in zip(group, params):
+            if current is not param:
+                root.get_submodule(fqn).register_parameter(name, param)
                 count += 1
     return count

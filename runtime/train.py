@@ -11,6 +11,11 @@ parallelizes in this order, each step one small function in its own file:
 
 With ``pp == 1`` the loop accumulates the plan's ``num_micro_batches`` micro-batches itself. The
 reported loss of a step is the mean over the whole global batch, the same on every rank.
+
+``options.steps`` is the step a run ends at: resumed from a checkpoint of step ``K``, it trains steps
+``K+1 … steps``. SIGTERM (a scheduler's preemption, or the launcher shutting down) ends the run after
+the step in progress, on every rank at the same step (:class:`StopRequest`), saving a checkpoint there
+when ``checkpoint_dir`` is set.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import os
 import resource
 import signal
 import statistics
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -65,9 +72,63 @@ from runtime.tensor_parallel_rng import replica_divergence
 FAULT_ENV = "RUNTIME_FAULT"
 
 
+EXIT_STOPPED = 128 + signal.SIGTERM  # 143, as for a process SIGTERM killed: schedulers read it as "preempted"
+
+
+class StopRequest:
+    """SIGTERM ends the run after the current step, on every rank at the same one.
+
+    The handler only records the signal (a collective cannot run inside it). After each step the ranks
+    all-reduce the flag (one scalar), so a signal that reached any rank (the launcher forwards its own
+    to every worker; a scheduler may signal a single process) stops all of them after that step.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """Collective: whether any rank was asked to stop."""
+        flag = torch.tensor(1.0 if self.signal_name else 0.0, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.signal_name is None:
+            self.signal_name = "SIGTERM"  # another rank got it
+        return bool(flag.item() > 0)
+
+
+def stop_message(signal_name: str, step: int, saved: str | None, checkpoint_dir: str | None) -> str:
+    """The one line a stopped run prints (rank 0)."""
+    if saved:
+        return (f"runtime: stopped by {signal_name} after step {step}; checkpoint saved to {saved}: continue with "
+                f"--resume --checkpoint-dir {checkpoint_dir}")
+    return (f"runtime: stopped by {signal_name} after step {step}; no checkpoint was saved (pass --checkpoint-dir "
+            "to save one when stopped)")
+
+
+def resume_message(first_step: int, steps: int, path: str) -> str:
+    if first_step >= steps:
+        return (f"runtime: resumed from step {first_step} ({path}); --steps {steps} is the step to end at, so there is "
+                f"nothing to train: pass --steps N with N > {first_step} to continue")
+    return f"runtime: resumed from step {first_step} ({path}); training steps {first_step + 1}-{steps}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
-    steps: int
+    steps: int  # the step to end at (a resumed run continues from its checkpoint's step up to this one)
     seed: int = 0
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -111,10 +172,11 @@ class RunResult:
     setup: dict[str, str] = field(default_factory=dict)
     checkpoints: list[str] = field(default_factory=list)
     tp_replica_max_diff: float | None = None  # with verify_replicas and tp > 1: 0.0 when every copy is identical
+    stopped_by: str | None = None  # "SIGTERM" when a signal ended the run early
 
 
 def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPreset | None = None) -> RunResult:
-    """Run ``options.steps`` optimizer steps of ``plan`` on this rank (collective over the world)."""
+    """Train ``plan`` on this rank up to step ``options.steps`` (collective over the world)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise RunCheckError("train() runs on every rank of a process group: start the ranks with torchrun or "
@@ -134,6 +196,9 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     first_step, checkpoints = 0, []
     if options.resume:
         first_step = _resume(plan, options, r)
+        if rank == 0 and options.verbose:
+            print(resume_message(first_step, options.steps, str(ckpt.latest_checkpoint(options.checkpoint_dir))),
+                  flush=True)
     data_iter = as_iterator(data, SyntheticData(plan, preset, seed=options.seed, dp_index=dp_i,
                                                 first_step=first_step))
     metrics = RankMetrics(rank=rank, coords={"pp": pp_i, "dp": dp_i, "tp": tp_i},
@@ -145,35 +210,42 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
         print(f"runtime: {plan.model.name} | {plan.parallel.label()} | world {world} on {device.type} | "
               + " | ".join(f"{k}: {v}" for k, v in r.setup.items()), flush=True)
 
-    for step in range(first_step + 1, first_step + options.steps + 1):
-        inputs, targets = check_local_batch(next(data_iter), plan, r.num_inputs)
-        if fault is not None and fault[1] == step:
-            _arm_fault(r.stages[0], plan.parallel.num_micro_batches, fault[0])
-        _sync(device)
-        start = time.perf_counter()
-        local_loss = _forward_backward(r, plan, map_inputs(inputs, lambda t: t.to(device)), targets.to(device))
-        if plan.parallel.tp > 1:  # DTensor gradients to their parameters' placements (see the function)
-            reduce_partial_gradients(r.stages)
-        if r.dp_mode.kind == "allreduce":
-            allreduce_gradients(r.stages, mesh["dp"])
-        for group in r.tied_groups:
-            group.sync(r.stages)
-        grad_norms.append(global_grad_norm(r.stages, {"dp": dp_i, "tp": tp_i}, skip=r.duplicate_names,
-                                           device=device))
-        for optim in r.optimizers:
-            optim.step()
-            optim.zero_grad(set_to_none=True)
-        _sync(device)
-        metrics.step_times_s.append(time.perf_counter() - start)
-        losses.append(_global_loss(local_loss, r.last_holder and tp_i == 0, plan.parallel.dp, device))
-        if rank == 0 and options.verbose:
-            print(f"step {step:4d} | loss {losses[-1]:.6f} | grad norm {grad_norms[-1]:.6f} | "
-                  f"{metrics.step_times_s[-1]:.3f} s", flush=True)
-        if options.checkpoint_every and step % options.checkpoint_every == 0:
-            info = {"seed": options.seed, "model_fingerprint": plan.model.fingerprint, "model": plan.model.name,
-                    "parallel": plan.parallel.label()}
-            checkpoints.append(str(ckpt.save_checkpoint(options.checkpoint_dir, step, r.stages, r.optimizers,
-                                                        info=info)))
+    stopped_by = None
+    with StopRequest() as stop:
+        for step in range(first_step + 1, options.steps + 1):
+            inputs, targets = check_local_batch(next(data_iter), plan, r.num_inputs)
+            if fault is not None and fault[1] == step:
+                _arm_fault(r.stages[0], plan.parallel.num_micro_batches, fault[0])
+            _sync(device)
+            start = time.perf_counter()
+            local_loss = _forward_backward(r, plan, map_inputs(inputs, lambda t: t.to(device)), targets.to(device))
+            if plan.parallel.tp > 1:  # DTensor gradients to their parameters' placements (see the function)
+                reduce_partial_gradients(r.stages)
+            if r.dp_mode.kind == "allreduce":
+                allreduce_gradients(r.stages, mesh["dp"])
+            for group in r.tied_groups:
+                group.sync(r.stages)
+            grad_norms.append(global_grad_norm(r.stages, {"dp": dp_i, "tp": tp_i}, skip=r.duplicate_names,
+                                               device=device))
+            for optim in r.optimizers:
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+            _sync(device)
+            metrics.step_times_s.append(time.perf_counter() - start)
+            losses.append(_global_loss(local_loss, r.last_holder and tp_i == 0, plan.parallel.dp, device))
+            if rank == 0 and options.verbose:
+                print(f"step {step:4d} | loss {losses[-1]:.6f} | grad norm {grad_norms[-1]:.6f} | "
+                      f"{metrics.step_times_s[-1]:.3f} s", flush=True)
+            if options.checkpoint_every and step % options.checkpoint_every == 0:
+                checkpoints.append(_save(plan, options, r, step))
+            if stop.agreed(device):  # SIGTERM on any rank: every rank stops after this step
+                stopped_by = stop.signal_name
+                if options.checkpoint_dir and not (checkpoints and checkpoints[-1].endswith(f"step-{step:06d}")):
+                    checkpoints.append(_save(plan, options, r, step))
+                if rank == 0:
+                    print(stop_message(stopped_by, step, checkpoints[-1] if options.checkpoint_dir else None,
+                                       options.checkpoint_dir), file=sys.stderr, flush=True)
+                break
 
     replica_diff = None
     if options.verify_replicas and plan.parallel.tp > 1:
@@ -185,10 +257,10 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     metrics.model_state_bytes = _state_bytes(r.stages, r.optimizers)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, metrics)
-    step_times = [max(m.step_times_s[i] for m in gathered) for i in range(options.steps)]
+    step_times = [max(m.step_times_s[i] for m in gathered) for i in range(len(losses))]
     return RunResult(first_step=first_step, losses=losses, grad_norms=grad_norms, step_times_s=step_times,
                      rank=metrics, ranks=gathered if rank == 0 else [], setup=r.setup, checkpoints=checkpoints,
-                     tp_replica_max_diff=replica_diff)
+                     tp_replica_max_diff=replica_diff, stopped_by=stopped_by)
 
 
 @dataclass
@@ -226,16 +298,8 @@ def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: Par
     par = plan.parallel
     model = build_model(preset, seed=options.seed)
     tied = [t for t in tied_parameters(model, plan) if len(set(t.stages)) > 1]
-    stages = build_stage_modules(model, stages_of_rank(plan, dist.get_rank()), plan)
+    stages, wrapped, dp_mode = parallelize_stages(model, plan, mesh, device)
     del model
-    dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage)
-    wrapped: list[nn.Module] = []
-    for stage in stages:
-        stage.to(device)
-        if par.tp > 1:
-            apply_tensor_parallel(stage, mesh["tp"], plan)
-        apply_recompute(stage, par.recompute)
-        wrapped.append(apply_data_parallel(stage, dp_mode, mesh["dp"], device))
     r = _Rank(stages=stages, wrapped=wrapped, dp_mode=dp_mode,
               optimizers=[torch.optim.AdamW(s.parameters(), lr=options.lr, weight_decay=options.weight_decay)
                           for s in stages],
@@ -256,6 +320,29 @@ def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: Par
     return r
 
 
+def parallelize_stages(model: nn.Module, plan: Plan, mesh, device: torch.device
+                       ) -> tuple[list[StageModule], list[nn.Module], DataParallelMode]:
+    """Steps 1-4 on ``model`` (real, or on the meta device for ``runtime.dry_run``): this rank's stages,
+    tensor parallel, recompute, data parallel. Returns the stages, the same as wrapped, and the dp mode.
+
+    On the meta device DDP is left out: it keeps the parameters as they are (its gradient buckets are
+    working memory, not model state), and it would broadcast the weights at construction."""
+    par = plan.parallel
+    stages = build_stage_modules(model, stages_of_rank(plan, dist.get_rank()), plan)
+    dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage)
+    wrapped: list[nn.Module] = []
+    for stage in stages:
+        stage.to(device)
+        if par.tp > 1:
+            apply_tensor_parallel(stage, mesh["tp"], plan)
+        apply_recompute(stage, par.recompute)
+        if device.type == "meta" and dp_mode.kind == "ddp":
+            wrapped.append(stage)
+            continue
+        wrapped.append(apply_data_parallel(stage, dp_mode, mesh["dp"], device))
+    return stages, wrapped, dp_mode
+
+
 def _forward_backward(r: _Rank, plan: Plan, inputs: Inputs, targets: torch.Tensor) -> torch.Tensor | None:
     """One step's forward and backward over all micro-batches; the mean micro-batch loss where it is known.
 
@@ -273,6 +360,12 @@ def _forward_backward(r: _Rank, plan: Plan, inputs: Inputs, targets: torch.Tenso
         r.schedule.step(*args, target=targets if r.last_holder else None,
                         losses=mb_losses if r.last_holder else None, return_outputs=False, **kwargs)
     return torch.stack([x.detach().float() for x in mb_losses]).mean() if r.last_holder else None
+
+
+def _save(plan: Plan, options: RunOptions, r: _Rank, step: int) -> str:
+    info = {"seed": options.seed, "model_fingerprint": plan.model.fingerprint, "model": plan.model.name,
+            "parallel": plan.parallel.label()}
+    return str(ckpt.save_checkpoint(options.checkpoint_dir, step, r.stages, r.optimizers, info=info))
 
 
 def _resume(plan: Plan, options: RunOptions, r: _Rank) -> int:

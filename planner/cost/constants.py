@@ -94,6 +94,11 @@ class CostConstants:
     # on DTensor parameters), beyond the tensor-parallel collectives. 0 on GPUs (hidden behind
     # device time); measured on a CPU (the same MLP stack split in tp pairs against one process).
     tp_layer_overhead_s: float = 0.0
+    # Fraction of a pipeline bubble that other processes reclaim: where ``N`` processes time-share
+    # ``C < N`` cores (more local CPU processes than cores), a process waiting in the bubble leaves its
+    # share of the cores to the busy ones, which run faster meanwhile (1 − C/N of the bubble comes back,
+    # e.g. 0.5 for 4 processes on 2 cores). 0 where every device is its own (GPUs, or N ≤ C).
+    idle_reclaim_fraction: float = 0.0
     # Megatron's scatter/gather for pipeline sends (Narayanan et al. 2021, §4.1): each of the tp
     # ranks of a stage sends 1/tp of the activation over its own NIC, the receiver all-gathers it
     # over NVLink.
@@ -148,10 +153,16 @@ class CostConstants:
 # PyTorch (each op reads and writes memory). The defaults describe Megatron-LM's fused kernels;
 # torch.compile fuses element-wise chains the same way; a plain eager PyTorch trainer (nanotron,
 # llm-foundry, torchtitan without compile, this project's runtime) moves every traced byte.
+# The model state differs too: Megatron-LM keeps bf16 weights, fp32 gradients and an fp32 master copy
+# in the optimizer (2 + 4 + 12 bytes per parameter); torch autocast and FSDP2 as torchtitan sets it,
+# and this project's runtime, keep fp32 parameters and gradients and cast inside the kernels
+# (4 + 4 + 8), which is `torch`.
 TRAINERS: dict[str, dict[str, object]] = {
     "megatron": {},
     "compiled": {},
     "eager": {"elementwise_traffic_factor": 1.0},
+    "torch": {"elementwise_traffic_factor": 1.0, "weight_bytes": 4, "grad_bytes": 4, "bf16_grad_bytes": 4,
+              "optimizer_bytes": 8},
 }
 
 

@@ -291,3 +291,214 @@ def cpu_report(*, markdown: bool = False) -> str:
     lines.append(f"Largest errors: step time {worst_t.time_error:+.1%} ({worst_t.preset}, batch {worst_t.batch}), "
                  f"peak memory {worst_m.memory_error:+.1%} ({worst_m.preset}, batch {worst_m.batch}).")
     return "\n".join(lines)
+
+
+# --- N local processes: what ``bench.cpu_profile`` measured, as a cluster and cost constants --------
+
+# nccl-tests' bus-bandwidth factors (the busbw a collective of n ranks reports for S bytes in t s is
+# factor · S / t): all-reduce 2(n−1)/n, all-gather and reduce-scatter (n−1)/n, send/recv 1.
+def bus_factor(collective: str, n: int) -> float:
+    if collective == "send_recv":
+        return 1.0
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n if collective == "all_reduce" else (n - 1) / n
+
+
+def _check_profile(profile: dict) -> None:
+    from planner.errors import SpecError
+
+    for key in ("nproc", "alone", "compute_share", "collectives", "overlap"):
+        if key not in profile:
+            raise SpecError(f"profile.{key}", None, "missing: write the profile with `python -m bench.cpu_profile "
+                            "--nproc N -o PROFILE.json`")
+    share = profile["compute_share"]
+    if not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise SpecError("profile.compute_share", share, "expected a fraction in (0, 1]: rerun bench.cpu_profile")
+    if not profile["collectives"].get("all_reduce"):
+        raise SpecError("profile.collectives.all_reduce", None, "no all-reduce points: rerun bench.cpu_profile")
+
+
+def fit_alpha_beta(profile: dict) -> tuple[float, float]:
+    """``(latency_s, bandwidth_bytes_per_s)`` of the link that makes comm.py's ring formulas
+    (``t = f·S/B + (n−1)·k·α``, k = 2 for an all-reduce, 1 for all-gather and reduce-scatter; a
+    send/recv is ``S/B + α``) closest, in relative error, to every measured collective point."""
+    n = int(profile["nproc"])
+    rows = []  # (bytes coefficient, latency coefficient, seconds)
+    for name, points in profile["collectives"].items():
+        hops = 1.0 if name == "send_recv" else (2.0 if name == "all_reduce" else 1.0) * max(n - 1, 1)
+        coef = 1.0 if name == "send_recv" else bus_factor(name, n)
+        rows += [(coef * p["message_bytes"], hops, p["seconds"]) for p in points if p["seconds"] > 0]
+    best = (math.inf, 0.0, 0.0)
+    # A grid in log space (two parameters, a few hundred points: exact enough, and deterministic).
+    for i in range(121):
+        alpha = 1e-6 * 10 ** (i / 30)  # 1 µs .. 10 s
+        for j in range(121):
+            bw = 1e7 * 10 ** (j / 30)  # 10 MB/s .. 100 GB/s
+            err = sum(math.log((x / bw + h * alpha) / t) ** 2 for x, h, t in rows)
+            if err < best[0]:
+                best = (err, alpha, bw)
+    return best[1], best[2]
+
+
+def cpu_profile_constants(profile: dict, base: CostConstants | None = None) -> CostConstants:
+    """Cost constants of ``N`` local processes from a ``bench.cpu_profile`` JSON.
+
+    The single-process fits (:func:`cpu_constants`) with the host's dispatch time stretched by the
+    compute share (each process gets that fraction of its lone speed while all are busy), links at
+    their measured rate (``link_efficiency = 1``: the profile measured achieved, not line, rates) and
+    the measured overlap of communication with compute.
+    """
+    _check_profile(profile)
+    alone = CpuProfile(**profile["alone"])
+    share = float(profile["compute_share"])
+    c = cpu_constants(alone, base)
+    # The runtime these processes run gathers a tensor-parallel head's output and computes the whole
+    # loss on every tp rank (runtime/tensor_parallel.py): no vocabulary-parallel loss.
+    # The communication the cost model lets hide behind compute is FSDP's prefetched gathers (and DDP's
+    # buckets, which the search prices unhidden: overlap_grad_reduce=False). FSDP2 unshards with
+    # ``async_op=False`` off CUDA (torch's default ``unshard_async_op``; a CPU has no streams), so each
+    # gather blocks the process: none of it overlaps, whatever an asynchronous all-reduce could do
+    # (``overlap.fraction`` of the profile, which the page reports: about 0 when the ranks fill the
+    # cores, more when other users' load gives gloo's thread a share of its own).
+    c = replace(c, op_dispatch_s=alone.op_dispatch_s / share, link_efficiency=1.0, network_efficiency=1.0,
+                comm_compute_overlap=0.0, vocab_parallel_loss=False)
+    fsdp_s, tp_s, pp_s = framework_overheads(profile, cpu_profile_cluster(profile), c)
+    cores, n = int(profile.get("cpu_count") or n_default(profile)), int(profile["nproc"])
+    threads = int(profile.get("threads_per_process") or 1)
+    reclaim = max(0.0, 1.0 - cores / (n * threads))
+    c = replace(c, fsdp_layer_overhead_s=fsdp_s, tp_layer_overhead_s=tp_s, pipeline_step_overhead_s=pp_s / 2,
+                idle_reclaim_fraction=reclaim)
+    dispatch = fit_dispatch_s(profile, c)
+    return c if dispatch is None else replace(c, op_dispatch_s=max(dispatch, c.op_dispatch_s))
+
+
+def n_default(profile: dict) -> int:
+    """Cores, when a profile does not say: as many as processes (no time-sharing)."""
+    return int(profile["nproc"])
+
+
+def framework_overheads(profile: dict, cluster: ClusterSpec, c: CostConstants) -> tuple[float, float, float]:
+    """``(fsdp_layer_overhead_s, tp_layer_overhead_s, pipeline seconds per micro-batch and chunk)`` from
+    the profile's framework micro-model (the last is forward and backward together: twice
+    ``pipeline_step_overhead_s``, which is per direction).
+
+    ``bench.cpu_profile`` times one step of ``blocks`` blocks (``Linear(h, 4h)``, GELU, ``Linear(4h, h)``)
+    alone, under DDP, under FSDP2 (one unit per block) and split in tp pairs. What a step costs beyond the
+    collectives the cost model prices itself is the framework's. The cost model prices ZeRO-3's
+    collectives as two all-gathers and a reduce-scatter of the whole stage per micro-batch, so FSDP's
+    share is ``(t_fsdp − t_ddp − (2·AG(all) + RS(all) − AR(all))) / blocks`` per layer: the latency of
+    each layer's own collectives is part of it, as it is part of every wrapped layer's cost. Tensor
+    parallelism's is ``(t_tp − t_alone − blocks·2·AR(rows·h)) / (2·blocks)`` per split Linear (each
+    block: one row-parallel all-reduce forward, one column-parallel all-reduce backward). Pipelining's,
+    from a two-stage 1F1B over ``m`` micro-batches against this rank's half alone (``t_half``, the same
+    micro-batches one after another): ``(t_pp − (m + 1)/m · t_half) / (m + 1) − 2·p2p(rows·h)`` per
+    micro-batch (``m + 1`` slots of forward and backward on the critical path, each with a send forward
+    and one backward). Never below 0.
+    """
+    from planner.cost.comm import all_gather_s, all_reduce_s, reduce_scatter_s, strided_group
+
+    fw = profile.get("framework") or {}
+    if not fw or "ddp" not in fw:
+        return 0.0, 0.0, 0.0
+    blocks, h, rows = int(fw["blocks"]), int(fw["hidden"]), int(fw["rows"])
+    block_bytes = 4.0 * (2 * h * 4 * h + 4 * h + h)
+    world = strided_group(cluster, int(profile["nproc"]), 1)
+    fsdp_comm = 2 * all_gather_s(blocks * block_bytes, world, c) + reduce_scatter_s(blocks * block_bytes, world, c)
+    ddp_comm = all_reduce_s(blocks * block_bytes, world, c)
+    fsdp_s = max(0.0, (fw["fsdp"] - fw["ddp"] - (fsdp_comm - ddp_comm)) / blocks)
+    tp_s = 0.0
+    if "tp" in fw:
+        pair = strided_group(cluster, 2, 1)
+        tp_comm = blocks * 2 * all_reduce_s(4.0 * rows * h, pair, c)
+        tp_s = max(0.0, (fw["tp"] - fw["alone"] - tp_comm) / (2 * blocks))
+    pp_s = 0.0
+    if "pp" in fw:
+        from planner.cost.comm import p2p_s
+
+        m = int(fw["pp_micro_batches"])
+        slots = m + 1
+        send = p2p_s(4.0 * rows * h, same_node=True, cluster=cluster, c=c)
+        pp_s = max(0.0, (fw["pp"] - slots / m * fw["pp_half_alone"]) / slots - 2 * send)
+    return fsdp_s, tp_s, pp_s
+
+
+def cpu_profile_cluster(profile: dict, *, name: str | None = None, measured_collectives: bool = True) -> ClusterSpec:
+    """The cpu-local cluster of ``N`` processes from a ``bench.cpu_profile`` JSON: each device is one
+    process at its measured share of the CPU (peak FLOP/s and bandwidth times ``compute_share``), the
+    loopback link fitted to the measured collectives (:func:`fit_alpha_beta`), and, when the cluster
+    format has it, the measured collectives themselves (``collectives``: bus bandwidth per point)."""
+    _check_profile(profile)
+    alone = CpuProfile(**profile["alone"])
+    share = float(profile["compute_share"])
+    n = int(profile["nproc"])
+    base = ClusterSpec.preset("cpu-local", nodes=1, devices_per_node=n)
+    d = base.to_dict()
+    d["name"] = name or f"cpu-local-n{n}"
+    d["description"] = (f"{n} local processes on {profile.get('cpu_count', '?')} CPUs, measured by bench.cpu_profile: "
+                        f"each process keeps {share:.2f} of its lone speed while all are busy; links fitted to gloo")
+    d["device"]["peak_flops"] = {"fp32": alone.peak_flops * share}
+    d["device"]["memory_bandwidth_bytes_per_s"] = alone.memory_bandwidth * share
+    alpha, bw = fit_alpha_beta(profile)
+    for link in ("intra_node", "inter_node"):
+        d[link]["latency_s"] = alpha
+        d[link]["bandwidth_bytes_per_s"] = bw
+    if measured_collectives and _has_collectives_field():
+        d["collectives"] = {
+            name_: [{"nodes": 1, "message_bytes": float(p["message_bytes"]),
+                     "bus_bandwidth_bytes_per_s": bus_factor(name_, n) * p["message_bytes"] / p["seconds"]}
+                    for p in points]
+            for name_, points in profile["collectives"].items() if bus_factor(name_, n) > 0}
+    return ClusterSpec.from_dict(d, source=d["name"])
+
+
+def _has_collectives_field() -> bool:
+    """Whether this checkout's cluster format accepts measured ``collectives``."""
+    import planner.cluster as cluster_module
+
+    return hasattr(cluster_module, "MeasuredCollectives")
+
+
+def framework_model(hidden: int, blocks: int):
+    """The micro-model ``bench.cpu_profile`` times: ``blocks`` of ``Linear(h, 4h)``, GELU, ``Linear(4h, h)``."""
+    from torch import nn
+
+    return nn.Sequential(*[nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
+                           for _ in range(blocks)])
+
+
+def fit_dispatch_s(profile: dict, c: CostConstants) -> float | None:
+    """Host seconds per traced op that make the cost model's price of the framework micro-model's step
+    (one process, all ``N`` busy) equal to the step the profile timed (``framework.alone``).
+
+    The single-op chain of :func:`profile_cpu` measures ATen's dispatch alone; a model's op also pays
+    for its module call, autograd's bookkeeping and the optimizer's per-tensor loop, which is what
+    small models and small micro-batches are made of. The price is linear in ``op_dispatch_s``, so two
+    evaluations give it. ``None`` when the profile has no framework step or the fit is not positive.
+    """
+    from planner.cost.model import evaluate as evaluate_cost
+    from planner.cost.model import layer_table
+    from planner.plan import ParallelConfig
+    from planner.trace import trace_model
+
+    fw = profile.get("framework") or {}
+    if "alone" not in fw:
+        return None
+    h, blocks, rows = int(fw["hidden"]), int(fw["blocks"]), int(fw["rows"])
+    graph = trace_model(framework_model(h, blocks), (torch.zeros(rows, h),), name="framework-mlp", dtype="fp32",
+                        copy_model=False)
+    one = cpu_profile_cluster(profile, measured_collectives=False)
+    one = ClusterSpec.homogeneous(name="one-process", device=one.device, nodes=1, devices_per_node=1,
+                                  intra_node=one.intra_node, inter_node=one.inter_node)
+    cfg = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=rows, num_micro_batches=1)
+
+    def price(dispatch_s: float) -> float:
+        cc = replace(c, op_dispatch_s=dispatch_s)
+        table = layer_table(graph, one, micro_batch=rows, tp=1, sequence_parallel=False, recompute="none", c=cc)
+        return evaluate_cost(graph, one, cfg, [(0, graph.num_layers)], cc, table=table).step_time_s
+
+    base, slope = price(0.0), price(1e-5) - price(0.0)
+    if slope <= 0:
+        return None
+    fitted = (float(fw["alone"]) - base) / slope * 1e-5
+    return fitted if fitted > 0 else None

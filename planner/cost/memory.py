@@ -43,7 +43,7 @@ from planner.cost.constants import DTYPE_BYTES, CostConstants
 from planner.plan import ParallelConfig
 
 if TYPE_CHECKING:
-    from planner.cost.model import LayerTable
+    from planner.cost.layer_table import LayerTable
 
 
 def stage_params(table: LayerTable, start: int, stop: int) -> float:

@@ -22,9 +22,11 @@ Not handed over (``None``; the search keeps its single-device split, which
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
+from planner.cost.layer_table import LayerTable
 from planner.errors import SpecError
 from planner.inter_op.chain import Partition
 from planner.inter_op.dp import solve_dp
@@ -41,10 +43,11 @@ def position_group_indices(cluster: ClusterSpec, cfg: ParallelConfig) -> tuple[i
     return tuple(span[0] for span in spans)
 
 
-def hetero_problem(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig,
-                   c: CostConstants) -> StageProblem | None:
+def hetero_problem(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: CostConstants,
+                   group_table: Callable[[int, int], LayerTable] | None = None) -> StageProblem | None:
     """The stage problem of ``cfg`` on ``cluster`` with every position's device type fixed, or None
-    when the configuration is outside what the stage DP models (module docstring)."""
+    when the configuration is outside what the stage DP models (module docstring). ``group_table``:
+    as :func:`planner.inter_op.problem.build_problem` takes it."""
     if cfg.virtual_stages != 1 or cfg.schedule not in SUPPORTED_SCHEDULES or cfg.zero_stage > 1:
         return None
     groups = position_group_indices(cluster, cfg)
@@ -55,16 +58,16 @@ def hetero_problem(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig,
                              micro_batch=cfg.micro_batch_size * cfg.dp, tp=cfg.tp, num_stages=cfg.pp,
                              sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute,
                              zero_stage=cfg.zero_stage, stage_devices=cfg.dp * cfg.tp, constants=c,
-                             stage_groups=groups)
+                             stage_groups=groups, group_table=group_table)
     except SpecError:  # no sub-mesh of dp·tp devices (e.g. 6 devices of an 8-device node)
         return None
 
 
-def hetero_partition(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig,
-                     c: CostConstants) -> Partition | None:
+def hetero_partition(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: CostConstants,
+                     group_table: Callable[[int, int], LayerTable] | None = None) -> Partition | None:
     """Stage boundaries of ``cfg`` (pipeline positions in order) from the exact stage DP, each
     position priced on its own device type; None when the DP cannot model ``cfg``."""
-    pr = hetero_problem(graph, cluster, cfg, c)
+    pr = hetero_problem(graph, cluster, cfg, c, group_table)
     if pr is None:
         return None
     res = solve_dp(pr)

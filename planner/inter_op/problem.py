@@ -41,7 +41,7 @@ and the ILP all minimise exactly this number.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -51,8 +51,9 @@ from planner import schedules
 from planner.cluster import ClusterSpec, NodeGroup
 from planner.cost.comm import all_gather_s, all_reduce_s, p2p_s, reduce_scatter_s, strided_group
 from planner.cost.constants import CostConstants
-from planner.cost.model import LayerTable, group_layer_tables, stage_memory_matrix, usable_memory_bytes
+from planner.cost.model import LayerTable, stage_memory_matrix, usable_memory_bytes
 from planner.errors import SpecError
+from planner.intra_op.pricing import ilp_layer_table
 from planner.plan import RECOMPUTE, ParallelConfig
 from planner.trace.graph import CostGraph
 
@@ -322,8 +323,13 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
                   micro_batch: int, tp: int = 1, num_stages: int | None = None, sequence_parallel: bool = False,
                   recompute: str = "none", zero_stage: int = 0, stage_devices: int | None = None,
                   constants: CostConstants | None = None,
-                  stage_groups: tuple[int, ...] | None = None) -> StageProblem:
+                  stage_groups: tuple[int, ...] | None = None,
+                  group_table: Callable[[int, int], LayerTable] | None = None) -> StageProblem:
     """Price every (layer range, sub-mesh) once; errors name the argument and the fix.
+
+    ``group_table(g, b)`` is node group ``g``'s layer table at ``b`` samples per replica (the joint
+    search passes its :class:`planner.pricing.Pricer`'s); by default each is built here with the
+    intra-op ILP's tp seconds (:func:`planner.intra_op.pricing.ilp_layer_table`).
 
     ``stage_devices`` fixes every stage's sub-mesh size (e.g. ``tp × dp`` as Megatron-LM does);
     ``None`` lets each stage choose its own. ``stage_groups`` fixes the node group of each pipeline
@@ -389,10 +395,10 @@ def build_problem(graph: CostGraph, cluster: ClusterSpec, *, schedule: str, num_
         grp = cluster.groups[sm.group]
         per_replica = micro_batch // sm.replicas
         key = (sm.group, per_replica)
-        if key not in group_tables:  # memoised across problems: the joint search builds many
-            group_tables[key] = group_layer_tables(graph, cluster, micro_batch=per_replica, tp=tp,
-                                                   sequence_parallel=sequence_parallel, recompute=recompute,
-                                                   c=c)[sm.group]
+        if key not in group_tables:
+            group_tables[key] = group_table(sm.group, per_replica) if group_table is not None else ilp_layer_table(
+                graph, cluster.group_view(sm.group), micro_batch=per_replica, tp=tp,
+                sequence_parallel=sequence_parallel, recompute=recompute, c=c)
         table = group_tables[key]
         prefix = np.concatenate([[0.0], np.cumsum(table.total_s)])
         seg = prefix[None, :] - prefix[:, None]

@@ -56,7 +56,6 @@ def layer_rows(node: ClusterSpec, repeat: int) -> list[str]:
 def model_rows(node: ClusterSpec, repeat: int) -> list[str]:
     from planner.intra_op.from_trace import op_graph_from_cost_graph
     from planner.intra_op.model import solve_model
-    from planner.intra_op.pricing import clear_cache
     from planner.models import load_preset
     from planner.trace import trace_model
 
@@ -73,8 +72,7 @@ def model_rows(node: ClusterSpec, repeat: int) -> list[str]:
             f"| one block (`solve_layer`) | {one_sol.num_variables} | {one:.3f} |",
             f"| whole model, 98 layers (`solve_model`) | {sol.num_variables} | {whole:.3f} |"]
     for sp in (False, True):
-        def cold(sp=sp):  # plan_placements caches its solve (the search priced with it): time a fresh one
-            clear_cache()
+        def cold(sp=sp):  # plan_placements solves afresh (the Pricer, not the solver, keeps solves)
             return plan_placements(cost_graph, node, tp=8, micro_batch=1, sequence_parallel=sp)
         seconds, d = _best(cold, repeat)
         rows.append(f"| `plan_placements`, model-only tp=8, SP {'on' if sp else 'off'} | "

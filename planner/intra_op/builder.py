@@ -140,16 +140,23 @@ class GraphBuilder:
             roles=tuple(roles.get(c) for c in out_labels)))
 
     def linear(self, name: str, x: str, out_features: int, *, bias: bool = True, weight_name: str | None = None,
-               bias_name: str | None = None, owned: bool = True, module_path: str | None = None, **kw) -> str:
-        """``y = x Wᵀ + b`` with ``W: [out, in]`` as in torch: split n = column-, k = row-parallel."""
+               bias_name: str | None = None, owned: bool = True, module_path: str | None = None,
+               transposed: bool = False, **kw) -> str:
+        """``y = x Wᵀ + b`` with ``W: [out, in]`` as in torch: split n = column-, k = row-parallel.
+
+        ``transposed``: ``y = x W + b`` with ``W: [in, out]`` (transformers' ``Conv1D``, GPT-2's
+        projections), op kind ``conv1d``: the same splits, on the other dims of ``W``.
+        """
         lead, names = _leading_labels(self.roles(x)[:-1], reserved="kn")
-        params = [Param(name=weight_name or f"{name}.weight", shape=(out_features, self.shape(x)[-1]), owned=owned)]
-        labels = [("n", "k")]
+        shape = (self.shape(x)[-1], out_features) if transposed else (out_features, self.shape(x)[-1])
+        params = [Param(name=weight_name or f"{name}.weight", shape=shape, owned=owned)]
+        labels = [("k", "n") if transposed else ("n", "k")]
         if bias:
             params.append(Param(name=bias_name or f"{name}.bias", shape=(out_features,), owned=owned))
             labels.append(("n",))
         names.update({"k": "row", "n": "column"})
-        return self.einsum_labels(name, [x], [(*lead, "k")], params, labels, (*lead, "n"), kind="linear",
+        return self.einsum_labels(name, [x], [(*lead, "k")], params, labels, (*lead, "n"),
+                                  kind="conv1d" if transposed else "linear",
                                   names=names, module_path=name if module_path is None else module_path, **kw)
 
     def matmul(self, name: str, a: str, b: str, **kw) -> str:

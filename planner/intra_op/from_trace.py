@@ -199,9 +199,14 @@ class _Converter:
         owned = data["param_bytes"] > 0
         # parameters of a functional op: on the consumer (``x * self.weight``) or on a get_attr input
         attrs = self._param_nodes(node)
-        if params and kind not in ("linear", "embedding") and "norm" not in kind:
+        conv1d = _conv1d_params(kind, params, ins, attrs)
+        if params and kind not in ("linear", "embedding") and "norm" not in kind and conv1d is None:
             attrs += [Param(name=n, shape=tuple(sh), owned=owned) for n, sh in params.items()]
-        if attrs and ins:
+        if conv1d is not None:  # transformers' Conv1D: x @ W + b, W [in, out]
+            weight, bias = conv1d
+            b.linear(node, ins[0], params[weight][1], bias=True, weight_name=weight, bias_name=bias, owned=owned,
+                     transposed=True)
+        elif attrs and ins:
             self._with_params(node, kind, ins, attrs, out)
         elif kind == "embedding" and params:
             (pname, pshape), = params.items()
@@ -316,7 +321,9 @@ class _Converter:
             return
         if kind == "getitem" and out != tin and math.prod(out) == math.prod(tin):
             kind = "view"  # x[:, None]: indexing that only adds or drops size-1 dims
-        if out == tin and (kind in _SCALING or kind == "getitem"):
+        if out == tin and (kind in _SCALING or kind == "getitem" or kind in _CAT):
+            # (a cat with one activation and an output of its shape appends an empty constant: a key/value
+            # cache of length 0, as a Hugging Face forward with ``use_cache`` traces; an identity)
             b.pointwise(node, x, kind=kind, linear=True, saved=False)
         elif out == tin and (kind in _POINTWISE or kind.endswith("activation")):
             b.pointwise(node, x, kind=kind, linear=False)
@@ -345,6 +352,18 @@ class _Converter:
             b.opaque(node, [x], self._scaled(out, roles_out), kind=kind, out_roles=roles_out)
             b.notes.append(f"{node} ({kind}): unknown to the intra-op solver; it may only split the batch")
         self._finish(node, out)
+
+
+def _conv1d_params(kind: str, params: dict, ins: list[str], attrs: list[Param]) -> tuple[str, str] | None:
+    """``(weight, bias)`` names when the node is ``addmm(bias, x, W)`` of a module's own ``W [in, out]`` and
+    ``b [out]`` (transformers' ``Conv1D``, as ``torch.export`` records it), else ``None``."""
+    if kind != "addmm" or len(ins) != 1 or attrs or len(params) != 2:
+        return None
+    weight = next((n for n, s in params.items() if len(s) == 2), None)
+    bias = next((n for n, s in params.items() if len(s) == 1), None)
+    if weight is None or bias is None or tuple(params[bias])[0] != tuple(params[weight])[1]:
+        return None
+    return weight, bias
 
 
 def _removed_dim(src: tuple[int, ...], dst: tuple[int, ...]) -> int | None:

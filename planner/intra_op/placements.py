@@ -16,6 +16,9 @@ style          module and tp placement              ``parallelize_module`` entry
 ``colwise``    Linear weight ``Shard(0)``;          ``ColwiseParallel()``
                Embedding weight ``Shard(1)``
 ``rowwise``    Linear weight ``Shard(1)``           ``RowwiseParallel()``
+               (transformers' ``Conv1D``, weight
+               ``[in, out]``: ``Shard(1)`` is colwise,
+               ``Shard(0)`` rowwise)
 ``vocab``      Embedding weight ``Shard(0)``        ``RowwiseParallel()`` (vocab-parallel embedding)
 ``sequence``   norm output split on the sequence    ``SequenceParallel()``
 ``replicate``  Linear / Embedding weight replicated  nothing (the module stays replicated)
@@ -46,7 +49,8 @@ from planner.intra_op.solution import OpSharding, ShardingSolution
 if TYPE_CHECKING:  # the tracer imports torch; reading its graph does not need it
     from planner.trace.graph import CostGraph
 
-_WEIGHT_STYLES = {"linear": {0: "colwise", 1: "rowwise"}, "embedding": {0: "vocab", 1: "colwise"}}
+_WEIGHT_STYLES = {"linear": {0: "colwise", 1: "rowwise"}, "conv1d": {1: "colwise", 0: "rowwise"},  # W [in, out]
+                  "embedding": {0: "vocab", 1: "colwise"}}
 
 
 def module_style(op: OpSharding, axis: int = 0) -> str | None:
@@ -82,9 +86,9 @@ def plan_placements(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, mic
                     constants: CostConstants | None = None) -> dict[str, Any] | None:
     """The whole model on a model-only ``tp`` mesh of ``tp`` devices for one micro-batch.
 
-    This is the solve the joint search priced the tp group with (:func:`planner.intra_op.pricing.tp_pricing`,
-    cached per graph, tp group, micro-batch, sequence parallelism, dtype and ``constants``), not a
-    second one. Returns the JSON-ready dict described in ``docs/intra-op.md`` (``intra_op_sharding/1``
+    This is the problem the joint search priced the tp group with (:func:`planner.intra_op.pricing.tp_pricing`;
+    the search's :class:`planner.pricing.Pricer` keeps its solve and ``plan()`` stores that one), solved
+    afresh here: no cache. Returns the JSON-ready dict described in ``docs/intra-op.md`` (``intra_op_sharding/1``
     with ``style`` and the plan's solver names), or ``None`` when ``tp == 1`` or the trace has no
     op-level nodes. Deterministic apart from the wall-clock keys (``time_s``, ``solve_time_s``,
     ``build_time_s``), which the plan file drops. Raises :class:`~planner.errors.PlannerError`

@@ -8,10 +8,11 @@ repeated blocks is one unit, solved once, with the tensors between layers priced
 real group of the plan's tp ranks (:func:`planner.cost.comm.strided_group`), collectives priced by
 :mod:`planner.cost.comm` under the search's :class:`~planner.cost.constants.CostConstants`.
 
-One solve per ``(graph, tp group, micro-batch, sequence parallel, dtype, constants)`` is cached
-here; the plan's ``placements`` (:func:`planner.intra_op.placements.plan_placements`) are built
-from the very same cached solve, so the prediction and the DTensor splits the runtime applies
-cannot disagree.
+:func:`tp_pricing` solves; it keeps no cache. :class:`planner.pricing.Pricer` keeps one solve per
+``(tp group, micro-batch, sequence parallel, dtype)`` of its graph, cluster and constants, hands
+the seconds down to :func:`planner.cost.model.layer_table` as data (:func:`ilp_layer_table`), and
+builds the plan's ``placements`` from the very same solve, so the prediction and the DTensor
+splits the runtime applies cannot disagree.
 
 Phases: ``fwd`` and ``bwd`` collectives run once per micro-batch and are what the layer table
 charges. ``grad_sync`` collectives (a weight replicated on the tp axis whose gradient is Partial,
@@ -28,14 +29,12 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from planner.cluster import ClusterSpec
-from planner.cost.comm import strided_group
 from planner.cost.constants import CostConstants
+from planner.cost.layer_table import LayerTable, TpSeconds, layer_table
 from planner.errors import PlannerError
 
 if TYPE_CHECKING:  # the tracer imports torch; reading its graph does not need it
@@ -105,38 +104,37 @@ class TpPricing:
         return out
 
 
-_CACHE: OrderedDict[tuple, tuple[weakref.ref, TpPricing]] = OrderedDict()
-_CACHE_SIZE = 128  # a solve keeps its ILP assembly; one GPT-3 175B search needs 27 of them
-
-
-def clear_cache() -> None:
-    """Forget every cached solve (tests that time a cold search use it)."""
-    _CACHE.clear()
-
-
 def tp_pricing(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, micro_batch: int, sequence_parallel: bool,
                c: CostConstants, dtype: str | None = None, backend: str = DEFAULT_BACKEND,
                time_limit_s: float = DEFAULT_TIME_LIMIT_S) -> TpPricing:
-    """The ILP optimum's tensor-parallel seconds per layer (cached), or a ``"megatron"`` fallback.
+    """The ILP optimum's tensor-parallel seconds per layer (one solve, not cached), or a ``"megatron"`` fallback.
 
     Raises ``ValueError`` only for bad arguments; a solver failure is a fallback with a reason.
     """
     for name, value in (("tp", tp), ("micro_batch", micro_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: got {value!r}; expected a positive integer")
+    return _solve(cost_graph, cluster, tp=tp, micro_batch=micro_batch, sequence_parallel=sequence_parallel,
+                  c=c, dtype=dtype or cost_graph.dtype, backend=backend, time_limit_s=time_limit_s)
+
+
+def ilp_layer_table(cost_graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int,
+                    sequence_parallel: bool, recompute: str, c: CostConstants, dtype: str | None = None,
+                    pricing: TpPricing | None = None) -> LayerTable:
+    """:func:`planner.cost.model.layer_table` with the intra-op ILP's tp seconds (``pricing``, or a
+    fresh :func:`tp_pricing` solve); the Megatron count, with the reason in ``tp_note``, when the ILP
+    cannot be used."""
     dtype = dtype or cost_graph.dtype
-    group = strided_group(cluster, tp, 1)
-    key = (id(cost_graph), cluster.fingerprint(), group, tp, micro_batch, bool(sequence_parallel), dtype, c, backend)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is cost_graph:
-        _CACHE.move_to_end(key)
-        return hit[1]
-    pricing = _solve(cost_graph, cluster, tp=tp, micro_batch=micro_batch, sequence_parallel=sequence_parallel,
-                     c=c, dtype=dtype, backend=backend, time_limit_s=time_limit_s)
-    _CACHE[key] = (weakref.ref(cost_graph), pricing)
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return pricing
+    if tp > 1 and pricing is None:
+        pricing = tp_pricing(cost_graph, cluster, tp=tp, micro_batch=micro_batch,
+                             sequence_parallel=sequence_parallel, c=c, dtype=dtype)
+    seconds, note = None, ""
+    if tp > 1 and pricing is not None:
+        note = pricing.note()
+        if pricing.source == "ilp":
+            seconds = TpSeconds(fwd_s=pricing.fwd_s, bwd_s=pricing.bwd_s, source="ilp", note=note)
+    return layer_table(cost_graph, cluster, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
+                       recompute=recompute, c=c, dtype=dtype, tp_seconds=seconds, tp_note=note)
 
 
 def _solve(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, micro_batch: int, sequence_parallel: bool,
@@ -173,52 +171,3 @@ def _solve(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, micro_batch:
     phase = {p: tuple(comm.get(i, {}).get(p, 0.0) for i in range(n)) for p in ("fwd", "bwd", "grad_sync")}
     return TpPricing(source="ilp", fwd_s=phase["fwd"], bwd_s=phase["bwd"], grad_sync_s=phase["grad_sync"],
                      solve=solve, solve_time_s=time.perf_counter() - start, **base)
-
-
-def compare_with_megatron(cost_graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int = 1,
-                          c: CostConstants | None = None, tps: tuple[int, ...] = (2, 4, 8)) -> list[dict[str, Any]]:
-    """Rows of ILP vs Megatron-count seconds per micro-batch, one per distinct layer, tp and sp."""
-    from planner.cost.model import megatron_tp_s
-
-    c = c or CostConstants()
-    seen: dict[str, int] = {}
-    for i, layer in enumerate(cost_graph.layers):
-        seen.setdefault(layer.signature, i)
-    rows = []
-    for tp in tps:
-        group = strided_group(cluster, tp, 1)
-        for sp in (False, True):
-            pricing = tp_pricing(cost_graph, cluster, tp=tp, micro_batch=micro_batch, sequence_parallel=sp, c=c)
-            for i in sorted(seen.values()):
-                layer = cost_graph.layers[i]
-                megatron = sum(megatron_tp_s(layer, dtype=cost_graph.dtype, micro_batch=micro_batch, group=group,
-                                             sequence_parallel=sp, c=c))
-                ilp = pricing.per_micro_batch_s[i] if pricing.source == "ilp" else math.nan
-                rows.append({"tp": tp, "sp": sp, "layer": layer.name, "ilp_s": ilp, "megatron_s": megatron,
-                             "source": pricing.source})
-    return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m planner.intra_op.pricing gpt3-175b``: the ILP's tp seconds against the Megatron count."""
-    import argparse
-
-    from planner.api import resolve_cluster, resolve_model
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("model", help="a preset name (python -m planner models)")
-    parser.add_argument("--cluster", default="dgx-a100-80g")
-    parser.add_argument("--micro-batch", type=int, default=1)
-    args = parser.parse_args(argv)
-    cluster = resolve_cluster(args.cluster)
-    graph = resolve_model(args.model, dtype="bf16").graph
-    print("| tp | sequence parallel | layer | ILP ms | Megatron count ms | ILP / count |")
-    print("|---|---|---|---|---|---|")
-    for r in compare_with_megatron(graph, cluster, micro_batch=args.micro_batch):
-        print(f"| {r['tp']} | {'on' if r['sp'] else 'off'} | {r['layer']} | {r['ilp_s'] * 1e3:.4g} | "
-              f"{r['megatron_s'] * 1e3:.4g} | {r['ilp_s'] / r['megatron_s']:.3f} |")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

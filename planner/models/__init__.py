@@ -31,7 +31,7 @@ class Family:
     loss: str
     seq_len: Callable[[dict[str, Any]], int | None]
     # Whether the runtime lays this family's blocks out for sequence parallelism (norms on sequence
-    # shards between the tensor-parallel regions: runtime.tensor_parallel, runtime.sequence_parallel_llama).
+    # shards between the tensor-parallel regions: runtime.sequence_parallel_gpt, runtime.sequence_parallel_llama).
     # The search plans sequence parallelism only for these, so that every plan it writes can run.
     sequence_parallel: bool = False
 

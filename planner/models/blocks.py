@@ -12,10 +12,30 @@ on the meta device.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Which Linears of an attention module make its heads and which reads them back (tensor parallelism's view).
+
+    ``columns``: the Linears whose output features are ``heads × head_dim`` values, each holding
+    ``packed`` such blocks one after another (GPT's fused ``qkv`` holds ``[q; k; v]``: 3); ``row``:
+    the Linear that reads the heads back. An attention module that has a ``head_layout``, ``heads``
+    (and ``kv_heads`` if its key/value heads differ) and shapes its projections by those counts can be
+    split by heads: ``runtime.tensor_parallel_generic`` gives each rank its heads' columns and sets the
+    counts to the rank's share, and the module's own forward does the rest. Its random ops on the
+    heads run on the rank's own stream: the module's ``attend`` method if it has one (the per-head
+    part, when the forward also drops out the output, which every rank holds alike), else its forward.
+    """
+
+    columns: tuple[str, ...]
+    row: str
+    packed: int = 1
 
 
 class RMSNorm(nn.Module):
@@ -62,6 +82,8 @@ class Attention(nn.Module):
     ``forward(x, context=None, bias=None)``: self-attention on ``x [b, s, h]``, or cross-attention
     to ``context [b, t, h]``; ``bias [1 or b, heads, s, t]`` is added to the scores (T5).
     """
+
+    head_layout = HeadLayout(columns=("q", "k", "v"), row="o")
 
     def __init__(self, hidden: int, heads: int, *, kv_heads: int | None = None, head_dim: int | None = None,
                  bias: bool = True, dropout: float = 0.0, causal: bool = False, rotary: bool = False,

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from planner.models.blocks import HeadLayout
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
@@ -69,6 +71,15 @@ class GPTEmbedding(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention with one fused ``qkv`` projection (rows ``[q; k; v]``) and an output ``proj``.
+
+    Tensor parallelism splits it by heads as it splits :class:`planner.models.blocks.Attention`
+    (``head_layout``): each rank holds its heads' rows of each of ``q``, ``k``, ``v``, ``heads`` is set
+    to the rank's share, and this forward, which sizes everything by ``heads``, computes those heads.
+    """
+
+    head_layout = HeadLayout(columns=("qkv",), row="proj", packed=3)
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
@@ -88,21 +99,27 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("future_mask", future, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape[0], x.shape[1], x.shape[2]
-        qkv = self.qkv(x).split(h, dim=2)
+        # The hidden size is read from x (h) so that the traced graph, and with it every plan, keeps
+        # its shape-query nodes; the width of q, k, v is the heads', which tp sets to this rank's share.
+        b, s, h = x.shape[0], x.shape[1], x.shape[2]  # noqa: F841 - h: see above
+        width = self.heads * self.head_dim
+        qkv = self.qkv(x).split(width, dim=2)
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        y = self.attend(q, k, v, s)
+        y = y.transpose(1, 2).reshape(b, s, width)
+        return self.resid_drop(self.proj(y))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int) -> torch.Tensor:
+        """``softmax(q kᵀ / √d, causal) v`` per head, ``[b, heads, s, d]``: the part that acts on each head alone."""
         if self.fused:
             p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-            scores = scores.masked_fill(self.future_mask[:s, :s], float("-inf"))
-            y = self.attn_drop(F.softmax(scores, dim=-1)) @ v
-        y = y.transpose(1, 2).reshape(b, s, h)
-        return self.resid_drop(self.proj(y))
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        scores = scores.masked_fill(self.future_mask[:s, :s], float("-inf"))
+        return self.attn_drop(F.softmax(scores, dim=-1)) @ v
 
 
 class MLP(nn.Module):

@@ -2,10 +2,10 @@
 
 Each distinct model is traced once (two blocks, then the block repeated: identical blocks cost the
 same, :func:`planner.cost.calibrate.repeat_block`), each (model, cluster, tp, micro-batch, sequence
-parallelism, recompute) layer table is built once, and each configuration is priced as
-:func:`planner.api.evaluate` prices it: the memory-aware partition DP for its stage boundaries
-(the time-balanced split when nothing fits, then reported as not fitting), then
-:func:`planner.cost.model.evaluate`. No search, no processes.
+parallelism, recompute) layer table is built once (one :class:`planner.pricing.Pricer` per model,
+cluster and constants), and each configuration is priced as :func:`planner.api.evaluate` prices it:
+the memory-aware partition DP for its stage boundaries (the time-balanced split when nothing fits,
+then reported as not fitting), then the cost model. No search, no processes.
 
 Predicted and measured throughput are both tokens per second per GPU: global batch × sequence ÷
 (step time × GPUs). Errors are on step time (predicted ÷ measured; below 1 is optimistic).
@@ -23,10 +23,8 @@ import numpy as np
 from planner import schedules
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants, trainer_constants
-from planner.cost.model import LayerTable, layer_table
-from planner.cost.model import evaluate as evaluate_cost
 from planner.errors import SpecError
-from planner.search import partition_for
+from planner.pricing import Pricer, table_key
 from planner.trace import CostGraph, trace_model
 from planner.validation import metrics
 from planner.validation.cases import Case, ClusterRef, ModelSpec, Skip, sweep_cluster_dict
@@ -70,7 +68,8 @@ def interpolate_log(points: list[tuple[float, float]], x: float) -> float:
 
 
 class CasePricer:
-    """Owns the caches (graphs, clusters, layer tables) shared by every case it prices.
+    """Owns the caches (graphs, clusters, and a :class:`planner.pricing.Pricer` per model, cluster and
+    constants: its layer tables, tp solves) shared by every case it prices.
 
     ``network`` says how the sweep's cluster (``datasets/measured/nanotron-h100-efa.json``) reaches
     the cost model:
@@ -93,7 +92,7 @@ class CasePricer:
         self.network = network
         self._graphs: dict[ModelSpec, CostGraph] = {}
         self._clusters: dict[ClusterRef, tuple[ClusterSpec, tuple[str, ...]]] = {}
-        self._tables: dict[tuple, LayerTable] = {}
+        self._pricers: dict[tuple, Pricer] = {}
         self.trace_s = 0.0
 
     def constants(self, trainer: str, settings: tuple[tuple[str, Any], ...] = ()) -> CostConstants:
@@ -161,18 +160,16 @@ class CasePricer:
         if cfg.tp > cluster.devices_per_node:
             extra.append("tp across nodes (plans refuse it; priced with the cost model's group links)")
         c = self.constants(case.trainer, case.settings)
-        key = (case.model, case.cluster, cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute,
-               case.trainer, case.settings)
-        table = self._tables.get(key)
-        if table is None:
-            table = self._tables[key] = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
-                                                    sequence_parallel=cfg.sequence_parallel,
-                                                    recompute=cfg.recompute, c=c)
-        part = partition_for(graph, cluster, cfg, table, c)
+        key = (case.model, case.cluster, case.trainer, case.settings)
+        pricer = self._pricers.get(key)
+        if pricer is None:
+            pricer = self._pricers[key] = Pricer(graph, cluster, c)
+        table = pricer.table(table_key(cfg))
+        part = pricer.split(cfg, table)
         feasible = part.feasible or part.status == "given"
         if not feasible:  # nothing fits: price the time-balanced split, as planner.api.evaluate does
-            part = partition_for(graph, cluster, cfg, table, replace(c, allocator_usable_fraction=1e9))
-        pred = evaluate_cost(graph, cluster, cfg, list(part.boundaries), c, table=table)
+            part = pricer.split(cfg, table, c=replace(c, allocator_usable_fraction=1e9))
+        pred = pricer.evaluate(cfg, part.boundaries, table)
         return Priced(case=case, predicted_step_s=pred.step_time_s, fits=bool(pred.fits and feasible),
                       peak_memory_gib=pred.peak_memory_bytes / GiB, breakdown_s=dict(pred.time_breakdown_s),
                       notes=tuple(extra) + case.approximations)

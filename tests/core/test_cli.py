@@ -131,8 +131,8 @@ def test_both_clis_turn_errors_into_exit_codes_through_one_helper(capsys):
         run_command(not_a_run_check, debug=False, user_errors=RunCheckError)
 
 
-def test_building_the_plan_reuses_the_layer_tables_the_search_built(monkeypatch):
-    from planner import api
+def test_building_the_plan_prices_nothing_the_search_did_not(monkeypatch):
+    from planner import api, plan_build, pricing
     from planner.cost.constants import CostConstants
     from planner.cost.model import evaluate as evaluate_cost
     from planner.search import SearchSpace, search
@@ -140,18 +140,31 @@ def test_building_the_plan_reuses_the_layer_tables_the_search_built(monkeypatch)
     resolved = api.resolve_model("gpt-tiny", dtype="fp32")
     spec = api.resolve_cluster("cpu-local", devices_per_node=2)
     c = CostConstants()
-    tables: dict = {}
-    best = search(resolved.graph, spec, 8, space=SearchSpace(pp=(2,)), constants=c, table_cache=tables).best
-    cfg = best.config
-    key = (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
-    assert api._candidate_table(resolved.graph, spec, cfg, c, tables) is tables[key]
-    built = []
-    real = api.layer_table
-    monkeypatch.setattr(api, "layer_table", lambda *a, **k: built.append(k) or real(*a, **k))
-    assert "Schedule" in api._why_schedule(resolved.graph, spec, best, c, tables)
-    assert built == []  # the schedule comparison did not rebuild the table
+    pricer = pricing.Pricer(resolved.graph, spec, c)
+    result = search(resolved.graph, spec, 8, space=SearchSpace(pp=(2,)), pricer=pricer, explain=True)
+    best, cfg = result.best, result.best.config
+    options = {o.schedule: o for o in result.schedule_options}
+    assert options[cfg.schedule].step_time_s == best.step_time_s  # its own schedule, priced the same way
+    assert len(options) >= 3 and all(o.step_time_s is None or o.step_time_s >= best.step_time_s
+                                     for o in options.values())
+
+    def refuse(*a, **k):
+        raise AssertionError("build_plan priced something")
+
+    for name in ("evaluate", "table", "split", "partition", "tp_solve"):
+        monkeypatch.setattr(pricing.Pricer, name, refuse)
+    monkeypatch.setattr(pricing, "evaluate", refuse)
+    monkeypatch.setattr(pricing, "tp_pricing", refuse)
+    plan = plan_build.build_plan(resolved, spec, best, c, global_batch=8, result=result,
+                                 schedule_options=result.schedule_options, tp_solve=result.tp_solve)
+    assert any(line.startswith(f"Schedule {cfg.schedule} chosen") for line in plan.explanation)
+    monkeypatch.undo()
     # the phase times the plan shows are the ones the search priced the schedule with
     phases = best.prediction.chunk_phase_times_s
     assert len(phases) == 2 and all(f > 0 and b > 0 for f, b, _ in phases)
-    again = evaluate_cost(resolved.graph, spec, cfg, list(best.boundaries), c, table=tables[key])
+    again = evaluate_cost(resolved.graph, spec, cfg, list(best.boundaries), c, table=pricer.table(
+        (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)))
     assert again.chunk_phase_times_s == phases
+    assert [list(x) for x in phases] == [p for s in plan.predicted.stages for p in s["chunk_phase_times_s"]]
+
+

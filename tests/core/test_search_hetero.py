@@ -14,7 +14,8 @@ from planner.errors import SpecError
 from planner.inter_op import fixtures as F
 from planner.inter_op.unconstrained import partition_unconstrained
 from planner.plan import ParallelConfig
-from planner.search import SearchSpace, partition_for
+from planner.pricing import Pricer
+from planner.search import SearchSpace
 
 MIXED = ClusterSpec.preset("mixed-a100-v100")
 C = CostConstants()
@@ -91,7 +92,7 @@ def test_memory_limit_is_per_device_type():
     assert not halves.fits  # the only split a single-device-type planner would price as 32 GB everywhere
     assert heavy_a100.memory_per_stage[0].total > limit_v100  # over 32 GB...
     assert heavy_a100.fits  # ...but within the A100's 80 GB
-    part = partition_for(graph, MIXED, cfg, table, C)
+    part = Pricer(graph, MIXED, C).split(cfg, table)
     assert part.feasible and part.boundaries[0][1] >= 11, part
     assert evaluate(graph, MIXED, cfg, list(part.boundaries), C, table=table).fits
 

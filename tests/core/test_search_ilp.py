@@ -13,18 +13,13 @@ import pytest
 from planner import api
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
+from planner.explain import placement_notes
 from planner.intra_op import model as intra_model
-from planner.intra_op import pricing
+from planner.intra_op.pricing import tp_pricing
 from planner.plan import ParallelConfig
-from planner.search import (
-    SearchSpace,
-    _divisors,
-    _schedules_for,
-    _virtuals_for,
-    candidate_degrees,
-    partition_for,
-    search,
-)
+from planner.pricing import Pricer
+from planner.search import SearchSpace, search
+from planner.space import candidate_degrees, divisors, schedules_for, virtuals_for
 
 C = CostConstants()
 
@@ -36,7 +31,6 @@ def node() -> ClusterSpec:
 
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
 def test_predicted_tp_comm_is_the_cost_of_the_placements(node, sp, monkeypatch):
-    pricing.clear_cache()
     solves: list[tuple] = []
     real = intra_model.solve_model_ilp
 
@@ -73,39 +67,38 @@ def test_fallback_is_in_the_explanation(node):
     with torch.device("cpu"):
         coarse = trace_model(preset.build(), preset.sample_input(2), name="gpt-tiny", force_module_level=True)
     cfg = ParallelConfig(dp=4, tp=2, pp=1, micro_batch_size=2, num_micro_batches=2)
-    lines: list[str] = []
-    assert api._placements(coarse, node, cfg, lines, C) is None
+    placements, lines = placement_notes(tp_pricing(coarse, node, tp=cfg.tp, micro_batch=cfg.micro_batch_size,
+                                                   sequence_parallel=False, c=C))
+    assert placements is None
     assert any("Megatron all-reduce count" in line and "no op-level nodes" in line for line in lines)
     assert any("falls back" in line for line in lines)
 
 
 def _exhaustive_best(graph, cluster, global_batch, space) -> float:
     """Every configuration the search enumerates, priced, no pruning: the fastest that fits."""
-    from planner.cost.model import evaluate, layer_table
-
+    pricer = Pricer(graph, cluster, C)  # fresh: the search's own caches play no part
     best = math.inf
     for tp, pp, dp in candidate_degrees(graph, cluster, global_batch, space):
         per_replica = global_batch // dp
-        for mb in [b for b in _divisors(per_replica) if b <= space.max_micro_batch_size]:
+        for mb in [b for b in divisors(per_replica) if b <= space.max_micro_batch_size]:
             m = per_replica // mb
             for sp in space.sequence_parallel:
                 if sp and tp == 1:
                     continue
                 for rec in space.recompute:
-                    table = layer_table(graph, cluster, micro_batch=mb, tp=tp, sequence_parallel=sp, recompute=rec,
-                                        c=C)
-                    for sched in _schedules_for(pp, space):
-                        for v in _virtuals_for(sched, pp, m, graph.num_layers, space):
+                    table = pricer.table((tp, mb, sp, rec))
+                    for sched in schedules_for(pp, space):
+                        for v in virtuals_for(sched, pp, m, graph.num_layers, space):
                             for zero in [z for z in space.zero_stage if pp == 1 or z <= 1]:
                                 if zero and dp == 1:
                                     continue
                                 cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=m,
                                                      virtual_stages=v, schedule=sched, recompute=rec,
                                                      sequence_parallel=sp, zero_stage=zero)
-                                part = partition_for(graph, cluster, cfg, table, C)
+                                part = pricer.split(cfg, table)
                                 if not part.feasible:
                                     continue
-                                pred = evaluate(graph, cluster, cfg, list(part.boundaries), C, table=table)
+                                pred = pricer.evaluate(cfg, part.boundaries, table)
                                 if pred.fits:
                                     best = min(best, pred.step_time_s)
     return best

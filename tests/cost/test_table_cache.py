@@ -13,14 +13,8 @@ import pytest
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.cost.memory import _stage_params
-from planner.cost.model import (
-    _tied_holder_devices,
-    _tied_sync_s,
-    evaluate,
-    layer_table,
-    stage_memory_matrix,
-    stage_params,
-)
+from planner.cost.model import evaluate, layer_table, stage_memory_matrix, stage_params
+from planner.cost.pipeline_links import tied_holder_devices, tied_sync_s
 from planner.plan import ParallelConfig
 
 C = CostConstants()
@@ -93,10 +87,10 @@ def test_tied_sync_with_hoisted_holders_and_warm_cache_price_the_same(graph, sch
     cuts = np.linspace(0, n, p * v + 1).round().astype(int)
     bounds = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
     table = _table(graph)
-    holders = _tied_holder_devices(table, bounds, cfg)
+    holders = tied_holder_devices(table, bounds, cfg)
     assert holders and all(len(devs) >= 1 for _, devs in holders)
-    syncs = [_tied_sync_s(table, bounds, d, cfg, CLUSTER, C, 2.0, holders) for d in range(p)]
-    assert syncs == [_tied_sync_s(table, bounds, d, cfg, CLUSTER, C, 2.0) for d in range(p)]
+    syncs = [tied_sync_s(table, bounds, d, cfg, CLUSTER, C, 2.0, holders) for d in range(p)]
+    assert syncs == [tied_sync_s(table, bounds, d, cfg, CLUSTER, C, 2.0) for d in range(p)]
     # the embedding (first chunk) and the head (last chunk) share a device only in ZB-V's V shape
     shared = schedule != "zb-v"
     assert any(len(devs) > 1 for _, devs in holders) == shared

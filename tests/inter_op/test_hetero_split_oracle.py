@@ -1,6 +1,6 @@
 """The joint search's stage split on a mixed cluster against a brute force (tiny cases).
 
-The search (``planner.search.partition_for``) hands a configuration on a mixed cluster to the
+The search (``planner.pricing.Pricer.split``) hands a configuration on a mixed cluster to the
 stage DP with every pipeline position's device type fixed by the rank layout
 (``planner.inter_op.hetero``). Here every split into ``pp`` contiguous stages and every sequence of
 device types over the positions is priced by :meth:`StageProblem.evaluate` of a problem that
@@ -26,7 +26,7 @@ from planner.inter_op import fixtures as F
 from planner.inter_op.hetero import position_group_indices
 from planner.inter_op.problem import build_problem
 from planner.plan import ParallelConfig
-from planner.search import partition_for
+from planner.pricing import Pricer
 
 A100 = ClusterSpec.preset("dgx-a100-80g").groups[0]
 V100 = ClusterSpec.preset("dgx1-v100").groups[0]
@@ -91,7 +91,7 @@ def test_search_split_matches_brute_force(seed):
     assert graph.num_layers <= 8 and 2 <= cfg.pp <= 3
     pr, sub_of, layout, table, best_layout, best_any, best_eval = _brute_force(graph, cluster, cfg)
     assert position_group_indices(cluster, cfg) == layout
-    part = partition_for(graph, cluster, cfg, table, C)
+    part = Pricer(graph, cluster, C).split(cfg, table)
     if not math.isfinite(best_layout):
         assert part.status == "infeasible"
         return
@@ -117,7 +117,7 @@ def test_split_oracle_summary():
         if not math.isfinite(best_layout):
             infeasible += 1
             continue
-        part = partition_for(graph, cluster, cfg, table, C)
+        part = Pricer(graph, cluster, C).split(cfg, table)
         pred = evaluate(graph, cluster, cfg, list(part.boundaries), C, table=table)
         if pred.fits and math.isfinite(best_eval):
             gaps.append(pred.step_time_s / best_eval)

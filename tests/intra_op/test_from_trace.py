@@ -98,3 +98,46 @@ def test_batch_one_trace_solved_at_a_larger_batch(llama_2layer, mesh_of, device)
     for name in ("attn.q", "attn.k", "attn.v"):  # were row-parallel when the views lost the batch
         assert sol.params[f"blocks.0.{name}.weight"] == (Shard(0),), name
     assert sol.op("reshape").output_layout == (Shard(2),)  # the heads split passes the merge
+
+
+def _conv1d_model():
+    """Two residual MLP blocks of transformers' ``Conv1D`` (GPT-2's projection: ``x @ W + b``, ``W [in, out]``)."""
+    import torch
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc, self.c_proj = Conv1D(256, 64), Conv1D(64, 256)
+
+        def forward(self, x):
+            return x + self.c_proj(torch.relu(self.c_fc(x)))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(128, 64)
+            self.blocks = nn.ModuleList(Block() for _ in range(2))
+
+        def forward(self, tokens):
+            x = self.embed(tokens)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    return Model(), torch.zeros(2, 16, dtype=torch.long)
+
+
+def test_transformers_conv1d_is_a_transposed_linear_split_like_megatron(mesh_of, device):
+    from planner.trace import trace_model
+
+    graph = op_graph_from_cost_graph(trace_model(*_conv1d_model(), dtype="fp32"), 1)
+    conv = {op.module_path: op for op in graph.ops.values() if op.kind == "conv1d"}
+    assert sorted(conv) == ["blocks.0.c_fc", "blocks.0.c_proj"]
+    assert [p.shape for p in conv["blocks.0.c_fc"].params] == [(64, 256), (256,)]  # W [in, out], bias [out]
+    assert conv["blocks.0.c_fc"].fwd_flops == 2 * 2 * 16 * 64 * 256  # 2·tokens·in·out, as a Linear
+    sol = solve_layer(graph, mesh_of(tp=2), device, memory_limit_bytes=4e5)  # whole weights, grads and Adam: 0.53 MB
+    p = sol.params
+    assert p["blocks.0.c_fc.weight"] == (Shard(1),) and p["blocks.0.c_fc.bias"] == (Shard(0),)  # column
+    assert p["blocks.0.c_proj.weight"] == (Shard(0),) and p["blocks.0.c_proj.bias"] == (Replicate(),)  # row

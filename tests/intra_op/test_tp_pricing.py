@@ -12,10 +12,12 @@ import pytest
 import torch
 from torch import nn
 
+from planner.cluster import ClusterSpec
 from planner.cost.comm import strided_group
 from planner.cost.constants import CostConstants
 from planner.cost.model import layer_table, megatron_tp_s
 from planner.intra_op.pricing import tp_pricing
+from planner.pricing import Pricer
 from planner.trace import trace_model
 
 C = CostConstants()
@@ -96,14 +98,16 @@ def test_ilp_strictly_cheaper_when_a_layer_opens_with_a_contracting_linear(contr
 
 
 def test_layer_table_takes_the_ilp_and_falls_back_loudly(gpt_tiny, node):
-    ilp = layer_table(gpt_tiny, node, micro_batch=2, tp=2, sequence_parallel=False, recompute="none", c=C)
-    pricing = tp_pricing(gpt_tiny, node, tp=2, micro_batch=2, sequence_parallel=False, c=C)
+    pricer = Pricer(gpt_tiny, node, C)
+    ilp = pricer.table((2, 2, False, "none"))
+    pricing = pricer.tp_solve(2, 2, False)
     assert ilp.tp_source == "ilp" and "intra-op ILP" in ilp.tp_note
     assert list(ilp.tp_comm_s) == list(pricing.per_micro_batch_s)
     assert list(ilp.tp_comm_fwd_s) == list(pricing.fwd_s)
     free = layer_table(gpt_tiny, node, micro_batch=2, tp=2, sequence_parallel=False, recompute="full", c=C,
                        tp_pricing="none")
-    full = layer_table(gpt_tiny, node, micro_batch=2, tp=2, sequence_parallel=False, recompute="full", c=C)
+    full = pricer.table((2, 2, False, "full"))
+    assert pricer.bound_table((2, 2, False, "full")).total_s.tolist() == free.total_s.tolist()
     assert free.tp_source == "none" and not free.tp_comm_s.any()
     assert (free.total_s <= full.total_s).all() and (free.total_s < full.total_s).any()  # a lower bound
     assert (free.stored_act_bytes == full.stored_act_bytes).all()  # memory is the same
@@ -114,32 +118,37 @@ def test_layer_table_takes_the_ilp_and_falls_back_loudly(gpt_tiny, node):
 
     preset = load_preset("gpt-tiny")
     coarse = trace_model(preset.build(), preset.sample_input(2), name="gpt-tiny", force_module_level=True)
-    fallback = layer_table(coarse, node, micro_batch=2, tp=2, sequence_parallel=False, recompute="none", c=C)
+    fallback = Pricer(coarse, node, C).table((2, 2, False, "none"))
     megatron = layer_table(coarse, node, micro_batch=2, tp=2, sequence_parallel=False, recompute="none", c=C,
                            tp_pricing="megatron")
     assert fallback.tp_source == "megatron" and "no op-level nodes" in fallback.tp_note
     assert list(fallback.tp_comm_s) == list(megatron.tp_comm_s) and fallback.tp_comm_s.sum() > 0
-    with pytest.raises(ValueError, match="tp_pricing"):
-        layer_table(coarse, node, micro_batch=2, tp=2, sequence_parallel=False, recompute="none", c=C,
-                    tp_pricing="alpa")
+    for wrong in ("alpa", "ilp"):  # the ILP's seconds come in as data (tp_seconds), never by name
+        with pytest.raises(ValueError, match="tp_pricing"):
+            layer_table(coarse, node, micro_batch=2, tp=2, sequence_parallel=False, recompute="none", c=C,
+                        tp_pricing=wrong)
 
 
-def test_solve_is_cached_per_micro_batch_and_sp(gpt_tiny, node):
-    a = tp_pricing(gpt_tiny, node, tp=2, micro_batch=3, sequence_parallel=True, c=C)
-    assert tp_pricing(gpt_tiny, node, tp=2, micro_batch=3, sequence_parallel=True, c=C) is a
-    b = tp_pricing(gpt_tiny, node, tp=2, micro_batch=6, sequence_parallel=True, c=C)
+def test_the_pricer_keeps_one_solve_per_micro_batch_and_sp(gpt_tiny, node):
+    pricer = Pricer(gpt_tiny, node, C)
+    a = pricer.tp_solve(2, 3, True)
+    assert pricer.tp_solve(2, 3, True) is a
+    assert pricer.with_cluster(ClusterSpec.preset("dgx-a100-80g")).tp_solve(2, 3, True) is a  # shared by orders
+    assert pricer.group_tables((2, 3, True, "none")) == [pricer.table((2, 3, True, "none"))]  # one group
+    assert pricer.table((2, 3, True, "none")).tp_comm_s.tolist() == list(a.per_micro_batch_s)  # that very solve
+    assert tp_pricing(gpt_tiny, node, tp=2, micro_batch=3, sequence_parallel=True, c=C) is not a  # no global cache
+    b = pricer.tp_solve(2, 6, True)
     assert b is not a and sum(b.per_micro_batch_s) > sum(a.per_micro_batch_s)
-    slow = tp_pricing(gpt_tiny, node, tp=2, micro_batch=3, sequence_parallel=True, c=CostConstants(link_efficiency=0.4))
-    assert sum(slow.per_micro_batch_s) > sum(a.per_micro_batch_s)  # the constants are part of the key
+    slow = Pricer(gpt_tiny, node, CostConstants(link_efficiency=0.4)).tp_solve(2, 3, True)
+    assert sum(slow.per_micro_batch_s) > sum(a.per_micro_batch_s)  # the constants are the Pricer's
     with pytest.raises(ValueError, match="micro_batch"):
         tp_pricing(gpt_tiny, node, tp=2, micro_batch=0, sequence_parallel=False, c=C)
 
 
 def _forget_everything() -> None:
-    """A cold process: no cached pricing, op graph or CP-SAT model."""
-    from planner.intra_op import ilp, model, pricing
+    """A cold process: no cached op graph or CP-SAT model (tp_pricing itself caches nothing)."""
+    from planner.intra_op import ilp, model
 
-    pricing.clear_cache()
     ilp._CPSAT_MODELS.clear()
     for _, prep in model._PREP.values():
         prep.op_graphs.clear()

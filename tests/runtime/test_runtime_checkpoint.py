@@ -36,17 +36,17 @@ def resumed(tmp_path_factory):
     jobs = [
         Job("straight", pp2, steps=4),
         Job("save under pp=2", pp2, steps=2, checkpoint_dir=a, checkpoint_every=2),
-        Job("pp=2 -> pp=2", pp2, steps=2, checkpoint_dir=a, resume=True),
-        Job("pp=2 -> dp=2", dp2, steps=2, checkpoint_dir=a, resume=True),
-        Job("pp=2 -> tp=2", tp2, steps=2, checkpoint_dir=a, resume=True),
-        Job("pp=2 -> tp=2 split embeddings", tp2s, steps=2, checkpoint_dir=a, resume=True),
+        Job("pp=2 -> pp=2", pp2, steps=4, checkpoint_dir=a, resume=True),
+        Job("pp=2 -> dp=2", dp2, steps=4, checkpoint_dir=a, resume=True),
+        Job("pp=2 -> tp=2", tp2, steps=4, checkpoint_dir=a, resume=True),
+        Job("pp=2 -> tp=2 split embeddings", tp2s, steps=4, checkpoint_dir=a, resume=True),
         Job("save under tp=2", tp2, steps=2, checkpoint_dir=b, checkpoint_every=2),
-        Job("tp=2 -> pp=2", pp2, steps=2, checkpoint_dir=b, resume=True),
+        Job("tp=2 -> pp=2", pp2, steps=4, checkpoint_dir=b, resume=True),
         Job("save under zero=3", z3, steps=2, checkpoint_dir=c, checkpoint_every=2),
-        Job("zero=3 -> tp=2", tp2, steps=2, checkpoint_dir=c, resume=True),
-        Job("pp=2 -> tp=2 sp", tp2sp, steps=2, checkpoint_dir=a, resume=True),
+        Job("zero=3 -> tp=2", tp2, steps=4, checkpoint_dir=c, resume=True),
+        Job("pp=2 -> tp=2 sp", tp2sp, steps=4, checkpoint_dir=a, resume=True),
         Job("save under tp=2 sp", tp2sp, steps=2, checkpoint_dir=d, checkpoint_every=2),
-        Job("tp=2 sp -> dp=2", dp2, steps=2, checkpoint_dir=d, resume=True),  # tp=1
+        Job("tp=2 sp -> dp=2", dp2, steps=4, checkpoint_dir=d, resume=True),  # tp=1
     ]
     return root, launch(2, run_jobs, jobs)[0]
 

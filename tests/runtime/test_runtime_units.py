@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from runtime_plans import make_plan, sequence_norms, solver_styles, tiny_preset
+from torch.distributed.tensor.parallel import RowwiseParallel
 
 from runtime.checks import Launch, preflight
 from runtime.data_parallel import DataParallelMode
@@ -14,7 +15,8 @@ from runtime.errors import RunCheckError
 from runtime.model import StageModule, build_stage_modules
 from runtime.parallel_dims import ParallelDims
 from runtime.pipeline_parallel import SUPPORTED_SCHEDULES, boundary_shape, choose_schedule, stage_io_examples
-from runtime.tensor_parallel import canonical_from_tp, check_tensor_parallel, to_tp_rows, tp_styles
+from runtime.tensor_parallel import canonical_from_tp, check_tensor_parallel, to_tp_rows
+from runtime.tensor_parallel_generic import _planned_styles, generic_styles
 
 LOCAL2 = Launch(world_size=2, procs_per_node=2, nodes=1, device_type="cpu")
 
@@ -57,48 +59,75 @@ def test_tp_row_order_gives_each_rank_whole_heads():
     assert torch.equal(canonical_from_tp(to_tp_rows(w, 4), 4), w)
 
 
-def test_tp_styles_default_and_from_placements():
+def _gpt_styles(plan) -> dict[str, str]:
+    """The styles the one tensor-parallel path reads for gpt-tiny (the plan's, or the pairs it finds)."""
+    model = tiny_preset().build(device="meta")
+    return _planned_styles(plan, model, plan.model.layer_names)
+
+
+def _torch_styles(plan) -> dict[str, str]:
+    """``{module: torch style}`` the one path applies to gpt-tiny, with its layouts."""
+    model = tiny_preset().build(device="meta")
+    out = {}
+    for module, style in generic_styles(plan, model, plan.model.layer_names).items():
+        layouts = style.input_layouts[0] if isinstance(style, RowwiseParallel) else style.output_layouts[0]
+        out[module] = f"{type(style).__name__}({layouts})"
+    return out
+
+
+def test_gpt_default_styles_are_megatrons_pairs_found_not_hard_coded():
     plan = make_plan(tp=2, num_micro_batches=4)
-    default = tp_styles(plan)
+    default = _gpt_styles(plan)  # no placements: the pairs the generic path finds (fx for the MLP, head_layout)
     assert default["blocks.0.attn.qkv"] == "colwise" and default["blocks.3.mlp.fc2"] == "rowwise"
     assert "embed.wte" not in default and "head.lm_head" not in default and len(default) == 16
     solved = make_plan(tp=2, num_micro_batches=4, styles=solver_styles())
-    assert tp_styles(solved) == solver_styles()
-    assert "embed.wpe" not in tp_styles(make_plan(tp=2, num_micro_batches=4,
-                                                  styles=solver_styles(embedding="vocab")))
+    assert _gpt_styles(solved) == solver_styles()
+    torch_styles = _torch_styles(solved)
+    assert torch_styles["blocks.0.attn.qkv"] == "ColwiseParallel(S(-1))"  # stays split: the heads' pair
+    assert torch_styles["blocks.0.attn.proj"] == "RowwiseParallel(S(-1))"
+    assert torch_styles["blocks.2.mlp.fc1"] == "ColwiseParallel(S(-1))"
+    assert torch_styles["head.lm_head"] == "ColwiseParallel(R)"  # logits gathered
+    assert "embed.wpe" not in _gpt_styles(make_plan(tp=2, num_micro_batches=4,
+                                                    styles=solver_styles(embedding="vocab")))
+
+
+def test_gpt_half_split_attention_is_gathered_not_refused():
+    """A plan that splits ``qkv`` but not ``proj`` runs exactly (qkv's output gathered; heads not localized)."""
+    plan = make_plan(tp=2, num_micro_batches=4, styles=solver_styles() | {"blocks.0.attn.proj": "replicate"})
+    torch_styles = _torch_styles(plan)
+    assert torch_styles["blocks.0.attn.qkv"] == "ColwiseParallel(R)" and "blocks.0.attn.proj" not in torch_styles
+    assert torch_styles["blocks.1.attn.qkv"] == "ColwiseParallel(S(-1))"
+    check_tensor_parallel(plan, tiny_preset())
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"blocks.0.attn.proj": "replicate"}, "column then row parallel"),
-    ({"blocks.0.ln1": "sequence"}, "sequence_parallel is false"),
+    ({"blocks.0.ln1": "sequence"}, "sequence_parallel true"),
     ({"blocks.0.mlp.fc1": "diagonal"}, "unknown style"),
+    ({"blocks.0.ln1": "colwise"}, "on a LayerNorm"),
 ])
-def test_tp_styles_the_runtime_cannot_apply_are_refused(change, message):
+def test_gpt_styles_the_runtime_cannot_apply_are_refused(change, message):
     plan = make_plan(tp=2, num_micro_batches=4, styles=solver_styles() | change)
     with pytest.raises(RunCheckError, match=message):
-        tp_styles(plan)
+        check_tensor_parallel(plan, tiny_preset())
     unknown = dataclasses.replace(plan, placements={"schema": "something/9", "params": {}})
     with pytest.raises(RunCheckError, match="intra_op_sharding/1"):
-        tp_styles(unknown)
+        check_tensor_parallel(unknown, tiny_preset())
 
 
 def test_sequence_styles_are_read_with_sequence_parallelism():
     styles = solver_styles() | sequence_norms()
     plan = make_plan(tp=2, num_micro_batches=4, sequence_parallel=True, styles=styles)
-    assert tp_styles(plan) == styles
+    assert _gpt_styles(plan) == solver_styles()  # the norms: sequence parallelism applies them all anyway
     check_tensor_parallel(plan, tiny_preset())
     default = make_plan(tp=2, num_micro_batches=4, sequence_parallel=True)
-    assert tp_styles(default) == tp_styles(make_plan(tp=2, num_micro_batches=4))  # norms: SP applies them all
+    assert _gpt_styles(default) == _gpt_styles(make_plan(tp=2, num_micro_batches=4))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"blocks.0.attn.qkv": "sequence"}, "column then row parallel"),  # only a norm takes the sequence style
-    ({"blocks.0.attn.ln_q": "sequence"}, "inside blocks.0 are split"),
-])
-def test_sequence_style_outside_a_norm_is_refused(change, message):
-    plan = make_plan(tp=2, num_micro_batches=4, sequence_parallel=True, styles=solver_styles() | change)
-    with pytest.raises(RunCheckError, match=message):
-        tp_styles(plan)
+def test_sequence_style_outside_a_norm_is_refused():
+    plan = make_plan(tp=2, num_micro_batches=4, sequence_parallel=True,
+                     styles=solver_styles() | {"blocks.0.attn.qkv": "sequence"})
+    with pytest.raises(RunCheckError, match="'sequence' splits a norm along the sequence, and this is a Linear"):
+        check_tensor_parallel(plan, tiny_preset())
 
 
 def test_sequence_parallelism_checks_name_the_field():

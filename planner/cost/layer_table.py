@@ -1,0 +1,366 @@
+"""Per-layer figures of one parallel choice: the :class:`LayerTable` every solver prices stages with.
+
+A :class:`LayerTable` holds per-layer arrays (seconds per micro-batch, stored activation bytes,
+parameters) for one ``(micro-batch, tp, sequence-parallel, recompute)`` choice, so the stage
+solvers can price any contiguous run of layers with prefix sums (:meth:`LayerTable.segment`).
+
+Tensor-parallel communication comes in as *data*: the seconds a solver found for each layer
+(``tp_seconds``, the intra-op ILP's optimum, handed down by :class:`planner.pricing.Pricer`), or,
+when none are given, Megatron's all-reduce count (:func:`tp_collectives`) priced by
+:mod:`planner.cost.comm`. This module never calls a solver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from planner.cluster import ClusterSpec
+from planner.cost.comm import Group, all_gather_s, all_reduce_s, reduce_scatter_s, strided_group
+from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS, activation_shard, layer_times
+from planner.cost.constants import DTYPE_BYTES, CostConstants
+from planner.cost.memory import _range_max, _stage_params
+from planner.trace.graph import CostGraph, Layer
+
+
+def tp_collectives(layer: Layer, dtype: str) -> tuple[list[float], list[float]]:
+    """Bytes per sample of each forward and each backward all-reduce under Megatron tensor parallelism.
+
+    Linears are column-parallel until a row-parallel one closes the group: one that contracts
+    (``k > n``), or a square one after attention (the output projection). A row-parallel linear
+    all-reduces its output in forward (``m·n``); a column-parallel group all-reduces its input's
+    gradient in backward (``m·k``). A GPT block gives two of each; a vocabulary-parallel head only
+    the backward one; a layer with parameters but no GEMM (a vocabulary-parallel embedding) one
+    forward all-reduce of its output. With sequence parallelism each all-reduce becomes a
+    reduce-scatter plus an all-gather of the same bytes and the same ring time.
+    """
+    elt = DTYPE_BYTES.get(dtype, 2)
+    fwd: list[float] = []
+    bwd: list[float] = []
+    group_open = after_attention = False
+    linears = 0
+    for op in layer.op_costs:
+        if op.kind in ATTENTION_KINDS:
+            after_attention = True
+            continue
+        if op.kind not in LINEAR_KINDS or not op.m:
+            continue
+        linears += 1
+        row = group_open and (op.k > op.n or (op.k == op.n and after_attention))
+        if row:
+            fwd.append(float(op.m * op.n * elt))
+            group_open = False
+        elif not group_open:
+            bwd.append(float(op.m * op.k * elt))
+            group_open = True
+        after_attention = False
+    if not linears and layer.param_count > 0 and layer.output_bytes > 0:
+        fwd.append(float(layer.output_bytes))
+    return fwd, bwd
+
+
+def megatron_tp_s(layer: Layer, *, dtype: str, micro_batch: int, group: Group, sequence_parallel: bool,
+                  c: CostConstants) -> tuple[float, float]:
+    """Forward and backward seconds of :func:`tp_collectives` for one micro-batch on ``group``.
+
+    Without sequence parallelism each is an all-reduce (ring or tree, whichever is faster); with it
+    Megatron-SP runs a reduce-scatter and an all-gather of the same bytes (ring only), which is
+    also how the intra-op ILP prices that recipe, so the two pricings agree on it.
+    """
+    def one(nbytes: float) -> float:
+        if sequence_parallel:
+            return reduce_scatter_s(nbytes, group, c) + all_gather_s(nbytes, group, c)
+        return all_reduce_s(nbytes, group, c)
+
+    fwd_c, bwd_c = tp_collectives(layer, dtype)
+    return (sum(one(x * micro_batch) for x in fwd_c), sum(one(x * micro_batch) for x in bwd_c))
+
+
+def tp_allreduces(layer: Layer) -> int:
+    """All-reduces per forward + backward pass under tensor parallelism (see :func:`tp_collectives`)."""
+    fwd, bwd = tp_collectives(layer, "bf16")
+    return len(fwd) + len(bwd)
+
+
+def tp_split_modules(layer: Layer) -> int:
+    """Linears a tensor-parallel layer splits (one for a layer with parameters but no GEMM: a split
+    embedding), the unit ``CostConstants.tp_layer_overhead_s`` is charged per."""
+    linears = sum(1 for op in layer.op_costs if op.kind in LINEAR_KINDS and op.m)
+    return linears if linears else int(layer.param_count > 0)
+
+
+def loss_traffic_s(layer: Layer, *, micro_batch: int, tp: int, dtype: str, cluster: ClusterSpec,
+                   c: CostConstants) -> float:
+    """Seconds of the training loss (forward + backward) on the last layer's output: memory-bound,
+    ``loss_traffic_passes`` passes over it in fp32, split across tp ranks (vocabulary-parallel)."""
+    fp32_bytes = layer.output_bytes * micro_batch * 4.0 / DTYPE_BYTES.get(dtype, 2) / tp
+    bw = cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
+    return c.loss_traffic_passes * fp32_bytes / bw
+
+
+class Segment(NamedTuple):
+    """Sums and maxima over one contiguous run of layers ``[a, b)`` of a :class:`LayerTable`.
+
+    Each field is exactly what ``float(arr[a:b].sum())`` (or ``.max()``) gives, so code that reads
+    it instead of slicing prices every configuration to the same bit.
+    """
+
+    fwd_s: float
+    bwd_input_s: float
+    bwd_weight_s: float
+    recompute_s: float
+    tp_comm_s: float
+    tp_comm_fwd_s: float
+    stored_act_bytes: float
+    work_act_max: float
+    output_max: float
+    param_max: float
+    params: float  # stage_params: own plus tied ones owned outside the run, counted once
+
+
+@dataclass
+class LayerTable:
+    """Per-layer, per-micro-batch figures for one (micro-batch, tp, sp, recompute) choice.
+
+    The arrays are never modified after construction (every builder fills them once), which is
+    what lets :meth:`segment` memoise per-segment sums: the search prices the same segments for
+    many configurations that share a table.
+    """
+
+    fwd_s: np.ndarray
+    bwd_input_s: np.ndarray
+    bwd_weight_s: np.ndarray
+    recompute_s: np.ndarray
+    tp_comm_s: np.ndarray  # forward + backward
+    stored_act_bytes: np.ndarray  # held per in-flight micro-batch
+    work_act_bytes: np.ndarray  # extra working set while one layer is recomputed
+    params: np.ndarray  # own parameters (not divided by tp)
+    output_bytes: np.ndarray  # per micro-batch, per device
+    tied: list[list[tuple[str, int, int]]]
+    _matrices: dict[str, np.ndarray] | None = None
+    tp_comm_fwd_s: np.ndarray | None = None  # the forward part of tp_comm_s (None: half of it)
+    dtype: str = "bf16"
+    # How tp_comm_s was priced: "ilp" (the intra-op ILP's optimum), "megatron" (the all-reduce
+    # count of tp_collectives), "none" (left out: a lower bound for the search) or "" (tp = 1).
+    tp_source: str = ""
+    tp_note: str = ""  # one line for the plan: what priced it, or why the ILP could not
+    # Memoised derived figures (see segment, total_s, total_summary_s); not part of the table's value.
+    _segments: dict[tuple[int, int], Segment] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _totals: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def total_s(self) -> np.ndarray:
+        """Seconds per layer and micro-batch, all parts; computed once (read-only: it is shared)."""
+        total = self._totals.get("total")
+        if total is None:
+            total = self.fwd_s + self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_comm_s
+            total.setflags(write=False)
+            self._totals["total"] = total
+        return total  # type: ignore[return-value]
+
+    def total_summary_s(self) -> tuple[float, float]:
+        """``(Σ total_s, max total_s)``: the search's work bound reads them for every configuration."""
+        summary = self._totals.get("summary")
+        if summary is None:
+            total = self.total_s
+            summary = (float(total.sum()), float(total.max()))
+            self._totals["summary"] = summary
+        return summary  # type: ignore[return-value]
+
+    def total_prefix_s(self) -> np.ndarray:
+        """``[0, cumsum(total_s)]`` (read-only), for pricing any run of layers by a difference."""
+        prefix = self._totals.get("prefix")
+        if prefix is None:
+            prefix = np.concatenate([[0.0], np.cumsum(self.total_s)])
+            prefix.setflags(write=False)
+            self._totals["prefix"] = prefix
+        return prefix  # type: ignore[return-value]
+
+    @property
+    def tp_comm_forward_s(self) -> np.ndarray:
+        return self.tp_comm_s / 2 if self.tp_comm_fwd_s is None else self.tp_comm_fwd_s
+
+    def segment(self, a: int, b: int) -> Segment:
+        """Sums and maxima of layers ``[a, b)`` (``a < b``), computed once per table and segment.
+
+        The values are the slices' own numpy reductions (not prefix-sum differences, which round
+        differently), so cached and uncached pricing agree exactly.
+        """
+        hit = self._segments.get((a, b))
+        if hit is None:
+            hit = Segment(
+                fwd_s=float(self.fwd_s[a:b].sum()), bwd_input_s=float(self.bwd_input_s[a:b].sum()),
+                bwd_weight_s=float(self.bwd_weight_s[a:b].sum()), recompute_s=float(self.recompute_s[a:b].sum()),
+                tp_comm_s=float(self.tp_comm_s[a:b].sum()), tp_comm_fwd_s=float(self.tp_comm_forward_s[a:b].sum()),
+                stored_act_bytes=float(self.stored_act_bytes[a:b].sum()),
+                work_act_max=float(self.work_act_bytes[a:b].max()), output_max=float(self.output_bytes[a:b].max()),
+                param_max=float(self.params[a:b].max()), params=_stage_params(self, a, b))
+            self._segments[(a, b)] = hit
+        return hit
+
+    def matrices(self) -> dict[str, np.ndarray]:
+        """Per-segment sums and maxima, ``[i, j]`` for layers [i, j), computed once per table."""
+        if self._matrices is None:
+            n = len(self.params)
+            P = np.concatenate([[0.0], np.cumsum(self.params)])
+            S = np.concatenate([[0.0], np.cumsum(self.stored_act_bytes)])
+            params = P[None, :] - P[:, None]
+            spans: dict[str, tuple[int, int]] = {}
+            for entries in self.tied:
+                for name, numel, owner in entries:
+                    spans[name] = (numel, owner)
+            i = np.arange(n + 1)[:, None]
+            j = np.arange(n + 1)[None, :]
+            for name, (numel, owner) in sorted(spans.items()):
+                # held by [i, j) when some user u is inside (i <= u < j) and its owner is not (i > owner)
+                users = np.array([u for u, t in enumerate(self.tied) if any(x[0] == name for x in t)])
+                # the first user at or after each start ii (n + 1: none), users being ascending
+                after = np.searchsorted(users, np.arange(n + 1))
+                first_user = np.where(after < len(users), users[np.minimum(after, len(users) - 1)], n + 1)[:, None]
+                params = params + numel * ((i > owner) & (first_user < j))
+            self._matrices = {"params": params, "stored": S[None, :] - S[:, None],
+                              "work_out": _range_max(self.work_act_bytes) + 2 * _range_max(self.output_bytes),
+                              "param_max": _range_max(self.params)}
+        return self._matrices
+
+
+TP_PRICING = ("megatron", "none")
+
+
+@dataclass(frozen=True)
+class TpSeconds:
+    """Tensor-parallel seconds of each layer for one micro-batch, found by a solver (the intra-op ILP).
+
+    Data handed to :func:`layer_table`, which charges them instead of the Megatron count.
+    ``source`` and ``note`` are copied into the table (``tp_source``, ``tp_note``).
+    """
+
+    fwd_s: Sequence[float]
+    bwd_s: Sequence[float]
+    source: str = "ilp"
+    note: str = ""
+
+
+def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int, sequence_parallel: bool,
+                recompute: str, c: CostConstants, dtype: str | None = None, tp_pricing: str = "megatron",
+                tp_seconds: TpSeconds | None = None, tp_note: str = "") -> LayerTable:
+    """Seconds and bytes per layer and micro-batch on one device of a ``tp``-way group.
+
+    Recomputation (Chen et al. 2016; Korthikanti et al. 2022): ``none`` stores what autograd
+    saves; ``selective`` drops the attention scores (softmax, dropout mask and output:
+    ``attention_activation_bytes``) and repeats the attention core in backward; ``full`` stores
+    only each layer's input, repeats the whole forward (its tensor-parallel collectives too) and
+    holds one layer's full activations while it is recomputed.
+
+    Tensor-parallel communication (``tp > 1``):
+
+    * ``tp_seconds`` given: each layer's collectives as a solver priced them (the intra-op ILP on the
+      real tp group, :meth:`planner.pricing.Pricer.table`; the plan's placements are that solve).
+    * else ``tp_pricing="megatron"`` (default): :func:`tp_collectives`' all-reduces (reduce-scatter +
+      all-gather under sequence parallelism), priced by :mod:`planner.cost.comm`; ``tp_note`` says why.
+    * ``tp_pricing="none"``: no tp communication, a lower bound of both (the search's cheap bounds).
+
+    Compute, parameters and activations are the calibrated figures for Megatron's split
+    (:func:`planner.cost.compute.layer_times`): on the traced transformers the ILP splits the same ops.
+    """
+    if tp_pricing not in TP_PRICING:
+        raise ValueError(f"tp_pricing: got {tp_pricing!r}; use one of {list(TP_PRICING)} (the intra-op ILP's "
+                         "seconds come in as tp_seconds: planner.pricing.Pricer.table builds such tables)")
+    dtype = dtype or graph.dtype
+    source, note, tp_seconds = _tp_source(tp, tp_pricing, tp_seconds, tp_note)
+    n = graph.num_layers
+    arr = {k: np.zeros(n) for k in ("f", "b", "w", "r", "tc", "tcf", "st", "wk", "p", "o")}
+    by_signature: dict[str, object] = {}
+    tp_group = strided_group(cluster, tp, 1)
+    for i, layer in enumerate(graph.layers):
+        t = by_signature.get(layer.signature)
+        if t is None:  # repeated blocks have equal signatures and equal costs
+            t = layer_times(layer, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
+                            device=cluster.device, dtype=dtype, c=c,
+                            gemm=cluster.groups[0].gemm if cluster.is_homogeneous else None)
+            by_signature[layer.signature] = t
+        arr["f"][i], arr["b"][i], arr["w"][i] = t.fwd_s, t.bwd_input_s, t.bwd_weight_s
+        if tp_seconds is not None:
+            tc_fwd, tc_bwd = tp_seconds.fwd_s[i], tp_seconds.bwd_s[i]
+        elif tp > 1 and tp_pricing != "none":
+            tc_fwd, tc_bwd = megatron_tp_s(layer, dtype=dtype, micro_batch=micro_batch, group=tp_group,
+                                           sequence_parallel=sequence_parallel, c=c)
+        else:
+            tc_fwd = tc_bwd = 0.0
+        if tp > 1 and c.tp_layer_overhead_s > 0:  # the tp framework's own host work (fwd 1/3, bwd 2/3)
+            host = c.tp_layer_overhead_s * tp_split_modules(layer)
+            tc_fwd, tc_bwd = tc_fwd + host / 3, tc_bwd + 2 * host / 3
+        arr["tcf"][i], arr["tc"][i] = tc_fwd, tc_fwd + tc_bwd
+        _fill_memory_row(arr, i, layer, t, tc_fwd, micro_batch=micro_batch, tp=tp,
+                         sequence_parallel=sequence_parallel, recompute=recompute)
+    _add_loss(arr, graph.layers[-1], micro_batch=micro_batch, tp=tp, dtype=dtype, cluster=cluster, c=c,
+              recompute=recompute, gather_over=tp_group if tp_pricing != "none" else None)
+    tied = [[(t.name, t.numel, t.owner) for t in layer.tied_params] for layer in graph.layers]
+    return LayerTable(fwd_s=arr["f"], bwd_input_s=arr["b"], bwd_weight_s=arr["w"], recompute_s=arr["r"],
+                      tp_comm_s=arr["tc"], stored_act_bytes=arr["st"], work_act_bytes=arr["wk"], params=arr["p"],
+                      output_bytes=arr["o"], tied=tied, tp_comm_fwd_s=arr["tcf"], dtype=dtype, tp_source=source,
+                      tp_note=note)
+
+
+def _add_loss(arr: dict[str, np.ndarray], last: Layer, *, micro_batch: int, tp: int, dtype: str,
+              cluster: ClusterSpec, c: CostConstants, recompute: str, gather_over: Group | None) -> None:
+    """The training loss on the last layer's output (vocabulary-parallel under tp, or gathered over
+    ``gather_over`` first: None leaves that tp collective out, as ``tp_pricing="none"`` does)."""
+    n = len(arr["f"])
+    loss_s = loss_traffic_s(last, micro_batch=micro_batch, tp=tp if c.vocab_parallel_loss else 1, dtype=dtype,
+                            cluster=cluster, c=c)
+    if tp > 1 and not c.vocab_parallel_loss and gather_over is not None:  # the head's output gathered over tp
+        gather_s = all_gather_s(last.output_bytes * micro_batch, gather_over, c)
+        arr["tcf"][n - 1] += gather_s
+        arr["tc"][n - 1] += gather_s
+    arr["f"][n - 1] += loss_s / 3
+    arr["b"][n - 1] += 2 * loss_s / 3
+    if recompute == "full":
+        arr["r"][n - 1] += loss_s / 3
+
+
+def _tp_source(tp: int, tp_pricing: str, tp_seconds: TpSeconds | None,
+               tp_note: str) -> tuple[str, str, TpSeconds | None]:
+    """``(tp_source, tp_note, the solver's seconds to charge or None)`` of a table (see :func:`layer_table`)."""
+    if tp == 1:
+        return "", "", None
+    if tp_pricing == "none":
+        return "none", "", None
+    if tp_seconds is not None:
+        return tp_seconds.source, tp_seconds.note, tp_seconds
+    return tp_pricing, tp_note, None
+
+
+def _fill_memory_row(arr: dict[str, np.ndarray], i: int, layer: Layer, t: object, tc_fwd: float, *,
+                     micro_batch: int, tp: int, sequence_parallel: bool, recompute: str) -> None:
+    """Layer ``i``'s stored and working activations, recomputation seconds, parameters and output."""
+    shard = activation_shard(layer, tp, sequence_parallel)
+    full = layer.activation_bytes * shard * micro_batch
+    if recompute == "none":
+        arr["st"][i] = full
+    elif recompute == "selective":
+        attention = layer.attention_activation_bytes * shard * micro_batch
+        arr["st"][i] = full - attention
+        arr["wk"][i] = attention
+        arr["r"][i] = t.attention_fwd_s  # type: ignore[attr-defined]
+    else:
+        arr["st"][i] = layer.input_bytes * micro_batch / (tp if sequence_parallel else 1)
+        arr["wk"][i] = full
+        arr["r"][i] = t.fwd_s + tc_fwd  # type: ignore[attr-defined]
+    arr["p"][i] = layer.param_count
+    arr["o"][i] = layer.output_bytes * micro_batch / (tp if sequence_parallel else 1)
+
+
+def group_layer_tables(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int,
+                       sequence_parallel: bool, recompute: str, c: CostConstants, dtype: str | None = None,
+                       tp_pricing: str = "megatron",
+                       tp_seconds: Sequence[TpSeconds | None] | None = None) -> list[LayerTable]:
+    """:func:`layer_table` of every node group of ``cluster`` on its own device and links, in group order
+    (``tp_seconds``: one entry per group, or None). Not cached: :class:`planner.pricing.Pricer` keeps them."""
+    return [layer_table(graph, cluster.group_view(gi), micro_batch=micro_batch, tp=tp,
+                        sequence_parallel=sequence_parallel, recompute=recompute, c=c, dtype=dtype,
+                        tp_pricing=tp_pricing, tp_seconds=None if tp_seconds is None else tp_seconds[gi])
+            for gi in range(len(cluster.groups))]

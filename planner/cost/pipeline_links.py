@@ -1,0 +1,106 @@
+"""What crosses the pipeline's cuts and joins its devices: activations at each cut, tied parameters.
+
+:func:`pipeline_p2p_s` prices handing one micro-batch's activation (or its gradient) across the
+slowest pipeline cut on the link it crosses; :func:`tied_sync_s` the all-reduce of tied parameters'
+gradients (a shared word embedding) between the pipeline devices that hold them. Both are read by
+:func:`planner.cost.model.evaluate`.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from planner.cluster import ClusterSpec
+from planner.cost.comm import Group, all_gather_s, all_reduce_s, p2p_s, strided_group
+from planner.cost.constants import CostConstants
+from planner.cost.layer_table import LayerTable
+from planner.plan import ParallelConfig
+from planner.schedules import chunk_devices
+
+
+def pipeline_p2p_s(table: LayerTable, boundaries: list[tuple[int, int]], devices: tuple[int, ...],
+                    cfg: ParallelConfig, cluster: ClusterSpec, c: CostConstants) -> float:
+    """Seconds to hand one micro-batch's activation (or its gradient) across the slowest pipeline cut.
+
+    Every cut is priced on the link it crosses. Rank ``(k·dp + d)·tp + t`` of position ``k`` sends to
+    the same ``(d, t)`` of the next chunk's position: the node's link (NVLink) when every such pair
+    shares a node, else the network: the node group's when both ends are in one group, else the
+    slower of the two groups' (``p2p_s`` on the whole cluster). So a node holding several stages
+    sends over NVLink inside and over its NICs at the cuts between nodes, wherever they fall.
+    With Megatron's scatter/gather each tp rank sends ``1/tp`` on its own link and the receiver
+    all-gathers over its own group; sequence-parallel outputs are already split. Consecutive chunks
+    on one device (the fold of a V-shape) hand over in memory.
+
+    Ranks, nodes and node groups are contiguous ranges, so every pair shares a node exactly when the
+    span from the lower position's first rank to the higher one's last lies in one node.
+    """
+    if len(boundaries) <= 1:
+        return 0.0
+    per = cfg.dp * cfg.tp
+    worst = 0.0
+    for j, (_, b) in enumerate(boundaries[:-1]):
+        src, dst = devices[j], devices[j + 1]
+        if src == dst:
+            continue
+        lo, hi = min(src, dst) * per, (max(src, dst) + 1) * per - 1
+        group = cluster.group_index_of_rank(lo)
+        if group == cluster.group_index_of_rank(hi):
+            net = cluster if len(cluster.groups) == 1 else cluster.group_view(group)
+            same_node = cluster.node_of_rank(lo) == cluster.node_of_rank(hi)
+        else:
+            net, same_node = cluster, False
+        nbytes = float(table.output_bytes[b - 1])
+        if cfg.tp > 1 and not cfg.sequence_parallel and c.pp_scatter_gather:
+            receiver = cluster.group_view(cluster.group_index_of_rank(dst * per))
+            t = p2p_s(nbytes / cfg.tp, same_node=same_node, cluster=net, c=c) + all_gather_s(
+                nbytes, strided_group(receiver, cfg.tp, 1), c)
+        else:
+            t = p2p_s(nbytes, same_node=same_node, cluster=net, c=c)
+        worst = max(worst, t)
+    return worst
+
+
+
+def tied_holder_devices(table: LayerTable, boundaries: list[tuple[int, int]],
+                         cfg: ParallelConfig) -> list[tuple[int, set[int]]]:
+    """``(numel, pipeline devices holding it)`` per tied parameter, in first-use order.
+
+    A device holds a tied parameter when one of its chunks owns or uses it. Computed once per
+    :func:`evaluate` call (it does not depend on the device asked about), not once per device.
+    """
+    holders: dict[str, tuple[int, set[int]]] = {}
+    for i, entries in enumerate(table.tied):
+        for name, numel, owner in entries:
+            holders.setdefault(name, (numel, set()))[1].update((owner, i))
+    if not holders:
+        return []
+    chunk_device = chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
+    starts = [a for a, _ in boundaries]  # contiguous chunks in model order: layer i is in the last start <= i
+    return [(numel, {chunk_device[bisect.bisect_right(starts, i) - 1] for i in layers})
+            for numel, layers in holders.values()]
+
+
+def tied_sync_s(table: LayerTable, boundaries: list[tuple[int, int]], device: int, cfg: ParallelConfig,
+                 cluster: ClusterSpec, c: CostConstants, grad_bytes: float,
+                 holders: list[tuple[int, set[int]]] | None = None) -> float:
+    """All-reduce of tied parameters' gradients between the pipeline devices that hold them
+    (Megatron's embedding group: the first and last stage share the word embedding).
+
+    ``holders`` is :func:`tied_holder_devices` of the same arguments, when the caller has it.
+    """
+    if cfg.pp <= 1:
+        return 0.0
+    if holders is None:
+        holders = tied_holder_devices(table, boundaries, cfg)
+    dpn = cluster.devices_per_node if cluster.is_homogeneous else 1
+    total = 0.0
+    for numel, holders_dev in holders:
+        if device not in holders_dev or len(holders_dev) < 2:
+            continue
+        span = (max(holders_dev) - min(holders_dev)) * cfg.dp * cfg.tp  # rank distance between the holders
+        group = Group(size=len(holders_dev), nodes=1 if span < dpn else len(holders_dev), per_node=1,
+                      intra_bw=cluster.intra_node.bandwidth_bytes_per_s, intra_latency_s=cluster.intra_node.latency_s,
+                      nic_bw=min(g.inter_node.bandwidth_bytes_per_s / g.devices_per_node for g in cluster.groups),
+                      inter_latency_s=cluster.inter_node.latency_s)
+        total += all_reduce_s(grad_bytes * numel / cfg.tp, group, c)
+    return total

@@ -1,0 +1,286 @@
+"""The pricing context: one graph on one cluster under one set of constants, priced once.
+
+:class:`Pricer` owns every cache the search, the plan and the validation share: the layer tables
+of each ``(tp, micro_batch, sequence_parallel, recompute)`` key (with and without tensor-parallel
+communication, on the whole cluster and on each node group), the intra-op ILP's tp solves, and
+the stage partitions. It sits above both the cost model (:mod:`planner.cost`, pure arithmetic on
+tables) and the solvers (the intra-op ILP prices tp communication, the stage DP splits layers):
+it calls the ILP and hands the seconds down to :func:`planner.cost.model.layer_table` as data.
+
+A homogeneous cluster is the one-group case of a mixed one: its one node group's view prices
+exactly as the cluster itself, so :meth:`Pricer.group_tables` returns ``[table(key)]`` for it.
+Where the one-group case keeps its own formula (the work bound, the busiest device), the method
+says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from planner import schedules
+from planner.cluster import ClusterSpec
+from planner.cost.constants import CostConstants
+from planner.cost.model import (
+    LayerTable,
+    StepPrediction,
+    evaluate,
+    layer_table,
+    stage_memory,
+    stage_memory_matrix,
+    stage_memory_vec,
+    usable_memory_bytes,
+)
+from planner.inter_op.chain import Partition, StageCosts, partition_dp, uniform_partition
+from planner.inter_op.hetero import hetero_partition
+from planner.inter_op.unconstrained import partition_unconstrained
+from planner.intra_op.pricing import TpPricing, ilp_layer_table, tp_pricing
+from planner.plan import ParallelConfig
+from planner.trace.graph import CostGraph
+
+TableKey = tuple[int, int, bool, str]  # (tp, micro_batch, sequence_parallel, recompute)
+
+
+def table_key(cfg: ParallelConfig) -> TableKey:
+    return (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
+
+
+@functools.lru_cache(maxsize=65536)
+def flights_of(schedule: str, p: int, m: int, v: int) -> tuple[float, ...]:
+    """Micro-batches in flight on each pipeline position (memoised: the search asks often)."""
+    return tuple(schedules.in_flight(schedule, p=p, m=m, v=v, device=k) for k in range(p))
+
+
+class Pricer:
+    """Layer tables, tp solves, partitions and predictions of ``graph`` on ``cluster`` under ``constants``.
+
+    Everything is built on first use and kept; a search, its baselines and the plan built from it
+    share one Pricer, so nothing is priced twice.
+    """
+
+    def __init__(self, graph: CostGraph, cluster: ClusterSpec, constants: CostConstants | None = None, *,
+                 _solves: dict[tuple, TpPricing] | None = None) -> None:
+        self.graph, self.cluster = graph, cluster
+        self.c = constants or CostConstants()
+        self._tables: dict[tuple, LayerTable] = {}
+        self._group_tables: dict[tuple, list[LayerTable]] = {}
+        self._solves: dict[tuple, TpPricing] = {} if _solves is None else _solves
+        self._free: dict[tuple, Partition] = {}
+        self._bound: dict[tuple, Partition] = {}
+
+    def with_cluster(self, cluster: ClusterSpec) -> Pricer:
+        """A Pricer of the same graph and constants on ``cluster`` (another node-group order) that
+        shares the tp solves: they are keyed by the tp group's node group, not by the order."""
+        return Pricer(self.graph, cluster, self.c, _solves=self._solves)
+
+    # -- tensor-parallel solves and layer tables ------------------------------------------------
+    def tp_solve(self, tp: int, micro_batch: int, sequence_parallel: bool,
+                 cluster: ClusterSpec | None = None) -> TpPricing:
+        """The intra-op ILP's solve of the model on a ``tp`` group of ``cluster`` (default: this one)."""
+        on = cluster or self.cluster
+        key = (on.fingerprint(), tp, micro_batch, bool(sequence_parallel), self.graph.dtype)
+        if key not in self._solves:
+            self._solves[key] = tp_pricing(self.graph, on, tp=tp, micro_batch=micro_batch,
+                                           sequence_parallel=sequence_parallel, c=self.c)
+        return self._solves[key]
+
+    def _priced_table(self, key: TableKey, cluster: ClusterSpec) -> LayerTable:
+        tp, mb, sp, rec = key
+        solve = self.tp_solve(tp, mb, sp, cluster) if tp > 1 else None
+        return ilp_layer_table(self.graph, cluster, micro_batch=mb, tp=tp, sequence_parallel=sp, recompute=rec,
+                               c=self.c, pricing=solve)
+
+    def table(self, key: TableKey) -> LayerTable:
+        """The layer table of ``key`` = (tp, micro-batch, sp, recompute), tp communication priced by the
+        intra-op ILP (the Megatron count, with the reason in ``tp_note``, when the ILP cannot be used)."""
+        if key not in self._tables:
+            self._tables[key] = self._priced_table(key, self.cluster)
+        return self._tables[key]
+
+    def bound_table(self, key: TableKey) -> LayerTable:
+        """``key``'s layer table without tensor-parallel communication (``tp_pricing="none"``).
+
+        Every array but ``tp_comm_s`` (and full recomputation's repeat of the forward collectives) is
+        the priced table's, and those only add non-negative seconds, so its times are lower bounds and
+        its memory is exact: the search bounds and memory-screens every family with it and runs the
+        ILP only for configurations that survive (most families of a large cluster never need it).
+        """
+        if key[0] == 1:  # no tp communication to leave out
+            return self.table(key)
+        bound_key = ("no-tp-comm", *key)
+        if bound_key not in self._tables:
+            tp, mb, sp, rec = key
+            self._tables[bound_key] = layer_table(self.graph, self.cluster, micro_batch=mb, tp=tp,
+                                                  sequence_parallel=sp, recompute=rec, c=self.c, tp_pricing="none")
+        return self._tables[bound_key]
+
+    def is_priced(self, key: TableKey) -> bool:
+        """Whether ``key``'s tp communication has been priced already (its ILP solve has run)."""
+        return key in self._tables
+
+    def group_tables(self, key: TableKey, *, priced: bool = True) -> list[LayerTable]:
+        """``key``'s layer table of every node group, each on its own device and links, in group order
+        (``priced=False``: without tp communication). One group: the cluster's own table."""
+        if len(self.cluster.groups) == 1:  # the one group's view prices exactly as the cluster itself
+            return [self.table(key) if priced else self.bound_table(key)]
+        gkey = (priced, *key)
+        if gkey not in self._group_tables:
+            tp, mb, sp, rec = key
+            views = [self.cluster.group_view(g) for g in range(len(self.cluster.groups))]
+            self._group_tables[gkey] = [
+                self._priced_table(key, view) if priced else layer_table(
+                    self.graph, view, micro_batch=mb, tp=tp, sequence_parallel=sp, recompute=rec, c=self.c,
+                    tp_pricing="none") for view in views]
+        return self._group_tables[gkey]
+
+    def position_tables(self, key: TableKey, pp: int, dp: int, *, priced: bool = True) -> list[LayerTable]:
+        """The layer table each pipeline position is priced with (its device type; a position straddling
+        types at its slowest member, as :func:`planner.cost.model.evaluate`)."""
+        per_group = self.group_tables(key, priced=priced)
+        return [per_group[self.cluster.slowest_group(span)] for span in self.cluster.position_groups(pp, dp * key[0])]
+
+    # -- bounds -----------------------------------------------------------------------------------
+    def work_bound_s(self, key: TableKey, pp: int, dp: int, *, priced: bool) -> float:
+        """A lower bound on the busiest position's work per micro-batch.
+
+        One device type: the busiest device works at least the average and the largest layer,
+        ``max(Σ t / pp, max t)``. Mixed: position ``k`` runs its layers at its own speed,
+        ``w_k = Σ_{l∈k} t_k(l) ≤ T``; for any weights ``μ_k ≥ 0``, ``T·Σ_k μ_k ≥ Σ_l min_k μ_k t_k(l)``
+        (weak duality of the fractional split), with ``μ = 1`` and ``μ_k = 1 / Σ_l t_k(l)``, and
+        ``T ≥ max_l min_k t_k(l)``. The one-group case of the mixed formula is the first one up to
+        rounding; it is kept apart so the families' order (and so the plan) stays bit-identical, and
+        it reads two cached sums instead of building a positions × layers array per family.
+        ``priced=False`` leaves out tensor-parallel communication: still a lower bound, cheaper.
+        """
+        if len(self.cluster.groups) == 1:
+            total_sum, total_max = (self.table(key) if priced else self.bound_table(key)).total_summary_s()
+            return max(total_sum / pp, total_max)
+        times = np.array([t.total_s for t in self.position_tables(key, pp, dp, priced=priced)])
+        fastest = times.min(axis=0)  # [layer], over positions
+        best = max(float(fastest.sum()) / pp, float(fastest.max()))
+        mu = 1.0 / np.maximum(times.sum(axis=1), 1e-300)
+        return max(best, float((times * mu[:, None]).min(axis=0).sum() / mu.sum()))
+
+    def busiest_s(self, cfg: ParallelConfig, boundaries: tuple[tuple[int, int], ...]) -> float:
+        """Per-micro-batch work of the busiest device (each at its own speed): every device runs all
+        ``m`` micro-batches of it. One device type reads prefix sums (the search asks for every
+        surviving configuration; the slices of the mixed case round differently)."""
+        devices = schedules.chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
+        work = [0.0] * cfg.pp
+        key = table_key(cfg)
+        if len(self.cluster.groups) == 1:
+            prefix = self.table(key).total_prefix_s()
+            for j, (a, b) in enumerate(boundaries):
+                work[devices[j]] += float(prefix[b] - prefix[a])
+            return max(work)
+        tables = self.position_tables(key, cfg.pp, cfg.dp)
+        for j, (a, b) in enumerate(boundaries):
+            work[devices[j]] += float(tables[devices[j]].total_s[a:b].sum())
+        return max(work)
+
+    def largest_usable_bytes(self) -> float:
+        """The most memory any device may use (the memory lower bound is for the busiest device, which
+        on a mixed cluster may be the one with the most memory)."""
+        return max(usable_memory_bytes(self.cluster.group_view(g), self.c) for g in range(len(self.cluster.groups)))
+
+    def memory_lower_bound(self, table: LayerTable, cfg: ParallelConfig) -> dict[str, float]:
+        """No device of the configuration can need less than this.
+
+        The devices of one replica together hold every layer; each device's memory is a sum of
+        non-negative terms (model state, in-flight activations, maxima of buffers), so the busiest
+        holds at least the whole model's memory at the smallest in-flight count divided by pp.
+        """
+        n = len(table.params)
+        p, v = cfg.pp, cfg.virtual_stages
+        flight = min(flights_of(cfg.schedule, p, cfg.num_micro_batches, v))
+        parts = stage_memory(table, [(0, n)], in_flight=flight, cfg=cfg, c=self.c, is_last=False).as_dict()
+        return {part: nbytes / p for part, nbytes in parts.items()}
+
+    # -- partitions and predictions ---------------------------------------------------------------
+    def split(self, cfg: ParallelConfig, table: LayerTable, *, balanced: bool = True,
+              c: CostConstants | None = None) -> Partition:
+        """Stage boundaries for ``cfg`` (not cached): exact min-max DP under memory (v = 1), time-only
+        for v > 1, equal layers per stage unless ``balanced``. ``c`` overrides the constants' memory
+        limits (the given-configuration path prices a split that does not fit).
+
+        On a mixed cluster the exact stage DP of :mod:`planner.inter_op` splits the layers with each
+        pipeline position's own device speed and memory, when it models ``cfg``
+        (:func:`planner.inter_op.hetero.hetero_partition`).
+        """
+        c = c or self.c
+        p, v = cfg.pp, cfg.virtual_stages
+        if not balanced:
+            return Partition(uniform_partition(self.graph.num_layers, p * v), math.nan, "given")
+        if len(self.cluster.groups) > 1:  # each position on its own device type (planner/inter_op/hetero.py)
+            key = table_key(cfg)
+            part = hetero_partition(self.graph, self.cluster, cfg, c,
+                                    lambda g, mb: self.group_tables((key[0], mb, key[2], key[3]))[g])
+            if part is not None:
+                return part
+            # Not modelled by the stage DP (a position straddling device types, v > 1, ...): the
+            # single-device split below, which evaluate then prices per device type.
+        if v == 1:
+            flights = list(flights_of(cfg.schedule, p, cfg.num_micro_batches, 1))
+            vec = stage_memory_vec(table, cfg, c, p=p, in_flight=flights)
+            costs = StageCosts(time=table.total_s, memory=lambda i, j, k: float(vec(j, k)[i]),
+                               limit=usable_memory_bytes(self.cluster, c), memory_vec=vec,
+                               memory_matrix=stage_memory_matrix(table, cfg, c, p=p, in_flight=flights))
+            return partition_dp(costs, p)
+        return partition_unconstrained(table.total_s, p * v)  # memory is checked per device by evaluate
+
+    def partition(self, cfg: ParallelConfig, table: LayerTable | None = None, *, balanced: bool = True,
+                  cutoff_s: float = math.inf) -> Partition:
+        """:meth:`split`, shared by configurations that differ only in what does not change it, or
+        status "pruned" when even the time-only optimum cannot beat ``cutoff_s`` (the
+        memory-constrained bottleneck is never below the unconstrained one).
+
+        The time-only optimum of a (table, stage count) is computed once; when it fits at every
+        position it is also the memory-constrained optimum, else the constrained DP runs (cached by
+        the memory-relevant knobs: schedule in-flight counts, ZeRO stage, dp). Tables are this
+        Pricer's own, alive as long as it is, so their ``id`` names them.
+        """
+        table = table if table is not None else self.table(table_key(cfg))
+        if not balanced:
+            return self.split(cfg, table, balanced=False)
+        if len(self.cluster.groups) > 1:  # per-device-type split: every knob but sp/recompute/tp/mb changes it
+            key = ("hetero", id(table), cfg.pp, cfg.dp, cfg.virtual_stages, cfg.schedule, cfg.num_micro_batches,
+                   cfg.zero_stage)
+            if key not in self._bound:
+                self._bound[key] = self.split(cfg, table)
+            return self._bound[key]
+        if cfg.virtual_stages > 1:  # time-only split into p·v chunks, shared by every v > 1 schedule
+            key = (id(table), cfg.pp * cfg.virtual_stages)
+            if key not in self._free:
+                self._free[key] = self.split(cfg, table)
+            return self._free[key]
+        return self._memory_partition(cfg, table, cutoff_s)
+
+    def _memory_partition(self, cfg: ParallelConfig, table: LayerTable, cutoff_s: float) -> Partition:
+        p = cfg.pp
+        free_key = (id(table), p)
+        if free_key not in self._free:
+            self._free[free_key] = partition_unconstrained(table.total_s, p)
+        free = self._free[free_key]
+        flights = flights_of(cfg.schedule, p, cfg.num_micro_batches, 1)
+        limit = usable_memory_bytes(self.cluster, self.c)
+        if free.feasible and all(
+                stage_memory(table, [seg], in_flight=flights[k], cfg=cfg, c=self.c, is_last=(k == p - 1)).total <= limit
+                for k, seg in enumerate(free.boundaries)):
+            return free
+        if free.feasible and cfg.num_micro_batches * free.bottleneck_s >= cutoff_s:
+            return Partition((), free.bottleneck_s, "pruned")
+        key = (id(table), p, flights, cfg.zero_stage, cfg.dp)
+        if key not in self._bound:
+            self._bound[key] = self.split(cfg, table)
+        return self._bound[key]
+
+    def evaluate(self, cfg: ParallelConfig, boundaries: tuple[tuple[int, int], ...] | list[tuple[int, int]],
+                 table: LayerTable | None = None) -> StepPrediction:
+        """:func:`planner.cost.model.evaluate` with this Pricer's tables (``table``: the whole cluster's,
+        default ``table(cfg's key)``; each node group's from :meth:`group_tables`)."""
+        key = table_key(cfg)
+        table = table if table is not None else self.table(key)
+        return evaluate(self.graph, self.cluster, cfg, list(boundaries), self.c, table=table,
+                        group_tables=self.group_tables(key))

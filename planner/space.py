@@ -1,0 +1,107 @@
+"""What configurations exist: the knobs a search may turn, and the values each may take here.
+
+:class:`SearchSpace` says which values each knob may take; :func:`candidate_degrees` yields the
+``(tp, pp, dp)`` that fit the cluster, the model and the global batch; :func:`schedules_for` and
+:func:`virtuals_for` the pipeline schedules and chunk counts a ``pp``-way pipeline may run. The
+search (:mod:`planner.search`) walks them best-first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from planner import schedules
+from planner.cluster import ClusterSpec
+from planner.errors import SpecError
+from planner.plan import RECOMPUTE
+from planner.trace.graph import CostGraph
+
+# Synchronous schedules the runtime executes; the asynchronous ones (and Chimera) change the training
+# semantics or need a runtime we do not have, so the search uses them only when asked (--schedules).
+SYNC_DEFAULT = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpace:
+    """Which values each knob may take; ``None`` means "let the search choose"."""
+
+    tp: tuple[int, ...] | None = None
+    pp: tuple[int, ...] | None = None
+    dp: tuple[int, ...] | None = None
+    micro_batch_size: tuple[int, ...] | None = None
+    schedules: tuple[str, ...] | None = None
+    virtual_stages: tuple[int, ...] | None = None
+    recompute: tuple[str, ...] = RECOMPUTE
+    sequence_parallel: tuple[bool, ...] = (False, True)
+    zero_stage: tuple[int, ...] = (0, 1, 2, 3)
+    overlap_grad_reduce: bool = False
+    max_micro_batch_size: int = 16
+    partition: str = "balanced"  # "balanced" (exact DP) or "uniform" (equal layers per stage)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _pow2_upto(n: int) -> list[int]:
+    out, x = [], 1
+    while x <= n:
+        out.append(x)
+        x *= 2
+    return out
+
+
+def candidate_degrees(graph: CostGraph, cluster: ClusterSpec, global_batch: int,
+                      space: SearchSpace) -> Iterable[tuple[int, int, int]]:
+    """(tp, pp, dp) with tp·pp·dp = devices, tp within a node, pp ≤ layers, dp | global batch."""
+    n = cluster.num_devices
+    dpn = min(g.devices_per_node for g in cluster.groups)
+    tps = space.tp or tuple(t for t in _pow2_upto(dpn) if n % t == 0)
+    for tp in tps:
+        if n % tp:
+            continue
+        pps = space.pp or tuple(divisors(n // tp))
+        for pp in pps:
+            if (n // tp) % pp or pp > graph.num_layers:
+                continue
+            dp = n // (tp * pp)
+            if space.dp and dp not in space.dp:
+                continue
+            if global_batch % dp:
+                continue
+            yield tp, pp, dp
+
+
+def schedules_for(pp: int, space: SearchSpace) -> tuple[str, ...]:
+    if pp == 1:
+        return ("1f1b",)
+    return space.schedules or SYNC_DEFAULT
+
+
+def virtuals_for(schedule: str, pp: int, m: int, layers: int, space: SearchSpace) -> list[int]:
+    info = schedules.get_schedule(schedule)
+    if space.virtual_stages:
+        options = list(space.virtual_stages)
+    elif info.chunks_per_device is not None:
+        options = [info.chunks_per_device]
+    else:
+        options = [2, 4] if schedule == "interleaved-1f1b" else [1]
+    out = []
+    for v in options:
+        if pp * v > layers:
+            continue
+        try:
+            info.validate(pp, m, v)
+        except ValueError:
+            continue
+        out.append(v)
+    return out
+
+
+def check_sequence_parallel(graph: CostGraph, allowed: Iterable[bool]) -> None:
+    """Sequence parallelism splits activations along the sequence; a model without one (an MLP, a
+    CNN: ``seq_len`` is None) cannot use it, so asking for it alone is an error, not an empty search."""
+    if not graph.seq_len and False not in tuple(allowed):
+        raise SpecError("sequence_parallel", True, f"model {graph.name!r} has no sequence dimension (seq_len is "
+                        "None), so there is nothing to split along it; drop --sequence-parallel")
