@@ -66,3 +66,22 @@ def test_the_committed_bands_are_what_the_current_cost_model_gives():
     fresh = validate_cases(load_cases("all").cases).residual_bands()
     assert fresh == load_bands(), "datasets/measured/error_bands.json is stale: run " \
                                   "`python -m planner validate --write-bands`"
+
+
+def test_the_trainer_option_prices_the_trainers_state_layout(capsys):
+    """--trainer torch is this runtime: fp32 parameters and gradients, Adam m and v (16 bytes per parameter);
+    the default, Megatron-LM, keeps bf16 weights, fp32 gradients and an fp32 master copy (18)."""
+    import json
+
+    from planner.cli import main
+
+    state = {}
+    for trainer in ("megatron", "torch"):
+        argv = ["evaluate", "--model", "gpt3-1.3b", "--cluster", "dgx-a100-80g", "--global-batch", "8", "--tp", "1",
+                "--pp", "1", "--dp", "8", "--micro-batch", "1", "--json", "--trainer", trainer]
+        assert main(argv) == 0
+        mem = json.loads(capsys.readouterr().out)["memory_breakdown_bytes"]
+        state[trainer] = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    assert state["torch"] / state["megatron"] == pytest.approx(16 / 18, rel=1e-6)
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["evaluate", "--trainer", "jax"])
