@@ -14,6 +14,7 @@ than inventing a band.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,12 +97,18 @@ def write_bands(bands: dict[str, ErrorBand], command: str, path: Path | None = N
 
 
 def load_bands(path: Path | None = None) -> dict[str, ErrorBand]:
+    """The bands file (read once per path and modification time: every plan built asks for it)."""
     path = path or bands_path()
     if not path.exists():
         return {}
+    return dict(_read_bands(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_bands(path: Path, mtime_ns: int) -> tuple[tuple[str, ErrorBand], ...]:
     body = json.loads(path.read_text())
-    return {k: ErrorBand(regime=v["regime"], runs=v["runs"], low=v["ratio_p10"], median=v["ratio_p50"],
-                         high=v["ratio_p90"]) for k, v in body.get("bands", {}).items()}
+    return tuple((k, ErrorBand(regime=v["regime"], runs=v["runs"], low=v["ratio_p10"], median=v["ratio_p50"],
+                               high=v["ratio_p90"])) for k, v in body.get("bands", {}).items())
 
 
 def dominant_effects(breakdown_s: dict[str, float], step_s: float, limit: int = 3) -> list[str]:

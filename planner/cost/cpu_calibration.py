@@ -443,20 +443,13 @@ def cpu_profile_cluster(profile: dict, *, name: str | None = None, measured_coll
     for link in ("intra_node", "inter_node"):
         d[link]["latency_s"] = alpha
         d[link]["bandwidth_bytes_per_s"] = bw
-    if measured_collectives and _has_collectives_field():
+    if measured_collectives:
         d["collectives"] = {
             name_: [{"nodes": 1, "message_bytes": float(p["message_bytes"]),
                      "bus_bandwidth_bytes_per_s": bus_factor(name_, n) * p["message_bytes"] / p["seconds"]}
                     for p in points]
             for name_, points in profile["collectives"].items() if bus_factor(name_, n) > 0}
     return ClusterSpec.from_dict(d, source=d["name"])
-
-
-def _has_collectives_field() -> bool:
-    """Whether this checkout's cluster format accepts measured ``collectives``."""
-    import planner.cluster as cluster_module
-
-    return hasattr(cluster_module, "MeasuredCollectives")
 
 
 def framework_model(hidden: int, blocks: int):

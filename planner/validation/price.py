@@ -53,13 +53,6 @@ class Priced:
         return None if m is None else self.predicted_step_s / m
 
 
-def _has_collectives_field() -> bool:
-    from planner.cluster import NodeGroup
-
-    return any(f.name == "collectives" for f in fields(NodeGroup)) or \
-        any(f.name == "collectives" for f in fields(ClusterSpec))
-
-
 def interpolate_log(points: list[tuple[float, float]], x: float) -> float:
     """Piecewise-linear in (log x, log y) through ``points`` (sorted by x), clamped at both ends."""
     xs = [math.log(p[0]) for p in points]
@@ -125,7 +118,7 @@ class CasePricer:
         notes: list[str] = []
         if ref.preset == "sweep":
             d = sweep_cluster_dict()
-            if self.network == "busbw" or not _has_collectives_field():
+            if self.network == "busbw":
                 collectives = d.pop("collectives", None)
                 if collectives and ref.nodes > 1:
                     pts = [(p["nodes"], p["bus_bandwidth_bytes_per_s"]) for p in collectives["all_reduce"]]
