@@ -70,6 +70,12 @@ class DeviceSpec:
     peak_flops: dict[str, float]
     memory_bytes: int
     memory_bandwidth_bytes_per_s: float
+    # Sustained kernel efficiencies of this device, where they differ from the cost model's defaults
+    # (``CostConstants.gemm_efficiency_max`` and ``fused_attention_efficiency``, set on A100s): the
+    # fraction of the dtype's peak a large GEMM, and a fused attention kernel, keep up during training.
+    # None: the constants' value. docs/cluster.md says where the presets' values come from.
+    gemm_efficiency: float | None = None
+    fused_attention_efficiency: float | None = None
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for ``dtype``; falls back to fp32 when the device lists no faster path."""
@@ -88,6 +94,7 @@ class DeviceSpec:
             "peak_flops": dict(sorted(self.peak_flops.items())),
             "memory_bytes": self.memory_bytes,
             "memory_bandwidth_bytes_per_s": self.memory_bandwidth_bytes_per_s,
+            **{k: v for k in _DEVICE_EFFICIENCIES if (v := getattr(self, k)) is not None},
         }
 
     @classmethod
@@ -95,7 +102,8 @@ class DeviceSpec:
         if not isinstance(d, dict):
             raise SpecError(prefix.rstrip("."), d, "expected an object with name, peak_flops, memory_bytes, "
                             "memory_bandwidth_bytes_per_s", source=source)
-        _known_keys(d, {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s"}, prefix, source)
+        _known_keys(d, {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s", *_DEVICE_EFFICIENCIES},
+                    prefix, source)
         name = _require(d, "name", prefix, source)
         if not isinstance(name, str) or not name:
             raise SpecError(f"{prefix}name", name, "expected a non-empty string", source=source)
@@ -112,8 +120,19 @@ class DeviceSpec:
         _positive(mem, f"{prefix}memory_bytes", "bytes, e.g. 85899345920 for 80 GiB", source)
         bw = _require(d, "memory_bandwidth_bytes_per_s", prefix, source)
         _positive(bw, f"{prefix}memory_bandwidth_bytes_per_s", "bytes per second, e.g. 2.039e12", source)
+        eff = {}
+        for key in _DEVICE_EFFICIENCIES:
+            if d.get(key) is not None:
+                v = d[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                    raise SpecError(f"{prefix}{key}", v, "a fraction of the dtype's peak in (0, 1], e.g. 0.6; "
+                                    "leave it out to use the cost model's default", source=source)
+                eff[key] = float(v)
         return cls(name=name, peak_flops={k: float(v) for k, v in peaks.items()}, memory_bytes=int(mem),
-                   memory_bandwidth_bytes_per_s=float(bw))
+                   memory_bandwidth_bytes_per_s=float(bw), **eff)
+
+
+_DEVICE_EFFICIENCIES = ("gemm_efficiency", "fused_attention_efficiency")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,7 +27,7 @@ Host dispatch: ``op_dispatch_s`` per traced op; asynchronous devices hide it beh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.cluster import DeviceSpec, GemmPoint
 from planner.cost.constants import DTYPE_BYTES, CostConstants
@@ -58,6 +58,13 @@ def measured_gemm_efficiency(m: float, n: float, k: float, *, dtype: str, device
     table = gemm_tables(points, tuple(sorted(device.peak_flops.items())), c).get(dtype)
     ratio = table.correction(m, n, k) if table is not None else None
     return eff if ratio is None else eff * ratio
+
+
+def device_constants(device: DeviceSpec, c: CostConstants) -> CostConstants:
+    """``c`` with the device's own sustained GEMM and fused-attention efficiencies, where it states them."""
+    own = {k: v for k, v in (("gemm_efficiency_max", device.gemm_efficiency),
+                             ("fused_attention_efficiency", device.fused_attention_efficiency)) if v is not None}
+    return replace(c, **own) if own else c
 
 
 def gemm_calls(kind: str, flops: float, m: int, n: int, k: int) -> float:
@@ -121,6 +128,7 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
     """
     peak = device.peak(dtype)
     bw = device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
+    c = device_constants(device, c)
     elt = DTYPE_BYTES.get(dtype, 2)
     gemm_fwd = attention_gemm = gemm_flops = fused_attention = 0.0
     weight_elems = 0.0

@@ -83,6 +83,16 @@ class CostConstants:
     # the compute: gloo's threads on a CPU whose cores the ranks share (measured by
     # ``python -m bench.cpu_profile``: an all-reduce started before a GEMM loop adds its whole time).
     comm_compute_overlap: float = 1.0
+    # Fraction of the tensor-parallel collectives hidden behind the GEMMs they feed: Megatron-LM with
+    # Transformer Engine's ``--tp-comm-overlap`` splits each all-gather / reduce-scatter into chunks
+    # pipelined with the matching GEMM's chunks (Wang et al. 2023, "Overlap communication with dependent
+    # computation via decomposition"; torch's async TP does the same). 0: Megatron's default, the
+    # collectives run between the GEMMs. What is hidden is capped by the layer's GEMM time.
+    tp_comm_overlap: float = 0.0
+    # ZeRO-1/2 (Megatron's distributed optimizer with ``--overlap-param-gather``): the updated
+    # parameters' all-gather runs bucket by bucket under the next step's first forward instead of
+    # after the optimizer step, so only what that forward does not cover is exposed.
+    overlap_param_gather: bool = False
     # Host seconds the data-parallel sharding framework spends per wrapped layer and micro-batch
     # beyond its collectives (FSDP2: gathering into and splitting out of flat buffers, DTensor
     # bookkeeping, the sharded optimizer's per-tensor dispatch), charged to every ZeRO stage the
@@ -129,6 +139,14 @@ class CostConstants:
     # master, m, v and the low-precision weight copy (4·3 + 2 + 4·3 + 2 = 28, rounded up for the
     # gradient-norm pass and the fp32 gradient copy Megatron keeps).
     optimizer_step_bytes_per_param: float = 36
+    # Memory traffic per local parameter to add one micro-batch's gradients into the step's gradient
+    # sum, for each micro-batch after the first (a memory-bound pass over every parameter). 0 where
+    # the weight-gradient GEMM accumulates in its own epilogue (Megatron-LM's
+    # ``gradient_accumulation_fusion`` into the fp32 ``main_grad``); 12 for an accumulating hook or
+    # autograd's AccumulateGrad: nanotron's ``accumulate_grad_in_fp32`` writes and reads the bf16
+    # gradient (2 + 2) and reads and writes the fp32 sum (4 + 4); fp32 parameters under autocast
+    # (torch, FSDP2) read the new gradient and the sum and write the sum (4 + 4 + 4).
+    grad_accumulation_bytes_per_param: float = 0.0
     # Temporaries the optimizer step allocates per parameter it updates: none for a fused Adam
     # (Megatron, apex); 4 for torch's foreach AdamW in fp32 (one parameter-sized list, the square
     # root of the second moment). It runs after the activations are freed (see memory.py).
@@ -160,9 +178,9 @@ class CostConstants:
 TRAINERS: dict[str, dict[str, object]] = {
     "megatron": {},
     "compiled": {},
-    "eager": {"elementwise_traffic_factor": 1.0},
+    "eager": {"elementwise_traffic_factor": 1.0, "grad_accumulation_bytes_per_param": 12.0},
     "torch": {"elementwise_traffic_factor": 1.0, "weight_bytes": 4, "grad_bytes": 4, "bf16_grad_bytes": 4,
-              "optimizer_bytes": 8},
+              "optimizer_bytes": 8, "grad_accumulation_bytes_per_param": 12.0},
 }
 
 

@@ -159,7 +159,10 @@ def cpu_constants(profile: CpuProfile, base: CostConstants | None = None) -> Cos
                    memory_bandwidth_efficiency=1.0, elementwise_traffic_factor=1.0,
                    op_dispatch_s=profile.op_dispatch_s, async_dispatch=False, reserved_bytes=0,
                    optimizer_step_bytes_per_param=profile.optimizer_s_per_param * profile.memory_bandwidth,
-                   optimizer_temp_bytes_per_param=4.0, loss_traffic_passes=profile.loss_traffic_passes)
+                   optimizer_temp_bytes_per_param=4.0, loss_traffic_passes=profile.loss_traffic_passes,
+                   # the runtime trains fp32 parameters: autograd's AccumulateGrad reads the new gradient
+                   # and the sum and writes the sum for every micro-batch after the first
+                   grad_accumulation_bytes_per_param=12.0)
 
 
 def cpu_cluster(profile: CpuProfile) -> ClusterSpec:

@@ -290,6 +290,9 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
                                            sequence_parallel=sequence_parallel, c=c)
         else:
             tc_fwd = tc_bwd = 0.0
+        if c.tp_comm_overlap > 0:  # chunked collectives pipelined with the GEMMs they feed
+            tc_fwd -= min(c.tp_comm_overlap * tc_fwd, t.fwd_s)
+            tc_bwd -= min(c.tp_comm_overlap * tc_bwd, t.bwd_s)
         if tp > 1 and c.tp_layer_overhead_s > 0:  # the tp framework's own host work (fwd 1/3, bwd 2/3)
             host = c.tp_layer_overhead_s * tp_split_modules(layer)
             tc_fwd, tc_bwd = tc_fwd + host / 3, tc_bwd + 2 * host / 3

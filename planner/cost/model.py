@@ -185,12 +185,12 @@ def _device_tails(table: LayerTable, pos: list[_Position], boundaries: list[tupl
                   per_device: list[float], bin_: list[float], bw: list[float]
                   ) -> tuple[list[float], list[float], list[float], list[float]]:
     """Per device, after the pipeline: exposed data-parallel gradient sync (and ZeRO gathers), ZeRO-3
-    gathers per micro-batch, tied-embedding sync and the optimizer step, in that order."""
+    gathers per micro-batch, tied-embedding sync, the optimizer step and the gradient accumulation, in that order."""
     p, m = cfg.pp, cfg.num_micro_batches
     w_b, g_b, _ = c.state_bytes(table.dtype)
     dp_group: Group = strided_group(cluster, cfg.dp, cfg.tp)
     bw_mem = cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
-    dp_exposed, fsdp_exposed, tied_sync, optim_s = [], [], [], []
+    dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s = [], [], [], [], []
     tied_holders = tied_holder_devices(table, boundaries, cfg) if p > 1 else []
     for d in range(p):
         if not cluster.is_homogeneous:  # this position's own replicas, links and memory bandwidth
@@ -205,6 +205,9 @@ def _device_tails(table: LayerTable, pos: list[_Position], boundaries: list[tupl
             reduce, gather = reduce_scatter_s(grads, dp_group, c), all_gather_s(weights, dp_group, c)
         else:  # gradients are reduce-scattered per micro-batch, parameters gathered on use
             reduce, gather = 0.0, 0.0
+        if gather and c.overlap_param_gather:  # buckets gather under the next step's first forward
+            first_fwd = sum(pos[d].table.segment(a, b).fwd_s for a, b in chunks)
+            gather = max(0.0, gather - c.comm_compute_overlap * first_fwd)
         if cfg.overlap_grad_reduce:  # buckets reduce while the last micro-batch's backward runs
             reduce = max(0.0, reduce - c.comm_compute_overlap * sum(bin_[j] + bw[j] for j in range(len(boundaries))
                                                                     if devices[j] == d))
@@ -222,7 +225,10 @@ def _device_tails(table: LayerTable, pos: list[_Position], boundaries: list[tupl
         tied_sync.append(tied_sync_s(table, boundaries, d, cfg, cluster, c, g_b, tied_holders))
         shard = cfg.dp if cfg.zero_stage >= 1 else 1
         optim_s.append(c.optimizer_step_bytes_per_param * params / shard / bw_mem)
-    return dp_exposed, fsdp_exposed, tied_sync, optim_s
+        # every micro-batch after the first adds its gradients into the sum (ZeRO-2/3: into the shard)
+        acc_shard = cfg.dp if cfg.zero_stage >= 2 else 1
+        accum_s.append((m - 1) * c.grad_accumulation_bytes_per_param * params / acc_shard / bw_mem)
+    return dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s
 
 
 def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelConfig, c: CostConstants, *,
@@ -242,7 +248,7 @@ def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelCon
     bubble = no_p2p_s - compute - recomp - tp_comm - steps
     if -1e-9 * no_p2p_s < bubble < 0:  # rounding: the busiest device's work is a lower bound of the pipeline
         bubble = 0.0
-    dp_exposed, fsdp_exposed, tied_sync, optim_s = tails
+    dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s = tails
     dp_key = "dp_comm_exposed_after_overlap" if cfg.overlap_grad_reduce else "dp_comm_exposed"
     return {
         "compute": compute,
@@ -255,6 +261,7 @@ def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelCon
         "zero3_gather_exposed": fsdp_exposed[worst],
         "embedding_sync": tied_sync[worst],
         "optimizer": optim_s[worst],
+        **({"grad_accumulation": accum_s[worst]} if c.grad_accumulation_bytes_per_param else {}),
     }
 
 

@@ -439,8 +439,15 @@ _FUSED_CROSS_ENTROPY = (("loss_traffic_passes", 1.0), ("loss_workspace_copies", 
 
 
 def published_settings(run: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """Constants the run's own source fixes (see :data:`_FUSED_CROSS_ENTROPY`)."""
-    return _FUSED_CROSS_ENTROPY if run["id"].startswith("llmfoundry") else ()
+    """Constants the run's own source fixes: llm-foundry's fused cross-entropy
+    (:data:`_FUSED_CROSS_ENTROPY`), and the Megatron-LM overlap flags its run notes state."""
+    out = list(_FUSED_CROSS_ENTROPY) if run["id"].startswith("llmfoundry") else []
+    overlap = str(run["config"].get("comm_overlap"))
+    if "--tp-comm-overlap" in overlap:
+        out.append(("tp_comm_overlap", 1.0))
+    if "--overlap-param-gather" in overlap:
+        out.append(("overlap_param_gather", True))
+    return tuple(sorted(out))
 
 
 def published_cases(path: Path | None = None) -> Cases:

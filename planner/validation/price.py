@@ -75,10 +75,14 @@ class CasePricer:
       when :mod:`planner.cluster` has no ``collectives`` field, so that the file still loads.
     """
 
-    def __init__(self, constants: CostConstants | None = None, *, network: str = "file") -> None:
+    def __init__(self, constants: CostConstants | None = None, *, network: str = "file",
+                 device_overrides: dict[str, dict[str, float]] | None = None) -> None:
         if network not in ("file", "busbw"):
             raise SpecError("network", network, "use 'file' or 'busbw'")
         self.c = constants or CostConstants()
+        # Device fields to replace on every cluster whose device has this name (fitting a device's
+        # sustained efficiencies: tools/fit_device_efficiency.py).
+        self.device_overrides = device_overrides or {}
         # Fields the caller set: they win over a trainer's profile.
         self.overrides = {k: v for k, v in asdict(self.c).items() if v != getattr(_DEFAULTS, k)}
         self._constants: dict[tuple, CostConstants] = {}
@@ -130,6 +134,9 @@ class CasePricer:
         else:
             spec = ClusterSpec.preset(ref.preset)
         spec = spec.resized(nodes=ref.nodes, devices_per_node=ref.devices_per_node)
+        if self.device_overrides:
+            spec = replace(spec, groups=tuple(replace(g, device=replace(g.device, **self.device_overrides[g.device.name]))
+                                              if g.device.name in self.device_overrides else g for g in spec.groups))
         if ref.memory_gib:
             groups = tuple(replace(g, device=replace(g.device, memory_bytes=int(ref.memory_gib * 2**30)))
                            for g in spec.groups)
@@ -293,8 +300,8 @@ class Validation:
 
 
 def validate_cases(cases: list[Case], *, constants: CostConstants | None = None,
-                   network: str = "file") -> Validation:
-    pricer = CasePricer(constants, network=network)
+                   network: str = "file", device_overrides: dict[str, dict[str, float]] | None = None) -> Validation:
+    pricer = CasePricer(constants, network=network, device_overrides=device_overrides)
     out = Validation()
     start = time.perf_counter()
     for case in cases:

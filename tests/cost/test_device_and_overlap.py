@@ -1,0 +1,118 @@
+"""Device-specific kernel efficiencies, tensor-parallel and parameter-gather overlap, gradient accumulation.
+
+Each effect is checked by the number it must move (and by what it must not move).
+"""
+
+import dataclasses
+import json
+
+import pytest
+
+from planner.cluster import ClusterSpec, DeviceSpec
+from planner.cost.calibrate import gpt_graph, megatron_boundaries
+from planner.cost.compute import layer_times
+from planner.cost.constants import CostConstants, trainer_constants
+from planner.cost.model import evaluate, layer_table
+from planner.errors import SpecError
+from planner.plan import ParallelConfig
+
+C = CostConstants()
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return gpt_graph(16, 1024, 8, seq_len=512, vocab=8192)
+
+
+def _predict(graph, cfg, c=C, cluster=None):
+    cluster = cluster or ClusterSpec.preset("dgx-a100-80g", nodes=2)
+    table = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
+                        sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c)
+    bounds = megatron_boundaries(graph.num_layers, cfg.pp) if cfg.pp > 1 else [(0, graph.num_layers)]
+    return table, evaluate(graph, cluster, cfg, bounds, c, table=table)
+
+
+def test_device_efficiencies_round_trip_and_are_checked():
+    d = ClusterSpec.preset("dgx-a100-80g").to_dict()
+    assert "gemm_efficiency" not in d["device"]  # absent unless stated: old cluster files read the same
+    d["device"]["gemm_efficiency"] = 0.7
+    d["device"]["fused_attention_efficiency"] = 0.35
+    spec = ClusterSpec.from_dict(d)
+    assert (spec.device.gemm_efficiency, spec.device.fused_attention_efficiency) == (0.7, 0.35)
+    assert ClusterSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).device == spec.device
+    for bad in (0, 1.5, "0.7", True):
+        d["device"]["gemm_efficiency"] = bad
+        with pytest.raises(SpecError) as err:
+            ClusterSpec.from_dict(d)
+        assert "gemm_efficiency" in err.value.field
+
+
+def test_a_device_with_its_own_gemm_efficiency_is_slower_in_proportion(graph):
+    dev = ClusterSpec.preset("dgx-a100-80g").device
+    own = dataclasses.replace(dev, gemm_efficiency=C.gemm_efficiency_max / 2)
+    block = graph.layers[1]
+    kw = dict(micro_batch=8, tp=1, sequence_parallel=False, dtype="bf16", c=C)
+    base, slow = layer_times(block, device=dev, **kw), layer_times(block, device=own, **kw)
+    # the weight gradient is GEMMs only: half the efficiency, about twice the time; the forward also
+    # holds memory-bound ops, which do not move
+    assert 1.8 < slow.bwd_weight_s / base.bwd_weight_s <= 2.0 + 1e-9
+    assert 1.3 < slow.fwd_s / base.fwd_s < slow.bwd_weight_s / base.bwd_weight_s
+    # The same value as the constant prices exactly the same
+    same = dataclasses.replace(dev, gemm_efficiency=C.gemm_efficiency_max)
+    assert layer_times(block, device=same, **kw) == base
+
+
+def test_h100_preset_states_its_fused_attention_efficiency():
+    dev = ClusterSpec.preset("dgx-h100").device
+    assert dev.fused_attention_efficiency is not None and dev.fused_attention_efficiency < C.fused_attention_efficiency
+    assert dev.gemm_efficiency is not None and dev.gemm_efficiency < C.gemm_efficiency_max
+
+
+def test_tp_comm_overlap_hides_tp_communication_up_to_the_gemm_time(graph):
+    cfg = ParallelConfig(dp=2, tp=8, pp=1, micro_batch_size=2, num_micro_batches=4)
+    _, base = _predict(graph, cfg)
+    _, half = _predict(graph, cfg, dataclasses.replace(C, tp_comm_overlap=0.5))
+    _, full = _predict(graph, cfg, dataclasses.replace(C, tp_comm_overlap=1.0))
+    tc = base.time_breakdown_s["tp_comm"]
+    assert tc > 0
+    assert half.time_breakdown_s["tp_comm"] == pytest.approx(tc / 2, rel=1e-6)
+    assert 0 <= full.time_breakdown_s["tp_comm"] < half.time_breakdown_s["tp_comm"]
+    assert full.time_breakdown_s["compute"] == pytest.approx(base.time_breakdown_s["compute"])
+    # on a slow network the collectives outlast the GEMMs: what is left exposed is what they do not cover
+    slow = ClusterSpec.preset("dgx-a100-80g", nodes=2)
+    slow = dataclasses.replace(slow, groups=tuple(dataclasses.replace(
+        g, intra_node=dataclasses.replace(g.intra_node, bandwidth_bytes_per_s=1e9)) for g in slow.groups))
+    _, s_base = _predict(graph, cfg, cluster=slow)
+    _, s_full = _predict(graph, cfg, dataclasses.replace(C, tp_comm_overlap=1.0), cluster=slow)
+    assert s_full.time_breakdown_s["tp_comm"] == pytest.approx(
+        s_base.time_breakdown_s["tp_comm"] - s_base.time_breakdown_s["compute"], rel=0.05)
+
+
+def test_overlap_param_gather_hides_the_zero1_gather_behind_the_first_forward(graph):
+    cfg = ParallelConfig(dp=16, tp=1, pp=1, micro_batch_size=2, num_micro_batches=2, zero_stage=1)
+    _, base = _predict(graph, cfg)
+    _, over = _predict(graph, cfg, dataclasses.replace(C, overlap_param_gather=True))
+    assert over.time_breakdown_s["dp_comm_exposed"] < base.time_breakdown_s["dp_comm_exposed"]
+    z0 = dataclasses.replace(cfg, zero_stage=0)  # nothing to gather without ZeRO: no change
+    assert _predict(graph, z0, dataclasses.replace(C, overlap_param_gather=True))[1].step_time_s == \
+        _predict(graph, z0)[1].step_time_s
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_gradient_accumulation_is_one_memory_pass_per_extra_micro_batch(graph, m):
+    cfg = ParallelConfig(dp=2, tp=1, pp=1, micro_batch_size=2, num_micro_batches=m)
+    c = trainer_constants("eager")
+    assert c.grad_accumulation_bytes_per_param == 12
+    table, pred = _predict(graph, cfg, c)
+    cluster = ClusterSpec.preset("dgx-a100-80g")
+    bw = cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
+    expect = (m - 1) * 12 * float(table.params.sum()) / bw
+    assert pred.time_breakdown_s["grad_accumulation"] == pytest.approx(expect, rel=1e-9)
+    assert sum(pred.time_breakdown_s.values()) == pytest.approx(pred.step_time_s, rel=1e-9)
+    # Megatron's fused accumulation: no such part, and the plan's breakdown keeps its old keys
+    assert "grad_accumulation" not in _predict(graph, cfg)[1].time_breakdown_s
+
+
+def test_device_spec_defaults_keep_old_fingerprints():
+    dev = DeviceSpec(name="x", peak_flops={"bf16": 1e14}, memory_bytes=2**34, memory_bandwidth_bytes_per_s=1e12)
+    assert set(dev.to_dict()) == {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s"}
