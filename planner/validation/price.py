@@ -76,13 +76,16 @@ class CasePricer:
     """
 
     def __init__(self, constants: CostConstants | None = None, *, network: str = "file",
-                 device_overrides: dict[str, dict[str, float]] | None = None) -> None:
+                 device_overrides: dict[str, dict[str, float]] | None = None,
+                 sweep_overrides: dict[str, float] | None = None) -> None:
         if network not in ("file", "busbw"):
             raise SpecError("network", network, "use 'file' or 'busbw'")
         self.c = constants or CostConstants()
         # Device fields to replace on every cluster whose device has this name (fitting a device's
-        # sustained efficiencies: tools/fit_device_efficiency.py).
+        # sustained efficiencies: tools/fit_cluster.py).
         self.device_overrides = device_overrides or {}
+        # Dotted fields of the sweep's cluster file to replace ("intra_node.latency_s": fitting its links).
+        self.sweep_overrides = sweep_overrides or {}
         # Fields the caller set: they win over a trainer's profile.
         self.overrides = {k: v for k, v in asdict(self.c).items() if v != getattr(_DEFAULTS, k)}
         self._constants: dict[tuple, CostConstants] = {}
@@ -122,6 +125,12 @@ class CasePricer:
         notes: list[str] = []
         if ref.preset == "sweep":
             d = sweep_cluster_dict()
+            for dotted, value in self.sweep_overrides.items():
+                *path, last = dotted.split(".")
+                node = d
+                for key in path:
+                    node = node[key]
+                node[last] = value
             if self.network == "busbw":
                 collectives = d.pop("collectives", None)
                 if collectives and ref.nodes > 1:
@@ -300,8 +309,10 @@ class Validation:
 
 
 def validate_cases(cases: list[Case], *, constants: CostConstants | None = None,
-                   network: str = "file", device_overrides: dict[str, dict[str, float]] | None = None) -> Validation:
-    pricer = CasePricer(constants, network=network, device_overrides=device_overrides)
+                   network: str = "file", device_overrides: dict[str, dict[str, float]] | None = None,
+                   sweep_overrides: dict[str, float] | None = None) -> Validation:
+    pricer = CasePricer(constants, network=network, device_overrides=device_overrides,
+                        sweep_overrides=sweep_overrides)
     out = Validation()
     start = time.perf_counter()
     for case in cases:

@@ -200,3 +200,20 @@ def test_constants_file_with_an_unknown_field_is_a_clear_error(tmp_path, capsys)
     bad.write_text('{"no_such_constant": 1}')
     assert main(["validate", "--source", "sweep", "--constants", str(bad)]) == 2
     assert "no_such_constant" in capsys.readouterr().err
+
+
+def test_validation_overrides_reach_the_priced_cluster():
+    """tools/fit_cluster prices cases with a device figure or a sweep link replaced: the replaced
+    value must change what is priced, and only for the device named."""
+    from planner.validation.cases import load_cases
+    from planner.validation.price import validate_cases
+
+    cases = [c for c in load_cases("sweep").cases if c.group == "playbook-1B:8" and c.status == "ok"][:3]
+    base = validate_cases(cases).priced
+    slow = validate_cases(cases, device_overrides={"H100-SXM5-80GB": {"gemm_efficiency": 0.35}}).priced
+    other = validate_cases(cases, device_overrides={"no-such-device": {"gemm_efficiency": 0.35}}).priced
+    assert all(s.predicted_step_s > 1.3 * b.predicted_step_s for s, b in zip(slow, base))  # GEMMs at half speed
+    assert [o.predicted_step_s for o in other] == [b.predicted_step_s for b in base]
+    tp = [c for c in load_cases("sweep").cases if c.group == "playbook-1B:8" and c.config.tp > 1][:2]
+    lat = validate_cases(tp, sweep_overrides={"intra_node.latency_s": 1e-3}).priced
+    assert all(a.predicted_step_s > b.predicted_step_s for a, b in zip(lat, validate_cases(tp).priced))

@@ -1,0 +1,108 @@
+"""Fit one cluster figure to measured runs, on a subset, and check it on runs it did not see.
+
+Two figures the datasheets do not give and the shared measurements pin down:
+
+* ``device.gemm_efficiency``: the share of its datasheet peak a device's large GEMMs keep through a
+  training step (clocks under the power limit, tiles and waves sized for more SMs). The cost model's
+  0.8 was set on A100s. Fitted on the sweep's one-node groups (no network in the step), checked on
+  every published run of that device.
+* ``intra_node.latency_s`` of the sweep's cluster (``datasets/measured/nanotron-h100-efa.json``): the
+  per-hop time of a tensor-parallel collective as the sweep's trainer pays it (NCCL's launch, the
+  ring's handshakes, the trainer waiting on each collective), which the playbook did not measure.
+  It sets what a micro-batch costs beyond its FLOPs under tensor parallelism. Fitted on the one-node
+  groups, checked on the multi-node groups.
+
+    python -m tools.fit_cluster --param device.gemm_efficiency
+    python -m tools.fit_cluster --param intra_node.latency_s
+
+Objective: the median |log(predicted / measured step time)| over the healthy configurations (>= 25%
+of the group's best) of the fit groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+from planner.validation.cases import load_cases
+from planner.validation.metrics import healthy, spearman
+from planner.validation.price import Priced, validate_cases
+
+PARAMS = {
+    "device.gemm_efficiency": "0.40:0.81:0.02",
+    "intra_node.latency_s": "0:8.1e-05:5e-06",
+}
+
+
+def _groups(priced: list[Priced]) -> dict[str, list[tuple[Priced, bool]]]:
+    by_group: dict[str, list[Priced]] = {}
+    for p in priced:
+        if p.case.status == "ok" and p.step_ratio:
+            by_group.setdefault(p.case.group, []).append(p)
+    return {g: list(zip(rows, healthy([r.case.measured_tokens_per_s_per_gpu for r in rows])))
+            for g, rows in by_group.items()}
+
+
+def _log_error(priced: list[Priced]) -> float:
+    errs = [abs(math.log(r.step_ratio)) for rows in _groups(priced).values() for r, h in rows if h]
+    return statistics.median(errs)
+
+
+def _spearman(priced: list[Priced]) -> float:
+    rhos = []
+    for rows in _groups(priced).values():
+        ok = [r for r, h in rows if h]
+        rho = spearman([1 / r.predicted_step_s for r in ok], [r.case.measured_tokens_per_s_per_gpu for r in ok])
+        if rho == rho:
+            rhos.append(rho)
+    return statistics.median(rhos)
+
+
+def _price(cases, param: str, value: float | None, device: str):
+    if param.startswith("device."):
+        return validate_cases(cases, device_overrides={device: {param.split(".", 1)[1]: value}}).priced
+    return validate_cases(cases, sweep_overrides={} if value is None else {param: value}).priced
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.fit_cluster", description=__doc__.split("\n")[0])
+    ap.add_argument("--param", choices=sorted(PARAMS), default="device.gemm_efficiency")
+    ap.add_argument("--device", default="H100-SXM5-80GB", help="the device name (device.* parameters)")
+    ap.add_argument("--fit-groups", default="playbook-1B:8,playbook-3B:8",
+                    help="sweep groups to fit on (comma-separated; one node each)")
+    ap.add_argument("--grid", default=None, help="start:stop:step of the values tried (default per parameter)")
+    args = ap.parse_args(argv)
+    start, stop, step = (float(x) for x in (args.grid or PARAMS[args.param]).split(":"))
+    grid = [round(start + i * step, 9) for i in range(int(round((stop - start) / step)) + 1)]
+    cases = load_cases("all").cases
+    fit_groups = set(args.fit_groups.split(","))
+    fit = [c for c in cases if c.group in fit_groups]
+    if not fit:
+        raise SystemExit(f"--fit-groups: no case in {sorted(fit_groups)}")
+    if args.param.startswith("device."):
+        check = [c for c in cases if c.source == "published" and c.cluster.preset == "dgx-h100"]
+    else:
+        check = [c for c in cases if c.source == "sweep" and c.group not in fit_groups]
+    rows = [(_log_error(_price(fit, args.param, v, args.device)), v) for v in grid]
+    best = min(rows)[1]
+    print(f"{args.param}: fitted on the healthy configurations of {sorted(fit_groups)}")
+    print(f"| {args.param} | median abs(log(pred/meas)) on the fit set |\n|---|---|")
+    for err, value in rows:
+        print(f"| {value:g}{' (best)' if value == best else ''} | {err:.3f} |")
+    for label, value in (("as the file has it" if not args.param.startswith("device.") else
+                          "without the field (the constant)", None), (f"fitted {best:g}", best)):
+        priced = _price(check, args.param, value, args.device)
+        if args.param.startswith("device."):
+            ratios = [p.step_ratio for p in priced if p.step_ratio]
+            within = sum(abs(r - 1) <= 0.15 for r in ratios)
+            print(f"check, published {args.device} runs (not fitted), {label}: median pred/meas "
+                  f"{statistics.median(ratios):.2f}, within 15%: {within}/{len(ratios)}")
+        else:
+            print(f"check, the other sweep groups (not fitted), {label}: median abs(log(pred/meas)) "
+                  f"{_log_error(priced):.3f}, median Spearman {_spearman(priced):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
