@@ -28,14 +28,12 @@ from planner.cost.model import (
     StepPrediction,
     evaluate,
     layer_table,
+    positions,
     stage_memory,
     stage_memory_matrix,
-    stage_memory_vec,
     usable_memory_bytes,
 )
 from planner.inter_op.chain import Partition, StageCosts, partition_dp, uniform_partition
-from planner.inter_op.hetero import hetero_partition
-from planner.inter_op.unconstrained import partition_unconstrained
 from planner.intra_op.pricing import TpPricing, ilp_layer_table, tp_pricing
 from planner.plan import ParallelConfig
 from planner.trace.graph import CostGraph
@@ -199,36 +197,52 @@ class Pricer:
         return {part: nbytes / p for part, nbytes in parts.items()}
 
     # -- partitions and predictions ---------------------------------------------------------------
+    def _chunk_rows(self, cfg: ParallelConfig, table: LayerTable,
+                    c: CostConstants) -> tuple[list[LayerTable], list[float]]:
+        """The layer table each of the ``pp·v`` chunks is split at, and its position's usable memory.
+
+        v = 1: each position's own device type, as :func:`planner.cost.model.evaluate` prices it
+        (``table`` is this Pricer's ``table(key)`` or ``bound_table(key)``; the positions get the node
+        groups' tables at the same pricing; one node group: ``table`` itself). v > 1: ``table`` for
+        every chunk: a device runs several chunks, and balancing chunks at their devices' speeds
+        piles chunks on the fast device (its work is the sum of its chunks, which a chain split cannot
+        see); the time-balanced split is then priced per device by evaluate.
+        """
+        if cfg.virtual_stages > 1:  # time only: no limits
+            return [table] * (cfg.pp * cfg.virtual_stages), []
+        key = table_key(cfg)
+        priced = table is not self._tables.get(("no-tp-comm", *key))
+        pos = positions(self.cluster, cfg, c, self.group_tables(key, priced=priced))
+        return [p.table for p in pos], [p.limit for p in pos]
+
+    def _stage_costs(self, cfg: ParallelConfig, table: LayerTable, c: CostConstants, rows: list[LayerTable],
+                     limits: list[float], *, memory: bool) -> StageCosts:
+        """The solver's input: one time row per chunk (one shared row when every chunk runs at the same
+        table), and, with ``memory`` (v = 1), the memory of ``table`` against each position's limit."""
+        one_row = all(r is rows[0] for r in rows)
+        time = rows[0].total_s if one_row else np.stack([r.total_s for r in rows])
+        if not memory:
+            return StageCosts(time=time, micro_batches=cfg.num_micro_batches)
+        flights = list(flights_of(cfg.schedule, cfg.pp, cfg.num_micro_batches, 1))
+        return StageCosts(time=time, limit=limits[0] if len(set(limits)) == 1 else tuple(limits),
+                          memory_matrix=stage_memory_matrix(table, cfg, c, p=cfg.pp, in_flight=flights),
+                          micro_batches=cfg.num_micro_batches)
+
     def split(self, cfg: ParallelConfig, table: LayerTable, *, balanced: bool = True,
               c: CostConstants | None = None) -> Partition:
-        """Stage boundaries for ``cfg`` (not cached): exact min-max DP under memory (v = 1), time-only
-        for v > 1, equal layers per stage unless ``balanced``. ``c`` overrides the constants' memory
-        limits (the given-configuration path prices a split that does not fit).
-
-        On a mixed cluster the exact stage DP of :mod:`planner.inter_op` splits the layers with each
-        pipeline position's own device speed and memory, when it models ``cfg``
-        (:func:`planner.inter_op.hetero.hetero_partition`).
+        """Stage boundaries for ``cfg`` (not cached) from the stage solver
+        (:func:`planner.inter_op.chain.partition_dp`): for v = 1 every stage at its own position's
+        device speed and memory limit; for v > 1 time only at ``table``'s speed (:meth:`_chunk_rows`;
+        memory is checked per device by evaluate); equal layers per stage unless ``balanced``. ``c``
+        overrides the constants' memory limits (the given-configuration path prices a split that does
+        not fit).
         """
         c = c or self.c
-        p, v = cfg.pp, cfg.virtual_stages
+        count = cfg.pp * cfg.virtual_stages
         if not balanced:
-            return Partition(uniform_partition(self.graph.num_layers, p * v), math.nan, "given")
-        if len(self.cluster.groups) > 1:  # each position on its own device type (planner/inter_op/hetero.py)
-            key = table_key(cfg)
-            part = hetero_partition(self.graph, self.cluster, cfg, c,
-                                    lambda g, mb: self.group_tables((key[0], mb, key[2], key[3]))[g])
-            if part is not None:
-                return part
-            # Not modelled by the stage DP (a position straddling device types, v > 1, ...): the
-            # single-device split below, which evaluate then prices per device type.
-        if v == 1:
-            flights = list(flights_of(cfg.schedule, p, cfg.num_micro_batches, 1))
-            vec = stage_memory_vec(table, cfg, c, p=p, in_flight=flights)
-            costs = StageCosts(time=table.total_s, memory=lambda i, j, k: float(vec(j, k)[i]),
-                               limit=usable_memory_bytes(self.cluster, c), memory_vec=vec,
-                               memory_matrix=stage_memory_matrix(table, cfg, c, p=p, in_flight=flights))
-            return partition_dp(costs, p)
-        return partition_unconstrained(table.total_s, p * v)  # memory is checked per device by evaluate
+            return Partition(uniform_partition(self.graph.num_layers, count), math.nan, "given")
+        rows, limits = self._chunk_rows(cfg, table, c)
+        return partition_dp(self._stage_costs(cfg, table, c, rows, limits, memory=cfg.virtual_stages == 1), count)
 
     def partition(self, cfg: ParallelConfig, table: LayerTable | None = None, *, balanced: bool = True,
                   cutoff_s: float = math.inf) -> Partition:
@@ -236,44 +250,36 @@ class Pricer:
         status "pruned" when even the time-only optimum cannot beat ``cutoff_s`` (the
         memory-constrained bottleneck is never below the unconstrained one).
 
-        The time-only optimum of a (table, stage count) is computed once; when it fits at every
-        position it is also the memory-constrained optimum, else the constrained DP runs (cached by
-        the memory-relevant knobs: schedule in-flight counts, ZeRO stage, dp). Tables are this
-        Pricer's own, alive as long as it is, so their ``id`` names them.
+        The time-only optimum of a (chunk tables, chunk count) is computed once (v > 1: that is the
+        answer); when it fits at every position it is also the memory-constrained optimum, else the
+        constrained solve runs (cached by the memory-relevant knobs: schedule in-flight counts, ZeRO
+        stage, dp). ``m`` is in the keys only where it weighs (chunks at different speeds: module
+        docstring of :mod:`planner.inter_op.chain`). Tables are this Pricer's own, alive as long as it
+        is, so their ``id`` names them.
         """
         table = table if table is not None else self.table(table_key(cfg))
         if not balanced:
             return self.split(cfg, table, balanced=False)
-        if len(self.cluster.groups) > 1:  # per-device-type split: every knob but sp/recompute/tp/mb changes it
-            key = ("hetero", id(table), cfg.pp, cfg.dp, cfg.virtual_stages, cfg.schedule, cfg.num_micro_batches,
-                   cfg.zero_stage)
-            if key not in self._bound:
-                self._bound[key] = self.split(cfg, table)
-            return self._bound[key]
+        rows, limits = self._chunk_rows(cfg, table, self.c)
+        one_row = all(r is rows[0] for r in rows)
+        rows_key = (tuple(id(r) for r in rows), 0 if one_row else cfg.num_micro_batches)
+        if rows_key not in self._free:
+            self._free[rows_key] = partition_dp(self._stage_costs(cfg, table, self.c, rows, limits, memory=False),
+                                                len(rows))
+        free = self._free[rows_key]
         if cfg.virtual_stages > 1:  # time-only split into p·v chunks, shared by every v > 1 schedule
-            key = (id(table), cfg.pp * cfg.virtual_stages)
-            if key not in self._free:
-                self._free[key] = self.split(cfg, table)
-            return self._free[key]
-        return self._memory_partition(cfg, table, cutoff_s)
-
-    def _memory_partition(self, cfg: ParallelConfig, table: LayerTable, cutoff_s: float) -> Partition:
-        p = cfg.pp
-        free_key = (id(table), p)
-        if free_key not in self._free:
-            self._free[free_key] = partition_unconstrained(table.total_s, p)
-        free = self._free[free_key]
-        flights = flights_of(cfg.schedule, p, cfg.num_micro_batches, 1)
-        limit = usable_memory_bytes(self.cluster, self.c)
-        if free.feasible and all(
-                stage_memory(table, [seg], in_flight=flights[k], cfg=cfg, c=self.c, is_last=(k == p - 1)).total <= limit
-                for k, seg in enumerate(free.boundaries)):
             return free
-        if free.feasible and cfg.num_micro_batches * free.bottleneck_s >= cutoff_s:
-            return Partition((), free.bottleneck_s, "pruned")
-        key = (id(table), p, flights, cfg.zero_stage, cfg.dp)
+        p = cfg.pp
+        flights = flights_of(cfg.schedule, p, cfg.num_micro_batches, 1)
+        if free.feasible and all(
+                stage_memory(table, [seg], in_flight=flights[k], cfg=cfg, c=self.c, is_last=(k == p - 1)).total
+                <= limits[k] for k, seg in enumerate(free.boundaries)):
+            return free
+        if free.feasible and cfg.num_micro_batches * free.bottleneck_bound_s >= cutoff_s:
+            return Partition((), free.bottleneck_bound_s, "pruned")
+        key = (rows_key, flights, cfg.zero_stage, cfg.dp)
         if key not in self._bound:
-            self._bound[key] = self.split(cfg, table)
+            self._bound[key] = partition_dp(self._stage_costs(cfg, table, self.c, rows, limits, memory=True), p)
         return self._bound[key]
 
     def evaluate(self, cfg: ParallelConfig, boundaries: tuple[tuple[int, int], ...] | list[tuple[int, int]],

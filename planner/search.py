@@ -1,6 +1,6 @@
 """Joint search over parallel configurations: degrees, micro-batching, schedule, memory savers.
 
-For every configuration the stage boundaries come from the exact partition DP
+For every configuration the stage boundaries come from the exact stage solver
 (:mod:`planner.inter_op.chain`), and the prediction from the cost model. Configurations are
 enumerated in a fixed order (deterministic), and a configuration is skipped only when a *lower
 bound* on its step time is already worse than the k-th best plan found: every device of a
@@ -209,16 +209,15 @@ class _Search:
     def config(self, cfg: ParallelConfig, cheap: LayerTable) -> None:
         """Bound, split and price one configuration that passed the memory screen; keep it if good."""
         pricer, m, key = self.pricer, cfg.num_micro_batches, table_key(cfg)
-        if len(pricer.cluster.groups) == 1 and cfg.tp > 1 and not pricer.is_priced(key):
-            # Until this family's tp group is priced, screen on the table without tp communication
+        if cfg.tp > 1 and not pricer.is_priced(key):
+            # Until this family's tp group is priced, screen on the tables without tp communication
             # (same memory, lower times): no split that fits there fits anywhere, and the busiest
             # device runs at least the slowest chunk of the best split there (its min-max
-            # bottleneck). Once priced, the priced partition below does the same, tighter. (A mixed
-            # cluster's split is the stage DP on the priced group tables, whatever table it gets.)
+            # bottleneck). Once priced, the priced partition below does the same, tighter.
             part = self._split(cfg, cheap)
             if part is None:
                 return
-            if part.feasible and m * part.bottleneck_s >= self.kth_best():
+            if part.feasible and m * part.bottleneck_bound_s >= self.kth_best():
                 self.pruned += 1
                 return
         table = pricer.table(key)
@@ -261,6 +260,8 @@ def compare_schedules(pricer: Pricer, cand: Candidate) -> list[ScheduleOption]:
         try:
             info.validate(cfg.pp, cfg.num_micro_batches, v)
         except ValueError:
+            continue
+        if schedules.runs_in_runtime(name) and schedules.runtime_refusal(name, cfg.pp, cfg.num_micro_batches, v):
             continue
         if cfg.pp * v > pricer.graph.num_layers:
             continue

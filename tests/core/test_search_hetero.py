@@ -3,6 +3,9 @@ priced and split with its own device type's speed and memory."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from planner.api import ResolvedModel, plan_resolved
@@ -11,11 +14,13 @@ from planner.cost.constants import CostConstants
 from planner.cost.memory import usable_memory_bytes
 from planner.cost.model import evaluate, layer_table
 from planner.errors import SpecError
-from planner.inter_op import fixtures as F
-from planner.inter_op.unconstrained import partition_unconstrained
+from planner.inter_op.chain import partition_unconstrained
 from planner.plan import ParallelConfig
 from planner.pricing import Pricer
 from planner.search import SearchSpace
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "inter_op"))
+import fixtures as F  # noqa: E402
 
 MIXED = ClusterSpec.preset("mixed-a100-v100")
 C = CostConstants()
@@ -38,7 +43,7 @@ def test_plan_puts_more_layers_on_the_faster_devices(blocks):
                         space=SearchSpace(pp=(2,), tp=(1,)), baselines=False)
     cfg = out.parallel
     assert (cfg.pp, cfg.dp, cfg.tp) == (2, 8, 1)
-    cluster = ClusterSpec.from_dict(out.cluster)  # plan() may reorder the node groups (see below)
+    cluster = out.cluster  # plan() may reorder the node groups (see below)
     a100 = [s for s in out.stages
             if cluster.groups[cluster.group_index_of_rank(s.ranks[0])].device.name.startswith("A100")]
     v100 = [s for s in out.stages if s not in a100]
@@ -127,14 +132,14 @@ def test_plan_tries_every_node_group_order_and_says_how_to_launch():
     out = plan_resolved(ResolvedModel(module=None, preset=None, graph=graph), v100_first, global_batch=64,
                         space=space, baselines=False, constants=c)
     assert out.predicted.step_time_s == pytest.approx(per_order[1], rel=1e-12)
-    chosen = ClusterSpec.from_dict(out.cluster)
+    chosen = out.cluster
     assert chosen.groups == MIXED.groups  # reordered, and the plan's cluster says so
     note = [line for line in out.explanation if line.startswith("Node-group order")]
     assert len(note) == 1 and "Launch the nodes in this order" in note[0], note
     # the file's order, when it is the fastest, is kept
     kept = plan_resolved(ResolvedModel(module=None, preset=None, graph=graph), MIXED, global_batch=64, space=space,
                          baselines=False, constants=c)
-    assert ClusterSpec.from_dict(kept.cluster).groups == MIXED.groups
+    assert kept.cluster.groups == MIXED.groups
     assert any("is the fastest" in line for line in kept.explanation)
     bounds = [(s.layer_start, s.layer_stop) for s in out.stages]
     assert evaluate(graph, chosen, out.parallel, bounds, c).step_time_s == pytest.approx(out.predicted.step_time_s,

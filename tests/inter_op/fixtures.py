@@ -1,4 +1,4 @@
-"""Small cost graphs with known shapes, for the stage solvers' tests, baselines and docs.
+"""Small cost graphs with known shapes, for the stage solver's tests and benchmark (bench/inter_op.py).
 
 Each builder returns a real :class:`~planner.trace.graph.CostGraph` (per-sample costs, a
 layer graph with edge ``bytes``), so the solvers price it with the same cost model as a traced
@@ -10,9 +10,7 @@ time is ``flops / (peak × gemm_efficiency_max)``, which keeps the fixtures easy
 * :func:`vit_large_stem`: a convolutional stem worth several blocks, then blocks and a head.
 * :func:`big_branch`: two parallel branches (one much heavier) joining again: a DAG.
 * :func:`encoder_decoder`: every decoder layer reads the encoder output: a DAG with long edges.
-* :func:`gpt3_like`: GPT-3 175B's layer costs without tracing (the scale test).
-* :func:`random_graph`: random layer costs and random skip edges; :func:`random_instance` adds a
-  random small cluster (one or two device types, random memory) for the oracle tests.
+* :func:`random_graph`: random layer costs and random skip edges, for the oracle tests.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from dataclasses import dataclass, replace
 import networkx as nx
 import numpy as np
 
-from planner.cluster import ClusterSpec, NodeGroup
 from planner.trace.graph import CostGraph, Layer, OpCost, TiedParam
 
 MIB = 2**20
@@ -139,20 +136,6 @@ def encoder_decoder(n_enc: int = 8, n_dec: int = 8, scale: float = 1.0) -> CostG
     return synthetic_graph(f"encoder-decoder-{n_enc}-{n_dec}", specs, edges, scale=scale)
 
 
-def gpt3_like(n: int = 96) -> CostGraph:
-    """GPT-3 175B's per-sample layer costs at sequence 2048 (from the traced preset), as a synthetic chain.
-
-    Embedding: 629M + 25M parameters, no matrix multiply; 96 blocks of 1.81B parameters and 7.63 TFLOP
-    forward per sample; a head tied to the embedding (2.58 TFLOP). Compute has no shape penalty here.
-    """
-    specs = [LayerSpec(name="embed", gflops=0.0, params=654_311_424, act_mib=24.0, out_mib=48.0, module_type="Embed")]
-    specs += [LayerSpec(name=f"blocks.{i}", gflops=7627.9, params=1_812_099_072, act_mib=2736.0, out_mib=48.0)
-              for i in range(n)]
-    specs.append(LayerSpec(name="head", gflops=2577.0, params=24_576, act_mib=96.0, out_mib=200.0,
-                           module_type="LMHead", tied=(("embed.wte.weight", 629_145_600, 0),)))
-    return synthetic_graph(f"gpt3-like-{n}", specs, dtype="bf16")
-
-
 def random_graph(rng: np.random.Generator, n: int, *, skip_prob: float = 0.3, tied_prob: float = 0.2) -> CostGraph:
     """Random per-layer costs (some layers heavy, some parameter-only) and random forward skip edges."""
     specs = []
@@ -173,35 +156,3 @@ def random_graph(rng: np.random.Generator, n: int, *, skip_prob: float = 0.3, ti
             if rng.random() < skip_prob / n:
                 edges.append((u, v))
     return synthetic_graph(f"random-{n}", specs, edges)
-
-
-def random_cluster(rng: np.random.Generator, *, max_devices: int = 4) -> ClusterSpec:
-    """A random small cluster: one node group (A100 or V100) or two (one of each), random memory sizes."""
-    a100 = ClusterSpec.preset("dgx-a100-80g").groups[0]
-    v100 = ClusterSpec.preset("dgx1-v100").groups[0]
-
-    def group(base: NodeGroup, nodes: int, dpn: int) -> NodeGroup:
-        mem = int(rng.uniform(4.0, 48.0) * 2**30)
-        return replace(base, nodes=nodes, devices_per_node=dpn, device=replace(base.device, memory_bytes=mem))
-
-    shapes = [(n, d) for n in (1, 2, 4) for d in (1, 2, 4) if n * d <= max_devices]
-    if rng.random() < 0.35:
-        half = [(n, d) for n, d in shapes if n * d <= max_devices // 2]
-        (n1, d1), (n2, d2) = half[rng.integers(len(half))], half[rng.integers(len(half))]
-        groups = (group(a100, n1, d1), group(v100, n2, d2))
-    else:
-        n, d = shapes[rng.integers(len(shapes))]
-        groups = (group(a100 if rng.random() < 0.5 else v100, n, d),)
-    return ClusterSpec(name="random", groups=groups)
-
-
-def random_instance(seed: int, *, max_layers: int = 10, max_devices: int = 4) -> tuple[CostGraph, ClusterSpec, dict]:
-    """(graph, cluster, solve_stages keyword arguments) for the oracle tests."""
-    rng = np.random.default_rng(seed)
-    graph = random_graph(rng, int(rng.integers(2, max_layers + 1)))
-    cluster = random_cluster(rng, max_devices=max_devices)
-    dpn = min(g.devices_per_node for g in cluster.groups)
-    tp = 2 if dpn % 2 == 0 and rng.random() < 0.5 else 1
-    kwargs = dict(schedule=str(rng.choice(["1f1b", "gpipe", "zb-h1", "zb-h2"])),
-                  num_micro_batches=int(rng.integers(1, 9)), micro_batch=int(rng.choice([1, 2, 4])), tp=tp)
-    return graph, cluster, kwargs
