@@ -1,20 +1,12 @@
 """Pipeline parallelism over the ``pp`` mesh axis with ``torch.distributed.pipelining``.
 
 Each of the plan's stages becomes a ``PipelineStage`` built by hand from its :class:`StageModule`
-(no tracing), and the plan's schedule name picks the schedule that runs them:
-
-================  ===================================================================
-plan schedule     what runs
-================  ===================================================================
-gpipe             ``ScheduleGPipe`` (``ScheduleLoopedBFS`` when ``virtual_stages > 1``)
-1f1b              ``Schedule1F1B``
-interleaved-1f1b  ``ScheduleInterleaved1F1B``
-zb-v              ``ScheduleZBVZeroBubble``
-dualpipe-v        ``ScheduleDualPipeV``
-zb-h1, zb-h2      the planner's own action list (``planner.schedules``: F, B = input
-                  backward, W = weight backward) executed by ``_PipelineScheduleRuntime``;
-                  torch has no class with exactly these orders
-================  ===================================================================
+(no tracing), and the plan's schedule name picks what runs them from the one schedule table,
+:mod:`planner.schedules.table`: a ``torch.distributed.pipelining`` class (GPipe, 1F1B, interleaved
+1F1B, ZB-V, DualPipe-V; Looped BFS for GPipe with ``virtual_stages > 1``), or the planner's own action
+list executed by torch's ``_PipelineScheduleRuntime`` (ZB-H1, ZB-H2). Both sides use torch's action
+letters (``F``, ``I`` input gradient, ``W`` weight gradient, ``B`` full backward), and
+``tests/runtime/test_schedule_orders.py`` checks that what each rank executes is the planner's order.
 
 The asynchronous methods (pipedream, pipedream-2bw, pipelined-backprop, pipemare) update weights
 without a flush, and chimera runs two model replicas; the runtime refuses all of them rather than run
@@ -43,23 +35,15 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
+from planner.errors import PlannerError
 from planner.models import ModelPreset
 from planner.plan import Plan
 from planner.schedules import get_schedule
+from planner.schedules.table import PROGRAM, RUNTIME_SCHEDULES
 from runtime.errors import RunCheckError
+from runtime.rank_layout import RankLayout
 
-TORCH_CLASSES = {
-    "gpipe": "ScheduleGPipe",
-    "1f1b": "Schedule1F1B",
-    "interleaved-1f1b": "ScheduleInterleaved1F1B",
-    "zb-v": "ScheduleZBVZeroBubble",
-    "dualpipe-v": "ScheduleDualPipeV",
-}
-PROGRAM_SCHEDULES = ("zb-h1", "zb-h2")
-SUPPORTED_SCHEDULES = (*TORCH_CLASSES, *PROGRAM_SCHEDULES)
-_V_SHAPED = ("ScheduleZBVZeroBubble", "ScheduleDualPipeV")
-_KIND_TO_TORCH = {"F": torch_schedules.FORWARD, "B": torch_schedules.BACKWARD_INPUT,
-                  "W": torch_schedules.BACKWARD_WEIGHT, "BW": torch_schedules.FULL_BACKWARD}
+SUPPORTED_SCHEDULES = RUNTIME_SCHEDULES  # the rows of planner.schedules.table
 
 
 @dataclass(frozen=True)
@@ -88,7 +72,8 @@ def choose_schedule(plan: Plan) -> ScheduleChoice:
             f"parallel.schedule: {name!r} is asynchronous (weights are updated without a pipeline flush), and the "
             f"runtime runs synchronous schedules only: {supported}. Re-plan with one of those "
             "(python -m planner plan … --schedules 1f1b,interleaved-1f1b,zb-v)")
-    if name not in SUPPORTED_SCHEDULES:
+    row = info.runner
+    if row is None:
         raise RunCheckError(
             f"parallel.schedule: {name!r} is not supported by the runtime (torch.distributed.pipelining has no "
             f"class for it and it is not a single-replica action list); the runtime runs: {supported}. "
@@ -98,17 +83,23 @@ def choose_schedule(plan: Plan) -> ScheduleChoice:
     except ValueError as exc:
         raise RunCheckError(f"parallel.schedule: {exc}") from exc
     num_stages = p.pp * p.virtual_stages
+    runner = row.runner_for(p.virtual_stages)
+    assert runner is not None, f"{name}: validate() accepted v={p.virtual_stages}, the table has no runner for it"
+    if row.needs_m_at_least_stages and p.num_micro_batches < num_stages:
+        raise RunCheckError(
+            f"parallel.num_micro_batches: {runner} (what runs {name!r}) needs at least as many micro-batches as "
+            f"stages, {num_stages}, and the plan has {p.num_micro_batches}; re-plan with num_micro_batches >= "
+            f"{num_stages} or with schedule 'gpipe'")
     if len(plan.stages) != num_stages:
         raise RunCheckError(f"stages: the plan lists {len(plan.stages)} stages but pp x virtual_stages = "
                             f"{p.pp} x {p.virtual_stages} = {num_stages}; re-create the plan")
-    if name in PROGRAM_SCHEDULES:
+    if runner == PROGRAM:
         torch_class = None
         program = info.build(p.pp, p.num_micro_batches, p.virtual_stages)
         expected = dict(enumerate(program.placements[0]))
     else:
-        torch_class = info.torch_class_for(p.virtual_stages) or TORCH_CLASSES[name]
-        style = "v" if torch_class in _V_SHAPED else "loop"
-        expected = generate_stage_to_rank_mapping(p.pp, num_stages, style=style)
+        torch_class = runner
+        expected = generate_stage_to_rank_mapping(p.pp, num_stages, style="v" if row.v_shaped else "loop")
     planned = {s.index: _pp_index_of(plan, s.ranks) for s in plan.stages}
     if planned != expected:
         raise RunCheckError(
@@ -119,12 +110,11 @@ def choose_schedule(plan: Plan) -> ScheduleChoice:
 
 
 def _pp_index_of(plan: Plan, ranks: tuple[int, ...]) -> int:
-    per_stage = plan.parallel.dp * plan.parallel.tp
-    positions = {r // per_stage for r in ranks}
-    if len(positions) != 1 or len(ranks) != per_stage:
-        raise RunCheckError(f"stages: ranks {list(ranks)} are not the dp x tp = {per_stage} ranks of one pipeline "
-                            "position (rank = (pp_index * dp + dp_index) * tp + tp_index); re-create the plan")
-    return positions.pop()
+    """The pipeline position of a plan stage's ranks (:meth:`RankLayout.position_of`), as a run-check error."""
+    try:
+        return RankLayout.from_plan(plan).position_of(tuple(ranks))
+    except PlannerError as exc:
+        raise RunCheckError(str(exc)) from None
 
 
 def boundary_shape(plan: Plan, hidden: int) -> tuple[int, int, int]:
@@ -148,7 +138,7 @@ def stage_io_examples(plan: Plan, preset: ModelPreset, stage_index: int, device:
     p = plan.parallel
     last = p.pp * p.virtual_stages - 1
     boundary = torch.empty(boundary_shape(plan, preset.config["hidden"]), device="meta", requires_grad=True)
-    # The head runs under the plan's autocast (runtime.train._autocast): bf16 logits on GPUs for bf16 plans.
+    # The head runs under the plan's autocast (runtime.step.plan_autocast): bf16 logits on GPUs for bf16 plans.
     logits_dtype = torch.bfloat16 if device.type == "cuda" and plan.model.dtype == "bf16" else torch.float32
     tokens = torch.empty((p.micro_batch_size, plan.model.seq_len), dtype=torch.long, device="meta")
     logits = torch.empty((p.micro_batch_size, plan.model.seq_len, preset.config.get("vocab_size", 51200)),
@@ -173,16 +163,28 @@ def build_schedule(choice: ScheduleChoice, modules: list[nn.Module], stage_indic
                                     group=pp_group))
     m = p.num_micro_batches
     if choice.torch_class is None:
-        sched = torch_schedules._PipelineScheduleRuntime(stages, m, loss_fn=loss_fn, scale_grads=True)
-        program = get_schedule(choice.name).build(p.pp, m, p.virtual_stages)
-        order = {d: [torch_schedules._Action(a.stage, _KIND_TO_TORCH[a.kind], a.microbatch) for a in acts]
-                 for d, acts in enumerate(program.actions)}
-        sched.pipeline_order = order
-        sched._validate_and_set_stage_mapping(order)
-        sched._prepare_schedule_with_comms(order)
-        return sched, stages
+        return program_schedule(choice.name, stages, p.pp, m, p.virtual_stages, loss_fn=loss_fn), stages
     cls = getattr(torch_schedules, choice.torch_class)
     if issubclass(cls, torch_schedules.PipelineScheduleSingle):
         assert len(stages) == 1, "a single-stage schedule got several stages on one rank"
         return cls(stages[0], m, loss_fn=loss_fn, scale_grads=True), stages
     return cls(stages, m, loss_fn=loss_fn, scale_grads=True), stages
+
+
+def program_order(name: str, pp: int, num_micro_batches: int, virtual_stages: int
+                  ) -> dict[int, list[torch_schedules._Action]]:
+    """The planner's program of ``name`` as torch actions, per pipeline rank: the letters are the same."""
+    program = get_schedule(name).build(pp, num_micro_batches, virtual_stages)
+    return {d: [torch_schedules._Action(a.stage, torch_schedules._ComputationType(a.kind), a.microbatch)
+                for a in acts] for d, acts in enumerate(program.actions)}
+
+
+def program_schedule(name: str, stages: list, pp: int, num_micro_batches: int, virtual_stages: int, *,
+                     loss_fn: Callable | None) -> torch_schedules._PipelineScheduleRuntime:
+    """torch's ``_PipelineScheduleRuntime`` executing the planner's program (the table's ``program`` rows)."""
+    sched = torch_schedules._PipelineScheduleRuntime(stages, num_micro_batches, loss_fn=loss_fn, scale_grads=True)
+    order = program_order(name, pp, num_micro_batches, virtual_stages)
+    sched.pipeline_order = order
+    sched._validate_and_set_stage_mapping(order)
+    sched._prepare_schedule_with_comms(order)
+    return sched

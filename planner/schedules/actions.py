@@ -2,15 +2,15 @@
 
 An action is one piece of compute on one model chunk (a *stage*, numbered in model order) for one
 micro-batch. The text form follows ``torch.distributed.pipelining``: ``"2F0"`` is stage 2, forward,
-micro-batch 0. The kinds are:
+micro-batch 0. The kinds are torch's ``_ComputationType`` letters, with torch's meaning:
 
-* ``F``  forward;
-* ``B``  backward for the input only (the activation gradient the previous stage waits for);
-* ``W``  backward for the weights only (nothing waits for it but the optimizer step);
-* ``BW`` the full backward, ``B`` and ``W`` fused into one pass (``"1BW3"``).
+* ``F`` forward;
+* ``I`` backward for the input only (the activation gradient the previous stage waits for);
+* ``W`` backward for the weights only (nothing waits for it but the optimizer step);
+* ``B`` the full backward, ``I`` and ``W`` in one pass (``"1B3"``).
 
-torch writes the input-only backward as ``I`` and the fused one as ``B``; we keep ``B``/``W``/``BW``
-because the zero-bubble papers use those letters, and ``BW`` reads as "both". A :class:`Program` is
+The zero-bubble papers write the input-only pass as ``B``; here, as in torch, ``B`` is always the full
+backward, so a program prints exactly as torch prints the same schedule. A :class:`Program` is
 the whole schedule: the stage -> device placement plus each device's ordered actions. It prints to one
 line per device and parses back to an equal object, so a schedule can be stored, diffed and replayed.
 """
@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-KINDS = ("F", "B", "W", "BW")
-_ACTION_RE = re.compile(r"^(\d+)(BW|F|B|W)(\d+)$")
+KINDS = ("F", "I", "W", "B")
+_ACTION_RE = re.compile(r"^(\d+)(F|I|W|B)(\d+)$")
 
 
 class Action(NamedTuple):
@@ -46,7 +46,7 @@ class Action(NamedTuple):
         match = _ACTION_RE.match(text.strip())
         if not match:
             raise ValueError(
-                f"action: got {text!r}; expected <stage><kind><microbatch> with kind in {KINDS}, e.g. '2F0' or '1BW3'"
+                f"action: got {text!r}; expected <stage><kind><microbatch> with kind in {KINDS}, e.g. '2F0' or '1B3'"
             )
         stage, kind, microbatch = match.groups()
         return Action(int(stage), kind, int(microbatch))

@@ -39,17 +39,17 @@ def chimera(p: int, m: int) -> Program:
     for j in range(m):
         placement = down if replicas[j] == 0 else up
         for k in range(p):
-            work[placement[k]] += [Action(k, "F", j), Action(k, "BW", j)]
+            work[placement[k]] += [Action(k, "F", j), Action(k, "B", j)]
 
     def rank(action: Action) -> tuple[int, int, int]:
         unit, within = divmod(action.microbatch, p)
         # Stages still ahead: forwards go up the stage numbers, backwards come down them.
-        ahead = -action.stage if action.kind == "BW" else action.stage
+        ahead = -action.stage if action.kind == "B" else action.stage
         return unit, within % half, ahead
 
     def choose(device: int, ready: list[Action], history: list[Action]) -> Action | None:
-        backwards = [a for a in ready if a.kind == "BW"]
+        backwards = [a for a in ready if a.kind == "B"]
         return min(backwards or ready, key=rank)
 
     # The paper's bubble formula assumes a backward as long as a forward: derive the order that way.
-    return list_schedule((down, up), replicas, m, work, choose, {"F": 1, "B": 1, "W": 1, "BW": 1})
+    return list_schedule((down, up), replicas, m, work, choose, {"F": 1, "I": 1, "W": 1, "B": 1})

@@ -1,25 +1,25 @@
 """Step time, memory and staleness without building a timeline: what the search calls ~100k times.
 
 Step time (``T``) of the synchronous schedules, with every stage (model chunk) taking ``F`` forward,
-``B`` input-gradient and ``W`` weight-gradient seconds, ``Bf = B + W``, ``c = p2p_s`` (0 when p = 1),
+``I`` input-gradient and ``W`` weight-gradient seconds, ``B = I + W``, ``c = p2p_s`` (0 when p = 1),
 ``M = m + p - 1``. Each formula is the longest path of the schedule's fixed order, read off the
 simulator's critical paths and checked against :func:`~planner.schedules.simulate` by the tests:
 
-* GPipe (``v`` chunks): ``T = G(F) + G(Bf)`` with ``G(X) = (p-1)(X+c) + mX + (v-1) max(mX, p(X+c))``.
-* 1F1B: ``T = M (F + Bf) + c (2(p-1) + 2(x - ceil(x/p)))``, ``x = m - 1``: with ``c > 0`` every
+* GPipe (``v`` chunks): ``T = G(F) + G(B)`` with ``G(X) = (p-1)(X+c) + mX + (v-1) max(mX, p(X+c))``.
+* 1F1B: ``T = M (F + B) + c (2(p-1) + 2(x - ceil(x/p)))``, ``x = m - 1``: with ``c > 0`` every
   micro-batch but one in ``p`` adds ``2c`` in the steady state.
-* Interleaved 1F1B: ``T = (mv + p - 1)(F + Bf) + 2(pv - 1) c`` when ``c <= min(F, B)``
-  (the bubble is ``(p-1)/(mv)`` of the ideal ``mv(F+Bf)``: Megatron's ``(p-1)/(v m)``).
+* Interleaved 1F1B: ``T = (mv + p - 1)(F + B) + 2(pv - 1) c`` when ``c <= min(F, I)``
+  (the bubble is ``(p-1)/(mv)`` of the ideal ``mv(F+B)``: Megatron's ``(p-1)/(v m)``).
 * ZB-H1 / ZB-H2 / ZB-V / DualPipe-V: a max of 3-13 linear forms each (see the functions below); with
-  ``F = B = W`` ZB-H1's bubble is ``(p-1)F`` (a third of 1F1B's ``3(p-1)F``).
-* Chimera (``m = kp``, ``c = 0``): a max of three forms, ``2m + p - 2`` with ``F = Bf = 1``.
+  ``F = I = W`` ZB-H1's bubble is ``(p-1)F`` (a third of 1F1B's ``3(p-1)F``).
+* Chimera (``m = kp``, ``c = 0``): a max of three forms, ``2m + p - 2`` with ``F = B = 1``.
 * Asynchronous (steady state, no flush): ``T = m * lambda`` with ``lambda`` the largest cycle mean,
   ``max over windows i..j of (sum_{i..j} t + 2(j-i)c) / (j-i+1)`` for PipeDream(-2BW) (1F1B order) and
-  ``/(2(j-i)+1)`` for Pipelined Backprop / PipeMare (twice as many micro-batches in flight), ``t = F+Bf``.
+  ``/(2(j-i)+1)`` for Pipelined Backprop / PipeMare (twice as many micro-batches in flight), ``t = F+B``.
 
 Where a formula is not known to hold (p2p outside the checked regime, very small ``m``), a program of
 at most :data:`EXACT_MAX_ACTIONS` actions is timed exactly by :mod:`.compiled`; a larger one gets
-``T(F + c, B + c, W, c=0)``, an upper bound (charging each hop to the action before it), with
+``T(F + c, I + c, W, c=0)``, an upper bound (charging each hop to the action before it), with
 ``exact=False``. Non-uniform stage times: GPipe (v=1) and the asynchronous schedules have exact
 formulas; otherwise small programs are timed exactly and large ones get the busiest device's work plus
 the closed form's bubble at the mean chunk times (:func:`device_balanced_time`, ``exact=False``).
@@ -38,7 +38,7 @@ from planner.schedules.simulator import SimResult, stage_times
 
 EXACT_MAX_ACTIONS = 1024
 
-Vec = tuple[float, float, float, float]  # coefficients of (F, B, W, c)
+Vec = tuple[float, float, float, float]  # coefficients of (F, I, W, c)
 
 
 def _best(forms: Sequence[Vec], f: float, b: float, w: float, c: float) -> float:
@@ -132,7 +132,7 @@ def dualpipe_v_forms(p: int, m: int) -> list[Vec]:
 
 
 def chimera_forms(p: int, m: int) -> list[Vec]:
-    """Fused backward (B and W share a coefficient); ``c = 0`` only; ``m = kp``."""
+    """Full backward (I and W share a coefficient); ``c = 0`` only; ``m = kp``."""
     k, h = m // p, p // 2
     a, b = (3 * h - 1) * k + h - 1, (h + 1) * k + h - 1
     if k == 1:
@@ -292,7 +292,7 @@ def device_balanced_time(name: str, p: int, m: int, v: int, fwd: Sequence[float]
     """Step time of unequal chunks too many to time exactly: the busiest device's work plus the
     schedule's bubble at the mean chunk times.
 
-    With equal chunks this is the closed form itself (work ``m·v·(F+B+W)`` plus its bubble). With
+    With equal chunks this is the closed form itself (work ``m·v·(F+I+W)`` plus its bubble). With
     unequal ones a device does its own chunks' work whatever the others do, and the fill and drain
     pass through chunks of every size, so the bubble is the one of the average chunk. Charging every
     chunk the slowest one's times instead (an upper bound) gave interleaved 1F1B with a heavy head

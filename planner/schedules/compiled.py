@@ -14,7 +14,7 @@ from planner.schedules.actions import Action, Program
 from planner.schedules.engine import execute
 from planner.schedules.registry import build_program
 
-_KIND = {"F": 0, "B": 1, "W": 2, "BW": 3}
+_KIND = {"F": 0, "I": 1, "W": 2, "B": 3}
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def compile_program(program: Program) -> CompiledProgram:
     node_of: dict[tuple[str, int, int], int] = {}
     for i, (device, k) in enumerate(run.sequence):
         a = program.actions[device][k]
-        key = "G" if a.kind in ("B", "BW") else a.kind  # G: input gradient ready
+        key = "G" if a.kind in ("I", "B") else a.kind  # G: input gradient ready
         node_of[(key, a.stage, a.microbatch)] = i
     last = program.num_stages - 1
     kinds, stages, device_prev, data_prev, crosses = [], [], [], [], []

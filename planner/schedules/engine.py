@@ -4,9 +4,9 @@ Each device runs its actions strictly in program order, one at a time. An action
 of (a) the end of the device's previous action and (b) the moment its inputs exist:
 
 * ``F(k, j)`` needs ``F(k-1, j)`` (plus ``p2p_s`` when stage ``k-1`` lives on another device);
-* ``B(k, j)`` / ``BW(k, j)`` need ``F(k, j)`` and the input-gradient from ``B``/``BW(k+1, j)``
+* ``I(k, j)`` / ``B(k, j)`` need ``F(k, j)`` and the input-gradient from ``I``/``B(k+1, j)``
   (plus ``p2p_s`` across devices); the last stage's backward needs only its own forward (the loss);
-* ``W(k, j)`` needs ``B(k, j)``.
+* ``W(k, j)`` needs ``I(k, j)``.
 
 ``p2p_s`` is a latency on the wire: it delays the consumer but occupies neither device (sends are
 asynchronous, as with NCCL isend/irecv). Because the order per device is fixed, the result is the
@@ -54,11 +54,11 @@ def execute(
     replica = program.replica_of or (0,) * n_mb
     device_of = [program.placements[replica[j]][k] for k in range(num_stages) for j in range(n_mb)]
     fused = tuple(b + w for b, w in zip(bwd_input_s, bwd_weight_s))
-    duration = {"F": fwd_s, "B": bwd_input_s, "W": bwd_weight_s, "BW": fused}
+    duration = {"F": fwd_s, "I": bwd_input_s, "W": bwd_weight_s, "B": fused}
     # Completion times indexed [stage * n_mb + microbatch]; None until the action has run.
     fwd_end: list[float | None] = [None] * (num_stages * n_mb)
-    grad_end: list[float | None] = [None] * (num_stages * n_mb)  # input-gradient ready (B or BW done)
-    split: list[bool] = [False] * (num_stages * n_mb)  # True when the backward ran as B (W follows)
+    grad_end: list[float | None] = [None] * (num_stages * n_mb)  # input-gradient ready (I or B done)
+    split: list[bool] = [False] * (num_stages * n_mb)  # True when the backward ran as I (W follows)
     starts: list[list[float]] = [[] for _ in program.actions]
     ends: list[list[float]] = [[] for _ in program.actions]
     cursor = [0] * program.num_devices
@@ -85,7 +85,7 @@ def execute(
                     ready = grad_end[at]
                     if ready is None or not split[at]:
                         break
-                else:  # B or BW
+                else:  # I or B
                     ready = fwd_end[at]
                     if ready is None:
                         break
@@ -103,7 +103,7 @@ def execute(
                     fwd_end[at] = free
                 elif kind != "W":
                     grad_end[at] = free
-                    split[at] = kind == "B"
+                    split[at] = kind == "I"
                 starts[device].append(start)
                 ends[device].append(free)
                 sequence.append((device, i))

@@ -19,7 +19,7 @@ from planner.schedules.actions import Action, Program
 # choose(device, ready_actions, device_history) -> the action to run now, or None to stay idle.
 Chooser = Callable[[int, list[Action], list[Action]], Action | None]
 
-UNIT_TIME = {"F": 1, "B": 1, "W": 1, "BW": 2}
+UNIT_TIME = {"F": 1, "I": 1, "W": 1, "B": 2}
 
 
 def list_schedule(
@@ -55,7 +55,7 @@ def list_schedule(
             key = (action.stage, action.microbatch)
             if action.kind == "F":
                 fwd_end[key] = end
-            elif action.kind in ("B", "BW"):
+            elif action.kind in ("I", "B"):
                 grad_end[key] = end
             free_at[device] = end
             ran = True

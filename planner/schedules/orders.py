@@ -22,18 +22,25 @@ def loop_placement(p: int, v: int) -> tuple[int, ...]:
 
 
 def gpipe(p: int, m: int, v: int) -> Program:
-    """All forwards, then all backwards (GPipe); with ``v > 1`` chunk by chunk (Looped BFS)."""
+    """All forwards, then all backwards (GPipe); with ``v > 1`` chunk by chunk (Looped BFS).
+
+    Looped BFS runs each chunk's backwards last micro-batch first, as torch's ``ScheduleLoopedBFS``
+    does (the runtime runs that class); GPipe with one chunk runs them first to last, as
+    ``ScheduleGPipe``. The order of the backwards changes no time: every device starts its backwards
+    after all of its forwards, so the backward phase is the same pipeline with micro-batches renamed.
+    """
     programs = []
+    backward_order = range(m - 1, -1, -1) if v > 1 else range(m)
     for d in range(p):
         chunks = [d + r * p for r in range(v)]
         acts = [Action(k, "F", j) for k in chunks for j in range(m)]
-        acts += [Action(k, "BW", j) for k in reversed(chunks) for j in range(m)]
+        acts += [Action(k, "B", j) for k in reversed(chunks) for j in backward_order]
         programs.append(tuple(acts))
     return Program((loop_placement(p, v),), tuple(programs), m)
 
 
 def one_f_one_b(p: int, m: int, *, warmup: list[int] | None = None) -> tuple[tuple[Action, ...], ...]:
-    """1F1B on ``p`` devices (stage = device): ``warmup[d]`` forwards, then F/BW pairs, then the rest.
+    """1F1B on ``p`` devices (stage = device): ``warmup[d]`` forwards, then F/B pairs, then the rest.
 
     The default warm-up ``p - 1 - d`` is PipeDream-Flush / Megatron's: device ``d`` holds ``p - d``
     micro-batches at most. Pipelined Backprop passes a deeper warm-up (see :func:`pipelined_backprop`).
@@ -45,8 +52,8 @@ def one_f_one_b(p: int, m: int, *, warmup: list[int] | None = None) -> tuple[tup
         acts = [Action(d, "F", j) for j in range(w)]
         for i in range(m - w):
             acts.append(Action(d, "F", w + i))
-            acts.append(Action(d, "BW", i))
-        acts += [Action(d, "BW", j) for j in range(m - w, m)]
+            acts.append(Action(d, "B", i))
+        acts += [Action(d, "B", j) for j in range(m - w, m)]
         programs.append(tuple(acts))
     return tuple(programs)
 
@@ -84,10 +91,10 @@ def interleaved(p: int, m: int, v: int) -> Program:
             chunk, mb = order(warm + i, False)
             acts.append(Action(d + chunk * p, "F", mb))
             chunk, mb = order(i, True)
-            acts.append(Action(d + chunk * p, "BW", mb))
+            acts.append(Action(d + chunk * p, "B", mb))
         for i in range(total - warm, total):
             chunk, mb = order(i, True)
-            acts.append(Action(d + chunk * p, "BW", mb))
+            acts.append(Action(d + chunk * p, "B", mb))
         programs.append(tuple(acts))
     return Program((placement,), tuple(programs), m)
 
@@ -105,7 +112,7 @@ def zb_h1(p: int, m: int) -> Program:
         acts = [Action(d, "F", j) for j in range(w)]
         next_f = w
         for i in range(m):
-            acts.append(Action(d, "B", i))
+            acts.append(Action(d, "I", i))
             if i - d >= 0:
                 acts.append(Action(d, "W", i - d))
             if next_f < m:
@@ -119,18 +126,18 @@ def zb_h1(p: int, m: int) -> Program:
 def zb_h2(p: int, m: int) -> Program:
     """ZB-H2 (Qi et al. 2023): up to ``2p - 1`` micro-batches in flight on every device.
 
-    Rule, played with unit times by :func:`.listsched.list_schedule`: run a ready ``B`` first;
+    Rule, played with unit times by :func:`.listsched.list_schedule`: run a ready ``I`` first;
     else a forward while fewer than ``2p - 1`` micro-batches are in flight (forward started, ``W``
     not done); else the oldest postponed ``W``. The extra warm-up forwards fill the bubble before
-    the first ``B`` and the postponed ``W`` fill the tail: with ``F = B = W`` and ``m >= 2p - 1``
+    the first ``I`` and the postponed ``W`` fill the tail: with ``F = I = W`` and ``m >= 2p - 1``
     every device is busy without a gap from its first to its last action (a parallelogram).
     """
     limit = 2 * p - 1
-    work = [[Action(d, kind, j) for j in range(m) for kind in ("F", "B", "W")] for d in range(p)]
+    work = [[Action(d, kind, j) for j in range(m) for kind in ("F", "I", "W")] for d in range(p)]
 
     def choose(device: int, ready: list[Action], history: list[Action]) -> Action | None:
         in_flight = sum(a.kind == "F" for a in history) - sum(a.kind == "W" for a in history)
-        for kind in ("B", "F", "W"):
+        for kind in ("I", "F", "W"):
             if kind == "F" and in_flight >= limit:
                 continue
             candidates = [a for a in ready if a.kind == kind]

@@ -14,9 +14,9 @@ from planner.schedules.simulator import SimResult
 # Kind -> (colour, legend label). Second chunk / second replica uses a lighter shade of the same hue.
 _COLOURS = {
     "F": ("#1f77b4", "#8fbbd9", "F  forward"),
-    "B": ("#ff7f0e", "#ffbf86", "B  input gradient"),
+    "I": ("#ff7f0e", "#ffbf86", "I  input gradient"),
     "W": ("#2ca02c", "#95cf95", "W  weight gradient"),
-    "BW": ("#d62728", "#ea9393", "BW fused backward"),
+    "B": ("#d62728", "#ea9393", "B  full backward"),
 }
 _IDLE = "#d9d9d9"
 
@@ -24,7 +24,7 @@ _IDLE = "#d9d9d9"
 def plot_timeline(result: SimResult, path: str | Path) -> None:
     """Write ``result``'s timeline as a PNG (or any format matplotlib infers from ``path``).
 
-    Devices are rows (device 0 on top), F/B/W/fused-backward bars have distinct colours, the
+    Devices are rows (device 0 on top), F/I/W/full-backward bars have distinct colours, the
     micro-batch number is written in the bar when it fits, and idle time shows as the grey row
     background. The title gives the schedule, bubble %, step time and p, m, v. For asynchronous
     schedules the plot stops one steady step after warm-up and dashed lines mark that step.

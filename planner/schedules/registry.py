@@ -3,9 +3,11 @@
 The names in :data:`SCHEDULE_NAMES` are the contract with the command line and the plan JSON. Each
 :class:`ScheduleInfo` says whether the method is *synchronous* (every micro-batch of a step sees the
 same weights and the update equals plain mini-batch SGD) or asynchronous (no flush; weights are
-stale, and the text in ``async_semantics`` says how), which ``torch.distributed.pipelining`` class
-runs it, and which ``(p, m, v)`` it accepts. :meth:`ScheduleInfo.validate` raises a
-:class:`~planner.errors.SpecError` (a ``ValueError``) naming the field, the value and the fix.
+stale, and the text in ``async_semantics`` says how), and which ``(p, m, v)`` it accepts.
+:meth:`ScheduleInfo.validate` raises a :class:`~planner.errors.SpecError` (a ``ValueError``) naming the
+field, the value and the fix. What runs a schedule in the runtime (a ``torch.distributed.pipelining``
+class or the planner's own program) is the one table in :mod:`planner.schedules.table`, read here
+through :attr:`ScheduleInfo.runner`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from functools import lru_cache
 from planner.errors import SpecError
 from planner.schedules import bidirectional, orders, vshape
 from planner.schedules.actions import Program
+from planner.schedules.table import ScheduleRunner, runner
 
 SCHEDULE_NAMES: tuple[str, ...] = (
     "gpipe",
@@ -53,7 +56,6 @@ class ScheduleInfo:
     paper: str
     url: str
     synchronous: bool
-    torch_class: str | None
     splits_backward: bool
     chunks_per_device: int | None
     min_v: int
@@ -72,11 +74,21 @@ class ScheduleInfo:
         """The smallest ``m`` the method accepts for ``p`` devices."""
         return self._min_microbatches(p)
 
+    @property
+    def runner(self) -> ScheduleRunner | None:
+        """How the runtime executes this schedule (:mod:`planner.schedules.table`); ``None``: it does not."""
+        return runner(self.name)
+
     def torch_class_for(self, v: int) -> str | None:
-        """The torch class for this ``v``: GPipe with ``v > 1`` chunks is torch's Looped BFS."""
-        if self.name == "gpipe" and v > 1:
-            return "ScheduleLoopedBFS"
-        return self.torch_class
+        """The torch class with this schedule's order for ``v`` chunks per device (GPipe with ``v > 1``:
+        Looped BFS), from :mod:`planner.schedules.table`; ``None`` when torch has none."""
+        row = self.runner
+        return row.torch_class_for(v) if row is not None else None
+
+    @property
+    def torch_class(self) -> str | None:
+        """:meth:`torch_class_for` the smallest ``v`` this schedule runs."""
+        return self.torch_class_for(self.chunks_per_device or self.min_v)
 
     def validate(self, p: int, m: int, v: int = 1) -> None:
         """Raise ``SpecError`` (a ``ValueError``) with the field, value and fix if ``(p, m, v)`` is invalid."""
@@ -141,7 +153,6 @@ _ENTRIES = (
         "NeurIPS 2019. Looped BFS: Lamy-Poirier. Breadth-First Pipeline Parallelism. MLSys 2023",
         url="https://arxiv.org/abs/1811.06965",
         synchronous=True,
-        torch_class="ScheduleGPipe",
         splits_backward=False,
         chunks_per_device=None,
         min_v=1,
@@ -161,7 +172,6 @@ _ENTRIES = (
         paper=_2BW + " (PipeDream-Flush); Fan et al. DAPPLE, PPoPP 2021",
         url=_2BW_URL,
         synchronous=True,
-        torch_class="Schedule1F1B",
         splits_backward=False,
         chunks_per_device=1,
         min_v=1,
@@ -182,7 +192,6 @@ _ENTRIES = (
         "Megatron-LM. SC 2021",
         url="https://arxiv.org/abs/2104.04473",
         synchronous=True,
-        torch_class="ScheduleInterleaved1F1B",
         splits_backward=False,
         chunks_per_device=None,
         min_v=2,
@@ -205,7 +214,6 @@ _ENTRIES = (
         paper="Narayanan et al. PipeDream: Generalized Pipeline Parallelism for DNN Training. SOSP 2019",
         url="https://arxiv.org/abs/1806.03377",
         synchronous=False,
-        torch_class=None,
         splits_backward=False,
         chunks_per_device=1,
         min_v=1,
@@ -230,7 +238,6 @@ _ENTRIES = (
         paper=_2BW,
         url=_2BW_URL,
         synchronous=False,
-        torch_class=None,
         splits_backward=False,
         chunks_per_device=1,
         min_v=1,
@@ -255,7 +262,6 @@ _ENTRIES = (
         "Pipelines. SC 2021",
         url="https://arxiv.org/abs/2107.06925",
         synchronous=True,
-        torch_class=None,
         splits_backward=False,
         chunks_per_device=1,
         min_v=1,
@@ -281,12 +287,11 @@ _ENTRIES = (
         paper=_ZB,
         url=_ZB_URL,
         synchronous=True,
-        torch_class="ScheduleInterleavedZeroBubble",
         splits_backward=True,
         chunks_per_device=1,
         min_v=1,
-        description="1F1B with the backward split into B (input gradient, on the critical path) and W "
-        "(weight gradient, postponed): device d delays its first d W passes, B passes move earlier and the W "
+        description="1F1B with the backward split into I (input gradient, on the critical path) and W "
+        "(weight gradient, postponed): device d delays its first d W passes, I passes move earlier and the W "
         "fill the drain. torch's ScheduleInterleavedZeroBubble implements its v-chunk generalisation (ZB1P).",
         memory="Every device holds at most min(p, m) micro-batches (counted until W): 1F1B's peak.",
         constraints="v = 1; any p, m",
@@ -302,12 +307,11 @@ _ENTRIES = (
         paper=_ZB,
         url=_ZB_URL,
         synchronous=True,
-        torch_class=None,
         splits_backward=True,
         chunks_per_device=1,
         min_v=1,
-        description="Extra warm-up forwards fill the bubble before the first B, and postponed W fill the "
-        "tail, so with equal F, B, W each device works without a gap from its first to its last action. "
+        description="Extra warm-up forwards fill the bubble before the first I, and postponed W fill the "
+        "tail, so with equal F, I, W each device works without a gap from its first to its last action. "
         "Zero bubble needs the next step to start per device without a global sync (the paper's optimizer "
         "post-validation): see overlapped_step_time_s.",
         memory="Up to min(2p - 1, m) micro-batches in flight on every device: about twice 1F1B.",
@@ -324,12 +328,11 @@ _ENTRIES = (
         paper=_ZB + ", section 6",
         url=_ZB_URL,
         synchronous=True,
-        torch_class="ScheduleZBVZeroBubble",
         splits_backward=True,
         chunks_per_device=2,
         min_v=2,
         description="Two chunks per device placed in a V (device d holds stages d and 2p-1-d), steady "
-        "pattern F0 B0 W0 F1 B1 W1, W postponed in the drain. Zero bubble with equal F, B, W when steps "
+        "pattern F0 I0 W0 F1 I1 W1, W postponed in the drain. Zero bubble with equal F, I, W when steps "
         "overlap per device, at 1F1B's activation memory.",
         memory="Device d holds min(p, m, (m+d+1)/2) micro-batches (chunks count 1/2): p once m >= 2p-1, like "
         "1F1B's first device, but on every device.",
@@ -347,13 +350,12 @@ _ENTRIES = (
         "'cut-in-half' variant in github.com/deepseek-ai/DualPipe",
         url="https://arxiv.org/abs/2412.19437",
         synchronous=True,
-        torch_class="ScheduleDualPipeV",
         splits_backward=True,
         chunks_per_device=2,
         min_v=2,
         description="DualPipe folded onto one model copy: V placement, steady phase of paired "
         "forward-of-one-chunk + full-backward-of-the-other (DeepSeek overlaps the pair's compute with its "
-        "all-to-all; we model the pair back to back), zero-bubble B/W splits in warm-up and drain only.",
+        "all-to-all; we model the pair back to back), zero-bubble I/W splits in warm-up and drain only.",
         memory="One weight copy (DualPipe needs two); every device holds p + 1/2 micro-batches (chunks count "
         "1/2).",
         constraints="v = 2; m >= 2p",
@@ -370,7 +372,6 @@ _ENTRIES = (
         "Large Models without Batches. MLSys 2021",
         url="https://arxiv.org/abs/2003.11666",
         synchronous=False,
-        torch_class=None,
         splits_backward=False,
         chunks_per_device=1,
         min_v=1,
@@ -395,7 +396,6 @@ _ENTRIES = (
         "MLSys 2021",
         url="https://arxiv.org/abs/1910.05124",
         synchronous=False,
-        torch_class=None,
         splits_backward=False,
         chunks_per_device=1,
         min_v=1,

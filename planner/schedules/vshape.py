@@ -6,12 +6,12 @@ starts without a trip back across the devices. Both orders below are written as 
 counters, following the descriptions in the papers:
 
 * ZB-V (Qi et al. 2023, section 6): warm-up with chunk-0 forwards, then the steady pattern
-  ``F0 B0 W0 F1 B1 W1``; the cool-down runs the input-gradient passes first and the postponed ``W``
+  ``F0 I0 W0 F1 I1 W1``; the cool-down runs the input-gradient passes first and the postponed ``W``
   last. Peak activations equal 1F1B's. For ``m < 2p - 1`` the order for ``2p - 1`` micro-batches
   is written and the missing micro-batches are dropped (as torch does).
 * DualPipe-V (DeepSeek-V3 report; the "cut-in-half" DualPipe): same placement, the steady phase
   pairs a forward of one chunk with a full backward of the other (DeepSeek overlaps their compute
-  and all-to-all; we model no overlap, the pair runs back to back), and zero-bubble ``B``/``W``
+  and all-to-all; we model no overlap, the pair runs back to back), and zero-bubble ``I``/``W``
   splits only where they fill the warm-up and cool-down. Needs ``m >= 2p``.
 """
 
@@ -38,8 +38,8 @@ class _Counters:
         return self.next.get((chunk, kind), 0)
 
     def emit(self, chunk: int, kind: str) -> int:
-        """Append ``kind`` of ``chunk`` for its next micro-batch (``B``/``BW`` share a counter)."""
-        counter = "B" if kind in ("B", "BW") else kind
+        """Append ``kind`` of ``chunk`` for its next micro-batch (``I``/``B`` share a counter)."""
+        counter = "I" if kind in ("I", "B") else kind
         mb = self.count(chunk, counter)
         self.next[(chunk, counter)] = mb + 1
         self.actions.append(Action(self.stages[chunk], kind, mb))
@@ -61,21 +61,21 @@ def zb_v(p: int, m: int) -> Program:
             c.emit(0, "F")
         for _ in range(p - d):
             c.emit(1, "F")
-            c.weight(1, c.emit(1, "B"))
+            c.weight(1, c.emit(1, "I"))
         while c.count(1, "F") < c.count(0, "F") or c.count(0, "F") < n:
             if c.count(0, "F") < n:
                 c.emit(0, "F")
-            c.weight(0, c.emit(0, "B"))
+            c.weight(0, c.emit(0, "I"))
             c.emit(1, "F")
-            c.weight(1, c.emit(1, "B"))
+            c.weight(1, c.emit(1, "I"))
         # Cool-down: input-gradients first so the previous device is not kept waiting; W last.
         late0: deque[int] = deque()
         late1: deque[int] = deque()
         for _ in range(d):
-            late0.append(c.emit(0, "B"))
-            late1.append(c.emit(1, "B"))
+            late0.append(c.emit(0, "I"))
+            late1.append(c.emit(1, "I"))
         for _ in range(p - d):
-            late0.append(c.emit(0, "B"))
+            late0.append(c.emit(0, "I"))
             c.weight(0, late0.popleft())
         for mb in late1:
             c.weight(1, mb)
@@ -93,9 +93,9 @@ def dualpipe_v(p: int, m: int) -> Program:
 
         def backward(chunk: int, split: bool, *, c: _Counters = c, late: deque = late) -> None:
             if split:
-                late.append((chunk, c.emit(chunk, "B")))
+                late.append((chunk, c.emit(chunk, "I")))
             else:
-                c.emit(chunk, "BW")
+                c.emit(chunk, "B")
 
         def one_late_weight(*, c: _Counters = c, late: deque = late) -> None:
             if late:
@@ -112,13 +112,13 @@ def dualpipe_v(p: int, m: int) -> Program:
             c.emit(1, "F")
         for _ in range(m - 2 * p + d + 1):
             c.emit(0, "F")
-            c.emit(1, "BW")
+            c.emit(1, "B")
             c.emit(1, "F")
-            c.emit(0, "BW")
+            c.emit(0, "B")
         for _ in range(p - d - 1):
-            c.emit(1, "BW")
+            c.emit(1, "B")
             c.emit(1, "F")
-            c.emit(0, "BW")
+            c.emit(0, "B")
         # Cool-down: full backwards first, then zero-bubble B (W postponed) from the middle on.
         split = False
         half = (d + 1) // 2

@@ -1,4 +1,4 @@
-"""docs/schedules.md is what `python -m planner.schedules.docs` prints; figures are drawn."""
+"""docs/schedules.md is what `python -m tools.schedules_docs` prints; figures are drawn."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from planner.schedules import SCHEDULE_NAMES, estimate, plot_timeline, simulate
-from planner.schedules import docs as schedule_docs
+from tools import schedules_docs as schedule_docs
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -15,7 +15,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 def test_schedules_page_is_up_to_date():
     page = (DOCS / "schedules.md").read_text()
     assert page == schedule_docs.render(schedule_docs.results()), (
-        "docs/schedules.md is stale: run python -m planner.schedules.docs"
+        "docs/schedules.md is stale: run python -m tools.schedules_docs"
     )
     for name in SCHEDULE_NAMES:
         assert f"### `{name}`" in page

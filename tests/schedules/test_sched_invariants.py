@@ -55,13 +55,13 @@ def test_timeline_respects_every_dependency(case):
             assert action not in span, f"{action} runs twice"
             span[action] = (start, end, device)
 
-    # Every (stage, micro-batch) has one F and one backward: a fused BW, or a B followed by its W.
+    # Every (stage, micro-batch) has one F and one backward: a full B, or an I followed by its W.
     kinds = Counter((a.stage, a.microbatch, a.kind) for a in span)
     for k in range(program.num_stages):
         for j in range(program.microbatches):
             assert kinds[(k, j, "F")] == 1
-            assert kinds[(k, j, "BW")] + kinds[(k, j, "B")] == 1
-            assert kinds[(k, j, "W")] == kinds[(k, j, "B")]
+            assert kinds[(k, j, "B")] + kinds[(k, j, "I")] == 1
+            assert kinds[(k, j, "W")] == kinds[(k, j, "I")]
 
     def hop(k1: int, k2: int, j: int) -> float:
         return c if program.device_of(k1, j) != program.device_of(k2, j) else 0.0
@@ -71,13 +71,13 @@ def test_timeline_respects_every_dependency(case):
         assert device == program.device_of(k, j)
         if a.kind == "F" and k > 0:
             assert start >= span[Action(k - 1, "F", j)][1] + hop(k - 1, k, j) - EPS
-        if a.kind in ("B", "BW"):
+        if a.kind in ("I", "B"):
             assert start >= span[Action(k, "F", j)][1] - EPS  # its own forward first
             if k < last:
-                nxt = span.get(Action(k + 1, "B", j)) or span[Action(k + 1, "BW", j)]
+                nxt = span.get(Action(k + 1, "I", j)) or span[Action(k + 1, "B", j)]
                 assert start >= nxt[1] + hop(k + 1, k, j) - EPS
         if a.kind == "W":
-            assert start >= span[Action(k, "B", j)][1] - EPS
+            assert start >= span[Action(k, "I", j)][1] - EPS
 
 
 @settings(max_examples=40, deadline=None)

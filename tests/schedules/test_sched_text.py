@@ -17,13 +17,13 @@ from planner.schedules import (
 
 def test_action_text_examples():
     assert str(Action(2, "F", 0)) == "2F0"
-    assert str(Action(1, "BW", 3)) == "1BW3"
+    assert str(Action(1, "B", 3)) == "1B3"  # torch's letters: B the full backward, I input only
     assert Action.parse("12W105") == Action(12, "W", 105)
-    assert Action.parse(" 0B7 ") == Action(0, "B", 7)
-    assert parse_actions("0F0, 0F1 1BW0") == (Action(0, "F", 0), Action(0, "F", 1), Action(1, "BW", 0))
+    assert Action.parse(" 0I7 ") == Action(0, "I", 7)
+    assert parse_actions("0F0, 0F1 1B0") == (Action(0, "F", 0), Action(0, "F", 1), Action(1, "B", 0))
 
 
-@pytest.mark.parametrize("bad", ["", "F0", "2X0", "2F", "a2F0", "2FW0", "-1F0"])
+@pytest.mark.parametrize("bad", ["", "F0", "2X0", "2F", "a2F0", "2FW0", "-1F0", "1BW3"])
 def test_bad_action_text_is_rejected(bad):
     with pytest.raises(ValueError, match="action"):
         Action.parse(bad)
@@ -53,8 +53,8 @@ def test_chimera_program_text_carries_both_replicas():
 def test_1f1b_text_is_the_familiar_order():
     program = get_schedule("1f1b").build(2, 3, 1)
     assert program.to_text().splitlines()[1:] == [
-        "d0: 0F0 0F1 0BW0 0F2 0BW1 0BW2",
-        "d1: 1F0 1BW0 1F1 1BW1 1F2 1BW2",
+        "d0: 0F0 0F1 0B0 0F2 0B1 0B2",
+        "d1: 1F0 1B0 1F1 1B1 1F2 1B2",
     ]
 
 
