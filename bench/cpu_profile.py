@@ -18,7 +18,7 @@ of them running at once:
   process's lone speed it keeps while all ``N`` are busy (about ``cores / N`` once ``N`` exceeds the
   cores, a little under 1 below that: shared caches and memory bandwidth).
 
-The single-process micro-benchmarks (:func:`planner.cost.cpu_calibration.profile_cpu`) run first, in
+The single-process micro-benchmarks (:func:`bench.cpu_calibration.profile_cpu`) run first, in
 the parent, alone. :func:`planner.cost.cpu_calibration.cpu_profile_constants` and
 :func:`~planner.cost.cpu_calibration.cpu_profile_cluster` turn the JSON into what the planner prices
 with. This lives in ``bench/`` because it starts processes and uses ``torch.distributed``, which
@@ -310,7 +310,7 @@ def profile(nproc: int, *, quick: bool = False) -> dict:
     import torch
     import torch.multiprocessing as mp
 
-    from planner.cost.cpu_calibration import profile_cpu
+    from bench.cpu_calibration import profile_cpu
 
     alone = profile_cpu()  # in this process, alone, on one thread (CPU time)
     threads = torch.get_num_threads()

@@ -7,8 +7,8 @@ For every workload × cluster the plan's predicted step time is compared with
 * three stage partitions people use without a solver, on **the plan's own configuration** (same
   degrees, micro-batching, schedule and memory savers; only the stage boundaries change):
   equal layer counts (DeepSpeed ``partition_method="uniform"``, Megatron's default), DeepSpeed
-  ``partition_method="parameters"`` and torchgpipe's ``balance_by_time``. The last two are the
-  reimplementations in :mod:`planner.inter_op.baselines` (torchgpipe 0.0.7 does not install with
+  ``partition_method="parameters"`` and torchgpipe's ``balance_by_time``, each computed by the real
+  package's function (:mod:`bench.partition_baselines`; torchgpipe 0.0.7 and DeepSpeed install with
   torch 2.13).
 
 Everything is priced by the same cost model, so the ratio is the planner's margin over the best
@@ -81,7 +81,7 @@ QUICK: tuple[Workload, ...] = (
 WANTED = ("gpt3-175b", "mt-nlg-530b", "megatron-1t", "megatron-22b", "bert-large", "t5-11b", "vit-h-14",
           "wav2vec2-large", "deepspeech2", "llama2-7b", "llama2-70b", "mixtral-8x7b", "resnet50", "imbalanced-gpt")
 RECIPES = ("pure-dp", "zero3-fsdp", "megatron-lm")
-PARTITIONS = {  # column -> method of planner.inter_op.baselines
+PARTITIONS = {  # column -> method of bench.partition_baselines
     "uniform": "uniform",
     "DS parameters": "parameters",
     "torchgpipe time": "time",
@@ -117,7 +117,7 @@ class Row:
 
 def partition_baselines(graph, cluster, cfg, c, *, ours_boundaries) -> dict[str, tuple[Any, str]]:
     """Price ``cfg`` with each baseline's stage boundaries: name -> (StepPrediction | None, note)."""
-    from planner.inter_op.baselines import block_partition, deepspeed_partition_balanced
+    from bench.partition_baselines import block_partition, deepspeed_partition_balanced
     from planner.inter_op.chain import uniform_partition
     from planner.pricing import Pricer, table_key
 

@@ -2,15 +2,16 @@
 
 :func:`build_plan` turns a :class:`~planner.search.Candidate` (with the search's result, the
 baselines, the other schedules and the tp solve the search kept) into the :class:`~planner.plan.Plan`
-the runtime reads: stages and their ranks, the prediction per device, the solver report, the
-placements and the explanation (:mod:`planner.explain` words it).
+the runtime reads: stages (model chunks) and their ranks (:class:`planner.layout.RankLayout`), the
+prediction per pipeline device, the solver report, the tensor splits, the search report and the
+explanation (:mod:`planner.explain` words it). Every block is one of the typed dataclasses of
+:mod:`planner.plan` and :mod:`planner.plan_types`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
 
 from planner import __version__, uncertainty
 from planner.baselines import BaselineResult
@@ -20,42 +21,43 @@ from planner.explain import baseline_notes, explain, placement_notes, schedule_n
 from planner.graph_io import graph_to_dict
 from planner.intra_op.pricing import TpPricing
 from planner.plan import ModelInfo, ParallelConfig, Plan, Prediction, SolverReport, Stage
+from planner.plan_types import (
+    Alternative,
+    BaselineRecord,
+    DevicePrediction,
+    SearchReport,
+    TensorSplits,
+)
 from planner.resolve import ResolvedModel
 from planner.schedules import chunk_devices
 from planner.search import Candidate, ScheduleOption, SearchResult
 from planner.trace import CostGraph
 
 
-def _ranks_for(pp_index: int, cfg: ParallelConfig) -> tuple[int, ...]:
-    return tuple((pp_index * cfg.dp + d) * cfg.tp + t for d in range(cfg.dp) for t in range(cfg.tp))
-
-
 def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_batch: int,
                 phases: list[tuple[float, float, float]]) -> Prediction:
     pred = cand.prediction
-    per_device = []
+    per_rank = []
     for pp_index in range(cfg.pp):
-        total = int(pred.memory_per_stage[pp_index].total)
-        per_device.extend([total] * (cfg.dp * cfg.tp))
-    peak_stage = max(range(cfg.pp), key=lambda d: pred.memory_per_stage[d].total)
-    stages = []
+        total = int(pred.memory_per_device[pp_index].total)
+        per_rank.extend([total] * (cfg.dp * cfg.tp))
+    peak_device = max(range(cfg.pp), key=lambda d: pred.memory_per_device[d].total)
     sched = pred.schedule_result
     devices = chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
-    for d in range(cfg.pp):
-        stages.append({
-            "device_index": d,
-            "time_per_step_s": pred.stage_times_s[d] * cfg.num_micro_batches,
-            "memory_bytes": pred.memory_per_stage[d].as_dict(),
-            "in_flight_micro_batches": float(getattr(sched, "peak_in_flight", [0] * cfg.pp)[d]) if sched else 0.0,
-            "binding": pred.binding[d],
-            "chunk_phase_times_s": [list(phases[j]) for j in range(len(phases)) if devices[j] == d],
-        })
+    per_device = tuple(
+        DevicePrediction(
+            device_index=d, time_per_step_s=pred.device_times_s[d] * cfg.num_micro_batches,
+            memory_bytes=pred.memory_per_device[d].as_dict(),
+            in_flight_micro_batches=float(getattr(sched, "peak_in_flight", [0] * cfg.pp)[d]) if sched else 0.0,
+            binding=pred.binding[d],
+            chunk_phase_times_s=tuple(tuple(phases[j]) for j in range(len(phases)) if devices[j] == d))
+        for d in range(cfg.pp))
     return Prediction(
         step_time_s=pred.step_time_s, mfu=pred.mfu, peak_memory_bytes=int(pred.peak_memory_bytes),
-        memory_per_device_bytes=tuple(per_device), fits=pred.fits,
+        memory_per_device_bytes=tuple(per_rank), fits=pred.fits,
         throughput_samples_per_s=global_batch / pred.step_time_s if pred.step_time_s > 0 else 0.0,
         time_breakdown_s=dict(pred.time_breakdown_s),
-        memory_breakdown_bytes=pred.memory_per_stage[peak_stage].as_dict(), stages=tuple(stages))
+        memory_breakdown_bytes=pred.memory_per_device[peak_device].as_dict(), devices=per_device)
 
 
 def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c: CostConstants, *,
@@ -67,10 +69,10 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
     ``tp_solve``: the intra-op ILP solve its tp group was priced with (its placements).
     """
     graph, cfg = resolved.graph, cand.config
-    devices = chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
+    devices, layout = chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages), cfg.layout
     stages = tuple(
         Stage(index=j, layer_start=a, layer_stop=b, layer_names=tuple(graph.layers[i].name for i in range(a, b)),
-              ranks=_ranks_for(devices[j], cfg), virtual_chunk=j // cfg.pp, device_index=devices[j])
+              ranks=layout.position_ranks(devices[j]), virtual_chunk=j // cfg.pp, device_index=devices[j])
         for j, (a, b) in enumerate(cand.boundaries)
     )
     preset = resolved.preset
@@ -83,31 +85,32 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
     predicted = replace(predicted, uncertainty=uncertainty.describe(
         predicted.step_time_s, predicted.time_breakdown_s, nodes=cluster.nodes, pp=cfg.pp,
         intra_link=cluster.intra_node.kind))
-    solver, search_info = _solver_report(cand, result)
+    solver, search = _solver_report(cand, result)
     explanation = explain(graph, cluster, cand, c)
     if cfg.pp > 1 and result is not None:
         explanation.append(schedule_note(cand, schedule_options or []))
-    placements = None
+    splits = TensorSplits()
     if tp_solve is not None:
         placements, notes = placement_notes(tp_solve)
         explanation.extend(notes)
-    if placements:
-        search_info["intra_op"] = placements.get("solver", {})
+        if placements:
+            splits = TensorSplits.from_dict(placements)
+            search = replace(search, intra_op=splits.solver)
     if baselines:
-        search_info["baselines"] = [b.to_dict(cand.step_time_s) for b in baselines]
+        search = replace(search, baselines=tuple(BaselineRecord.from_dict(b.to_dict(cand.step_time_s))
+                                                 for b in baselines))
         explanation.extend(baseline_notes(baselines, cand.step_time_s))
-    return Plan(model=info, cluster=cluster.to_dict(), cluster_fingerprint=cluster.fingerprint(), parallel=cfg,
-                stages=stages, predicted=predicted, solver=solver, search=search_info,
+    return Plan(model=info, cluster=cluster, cluster_fingerprint=cluster.fingerprint(), parallel=cfg,
+                stages=stages, predicted=predicted, solver=solver, search=search,
                 explanation=tuple(explanation), cost_constants=c.to_dict(), graph=graph_to_dict(graph),
-                placements=placements or {},
-                planner_version=__version__)
+                placements=splits, planner_version=__version__)
 
 
-def _solver_report(cand: Candidate, result: SearchResult | None) -> tuple[SolverReport, dict[str, Any]]:
+def _solver_report(cand: Candidate, result: SearchResult | None) -> tuple[SolverReport, SearchReport]:
     """How the configuration was found: the search's status, bound, gap and counters (or "given")."""
     if result is None:
         return SolverReport(method="given configuration, exact partition DP", status=_status(cand),
-                            objective=cand.step_time_s, bound=cand.step_time_s, gap=0.0, time_s=0.0), {}
+                            objective=cand.step_time_s, bound=cand.step_time_s, gap=0.0, time_s=0.0), SearchReport()
     top = result.top
     second = top[1].step_time_s if len(top) > 1 else math.nan
     bound = result.lower_bound_s
@@ -116,13 +119,11 @@ def _solver_report(cand: Candidate, result: SearchResult | None) -> tuple[Solver
         method="best-first enumeration + exact partition DP",
         status="time_limit" if result.timed_out and gap > 0 else "optimal",
         objective=cand.step_time_s, bound=bound, gap=gap, time_s=result.time_s)
-    search_info: dict[str, Any] = {
-        "evaluated": result.evaluated, "pruned": result.pruned, "infeasible": result.infeasible,
-        "time_s": result.time_s, "timed_out": result.timed_out,
-        "alternatives": [_alt(x) for x in top[1:]],
-        "runner_up_ratio": second / cand.step_time_s if top and second == second else None,
-    }
-    return solver, search_info
+    search = SearchReport(
+        evaluated=result.evaluated, pruned=result.pruned, infeasible=result.infeasible, time_s=result.time_s,
+        timed_out=result.timed_out, alternatives=tuple(_alt(x) for x in top[1:]),
+        runner_up_ratio=second / cand.step_time_s if top and second == second else None)
+    return solver, search
 
 
 def _status(cand: Candidate) -> str:
@@ -131,7 +132,6 @@ def _status(cand: Candidate) -> str:
     return "optimal" if cand.partition_status == "optimal" else "given"
 
 
-def _alt(cand: Candidate) -> dict[str, Any]:
-    return {"config": cand.config.label(), "parallel": cand.config.__dict__ | {},
-            "step_time_s": cand.step_time_s, "mfu": cand.prediction.mfu,
-            "peak_memory_bytes": int(cand.prediction.peak_memory_bytes)}
+def _alt(cand: Candidate) -> Alternative:
+    return Alternative(config=cand.config.label(), parallel=cand.config, step_time_s=cand.step_time_s,
+                       mfu=cand.prediction.mfu, peak_memory_bytes=int(cand.prediction.peak_memory_bytes))

@@ -3,6 +3,10 @@
 ``python -m planner report plan.json -o report/`` writes ``report/index.md`` with the plan's
 summary, the pipeline timeline (simulated from the plan's own per-stage times), a per-device
 memory bar chart against the usable limit, and the comparison with the baselines.
+
+It reads a plan as ``explain`` and ``compare`` do: a plan edited after planning is refused
+(:class:`planner.plan.PlanEditedError`, pointing at ``evaluate --plan``), a schema 1.x plan is read
+with a warning that it is unverified.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from planner.plan import Plan
+from planner.units import plural
 
 GiB = 2**30
 
@@ -18,29 +23,48 @@ def stage_phase_lists(plan: Plan) -> tuple[list[float], list[float], list[float]
     """Per-chunk forward/backward-input/backward-weight seconds in model order (for the simulator)."""
     cfg = plan.parallel
     chunks: dict[int, tuple[float, float, float]] = {}
-    for st in plan.predicted.stages:
-        d = st["device_index"]
-        mine = [s.index for s in plan.stages if s.device_index == d]  # this device's chunks, model order
-        for j, times in zip(mine, st.get("chunk_phase_times_s", [])):
+    for dev in plan.predicted.devices:
+        mine = [s.index for s in plan.stages if s.device_index == dev.device_index]  # its chunks, model order
+        for j, times in zip(mine, dev.chunk_phase_times_s):
             chunks[j] = tuple(times)
     n = cfg.pp * cfg.virtual_stages
     if len(chunks) != n:  # an older plan: split each device's time 1:1:1
-        per = [st.get("time_per_step_s", 0.0) / cfg.num_micro_batches / cfg.virtual_stages / 3
-               for st in plan.predicted.stages]
+        per = [dev.time_per_step_s / cfg.num_micro_batches / cfg.virtual_stages / 3
+               for dev in plan.predicted.devices]
         chunks = {s.index: (per[s.device_index],) * 3 for s in plan.stages}
     ordered = [chunks[j] for j in range(n)]
     return [t[0] for t in ordered], [t[1] for t in ordered], [t[2] for t in ordered]
 
 
-def timeline(plan: Plan, path: Path):
+def simulate(plan: Plan):
+    """The plan's schedule simulated with its own per-chunk times: a ``SimResult`` with the per-device
+    action timeline (drawn by :func:`timeline` as a PNG and by :mod:`planner.report_html` as SVG)."""
     from planner import schedules
 
     cfg = plan.parallel
     fwd, bwd, wgt = stage_phase_lists(plan)
-    result = schedules.simulate(cfg.schedule, p=cfg.pp, m=cfg.num_micro_batches, v=cfg.virtual_stages,
-                                fwd_s=fwd, bwd_input_s=bwd, bwd_weight_s=wgt)
+    return schedules.simulate(cfg.schedule, p=cfg.pp, m=cfg.num_micro_batches, v=cfg.virtual_stages,
+                              fwd_s=fwd, bwd_input_s=bwd, bwd_weight_s=wgt)
+
+
+def timeline(plan: Plan, path: Path):
+    from planner import schedules
+
+    result = simulate(plan)
     schedules.plot_timeline(result, path)
     return result
+
+
+def usable_limit_bytes(plan: Plan) -> float | None:
+    """The usable memory per device the plan was priced against; None on a mixed cluster (one per type)."""
+    from planner.cost.constants import CostConstants
+    from planner.cost.memory import usable_memory_bytes
+
+    if len(plan.cluster.groups) != 1:
+        return None
+    known = CostConstants.__dataclass_fields__  # the plan's own constants (older files: fewer)
+    c = CostConstants(**{k: v for k, v in plan.cost_constants.items() if k in known})
+    return usable_memory_bytes(plan.cluster, c)
 
 
 def memory_chart(plan: Plan, path: Path) -> None:
@@ -51,16 +75,15 @@ def memory_chart(plan: Plan, path: Path) -> None:
 
     parts = ("weights", "gradients", "optimizer", "activations", "temporary")
     colours = ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974")
-    stages = plan.predicted.stages
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(stages) + 3), 4))
-    bottom = [0.0] * len(stages)
-    xs = list(range(len(stages)))
+    devices = plan.predicted.devices
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(devices) + 3), 4))
+    bottom = [0.0] * len(devices)
+    xs = list(range(len(devices)))
     for part, colour in zip(parts, colours):
-        vals = [st["memory_bytes"].get(part, 0) / GiB for st in stages]
+        vals = [dev.memory_bytes.get(part, 0) / GiB for dev in devices]
         ax.bar(xs, vals, bottom=bottom, label=part, color=colour)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    limit = plan.cost_constants.get("allocator_usable_fraction", 0.95) * plan.cluster.get("device", {}).get(
-        "memory_bytes", 0) / GiB - plan.cost_constants.get("reserved_bytes", 0) / GiB
+    limit = (usable_limit_bytes(plan) or 0) / GiB  # one device type: its usable limit; mixed types: none drawn
     if limit > 0:
         ax.axhline(limit, color="black", linestyle="--", linewidth=1, label=f"usable {limit:.1f} GiB")
     ax.set_xlabel("pipeline position (every device of a position holds the same)")
@@ -80,7 +103,7 @@ def baseline_chart(plan: Plan, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     rows = [("this plan", plan.predicted.step_time_s)]
-    rows += [(b["name"], b["step_time_s"]) for b in plan.search.get("baselines", []) if b.get("step_time_s")]
+    rows += [(b.name, b.step_time_s) for b in plan.search.baselines or () if b.step_time_s]
     if len(rows) < 2:
         return False
     fig, ax = plt.subplots(figsize=(6, 0.5 * len(rows) + 1.2))
@@ -102,7 +125,7 @@ def write_report(plan: Plan, out_dir: Path) -> Path:
     memory_chart(plan, out_dir / "memory.png")
     has_baselines = baseline_chart(plan, out_dir / "baselines.png")
     lines = [
-        f"# Plan report: {plan.model.name} on {plan.cluster.get('name')} ({cfg.world_size} devices)\n",
+        f"# Plan report: {plan.model.name} on {plan.cluster.name} ({plural(cfg.world_size, 'device')})\n",
         f"**{cfg.label()}**, global batch {cfg.global_batch}.\n",
         "| predicted | value |", "| --- | --- |",
         f"| step time | {pred.step_time_s:.4g} s |", f"| MFU | {pred.mfu:.1%} |",
@@ -120,16 +143,16 @@ def write_report(plan: Plan, out_dir: Path) -> Path:
     if has_baselines:
         lines += ["\n## Against the baselines\n", "![baselines](baselines.png)\n",
                   "| recipe | best configuration | step (s) | plan is faster by |", "| --- | --- | --- | --- |"]
-        for b in plan.search.get("baselines", []):
-            if b.get("step_time_s"):
-                lines.append(f"| {b['name']} | {b['config']} | {b['step_time_s']:.4g} | {b['speedup_of_plan']:.2f}x |")
+        for b in plan.search.baselines or ():
+            if b.step_time_s:
+                lines.append(f"| {b.name} | {b.config} | {b.step_time_s:.4g} | {b.speedup_of_plan:.2f}x |")
             else:
-                lines.append(f"| {b['name']} | — | — | cannot run: {b.get('reason', '')} |")
+                lines.append(f"| {b.name} | — | — | cannot run: {b.reason or ''} |")
     lines += ["\n## Why\n"] + [f"- {e}" for e in plan.explanation]
-    alts = plan.search.get("alternatives", [])
+    alts = plan.search.alternatives
     if alts:
         lines += ["\n## Alternatives\n", "| configuration | step (s) | MFU |", "| --- | --- | --- |"]
-        lines += [f"| {a['config']} | {a['step_time_s']:.4g} | {a['mfu']:.1%} |" for a in alts]
+        lines += [f"| {a.config} | {a.step_time_s:.4g} | {a.mfu:.1%} |" for a in alts]
     index = out_dir / "index.md"
     index.write_text("\n".join(lines) + "\n")
     return index

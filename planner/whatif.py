@@ -79,7 +79,7 @@ def _scale_groups(cluster: ClusterSpec, w: WhatIf) -> ClusterSpec:
 
 def apply(plan: Plan, changes: list[WhatIf]) -> tuple[ClusterSpec, int]:
     """The modified cluster and global batch."""
-    cluster = ClusterSpec.from_dict(plan.cluster)
+    cluster = plan.cluster
     batch = plan.model.global_batch
     for w in changes:
         if w.knob == "nodes":

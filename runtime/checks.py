@@ -2,9 +2,10 @@
 
 The local launcher runs :func:`preflight` once, before spawning; under ``torchrun`` every rank runs
 it before joining the process group. Each failure is a :class:`RunCheckError` that names the
-mismatch and the fix: world size, devices per node, model fingerprint, schema version (checked when
-the plan is read), schedule, stage placement, batch, tensor-parallel divisibility, tied weights, and
-the checkpoint to resume from.
+mismatch and the fix: world size, devices per node, model fingerprint, schema version and the plan's
+own fingerprint (checked when the plan is read: a plan edited by hand after planning is refused, a
+schema 1.x plan runs with a warning that it is unverified), schedule, stage placement, batch,
+tensor-parallel divisibility, tied weights, and the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from planner.errors import PlannerError
 from planner.models import ModelPreset
-from planner.plan import Plan
+from planner.plan import Plan, PlanEditedError
 from planner.trace import trace_model
 from runtime import checkpoint as ckpt
 from runtime.errors import RunCheckError
@@ -40,8 +41,12 @@ class Launch:
 
 
 def load_plan(path: str | Path) -> Plan:
+    """Read and verify a plan file: a plan whose inputs or predictions were edited after planning is
+    refused (:class:`planner.plan.PlanEditedError`, naming the edit and ``evaluate --plan``)."""
     try:
         return Plan.from_json(path)
+    except PlanEditedError as exc:
+        raise RunCheckError(str(exc)) from exc
     except PlannerError as exc:
         raise RunCheckError(f"plan {path}: {exc}") from exc
 
@@ -104,9 +109,8 @@ def _mismatch(message: str, risk: str) -> None:
 
 
 def _check_cluster(plan: Plan, launch: Launch) -> None:
-    dpn = plan.cluster.get("devices_per_node")
-    nodes = plan.cluster.get("nodes")
-    if isinstance(dpn, int) and isinstance(nodes, int):
+    if len(plan.cluster.groups) == 1:  # one node type (a mixed cluster's launch is checked by its groups' order)
+        dpn, nodes = plan.cluster.devices_per_node, plan.cluster.nodes
         if (nodes, dpn) != (launch.nodes, launch.procs_per_node):
             _mismatch(
                 f"cluster: the plan is for {nodes} node(s) x {dpn} devices per node, but this launch has "
@@ -175,8 +179,9 @@ def _check_tied(meta: torch.nn.Module, plan: Plan) -> None:
     pos = {s.index: s.ranks[0] for s in plan.stages}
     for tied in tied_parameters(meta, plan):
         stages = sorted(set(tied.stages))
-        if len(stages) > 1 and len({pos[s] for s in stages}) < len(stages):
+        if len(stages) > 1 and len({pos[s] for s in stages}) < len(stages) and plan.parallel.zero_stage >= 3:
             raise RunCheckError(
                 f"stages: the tied parameter {list(tied.names)} lies in stages {stages}, which the plan puts on the "
-                "same ranks; the runtime keeps tied weights in sync only between different ranks. Use a plan whose "
-                "embedding and head stages sit on different pipeline positions, or an untied model")
+                "same ranks; there the stages share one parameter, which ZeRO-3 (FSDP2, one group of parameters "
+                "per stage) cannot shard twice. Use zero_stage 0-2, a plan whose embedding and head stages sit on "
+                "different pipeline positions, or an untied model")

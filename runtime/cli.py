@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from planner.errors import run_command
+from planner.errors import ArgumentCheck, SpecError, float_arg, int_arg, run_command, subcommand_options
 from runtime.errors import RunCheckError
 
 
@@ -27,16 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train a plan for a few steps on synthetic data and report the numbers")
     run.add_argument("plan", help="plan JSON written by `python -m planner plan` or `evaluate -o`")
-    run.add_argument("--nproc", type=int, default=None,
+    run.add_argument("--nproc", type=int_arg, default=None,
                      help="local processes to start (default: the plan's dp*tp*pp); ignored under torchrun")
-    run.add_argument("--steps", type=int, default=5, help="optimizer steps to run (default 5)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic data (default 0)")
-    run.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    run.add_argument("--steps", type=int_arg, default=5, help="optimizer steps to run (default 5)")
+    run.add_argument("--seed", type=int_arg, default=0, help="seed of the weights and the synthetic data (default 0)")
+    run.add_argument("--lr", type=float_arg, default=1e-3, help="AdamW learning rate (default 1e-3)")
     run.add_argument("--out", default=None, help="write the metrics JSON here")
     run.add_argument("--checkpoint-dir", default=None, help="folder for checkpoints (step-NNNNNN/ inside)")
-    run.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: never)")
+    run.add_argument("--checkpoint-every", type=int_arg, default=0, help="save every N steps (0: never)")
     run.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --checkpoint-dir")
-    run.add_argument("--timeout-s", type=float, default=120.0,
+    run.add_argument("--timeout-s", type=float_arg, default=120.0,
                      help="collective timeout: a rank waiting this long on a lost peer fails (default 120)")
     run.add_argument("--allow-mismatch", action="store_true",
                      help="run a plan whose model fingerprint or node layout does not match, with a warning "
@@ -58,22 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     dry = sub.add_parser("dry-run", help="build every rank of a plan on the meta device (a fake process group, no "
                                          "memory) and print the bytes each would hold next to the plan's prediction")
     dry.add_argument("plan", help="plan JSON written by `python -m planner plan`")
-    dry.add_argument("--rank", type=int, default=None,
+    dry.add_argument("--rank", type=int_arg, default=None,
                      help="build this rank alone (default: every rank, one per group of identical roles)")
     dry.add_argument("--model", default=None, metavar="PKG.MODULE:FACTORY",
                      help="the model to build (called under torch.device('meta')); default: the plan's preset")
-    dry.add_argument("--json", action="store_true", help="print the report as JSON")
+    dry.add_argument("--json", action="store_true", help="print the report as one JSON object (docs/json-output.md)")
     dry.add_argument("--debug", action="store_true", help="show tracebacks")
     prof = sub.add_parser("profile-cluster", help="measure collectives, GEMMs and memory here and write a cluster "
                                                   "JSON (runtime/profile_cluster.py, docs/cluster.md)")
     prof.add_argument("-o", "--output", required=True, help="cluster JSON to write")
     prof.add_argument("--base", help="preset or cluster file for the device and links (default: cpu-local on the "
                                      "CPU, the DGX preset of the GPU)")
-    prof.add_argument("--nproc", type=int, help="local processes (default: the GPUs, else 2); ignored under torchrun")
-    prof.add_argument("--min-bytes", type=int, default=4096, help="smallest message (default 4096)")
-    prof.add_argument("--max-bytes", type=int, help="largest message (default 64 MiB on the CPU, 1 GiB on GPUs)")
-    prof.add_argument("--iterations", type=int, default=5, help="timed samples per point (default 5)")
-    prof.add_argument("--timeout-s", type=float, default=120.0, help="collective timeout (default 120)")
+    prof.add_argument("--nproc", type=int_arg, help="local processes (default: the GPUs, else 2); ignored under torchrun")
+    prof.add_argument("--min-bytes", type=int_arg, default=4096, help="smallest message (default 4096)")
+    prof.add_argument("--max-bytes", type=int_arg, help="largest message (default 64 MiB on the CPU, 1 GiB on GPUs)")
+    prof.add_argument("--iterations", type=int_arg, default=5, help="timed samples per point (default 5)")
+    prof.add_argument("--timeout-s", type=float_arg, default=120.0, help="collective timeout (default 120)")
     prof.add_argument("--force", action="store_true", help="overwrite the output file")
     prof.add_argument("--quiet", action="store_true", help="print only errors")
     prof.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -81,12 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    body = {"profile-cluster": _profile, "dry-run": _dry_run, "run": _run}[args.command]
+
+    def checked() -> int:
+        check_arguments(args, unknown, options=subcommand_options(parser, args.command))
+        return body(args)
+
+    return run_command(checked, debug=args.debug, user_errors=(RunCheckError, SpecError))
+
+
+def check_arguments(args: argparse.Namespace, unknown: list[str], *, options: list[str]) -> None:
+    """Every bad argument at once, one line per field (:class:`planner.errors.ArgumentCheck`)."""
+    check = ArgumentCheck(args, unknown, command=args.command, options=options)
+    check.at_least(1, *(d for d in ("nproc", "min_bytes", "max_bytes", "iterations") if hasattr(args, d)))
+    check.at_least(0, *(d for d in ("steps", "checkpoint_every", "rank") if hasattr(args, d)))
+    check.at_least(0, *(d for d in ("lr", "timeout_s") if hasattr(args, d)), integer=False)
+    if args.command == "run" and not args.checkpoint_dir:
+        if check.value("checkpoint_every"):
+            check.add("--checkpoint-every", args.checkpoint_every, "needs --checkpoint-dir (where to save)")
+        if args.resume:
+            check.add("--resume", True, "needs --checkpoint-dir (the folder to resume from)")
     if args.command == "profile-cluster":
-        return run_command(lambda: _profile(args), debug=args.debug, user_errors=RunCheckError)
-    if args.command == "dry-run":
-        return run_command(lambda: _dry_run(args), debug=args.debug, user_errors=RunCheckError)
-    return run_command(lambda: _run(args), debug=args.debug, user_errors=RunCheckError)
+        lo, hi = check.value("min_bytes"), check.value("max_bytes")
+        if lo is not None and hi is not None and hi < lo:
+            check.add("--max-bytes", hi, f"below --min-bytes {lo}; raise --max-bytes or lower --min-bytes")
+    check.raise_if_any()
 
 
 def _profile(args: argparse.Namespace) -> int:

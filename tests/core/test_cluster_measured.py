@@ -2,13 +2,16 @@
 
 import json
 import re
+from pathlib import Path
 
 import jsonschema
 import pytest
 
 from planner.cluster import ClusterSpec, check_cluster_schema
 from planner.errors import SpecError
-from planner.paths import datasets_dir, repo_dir
+from planner.paths import datasets_dir
+
+REPO = Path(__file__).resolve().parents[2]
 
 POINT = {"nodes": 1, "message_bytes": 1048576, "bus_bandwidth_bytes_per_s": 1.5e11}
 
@@ -94,14 +97,14 @@ def test_resizing_devices_per_node_of_measured_nodes_is_refused():
 
 
 def test_every_preset_and_the_docs_example_validate_against_the_published_schema():
-    schema = json.loads((repo_dir() / "docs" / "cluster.schema.json").read_text())
+    schema = json.loads((REPO / "docs" / "cluster.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     validator = jsonschema.Draft202012Validator(schema)
     files = sorted((datasets_dir() / "clusters").glob("*.json"))
     assert len(files) >= 6
     for path in files:
         assert list(validator.iter_errors(json.loads(path.read_text()))) == [], path.name
-    page = (repo_dir() / "docs" / "cluster.md").read_text()
+    page = (REPO / "docs" / "cluster.md").read_text()
     examples = re.findall(r"```json\n(.*?)```", page, flags=re.S)
     assert examples, "docs/cluster.md has no JSON example"
     for text in examples:

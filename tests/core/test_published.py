@@ -1,10 +1,10 @@
 """Issue: for Megatron-LM's published configurations, the planner finds a plan no worse under the
-same cost model, and says where it differs (two smallest rows here; all rows: python -m planner.published)."""
+same cost model, and says where it differs (two smallest rows here; all rows: python -m tools.published)."""
 
 import pytest
 
 from planner.cost.calibrate import NARAYANAN_TABLE1
-from planner.published import compare
+from tools.published import compare
 
 
 @pytest.mark.parametrize("run", NARAYANAN_TABLE1[:2], ids=lambda r: r.name)

@@ -1,6 +1,6 @@
 """The issue's speed bar: one GPT-3 175B layer on an 8-device node in under a second.
 
-Best of three wall-clock runs, so a busy CI machine does not fail it; `python -m planner.intra_op.bench`
+Best of three wall-clock runs, so a busy CI machine does not fail it; `python -m bench.intra_op`
 prints the figures quoted in docs/intra-op.md.
 """
 

@@ -1,10 +1,10 @@
-"""``python -m planner.trace.report`` prints the table docs/tracing.md shows, for every listed model."""
+"""``python -m tools.trace_report`` prints the table docs/tracing.md shows, for every listed model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from planner.trace import report
+from tools import trace_report as report
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "tracing.md"
 
@@ -20,7 +20,7 @@ def test_report_prints_a_markdown_row_per_model(capsys):
 
 def test_doc_table_covers_every_listed_model_next_to_its_command():
     text = DOC.read_text()
-    assert "python -m planner.trace.report --hf" in text
+    assert "python -m tools.trace_report --hf" in text
     header = "| " + " | ".join(report.HEADER) + " |"
     assert header in text
     table = text[text.index(header):]

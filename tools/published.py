@@ -1,6 +1,6 @@
 """The planner against Megatron-LM's published configurations, under the same cost model.
 
-``python -m planner.published [--markdown] [--rows N]``: for each row of Narayanan et al. 2021,
+``python -m tools.published [--markdown] [--rows N]``: for each row of Narayanan et al. 2021,
 Table 1 (the rows the cost model is calibrated against, :mod:`planner.cost.calibrate`), plan the
 same model on the same number of DGX A100 GPUs with the same global batch, and compare the plan's
 predicted iteration time with the published configuration's, priced by the same cost model and
@@ -65,7 +65,7 @@ def markdown(rows: list[Comparison]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m planner.published", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.published", description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--rows", type=int, default=len(NARAYANAN_TABLE1), help="only the first N rows")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Solve-time benchmark behind the figures in ``docs/intra-op.md``.
 
-    python -m planner.intra_op.bench            # GPT-3 175B layer and model on one DGX A100 node
-    python -m planner.intra_op.bench --quick    # skip tracing the 96-layer model
+    python -m bench.intra_op            # GPT-3 175B layer and model on one DGX A100 node
+    python -m bench.intra_op --quick    # skip tracing the 96-layer model
 
 Times are wall clock, best of ``--repeat`` warm runs, ``solve_layer`` / ``solve_model`` end to end
 (strategy tables, ILP build, solve, solution).

@@ -1,4 +1,4 @@
-"""``python -m planner.trace.report``: trace every listed model and print a Markdown table.
+"""``python -m tools.trace_report``: trace every listed model and print a Markdown table.
 
 Columns: capture method, parameters, op-graph nodes, layers, layer groups after collapsing
 repeats (and the largest group as ``L x name``), forward FLOPs per sample, and the time of
@@ -58,7 +58,7 @@ def markdown(rows: list[list[str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m planner.trace.report",
+    parser = argparse.ArgumentParser(prog="python -m tools.trace_report",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help=f"presets or hf-* names (default: {', '.join(PRESETS)})")
     parser.add_argument("--hf", action="store_true", help="also trace the Hugging Face models")
