@@ -16,12 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from planner.errors import SpecError, read_json_file
-from planner.paths import datasets_dir, repo_dir
+from planner.paths import datasets_dir, schema_path
+from planner.plausible import Finding, PlausibilityWarning, echo, findings
+from planner.units import plural
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
 MEASURED_FIELDS = ("collectives", "gemm", "memory")  # optional, per node group (docs/cluster.md)
@@ -416,7 +419,7 @@ def check_cluster_schema(d: dict, *, source: str | None = None) -> None:
     import jsonschema
 
     if _SCHEMA_VALIDATOR is None:
-        schema = json.loads((repo_dir() / "docs" / "cluster.schema.json").read_text())
+        schema = json.loads(schema_path("cluster").read_text())
         _SCHEMA_VALIDATOR = jsonschema.Draft202012Validator(schema)
     errors = sorted(_SCHEMA_VALIDATOR.iter_errors(d), key=lambda e: list(e.absolute_path))
     if errors:
@@ -455,25 +458,33 @@ class ClusterSpec:
         return sorted(p.stem for p in (datasets_dir() / "clusters").glob("*.json"))
 
     @classmethod
-    def preset(cls, name: str, *, nodes: int | None = None, devices_per_node: int | None = None) -> ClusterSpec:
-        """Load ``datasets/clusters/<name>.json``, optionally overriding node count and devices per node."""
+    def preset(cls, name: str, *, nodes: int | None = None, devices_per_node: int | None = None,
+               strict: bool = True) -> ClusterSpec:
+        """Load ``datasets/clusters/<name>.json``, optionally overriding node count and devices per node.
+
+        ``strict`` (default): a figure outside :data:`planner.plausible.RANGES` is an error naming the
+        likely unit slip; ``strict=False`` (the CLI's ``--i-know``) makes it a warning."""
         path = datasets_dir() / "clusters" / f"{name}.json"
         if not path.is_file():
             known = cls.presets()
             close = sorted(known, key=lambda k: _edit_distance(k, name))[:3]
             raise SpecError("cluster", name, f"no such preset; did you mean one of {close}? All presets: {known}. "
                             "Or pass a path to a cluster JSON file.")
-        spec = cls.from_json(path)
-        return spec.resized(nodes=nodes, devices_per_node=devices_per_node)
+        spec = cls.from_json(path, strict=strict)
+        return spec.resized(nodes=nodes, devices_per_node=devices_per_node, strict=strict)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> ClusterSpec:
+    def from_json(cls, path: str | Path, *, strict: bool = True) -> ClusterSpec:
         data = read_json_file(path, "cluster", what="the file", damaged_fix="fix the syntax")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), strict=strict)
 
     @classmethod
-    def from_dict(cls, d: Any, *, source: str | None = None) -> ClusterSpec:
-        """Accepts the homogeneous form (device, nodes, devices_per_node, links) or ``groups``."""
+    def from_dict(cls, d: Any, *, source: str | None = None, strict: bool = True) -> ClusterSpec:
+        """Accepts the homogeneous form (device, nodes, devices_per_node, links) or ``groups``.
+
+        Then checks that every figure is plausible (:meth:`check_plausible`; ``strict=False`` accepts
+        exotic hardware with a warning). A cluster read back from a plan file was checked when the
+        plan was made: its readers pass ``strict=False``."""
         if not isinstance(d, dict):
             raise SpecError("cluster", d, "expected a JSON object", source=source)
         name = d.get("name", Path(source).stem if source else "custom")
@@ -494,7 +505,26 @@ class ClusterSpec:
                                         source=source)
             spec = cls(name=name, groups=(group,), description=description)
         check_cluster_schema(d, source=source)  # the published schema agrees with the checks above
+        spec.check_plausible(strict=strict, source=source)
         return spec
+
+    def check_plausible(self, *, strict: bool = True, source: str | None = None) -> list[Finding]:
+        """Every implausible or suspicious figure (:func:`planner.plausible.findings`). With ``strict``,
+        the first implausible one is a :class:`SpecError` naming the likely unit slip; the rest (and,
+        without ``strict``, all) are :class:`~planner.plausible.PlausibilityWarning` warnings."""
+        found = findings(self)
+        errors = [f for f in found if f.error]
+        if strict and errors:
+            raise SpecError(errors[0].field, errors[0].value, errors[0].message, source=source)
+        for f in found:
+            where = f" in {source}" if source else ""
+            text = f.message.replace("pass --i-know (strict=False) for exotic hardware", "accepted (--i-know)")
+            warnings.warn(PlausibilityWarning(f"{f.field}{where} = {f.value:g}: {text}"), stacklevel=3)
+        return found
+
+    def echo(self) -> list[str]:
+        """How the cluster was read, in human units: two lines per node group (planner.plausible.echo)."""
+        return echo(self)
 
     def to_dict(self) -> dict[str, Any]:
         if self.is_homogeneous:
@@ -505,8 +535,10 @@ class ClusterSpec:
             return out
         return {"name": self.name, "description": self.description, "groups": [g.to_dict() for g in self.groups]}
 
-    def resized(self, *, nodes: int | None = None, devices_per_node: int | None = None) -> ClusterSpec:
-        """The same cluster with another node count or devices per node (homogeneous clusters only)."""
+    def resized(self, *, nodes: int | None = None, devices_per_node: int | None = None,
+                strict: bool = True) -> ClusterSpec:
+        """The same cluster with another node count or devices per node (homogeneous clusters only);
+        the new counts are checked as a file's would be (``strict``, :meth:`check_plausible`)."""
         if nodes is None and devices_per_node is None:
             return self
         if not self.is_homogeneous:
@@ -523,7 +555,14 @@ class ClusterSpec:
                             f"the cluster's measured collectives describe nodes of {g.devices_per_node} devices; "
                             "measure nodes of this size (profile-cluster --nproc N) or drop --devices-per-node")
         g = replace(g, nodes=nodes or g.nodes, devices_per_node=devices_per_node or g.devices_per_node)
-        return replace(self, groups=(g,))
+        out = replace(self, groups=(g,))
+        if strict:
+            for f in findings(out):
+                if f.error and f.field in ("nodes", "devices_per_node"):
+                    flag = f"--{f.field.replace('_', '-')}"
+                    raise SpecError(f.field, f.value, f"{f.message.replace('--i-know (strict=False)', '--i-know')}"
+                                    f"; lower {flag}")
+        return out
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -623,4 +662,4 @@ class ClusterSpec:
 
     def summary(self) -> str:
         parts = [f"{g.nodes}x{g.devices_per_node} {g.device.name}" for g in self.groups]
-        return f"{self.name}: {' + '.join(parts)} ({self.num_devices} devices)"
+        return f"{self.name}: {' + '.join(parts)} ({plural(self.num_devices, 'device')})"

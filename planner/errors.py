@@ -6,10 +6,14 @@ without a traceback. Internal invariants use ``assert`` instead.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
+import math
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,35 @@ class SpecError(PlannerError, ValueError):
         super().__init__(f"{field}{where}: got {shown}; {fix}")
 
 
+class SpecErrors(SpecError):
+    """Several :class:`SpecError` found together (every bad argument of one command line), one per field.
+
+    It is a :class:`SpecError` (``field``, ``value`` and ``fix`` are the first one's) so callers that
+    catch one catch both; ``errors`` holds them all, and the message is one line per error.
+    :func:`raise_all` raises a single error as itself.
+    """
+
+    def __init__(self, errors: Sequence[SpecError]) -> None:
+        if not errors:
+            raise ValueError("SpecErrors needs at least one error")
+        self.errors = tuple(errors)
+        first = self.errors[0]
+        self.field, self.value, self.fix, self.source = first.field, first.value, first.fix, first.source
+        PlannerError.__init__(self, "\n".join(str(e) for e in self.errors))
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(e.field for e in self.errors)
+
+
+def raise_all(errors: Sequence[SpecError]) -> None:
+    """Raise nothing, the one error, or all of them as :class:`SpecErrors`."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise SpecErrors(errors)
+
+
 class InfeasibleError(PlannerError):
     """No configuration fits: says what overflows, where, and what would be enough."""
 
@@ -50,6 +83,136 @@ class TraceError(PlannerError):
 
 class PlanMismatchError(PlannerError):
     """A plan file does not match the model, cluster, world or schema it is used with."""
+
+
+# -- command-line arguments: read leniently, checked together -------------------------------------
+# argparse stops at the first value it cannot convert. The CLIs give it the readers below instead of
+# ``int``/``float``/``choices``: a bad value becomes an ``Unreadable`` in the namespace, parsing goes on,
+# and ``ArgumentCheck`` reports it with every other problem of the same command line, one line per field.
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An argument's text that could not be read, and how to write it."""
+
+    text: str
+    fix: str
+
+
+def int_arg(text: str) -> int | Unreadable:
+    try:
+        return int(text)
+    except ValueError:
+        return Unreadable(text, "expected an integer")
+
+
+def float_arg(text: str) -> float | Unreadable:
+    try:
+        value = float(text)
+    except ValueError:
+        return Unreadable(text, "expected a number")
+    return value if math.isfinite(value) else Unreadable(text, "expected a finite number")
+
+
+def choice_arg(*options: object) -> Callable[[str], Any]:
+    """A reader that accepts one of ``options`` (compared as text, returned as given)."""
+    names = [str(o) for o in options]
+
+    def read(text: str) -> Any:
+        if text in names:
+            return options[names.index(text)]
+        close = difflib.get_close_matches(text, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return Unreadable(text, f"{hint}use one of {', '.join(names)}")
+
+    return read
+
+
+def choices_metavar(*options: object) -> str:
+    """What argparse would show for ``choices=options``: ``{a,b,c}``."""
+    return "{" + ",".join(str(o) for o in options) + "}"
+
+
+def flag(dest: str) -> str:
+    """The option an argparse ``dest`` came from: ``micro_batch`` -> ``--micro-batch``."""
+    return "--" + dest.replace("_", "-")
+
+
+def subcommand_options(parser: argparse.ArgumentParser, command: str) -> list[str]:
+    """The option strings of one subcommand, in ``--help`` order (for ordering errors and "did you mean")."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return [o for a in action.choices[command]._actions for o in a.option_strings]
+    return []
+
+
+class ArgumentCheck:
+    """Every problem of one command line, collected, then raised together by :meth:`raise_if_any`.
+
+    Made from the namespace and the leftovers of ``parse_known_args``: unreadable values and unknown
+    options are recorded at once; the ``require``/``at_least``/``add`` calls add the rest. A value
+    already found wrong reads as ``None`` from :meth:`value`, so a later check that needs it (batch
+    divisibility needs dp and micro-batch) skips instead of blaming a second field for it.
+    """
+
+    def __init__(self, args: argparse.Namespace, unknown: Sequence[str] = (), *, command: str = "",
+                 options: Sequence[str] = ()) -> None:
+        self.args = args
+        self.command = command
+        self.options = list(options)
+        self.errors: list[SpecError] = []
+        for dest, value in vars(args).items():
+            if isinstance(value, Unreadable):
+                self.add(flag(dest), value.text, value.fix)
+        self._unknown(list(unknown), self.options)
+
+    def _unknown(self, tokens: list[str], options: list[str]) -> None:
+        where = f"`{self.command}`" if self.command else "this command"
+        i = 0
+        while i < len(tokens):
+            token = tokens[i]
+            i += 1
+            if not token.startswith("-") or token == "-":
+                self.add("argument", token, f"unexpected extra argument to {where}")
+                continue
+            name, eq, value = token.partition("=")
+            if not eq and i < len(tokens) and not tokens[i].startswith("-"):
+                value, i = tokens[i], i + 1
+            close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+            hint = f"did you mean {close[0]}? " if close else ""
+            self.add(name, value or None, f"unknown option for {where}; {hint}`--help` lists them")
+
+    def add(self, field: str, value: object, fix: str) -> None:
+        self.errors.append(SpecError(field, value, fix))
+
+    def failed(self, dest: str) -> bool:
+        return any(e.field == flag(dest) for e in self.errors)
+
+    def value(self, dest: str) -> Any:
+        """The argument's value, or ``None`` when it is absent or already reported as wrong."""
+        value = getattr(self.args, dest, None)
+        return None if isinstance(value, Unreadable) or self.failed(dest) else value
+
+    def require(self, *dests: str) -> None:
+        for dest in dests:
+            if getattr(self.args, dest, None) is None:
+                self.add(flag(dest), None, f"this option is required for `{self.command}`")
+
+    def at_least(self, minimum: float, *dests: str, integer: bool = True) -> None:
+        """Each given value of ``dests`` must be >= ``minimum`` (``> 0`` for ``minimum=0, integer=False``)."""
+        for dest in dests:
+            value = self.value(dest)
+            if value is None:
+                continue
+            if integer and value < minimum:
+                self.add(flag(dest), value, f"expected an integer >= {minimum:g}")
+            elif not integer and value <= minimum:
+                self.add(flag(dest), value, f"expected a number > {minimum:g}")
+
+    def raise_if_any(self) -> None:
+        """Raise what was found, in the order ``--help`` lists the options (unknown ones last)."""
+        order = {name: i for i, name in enumerate(self.options)}
+        raise_all(sorted(self.errors, key=lambda e: order.get(e.field, order.get(flag(e.field), len(order)))))
 
 
 def read_json_file(path: str | Path, field: str, *, what: str, damaged_fix: str) -> Any:
@@ -67,21 +230,22 @@ def read_json_file(path: str | Path, field: str, *, what: str, damaged_fix: str)
 
 
 def run_command(body: Callable[[], int], *, debug: bool,
-                user_errors: type[Exception] = PlannerError) -> int:
+                user_errors: type[Exception] | tuple[type[Exception], ...] = PlannerError) -> int:
     """Run one CLI command and turn the errors a user can cause into an exit code.
 
-    ``user_errors`` (default :class:`PlannerError`) prints ``error: <message>`` on stderr and
-    returns :data:`EXIT_USER_ERROR`, with the traceback first when ``debug``; Ctrl-C prints
-    ``interrupted`` and returns :data:`EXIT_INTERRUPTED`. Anything else is a bug and propagates
-    with its traceback. ``python -m planner`` and ``python -m runtime`` both exit through here, so
-    their codes and messages cannot drift apart.
+    ``user_errors`` (default :class:`PlannerError`) prints ``error: <message>`` on stderr (one line per
+    error of a :class:`SpecErrors`) and returns :data:`EXIT_USER_ERROR`, with the traceback first when
+    ``debug``; Ctrl-C prints ``interrupted`` and returns :data:`EXIT_INTERRUPTED`. Anything else is a
+    bug and propagates with its traceback. ``python -m planner`` and ``python -m runtime`` both exit
+    through here, so their codes and messages cannot drift apart.
     """
     try:
         return body()
     except user_errors as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        for error in exc.errors if isinstance(exc, SpecErrors) else (exc,):  # one line per field
+            print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

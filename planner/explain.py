@@ -18,10 +18,12 @@ from planner.cost.model import StepPrediction, usable_memory_bytes
 from planner.errors import InfeasibleError
 from planner.intra_op.pricing import TpPricing
 from planner.trace.graph import CostGraph
+from planner.units import format_count
 
 if TYPE_CHECKING:
     from planner.baselines import BaselineResult
     from planner.search import Candidate, ScheduleOption, SearchResult
+    from planner.space import SearchSpace
 
 GiB = 2**30
 
@@ -29,7 +31,7 @@ GiB = 2**30
 def explain(graph: CostGraph, cluster: ClusterSpec, cand: Candidate, c: CostConstants) -> list[str]:
     cfg, pred = cand.config, cand.prediction
     lines = [
-        f"Model {graph.name}: {graph.param_count / 1e9:.3g}B parameters in {graph.num_layers} layers "
+        f"Model {graph.name}: {format_count(graph.param_count)} parameters in {graph.num_layers} layers "
         f"({graph.group_summary()}), traced with {graph.method}.",
         f"Cluster {cluster.summary()}; usable memory per device {pred.memory_limit_bytes / GiB:.1f} GiB "
         f"({c.allocator_usable_fraction:.0%} of {cluster.device.memory_bytes / GiB:.0f} GiB minus "
@@ -40,7 +42,8 @@ def explain(graph: CostGraph, cluster: ClusterSpec, cand: Candidate, c: CostCons
     total = pred.step_time_s or 1.0
     parts = ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in pred.time_breakdown_s.items() if v > 0)
     lines.append(f"Step time breakdown (busiest device): {parts}.")
-    lines.append(f"Bottleneck stage: {pred.bottleneck_stage} ({pred.binding[pred.bottleneck_stage]}).")
+    lines.append(f"Bottleneck device (pipeline position): {pred.bottleneck_device} "
+                 f"({pred.binding[pred.bottleneck_device]}).")
     lines.extend(getattr(pred, "notes", []) or [])
     lines.extend(graph.notes)
     return lines
@@ -120,23 +123,94 @@ def group_order_note(given: ClusterSpec, chosen: ClusterSpec,
 
 
 
-def infeasible_error(graph: CostGraph, cluster: ClusterSpec, global_batch: int, result: SearchResult,
-                c: CostConstants) -> InfeasibleError:
+def amount(nbytes: float) -> str:
+    """A shortfall that never reads "0.0 GiB": GiB, else MiB, else bytes ("just over")."""
+    if nbytes >= 0.05 * GiB:
+        return f"{nbytes / GiB:.1f} GiB"
+    if nbytes >= 0.05 * 2**20:
+        return f"{nbytes / 2**20:.1f} MiB"
+    return f"{max(nbytes, 1):.0f} bytes (just over)"
+
+
+def _device_size(need_bytes: float, have_bytes: float) -> str:
+    """A device size that holds ``need_bytes``, rounded up (0.1 GiB) so it never reads as the size in hand."""
+    gib = math.ceil(need_bytes / GiB * 10) / 10
+    if gib <= have_bytes / GiB:  # need is above what is in hand by less than the rounding
+        gib = have_bytes / GiB + 0.1
+    return f"{gib:.1f} GiB" if gib < 100 else f"{math.ceil(gib):.0f} GiB"
+
+
+def _more_devices(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: CostConstants,
+                  space: SearchSpace | None) -> str:
+    """How many nodes would fit, as found by :func:`planner.hints.nodes_that_fit`, or why none would."""
+    from planner.hints import nodes_that_fit, one_layer_floor
+
     limit = usable_memory_bytes(cluster, c)
+    if limit <= 0:
+        have = cluster.device.memory_bytes
+        return (f"No number of these devices fits: device.memory_bytes = {have} ({have / GiB:.3g} GiB) leaves "
+                f"nothing usable ({c.allocator_usable_fraction:.0%} of it, minus {c.reserved_bytes / GiB:.1f} GiB "
+                f"reserved); memory_bytes is in bytes (80 GiB = 85899345920).")
+    if not cluster.is_homogeneous:
+        return "Or add nodes to the cluster file's groups."
+    hint = nodes_that_fit(graph, cluster, global_batch, c, space)
+    if hint is not None and hint.fits_at is not None:
+        return f"With these devices, use {hint.phrase(cluster.nodes)}."
+    layer, how = one_layer_floor(graph, cluster, c, space)
+    searched = "" if hint is None else f"no count up to {hint.fails_at} nodes fits (searched)"
+    if layer > limit:
+        device = _device_size((layer + c.reserved_bytes) / c.allocator_usable_fraction, cluster.device.memory_bytes)
+        lead = "No number of these devices fits: o" if hint is not None and hint.complete else "O"
+        return (f"{lead}ne layer needs {layer / GiB:.1f} GiB ({how}), more than one device's {limit / GiB:.1f} GiB "
+                f"usable{'; ' + searched if searched and not lead.startswith('No') else ''}: use devices with >= "
+                f"{device}, or more tensor parallelism.")
+    if hint is not None and hint.complete:
+        return f"No count of these nodes fits: {searched}."
+    return f"The search for a node count that fits found none{' up to ' + str(hint.fails_at) + ' nodes' if hint else ''} " \
+           "within its time budget."
+
+
+def _no_valid_configuration(global_batch: int, space: SearchSpace | None) -> str:
+    """Why the search priced nothing although the model's state fits: the batch and the fixed knobs."""
+    msg = (f"the model's state fits, but no (dp, tp, pp, micro-batch, schedule) the search allows is valid "
+           f"for global batch {global_batch}")
+    pps = [p for p in (space.pp if space and space.pp else ()) if p > 1]
+    names = space.schedules if space and space.schedules else ()
+    if pps and "1f1b" in names and len(names) == 1:
+        need = min(pps)
+        msg += (f": with pp={need}, '1f1b' needs at least {need} micro-batches per step (torch's Schedule1F1B, "
+                f"which the runtime runs, refuses fewer) and global batch {global_batch} gives at most "
+                f"{global_batch}; raise --global-batch to {need} or more, lower --pp, or allow --schedules gpipe")
+    else:
+        msg += ("; raise --global-batch (it must split into dp replicas x micro-batches, and pipelines need "
+                "micro-batches), or free --pp / --dp / --tp / --schedules")
+    return msg
+
+
+def infeasible_error(graph: CostGraph, cluster: ClusterSpec, global_batch: int, result: SearchResult,
+                     c: CostConstants, space: SearchSpace | None = None) -> InfeasibleError:
+    """Nothing fits: what overflows where, the device size that would hold it, and the node count that
+    would (searched, :mod:`planner.hints`; ``space`` is the search's, so the count respects its knobs)."""
+    limit = usable_memory_bytes(cluster, c)
+    head = f"no configuration of {graph.name} fits on {cluster.summary()} with global batch {global_batch}"
+    have = cluster.device.memory_bytes
+    if limit <= 0:
+        return InfeasibleError(f"{head}. {_more_devices(graph, cluster, global_batch, c, space)}",
+                               details={"usable_bytes": limit})
     if result.closest_misses:
         best = result.closest_misses[0]
         pred: StepPrediction = best.prediction
-        worst = max(range(len(pred.memory_per_stage)), key=lambda d: pred.memory_per_stage[d].total)
-        parts = pred.memory_per_stage[worst]
+        worst = max(range(len(pred.memory_per_device)), key=lambda d: pred.memory_per_device[d].total)
+        parts = pred.memory_per_device[worst]
         over = parts.total - limit
         biggest = max(("weights", parts.weights), ("gradients", parts.gradients), ("optimizer", parts.optimizer),
                       ("activations", parts.activations), key=lambda kv: kv[1])
         need = (parts.total + c.reserved_bytes) / c.allocator_usable_fraction
-        msg = (f"no configuration of {graph.name} fits on {cluster.summary()} with global batch {global_batch}. "
-               f"Closest: {best.config.label()} needs {parts.total / GiB:.1f} GiB on pipeline stage {worst} "
-               f"({over / GiB:.1f} GiB over the {limit / GiB:.1f} GiB usable); the largest part is "
-               f"{biggest[0]} ({biggest[1] / GiB:.1f} GiB). It would fit on devices with "
-               f"{need / GiB:.0f} GiB, or with more devices (try --nodes {cluster.nodes * 2}).")
+        msg = (f"{head}. Closest: {best.config.label()} needs {parts.total / GiB:.1f} GiB on pipeline stage {worst} "
+               f"({amount(over)} over the {limit / GiB:.1f} GiB usable); the largest part is "
+               f"{biggest[0]} ({biggest[1] / GiB:.1f} GiB). On {cluster.nodes} node{'s' if cluster.nodes != 1 else ''} it "
+               f"would fit on devices with {_device_size(need, have)}. "
+               f"{_more_devices(graph, cluster, global_batch, c, space)}")
         return InfeasibleError(msg, details={"missing_bytes": over, "stage": worst, "parts": parts.as_dict(),
                                              "config": best.config.label()})
     n = cluster.num_devices
@@ -146,20 +220,23 @@ def infeasible_error(graph: CostGraph, cluster: ClusterSpec, global_batch: int, 
         per_device = (need + c.reserved_bytes) / c.allocator_usable_fraction
         named = {k: v for k, v in parts.items() if k != "total"}
         biggest = max(named, key=named.get)
-        nodes = math.ceil(cluster.nodes * need / limit)
         return InfeasibleError(
-            f"no configuration of {graph.name} fits on {cluster.summary()} with global batch {global_batch}. "
-            f"Closest: {cfg.label()} needs at least {need / GiB:.1f} GiB on its busiest device "
-            f"({(need - limit) / GiB:.1f} GiB over the {limit / GiB:.1f} GiB usable); the largest part is "
-            f"{biggest} ({named[biggest] / GiB:.1f} GiB). It would need devices with at least "
-            f"{per_device / GiB:.0f} GiB, or about {nodes} nodes of these (--nodes {nodes}).",
+            f"{head}. Closest: {cfg.label()} needs at least {need / GiB:.1f} GiB on its busiest device "
+            f"({amount(need - limit)} over the {limit / GiB:.1f} GiB usable); the largest part is "
+            f"{biggest} ({named[biggest] / GiB:.1f} GiB). On {cluster.nodes} node{'s' if cluster.nodes != 1 else ''} "
+            f"it would need devices with at least {_device_size(per_device, have)}. "
+            f"{_more_devices(graph, cluster, global_batch, c, space)}",
             details={"missing_bytes": need - limit, "config": cfg.label(), "parts": named})
     total_state = graph.param_count * (c.weight_bytes + c.grad_bytes + c.optimizer_bytes)
-    min_devices = math.ceil(total_state / limit)
+    if total_state / n <= limit:  # memory is not why: the knobs and the batch leave no valid configuration
+        return InfeasibleError(f"{head}: {_no_valid_configuration(global_batch, space)}",
+                               details={"state_bytes": total_state, "reason": "empty search space"})
+    min_devices = math.ceil(total_state / limit) if limit > 0 else None
+    floor = (f"so at least {min_devices} devices before activations" if min_devices
+             else "and these devices have no usable memory")
     return InfeasibleError(
-        f"no configuration of {graph.name} fits on {cluster.summary()} with global batch {global_batch}: "
-        f"even fully sharded, weights + gradients + optimizer state need {total_state / GiB:.0f} GiB "
-        f"({total_state / n / GiB:.1f} GiB per device on {n} devices; {limit / GiB:.1f} GiB usable), so at least "
-        f"{min_devices} devices before activations. Also check that the global batch is divisible by a "
-        f"feasible data-parallel degree.",
+        f"{head}: even fully sharded, weights + gradients + optimizer state need {total_state / GiB:.0f} GiB "
+        f"({total_state / n / GiB:.1f} GiB per device on {n} devices; {limit / GiB:.1f} GiB usable), {floor}. "
+        f"Also check that the global batch is divisible by a feasible data-parallel degree. "
+        f"{_more_devices(graph, cluster, global_batch, c, space)}",
         details={"min_devices": min_devices, "state_bytes": total_state})

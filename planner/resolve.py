@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from planner.cluster import ClusterSpec
-from planner.errors import PlannerError, SpecError
+from planner.errors import PlannerError, SpecError, raise_all
 from planner.models import FAMILIES, ModelPreset, load_preset
 from planner.plan import ParallelConfig
 from planner.space import SearchSpace, check_sequence_parallel
 from planner.trace import CostGraph, trace_model
+from planner.units import plural
 
 
 @dataclass
@@ -30,13 +31,16 @@ class ResolvedModel:
 
 
 def resolve_cluster(cluster: ClusterSpec | str, *, nodes: int | None = None,
-                    devices_per_node: int | None = None) -> ClusterSpec:
+                    devices_per_node: int | None = None, strict: bool = True) -> ClusterSpec:
+    """A preset name, a JSON file or a ClusterSpec, resized; ``strict=False`` (the CLI's ``--i-know``)
+    accepts figures outside the plausible ranges (:mod:`planner.plausible`) with a warning."""
     if isinstance(cluster, ClusterSpec):
-        return cluster.resized(nodes=nodes, devices_per_node=devices_per_node)
+        return cluster.resized(nodes=nodes, devices_per_node=devices_per_node, strict=strict)
     if isinstance(cluster, str):
         if cluster.endswith(".json"):
-            return ClusterSpec.from_json(cluster).resized(nodes=nodes, devices_per_node=devices_per_node)
-        return ClusterSpec.preset(cluster, nodes=nodes, devices_per_node=devices_per_node)
+            return ClusterSpec.from_json(cluster, strict=strict).resized(nodes=nodes, devices_per_node=devices_per_node,
+                                                                         strict=strict)
+        return ClusterSpec.preset(cluster, nodes=nodes, devices_per_node=devices_per_node, strict=strict)
     raise SpecError("cluster", type(cluster).__name__, "pass a ClusterSpec, a preset name or a path to a JSON file")
 
 
@@ -98,27 +102,34 @@ def _no_sequence_parallel(preset: ModelPreset) -> str:
 
 
 def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) -> None:
-    """A hand-written configuration must match the cluster and the model."""
+    """A hand-written configuration must match the cluster and the model; every mismatch is reported at
+    once (:class:`~planner.errors.SpecErrors`), the schedule's own constraints after them."""
     from planner import schedules
 
+    errors: list[SpecError] = []
     if cfg.world_size != cluster.num_devices:
-        raise SpecError("dp*tp*pp", f"{cfg.dp}*{cfg.tp}*{cfg.pp}={cfg.world_size}",
-                        f"the degrees must multiply to the cluster's {cluster.num_devices} devices "
-                        f"({cluster.summary()}); adjust --dp/--tp/--pp or --nodes")
+        errors.append(SpecError("dp*tp*pp", f"{cfg.dp}*{cfg.tp}*{cfg.pp}={cfg.world_size}",
+                                f"the degrees must multiply to the cluster's {plural(cluster.num_devices, 'device')} "
+                                f"({cluster.summary()}); adjust --dp/--tp/--pp or --nodes"))
     dpn = min(g.devices_per_node for g in cluster.groups)
     # A tp group wider than a node is priced (its collectives cross the network every layer, which
     # the explanation says) on one device type; on a mixed cluster it could straddle two.
     if cfg.tp > dpn and not cluster.is_homogeneous:
-        raise SpecError("tp", cfg.tp, f"tensor parallelism beyond one node ({dpn} devices) is not priced on a "
-                        f"mixed cluster; use --tp <= {dpn}")
-    if cfg.tp > dpn and cfg.tp % dpn:
-        raise SpecError("tp", cfg.tp, f"a tensor-parallel group wider than a node must span whole nodes of "
-                        f"{dpn} devices; use --tp {dpn * (cfg.tp // dpn)} or {dpn * (cfg.tp // dpn + 1)}")
+        errors.append(SpecError("tp", cfg.tp, f"tensor parallelism beyond one node ({plural(dpn, 'device')}) is "
+                                f"not priced on a mixed cluster; use --tp <= {dpn}"))
+    elif cfg.tp > dpn and cfg.tp % dpn:
+        errors.append(SpecError("tp", cfg.tp, f"a tensor-parallel group wider than a node must span whole nodes of "
+                                f"{plural(dpn, 'device')}; use --tp {dpn * (cfg.tp // dpn)} or "
+                                f"{dpn * (cfg.tp // dpn + 1)}"))
     if cfg.sequence_parallel:
-        check_sequence_parallel(graph, (True,))
+        try:
+            check_sequence_parallel(graph, (True,))
+        except SpecError as exc:
+            errors.append(exc)
     if cfg.pp * cfg.virtual_stages > graph.num_layers:
-        raise SpecError("pp", cfg.pp, f"the model has {graph.num_layers} layers, fewer than pp x virtual stages "
-                        f"= {cfg.pp * cfg.virtual_stages}; lower --pp or --virtual-stages")
+        errors.append(SpecError("pp", cfg.pp, f"the model has {plural(graph.num_layers, 'layer')}, fewer than pp x "
+                                f"virtual stages = {cfg.pp * cfg.virtual_stages}; lower --pp or --virtual-stages"))
+    raise_all(errors)
     try:
         schedules.get_schedule(cfg.schedule).validate(cfg.pp, cfg.num_micro_batches, cfg.virtual_stages)
     except ValueError as exc:  # the message already names the field, the value and the fix

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from planner.plan import MESH_AXES, Plan
+from planner.units import plural, verb
 from runtime.errors import RunCheckError
 from runtime.rank_layout import RankLayout
 
@@ -33,9 +34,10 @@ class ParallelDims:
         if self.dp * self.tp * self.pp != self.world_size:
             raise RunCheckError(
                 f"world size: the plan needs dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = "
-                f"{self.dp * self.tp * self.pp} processes but {self.world_size} were launched; launch "
-                f"{self.dp * self.tp * self.pp} (--nproc, or torchrun --nnodes x --nproc-per-node), or re-plan "
-                f"for {self.world_size} devices with `python -m planner plan`")
+                f"{plural(self.dp * self.tp * self.pp, 'process', 'processes')} but "
+                f"{plural(self.world_size, 'process', 'processes')} {verb(self.world_size, 'was', 'were')} launched; "
+                f"launch {self.dp * self.tp * self.pp} (--nproc, or torchrun --nnodes x --nproc-per-node), or re-plan "
+                f"for {plural(self.world_size, 'device')} with `python -m planner plan`")
 
     @classmethod
     def from_plan(cls, plan: Plan, world_size: int) -> ParallelDims:

@@ -60,7 +60,7 @@ def test_output_is_not_overwritten_without_force(tmp_path, capsys):
     [
         (["plan", "--model", "gpt-tinyy", "--cluster", "cpu-local", "--global-batch", "8"], "gpt-tiny"),
         (["plan", "--model", "gpt-tiny", "--cluster", "cpu-locl", "--global-batch", "8"], "cpu-local"),
-        (["plan", *TINY, "--global-batch", "0"], "global_batch"),
+        (["plan", *TINY, "--global-batch", "0"], "--global-batch: got 0; expected an integer >= 1"),
         (["evaluate", *TINY, "--global-batch", "8", "--tp", "2", "--pp", "2", "--dp", "1", "--micro-batch", "1"],
          "multiply to the cluster's 2 devices"),
         (["evaluate", *TINY, "--global-batch", "7", "--tp", "1", "--pp", "2", "--dp", "1", "--micro-batch", "2"],
@@ -165,6 +165,172 @@ def test_building_the_plan_prices_nothing_the_search_did_not(monkeypatch):
     again = evaluate_cost(resolved.graph, spec, cfg, list(best.boundaries), c, table=pricer.table(
         (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)))
     assert again.chunk_phase_times_s == phases
-    assert [list(x) for x in phases] == [p for s in plan.predicted.stages for p in s["chunk_phase_times_s"]]
+    assert [tuple(x) for x in phases] == [tuple(p) for s in plan.predicted.stages for p in s["chunk_phase_times_s"]]
 
 
+
+
+# -- issue 19: every bad argument at once, labels explained, the user's umask, units and plurals ------------
+
+
+def _error_lines(err):
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def test_negative_micro_batch_blames_micro_batch_not_global_batch(capsys):
+    code, _, err = run_cli(["evaluate", *TINY, "--global-batch", "8", "--tp", "1", "--pp", "2", "--dp", "1",
+                            "--micro-batch", "-1"], capsys)
+    assert code == 2
+    assert _error_lines(err) == ["error: --micro-batch: got -1; expected an integer >= 1"]
+
+
+def test_every_missing_required_option_is_named_in_one_answer(capsys):
+    code, _, err = run_cli(["evaluate", *TINY, "--global-batch", "8", "--pp", "2"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert [line.split(":")[1].strip() for line in _error_lines(err)] == ["--tp", "--dp", "--micro-batch"]
+    assert all("required for `evaluate`" in line for line in _error_lines(err))
+
+
+def test_unreadable_unknown_and_out_of_range_arguments_reported_together_in_help_order(capsys):
+    code, _, err = run_cli(["evaluate", "--model", "gpt3-175", "--cluster", "cpu-local", "--global-batch", "8",
+                            "--tp", "x", "--pp", "0", "--dp", "-1", "--micro-batchs", "4", "--dtype", "bf32",
+                            "--zero", "5"], capsys)
+    assert code == 2
+    fields = [line.removeprefix("error: ").split(":")[0] for line in _error_lines(err)]
+    assert fields == ["model", "--dtype", "--tp", "--pp", "--dp", "--micro-batch", "--zero", "--micro-batchs"]
+    assert "error: --tp: got 'x'; expected an integer" in err
+    assert "error: --dtype: got 'bf32'; did you mean fp32? use one of bf16, fp16, fp32" in err
+    assert "did you mean --micro-batch?" in err and "did you mean one of ['gpt3-175b'" in err
+
+
+def test_config_checks_against_model_and_cluster_are_reported_together(capsys):
+    # 4 devices asked of a 2-device cluster, and 8 pipeline stages of a 6-layer model: both at once
+    code, _, err = run_cli(["evaluate", *TINY, "--global-batch", "8", "--tp", "1", "--pp", "8", "--dp", "1",
+                            "--micro-batch", "1", "--virtual-stages", "1"], capsys)
+    assert code == 2
+    lines = _error_lines(err)
+    assert len(lines) == 2
+    assert "multiply to the cluster's 2 devices" in lines[0] and "the model has 6 layers" in lines[1]
+
+
+def test_spec_errors_is_a_spec_error_and_one_error_stays_itself():
+    from planner.errors import SpecError, SpecErrors, raise_all
+
+    a, b = SpecError("--tp", 0, "expected an integer >= 1"), SpecError("--dp", None, "required")
+    with pytest.raises(SpecError) as one:
+        raise_all([a])
+    assert one.value is a
+    with pytest.raises(SpecError) as both:
+        raise_all([a, b])
+    assert isinstance(both.value, SpecErrors) and both.value.fields == ("--tp", "--dp")
+    assert str(both.value) == "--tp: got 0; expected an integer >= 1\n--dp: got None; required"
+    raise_all([])  # nothing to raise
+
+
+def test_runtime_cli_reports_every_bad_argument_at_once(capsys):
+    from runtime.cli import main as runtime_main
+
+    code = runtime_main(["run", "plan.json", "--nproc", "0", "--steps", "-1", "--lr", "abc", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line.split(":")[1].strip() for line in _error_lines(err)] == ["--nproc", "--steps", "--lr", "--resume"]
+
+
+def test_plan_output_ends_with_a_legend_of_its_own_labels(tmp_path, capsys):
+    out_file = tmp_path / "e.json"
+    code, out, _ = run_cli(["evaluate", *TINY, "--global-batch", "8", "--tp", "1", "--pp", "2", "--dp", "1",
+                            "--micro-batch", "2", "--schedule", "gpipe", "-o", str(out_file)], capsys)
+    assert code == 0
+    legend = [line.strip() for line in out.splitlines() if line.strip().startswith("legend:")]
+    assert len(legend) == 1
+    assert "mb=2x4 = 4 micro-batches of 2 samples per data-parallel replica per step" in legend[0]
+    assert "gpipe = GPipe" in legend[0] and "1f1b" not in legend[0]
+    assert "binding (what limits a device): compute = " in legend[0]
+    assert "zero" not in legend[0] and "sp =" not in legend[0]  # only the labels this output shows
+    code, out, _ = run_cli(["explain", str(out_file)], capsys)
+    assert code == 0 and sum(line.strip().startswith("legend:") for line in out.splitlines()) == 1
+
+
+def test_legend_names_each_label_once():
+    from planner.cli import legend
+
+    text = legend(["dp=2 tp=1 pp=1 mb=4x1 1f1b, zero3", "dp=1 tp=2 pp=4 mb=8x1 zb-v, v=2, recompute=full, sp, zero1"],
+                  ["memory", "memory (over the limit)"])
+    assert text.count("mb=SxN") == 1 and "zero1 = optimizer state sharded over dp" in text
+    assert "zero3 = weights, gradients and optimizer state sharded over dp (FSDP)" in text
+    assert "zb-v = ZB-V" in text and "v = model chunks per device" in text and "recompute=full = " in text
+    assert "memory = within 10% of the usable memory; memory (over the limit) = " in text
+    assert legend(["dp=1 tp=1 pp=1 mb=1x1 1f1b"]).count(";") == 2  # degrees; mb; schedule
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_the_cli_writes_follow_the_umask(tmp_path, capsys, umask):
+    import os
+    import stat
+
+    from runtime.checkpoint import write_manifest
+
+    old = os.umask(umask)
+    try:
+        plan_file = tmp_path / "p.json"
+        assert main(["evaluate", *TINY, "--global-batch", "8", "--tp", "1", "--pp", "2", "--dp", "1",
+                     "--micro-batch", "2", "-o", str(plan_file), "--json"]) == 0
+        assert main(["timeline", str(plan_file), "-o", str(tmp_path / "t.png")]) == 0
+        assert main(["report", str(plan_file), "-o", str(tmp_path / "report")]) == 0
+        ckpt = tmp_path / "ckpt"
+        ckpt.mkdir()
+        (ckpt / "__0_0.distcp").write_bytes(b"weights")
+        write_manifest(ckpt, step=1, info={})
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    written = [plan_file, tmp_path / "t.png", *sorted((tmp_path / "report").iterdir()), ckpt / "manifest.json"]
+    assert len(written) >= 5
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_parameter_counts_read_in_k_m_b_t():
+    from planner.units import format_count
+
+    cases = {4562: "4.6K", 512: "512", 999_960: "1.0M", 2_915_456: "2.9M", 125_951_232: "126M",
+             174_615_800_000: "175B", 1_317_700_000: "1.3B", 1_008_038_800_000: "1.0T", 0: "0"}
+    assert {n: format_count(n) for n in cases} == cases
+
+
+def test_models_prints_small_models_in_thousands(capsys):
+    code, out, _ = run_cli(["models"], capsys)
+    presets = out.split("\n\n")[0].splitlines()  # the presets, before any further section
+    rows = {line.split()[0]: line.split()[2] for line in presets}
+    assert code == 0 and rows["cnn-tiny"] == "4.6K" and rows["gpt3-175b"] == "175B"
+    assert not any(v in ("0.0M", "0M") for v in rows.values())
+
+
+def test_plurals_agree_with_their_number():
+    from planner.units import plural
+    from runtime.errors import RunCheckError
+    from runtime.parallel_dims import ParallelDims
+
+    assert (plural(1, "device"), plural(2, "device"), plural(1, "process", "processes")) == \
+        ("1 device", "2 devices", "1 process")
+    with pytest.raises(RunCheckError) as exc:
+        ParallelDims(dp=2, tp=1, pp=1, world_size=1)
+    assert "needs dp*tp*pp = 2*1*1 = 2 processes but 1 process was launched" in str(exc.value)
+    assert "re-plan for 1 device with" in str(exc.value)
+
+
+def test_help_lists_every_subcommand_with_a_description(capsys):
+    from planner.cli import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    names = list(sub.choices)
+    assert {"plan", "evaluate", "explain", "compare", "report", "timeline", "models", "clusters",
+            "profile-cluster", "validate"} <= set(names)
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    for name in names:
+        assert helps.get(name), f"{name} has no one-line description"
+        assert name in out and helps[name].split()[0] in out

@@ -1,9 +1,11 @@
 import json
+import re
 
 import pytest
 
 from planner import ClusterSpec
 from planner.errors import SpecError
+from planner.plausible import PlausibilityWarning
 
 
 def test_presets_load_with_expected_hardware():
@@ -66,3 +68,66 @@ def test_broken_json_names_line(tmp_path):
     path.write_text('{"name": "x",\n "nodes": }')
     with pytest.raises(SpecError, match="line 2"):
         ClusterSpec.from_json(path)
+
+
+# -- plausibility (issue 19): figures outside the ranges real hardware takes --------------------------
+
+@pytest.mark.parametrize("name", ClusterSpec.presets())
+def test_every_preset_is_plausible(name):
+    assert [f for f in ClusterSpec.preset(name).check_plausible() if f.error] == []
+
+
+@pytest.mark.parametrize(
+    "mutate, field, fix",
+    [
+        (lambda d: d["device"]["peak_flops"].update(bf16=312), "device.peak_flops.bf16",
+         "312 FLOP/s looks like TFLOP/s: write 312e12"),
+        (lambda d: d["device"].update(memory_bytes=40), "device.memory_bytes",
+         "40 bytes looks like GiB: write 40 * 2**30 = 42949672960"),
+        (lambda d: d["device"].update(memory_bytes=81920), "device.memory_bytes",
+         "looks like MiB: write 81920 * 2**20 = 85899345920"),
+        (lambda d: d["inter_node"].update(latency_s=30), "inter_node.latency_s", "30 s looks like µs: write 30e-6"),
+        (lambda d: d["intra_node"].update(bandwidth_bytes_per_s=300), "intra_node.bandwidth_bytes_per_s",
+         "looks like GB/s: write 300e9 (if it is Gb/s: 37.5e9)"),
+        (lambda d: d["device"].update(memory_bandwidth_bytes_per_s=2.039), "device.memory_bandwidth_bytes_per_s",
+         "looks like TB/s: write 2.039e12"),
+        (lambda d: d["device"]["peak_flops"].update(bf16=3e18), "device.peak_flops.bf16", "above the largest"),
+        (lambda d: d.update(collectives={c: [{"nodes": 1, "message_bytes": 2**20, "bus_bandwidth_bytes_per_s": 180}]
+                                         for c in ("all_reduce", "all_gather", "reduce_scatter")}),
+         "collectives.all_reduce[0].bus_bandwidth_bytes_per_s", "looks like GB/s: write 180e9"),
+        (lambda d: d.update(nodes=250_000), "nodes", "above the largest plausible value"),
+    ],
+)
+def test_implausible_figure_names_the_unit_slip(mutate, field, fix):
+    d = ClusterSpec.preset("dgx-a100-80g").to_dict()
+    mutate(d)
+    with pytest.raises(SpecError) as err:
+        ClusterSpec.from_dict(d, source="c.json")
+    assert err.value.field == field
+    assert fix in str(err.value) and "--i-know" in str(err.value)
+    with pytest.warns(PlausibilityWarning, match=re.escape(field)):  # exotic hardware: accepted, with a warning
+        spec = ClusterSpec.from_dict(d, source="c.json", strict=False)
+    assert any(f.error and f.field == field for f in spec.check_plausible(strict=False))
+
+
+def test_suspicious_but_plausible_is_a_warning_only():
+    d = ClusterSpec.preset("dgx1-v100").to_dict()
+    d["inter_node"]["bandwidth_bytes_per_s"] = 1600e9  # 200 GB/s per device, above NVLink's 150
+    with pytest.warns(PlausibilityWarning, match="inter_node is the whole node's bandwidth"):
+        spec = ClusterSpec.from_dict(d)
+    assert spec.inter_node.bandwidth_bytes_per_s == 1600e9
+
+
+def test_echo_reads_back_in_human_units():
+    lines = ClusterSpec.preset("dgx-a100-80g", nodes=128).echo()
+    assert lines[0] == "128 nodes x 8 A100-SXM4-80GB: 312 TFLOP/s bf16 (19.5 TFLOP/s fp32), 80.0 GiB at 2.04 TB/s"
+    assert lines[1].strip() == ("nvswitch 300 GB/s per device, 3 µs; infiniband 200 GB/s per node = 1600 Gb/s "
+                                "(25 GB/s per device), 5 µs")
+    assert len(ClusterSpec.preset("mixed-a100-v100").echo()) == 4
+    assert ClusterSpec.preset("cpu-local").echo()[0].startswith("1 node x 2 cpu-process: 40 GFLOP/s fp32, 4.0 GiB")
+
+
+def test_resize_checks_counts_unless_told():
+    with pytest.raises(SpecError, match="lower --nodes"):
+        ClusterSpec.preset("dgx-h100", nodes=200_000)
+    assert ClusterSpec.preset("dgx-h100").resized(nodes=200_000, strict=False).nodes == 200_000

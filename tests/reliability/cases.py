@@ -1,7 +1,8 @@
 """Bad inputs and the answers they get. Each case runs the CLI in-process (or a Python call).
 
 A case is ``(id, area, what, argv_or_callable, expected_exit, fragments)``: the test asserts the
-exit code, that every fragment appears in stderr, and that no traceback is printed.
+exit code, that every fragment appears in stderr (in stdout for a case with ``stream="stdout"``: what a
+good input prints), and that no traceback is printed.
 docs/reliability.md is generated from these cases (see test_bad_inputs.py).
 """
 
@@ -25,6 +26,9 @@ class Case:
     exit_code: int
     fragments: tuple[str, ...]
     cli: str = "planner"  # which command line: "planner" (python -m planner) or "runtime" (python -m runtime)
+    stream: str = "stderr"  # where the fragments must appear: "stderr", or "stdout" for what a good input prints
+    umask: int | None = None  # run the command under this umask (file modes)
+    observe: Callable[[Path], str] | None = None  # after the run: a line about its effects (checked, shown)
 
 
 def _cluster_file(tmp: Path, mutate) -> str:
@@ -43,8 +47,11 @@ def _cluster_case(mutate, *frags, what, cid):
                 2, frags)
 
 
-def _plan_file(tmp: Path, mutate) -> str:
+def _plan_file(tmp: Path, mutate, *, restamp: bool = False) -> str:
+    """The tiny pp=2 plan, ``mutate``d: edited by hand (its fingerprint no longer matches), or, with
+    ``restamp``, as a planner would have written it (a stale plan, a schedule the runtime refuses)."""
     from planner.cli import main
+    from planner.plan import restamp as stamp
 
     path = tmp / "plan.json"
     if not path.exists():
@@ -52,6 +59,8 @@ def _plan_file(tmp: Path, mutate) -> str:
               "-o", str(path), "--json"])
     d = json.loads(path.read_text())
     mutate(d)
+    if restamp:
+        d = stamp(d)
     bad = tmp / "bad-plan.json"
     bad.write_text(json.dumps(d) if not isinstance(d, str) else d)
     return str(bad)
@@ -126,7 +135,7 @@ CASES: list[Case] = [
          lambda t: ["plan", *TINY, "--global-batch", "8", "--seq-len", "4096"], 2, ("seq_len", "--seq-len <= 64")),
     # -- options ------------------------------------------------------------------------------
     Case("opt-zero-batch", "options", "global batch 0", lambda t: ["plan", *TINY, "--global-batch", "0"], 2,
-         ("global_batch", "positive integer")),
+         ("--global-batch", "expected an integer >= 1")),
     Case("opt-missing-batch", "options", "plan without --global-batch", lambda t: ["plan", *TINY], 2,
          ("--global-batch", "required")),
     Case("opt-degrees-mismatch", "options", "tp·pp·dp does not match the device count",
@@ -169,7 +178,8 @@ CASES: list[Case] = [
     # -- infeasible ---------------------------------------------------------------------------
     Case("infeasible-175b-one-node", "infeasible", "GPT-3 175B on one DGX A100 node",
          lambda t: ["plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-80g", "--global-batch", "8"], 2,
-         ("no configuration", "GiB over", "the largest part is optimizer", "--nodes 5")),
+         ("no configuration", "GiB over", "the largest part is optimizer", "--nodes 6",
+          "found by search: 5 nodes do not fit")),
     Case("infeasible-given-config", "infeasible", "a hand-written configuration that does not fit (exit 3)",
          lambda t: ["evaluate", "--model", "gpt3-13b", "--cluster", "dgx-a100-80g", "--global-batch", "8",
                     "--tp", "1", "--pp", "1", "--dp", "8", "--micro-batch", "1"], 3, ()),
@@ -193,15 +203,25 @@ CASES: list[Case] = [
     Case("plan-bad-fingerprint", "plan file", "plan whose fingerprint is malformed",
          lambda t: ["explain", _plan_file(t, lambda d: d["model"].update(fingerprint="abc"))], 2,
          ("model.fingerprint",)),
+    Case("plan-edited", "plan file", "plan whose dp was edited by hand after planning",
+         lambda t: ["explain", _plan_file(t, lambda d: d["parallel"].update(dp=2))], 2,
+         ("was edited after planning: parallel.dp 1 -> 2", "evaluate --plan")),
+    Case("plan-predictions-edited", "plan file", "plan whose predicted step time was edited by hand",
+         lambda t: ["compare", _plan_file(t, lambda d: d["predicted"].update(step_time_s=0.001))], 2,
+         ("was edited after planning: predicted changed", "evaluate --plan")),
     # -- running a plan (checked before any process starts) -------------------------------------
     Case("run-world-size", "runtime", "plan for 2 devices launched on 4 processes",
          lambda t: ["run", _plan_file(t, lambda d: None), "--nproc", "4", "--steps", "1"], 2, ("world",), "runtime"),
     Case("run-model-changed", "runtime", "plan whose model fingerprint no longer matches the model",
-         lambda t: ["run", _plan_file(t, lambda d: d["model"].update(fingerprint="sha256:0000000000000000")),
-                    "--nproc", "2", "--steps", "1"], 2, ("model.fingerprint", "--allow-mismatch"), "runtime"),
+         lambda t: ["run", _plan_file(t, lambda d: d["model"].update(fingerprint="sha256:0000000000000000"),
+                                      restamp=True), "--nproc", "2", "--steps", "1"], 2,
+         ("model.fingerprint", "--allow-mismatch"), "runtime"),
     Case("run-async-schedule", "runtime", "plan with an asynchronous schedule the runtime does not run",
-         lambda t: ["run", _plan_file(t, lambda d: d["parallel"].update(schedule="pipedream")),
+         lambda t: ["run", _plan_file(t, lambda d: d["parallel"].update(schedule="pipedream"), restamp=True),
                     "--nproc", "2", "--steps", "1"], 2, ("pipedream", "1f1b"), "runtime"),
+    Case("run-plan-edited", "runtime", "plan whose dp was edited by hand after planning",
+         lambda t: ["run", _plan_file(t, lambda d: d["parallel"].update(dp=2)), "--nproc", "4", "--steps", "1"], 2,
+         ("was edited after planning: parallel.dp 1 -> 2", "evaluate --plan"), "runtime"),
     # -- checkpoints ----------------------------------------------------------------------------
     Case("ckpt-none", "checkpoint", "--resume with a folder holding no checkpoint",
          lambda t: ["run", _plan_file(t, lambda d: None), "--nproc", "2", "--steps", "1", "--checkpoint-dir",
@@ -215,4 +235,90 @@ CASES: list[Case] = [
          "runtime"),
     Case("ckpt-truncated", "checkpoint", "truncated checkpoint file",
          lambda t: _run_ckpt(t, lambda plan: _good_manifest(plan, size=1000)), 2, ("truncated",), "runtime"),
+    # issue 19: command-line arguments, labels, units
+    Case("args-missing-all-at-once", "options", "evaluate without --tp, --dp and --micro-batch",
+         lambda t: [*EVAL, "--pp", "2"], 2,
+         ("--tp: got None; this option is required", "--dp: got None", "--micro-batch: got None")),
+    Case("args-negative-micro-batch", "options", "negative --micro-batch (blamed on itself, not --global-batch)",
+         lambda t: [*EVAL, "--tp", "1", "--pp", "2", "--dp", "1", "--micro-batch", "-1"], 2,
+         ("--micro-batch: got -1; expected an integer >= 1",)),
+    Case("args-unreadable-and-unknown", "options", "a word for --tp, a misspelt option and dtype, together",
+         lambda t: [*EVAL, "--tp", "two", "--pp", "1", "--dp", "2", "--micro-batchs", "4", "--dtype", "bf32"], 2,
+         ("--tp: got 'two'; expected an integer", "--dtype: got 'bf32'; did you mean fp32?",
+          "--micro-batchs: got '4'; unknown option", "did you mean --micro-batch?", "--micro-batch: got None")),
+    Case("args-config-vs-model-and-cluster", "options", "4 devices on a 2-device cluster and 8 stages of 6 layers",
+         lambda t: [*EVAL, "--tp", "1", "--pp", "8", "--dp", "1", "--micro-batch", "1"], 2,
+         ("multiply to the cluster's 2 devices", "the model has 6 layers")),
+    Case("args-runtime-all-at-once", "runtime", "run with --nproc 0, --steps -1 and --resume without a folder",
+         lambda t: ["run", _plan_file(t, lambda d: None), "--nproc", "0", "--steps", "-1", "--resume"], 2,
+         ("--nproc: got 0", "--steps: got -1", "--resume: got True; needs --checkpoint-dir"), "runtime"),
+    Case("run-one-process", "runtime", "plan for 2 devices launched on 1 process (plurals)",
+         lambda t: ["run", _plan_file(t, lambda d: None), "--nproc", "1", "--steps", "1"], 2,
+         ("2 processes but 1 process was launched", "re-plan for 1 device"), "runtime"),
+    Case("out-legend", "output", "a plan's output: the labels it prints, explained in one legend line",
+         lambda t: [*EVAL, "--tp", "1", "--pp", "1", "--dp", "2", "--micro-batch", "2", "--zero", "1"], 0,
+         ("legend: dp/tp/pp = data-, tensor-, pipeline-parallel degrees", "mb=2x2 = 2 micro-batches of 2 samples",
+          "zero1 = optimizer state sharded over dp", "binding (what limits a device): compute = "), stream="stdout"),
+    Case("out-plan-file-mode", "output", "plan file written under umask 022 (was 0600)",
+         lambda t: ["plan", *TINY, "--global-batch", "8", "--tp", "1", "--json", "-o", str(t / "p.json")], 0,
+         ("plan file mode 0644",), stream="stdout", umask=0o022,
+         observe=lambda t: f"plan file mode {(t / 'p.json').stat().st_mode & 0o777:04o}"),
+    Case("out-plan-file-mode-077", "output", "plan file written under umask 077",
+         lambda t: ["plan", *TINY, "--global-batch", "8", "--tp", "1", "--json", "-o", str(t / "p.json")], 0,
+         ("plan file mode 0600",), stream="stdout", umask=0o077,
+         observe=lambda t: f"plan file mode {(t / 'p.json').stat().st_mode & 0o777:04o}"),
+    Case("out-param-units", "output", "`models`: a 4,562-parameter model (was 0.0M)", lambda t: ["models"], 0,
+         ("cnn-tiny", "4.6K"), stream="stdout"),
+    Case("out-help-commands", "output", "`--help` lists every subcommand", lambda t: ["--help"], 0,
+         ("compare", "report", "profile-cluster"), stream="stdout"),
+    # issue 19: cluster plausibility and infeasibility hints
+    _cluster_case(lambda d: d["device"]["peak_flops"].update(bf16=312), "device.peak_flops.bf16",
+                  "312 FLOP/s looks like TFLOP/s: write 312e12", "--i-know",
+                  what="peak FLOP/s typed in TFLOP/s (bf16: 312)", cid="cluster-flops-in-tflops"),
+    _cluster_case(lambda d: d["device"].update(memory_bytes=40), "device.memory_bytes",
+                  "40 bytes looks like GiB: write 40 * 2**30 = 42949672960",
+                  what="device memory typed in GiB (memory_bytes: 40)", cid="cluster-memory-in-gib"),
+    _cluster_case(lambda d: d["inter_node"].update(latency_s=30), "inter_node.latency_s",
+                  "30 s looks like µs: write 30e-6", what="latency of 30 s", cid="cluster-latency-seconds"),
+    _cluster_case(lambda d: d["inter_node"].update(bandwidth_bytes_per_s=100), "inter_node.bandwidth_bytes_per_s",
+                  "write 100e9 (if it is Gb/s: 12.5e9)", what="link bandwidth typed in GB/s or Gb/s (100)",
+                  cid="cluster-bandwidth-in-gbs"),
+    _cluster_case(lambda d: d.update(collectives={c: [{"nodes": 1, "message_bytes": 2**20,
+                                                       "bus_bandwidth_bytes_per_s": 180}]
+                                                  for c in ("all_reduce", "all_gather", "reduce_scatter")}),
+                  "collectives.all_reduce[0].bus_bandwidth_bytes_per_s", "180 B/s looks like GB/s: write 180e9",
+                  what="measured bus bandwidth typed in GB/s (nccl-tests' busbw column)", cid="cluster-busbw-in-gbs"),
+    Case("cluster-echo", "cluster", "inter_node 100e9 meant as one 100 Gb/s NIC: plausible, read back in Gb/s",
+         lambda t: ["plan", "--model", "gpt-tiny", "--cluster",
+                    _cluster_file(t, lambda d: d["inter_node"].update(bandwidth_bytes_per_s=100e9)),
+                    "--global-batch", "8"], 0,
+         ("cluster as read: 1 node x 8 A100-SXM4-80GB: 312 TFLOP/s bf16",
+          "infiniband 100 GB/s per node = 800 Gb/s (12.5 GB/s per device)"), stream="stdout"),
+    Case("cluster-i-know", "cluster", "memory_bytes: 40 accepted with --i-know: a warning, then no device fits",
+         lambda t: ["plan", "--model", "gpt-tiny", "--cluster",
+                    _cluster_file(t, lambda d: d["device"].update(memory_bytes=40)), "--global-batch", "8",
+                    "--i-know"], 2,
+         ("warning: device.memory_bytes", "accepted (--i-know)", "No number of these devices fits",
+          "device.memory_bytes = 40")),
+    Case("opt-nodes-implausible", "options", "--nodes 200000 (more than any cluster)",
+         lambda t: ["plan", "--model", "gpt-tiny", "--cluster", "cpu-local", "--nodes", "200000",
+                    "--global-batch", "8"], 2, ("nodes", "above the largest plausible value", "lower --nodes")),
+    Case("infeasible-1t-v100", "infeasible", "Megatron-1T on 67 DGX-1 V100 nodes (the hint used to move: 67, 68, ...)",
+         lambda t: ["plan", "--model", "megatron-1t", "--cluster", "dgx1-v100", "--nodes", "67",
+                    "--global-batch", "512"], 2,
+         ("28.3 MiB over the 28.4 GiB usable", "devices with at least 32.1 GiB", "--nodes 122",
+          "found by search: 121 nodes do not fit")),
+    Case("infeasible-one-layer", "infeasible", "GPT-3 175B on devices of 3 GiB: no count of them holds one layer",
+         lambda t: ["plan", "--model", "gpt3-175b", "--cluster",
+                    _cluster_file(t, lambda d: d["device"].update(memory_bytes=3 * 2**30)), "--global-batch", "64"],
+         2, ("No number of these devices fits: one layer needs", "use devices with >=")),
+    # a schedule the runtime runs refuses the micro-batch count: the search proposes no such plan
+    Case("infeasible-1f1b-few-micro-batches", "infeasible",
+         "pp=4 with only 1f1b allowed and a global batch of 2 (torch's Schedule1F1B needs m >= p)",
+         lambda t: ["plan", "--model", "gpt-tiny", "--cluster", "cpu-local", "--devices-per-node", "4", "--pp", "4",
+                    "--global-batch", "2", "--schedules", "1f1b"], 2,
+         ("'1f1b' needs at least 4 micro-batches", "raise --global-batch to 4 or more")),
+    Case("opt-global-batch-implausible", "options", "--global-batch 999999999 (tokens given as samples?)",
+         lambda t: ["plan", "--model", "gpt-tiny", "--cluster", "cpu-local", "--global-batch", "999999999"], 2,
+         ("global_batch", "more than 10,000,000 samples per step", "divide by the sequence length")),
 ]
