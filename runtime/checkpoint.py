@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from runtime.data_parallel import OptimizerShards
 from runtime.errors import CheckpointError
 from runtime.model import StageModule
 from runtime.tensor_parallel import QKV_ATTR, canonical_from_tp, to_tp_rows
@@ -105,12 +106,23 @@ def _canonical_keys(stage: StageModule) -> dict[str, int]:
     return dict(getattr(stage, QKV_ATTR, {}))
 
 
-def _state_for_save(stages: list[StageModule], optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+def _optimizer_state(stage: StageModule, position: int, optim: torch.optim.Optimizer | None,
+                     zero: OptimizerShards | None) -> dict[str, Any]:
+    """The stage's optimizer state in torch's flattened layout: ZeRO-1/2 slices gathered to whole tensors."""
+    if optim is None:
+        return {}
+    if zero is not None:
+        return zero.optimizer_state(optim, position)
+    return get_optimizer_state_dict(stage, optim, options=_OPTIONS)
+
+
+def _state_for_save(stages: list[StageModule], optimizers: list[torch.optim.Optimizer],
+                    zero: OptimizerShards | None = None) -> dict[str, Any]:
     model_sd: dict[str, Any] = {}
     optim_sd: dict[str, Any] = {}
-    for stage, optim in zip(stages, optimizers or [None] * len(stages)):  # no optimizers: the model alone
-        msd = get_model_state_dict(stage)
-        osd = get_optimizer_state_dict(stage, optim, options=_OPTIONS) if optim is not None else {}
+    for position, (stage, optim) in enumerate(zip(stages, optimizers or [None] * len(stages))):
+        msd = get_model_state_dict(stage)  # no optimizers: the model alone
+        osd = _optimizer_state(stage, position, optim, zero)
         for fqn, tp in _canonical_keys(stage).items():
             msd[fqn] = canonical_from_tp(_full(msd[fqn]), tp)
             for key in [k for k in osd if k.startswith(f"state.{fqn}.")]:
@@ -126,7 +138,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(root: str | Path, step: int, stages: list[StageModule], optimizers: list[torch.optim.Optimizer],
-                    *, info: dict[str, Any]) -> Path:
+                    *, info: dict[str, Any], zero: OptimizerShards | None = None) -> Path:
     """Collective: every rank calls it after optimizer step ``step``. Returns the final folder."""
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -135,7 +147,7 @@ def save_checkpoint(root: str | Path, step: int, stages: list[StageModule], opti
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dcp.save(_state_for_save(stages, optimizers), checkpoint_id=str(tmp))
+    dcp.save(_state_for_save(stages, optimizers, zero), checkpoint_id=str(tmp))
     dist.barrier()
     if rank == 0:
         write_manifest(tmp, step=step, info=info)
@@ -155,14 +167,22 @@ def write_manifest(folder: Path, *, step: int, info: dict[str, Any]) -> dict[str
     return manifest
 
 
-def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: list[torch.optim.Optimizer]) -> None:
+def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: list[torch.optim.Optimizer],
+                    zero: OptimizerShards | None = None) -> None:
     """Collective: fill this rank's stages and optimizers from a verified checkpoint, resharding as needed."""
     model_sd: dict[str, Any] = {}
     optim_sd: dict[str, Any] = {}
     per_stage = []
-    for stage, optim in zip(stages, optimizers or [None] * len(stages)):  # no optimizers: the model alone
-        msd = get_model_state_dict(stage)
-        osd = get_optimizer_state_dict(stage, optim, options=_OPTIONS) if optim is not None else {}
+    saved = _saved_optimizer_keys(path) if zero is not None and optimizers else {}
+    hyper = _saved_hyper(path) if zero is not None and optimizers else {}  # collective, as dcp.load is
+    for position, (stage, optim) in enumerate(zip(stages, optimizers or [None] * len(stages))):
+        msd = get_model_state_dict(stage)  # no optimizers: the model alone
+        if optim is None:
+            osd = {}
+        elif zero is not None:  # whole tensors in, this rank's slices out (load_optimizer_state)
+            osd = zero.optimizer_state_template(position, saved)
+        else:
+            osd = get_optimizer_state_dict(stage, optim, options=_OPTIONS)
         templates = {}
         for fqn in _canonical_keys(stage):
             templates[fqn] = msd[fqn]
@@ -180,7 +200,8 @@ def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: lis
     except Exception as exc:  # DCP raises a CheckpointException wrapping each rank's error
         raise CheckpointError(f"checkpoint {path}: cannot be loaded into this plan ({_first_line(exc)}); it was "
                               "written for a different model, or is damaged") from exc
-    for stage, optim, (msd, osd, templates) in zip(stages, optimizers or [None] * len(stages), per_stage):
+    for position, (stage, optim, (msd, osd, templates)) in enumerate(
+            zip(stages, optimizers or [None] * len(stages), per_stage)):
         tp_of = _canonical_keys(stage)
         for key, template in templates.items():
             fqn = key if key in tp_of else next(f for f in tp_of if key.startswith(f"state.{f}."))
@@ -190,8 +211,36 @@ def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: lis
                 value = distribute_tensor(value, template.device_mesh, template.placements, src_data_rank=None)
             source[key] = value
         set_model_state_dict(stage, msd)
-        if optim is not None:
+        if optim is not None and zero is not None:
+            for key, value in hyper.items():
+                osd.setdefault(key, value)
+            zero.load_optimizer_state(optim, position, osd)
+        elif optim is not None:
             set_optimizer_state_dict(stage, optim, osd, options=_OPTIONS)
+
+
+def _metadata(path: str | Path) -> Any:
+    return dcp.FileSystemReader(str(path)).read_metadata()
+
+
+def _saved_optimizer_keys(path: str | Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Every saved optimizer tensor ``state.<fqn>.<key>``: its whole shape and dtype (from DCP's metadata)."""
+    out = {}
+    for key, meta in _metadata(path).state_dict_metadata.items():
+        if key.startswith("optim.state.") and hasattr(meta, "size"):
+            out[key[len("optim."):]] = (meta.size, meta.properties.dtype)
+    return out
+
+
+def _saved_hyper(path: str | Path) -> dict[str, Any]:
+    """The saved ``param_groups.<fqn>.<hyper>`` values (DCP stores non-tensors as bytes)."""
+    meta = _metadata(path).state_dict_metadata
+    keys = [k for k in meta if k.startswith("optim.param_groups.") and not hasattr(meta[k], "size")]
+    if not keys:
+        return {}
+    state: dict[str, Any] = {"optim": {k[len("optim."):]: None for k in keys}}
+    dcp.load(state, checkpoint_id=str(path))
+    return state["optim"]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -3,23 +3,25 @@
 No real ranks and no memory: the process joins a *fake* process group (torch's ``fake`` backend, whose
 collectives do nothing) as the rank being examined, builds the model on the meta device, and runs the
 same parallelization steps as a real run (:func:`runtime.train.parallelize_stages`: this rank's stages,
-tensor parallel as DTensor placements, recompute, FSDP2 for ZeRO), then gives every parameter a
-gradient of its own layout and has AdamW create its state (what its ``step`` does first). What it
-counts is therefore what those objects are, not a formula:
+tensor parallel as DTensor placements, recompute, the ZeRO-1/2 optimizer slices or FSDP2 for ZeRO-3),
+then gives every parameter a gradient of its own layout and has AdamW create its state (what its
+``step`` does first) over what a run's optimizer updates. What it counts is therefore what those
+objects are, not a formula:
 
-* ``parameters``: the local shard of every parameter (DTensor ``to_local()``), in its dtype;
+* ``parameters``: the local shard of every parameter (DTensor ``to_local()``), in its dtype, each
+  once (a tied weight whose two stages share a rank is one parameter there);
 * ``gradients``: one gradient per parameter with the parameter's layout (what the step leaves after the
-  data-parallel reduce);
+  data-parallel reduce), or under ZeRO-2 one per optimizer slice;
 * ``optimizer``: AdamW's state tensors (the moments; the scalar step counters are left out, as in
-  the run report's ``model_state_bytes``);
+  the run report's ``model_state_bytes``), under ZeRO-1/2 those of this rank's 1/dp slice of each
+  parameter (:class:`runtime.data_parallel.OptimizerShards`);
 * ``gathered``: what FSDP2 all-gathers during a step (its recorded unsharded sizes): the largest layer,
   and the whole stage;
 * ``step peak``: the model state held at the step's peak, by torch's rules for those gathers
   (:func:`step_peak_bytes`): under a pipeline schedule torch keeps an FSDP stage gathered across the
   micro-batches and accumulates unsharded gradients until the last one (the whole stage, twice);
-  ZeRO-1/2 (``reshard_after_forward=False``) keep the stage gathered from forward to backward, with one
-  layer's unsharded gradient at a time; ZeRO-3 gathers a layer and prefetches the next, with one
-  layer's unsharded gradient. Without FSDP it is the state itself.
+  ZeRO-3 gathers a layer and prefetches the next, with one layer's unsharded gradient. Without FSDP
+  (ZeRO-0/1/2) it is the state itself.
 
 Ranks are grouped by role: all the ranks of one pipeline position build the same modules and differ
 only in which shard of each tensor they keep. One rank per position is built (``dp`` and ``tp``
@@ -50,6 +52,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from planner.plan import Plan
+from runtime.data_parallel import OptimizerShards
 from runtime.errors import RunCheckError
 from runtime.parallel_dims import ParallelDims
 
@@ -169,15 +172,15 @@ def dry_run(plan: Plan, *, rank: int | None = None,
     for position in positions:
         built = rank if rank is not None else dims.rank_of(position, 0, 0)
         with fake_world(world, built):
-            stages, optimizers = _build_rank(plan, dims, model)
-            measured = measure(stages, optimizers)
+            stages, optimizers, zero = _build_rank(plan, dims, model)
+            measured = measure(stages, optimizers, zero)
             dtypes |= {str(p.dtype).removeprefix("torch.") for s in stages for p in s.parameters()}
             stage_indices = tuple(s.stage_index for s in stages)
             if rank is not None:
                 by_rank = {rank: measured}
             else:
                 members = [dims.rank_of(position, d, t) for d in range(dims.dp) for t in range(dims.tp)]
-                by_rank = _bytes_at(stages, optimizers, dims, members, measured)
+                by_rank = _bytes_at(stages, optimizers, zero, dims, members, measured)
                 if by_rank[built] != measured:  # the layout rule must reproduce the rank that was built
                     raise AssertionError(f"dry-run: rank {built} computed {by_rank[built]} but measured {measured}")
         predicted = _predicted(plan, position)
@@ -212,8 +215,6 @@ def step_peak_bytes(plan: Plan, state: StateBytes) -> int:
         return state.total
     if plan.parallel.pp > 1:  # gathered for all micro-batches, unsharded gradients accumulated until the last
         return state.total + 2 * state.gathered_stage
-    if plan.parallel.zero_stage in (1, 2):  # reshard_after_forward=False: the stage stays gathered for backward
-        return state.total + state.gathered_stage + state.gathered_layer_max
     return state.total + 3 * state.gathered_layer_max  # a layer, the prefetched next one, a layer's gradient
 
 
@@ -225,22 +226,30 @@ def _preset_builder(plan: Plan) -> Callable[[], nn.Module]:
 
 
 def _build_rank(plan: Plan, dims: ParallelDims, model: nn.Module
-                ) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
-    """This (fake) rank's stages of ``model``, parallelized as a run does, with gradients and AdamW's state."""
+                ) -> tuple[list[nn.Module], list[torch.optim.Optimizer], OptimizerShards | None]:
+    """This (fake) rank's stages of ``model``, parallelized as a run does, with gradients and AdamW's state
+    over what the run's optimizer updates (the ZeRO-1/2 slices, returned too, or the parameters)."""
     from runtime.train import parallelize_stages
 
     device = torch.device("meta")
     mesh = dims.build_mesh("cpu")
-    stages, _, _ = parallelize_stages(model, plan, mesh, device)
+    stages, _, dp_mode = parallelize_stages(model, plan, mesh, device)
+    zero = OptimizerShards(stages, mesh["dp"], dp_mode.zero_stage) if dp_mode.kind == "zero" else None
+    for param in _unique_parameters(stages):
+        param.grad = torch.zeros_like(param)
+    if zero is not None:
+        zero.attach_gradients()
     optimizers = []
-    for stage in stages:
-        for param in stage.parameters():
-            param.grad = torch.zeros_like(param)
-        optim = torch.optim.AdamW(stage.parameters(), lr=0.0)
+    for index, stage in enumerate(stages):
+        params = zero.parameters(index) if zero is not None else \
+            [p for p in stage.parameters() if not any(p is q for s in stages[:index] for q in s.parameters())]
+        if not params:
+            continue
+        optim = torch.optim.AdamW(params, lr=0.0)
         for group in optim.param_groups:  # what step() does first: create the state of every parameter
             optim._init_group(group, [], [], [], [], [], [])  # (the arithmetic after it would add seconds)
         optimizers.append(optim)
-    return stages, optimizers
+    return stages, optimizers, zero
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -259,13 +268,25 @@ def _state_tensors(optim: torch.optim.Optimizer) -> Iterator[tuple[nn.Parameter,
                 yield param, value
 
 
-def measure(stages: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> StateBytes:
+def _unique_parameters(stages: list[nn.Module]) -> list[nn.Parameter]:
+    return list({id(p): p for s in stages for p in s.parameters()}.values())
+
+
+def _gradients(stages: list[nn.Module], zero: OptimizerShards | None) -> list[torch.Tensor]:
+    """The gradients this rank holds after the reduce: whole (or FSDP-sharded) ones, or ZeRO-2's slices."""
+    if zero is not None and zero.zero_stage == 2:
+        return [p.grad for _, p in zero.named_parameters() if p.grad is not None]
+    return [p.grad for p in _unique_parameters(stages) if p.grad is not None]
+
+
+def measure(stages: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+            zero: OptimizerShards | None = None) -> StateBytes:
     """The bytes the objects of this rank hold (local shards)."""
-    params = [p for s in stages for p in s.parameters()]
+    params = _unique_parameters(stages)
     layer_max, stage_total, unsharded = _gathered(stages)
     elements = unsharded if unsharded else sum(_local(p).numel() for p in params)
     return StateBytes(elements=elements, parameters=sum(_local_bytes(p) for p in params),
-                      gradients=sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+                      gradients=sum(_local_bytes(g) for g in _gradients(stages, zero)),
                       optimizer=sum(_local_bytes(v) for o in optimizers for _, v in _state_tensors(o)),
                       gathered_layer_max=layer_max, gathered_stage=stage_total)
 
@@ -313,21 +334,43 @@ def _gathered_dtype(fsdp_param: Any) -> torch.dtype:
     return getattr(fsdp_param, "param_dtype", None) or fsdp_param.sharded_param.dtype
 
 
-def _bytes_at(stages: list[nn.Module], optimizers: list[torch.optim.Optimizer], dims: ParallelDims,
-              ranks: list[int], built: StateBytes) -> dict[int, StateBytes]:
-    """Each rank's bytes: the built rank's tensors with their DTensor layouts evaluated at its coordinate."""
-    params = [p for s in stages for p in s.parameters()]
-    kinds = (_layouts(iter(params)), _layouts(p.grad for p in params if p.grad is not None),
-             _layouts(v for o in optimizers for _, v in _state_tensors(o)))
+def _bytes_at(stages: list[nn.Module], optimizers: list[torch.optim.Optimizer], zero: OptimizerShards | None,
+              dims: ParallelDims, ranks: list[int], built: StateBytes) -> dict[int, StateBytes]:
+    """Each rank's bytes: the built rank's tensors with their DTensor layouts evaluated at its coordinate.
+
+    A ZeRO-1/2 slice is a plain tensor whose length depends on the dp coordinate: it is counted as its
+    parameter's local layout at the rank's coordinate, cut to that dp index's slice (:func:`_slice_bytes`)."""
+    params = _unique_parameters(stages)
+    sliced = zero is not None
+    slice_of = {id(shard): param for param, shard in zero.slices()} if sliced else {}
+    grads = [] if sliced and zero.zero_stage == 2 else [p.grad for p in params if p.grad is not None]
+    kinds = (_layouts(iter(params)), _layouts(grads),
+             _layouts(v for o in optimizers for p, v in _state_tensors(o) if id(p) not in slice_of))
+    slice_states = [(slice_of[id(p)], v.element_size()) for o in optimizers for p, v in _state_tensors(o)
+                    if id(p) in slice_of]
+    if sliced and zero.zero_stage == 2:
+        slice_grads = [(param, shard.grad.element_size()) for param, shard in zero.slices() if shard.grad is not None]
+    else:
+        slice_grads = []
     out = {}
     for rank in ranks:
         pp_i, dp_i, tp_i = dims.coords(rank)
         coords = {"pp": pp_i, "dp": dp_i, "tp": tp_i}
         sizes = [sum(n * _bytes_at_coord(layout, coords) for layout, n in kind.items()) for kind in kinds]
+        if sliced:
+            sizes[1] += sum(_slice_bytes(p, size, coords, zero.world) for p, size in slice_grads)
+            sizes[2] += sum(_slice_bytes(p, size, coords, zero.world) for p, size in slice_states)
         out[rank] = StateBytes(parameters=sizes[0], gradients=sizes[1], optimizer=sizes[2],
                                gathered_layer_max=built.gathered_layer_max, gathered_stage=built.gathered_stage,
                                elements=built.elements)
     return out
+
+
+def _slice_bytes(param: torch.Tensor, element_size: int, coords: dict[str, int], dp: int) -> int:
+    """Bytes of the ZeRO slice at ``coords`` of ``param``: its local numel there, cut into ``dp`` even slices."""
+    (layout, _), = _layouts([param]).items()
+    numel = _bytes_at_coord(layout, coords) // layout[4]
+    return _chunk_size(numel, dp, coords["dp"]) * element_size
 
 
 @functools.cache

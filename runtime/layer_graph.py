@@ -15,7 +15,7 @@ stage for glue after the last layer). What crosses the boundary after stage ``k`
 at or before stage ``k`` and read after it, in execution order: the residual stream for a chain, the
 encoder output and the decoder stream for T5. The model's own inputs are not sent down the pipeline:
 every rank has the batch, so each stage gets them directly (as keyword arguments of the
-schedule's ``step``, which torch hands to every stage; see ``runtime.train._forward_backward``).
+schedule's ``step``, which torch hands to every stage; see ``runtime.step.forward_backward``).
 """
 
 from __future__ import annotations

@@ -143,27 +143,28 @@ def resident_parameter_bytes(modules: list[nn.Module]) -> int:
 def planned_parameter_bytes(plan: Plan, model: nn.Module, rank: int) -> int:
     """Parameter bytes the plan puts on ``rank``: its stages' parameters of the full ``model`` (meta is fine),
     each divided by tp where the plan's styles split it and over dp (padded to equal shards, as FSDP2
-    allocates) when the plan shards with ZeRO."""
+    allocates) when the plan shards parameters (ZeRO-3)."""
     par = plan.parallel
     splits = TensorSplits.from_plan(plan)
-    total = 0
+    # A tied parameter is counted once, split as the module that splits it says (BERT's decoder bias, also held
+    # whole by its parent ``cls.predictions``: runtime.tensor_parallel_tied), also when two of the rank's stages
+    # hold it (a V-shaped schedule's embedding and tied head: one parameter on the rank).
+    held: dict[int, tuple[torch.Tensor, int | None]] = {}
     for stage in stages_of_rank(plan, rank):
-        # A tied parameter is counted once, split as the module that splits it says (BERT's decoder bias,
-        # also held whole by its parent ``cls.predictions``: runtime.tensor_parallel_tied).
-        held: dict[int, tuple[torch.Tensor, int | None]] = {}
         for layer in stage.layer_names:
             for mname, module in model.get_submodule(layer).named_modules(prefix=layer, remove_duplicate=False):
                 for pname, p in module.named_parameters(recurse=False):
                     dim = _split_dim(module, pname, splits.style_of(mname)) if par.tp > 1 else None
                     if held.get(id(p), (p, None))[1] is None:
                         held[id(p)] = (p, dim)
-        for p, dim in held.values():
-            shape = list(p.shape)
-            if dim is not None:
-                shape[dim] //= par.tp
-            if par.zero_stage >= 1 and shape:
-                shape[0] = math.ceil(shape[0] / par.dp)
-            total += math.prod(shape) * p.element_size()
+    total = 0
+    for p, dim in held.values():
+        shape = list(p.shape)
+        if dim is not None:
+            shape[dim] //= par.tp
+        if par.zero_stage >= 3 and shape:  # FSDP2; ZeRO-1/2 keep the parameters whole
+            shape[0] = math.ceil(shape[0] / par.dp)
+        total += math.prod(shape) * p.element_size()
     return total
 
 

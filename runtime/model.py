@@ -88,7 +88,7 @@ class StageModule(nn.Module):
             return self._whole[0](*received, **inputs)
         received = tuple(_ContiguousGrad.apply(t) if t.requires_grad else t for t in received)
         if self._graph is not None:
-            return run_stage(self._graph, self, received, inputs, self._call)
+            return _not_views(run_stage(self._graph, self, received, inputs, self._call))
         (x,) = received
         for layer in self._chain():
             x = self._call(layer, x)
@@ -119,6 +119,15 @@ def _attach(stage: nn.Module, path: str, model: nn.Module) -> None:
         parent.register_buffer(leaf, owner._buffers[leaf], persistent=leaf not in owner._non_persistent_buffers_set)
     else:  # a plain tensor attribute: read, never trained
         setattr(parent, leaf, getattr(owner, leaf))
+
+
+def _not_views(out: Any) -> Any:
+    """A received value sent on unchanged (a skip across several stages) is a view of what arrived; torch's
+    split backward (zb-v, zb-h1: input gradients before weight gradients) detaches stage outputs in place,
+    which a view refuses. Such outputs are copied."""
+    if isinstance(out, tuple):
+        return tuple(t.clone() if isinstance(t, torch.Tensor) and t._is_view() else t for t in out)
+    return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -10,14 +10,18 @@ in the order :mod:`runtime.train` applies it to presets, with the same code:
    forward; several are cut from an fx trace, or a ``torch.export`` graph when fx cannot trace the
    forward (Hugging Face models). The layers of other stages are freed (moved to the meta device);
 3. tensor parallelism (:func:`runtime.tensor_parallel.apply_tensor_parallel`: generic Linear/Embedding
-   splits from the plan's placements), recompute, then DDP or FSDP2 (:mod:`runtime.data_parallel`);
+   splits from the plan's placements), recompute, then data parallelism (:mod:`runtime.data_parallel`:
+   DDP or a flat all-reduce, ZeRO-1/2 optimizer slices, FSDP2 for ZeRO-3). A tied weight whose two
+   stages are both on this rank (a V-shaped schedule) stays one parameter
+   (:func:`runtime.tensor_parallel_tied.share_across_stages`);
 4. a model built on the meta device is materialised now, shard by shard, on the rank's device
    (``to_empty``), and initialised by ``init_fn`` (default: each submodule's ``reset_parameters``), or
    loaded from a checkpoint (``checkpoint=``: a DCP folder or Hugging Face safetensors files);
 5. the plan's pipeline schedule over the stages (:mod:`runtime.pipeline_parallel`).
 
 The returned :class:`ParallelModel` runs one step of the plan (``pm.step(inputs, targets)``: forward and
-backward over the plan's micro-batches; the optimizer step stays the caller's) and saves and loads DCP
+backward over the plan's micro-batches, with :mod:`runtime.step`, the code ``runtime.train`` runs; the
+optimizer step stays the caller's, over ``pm.parameters()``) and saves and loads DCP
 checkpoints keyed by the full model's parameter names (:mod:`runtime.checkpoint`), so a run resumes under
 another plan of the same model.
 """
@@ -42,7 +46,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from planner.plan import Plan
 from runtime import checkpoint as ckpt
 from runtime.checks import check_module_fingerprint
-from runtime.data_parallel import DataParallelMode, allreduce_gradients, apply_data_parallel
+from runtime.data_parallel import DataParallelMode, OptimizerShards, apply_data_parallel
 from runtime.errors import RunCheckError
 from runtime.materialize import free_other_layers, is_meta, load_safetensors, materialize
 from runtime.model import (
@@ -56,17 +60,21 @@ from runtime.parallel_dims import ParallelDims
 from runtime.pipeline_parallel import build_schedule, choose_schedule
 from runtime.rank_layout import RankCoords, RankLayout
 from runtime.recompute import apply_recompute
-from runtime.tensor_parallel import apply_tensor_parallel, reduce_partial_gradients
-from runtime.tensor_parallel_generic import check_module_tensor_parallel
-from runtime.train import (
-    _autocast,
-    _device,
-    _forward_backward,
-    _global_loss,
-    _Rank,
-    _tied_groups,
+from runtime.step import (
+    RankState,
+    forward_backward,
     global_grad_norm,
+    global_loss,
+    plan_autocast,
+    rank_device,
+    reduce_gradients,
+    scale_shared_once,
+    tied_groups,
+    verified_manifest,
 )
+from runtime.tensor_parallel import apply_tensor_parallel
+from runtime.tensor_parallel_generic import check_module_tensor_parallel
+from runtime.tensor_parallel_tied import share_across_stages
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 Inputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
@@ -75,10 +83,11 @@ Inputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 class ParallelModel:
     """This rank's part of a planned model: its stages, shards and schedule (made by :func:`parallelize`)."""
 
-    def __init__(self, plan: Plan, rank: _Rank, mesh: Any, layout: RankLayout, coords: RankCoords,
+    def __init__(self, plan: Plan, rank: RankState, mesh: Any, layout: RankLayout, coords: RankCoords,
                  device: torch.device) -> None:
         self.plan = plan
         self._r = rank
+        self._stepped = False  # ZeRO-1/2: a step ran since the replicas last gathered the optimizer's slices
         self._mesh = mesh
         self.layout = layout
         self.coords = coords
@@ -107,18 +116,32 @@ class ParallelModel:
         return self._r.stages
 
     @property
+    def optimizer_shards(self) -> OptimizerShards | None:
+        """ZeRO-1/2: this rank's slices of the parameters, which :meth:`parameters` yields; else ``None``."""
+        return self._r.zero
+
+    @property
     def module(self) -> nn.Module:
         """This rank's local modules: its stage (layers at their full-model paths), or a ``ModuleList`` of several."""
         return self.stages[0] if len(self.stages) == 1 else nn.ModuleList(self.stages)
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """This rank's parameters (its shards: DTensors under tp or FSDP), for the caller's optimizer."""
-        for stage in self.stages:
-            yield from stage.parameters()
+        """What the caller's optimizer updates on this rank, each tensor once: its parameters (DTensor shards
+        under tp or FSDP), or under ZeRO-1/2 its 1/dp slice of each (:class:`runtime.data_parallel.OptimizerShards`:
+        views into the parameters, so the optimizer holds the state of that slice only)."""
+        for _, p in self.named_parameters():
+            yield p
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        if self._r.zero is not None:
+            yield from self._r.zero.named_parameters()
+            return
+        seen: set[int] = set()
         for stage in self.stages:
-            yield from stage.named_parameters()
+            for name, p in stage.named_parameters():
+                if id(p) not in seen:  # a tied weight whose two stages are both on this rank: once
+                    seen.add(id(p))
+                    yield name, p
 
     # -- training ---------------------------------------------------------------------------------------
     def step(self, inputs: Inputs, targets: torch.Tensor) -> float:
@@ -140,15 +163,21 @@ class ParallelModel:
                                     f"world={self.data_world})")
         r.input_names = names
         values = tuple(t.to(self.device) for t in values)
-        local = _forward_backward(r, self.plan, values[0] if len(values) == 1 and names is None else values,
-                                  targets.to(self.device))
-        if par.tp > 1:
-            reduce_partial_gradients(r.stages)
-        if r.dp_mode.kind == "allreduce":
-            allreduce_gradients(r.stages, self._mesh["dp"])
-        for group in r.tied_groups:
-            group.sync(r.stages)
-        return _global_loss(local, r.last_holder and self.coords.tp == 0, par.dp, self.device)
+        self._gather()
+        local = forward_backward(r, self.plan, values[0] if len(values) == 1 and names is None else values,
+                                 targets.to(self.device))
+        reduce_gradients(r, self.plan, self._mesh["dp"])
+        self._stepped = True
+        return global_loss(local, r.last_holder and self.coords.tp == 0, par.dp, self.device)
+
+    def _gather(self) -> None:
+        """ZeRO-1/2: after the caller's optimizer step, every rank's updated slices into every replica (collective).
+
+        Run before the next step and before the weights are read (``state_dict``, ``save``); it also drops
+        the whole gradients of the last step (ZeRO-1 keeps them until then, as its slices' gradients)."""
+        if self._r.zero is not None and self._stepped:
+            self._r.zero.gather_parameters()
+            self._stepped = False
 
     def _arrange(self, inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...] | None]:
         """The inputs as a tuple, and the names the stages take them by (``None``: positionally)."""
@@ -169,9 +198,9 @@ class ParallelModel:
         """Scale the gradients so that the whole model's gradient norm is at most ``max_norm``; returns the norm.
 
         The norm is over every element once, across tp (DTensor shards), pp (a sum of squares over all
-        ranks) and FSDP shards (:func:`runtime.train.global_grad_norm`), so every rank scales alike."""
+        ranks) and FSDP or ZeRO-2 shards (:func:`runtime.step.global_grad_norm`), so every rank scales alike."""
         norm = global_grad_norm(self.stages, {"dp": self.coords.dp, "tp": self.coords.tp},
-                                skip=self._r.duplicate_names, device=self.device)
+                                skip=self._r.duplicate_names, device=self.device, zero=self._r.zero)
         scale = max_norm / (norm + 1e-6)
         if scale < 1.0:
             for p in self.parameters():
@@ -181,7 +210,10 @@ class ParallelModel:
 
     # -- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shards keyed by the full model's parameter names (DTensors where split)."""
+        """This rank's shards keyed by the full model's parameter names (DTensors where split).
+
+        Under ZeRO-1/2 it is collective after a step (the replicas first gather the optimizer's slices)."""
+        self._gather()
         out: dict[str, Any] = {}
         for stage in self.stages:
             out.update(get_model_state_dict(stage))
@@ -194,14 +226,16 @@ class ParallelModel:
 
     def save(self, directory: str | Path, *, step: int = 0, optimizer: torch.optim.Optimizer | None = None) -> Path:
         """Collective: a verified DCP checkpoint ``directory/step-NNNNNN`` (:mod:`runtime.checkpoint`)."""
+        self._gather()
         info = {"model_fingerprint": self.plan.model.fingerprint, "model": self.plan.model.name,
                 "parallel": self.plan.parallel.label()}
-        return ckpt.save_checkpoint(directory, step, self.stages, self._optimizers(optimizer), info=info)
+        return ckpt.save_checkpoint(directory, step, self.stages, self._optimizers(optimizer), info=info,
+                                    zero=self._r.zero)
 
     def load(self, directory: str | Path, *, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Collective: load a DCP checkpoint (a ``step-*`` folder or the newest under ``directory``) or Hugging
         Face ``*.safetensors`` files into this rank's shards, whatever plan saved them."""
-        load_into(directory, self.stages, self._optimizers(optimizer), self.plan)
+        load_into(directory, self.stages, self._optimizers(optimizer), self.plan, zero=self._r.zero)
 
     def _optimizers(self, optimizer: torch.optim.Optimizer | None) -> list[torch.optim.Optimizer]:
         if optimizer is None:
@@ -233,7 +267,7 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
 
         init_distributed(timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
-    device = _device()
+    device = rank_device()
     dims = ParallelDims.from_plan(plan, world)
     layout = dims.layout
     sample = _sample_input(plan, sample_input)
@@ -247,26 +281,35 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
                                  device=device)
     free_other_layers(model, plan, stages)
     dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage)
-    wrapped: list[nn.Module] = []
     for stage in stages:
         if not meta:
             stage.to(device)
-        if par.tp > 1:
-            apply_tensor_parallel(stage, mesh["tp"], plan)
-        _recompute(stage, par.recompute)
-        wrapped.append(apply_data_parallel(stage, dp_mode, mesh["dp"], device))
+    with share_across_stages(stages):  # a tied weight with both stages on this rank stays one Parameter
+        for stage in stages:
+            if par.tp > 1:
+                apply_tensor_parallel(stage, mesh["tp"], plan)
+            _recompute(stage, par.recompute)
+    wrapped = [apply_data_parallel(stage, dp_mode, mesh["dp"], device) for stage in stages]
     if meta:
         materialize(stages, device, init_fn)
     if checkpoint is not None:
         load_into(checkpoint, stages, [], plan)
-    r = _Rank(stages=stages, wrapped=wrapped, optimizers=[], dp_mode=dp_mode,
-              tied_groups=_tied_groups(tied, plan, dims, timeout_s), duplicate_names={n for t in tied for n in t.names[1:]},
-              loss_fn=loss_fn, autocast=_autocast(plan, device), input_names=stages[0].input_names)
+    zero = None
+    if dp_mode.kind == "zero":  # slices are views into the weights: made once they are in place
+        zero = OptimizerShards(stages, mesh["dp"], dp_mode.zero_stage)
+        if meta:  # each rank initialised its replica; its own slices now stand for every rank's
+            zero.gather_parameters()
+    r = RankState(stages=stages, wrapped=wrapped, optimizers=[], dp_mode=dp_mode, zero=zero,
+                  tied_groups=tied_groups(tied, plan, layout, timeout_s),
+                  duplicate_names={n for t in tied for n in t.names[1:]},
+                  loss_fn=loss_fn, autocast=plan_autocast(plan, device), input_names=stages[0].input_names)
     if par.pp > 1:
         choice = choose_schedule(plan)
         r.loss_fn = _rebuilding_output(loss_fn, stages)
-        r.schedule, _ = build_schedule(choice, wrapped, [s.stage_index for s in stages], plan,
-                                       pp_group=mesh["pp"].get_group(), device=device, loss_fn=r.loss_fn)
+        r.schedule, pipeline_stages = build_schedule(choice, wrapped, [s.stage_index for s in stages], plan,
+                                                     pp_group=mesh["pp"].get_group(), device=device,
+                                                     loss_fn=r.loss_fn)
+        r.shared = scale_shared_once(pipeline_stages)
         r.holds_first = any(s.stage_index == 0 for s in stages)
         r.last_holder = any(s.stage_index == len(plan.stages) - 1 for s in stages)
     return ParallelModel(plan, r, mesh, layout, layout.coords(rank), device)
@@ -292,6 +335,8 @@ def _check(model: nn.Module, plan: Plan, sample: Any) -> None:
         try:
             check_module_fingerprint(plan, model, sample)
             check_layer_coverage(model, plan)
+            if plan.parallel.zero_stage >= 3:
+                _check_no_shared_stage_parameter(model, plan)
             if plan.parallel.sequence_parallel:
                 raise RunCheckError("parallel.sequence_parallel: the runtime splits sequences for the project's "
                                     "gpt and llama presets only; re-plan this model without --sequence-parallel")
@@ -304,6 +349,18 @@ def _check(model: nn.Module, plan: Plan, sample: Any) -> None:
     dist.broadcast_object_list(result, src=0)
     if result[0] is not None:
         raise RunCheckError(result[0])
+
+
+def _check_no_shared_stage_parameter(model: nn.Module, plan: Plan) -> None:
+    """ZeRO-3 shards each stage in FSDP2 groups of its own, so two stages of one rank cannot share a parameter."""
+    ranks = {s.index: tuple(s.ranks) for s in plan.stages}
+    for tied in tied_parameters(model, plan):
+        stages = sorted(set(tied.stages))
+        if len({ranks[s] for s in stages}) < len(stages):
+            raise RunCheckError(
+                f"stages: the tied parameter {list(tied.names)} lies in stages {stages}, which the plan puts on the "
+                "same ranks; there the stages share one parameter, which ZeRO-3 (FSDP2, one group of parameters "
+                "per stage) cannot shard twice. Re-plan with zero_stage 0-2 or another schedule")
 
 
 def _sample_input(plan: Plan, sample_input: Any) -> Any:
@@ -351,7 +408,7 @@ def _rebuilding_output(loss_fn: LossFn, stages: list[StageModule]) -> LossFn:
 
 
 def load_into(source: str | Path, stages: list[StageModule], optimizers: list[torch.optim.Optimizer],
-              plan: Plan) -> None:
+              plan: Plan, *, zero: OptimizerShards | None = None) -> None:
     """Fill ``stages`` from a DCP checkpoint or Hugging Face safetensors files (see :meth:`ParallelModel.load`)."""
     path = Path(source)
     if any(path.glob("*.safetensors")):
@@ -362,10 +419,8 @@ def load_into(source: str | Path, stages: list[StageModule], optimizers: list[to
         return
     if not (path / ckpt.MANIFEST).is_file():
         path = ckpt.latest_checkpoint(path)
-    from runtime.train import _verified_manifest
-
-    manifest = _verified_manifest(path)
+    manifest = verified_manifest(path)
     if manifest.get("model_fingerprint") not in (None, plan.model.fingerprint):
         raise RunCheckError(f"checkpoint {path}: saved for model fingerprint {manifest.get('model_fingerprint')}, "
                             f"but the plan's model is {plan.model.fingerprint}; load a checkpoint of this model")
-    ckpt.load_checkpoint(path, stages, optimizers)
+    ckpt.load_checkpoint(path, stages, optimizers, zero)

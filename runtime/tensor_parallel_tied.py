@@ -26,11 +26,15 @@ the splitting module's shard.
 Megatron's pair is ``vocab`` + ``colwise`` (both dim 0); ``colwise`` embedding + ``rowwise`` head
 (both dim 1) is the other exact one. With the same split every module's local shard is the same
 slice of the one weight, so sharing the first module's parameter keeps them one tensor, and its
-gradient sums every use, as on one device. Ties across pipeline stages are separate copies summed
-by ``runtime.train`` after each step, shard by shard.
+gradient sums every use, as on one device. Ties across pipeline stages on different ranks are
+separate copies summed by ``runtime.step.TiedGroup`` after each step, shard by shard; two stages on
+one rank (a V-shaped schedule) share one parameter (:func:`share_across_stages`).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -126,3 +130,19 @@ def retie(root: nn.Module, uses: list[list[tuple[str, str]]]) -> int:
                 root.get_submodule(fqn).register_parameter(name, param)
                 count += 1
     return count
+
+
+@contextlib.contextmanager
+def share_across_stages(stages: list[nn.Module]) -> Iterator[None]:
+    """Around the splitting of a rank's stages: a parameter that two of them share stays one ``Parameter``.
+
+    A V-shaped schedule (zb-v, dualpipe-v) puts the first stage (the token embedding) and the last (the
+    LM head tied to it) on the same rank. Both stages are cut from one model, so they hold the same
+    ``Parameter``, and its gradient sums both uses as on one device: no all-reduce between them is
+    needed. Tensor parallelism splits each stage on its own and would give each use a parameter of its
+    own; on leaving, the second use gets the first one's again (:func:`retie`, with the same checked
+    split). Copies on different ranks stay separate and are summed by ``runtime.step.TiedGroup``."""
+    root = nn.ModuleList(stages)
+    across = [uses for uses in tied_uses(root) if len({fqn.split(".", 1)[0] for fqn, _ in uses}) > 1]
+    yield
+    retie(root, across)

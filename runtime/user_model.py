@@ -197,15 +197,8 @@ def preflight_user(plan: Plan, launch: Launch, *, resume_dir: str | None) -> Non
 def train_user(plan: Plan, options: Any, user: UserCode) -> Any:
     """The CLI's loop over :func:`runtime.parallelize.parallelize` (collective; in an initialised group)."""
     from runtime.parallelize import parallelize  # the Python API: one path for scripts and the CLI
-    from runtime.train import (
-        RankMetrics,
-        RunResult,
-        StopRequest,
-        _peak_memory,
-        _state_bytes,
-        resume_message,
-        stop_message,
-    )
+    from runtime.step import peak_memory, state_bytes
+    from runtime.train import RankMetrics, RunResult, StopRequest, resume_message, stop_message
 
     rank = dist.get_rank()
     if user.model:
@@ -259,8 +252,8 @@ def train_user(plan: Plan, options: Any, user: UserCode) -> Any:
                     print(stop_message(stopped_by, step, checkpoints[-1] if options.checkpoint_dir else None,
                                        options.checkpoint_dir), file=sys.stderr, flush=True)
                 break
-    metrics.peak_memory_bytes, metrics.memory_kind = _peak_memory(device)
-    metrics.model_state_bytes = _state_bytes(pm.stages, [optim])
+    metrics.peak_memory_bytes, metrics.memory_kind = peak_memory(device)
+    metrics.model_state_bytes = state_bytes(pm.stages, [optim], pm.optimizer_shards)
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, metrics)
     step_times = [max(m.step_times_s[i] for m in gathered) for i in range(len(losses))]

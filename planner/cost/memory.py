@@ -62,6 +62,26 @@ def _stage_params(table: LayerTable, start: int, stop: int) -> float:
     return own + sum(extra.values())
 
 
+def device_params(table: LayerTable, chunks: list[tuple[int, int]]) -> float:
+    """Parameters a device holds with ``chunks`` (one per virtual stage): each chunk's :func:`stage_params`, less
+    a tied parameter counted by two of them. A V-shaped schedule puts the embedding's chunk and the tied head's
+    on one device, which holds the weight once (the runtime shares one parameter between the two stages)."""
+    total = sum(table.segment(a, b).params for a, b in chunks)
+    if len(chunks) < 2:
+        return total
+    tied = table._totals.get("tied_uses")  # name -> (numel, owner, users): read once per table
+    if tied is None:
+        users: dict[str, tuple[int, int, list[int]]] = {}
+        for i, entries in enumerate(table.tied):
+            for name, numel, owner in entries:
+                users.setdefault(name, (numel, owner, []))[2].append(i)
+        tied = table._totals["tied_uses"] = users
+    for numel, owner, uses in tied.values():
+        count = sum(1 for a, b in chunks if a <= owner < b or any(a <= u < b for u in uses))
+        total -= numel * max(0, count - 1)
+    return total
+
+
 @dataclass(frozen=True)
 class MemoryParts:
     weights: float
@@ -110,7 +130,7 @@ def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight:
                  c: CostConstants, is_last: bool) -> MemoryParts:
     """Memory of one device holding ``chunks`` (one per virtual stage) of layers."""
     segs = [table.segment(a, b) for a, b in chunks]  # memoised sums and maxima, as the slices give them
-    params = sum(s.params for s in segs)
+    params = device_params(table, chunks)
     pw, pg, po = _per_param_bytes(table, cfg, c)
     stored = sum(s.stored_act_bytes for s in segs)
     work = max(s.work_act_max for s in segs)

@@ -53,6 +53,7 @@ from planner.cost.layer_table import (
 )
 from planner.cost.memory import (
     MemoryParts,
+    device_params,
     stage_memory,
     stage_memory_matrix,
     stage_memory_vec,
@@ -73,27 +74,38 @@ __all__ = [
 
 @dataclass
 class StepPrediction:
+    """One priced step. The per-device lists have one entry per pipeline *device* (position), not per
+    stage (model chunk): with ``v`` virtual stages a device runs ``v`` chunks. The ``*_stage*`` names
+    of before are read-only aliases."""
+
     step_time_s: float
     mfu: float
     fits: bool
-    memory_per_stage: list[MemoryParts]
+    memory_per_device: list[MemoryParts]
     time_breakdown_s: dict[str, float]
-    stage_times_s: list[float]
-    bottleneck_stage: int
+    device_times_s: list[float]
+    bottleneck_device: int
     binding: list[str]
     memory_limit_bytes: float
     schedule_result: object = None
     notes: list[str] = field(default_factory=list)
-    # Per pipeline position (mixed clusters: each device type's own limit; empty when not set).
-    memory_limit_per_stage_bytes: list[float] = field(default_factory=list)
-    stage_device_names: list[str] = field(default_factory=list)
+    # Per pipeline device (mixed clusters: each device type's own limit; empty when not set).
+    memory_limit_per_device_bytes: list[float] = field(default_factory=list)
+    device_names: list[str] = field(default_factory=list)
     # Per chunk, in model order: (forward, backward-input, backward-weight) seconds of one micro-batch,
     # as the schedule was priced (communication and pipeline-step overheads included).
     chunk_phase_times_s: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def peak_memory_bytes(self) -> float:
-        return max(m.total for m in self.memory_per_stage)
+        return max(m.total for m in self.memory_per_device)
+
+    # The names before "stage" meant a model chunk only (read-only aliases of the per-device fields).
+    memory_per_stage = property(lambda self: self.memory_per_device)
+    stage_times_s = property(lambda self: self.device_times_s)
+    bottleneck_stage = property(lambda self: self.bottleneck_device)
+    memory_limit_per_stage_bytes = property(lambda self: self.memory_limit_per_device_bytes)
+    stage_device_names = property(lambda self: self.device_names)
 
 
 def _chunks_of_device(boundaries: list[tuple[int, int]], devices: tuple[int, ...],
@@ -155,10 +167,10 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     peak = sum(g.device.peak(table.dtype) * g.num_devices for g in cluster.groups)  # every device at its own peak
     mfu = flops / (step * peak) if step > 0 else 0.0
     return StepPrediction(step_time_s=step, mfu=mfu, fits=all(mp.total <= lim for mp, lim in zip(memory, limits)),
-                          memory_per_stage=memory, time_breakdown_s=breakdown, stage_times_s=per_device,
-                          bottleneck_stage=busiest, binding=binding, memory_limit_bytes=min(limits),
-                          schedule_result=result, notes=notes, memory_limit_per_stage_bytes=limits,
-                          stage_device_names=[x.device_name for x in pos],
+                          memory_per_device=memory, time_breakdown_s=breakdown, device_times_s=per_device,
+                          bottleneck_device=busiest, binding=binding, memory_limit_bytes=min(limits),
+                          schedule_result=result, notes=notes, memory_limit_per_device_bytes=limits,
+                          device_names=[x.device_name for x in pos],
                           chunk_phase_times_s=list(zip(fwd, bin_, bw)))
 
 
@@ -194,10 +206,10 @@ def _device_tails(table: LayerTable, pos: list[_Position], boundaries: list[tupl
     tied_holders = tied_holder_devices(table, boundaries, cfg) if p > 1 else []
     for d in range(p):
         if not cluster.is_homogeneous:  # this position's own replicas, links and memory bandwidth
-            dp_group = group_of_ranks(cluster, [(d * cfg.dp + i) * cfg.tp for i in range(cfg.dp)])
+            dp_group = group_of_ranks(cluster, list(cfg.layout.group(cfg.layout.rank_of(d, 0, 0), "dp")))
             bw_mem = pos[d].cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
         chunks = _chunks_of_device(boundaries, devices, d)
-        params = sum(stage_params(table, a, b) for a, b in chunks) / cfg.tp
+        params = device_params(table, chunks) / cfg.tp
         grads, weights = g_b * params, w_b * params
         if cfg.zero_stage == 0:
             reduce, gather = all_reduce_s(grads, dp_group, c), 0.0
@@ -246,7 +258,7 @@ def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelCon
     recomp, tp_comm = seg("recompute_s"), seg("tp_comm_s")
     steps = 2 * m * len(chunks_b) * step_overhead  # the busiest device's pipeline-step overheads
     bubble = no_p2p_s - compute - recomp - tp_comm - steps
-    if -1e-9 * no_p2p_s < bubble < 0:  # rounding: the busiest device's work is a lower bound of the pipeline
+    if abs(bubble) < 1e-9 * no_p2p_s:  # rounding: the busiest device's work is a lower bound of the pipeline
         bubble = 0.0
     dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s = tails
     dp_key = "dp_comm_exposed_after_overlap" if cfg.overlap_grad_reduce else "dp_comm_exposed"
@@ -281,7 +293,7 @@ def _notes(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: CostC
     if any(grp.collectives is not None for grp in cluster.groups):  # what the measured curves priced (cluster.md)
         g_b = c.state_bytes(table.dtype)[1]
         tp_bytes = [x * cfg.micro_batch_size for lay in graph.layers for x in sum(tp_collectives(lay, table.dtype), [])]
-        dp_bytes = [g_b * sum(stage_params(table, a, b) for a, b in _chunks_of_device(boundaries, devices, d)) / cfg.tp
+        dp_bytes = [g_b * device_params(table, _chunks_of_device(boundaries, devices, d)) / cfg.tp
                     for d in range(cfg.pp)]
         p2p_bytes = [float(table.output_bytes[b - 1]) for _, b in boundaries[:-1]]
         notes.extend(step_collective_notes(cluster, cfg, c, tp_bytes=tp_bytes, dp_bytes=dp_bytes, p2p_bytes=p2p_bytes))

@@ -45,6 +45,26 @@ class SkipLM(nn.Module):
         return self.head(self.norm(h) + e)
 
 
+class TiedLM(nn.Module):
+    """A chain whose head is tied to the token embedding (``head.weight is embed.weight``), as GPT's is."""
+
+    def __init__(self, vocab: int = VOCAB, hidden: int = HIDDEN, layers: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden)) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        self.head.weight = self.embed.weight
+        nn.init.normal_(self.embed.weight, std=0.02)  # GPT's: unit-variance logits would put the loss near 60
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(self.norm(h))
+
+
 def llama_config():
     from transformers import LlamaConfig
 
@@ -90,6 +110,8 @@ def build(name: str, *, device: str = "cpu", wide: int | None = None) -> nn.Modu
     with torch.device(device):
         if name == "skip":
             model = SkipLM(wide=wide)
+        elif name == "tied":
+            model = TiedLM()
         elif name == "llama":
             from transformers import LlamaForCausalLM
 
@@ -139,6 +161,13 @@ CONFIGS: dict[str, ParallelConfig] = {  # global batch 8 in each
     "pp=2 x dp=2": ParallelConfig(pp=2, dp=2, micro_batch_size=2, num_micro_batches=2),
     "pp=2 x tp=2": ParallelConfig(pp=2, tp=2, micro_batch_size=2, num_micro_batches=4),
     "pp=2 x dp=2 zero3": ParallelConfig(pp=2, dp=2, zero_stage=3, micro_batch_size=2, num_micro_batches=2),
+    "dp=2 zero1": ParallelConfig(dp=2, zero_stage=1, micro_batch_size=2, num_micro_batches=2),
+    "dp=2 zero2": ParallelConfig(dp=2, zero_stage=2, micro_batch_size=2, num_micro_batches=2),
+    "pp=2 zb-v": ParallelConfig(pp=2, virtual_stages=2, schedule="zb-v", micro_batch_size=2, num_micro_batches=4),
+    "pp=2 zb-v x dp=2 zero1": ParallelConfig(pp=2, dp=2, zero_stage=1, virtual_stages=2, schedule="zb-v",
+                                             micro_batch_size=2, num_micro_batches=2),
+    "pp=2 zb-v x tp=2": ParallelConfig(pp=2, tp=2, virtual_stages=2, schedule="zb-v", micro_batch_size=2,
+                                       num_micro_batches=4),
 }
 
 
@@ -172,11 +201,12 @@ def references(names: list[str]) -> dict[str, list[float]]:
     return {n: reference_losses(n) for n in names}
 
 
-def train_case(name: str, plan: Plan, steps: int = STEPS) -> tuple[list[float], tuple[int, int]]:
+def train_case(name: str, plan: Plan, steps: int = STEPS) -> tuple[list[float], tuple[int, int], tuple[int, int]]:
     """The user's script: parallelize, a torch optimizer over the rank's parameters, the user's loop.
 
-    Returns the losses, and the parameter bytes the rank holds after ``parallelize`` next to what the plan
-    gives it (``planned_parameter_bytes``): a model with real weights keeps only its shards too."""
+    Returns the losses; the parameter bytes the rank holds after ``parallelize`` next to what the plan
+    gives it (``planned_parameter_bytes``): a model with real weights keeps only its shards too; and the
+    bytes of the optimizer's state tensors after the last step, with how many tensors it updates."""
     import torch.distributed as dist
 
     from runtime import parallelize
@@ -191,7 +221,9 @@ def train_case(name: str, plan: Plan, steps: int = STEPS) -> tuple[list[float], 
         losses.append(pm.step(inputs, targets))
         opt.step()
         opt.zero_grad()
-    return losses, held
+    state = [getattr(v, "_local_tensor", v) for s in opt.state.values() for v in s.values()
+             if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return losses, held, (sum(v.numel() * v.element_size() for v in state), len(list(pm.parameters())))
 
 
 def resume_elsewhere(save_plan: Plan, load_plan: Plan, folder: str) -> list[float]:
@@ -254,11 +286,12 @@ def run_cases(cases: list[tuple[str, str, Plan]], refused: list[tuple[str, str, 
 
     torch.set_num_threads(1)
     init_distributed(60.0)
-    out: dict = {"losses": {}, "refused": {}, "bytes": [], "seconds": {}, "held": {}}
+    out: dict = {"losses": {}, "refused": {}, "bytes": [], "seconds": {}, "held": {}, "optimizer": {}}
     try:
         for name, config, plan in cases:
             start = time.perf_counter()
-            out["losses"][(name, config)], out["held"][(name, config)] = train_case(name, plan)
+            key = (name, config)
+            out["losses"][key], out["held"][key], out["optimizer"][key] = train_case(name, plan)
             out["seconds"][(name, config)] = time.perf_counter() - start
         for label, name, plan, wide in refused:
             try:

@@ -57,7 +57,7 @@ def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1,
     stages = tuple(
         Stage(index=k, layer_start=bounds[k], layer_stop=bounds[k + 1],
               layer_names=tuple(names[bounds[k]:bounds[k + 1]]),
-              ranks=tuple((placement[k] * dp + d) * tp + t for d in range(dp) for t in range(tp)),
+              ranks=cfg.layout.position_ranks(placement[k]),
               virtual_chunk=k // pp, device_index=placement[k])
         for k in range(n_stages))
     world = cfg.world_size
@@ -128,7 +128,7 @@ WORLD2 = {
         styles={k: v for k, v in solver_styles(embedding="vocab", head="replicate").items()
                 if not k.startswith("blocks.3.")}),
     "dp=2 (DDP)": dict(dp=2, num_micro_batches=2),
-    "dp=2 zero=1 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=1),
+    "dp=2 zero=1 (optimizer slices)": dict(dp=2, num_micro_batches=2, zero_stage=1),
     "dp=2 zero=3 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=3),
     "dp=2 user dataloader": dict(dp=2, num_micro_batches=2, user_data=True),
 }
@@ -142,5 +142,5 @@ WORLD4 = {
     "pp=2 tp=2 solver placements": dict(pp=2, tp=2, num_micro_batches=4, styles=solver_styles()),
     "pp=2 tp=2 sp": dict(pp=2, tp=2, num_micro_batches=4, sequence_parallel=True),
     "dp=2 tp=2": dict(dp=2, tp=2, num_micro_batches=2),
-    "dp=2 tp=2 zero=2 (FSDP2 + TP)": dict(dp=2, tp=2, num_micro_batches=2, zero_stage=2),
+    "dp=2 tp=2 zero=2 (optimizer and gradient slices + TP)": dict(dp=2, tp=2, num_micro_batches=2, zero_stage=2),
 }

@@ -2,12 +2,16 @@
 
 Two models (:mod:`parallelize_models`): a hand-written language model whose head reads the embedding
 (a skip across pipeline stages) and Hugging Face's ``LlamaForCausalLM`` from a small config. Each runs
-the planner's plans (``planner.api.evaluate`` on ``cpu-local``) at pp=2, dp=2, tp=2, dp=2 + ZeRO-3
-(2 processes) and pp=2 x dp=2 (4 processes), through ``pm = parallelize(model, plan, loss_fn=...)``,
+the planner's plans (``planner.api.evaluate`` on ``cpu-local``) at pp=2, dp=2, tp=2, dp=2 + ZeRO-1, -2
+and -3 (2 processes) and pp=2 x dp=2 (4 processes), through ``pm = parallelize(model, plan, loss_fn=...)``,
 ``pm.step`` and a plain ``torch.optim.AdamW`` over ``pm.parameters()``: 3 steps, every loss within 1e-5
 of the single-process loop (fp32, gloo). One world per size runs every case. The 4-process world also
 builds the skip model on the meta device under pp=2 x tp=2 and pp=2 x dp=2 + ZeRO-3 and measures the
 parameter bytes each rank holds, and is handed a model with one block wider than planned.
+
+A third model ties its head to its embedding (``TiedLM``); zb-v's V placement puts the embedding's stage
+and the head's on rank 0, where they share one parameter: pp=2 zb-v (2 processes), and with dp=2 +
+ZeRO-1 or tp=2 (4 processes).
 
 Run as a script, it prints the table of docs/train-your-own-model.md::
 
@@ -31,8 +35,10 @@ from parallelize_models import (
 from runtime_harness import launch
 
 MODELS = ("skip", "llama")
-WORLD2 = ("pp=2", "dp=2", "tp=2", "dp=2 zero3")
+WORLD2 = ("pp=2", "dp=2", "tp=2", "dp=2 zero1", "dp=2 zero2", "dp=2 zero3")
 WORLD4 = ("pp=2 x dp=2",)
+TIED2 = ("pp=2 zb-v",)  # the tied model: its embedding's and head's stages on one rank
+TIED4 = ("pp=2 zb-v x dp=2 zero1", "pp=2 zb-v x tp=2")
 META = ("pp=2 x tp=2", "pp=2 x dp=2 zero3")
 WIDER = "skip with blocks.1 twice as wide as planned"
 RESUME = "skip: DCP saved under tp=2 after step 1, resumed under pp=2"
@@ -44,8 +50,8 @@ def planned(model: str, config: str):
     return plan_for(model, config)
 
 
-def _world(configs: tuple[str, ...], nproc: int, extras: bool) -> dict:
-    cases = [(m, c, planned(m, c)) for m in MODELS for c in configs]
+def _world(configs: tuple[str, ...], nproc: int, extras: bool, tied: tuple[str, ...] = ()) -> dict:
+    cases = [(m, c, planned(m, c)) for m in MODELS for c in configs] + [("tied", c, planned("tied", c)) for c in tied]
     refused = [(WIDER, "skip", planned("skip", configs[0]), 1)] if extras else []
     meta = [planned("skip", c) for c in META] if extras else []
     return launch(nproc, run_cases, cases, refused, meta)
@@ -53,7 +59,7 @@ def _world(configs: tuple[str, ...], nproc: int, extras: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def oracle() -> dict:
-    return launch(1, references, list(MODELS))[0]
+    return launch(1, references, [*MODELS, "tied"])[0]
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +70,13 @@ def world2(tmp_path_factory) -> dict:
     build("llama").save_pretrained(hf)
     loads = [(RESUME, planned("skip", "tp=2"), planned("skip", "pp=2"), str(tmp_path_factory.mktemp("dcp"))),
              (SAFETENSORS, planned("llama", "tp=2"), None, str(hf))]
-    cases = [(m, c, planned(m, c)) for m in MODELS for c in WORLD2]
+    cases = [(m, c, planned(m, c)) for m in MODELS for c in WORLD2] + [("tied", c, planned("tied", c)) for c in TIED2]
     return launch(2, run_cases, cases, [], [], loads)[0]
 
 
 @pytest.fixture(scope="module")
 def world4() -> dict:
-    return _world(WORLD4, 4, extras=True)
+    return _world(WORLD4, 4, extras=True, tied=TIED4)
 
 
 def test_the_plans_split_what_they_say():
@@ -79,7 +85,12 @@ def test_the_plans_split_what_they_say():
         assert len(planned(model, "pp=2").stages) == 2
         assert any(s != "replicate" for s in planned(model, "tp=2").placements["style"].values())
         assert planned(model, "dp=2 zero3").parallel.zero_stage == 3
+        assert planned(model, "dp=2 zero1").parallel.zero_stage == 1
         assert planned(model, "pp=2 x dp=2").parallel.world_size == 4
+    for config in (*TIED2, *TIED4):  # V placement: the embedding's stage 0 and the head's stage 3 on one position
+        stages = {s.index: s for s in planned("tied", config).stages}
+        assert stages[0].ranks == stages[3].ranks and "embed" in stages[0].layer_names
+        assert "head" in stages[3].layer_names
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -137,6 +148,32 @@ def test_four_processes_train_as_one(model, config, world4, oracle):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("config", TIED2)
+def test_tied_stages_on_one_rank_train_as_one_process(config, world2, oracle):
+    _check(world2["losses"][("tied", config)], oracle["tied"])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("config", TIED4)
+def test_tied_stages_on_one_rank_with_dp_or_tp(config, world4, oracle):
+    _check(world4[0]["losses"][("tied", config)], oracle["tied"])
+
+
+@pytest.mark.multiprocess
+def test_zero1_holds_whole_parameters_and_a_slice_of_the_optimizer(world2):
+    """ZeRO-1 and -2 (2 ranks): each rank holds the whole model's parameters, and AdamW's state (two moments,
+    4 bytes each) of its half of every parameter: as many bytes as the parameters, but for the rounding of
+    odd-sized tensors (one element, 8 bytes, per parameter tensor at most)."""
+    for model in MODELS:
+        whole = sum(p.numel() * 4 for p in build(model, device="meta").parameters())
+        for config in ("dp=2 zero1", "dp=2 zero2"):
+            resident, planned_bytes = world2["held"][(model, config)]
+            assert resident == planned_bytes == whole, (model, config)
+            optimizer, tensors = world2["optimizer"][(model, config)]
+            assert 0 <= optimizer - whole <= 8 * tensors, (model, config)
+
+
+@pytest.mark.multiprocess
 def test_a_checkpoint_resumes_under_another_plan(world2, oracle):
     """Model and AdamW state saved by tp=2 ranks (DTensor shards) load into pp=2 stages of a model that started
     from other weights; steps 2 and 3 then give the single process's losses."""
@@ -191,15 +228,17 @@ def test_parallelize_refuses_a_model_the_plan_was_not_made_for(world4):
 
 def equivalence_rows() -> list[str]:
     """The two tables of docs/train-your-own-model.md: losses against one process, and bytes per rank on meta."""
-    ref = launch(1, references, list(MODELS))[0]
+    ref = launch(1, references, [*MODELS, "tied"])[0]
+    labels = {"skip": "SkipLM (embedding -> head skip)", "llama": "LlamaForCausalLM (2 layers, hidden 64)",
+              "tied": "TiedLM (head tied to the embedding)"}
     rows = ["| model | plan (planner, cpu-local) | ranks | max abs loss diff (3 steps) | wall s (3 steps) |",
             "|---|---|---|---|---|"]
-    for configs, nproc in ((WORLD2, 2), (WORLD4, 4)):
-        worlds = _world(configs, nproc, extras=nproc == 4)
+    for configs, tied, nproc in ((WORLD2, TIED2, 2), (WORLD4, TIED4, 4)):
+        worlds = _world(configs, nproc, extras=nproc == 4, tied=tied)
         result = worlds[0]
         for (model, config), losses in result["losses"].items():
             diff = max(abs(a - b) for a, b in zip(losses, ref[model]))
-            label = "SkipLM (embedding -> head skip)" if model == "skip" else "LlamaForCausalLM (2 layers, hidden 64)"
+            label = labels[model]
             rows.append(f"| {label} | {config} | {nproc} | {diff:.1e} | {result['seconds'][(model, config)]:.2f} |")
     rows += ["", "| SkipLM on meta, plan | rank | resident parameter bytes | from the plan's stages and splits | "
              "plan's predicted weight bytes |", "|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 """Checkpoint and resume: 4 steps straight == 2 steps + checkpoint + 2 steps, under the same plan and others.
 
 Checkpoints are saved by full-model parameter names with DCP, so a checkpoint written under pp=2 loads
-under dp=2 or tp=2, and one written under tp=2 or ZeRO-3 loads under pp=2 or tp=2; sequence parallelism
+under dp=2 or tp=2, and one written under tp=2, ZeRO-1 or ZeRO-3 loads under pp=2, tp=2 or ZeRO-1/2; sequence parallelism
 (tp=2 + sp) loads from pp=2 and saves for dp=2 (tp=1). A damaged checkpoint
 is refused before loading, with the file named.
 """
@@ -24,6 +24,8 @@ PP2 = dict(pp=2, num_micro_batches=4)
 DP2 = dict(dp=2, num_micro_batches=2)
 TP2 = dict(tp=2, num_micro_batches=4)
 ZERO3 = dict(dp=2, num_micro_batches=2, zero_stage=3)
+ZERO1 = dict(dp=2, num_micro_batches=2, zero_stage=1)
+ZERO2 = dict(dp=2, num_micro_batches=2, zero_stage=2)
 TP2_SOLVED = dict(tp=2, num_micro_batches=4, styles=solver_styles())
 TP2_SP = dict(tp=2, num_micro_batches=4, sequence_parallel=True)
 
@@ -31,8 +33,9 @@ TP2_SP = dict(tp=2, num_micro_batches=4, sequence_parallel=True)
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    a, b, c, d = (str(root / x) for x in "abcd")
-    pp2, dp2, tp2, z3, tp2s, tp2sp = (make_plan(**s) for s in (PP2, DP2, TP2, ZERO3, TP2_SOLVED, TP2_SP))
+    a, b, c, d, e = (str(root / x) for x in "abcde")
+    pp2, dp2, tp2, z3, tp2s, tp2sp, z1, z2 = (make_plan(**s) for s in (PP2, DP2, TP2, ZERO3, TP2_SOLVED, TP2_SP,
+                                                                         ZERO1, ZERO2))
     jobs = [
         Job("straight", pp2, steps=4),
         Job("save under pp=2", pp2, steps=2, checkpoint_dir=a, checkpoint_every=2),
@@ -47,13 +50,19 @@ def resumed(tmp_path_factory):
         Job("pp=2 -> tp=2 sp", tp2sp, steps=4, checkpoint_dir=a, resume=True),
         Job("save under tp=2 sp", tp2sp, steps=2, checkpoint_dir=d, checkpoint_every=2),
         Job("tp=2 sp -> dp=2", dp2, steps=4, checkpoint_dir=d, resume=True),  # tp=1
+        # ZeRO-1/2: the optimizer's 1/dp slices are saved whole and sliced again on load, whatever the plan
+        Job("save under zero=1", z1, steps=2, checkpoint_dir=e, checkpoint_every=2),
+        Job("zero=1 -> zero=1", z1, steps=4, checkpoint_dir=e, resume=True),
+        Job("zero=1 -> tp=2", tp2, steps=4, checkpoint_dir=e, resume=True),
+        Job("pp=2 -> zero=2", z2, steps=4, checkpoint_dir=a, resume=True),
     ]
     return root, launch(2, run_jobs, jobs)[0]
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["pp=2 -> pp=2", "pp=2 -> dp=2", "pp=2 -> tp=2", "pp=2 -> tp=2 split embeddings",
-                                  "tp=2 -> pp=2", "zero=3 -> tp=2", "pp=2 -> tp=2 sp", "tp=2 sp -> dp=2"])
+                                  "tp=2 -> pp=2", "zero=3 -> tp=2", "pp=2 -> tp=2 sp", "tp=2 sp -> dp=2",
+                                  "zero=1 -> zero=1", "zero=1 -> tp=2", "pp=2 -> zero=2"])
 def test_resume_continues_the_straight_run(name, resumed):
     _, results = resumed
     straight = results["straight"].losses

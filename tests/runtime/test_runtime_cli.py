@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_injection import fault_env
 from runtime_plans import make_plan, write_plan
 
+from planner.plan import restamp
 from runtime.cli import main
 from runtime.launch import free_port
-from runtime.train import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,7 +81,9 @@ def test_world_size_mismatch_fails_before_start(tmp_path):
     assert "Traceback" not in proc.stderr and "step" not in proc.stdout
 
 
-def _edited(tmp_path: Path, **changes) -> str:
+def _edited(tmp_path: Path, *, by_hand: bool = False, **changes) -> str:
+    """The plan with ``changes``: as a planner would have written it (fingerprint restamped), or, with
+    ``by_hand``, edited after planning (its fingerprint no longer matches)."""
     data = json.loads(make_plan(pp=2, num_micro_batches=4).to_json_text())
     for dotted, value in changes.items():
         node = data
@@ -89,13 +92,13 @@ def _edited(tmp_path: Path, **changes) -> str:
             node = node[key]
         node[leaf] = value
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(data if by_hand else restamp(data)))
     return str(path)
 
 
 @pytest.mark.parametrize("changes, expected", [
     ({"model__fingerprint": "sha256:0123456789abcdef"}, "model.fingerprint"),
-    ({"schema_version": "2.0"}, "schema_version 2.0"),
+    ({"schema_version": "3.0"}, "schema_version 3.0"),
     ({"parallel__schedule": "pipedream"}, "asynchronous"),
     ({"parallel__schedule": "pipemare"}, "asynchronous"),
     ({"parallel__schedule": "chimera"}, "not supported"),
@@ -111,10 +114,33 @@ def test_bad_plan_is_refused_with_the_fix(tmp_path, capsys, changes, expected):
         assert "1f1b" in err and "zb-v" in err  # lists what the runtime does run
 
 
+def test_plan_edited_by_hand_is_refused_before_start(tmp_path, capsys):
+    plan = _edited(tmp_path, by_hand=True, parallel__micro_batch_size=1, parallel__num_micro_batches=8)
+    code = main(["run", plan, "--nproc", "2", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{plan} was edited after planning: parallel.micro_batch_size 2 -> 1; parallel.num_micro_batches 4 -> 8" in err
+    assert f"python -m planner evaluate --plan {plan}" in err
+
+
+@pytest.mark.multiprocess
+def test_schema_1_plan_runs_with_a_warning(tmp_path):
+    """A plan written by the planner at schema 1.0 (tests/fixtures) runs: read unverified, with a warning."""
+    out = tmp_path / "metrics.json"
+    proc, _ = _cli("run", str(REPO / "tests" / "fixtures" / "plan-v1.json"), "--nproc", "2", "--steps", "2",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "schema 1.0, which records no fingerprint: it is read unverified" in proc.stderr
+    report = json.loads(out.read_text())
+    assert report["run"]["schedule"].startswith("1f1b") and report["plan"]["schema_version"] == "1.0"
+    losses = [s["loss"] for s in report["steps"]]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+
+
 @pytest.mark.multiprocess
 def test_killed_rank_ends_the_run(tmp_path):
     plan = write_plan(make_plan(pp=2, num_micro_batches=4), tmp_path / "pp2.json")
-    proc, elapsed = _cli("run", plan, "--nproc", "2", "--steps", "8", env={FAULT_ENV: "kill:1:3"})
+    proc, elapsed = _cli("run", plan, "--nproc", "2", "--steps", "8", env=fault_env("kill:1:3"))
     assert proc.returncode == 1
     assert elapsed < 60
     assert "run failed" in proc.stderr and "Traceback" not in proc.stderr
@@ -137,7 +163,7 @@ def _torchrun_style(plan: str, steps: int, timeout_s: int, env1: dict | None = N
 def test_torchrun_style_survivor_exits_when_peer_dies(tmp_path):
     plan = write_plan(make_plan(pp=2, num_micro_batches=4), tmp_path / "pp2.json")
     start = time.monotonic()
-    procs = _torchrun_style(plan, 8, 30, {FAULT_ENV: "kill:1:3"})
+    procs = _torchrun_style(plan, 8, 30, fault_env("kill:1:3"))
     try:
         out0, err0 = procs[0].communicate(timeout=90)
         procs[1].communicate(timeout=30)
@@ -156,7 +182,7 @@ def test_hung_rank_is_timed_out(tmp_path):
     """A rank that stops communicating mid-step makes its peer fail after --timeout-s instead of hanging."""
     plan = write_plan(make_plan(pp=2, num_micro_batches=4), tmp_path / "pp2.json")
     proc, elapsed = _cli("run", plan, "--nproc", "2", "--steps", "8", "--timeout-s", "8",
-                         env={FAULT_ENV: "hang:1:3"})
+                         env=fault_env("hang:1:3"))
     assert proc.returncode == 1
     assert elapsed < 60
     assert "Timed out" in proc.stderr and "lost contact with another rank" in proc.stderr

@@ -4,12 +4,15 @@
   dry run counts on each rank (parameters + gradients + optimizer state) equal what a real 2- or 4-rank run
   holds after its first step (``RunResult.rank.model_state_bytes``), byte for byte;
 * the bytes of ranks that were not built (computed from the built rank's DTensor layouts at their
-  coordinates) equal what ``--rank R`` measures when it builds rank R, also for uneven FSDP shards;
-* the large plans ``python -m planner plan`` makes (GPT-3 175B on 1024 GPUs, Llama-2 70B on 512, Megatron
-  1T on 3072) build in seconds; the parameter count each rank holds agrees with the plan's within 2%; the
-  model-state bytes of the ZeRO-3 plans agree within 2% once the bytes per parameter are accounted for
-  (the runtime's 16 against the plan's priced ones; docs/runtime.md says which side is wrong, and why the
-  ZeRO-1 plan's differ);
+  coordinates) equal what ``--rank R`` measures when it builds rank R, also for uneven FSDP shards and
+  uneven ZeRO-1/2 optimizer slices;
+* ZeRO-1 keeps parameters and gradients whole and gives each rank AdamW's state of a 1/dp slice; ZeRO-2
+  slices the gradients too;
+* the large plans ``python -m planner plan --trainer torch`` makes (GPT-3 175B on 1024 GPUs, Llama-2 70B
+  on 512, Megatron 1T on 3072), and Megatron 1T at dp=12 tp=8 pp=32 zb-v ZeRO-1 (``evaluate``), build in
+  seconds, none is refused, the parameter count of every rank and the parameter + gradient + optimizer
+  bytes of the busiest agree with the plan's within 2%, and no rank holds more (zb-v puts the embedding's
+  stage and the tied head's on one rank, which holds the weight once, as the plan now counts it);
 * a rank outside the plan is one line naming ``--rank`` (exit 2).
 """
 
@@ -59,8 +62,9 @@ def test_dry_run_counts_what_a_run_holds(world, plans, references):
             check_matches(ran[0][job.name], references[True])
 
 
-def test_unbuilt_ranks_equal_what_building_them_measures():
-    plan = make_plan(dp=3, tp=2, zero_stage=3, num_micro_batches=2)  # gpt-tiny rows split 3 ways: uneven shards
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_unbuilt_ranks_equal_what_building_them_measures(zero_stage):
+    plan = make_plan(dp=3, tp=2, zero_stage=zero_stage, num_micro_batches=2)  # split 3 ways: uneven shards
     report = dry_run(plan)
     assert len(report.groups) > 1  # the shards differ by rank, so this checks the layout rule
     everyone = {r: g.instantiated for g in report.groups for r in g.ranks}
@@ -72,44 +76,71 @@ def test_unbuilt_ranks_equal_what_building_them_measures():
     assert everyone[5].total < everyone[0].total
 
 
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_zero1_shards_only_the_optimizer_and_zero2_the_gradients_too(zero_stage):
+    """Against the same plan without ZeRO (rank 0, dp=3 tp=2): the parameters are the same bytes, AdamW's two
+    moments are over a third of them (up to one element per tensor of rounding), and ZeRO-2's gradients too."""
+    whole = dry_run(make_plan(dp=3, tp=2, zero_stage=0, num_micro_batches=2), rank=0).groups[0].instantiated
+    state = dry_run(make_plan(dp=3, tp=2, zero_stage=zero_stage, num_micro_batches=2), rank=0).groups[0].instantiated
+    tensors = len(list(tiny_preset("gpt-tiny", None).build(device="meta").parameters()))
+    assert state.parameters == whole.parameters and state.gathered_stage == 0
+    # rank 0's slice of an n-element tensor is ceil(n / 3): less than one element (8 optimizer bytes) over a third
+    assert 0 <= state.optimizer - whole.optimizer / 3 < 8 * tensors
+    if zero_stage == 2:
+        assert 0 <= state.gradients - whole.gradients / 3 < 4 * tensors
+    else:
+        assert state.gradients == whole.gradients
+
+
 LARGE = [("gpt3-175b", 128, 1536), ("llama2-70b", 64, 1024), ("megatron-1t", 384, 3072)]
+# The Megatron-1T layout of docs/runtime.md, priced as given: zb-v's V puts the embedding's stage 0 and the tied
+# head's stage 63 on position 0 (one shared parameter there), and ZeRO-1 keeps parameters and gradients whole.
+M1T_ZBV = ["--dp", "12", "--tp", "8", "--pp", "32", "--virtual-stages", "2", "--schedule", "zb-v", "--zero", "1",
+           "--micro-batch", "1", "--sequence-parallel", "--recompute", "selective"]
+LARGE_PLANS = [*(m for m, _, _ in LARGE), "megatron-1t zb-v zero1"]
 
 
 @pytest.fixture(scope="module")
 def large_reports(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("large")
     out = {}
-    for model, nodes, batch in LARGE:
-        plan = tmp / f"{model}.json"
-        subprocess.run([sys.executable, "-m", "planner", "plan", "--model", model, "--cluster", "dgx-a100-80g",
-                        "--nodes", str(nodes), "--global-batch", str(batch), "-o", str(plan), "--force"],
-                       cwd=REPO, check=True, capture_output=True, timeout=300)
+    for name in LARGE_PLANS:
+        model, nodes, batch = next(x for x in LARGE if name.startswith(x[0]))
+        plan = tmp / f"{name.replace(' ', '-')}.json"
+        how = ["evaluate", *M1T_ZBV] if name.endswith("zero1") else ["plan"]
+        subprocess.run([sys.executable, "-m", "planner", *how, "--model", model, "--cluster", "dgx-a100-80g",
+                        "--nodes", str(nodes), "--global-batch", str(batch), "--trainer", "torch", "-o", str(plan),
+                        "--force"], cwd=REPO, check=True, capture_output=True, timeout=300)
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "runtime", "dry-run", str(plan), "--json"], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        out[model] = (json.loads(proc.stdout), time.monotonic() - start)
+        out[name] = (json.loads(proc.stdout), time.monotonic() - start)
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [m for m, _, _ in LARGE])
-def test_large_plans_build_in_seconds_and_hold_the_planned_parameters(large_reports, model):
-    report, wall_s = large_reports[model]
-    assert wall_s < 120
+@pytest.mark.parametrize("name", LARGE_PLANS)
+def test_large_plans_build_in_seconds_and_hold_the_planned_bytes(large_reports, name):
+    """Priced for this runtime (``--trainer torch``: fp32 parameters, 4 + 4 + 8 bytes per parameter), every rank holds
+    the plan's parameter count, and the busiest its weights + gradients + optimizer bytes, within 2%. No rank holds
+    more than planned; under ZeRO-3 at dp in the thousands the last ranks hold less (FSDP2 cuts dim 0 into equal
+    pieces rounded up, so the tail ranks' pieces of short tensors are empty)."""
+    report, wall_s = large_reports[name]
+    assert wall_s < 180  # on this 2-core machine shared with other jobs (about 10-30 s when it is not)
     assert sum(g["num_ranks"] for g in report["groups"]) == report["world_size"]
+    assert report["refused"] is None, report["refused"]
+    assert report["parameter_dtype"] == "float32"
+    busiest = max(report["groups"], key=lambda g: g["instantiated"]["total"])
+    assert abs(busiest["instantiated_over_predicted"] - 1) <= AGREE_RTOL
     for g in report["groups"]:
-        assert abs(g["elements_instantiated_over_predicted"] - 1) <= AGREE_RTOL
-    if model == "megatron-1t":  # zb-v puts the tied embedding's and head's stages on one rank: refused, and said
-        assert report["refused"] and "tied parameter" in report["refused"]
-    # ZeRO-3 shards every byte as planned, so the totals differ only by the bytes per parameter: the runtime holds
-    # fp32 parameters (bf16 by autocast), fp32 gradients and AdamW's two fp32 moments, 4 + 4 + 8 = 16, where the
-    # plan prices its constants' (2 + 4 + 12 = 18 for bf16, Megatron-LM's layout); docs/runtime.md says which is wrong
-    if "zero3" in report["parallel"]:
-        priced = sum(report["plan_bytes_per_parameter"].values())
-        for g in report["groups"]:
-            assert report["parameter_dtype"] == "float32"
-            assert abs(g["instantiated_over_predicted"] / (16 / priced) - 1) <= AGREE_RTOL
+        assert abs(g["elements_instantiated_over_predicted"] - 1) <= AGREE_RTOL, g["ranks"]
+        assert g["instantiated_over_predicted"] <= 1 + AGREE_RTOL, g["ranks"]
+        if "zero3" not in report["parallel"]:  # even slices: every rank within 2%
+            assert abs(g["instantiated_over_predicted"] - 1) <= AGREE_RTOL, g["ranks"]
+    if name == "megatron-1t zb-v zero1":
+        first = next(g for g in report["groups"] if g["position"] == 0)
+        assert list(first["stages"]) == [0, 63] and "zb-v" in report["parallel"] and "zero1" in report["parallel"]
 
 
 def test_rank_outside_the_plan_is_refused(tmp_path, capsys):

@@ -71,7 +71,7 @@ def t5_with_bias_tables(style: str, tp: int = 2) -> Plan:
     (``vocab``: by bucket rows, as the planner chooses for t5-11b's decoder; ``replicate``: whole)."""
     plan = planned("t5-tiny", 1, tp=tp)
     styles = {m: (style if m.endswith("rel_bias") else s) for m, s in plan.placements["style"].items()}
-    return dataclasses.replace(plan, placements={**plan.placements, "style": styles})
+    return dataclasses.replace(plan, placements=dataclasses.replace(plan.placements, style=styles))
 
 
 def _jobs(pp: int) -> list[Job]:

@@ -9,6 +9,7 @@ import torch
 from runtime_plans import make_plan, sequence_norms, solver_styles, tiny_preset
 from torch.distributed.tensor.parallel import RowwiseParallel
 
+from planner.errors import SpecError
 from runtime.checks import Launch, preflight
 from runtime.data_parallel import DataParallelMode
 from runtime.errors import RunCheckError
@@ -30,7 +31,7 @@ def test_rank_layout_is_the_plans():
 
 
 def test_world_size_mismatch_names_both_numbers():
-    with pytest.raises(RunCheckError, match=r"dp\*tp\*pp = 2\*1\*2 = 4 processes but 3 were launched"):
+    with pytest.raises(RunCheckError, match=r"dp\*tp\*pp = 2\*1\*2 = 4 processes but 3 processes were launched"):
         ParallelDims(dp=2, tp=1, pp=2, world_size=3)
 
 
@@ -102,16 +103,21 @@ def test_gpt_half_split_attention_is_gathered_not_refused():
 
 @pytest.mark.parametrize("change, message", [
     ({"blocks.0.ln1": "sequence"}, "sequence_parallel true"),
-    ({"blocks.0.mlp.fc1": "diagonal"}, "unknown style"),
     ({"blocks.0.ln1": "colwise"}, "on a LayerNorm"),
 ])
 def test_gpt_styles_the_runtime_cannot_apply_are_refused(change, message):
     plan = make_plan(tp=2, num_micro_batches=4, styles=solver_styles() | change)
     with pytest.raises(RunCheckError, match=message):
         check_tensor_parallel(plan, tiny_preset())
-    unknown = dataclasses.replace(plan, placements={"schema": "something/9", "params": {}})
-    with pytest.raises(RunCheckError, match="intra_op_sharding/1"):
-        check_tensor_parallel(unknown, tiny_preset())
+
+
+def test_unknown_styles_and_formats_are_refused_when_the_plan_is_read():
+    """The typed contract (planner.plan_types.TensorSplits) checks the splits once, when the plan is built or read."""
+    with pytest.raises(SpecError, match="placements.style.blocks.0.mlp.fc1: got 'diagonal'; unknown style"):
+        make_plan(tp=2, num_micro_batches=4, styles=solver_styles() | {"blocks.0.mlp.fc1": "diagonal"})
+    plan = make_plan(tp=2, num_micro_batches=4, styles=solver_styles())
+    with pytest.raises(SpecError, match="intra_op_sharding/1"):
+        dataclasses.replace(plan, placements={"schema": "something/9", "style": {}, "params": {}})
 
 
 def test_sequence_styles_are_read_with_sequence_parallelism():
@@ -178,12 +184,14 @@ def test_asynchronous_schedules_are_refused_listing_the_supported_ones(schedule)
 
 @pytest.mark.parametrize("dp, tp, pp, zero, kind, reshard", [
     (1, 1, 1, 0, "none", False), (2, 1, 1, 0, "ddp", False), (2, 2, 1, 0, "allreduce", False),
-    (2, 1, 2, 0, "allreduce", False), (2, 1, 1, 1, "fsdp", False), (2, 1, 1, 2, "fsdp", False),
-    (2, 1, 1, 3, "fsdp", True),
+    (2, 1, 2, 0, "allreduce", False), (2, 1, 1, 1, "zero", False), (2, 2, 2, 2, "zero", False),
+    (1, 1, 1, 1, "none", False), (2, 1, 1, 3, "fsdp", True), (1, 1, 1, 3, "fsdp", True),
 ])
 def test_zero_stage_to_data_parallel_mode(dp, tp, pp, zero, kind, reshard):
+    """ZeRO-1/2 shard the optimizer (and gradients) with runtime.data_parallel.OptimizerShards, not FSDP2."""
     mode = DataParallelMode.for_plan(dp, tp, pp, zero)
     assert (mode.kind, mode.reshard_after_forward) == (kind, reshard)
+    assert mode.zero_stage == (zero if kind in ("zero", "fsdp") else 0)
 
 
 def test_preflight_accepts_a_good_plan_and_names_bad_fields():
@@ -196,10 +204,13 @@ def test_preflight_accepts_a_good_plan_and_names_bad_fields():
         preflight(odd, LOCAL2)
 
 
-def test_tied_weights_on_one_rank_are_refused():
-    plan = make_plan(pp=2, num_micro_batches=4, schedule="zb-v", virtual_stages=2, tie=True)  # V: stage 0, 3 on rank 0
-    with pytest.raises(RunCheckError, match="tied parameter"):
-        preflight(plan, LOCAL2, preset=tiny_preset("gpt-tiny", True))
+def test_tied_weights_on_one_rank_share_one_parameter_but_not_under_zero3():
+    """V placement puts stages 0 and 3 on rank 0: they share the tied weight, which FSDP2 (ZeRO-3) cannot."""
+    plan = make_plan(pp=2, num_micro_batches=4, schedule="zb-v", virtual_stages=2, tie=True)
+    assert preflight(plan, LOCAL2, preset=tiny_preset("gpt-tiny", True)).name == "gpt-tiny"
+    zero3 = make_plan(pp=2, num_micro_batches=4, schedule="zb-v", virtual_stages=2, tie=True, zero_stage=3)
+    with pytest.raises(RunCheckError, match="tied parameter .* ZeRO-3"):
+        preflight(zero3, LOCAL2, preset=tiny_preset("gpt-tiny", True))
 
 
 def test_stage_module_forward_is_a_chain():
