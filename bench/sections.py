@@ -8,6 +8,7 @@
 * ``planner_cost``: wall time and peak memory of ``plan`` as GPUs and layers grow (:mod:`bench.planner_cost`).
 * ``planning_speed``: the headline planning times, as a fresh command line and in-process (below).
 * ``intra_op``: the intra-op sharding ILP's own benchmark (:mod:`bench.solvers`).
+* ``peers``: the stage splits of the real torchgpipe and DeepSpeed packages next to ours, run (:mod:`bench.peers`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import measured, planner_cost, predicted, solvers
+from bench import measured, peers, planner_cost, predicted, solvers
 from bench.common import Context, fmt_ratio, fmt_s, md_table, run_cmd, say
 
 PLANNING_SPEED_CASES = [("gpt3-175b", "dgx-a100-80g", 128, 1536), ("megatron-1t", "dgx-a100-80g", 384, 3072)]
@@ -102,4 +103,5 @@ SECTIONS: dict[str, Callable[[Context], str]] = {
     "planner_cost": planner_cost.section,
     "planning_speed": planning_speed,
     "intra_op": solvers.intra_op_section,
+    "peers": peers.section,
 }

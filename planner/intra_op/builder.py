@@ -329,7 +329,9 @@ class GraphBuilder:
         """An op the solver knows nothing about: only a shared batch dim 0 may be split."""
         out_shape = tuple(out_shape)
         terms, out = [], []
-        batch_ok = all(self.roles(x)[:1] == ("batch",) and self.shape(x)[0] == out_shape[0] for x in inputs)
+        # a 0-d input or output (a scalar, a log-sum-exp reduced away) has no batch dim to share
+        batch_ok = bool(out_shape) and all(self.roles(x)[:1] == ("batch",) and self.shape(x)[:1] == out_shape[:1]
+                                           for x in inputs)
         for j, x in enumerate(inputs):
             terms.append(tuple(("b" if (i == 0 and batch_ok) else f"{_LETTERS[j]}{i}") for i in range(len(
                 self.shape(x)))))

@@ -31,8 +31,12 @@ _aten = torch.ops.aten
 
 
 def _is_meta_tensor(x: Any) -> bool:
-    # fx proxies and other subclasses keep their own __torch_function__: leave them to torch.
-    return type(x) is torch.Tensor and x.device.type == "meta"
+    # fx proxies and other subclasses keep their own __torch_function__: leave them to torch. torch.export
+    # traces with FakeTensors (a meta model's are on meta): those take the fused kernel too, or a Hugging
+    # Face model (traced by export) would be priced on SDPA's math fallback, s x s scores stored.
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return (type(x) is torch.Tensor or isinstance(x, FakeTensor)) and x.device.type == "meta"
 
 
 def fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,

@@ -1,0 +1,212 @@
+"""What every exporter shares: the result type, the plan's layers by kind, pricing the nearest plan, writers.
+
+An exporter turns a :class:`~planner.plan.Plan` into the files one training framework reads. A
+framework may lack a knob the plan sets (an uneven stage split, a schedule, a ZeRO stage): the
+exporter then writes the nearest configuration the framework *can* run, lists each loss, and
+:func:`price` prices that nearest configuration with the same cost model as the plan, so the user
+sees what the framework's limit costs in predicted step time.
+
+Layers by kind: frameworks count *decoder layers* (``--num-layers`` in Megatron-LM, ``n_layers`` in
+torchtitan), while a plan's stages cut the traced layer list, which also holds the embedding before
+the first block and the final norm / LM head after the last. :func:`layer_kinds` names each traced
+layer ``pre``, ``block`` or ``post``: a block is a layer whose name ends in an integer index
+(``blocks.7``, ``layers.7``, ``h.7``); the others are ``pre`` before the first block and ``post``
+after the last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from planner.plan import ParallelConfig, Plan
+
+_BLOCK = re.compile(r"(?:^|\.)(\d+)$")
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One knob of the plan the framework cannot express: the plan's value, what is written instead, why."""
+
+    knob: str
+    plan_value: str
+    written: str
+    why: str
+
+
+@dataclass
+class ExportResult:
+    """The files of one export (name -> text), what is kept and lost, and both predicted step times.
+
+    ``nearest`` / ``nearest_boundaries`` are the configuration and stage split the files describe
+    when something is lost (``None`` when the framework expresses the plan exactly);
+    ``nearest_step_s`` / ``nearest_fits`` are the cost model's prediction for them.
+    """
+
+    framework: str
+    version: str  # the framework version whose field names the files use
+    files: dict[str, str]
+    kept: list[str]
+    lost: list[Loss] = field(default_factory=list)
+    plan_step_s: float = math.nan
+    nearest: ParallelConfig | None = None
+    nearest_boundaries: tuple[tuple[int, int], ...] | None = None
+    nearest_step_s: float | None = None
+    nearest_fits: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary_lines(self) -> list[str]:
+        """What the CLI prints and LOST.md holds: kept, lost, and both step times."""
+        out = [f"{self.framework} ({self.version}): kept {', '.join(self.kept) if self.kept else 'nothing'}"]
+        if not self.lost:
+            out.append(f"nothing lost; predicted step {self.plan_step_s:.4g} s (the plan's)")
+        for loss in self.lost:
+            out.append(f"LOST {loss.knob}: plan {loss.plan_value} -> written {loss.written} ({loss.why})")
+        if self.lost and self.nearest is not None:
+            fit = "fits" if self.nearest_fits else "DOES NOT FIT"
+            out.append(f"plan: predicted step {self.plan_step_s:.4g} s")
+            out.append(f"nearest expressible: {self.nearest.label()}, stages "
+                       f"{stage_sizes(self.nearest_boundaries or ())}: predicted step {self.nearest_step_s:.4g} s "
+                       f"({fit}; {self.nearest_step_s / self.plan_step_s:.3f}x the plan)")
+        out += [f"note: {n}" for n in self.notes]
+        return out
+
+    def lost_markdown(self) -> str:
+        lines = [f"# What {self.framework} cannot express of this plan\n"]
+        if not self.lost:
+            lines.append("Nothing: the files express the plan exactly.\n")
+        else:
+            lines.append("| knob | plan | written | why |\n|---|---|---|---|")
+            lines += [f"| {x.knob} | {x.plan_value} | {x.written} | {x.why} |" for x in self.lost]
+            if self.nearest is not None:
+                fit = "fits" if self.nearest_fits else "does not fit"
+                lines.append(f"\nPredicted step time (same cost model, `python -m planner export`): plan "
+                             f"{self.plan_step_s:.4g} s; the nearest configuration {self.framework} expresses "
+                             f"(`{self.nearest.label()}`, layers per stage {stage_sizes(self.nearest_boundaries or ())}) "
+                             f"{self.nearest_step_s:.4g} s, {fit} ({self.nearest_step_s / self.plan_step_s:.3f}x).")
+        if self.notes:
+            lines.append("\n" + "\n".join(f"* {n}" for n in self.notes))
+        return "\n".join(lines) + "\n"
+
+
+def stage_sizes(boundaries: Any) -> list[int]:
+    return [b - a for a, b in boundaries]
+
+
+def boundaries_of(plan: Plan) -> tuple[tuple[int, int], ...]:
+    """The plan's stage boundaries in model order (chunk index order)."""
+    return tuple((s.layer_start, s.layer_stop) for s in sorted(plan.stages, key=lambda s: s.index))
+
+
+def layer_kinds(names: tuple[str, ...] | list[str]) -> list[str]:
+    """``pre`` / ``block`` / ``post`` for each traced layer (module docstring)."""
+    blocks = [i for i, n in enumerate(names) if _BLOCK.search(n)]
+    if not blocks:
+        return ["block"] * len(names)  # no indexed blocks (an MLP, a CNN): every layer counts as one
+    first, last = blocks[0], blocks[-1]
+    return ["pre" if i < first else "post" if i > last else "block" for i in range(len(names))]
+
+
+def block_counts(plan: Plan, boundaries: Any) -> list[int]:
+    """Decoder blocks in each stage of ``boundaries``."""
+    kinds = layer_kinds(plan.model.layer_names)
+    return [sum(1 for k in kinds[a:b] if k == "block") for a, b in boundaries]
+
+
+def block_split(plan: Plan, counts: list[int]) -> tuple[tuple[int, int], ...]:
+    """Stage boundaries over the traced layers with ``counts`` blocks per stage, the layers before the
+    first block on the first stage and those after the last on the last (what every framework does
+    with the embedding and the head when it splits by decoder layers)."""
+    kinds = layer_kinds(plan.model.layer_names)
+    block_at = [i for i, k in enumerate(kinds) if k == "block"]
+    assert sum(counts) == len(block_at), (counts, len(block_at))
+    n = len(kinds)
+    cuts, seen = [0], 0
+    for c in counts[:-1]:
+        seen += c
+        cuts.append(block_at[seen] if seen < len(block_at) else n)
+    cuts.append(n)
+    return tuple(zip(cuts, cuts[1:]))
+
+
+def even_block_counts(num_blocks: int, stages: int) -> list[int] | None:
+    """Equal blocks per stage, or ``None`` when ``stages`` does not divide the blocks."""
+    return [num_blocks // stages] * stages if num_blocks % stages == 0 else None
+
+
+def uniform_block_counts(num_blocks: int, stages: int) -> list[int]:
+    """As equal as possible, the extra blocks on the first stages."""
+    q, r = divmod(num_blocks, stages)
+    return [q + (1 if i < r else 0) for i in range(stages)]
+
+
+def price(plan: Plan, cfg: ParallelConfig, boundaries: Any) -> tuple[float, bool]:
+    """(step time, fits) of ``cfg`` with stages ``boundaries``, priced as ``planner.evaluate`` prices a
+    configuration: the preset traced again (as the plan was), the plan's cluster and constants. A plan
+    of a Python module (no preset) is priced on its stored cost graph, which rounds a few layer
+    figures (``planner.graph_io``)."""
+    from planner.cost.constants import CostConstants
+    from planner.errors import SpecError
+    from planner.graph_io import graph_from_dict
+    from planner.pricing import Pricer
+    from planner.resolve import resolve_model
+
+    known = set(CostConstants.__dataclass_fields__)
+    c = CostConstants(**{k: v for k, v in plan.cost_constants.items() if k in known})
+    if plan.model.preset:
+        graph = resolve_model(plan.model.preset, seq_len=plan.model.seq_len, dtype=plan.model.dtype).graph
+    elif plan.graph:
+        graph = graph_from_dict(plan.graph)
+    else:
+        raise SpecError("plan", plan.model.name, "this plan file has neither a model preset nor a stored cost "
+                        "graph; price the nearest configuration with planner.evaluate(module, ...)")
+    pricer = Pricer(graph, plan.cluster, c)
+    pred = pricer.evaluate(cfg, tuple(boundaries))
+    return pred.step_time_s, bool(pred.fits)
+
+
+def finish(result: ExportResult, plan: Plan, nearest: ParallelConfig, boundaries: Any) -> ExportResult:
+    """Fill the plan's and (when something is lost) the nearest configuration's predicted step times."""
+    result.plan_step_s = plan.predicted.step_time_s
+    if result.lost:
+        result.nearest, result.nearest_boundaries = nearest, tuple(tuple(b) for b in boundaries)
+        result.nearest_step_s, result.nearest_fits = price(plan, nearest, boundaries)
+    return result
+
+
+def with_schedule(cfg: ParallelConfig, schedule: str, virtual_stages: int) -> ParallelConfig:
+    return replace(cfg, schedule=schedule, virtual_stages=virtual_stages)
+
+
+# -- writers: the few TOML / YAML shapes the exports need (the planner does not depend on a YAML library) --
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string and YAML double-quoted scalar
+
+
+def toml_text(tables: dict[str, dict[str, Any]], header: str) -> str:
+    """Tables of scalars and lists of scalars, in the given order."""
+    out = [f"# {line}" for line in header.splitlines()]
+    for name, body in tables.items():
+        out.append(f"\n[{name}]")
+        for k, v in body.items():
+            out.append(f"{k} = [{', '.join(_scalar(x) for x in v)}]" if isinstance(v, list) else f"{k} = {_scalar(v)}")
+    return "\n".join(out) + "\n"
+
+
+def yaml_text(doc: dict[str, Any], header: str, indent: int = 0) -> str:
+    """Nested mappings of scalars, two-space indented."""
+    out = [f"# {line}" for line in header.splitlines()] if header else []
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out.append(" " * indent + f"{k}:")
+            out.append(yaml_text(v, "", indent + 2).rstrip("\n"))
+        else:
+            out.append(" " * indent + f"{k}: {'null' if v is None else _scalar(v)}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,98 @@
+"""DeepSpeed: ``ds_config.json`` plus ``pipeline_module.json`` (the ``PipelineModule`` arguments).
+
+Keys are those DeepSpeed 0.19.8 reads (``deepspeed.runtime.config.DeepSpeedConfig``: batch keys,
+``zero_optimization``, ``bf16`` / ``fp16``, ``pipeline``; ``tensor_parallel.autotp_size``).
+
+What maps how:
+
+* Batches: ``train_batch_size`` = global batch, ``train_micro_batch_size_per_gpu``,
+  ``gradient_accumulation_steps`` = micro-batches per replica (DeepSpeed checks the three agree with
+  the data-parallel size).
+* ZeRO: ``zero_optimization.stage``; ``overlap_comm`` for an overlapped gradient reduce. DeepSpeed's
+  pipeline engine accepts ZeRO 0 and 1 only (the planner never pairs a pipeline with more).
+* tp: AutoTP (``tensor_parallel.autotp_size``); AutoTP has no sequence parallelism (lost).
+* Pipeline: ``PipelineModule(num_stages=pp, partition_method=...)``. DeepSpeed runs one schedule
+  (its ``TrainSchedule``, 1F1B) with one chunk per stage: interleaving, GPipe and the zero-bubble
+  schedules are lost. Its partition methods cannot be handed a split: ``uniform`` (equal layer
+  counts, extra layers on the first stages), ``parameters`` and ``type:<regex>`` (balance the layers'
+  parameter counts or the matching layers). The export writes ``uniform`` when the plan's split is
+  DeepSpeed's uniform split of the traced layers; any other split is lost, and the nearest plan is
+  priced with the uniform split.
+* Recompute: ``full`` is ``activation_checkpoint_interval = 1`` (every layer checkpointed);
+  DeepSpeed's pipeline has no selective recomputation, whose nearest is ``full``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from planner.export.common import ExportResult, Loss, boundaries_of, finish
+from planner.plan import Plan
+
+VERSION = "DeepSpeed 0.19.8"
+
+
+def uniform_partition(num_items: int, num_parts: int) -> list[int]:
+    """Part starts of DeepSpeed's ``uniform`` method: equal counts, the remainder on the first parts."""
+    q, r = divmod(num_items, num_parts)
+    parts = [0]
+    for i in range(num_parts):
+        parts.append(parts[-1] + q + (1 if i < r else 0))
+    return parts
+
+
+def export(plan: Plan) -> ExportResult:
+    cfg = plan.parallel
+    lost: list[Loss] = []
+    nearest = cfg
+    if cfg.pp > 1 and (cfg.schedule != "1f1b" or cfg.virtual_stages > 1):
+        lost.append(Loss("schedule", f"{cfg.schedule}, v={cfg.virtual_stages}", "1f1b, v=1",
+                         "DeepSpeed's pipeline engine runs its 1F1B TrainSchedule with one chunk per stage"))
+        nearest = replace(nearest, schedule="1f1b", virtual_stages=1)
+    if cfg.tp > 1 and cfg.sequence_parallel:
+        lost.append(Loss("sequence_parallel", "true", "false", "AutoTP has no sequence parallelism"))
+        nearest = replace(nearest, sequence_parallel=False)
+    if cfg.pp > 1 and cfg.recompute == "selective":
+        lost.append(Loss("recompute", "selective", "full (activation_checkpoint_interval 1)",
+                         "PipelineModule checkpoints whole layers"))
+        nearest = replace(nearest, recompute="full")
+    bounds = boundaries_of(plan)
+    n = plan.model.num_layers
+    written = bounds
+    pipe: dict = {}
+    if cfg.pp > 1:
+        starts = uniform_partition(n, cfg.pp)
+        uniform = tuple(zip(starts, starts[1:]))
+        if bounds != uniform:
+            lost.append(Loss("stage split", str([b - a for a, b in bounds]), str([b - a for a, b in uniform]),
+                             "PipelineModule partitions by a method (uniform / parameters / type:), not by a given split"))
+        written = uniform
+        pipe = {"num_stages": cfg.pp, "partition_method": "uniform",
+                "activation_checkpoint_interval": 1 if nearest.recompute == "full" else 0,
+                "layers": list(plan.model.layer_names), "expected_parts": starts}
+    ds: dict = {"train_batch_size": cfg.global_batch, "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+                "gradient_accumulation_steps": cfg.num_micro_batches,
+                "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": bool(cfg.overlap_grad_reduce)}}
+    if plan.model.dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif plan.model.dtype == "fp16":
+        ds["fp16"] = {"enabled": True}
+    if cfg.tp > 1:
+        ds["tensor_parallel"] = {"autotp_size": cfg.tp}
+    if cfg.pp > 1:
+        ds["pipeline"] = {"stages": cfg.pp, "partition": "uniform",
+                          "activation_checkpoint_interval": pipe["activation_checkpoint_interval"]}
+    files = {"ds_config.json": json.dumps(ds, indent=2) + "\n"}
+    if pipe:
+        files["pipeline_module.json"] = json.dumps(pipe, indent=2) + "\n"
+    if cfg.recompute != "none" and cfg.pp == 1:
+        ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
+        files["ds_config.json"] = json.dumps(ds, indent=2) + "\n"
+    kept = ["dp (implied)", "micro-batch", "global batch", "zero", "tp (AutoTP)", "pp"]
+    kept += [k for k in ("schedule", "stage split", "recompute", "sequence_parallel") if not any(x.knob == k for x in lost)]
+    result = ExportResult("deepspeed", VERSION, files, kept, lost)
+    if cfg.recompute != "none" and cfg.pp == 1:
+        result.notes.append("without a pipeline, DeepSpeed recomputes what the model wraps in "
+                            "deepspeed.checkpointing.checkpoint: the model code decides selective or full")
+    return finish(result, plan, nearest, written)

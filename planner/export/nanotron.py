@@ -1,0 +1,73 @@
+"""nanotron: the ``parallelism``, ``tokens`` and ``optimizer.zero_stage`` blocks of its YAML config (``nanotron.yaml``).
+
+Field names are those of ``src/nanotron/config/parallelism_config.py`` (``ParallelismArgs``) and
+``config.py`` (``TokensArgs``, ``OptimizerArgs.zero_stage``) in huggingface/nanotron at commit
+19f88fbe4546.
+
+What maps how:
+
+* dp, tp, pp: their fields. Sequence parallelism is ``tp_mode: REDUCE_SCATTER`` (with
+  ``tp_linear_async_communication``), its absence ``ALL_REDUCE``.
+* Schedules: ``pp_engine`` is ``1f1b`` or ``afab`` (all forward, all backward: GPipe). nanotron has
+  one model chunk per stage: interleaved, zero-bubble and V-shaped schedules are lost, the nearest is 1F1B.
+* Stage split: nanotron places its pipeline blocks itself (balancing their compute); no field sets
+  a split. The export keeps a split only when it is the even split of the decoder layers (embedding
+  first, head last); the nearest plan of any other is priced with that even split.
+* Recompute: ``recompute_layer`` recomputes whole layers (``full``); selective is lost, nearest full.
+* ZeRO: ``optimizer.zero_stage`` 0 or 1; 2 and 3 are lost, nearest 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from planner.export.common import (
+    ExportResult,
+    Loss,
+    block_counts,
+    block_split,
+    boundaries_of,
+    finish,
+    uniform_block_counts,
+    yaml_text,
+)
+from planner.plan import Plan
+
+VERSION = "nanotron src/nanotron/config @ 19f88fbe4546"
+ENGINES = {"1f1b": "1f1b", "gpipe": "afab"}
+
+
+def export(plan: Plan) -> ExportResult:
+    cfg = plan.parallel
+    lost: list[Loss] = []
+    nearest = cfg
+    if cfg.pp > 1 and (cfg.schedule not in ENGINES or cfg.virtual_stages > 1):
+        lost.append(Loss("schedule", f"{cfg.schedule}, v={cfg.virtual_stages}", "1f1b, v=1",
+                         "nanotron's engines are 1f1b and afab (GPipe), one chunk per stage"))
+        nearest = replace(nearest, schedule="1f1b", virtual_stages=1)
+    if cfg.recompute == "selective":
+        lost.append(Loss("recompute", "selective", "full (recompute_layer: true)", "nanotron recomputes whole layers only"))
+        nearest = replace(nearest, recompute="full")
+    if cfg.zero_stage > 1:
+        lost.append(Loss("zero", str(cfg.zero_stage), "1", "nanotron shards the optimizer state only (zero_stage 0 or 1)"))
+        nearest = replace(nearest, zero_stage=1)
+    bounds = boundaries_of(plan)
+    written = bounds
+    if cfg.pp > 1:
+        total = sum(block_counts(plan, bounds))
+        written = block_split(plan, uniform_block_counts(total, nearest.pp * nearest.virtual_stages))
+        if written != bounds:
+            lost.append(Loss("stage split", str([b - a for a, b in bounds]), str([b - a for a, b in written]),
+                             "nanotron places its pipeline blocks itself; the nearest is priced with an even split"))
+    parallelism = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "pp_engine": ENGINES.get(nearest.schedule, "1f1b"),
+                   "tp_mode": "REDUCE_SCATTER" if cfg.sequence_parallel else "ALL_REDUCE",
+                   "tp_linear_async_communication": bool(cfg.sequence_parallel),
+                   "recompute_layer": nearest.recompute == "full"}
+    tokens = {"sequence_length": plan.model.seq_len, "micro_batch_size": cfg.micro_batch_size,
+              "batch_accumulation_per_replica": cfg.num_micro_batches}
+    header = f"{plan.model.name} on {plan.cluster.name}: {cfg.label()}\nfield names: {VERSION}"
+    text = yaml_text({"parallelism": parallelism, "tokens": tokens, "optimizer": {"zero_stage": nearest.zero_stage}},
+                     header)
+    kept = ["dp", "tp", "pp", "micro-batch", "global batch", "sequence parallel"]
+    kept += [k for k in ("schedule", "stage split", "recompute", "zero") if not any(x.knob == k for x in lost)]
+    return finish(ExportResult("nanotron", VERSION, {"nanotron.yaml": text}, kept, lost), plan, nearest, written)
