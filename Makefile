@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install browser demo test test-fast lint bench check-wheel clean
 
 install: $(STAMP)
 
@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.') else 1)" 2>/dev/null \
 		|| $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test,hf]"
+	@# DeepSpeed (peers extra) ships only an sdist whose setup.py imports torch: build it against the torch
+	@# installed above, not in an isolated build environment (which would fetch another, multi-GB torch).
+	$(PY) -m pip install -q -c requirements/constraints.txt setuptools
+	$(PY) -m pip install -q --no-build-isolation -c requirements/constraints.txt deepspeed
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[test,hf,peers]"
 	@touch $(STAMP)
 
 demo: install
@@ -30,17 +34,28 @@ demo: install
 		-o out/gpt-10m.plan.json --force
 	$(PY) -m runtime run out/gpt-10m.plan.json --nproc 2 --steps 5 --out out/gpt-10m.metrics.json
 
-test: install
+# The HTML report's test drives a headless Chromium (tests/core/test_report_html.py): Debian's package,
+# installed only when none is on PATH, apt-get exists and we are root; otherwise that test skips, saying so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] \
+		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null)
+
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not multiprocess and not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check planner runtime tests bench
+	$(PY) -m ruff check planner runtime tests bench tools
 
 bench: install
 	$(PY) -m bench
+
+# A non-editable install (wheel into a temp dir, run from outside the checkout) plans GPT-3 175B and
+# gpt-tiny, and trains the gpt-tiny plan for 2 steps on 2 processes.
+check-wheel: install
+	$(PY) -m tools.check_wheel --big --run
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

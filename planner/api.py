@@ -38,27 +38,53 @@ from planner.resolve import (  # noqa: F401  (planner.api's public names)
 )
 from planner.search import Candidate, SearchResult, SearchSpace, search, tp_solve_of
 
+MAX_GLOBAL_BATCH = 10_000_000  # samples per step: above any batch in use; keeps the search's pricing bounded
+
 
 def _check_batch(global_batch: Any) -> int:
     if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
         raise SpecError("global_batch", global_batch, "expected a positive integer number of samples per step")
+    if global_batch > MAX_GLOBAL_BATCH:
+        raise SpecError("global_batch", global_batch,
+                        f"more than {MAX_GLOBAL_BATCH:,} samples per step is no training batch in use (Llama 3 405B "
+                        "trained on 16M tokens = 4,096 sequences per step); if you gave tokens, divide by the "
+                        "sequence length")
     return global_batch
 
 
-def plan(model: nn.Module | str, cluster: ClusterSpec | str, *, global_batch: int, seq_len: int | None = None,
+def _resolve_model(model: Any, *, seq_len: int | None, sample_input: Any, dtype: str) -> ResolvedModel:
+    """:func:`resolve_model`, and a Hugging Face config (a ``PretrainedConfig``, or a path to a
+    ``config.json``) built on meta first (:mod:`planner.models.hf_config`)."""
+    from planner.models import hf_config
+
+    if not (hf_config.is_config(model) or hf_config.is_config_path(model)):
+        return resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype)
+    config = model if hf_config.is_config(model) else hf_config.load_config(model)
+    built = hf_config.build(config, seq_len=seq_len)
+    resolved = resolve_model(built.module, seq_len=built.seq_len, sample_input=sample_input or built.sample_input,
+                             dtype=dtype)
+    resolved.graph.name = built.name
+    resolved.graph.notes.insert(0, built.note)
+    return resolved
+
+
+def plan(model: nn.Module | str | Any, cluster: ClusterSpec | str, *, global_batch: int, seq_len: int | None = None,
          sample_input: Any = None, nodes: int | None = None, devices_per_node: int | None = None,
          space: SearchSpace | None = None, constants: CostConstants | None = None, dtype: str | None = None,
          time_limit_s: float | None = None, top_k: int = 5, baselines: bool = True,
          progress: Callable[[int, int], None] | None = None) -> Plan:
     """Search for the fastest configuration of ``model`` on ``cluster`` that fits in memory.
 
+    ``model`` is a preset name, an ``nn.Module`` (with ``sample_input``), or a Hugging Face config: a
+    ``transformers.PretrainedConfig`` or the path of a ``config.json`` (built on meta; the sequence
+    length is the config's positions, capped by ``seq_len``).
     With ``baselines`` (default), the plan also records the best configuration each common
     recipe (pure DP, ZeRO-3/FSDP, Megatron-LM) reaches under the same cost model. ``progress(done,
     total)`` is called as the search goes (the CLI draws a bar with it; the library draws nothing).
     """
     _check_batch(global_batch)
     spec = resolve_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node)
-    resolved = resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
+    resolved = _resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
     return plan_resolved(resolved, spec, global_batch=global_batch, space=space, constants=constants,
                          time_limit_s=time_limit_s, top_k=top_k, baselines=baselines, progress=progress)
 
@@ -77,7 +103,7 @@ def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: i
                                                       time_limit_s=time_limit_s, top_k=top_k, progress=progress)
         spec = pricer.cluster
         if result.best is None:
-            raise infeasible_error(resolved.graph, spec, global_batch, result, c)
+            raise infeasible_error(resolved.graph, spec, global_batch, result, c, space=space)
         start = time.perf_counter()
         base = run_baselines(resolved.graph, spec, global_batch, c, pricer=pricer) if baselines else []
         baseline_s = time.perf_counter() - start
@@ -156,13 +182,13 @@ def _frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-def evaluate(model: nn.Module | str, cluster: ClusterSpec | str, config: ParallelConfig, *,
+def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: ParallelConfig, *,
              seq_len: int | None = None, sample_input: Any = None, nodes: int | None = None,
              devices_per_node: int | None = None, constants: CostConstants | None = None, dtype: str | None = None,
              partition: str = "balanced") -> Plan:
     """Price one configuration (no search). The plan says whether it fits."""
     spec = resolve_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node)
-    resolved = resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
+    resolved = _resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
     c = constants or CostConstants()
     check_config(config, resolved.graph, spec)
     if config.sequence_parallel:

@@ -1,7 +1,8 @@
-"""``python -m planner``: plan, evaluate, explain, timeline, models, clusters.
+"""python -m planner: search, price and explain parallel training plans.
 
 Errors a user can cause print one paragraph naming the field and the fix and exit with code 2
-(``--debug`` shows the traceback). Nothing here decides anything: it parses, calls
+(``--debug`` shows the traceback); every bad argument of one command line is reported at once,
+one line per field. Nothing here decides anything: it parses, calls
 :mod:`planner.api`, and prints.
 """
 
@@ -14,22 +15,42 @@ from pathlib import Path
 from typing import Any
 
 from planner.cost.constants import TRAINERS, trainer_constants
-from planner.errors import run_command
+from planner.errors import (
+    ArgumentCheck,
+    SpecError,
+    choice_arg,
+    choices_metavar,
+    float_arg,
+    int_arg,
+    run_command,
+    subcommand_options,
+)
+from planner.units import format_count, plural
 
 GiB = 2**30
+DTYPES = ("bf16", "fp16", "fp32")
+RECOMPUTE = ("none", "selective", "full")
+ZERO_STAGES = (0, 1, 2, 3)
+PARTITIONS = ("balanced", "uniform")
 
 
 def _add_model_cluster(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g = p.add_argument_group("model and cluster")
-    g.add_argument("--model", required=required, help="model preset name (see `python -m planner models`)")
+    g.add_argument("--model", required=required,
+                   help="model preset name, or a Hugging Face config.json (or its folder) on disk; "
+                        "`python -m planner models` lists both kinds")
     g.add_argument("--cluster", required=required, help="cluster preset name or path to a cluster JSON file")
-    g.add_argument("--nodes", type=int, help="number of nodes (overrides the preset)")
-    g.add_argument("--devices-per-node", type=int, help="devices per node (for cpu-local: local processes)")
-    g.add_argument("--global-batch", type=int, help="samples per optimizer step")
-    g.add_argument("--seq-len", type=int, help="sequence length (default: the preset's)")
-    g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+    g.add_argument("--nodes", type=int_arg, help="number of nodes (overrides the preset)")
+    g.add_argument("--devices-per-node", type=int_arg, help="devices per node (for cpu-local: local processes)")
+    g.add_argument("--i-know", action="store_true",
+                   help="accept cluster figures outside the plausible ranges (exotic hardware) with a warning; "
+                        "see docs/cluster.md")
+    g.add_argument("--global-batch", type=int_arg, help="samples per optimizer step")
+    g.add_argument("--seq-len", type=int_arg, help="sequence length (default: the preset's)")
+    g.add_argument("--dtype", type=choice_arg(*DTYPES), metavar=choices_metavar(*DTYPES),
                    help="training dtype (default: bf16 where the devices support it, else fp32)")
-    g.add_argument("--trainer", choices=sorted(TRAINERS), default="megatron",
+    g.add_argument("--trainer", type=choice_arg(*sorted(TRAINERS)), metavar=choices_metavar(*sorted(TRAINERS)),
+                   default="megatron",
                    help="what runs the plan, for the cost model: megatron (fused kernels, bf16 weights with an fp32 "
                         "master copy; default), compiled (torch.compile), eager (unfused PyTorch), torch (this "
                         "project's runtime, torchtitan: eager, fp32 parameters under autocast)")
@@ -37,22 +58,24 @@ def _add_model_cluster(p: argparse.ArgumentParser, *, required: bool = True) -> 
 
 def _add_config(p: argparse.ArgumentParser, *, required: bool) -> None:
     g = p.add_argument_group("configuration" if required else "constraints (fix a knob, search the rest)")
-    g.add_argument("--tp", type=int, required=False, help="tensor-parallel degree")
-    g.add_argument("--pp", type=int, required=False, help="pipeline-parallel degree")
-    g.add_argument("--dp", type=int, required=False, help="data-parallel degree")
-    g.add_argument("--micro-batch", type=int, help="micro-batch size")
-    g.add_argument("--virtual-stages", type=int, help="model chunks per device (interleaved schedules)")
+    g.add_argument("--tp", type=int_arg, help="tensor-parallel degree")
+    g.add_argument("--pp", type=int_arg, help="pipeline-parallel degree")
+    g.add_argument("--dp", type=int_arg, help="data-parallel degree")
+    g.add_argument("--micro-batch", type=int_arg, help="micro-batch size (samples per micro-batch)")
+    g.add_argument("--virtual-stages", type=int_arg, help="model chunks per device (interleaved schedules)")
     g.add_argument("--schedule", help="pipeline schedule (gpipe, 1f1b, interleaved-1f1b, zb-h1, ...)")
-    g.add_argument("--recompute", choices=["none", "selective", "full"], help="activation recomputation")
+    g.add_argument("--recompute", type=choice_arg(*RECOMPUTE), metavar=choices_metavar(*RECOMPUTE),
+                   help="activation recomputation")
     g.add_argument("--sequence-parallel", action="store_true", default=None, help="Megatron sequence parallelism")
-    g.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO / FSDP stage")
+    g.add_argument("--zero", type=choice_arg(*ZERO_STAGES), metavar=choices_metavar(*ZERO_STAGES),
+                   help="ZeRO / FSDP stage")
     g.add_argument("--overlap-grad-reduce", action="store_true", help="overlap DP gradient reduction with backward")
 
 
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", help="write the plan JSON here")
     p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables (docs/json-output.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_cluster(p)
     _add_config(p, required=False)
     _add_output(p)
-    p.add_argument("--time-limit", type=float, help="seconds; returns the best plan found so far, labelled")
-    p.add_argument("--top-k", type=int, default=5, help="alternatives kept in the plan (default 5)")
+    p.add_argument("--time-limit", type=float_arg, help="seconds; returns the best plan found so far, labelled")
+    p.add_argument("--top-k", type=int_arg, default=5, help="alternatives kept in the plan (default 5)")
     p.add_argument("--schedules", help="comma-separated schedules the search may use")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -74,24 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p, required=True)
     _add_output(p)
     p.add_argument("--plan", help="re-evaluate the configuration and stages of this plan file")
-    p.add_argument("--partition", default="balanced", choices=["balanced", "uniform"],
+    p.add_argument("--partition", default="balanced", type=choice_arg(*PARTITIONS),
+                   metavar=choices_metavar(*PARTITIONS),
                    help="stage boundaries: exact memory-aware DP (balanced) or equal layers per stage (uniform)")
 
     p = sub.add_parser("explain", help="why a plan is what it is; --what-if re-plans a changed cluster")
     p.add_argument("plan", help="plan JSON file")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object (docs/json-output.md)")
     p.add_argument("--what-if", action="append", default=[], metavar="KNOB=VALUE",
                    help="re-plan with a change, without retracing: inter_node_bandwidth=2x, nodes=16, memory=0.5x, "
                         "intra_node_bandwidth=…, devices_per_node=…, peak_flops=…, global_batch=… (repeatable)")
 
     p = sub.add_parser("compare", help="the plan against the baselines (pure DP, ZeRO-3, Megatron-LM)")
     p.add_argument("plan", help="plan JSON file")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object (docs/json-output.md)")
 
-    p = sub.add_parser("report", help="write a Markdown report with timeline and memory charts")
+    p = sub.add_parser("report", help="write a Markdown report with timeline and memory charts (--html: one "
+                                      "interactive page)")
     p.add_argument("plan", help="plan JSON file")
-    p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--force", action="store_true", help="write into an existing folder")
+    p.add_argument("-o", "--output", required=True, help="output folder (with --html: the .html file)")
+    p.add_argument("--force", action="store_true", help="write into an existing folder (overwrite the .html file)")
+    p.add_argument("--html", action="store_true",
+                   help="one self-contained interactive HTML file: timeline with zoom and hover, memory per device, "
+                        "sortable baselines and alternatives, what-if re-plans")
+    p.add_argument("--what-if", action="append", default=None, metavar="KNOB=VALUE",
+                   help="with --html: a re-plan to show (repeatable; default nodes=2x and inter_node_bandwidth=2x)")
 
     p = sub.add_parser("timeline", help="draw the pipeline timeline of a plan (PNG)")
     p.add_argument("plan", help="plan JSON file")
@@ -104,26 +134,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="cluster JSON to write (then: plan --cluster FILE)")
     p.add_argument("--base", help="preset or cluster file for the device and links (default: cpu-local on the CPU, "
                                   "the DGX preset of the GPU)")
-    p.add_argument("--nproc", type=int, help="local processes to measure (default: the GPUs, else 2)")
-    p.add_argument("--max-bytes", type=int, help="largest message (default 64 MiB on the CPU, 1 GiB on GPUs)")
-    p.add_argument("--iterations", type=int, help="timed samples per point (default 5)")
+    p.add_argument("--nproc", type=int_arg, help="local processes to measure (default: the GPUs, else 2)")
+    p.add_argument("--max-bytes", type=int_arg, help="largest message (default 64 MiB on the CPU, 1 GiB on GPUs)")
+    p.add_argument("--iterations", type=int_arg, help="timed samples per point (default 5)")
     p.add_argument("--force", action="store_true", help="overwrite the output file")
     from planner.validation.command import add_arguments as _validate_arguments
 
     _validate_arguments(sub.add_parser("validate", help="the cost model's predictions against measured runs"))
+    from planner.export.command import add_arguments as _export_arguments
+
+    _export_arguments(sub.add_parser("export", help="write a plan as Megatron-LM / torchtitan / DeepSpeed / nanotron "
+                                                    "configuration; says what each cannot express"))
     return parser
 
 
+def _show_warning(message: Any, category: type, *rest: Any, _default: Any = None, **kw: Any) -> None:
+    """A cluster-plausibility warning reads as one line on stderr, like an error; others as Python's."""
+    from planner.plausible import PlausibilityWarning
+
+    if issubclass(category, PlausibilityWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, *rest, **kw)
+
+
+def _cluster_arg(args: argparse.Namespace) -> tuple[Any, int | None, int | None]:
+    """(cluster, nodes, devices per node) for plan()/evaluate(): the name as given, or with --i-know
+    the cluster read here, resized, with implausible figures accepted (a warning each)."""
+    if not getattr(args, "i_know", False):
+        return args.cluster, args.nodes, args.devices_per_node
+    from planner.resolve import resolve_cluster
+
+    return resolve_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node,
+                           strict=False), None, None
+
+
 def main(argv: list[str] | None = None) -> int:
+    import functools
+    import warnings
+
+    warnings.showwarning = functools.partial(_show_warning, _default=warnings.showwarning)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_command(lambda: _dispatch(args), debug=args.debug)
+    args, unknown = parser.parse_known_args(argv)
+    return run_command(lambda: _dispatch(args, unknown, parser), debug=args.debug)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, unknown: list[str] | None = None,
+              parser: argparse.ArgumentParser | None = None) -> int:
+    check_arguments(args, unknown or [], options=subcommand_options(parser, args.command) if parser else ())
     return {"plan": _cmd_plan, "evaluate": _cmd_evaluate, "explain": _cmd_explain, "timeline": _cmd_timeline,
             "compare": _cmd_compare, "report": _cmd_report, "models": _cmd_models,
-            "clusters": _cmd_clusters, "profile-cluster": _cmd_profile_cluster, "validate": _cmd_validate}[args.command](args)
+            "clusters": _cmd_clusters, "profile-cluster": _cmd_profile_cluster, "validate": _cmd_validate,
+            "export": _cmd_export}[args.command](args)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -132,28 +194,97 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _require(args: argparse.Namespace, *names: str) -> None:
-    from planner.errors import SpecError
+def _cmd_export(args: argparse.Namespace) -> int:
+    from planner.export.command import run
 
-    for name in names:
-        if getattr(args, name.replace("-", "_")) is None:
-            raise SpecError(f"--{name}", None, f"this option is required for `{args.command}`")
+    return run(args)
 
 
-def _check_output(args: argparse.Namespace) -> None:
-    from planner.errors import SpecError
+_POSITIVE = ("nodes", "devices_per_node", "global_batch", "seq_len", "tp", "pp", "dp", "micro_batch",
+             "virtual_stages", "top_k", "nproc", "max_bytes", "iterations")
 
+
+def check_arguments(args: argparse.Namespace, unknown: list[str], *, options: Any = ()) -> None:
+    """Every problem of the command line at once (one :class:`SpecError` per field), before any work.
+
+    What needs the model or the cluster (degrees against the device count, pp against the layers)
+    is checked after they are read, by :func:`planner.resolve.check_config`, also all at once.
+    """
+    check = ArgumentCheck(args, unknown, command=args.command, options=list(options))
+    check.at_least(1, *(d for d in _POSITIVE if hasattr(args, d)))
+    check.at_least(0, "time_limit", integer=False)
+    if args.command == "plan":
+        check.require("model", "cluster", "global_batch")
+        for s in args.schedules.split(",") if args.schedules else ([args.schedule] if args.schedule else []):
+            _check_schedule(check, "--schedules" if args.schedules else "--schedule", s.strip())
+    elif args.command == "evaluate" and not args.plan:
+        check.require("model", "cluster", "tp", "pp", "dp", "micro_batch", "global_batch")
+        _check_config(check)
+    if args.command in ("plan", "evaluate"):
+        _check_output(check)
+        if check.errors:  # name a wrong model or cluster in the same answer (both read in milliseconds)
+            _check_model_cluster(check)
+    check.raise_if_any()
+
+
+def _check_schedule(check: ArgumentCheck, field: str, name: str) -> None:
+    from planner import schedules
+
+    try:
+        schedules.get_schedule(name)
+    except SpecError as exc:
+        check.add(field, name, exc.fix)
+
+
+def _check_config(check: ArgumentCheck) -> None:
+    """The knobs of `evaluate` against each other: batch divisibility, sp needs tp, v needs pp."""
+    gb, dp, mb = check.value("global_batch"), check.value("dp"), check.value("micro_batch")
+    if None not in (gb, dp, mb) and gb % (dp * mb):
+        check.add("--global-batch", gb, f"must be a multiple of dp x micro-batch = {dp * mb} (dp {dp}, "
+                  f"micro-batch {mb})")
+    if check.value("tp") == 1 and check.args.sequence_parallel:
+        check.add("--sequence-parallel", True, "sequence parallelism needs tp > 1; drop --sequence-parallel or "
+                  "raise --tp")
+    v = check.value("virtual_stages")
+    if check.value("pp") == 1 and v is not None and v > 1:
+        check.add("--virtual-stages", v, "virtual stages need pp > 1; drop --virtual-stages or raise --pp")
+    if check.args.schedule:
+        _check_schedule(check, "--schedule", check.args.schedule)
+
+
+def _check_output(check: ArgumentCheck) -> None:
+    args = check.args
     if args.output and Path(args.output).exists() and not args.force:
-        raise SpecError("--output", args.output, "the file exists; pass --force to overwrite it or choose "
-                        "another path")
+        check.add("--output", args.output, "the file exists; pass --force to overwrite it or choose another path")
+
+
+def _check_model_cluster(check: ArgumentCheck) -> None:
+    from planner.errors import PlannerError
+    from planner.models import load_preset
+    from planner.resolve import resolve_cluster
+
+    if check.value("model") is not None:
+        try:
+            from planner.models import hf_config
+
+            hf_config.load_config(check.args.model) if hf_config.is_config_path(check.args.model) \
+                else load_preset(check.args.model)
+        except PlannerError as exc:
+            check.errors.append(exc if isinstance(exc, SpecError) else SpecError("--model", check.args.model,
+                                                                               str(exc)))
+    if check.value("cluster") is not None:
+        try:
+            resolve_cluster(check.args.cluster, nodes=check.value("nodes"),
+                            devices_per_node=check.value("devices_per_node"), strict=not check.args.i_know)
+        except PlannerError as exc:
+            check.errors.append(exc if isinstance(exc, SpecError) else SpecError("--cluster", check.args.cluster,
+                                                                               str(exc)))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from planner.api import plan
     from planner.search import SearchSpace
 
-    _require(args, "model", "cluster", "global-batch")
-    _check_output(args)
     space = SearchSpace(
         tp=(args.tp,) if args.tp else None, pp=(args.pp,) if args.pp else None, dp=(args.dp,) if args.dp else None,
         micro_batch_size=(args.micro_batch,) if args.micro_batch else None,
@@ -165,11 +296,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         zero_stage=(args.zero,) if args.zero is not None else (0, 1, 2, 3),
         overlap_grad_reduce=args.overlap_grad_reduce,
     )
-    _validate_space(space)
+    cluster, nodes, devices_per_node = _cluster_arg(args)
     progress = None if (args.no_progress or args.json) else ProgressBar()
     try:
-        result = plan(args.model, args.cluster, global_batch=args.global_batch, seq_len=args.seq_len,
-                      nodes=args.nodes, devices_per_node=args.devices_per_node, space=space, dtype=args.dtype,
+        result = plan(args.model, cluster, global_batch=args.global_batch, seq_len=args.seq_len,
+                      nodes=nodes, devices_per_node=devices_per_node, space=space, dtype=args.dtype,
                       time_limit_s=args.time_limit, top_k=args.top_k, progress=progress,
                       constants=trainer_constants(args.trainer))
     finally:
@@ -178,55 +309,33 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return _emit(result, args)
 
 
-def _validate_space(space: Any) -> None:
-    from planner import schedules
-    from planner.errors import PlannerError, SpecError
-
-    for name, values in (("--tp", space.tp), ("--pp", space.pp), ("--dp", space.dp),
-                         ("--micro-batch", space.micro_batch_size), ("--virtual-stages", space.virtual_stages)):
-        for v in values or ():
-            if v < 1:
-                raise SpecError(name, v, "expected an integer >= 1")
-    for s in space.schedules or ():
-        try:
-            schedules.get_schedule(s)
-        except ValueError as exc:  # the message already names the field, the value and the fix
-            raise PlannerError(str(exc)) from exc
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from planner.api import evaluate
-    from planner.errors import SpecError
     from planner.plan import ParallelConfig, Plan
 
-    _check_output(args)
     if args.plan:
-        old = Plan.from_json(args.plan)
+        old = Plan.from_json(args.plan, verify=False)  # re-prices a plan edited by hand, on purpose
         cfg = old.parallel
         model = old.model.preset
         if model is None:
             raise SpecError("--plan", args.plan, "this plan was made from a Python module, not a preset; "
                             "re-evaluate it with planner.evaluate(module, ...)")
-        from planner.cluster import ClusterSpec
         from planner.cost.constants import CostConstants
 
-        cluster = ClusterSpec.from_dict(old.cluster)
+        cluster = old.cluster
         known = {f for f in CostConstants.__dataclass_fields__}  # the plan's own constants (older files: fewer)
         constants = CostConstants(**{k: v for k, v in old.cost_constants.items() if k in known})
         result = evaluate(model, cluster, cfg, seq_len=old.model.seq_len, dtype=old.model.dtype, constants=constants)
         return _emit(result, args)
-    _require(args, "model", "cluster", "tp", "pp", "dp", "micro-batch", "global-batch")
-    per_replica, rem = divmod(args.global_batch, args.dp * args.micro_batch)
-    if rem or per_replica < 1:
-        raise SpecError("--global-batch", args.global_batch,
-                        f"must be a multiple of dp x micro-batch = {args.dp * args.micro_batch}")
+    per_replica = args.global_batch // (args.dp * args.micro_batch)  # check_arguments: divides exactly
     cfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch,
                          num_micro_batches=per_replica, virtual_stages=args.virtual_stages or 1,
                          schedule=args.schedule or "1f1b", recompute=args.recompute or "none",
                          sequence_parallel=bool(args.sequence_parallel), zero_stage=args.zero or 0,
                          overlap_grad_reduce=args.overlap_grad_reduce)
-    result = evaluate(args.model, args.cluster, cfg, seq_len=args.seq_len, nodes=args.nodes,
-                      devices_per_node=args.devices_per_node, dtype=args.dtype, partition=args.partition,
+    cluster, nodes, devices_per_node = _cluster_arg(args)
+    result = evaluate(args.model, cluster, cfg, seq_len=args.seq_len, nodes=nodes,
+                      devices_per_node=devices_per_node, dtype=args.dtype, partition=args.partition,
                       constants=trainer_constants(args.trainer))
     return _emit(result, args)
 
@@ -234,7 +343,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def summary_dict(plan: Any) -> dict[str, Any]:
     cfg, pred = plan.parallel, plan.predicted
     return {
-        "model": plan.model.name, "cluster": plan.cluster.get("name"), "devices": cfg.world_size,
+        "model": plan.model.name, "cluster": plan.cluster.name, "devices": cfg.world_size,
         "step_time_s": pred.step_time_s, "mfu": pred.mfu, "peak_memory_bytes": pred.peak_memory_bytes,
         "fits": pred.fits, "tp": cfg.tp, "pp": cfg.pp, "dp": cfg.dp, "micro_batch": cfg.micro_batch_size,
         "num_micro_batches": cfg.num_micro_batches, "global_batch": cfg.global_batch, "schedule": cfg.schedule,
@@ -263,7 +372,52 @@ def _emit(plan: Any, args: argparse.Namespace) -> int:
     return 0 if plan.predicted.fits else 3
 
 
-def print_plan(plan: Any) -> None:
+_BINDING_MEANING = {  # planner.cost.model._binding's values
+    "compute": "the busiest device, bound by computation",
+    "communication": "the busiest device, over 30% of its step in exposed communication",
+    "memory": "within 10% of the usable memory",
+    "memory (over the limit)": "over the usable memory: does not fit",
+    "none (waits on the bottleneck stage)": "not the busiest device",
+}
+_ZERO_MEANING = {"1": "optimizer state sharded over dp", "2": "optimizer state and gradients sharded over dp",
+                 "3": "weights, gradients and optimizer state sharded over dp (FSDP)"}
+
+
+def legend(labels: Any, bindings: Any = ()) -> str:
+    """One line explaining the labels used in ``labels`` (``ParallelConfig.label()`` strings) and the
+    ``binding`` values shown, and nothing else."""
+    from planner import schedules
+
+    tokens = [t for label in labels for t in label.replace(",", " ").split()]
+    parts: list[str] = []
+    if any(t.startswith(("dp=", "tp=", "pp=")) for t in tokens):
+        parts.append("dp/tp/pp = data-, tensor-, pipeline-parallel degrees")
+    mbs = sorted({t for t in tokens if t.startswith("mb=")})
+    if len(mbs) == 1:
+        size, count = mbs[0].removeprefix("mb=").split("x")
+        parts.append(f"{mbs[0]} = {plural(int(count), 'micro-batch', 'micro-batches')} of "
+                     f"{plural(int(size), 'sample')} per data-parallel replica per step")
+    elif mbs:
+        parts.append("mb=SxN = N micro-batches of S samples per data-parallel replica per step")
+    for name in dict.fromkeys(t for t in tokens if t in schedules.SCHEDULE_NAMES):
+        parts.append(f"{name} = {schedules.get_schedule(name).title} schedule")
+    if any(t.startswith("v=") for t in tokens):
+        parts.append("v = model chunks per device")
+    for t in dict.fromkeys(t for t in tokens if t.startswith("recompute=")):
+        parts.append({"recompute=selective": "recompute=selective = the attention core recomputed in the backward",
+                      "recompute=full": "recompute=full = each layer's forward recomputed in the backward"}.get(t, t))
+    if "sp" in tokens:
+        parts.append("sp = sequence parallelism (norms and dropout split along the sequence over tp)")
+    for t in sorted({t for t in tokens if t.startswith("zero") and t[4:] in _ZERO_MEANING}):
+        parts.append(f"{t} = {_ZERO_MEANING[t[4:]]}")
+    shown = [b for b in dict.fromkeys(bindings) if b in _BINDING_MEANING]
+    if shown:
+        parts.append("binding (what limits a device): " + "; ".join(f"{b} = {_BINDING_MEANING[b]}" for b in shown))
+    return "legend: " + "; ".join(parts)
+
+
+def print_plan(plan: Any, *, more_labels: Any = ()) -> None:
+    """The plan as tables, ending with a legend of its labels (and of ``more_labels``, printed after it)."""
     import shutil
 
     from rich.console import Console
@@ -274,9 +428,11 @@ def print_plan(plan: Any) -> None:
     console = Console(width=max(shutil.get_terminal_size((130, 40)).columns, 130))
     cfg, pred = plan.parallel, plan.predicted
     fit = "[green]fits[/green]" if pred.fits else "[red]DOES NOT FIT[/red]"
-    console.print(f"[bold]{plan.model.name}[/bold] on {plan.cluster.get('name')} ({cfg.world_size} devices), "
+    console.print(f"[bold]{plan.model.name}[/bold] on {plan.cluster.name} ({plural(cfg.world_size, 'device')}), "
                   f"global batch {cfg.global_batch}")
     console.print(f"  {cfg.label()}")
+    for i, line in enumerate(plan.cluster.echo()):  # the cluster as read, in human units
+        console.print(f"  {'cluster as read: ' if i == 0 else ' ' * 17}{line.strip()}", highlight=False)
     console.print(f"  predicted step {pred.step_time_s:.4g} s, MFU {pred.mfu:.1%}, "
                   f"{pred.throughput_samples_per_s:.4g} samples/s, peak memory "
                   f"{pred.peak_memory_bytes / GiB:.2f} GiB ({fit})")
@@ -296,11 +452,13 @@ def print_plan(plan: Any) -> None:
     for col in ("stage", "layers", "weights", "grads", "optimizer", "activations", "temp", "total", "binding"):
         m.add_column(col, justify="right" if col not in ("layers", "binding") else "left")
     shown = plan.stages if len(plan.stages) <= 16 else plan.stages[:8] + plan.stages[-8:]
+    bindings = []
     for s in shown:
         st = pred.stages[s.device_index] if s.device_index < len(pred.stages) else {}
         mem = st.get("memory_bytes", {})
         names = s.layer_names
         label = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]} ({len(names)})"
+        bindings.append(st.get("binding", ""))
         m.add_row(str(s.index), label, *(f"{mem.get(k, 0) / GiB:.2f}" for k in
                                          ("weights", "gradients", "optimizer", "activations", "temporary", "total")),
                   st.get("binding", ""))
@@ -309,6 +467,7 @@ def print_plan(plan: Any) -> None:
     if plan.timings:
         timing = ", planned in " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in plan.timings.items())
     console.print(f"  solver: {plan.solver.method}, status {plan.solver.status}, gap {plan.solver.gap:.2%}{timing}")
+    console.print(f"  {legend([cfg.label(), *more_labels], bindings)}", highlight=False, soft_wrap=True)
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -319,13 +478,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         return _what_if(plan, args)
     if args.json:
         print(json.dumps({"summary": summary_dict(plan), "explanation": list(plan.explanation),
-                          "alternatives": plan.search.get("alternatives", [])}, indent=2))
+                          "alternatives": [a.to_dict() for a in plan.search.alternatives]}, indent=2))
         return 0
-    print_plan(plan)
+    alts = plan.search.alternatives
+    print_plan(plan, more_labels=[a["config"] for a in alts])
     print("\nwhy:")
     for line in plan.explanation:
         print(f"  - {line}")
-    alts = plan.search.get("alternatives", [])
     if alts:
         print("\nalternatives (next best under the same cost model):")
         for a in alts:
@@ -358,6 +517,7 @@ def _what_if(plan: Any, args: argparse.Namespace) -> int:
         print(f"  {name:{width}}  {a:>40}  {b:>40}")
     ratio = cur.throughput_samples_per_s / old.throughput_samples_per_s if old.throughput_samples_per_s else 0.0
     print(f"  throughput changes by {ratio:.3f}x")
+    print(f"  {legend([plan.parallel.label(), new.parallel.label()])}")
     return 0
 
 
@@ -365,15 +525,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from planner.plan import Plan
 
     plan = Plan.from_json(args.plan)
-    rows = plan.search.get("baselines", [])
+    rows = plan.search.baselines or ()
     if args.json:
-        print(json.dumps({"plan": summary_dict(plan), "baselines": rows}, indent=2))
+        print(json.dumps({"plan": summary_dict(plan), "baselines": [b.to_dict() for b in rows]}, indent=2))
         return 0
     if not rows:
         print("this plan records no baselines (made by `evaluate`, or with baselines off); "
               "re-create it with `python -m planner plan`")
         return 0
-    print(f"{plan.model.name} on {plan.cluster.get('name')} ({plan.parallel.world_size} devices), "
+    print(f"{plan.model.name} on {plan.cluster.name} ({plural(plan.parallel.world_size, 'device')}), "
           f"global batch {plan.parallel.global_batch}, same cost model and graph:")
     print(f"  {'recipe':13s} {'step (s)':>10s} {'MFU':>7s} {'plan faster by':>15s}  configuration")
     print(f"  {'this plan':13s} {plan.predicted.step_time_s:10.4g} {plan.predicted.mfu:7.1%} {'':>15s}  "
@@ -384,6 +544,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                   f"{b['config']}")
         else:
             print(f"  {b['name']:13s} {'—':>10s} {'—':>7s} {'—':>15s}  cannot run: {b.get('reason', '')}")
+    print(f"  {legend([plan.parallel.label(), *(b['config'] for b in rows if b.get('config'))])}")
     return 0
 
 
@@ -394,6 +555,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     plan = Plan.from_json(args.plan)
     out = Path(args.output)
+    if args.html:
+        from planner.report_html import DEFAULT_WHAT_IFS, write_html_report
+
+        if out.exists() and not args.force:
+            raise SpecError("--output", args.output, "the file exists; pass --force to overwrite it")
+        if out.is_dir():
+            raise SpecError("--output", args.output, "with --html, -o is the .html file to write, not a folder")
+        written = write_html_report(plan, out, what_ifs=args.what_if or DEFAULT_WHAT_IFS)
+        print(f"interactive report written to {written} (one self-contained file; open it in a browser)")
+        return 0
+    if args.what_if:
+        raise SpecError("--what-if", args.what_if[0], "only the --html report shows what-if re-plans; add --html, "
+                        "or use `explain PLAN --what-if ...`")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise SpecError("--output", args.output, "the folder is not empty; pass --force to write into it")
     index = write_report(plan, out)
@@ -421,7 +595,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     for name in list_presets():
         preset = load_preset(name)
-        print(f"{name:20s} {preset.family:8s} {preset.param_count() / 1e6:12.1f}M  {preset.description[:70]}")
+        print(f"{name:20s} {preset.family:11s} {format_count(preset.param_count()):>6s}  {preset.description[:70]}")
+    from planner.models.hf_config import TRACED_FAMILIES
+
+    print("\nHugging Face families known to trace (--model path/to/config.json; docs/huggingface.md):")
+    for model_type, what in TRACED_FAMILIES.items():
+        print(f"  {model_type:18s} {what}")
     return 0
 
 

@@ -120,12 +120,10 @@ class LayerTimes:
         return self.bwd_input_s + self.bwd_weight_s
 
 
-def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: bool, device: DeviceSpec,
-                dtype: str, c: CostConstants, gemm: tuple[GemmPoint, ...] | None = None) -> LayerTimes:
-    """Seconds for one micro-batch of ``layer`` on one of its ``tp`` devices (no communication).
-
-    ``gemm``: the cluster's measured GEMM points (:func:`measured_gemm_efficiency`), if any.
-    """
+def _gemm_times(layer: Layer, *, micro_batch: int, tp: int, device: DeviceSpec, dtype: str, c: CostConstants,
+                gemm: tuple[GemmPoint, ...] | None) -> tuple[float, float, float, float, float]:
+    """The FLOP-counted ops of ``layer``: (forward seconds, of which attention GEMMs, of which fused
+    attention kernels, FLOPs per sample, weight elements read by GEMMs)."""
     peak = device.peak(dtype)
     bw = device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
     c = device_constants(device, c)
@@ -161,6 +159,41 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
             attention_gemm += t
         if op.kind in ATTENTION_KERNELS:
             fused_attention += t
+    return gemm_fwd, attention_gemm, fused_attention, gemm_flops, weight_elems
+
+
+def _with_host_dispatch(layer: Layer, c: CostConstants, fwd: float, bwd_in: float, bwd_w: float, attention: float,
+                        att_share: float) -> LayerTimes:
+    """The device times of a layer with the host's op dispatch added (or overlapped, ``async_dispatch``)."""
+    host_fwd = layer.num_ops * c.op_dispatch_s
+    if host_fwd > 0 and c.async_dispatch:
+        # The device runs ahead of the host: a pass costs whichever is longer (autograd runs
+        # about two ops per forward op).
+        fwd_total = max(fwd, host_fwd)
+        bwd, bwd_total = bwd_in + bwd_w, max(bwd_in + bwd_w, 2 * host_fwd)
+        if bwd > 0:
+            bwd_in, bwd_w = bwd_in * bwd_total / bwd, bwd_w * bwd_total / bwd
+        else:
+            bwd_in = bwd_total
+        attention = attention * fwd_total / fwd if fwd > 0 else 0.0
+        fwd = fwd_total
+    elif host_fwd > 0:
+        fwd += host_fwd
+        bwd_in += 2 * host_fwd
+        attention += host_fwd * min(1.0, att_share)
+    return LayerTimes(fwd_s=fwd, bwd_input_s=bwd_in, bwd_weight_s=bwd_w, attention_fwd_s=attention)
+
+
+def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: bool, device: DeviceSpec,
+                dtype: str, c: CostConstants, gemm: tuple[GemmPoint, ...] | None = None) -> LayerTimes:
+    """Seconds for one micro-batch of ``layer`` on one of its ``tp`` devices (no communication).
+
+    ``gemm``: the cluster's measured GEMM points (:func:`measured_gemm_efficiency`), if any.
+    """
+    bw = device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
+    elt = DTYPE_BYTES.get(dtype, 2)
+    gemm_fwd, attention_gemm, fused_attention, gemm_flops, weight_elems = _gemm_times(
+        layer, micro_batch=micro_batch, tp=tp, device=device, dtype=dtype, c=c, gemm=gemm)
     # Parameters read by memory-bound ops (embedding tables, norms, biases) once per micro-batch.
     params = max(layer.param_count - weight_elems, 0.0) * elt
     per_sample = sum(op.bytes for op in layer.op_costs if op.flops <= 0)
@@ -180,20 +213,4 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
     att_share = layer.attention_activation_bytes / layer.activation_bytes if layer.activation_bytes > 0 else 0.0
     attention = attention_gemm + mem_fwd * min(1.0, att_share)
     fwd = gemm_fwd + mem_fwd
-    host_fwd = layer.num_ops * c.op_dispatch_s
-    if host_fwd > 0 and c.async_dispatch:
-        # The device runs ahead of the host: a pass costs whichever is longer (autograd runs
-        # about two ops per forward op).
-        fwd_total = max(fwd, host_fwd)
-        bwd, bwd_total = bwd_in + bwd_w, max(bwd_in + bwd_w, 2 * host_fwd)
-        if bwd > 0:
-            bwd_in, bwd_w = bwd_in * bwd_total / bwd, bwd_w * bwd_total / bwd
-        else:
-            bwd_in = bwd_total
-        attention = attention * fwd_total / fwd if fwd > 0 else 0.0
-        fwd = fwd_total
-    elif host_fwd > 0:
-        fwd += host_fwd
-        bwd_in += 2 * host_fwd
-        attention += host_fwd * min(1.0, att_share)
-    return LayerTimes(fwd_s=fwd, bwd_input_s=bwd_in, bwd_weight_s=bwd_w, attention_fwd_s=attention)
+    return _with_host_dispatch(layer, c, fwd, bwd_in, bwd_w, attention, att_share)

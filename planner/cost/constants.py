@@ -3,12 +3,12 @@
 Where each value comes from (a datasheet, a paper, or the calibration against Megatron-LM's
 published runs) is written next to it and, with the formulas that use it, in
 docs/cost-model.md; the calibration itself is docs/calibration.md
-(``python -m planner.cost.calibrate --markdown``). Change a value here and the plan files made
+(``python -m tools.calibrate --markdown``). Change a value here and the plan files made
 afterwards say so (``Plan.cost_constants``).
 
 The defaults describe a GPU cluster running a Megatron-style trainer (fused element-wise
 kernels, asynchronous kernel launches). A CPU run is described by the constants that
-:func:`planner.cost.calibrate.cpu_constants` derives from micro-benchmarks of this machine.
+:func:`planner.cost.cpu_calibration.cpu_constants` derives from micro-benchmarks of this machine.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import numpy as np
 
 from planner.cluster import ClusterSpec
 from planner.cost.comm import Group, all_gather_s, all_reduce_s, reduce_scatter_s, strided_group
-from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS, activation_shard, layer_times
+from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS, LayerTimes, activation_shard, layer_times
 from planner.cost.constants import DTYPE_BYTES, CostConstants
 from planner.cost.memory import _range_max, _stage_params
 from planner.trace.graph import CostGraph, Layer
@@ -244,6 +244,20 @@ class TpSeconds:
     note: str = ""
 
 
+def _exposed_tp_s(layer: Layer, t: LayerTimes, tc: tuple[float, float], *, tp: int,
+                  c: CostConstants) -> tuple[float, float]:
+    """A layer's tensor-parallel seconds (forward, backward) after overlap with its GEMMs, plus the tp
+    framework's host work."""
+    tc_fwd, tc_bwd = tc
+    if c.tp_comm_overlap > 0:  # chunked collectives pipelined with the GEMMs they feed
+        tc_fwd -= min(c.tp_comm_overlap * tc_fwd, t.fwd_s)
+        tc_bwd -= min(c.tp_comm_overlap * tc_bwd, t.bwd_s)
+    if tp > 1 and c.tp_layer_overhead_s > 0:  # the tp framework's own host work (fwd 1/3, bwd 2/3)
+        host = c.tp_layer_overhead_s * tp_split_modules(layer)
+        tc_fwd, tc_bwd = tc_fwd + host / 3, tc_bwd + 2 * host / 3
+    return tc_fwd, tc_bwd
+
+
 def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int, sequence_parallel: bool,
                 recompute: str, c: CostConstants, dtype: str | None = None, tp_pricing: str = "megatron",
                 tp_seconds: TpSeconds | None = None, tp_note: str = "") -> LayerTable:
@@ -284,18 +298,13 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
             by_signature[layer.signature] = t
         arr["f"][i], arr["b"][i], arr["w"][i] = t.fwd_s, t.bwd_input_s, t.bwd_weight_s
         if tp_seconds is not None:
-            tc_fwd, tc_bwd = tp_seconds.fwd_s[i], tp_seconds.bwd_s[i]
+            tc = (tp_seconds.fwd_s[i], tp_seconds.bwd_s[i])
         elif tp > 1 and tp_pricing != "none":
-            tc_fwd, tc_bwd = megatron_tp_s(layer, dtype=dtype, micro_batch=micro_batch, group=tp_group,
-                                           sequence_parallel=sequence_parallel, c=c)
+            tc = megatron_tp_s(layer, dtype=dtype, micro_batch=micro_batch, group=tp_group,
+                               sequence_parallel=sequence_parallel, c=c)
         else:
-            tc_fwd = tc_bwd = 0.0
-        if c.tp_comm_overlap > 0:  # chunked collectives pipelined with the GEMMs they feed
-            tc_fwd -= min(c.tp_comm_overlap * tc_fwd, t.fwd_s)
-            tc_bwd -= min(c.tp_comm_overlap * tc_bwd, t.bwd_s)
-        if tp > 1 and c.tp_layer_overhead_s > 0:  # the tp framework's own host work (fwd 1/3, bwd 2/3)
-            host = c.tp_layer_overhead_s * tp_split_modules(layer)
-            tc_fwd, tc_bwd = tc_fwd + host / 3, tc_bwd + 2 * host / 3
+            tc = (0.0, 0.0)
+        tc_fwd, tc_bwd = _exposed_tp_s(layer, t, tc, tp=tp, c=c)
         arr["tcf"][i], arr["tc"][i] = tc_fwd, tc_fwd + tc_bwd
         _fill_memory_row(arr, i, layer, t, tc_fwd, micro_batch=micro_batch, tp=tp,
                          sequence_parallel=sequence_parallel, recompute=recompute)

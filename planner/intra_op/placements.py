@@ -45,6 +45,7 @@ from planner.intra_op.pricing import (
     tp_pricing,
 )
 from planner.intra_op.solution import OpSharding, ShardingSolution
+from planner.units import plural
 
 if TYPE_CHECKING:  # the tracer imports torch; reading its graph does not need it
     from planner.trace.graph import CostGraph
@@ -99,7 +100,8 @@ def plan_placements(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, mic
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpecError(name, value, "expected a positive integer")
     if tp > cluster.num_devices:
-        raise SpecError("tp", tp, f"cluster {cluster.name} has {cluster.num_devices} devices; give at most that")
+        raise SpecError("tp", tp, f"cluster {cluster.name} has {plural(cluster.num_devices, 'device')}; give at most "
+                        "that")
     if tp == 1 or not has_op_level_nodes(cost_graph):
         return None
     pricing = tp_pricing(cost_graph, cluster, tp=tp, micro_batch=micro_batch, sequence_parallel=sequence_parallel,

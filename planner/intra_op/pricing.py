@@ -36,6 +36,7 @@ from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.cost.layer_table import LayerTable, TpSeconds, layer_table
 from planner.errors import PlannerError
+from planner.units import plural
 
 if TYPE_CHECKING:  # the tracer imports torch; reading its graph does not need it
     from planner.intra_op.model import ModelSolve
@@ -152,7 +153,7 @@ def _solve(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, micro_batch:
         return TpPricing(source="megatron", reason=f"the layer table's dtype {dtype} differs from the trace's "
                          f"{cost_graph.dtype}", **base)
     if tp > cluster.num_devices:
-        raise ValueError(f"tp: got {tp}; cluster {cluster.name} has {cluster.num_devices} devices")
+        raise ValueError(f"tp: got {tp}; cluster {cluster.name} has {plural(cluster.num_devices, 'device')}")
     missing = layers_without_ops(cost_graph)
     if missing:
         names = ", ".join(cost_graph.layers[i].name for i in missing[:3]) + (" ..." if len(missing) > 3 else "")
