@@ -18,7 +18,7 @@ from planner.cost.model import StepPrediction, usable_memory_bytes
 from planner.errors import InfeasibleError
 from planner.intra_op.pricing import TpPricing
 from planner.trace.graph import CostGraph
-from planner.units import format_count
+from planner.units import format_count, plural
 
 if TYPE_CHECKING:
     from planner.baselines import BaselineResult
@@ -170,7 +170,7 @@ def _more_devices(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: 
            "within its time budget."
 
 
-def _no_valid_configuration(global_batch: int, space: SearchSpace | None) -> str:
+def _no_valid_configuration(global_batch: int, space: SearchSpace | None, layers: int, devices: int) -> str:
     """Why the search priced nothing although the model's state fits: the batch and the fixed knobs."""
     msg = (f"the model's state fits, but no (dp, tp, pp, micro-batch, schedule) the search allows is valid "
            f"for global batch {global_batch}")
@@ -182,8 +182,10 @@ def _no_valid_configuration(global_batch: int, space: SearchSpace | None) -> str
                 f"which the runtime runs, refuses fewer) and global batch {global_batch} gives at most "
                 f"{global_batch}; raise --global-batch to {need} or more, lower --pp, or allow --schedules gpipe")
     else:
-        msg += ("; raise --global-batch (it must split into dp replicas x micro-batches, and pipelines need "
-                "micro-batches), or free --pp / --dp / --tp / --schedules")
+        msg += (f" on {plural(devices, 'device')} (dp x tp x pp must use them all: dp divides the global batch, "
+                f"tp the split dimensions, pp is at most the model's {plural(layers, 'layer')}); raise "
+                "--global-batch, use fewer devices (--devices-per-node, --nodes), or free --pp / --dp / --tp / "
+                "--schedules")
     return msg
 
 
@@ -229,7 +231,7 @@ def infeasible_error(graph: CostGraph, cluster: ClusterSpec, global_batch: int, 
             details={"missing_bytes": need - limit, "config": cfg.label(), "parts": named})
     total_state = graph.param_count * (c.weight_bytes + c.grad_bytes + c.optimizer_bytes)
     if total_state / n <= limit:  # memory is not why: the knobs and the batch leave no valid configuration
-        return InfeasibleError(f"{head}: {_no_valid_configuration(global_batch, space)}",
+        return InfeasibleError(f"{head}: {_no_valid_configuration(global_batch, space, graph.num_layers, n)}",
                                details={"state_bytes": total_state, "reason": "empty search space"})
     min_devices = math.ceil(total_state / limit) if limit > 0 else None
     floor = (f"so at least {min_devices} devices before activations" if min_devices

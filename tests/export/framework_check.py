@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -90,16 +91,36 @@ def check_megatron(folder: Path, dp: int) -> dict[str, Any]:
             "zero": zero, "recompute": cfg.recompute_granularity or "none", "layout": a.pipeline_model_parallel_layout}
 
 
-def _one_process_group() -> None:
+@contextlib.contextmanager
+def _one_process_group():
+    """A one-rank gloo group for DeepSpeedConfig, torn down after: the group, deepspeed's handle on it and
+    the environment it needs would otherwise leak into the tests that follow in this process (the
+    runtime would join a world of one)."""
     import deepspeed
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
 
     if deepspeed.comm.is_initialized():
+        yield
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        ds_comm.cdb = None
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _Mpu:
@@ -116,8 +137,8 @@ def check_deepspeed(folder: Path, dp: int) -> dict[str, Any]:
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.utils import partition_uniform
 
-    _one_process_group()
-    c = DeepSpeedConfig(str(folder / "ds_config.json"), mpu=_Mpu(dp))
+    with _one_process_group():
+        c = DeepSpeedConfig(str(folder / "ds_config.json"), mpu=_Mpu(dp))
     out = {"parser": "deepspeed.runtime.config.DeepSpeedConfig", "dp": c.world_size,
            "micro_batch": c.train_micro_batch_size_per_gpu, "global_batch": c.train_batch_size,
            "num_micro_batches": c.gradient_accumulation_steps, "zero": c.zero_optimization_stage,
