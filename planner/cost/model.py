@@ -17,7 +17,8 @@ Per chunk, per micro-batch: forward = compute + forward tensor-parallel collecti
 ``m`` micro-batches of its chunks, so ``step ≥ m · Σ_layers LayerTable.total_s / pp`` (the busiest
 device works at least the average) — the lower bound the search prunes with.
 
-Memory: :mod:`planner.cost.memory`.
+Memory: :mod:`planner.cost.memory`. Which device type and memory limit each pipeline position
+has, and which chunks each device runs: :mod:`planner.cost.positions`.
 """
 
 from __future__ import annotations
@@ -61,13 +62,14 @@ from planner.cost.memory import (
     usable_memory_bytes,
 )
 from planner.cost.pipeline_links import pipeline_p2p_s, tied_holder_devices, tied_sync_s
+from planner.cost.positions import Position, chunks_of_device, positions
 from planner.plan import ParallelConfig
 from planner.schedules.closed_form import in_flight_per_device, step_time
 from planner.trace.graph import CostGraph
 
 __all__ = [
     "TP_PRICING", "LayerTable", "MemoryParts", "Segment", "StepPrediction", "TpSeconds", "evaluate",
-    "group_layer_tables", "layer_table", "loss_traffic_s", "megatron_tp_s", "stage_memory", "stage_memory_matrix",
+    "group_layer_tables", "layer_table", "loss_traffic_s", "megatron_tp_s", "positions", "stage_memory", "stage_memory_matrix",
     "stage_memory_vec", "stage_params", "tp_allreduces", "tp_collectives", "usable_memory_bytes",
 ]
 
@@ -106,12 +108,6 @@ class StepPrediction:
     bottleneck_stage = property(lambda self: self.bottleneck_device)
     memory_limit_per_stage_bytes = property(lambda self: self.memory_limit_per_device_bytes)
     stage_device_names = property(lambda self: self.device_names)
-
-
-def _chunks_of_device(boundaries: list[tuple[int, int]], devices: tuple[int, ...],
-                      device: int) -> list[tuple[int, int]]:
-    """The chunks ``device`` runs, by the schedule's placement (V-shapes fold back; never j % pp)."""
-    return [boundaries[j] for j in range(len(boundaries)) if devices[j] == device]
 
 
 def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, boundaries: list[tuple[int, int]],
@@ -156,7 +152,7 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     worst_tail = int(np.argmax(tail))
     step = pipeline_s + tail[worst_tail]
     busiest = int(np.argmax(per_device))
-    breakdown = _breakdown(pos[busiest].table, _chunks_of_device(boundaries, devices, busiest), cfg, c,
+    breakdown = _breakdown(pos[busiest].table, chunks_of_device(boundaries, devices, busiest), cfg, c,
                            no_p2p_s=no_p2p_s, pipeline_s=pipeline_s, tails=tails, worst=worst_tail)
     tp_comm = breakdown["tp_comm"]
     notes = _notes(graph, cluster, cfg, c, table, boundaries, devices, tp_comm, pos)
@@ -174,7 +170,7 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
                           chunk_phase_times_s=list(zip(fwd, bin_, bw)))
 
 
-def _chunk_phase_times(pos: list[_Position], boundaries: list[tuple[int, int]], devices: tuple[int, ...],
+def _chunk_phase_times(pos: list[Position], boundaries: list[tuple[int, int]], devices: tuple[int, ...],
                        cfg: ParallelConfig, c: CostConstants) -> tuple[list[float], list[float], list[float]]:
     """Forward, backward-input and backward-weight seconds of one micro-batch of each chunk, on its
     position's device, with the tp collectives and the pipeline-step overhead."""
@@ -192,7 +188,7 @@ def _chunk_phase_times(pos: list[_Position], boundaries: list[tuple[int, int]], 
     return fwd, bin_, bw
 
 
-def _device_tails(table: LayerTable, pos: list[_Position], boundaries: list[tuple[int, int]],
+def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple[int, int]],
                   devices: tuple[int, ...], cfg: ParallelConfig, cluster: ClusterSpec, c: CostConstants,
                   per_device: list[float], bin_: list[float], bw: list[float]
                   ) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -208,7 +204,7 @@ def _device_tails(table: LayerTable, pos: list[_Position], boundaries: list[tupl
         if not cluster.is_homogeneous:  # this position's own replicas, links and memory bandwidth
             dp_group = group_of_ranks(cluster, list(cfg.layout.group(cfg.layout.rank_of(d, 0, 0), "dp")))
             bw_mem = pos[d].cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
-        chunks = _chunks_of_device(boundaries, devices, d)
+        chunks = chunks_of_device(boundaries, devices, d)
         params = device_params(table, chunks) / cfg.tp
         grads, weights = g_b * params, w_b * params
         if cfg.zero_stage == 0:
@@ -279,7 +275,7 @@ def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelCon
 
 def _notes(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: CostConstants, table: LayerTable,
            boundaries: list[tuple[int, int]], devices: tuple[int, ...], tp_comm: float,
-           pos: list[_Position]) -> list[str]:
+           pos: list[Position]) -> list[str]:
     """What the prediction's reader should know: tp across nodes, overlap, measured curves, device types."""
     notes = []
     dpn = min(g.devices_per_node for g in cluster.groups)
@@ -293,7 +289,7 @@ def _notes(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: CostC
     if any(grp.collectives is not None for grp in cluster.groups):  # what the measured curves priced (cluster.md)
         g_b = c.state_bytes(table.dtype)[1]
         tp_bytes = [x * cfg.micro_batch_size for lay in graph.layers for x in sum(tp_collectives(lay, table.dtype), [])]
-        dp_bytes = [g_b * device_params(table, _chunks_of_device(boundaries, devices, d)) / cfg.tp
+        dp_bytes = [g_b * device_params(table, chunks_of_device(boundaries, devices, d)) / cfg.tp
                     for d in range(cfg.pp)]
         p2p_bytes = [float(table.output_bytes[b - 1]) for _, b in boundaries[:-1]]
         notes.extend(step_collective_notes(cluster, cfg, c, tp_bytes=tp_bytes, dp_bytes=dp_bytes, p2p_bytes=p2p_bytes))
@@ -307,7 +303,7 @@ def _device_memory(table: LayerTable, boundaries: list[tuple[int, int]], devices
                    cfg: ParallelConfig, c: CostConstants) -> list[MemoryParts]:
     """Memory of each pipeline device: its chunks at the schedule's in-flight micro-batch count."""
     flights = in_flight_per_device(cfg.schedule, p=cfg.pp, m=cfg.num_micro_batches, v=cfg.virtual_stages)
-    return [stage_memory(table, _chunks_of_device(boundaries, devices, d), in_flight=flights[d], cfg=cfg, c=c,
+    return [stage_memory(table, chunks_of_device(boundaries, devices, d), in_flight=flights[d], cfg=cfg, c=c,
                          is_last=(d == devices[-1])) for d in range(cfg.pp)]
 
 
@@ -327,33 +323,3 @@ def _binding(memory: list[MemoryParts], limits: list[float], busiest: int, pipel
         else:
             binding.append("none (waits on the bottleneck stage)")
     return binding
-
-
-@dataclass(frozen=True)
-class _Position:
-    """What one pipeline position runs on: its layer table, its device type's cluster view, its
-    usable memory per device and the device's name."""
-
-    table: LayerTable
-    cluster: ClusterSpec
-    limit: float
-    device_name: str
-
-
-def positions(cluster: ClusterSpec, cfg: ParallelConfig, c: CostConstants,
-              group_tables: Sequence[LayerTable]) -> list[_Position]:
-    """Each pipeline position with its own device type (``group_tables``: one layer table per node group).
-
-    Position ``k`` holds ranks ``[k·dp·tp, (k+1)·dp·tp)``. One whose ranks straddle node groups runs
-    in lock step (tp all-reduces every layer, dp all-reduces every step), so it is priced at its
-    slowest member's speed and held to its smallest member's memory (docs/inter-op.md).
-    """
-    if len(cluster.groups) == 1:  # every span is (0,): the loop below, without a cluster view per position
-        return [_Position(group_tables[0], cluster, usable_memory_bytes(cluster, c), cluster.device.name)] * cfg.pp
-    out = []
-    for span in cluster.position_groups(cfg.pp, cfg.dp * cfg.tp):
-        slow = cluster.slowest_group(span)
-        limit = min(usable_memory_bytes(cluster.group_view(g), c) for g in span)
-        name = "+".join(cluster.groups[g].device.name for g in span)
-        out.append(_Position(group_tables[slow], cluster.group_view(slow), limit, name))
-    return out

@@ -285,25 +285,38 @@ class _Converter:
                              no_split=frozenset("tde"), names={"s": "query_seq"})
 
     def _unary(self, node: str, kind: str, x: str, out: tuple[int, ...]) -> None:
-        b = self.b
+        """A one-input node: a split, chunk, reduction, broadcast or slice (:meth:`_reshaping`), else an
+        elementwise op, softmax, view, transpose or an op the solver does not know (:meth:`_same_data`)."""
         tin = self.traced[x]
-        roles = b.roles(x)
+        roles = self.b.roles(x)
+        if self._reshaping(node, kind, x, out, tin, roles):
+            return
+        if kind == "getitem" and out != tin and math.prod(out) == math.prod(tin):
+            kind = "view"  # x[:, None]: indexing that only adds or drops size-1 dims
+        self._same_data(node, kind, x, out, tin, roles)
+        self._finish(node, out)
+
+    def _reshaping(self, node: str, kind: str, x: str, out: tuple[int, ...], tin: tuple[int, ...],
+                   roles: tuple[str | None, ...]) -> bool:
+        """Add ``node`` when it splits, chunks, reduces, broadcasts or slices ``x`` (each its own rule for
+        which splits pass); ``False`` when it is none of these, so :meth:`_unary` goes on."""
+        b = self.b
         if kind in _SPLITS:
             b.follow(node, x, b.shape(x), tuple(range(len(tin))), kind=kind, linear=True)
             self.chunk_of[node] = x
             self._finish(node, tin)
-            return
+            return True
         if kind == "getitem" and x in self.chunk_of and len(out) == len(tin):
             diff = [i for i, (a, c) in enumerate(zip(tin, out)) if a != c]
             if len(diff) == 1 and tin[diff[0]] % out[diff[0]] == 0:
                 b.chunk(node, x, diff[0], tin[diff[0]] // out[diff[0]])
                 self._finish(node, out)
-                return
+                return True
         if kind in _REDUCE and len(out) <= len(tin) and math.prod(out) < math.prod(tin):
             try:
                 b.reduce(node, x, self._scaled(out, self._reduced_roles(tin, out, roles)), kind=kind)
                 self._finish(node, out)
-                return
+                return True
             except ValueError:
                 pass  # which dims were reduced is ambiguous: opaque below
         if kind in _EXPAND and len(out) == len(tin):
@@ -311,16 +324,21 @@ class _Converter:
             scaled = tuple(sb if d is not None else c for sb, d, c in zip(b.shape(x), dim_map, out))
             b.follow(node, x, scaled, dim_map, kind=kind, linear=True)
             self._finish(node, out)
-            return
+            return True
         if kind == "getitem" and len(out) == len(tin) and out != tin and all(c <= a for a, c in zip(tin, out)):
             # a slice (RoPE's halves): the sliced dims cannot stay split, the others can
             dim_map = tuple(i if a == c else None for i, (a, c) in enumerate(zip(tin, out)))
             scaled = tuple(sb if d is not None else c for sb, d, c in zip(b.shape(x), dim_map, out))
             b.follow(node, x, scaled, dim_map, kind="slice", linear=True)
             self._finish(node, out)
-            return
-        if kind == "getitem" and out != tin and math.prod(out) == math.prod(tin):
-            kind = "view"  # x[:, None]: indexing that only adds or drops size-1 dims
+            return True
+        return False
+
+    def _same_data(self, node: str, kind: str, x: str, out: tuple[int, ...], tin: tuple[int, ...],
+                   roles: tuple[str | None, ...]) -> None:
+        """Add ``node`` when it keeps ``x``'s elements: elementwise, softmax, view or transpose; else an
+        opaque op that may only split the batch (with a note). The caller finishes the node."""
+        b = self.b
         if out == tin and (kind in _SCALING or kind == "getitem" or kind in _CAT):
             # (a cat with one activation and an output of its shape appends an empty constant: a key/value
             # cache of length 0, as a Hugging Face forward with ``use_cache`` traces; an identity)
@@ -351,7 +369,6 @@ class _Converter:
             roles_out = ("batch",) + (None,) * (len(out) - 1) if out and out[0] == self.b0 else (None,) * len(out)
             b.opaque(node, [x], self._scaled(out, roles_out), kind=kind, out_roles=roles_out)
             b.notes.append(f"{node} ({kind}): unknown to the intra-op solver; it may only split the batch")
-        self._finish(node, out)
 
 
 def _conv1d_params(kind: str, params: dict, ins: list[str], attrs: list[Param]) -> tuple[str, str] | None:

@@ -39,7 +39,7 @@ from planner.intra_op.solve import (
     sink_flow,
     solve_assembly,
 )
-from planner.intra_op.strategies import build_groups
+from planner.intra_op.strategies import CostModel, build_groups
 
 if TYPE_CHECKING:  # the tracer imports torch; reading its graph does not need it
     from planner.trace.graph import CostGraph
@@ -277,25 +277,45 @@ def solve_model_ilp(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *
                    what=f"model {cost_graph.name}", constants=constants)
     cm = cost_model(req)
     prep = _prep(cost_graph, chosen)
-    inputs, runs = prep.inputs, prep.runs
+    units, unit_of = _units(cost_graph, prep, batch_size, cm)
+    flows, layer_links = _flows(cost_graph, prep, units, unit_of, cm)
+    assembly = Assembly(units, flows, cm)
+    aliases = _pin_aliases(cost_graph, prep, units, unit_of) if pins else {}  # without pins nothing reads them
+    result, time_unit, build_s = solve_assembly(assembly, aliases, req, start)
+    return ModelSolve(cost_graph=cost_graph, mesh=mesh, sequence_parallel=sequence_parallel,
+                      memory_limit_bytes=resolved_memory_limit(req), prep=prep, units=units, unit_of=unit_of,
+                      assembly=assembly, layer_links=layer_links, result=result, time_unit_s=time_unit,
+                      build_time_s=build_s)
 
+
+def _units(cost_graph: CostGraph, prep: _Prep, batch_size: int | None,
+           cm: CostModel) -> tuple[list[Unit], dict[int, int]]:
+    """One ILP unit per run of repeated layers (its first layer's op graph, weighted by the run's
+    length), and each chosen layer's unit."""
     units: list[Unit] = []
     unit_of: dict[int, int] = {}
-    for run in runs:
+    for run in prep.runs:
         graph = prep.op_graph(cost_graph, run[0], batch_size)
         groups, group_of = build_groups(graph, cm)
         units.append(Unit(graph=graph, weight=len(run), groups=groups, group_of=group_of))
         for li in run:
             unit_of[li] = len(units) - 1
-    rep_of = {li: run[0] for run in runs for li in run}
-    renames, to_rep = prep.renames, prep.to_rep
+    return units, unit_of
 
+
+def _flows(cost_graph: CostGraph, prep: _Prep, units: list[Unit], unit_of: dict[int, int],
+           cm: CostModel) -> tuple[list[Flow], dict[int, list[tuple[Flow, str]]]]:
+    """Every flow of the ILP: inside each unit, between units (equal links of several layers merged
+    into one weighted flow) and out of the solved layers; and per layer, its links with real names
+    (what the expansion prices again per layer)."""
+    inputs, renames, to_rep = prep.inputs, prep.renames, prep.to_rep
+    rep_of = {li: run[0] for run in prep.runs for li in run}
     flows: list[Flow] = [f for ui in range(len(units)) for f in internal_flows(ui, units[ui])]
-    layer_links: dict[int, list[tuple[Flow, str]]] = {li: [] for li in chosen}  # with real names
+    layer_links: dict[int, list[tuple[Flow, str]]] = {li: [] for li in prep.chosen}  # with real names
     weights: dict[tuple, int] = {}
     protos: dict[tuple, Flow] = {}
     g = cost_graph.ops
-    for li in chosen:
+    for li in prep.chosen:
         rep_inputs = inputs[rep_of[li]]
         for pos, producer in enumerate(inputs[li]):
             src_layer = g.nodes[producer]["layer"]
@@ -314,7 +334,7 @@ def solve_model_ilp(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *
         flows.append(Flow(src=src, src_op=src_op, dst=dst, dst_op=dst_op, index=None, weight=w, nbytes=proto.nbytes,
                            differentiable=proto.differentiable))
     # outputs read outside the solved layers (the next stage, the loss) must leave reduced
-    for li in chosen:
+    for li in prep.chosen:
         unit = units[unit_of[li]]
         for out in unit.graph.outputs:
             real = renames[li].get(out, out)
@@ -322,10 +342,17 @@ def solve_model_ilp(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *
                 flow = sink_flow(units, unit_of[li], unit.graph.ops[out], cm)
                 flows.append(flow)
                 layer_links[li].append((flow, f"{real} -> (leaves the solved layers)"))
+    return flows, layer_links
 
-    assembly = Assembly(units, flows, cm)
+
+def _pin_aliases(cost_graph: CostGraph, prep: _Prep, units: list[Unit],
+                 unit_of: dict[int, int]) -> dict[str, tuple[int, str, str]]:
+    """The names a pin may use (a copy's op or module path, a parameter's real name) -> ``(unit, name
+    in the unit, "op" or "param")``: a pin on one copy of a repeated layer pins every copy."""
+    g = cost_graph.ops
+    renames, to_rep = prep.renames, prep.to_rep
     aliases: dict[str, tuple[int, str, str]] = {}
-    for li in chosen if pins else ():  # names pins may use; without pins nothing reads them
+    for li in prep.chosen:
         ui, graph = unit_of[li], units[unit_of[li]].graph
         for real, rep_name in to_rep[li].items():
             op = graph.ops.get(rep_name)
@@ -338,8 +365,4 @@ def solve_model_ilp(cost_graph: CostGraph, mesh: MeshSpec, device: DeviceSpec, *
             for p in op.params:
                 if p.owned or renames[li].get(p.name, p.name) not in aliases:
                     aliases[renames[li].get(p.name, p.name)] = (ui, p.name, "param")
-    result, time_unit, build_s = solve_assembly(assembly, aliases, req, start)
-    return ModelSolve(cost_graph=cost_graph, mesh=mesh, sequence_parallel=sequence_parallel,
-                      memory_limit_bytes=resolved_memory_limit(req), prep=prep, units=units, unit_of=unit_of,
-                      assembly=assembly, layer_links=layer_links, result=result, time_unit_s=time_unit,
-                      build_time_s=build_s)
+    return aliases

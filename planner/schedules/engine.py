@@ -45,81 +45,103 @@ def execute(
     bwd_weight_s: tuple[float, ...],
     p2p_s: float,
 ) -> Executed:
-    """Run ``program`` with per-stage durations (length = number of stages) and return all times."""
-    num_stages = program.num_stages
-    n_mb = program.microbatches
-    assert len(fwd_s) == len(bwd_input_s) == len(bwd_weight_s) == num_stages
-    last = num_stages - 1
-    # Device of (stage, micro-batch) as a flat list, so the inner loop only indexes lists.
-    replica = program.replica_of or (0,) * n_mb
-    device_of = [program.placements[replica[j]][k] for k in range(num_stages) for j in range(n_mb)]
-    fused = tuple(b + w for b, w in zip(bwd_input_s, bwd_weight_s))
-    duration = {"F": fwd_s, "I": bwd_input_s, "W": bwd_weight_s, "B": fused}
-    # Completion times indexed [stage * n_mb + microbatch]; None until the action has run.
-    fwd_end: list[float | None] = [None] * (num_stages * n_mb)
-    grad_end: list[float | None] = [None] * (num_stages * n_mb)  # input-gradient ready (I or B done)
-    split: list[bool] = [False] * (num_stages * n_mb)  # True when the backward ran as I (W follows)
-    starts: list[list[float]] = [[] for _ in program.actions]
-    ends: list[list[float]] = [[] for _ in program.actions]
-    cursor = [0] * program.num_devices
-    free_at = [0.0] * program.num_devices
+    """Run ``program`` with per-stage durations (length = number of stages) and return all times.
+
+    Sweeps the devices in turn, each running as many of its next actions as have their inputs
+    (:meth:`_Run.advance`), until all have run; a sweep in which no device moves is a deadlock."""
+    assert len(fwd_s) == len(bwd_input_s) == len(bwd_weight_s) == program.num_stages
+    run = _Run(program, fwd_s, bwd_input_s, bwd_weight_s, p2p_s)
     remaining = sum(len(a) for a in program.actions)
-    sequence: list[tuple[int, int]] = []
     while remaining:
         progressed = False
-        for device, device_actions in enumerate(program.actions):
-            i = cursor[device]
-            free = free_at[device]
-            while i < len(device_actions):
-                k, kind, j = device_actions[i]
-                at = k * n_mb + j
-                if kind == "F":
-                    if k == 0:
-                        ready = 0.0
-                    else:
-                        prev = fwd_end[at - n_mb]
-                        if prev is None:
-                            break
-                        ready = prev + p2p_s if device_of[at - n_mb] != device else prev
-                elif kind == "W":
-                    ready = grad_end[at]
-                    if ready is None or not split[at]:
-                        break
-                else:  # I or B
-                    ready = fwd_end[at]
-                    if ready is None:
-                        break
-                    if k != last:
-                        nxt = grad_end[at + n_mb]
-                        if nxt is None:
-                            break
-                        if device_of[at + n_mb] != device:
-                            nxt += p2p_s
-                        if nxt > ready:
-                            ready = nxt
-                start = ready if ready > free else free
-                free = start + duration[kind][k]
-                if kind == "F":
-                    fwd_end[at] = free
-                elif kind != "W":
-                    grad_end[at] = free
-                    split[at] = kind == "I"
-                starts[device].append(start)
-                ends[device].append(free)
-                sequence.append((device, i))
-                i += 1
-                remaining -= 1
-                progressed = True
-            cursor[device] = i
-            free_at[device] = free
+        for device in range(len(program.actions)):
+            ran = run.advance(device)
+            remaining -= ran
+            progressed = progressed or ran > 0
         if not progressed:
-            raise ValueError(_deadlock_report(program, cursor))
+            raise ValueError(_deadlock_report(program, run.cursor))
     return Executed(
         program=program,
-        starts=tuple(tuple(s) for s in starts),
-        ends=tuple(tuple(e) for e in ends),
-        sequence=tuple(sequence),
+        starts=tuple(tuple(s) for s in run.starts),
+        ends=tuple(tuple(e) for e in run.ends),
+        sequence=tuple(run.sequence),
     )
+
+
+class _Run:
+    """The state of one execution: when each (stage, micro-batch)'s forward and input-gradient are
+    done, each device's next action and free time, and the times recorded so far. Lists indexed
+    ``stage * microbatches + microbatch``, so the inner loop only indexes lists."""
+
+    def __init__(self, program: Program, fwd_s: tuple[float, ...], bwd_input_s: tuple[float, ...],
+                 bwd_weight_s: tuple[float, ...], p2p_s: float) -> None:
+        num_stages = program.num_stages
+        n_mb = program.microbatches
+        self.program, self.p2p_s, self.n_mb, self.last = program, p2p_s, n_mb, num_stages - 1
+        # Device of (stage, micro-batch) as a flat list.
+        replica = program.replica_of or (0,) * n_mb
+        self.device_of = [program.placements[replica[j]][k] for k in range(num_stages) for j in range(n_mb)]
+        fused = tuple(b + w for b, w in zip(bwd_input_s, bwd_weight_s))
+        self.duration = {"F": fwd_s, "I": bwd_input_s, "W": bwd_weight_s, "B": fused}
+        # Completion times; None until the action has run.
+        self.fwd_end: list[float | None] = [None] * (num_stages * n_mb)
+        self.grad_end: list[float | None] = [None] * (num_stages * n_mb)  # input-gradient ready (I or B done)
+        self.split: list[bool] = [False] * (num_stages * n_mb)  # True when the backward ran as I (W follows)
+        self.starts: list[list[float]] = [[] for _ in program.actions]
+        self.ends: list[list[float]] = [[] for _ in program.actions]
+        self.cursor = [0] * program.num_devices
+        self.free_at = [0.0] * program.num_devices
+        self.sequence: list[tuple[int, int]] = []
+
+    def advance(self, device: int) -> int:
+        """Run ``device``'s next actions, in program order, while their inputs exist; how many ran."""
+        device_actions = self.program.actions[device]
+        n_mb, last, p2p_s, device_of = self.n_mb, self.last, self.p2p_s, self.device_of
+        fwd_end, grad_end, split, duration = self.fwd_end, self.grad_end, self.split, self.duration
+        starts, ends, sequence = self.starts[device], self.ends[device], self.sequence
+        i = first = self.cursor[device]
+        free = self.free_at[device]
+        while i < len(device_actions):
+            k, kind, j = device_actions[i]
+            at = k * n_mb + j
+            if kind == "F":
+                if k == 0:
+                    ready = 0.0
+                else:
+                    prev = fwd_end[at - n_mb]
+                    if prev is None:
+                        break
+                    ready = prev + p2p_s if device_of[at - n_mb] != device else prev
+            elif kind == "W":
+                ready = grad_end[at]
+                if ready is None or not split[at]:
+                    break
+            else:  # I or B
+                ready = fwd_end[at]
+                if ready is None:
+                    break
+                if k != last:
+                    nxt = grad_end[at + n_mb]
+                    if nxt is None:
+                        break
+                    if device_of[at + n_mb] != device:
+                        nxt += p2p_s
+                    if nxt > ready:
+                        ready = nxt
+            start = ready if ready > free else free
+            free = start + duration[kind][k]
+            if kind == "F":
+                fwd_end[at] = free
+            elif kind != "W":
+                grad_end[at] = free
+                split[at] = kind == "I"
+            starts.append(start)
+            ends.append(free)
+            sequence.append((device, i))
+            i += 1
+        self.cursor[device] = i
+        self.free_at[device] = free
+        return i - first
 
 
 def _deadlock_report(program: Program, cursor: list[int]) -> str:

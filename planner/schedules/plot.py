@@ -33,7 +33,6 @@ def plot_timeline(result: SimResult, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     if not result.timeline:
         raise ValueError("plot_timeline: result has no timeline; use simulate(), not estimate()")
@@ -46,6 +45,20 @@ def plot_timeline(result: SimResult, path: str | Path) -> None:
     shown = sum(1 for rows in result.timeline for start, _, _ in rows if start < t_end)
     fig_w = min(22.0, 7.0 + 0.06 * shown**0.9)
     fig, ax = plt.subplots(figsize=(fig_w, 0.55 * p + 1.6))
+    used = _draw_bars(ax, result, t_end)
+    if not result.synchronous:
+        for x in result.window_s:
+            ax.axvline(x, color="black", linestyle="--", linewidth=0.8)
+    _label_axes(ax, result, t_end, used)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _draw_bars(ax, result: SimResult, t_end: float) -> set[str]:
+    """One grey row per device (device 0 on top) and a bar per action that starts before ``t_end``,
+    with its micro-batch written in when it fits; returns the action kinds drawn."""
+    p = result.p
     second = _second_chunk_rule(result)
     used: set[str] = set()
     for device, rows in enumerate(result.timeline):
@@ -64,9 +77,14 @@ def plot_timeline(result: SimResult, path: str | Path) -> None:
             used.add(action.kind)
             if width > t_end / 90:
                 ax.text(start + width / 2, y, str(action.microbatch), ha="center", va="center", fontsize=6.5)
-    if not result.synchronous:
-        for x in result.window_s:
-            ax.axvline(x, color="black", linestyle="--", linewidth=0.8)
+    return used
+
+
+def _label_axes(ax, result: SimResult, t_end: float, used: set[str]) -> None:
+    """Device ticks, the time axis, a legend of the kinds ``used`` (and idle), and the title."""
+    from matplotlib.patches import Patch
+
+    p = result.p
     ax.set_yticks(range(p))
     ax.set_yticklabels([f"d{p - 1 - y}" for y in range(p)])
     ax.set_xlim(0, t_end)
@@ -90,9 +108,6 @@ def plot_timeline(result: SimResult, path: str | Path) -> None:
         f"(p={result.p}, m={result.m}, v={result.v}; {kind})",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _has_second(result: SimResult) -> bool:

@@ -27,7 +27,7 @@ from torch import nn
 
 from planner.trace.graph import CostGraph, Layer, OpCost, TiedParam, layer_graph_from_ops
 from planner.trace.interpret import OpNode
-from planner.trace.meter import ATTENTION_KERNELS
+from planner.trace.meter import ATTENTION_KERNELS, AtenRecord
 
 
 @dataclass(frozen=True)
@@ -74,18 +74,38 @@ def _score_numels(shapes: frozenset[tuple[int, ...]], batch: int) -> set[int]:
 
 
 def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGraph:
+    """The cost graph of ``ops``: each op in a layer, the layers in order of their first own op, the
+    parameters owned and the costs summed per layer (the rules are in the module docstring)."""
     units, batch, model = ctx.units, ctx.batch, ctx.model
+    raw_layer, direct = _raw_layers(ops, units)
+    order = _layer_order(ops, raw_layer, direct)
+    new_index = {old: new for new, old in enumerate(order)}
+    _note_unused_modules(model, units, new_index, notes)
+    layer_of = {name: new_index[raw] for name, raw in raw_layer.items()}
+    by_name = {op.name: op for op in ops}
+    saved_by = _saved_by_op(ops, layer_of)
+    g = _op_graph(ops, by_name, layer_of, saved_by, batch)
+    own_count, tied = _own_params(ops, layer_of, g, model, units, new_index, notes)
+    layers = _layers(ops, ctx, order, layer_of, by_name, saved_by, own_count, tied)
+    total_params = sum(p.numel() for p in model.parameters())
+    return CostGraph(name=ctx.name, ops=g, layers=layers, layer_graph=layer_graph_from_ops(g, len(order)),
+                     dtype=ctx.dtype, seq_len=ctx.seq_len, param_count=total_params, method=ctx.method,
+                     notes=notes)
+
+
+def _raw_layers(ops: list[OpNode], units: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Each op's unit index (``raw``, glue joined to a neighbour) and its own one (``direct``, -1 for glue).
+
+    Glue: the latest layer feeding it (producer) and the one layer it feeds (consumer), through
+    chains of glue. It joins the producer, unless that is a block of a stack and the consumer is
+    not (pooling before a classifier stays out of the last block, so blocks stay alike)."""
     cache: dict[str, int] = {}
     raw_layer = {op.name: layer_of_path(op.module_path, units, cache) if op.module_path else -1 for op in ops}
     direct = dict(raw_layer)  # before glue joins a neighbour: defines the order of layers
-    by_name = {op.name: op for op in ops}
     consumers: dict[str, list[str]] = defaultdict(list)
     for op in ops:
         for src in op.inputs:
             consumers[src].append(op.name)
-    # Glue: the latest layer feeding it (producer) and the one layer it feeds (consumer), through
-    # chains of glue. It joins the producer, unless that is a block of a stack and the consumer is
-    # not (pooling before a classifier stays out of the last block, so blocks stay alike).
     producer: dict[str, int] = {}
     for op in ops:
         prev = [producer[s] for s in op.inputs if producer.get(s, -1) >= 0]
@@ -107,7 +127,11 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
         if raw_layer[op.name] < 0:
             raw_layer[op.name] = last
         last = raw_layer[op.name]
-    # Layers in order of their first own op (glue that joined a layer does not move it).
+    return raw_layer, direct
+
+
+def _layer_order(ops: list[OpNode], raw_layer: dict[str, int], direct: dict[str, int]) -> list[int]:
+    """Unit indices in order of their first own op (glue that joined a layer does not move it)."""
     order: list[int] = []
     for op in ops:
         if direct[op.name] >= 0 and direct[op.name] not in order:
@@ -115,19 +139,24 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
     for op in ops:
         if raw_layer[op.name] not in order:
             order.append(raw_layer[op.name])
-    if not order:
-        order = [0]
-    new_index = {old: new for new, old in enumerate(order)}
+    return order or [0]
+
+
+def _note_unused_modules(model: nn.Module, units: list[str], new_index: dict[int, int], notes: list[str]) -> None:
+    """Note the units that never ran in forward (and are no alias of one that ran): they hold no costs."""
     modules = dict(model.named_modules(remove_duplicate=False))
     ran = {id(modules.get(units[i])) for i in new_index if 0 <= i < len(units)}
     unused = [units[i] for i in range(len(units))
               if i not in new_index and units[i] and id(modules.get(units[i])) not in ran]  # aliases ran
     if unused:
         notes.append(f"{len(unused)} submodule(s) never ran in forward and hold no costs: {unused[:5]}")
-    layer_of = {name: new_index[raw] for name, raw in raw_layer.items()}
 
-    # Saved tensors: once per layer that saves them (each pipeline stage holding such a layer keeps
-    # the tensor alive), once within a layer; an op is charged with the first save in its layer.
+
+def _saved_by_op(ops: list[OpNode], layer_of: dict[str, int]) -> dict[str, list[tuple[tuple[int, ...], int]]]:
+    """``(shape, bytes)`` of the saved tensors each op is charged with.
+
+    Saved tensors count once per layer that saves them (each pipeline stage holding such a layer
+    keeps the tensor alive), once within a layer; an op is charged with the first save in its layer."""
     seen_in: dict[int, set[object]] = defaultdict(set)
     saved_by: dict[str, list[tuple[tuple[int, ...], int]]] = {}
     for op in ops:
@@ -138,7 +167,12 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
                 seen.add(ev.base_id)
                 mine.append((ev.shape, ev.nbytes))
         saved_by[op.name] = mine
+    return saved_by
 
+
+def _op_graph(ops: list[OpNode], by_name: dict[str, OpNode], layer_of: dict[str, int],
+              saved_by: dict[str, list[tuple[tuple[int, ...], int]]], batch: int) -> nx.DiGraph:
+    """The op graph: one node per op with its layer and per-sample costs, one edge per input."""
     g = nx.DiGraph()
     for op in ops:
         recs = op.records
@@ -158,14 +192,21 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
         node["input_dtypes"] = [d for src in op.inputs for d in by_name[src].dtypes]
         for src in op.inputs:
             g.add_edge(src, op.name, bytes=by_name[src].output_bytes / batch)
+    return g
 
-    own_count, tied = _own_params(ops, layer_of, g, model, units, new_index, notes)
+
+def _layers(ops: list[OpNode], ctx: TraceContext, order: list[int], layer_of: dict[str, int],
+            by_name: dict[str, OpNode], saved_by: dict[str, list[tuple[tuple[int, ...], int]]],
+            own_count: dict[int, int], tied: dict[int, dict[str, TiedParam]]) -> list[Layer]:
+    """One :class:`Layer` per entry of ``order``: its ops' costs per sample, its memory, what enters
+    and leaves it, and a signature equal for layers that are copies of each other."""
+    units, batch = ctx.units, ctx.batch
     score_numels = _score_numels(ctx.softmax_shapes, batch)
     n_layers = len(order)
     layer_ops: dict[int, list[OpNode]] = defaultdict(list)
     for op in ops:
         layer_ops[layer_of[op.name]].append(op)
-    named_modules = dict(model.named_modules())
+    named_modules = dict(ctx.model.named_modules())
     crossing: dict[int, set[str]] = defaultdict(set)  # layer -> its ops read by other layers
     for op in ops:
         for src in op.inputs:
@@ -184,28 +225,13 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
         saved = [s for op in members for s in saved_by[op.name]]
         attention_saved = [b for shape, b in saved if len(shape) >= 3 and _numel(shape) in score_numels]
         replicated = [b for shape, b in saved if out_numel and shape and _numel(shape) == out_numel]
-        gemm_costs = tuple(OpCost(kind=r.name, flops=r.flops / batch, bytes=r.bytes / batch,
-                                  m=max(r.m // batch, 1) if r.m else 0, n=r.n, k=r.k, causal=r.causal)
-                           for r in recs if r.flops > 0)
-        mem_bytes = sum(r.bytes for r in recs if r.flops == 0) / batch
-        memory_bound = (OpCost(kind="memory-bound", flops=0.0, bytes=mem_bytes),) if mem_bytes else ()
-        op_costs = gemm_costs + memory_bound
-        attention_flops = sum(r.flops for r in recs if r.flops > 0 and (
-            r.name in ATTENTION_KERNELS
-            or (r.name in ("bmm", "baddbmm")
-                and (r.out_numel in score_numels or r.a_numel in score_numels)))) / batch
         unit_path = units[order[li]] if 0 <= order[li] < len(units) else ""
         mod_type = type(named_modules[unit_path]).__name__ if unit_path in named_modules else "Module"
         fwd = sum(r.flops for r in recs) / batch
         act = sum(b for _, b in saved) / batch
-        real_ops = [(op.kind, op.output_shapes) for op in members
-                    if op.kind not in ("placeholder", "get_attr")]
-        sig_src = repr((real_ops,
-                        sorted((tuple(p.shape), str(p.dtype)) for op in members for p in op.params),
-                        [s for s, _ in saved], round(fwd), round(act)))
         layers.append(Layer(
             index=li, name=unit_path or ctx.name, module_type=mod_type,
-            signature=hashlib.sha1(sig_src.encode()).hexdigest()[:12],
+            signature=_signature(members, saved, fwd, act),
             fwd_flops=fwd,
             bwd_input_flops=sum(r.flops * r.bwd_input_mult for r in recs) / batch,
             bwd_weight_flops=sum(r.flops * r.bwd_weight_mult for r in recs) / batch,
@@ -213,15 +239,40 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
             activation_bytes=act,
             replicated_activation_bytes=sum(replicated) / batch,
             attention_activation_bytes=sum(attention_saved) / batch,
-            attention_fwd_flops=attention_flops,
+            attention_fwd_flops=_attention_flops(recs, score_numels, batch),
             input_bytes=sum(by_name[s].output_bytes for s in incoming) / batch,
             output_bytes=sum(by_name[o].output_bytes for o in outgoing) / batch,
-            op_costs=op_costs, num_ops=len(members),
+            op_costs=_op_costs(recs, batch), num_ops=len(members),
         ))
-    total_params = sum(p.numel() for p in model.parameters())
-    return CostGraph(name=ctx.name, ops=g, layers=layers, layer_graph=layer_graph_from_ops(g, n_layers),
-                     dtype=ctx.dtype, seq_len=ctx.seq_len, param_count=total_params, method=ctx.method,
-                     notes=notes)
+    return layers
+
+
+def _op_costs(recs: list[AtenRecord], batch: int) -> tuple[OpCost, ...]:
+    """Per sample: each kernel that computes (with its GEMM shape), then all memory-bound traffic as one."""
+    gemm_costs = tuple(OpCost(kind=r.name, flops=r.flops / batch, bytes=r.bytes / batch,
+                              m=max(r.m // batch, 1) if r.m else 0, n=r.n, k=r.k, causal=r.causal)
+                       for r in recs if r.flops > 0)
+    mem_bytes = sum(r.bytes for r in recs if r.flops == 0) / batch
+    memory_bound = (OpCost(kind="memory-bound", flops=0.0, bytes=mem_bytes),) if mem_bytes else ()
+    return gemm_costs + memory_bound
+
+
+def _attention_flops(recs: list[AtenRecord], score_numels: set[int], batch: int) -> float:
+    """Per-sample flops of attention kernels, and of batched matmuls that make or read attention scores."""
+    return sum(r.flops for r in recs if r.flops > 0 and (
+        r.name in ATTENTION_KERNELS
+        or (r.name in ("bmm", "baddbmm")
+            and (r.out_numel in score_numels or r.a_numel in score_numels)))) / batch
+
+
+def _signature(members: list[OpNode], saved: list[tuple[tuple[int, ...], int]], fwd: float, act: float) -> str:
+    """A short hash equal for layers with the same ops, output shapes, parameters, saves and costs."""
+    real_ops = [(op.kind, op.output_shapes) for op in members
+                if op.kind not in ("placeholder", "get_attr")]
+    sig_src = repr((real_ops,
+                    sorted((tuple(p.shape), str(p.dtype)) for op in members for p in op.params),
+                    [s for s, _ in saved], round(fwd), round(act)))
+    return hashlib.sha1(sig_src.encode()).hexdigest()[:12]
 
 
 def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, model: nn.Module,

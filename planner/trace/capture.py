@@ -261,52 +261,15 @@ def capture_modules(model: nn.Module, args: tuple, kwargs: dict, units: list[str
     Returns the op nodes and the opaque-estimate notes. Raises :class:`CaptureFailure` naming the
     innermost failing module when the run fails.
     """
-    ops: list[OpNode] = []
-    producer: dict[int, str] = {}
-    keep: list[torch.Tensor] = []
+    rec = _UnitRecorder(opm, stm)
     modules = dict(model.named_modules())
     handles = []
-    counter: dict[str, int] = defaultdict(int)
-    notes: list[str] = []
-
-    def pre(path: str):
-        def hook(mod, a, kw):
-            counter[path] += 1
-            name = f"{path}#{counter[path]}" if counter[path] > 1 else (path or "<model>")
-            opm.key = stm.key = name
-            flat, _ = tree_flatten((a, kw))
-            srcs = sorted({producer[id(t)] for t in flat
-                           if isinstance(t, torch.Tensor) and id(t) in producer})
-            ops.append(OpNode(name=name, kind=type(mod).__name__.lower(), target=path, module_path=path,
-                              inputs=srcs, output_shapes=[], output_bytes=0.0, dtypes=[],
-                              params=list(mod.parameters())))
-        return hook
-
-    def post(path: str):
-        def hook(mod, a, kw, out):
-            op = next(o for o in reversed(ops) if o.target == path)
-            op.output_shapes, op.output_bytes, op.dtypes = value_meta(out)
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    producer[id(t)] = op.name
-                    keep.append(t)
-            opm.key = stm.key = f"<after {op.name}>"
-        return hook
-
-    def stub(path: str, mod: nn.Module, exc: BaseException):
-        def forward(*a, **kw):
-            out, note = opaque_call(mod, path, a, kw, exc, opm, stm, discard_partial=False)
-            if note not in notes:
-                notes.append(note)
-            return out
-        return forward
-
     for path in units:
         mod = modules[path]
-        handles.append(mod.register_forward_pre_hook(pre(path), with_kwargs=True))
-        handles.append(mod.register_forward_hook(post(path), with_kwargs=True))
+        handles.append(mod.register_forward_pre_hook(rec.pre(path), with_kwargs=True))
+        handles.append(mod.register_forward_hook(rec.post(path), with_kwargs=True))
     for path, (mod, exc) in opaque.items():
-        mod.forward = stub(path, mod, exc)
+        mod.forward = rec.stub(path, mod, exc)
     calls = _CallStack(model)
     try:
         opm.key = stm.key = "<before>"
@@ -327,8 +290,56 @@ def capture_modules(model: nn.Module, args: tuple, kwargs: dict, units: list[str
             h.remove()
         for mod, _ in opaque.values():
             vars(mod).pop("forward", None)
-    _charge_glue(ops, opm, stm, {id(p): p for p in model.parameters()})
-    return ops, notes
+    _charge_glue(rec.ops, opm, stm, {id(p): p for p in model.parameters()})
+    return rec.ops, rec.notes
+
+
+class _UnitRecorder:
+    """The hooks of :func:`capture_modules`: one op node per call of a unit module (``path#2`` for its
+    second call), its inputs the nodes that produced its tensor arguments, and the meters' key set to
+    the open call, so the ops and saved tensors in between are charged to it. ``keep`` holds every
+    output, so that no tensor id is reused while the run lasts."""
+
+    def __init__(self, opm: OpMeter, stm: SavedTensorMeter) -> None:
+        self.opm, self.stm = opm, stm
+        self.ops: list[OpNode] = []
+        self.producer: dict[int, str] = {}
+        self.keep: list[torch.Tensor] = []
+        self.counter: dict[str, int] = defaultdict(int)
+        self.notes: list[str] = []
+
+    def pre(self, path: str):
+        def hook(mod, a, kw):
+            self.counter[path] += 1
+            name = f"{path}#{self.counter[path]}" if self.counter[path] > 1 else (path or "<model>")
+            self.opm.key = self.stm.key = name
+            flat, _ = tree_flatten((a, kw))
+            srcs = sorted({self.producer[id(t)] for t in flat
+                           if isinstance(t, torch.Tensor) and id(t) in self.producer})
+            self.ops.append(OpNode(name=name, kind=type(mod).__name__.lower(), target=path, module_path=path,
+                                   inputs=srcs, output_shapes=[], output_bytes=0.0, dtypes=[],
+                                   params=list(mod.parameters())))
+        return hook
+
+    def post(self, path: str):
+        def hook(mod, a, kw, out):
+            op = next(o for o in reversed(self.ops) if o.target == path)
+            op.output_shapes, op.output_bytes, op.dtypes = value_meta(out)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.producer[id(t)] = op.name
+                    self.keep.append(t)
+            self.opm.key = self.stm.key = f"<after {op.name}>"
+        return hook
+
+    def stub(self, path: str, mod: nn.Module, exc: BaseException):
+        """A forward for opaque module ``mod`` that estimates its call (and notes how, once)."""
+        def forward(*a, **kw):
+            out, note = opaque_call(mod, path, a, kw, exc, self.opm, self.stm, discard_partial=False)
+            if note not in self.notes:
+                self.notes.append(note)
+            return out
+        return forward
 
 
 def _charge_glue(ops: list[OpNode], opm: OpMeter, stm: SavedTensorMeter,

@@ -29,3 +29,13 @@ def test_the_tool_finds_a_long_function(tmp_path: Path):
                                    "def short():\n    return 1\n")
     assert tool.too_long(["m.py"], 60, root=tmp_path) == ["m.py:2 A.long (63 lines)"]
     assert tool.function_lengths(tmp_path / "m.py")[1] == ("short", 65, 2)
+
+
+def test_default_targets_cover_the_plan_path_packages():
+    tool = _tool()
+    covered = {path.relative_to(REPO).as_posix() for path in tool.files(tool.PLAN_PATH)}
+    for package in ("cost", "inter_op", "intra_op", "trace", "schedules"):
+        modules = {p.relative_to(REPO).as_posix() for p in (REPO / "planner" / package).rglob("*.py")}
+        assert modules and modules <= covered, package
+    for module in ("api.py", "search.py", "pricing.py", "plan_build.py"):
+        assert f"planner/{module}" in covered
