@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: install
 	$(PY) -m planner plan --model gpt3-175b --cluster dgx-a100-80g --nodes 128 --global-batch 1536 \
 		-o out/gpt3-175b.plan.json --force
-	$(PY) -m planner plan --model gpt-10m --cluster cpu-local --devices-per-node 2 --pp 2 --global-batch 8 \
-		-o out/gpt-10m.plan.json --force
+	@# this machine as the planner prices it: 2 processes' compute share, gloo's collectives, dispatch
+	$(PY) -m bench.cpu_profile --nproc 2 -o out/cpu-profile.json --cluster-out out/cpu-local-profiled.json \
+		--constants-out out/cpu-constants.json > /dev/null
+	$(PY) -m planner plan --model gpt-10m --cluster out/cpu-local-profiled.json --constants out/cpu-constants.json \
+		--pp 2 --global-batch 8 -o out/gpt-10m.plan.json --force
 	$(PY) -m runtime run out/gpt-10m.plan.json --nproc 2 --steps 5 --out out/gpt-10m.metrics.json
 
 # The HTML report's test drives a headless Chromium (tests/core/test_report_html.py): Debian's package,

@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="local processes (the runtime's --nproc)")
     parser.add_argument("-o", "--output", required=True, help="where to write the profile JSON")
     parser.add_argument("--quick", action="store_true", help="two message sizes only (the bench's smoke run)")
+    parser.add_argument("--cluster-out", help="also write the cluster file the planner prices with (plan --cluster)")
+    parser.add_argument("--constants-out", help="also write its cost constants (plan --constants)")
     args = parser.parse_args(argv)
     if args.nproc < 1:
         print("error: --nproc must be at least 1", file=sys.stderr)
@@ -381,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     data = profile(args.nproc, quick=args.quick)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(data, indent=1) + "\n")
+    if args.cluster_out or args.constants_out:
+        from planner.cost.cpu_calibration import cpu_profile_cluster, cpu_profile_constants
+
+        if args.cluster_out:
+            Path(args.cluster_out).write_text(json.dumps(cpu_profile_cluster(data).to_dict(), indent=1) + "\n")
+        if args.constants_out:
+            Path(args.constants_out).write_text(json.dumps(cpu_profile_constants(data).to_dict(), indent=1) + "\n")
     print(json.dumps({k: v for k, v in data.items() if k != "collectives"}, indent=1))
     return 0
 

@@ -54,6 +54,9 @@ def _add_model_cluster(p: argparse.ArgumentParser, *, required: bool = True) -> 
                    help="what runs the plan, for the cost model: megatron (fused kernels, bf16 weights with an fp32 "
                         "master copy; default), compiled (torch.compile), eager (unfused PyTorch), torch (this "
                         "project's runtime, torchtitan: eager, fp32 parameters under autocast)")
+    g.add_argument("--constants", metavar="FILE",
+                   help="JSON object of cost-model constants over the trainer's (fields of CostConstants; "
+                        "`python -m bench.cpu_profile --constants-out` writes this machine's)")
 
 
 def _add_config(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -78,13 +81,10 @@ def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables (docs/json-output.md)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m planner", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_planning_commands(sub: Any) -> None:
+    """``plan`` and ``evaluate``: a model and a cluster in, a plan out."""
     p = sub.add_parser("plan", help="search for the fastest configuration that fits")
-    _add_model_cluster(p)
+    _add_model_cluster(p, required=False)  # missing ones are reported with the rest (check_arguments)
     _add_config(p, required=False)
     _add_output(p)
     p.add_argument("--time-limit", type=float_arg, help="seconds; returns the best plan found so far, labelled")
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar=choices_metavar(*PARTITIONS),
                    help="stage boundaries: exact memory-aware DP (balanced) or equal layers per stage (uniform)")
 
+
+def _add_plan_file_commands(sub: Any) -> None:
+    """``explain``, ``compare``, ``report`` and ``timeline``: read a plan file."""
     p = sub.add_parser("explain", help="why a plan is what it is; --what-if re-plans a changed cluster")
     p.add_argument("plan", help="plan JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object (docs/json-output.md)")
@@ -128,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="PNG path")
     p.add_argument("--force", action="store_true")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m planner", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_planning_commands(sub)
+    _add_plan_file_commands(sub)
     sub.add_parser("models", help="list model presets")
     sub.add_parser("clusters", help="list cluster presets")
     p = sub.add_parser("profile-cluster", help="measure collectives, GEMMs and memory here; write a cluster JSON")
@@ -302,7 +312,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         result = plan(args.model, cluster, global_batch=args.global_batch, seq_len=args.seq_len,
                       nodes=nodes, devices_per_node=devices_per_node, space=space, dtype=args.dtype,
                       time_limit_s=args.time_limit, top_k=args.top_k, progress=progress,
-                      constants=trainer_constants(args.trainer))
+                      constants=_constants(args))
     finally:
         if progress:
             progress.close()
@@ -336,8 +346,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cluster, nodes, devices_per_node = _cluster_arg(args)
     result = evaluate(args.model, cluster, cfg, seq_len=args.seq_len, nodes=nodes,
                       devices_per_node=devices_per_node, dtype=args.dtype, partition=args.partition,
-                      constants=trainer_constants(args.trainer))
+                      constants=_constants(args))
     return _emit(result, args)
+
+
+def _constants(args: argparse.Namespace) -> Any:
+    """The trainer's cost constants, with the fields of ``--constants FILE`` over them."""
+    from planner.cost.constants import constants_from_file
+
+    base = trainer_constants(args.trainer)
+    return constants_from_file(args.constants, base) if args.constants else base
 
 
 def summary_dict(plan: Any) -> dict[str, Any]:

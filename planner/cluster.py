@@ -485,6 +485,8 @@ class ClusterSpec:
         Then checks that every figure is plausible (:meth:`check_plausible`; ``strict=False`` accepts
         exotic hardware with a warning). A cluster read back from a plan file was checked when the
         plan was made: its readers pass ``strict=False``."""
+        if isinstance(d, ClusterSpec):  # Plan.cluster is a ClusterSpec since plan format 2.0 (it was a dict)
+            return d
         if not isinstance(d, dict):
             raise SpecError("cluster", d, "expected a JSON object", source=source)
         name = d.get("name", Path(source).stem if source else "custom")

@@ -132,8 +132,14 @@ def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) ->
     raise_all(errors)
     try:
         schedules.get_schedule(cfg.schedule).validate(cfg.pp, cfg.num_micro_batches, cfg.virtual_stages)
+    except SpecError as exc:  # the schedule's p, m, v as the configuration (and the command line) names them
+        raise SpecError(_SCHEDULE_FIELDS.get(exc.field, exc.field), exc.value, exc.fix) from exc
     except ValueError as exc:  # the message already names the field, the value and the fix
         raise PlannerError(str(exc)) from exc
+
+
+_SCHEDULE_FIELDS = {"p": "pp (--pp)", "v": "virtual_stages (--virtual-stages)",
+                    "m": "num_micro_batches (--global-batch / (--dp x --micro-batch))"}
 
 
 def default_sample_input(preset: ModelPreset, seq_len: int | None = None) -> tuple[torch.Tensor, ...]:

@@ -320,7 +320,7 @@ class OptimizerShards:
         padded = torch.zeros(s.chunk, dtype=value.dtype, device=value.device)
         padded[:value.numel()] = value.reshape(-1)
         out = torch.empty(s.chunk * self.world, dtype=value.dtype, device=value.device)
-        dist.all_gather_into_tensor(out, padded, group=self.group)
+        dist.all_gather_single(out, padded, group=self.group)
         local = out[:s.numel].view(_local(s.param).shape)
         if isinstance(s.param, DTensor):
             return DTensor.from_local(local, s.param.device_mesh, s.param.placements, run_check=False,

@@ -192,3 +192,28 @@ def trainer_constants(trainer: str, base: CostConstants | None = None) -> CostCo
 
 
 DEFAULT = CostConstants()
+
+
+def constants_from_file(path: str, base: CostConstants | None = None) -> CostConstants:
+    """``base`` (default: the defaults) with the fields a JSON file sets: what ``planner plan --constants``
+    and ``validate --constants`` read (``python -m bench.cpu_profile --constants-out`` writes one for this
+    machine). A field of the wrong name or type is a SpecError naming it."""
+    from dataclasses import fields
+
+    from planner.errors import read_json_file
+
+    data = read_json_file(path, "--constants", what="the constants file", damaged_fix="fix the syntax")
+    if not isinstance(data, dict):
+        raise SpecError("--constants", path, "expected a JSON object of CostConstants fields")
+    base = base or CostConstants()
+    kinds = {f.name: {"bool": bool, "int": int}.get(str(f.type), float) for f in fields(CostConstants)}
+    unknown = sorted(set(data) - set(kinds))
+    if unknown:
+        raise SpecError("--constants", unknown, f"not CostConstants fields; known: {sorted(kinds)}")
+    for name, value in data.items():
+        want = kinds[name]
+        ok = isinstance(value, bool) if want is bool else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and (want is float or value == int(value)))
+        if not ok:
+            raise SpecError(f"--constants: {name}", value, f"expected a {want.__name__}")
+    return replace(base, **{k: (int(v) if kinds[k] is int else v) for k, v in data.items()})

@@ -24,21 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_constants(path: str | None) -> Any:
-    from dataclasses import fields
+    from planner.cost.constants import CostConstants, constants_from_file
 
-    from planner.cost.constants import CostConstants
-    from planner.errors import SpecError, read_json_file
-
-    if path is None:
-        return CostConstants()
-    data = read_json_file(path, "--constants", what="the constants file", damaged_fix="fix the syntax")
-    if not isinstance(data, dict):
-        raise SpecError("--constants", path, "expected a JSON object of CostConstants fields")
-    known = {f.name for f in fields(CostConstants)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise SpecError("--constants", unknown, f"not CostConstants fields; known: {sorted(known)}")
-    return CostConstants(**data)
+    return CostConstants() if path is None else constants_from_file(path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -334,3 +334,22 @@ def test_help_lists_every_subcommand_with_a_description(capsys):
     for name in names:
         assert helps.get(name), f"{name} has no one-line description"
         assert name in out and helps[name].split()[0] in out
+
+
+def test_constants_file_prices_the_plan_and_bad_fields_are_named(tmp_path, capsys):
+    """plan --constants FILE: its fields over the trainer's, stored in the plan; a wrong name or type is
+    refused naming the field (the demo plans on this machine's profiled constants this way)."""
+    good = tmp_path / "c.json"
+    good.write_text(json.dumps({"op_dispatch_s": 2e-5, "async_dispatch": False, "optimizer_step_bytes_per_param": 20.5}))
+    out = tmp_path / "p.json"
+    base = ["plan", "--model", "gpt-tiny", "--cluster", "cpu-local", "--global-batch", "8", "--no-progress"]
+    code, _, _ = run_cli([*base, "--constants", str(good), "-o", str(out)], capsys)
+    assert code == 0
+    c = Plan.from_json(out).cost_constants
+    assert (c["op_dispatch_s"], c["async_dispatch"], c["optimizer_step_bytes_per_param"]) == (2e-5, False, 20.5)
+    for bad, words in (({"no_such": 1}, "not CostConstants fields"), ({"async_dispatch": 1}, "async_dispatch"),
+                       ({"reserved_bytes": 1.5}, "reserved_bytes")):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        code, _, err = run_cli([*base, "--constants", str(path), "-o", str(tmp_path / "q.json")], capsys)
+        assert code == 2 and words in err and "Traceback" not in err

@@ -49,4 +49,4 @@ def test_two_gloo_processes_write_a_cluster_the_planner_plans_on(tmp_path):
     result = plan("gpt-tiny", spec, global_batch=8, baselines=False)
     assert result.cluster_fingerprint == spec.fingerprint()
     assert result.parallel.world_size == 2
-    assert ClusterSpec.from_dict(result.cluster) == spec
+    assert result.cluster == spec and ClusterSpec.from_dict(result.cluster) == spec
