@@ -13,6 +13,7 @@ kernels, asynchronous kernel launches). A CPU run is described by the constants 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from planner.errors import SpecError
@@ -213,7 +214,8 @@ def constants_from_file(path: str, base: CostConstants | None = None) -> CostCon
     for name, value in data.items():
         want = kinds[name]
         ok = isinstance(value, bool) if want is bool else (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and (want is float or value == int(value)))
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (want is float or value == int(value)))
         if not ok:
-            raise SpecError(f"--constants: {name}", value, f"expected a {want.__name__}")
+            raise SpecError(f"--constants: {name}", value, f"expected a finite {want.__name__}")
     return replace(base, **{k: (int(v) if kinds[k] is int else v) for k, v in data.items()})
