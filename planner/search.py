@@ -261,7 +261,7 @@ def compare_schedules(pricer: Pricer, cand: Candidate) -> list[ScheduleOption]:
             info.validate(cfg.pp, cfg.num_micro_batches, v)
         except ValueError:
             continue
-        if schedules.runs_in_runtime(name) and schedules.runtime_refusal(name, cfg.pp, cfg.num_micro_batches, v):
+        if schedules.search_skips(name, cfg.pp, cfg.num_micro_batches, v):
             continue
         if cfg.pp * v > pricer.graph.num_layers:
             continue

@@ -95,7 +95,7 @@ def virtuals_for(schedule: str, pp: int, m: int, layers: int, space: SearchSpace
             info.validate(pp, m, v)
         except ValueError:
             continue
-        if pp > 1 and schedules.runs_in_runtime(schedule) and schedules.runtime_refusal(schedule, pp, m, v):
+        if schedules.search_skips(schedule, pp, m, v):
             continue  # a count the runtime's schedule refuses: the search proposes only plans it runs
         out.append(v)
     return out

@@ -173,8 +173,9 @@ def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: lis
     model_sd: dict[str, Any] = {}
     optim_sd: dict[str, Any] = {}
     per_stage = []
-    saved = _saved_optimizer_keys(path) if zero is not None and optimizers else {}
-    hyper = _saved_hyper(path) if zero is not None and optimizers else {}  # collective, as dcp.load is
+    meta = dcp.FileSystemReader(str(path)).read_metadata() if zero is not None and optimizers else None
+    saved = _saved_optimizer_keys(meta) if meta else {}
+    hyper = _saved_hyper(path, meta) if meta else {}  # collective, as dcp.load is
     for position, (stage, optim) in enumerate(zip(stages, optimizers or [None] * len(stages))):
         msd = get_model_state_dict(stage)  # no optimizers: the model alone
         if optim is None:
@@ -219,23 +220,19 @@ def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: lis
             set_optimizer_state_dict(stage, optim, osd, options=_OPTIONS)
 
 
-def _metadata(path: str | Path) -> Any:
-    return dcp.FileSystemReader(str(path)).read_metadata()
-
-
-def _saved_optimizer_keys(path: str | Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Every saved optimizer tensor ``state.<fqn>.<key>``: its whole shape and dtype (from DCP's metadata)."""
+def _saved_optimizer_keys(meta: Any) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Every saved optimizer tensor ``state.<fqn>.<key>``: its whole shape and dtype (DCP's metadata)."""
     out = {}
-    for key, meta in _metadata(path).state_dict_metadata.items():
-        if key.startswith("optim.state.") and hasattr(meta, "size"):
-            out[key[len("optim."):]] = (meta.size, meta.properties.dtype)
+    for key, entry in meta.state_dict_metadata.items():
+        if key.startswith("optim.state.") and hasattr(entry, "size"):
+            out[key[len("optim."):]] = (entry.size, entry.properties.dtype)
     return out
 
 
-def _saved_hyper(path: str | Path) -> dict[str, Any]:
+def _saved_hyper(path: str | Path, meta: Any) -> dict[str, Any]:
     """The saved ``param_groups.<fqn>.<hyper>`` values (DCP stores non-tensors as bytes)."""
-    meta = _metadata(path).state_dict_metadata
-    keys = [k for k in meta if k.startswith("optim.param_groups.") and not hasattr(meta[k], "size")]
+    keys = [k for k, entry in meta.state_dict_metadata.items()
+            if k.startswith("optim.param_groups.") and not hasattr(entry, "size")]
     if not keys:
         return {}
     state: dict[str, Any] = {"optim": {k[len("optim."):]: None for k in keys}}

@@ -266,8 +266,8 @@ class OptimizerShards:
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == s.shard.numel():
                     value = self._gathered(s, value)
                 out[f"state.{s.name}.{key}"] = value
+        names = {id(s.shard): s.name for s in self._slices[stage_index]}
         for group in optimizer.param_groups:
-            names = {id(s.shard): s.name for s in self._slices[stage_index]}
             for p in group["params"]:
                 for hyper, value in group.items():
                     if hyper != "params" and id(p) in names:

@@ -13,11 +13,12 @@ from planner.schedules.placement import chunk_devices
 from planner.schedules.plot import plot_timeline
 from planner.schedules.registry import SCHEDULE_NAMES, ScheduleInfo, get_schedule
 from planner.schedules.simulator import SimResult, simulate
-from planner.schedules.table import runs_in_runtime, runtime_refusal
+from planner.schedules.table import runs_in_runtime, runtime_refusal, search_skips
 
 __all__ = [
     "runs_in_runtime",
     "runtime_refusal",
+    "search_skips",
     "SCHEDULE_NAMES",
     "Action",
     "Program",

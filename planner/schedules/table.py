@@ -103,3 +103,9 @@ def runtime_refusal(name: str, p: int, m: int, v: int) -> str | None:
 def runs_in_runtime(name: str) -> bool:
     """Whether the runtime runs schedule ``name`` at all (it has a row here)."""
     return name in _BY_NAME
+
+
+def search_skips(name: str, p: int, m: int, v: int) -> bool:
+    """Whether the search leaves ``(name, p, m, v)`` out: a schedule the runtime runs, at a count it refuses.
+    Schedules the runtime does not run at all are still searched when asked for (simulated, refused later)."""
+    return p > 1 and runs_in_runtime(name) and runtime_refusal(name, p, m, v) is not None
