@@ -26,7 +26,7 @@ from planner.errors import SpecError
 from planner.explain import group_order_note, infeasible_error
 from planner.plan import ParallelConfig, Plan
 from planner.plan_build import build_plan
-from planner.pricing import Pricer
+from planner.pricing import Pricer, table_key
 from planner.resolve import (  # noqa: F401  (planner.api's public names)
     ResolvedModel,
     check_config,
@@ -204,7 +204,7 @@ def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: P
 def price_config(pricer: Pricer, config: ParallelConfig, *, balanced: bool = True) -> Candidate:
     """One given configuration as :func:`evaluate` prices it: the exact partition DP's split (the
     time-balanced one, status "infeasible", when no split fits in memory), then the cost model."""
-    table = pricer.table((config.tp, config.micro_batch_size, config.sequence_parallel, config.recompute))
+    table = pricer.table(table_key(config))
     part = pricer.split(config, table, balanced=balanced)
     status = part.status
     if not part.feasible and part.status != "given":  # nothing fits: price the time-balanced split instead

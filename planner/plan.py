@@ -9,8 +9,9 @@ executes it and never re-decides. ``schema_version`` changes when a field's mean
 Two words, one meaning each: a *stage* is a model chunk (``Plan.stages``: contiguous layers); a
 *device* is a pipeline position (``Prediction.devices``, ``Stage.device_index``): with ``v``
 virtual stages each device runs ``v`` chunks. Ranks are laid out by :class:`planner.layout.RankLayout`:
-``rank = (pp_index * dp + dp_index) * tp + tp_index``, a row-major ``DeviceMesh`` of shape
-``(pp, dp, tp)`` with axis names ``("pp", "dp", "tp")``.
+``rank = ((pp_index * dp + dp_index) * cp + cp_index) * tp + tp_index``, a row-major ``DeviceMesh``
+of shape ``(pp, dp, cp, tp)`` with axis names ``("pp", "dp", "cp", "tp")`` (schema 2.1; a 2.0 plan's
+``(pp, dp, tp)`` mesh is read as ``cp = 1``).
 
 Every block is typed: :class:`ParallelConfig`, :class:`Stage`, :class:`ModelInfo`,
 :class:`Prediction` (with :class:`~planner.plan_types.DevicePrediction` per device),
@@ -56,7 +57,7 @@ __all__ = ["PLACEMENTS_SCHEMA", "STYLES", "Alternative", "BaselineRecord", "Devi
            "IntraOpSolve", "MESH_AXES", "ModelInfo", "ParallelConfig", "Plan", "PlanEditedError", "PlanFingerprint",
            "Prediction", "RankLayout", "SearchReport", "SolverReport", "Stage", "TensorSplits"]
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 READABLE_MAJORS = ("1", "2")  # 1.x: converted on read, unverified (no fingerprint)
 Recompute = Literal["none", "selective", "full"]
 RECOMPUTE: tuple[Recompute, ...] = get_args(Recompute)
@@ -87,9 +88,19 @@ class ParallelConfig:
     sequence_parallel: bool = False
     zero_stage: int = 0
     overlap_grad_reduce: bool = False
+    # Schema 2.1: context parallelism (ranks splitting one sequence), expert parallelism (data-parallel
+    # ranks splitting the experts), HSDP (ZeRO-3 shards over groups of dp_shard replicas; None: all dp),
+    # FSDP's reshard after forward, FP8 GEMMs, and full recomputation of one layer in every k.
+    cp: int = 1
+    ep: int = 1
+    dp_shard: int | None = None
+    reshard_after_forward: bool = True
+    fp8: bool = False
+    recompute_every: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("dp", "tp", "pp", "micro_batch_size", "num_micro_batches", "virtual_stages"):
+        for name in ("dp", "tp", "pp", "micro_batch_size", "num_micro_batches", "virtual_stages", "cp", "ep",
+                     "recompute_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SpecError(name, value, "expected an integer >= 1")
@@ -103,15 +114,44 @@ class ParallelConfig:
             raise SpecError("sequence_parallel", True, "sequence parallelism needs tp > 1; drop it or raise tp")
         if self.pp == 1 and self.virtual_stages != 1:
             raise SpecError("virtual_stages", self.virtual_stages, "virtual stages need pp > 1")
+        self._check_groupings()
+
+    def _check_groupings(self) -> None:
+        """The schema 2.1 knobs: each names the field and the fix."""
+        if self.dp % self.ep:
+            raise SpecError("ep", self.ep, f"expert parallelism groups data-parallel ranks: ep must divide dp = "
+                            f"{self.dp}; use one of {[d for d in range(1, self.dp + 1) if self.dp % d == 0]}")
+        if self.dp_shard is not None:
+            if isinstance(self.dp_shard, bool) or not isinstance(self.dp_shard, int) or self.dp_shard < 1 \
+                    or self.dp % self.dp_shard:
+                raise SpecError("dp_shard", self.dp_shard, f"the HSDP shard group size must divide dp = {self.dp} "
+                                "(null: shard over all data-parallel ranks)")
+            if self.dp_shard < self.dp and self.zero_stage != 3:
+                raise SpecError("dp_shard", self.dp_shard, "HSDP shards parameters (ZeRO-3 / FSDP): set zero_stage "
+                                "3, or drop dp_shard")
+        if not self.reshard_after_forward and self.zero_stage != 3:
+            raise SpecError("reshard_after_forward", False, "only ZeRO-3 / FSDP reshards parameters; set "
+                            "zero_stage 3 or drop it")
+        if self.recompute_every > 1 and self.recompute != "full":
+            raise SpecError("recompute_every", self.recompute_every, "checkpointing one layer in every k is full "
+                            "recomputation: set recompute to 'full', or recompute_every to 1")
+        for name in ("reshard_after_forward", "fp8"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(name, getattr(self, name), "expected true or false")
+
+    @property
+    def shard_group(self) -> int:
+        """Data-parallel ranks one ZeRO shard spans: ``dp_shard`` under HSDP, else all ``dp``."""
+        return self.dp_shard or self.dp
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
 
     @property
     def layout(self) -> RankLayout:
         """Where each rank sits: the one rank formula (:class:`planner.layout.RankLayout`)."""
-        return RankLayout(pp=self.pp, dp=self.dp, tp=self.tp)
+        return RankLayout(pp=self.pp, dp=self.dp, tp=self.tp, cp=self.cp)
 
     @property
     def global_batch(self) -> int:
@@ -122,13 +162,23 @@ class ParallelConfig:
         if self.virtual_stages > 1:
             extras.append(f"v={self.virtual_stages}")
         if self.recompute != "none":
-            extras.append(f"recompute={self.recompute}")
+            extras.append(f"recompute={self.recompute}" + (f"/{self.recompute_every}" if self.recompute_every > 1
+                                                             else ""))
         if self.sequence_parallel:
             extras.append("sp")
         if self.zero_stage:
             extras.append(f"zero{self.zero_stage}")
+        if self.dp_shard is not None and self.dp_shard < self.dp:
+            extras.append(f"hsdp={self.dp // self.dp_shard}x{self.dp_shard}")
+        if not self.reshard_after_forward:
+            extras.append("no-reshard")
+        if self.ep > 1:
+            extras.append(f"ep={self.ep}")
+        if self.fp8:
+            extras.append("fp8")
         tail = (", " + ", ".join(extras)) if extras else ""
-        return (f"dp={self.dp} tp={self.tp} pp={self.pp} mb={self.micro_batch_size}x{self.num_micro_batches} "
+        cp = f" cp={self.cp}" if self.cp > 1 else ""
+        return (f"dp={self.dp} tp={self.tp}{cp} pp={self.pp} mb={self.micro_batch_size}x{self.num_micro_batches} "
                 f"{self.schedule}{tail}")
 
 
@@ -339,8 +389,8 @@ class Plan:
             object.__setattr__(self, "search", SearchReport.from_dict(self.search))
 
     @property
-    def mesh_shape(self) -> tuple[int, int, int]:
-        return (self.parallel.pp, self.parallel.dp, self.parallel.tp)
+    def mesh_shape(self) -> tuple[int, int, int, int]:
+        return self.parallel.layout.shape
 
     @property
     def layout(self) -> RankLayout:
@@ -400,7 +450,7 @@ class Plan:
             model=model, cluster=_cluster_from_dict(d["cluster"], source),
             cluster_fingerprint=d["cluster_fingerprint"], parallel=ParallelConfig(**d["parallel"]), stages=stages,
             predicted=Prediction.from_dict(d["predicted"]), solver=SolverReport(**d["solver"]),
-            mesh_axes=tuple(d["mesh"]["axes"]),
+            mesh_axes=_mesh_axes(d["mesh"]["axes"]),
             placements=TensorSplits.from_dict(d["placements"]) if d.get("placements") else TensorSplits(),
             search=SearchReport.from_dict(d.get("search", {})),
             explanation=tuple(d.get("explanation", ())), cost_constants=d.get("cost_constants", {}),
@@ -443,6 +493,11 @@ def _readable_version(d: Any, source: str | None) -> str:
                                 f"(reads {', '.join(m + '.x' for m in READABLE_MAJORS)}); re-create the plan with "
                                 "`python -m planner plan`")
     return version
+
+
+def _mesh_axes(axes: list[str]) -> tuple[str, ...]:
+    """The plan's mesh axes; a schema 2.0 plan's ``(pp, dp, tp)`` is the 2.1 mesh with ``cp = 1``."""
+    return MESH_AXES if list(axes) == ["pp", "dp", "tp"] else tuple(axes)
 
 
 def _upgrade_v1(d: dict[str, Any]) -> dict[str, Any]:

@@ -24,8 +24,10 @@ from planner import schedules
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.cost.model import (
+    NO_KNOBS,
     LayerTable,
     StepPrediction,
+    TableKnobs,
     evaluate,
     layer_table,
     positions,
@@ -38,11 +40,17 @@ from planner.intra_op.pricing import TpPricing, ilp_layer_table, tp_pricing
 from planner.plan import ParallelConfig
 from planner.trace.graph import CostGraph
 
-TableKey = tuple[int, int, bool, str]  # (tp, micro_batch, sequence_parallel, recompute)
+# (tp, micro_batch, sequence_parallel, recompute, knobs); a 4-tuple means the default knobs.
+TableKey = tuple[int, int, bool, str, TableKnobs] | tuple[int, int, bool, str]
 
 
 def table_key(cfg: ParallelConfig) -> TableKey:
-    return (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute)
+    return (cfg.tp, cfg.micro_batch_size, cfg.sequence_parallel, cfg.recompute, TableKnobs.of(cfg))
+
+
+def _full_key(key: TableKey) -> tuple[int, int, bool, str, TableKnobs]:
+    """``key`` with its knobs (a 4-tuple key, as callers before schema 2.1 write it, has none)."""
+    return key if len(key) == 5 else (*key, NO_KNOBS)  # type: ignore[return-value]
 
 
 @functools.lru_cache(maxsize=65536)
@@ -85,14 +93,15 @@ class Pricer:
         return self._solves[key]
 
     def _priced_table(self, key: TableKey, cluster: ClusterSpec) -> LayerTable:
-        tp, mb, sp, rec = key
+        tp, mb, sp, rec, knobs = _full_key(key)
         solve = self.tp_solve(tp, mb, sp, cluster) if tp > 1 else None
         return ilp_layer_table(self.graph, cluster, micro_batch=mb, tp=tp, sequence_parallel=sp, recompute=rec,
-                               c=self.c, pricing=solve)
+                               c=self.c, pricing=solve, knobs=knobs)
 
     def table(self, key: TableKey) -> LayerTable:
         """The layer table of ``key`` = (tp, micro-batch, sp, recompute), tp communication priced by the
         intra-op ILP (the Megatron count, with the reason in ``tp_note``, when the ILP cannot be used)."""
+        key = _full_key(key)
         if key not in self._tables:
             self._tables[key] = self._priced_table(key, self.cluster)
         return self._tables[key]
@@ -105,32 +114,35 @@ class Pricer:
         its memory is exact: the search bounds and memory-screens every family with it and runs the
         ILP only for configurations that survive (most families of a large cluster never need it).
         """
+        key = _full_key(key)
         if key[0] == 1:  # no tp communication to leave out
             return self.table(key)
         bound_key = ("no-tp-comm", *key)
         if bound_key not in self._tables:
-            tp, mb, sp, rec = key
+            tp, mb, sp, rec, knobs = key
             self._tables[bound_key] = layer_table(self.graph, self.cluster, micro_batch=mb, tp=tp,
-                                                  sequence_parallel=sp, recompute=rec, c=self.c, tp_pricing="none")
+                                                  sequence_parallel=sp, recompute=rec, c=self.c, tp_pricing="none",
+                                                  knobs=knobs)
         return self._tables[bound_key]
 
     def is_priced(self, key: TableKey) -> bool:
         """Whether ``key``'s tp communication has been priced already (its ILP solve has run)."""
-        return key in self._tables
+        return _full_key(key) in self._tables
 
     def group_tables(self, key: TableKey, *, priced: bool = True) -> list[LayerTable]:
         """``key``'s layer table of every node group, each on its own device and links, in group order
         (``priced=False``: without tp communication). One group: the cluster's own table."""
         if len(self.cluster.groups) == 1:  # the one group's view prices exactly as the cluster itself
             return [self.table(key) if priced else self.bound_table(key)]
+        key = _full_key(key)
         gkey = (priced, *key)
         if gkey not in self._group_tables:
-            tp, mb, sp, rec = key
+            tp, mb, sp, rec, knobs = key
             views = [self.cluster.group_view(g) for g in range(len(self.cluster.groups))]
             self._group_tables[gkey] = [
                 self._priced_table(key, view) if priced else layer_table(
                     self.graph, view, micro_batch=mb, tp=tp, sequence_parallel=sp, recompute=rec, c=self.c,
-                    tp_pricing="none") for view in views]
+                    tp_pricing="none", knobs=knobs) for view in views]
         return self._group_tables[gkey]
 
     def position_tables(self, key: TableKey, pp: int, dp: int, *, priced: bool = True) -> list[LayerTable]:
@@ -277,7 +289,7 @@ class Pricer:
             return free
         if free.feasible and cfg.num_micro_batches * free.bottleneck_bound_s >= cutoff_s:
             return Partition((), free.bottleneck_bound_s, "pruned")
-        key = (rows_key, flights, cfg.zero_stage, cfg.dp)
+        key = (rows_key, flights, cfg.zero_stage, cfg.dp, cfg.shard_group, cfg.reshard_after_forward)
         if key not in self._bound:
             self._bound[key] = partition_dp(self._stage_costs(cfg, table, self.c, rows, limits, memory=True), p)
         return self._bound[key]

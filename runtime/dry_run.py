@@ -319,7 +319,7 @@ def _layouts(tensors: Iterable[torch.Tensor]) -> Counter:
     for t in tensors:
         if isinstance(t, DTensor):
             mesh = t.device_mesh
-            if mesh.mesh_dim_names is None or not set(mesh.mesh_dim_names) <= {"pp", "dp", "tp"}:
+            if mesh.mesh_dim_names is None or not set(mesh.mesh_dim_names) <= {"pp", "dp", "cp", "tp"}:
                 raise AssertionError(f"dry-run: a DTensor on mesh axes {mesh.mesh_dim_names}")
             counts[(tuple(t.shape), mesh.mesh_dim_names, tuple(mesh.shape), tuple(t.placements),
                     t.element_size())] += 1
@@ -354,8 +354,8 @@ def _bytes_at(stages: list[nn.Module], optimizers: list[torch.optim.Optimizer], 
         slice_grads = []
     out = {}
     for rank in ranks:
-        pp_i, dp_i, tp_i = dims.coords(rank)
-        coords = {"pp": pp_i, "dp": dp_i, "tp": tp_i}
+        c = dims.layout.coords(rank)
+        coords = {"pp": c.pp, "dp": c.dp, "cp": c.cp, "tp": c.tp}
         sizes = [sum(n * _bytes_at_coord(layout, coords) for layout, n in kind.items()) for kind in kinds]
         if sliced:
             sizes[1] += sum(_slice_bytes(p, size, coords, zero.world) for p, size in slice_grads)

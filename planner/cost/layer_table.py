@@ -231,6 +231,27 @@ TP_PRICING = ("megatron", "none")
 
 
 @dataclass(frozen=True)
+class TableKnobs:
+    """What shapes one layer's per-micro-batch figures besides (micro-batch, tp, sp, recompute): the
+    schema 2.1 knobs of :class:`planner.plan.ParallelConfig` that change a layer's work or memory on
+    one device (context-parallel sequence shards, expert-parallel expert shards, FP8 GEMMs, full
+    recomputation of one layer in every ``recompute_every``). The defaults change nothing."""
+
+    cp: int = 1
+    ep: int = 1
+    fp8: bool = False
+    recompute_every: int = 1
+
+    @classmethod
+    def of(cls, cfg: object) -> TableKnobs:
+        """The knobs of a :class:`planner.plan.ParallelConfig`."""
+        return cls(cp=cfg.cp, ep=cfg.ep, fp8=cfg.fp8, recompute_every=cfg.recompute_every)  # type: ignore[attr-defined]
+
+
+NO_KNOBS = TableKnobs()
+
+
+@dataclass(frozen=True)
 class TpSeconds:
     """Tensor-parallel seconds of each layer for one micro-batch, found by a solver (the intra-op ILP).
 
@@ -260,7 +281,8 @@ def _exposed_tp_s(layer: Layer, t: LayerTimes, tc: tuple[float, float], *, tp: i
 
 def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int, sequence_parallel: bool,
                 recompute: str, c: CostConstants, dtype: str | None = None, tp_pricing: str = "megatron",
-                tp_seconds: TpSeconds | None = None, tp_note: str = "") -> LayerTable:
+                tp_seconds: TpSeconds | None = None, tp_note: str = "",
+                knobs: TableKnobs = NO_KNOBS) -> LayerTable:
     """Seconds and bytes per layer and micro-batch on one device of a ``tp``-way group.
 
     Recomputation (Chen et al. 2016; Korthikanti et al. 2022): ``none`` stores what autograd
@@ -368,11 +390,12 @@ def _fill_memory_row(arr: dict[str, np.ndarray], i: int, layer: Layer, t: object
 
 def group_layer_tables(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int,
                        sequence_parallel: bool, recompute: str, c: CostConstants, dtype: str | None = None,
-                       tp_pricing: str = "megatron",
-                       tp_seconds: Sequence[TpSeconds | None] | None = None) -> list[LayerTable]:
+                       tp_pricing: str = "megatron", tp_seconds: Sequence[TpSeconds | None] | None = None,
+                       knobs: TableKnobs = NO_KNOBS) -> list[LayerTable]:
     """:func:`layer_table` of every node group of ``cluster`` on its own device and links, in group order
     (``tp_seconds``: one entry per group, or None). Not cached: :class:`planner.pricing.Pricer` keeps them."""
     return [layer_table(graph, cluster.group_view(gi), micro_batch=micro_batch, tp=tp,
                         sequence_parallel=sequence_parallel, recompute=recompute, c=c, dtype=dtype,
-                        tp_pricing=tp_pricing, tp_seconds=None if tp_seconds is None else tp_seconds[gi])
+                        tp_pricing=tp_pricing, tp_seconds=None if tp_seconds is None else tp_seconds[gi],
+                        knobs=knobs)
             for gi in range(len(cluster.groups))]

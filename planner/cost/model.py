@@ -41,9 +41,11 @@ from planner.cost.comm import (
 )
 from planner.cost.constants import CostConstants
 from planner.cost.layer_table import (
+    NO_KNOBS,
     TP_PRICING,
     LayerTable,
     Segment,
+    TableKnobs,
     TpSeconds,
     group_layer_tables,
     layer_table,
@@ -68,7 +70,8 @@ from planner.schedules.closed_form import in_flight_per_device, step_time
 from planner.trace.graph import CostGraph
 
 __all__ = [
-    "TP_PRICING", "LayerTable", "MemoryParts", "Segment", "StepPrediction", "TpSeconds", "evaluate",
+    "NO_KNOBS", "TP_PRICING", "LayerTable", "MemoryParts", "Segment", "StepPrediction", "TableKnobs", "TpSeconds",
+    "evaluate",
     "group_layer_tables", "layer_table", "loss_traffic_s", "megatron_tp_s", "positions", "stage_memory", "stage_memory_matrix",
     "stage_memory_vec", "stage_params", "tp_allreduces", "tp_collectives", "usable_memory_bytes",
 ]
@@ -126,11 +129,12 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     devices = schedules.chunk_devices(cfg.schedule, p, v)  # chunk -> device, as the schedule places it
     if table is None:
         table = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
-                            sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c)
+                            sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c,
+                            knobs=TableKnobs.of(cfg))
     if group_tables is None:
         group_tables = [table] if len(cluster.groups) == 1 else group_layer_tables(  # one group: table itself
             graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp, sequence_parallel=cfg.sequence_parallel,
-            recompute=cfg.recompute, c=c, dtype=table.dtype)
+            recompute=cfg.recompute, c=c, dtype=table.dtype, knobs=TableKnobs.of(cfg))
     pos = positions(cluster, cfg, c, group_tables)
     fwd, bin_, bw = _chunk_phase_times(pos, boundaries, devices, cfg, c)
     p2p = pipeline_p2p_s(table, boundaries, devices, cfg, cluster, c)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
-from planner.cost.layer_table import LayerTable, TpSeconds, layer_table
+from planner.cost.layer_table import NO_KNOBS, LayerTable, TableKnobs, TpSeconds, layer_table
 from planner.errors import PlannerError
 from planner.units import plural
 
@@ -121,7 +121,7 @@ def tp_pricing(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, micro_ba
 
 def ilp_layer_table(cost_graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int,
                     sequence_parallel: bool, recompute: str, c: CostConstants, dtype: str | None = None,
-                    pricing: TpPricing | None = None) -> LayerTable:
+                    pricing: TpPricing | None = None, knobs: TableKnobs = NO_KNOBS) -> LayerTable:
     """:func:`planner.cost.model.layer_table` with the intra-op ILP's tp seconds (``pricing``, or a
     fresh :func:`tp_pricing` solve); the Megatron count, with the reason in ``tp_note``, when the ILP
     cannot be used."""
@@ -135,7 +135,7 @@ def ilp_layer_table(cost_graph: CostGraph, cluster: ClusterSpec, *, micro_batch:
         if pricing.source == "ilp":
             seconds = TpSeconds(fwd_s=pricing.fwd_s, bwd_s=pricing.bwd_s, source="ilp", note=note)
     return layer_table(cost_graph, cluster, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
-                       recompute=recompute, c=c, dtype=dtype, tp_seconds=seconds, tp_note=note)
+                       recompute=recompute, c=c, dtype=dtype, tp_seconds=seconds, tp_note=note, knobs=knobs)
 
 
 def _solve(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, micro_batch: int, sequence_parallel: bool,

@@ -78,8 +78,8 @@ def test_round_trip_unchanged(tmp_path):
     assert again == plan
     assert again.to_json_text() == plan.to_json_text()
     d = json.loads(path.read_text())
-    assert d["mesh"] == {"axes": ["pp", "dp", "tp"], "shape": [2, 2, 1]}
-    assert d["schema_version"] == SCHEMA_VERSION == "2.0"
+    assert d["mesh"] == {"axes": ["pp", "dp", "cp", "tp"], "shape": [2, 2, 1, 1]}
+    assert d["schema_version"] == SCHEMA_VERSION == "2.1"
     assert d["predicted"]["devices"][1] == {"device_index": 1, "time_per_step_s": 0.4, "memory_bytes": {"total": 122},
                                             "in_flight_micro_batches": 1.0, "binding": "compute",
                                             "chunk_phase_times_s": [[0.01, 0.02, 0.01]]}
@@ -146,7 +146,7 @@ def test_stage_ranks_follow_the_one_layout():
     assert layout.position_ranks(1) == tuple(range(8, 16))
     assert layout.group(9, "dp") == (9, 13) and layout.group(9, "pp") == (1, 9, 17)
     assert [layout.position_of(layout.position_ranks(k)) for k in range(3)] == [0, 1, 2]
-    with pytest.raises(PlanMismatchError, match="not the dp x tp = 8 ranks"):
+    with pytest.raises(PlanMismatchError, match="not the dp x cp x tp = 8 ranks"):
         layout.position_of((0, 8))
     plan = make_plan()
     assert [s.ranks for s in plan.stages] == [plan.layout.position_ranks(s.device_index) for s in plan.stages]
@@ -171,6 +171,10 @@ def test_schema_1_plan_is_read_unverified_with_a_warning(caplog):
     assert plan.search == SearchReport() and not plan.placements
     new = plan.to_dict()
     old["predicted"]["devices"] = old["predicted"].pop("stages")
+    # Schema 2.1: the (pp, dp, tp) mesh is the (pp, dp, cp, tp) one with cp = 1; the new knobs at their defaults.
+    pp, dp, tp = old["mesh"]["shape"]
+    old["mesh"] = {"axes": ["pp", "dp", "cp", "tp"], "shape": [pp, dp, 1, tp]}
+    old["parallel"].update(cp=1, ep=1, dp_shard=None, reshard_after_forward=True, fp8=False, recompute_every=1)
     assert {k: v for k, v in new.items() if k not in ("schema_version", "fingerprint")} == \
         {k: v for k, v in old.items() if k != "schema_version"}
 
@@ -187,7 +191,7 @@ def test_schema_1_tensor_splits_are_typed(tmp_path):
     assert plan.search.intra_op == splits.solver and splits.solver.status == "optimal"
     assert splits.to_dict() == old["placements"] and plan.search.to_dict() == old["search"]
     again = Plan.from_json(plan.to_json(tmp_path / "v2.json"))  # written at 2.0: verified on read
-    assert again == plan and again.fingerprint is not None and again.schema_version == "2.0"
+    assert again == plan and again.fingerprint is not None and again.schema_version == "2.1"
 
 
 def test_unknown_style_is_refused_when_read(tmp_path):

@@ -24,10 +24,16 @@ LOCAL2 = Launch(world_size=2, procs_per_node=2, nodes=1, device_type="cpu")
 
 def test_rank_layout_is_the_plans():
     dims = ParallelDims(dp=3, tp=2, pp=2, world_size=12)
-    assert dims.shape == (2, 3, 2)
+    assert dims.shape == (2, 3, 1, 2)
     for rank in range(12):
         pp_i, dp_i, tp_i = dims.coords(rank)
         assert rank == (pp_i * 3 + dp_i) * 2 + tp_i == dims.rank_of(pp_i, dp_i, tp_i)
+    with_cp = ParallelDims(dp=3, tp=2, pp=2, cp=2, world_size=24)
+    assert with_cp.shape == (2, 3, 2, 2)
+    for rank in range(24):
+        c = with_cp.layout.coords(rank)
+        assert rank == ((c.pp * 3 + c.dp) * 2 + c.cp) * 2 + c.tp == with_cp.rank_of(c.pp, c.dp, c.tp, c.cp)
+    assert with_cp.layout.group(5, "cp") == (5, 7) and with_cp.layout.sub_group(0, 3) == (0, 4, 8)
 
 
 def test_world_size_mismatch_names_both_numbers():
