@@ -185,7 +185,7 @@ class Pricer:
             for j, (a, b) in enumerate(boundaries):
                 work[devices[j]] += float(prefix[b] - prefix[a])
             return max(work)
-        tables = self.position_tables(key, cfg.pp, cfg.dp)
+        tables = self.position_tables(key, cfg.pp, cfg.dp * cfg.cp)
         for j, (a, b) in enumerate(boundaries):
             work[devices[j]] += float(tables[devices[j]].total_s[a:b].sum())
         return max(work)

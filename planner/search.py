@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 
 from planner import schedules
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
-from planner.cost.model import LayerTable, StepPrediction
+from planner.cost.model import NO_KNOBS, LayerTable, StepPrediction, TableKnobs
 from planner.inter_op.chain import Partition
 from planner.intra_op.pricing import TpPricing
 from planner.plan import RECOMPUTE, ParallelConfig
@@ -35,9 +35,14 @@ from planner.space import (  # noqa: F401  (SYNC_DEFAULT, SearchSpace: planner.s
     SYNC_DEFAULT,
     SearchSpace,
     candidate_degrees,
+    candidate_meshes,
     check_sequence_parallel,
     divisors,
+    ep_options,
+    fp8_options,
+    recompute_every_options,
     schedules_for,
+    shard_options,
     virtuals_for,
 )
 from planner.trace.graph import CostGraph
@@ -106,7 +111,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
     families = _families(pricer, global_batch, space)
     unvisited_bound = math.inf
     timed_out = False
-    for done, (bound, (pp, tp, dp, mb, rec_i, sp)) in enumerate(families):
+    for done, (bound, (pp, tp, dp, mb, rec_i, sp, knobs)) in enumerate(families):
         if progress and done % 16 == 0:
             progress(done, len(families))
         if bound >= run.kth_best():
@@ -116,7 +121,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
             timed_out = True
             unvisited_bound = bound
             break
-        run.family(pp, tp, dp, mb, RECOMPUTE[rec_i], sp, global_batch // dp // mb)
+        run.family(pp, tp, dp, mb, RECOMPUTE[rec_i], sp, global_batch // dp // mb, knobs)
     if progress:
         progress(len(families), len(families))
     top = run.top
@@ -130,11 +135,13 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
 
 
 def _families(pricer: Pricer, global_batch: int, space: SearchSpace) -> list[tuple[float, tuple]]:
-    """Every (tp, pp, dp, micro-batch, sp, recompute) family with a lower bound on its step time, in
-    bound order: the search visits them best-first and stops when the next cannot beat the k-th best."""
+    """Every (tp, cp, pp, dp, micro-batch, sp, recompute, table knobs) family with a lower bound on its
+    step time, in bound order: the search visits them best-first and stops when the next cannot beat
+    the k-th best."""
     graph = pricer.graph
     families: list[tuple[float, tuple]] = []
-    for tp, pp, dp in candidate_degrees(graph, pricer.cluster, global_batch, space):
+    fp8s = fp8_options(pricer.cluster, space)
+    for tp, cp, pp, dp in candidate_meshes(graph, pricer.cluster, global_batch, space):
         per_replica = global_batch // dp
         mbs = [b for b in divisors(per_replica) if b <= space.max_micro_batch_size]
         if space.micro_batch_size:
@@ -145,10 +152,18 @@ def _families(pricer: Pricer, global_batch: int, space: SearchSpace) -> list[tup
                 if sp and (tp == 1 or not graph.seq_len):
                     continue
                 for rec in space.recompute:
-                    bound = m * pricer.work_bound_s((tp, mb, sp, rec), pp, dp, priced=False)
-                    families.append((bound, (pp, tp, dp, mb, RECOMPUTE.index(rec), sp)))
-    families.sort()
+                    for knobs in _family_knobs(graph, cp, dp, rec, fp8s, space):
+                        bound = m * pricer.work_bound_s((tp, mb, sp, rec, knobs), pp, dp * cp, priced=False)
+                        families.append((bound, (pp, tp, dp, mb, RECOMPUTE.index(rec), sp, knobs)))
+    families.sort(key=lambda f: (f[0], f[1][:6], astuple(f[1][6])))
     return families
+
+
+def _family_knobs(graph: CostGraph, cp: int, dp: int, rec: str, fp8s: tuple[bool, ...],
+                  space: SearchSpace) -> list[TableKnobs]:
+    """The table knobs of one (cp, dp, recompute): expert-parallel degree, FP8, recompute interval."""
+    return [TableKnobs(cp=cp, ep=ep, fp8=fp8, recompute_every=k) for ep in ep_options(graph, dp, space)
+            for fp8 in fp8s for k in recompute_every_options(rec, space)]
 
 
 class _Search:
@@ -166,24 +181,25 @@ class _Search:
     def kth_best(self) -> float:
         return self.top[-1].step_time_s if len(self.top) >= self.top_k else math.inf
 
-    def family(self, pp: int, tp: int, dp: int, mb: int, rec: str, sp: bool, m: int) -> None:
-        """Every schedule, virtual-stage count and ZeRO stage of one family."""
+    def family(self, pp: int, tp: int, dp: int, mb: int, rec: str, sp: bool, m: int,
+               knobs: TableKnobs = NO_KNOBS) -> None:
+        """Every schedule, virtual-stage count, ZeRO stage and HSDP grouping of one family."""
         space, graph = self.space, self.pricer.graph
         # memory and the cheap time bounds need no tp pricing; the ILP runs only for survivors
-        cheap = self.pricer.bound_table((tp, mb, sp, rec))
+        cheap = self.pricer.bound_table((tp, mb, sp, rec, knobs))
         # Within a family the memory bound varies only with the smallest in-flight count and the
         # ZeRO stage (table, tp, pp, dp and sp are the family's), so each is computed once.
         family_memory: dict[tuple[float, int], dict[str, float]] = {}
         for sched in schedules_for(pp, space):
             for v in virtuals_for(sched, pp, m, graph.num_layers, space):
-                for zero in [z for z in space.zero_stage if pp == 1 or z <= 1]:
-                    if zero and dp == 1:
-                        continue
+                for zero, shard, reshard in self._sharding(pp, dp):
                     cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=m,
                                          virtual_stages=v, schedule=sched, recompute=rec, sequence_parallel=sp,
-                                         zero_stage=zero, overlap_grad_reduce=space.overlap_grad_reduce)
+                                         zero_stage=zero, overlap_grad_reduce=space.overlap_grad_reduce,
+                                         cp=knobs.cp, ep=knobs.ep, fp8=knobs.fp8, recompute_every=knobs.recompute_every,
+                                         dp_shard=shard, reshard_after_forward=reshard)
                     self.evaluated += 1
-                    memory_key = (min(flights_of(sched, pp, m, v)), zero)
+                    memory_key = (min(flights_of(sched, pp, m, v)), zero, shard, reshard)
                     if memory_key not in family_memory:
                         family_memory[memory_key] = self.pricer.memory_lower_bound(cheap, cfg)
                     need = family_memory[memory_key]
@@ -194,6 +210,17 @@ class _Search:
                         del self.bound_misses[3:]
                         continue
                     self.config(cfg, cheap)
+
+    def _sharding(self, pp: int, dp: int) -> list[tuple[int, int | None, bool]]:
+        """(ZeRO stage, HSDP shard group, reshard after forward) choices of a (pp, dp) family."""
+        out = []
+        for zero in self.space.zero_stage:
+            if (pp > 1 and zero > 1) or (zero and dp == 1):
+                continue
+            reshards = self.space.reshard_after_forward if zero == 3 else (True,)
+            out += [(zero, shard, r) for shard in shard_options(dp, zero, self.pricer.cluster, self.space)
+                    for r in reshards]
+        return out
 
     def _split(self, cfg: ParallelConfig, table: LayerTable) -> Partition | None:
         """The configuration's partition, or None when it is pruned or nothing fits (counted)."""
@@ -221,7 +248,7 @@ class _Search:
                 self.pruned += 1
                 return
         table = pricer.table(key)
-        if m * pricer.work_bound_s(key, cfg.pp, cfg.dp, priced=True) >= self.kth_best():
+        if m * pricer.work_bound_s(key, cfg.pp, cfg.dp * cfg.cp, priced=True) >= self.kth_best():
             self.pruned += 1  # the family's bound with tp priced
             return
         part = self._split(cfg, table)

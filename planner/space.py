@@ -38,6 +38,13 @@ class SearchSpace:
     overlap_grad_reduce: bool = False
     max_micro_batch_size: int = 16
     partition: str = "balanced"  # "balanced" (exact DP) or "uniform" (equal layers per stage)
+    # Schema 2.1 knobs (None: the option functions below decide what is worth trying here).
+    cp: tuple[int, ...] | None = None
+    ep: tuple[int, ...] | None = None
+    dp_shard: tuple[int | None, ...] | None = None  # HSDP shard group sizes; None in the tuple: all dp
+    reshard_after_forward: tuple[bool, ...] = (True,)
+    fp8: tuple[bool, ...] | None = None
+    recompute_every: tuple[int, ...] | None = None
 
 
 def divisors(n: int) -> list[int]:
@@ -53,9 +60,10 @@ def _pow2_upto(n: int) -> list[int]:
 
 
 def candidate_degrees(graph: CostGraph, cluster: ClusterSpec, global_batch: int,
-                      space: SearchSpace) -> Iterable[tuple[int, int, int]]:
-    """(tp, pp, dp) with tp·pp·dp = devices, tp within a node, pp ≤ layers, dp | global batch."""
-    n = cluster.num_devices
+                      space: SearchSpace, *, devices: int | None = None) -> Iterable[tuple[int, int, int]]:
+    """(tp, pp, dp) with tp·pp·dp = devices (default: the cluster's), tp within a node, pp ≤ layers,
+    dp | global batch."""
+    n = devices or cluster.num_devices
     dpn = min(g.devices_per_node for g in cluster.groups)
     tps = space.tp or tuple(t for t in _pow2_upto(dpn) if n % t == 0)
     for tp in tps:
@@ -71,6 +79,50 @@ def candidate_degrees(graph: CostGraph, cluster: ClusterSpec, global_batch: int,
             if global_batch % dp:
                 continue
             yield tp, pp, dp
+
+
+def candidate_meshes(graph: CostGraph, cluster: ClusterSpec, global_batch: int,
+                     space: SearchSpace) -> Iterable[tuple[int, int, int, int]]:
+    """(tp, cp, pp, dp) with tp·cp·pp·dp = devices: :func:`candidate_degrees` on the devices left to
+    each context-parallel degree of :func:`cp_options`."""
+    n = cluster.num_devices
+    for cp in cp_options(graph, cluster, space):
+        if n % cp:
+            continue
+        for tp, pp, dp in candidate_degrees(graph, cluster, global_batch, space, devices=n // cp):
+            yield tp, cp, pp, dp
+
+
+def cp_options(graph: CostGraph, cluster: ClusterSpec, space: SearchSpace) -> tuple[int, ...]:
+    """Context-parallel degrees worth trying: ``space.cp``, else 1."""
+    return space.cp or (1,)
+
+
+def ep_options(graph: CostGraph, dp: int, space: SearchSpace) -> tuple[int, ...]:
+    """Expert-parallel degrees for ``dp`` data-parallel ranks: ``space.ep`` (those dividing dp), else 1."""
+    return tuple(e for e in space.ep if dp % e == 0) if space.ep else (1,)
+
+
+def fp8_options(cluster: ClusterSpec, space: SearchSpace) -> tuple[bool, ...]:
+    """FP8 GEMMs or not: ``space.fp8``, else off."""
+    return space.fp8 or (False,)
+
+
+def recompute_every_options(recompute: str, space: SearchSpace) -> tuple[int, ...]:
+    """How many layers share one checkpointed layer under full recomputation: ``space.recompute_every``, else 1."""
+    if recompute != "full":
+        return (1,)
+    return space.recompute_every or (1,)
+
+
+def shard_options(dp: int, zero_stage: int, cluster: ClusterSpec, space: SearchSpace) -> tuple[int | None, ...]:
+    """HSDP shard group sizes for ZeRO-3 over ``dp`` replicas: ``space.dp_shard`` (those dividing dp), else
+    ``(None,)``: one shard group of all dp ranks."""
+    if zero_stage != 3:
+        return (None,)
+    if space.dp_shard:
+        return tuple(s for s in space.dp_shard if s is None or dp % s == 0) or (None,)
+    return (None,)
 
 
 def schedules_for(pp: int, space: SearchSpace) -> tuple[str, ...]:
