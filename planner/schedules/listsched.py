@@ -38,18 +38,22 @@ def list_schedule(
     free_at = [0] * len(work)
     fwd_end: dict[tuple[int, int], int] = {}
     grad_end: dict[tuple[int, int], int] = {}
+    # Only an action whose dependency has been scheduled can be ready: each device scans those alone
+    # (the same ready set as scanning all its pending actions, far fewer checks on long pipelines).
+    waiting = _Waiting(work)
     time = 0
     while any(pending):
         ran = False
         for device, todo in enumerate(pending):
             if not todo or free_at[device] > time:
                 continue
-            ready = [a for a in todo if _ready_at(a, num_stages, fwd_end, grad_end, time)]
+            ready = [a for a in waiting.of(device) if _ready_at(a, num_stages, fwd_end, grad_end, time)]
             action = choose(device, sorted(ready), order[device]) if ready else None
             if action is None:
                 continue
             assert action in todo, f"chooser returned {action}, which is not pending on device {device}"
             todo.discard(action)
+            waiting.ran(device, action, num_stages)
             order[device].append(action)
             end = time + durations[action.kind]
             key = (action.stage, action.microbatch)
@@ -67,6 +71,38 @@ def list_schedule(
                 )
             time = min(upcoming)
     return Program(placements, tuple(tuple(o) for o in order), microbatches, replica_of)
+
+
+class _Waiting:
+    """Per device, the pending actions whose dependency has been scheduled: a forward of stage 0 at
+    once, a forward after the previous stage's forward, a backward after the next stage's backward
+    (the last stage's after its own forward), a weight gradient after its own backward."""
+
+    def __init__(self, work: Sequence[Sequence[Action]]) -> None:
+        self._where: dict[tuple[str, int, int], list[tuple[int, Action]]] = {}
+        self._sets: list[set[Action]] = [set() for _ in work]
+        for device, actions in enumerate(work):
+            for a in actions:
+                self._where.setdefault((a.kind, a.stage, a.microbatch), []).append((device, a))
+                if a.kind == "F" and a.stage == 0:
+                    self._sets[device].add(a)
+
+    def of(self, device: int) -> set[Action]:
+        return self._sets[device]
+
+    def ran(self, device: int, action: Action, num_stages: int) -> None:
+        """``action`` left ``device``'s pending work: wake what depended on it."""
+        self._sets[device].discard(action)
+        k, j = action.stage, action.microbatch
+        if action.kind == "F":
+            woken = [("F", k + 1, j)] if k + 1 < num_stages else [("I", k, j), ("B", k, j)]
+        elif action.kind in ("I", "B"):
+            woken = [("W", k, j)] + ([("I", k - 1, j), ("B", k - 1, j)] if k > 0 else [])
+        else:
+            woken = []
+        for key in woken:
+            for d, a in self._where.get(key, ()):
+                self._sets[d].add(a)
 
 
 def _ready_at(

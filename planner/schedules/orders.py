@@ -135,8 +135,12 @@ def zb_h2(p: int, m: int) -> Program:
     limit = 2 * p - 1
     work = [[Action(d, kind, j) for j in range(m) for kind in ("F", "I", "W")] for d in range(p)]
 
+    counted: dict[int, tuple[int, int]] = {}  # device -> (history entries counted, F minus W among them)
+
     def choose(device: int, ready: list[Action], history: list[Action]) -> Action | None:
-        in_flight = sum(a.kind == "F" for a in history) - sum(a.kind == "W" for a in history)
+        seen, in_flight = counted.get(device, (0, 0))
+        in_flight += sum((a.kind == "F") - (a.kind == "W") for a in history[seen:])
+        counted[device] = (len(history), in_flight)
         for kind in ("I", "F", "W"):
             if kind == "F" and in_flight >= limit:
                 continue
