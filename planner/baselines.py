@@ -16,35 +16,17 @@ margin over it is the margin over the best that recipe can do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
+from planner.plan_types import BaselineRecord
 from planner.pricing import Pricer
 from planner.search import SearchSpace, search
 from planner.trace.graph import CostGraph
 
-
-@dataclass(frozen=True)
-class BaselineResult:
-    name: str
-    description: str
-    config: str | None
-    step_time_s: float | None
-    mfu: float | None
-    peak_memory_bytes: int | None
-    reason: str = ""
-
-    def to_dict(self, ours_s: float) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "description": self.description, "config": self.config,
-                             "step_time_s": self.step_time_s, "mfu": self.mfu,
-                             "peak_memory_bytes": self.peak_memory_bytes, "fits": self.step_time_s is not None}
-        if self.step_time_s:
-            d["speedup_of_plan"] = self.step_time_s / ours_s
-        else:
-            d["reason"] = self.reason
-        return d
+# The recipes as their frameworks ship them: no context or expert parallelism, full-dp sharding
+# resharded after forward, bf16 GEMMs, every layer recomputed under full recomputation, tp in a node.
+_CLASSIC = {"cp": (1,), "ep": (1,), "dp_shard": (None,), "reshard_after_forward": (True,), "fp8": (False,),
+            "recompute_every": (1,), "tp_max_nodes": 1}
 
 
 def baseline_spaces(cluster: ClusterSpec, *, has_sequence: bool = True) -> dict[str, tuple[str, SearchSpace]]:
@@ -52,19 +34,20 @@ def baseline_spaces(cluster: ClusterSpec, *, has_sequence: bool = True) -> dict[
     tp = min(dpn, cluster.num_devices)
     return {
         "pure-dp": ("pure data parallelism (DDP)",
-                    SearchSpace(tp=(1,), pp=(1,), zero_stage=(0,), sequence_parallel=(False,))),
+                    SearchSpace(tp=(1,), pp=(1,), zero_stage=(0,), sequence_parallel=(False,), **_CLASSIC)),
         "zero3-fsdp": ("DeepSpeed ZeRO-3 / FSDP, no model parallelism",
-                       SearchSpace(tp=(1,), pp=(1,), zero_stage=(3,), sequence_parallel=(False,))),
+                       SearchSpace(tp=(1,), pp=(1,), zero_stage=(3,), sequence_parallel=(False,), **_CLASSIC)),
         "megatron-lm": (f"Megatron-LM recipe: tp={tp} within a node, pipeline across nodes, uniform stages, "
                         "sequence parallel + selective recompute",
                         SearchSpace(tp=(tp,), schedules=("1f1b", "interleaved-1f1b"),
                                     sequence_parallel=(True,) if tp > 1 and has_sequence else (False,),
-                                    recompute=("selective", "full"), zero_stage=(0, 1), partition="uniform")),
+                                    recompute=("selective", "full"), zero_stage=(0, 1), partition="uniform",
+                                    **_CLASSIC)),
     }
 
 
 def run_baselines(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: CostConstants, *,
-                  pricer: Pricer | None = None) -> list[BaselineResult]:
+                  pricer: Pricer | None = None) -> list[BaselineRecord]:
     """The best configuration of each recipe under the same cost model; ``pricer`` (the plan's, of the same
     graph, cluster and constants) shares its tables, tp solves and partitions with the plan's search."""
     pricer = pricer or Pricer(graph, cluster, c)
@@ -79,11 +62,13 @@ def run_baselines(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: 
                            f"{miss.prediction.peak_memory_bytes / 2**30:.1f} GiB per device)")
             elif result.evaluated == 0:
                 reason = _why_not_applicable(space, cluster, global_batch)
-            out.append(BaselineResult(name, description, None, None, None, None, reason))
+            out.append(BaselineRecord(name=name, description=description, config=None, step_time_s=None, mfu=None,
+                                      peak_memory_bytes=None, fits=False, reason=reason))
             continue
         best = result.best
-        out.append(BaselineResult(name, description, best.config.label(), best.step_time_s, best.prediction.mfu,
-                                  int(best.prediction.peak_memory_bytes)))
+        out.append(BaselineRecord(name=name, description=description, config=best.config.label(),
+                                  step_time_s=best.step_time_s, mfu=best.prediction.mfu,
+                                  peak_memory_bytes=int(best.prediction.peak_memory_bytes), fits=True))
     return out
 
 

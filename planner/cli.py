@@ -64,6 +64,8 @@ def _add_config(p: argparse.ArgumentParser, *, required: bool) -> None:
     g.add_argument("--tp", type=int_arg, help="tensor-parallel degree")
     g.add_argument("--pp", type=int_arg, help="pipeline-parallel degree")
     g.add_argument("--dp", type=int_arg, help="data-parallel degree")
+    g.add_argument("--cp", type=int_arg, help="context-parallel degree (ranks splitting each sequence)")
+    g.add_argument("--ep", type=int_arg, help="expert-parallel degree (data-parallel ranks splitting the experts)")
     g.add_argument("--micro-batch", type=int_arg, help="micro-batch size (samples per micro-batch)")
     g.add_argument("--virtual-stages", type=int_arg, help="model chunks per device (interleaved schedules)")
     g.add_argument("--schedule", help="pipeline schedule (gpipe, 1f1b, interleaved-1f1b, zb-h1, ...)")
@@ -73,6 +75,14 @@ def _add_config(p: argparse.ArgumentParser, *, required: bool) -> None:
     g.add_argument("--zero", type=choice_arg(*ZERO_STAGES), metavar=choices_metavar(*ZERO_STAGES),
                    help="ZeRO / FSDP stage")
     g.add_argument("--overlap-grad-reduce", action="store_true", help="overlap DP gradient reduction with backward")
+    g.add_argument("--dp-shard", type=int_arg, metavar="N",
+                   help="HSDP: ZeRO-3 shards over groups of N data-parallel ranks, replicated across the groups")
+    g.add_argument("--no-reshard-after-forward", action="store_true",
+                   help="ZeRO-3 keeps the gathered weights from forward to backward (one all-gather per micro-batch)")
+    g.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                   help="FP8 GEMMs in the linear layers (H100 and later); plan: --no-fp8 keeps bf16 GEMMs")
+    g.add_argument("--recompute-every", type=int_arg, metavar="K",
+                   help="full recomputation of one layer in every K (the others store their activations)")
 
 
 def _add_output(p: argparse.ArgumentParser) -> None:
@@ -210,7 +220,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return run(args)
 
 
-_POSITIVE = ("nodes", "devices_per_node", "global_batch", "seq_len", "tp", "pp", "dp", "micro_batch",
+_POSITIVE = ("nodes", "devices_per_node", "global_batch", "seq_len", "tp", "pp", "dp", "cp", "ep", "micro_batch", "dp_shard", "recompute_every",
              "virtual_stages", "top_k", "nproc", "max_bytes", "iterations")
 
 
@@ -227,6 +237,7 @@ def check_arguments(args: argparse.Namespace, unknown: list[str], *, options: An
         check.require("model", "cluster", "global_batch")
         for s in args.schedules.split(",") if args.schedules else ([args.schedule] if args.schedule else []):
             _check_schedule(check, "--schedules" if args.schedules else "--schedule", s.strip())
+        _check_sharding(check)
     elif args.command == "evaluate" and not args.plan:
         check.require("model", "cluster", "tp", "pp", "dp", "micro_batch", "global_batch")
         _check_config(check)
@@ -260,6 +271,25 @@ def _check_config(check: ArgumentCheck) -> None:
         check.add("--virtual-stages", v, "virtual stages need pp > 1; drop --virtual-stages or raise --pp")
     if check.args.schedule:
         _check_schedule(check, "--schedule", check.args.schedule)
+    _check_sharding(check)
+
+
+def _check_sharding(check: ArgumentCheck) -> None:
+    """--dp-shard and --no-reshard-after-forward need ZeRO-3 (and --dp-shard to divide --dp); --recompute-every
+    above 1 needs full recomputation."""
+    args, zero = check.args, check.value("zero")
+    if zero is None and args.command == "evaluate":
+        zero = 0  # evaluate's default
+    shard, dp = check.value("dp_shard"), check.value("dp")
+    if shard is not None and zero is not None and zero != 3:
+        check.add("--dp-shard", shard, "HSDP shards parameters (ZeRO-3 / FSDP): add --zero 3, or drop --dp-shard")
+    if shard is not None and dp is not None and dp % shard:
+        check.add("--dp-shard", shard, f"the shard group size must divide --dp {dp}")
+    if args.no_reshard_after_forward and zero is not None and zero != 3:
+        check.add("--no-reshard-after-forward", True, "only ZeRO-3 reshards parameters: add --zero 3, or drop it")
+    every = check.value("recompute_every")
+    if every is not None and every > 1 and check.value("recompute") not in (None, "full"):
+        check.add("--recompute-every", every, "one layer in K is full recomputation: use --recompute full")
 
 
 def _check_output(check: ArgumentCheck) -> None:
@@ -305,6 +335,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         sequence_parallel=(args.sequence_parallel,) if args.sequence_parallel is not None else (False, True),
         zero_stage=(args.zero,) if args.zero is not None else (0, 1, 2, 3),
         overlap_grad_reduce=args.overlap_grad_reduce,
+        cp=(args.cp,) if args.cp else None,
+        ep=(args.ep,) if args.ep else None,
+        **_sharding_space(args),
     )
     cluster, nodes, devices_per_node = _cluster_arg(args)
     progress = None if (args.no_progress or args.json) else ProgressBar()
@@ -317,6 +350,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if progress:
             progress.close()
     return _emit(result, args)
+
+
+def _sharding_space(args: argparse.Namespace) -> dict[str, Any]:
+    """The HSDP, reshard, FP8 and recompute-every constraints of `plan` (``SearchSpace`` fields). HSDP and
+    keeping the gathered weights are ZeRO-3, one layer in K is full recomputation: asking for one fixes that."""
+    out: dict[str, Any] = {}
+    if args.dp_shard:
+        out["dp_shard"] = (args.dp_shard,)
+    if args.no_reshard_after_forward:
+        out["reshard_after_forward"] = (False,)
+    if (args.dp_shard or args.no_reshard_after_forward) and args.zero is None:
+        out["zero_stage"] = (3,)
+    if args.fp8 is not None:
+        out["fp8"] = (args.fp8,)
+    if args.recompute_every:
+        out["recompute_every"] = (args.recompute_every,)
+        if args.recompute is None and args.recompute_every > 1:
+            out["recompute"] = ("full",)
+    return out
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -342,7 +394,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                          num_micro_batches=per_replica, virtual_stages=args.virtual_stages or 1,
                          schedule=args.schedule or "1f1b", recompute=args.recompute or "none",
                          sequence_parallel=bool(args.sequence_parallel), zero_stage=args.zero or 0,
-                         overlap_grad_reduce=args.overlap_grad_reduce)
+                         overlap_grad_reduce=args.overlap_grad_reduce, cp=args.cp or 1, ep=args.ep or 1,
+                         dp_shard=args.dp_shard, reshard_after_forward=not args.no_reshard_after_forward,
+                         fp8=bool(args.fp8), recompute_every=args.recompute_every or 1)
     cluster, nodes, devices_per_node = _cluster_arg(args)
     result = evaluate(args.model, cluster, cfg, seq_len=args.seq_len, nodes=nodes,
                       devices_per_node=devices_per_node, dtype=args.dtype, partition=args.partition,
@@ -401,6 +455,21 @@ _ZERO_MEANING = {"1": "optimizer state sharded over dp", "2": "optimizer state a
                  "3": "weights, gradients and optimizer state sharded over dp (FSDP)"}
 
 
+def _sharding_legend(tokens: list[str]) -> list[str]:
+    """The legend of the HSDP, no-reshard, FP8 and recompute-every labels (``ParallelConfig.label``)."""
+    parts = []
+    if any(t.startswith("hsdp=") for t in tokens):
+        parts.append("hsdp=RxS = ZeRO-3 sharded over groups of S data-parallel ranks, R replicas of each (HSDP)")
+    if "no-reshard" in tokens:
+        parts.append("no-reshard = ZeRO-3 keeps the gathered weights from forward to backward")
+    if "fp8" in tokens:
+        parts.append("fp8 = FP8 GEMMs in the linear layers (torchao float8)")
+    for t in dict.fromkeys(t for t in tokens if t.startswith("recompute=full/")):
+        k = t.removeprefix("recompute=full/")
+        parts.append(f"{t} = one layer in every {k} recomputed in full, the others store their activations")
+    return parts
+
+
 def legend(labels: Any, bindings: Any = ()) -> str:
     """One line explaining the labels used in ``labels`` (``ParallelConfig.label()`` strings) and the
     ``binding`` values shown, and nothing else."""
@@ -421,13 +490,14 @@ def legend(labels: Any, bindings: Any = ()) -> str:
         parts.append(f"{name} = {schedules.get_schedule(name).title} schedule")
     if any(t.startswith("v=") for t in tokens):
         parts.append("v = model chunks per device")
-    for t in dict.fromkeys(t for t in tokens if t.startswith("recompute=")):
+    for t in dict.fromkeys(t for t in tokens if t.startswith("recompute=") and "/" not in t):  # /k: _sharding_legend
         parts.append({"recompute=selective": "recompute=selective = the attention core recomputed in the backward",
                       "recompute=full": "recompute=full = each layer's forward recomputed in the backward"}.get(t, t))
     if "sp" in tokens:
         parts.append("sp = sequence parallelism (norms and dropout split along the sequence over tp)")
     for t in sorted({t for t in tokens if t.startswith("zero") and t[4:] in _ZERO_MEANING}):
         parts.append(f"{t} = {_ZERO_MEANING[t[4:]]}")
+    parts.extend(_sharding_legend(tokens))
     shown = [b for b in dict.fromkeys(bindings) if b in _BINDING_MEANING]
     if shown:
         parts.append("binding (what limits a device): " + "; ".join(f"{b} = {_BINDING_MEANING[b]}" for b in shown))

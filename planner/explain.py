@@ -14,14 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
+from planner.cost.context_parallel import cp_step_note
 from planner.cost.model import StepPrediction, usable_memory_bytes
 from planner.errors import InfeasibleError
 from planner.intra_op.pricing import TpPricing
+from planner.schedules import chunk_devices
 from planner.trace.graph import CostGraph
 from planner.units import format_count, plural
 
 if TYPE_CHECKING:
-    from planner.baselines import BaselineResult
+    from planner.plan import ParallelConfig
+    from planner.plan_types import BaselineRecord
     from planner.search import Candidate, ScheduleOption, SearchResult
     from planner.space import SearchSpace
 
@@ -42,6 +45,16 @@ def explain(graph: CostGraph, cluster: ClusterSpec, cand: Candidate, c: CostCons
     total = pred.step_time_s or 1.0
     parts = ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in pred.time_breakdown_s.items() if v > 0)
     lines.append(f"Step time breakdown (busiest device): {parts}.")
+    if cfg.ep > 1:  # cost/experts.py: dispatch + combine, forward and backward, on the busiest device
+        experts = sorted({r.num_experts for layer in graph.layers for r in layer.experts})
+        lines.append(f"Expert parallelism ep={cfg.ep}: each rank holds 1/{cfg.ep} of the {'/'.join(map(str, experts))} "
+                     f"experts of every MoE layer; the dispatch and combine all-to-alls take "
+                     f"{pred.time_breakdown_s.get('ep_all_to_all', 0.0):.3f} s per step.")
+    if cfg.cp > 1:  # cost/context_parallel.py: the K/V all-gathers on the busiest device
+        busiest = [i for j, (a, b) in enumerate(cand.boundaries) for i in range(a, b)
+                   if chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)[j] == pred.bottleneck_device]
+        lines.append(cp_step_note(graph, cluster, cfg, busiest, c, graph.dtype))
+    lines.extend(sharding_notes(cfg, cluster))  # HSDP, reshard, FP8, recompute every k (cost/sharding.py, fp8.py)
     lines.append(f"Bottleneck device (pipeline position): {pred.bottleneck_device} "
                  f"({pred.binding[pred.bottleneck_device]}).")
     lines.extend(getattr(pred, "notes", []) or [])
@@ -87,7 +100,7 @@ def placement_notes(solve: TpPricing) -> tuple[dict[str, Any] | None, list[str]]
     return out, notes
 
 
-def baseline_notes(baselines: list[BaselineResult], step_time_s: float) -> list[str]:
+def baseline_notes(baselines: list[BaselineRecord], step_time_s: float) -> list[str]:
     """How the plan compares with the best configuration of each common recipe."""
     out = []
     for b in baselines:
@@ -242,3 +255,30 @@ def infeasible_error(graph: CostGraph, cluster: ClusterSpec, global_batch: int, 
         f"Also check that the global batch is divisible by a feasible data-parallel degree. "
         f"{_more_devices(graph, cluster, global_batch, c, space)}",
         details={"min_devices": min_devices, "state_bytes": total_state})
+
+
+def sharding_notes(cfg: ParallelConfig, cluster: ClusterSpec) -> list[str]:
+    """A sentence for each of HSDP, keeping the gathered weights, FP8 and recomputing one layer in k, when chosen."""
+    notes = []
+    if cfg.zero_stage == 3 and cfg.dp_shard is not None and cfg.dp_shard < cfg.dp:
+        ranks = cfg.dp_shard * cfg.cp * cfg.tp
+        dpn = min(g.devices_per_node for g in cluster.groups)
+        where = "inside one node" if ranks <= dpn else f"over {plural(-(-ranks // dpn), 'node')}"
+        notes.append(f"HSDP: ZeRO-3 shards over groups of {cfg.dp_shard} data-parallel ranks ({where}) and keeps "
+                     f"{cfg.dp // cfg.dp_shard} replicas: each micro-batch's gathers and reduce-scatters stay in "
+                     f"the group and the gradient shard is all-reduced across the replicas; each rank holds "
+                     f"1/{cfg.dp_shard} of the model state instead of 1/{cfg.dp}.")
+    if cfg.zero_stage == 3 and not cfg.reshard_after_forward:
+        notes.append("ZeRO-3 keeps each device's gathered weights from forward to backward (reshard_after_forward "
+                     "false): one all-gather per micro-batch instead of two, for the memory of the whole gathered "
+                     "stage.")
+    if cfg.fp8:
+        peak = min(g.device.peak("fp8") for g in cluster.groups)
+        notes.append(f"FP8: the linear layers (all but the output head) run float8 GEMMs (torchao) at the FP8 peak "
+                     f"of {peak / 1e12:.0f} TFLOP/s with their casts priced; weights, optimizer state and saved "
+                     "activations stay as in bf16 training.")
+    if cfg.recompute == "full" and cfg.recompute_every > 1:
+        k = cfg.recompute_every
+        notes.append(f"Full recomputation of one layer in every {k} (layers {k - 1}, {2 * k - 1}, ...: torchtitan's "
+                     f"selective_ac_option = {k}); the other layers keep their activations.")
+    return notes

@@ -13,7 +13,7 @@ from typing import Any
 
 import networkx as nx
 
-from planner.trace.graph import CostGraph, Layer, OpCost, TiedParam
+from planner.trace.graph import CostGraph, ExpertRouting, Layer, OpCost, TiedParam
 
 _PER_LAYER = ("index", "name", "param_count", "tied_params")
 
@@ -23,6 +23,8 @@ def graph_to_dict(graph: CostGraph) -> dict[str, Any]:
     layers = []
     for layer in graph.layers:
         d = asdict(layer)
+        if not layer.experts:  # a dense layer's record is as before expert routing was traced
+            del d["experts"]
         if layer.signature not in bodies:
             bodies[layer.signature] = {k: v for k, v in d.items() if k not in _PER_LAYER}
         layers.append({k: d[k] for k in _PER_LAYER} | {"signature": layer.signature})
@@ -40,6 +42,7 @@ def graph_from_dict(d: dict[str, Any]) -> CostGraph:
     for entry in d["layers"]:
         body = dict(d["signatures"][entry["signature"]])
         body["op_costs"] = tuple(OpCost(**op) for op in body.get("op_costs", ()))
+        body["experts"] = tuple(ExpertRouting(**e) for e in body.get("experts", ()))
         tied = tuple(TiedParam(**t) for t in entry.get("tied_params", ()))
         merged = {k: v for k, v in (body | entry).items() if k in known}
         merged["tied_params"] = tied

@@ -14,7 +14,6 @@ import math
 from dataclasses import replace
 
 from planner import __version__, uncertainty
-from planner.baselines import BaselineResult
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.explain import baseline_notes, explain, placement_notes, schedule_note
@@ -61,7 +60,7 @@ def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_b
 
 
 def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c: CostConstants, *,
-               global_batch: int, result: SearchResult | None, baselines: list[BaselineResult] | None = None,
+               global_batch: int, result: SearchResult | None, baselines: list[BaselineRecord] | None = None,
                schedule_options: list[ScheduleOption] | None = None, tp_solve: TpPricing | None = None) -> Plan:
     """The plan file of ``cand``: converts what the search (or :func:`price_config`) computed, prices nothing.
 
@@ -97,8 +96,8 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
             splits = TensorSplits.from_dict(placements)
             search = replace(search, intra_op=splits.solver)
     if baselines:
-        search = replace(search, baselines=tuple(BaselineRecord.from_dict(b.to_dict(cand.step_time_s))
-                                                 for b in baselines))
+        search = replace(search, baselines=tuple(
+            replace(b, speedup_of_plan=b.step_time_s / cand.step_time_s) if b.step_time_s else b for b in baselines))
         explanation.extend(baseline_notes(baselines, cand.step_time_s))
     return Plan(model=info, cluster=cluster, cluster_fingerprint=cluster.fingerprint(), parallel=cfg,
                 stages=stages, predicted=predicted, solver=solver, search=search,

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
+from planner.cluster import LinkSpec
 from planner.errors import SpecError
 
 if TYPE_CHECKING:
@@ -157,20 +158,9 @@ class LayerSplit(DictReadable):
                    collectives=_opt(d.get("collectives"), lambda cs: tuple(Collective.from_dict(c) for c in cs)))
 
 
-@dataclass(frozen=True, kw_only=True)
-class MeshLink(DictReadable):
-    """The link one mesh axis runs over, as the intra-op solver priced it."""
-
-    kind: str
-    bandwidth_bytes_per_s: float
-    latency_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s, "latency_s": self.latency_s}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MeshLink:
-        return cls(kind=d["kind"], bandwidth_bytes_per_s=d["bandwidth_bytes_per_s"], latency_s=d["latency_s"])
+# The link one mesh axis runs over, as the intra-op solver priced it: the cluster's own link class
+# (the name before the typed contract shared one, kept for code that imports it).
+MeshLink = LinkSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,7 +169,7 @@ class SplitMesh(DictReadable):
 
     axes: tuple[str, ...]
     shape: tuple[int, ...]
-    links: tuple[MeshLink, ...]
+    links: tuple[LinkSpec, ...]
     roles: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,8 +178,8 @@ class SplitMesh(DictReadable):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SplitMesh:
-        return cls(axes=_strs(d["axes"]), shape=tuple(d["shape"]),
-                   links=tuple(MeshLink.from_dict(x) for x in d["links"]), roles=d.get("roles"))
+        links = tuple(LinkSpec.from_dict(x, prefix=f"placements.mesh.links[{i}].") for i, x in enumerate(d["links"]))
+        return cls(axes=_strs(d["axes"]), shape=tuple(d["shape"]), links=links, roles=d.get("roles"))
 
 
 @dataclass(frozen=True, kw_only=True)

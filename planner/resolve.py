@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from planner.cluster import ClusterSpec
+from planner.cost.context_parallel import check_cp
+from planner.cost.experts import check_ep
+from planner.cost.fp8 import check_fp8
 from planner.errors import PlannerError, SpecError, raise_all
 from planner.models import FAMILIES, ModelPreset, load_preset
 from planner.plan import ParallelConfig
@@ -51,8 +54,7 @@ def resolve_model(model: nn.Module | str, *, seq_len: int | None = None, sample_
     if isinstance(model, str):
         preset = load_preset(model)
         if seq_len is not None and preset.seq_len is not None and seq_len > preset.seq_len:
-            raise SpecError("seq_len", seq_len, f"preset {preset.name} has {preset.seq_len} positions; "
-                            f"use --seq-len <= {preset.seq_len}")
+            preset = _stretched(preset, seq_len)
         module = preset.build(device="meta")
         inputs = sample_input if sample_input is not None else preset.sample_input(1, seq_len)
         name = preset.name
@@ -69,7 +71,19 @@ def resolve_model(model: nn.Module | str, *, seq_len: int | None = None, sample_
     # A preset's module was built here only to be traced: trace it in place instead of deep-copying
     # it (0.35 s, 40% of tracing GPT-3 175B); a caller's module is copied so it is left as given.
     graph = trace_model(module, inputs, name=name, dtype=dtype, seq_len=seq_len, copy_model=preset is None)
+    if preset is not None and preset.config.get("seq_len") != load_preset(preset.name).config.get("seq_len"):
+        graph.notes.append(f"{preset.name} stretched to {seq_len} positions (rotary) with fused attention "
+                           "(FlashAttention: no s x s scores stored), as long-context training runs it")
     return ResolvedModel(module=module, preset=preset, graph=graph)
+
+
+def _stretched(preset: ModelPreset, seq_len: int) -> ModelPreset:
+    """``preset`` at ``seq_len`` beyond its own positions: only where positions are computed (rotary), and
+    with fused attention (FlashAttention: long-context training never stores the s x s scores)."""
+    if not preset.spec.any_seq_len:
+        raise SpecError("seq_len", seq_len, f"preset {preset.name} has {preset.seq_len} positions (a learned "
+                        f"table); use --seq-len <= {preset.seq_len}")
+    return replace(preset, config={**preset.config, "seq_len": seq_len, "fused_attention": True})
 
 
 def default_dtype(cluster: ClusterSpec) -> str:
@@ -126,9 +140,19 @@ def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) ->
             check_sequence_parallel(graph, (True,))
         except SpecError as exc:
             errors.append(exc)
+    if cfg.fp8:  # FP8 GEMMs need FP8 tensor cores on every device (cost/fp8.py)
+        try:
+            check_fp8(cluster)
+        except SpecError as exc:
+            errors.append(exc)
+    cp_error = check_cp(cfg.cp, graph.seq_len)  # the balanced layout's 2·cp chunks per sequence
+    if cp_error is not None:
+        errors.append(cp_error)
     if cfg.pp * cfg.virtual_stages > graph.num_layers:
         errors.append(SpecError("pp", cfg.pp, f"the model has {plural(graph.num_layers, 'layer')}, fewer than pp x "
                                 f"virtual stages = {cfg.pp * cfg.virtual_stages}; lower --pp or --virtual-stages"))
+    if (ep_error := check_ep(cfg.ep, cfg.zero_stage, graph)) is not None:  # cost/experts.py
+        errors.append(ep_error)
     raise_all(errors)
     try:
         schedules.get_schedule(cfg.schedule).validate(cfg.pp, cfg.num_micro_batches, cfg.virtual_stages)

@@ -41,6 +41,7 @@ from planner.space import (  # noqa: F401  (SYNC_DEFAULT, SearchSpace: planner.s
     ep_options,
     fp8_options,
     recompute_every_options,
+    reshard_options,
     schedules_for,
     shard_options,
     virtuals_for,
@@ -192,7 +193,9 @@ class _Search:
         family_memory: dict[tuple[float, int], dict[str, float]] = {}
         for sched in schedules_for(pp, space):
             for v in virtuals_for(sched, pp, m, graph.num_layers, space):
-                for zero, shard, reshard in self._sharding(pp, dp):
+                for zero, shard, reshard in self._sharding(pp, dp, tp * knobs.cp):
+                    if zero and knobs.ep > 1:  # ZeRO with expert parallelism is not priced (cost/experts.py)
+                        continue
                     cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=m,
                                          virtual_stages=v, schedule=sched, recompute=rec, sequence_parallel=sp,
                                          zero_stage=zero, overlap_grad_reduce=space.overlap_grad_reduce,
@@ -211,14 +214,16 @@ class _Search:
                         continue
                     self.config(cfg, cheap)
 
-    def _sharding(self, pp: int, dp: int) -> list[tuple[int, int | None, bool]]:
-        """(ZeRO stage, HSDP shard group, reshard after forward) choices of a (pp, dp) family."""
+    def _sharding(self, pp: int, dp: int, dp_stride: int = 1) -> list[tuple[int, int | None, bool]]:
+        """(ZeRO stage, HSDP shard group, reshard after forward) choices of a (pp, dp) family (``dp_stride``:
+        tp·cp, the rank distance between dp replicas)."""
         out = []
         for zero in self.space.zero_stage:
             if (pp > 1 and zero > 1) or (zero and dp == 1):
                 continue
-            reshards = self.space.reshard_after_forward if zero == 3 else (True,)
-            out += [(zero, shard, r) for shard in shard_options(dp, zero, self.pricer.cluster, self.space)
+            reshards = reshard_options(zero, self.space)
+            out += [(zero, shard, r) for shard in shard_options(dp, zero, self.pricer.cluster, self.space,
+                                                                  dp_stride=dp_stride)
                     for r in reshards]
         return out
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from planner import schedules
 from planner.cluster import ClusterSpec
+from planner.cost.context_parallel import check_cp
+from planner.cost.experts import moe_expert_counts
+from planner.cost.fp8 import check_fp8, has_fp8
 from planner.errors import SpecError
 from planner.plan import RECOMPUTE
 from planner.trace.graph import CostGraph
@@ -42,9 +45,12 @@ class SearchSpace:
     cp: tuple[int, ...] | None = None
     ep: tuple[int, ...] | None = None
     dp_shard: tuple[int | None, ...] | None = None  # HSDP shard group sizes; None in the tuple: all dp
-    reshard_after_forward: tuple[bool, ...] = (True,)
+    reshard_after_forward: tuple[bool, ...] | None = None  # None: True, and False for ZeRO-3 (reshard_options)
     fp8: tuple[bool, ...] | None = None
     recompute_every: tuple[int, ...] | None = None
+    # Tensor parallelism wider than a node, up to this many whole nodes (1: inside a node only). Its
+    # collectives cross the network in every layer, which the cost model prices; usually a bad choice.
+    tp_max_nodes: int = 2
 
 
 def divisors(n: int) -> list[int]:
@@ -61,11 +67,11 @@ def _pow2_upto(n: int) -> list[int]:
 
 def candidate_degrees(graph: CostGraph, cluster: ClusterSpec, global_batch: int,
                       space: SearchSpace, *, devices: int | None = None) -> Iterable[tuple[int, int, int]]:
-    """(tp, pp, dp) with tp·pp·dp = devices (default: the cluster's), tp within a node, pp ≤ layers,
-    dp | global batch."""
+    """(tp, pp, dp) with tp·pp·dp = devices (default: the cluster's), tp a power of 2 within a node or
+    over up to :func:`tp_nodes` whole nodes, pp ≤ layers, dp | global batch."""
     n = devices or cluster.num_devices
     dpn = min(g.devices_per_node for g in cluster.groups)
-    tps = space.tp or tuple(t for t in _pow2_upto(dpn) if n % t == 0)
+    tps = space.tp or tuple(t for t in _pow2_upto(dpn * tp_nodes(cluster, space)) if n % t == 0)
     for tp in tps:
         if n % tp:
             continue
@@ -81,6 +87,16 @@ def candidate_degrees(graph: CostGraph, cluster: ClusterSpec, global_batch: int,
             yield tp, pp, dp
 
 
+def tp_nodes(cluster: ClusterSpec, space: SearchSpace) -> int:
+    """How many whole nodes a searched tp group may span: ``space.tp_max_nodes`` on one device type
+    (whose nodes are whole powers of 2), 1 on a mixed cluster (a tp group there could straddle two
+    device types, which is not priced)."""
+    dpn = min(g.devices_per_node for g in cluster.groups)
+    if not cluster.is_homogeneous or dpn & (dpn - 1):
+        return 1
+    return max(1, space.tp_max_nodes)
+
+
 def candidate_meshes(graph: CostGraph, cluster: ClusterSpec, global_batch: int,
                      space: SearchSpace) -> Iterable[tuple[int, int, int, int]]:
     """(tp, cp, pp, dp) with tp·cp·pp·dp = devices: :func:`candidate_degrees` on the devices left to
@@ -93,36 +109,92 @@ def candidate_meshes(graph: CostGraph, cluster: ClusterSpec, global_batch: int,
             yield tp, cp, pp, dp
 
 
+CP_MIN_SEQ_LEN = 16384  # below this, tp and pp cover activation memory more cheaply than cp's K/V gathers
+CP_MAX = 32
+
+
 def cp_options(graph: CostGraph, cluster: ClusterSpec, space: SearchSpace) -> tuple[int, ...]:
-    """Context-parallel degrees worth trying: ``space.cp``, else 1."""
-    return space.cp or (1,)
+    """Context-parallel degrees worth trying: ``space.cp``, else 1, and for sequences of at least
+    ``CP_MIN_SEQ_LEN`` tokens the powers of 2 up to ``CP_MAX`` that divide the device count and cut
+    every sequence into 2·cp equal chunks (:func:`planner.cost.context_parallel.check_cp`)."""
+    seq = graph.seq_len or 0
+    if space.cp:
+        errors = [e for e in (check_cp(cp, seq) for cp in space.cp) if e is not None]
+        if len(errors) == len(space.cp):
+            raise errors[0]
+        return tuple(cp for cp in space.cp if check_cp(cp, seq) is None)
+    if seq < CP_MIN_SEQ_LEN:
+        return (1,)
+    return tuple(cp for cp in _pow2_upto(CP_MAX) if cluster.num_devices % cp == 0 and check_cp(cp, seq) is None)
+
+
+EP_MAX_OPTIONS = 4  # expert-parallel degrees above 1 tried per (dp, ...) family: planning time
 
 
 def ep_options(graph: CostGraph, dp: int, space: SearchSpace) -> tuple[int, ...]:
-    """Expert-parallel degrees for ``dp`` data-parallel ranks: ``space.ep`` (those dividing dp), else 1."""
-    return tuple(e for e in space.ep if dp % e == 0) if space.ep else (1,)
+    """Expert-parallel degrees for ``dp`` data-parallel ranks: ``space.ep`` (those dividing dp), else 1,
+    and for a model with experts the powers of 2 dividing both dp and every MoE layer's expert count
+    (:mod:`planner.cost.experts`): all of them when there are at most ``EP_MAX_OPTIONS``, else that many
+    from the largest down, each a factor of 4 below the last (the expert state shrinks as 1/ep, so a
+    degree between two tried ones rarely wins, and planning time grows with every degree tried)."""
+    if space.ep:
+        return tuple(e for e in space.ep if dp % e == 0)
+    counts = moe_expert_counts(graph)
+    if not counts:
+        return (1,)
+    degrees = [e for e in _pow2_upto(dp) if e > 1 and dp % e == 0 and all(n % e == 0 for n in counts)]
+    if len(degrees) > EP_MAX_OPTIONS:
+        degrees = sorted(degrees[::-1][::2][:EP_MAX_OPTIONS])
+    return (1, *degrees)
 
 
 def fp8_options(cluster: ClusterSpec, space: SearchSpace) -> tuple[bool, ...]:
-    """FP8 GEMMs or not: ``space.fp8``, else off."""
-    return space.fp8 or (False,)
+    """FP8 GEMMs or not: ``space.fp8``, else both where every device has an FP8 peak (H100 and later),
+    off elsewhere. Asking for FP8 alone on a device without it is an error naming ``fp8``."""
+    supported = all(has_fp8(g.device) for g in cluster.groups)
+    if space.fp8:
+        if supported:
+            return space.fp8
+        if False not in space.fp8:
+            check_fp8(cluster)  # raises: names the device and the fix
+        return (False,)
+    return (False, True) if supported else (False,)
+
+
+RECOMPUTE_EVERY = (1, 2, 4)  # full recomputation of every layer, every second, every fourth
 
 
 def recompute_every_options(recompute: str, space: SearchSpace) -> tuple[int, ...]:
-    """How many layers share one checkpointed layer under full recomputation: ``space.recompute_every``, else 1."""
+    """How many layers share one checkpointed layer under full recomputation: ``space.recompute_every``,
+    else :data:`RECOMPUTE_EVERY` (1 elsewhere)."""
     if recompute != "full":
         return (1,)
-    return space.recompute_every or (1,)
+    return space.recompute_every or RECOMPUTE_EVERY
 
 
-def shard_options(dp: int, zero_stage: int, cluster: ClusterSpec, space: SearchSpace) -> tuple[int | None, ...]:
-    """HSDP shard group sizes for ZeRO-3 over ``dp`` replicas: ``space.dp_shard`` (those dividing dp), else
-    ``(None,)``: one shard group of all dp ranks."""
+HSDP_GROWTH = (1, 4, 16)  # shard groups of one node's dp ranks, four nodes', sixteen nodes'
+
+
+def shard_options(dp: int, zero_stage: int, cluster: ClusterSpec, space: SearchSpace, *,
+                  dp_stride: int = 1) -> tuple[int | None, ...]:
+    """HSDP shard group sizes for ZeRO-3 over ``dp`` replicas whose ranks are ``dp_stride`` apart (tp·cp):
+    ``space.dp_shard`` (those dividing dp), else ``None`` (one shard group of all dp ranks) and the dp ranks
+    of one node times :data:`HSDP_GROWTH`, below dp and dividing it."""
     if zero_stage != 3:
         return (None,)
     if space.dp_shard:
         return tuple(s for s in space.dp_shard if s is None or dp % s == 0) or (None,)
-    return (None,)
+    per_node = max(1, min(g.devices_per_node for g in cluster.groups) // dp_stride)
+    return (None, *(s for s in (per_node * k for k in HSDP_GROWTH) if s < dp and dp % s == 0))
+
+
+def reshard_options(zero_stage: int, space: SearchSpace) -> tuple[bool, ...]:
+    """FSDP's reshard after forward: ``space.reshard_after_forward``, else True and (ZeRO-3 only) False,
+    which keeps the device's gathered weights from forward to backward (the memory screen drops it
+    where they do not fit)."""
+    if zero_stage != 3:
+        return (True,)
+    return space.reshard_after_forward or (True, False)
 
 
 def schedules_for(pp: int, space: SearchSpace) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ LOW_Q, HIGH_Q = 0.10, 0.90
 # Breakdown parts the validation shows the cost model is least sure of, in words for `explain`.
 _EFFECTS = {
     "tp_comm": "tensor-parallel collectives",
+    "ep_all_to_all": "expert-parallel all-to-alls",
     "pp_bubble": "the pipeline bubble",
     "pp_step_overhead": "per-step pipeline overheads",
     "pp_p2p_exposed": "pipeline sends",

@@ -24,6 +24,7 @@ from planner.plan import Plan, PlanEditedError
 from planner.trace import trace_model
 from runtime import checkpoint as ckpt
 from runtime.errors import RunCheckError
+from runtime.float8 import check_float8
 from runtime.model import check_layer_coverage, resolve_preset, tied_parameters
 from runtime.parallel_dims import ParallelDims
 from runtime.pipeline_parallel import choose_schedule
@@ -83,6 +84,7 @@ def static_checks(plan: Plan, preset: ModelPreset, *, device_type: str) -> None:
         raise RunCheckError(f"model.global_batch: the plan says {plan.model.global_batch} but dp x micro_batch_size x "
                             f"num_micro_batches = {p.dp} x {p.micro_batch_size} x {p.num_micro_batches} = "
                             f"{p.global_batch}; re-create the plan")
+    check_float8(plan, device_type)  # fp8: CUDA with FP8 tensor cores and torchao (runtime/float8.py)
     if device_type == "cuda" and plan.model.dtype == "fp16":
         raise RunCheckError("model.dtype: fp16 training needs loss scaling, which the runtime does not do; "
                             "plan with --dtype bf16 (or fp32)")

@@ -21,8 +21,15 @@ zero       what is sharded over dp (ZeRO)               torch
 2          optimizer state and gradients                :class:`OptimizerShards` as for 1, but each
                                                         gradient is reduce-scattered into this rank's
                                                         slice and the whole gradient freed
-3          parameters too                               ``fully_shard(reshard_after_forward=True)``:
-                                                        parameters are re-gathered for backward
+3          parameters too                               ``fully_shard(reshard_after_forward=...)``
+                                                        as the plan says: True re-gathers the
+                                                        parameters for backward, False keeps them
+                                                        gathered from forward to backward. HSDP
+                                                        (``dp_shard`` < dp): the same over a 2-D
+                                                        mesh ``(dp_replicate, dp_shard)`` of the dp
+                                                        ranks (:func:`fsdp_mesh`): shards within
+                                                        groups of ``dp_shard`` consecutive dp
+                                                        ranks, gradients all-reduced across them
 =========  ===========================================  ==========================================
 
 FSDP2 wraps every layer of a stage and then the stage itself (torchtitan's order), so one layer's
@@ -62,12 +69,15 @@ class DataParallelMode:
     kind: str  # "none" | "ddp" | "allreduce" | "zero" (ZeRO-1/2: OptimizerShards) | "fsdp" (ZeRO-3)
     reshard_after_forward: bool = False
     zero_stage: int = 0
+    replicas: int = 1  # HSDP: copies of each FSDP shard (dp / dp_shard); 1: one shard group of all dp ranks
 
     @staticmethod
-    def for_plan(dp: int, tp: int, pp: int, zero_stage: int) -> DataParallelMode:
+    def for_plan(dp: int, tp: int, pp: int, zero_stage: int, *, reshard_after_forward: bool = True,
+                 replicas: int = 1) -> DataParallelMode:
         if zero_stage >= 3:
             # Even with dp == 1: the plan asked for FSDP's memory layout, and FSDP on one rank is exact.
-            return DataParallelMode("fsdp", reshard_after_forward=True, zero_stage=zero_stage)
+            return DataParallelMode("fsdp", reshard_after_forward=reshard_after_forward, zero_stage=zero_stage,
+                                    replicas=replicas)
         if zero_stage >= 1 and dp > 1:
             return DataParallelMode("zero", zero_stage=zero_stage)
         if dp == 1:
@@ -82,7 +92,8 @@ class DataParallelMode:
             "zero": (f"ZeRO-{self.zero_stage}: whole parameters, "
                      + ("gradients all-reduced" if self.zero_stage == 1 else "gradients reduce-scattered")
                      + ", optimizer state of a 1/dp slice of each parameter per rank"),
-            "fsdp": f"FSDP2 fully_shard(reshard_after_forward={self.reshard_after_forward})",
+            "fsdp": f"FSDP2 fully_shard(reshard_after_forward={self.reshard_after_forward})"
+                    + (f", HSDP over {self.replicas} replicas" if self.replicas > 1 else ""),
         }[self.kind]
 
 
@@ -94,11 +105,42 @@ def apply_data_parallel(stage: StageModule, mode: DataParallelMode, dp_mesh: Dev
     if mode.kind == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(stage, device_ids=ids, process_group=dp_mesh.get_group())
+    mesh = fsdp_mesh(dp_mesh, mode.replicas)
     for group in _layer_groups(stage):
-        fully_shard(group if len(group) > 1 else group[0], mesh=dp_mesh,
+        fully_shard(group if len(group) > 1 else group[0], mesh=mesh,
                     reshard_after_forward=mode.reshard_after_forward)
-    fully_shard(stage, mesh=dp_mesh, reshard_after_forward=mode.reshard_after_forward)
+    fully_shard(stage, mesh=mesh, reshard_after_forward=mode.reshard_after_forward)
     return stage
+
+
+HSDP_AXES = ("dp_replicate", "dp_shard")
+
+
+def fsdp_mesh(dp_mesh: DeviceMesh, replicas: int) -> DeviceMesh:
+    """The mesh FSDP2 shards over: ``dp_mesh`` itself, or for HSDP (``replicas > 1``) its 2-D view
+    ``(dp_replicate, dp_shard)`` of shape ``(replicas, dp / replicas)``: consecutive dp ranks share a shard
+    group (``planner.layout.RankLayout.sub_group``), and ``fully_shard`` on a 2-D mesh replicates over the
+    first axis and shards over the second. Made once per dp mesh, kept on it (every rank calls it in the same
+    order; a cache outside the mesh would outlive its process group)."""
+    if replicas == 1:
+        return dp_mesh
+    made = getattr(dp_mesh, "_hsdp_mesh", None)
+    if made is None or made.shape[0] != replicas:
+        size = dp_mesh.size()
+        if size % replicas:
+            raise ValueError(f"replicas: {replicas} does not divide the {size} data-parallel ranks")
+        made = dp_mesh._unflatten(0, (replicas, size // replicas), HSDP_AXES)
+        dp_mesh._hsdp_mesh = made  # type: ignore[attr-defined]
+    return made
+
+
+def hsdp_counted(param: nn.Parameter) -> bool | None:
+    """For the global gradient norm: ``None`` when ``param`` is not HSDP-sharded; else whether this rank's
+    shard is counted (the first replica's: every replica holds the same shards after the all-reduce)."""
+    mesh = getattr(param, "device_mesh", None)
+    if not isinstance(param, DTensor) or mesh is None or HSDP_AXES[0] not in (mesh.mesh_dim_names or ()):
+        return None
+    return mesh.get_local_rank(HSDP_AXES[0]) == 0
 
 
 def _layer_groups(stage: StageModule) -> list[list[nn.Module]]:
@@ -128,7 +170,8 @@ def _layer_groups(stage: StageModule) -> list[list[nn.Module]]:
 def allreduce_gradients(modules: list[nn.Module], dp_mesh: DeviceMesh) -> None:
     """Average gradients over dp (the ``allreduce`` mode): one all-reduce of all of them, flattened."""
     group = dp_mesh.get_group()
-    params = list({id(p): p for module in modules for p in module.parameters()}.values())  # shared ones once
+    params = list({id(p): p for module in modules for p in module.parameters()
+                   if not hasattr(p, "_expert_parallel")}.values())  # shared ones once; expert shards: expert_parallel
     _allreduce_flat([_local(p.grad) for p in params if p.grad is not None], group, dist.get_world_size(group))
 
 

@@ -51,8 +51,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from planner.cost.sharding import shard_size
 from planner.plan import Plan
-from runtime.data_parallel import OptimizerShards
+from runtime.data_parallel import HSDP_AXES, OptimizerShards
 from runtime.errors import RunCheckError
 from runtime.parallel_dims import ParallelDims
 
@@ -319,7 +320,7 @@ def _layouts(tensors: Iterable[torch.Tensor]) -> Counter:
     for t in tensors:
         if isinstance(t, DTensor):
             mesh = t.device_mesh
-            if mesh.mesh_dim_names is None or not set(mesh.mesh_dim_names) <= {"pp", "dp", "cp", "tp"}:
+            if mesh.mesh_dim_names is None or not set(mesh.mesh_dim_names) <= {"pp", "dp", "cp", "tp", *HSDP_AXES}:
                 raise AssertionError(f"dry-run: a DTensor on mesh axes {mesh.mesh_dim_names}")
             counts[(tuple(t.shape), mesh.mesh_dim_names, tuple(mesh.shape), tuple(t.placements),
                     t.element_size())] += 1
@@ -353,9 +354,13 @@ def _bytes_at(stages: list[nn.Module], optimizers: list[torch.optim.Optimizer], 
     else:
         slice_grads = []
     out = {}
+    shard = next((layout[2][layout[1].index("dp_shard")] for kind in kinds for layout in kind
+                  if "dp_shard" in layout[1]), 1)  # HSDP: the shard group's size (runtime/data_parallel.fsdp_mesh)
     for rank in ranks:
         c = dims.layout.coords(rank)
         coords = {"pp": c.pp, "dp": c.dp, "cp": c.cp, "tp": c.tp}
+        flat = c.dp * dims.cp + c.cp  # the rank's index among the dp (x cp) ranks FSDP shards over
+        coords |= {"dp_replicate": flat // shard, "dp_shard": flat % shard}
         sizes = [sum(n * _bytes_at_coord(layout, coords) for layout, n in kind.items()) for kind in kinds]
         if sliced:
             sizes[1] += sum(_slice_bytes(p, size, coords, zero.world) for p, size in slice_grads)
@@ -413,7 +418,10 @@ def _predicted_elements(plan: Plan, predicted: dict[str, int] | None) -> float |
     weight_bytes = plan_bytes_per_parameter(plan)["weight_bytes"]
     if not predicted or not weight_bytes:
         return None
-    return predicted.get("weights", 0) / weight_bytes * (plan.parallel.dp if plan.parallel.zero_stage >= 3 else 1)
+    par, shards = plan.parallel, shard_size(plan.parallel)  # ZeRO-3's shard group (HSDP: dp_shard)
+    if par.zero_stage >= 3 and not par.reshard_after_forward and shards > 1:  # + the gathered copy the plan counts
+        return predicted.get("weights", 0) / weight_bytes / (1 / shards + 1)
+    return predicted.get("weights", 0) / weight_bytes * (shards if par.zero_stage >= 3 else 1)
 
 
 def _ranges(ranks: tuple[int, ...]) -> str:

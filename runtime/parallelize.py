@@ -46,8 +46,11 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from planner.plan import Plan
 from runtime import checkpoint as ckpt
 from runtime.checks import check_module_fingerprint
+from runtime.context_parallel import check_context_parallel
 from runtime.data_parallel import DataParallelMode, OptimizerShards, apply_data_parallel
 from runtime.errors import RunCheckError
+from runtime.expert_parallel import check_expert_parallel
+from runtime.float8 import check_float8, convert_float8
 from runtime.materialize import free_other_layers, is_meta, load_safetensors, materialize
 from runtime.model import (
     StageModule,
@@ -258,6 +261,8 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
     initialised by ``init_fn(stage)`` (default: every submodule's ``reset_parameters``) or loaded from
     ``checkpoint``. Joins the process group, or creates it from torchrun's environment.
     """
+    check_context_parallel(plan, None, user_model=True)  # the runtime owns the attention of its presets only
+    check_expert_parallel(plan, None, user_model=True)  # experts are split in the presets' loop only
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise RunCheckError("parallelize() runs on every rank of a process group: start the script with "
@@ -268,6 +273,7 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
         init_distributed(timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     device = rank_device()
+    check_float8(plan, device.type)  # every rank alike: no collective needed
     dims = ParallelDims.from_plan(plan, world)
     layout = dims.layout
     sample = _sample_input(plan, sample_input)
@@ -280,15 +286,19 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
                                  sample_kwargs=_micro_batch_kwargs(model, sample, par.micro_batch_size),
                                  device=device)
     free_other_layers(model, plan, stages)
-    dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage)
+    dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage,
+                                        reshard_after_forward=par.reshard_after_forward,
+                                        replicas=par.dp // par.shard_group)  # HSDP (runtime/data_parallel.py)
     for stage in stages:
         if not meta:
             stage.to(device)
+        if par.fp8:  # torchao's float8 linears (runtime/float8.py: check_float8 refused what cannot run)
+            convert_float8(stage, plan)
     with share_across_stages(stages):  # a tied weight with both stages on this rank stays one Parameter
         for stage in stages:
             if par.tp > 1:
                 apply_tensor_parallel(stage, mesh["tp"], plan)
-            _recompute(stage, par.recompute)
+            _recompute(stage, par.recompute, every=par.recompute_every, layer_names=plan.model.layer_names)
     wrapped = [apply_data_parallel(stage, dp_mode, mesh["dp"], device) for stage in stages]
     if meta:
         materialize(stages, device, init_fn)
@@ -315,11 +325,12 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
     return ParallelModel(plan, r, mesh, layout, layout.coords(rank), device)
 
 
-def _recompute(stage: StageModule, mode: str) -> None:
+def _recompute(stage: StageModule, mode: str, *, every: int = 1, layer_names: tuple[str, ...] = ()) -> None:
     """:func:`runtime.recompute.apply_recompute`; a whole-model stage runs the model's forward, not the stage's
-    layer loop, so under ``full`` each layer's own forward is checkpointed instead."""
-    count = apply_recompute(stage, mode)
-    if mode == "full" and stage.is_whole:
+    layer loop, so under ``full`` each layer's own forward is checkpointed instead (one in ``every``: there
+    already)."""
+    count = apply_recompute(stage, mode, every=every, layer_names=layer_names)
+    if mode == "full" and stage.is_whole and every == 1:
         for path in stage.layer_paths:
             layer = stage.get_submodule(path)
             layer.forward = functools.partial(activation_checkpoint, layer.forward, use_reentrant=False)

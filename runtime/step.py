@@ -33,7 +33,8 @@ from torch.distributed.tensor import DTensor
 from planner.plan import Plan
 from runtime import checkpoint as ckpt
 from runtime.data import Inputs, input_tuple, micro_batches
-from runtime.data_parallel import DataParallelMode, OptimizerShards, allreduce_gradients
+from runtime.data_parallel import DataParallelMode, OptimizerShards, allreduce_gradients, hsdp_counted
+from runtime.expert_parallel import counted_in_norm, reduce_expert_gradients
 from runtime.model import StageModule, TiedParameter
 from runtime.rank_layout import RankLayout
 from runtime.tensor_parallel import reduce_partial_gradients
@@ -186,7 +187,9 @@ def reduce_gradients(r: RankState, plan: Plan, dp_mesh) -> None:
     if plan.parallel.tp > 1:
         reduce_partial_gradients(r.stages)
     if r.dp_mode.kind == "allreduce":
-        allreduce_gradients(r.stages, dp_mesh)
+        allreduce_gradients(r.stages, dp_mesh)  # expert shards left out: summed over their replicas below
+    if plan.parallel.ep > 1:
+        reduce_expert_gradients(r.stages)
     for group in r.tied_groups:
         group.sync(r.stages)
     if r.zero is not None:
@@ -223,14 +226,23 @@ def global_grad_norm(stages: list[StageModule], coords: dict[str, int], *, skip:
                 grad, dp_sharded = zero.gradient_slice(param), True
             if grad is None:
                 continue
-            sharded_axes: set[str] = {"dp"} if dp_sharded else set()
+            sharded_axes: set[str] = {"dp", "cp"} if dp_sharded else set()  # ZeRO slices span dp x cp
+            if (expert := counted_in_norm(param)) is not None:  # an expert shard: once, in the first ep group
+                if not expert:
+                    continue
+                sharded_axes.add("dp")
             if isinstance(param, DTensor):
                 names = param.device_mesh.mesh_dim_names or ()
                 placements = grad.placements if isinstance(grad, DTensor) else param.placements
-                sharded_axes |= {n for n, pl in zip(names, placements) if not pl.is_replicate()}
+                # a flattened axis ("dp_cp": FSDP over dp x cp) is sharded over each axis it joins
+                sharded_axes |= {a for n, pl in zip(names, placements) if not pl.is_replicate() for a in n.split("_")}
+                if (first := hsdp_counted(param)) is not None:  # HSDP: the first replica's shards, once
+                    if not first:
+                        continue
+                    sharded_axes |= {"dp", "cp"}
             if isinstance(grad, DTensor):
                 grad = grad._local_tensor
-            if all(coords[axis] == 0 for axis in ("dp", "tp") if axis not in sharded_axes):
+            if all(coords.get(axis, 0) == 0 for axis in ("dp", "cp", "tp") if axis not in sharded_axes):
                 total += grad.double().pow(2).sum()
     dist.all_reduce(total)
     return float(total.sqrt())

@@ -38,9 +38,18 @@ from planner.models import ModelPreset
 from planner.plan import Plan
 from runtime import checkpoint as ckpt
 from runtime.checks import check_manifest_model, static_checks
+from runtime.context_parallel import (
+    apply_context_parallel,
+    check_context_parallel,
+    data_mesh,
+    shard_batch,
+    shard_positions,
+)
 from runtime.data import SyntheticData, as_iterator, check_local_batch, map_inputs
 from runtime.data_parallel import DataParallelMode, OptimizerShards, apply_data_parallel
 from runtime.errors import RunCheckError
+from runtime.expert_parallel import apply_plan_experts, check_expert_parallel
+from runtime.float8 import convert_float8
 from runtime.model import (
     StageModule,
     build_model,
@@ -191,6 +200,7 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     pp_i, dp_i, tp_i = coords.pp, coords.dp, coords.tp
     preset = resolve_preset(plan, preset)
     static_checks(plan, preset, device_type=device.type)
+    check_context_parallel(plan, preset.family)
     r = _build(plan, preset, options, mesh, dims, device)
 
     first_step, checkpoints = 0, []
@@ -201,7 +211,7 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
                   flush=True)
     data_iter = as_iterator(data, SyntheticData(plan, preset, seed=options.seed, dp_index=dp_i,
                                                 first_step=first_step))
-    metrics = RankMetrics(rank=rank, coords={"pp": pp_i, "dp": dp_i, "tp": tp_i},
+    metrics = RankMetrics(rank=rank, coords={"pp": pp_i, "dp": dp_i, "cp": coords.cp, "tp": tp_i},
                           stages=[s.stage_index for s in r.stages])
     losses: list[float] = []
     grad_norms: list[float] = []
@@ -213,11 +223,15 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     with StopRequest() as stop:
         for step in range(first_step + 1, options.steps + 1):
             inputs, targets = check_local_batch(next(data_iter), plan, r.num_inputs)
+            if plan.parallel.cp > 1:  # this cp rank's tokens of every sequence (runtime/context_parallel.py)
+                inputs, targets = shard_batch(inputs, targets, shard_positions(plan.model.seq_len, plan.parallel.cp,
+                                                                               coords.cp))
             _sync(device)
             start = time.perf_counter()
             local_loss = forward_backward(r, plan, map_inputs(inputs, lambda t: t.to(device)), targets.to(device))
-            reduce_gradients(r, plan, mesh["dp"])
-            grad_norms.append(global_grad_norm(r.stages, {"dp": dp_i, "tp": tp_i}, skip=r.duplicate_names,
+            reduce_gradients(r, plan, data_mesh(mesh, plan.parallel.cp))  # dp, or dp x cp
+            grad_norms.append(global_grad_norm(r.stages, {"dp": dp_i, "tp": tp_i, "cp": coords.cp},
+                                               skip=r.duplicate_names,
                                                device=device, zero=r.zero))
             for optim in r.optimizers:
                 optim.step()
@@ -226,7 +240,8 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
                 r.zero.gather_parameters()
             _sync(device)
             metrics.step_times_s.append(time.perf_counter() - start)
-            losses.append(global_loss(local_loss, r.last_holder and tp_i == 0, plan.parallel.dp, device))
+            losses.append(global_loss(local_loss, r.last_holder and tp_i == 0, plan.parallel.dp * plan.parallel.cp,
+                                      device))
             if rank == 0 and options.verbose:
                 print(f"step {step:4d} | loss {losses[-1]:.6f} | grad norm {grad_norms[-1]:.6f} | "
                       f"{metrics.step_times_s[-1]:.3f} s", flush=True)
@@ -271,11 +286,12 @@ def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: Par
     """Steps 1-5 of the module docstring, in that order."""
     par = plan.parallel
     model = build_model(preset, seed=options.seed)
+    check_expert_parallel(plan, model, checkpoint_dir=options.checkpoint_dir)  # ep > 1: what it can run
     tied = [t for t in tied_parameters(model, plan) if len(set(t.stages)) > 1]
     stages, wrapped, dp_mode = parallelize_stages(model, plan, mesh, device)
     del model
     r = RankState(stages=stages, wrapped=wrapped, dp_mode=dp_mode, optimizers=[],
-                  zero=OptimizerShards(stages, mesh["dp"], dp_mode.zero_stage) if dp_mode.kind == "zero" else None,
+                  zero=OptimizerShards(stages, data_mesh(mesh, par.cp), dp_mode.zero_stage) if dp_mode.kind == "zero" else None,
                   tied_groups=tied_groups(tied, plan, dims.layout, options.timeout_s),
                   duplicate_names={n for t in tied for n in t.names[1:]}, loss_fn=loss_function(preset),
                   autocast=plan_autocast(plan, device), num_inputs=len(preset.sample_input(1, plan.model.seq_len)),
@@ -307,20 +323,31 @@ def parallelize_stages(model: nn.Module, plan: Plan, mesh, device: torch.device
     :class:`~runtime.data_parallel.OptimizerShards` is the caller's to build, once the weights are in place."""
     par = plan.parallel
     stages = build_stage_modules(model, stages_of_rank(plan, dist.get_rank()), plan)
-    dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage)
+    dp_mode = DataParallelMode.for_plan(par.dp * par.cp, par.tp, par.pp, par.zero_stage,  # cp ranks: one more dp axis
+                                        reshard_after_forward=par.reshard_after_forward,
+                                        replicas=par.dp // par.shard_group)  # HSDP (runtime/data_parallel.py)
     wrapped: list[nn.Module] = []
     for stage in stages:
         stage.to(device)
+        if par.fp8 and device.type == "cuda":  # torchao's float8 linears (runtime/float8.py; checked before)
+            convert_float8(stage, plan)
+    grads_mesh = data_mesh(mesh, par.cp)  # dp, or dp x cp flattened
+    if par.ep > 1:  # each rank keeps 1/ep of the experts, tokens routed by all-to-all (runtime/expert_parallel.py)
+        dp_mode = apply_plan_experts(stages, plan, dp_mode)
+    if par.cp > 1:  # sequence shards at global positions, K/V all-gathers (runtime/context_parallel.py)
+        for stage in stages:
+            apply_context_parallel(stage, group=mesh["cp"].get_group(), cp=par.cp, seq_len=plan.model.seq_len,
+                                   cp_index=mesh["cp"].get_local_rank(), device=device)
     with share_across_stages(stages):
         for stage in stages:
             if par.tp > 1:
                 apply_tensor_parallel(stage, mesh["tp"], plan)
-            apply_recompute(stage, par.recompute)
+            apply_recompute(stage, par.recompute, every=par.recompute_every, layer_names=plan.model.layer_names)
     for stage in stages:
         if device.type == "meta" and dp_mode.kind == "ddp":
             wrapped.append(stage)
             continue
-        wrapped.append(apply_data_parallel(stage, dp_mode, mesh["dp"], device))
+        wrapped.append(apply_data_parallel(stage, dp_mode, grads_mesh, device))
     return stages, wrapped, dp_mode
 
 

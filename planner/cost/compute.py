@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 from planner.cluster import DeviceSpec, GemmPoint
 from planner.cost.constants import DTYPE_BYTES, CostConstants
+from planner.cost.fp8 import FP8_GEMM_EFFICIENCY_RATIO, FP8_PEAK, cast_s
 from planner.cost.measured import gemm_tables
 from planner.trace.graph import Layer
 from planner.trace.meter import ATTENTION_KERNELS
@@ -121,10 +122,12 @@ class LayerTimes:
 
 
 def _gemm_times(layer: Layer, *, micro_batch: int, tp: int, device: DeviceSpec, dtype: str, c: CostConstants,
-                gemm: tuple[GemmPoint, ...] | None) -> tuple[float, float, float, float, float]:
+                gemm: tuple[GemmPoint, ...] | None, fp8: bool = False) -> tuple[float, float, float, float, float]:
     """The FLOP-counted ops of ``layer``: (forward seconds, of which attention GEMMs, of which fused
-    attention kernels, FLOPs per sample, weight elements read by GEMMs)."""
+    attention kernels, FLOPs per sample, weight elements read by GEMMs). ``fp8``: linears at the FP8
+    peak (:mod:`planner.cost.fp8`)."""
     peak = device.peak(dtype)
+    fp8_peak = device.peak(FP8_PEAK) if fp8 else 0.0
     bw = device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
     c = device_constants(device, c)
     elt = DTYPE_BYTES.get(dtype, 2)
@@ -152,7 +155,10 @@ def _gemm_times(layer: Layer, *, micro_batch: int, tp: int, device: DeviceSpec, 
                 m, n, k, dtype=dtype, device=device, points=gemm, c=c)
         else:  # a FLOP-counted op without a GEMM shape: a large GEMM
             eff = c.gemm_efficiency_max
-        t = max(flops / (peak * eff), nbytes / bw) + calls * c.kernel_overhead_s
+        if fp8 and op.m and op.kind in LINEAR_KINDS:  # torchao's float8 linear (cost/fp8.py)
+            t = max(flops / (fp8_peak * eff * FP8_GEMM_EFFICIENCY_RATIO), nbytes / bw) + calls * c.kernel_overhead_s
+        else:
+            t = max(flops / (peak * eff), nbytes / bw) + calls * c.kernel_overhead_s
         gemm_fwd += t
         gemm_flops += op.flops
         if op.kind in ATTENTION_KINDS:
@@ -185,15 +191,17 @@ def _with_host_dispatch(layer: Layer, c: CostConstants, fwd: float, bwd_in: floa
 
 
 def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: bool, device: DeviceSpec,
-                dtype: str, c: CostConstants, gemm: tuple[GemmPoint, ...] | None = None) -> LayerTimes:
+                dtype: str, c: CostConstants, gemm: tuple[GemmPoint, ...] | None = None,
+                fp8: bool = False) -> LayerTimes:
     """Seconds for one micro-batch of ``layer`` on one of its ``tp`` devices (no communication).
 
-    ``gemm``: the cluster's measured GEMM points (:func:`measured_gemm_efficiency`), if any.
+    ``gemm``: the cluster's measured GEMM points (:func:`measured_gemm_efficiency`), if any. ``fp8``: its
+    linears run as torchao's float8 linears, casts included (:mod:`planner.cost.fp8`).
     """
     bw = device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
     elt = DTYPE_BYTES.get(dtype, 2)
     gemm_fwd, attention_gemm, fused_attention, gemm_flops, weight_elems = _gemm_times(
-        layer, micro_batch=micro_batch, tp=tp, device=device, dtype=dtype, c=c, gemm=gemm)
+        layer, micro_batch=micro_batch, tp=tp, device=device, dtype=dtype, c=c, gemm=gemm, fp8=fp8)
     # Parameters read by memory-bound ops (embedding tables, norms, biases) once per micro-batch.
     params = max(layer.param_count - weight_elems, 0.0) * elt
     per_sample = sum(op.bytes for op in layer.op_costs if op.flops <= 0)
@@ -213,4 +221,8 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
     att_share = layer.attention_activation_bytes / layer.activation_bytes if layer.activation_bytes > 0 else 0.0
     attention = attention_gemm + mem_fwd * min(1.0, att_share)
     fwd = gemm_fwd + mem_fwd
+    if fp8:  # the casts to fp8 of each linear's operands (memory-bound)
+        cast_fwd, cast_bwd = cast_s(layer, micro_batch=micro_batch, tp=tp, device=device, c=c,
+                                    linear_kinds=LINEAR_KINDS)
+        fwd, bwd_in = fwd + cast_fwd, bwd_in + cast_bwd
     return _with_host_dispatch(layer, c, fwd, bwd_in, bwd_w, attention, att_share)

@@ -22,7 +22,10 @@ from planner.cluster import ClusterSpec
 from planner.cost.comm import Group, all_gather_s, all_reduce_s, reduce_scatter_s, strided_group
 from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS, LayerTimes, activation_shard, layer_times
 from planner.cost.constants import DTYPE_BYTES, CostConstants
+from planner.cost.context_parallel import add_cp_rows, tokens_per_rank
+from planner.cost.experts import add_expert_rows
 from planner.cost.memory import _range_max, _stage_params
+from planner.cost.sharding import layer_recompute
 from planner.trace.graph import CostGraph, Layer
 
 
@@ -147,6 +150,13 @@ class LayerTable:
     # count of tp_collectives), "none" (left out: a lower bound for the search) or "" (tp = 1).
     tp_source: str = ""
     tp_note: str = ""  # one line for the plan: what priced it, or why the ILP could not
+    # Context parallelism's K/V all-gather + dK/dV reduce-scatter per layer (fwd + bwd), a part of
+    # tp_comm_s (the layer's exposed collectives); None when cp = 1 (planner.cost.context_parallel).
+    cp_comm_s: np.ndarray | None = None
+    # Expert parallelism (planner.cost.experts; None when ep = 1): each layer's expert parameters on one
+    # rank (already /ep, a part of params) and its dispatch/combine all-to-all seconds (a part of tp_comm_s).
+    expert_params: np.ndarray | None = None
+    all_to_all_s: np.ndarray | None = None
     # Memoised derived figures (see segment, total_s, total_summary_s); not part of the table's value.
     _segments: dict[tuple[int, int], Segment] = field(default_factory=dict, init=False, repr=False, compare=False)
     _totals: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -306,37 +316,51 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
         raise ValueError(f"tp_pricing: got {tp_pricing!r}; use one of {list(TP_PRICING)} (the intra-op ILP's "
                          "seconds come in as tp_seconds: planner.pricing.Pricer.table builds such tables)")
     dtype = dtype or graph.dtype
-    source, note, tp_seconds = _tp_source(tp, tp_pricing, tp_seconds, tp_note)
+    source, note, tp_seconds = _tp_source(tp, tp_pricing, tp_seconds, tp_note, cp=knobs.cp)
     n = graph.num_layers
     arr = {k: np.zeros(n) for k in ("f", "b", "w", "r", "tc", "tcf", "st", "wk", "p", "o")}
     by_signature: dict[str, object] = {}
     tp_group = strided_group(cluster, tp, 1)
+    seqs = tokens_per_rank(micro_batch, knobs.cp)  # this rank's tokens, in sequences (1/cp of each)
+    recs = [layer_recompute(recompute, i, knobs.recompute_every) for i in range(n)]  # one in k: cost/sharding.py
     for i, layer in enumerate(graph.layers):
-        t = by_signature.get(layer.signature)
+        fp8 = knobs.fp8 and i < n - 1  # torchtitan's float8 leaves the output head in bf16 (cost/fp8.py)
+        t = by_signature.get(layer.signature) if fp8 == knobs.fp8 else None
         if t is None:  # repeated blocks have equal signatures and equal costs
-            t = layer_times(layer, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
+            t = layer_times(layer, micro_batch=seqs, tp=tp, sequence_parallel=sequence_parallel,
                             device=cluster.device, dtype=dtype, c=c,
-                            gemm=cluster.groups[0].gemm if cluster.is_homogeneous else None)
+                            gemm=cluster.groups[0].gemm if cluster.is_homogeneous else None, fp8=fp8)
             by_signature[layer.signature] = t
         arr["f"][i], arr["b"][i], arr["w"][i] = t.fwd_s, t.bwd_input_s, t.bwd_weight_s
-        if tp_seconds is not None:
-            tc = (tp_seconds.fwd_s[i], tp_seconds.bwd_s[i])
-        elif tp > 1 and tp_pricing != "none":
-            tc = megatron_tp_s(layer, dtype=dtype, micro_batch=micro_batch, group=tp_group,
-                               sequence_parallel=sequence_parallel, c=c)
-        else:
-            tc = (0.0, 0.0)
+        tc = _tp_collective_s(layer, i, tp_seconds, priced=tp > 1 and tp_pricing != "none", dtype=dtype,
+                              micro_batch=seqs, group=tp_group, sequence_parallel=sequence_parallel, c=c)
         tc_fwd, tc_bwd = _exposed_tp_s(layer, t, tc, tp=tp, c=c)
         arr["tcf"][i], arr["tc"][i] = tc_fwd, tc_fwd + tc_bwd
-        _fill_memory_row(arr, i, layer, t, tc_fwd, micro_batch=micro_batch, tp=tp,
-                         sequence_parallel=sequence_parallel, recompute=recompute)
-    _add_loss(arr, graph.layers[-1], micro_batch=micro_batch, tp=tp, dtype=dtype, cluster=cluster, c=c,
-              recompute=recompute, gather_over=tp_group if tp_pricing != "none" else None)
+        _fill_memory_row(arr, i, layer, t, tc_fwd, micro_batch=seqs, tp=tp,  # type: ignore[arg-type]
+                         sequence_parallel=sequence_parallel, recompute=recs[i])
+    add_expert_rows(arr, graph, cluster, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
+                    recompute=recompute, knobs=knobs, dtype=dtype, c=c)  # ep > 1: experts split (cost/experts.py)
+    cp_comm = add_cp_rows(arr, graph, cluster, micro_batch=micro_batch, tp=tp, cp=knobs.cp, dtype=dtype, c=c,
+                          recompute=recompute, every=knobs.recompute_every)  # K/V gathers (cost/context_parallel.py)
+    _add_loss(arr, graph.layers[-1], micro_batch=seqs, tp=tp, dtype=dtype, cluster=cluster, c=c,  # type: ignore[arg-type]
+              recompute=recs[-1], gather_over=tp_group if tp_pricing != "none" else None)
     tied = [[(t.name, t.numel, t.owner) for t in layer.tied_params] for layer in graph.layers]
     return LayerTable(fwd_s=arr["f"], bwd_input_s=arr["b"], bwd_weight_s=arr["w"], recompute_s=arr["r"],
                       tp_comm_s=arr["tc"], stored_act_bytes=arr["st"], work_act_bytes=arr["wk"], params=arr["p"],
                       output_bytes=arr["o"], tied=tied, tp_comm_fwd_s=arr["tcf"], dtype=dtype, tp_source=source,
-                      tp_note=note)
+                      tp_note=note, cp_comm_s=cp_comm, expert_params=arr.get("ep_p"), all_to_all_s=arr.get("a2a"))
+
+
+def _tp_collective_s(layer: Layer, i: int, tp_seconds: TpSeconds | None, *, priced: bool, dtype: str,
+                     micro_batch: float, group: Group, sequence_parallel: bool, c: CostConstants) -> tuple[float, float]:
+    """Layer ``i``'s tensor-parallel seconds (forward, backward) before overlap: the solver's where given,
+    else Megatron's count where ``priced``, else none."""
+    if tp_seconds is not None:
+        return tp_seconds.fwd_s[i], tp_seconds.bwd_s[i]
+    if priced:
+        return megatron_tp_s(layer, dtype=dtype, micro_batch=micro_batch, group=group,  # type: ignore[arg-type]
+                             sequence_parallel=sequence_parallel, c=c)
+    return 0.0, 0.0
 
 
 def _add_loss(arr: dict[str, np.ndarray], last: Layer, *, micro_batch: int, tp: int, dtype: str,
@@ -357,8 +381,11 @@ def _add_loss(arr: dict[str, np.ndarray], last: Layer, *, micro_batch: int, tp: 
 
 
 def _tp_source(tp: int, tp_pricing: str, tp_seconds: TpSeconds | None,
-               tp_note: str) -> tuple[str, str, TpSeconds | None]:
-    """``(tp_source, tp_note, the solver's seconds to charge or None)`` of a table (see :func:`layer_table`)."""
+               tp_note: str, cp: int = 1) -> tuple[str, str, TpSeconds | None]:
+    """``(tp_source, tp_note, the solver's seconds to charge or None)`` of a table (see :func:`layer_table`).
+    With ``cp > 1`` the Megatron count on this rank's 1/cp of the tokens (the ILP solved whole sequences)."""
+    if cp > 1 and tp > 1 and tp_pricing != "none":
+        tp_seconds, tp_note = None, f"cp={cp}: Megatron's count on 1/{cp} of the tokens"
     if tp == 1:
         return "", "", None
     if tp_pricing == "none":

@@ -4,9 +4,10 @@ For a device holding the layers of its pipeline chunks, with ``P`` parameters (i
 ones used there, counted once) split ``tp`` ways, and ``(w, g, o)`` bytes per parameter from
 :meth:`CostConstants.state_bytes` (mixed-precision Adam: 2 + 2 + 12 = 16)::
 
-    weights     w·P/tp   (÷dp with ZeRO-3 / FSDP full sharding)
-    gradients   g·P/tp   (÷dp with ZeRO-2 and ZeRO-3)
-    optimizer   o·P/tp   (÷dp with ZeRO-1, 2 and 3)
+    weights     w·P/tp   (÷dp with ZeRO-3 / FSDP full sharding)      ÷dp: over ZeRO's shard group,
+    gradients   g·P/tp   (÷dp with ZeRO-2 and ZeRO-3)                HSDP's dp_shard (× cp), and the
+    optimizer   o·P/tp   (÷dp with ZeRO-1, 2 and 3)                  gathered stage added when ZeRO-3
+                                                                     keeps it (planner.cost.sharding)
     activations in_flight · Σ_layers stored(layer) + max_layers work(layer)
     temporary   2 · max_layers out(layer)                 the output being produced and its
                                                           gradient; pipeline send/receive buffers
@@ -40,6 +41,7 @@ import numpy as np
 
 from planner.cluster import ClusterSpec
 from planner.cost.constants import DTYPE_BYTES, CostConstants
+from planner.cost.sharding import optimizer_shard, state_bytes_per_param, zero3_temp_bytes_per_param
 from planner.plan import ParallelConfig
 
 if TYPE_CHECKING:
@@ -101,23 +103,18 @@ class MemoryParts:
 
 def _per_param_bytes(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> tuple[float, float, float]:
     """Weight, gradient and optimizer bytes per (unsplit) parameter on one device, after sharding."""
-    w, g, o = c.state_bytes(table.dtype)
-    dp = cfg.dp
-    return (w / (dp if cfg.zero_stage >= 3 else 1) / cfg.tp, g / (dp if cfg.zero_stage >= 2 else 1) / cfg.tp,
-            o / (dp if cfg.zero_stage >= 1 else 1) / cfg.tp)
+    return state_bytes_per_param(*c.state_bytes(table.dtype), cfg)  # ZeRO over the shard group (cost/sharding.py)
 
 
 def _optimizer_temp_per_param(cfg: ParallelConfig, c: CostConstants) -> float:
     """The optimizer step's temporaries per (unsplit) parameter: over the shard it updates."""
-    return c.optimizer_temp_bytes_per_param / (cfg.dp if cfg.zero_stage >= 1 else 1) / cfg.tp
+    return c.optimizer_temp_bytes_per_param / optimizer_shard(cfg) / cfg.tp
 
 
 def _gather_bytes_per_param(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> float:
     """ZeRO-3 temporaries per parameter of the largest layer: two gathered copies and one gradient."""
-    if cfg.zero_stage < 3 or cfg.dp <= 1:
-        return 0.0
     w, g, _ = c.state_bytes(table.dtype)
-    return (2 * w + g) / cfg.tp
+    return zero3_temp_bytes_per_param(w, g, cfg)
 
 
 def _logits_factor(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> float:

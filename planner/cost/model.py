@@ -33,13 +33,11 @@ from planner.cluster import ClusterSpec
 from planner.cost.comm import (
     Group,
     all_gather_s,
-    all_reduce_s,
-    group_of_ranks,
     reduce_scatter_s,
     step_collective_notes,
-    strided_group,
 )
 from planner.cost.constants import CostConstants
+from planner.cost.experts import dp_grad_all_reduce_s, expert_all_to_all_s
 from planner.cost.layer_table import (
     NO_KNOBS,
     TP_PRICING,
@@ -65,6 +63,7 @@ from planner.cost.memory import (
 )
 from planner.cost.pipeline_links import pipeline_p2p_s, tied_holder_devices, tied_sync_s
 from planner.cost.positions import Position, chunks_of_device, positions
+from planner.cost.sharding import optimizer_shard, shard_groups, shard_size, zero3_micro_batch_s
 from planner.plan import ParallelConfig
 from planner.schedules.closed_form import in_flight_per_device, step_time
 from planner.trace.graph import CostGraph
@@ -200,19 +199,23 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
     gathers per micro-batch, tied-embedding sync, the optimizer step and the gradient accumulation, in that order."""
     p, m = cfg.pp, cfg.num_micro_batches
     w_b, g_b, _ = c.state_bytes(table.dtype)
-    dp_group: Group = strided_group(cluster, cfg.dp, cfg.tp)
+    groups = shard_groups(cluster, cfg)  # ZeRO's shard group and HSDP's replicas (cost/sharding.py)
+    dp_group: Group = groups.shard
     bw_mem = cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
     dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s = [], [], [], [], []
     tied_holders = tied_holder_devices(table, boundaries, cfg) if p > 1 else []
     for d in range(p):
         if not cluster.is_homogeneous:  # this position's own replicas, links and memory bandwidth
-            dp_group = group_of_ranks(cluster, list(cfg.layout.group(cfg.layout.rank_of(d, 0, 0), "dp")))
+            groups = shard_groups(cluster, cfg, d)
+            dp_group = groups.shard
             bw_mem = pos[d].cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
         chunks = chunks_of_device(boundaries, devices, d)
         params = device_params(table, chunks) / cfg.tp
         grads, weights = g_b * params, w_b * params
-        if cfg.zero_stage == 0:
-            reduce, gather = all_reduce_s(grads, dp_group, c), 0.0
+        if cfg.zero_stage == 0:  # expert gradients over their dp/ep replicas (cost/experts.py)
+            reduce = dp_grad_all_reduce_s(table, chunks, grads, dp_group, dp=cfg.dp, ep=cfg.ep, tp=cfg.tp, cp=cfg.cp,
+                                          cluster=cluster, c=c)
+            gather = 0.0
         elif cfg.zero_stage < 3:
             reduce, gather = reduce_scatter_s(grads, dp_group, c), all_gather_s(weights, dp_group, c)
         else:  # gradients are reduce-scattered per micro-batch, parameters gathered on use
@@ -229,16 +232,16 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
             fsdp_host = m * units * c.fsdp_layer_overhead_s
         dp_exposed.append(reduce + gather + (fsdp_host if cfg.zero_stage < 3 else 0.0))
         if cfg.zero_stage >= 3 and cfg.dp > 1:
-            per_mb = 2 * all_gather_s(weights, dp_group, c) + reduce_scatter_s(grads, dp_group, c)
+            per_mb = zero3_micro_batch_s(weights, grads, groups, cfg, c)  # gathers, reduce-scatter (HSDP: + all-reduce)
             # prefetch hides what compute covers, where the two run at the same time
             fsdp_exposed.append(m * max(0.0, per_mb - c.comm_compute_overlap * per_device[d]) + fsdp_host)
         else:
             fsdp_exposed.append(0.0)
         tied_sync.append(tied_sync_s(table, boundaries, d, cfg, cluster, c, g_b, tied_holders))
-        shard = cfg.dp if cfg.zero_stage >= 1 else 1
+        shard = optimizer_shard(cfg)
         optim_s.append(c.optimizer_step_bytes_per_param * params / shard / bw_mem)
         # every micro-batch after the first adds its gradients into the sum (ZeRO-2/3: into the shard)
-        acc_shard = cfg.dp if cfg.zero_stage >= 2 else 1
+        acc_shard = shard_size(cfg) if cfg.zero_stage >= 2 else 1
         accum_s.append((m - 1) * c.grad_accumulation_bytes_per_param * params / acc_shard / bw_mem)
     return dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s
 
@@ -256,6 +259,7 @@ def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelCon
     step_overhead = c.pipeline_step_overhead_s if cfg.pp > 1 else 0.0
     compute = seg("fwd_s") + seg("bwd_input_s") + seg("bwd_weight_s")
     recomp, tp_comm = seg("recompute_s"), seg("tp_comm_s")
+    all_to_all = expert_all_to_all_s(tb, chunks_b, m)  # a part of tp_comm_s, reported on its own
     steps = 2 * m * len(chunks_b) * step_overhead  # the busiest device's pipeline-step overheads
     bubble = no_p2p_s - compute - recomp - tp_comm - steps
     if abs(bubble) < 1e-9 * no_p2p_s:  # rounding: the busiest device's work is a lower bound of the pipeline
@@ -265,7 +269,8 @@ def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelCon
     return {
         "compute": compute,
         "recompute": recomp,
-        "tp_comm": tp_comm,
+        "tp_comm": tp_comm - all_to_all if all_to_all else tp_comm,
+        **({"ep_all_to_all": all_to_all} if all_to_all else {}),
         "pp_bubble": bubble,
         "pp_step_overhead": steps,
         "pp_p2p_exposed": pipeline_s - no_p2p_s,

@@ -22,8 +22,8 @@ def pipeline_p2p_s(table: LayerTable, boundaries: list[tuple[int, int]], devices
                     cfg: ParallelConfig, cluster: ClusterSpec, c: CostConstants) -> float:
     """Seconds to hand one micro-batch's activation (or its gradient) across the slowest pipeline cut.
 
-    Every cut is priced on the link it crosses. Rank ``(k·dp + d)·tp + t`` of position ``k`` sends to
-    the same ``(d, t)`` of the next chunk's position: the node's link (NVLink) when every such pair
+    Every cut is priced on the link it crosses. Rank ``((k·dp + d)·cp + c)·tp + t`` of position ``k`` sends
+    to the same ``(d, c, t)`` of the next chunk's position (its 1/cp of the tokens: the table's output bytes): the node's link (NVLink) when every such pair
     shares a node, else the network: the node group's when both ends are in one group, else the
     slower of the two groups' (``p2p_s`` on the whole cluster). So a node holding several stages
     sends over NVLink inside and over its NICs at the cuts between nodes, wherever they fall.
@@ -36,7 +36,7 @@ def pipeline_p2p_s(table: LayerTable, boundaries: list[tuple[int, int]], devices
     """
     if len(boundaries) <= 1:
         return 0.0
-    per = cfg.dp * cfg.tp
+    per = cfg.dp * cfg.cp * cfg.tp  # ranks per position (planner.layout.RankLayout.position_ranks)
     worst = 0.0
     for j, (_, b) in enumerate(boundaries[:-1]):
         src, dst = devices[j], devices[j + 1]
@@ -97,7 +97,7 @@ def tied_sync_s(table: LayerTable, boundaries: list[tuple[int, int]], device: in
     for numel, holders_dev in holders:
         if device not in holders_dev or len(holders_dev) < 2:
             continue
-        span = (max(holders_dev) - min(holders_dev)) * cfg.dp * cfg.tp  # rank distance between the holders
+        span = (max(holders_dev) - min(holders_dev)) * cfg.dp * cfg.cp * cfg.tp  # rank distance between the holders
         group = Group(size=len(holders_dev), nodes=1 if span < dpn else len(holders_dev), per_node=1,
                       intra_bw=cluster.intra_node.bandwidth_bytes_per_s, intra_latency_s=cluster.intra_node.latency_s,
                       nic_bw=min(g.inter_node.bandwidth_bytes_per_s / g.devices_per_node for g in cluster.groups),

@@ -1,6 +1,6 @@
 """Where each pipeline position runs, and which chunks each pipeline device holds.
 
-A pipeline *position* (device) ``k`` holds ranks ``[k·dp·tp, (k+1)·dp·tp)``. On a mixed cluster
+A pipeline *position* (device) ``k`` holds ranks ``[k·dp·cp·tp, (k+1)·dp·cp·tp)``. On a mixed cluster
 those ranks may belong to several node groups; :func:`positions` says which device type prices
 the position (its slowest member's) and which memory limit holds it (its smallest member's).
 :func:`chunks_of_device` reads the schedule's chunk -> device placement. Both are shared by
@@ -43,14 +43,14 @@ def positions(cluster: ClusterSpec, cfg: ParallelConfig, c: CostConstants,
               group_tables: Sequence[LayerTable]) -> list[Position]:
     """Each pipeline position with its own device type (``group_tables``: one layer table per node group).
 
-    Position ``k`` holds ranks ``[k·dp·tp, (k+1)·dp·tp)``. One whose ranks straddle node groups runs
+    Position ``k`` holds ranks ``[k·dp·cp·tp, (k+1)·dp·cp·tp)`` (:meth:`planner.layout.RankLayout.position_ranks`). One whose ranks straddle node groups runs
     in lock step (tp all-reduces every layer, dp all-reduces every step), so it is priced at its
     slowest member's speed and held to its smallest member's memory (docs/inter-op.md).
     """
     if len(cluster.groups) == 1:  # every span is (0,): the loop below, without a cluster view per position
         return [Position(group_tables[0], cluster, usable_memory_bytes(cluster, c), cluster.device.name)] * cfg.pp
     out = []
-    for span in cluster.position_groups(cfg.pp, cfg.dp * cfg.tp):
+    for span in cluster.position_groups(cfg.pp, cfg.dp * cfg.cp * cfg.tp):
         slow = cluster.slowest_group(span)
         limit = min(usable_memory_bytes(cluster.group_view(g), c) for g in span)
         name = "+".join(cluster.groups[g].device.name for g in span)

@@ -34,6 +34,9 @@ class Family:
     # shards between the tensor-parallel regions: runtime.sequence_parallel_gpt, runtime.sequence_parallel_llama).
     # The search plans sequence parallelism only for these, so that every plan it writes can run.
     sequence_parallel: bool = False
+    # Whether positions are computed, not a learned table (rotary: Llama), so the model runs at any
+    # sequence length: the planner may stretch the preset beyond its own (``--seq-len``, long context).
+    any_seq_len: bool = False
 
 
 def _tokens(batch: int, seq: int, device: torch.device | str) -> torch.Tensor:
@@ -146,14 +149,15 @@ def _class_targets(cfg: dict[str, Any], batch: int, seq_len: int | None, gen: to
 
 
 def _lm_family(make_config: Callable[[dict[str, Any]], Any], module: str, cls: str, *,
-               sequence_parallel: bool = False) -> Family:
+               sequence_parallel: bool = False, any_seq_len: bool = False) -> Family:
     """Token ids in, per-token logits out (BERT's MLM, Llama, Mixtral)."""
     return Family(
         build=_build(module, cls, make_config),
         sample_input=lambda cfg, b, s, dev: (_tokens(b, s or make_config(cfg).seq_len, dev),),
         targets=lambda cfg, b, s, gen: _token_targets(make_config(cfg).vocab_size, b,
                                                       s or make_config(cfg).seq_len, gen),
-        loss="lm-cross-entropy", seq_len=lambda cfg: make_config(cfg).seq_len, sequence_parallel=sequence_parallel)
+        loss="lm-cross-entropy", seq_len=lambda cfg: make_config(cfg).seq_len, sequence_parallel=sequence_parallel,
+        any_seq_len=any_seq_len)
 
 
 def _t5_sample(cfg: dict[str, Any], batch: int, seq_len: int | None, device: torch.device | str):
@@ -181,7 +185,7 @@ FAMILIES: dict[str, Family] = {
     "gpt": Family(build=_gpt_build, sample_input=_gpt_sample, targets=_gpt_targets, loss="lm-cross-entropy",
                   seq_len=lambda cfg: cfg.get("seq_len", 2048), sequence_parallel=True),
     "bert": _lm_family(_bert_config, "bert", "Bert"),
-    "llama": _lm_family(_llama_config, "llama", "Llama", sequence_parallel=True),
+    "llama": _lm_family(_llama_config, "llama", "Llama", sequence_parallel=True, any_seq_len=True),
     "t5": Family(build=_build("t5", "T5", _t5_config), sample_input=_t5_sample,
                  targets=lambda cfg, b, s, gen: _token_targets(_t5_config(cfg).vocab_size, b,
                                                                _t5_config(cfg).dec_seq_len, gen),

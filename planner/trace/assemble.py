@@ -23,9 +23,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import networkx as nx
+import torch
 from torch import nn
 
-from planner.trace.graph import CostGraph, Layer, OpCost, TiedParam, layer_graph_from_ops
+from planner.trace.graph import CostGraph, ExpertRouting, Layer, OpCost, TiedParam, layer_graph_from_ops
 from planner.trace.interpret import OpNode
 from planner.trace.meter import ATTENTION_KERNELS, AtenRecord
 
@@ -243,8 +244,44 @@ def _layers(ops: list[OpNode], ctx: TraceContext, order: list[int], layer_of: di
             input_bytes=sum(by_name[s].output_bytes for s in incoming) / batch,
             output_bytes=sum(by_name[o].output_bytes for o in outgoing) / batch,
             op_costs=_op_costs(recs, batch), num_ops=len(members),
+            experts=expert_routing(named_modules.get(unit_path)) if unit_path in named_modules else (),
         ))
     return layers
+
+
+def expert_routing(module: nn.Module) -> tuple[ExpertRouting, ...]:
+    """The mixture-of-experts modules in ``module`` (itself included), in module order.
+
+    Recognised by what they hold, not by class: an integer ``top_k`` and ``num_experts`` (on the module,
+    or on its child ``experts``, or that child's length: planner.models.moe, Hugging Face's Mixtral
+    blocks). Expert weights are the parameters stacked over the experts (leading dim ``num_experts``,
+    3-d or more) or held under the child ``experts``; ``capacity_factor`` (or ``capacity_percent``)
+    defaults to 1.0, a dropless router's average; the token width is ``hidden`` or the router's
+    (``router`` or ``gate``) input width.
+    """
+    out = []
+    for mod in module.modules():
+        experts = getattr(mod, "experts", None)
+        experts = experts if isinstance(experts, nn.Module) else None
+        e, k = getattr(mod, "num_experts", None), getattr(mod, "top_k", None)
+        if not isinstance(e, int) and experts is not None:
+            e = getattr(experts, "num_experts", None)
+            e = len(experts) if not isinstance(e, int) and isinstance(experts, nn.ModuleList) else e
+        if not (isinstance(e, int) and isinstance(k, int) and e > 1 and 1 <= k <= e):
+            continue
+        stacked = sum(p.numel() for p in mod.parameters(recurse=False) if p.dim() >= 3 and p.shape[0] == e)
+        listed = sum(p.numel() for p in experts.parameters()) if experts is not None else 0
+        if not stacked + listed:
+            continue
+        percent = getattr(mod, "capacity_percent", None)
+        factor = percent / 100 if isinstance(percent, int) else float(getattr(mod, "capacity_factor", 1.0) or 1.0)
+        router = next((getattr(mod, n) for n in ("router", "gate") if isinstance(getattr(mod, n, None), nn.Module)),
+                      None)
+        weight = getattr(router, "weight", None)
+        hidden = getattr(mod, "hidden", None) or (weight.shape[-1] if isinstance(weight, torch.Tensor) else 0)
+        out.append(ExpertRouting(num_experts=e, top_k=k, capacity_factor=factor, hidden=int(hidden),
+                                 expert_params=stacked + listed))
+    return tuple(out)
 
 
 def _op_costs(recs: list[AtenRecord], batch: int) -> tuple[OpCost, ...]:

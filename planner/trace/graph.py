@@ -61,6 +61,19 @@ class TiedParam:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExpertRouting:
+    """One mixture-of-experts module inside a layer, as the trace found it: what expert parallelism
+    splits (``expert_params``: the stacked expert weights, ``num_experts`` of them) and what it sends
+    (every token's ``top_k`` choices, ``hidden`` values each, padded to ``capacity_factor``)."""
+
+    num_experts: int
+    top_k: int
+    capacity_factor: float
+    hidden: int
+    expert_params: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Layer:
     """Per-sample costs of one layer. Repeated blocks have equal ``signature``."""
 
@@ -81,6 +94,7 @@ class Layer:
     output_bytes: float
     op_costs: tuple[OpCost, ...] = ()
     num_ops: int = 0
+    experts: tuple[ExpertRouting, ...] = ()  # its mixture-of-experts modules (empty: a dense layer)
 
     @property
     def bwd_flops(self) -> float:

@@ -306,11 +306,7 @@ def _zero_stage(c: dict[str, Any], notes: list[str]) -> int:
         raise Unusable("CPU offload not modelled")
     if re.search(r"ZeRO\+\+", text):
         raise Unusable("ZeRO++ (quantized, hierarchical) not modelled")
-    if re.search(r"HSDP", text):
-        notes.append("HSDP priced as ZeRO-3 over the whole dp group")
-        return 3
-    if re.search(r"NOT resharded|reshard_after_forward.*false", text, re.I):
-        notes.append("FSDP without reshard after forward priced as ZeRO-3")
+    if re.search(r"HSDP|NOT resharded|reshard_after_forward.*false", text, re.I):
         return 3
     stage = _int(c.get("zero_stage"))
     if stage is not None:
@@ -338,25 +334,23 @@ def _recompute(c: dict[str, Any], notes: list[str]) -> str:
 def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> ParallelConfig:
     c = run["config"]
     cp = _int(c.get("cp")) or 1
-    if cp > 1:
-        raise Unusable("context parallelism (cp > 1) not modelled")
-    if re.search(r"fp8|float8", str(c.get("precision") or ""), re.I):
-        raise Unusable("FP8 not modelled")
+    fp8 = bool(re.search(r"fp8|float8", str(c.get("precision") or ""), re.I))
     tp, pp = _int(c.get("tp")) or 1, _int(c.get("pp")) or 1
     dp = _int(c.get("dp")) or _int(c.get("dp_shard"))
     if dp is None:
-        if gpus % (tp * pp):
-            raise Unusable("dp x tp x pp does not match the GPU count")
-        dp = gpus // (tp * pp)
-    if dp * tp * pp != gpus:
-        raise Unusable("dp x tp x pp does not match the GPU count")
+        if gpus % (tp * pp * cp):
+            raise Unusable("dp x cp x tp x pp does not match the GPU count")
+        dp = gpus // (tp * pp * cp)
+    if dp * cp * tp * pp != gpus:
+        raise Unusable("dp x cp x tp x pp does not match the GPU count")
     mb = _int(c.get("micro_batch"))
     if mb is None:
         mb = 1
         notes.append("micro-batch not published: 1 assumed")
     gbs = _int(c.get("global_batch_seqs"))
-    if gbs is None and _int(c.get("batch_size_per_dp")):
-        gbs = dp * _int(c.get("batch_size_per_dp"))
+    per_replica = _int(c.get("batch_size_per_dp")) or _int(c.get("local_batch"))
+    if gbs is None and per_replica:
+        gbs = dp * per_replica
     if gbs is None and _int(c.get("grad_accum")):
         gbs = dp * mb * _int(c.get("grad_accum"))
     if gbs is None:
@@ -374,7 +368,26 @@ def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> Parall
                           virtual_stages=vpp if pp > 1 else 1,
                           schedule="interleaved-1f1b" if pp > 1 and vpp > 1 else "1f1b",
                           recompute=_recompute(c, notes), sequence_parallel=bool(sp and tp > 1), zero_stage=zero,
-                          overlap_grad_reduce=_overlaps_grad_reduce(run))
+                          overlap_grad_reduce=_overlaps_grad_reduce(run), cp=cp, fp8=fp8,
+                          dp_shard=_shard_group(c, dp, zero, notes),
+                          reshard_after_forward=not (zero == 3 and _keeps_gathered(c)))
+
+
+def _keeps_gathered(c: dict[str, Any]) -> bool:
+    """FSDP that keeps the gathered parameters from forward to backward (no reshard after forward)."""
+    return bool(re.search(r"NOT resharded|reshard_after_forward.*false", str(c.get("sharding") or ""),
+                          re.I))
+
+
+def _shard_group(c: dict[str, Any], dp: int, zero: int, notes: list[str]) -> int | None:
+    """HSDP's shard group size, where the run states one smaller than dp (else None: all dp)."""
+    size = _int(c.get("sharding_group_size"))
+    if zero != 3 or size is None or size >= dp:
+        return None
+    if dp % size:
+        notes.append(f"HSDP shard group {size} does not divide dp {dp}: priced as ZeRO-3 over all dp")
+        return None
+    return size
 
 
 def _overlaps_grad_reduce(run: dict[str, Any]) -> bool:

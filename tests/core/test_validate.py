@@ -140,9 +140,15 @@ def test_published_row_translation(published):
 
 def test_published_skip_reasons(published):
     why = {s.case_id: s.reason for s in published.skipped}
-    assert why["torchtitan-2412-t2-llama31-8b-g8-fsdp4-cp2-s65536"] == "context parallelism (cp > 1) not modelled"
     assert why["nemo2407-gpt3-175b-g128-fp8"] == "model dimensions not given"
-    assert why["mbridge-25.11-dgx-h100-llama3-8b-g8-fsdp8"] == "FP8 not modelled"
+    # Context parallelism, FP8, HSDP and FSDP without reshard after forward are priced since plan schema 2.1.
+    cp = _by_id(published, "torchtitan-2412-t2-llama31-8b-g8-fsdp4-cp2-s65536").config
+    assert (cp.cp, cp.dp, cp.fp8, cp.zero_stage, cp.global_batch) == (2, 4, True, 3, 4)
+    assert _by_id(published, "mbridge-25.11-dgx-h100-llama3-8b-g8-fsdp8").config.fp8
+    hsdp = [c.config for c in published.cases if c.config.dp_shard]
+    assert hsdp and all(c.dp_shard == 8 and c.zero_stage == 3 for c in hsdp)
+    llama3 = _by_id(published, "llama3-405b-pretrain-g16384-cp16").config
+    assert (llama3.cp, llama3.dp, llama3.reshard_after_forward) == (16, 8, False)
 
 
 # -- models ---------------------------------------------------------------------------------------

@@ -27,13 +27,17 @@ from runtime.launch import launch_workers  # noqa: E402
 MiB = 2**20
 
 
-def equivalence_rows(steps: int) -> list[str]:
+def equivalence_rows(steps: int, only: tuple[str, ...] = ()) -> list[str]:
+    """``only``: the plans whose name contains one of these (all when empty)."""
     refs = launch_workers(1, run_reference, [
         (False, make_plan(num_micro_batches=4), tiny_preset("gpt-tiny", None), LR),
         (True, make_plan(num_micro_batches=4, tie=True), tiny_preset("gpt-tiny", True), LR)], steps)[0]
     rows = ["| plan (gpt-tiny, global batch 8, fp32, gloo) | ranks | max abs loss diff | max rel grad-norm diff | "
             "median step s |", "|---|---|---|---|---|"]
     for nproc, table in ((2, WORLD2), (4, WORLD4)):
+        table = {n: s for n, s in table.items() if not only or any(o in n for o in only)}
+        if not table:
+            continue
         results = launch_workers(nproc, run_jobs, [job_for(n, s, steps) for n, s in table.items()])[0]
         for name, spec in table.items():
             r = results[name]
@@ -77,8 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--skip-predicted", action="store_true", help="only the equivalence table")
+    parser.add_argument("--only", default="", help="comma-separated parts of plan names: run only those plans")
     args = parser.parse_args()
-    print("\n".join(equivalence_rows(args.steps)))
+    print("\n".join(equivalence_rows(args.steps, tuple(o for o in args.only.split(",") if o))))
     if not args.skip_predicted:
         print()
         print("\n".join(predicted_rows(args.steps)))

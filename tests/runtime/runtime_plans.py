@@ -44,11 +44,14 @@ def make_plan(*, preset: str = "gpt-tiny", tie: bool | None = None, dp: int = 1,
               micro_batch_size: int = 2, num_micro_batches: int = 2, schedule: str = "1f1b",
               virtual_stages: int = 1, recompute: str = "none", zero_stage: int = 0,
               nodes: int = 1, step_time_s: float = 0.05, styles: dict[str, str] | None = None,
-              sequence_parallel: bool = False, dropout: float | None = None) -> Plan:
+              sequence_parallel: bool = False, dropout: float | None = None, cp: int = 1,
+              **knobs: object) -> Plan:
+    """``knobs``: other ParallelConfig fields (dp_shard, reshard_after_forward, recompute_every, fp8)."""
     graph = _graph(preset, tie, dropout)
     cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
                          num_micro_batches=num_micro_batches, virtual_stages=virtual_stages, schedule=schedule,
-                         recompute=recompute, zero_stage=zero_stage, sequence_parallel=sequence_parallel)
+                         recompute=recompute, zero_stage=zero_stage, sequence_parallel=sequence_parallel, cp=cp,
+                         **knobs)  # type: ignore[arg-type]
     names = [layer.name for layer in graph.layers]
     n_stages = pp * virtual_stages
     bounds = [round(i * len(names) / n_stages) for i in range(n_stages + 1)]
@@ -131,6 +134,9 @@ WORLD2 = {
     "dp=2 zero=1 (optimizer slices)": dict(dp=2, num_micro_batches=2, zero_stage=1),
     "dp=2 zero=3 (FSDP2)": dict(dp=2, num_micro_batches=2, zero_stage=3),
     "dp=2 user dataloader": dict(dp=2, num_micro_batches=2, user_data=True),
+    "dp=2 zero=3 no reshard after forward": dict(dp=2, num_micro_batches=2, zero_stage=3, reshard_after_forward=False),
+    "pp=2 recompute=full every 2nd layer": dict(pp=2, num_micro_batches=4, recompute="full", recompute_every=2),
+    "tp=2 across 2 nodes of 1 device": dict(tp=2, num_micro_batches=4, nodes=2),
 }
 WORLD4 = {
     "pp=2 dp=2 1f1b": dict(pp=2, dp=2, num_micro_batches=2),
@@ -143,4 +149,6 @@ WORLD4 = {
     "pp=2 tp=2 sp": dict(pp=2, tp=2, num_micro_batches=4, sequence_parallel=True),
     "dp=2 tp=2": dict(dp=2, tp=2, num_micro_batches=2),
     "dp=2 tp=2 zero=2 (optimizer and gradient slices + TP)": dict(dp=2, tp=2, num_micro_batches=2, zero_stage=2),
+    "dp=4 zero=3 HSDP 2 replicas x 2 shards": dict(dp=4, num_micro_batches=1, zero_stage=3, dp_shard=2),
+    "tp=4 across 2 nodes of 2 devices": dict(tp=4, num_micro_batches=4, nodes=2),
 }

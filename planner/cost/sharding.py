@@ -1,0 +1,142 @@
+"""Where ZeRO's shards live and what they cost: HSDP, reshard after forward, and recompute every k-th layer.
+
+The data-parallel ranks of one pipeline position are ``dp x cp`` (context-parallel ranks hold the same
+weights and sum their gradients too): torchtitan's ``dp_shard_cp`` mesh, Megatron's data-parallel group
+with context parallelism. ZeRO shards its state over a *shard group* of them::
+
+    shard group   S·cp ranks, S = ParallelConfig.shard_group (dp_shard under HSDP, else dp),
+                  stride tp: S consecutive dp indices, every cp index
+    replicas      R = dp / S copies of each shard (HSDP), stride tp·cp·S
+
+Communication (per device holding ``P`` parameters split ``tp`` ways, ``w``/``g`` bytes each):
+
+    ZeRO-0        all-reduce(g·P/tp) over the shard group (= all dp·cp ranks)         once per step
+    ZeRO-1/2      reduce-scatter(g·P/tp) + all-gather(w·P/tp) over it                  once per step
+    ZeRO-3        n_ag · all-gather(w·P/tp) + reduce-scatter(g·P/tp) over the shard    per micro-batch
+                  group (n_ag = 2, or 1 with reshard_after_forward False: FSDP2 keeps
+                  the gathered weights from forward to backward)
+                  + all-reduce(g·P/(tp·S·cp)) over the R replicas (HSDP, FSDP2's        per micro-batch
+                  reduce-scatter then all-reduce while gradient sync stays on)
+
+Memory per parameter (after ``/tp``): weights ``w/(S·cp)`` under ZeRO-3 (``+ w``: the gathered copy of
+the whole device's weights, reshard_after_forward False), gradients ``g/(S·cp)`` under ZeRO ≥ 2,
+optimizer state ``o/(S·cp)`` under ZeRO ≥ 1. ZeRO-3's temporaries per parameter of the largest layer:
+``2w + g`` (the gathered layer, the prefetched next one, its whole gradient), or ``g`` alone when the
+gathered weights are already counted. With the defaults (``dp_shard`` None, ``cp = 1``, reshard after
+forward) every figure is the ``dp``-way formula of before, to the bit.
+
+Recompute every k-th layer (``recompute_every = k`` with full recomputation): layer ``i`` (0-based,
+over the model's whole layer list, as the runtime's stages index it) is checkpointed when
+``(i + 1) % k == 0``, torchtitan's ``selective_ac_option = k`` counter (every k-th block, starting with
+the k-th); the others store what autograd saves. :func:`recomputes_layer` is the one rule the cost
+model and the runtime share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.cluster import ClusterSpec
+from planner.cost.comm import (
+    Group,
+    all_gather_s,
+    all_reduce_s,
+    group_of_ranks,
+    reduce_scatter_s,
+    strided_group,
+)
+from planner.cost.constants import CostConstants
+from planner.plan import ParallelConfig
+
+__all__ = ["ShardGroups", "gathers_per_micro_batch", "layer_recompute", "optimizer_shard", "recomputes_layer",
+           "shard_groups", "shard_size", "state_bytes_per_param", "zero3_micro_batch_s", "zero3_temp_bytes_per_param"]
+
+
+def recomputes_layer(index: int, every: int) -> bool:
+    """Whether full recomputation checkpoints layer ``index`` (0-based) when one layer in ``every`` is."""
+    return (index + 1) % every == 0
+
+
+def shard_size(cfg: ParallelConfig) -> int:
+    """Ranks one ZeRO shard spans: ``shard_group · cp`` (all ``dp · cp`` data-parallel ranks but under HSDP)."""
+    return cfg.shard_group * cfg.cp
+
+
+def gathers_per_micro_batch(cfg: ParallelConfig) -> int:
+    """ZeRO-3 all-gathers of the weights per micro-batch: forward and backward, or forward only when
+    FSDP2 keeps them gathered until the backward (``reshard_after_forward`` False)."""
+    return 2 if cfg.reshard_after_forward else 1
+
+
+@dataclass(frozen=True)
+class ShardGroups:
+    """The groups one position's data-parallel traffic runs over.
+
+    ``shard``: the ZeRO shard group (gathers, reduce-scatters; the all-reduce of ZeRO-0), ``size`` ranks;
+    ``replicate``: HSDP's group of the ``replicas`` copies of one shard (None without HSDP)."""
+
+    shard: Group
+    replicate: Group | None
+    size: int
+    replicas: int
+
+
+def shard_groups(cluster: ClusterSpec, cfg: ParallelConfig, position: int = 0) -> ShardGroups:
+    """The shard and replica groups of pipeline position ``position`` (module docstring).
+
+    A homogeneous cluster's groups are :func:`strided_group` s; a mixed one's are the position's own ranks
+    (:func:`group_of_ranks`: its nodes and slowest links)."""
+    size, replicas = shard_size(cfg), cfg.dp // cfg.shard_group
+    if cluster.is_homogeneous:
+        shard = strided_group(cluster, size, cfg.tp)
+        replicate = strided_group(cluster, replicas, cfg.tp * size) if replicas > 1 else None
+        return ShardGroups(shard, replicate, size, replicas)
+    lay = cfg.layout
+    if cfg.cp == 1 and replicas == 1:  # the position's dp axis, as before HSDP and cp
+        ranks = list(lay.group(lay.rank_of(position, 0, 0), "dp"))
+    else:
+        ranks = [lay.rank_of(position, d, 0, k) for d in range(cfg.shard_group) for k in range(cfg.cp)]
+    replicate = None
+    if replicas > 1:
+        replicate = group_of_ranks(cluster, [lay.rank_of(position, j * cfg.shard_group, 0) for j in range(replicas)])
+    return ShardGroups(group_of_ranks(cluster, ranks), replicate, size, replicas)
+
+
+def zero3_micro_batch_s(weight_bytes: float, grad_bytes: float, groups: ShardGroups, cfg: ParallelConfig,
+                        c: CostConstants) -> float:
+    """ZeRO-3 communication of one micro-batch on one device holding ``weight_bytes`` of (unsharded, per tp
+    rank) weights and ``grad_bytes`` of their gradients: the gathers and the reduce-scatter over the shard
+    group, then (HSDP) the all-reduce of the gradient shard over the replicas."""
+    s = gathers_per_micro_batch(cfg) * all_gather_s(weight_bytes, groups.shard, c) \
+        + reduce_scatter_s(grad_bytes, groups.shard, c)
+    if groups.replicate is not None:
+        s += all_reduce_s(grad_bytes / groups.size, groups.replicate, c)
+    return s
+
+
+def state_bytes_per_param(w: float, g: float, o: float, cfg: ParallelConfig) -> tuple[float, float, float]:
+    """Weight, gradient and optimizer bytes per (unsplit) parameter on one device, after ZeRO and tp."""
+    n = shard_size(cfg)
+    weights = w / (n if cfg.zero_stage >= 3 else 1) / cfg.tp
+    if cfg.zero_stage >= 3 and not cfg.reshard_after_forward and n > 1:
+        weights += w / cfg.tp  # the device's weights stay gathered from forward to backward
+    return (weights, g / (n if cfg.zero_stage >= 2 else 1) / cfg.tp, o / (n if cfg.zero_stage >= 1 else 1) / cfg.tp)
+
+
+def optimizer_shard(cfg: ParallelConfig) -> int:
+    """Ranks the optimizer state (and its step's work) is split over."""
+    return shard_size(cfg) if cfg.zero_stage >= 1 else 1
+
+
+def zero3_temp_bytes_per_param(w: float, g: float, cfg: ParallelConfig) -> float:
+    """ZeRO-3 temporaries per parameter of the largest layer (after tp): two gathered copies and one
+    gradient, or only the gradient when the gathered weights stay (already in the weights)."""
+    if cfg.zero_stage < 3 or shard_size(cfg) <= 1:
+        return 0.0
+    return (g if not cfg.reshard_after_forward else 2 * w + g) / cfg.tp
+
+
+def layer_recompute(recompute: str, index: int, every: int) -> str:
+    """The recomputation layer ``index`` gets: ``recompute``, except that under ``full`` with one layer in
+    ``every`` checkpointed (:func:`recomputes_layer`) the others store everything (``"none"``)."""
+    return "none" if recompute == "full" and not recomputes_layer(index, every) else recompute
