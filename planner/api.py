@@ -105,7 +105,8 @@ def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: i
         if result.best is None:
             raise infeasible_error(resolved.graph, spec, global_batch, result, c, space=space)
         start = time.perf_counter()
-        base = run_baselines(resolved.graph, spec, global_batch, c, pricer=pricer) if baselines else []
+        base = run_baselines(resolved.graph, spec, global_batch, c, pricer=pricer,
+                             fp8=result.best.config.fp8) if baselines else []
         baseline_s = time.perf_counter() - start
         out = build_plan(resolved, spec, result.best, c, global_batch=global_batch, result=result, baselines=base,
                          schedule_options=result.schedule_options, tp_solve=result.tp_solve)
@@ -193,6 +194,8 @@ def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: P
     check_config(config, resolved.graph, spec)
     if config.sequence_parallel:
         runnable_space(resolved, SearchSpace(sequence_parallel=(True,)))
+    if config.cp > 1:  # a preset the runtime cannot split along the sequence: refused, naming cp
+        runnable_space(resolved, SearchSpace(cp=(config.cp,)))
     if partition not in ("balanced", "uniform"):
         raise SpecError("partition", partition, "use 'balanced' (exact DP) or 'uniform' (equal layers per stage)")
     pricer = Pricer(resolved.graph, spec, c)

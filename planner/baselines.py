@@ -29,30 +29,35 @@ _CLASSIC = {"cp": (1,), "ep": (1,), "dp_shard": (None,), "reshard_after_forward"
             "recompute_every": (1,), "tp_max_nodes": 1}
 
 
-def baseline_spaces(cluster: ClusterSpec, *, has_sequence: bool = True) -> dict[str, tuple[str, SearchSpace]]:
+def baseline_spaces(cluster: ClusterSpec, *, has_sequence: bool = True,
+                    fp8: bool = False) -> dict[str, tuple[str, SearchSpace]]:
+    """The recipes' search spaces; ``fp8``: their linears in FP8, as the plan compared with them (the same
+    numerics on both sides of the comparison)."""
     dpn = cluster.devices_per_node if cluster.is_homogeneous else min(g.devices_per_node for g in cluster.groups)
     tp = min(dpn, cluster.num_devices)
+    classic = {**_CLASSIC, "fp8": (fp8,)}
     return {
         "pure-dp": ("pure data parallelism (DDP)",
-                    SearchSpace(tp=(1,), pp=(1,), zero_stage=(0,), sequence_parallel=(False,), **_CLASSIC)),
+                    SearchSpace(tp=(1,), pp=(1,), zero_stage=(0,), sequence_parallel=(False,), **classic)),
         "zero3-fsdp": ("DeepSpeed ZeRO-3 / FSDP, no model parallelism",
-                       SearchSpace(tp=(1,), pp=(1,), zero_stage=(3,), sequence_parallel=(False,), **_CLASSIC)),
+                       SearchSpace(tp=(1,), pp=(1,), zero_stage=(3,), sequence_parallel=(False,), **classic)),
         "megatron-lm": (f"Megatron-LM recipe: tp={tp} within a node, pipeline across nodes, uniform stages, "
                         "sequence parallel + selective recompute",
                         SearchSpace(tp=(tp,), schedules=("1f1b", "interleaved-1f1b"),
                                     sequence_parallel=(True,) if tp > 1 and has_sequence else (False,),
                                     recompute=("selective", "full"), zero_stage=(0, 1), partition="uniform",
-                                    **_CLASSIC)),
+                                    **classic)),
     }
 
 
 def run_baselines(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: CostConstants, *,
-                  pricer: Pricer | None = None) -> list[BaselineRecord]:
+                  pricer: Pricer | None = None, fp8: bool = False) -> list[BaselineRecord]:
     """The best configuration of each recipe under the same cost model; ``pricer`` (the plan's, of the same
-    graph, cluster and constants) shares its tables, tp solves and partitions with the plan's search."""
+    graph, cluster and constants) shares its tables, tp solves and partitions with the plan's search;
+    ``fp8``: the plan's precision, which the recipes run too."""
     pricer = pricer or Pricer(graph, cluster, c)
     out = []
-    for name, (description, space) in baseline_spaces(cluster, has_sequence=bool(graph.seq_len)).items():
+    for name, (description, space) in baseline_spaces(cluster, has_sequence=bool(graph.seq_len), fp8=fp8).items():
         result = search(graph, cluster, global_batch, space=space, top_k=1, pricer=pricer)
         if result.best is None:
             reason = "no configuration of this recipe fits in memory"

@@ -20,6 +20,7 @@ from planner.cost.experts import check_ep
 from planner.cost.fp8 import check_fp8
 from planner.errors import PlannerError, SpecError, raise_all
 from planner.models import FAMILIES, ModelPreset, load_preset
+from planner.models.moe import MoEFeedForward
 from planner.plan import ParallelConfig
 from planner.space import SearchSpace, check_sequence_parallel
 from planner.trace import CostGraph, trace_model
@@ -96,17 +97,54 @@ def default_dtype(cluster: ClusterSpec) -> str:
 
 def runnable_space(resolved: ResolvedModel, space: SearchSpace) -> SearchSpace:
     """``space`` without sequence parallelism for a preset family whose blocks the runtime does not split along
-    the sequence (``Family.sequence_parallel``); asking for it alone is an error naming the fix.
+    the sequence (``Family.sequence_parallel``), and without context parallelism for a preset the runtime
+    cannot shard sequences of (:func:`no_context_parallel`); asking for either alone is an error naming the fix.
 
     A model without a preset (a module, a stored graph) keeps the space: it is planned, not run here.
     """
     preset = resolved.preset
-    if preset is None or preset.spec.sequence_parallel or not resolved.graph.seq_len \
-            or True not in space.sequence_parallel:
+    if preset is None:
+        return space
+    space = replace(_runnable_cp(resolved, space), runtime_combinations=True)
+    if preset.spec.sequence_parallel or not resolved.graph.seq_len or True not in space.sequence_parallel:
         return space
     if False not in space.sequence_parallel:
         raise SpecError("sequence_parallel", True, _no_sequence_parallel(preset))
     return replace(space, sequence_parallel=(False,))
+
+
+CONTEXT_PARALLEL_FAMILIES = ("gpt", "llama")  # whose attention runtime/context_parallel.py shards (it reads this)
+
+
+def no_context_parallel(resolved: ResolvedModel) -> str | None:
+    """Why the runtime cannot run this preset with ``cp > 1`` (the fix included), or None when it can: a family
+    whose attention it does not own, attention or residual dropout (the sharded attention has none), or a
+    mixture of experts (its capacity counts the tokens of one rank's shard)."""
+    preset = resolved.preset
+    if preset is None:
+        return None
+    if preset.family not in CONTEXT_PARALLEL_FAMILIES:
+        return (f"the runtime shards sequences only for the {list(CONTEXT_PARALLEL_FAMILIES)} families, not for "
+                f"{preset.family!r} (model {preset.name}); drop --cp or use --cp 1")
+    modules = list(resolved.module.modules()) if resolved.module is not None else []
+    if any(getattr(m, "dropout", 0.0) for m in modules):
+        return f"model {preset.name} has dropout, which the context-parallel attention does not run; drop --cp"
+    if any(isinstance(m, MoEFeedForward) for m in modules):
+        return (f"model {preset.name} routes tokens to experts with a capacity counted on the tokens each rank "
+                "holds, which cp changes; drop --cp")
+    return None
+
+
+def _runnable_cp(resolved: ResolvedModel, space: SearchSpace) -> SearchSpace:
+    """``space`` with cp = 1 only where the runtime cannot run this preset with cp > 1."""
+    if space.cp == (1,):
+        return space
+    why = no_context_parallel(resolved)
+    if why is None:
+        return space
+    if space.cp is not None and 1 not in space.cp:
+        raise SpecError("cp", space.cp[0] if len(space.cp) == 1 else space.cp, why)
+    return replace(space, cp=(1,))
 
 
 def _no_sequence_parallel(preset: ModelPreset) -> str:
@@ -151,7 +189,7 @@ def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) ->
     if cfg.pp * cfg.virtual_stages > graph.num_layers:
         errors.append(SpecError("pp", cfg.pp, f"the model has {plural(graph.num_layers, 'layer')}, fewer than pp x "
                                 f"virtual stages = {cfg.pp * cfg.virtual_stages}; lower --pp or --virtual-stages"))
-    if (ep_error := check_ep(cfg.ep, cfg.zero_stage, graph)) is not None:  # cost/experts.py
+    if (ep_error := check_ep(cfg.ep, cfg.zero_stage, graph, cfg.shard_group)) is not None:  # cost/experts.py
         errors.append(ep_error)
     raise_all(errors)
     try:

@@ -154,6 +154,8 @@ def _families(pricer: Pricer, global_batch: int, space: SearchSpace) -> list[tup
                     continue
                 for rec in space.recompute:
                     for knobs in _family_knobs(graph, cp, dp, rec, fp8s, space):
+                        if sp and knobs.ep > 1 and space.runtime_combinations:
+                            continue
                         bound = m * pricer.work_bound_s((tp, mb, sp, rec, knobs), pp, dp * cp, priced=False)
                         families.append((bound, (pp, tp, dp, mb, RECOMPUTE.index(rec), sp, knobs)))
     families.sort(key=lambda f: (f[0], f[1][:6], astuple(f[1][6])))
@@ -193,8 +195,13 @@ class _Search:
         family_memory: dict[tuple[float, int], dict[str, float]] = {}
         for sched in schedules_for(pp, space):
             for v in virtuals_for(sched, pp, m, graph.num_layers, space):
+                lower_screened = False  # a ZeRO-0/1 variant passed the memory screen
                 for zero, shard, reshard in self._sharding(pp, dp, tp * knobs.cp):
-                    if zero and knobs.ep > 1:  # ZeRO with expert parallelism is not priced (cost/experts.py)
+                    if zero and (shard or dp) % knobs.ep:  # ZeRO shards experts over dp_shard/ep (cost/experts.py)
+                        continue
+                    if zero == 3 and pp > 1 and lower_screened:  # FSDP under a pipeline: tried for memory
+                        continue
+                    if zero == 3 and knobs.ep > 1 and space.runtime_combinations:
                         continue
                     cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=m,
                                          virtual_stages=v, schedule=sched, recompute=rec, sequence_parallel=sp,
@@ -212,6 +219,7 @@ class _Search:
                         self.bound_misses.sort(key=lambda x: x[0]["total"])
                         del self.bound_misses[3:]
                         continue
+                    lower_screened = lower_screened or zero < 3
                     self.config(cfg, cheap)
 
     def _sharding(self, pp: int, dp: int, dp_stride: int = 1) -> list[tuple[int, int | None, bool]]:
@@ -219,9 +227,11 @@ class _Search:
         tp·cp, the rank distance between dp replicas)."""
         out = []
         for zero in self.space.zero_stage:
-            if (pp > 1 and zero > 1) or (zero and dp == 1):
+            if zero and dp == 1 or (pp > 1 and zero == 2):
                 continue
             reshards = reshard_options(zero, self.space)
+            if pp > 1 and zero == 3 and self.space.reshard_after_forward is None:
+                reshards = (False,)  # FSDP under a pipeline keeps its gathered weights (torchtitan, Llama 3)
             out += [(zero, shard, r) for shard in shard_options(dp, zero, self.pricer.cluster, self.space,
                                                                   dp_stride=dp_stride)
                     for r in reshards]

@@ -51,6 +51,9 @@ class SearchSpace:
     # Tensor parallelism wider than a node, up to this many whole nodes (1: inside a node only). Its
     # collectives cross the network in every layer, which the cost model prices; usually a bad choice.
     tp_max_nodes: int = 2
+    # Only the combinations this project's runtime runs (set for presets by planner.resolve.runnable_space):
+    # expert parallelism without ZeRO-3 or sequence parallelism (runtime/expert_parallel.py).
+    runtime_combinations: bool = False
 
 
 def divisors(n: int) -> list[int]:

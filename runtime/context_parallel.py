@@ -14,11 +14,22 @@ What runs, as :mod:`planner.cost.context_parallel` prices it:
 * **Loss and gradients.** Every cp rank holds the same number of tokens, so the mean of the ranks' local
   mean losses is the mean over all tokens; gradients are averaged over the flattened ``dp × cp`` mesh
   (:func:`data_mesh`), torchtitan's ``dp_cp``.
+* **Recomputation.** ``torch.utils.checkpoint`` re-runs a checkpointed block's forward in the backward,
+  K/V all-gathers included; every cp rank checkpoints the same blocks, so each issues the same gathers in
+  the same order (``tests/runtime/test_runtime_cp.py`` counts them on a fake process group).
+* **Pipeline stages** hold the rank's ``seq/cp`` tokens: the first stage reads them, stages exchange
+  ``[micro_batch, seq/cp, hidden]`` (:func:`runtime.pipeline_parallel.boundary_shape`), positions stay
+  global, and a tied weight's copies are summed between the stages' ranks of equal cp index.
+* **Sequence parallelism** splits the rank's ``seq/cp`` positions over tp (``seq/(cp·tp)`` each); its
+  tp all-gather in front of the attention restores ``seq/cp``, then K and V are gathered over cp.
+* **HSDP** (``dp_shard < dp``): FSDP2's 2-D mesh is the ``dp_cp`` mesh unflattened into
+  ``(replicas, dp_shard·cp)``, the shard group the planner prices (:mod:`planner.cost.sharding`).
 
-Supported: the GPT and Llama families with pp = 1 and without dropout, recomputation, sequence parallelism
-or HSDP; with tensor parallelism (heads split as usual, each rank gathering its heads' K and V) and any ZeRO
-stage over ``dp × cp``. Anything else with ``cp > 1`` is refused (:func:`check_context_parallel`) naming
-``cp`` and the fix.
+Supported: the GPT and Llama families (:data:`planner.resolve.CONTEXT_PARALLEL_FAMILIES`) without dropout or
+experts, with any pp, recomputation, tp (heads split as usual, each rank gathering its heads' K and V), sequence
+parallelism, ZeRO stage and HSDP over ``dp × cp``. Anything else with ``cp > 1`` is refused
+(:func:`check_context_parallel`, :func:`apply_context_parallel`) naming ``cp`` and the fix; the planner leaves
+cp out of the search for those presets (:func:`planner.resolve.runnable_space`).
 """
 
 from __future__ import annotations
@@ -32,9 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_gather_single_autograd
 
+from planner.resolve import CONTEXT_PARALLEL_FAMILIES as SUPPORTED_FAMILIES
 from runtime.errors import RunCheckError
-
-SUPPORTED_FAMILIES = ("gpt", "llama")
 
 
 def check_context_parallel(plan: Any, family: str | None, *, user_model: bool = False) -> None:
@@ -46,16 +56,12 @@ def check_context_parallel(plan: Any, family: str | None, *, user_model: bool = 
         what = "a user model (parallelize())" if user_model else f"family {family!r}"
         raise RunCheckError(f"parallel.cp: {p.cp} > 1 for {what}; the runtime shards sequences only for the "
                             f"{list(SUPPORTED_FAMILIES)} presets, whose attention it owns; re-plan with --cp 1")
-    unsupported = [name for name, bad in (("pp", p.pp > 1), ("recompute", p.recompute != "none"),
-                                          ("sequence_parallel", p.sequence_parallel),
-                                          ("dp_shard", p.dp_shard is not None and p.dp_shard < p.dp)) if bad]
-    if unsupported:
-        raise RunCheckError(f"parallel.cp: {p.cp} > 1 runs with pp = 1, recompute 'none', no sequence parallelism "
-                            f"and no HSDP in this runtime, not with {unsupported}; re-plan with --cp 1 or without "
-                            "those")
     seq = plan.model.seq_len
     if not seq or seq % (2 * p.cp):
         raise RunCheckError(f"parallel.cp: 2*cp = {2 * p.cp} must divide the sequence length {seq}; re-plan")
+    if p.sequence_parallel and (seq // p.cp) % p.tp:
+        raise RunCheckError(f"parallel.cp: sequence parallelism splits each cp rank's {seq // p.cp} positions over "
+                            f"tp = {p.tp}, which does not divide them; re-plan with a cp or tp that does")
 
 
 def shard_positions(seq_len: int, cp: int, cp_index: int) -> torch.Tensor:
@@ -113,10 +119,15 @@ def apply_context_parallel(stage: nn.Module, *, group: Any, cp: int, seq_len: in
     """Patch the embeddings and attentions of ``stage`` (GPT or Llama) for cp; returns how many were patched."""
     from planner.models.blocks import Attention
     from planner.models.gpt import CausalSelfAttention, GPTEmbedding
+    from planner.models.moe import MoEFeedForward
 
     ctx = _CP(group, cp, seq_len, cp_index, device)
     patched = 0
     for module in stage.modules():
+        if isinstance(module, MoEFeedForward):  # capacity C = ceil(k·T·cf/E) counts the tokens it is given
+            raise RunCheckError("parallel.cp: a mixture-of-experts layer sizes its expert capacity from the tokens "
+                                "it routes, and under cp each rank routes its seq/cp of them, so other tokens are "
+                                "dropped than without cp; re-plan with --cp 1")
         forward = {GPTEmbedding: _gpt_embedding_forward, CausalSelfAttention: _gpt_attention_forward,
                    Attention: _llama_attention_forward}.get(type(module))
         if forward is not None:

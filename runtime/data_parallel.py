@@ -61,6 +61,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from runtime.expert_parallel import zero_expert_slices
 from runtime.model import StageModule
 
 
@@ -189,6 +190,9 @@ class _Slice:
     start: int
     chunk: int  # every rank's slice length before clipping to the tensor (the all-gather pads to it)
     numel: int
+    group: Any = None  # the ranks sharing the parameter's slices: dp (x cp), or an expert's replicas under ep
+    world: int = 1  # their number
+    divisor: int = 1  # the gradient mean's: dp (x cp) (an expert's gradient sums its ep group's tokens too)
 
 
 class OptimizerShards:
@@ -221,11 +225,15 @@ class OptimizerShards:
                                        "not be views of it")
                 flat = local.detach().view(-1)
                 n = flat.numel()
-                chunk = math.ceil(n / self.world)
-                start = min(index * chunk, n)
+                # an expert's slices span the dp/ep ranks holding it (runtime/expert_parallel.py)
+                group, world, at, divisor = zero_expert_slices(param, zero_stage) or (self.group, self.world,
+                                                                                      index, self.world)
+                chunk = math.ceil(n / world)
+                start = min(at * chunk, n)
                 stop = min(start + chunk, n)
                 piece = _Slice(name=name, param=param, start=start, chunk=chunk, numel=n,
-                               shard=nn.Parameter(flat[start:stop], requires_grad=param.requires_grad))
+                               shard=nn.Parameter(flat[start:stop], requires_grad=param.requires_grad),
+                               group=group, world=world, divisor=divisor)
                 mine.append(piece)
                 self._by_param[id(param)] = piece
             self._slices.append(mine)
@@ -270,17 +278,21 @@ class OptimizerShards:
         """Collective over dp: average the gradients; give each slice its part (see the class docstring)."""
         pieces = [s for group in self._slices for s in group if s.param.grad is not None]
         if self.zero_stage == 1:  # the flat all-reduce of every whole gradient, as without ZeRO
-            _allreduce_flat([_local(s.param.grad) for s in pieces], self.group, self.world)
+            _allreduce_flat([_local(s.param.grad) for s in pieces if s.group is self.group], self.group, self.world)
+            experts = [s for s in pieces if s.group is not self.group]  # over their replicas (expert_parallel.py)
+            for group in dict.fromkeys(s.group for s in experts):
+                mine = [s for s in experts if s.group is group]
+                _allreduce_flat([_local(s.param.grad) for s in mine], group, mine[0].divisor)
             for s in pieces:
                 s.shard.grad = _local(s.param.grad).view(-1)[s.start:s.start + s.shard.numel()]
             return
         for s in pieces:
             flat = _local(s.param.grad).reshape(-1)
-            padded = torch.zeros(s.chunk * self.world, dtype=flat.dtype, device=flat.device)
+            padded = torch.zeros(s.chunk * s.world, dtype=flat.dtype, device=flat.device)
             padded[:s.numel] = flat
             out = torch.empty(s.chunk, dtype=flat.dtype, device=flat.device)
-            dist.reduce_scatter_single(out, padded, group=self.group)
-            s.shard.grad = out[:s.shard.numel()].div_(self.world)
+            dist.reduce_scatter_single(out, padded, group=s.group)
+            s.shard.grad = out[:s.shard.numel()].div_(s.divisor)
             s.param.grad = None
 
     @torch.no_grad()
@@ -291,8 +303,8 @@ class OptimizerShards:
                 s.param.grad = None
                 padded = torch.zeros(s.chunk, dtype=s.shard.dtype, device=s.shard.device)
                 padded[:s.shard.numel()] = s.shard
-                out = torch.empty(s.chunk * self.world, dtype=s.shard.dtype, device=s.shard.device)
-                dist.all_gather_single(out, padded, group=self.group)
+                out = torch.empty(s.chunk * s.world, dtype=s.shard.dtype, device=s.shard.device)
+                dist.all_gather_single(out, padded, group=s.group)
                 _local(s.param).view(-1).copy_(out[:s.numel])
 
 
@@ -362,8 +374,8 @@ class OptimizerShards:
     def _gathered(self, s: _Slice, value: torch.Tensor) -> torch.Tensor:
         padded = torch.zeros(s.chunk, dtype=value.dtype, device=value.device)
         padded[:value.numel()] = value.reshape(-1)
-        out = torch.empty(s.chunk * self.world, dtype=value.dtype, device=value.device)
-        dist.all_gather_single(out, padded, group=self.group)
+        out = torch.empty(s.chunk * s.world, dtype=value.dtype, device=value.device)
+        dist.all_gather_single(out, padded, group=s.group)
         local = out[:s.numel].view(_local(s.param).shape)
         if isinstance(s.param, DTensor):
             return DTensor.from_local(local, s.param.device_mesh, s.param.placements, run_check=False,

@@ -55,6 +55,7 @@ from planner.cost.sharding import shard_size
 from planner.plan import Plan
 from runtime.data_parallel import HSDP_AXES, OptimizerShards
 from runtime.errors import RunCheckError
+from runtime.expert_parallel import expert_slice_at
 from runtime.parallel_dims import ParallelDims
 
 AGREE_RTOL = 0.02  # the issue's bar: predicted and instantiated model-state bytes within 2%
@@ -375,7 +376,8 @@ def _slice_bytes(param: torch.Tensor, element_size: int, coords: dict[str, int],
     """Bytes of the ZeRO slice at ``coords`` of ``param``: its local numel there, cut into ``dp`` even slices."""
     (layout, _), = _layouts([param]).items()
     numel = _bytes_at_coord(layout, coords) // layout[4]
-    return _chunk_size(numel, dp, coords["dp"]) * element_size
+    ranks, index = expert_slice_at(param, coords["dp"]) or (dp, coords["dp"])  # an expert: over its dp/ep holders
+    return _chunk_size(numel, ranks, index) * element_size
 
 
 @functools.cache

@@ -19,8 +19,22 @@ and divided by ``dp``, the data-parallel mean; every other parameter is averaged
 before (:func:`runtime.data_parallel.allreduce_gradients` skips the experts). DDP would average the
 experts over all of ``dp``, so ``ep > 1`` runs the flat all-reduce mode instead.
 
-Refused with a :class:`~runtime.errors.RunCheckError` naming ``ep`` and the fix: ZeRO (any stage),
-context parallelism, sequence parallelism, checkpoints, models without
+ZeRO-1/2 (:class:`runtime.data_parallel.OptimizerShards`): an expert weight's optimizer slices span
+the ``dp/ep`` ranks holding it (:func:`zero_expert_slices`), every other weight's the dp ranks; its
+gradient is all-reduced (ZeRO-1) or reduce-scattered (ZeRO-2) over those ranks and divided by ``dp``,
+and the updated slices are all-gathered over them (Megatron's expert-data-parallel group).
+
+Tensor parallelism (any ``ep``; Megatron's expert tensor parallelism): every rank of a tp group keeps
+a ``1/tp`` slice of each kept expert's ffn dim, ``w_gate``/``w_up`` column-parallel (``[E, h, f/tp]``)
+and ``w_down`` row-parallel (``[E, f/tp, h]``), as DTensors ``Shard`` on the tp mesh
+(:func:`apply_expert_tensor_parallel`). The tp ranks see the same slots (the MoE block's input is
+whole on every tp rank, with or without sequence parallelism), so each computes its slice of every
+expert's hidden units and one all-reduce over tp sums the partial outputs; in backward, one all-reduce
+over tp sums the slots' input gradients (Megatron's ``g`` and ``f``). This is what the planner prices:
+the expert GEMMs and weights divided by tp like every other linear.
+
+Refused with a :class:`~runtime.errors.RunCheckError` naming ``ep`` and the fix: ZeRO-3 (FSDP2 would
+shard the experts over the dp mesh and average their gradients over it), context parallelism, sequence parallelism, checkpoints, models without
 :class:`~planner.models.moe.MoEFeedForward` layers (a user's own expert modules), and
 ``runtime.parallelize`` (the user's own loop).
 """
@@ -33,6 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.tensor import DTensor, Shard
+from torch.nn import functional as F
 
 from planner.models.moe import MoEFeedForward
 from runtime.errors import RunCheckError
@@ -50,8 +66,9 @@ def check_expert_parallel(plan: Any, model: nn.Module | None, *, user_model: boo
     if user_model:
         why = ("runtime.parallelize (the user's own model and loop) does not split experts; train the preset with "
                "`python -m runtime`, or re-plan with --ep 1")
-    elif par.zero_stage:
-        why = f"ZeRO stage {par.zero_stage} with expert parallelism is not supported; re-plan with --zero 0 or --ep 1"
+    elif par.zero_stage >= 3:
+        why = (f"zero_stage {par.zero_stage} (FSDP2) with expert parallelism is not supported (ZeRO-1/2 are); "
+               "re-plan with --zero 1 or --zero 2, or --ep 1")
     elif par.cp > 1 or par.sequence_parallel:
         why = "expert parallelism with context or sequence parallelism is not supported; re-plan with --ep 1"
     elif checkpoint_dir:
@@ -160,13 +177,14 @@ def reduce_expert_gradients(modules: list[nn.Module]) -> None:
     seen: set[int] = set()
     for module in modules:
         for p in module.parameters():
-            if id(p) in seen or not is_expert(p) or p.grad is None:
-                continue
+            if id(p) in seen or not is_expert(p) or p.grad is None or hasattr(p, "_expert_zero"):
+                continue  # ZeRO-1/2 reduce theirs over the same ranks (zero_expert_slices)
             seen.add(id(p))
             group, dp, _ = p._expert_parallel  # type: ignore[attr-defined]
+            grad = p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad  # a tp slice: its own part
             if dist.get_world_size(group) > 1:
-                dist.all_reduce(p.grad, group=group)
-            p.grad.div_(dp)
+                dist.all_reduce(grad, group=group)
+            grad.div_(dp)
 
 
 def counted_in_norm(param: torch.Tensor) -> bool | None:
@@ -174,7 +192,21 @@ def counted_in_norm(param: torch.Tensor) -> bool | None:
     rank counts its expert shard (the first ep group's ranks hold every expert exactly once)."""
     if not is_expert(param):
         return None
+    if getattr(param, "_expert_zero", 0) == 2:  # ZeRO-2: this rank's slice of its ep shard, held by no other rank
+        return True
     return param._expert_parallel[2] == 0  # type: ignore[attr-defined]
+
+
+def zero_expert_slices(param: torch.Tensor, zero_stage: int) -> tuple[Any, int, int, int] | None:
+    """For :class:`runtime.data_parallel.OptimizerShards`: ``(group, ranks, this rank's index, gradient
+    divisor)`` of an expert weight's ZeRO slices (the ``dp/ep`` ranks holding the same experts; the mean
+    over ``dp``), None for any other weight. Marks the weight so that :func:`reduce_expert_gradients`
+    leaves its reduction to the slices."""
+    if not is_expert(param):
+        return None
+    group, dp, index = param._expert_parallel  # type: ignore[attr-defined]
+    param._expert_zero = zero_stage  # type: ignore[attr-defined]
+    return group, dist.get_world_size(group), index, dp
 
 
 def apply_plan_experts(stages: list[nn.Module], plan: Any, dp_mode: Any) -> Any:
@@ -188,3 +220,95 @@ def apply_plan_experts(stages: list[nn.Module], plan: Any, dp_mode: Any) -> Any:
         apply_expert_parallel(stage, ep=par.ep, ep_rank=ep_rank, ep_group=ep_group, replica_group=replica_group,
                               replica_index=replica_index, dp=par.dp)
     return DataParallelMode("allreduce") if dp_mode.kind == "ddp" else dp_mode
+
+
+TP_DIMS = {"w_gate": 2, "w_up": 2, "w_down": 1}  # the ffn dim of each stacked weight: column, column, row
+
+
+def apply_expert_tensor_parallel(stages: list[nn.Module], tp_mesh: Any) -> int:
+    """Split the ffn dim of every kept expert weight of ``stages`` over ``tp_mesh`` (module docstring);
+    returns how many MoE layers it split. Run after :func:`apply_expert_parallel` (it keeps its tags)."""
+    tp, index = tp_mesh.size(), tp_mesh.get_local_rank()
+    count = 0
+    for stage in stages:
+        for module in stage.modules():
+            if not isinstance(module, MoEFeedForward):
+                continue
+            for name, dim in TP_DIMS.items():
+                full = getattr(module, name)
+                if full.shape[dim] % tp:
+                    raise RunCheckError(f"tp: the plan has tp={tp}; it must divide the experts' ffn width "
+                                        f"({full.shape[dim]}) to split them; re-plan with a tp dividing it")
+                width = full.shape[dim] // tp
+                local = full.detach().narrow(dim, index * width, width).clone()
+                sharded = DTensor.from_local(local, tp_mesh, [Shard(dim)], run_check=False, shape=full.shape,
+                                             stride=_contiguous_stride(full.shape))
+                param = nn.Parameter(sharded, requires_grad=full.requires_grad)
+                if is_expert(full):
+                    param._expert_parallel = full._expert_parallel  # type: ignore[attr-defined]
+                setattr(module, name, param)
+            module.experts_forward = _TensorParallelExperts(module, tp_mesh.get_group())  # type: ignore[method-assign]
+            count += 1
+    return count
+
+
+def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
+    stride, out = 1, []
+    for size in reversed(shape):
+        out.append(stride)
+        stride *= size
+    return tuple(reversed(out))
+
+
+class _TensorParallelExperts:
+    """:meth:`MoEFeedForward.experts_forward` on this rank's slice of every expert's hidden units."""
+
+    def __init__(self, module: MoEFeedForward, group: Any) -> None:
+        self.module, self.group = module, group
+
+    def __call__(self, expert_in: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        x = _CopyToTp.apply(expert_in, self.group)
+        gate, up, down = (w.to_local() for w in (m.w_gate, m.w_up, m.w_down))
+        act = F.silu(torch.bmm(x, gate)) * torch.bmm(x, up)
+        return _SumOverTp.apply(torch.bmm(act, down), self.group)
+
+
+class _CopyToTp(torch.autograd.Function):
+    """Identity forward; backward sums the input gradient over tp (each rank's hidden units add theirs)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumOverTp(torch.autograd.Function):
+    """Forward sums the partial outputs over tp; backward passes the (whole, replicated) gradient on."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def expert_slice_at(param: torch.Tensor, dp_index: int) -> tuple[int, int] | None:
+    """``(ranks, index)`` of the ZeRO-1/2 slice an expert weight has at data-parallel index ``dp_index``
+    (:func:`zero_expert_slices`: its ``dp/ep`` holders, one per ep group), None for any other weight;
+    for ``runtime.dry_run``, which evaluates every rank's bytes from the one it builds."""
+    if not hasattr(param, "_expert_zero"):
+        return None
+    group, dp, _ = param._expert_parallel  # type: ignore[attr-defined]
+    ranks = dist.get_world_size(group)
+    return ranks, dp_index // (dp // ranks)

@@ -120,13 +120,15 @@ def _pp_index_of(plan: Plan, ranks: tuple[int, ...]) -> int:
 def boundary_shape(plan: Plan, hidden: int) -> tuple[int, int, int]:
     """``[micro_batch, seq, hidden]`` of the tensor one stage sends the next, on one rank.
 
-    With ``sequence_parallel`` it is this tp rank's shard: ``seq / tp`` positions (see the module docstring).
+    With ``sequence_parallel`` it is this tp rank's shard: ``seq / tp`` positions (see the module docstring);
+    with ``cp > 1`` the cp rank's ``seq / cp`` positions (its two chunks), before that split.
     """
     p = plan.parallel
     seq_len = plan.model.seq_len
     if seq_len is None:
         raise RunCheckError(f"model.seq_len: the plan of {plan.model.name} has none; the pipeline needs it to size "
                             "what stages exchange; re-create the plan")
+    seq_len //= p.cp  # context parallelism: this cp rank's 2 chunks of every sequence (runtime.context_parallel)
     return (p.micro_batch_size, seq_len // p.tp if p.sequence_parallel else seq_len, hidden)
 
 
@@ -140,8 +142,9 @@ def stage_io_examples(plan: Plan, preset: ModelPreset, stage_index: int, device:
     boundary = torch.empty(boundary_shape(plan, preset.config["hidden"]), device="meta", requires_grad=True)
     # The head runs under the plan's autocast (runtime.step.plan_autocast): bf16 logits on GPUs for bf16 plans.
     logits_dtype = torch.bfloat16 if device.type == "cuda" and plan.model.dtype == "bf16" else torch.float32
-    tokens = torch.empty((p.micro_batch_size, plan.model.seq_len), dtype=torch.long, device="meta")
-    logits = torch.empty((p.micro_batch_size, plan.model.seq_len, preset.config.get("vocab_size", 51200)),
+    local_seq = plan.model.seq_len // p.cp  # cp > 1: the first stage reads, the last returns, the rank's tokens
+    tokens = torch.empty((p.micro_batch_size, local_seq), dtype=torch.long, device="meta")
+    logits = torch.empty((p.micro_batch_size, local_seq, preset.config.get("vocab_size", 51200)),
                          dtype=logits_dtype, device="meta", requires_grad=True)
     return (tokens if stage_index == 0 else boundary), (logits if stage_index == last else boundary)
 

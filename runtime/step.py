@@ -263,11 +263,12 @@ def tied_groups(tied: list[TiedParameter], plan: Plan, layout: RankLayout, timeo
             continue
         mine = None
         for d in range(layout.dp):
-            for tp_i in range(layout.tp):
-                ranks = [layout.rank_of(p, d, tp_i) for p in positions]
-                g = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
-                if rank in ranks:
-                    mine = g
+            for cp_i in range(layout.cp):  # each cp rank's copies: its own tokens' gradient
+                for tp_i in range(layout.tp):
+                    ranks = [layout.rank_of(p, d, tp_i, cp_i) for p in positions]
+                    g = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+                    if rank in ranks:
+                        mine = g
         groups.append(TiedGroup(names=names, group=mine))
     return groups
 

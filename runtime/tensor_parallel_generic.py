@@ -56,8 +56,9 @@ its parent as ``cls.predictions.bias``) is split once, the same way for every mo
 (:mod:`runtime.tensor_parallel_tied`).
 
 What is split is only ever a Linear, a ``Conv1D``, an Embedding or a head-bias table, so
-convolutions, recurrent layers, norms and Mixtral's experts stay whole on every rank, as the
-planner's placements say. The equivalence tests are tests/runtime/test_runtime_equivalence.py,
+convolutions, recurrent layers and norms stay whole on every rank, as the planner's placements say
+(the stacked experts of ``planner.models.moe.MoEFeedForward`` are split by the preset loop's
+:func:`runtime.expert_parallel.apply_expert_tensor_parallel`, not here). The equivalence tests are tests/runtime/test_runtime_equivalence.py,
 test_runtime_mlp_cnn.py, test_runtime_blocks_tp.py, test_runtime_families.py,
 test_runtime_planner_plans.py and test_parallelize_hf_models.py. Sequence parallelism is the one
 family-specific layout: :mod:`runtime.sequence_parallel_gpt` and :mod:`runtime.sequence_parallel_llama`.

@@ -48,7 +48,7 @@ from runtime.context_parallel import (
 from runtime.data import SyntheticData, as_iterator, check_local_batch, map_inputs
 from runtime.data_parallel import DataParallelMode, OptimizerShards, apply_data_parallel
 from runtime.errors import RunCheckError
-from runtime.expert_parallel import apply_plan_experts, check_expert_parallel
+from runtime.expert_parallel import apply_expert_tensor_parallel, apply_plan_experts, check_expert_parallel
 from runtime.float8 import convert_float8
 from runtime.model import (
     StageModule,
@@ -334,6 +334,8 @@ def parallelize_stages(model: nn.Module, plan: Plan, mesh, device: torch.device
     grads_mesh = data_mesh(mesh, par.cp)  # dp, or dp x cp flattened
     if par.ep > 1:  # each rank keeps 1/ep of the experts, tokens routed by all-to-all (runtime/expert_parallel.py)
         dp_mode = apply_plan_experts(stages, plan, dp_mode)
+    if par.tp > 1:  # each expert's ffn dim split over tp, as the planner prices it (runtime/expert_parallel.py)
+        apply_expert_tensor_parallel(stages, mesh["tp"])
     if par.cp > 1:  # sequence shards at global positions, K/V all-gathers (runtime/context_parallel.py)
         for stage in stages:
             apply_context_parallel(stage, group=mesh["cp"].get_group(), cp=par.cp, seq_len=plan.model.seq_len,

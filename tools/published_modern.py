@@ -4,7 +4,8 @@
 8K and at 128K on 16,384 H100s, torchtitan's Llama 3.1 405B 3-D run on 512 H100s, Mixtral 8x7B on
 64 H100s with Megatron-Core), price the published configuration (:func:`planner.api.evaluate`), plan
 the same model on the same GPUs with the same global batch and sequence (:func:`planner.api.plan`,
-every knob of schema 2.1 in the search), and put both next to what the run measured.
+every knob of schema 2.1 in the search, at the run's own precision: FP8 only where the run used it),
+and put both next to what the run measured.
 
 The measured figure is converted to a step time with the publishers' FLOP count (6 x the parameters
 a token passes through, plus 12 x layers x hidden x sequence for attention: Megatron's Eq. 3, PaLM's
@@ -21,7 +22,9 @@ from dataclasses import dataclass, replace
 from planner.api import evaluate, plan
 from planner.cluster import ClusterSpec
 from planner.cost.constants import trainer_constants
+from planner.errors import InfeasibleError
 from planner.plan import ParallelConfig, Plan
+from planner.space import SearchSpace
 
 KNOBS = ("dp", "tp", "cp", "pp", "ep", "micro_batch_size", "virtual_stages", "schedule", "recompute",
          "recompute_every", "sequence_parallel", "zero_stage", "dp_shard", "reshard_after_forward", "fp8")
@@ -43,6 +46,24 @@ class ModernCase:
     source: str
     memory_gib: float | None = None  # the run's device memory, when not the preset's 80 GB
     settings: tuple[tuple[str, object], ...] = ()  # cost constants the source states (overlap flags)
+    unstated: tuple[str, ...] = ()  # knobs the source does not give: the planner picks them for the run
+
+    def pinned_space(self) -> SearchSpace:
+        """The search space of the published configuration: every stated knob fixed, the unstated free."""
+        cfg, free = self.config, set(self.unstated)
+
+        def pin(name: str, value: object) -> object:
+            return None if name in free else (value,)
+
+        return SearchSpace(
+            tp=pin("tp", cfg.tp), pp=pin("pp", cfg.pp), dp=pin("dp", cfg.dp), cp=pin("cp", cfg.cp),
+            ep=pin("ep", cfg.ep), micro_batch_size=pin("micro_batch_size", cfg.micro_batch_size),
+            schedules=pin("schedule", cfg.schedule), virtual_stages=pin("virtual_stages", cfg.virtual_stages),
+            recompute=pin("recompute", cfg.recompute) or ("none", "selective", "full"),
+            recompute_every=pin("recompute_every", cfg.recompute_every),
+            sequence_parallel=(cfg.sequence_parallel,), zero_stage=(cfg.zero_stage,),
+            dp_shard=(cfg.dp_shard,), reshard_after_forward=(cfg.reshard_after_forward,), fp8=(cfg.fp8,),
+            overlap_grad_reduce=cfg.overlap_grad_reduce, partition="balanced")
 
     @property
     def gpus(self) -> int:
@@ -67,16 +88,16 @@ CASES: tuple[ModernCase, ...] = (
         config=_megatron(dp=128, tp=8, pp=16, micro_batch_size=1, num_micro_batches=16, virtual_stages=2,
                          schedule="interleaved-1f1b", sequence_parallel=True, zero_stage=3,
                          reshard_after_forward=False),
-        trainer="megatron", measured=400.0, measured_unit="tflops",
+        trainer="megatron", measured=400.0, measured_unit="tflops", unstated=("virtual_stages", "recompute", "recompute_every"),
         source="Llama Team 2024, 'The Llama 3 Herd of Models', Table 4 (TP8 CP1 PP16 DP128, 16M tokens per batch, "
                "400 TFLOP/s per GPU, BF16 MFU 41%); FSDP without reshard after forward (Sec. 3.3.2); interleaved "
-               "schedule, v not stated (2 here)"),
+               "schedule; chunks per device and activation recomputation not stated"),
     ModernCase(
         name="Llama 3 405B, 128K", model="llama3-405b", seq_len=131072, nodes=2048, global_batch=128,
         config=_megatron(dp=8, tp=8, cp=16, pp=16, micro_batch_size=1, num_micro_batches=16, virtual_stages=2,
                          schedule="interleaved-1f1b", sequence_parallel=True, zero_stage=3,
                          reshard_after_forward=False),
-        trainer="megatron", measured=380.0, measured_unit="tflops",
+        trainer="megatron", measured=380.0, measured_unit="tflops", unstated=("virtual_stages", "recompute", "recompute_every"),
         source="Llama Team 2024, Table 4 (TP8 CP16 PP16 DP8, 16M tokens per batch, 380 TFLOP/s per GPU, BF16 MFU "
                "38%)"),
     ModernCase(
@@ -132,10 +153,15 @@ class Row:
 def run_case(case: ModernCase) -> Row:
     cluster = case.cluster()
     c = replace(trainer_constants(case.trainer), **dict(case.settings))
-    published = evaluate(case.model, cluster, case.config, seq_len=case.seq_len, constants=c)
+    try:  # the published configuration, its unstated knobs at their best for it
+        published = plan(case.model, cluster, global_batch=case.global_batch, seq_len=case.seq_len, constants=c,
+                         space=case.pinned_space(), baselines=False)
+    except InfeasibleError:  # nothing of it fits in the cost model's memory: priced as written
+        published = evaluate(case.model, cluster, case.config, seq_len=case.seq_len, constants=c)
     start = time.perf_counter()
+    # The published run's numerics: the planner may not trade BF16 for FP8 where the run did not.
     planned = plan(case.model, cluster, global_batch=case.global_batch, seq_len=case.seq_len, constants=c,
-                   baselines=False)
+                   space=SearchSpace(fp8=(case.config.fp8,)), baselines=False)
     return Row(case=case, published=published, planned=planned, plan_s=time.perf_counter() - start)
 
 

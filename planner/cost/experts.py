@@ -30,24 +30,48 @@ dropped, not the time; a dropless router (DeepSeek-V3, MegaBlocks) would wait on
 rank, which this model does not price (it assumes balanced routing, as the capacity factor does).
 The GEMMs' shapes change (``E/ep`` batches of ``ep·C`` rows): priced with the traced shapes.
 
-ZeRO with ``ep > 1`` is not priced (the expert states would shard over ``dp/ep`` ranks, the rest
-over ``dp``): :func:`planner.resolve.check_config` refuses it and the search does not try it.
+ZeRO with ``ep > 1`` (torchtitan's FSDP2 on the dp-mod-ep mesh for the experts; Megatron's
+expert-data-parallel group): the non-expert states shard over the usual shard group of ``n``
+ranks (:func:`planner.cost.sharding.shard_size`), the expert states over the ``n/ep`` ranks of it that
+hold the same experts (stride ``ep·cp·tp``), so every rank holds ``1/n`` of the model's expert states::
+
+    per expert parameter on one rank (E_r = E/ep of them, after tp)   w, g, o as for the rest, with
+                                                                      n/ep in place of n
+    ZeRO-1/2   reduce-scatter(g·E_r/tp) + all-gather(w·E_r/tp) over the n/ep ranks,        once per step
+               the rest's over the n ranks
+    ZeRO-3     the gathers and reduce-scatter of planner.cost.sharding over the n/ep ranks   per micro-batch
+               for the experts (HSDP: + their all-reduce over the same replicas)
+    optimizer step and gradient accumulation: the experts' shard is n/ep ranks
+
+``n/ep`` must be a whole number (``ep`` divides the shard group, :func:`check_ep`). ZeRO-3's
+temporaries (the gathered largest layer) are priced as without ep (the gathered layer holds the
+rank's ``E/ep`` experts either way).
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from planner.cluster import ClusterSpec
-from planner.cost.comm import Group, all_reduce_s, all_to_all_s, strided_group
+from planner.cost.comm import Group, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, strided_group
 from planner.cost.constants import DTYPE_BYTES, CostConstants
-from planner.cost.sharding import layer_recompute
+from planner.cost.sharding import (
+    ShardGroups,
+    layer_recompute,
+    shard_size,
+    state_bytes_per_param,
+    zero3_micro_batch_s,
+)
 from planner.errors import SpecError
+from planner.plan import ParallelConfig
 from planner.trace.graph import CostGraph, Layer
 
-__all__ = ["add_expert_rows", "all_to_all_bytes", "check_ep", "dp_grad_all_reduce_s", "ep_group", "expert_all_to_all_s",
-           "expert_params", "expert_parallel_row", "expert_replica_group", "has_experts", "layer_all_to_all_s",
-           "moe_expert_counts"]
+__all__ = ["add_expert_rows", "all_to_all_bytes", "check_ep", "device_expert_params", "dp_grad_all_reduce_s", "ep_group",
+           "expert_all_to_all_s", "expert_params", "expert_parallel_row", "expert_replica_group", "expert_shard_extra",
+           "expert_shard_groups", "expert_shard_size", "expert_state_extra", "has_experts", "layer_all_to_all_s",
+           "moe_expert_counts", "zero3_expert_micro_batch_s", "zero_expert_params", "zero_step_s"]
 
 
 def has_experts(graph: CostGraph) -> bool:
@@ -95,19 +119,30 @@ def routed_tokens(seq_len: int | None, *, micro_batch: int, tp: int, sequence_pa
 
 def expert_parallel_row(arr: dict[str, np.ndarray], i: int, layer: Layer, *, graph: CostGraph, cluster: ClusterSpec,
                         micro_batch: int, tp: int, sequence_parallel: bool, recompute: str, ep: int, cp: int,
-                        dtype: str, c: CostConstants) -> None:
+                        dtype: str, c: CostConstants, group: Group | None = None,
+                        seen: dict[object, tuple[float, float]] | None = None) -> None:
     """Layer ``i``'s row of a layer table under ``ep > 1``: experts split, the all-to-alls added.
 
     ``arr`` holds :func:`planner.cost.layer_table.layer_table`'s arrays; this adds ``ep_p`` (expert
-    parameters per rank) and ``a2a`` (forward + backward all-to-all seconds) beside them.
+    parameters per rank) and ``a2a`` (forward + backward all-to-all seconds) beside them. ``group`` (the ep
+    group) and ``seen`` (all-to-all seconds by layer signature) let a caller pricing every layer build
+    each once: planning time.
     """
     n = graph.num_layers
     for key in ("ep_p", "a2a"):
         arr.setdefault(key, np.zeros(n))
     if not layer.experts:
         return
-    tokens = routed_tokens(graph.seq_len, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel, cp=cp)
-    fwd, bwd = layer_all_to_all_s(layer, tokens=tokens, dtype=dtype, group=ep_group(cluster, ep=ep, tp=tp, cp=cp), c=c)
+    key = (layer.signature, layer.experts)  # the routing itself too: what the buffers are made of
+    hit = seen.get(key) if seen is not None else None
+    if hit is None:
+        tokens = routed_tokens(graph.seq_len, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
+                               cp=cp)
+        hit = layer_all_to_all_s(layer, tokens=tokens, dtype=dtype, c=c,
+                                 group=group if group is not None else ep_group(cluster, ep=ep, tp=tp, cp=cp))
+        if seen is not None:
+            seen[key] = hit
+    fwd, bwd = hit
     arr["tcf"][i] += fwd
     arr["tc"][i] += fwd + bwd
     if recompute == "full":  # the recomputed forward dispatches and combines again
@@ -125,10 +160,11 @@ def add_expert_rows(arr: dict[str, np.ndarray], graph: CostGraph, cluster: Clust
     ep, cp, every = knobs.ep, knobs.cp, knobs.recompute_every  # type: ignore[attr-defined]
     if ep == 1:
         return
+    group, seen = ep_group(cluster, ep=ep, tp=tp, cp=cp), {}  # type: ignore[var-annotated]
     for i, layer in enumerate(graph.layers):
         expert_parallel_row(arr, i, layer, graph=graph, cluster=cluster, micro_batch=micro_batch, tp=tp,
                             sequence_parallel=sequence_parallel, recompute=layer_recompute(recompute, i, every),
-                            ep=ep, cp=cp, dtype=dtype, c=c)
+                            ep=ep, cp=cp, dtype=dtype, c=c, group=group, seen=seen)
 
 
 def dp_grad_all_reduce_s(table: object, chunks: list[tuple[int, int]], grads: float, dp_group: Group, *,
@@ -156,8 +192,99 @@ def expert_all_to_all_s(table: object, chunks: list[tuple[int, int]], num_micro_
     return num_micro_batches * sum(float(per_layer[a:b].sum()) for a, b in chunks)
 
 
-def check_ep(ep: int, zero_stage: int, graph: CostGraph) -> SpecError | None:
-    """Why ``ep`` cannot be priced on ``graph`` (naming the field and the fix), or None."""
+def expert_shard_size(cfg: ParallelConfig) -> int:
+    """Ranks one expert shard spans under ZeRO: the shard group's ranks holding the same experts."""
+    return shard_size(cfg) // cfg.ep
+
+
+def expert_shard_groups(cluster: ClusterSpec, cfg: ParallelConfig, groups: ShardGroups) -> ShardGroups:
+    """The experts' ZeRO groups beside ``groups`` (the rest's): ``n/ep`` ranks ``ep·cp·tp`` apart, the same
+    HSDP replicas."""
+    n = expert_shard_size(cfg)
+    return ShardGroups(strided_group(cluster, n, cfg.ep * cfg.cp * cfg.tp), groups.replicate, n, groups.replicas)
+
+
+def zero_expert_params(table: object, chunks: list[tuple[int, int]], cfg: ParallelConfig) -> float:
+    """Expert parameters per tp rank of the device holding ``chunks`` that ZeRO shards over the smaller
+    group (0.0 without ZeRO, ep or experts)."""
+    if cfg.zero_stage == 0 or cfg.ep == 1 or getattr(table, "expert_params", None) is None:
+        return 0.0
+    return device_expert_params(table, chunks) / cfg.tp
+
+
+def device_expert_params(table: object, chunks: list[tuple[int, int]]) -> float:
+    """``Σ table.expert_params[a:b]`` over ``chunks`` (each run's numpy sum, memoised on the table: the
+    search prices the same runs for many configurations)."""
+    memo = table._totals.setdefault("expert_runs", {})  # type: ignore[attr-defined]
+    total = 0.0
+    for a, b in chunks:
+        run = memo.get((a, b))
+        if run is None:
+            run = memo[(a, b)] = float(table.expert_params[a:b].sum())  # type: ignore[attr-defined]
+        total += run
+    return total
+
+
+def expert_state_extra(table: object, cfg: ParallelConfig, c: CostConstants) -> tuple[float, float, float, float] | None:
+    """What one expert parameter adds on one rank over any other under ZeRO with ep: weight, gradient,
+    optimizer and optimizer-temporary bytes (expert shard ``n/ep`` in place of ``n``); None when there is
+    no such split (the memory formulas are then those of before, to the bit)."""
+    if cfg.zero_stage == 0 or cfg.ep == 1 or getattr(table, "expert_params", None) is None:
+        return None
+    return _state_extra(c.state_bytes(table.dtype), c.optimizer_temp_bytes_per_param, cfg)  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=4096)
+def _state_extra(wgo: tuple[float, float, float], opt_temp: float,
+                 cfg: ParallelConfig) -> tuple[float, float, float, float]:
+    """:func:`expert_state_extra`'s arithmetic, once per (bytes, configuration): planning time."""
+    w, g, o = wgo
+    n, n_e = shard_size(cfg), expert_shard_size(cfg)
+    rest = state_bytes_per_param(w, g, o, cfg)
+    mine = state_bytes_per_param(w, g, o, cfg, n_e)
+    temp = opt_temp / cfg.tp
+    return mine[0] - rest[0], mine[1] - rest[1], mine[2] - rest[2], temp / n_e - temp / n
+
+
+def expert_shard_extra(table: object, chunks: list[tuple[int, int]], cfg: ParallelConfig, shard: int) -> float:
+    """What the experts add to ``params / shard`` (per-tp-rank parameters over a ZeRO shard of ``shard``
+    ranks) when their shard is ``shard/ep``: the optimizer step's and gradient accumulation's work."""
+    experts = zero_expert_params(table, chunks, cfg)
+    if not experts or shard == 1:
+        return 0.0
+    return experts / (shard // cfg.ep) - experts / shard
+
+
+def zero_step_s(table: object, chunks: list[tuple[int, int]], grads: float, weights: float, groups: ShardGroups,
+                cfg: ParallelConfig, cluster: ClusterSpec, c: CostConstants) -> tuple[float, float]:
+    """ZeRO-1/2's reduce-scatter and all-gather seconds of one device (``grads``/``weights`` bytes per tp
+    rank): over the shard group, the experts' part over theirs (module docstring)."""
+    experts = zero_expert_params(table, chunks, cfg)
+    if not experts:
+        return reduce_scatter_s(grads, groups.shard, c), all_gather_s(weights, groups.shard, c)
+    w_b, g_b, _ = c.state_bytes(table.dtype)  # type: ignore[attr-defined]
+    mine = expert_shard_groups(cluster, cfg, groups).shard
+    return (reduce_scatter_s(grads - g_b * experts, groups.shard, c) + reduce_scatter_s(g_b * experts, mine, c),
+            all_gather_s(weights - w_b * experts, groups.shard, c) + all_gather_s(w_b * experts, mine, c))
+
+
+def zero3_expert_micro_batch_s(table: object, chunks: list[tuple[int, int]], weights: float, grads: float,
+                               groups: ShardGroups, cfg: ParallelConfig, cluster: ClusterSpec,
+                               c: CostConstants) -> float:
+    """ZeRO-3's communication of one micro-batch (:func:`planner.cost.sharding.zero3_micro_batch_s`), the
+    experts' gathers and reduce-scatter over their own group."""
+    experts = zero_expert_params(table, chunks, cfg)
+    if not experts:
+        return zero3_micro_batch_s(weights, grads, groups, cfg, c)
+    w_b, g_b, _ = c.state_bytes(table.dtype)  # type: ignore[attr-defined]
+    return (zero3_micro_batch_s(weights - w_b * experts, grads - g_b * experts, groups, cfg, c)
+            + zero3_micro_batch_s(w_b * experts, g_b * experts, expert_shard_groups(cluster, cfg, groups), cfg, c))
+
+
+def check_ep(ep: int, zero_stage: int, graph: CostGraph, shard_group: int | None = None) -> SpecError | None:
+    """Why ``ep`` cannot be priced on ``graph`` (naming the field and the fix), or None. ``shard_group``:
+    the ZeRO shard group's dp ranks (:attr:`planner.plan.ParallelConfig.shard_group`), which ZeRO needs ep to
+    divide."""
     if ep == 1:
         return None
     counts = moe_expert_counts(graph)
@@ -168,7 +295,8 @@ def check_ep(ep: int, zero_stage: int, graph: CostGraph) -> SpecError | None:
         return SpecError("ep", ep, f"each rank of an expert-parallel group holds an equal share of every MoE layer's "
                          f"experts ({'/'.join(map(str, counts))}): ep must divide that count; use one of {fits} "
                          "(that also divides dp)")
-    if zero_stage:
-        return SpecError("ep", ep, f"ZeRO stage {zero_stage} with expert parallelism is not priced (expert states "
-                         "would shard over dp/ep ranks); use zero_stage 0 with ep, or ep 1")
+    if zero_stage and shard_group is not None and shard_group % ep:
+        return SpecError("ep", ep, f"ZeRO stage {zero_stage} shards the expert states over the ranks of the shard "
+                         f"group ({shard_group} dp ranks) holding the same experts: ep must divide it; use an ep "
+                         "dividing dp_shard, a dp_shard that ep divides, or zero_stage 0")
     return None

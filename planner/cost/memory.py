@@ -7,7 +7,9 @@ ones used there, counted once) split ``tp`` ways, and ``(w, g, o)`` bytes per pa
     weights     w·P/tp   (÷dp with ZeRO-3 / FSDP full sharding)      ÷dp: over ZeRO's shard group,
     gradients   g·P/tp   (÷dp with ZeRO-2 and ZeRO-3)                HSDP's dp_shard (× cp), and the
     optimizer   o·P/tp   (÷dp with ZeRO-1, 2 and 3)                  gathered stage added when ZeRO-3
-                                                                     keeps it (planner.cost.sharding)
+                                                                     keeps it (planner.cost.sharding);
+                                                                     expert states under ep: ÷(that/ep)
+                                                                     (planner.cost.experts)
     activations in_flight · Σ_layers stored(layer) + max_layers work(layer)
     temporary   2 · max_layers out(layer)                 the output being produced and its
                                                           gradient; pipeline send/receive buffers
@@ -41,6 +43,7 @@ import numpy as np
 
 from planner.cluster import ClusterSpec
 from planner.cost.constants import DTYPE_BYTES, CostConstants
+from planner.cost.experts import device_expert_params, expert_state_extra
 from planner.cost.sharding import optimizer_shard, state_bytes_per_param, zero3_temp_bytes_per_param
 from planner.plan import ParallelConfig
 
@@ -139,8 +142,15 @@ def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight:
     activations = in_flight * stored + work
     # The optimizer step runs after the activations are freed: its temporaries add only what
     # exceeds the backward-time peak.
-    temp += max(0.0, _optimizer_temp_per_param(cfg, c) * params - activations - temp)
-    return MemoryParts(pw * params, pg * params, po * params, activations, temp)
+    extra = expert_state_extra(table, cfg, c)  # ZeRO with ep: the experts over their own shard (cost/experts.py)
+    if extra is None:
+        temp += max(0.0, _optimizer_temp_per_param(cfg, c) * params - activations - temp)
+        return MemoryParts(pw * params, pg * params, po * params, activations, temp)
+    experts = device_expert_params(table, chunks)
+    opt_temp = _optimizer_temp_per_param(cfg, c) * params + extra[3] * experts
+    temp += max(0.0, opt_temp - activations - temp)
+    return MemoryParts(pw * params + extra[0] * experts, pg * params + extra[1] * experts,
+                       po * params + extra[2] * experts, activations, temp)
 
 
 def usable_memory_bytes(cluster: ClusterSpec, c: CostConstants) -> float:
@@ -185,6 +195,12 @@ def stage_memory_matrix(table: LayerTable, cfg: ParallelConfig, c: CostConstants
     mats = table.matrices()
     state = sum(_per_param_bytes(table, cfg, c)) * mats["params"]
     opt_temp = _optimizer_temp_per_param(cfg, c) * mats["params"]
+    extra = expert_state_extra(table, cfg, c)  # ZeRO with ep: the experts over their own shard (cost/experts.py)
+    if extra is not None:
+        E = np.concatenate([[0.0], np.cumsum(table.expert_params)])  # type: ignore[arg-type]
+        experts = E[None, :] - E[:, None]
+        state = state + sum(extra[:3]) * experts
+        opt_temp = opt_temp + extra[3] * experts
     transient = mats["work_out"]
     gather = _gather_bytes_per_param(table, cfg, c)
     if gather:
@@ -217,6 +233,8 @@ def stage_memory_vec(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *
     gather = _gather_bytes_per_param(table, cfg, c)
     tied = [(u, name, numel, owner) for u in range(n) for name, numel, owner in table.tied[u]]
     logits = _logits_factor(table, cfg, c)
+    extra = expert_state_extra(table, cfg, c)  # ZeRO with ep: the experts over their own shard (cost/experts.py)
+    E = np.concatenate([[0.0], np.cumsum(table.expert_params)]) if extra is not None else None  # type: ignore[arg-type]
 
     def vec(j: int, k: int) -> np.ndarray:
         i = np.arange(j)
@@ -235,6 +253,10 @@ def stage_memory_vec(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *
             peak = peak + gather * np.maximum.accumulate(table.params[:j][::-1])[::-1]
         if k == p - 1:
             peak = peak + logits * table.output_bytes[j - 1]
+        if extra is not None:
+            experts = E[j] - E[i]  # type: ignore[index]
+            return per_param * params + sum(extra[:3]) * experts + np.maximum(peak, opt_temp * params
+                                                                             + extra[3] * experts)
         return per_param * params + np.maximum(peak, opt_temp * params)
 
     return vec

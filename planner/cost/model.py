@@ -32,12 +32,16 @@ from planner import schedules
 from planner.cluster import ClusterSpec
 from planner.cost.comm import (
     Group,
-    all_gather_s,
-    reduce_scatter_s,
     step_collective_notes,
 )
 from planner.cost.constants import CostConstants
-from planner.cost.experts import dp_grad_all_reduce_s, expert_all_to_all_s
+from planner.cost.experts import (
+    dp_grad_all_reduce_s,
+    expert_all_to_all_s,
+    expert_shard_extra,
+    zero3_expert_micro_batch_s,
+    zero_step_s,
+)
 from planner.cost.layer_table import (
     NO_KNOBS,
     TP_PRICING,
@@ -63,7 +67,7 @@ from planner.cost.memory import (
 )
 from planner.cost.pipeline_links import pipeline_p2p_s, tied_holder_devices, tied_sync_s
 from planner.cost.positions import Position, chunks_of_device, positions
-from planner.cost.sharding import optimizer_shard, shard_groups, shard_size, zero3_micro_batch_s
+from planner.cost.sharding import optimizer_shard, shard_groups, shard_size
 from planner.plan import ParallelConfig
 from planner.schedules.closed_form import in_flight_per_device, step_time
 from planner.trace.graph import CostGraph
@@ -216,8 +220,8 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
             reduce = dp_grad_all_reduce_s(table, chunks, grads, dp_group, dp=cfg.dp, ep=cfg.ep, tp=cfg.tp, cp=cfg.cp,
                                           cluster=cluster, c=c)
             gather = 0.0
-        elif cfg.zero_stage < 3:
-            reduce, gather = reduce_scatter_s(grads, dp_group, c), all_gather_s(weights, dp_group, c)
+        elif cfg.zero_stage < 3:  # the experts' part over their own shard group under ep (cost/experts.py)
+            reduce, gather = zero_step_s(table, chunks, grads, weights, groups, cfg, cluster, c)
         else:  # gradients are reduce-scattered per micro-batch, parameters gathered on use
             reduce, gather = 0.0, 0.0
         if gather and c.overlap_param_gather:  # buckets gather under the next step's first forward
@@ -232,17 +236,21 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
             fsdp_host = m * units * c.fsdp_layer_overhead_s
         dp_exposed.append(reduce + gather + (fsdp_host if cfg.zero_stage < 3 else 0.0))
         if cfg.zero_stage >= 3 and cfg.dp > 1:
-            per_mb = zero3_micro_batch_s(weights, grads, groups, cfg, c)  # gathers, reduce-scatter (HSDP: + all-reduce)
+            # gathers, reduce-scatter (HSDP: + all-reduce); the experts' over their own group (cost/experts.py)
+            per_mb = zero3_expert_micro_batch_s(table, chunks, weights, grads, groups, cfg, cluster, c)
             # prefetch hides what compute covers, where the two run at the same time
             fsdp_exposed.append(m * max(0.0, per_mb - c.comm_compute_overlap * per_device[d]) + fsdp_host)
         else:
             fsdp_exposed.append(0.0)
         tied_sync.append(tied_sync_s(table, boundaries, d, cfg, cluster, c, g_b, tied_holders))
         shard = optimizer_shard(cfg)
-        optim_s.append(c.optimizer_step_bytes_per_param * params / shard / bw_mem)
+        optim_s.append(c.optimizer_step_bytes_per_param * params / shard / bw_mem
+                       + c.optimizer_step_bytes_per_param * expert_shard_extra(table, chunks, cfg, shard) / bw_mem)
         # every micro-batch after the first adds its gradients into the sum (ZeRO-2/3: into the shard)
         acc_shard = shard_size(cfg) if cfg.zero_stage >= 2 else 1
-        accum_s.append((m - 1) * c.grad_accumulation_bytes_per_param * params / acc_shard / bw_mem)
+        accum_s.append((m - 1) * c.grad_accumulation_bytes_per_param * params / acc_shard / bw_mem
+                       + (m - 1) * c.grad_accumulation_bytes_per_param
+                       * expert_shard_extra(table, chunks, cfg, acc_shard) / bw_mem)
     return dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s
 
 

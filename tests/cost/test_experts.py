@@ -6,10 +6,11 @@ import pytest
 
 from planner.api import plan
 from planner.cluster import ClusterSpec
-from planner.cost.comm import all_reduce_s, strided_group
+from planner.cost.comm import all_gather_s, all_reduce_s, reduce_scatter_s, strided_group
 from planner.cost.constants import DTYPE_BYTES, CostConstants
 from planner.cost.experts import expert_params, has_experts
 from planner.cost.layer_table import TableKnobs, layer_table
+from planner.cost.memory import stage_memory, stage_memory_matrix, stage_memory_vec, stage_params
 from planner.cost.model import evaluate
 from planner.errors import InfeasibleError, SpecError
 from planner.plan import ParallelConfig
@@ -103,13 +104,78 @@ def test_bad_degrees_are_refused(graph):
     with pytest.raises(SpecError) as err:
         check_config(ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=1, num_micro_batches=1, ep=8), graph, cluster)
     assert err.value.field == "ep" and "[1, 2, 4]" in str(err.value)
-    with pytest.raises(SpecError, match="zero_stage 0"):
-        check_config(ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=1, num_micro_batches=1, ep=2, zero_stage=1),
-                     graph, cluster)
+    check_config(ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=1, num_micro_batches=1, ep=2, zero_stage=1),
+                 graph, cluster)  # ZeRO with ep is priced (test_zero_with_ep_by_hand)
+    with pytest.raises(SpecError, match="ep must divide it") as err:  # HSDP: the expert shard is dp_shard/ep
+        check_config(ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=1, num_micro_batches=1, ep=4, zero_stage=3,
+                                    dp_shard=2), graph, cluster)
+    assert err.value.field == "ep"
     with pytest.raises(SpecError, match="no mixture-of-experts"):
         check_config(ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=1, num_micro_batches=1, ep=2),
                      trace_preset("llama-tiny"), cluster)
     check_config(ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=1, num_micro_batches=1, ep=4), graph, cluster)
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_zero_with_ep_by_hand(graph, node, zero):
+    # dp=8 ep=2 on one node: the dense states shard over the 8 dp ranks, the expert states (half the
+    # experts on a rank) over the 4 ranks holding the same experts (every other rank); so each rank
+    # holds 1/8 of the model's expert states too.
+    c = CostConstants(fsdp_layer_overhead_s=0.0, comm_compute_overlap=0.0, optimizer_temp_bytes_per_param=0.0)
+    w_b, g_b, o_b = c.state_bytes(graph.dtype)
+    n, m = graph.num_layers, 2
+    cfg = ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=2, num_micro_batches=m, ep=2, zero_stage=zero)
+    table = layer_table(graph, node, micro_batch=2, tp=1, sequence_parallel=False, recompute="none", c=c,
+                        knobs=TableKnobs(ep=2))
+    pred = evaluate(graph, node, cfg, [(0, n)], c, table=table)
+    experts = sum(expert_params(layer) for layer in graph.layers) / 2  # on one rank
+    total = stage_params(table, 0, n)
+    dense = total - experts
+    assert total == graph.param_count - experts
+    mem = pred.memory_per_device[0]
+    assert mem.optimizer == pytest.approx(o_b * dense / 8 + o_b * experts / 4, rel=1e-12)
+    if zero == 1:
+        assert (mem.weights, mem.gradients) == (w_b * total, g_b * total)
+    else:
+        assert mem.weights == pytest.approx(w_b * dense / 8 + w_b * experts / 4, rel=1e-12)
+        assert mem.gradients == pytest.approx(g_b * dense / 8 + g_b * experts / 4, rel=1e-12)
+    all8, mine = strided_group(node, 8, 1), strided_group(node, 4, 2)  # dp, and the expert-data-parallel ranks
+    if zero == 1:  # once per step: reduce-scatter the gradients, all-gather the updated weights
+        by_hand = (reduce_scatter_s(g_b * dense, all8, c) + reduce_scatter_s(g_b * experts, mine, c)
+                   + all_gather_s(w_b * dense, all8, c) + all_gather_s(w_b * experts, mine, c))
+        assert pred.time_breakdown_s["dp_comm_exposed"] == pytest.approx(by_hand, rel=1e-12)
+        assert pred.time_breakdown_s["zero3_gather_exposed"] == 0.0
+    else:  # per micro-batch: two gathers (forward, backward) and a reduce-scatter
+        per_mb = (2 * all_gather_s(w_b * dense, all8, c) + reduce_scatter_s(g_b * dense, all8, c)
+                  + 2 * all_gather_s(w_b * experts, mine, c) + reduce_scatter_s(g_b * experts, mine, c))
+        assert pred.time_breakdown_s["zero3_gather_exposed"] == pytest.approx(m * per_mb, rel=1e-12)
+        assert pred.time_breakdown_s["dp_comm_exposed"] == 0.0
+    assert all8.nodes == mine.nodes == 1 and mine.size == 4
+    assert sum(pred.time_breakdown_s.values()) == pytest.approx(pred.step_time_s)
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_zero_with_ep_memory_paths_agree(graph, node, zero):
+    # the partition DP's vector and matrix forms price the expert shard as stage_memory does
+    c = CostConstants(optimizer_temp_bytes_per_param=400.0)  # the optimizer temporaries bind for some stages
+    cfg = ParallelConfig(dp=4, tp=2, pp=2, micro_batch_size=2, num_micro_batches=4, ep=2, zero_stage=zero)
+    table = layer_table(graph, node, micro_batch=2, tp=2, sequence_parallel=False, recompute="none", c=c,
+                        knobs=TableKnobs(ep=2))
+    flights = [2.0, 1.0]
+    vec = stage_memory_vec(table, cfg, c, p=2, in_flight=flights)
+    mat = stage_memory_matrix(table, cfg, c, p=2, in_flight=flights)
+    n = graph.num_layers
+    for k in range(2):
+        for i in range(n):
+            for j in range(i + 1, n + 1):
+                ref = stage_memory(table, [(i, j)], in_flight=flights[k], cfg=cfg, c=c, is_last=(k == 1)).total
+                assert vec(j, k)[i] == pytest.approx(ref, rel=1e-9)
+                assert mat(k)[i, j] == pytest.approx(ref, rel=1e-9)
+    o_b = c.state_bytes(graph.dtype)[2]
+    experts = float(table.expert_params.sum())
+    mine = stage_memory(table, [(0, n)], in_flight=1.0, cfg=cfg, c=c, is_last=True)
+    by_hand = o_b * (stage_params(table, 0, n) - experts) / 4 / 2 + o_b * experts / 2 / 2  # shard 4 or 2, tp 2
+    assert mine.optimizer == pytest.approx(by_hand, rel=1e-12)
 
 
 def test_ep_options(graph):

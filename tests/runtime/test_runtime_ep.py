@@ -5,8 +5,9 @@ shared expert, a dense first block): the experts split over ep data-parallel ran
 and combined by autograd all-to-alls on gloo; 3 AdamW steps in fp32, losses within 1e-5 of a plain
 single-process loop and gradient norms within 1e-4 relative. Every plan keeps micro-batches of 2 rows,
 the reference's, so each rank's routing (capacity and drop order) is the single process's. One
-launch per world size: dp=2 ep=2 on 2 ranks; dp=4 ep=2, dp=4 ep=4 and pp=2 x dp=2 ep=2 on 4. What
-the runtime cannot run (ZeRO with ep) is refused naming ``ep``.
+launch per world size: dp=2 ep=2 (and ZeRO-1), tp=2 on 2 ranks; dp=4 ep=2 (and ZeRO-1, ZeRO-2),
+dp=4 ep=4, pp=2 x dp=2 ep=2 and tp=2 x dp=2 ep=2 on 4. What the runtime cannot run (ZeRO-3 with ep) is refused naming ``ep`` and
+``zero_stage``.
 
 Run as a script, it prints the equivalence table of docs/runtime.md ("Expert parallelism")::
 
@@ -26,13 +27,21 @@ from runtime.expert_parallel import check_expert_parallel
 
 STEPS = 3
 WORLD2 = {"mixtral-tiny dp=2 ep=2": dict(preset="mixtral-tiny", dp=2, ep=2),
-          "deepseek-tiny dp=2 ep=2": dict(preset="deepseek-tiny", dp=2, ep=2)}
+          "deepseek-tiny dp=2 ep=2": dict(preset="deepseek-tiny", dp=2, ep=2),
+          "mixtral-tiny dp=2 ep=2 zero1": dict(preset="mixtral-tiny", dp=2, ep=2, zero_stage=1),
+          # experts under tp: each expert's ffn dim split over the 2 tp ranks (apply_expert_tensor_parallel)
+          "mixtral-tiny tp=2": dict(preset="mixtral-tiny", tp=2, ep=1, num_micro_batches=4)}
 WORLD4 = {"mixtral-tiny dp=4 ep=2": dict(preset="mixtral-tiny", dp=4, ep=2, num_micro_batches=1),
           "mixtral-tiny dp=4 ep=4": dict(preset="mixtral-tiny", dp=4, ep=4, num_micro_batches=1),
           "deepseek-tiny dp=4 ep=4": dict(preset="deepseek-tiny", dp=4, ep=4, num_micro_batches=1),
-          "mixtral-tiny pp=2 dp=2 ep=2": dict(preset="mixtral-tiny", pp=2, dp=2, ep=2)}
+          "mixtral-tiny pp=2 dp=2 ep=2": dict(preset="mixtral-tiny", pp=2, dp=2, ep=2),
+          # ZeRO: the experts' optimizer slices over the 2 ranks holding them, the rest over the 4 dp ranks
+          "mixtral-tiny dp=4 ep=2 zero1": dict(preset="mixtral-tiny", dp=4, ep=2, num_micro_batches=1, zero_stage=1),
+          "mixtral-tiny dp=4 ep=2 zero2": dict(preset="mixtral-tiny", dp=4, ep=2, num_micro_batches=1, zero_stage=2),
+          "mixtral-tiny tp=2 dp=2 ep=2": dict(preset="mixtral-tiny", tp=2, dp=2, ep=2),
+          "deepseek-tiny tp=2 dp=2 ep=2 zero1": dict(preset="deepseek-tiny", tp=2, dp=2, ep=2, zero_stage=1)}
 PLAIN = {"mixtral-tiny dp=2": dict(preset="mixtral-tiny", dp=2, ep=1)}
-REFUSED = {"mixtral-tiny dp=2 ep=2 zero1": dict(preset="mixtral-tiny", dp=2, ep=2, zero_stage=1)}
+REFUSED = {"mixtral-tiny dp=2 ep=2 zero3": dict(preset="mixtral-tiny", dp=2, ep=2, zero_stage=3)}
 
 
 def ep_plan(*, ep: int, **spec):
@@ -97,9 +106,32 @@ def test_each_rank_holds_half_the_experts(world2_results):
 
 
 @pytest.mark.multiprocess
-def test_zero_with_ep_is_refused(world2_results):
-    error = world2_results["mixtral-tiny dp=2 ep=2 zero1"].error
-    assert error is not None and error.startswith("ep:") and "--zero 0" in error
+def test_zero3_with_ep_is_refused(world2_results):
+    error = world2_results["mixtral-tiny dp=2 ep=2 zero3"].error
+    assert error is not None and error.startswith("ep:") and "zero_stage 3" in error and "--zero 1" in error
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_dry_run_splits_expert_state_over_ep_tp_and_zero(zero_stage):
+    """mixtral-tiny dp=4 tp=2 on the meta device: ep=2 halves each rank's expert weights (4 MoE layers of
+    4 experts x 3 x [64, 64] fp32, /tp: 24,576 elements a layer -> 12,288), while ZeRO slices them over
+    the dp/ep = 2 ranks holding them instead of all 4, so the optimizer state (and ZeRO-2's gradient
+    slices) are the same either way: every rank holds 1/4 of the expert states. Every unbuilt rank's
+    bytes equal building it (runtime.dry_run's layout rule for expert slices)."""
+    from runtime.dry_run import dry_run
+
+    def state(ep: int, rank: int | None = None):
+        plan = ep_plan(preset="mixtral-tiny", dp=4, tp=2, ep=ep, zero_stage=zero_stage, num_micro_batches=1)
+        report = dry_run(plan, build_model=lambda: tiny_preset("mixtral-tiny").build(device="meta"), rank=rank)
+        return {r: g.instantiated for g in report.groups for r in g.ranks}
+
+    whole, split = state(1), state(2)
+    saved = 4 * (24_576 - 12_288) * 4  # bytes of the experts a rank no longer holds
+    assert whole[0].parameters - split[0].parameters == saved
+    assert whole[0].optimizer == split[0].optimizer
+    assert whole[0].gradients - split[0].gradients == (0 if zero_stage == 2 else saved)
+    for rank in (3, 6):  # tp 1 of dp 1 (second ep group's first replica), tp 0 of dp 3
+        assert state(2, rank)[rank] == split[rank]
 
 
 def test_unknown_experts_and_user_loops_are_refused():
