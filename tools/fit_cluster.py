@@ -12,8 +12,15 @@ Two figures the datasheets do not give and the shared measurements pin down:
   It sets what a micro-batch costs beyond its FLOPs under tensor parallelism. Fitted on the one-node
   groups, checked on the multi-node groups.
 
+* ``device.fused_attention_efficiency``: the share of peak the fused (flash) attention kernels of the
+  measured runs sustain. Fitted on one publisher's runs of a device (``--fit-published PREFIX``: the
+  published runs whose id starts with it, on ``--presets``), checked on the other publishers' runs
+  of that device.
+
     python -m tools.fit_cluster --param device.gemm_efficiency
     python -m tools.fit_cluster --param intra_node.latency_s
+    python -m tools.fit_cluster --param device.fused_attention_efficiency --device A100-SXM4-80GB \
+        --fit-published llmfoundry --presets dgx-a100-80g,dgx-a100-40g
 
 Objective: the median |log(predicted / measured step time)| over the healthy configurations (>= 25%
 of the group's best) of the fit groups.
@@ -31,6 +38,7 @@ from planner.validation.price import Priced, validate_cases
 
 PARAMS = {
     "device.gemm_efficiency": "0.40:0.81:0.02",
+    "device.fused_attention_efficiency": "0.20:0.55:0.05",
     "intra_node.latency_s": "0:8.1e-05:5e-06",
 }
 
@@ -72,18 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-groups", default="playbook-1B:8,playbook-3B:8",
                     help="sweep groups to fit on (comma-separated; one node each)")
     ap.add_argument("--grid", default=None, help="start:stop:step of the values tried (default per parameter)")
+    ap.add_argument("--fit-published", metavar="PREFIX", help="fit on the published runs whose id starts with "
+                    "PREFIX (on --presets) instead of sweep groups; check on the other published runs there")
+    ap.add_argument("--presets", default="dgx-h100", help="cluster presets of the published runs fitted and "
+                    "checked (comma-separated)")
     args = ap.parse_args(argv)
     start, stop, step = (float(x) for x in (args.grid or PARAMS[args.param]).split(":"))
     grid = [round(start + i * step, 9) for i in range(int(round((stop - start) / step)) + 1)]
     cases = load_cases("all").cases
-    fit_groups = set(args.fit_groups.split(","))
-    fit = [c for c in cases if c.group in fit_groups]
-    if not fit:
-        raise SystemExit(f"--fit-groups: no case in {sorted(fit_groups)}")
-    if args.param.startswith("device."):
-        check = [c for c in cases if c.source == "published" and c.cluster.preset == "dgx-h100"]
+    presets = set(args.presets.split(","))
+    on_device = [c for c in cases if c.source == "published" and c.cluster.preset in presets]
+    if args.fit_published:
+        fit_groups = {f"published {args.fit_published}* on {sorted(presets)}"}
+        fit = [c for c in on_device if c.case_id.startswith(args.fit_published)]
+        check = [c for c in on_device if not c.case_id.startswith(args.fit_published)]
     else:
-        check = [c for c in cases if c.source == "sweep" and c.group not in fit_groups]
+        fit_groups = set(args.fit_groups.split(","))
+        fit = [c for c in cases if c.group in fit_groups]
+        check = on_device if args.param.startswith("device.") else \
+            [c for c in cases if c.source == "sweep" and c.group not in fit_groups]
+    if not fit:
+        raise SystemExit(f"no case to fit on in {sorted(fit_groups)}")
     rows = [(_log_error(_price(fit, args.param, v, args.device)), v) for v in grid]
     best = min(rows)[1]
     print(f"{args.param}: fitted on the healthy configurations of {sorted(fit_groups)}")
