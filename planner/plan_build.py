@@ -39,7 +39,7 @@ def _prediction(cand: Candidate, cfg: ParallelConfig, graph: CostGraph, global_b
     per_rank = []
     for pp_index in range(cfg.pp):
         total = int(pred.memory_per_device[pp_index].total)
-        per_rank.extend([total] * (cfg.dp * cfg.tp))
+        per_rank.extend([total] * (cfg.dp * cfg.cp * cfg.tp))  # the ranks of one pipeline position
     peak_device = max(range(cfg.pp), key=lambda d: pred.memory_per_device[d].total)
     sched = pred.schedule_result
     devices = chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)

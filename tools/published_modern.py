@@ -82,24 +82,27 @@ def _megatron(**kw: object) -> ParallelConfig:
     return ParallelConfig(**kw)  # type: ignore[arg-type]
 
 
+def _llama3(name: str, *, seq_len: int, global_batch: int, dp: int, cp: int, tflops: float,
+            source: str) -> ModernCase:
+    """A Llama 3 405B pre-training stage on 16,384 H100s (Table 4): TP8 PP16, FSDP without reshard after
+    forward, interleaved 1F1B over 16 micro-batches; chunks per device and recomputation not stated."""
+    return ModernCase(
+        name=name, model="llama3-405b", seq_len=seq_len, nodes=2048, global_batch=global_batch,
+        config=_megatron(dp=dp, tp=8, cp=cp, pp=16, micro_batch_size=1, num_micro_batches=16, virtual_stages=2,
+                         schedule="interleaved-1f1b", sequence_parallel=True, zero_stage=3,
+                         reshard_after_forward=False),
+        trainer="megatron", measured=tflops, measured_unit="tflops",
+        unstated=("virtual_stages", "recompute", "recompute_every"), source=source)
+
+
 CASES: tuple[ModernCase, ...] = (
-    ModernCase(
-        name="Llama 3 405B, 8K", model="llama3-405b", seq_len=8192, nodes=2048, global_batch=2048,
-        config=_megatron(dp=128, tp=8, pp=16, micro_batch_size=1, num_micro_batches=16, virtual_stages=2,
-                         schedule="interleaved-1f1b", sequence_parallel=True, zero_stage=3,
-                         reshard_after_forward=False),
-        trainer="megatron", measured=400.0, measured_unit="tflops", unstated=("virtual_stages", "recompute", "recompute_every"),
-        source="Llama Team 2024, 'The Llama 3 Herd of Models', Table 4 (TP8 CP1 PP16 DP128, 16M tokens per batch, "
-               "400 TFLOP/s per GPU, BF16 MFU 41%); FSDP without reshard after forward (Sec. 3.3.2); interleaved "
-               "schedule; chunks per device and activation recomputation not stated"),
-    ModernCase(
-        name="Llama 3 405B, 128K", model="llama3-405b", seq_len=131072, nodes=2048, global_batch=128,
-        config=_megatron(dp=8, tp=8, cp=16, pp=16, micro_batch_size=1, num_micro_batches=16, virtual_stages=2,
-                         schedule="interleaved-1f1b", sequence_parallel=True, zero_stage=3,
-                         reshard_after_forward=False),
-        trainer="megatron", measured=380.0, measured_unit="tflops", unstated=("virtual_stages", "recompute", "recompute_every"),
-        source="Llama Team 2024, Table 4 (TP8 CP16 PP16 DP8, 16M tokens per batch, 380 TFLOP/s per GPU, BF16 MFU "
-               "38%)"),
+    _llama3("Llama 3 405B, 8K", seq_len=8192, global_batch=2048, dp=128, cp=1, tflops=400.0,
+            source="Llama Team 2024, 'The Llama 3 Herd of Models', Table 4 (TP8 CP1 PP16 DP128, 16M tokens per "
+                   "batch, 400 TFLOP/s per GPU, BF16 MFU 41%); FSDP without reshard after forward (Sec. 3.3.2); "
+                   "interleaved schedule; chunks per device and activation recomputation not stated"),
+    _llama3("Llama 3 405B, 128K", seq_len=131072, global_batch=128, dp=8, cp=16, tflops=380.0,
+            source="Llama Team 2024, Table 4 (TP8 CP16 PP16 DP8, 16M tokens per batch, 380 TFLOP/s per GPU, BF16 "
+                   "MFU 38%)"),
     ModernCase(
         name="torchtitan Llama 3.1 405B, 3-D", model="llama3-405b", seq_len=32768, nodes=64, global_batch=64,
         config=_megatron(dp=8, tp=8, pp=8, micro_batch_size=1, num_micro_batches=8, schedule="1f1b",

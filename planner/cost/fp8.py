@@ -56,7 +56,7 @@ def check_fp8(cluster: ClusterSpec) -> None:
     missing = sorted({g.device.name for g in cluster.groups if not has_fp8(g.device)})
     if missing:
         raise SpecError("fp8", True, f"device {', '.join(missing)} has no FP8 peak (FP8 tensor cores start with "
-                        "H100); drop fp8 (--fp8), or give the device peak_flops.fp8 if it has them")
+                        "H100); drop --fp8, or give the device peak_flops.fp8 if it has them")
 
 
 def cast_s(layer: Layer, *, micro_batch: int, tp: int, device: DeviceSpec, c: CostConstants,

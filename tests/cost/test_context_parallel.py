@@ -121,3 +121,14 @@ def test_only_rotary_presets_stretch_beyond_their_positions():
     with pytest.raises(SpecError) as err:  # GPT's learned position table has 64 rows
         resolve_model("gpt-tiny", seq_len=128, dtype="bf16")
     assert err.value.field == "seq_len" and "learned" in str(err.value)
+
+
+def test_a_cp_plan_lists_the_memory_of_every_rank():
+    from planner.api import evaluate
+    from planner.plan import ParallelConfig
+
+    cfg = ParallelConfig(cp=2, pp=2, micro_batch_size=2, num_micro_batches=2)
+    p = evaluate("gpt-tiny", "cpu-local", cfg, devices_per_node=4, dtype="fp32")
+    assert len(p.predicted.memory_per_device_bytes) == cfg.world_size == 4
+    assert sorted(set(p.predicted.memory_per_device_bytes)) == sorted({int(d.memory_bytes["total"])
+                                                                       for d in p.predicted.devices})
