@@ -276,7 +276,8 @@ def sharding_notes(cfg: ParallelConfig, cluster: ClusterSpec) -> list[str]:
         peak = min(g.device.peak("fp8") for g in cluster.groups)
         notes.append(f"FP8: the linear layers (all but the output head) run float8 GEMMs (torchao) at the FP8 peak "
                      f"of {peak / 1e12:.0f} TFLOP/s with their casts priced; weights, optimizer state and saved "
-                     "activations stay as in bf16 training.")
+                     "activations stay as in bf16 training. FP8 changes the training numerics (scaled 8-bit "
+                     "products): check convergence against bf16, or plan with --no-fp8.")
     if cfg.recompute == "full" and cfg.recompute_every > 1:
         k = cfg.recompute_every
         notes.append(f"Full recomputation of one layer in every {k} (layers {k - 1}, {2 * k - 1}, ...: torchtitan's "
