@@ -197,3 +197,11 @@ def test_cli_flags_reach_the_configuration_and_name_their_errors(capsys):
     for flag in ("--dp-shard: got 3; HSDP shards parameters", "--dp-shard: got 3; the shard group size must divide",
                  "--recompute-every: got 2"):
         assert flag in err, err
+
+
+def test_an_fp8_plan_says_the_numerics_change():
+    from planner.api import evaluate
+
+    p = evaluate("gpt-tiny", "dgx-h100", ParallelConfig(dp=8, micro_batch_size=1, num_micro_batches=1, fp8=True))
+    (line,) = [e for e in p.explanation if e.startswith("FP8:")]
+    assert "1979 TFLOP/s" in line and "--no-fp8" in line
