@@ -160,9 +160,12 @@ def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) ->
 
     errors: list[SpecError] = []
     if cfg.world_size != cluster.num_devices:
-        errors.append(SpecError("dp*tp*pp", f"{cfg.dp}*{cfg.tp}*{cfg.pp}={cfg.world_size}",
+        name, got = ("dp*tp*pp", f"{cfg.dp}*{cfg.tp}*{cfg.pp}") if cfg.cp == 1 else \
+            ("dp*cp*tp*pp", f"{cfg.dp}*{cfg.cp}*{cfg.tp}*{cfg.pp}")
+        errors.append(SpecError(name, f"{got}={cfg.world_size}",
                                 f"the degrees must multiply to the cluster's {plural(cluster.num_devices, 'device')} "
-                                f"({cluster.summary()}); adjust --dp/--tp/--pp or --nodes"))
+                                f"({cluster.summary()}); adjust --dp/{'--cp/' if cfg.cp > 1 else ''}--tp/--pp or "
+                                "--nodes"))
     dpn = min(g.devices_per_node for g in cluster.groups)
     # A tp group wider than a node is priced (its collectives cross the network every layer, which
     # the explanation says) on one device type; on a mixed cluster it could straddle two.

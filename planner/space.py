@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from planner import schedules
 from planner.cluster import ClusterSpec
 from planner.cost.context_parallel import check_cp
-from planner.cost.experts import moe_expert_counts
+from planner.cost.experts import check_ep, moe_expert_counts
 from planner.cost.fp8 import check_fp8, has_fp8
 from planner.errors import SpecError
 from planner.plan import RECOMPUTE
@@ -141,7 +141,10 @@ def ep_options(graph: CostGraph, dp: int, space: SearchSpace) -> tuple[int, ...]
     from the largest down, each a factor of 4 below the last (the expert state shrinks as 1/ep, so a
     degree between two tried ones rarely wins, and planning time grows with every degree tried)."""
     if space.ep:
-        return tuple(e for e in space.ep if dp % e == 0)
+        errors = [e for e in (check_ep(ep, 0, graph) for ep in space.ep) if e is not None]
+        if len(errors) == len(space.ep):  # none of them can split this model's experts: say why
+            raise errors[0]
+        return tuple(e for e in space.ep if dp % e == 0 and check_ep(e, 0, graph) is None)
     counts = moe_expert_counts(graph)
     if not counts:
         return (1,)

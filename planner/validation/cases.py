@@ -306,7 +306,7 @@ def _zero_stage(c: dict[str, Any], notes: list[str]) -> int:
         raise Unusable("CPU offload not modelled")
     if re.search(r"ZeRO\+\+", text):
         raise Unusable("ZeRO++ (quantized, hierarchical) not modelled")
-    if re.search(r"HSDP|NOT resharded|reshard_after_forward.*false", text, re.I):
+    if re.search(r"HSDP", text, re.I) or _keeps_gathered(c):
         return 3
     stage = _int(c.get("zero_stage"))
     if stage is not None:

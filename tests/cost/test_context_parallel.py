@@ -132,3 +132,13 @@ def test_a_cp_plan_lists_the_memory_of_every_rank():
     assert len(p.predicted.memory_per_device_bytes) == cfg.world_size == 4
     assert sorted(set(p.predicted.memory_per_device_bytes)) == sorted({int(d.memory_bytes["total"])
                                                                        for d in p.predicted.devices})
+
+
+def test_a_world_size_mismatch_names_cp():
+    from planner.api import evaluate
+    from planner.errors import SpecError
+    from planner.plan import ParallelConfig
+
+    with pytest.raises(SpecError, match=r"dp\*cp\*tp\*pp: got '2\*2\*1\*1=4'.*--dp/--cp/--tp/--pp"):
+        evaluate("gpt-tiny", "cpu-local", ParallelConfig(dp=2, cp=2, micro_batch_size=1, num_micro_batches=1),
+                 devices_per_node=2, dtype="fp32")

@@ -219,3 +219,12 @@ def test_presets_trace_to_their_published_size(name, published, moe_layers):
     if name == "deepseek-v3":  # 256 routed experts of 3 x 7168 x 2048; the shared expert stays out of the split
         r = next(layer for layer in g.layers if layer.experts).experts[0]
         assert (r.num_experts, r.top_k, r.expert_params) == (256, 8, 256 * 3 * 7168 * 2048)
+
+
+def test_asking_ep_of_a_dense_model_is_an_error_naming_ep():
+    from planner.api import plan
+    from planner.errors import SpecError
+    from planner.space import SearchSpace
+
+    with pytest.raises(SpecError, match="ep: got 2; gpt-tiny has no mixture-of-experts layer"):
+        plan("gpt-tiny", "cpu-local", devices_per_node=2, global_batch=8, space=SearchSpace(ep=(2,)))
