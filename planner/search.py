@@ -193,10 +193,11 @@ class _Search:
         # Within a family the memory bound varies only with the smallest in-flight count and the
         # ZeRO stage (table, tp, pp, dp and sp are the family's), so each is computed once.
         family_memory: dict[tuple[float, int], dict[str, float]] = {}
+        sharding = self._sharding(pp, dp, tp * knobs.cp)  # the same for every schedule of the family
         for sched in schedules_for(pp, space):
             for v in virtuals_for(sched, pp, m, graph.num_layers, space):
                 lower_screened = False  # a ZeRO-0/1 variant passed the memory screen
-                for zero, shard, reshard in self._sharding(pp, dp, tp * knobs.cp):
+                for zero, shard, reshard in sharding:
                     if zero and (shard or dp) % knobs.ep:  # ZeRO shards experts over dp_shard/ep (cost/experts.py)
                         continue
                     if zero == 3 and pp > 1 and lower_screened:  # FSDP under a pipeline: tried for memory
