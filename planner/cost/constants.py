@@ -176,10 +176,17 @@ class CostConstants:
 # in the optimizer (2 + 4 + 12 bytes per parameter); torch autocast and FSDP2 as torchtitan sets it,
 # and this project's runtime, keep fp32 parameters and gradients and cast inside the kernels
 # (4 + 4 + 8), which is `torch`.
+# The host's time per op differs as well: every op an eager trainer runs goes through Python, the
+# dispatcher and autograd's bookkeeping before its launch, about 16 µs per traced op (fitted on the
+# H100 sweep's single-node groups, where tp>1 with one sequence per micro-batch is host-bound at
+# ~70 ms per micro-batch of the 1B model whatever tp is; this machine's CPU profile measures 20 µs
+# per op for the same stack). A fused trainer launches fewer, larger kernels: the default 5 µs per
+# traced op stands for that.
 TRAINERS: dict[str, dict[str, object]] = {
     "megatron": {},
     "compiled": {},
-    "eager": {"elementwise_traffic_factor": 1.0, "grad_accumulation_bytes_per_param": 12.0},
+    "eager": {"elementwise_traffic_factor": 1.0, "grad_accumulation_bytes_per_param": 12.0,
+              "op_dispatch_s": 1.6e-5},
     "torch": {"elementwise_traffic_factor": 1.0, "weight_bytes": 4, "grad_bytes": 4, "bf16_grad_bytes": 4,
               "optimizer_bytes": 8, "grad_accumulation_bytes_per_param": 12.0},
 }
