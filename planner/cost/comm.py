@@ -300,3 +300,11 @@ def p2p_s(nbytes: float, *, same_node: bool, cluster: ClusterSpec, c: CostConsta
         link = cluster.intra_node
         return nbytes / (link.bandwidth_bytes_per_s * c.link_efficiency) + link.latency_s
     return nbytes / (_nic_bw(cluster) * c.network_efficiency) + cluster.inter_node.latency_s
+
+
+def overlapped_comm_s(comm_s: float, compute_s: float, c: CostConstants) -> float:
+    """What ``comm_s`` of background communication adds to a step when it runs beside ``compute_s``
+    of compute: the part the compute does not cover, plus the compute's own slowdown while the two
+    share the device (``overlap_compute_slowdown`` of the hidden time)."""
+    hidden = min(comm_s, c.comm_compute_overlap * compute_s)
+    return comm_s - hidden + c.overlap_compute_slowdown * hidden

@@ -84,6 +84,10 @@ class CostConstants:
     # the compute: gloo's threads on a CPU whose cores the ranks share (measured by
     # ``python -m bench.cpu_profile``: an all-reduce started before a GEMM loop adds its whole time).
     comm_compute_overlap: float = 1.0
+    # What hidden communication costs the compute it hides behind: NCCL's kernels take SMs and
+    # memory bandwidth from the GEMMs they run beside, which slow by this fraction of the hidden
+    # communication's time.
+    overlap_compute_slowdown: float = 0.0
     # Fraction of the tensor-parallel collectives hidden behind the GEMMs they feed: Megatron-LM with
     # Transformer Engine's ``--tp-comm-overlap`` splits each all-gather / reduce-scatter into chunks
     # pipelined with the matching GEMM's chunks (Wang et al. 2023, "Overlap communication with dependent

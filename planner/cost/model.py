@@ -32,6 +32,7 @@ from planner import schedules
 from planner.cluster import ClusterSpec
 from planner.cost.comm import (
     Group,
+    overlapped_comm_s,
     step_collective_notes,
 )
 from planner.cost.constants import CostConstants
@@ -226,10 +227,9 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
             reduce, gather = 0.0, 0.0
         if gather and c.overlap_param_gather:  # buckets gather under the next step's first forward
             first_fwd = sum(pos[d].table.segment(a, b).fwd_s for a, b in chunks)
-            gather = max(0.0, gather - c.comm_compute_overlap * first_fwd)
+            gather = overlapped_comm_s(gather, first_fwd, c)
         if cfg.overlap_grad_reduce:  # buckets reduce while the last micro-batch's backward runs
-            reduce = max(0.0, reduce - c.comm_compute_overlap * sum(bin_[j] + bw[j] for j in range(len(boundaries))
-                                                                    if devices[j] == d))
+            reduce = overlapped_comm_s(reduce, sum(bin_[j] + bw[j] for j in range(len(boundaries)) if devices[j] == d), c)
         fsdp_host = 0.0  # the sharding framework's host work: per wrapped layer and micro-batch
         if cfg.zero_stage >= 1 and cfg.dp > 1 and c.fsdp_layer_overhead_s > 0:
             units = sum(int(np.count_nonzero(pos[d].table.params[a:b])) for a, b in chunks)
@@ -239,7 +239,7 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
             # gathers, reduce-scatter (HSDP: + all-reduce); the experts' over their own group (cost/experts.py)
             per_mb = zero3_expert_micro_batch_s(table, chunks, weights, grads, groups, cfg, cluster, c)
             # prefetch hides what compute covers, where the two run at the same time
-            fsdp_exposed.append(m * max(0.0, per_mb - c.comm_compute_overlap * per_device[d]) + fsdp_host)
+            fsdp_exposed.append(m * overlapped_comm_s(per_mb, per_device[d], c) + fsdp_host)
         else:
             fsdp_exposed.append(0.0)
         tied_sync.append(tied_sync_s(table, boundaries, d, cfg, cluster, c, g_b, tied_holders))

@@ -116,3 +116,23 @@ def test_gradient_accumulation_is_one_memory_pass_per_extra_micro_batch(graph, m
 def test_device_spec_defaults_keep_old_fingerprints():
     dev = DeviceSpec(name="x", peak_flops={"bf16": 1e14}, memory_bytes=2**34, memory_bandwidth_bytes_per_s=1e12)
     assert set(dev.to_dict()) == {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s"}
+
+
+def test_overlapped_comm_costs_its_compute_a_fraction_of_the_hidden_time():
+    from planner.cost.comm import overlapped_comm_s
+    slow = dataclasses.replace(C, overlap_compute_slowdown=0.2)
+    assert overlapped_comm_s(1.0, 3.0, C) == 0.0  # all hidden, nothing lost
+    assert overlapped_comm_s(1.0, 3.0, slow) == pytest.approx(0.2)
+    assert overlapped_comm_s(3.0, 1.0, slow) == pytest.approx(2.0 + 0.2)  # 1 s hidden, 2 s exposed
+    assert overlapped_comm_s(3.0, 1.0, dataclasses.replace(slow, comm_compute_overlap=0.0)) == 3.0
+
+
+def test_fsdp_prefetch_pays_the_slowdown_on_what_it_hides(graph):
+    cfg = ParallelConfig(dp=16, tp=1, pp=1, micro_batch_size=4, num_micro_batches=2, zero_stage=3)
+    _, base = _predict(graph, cfg)
+    _, slow = _predict(graph, cfg, dataclasses.replace(C, overlap_compute_slowdown=0.2))
+    assert slow.step_time_s > base.step_time_s
+    # no background communication on one device: nothing to slow down
+    one = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=4, num_micro_batches=2)
+    assert _predict(graph, one, dataclasses.replace(C, overlap_compute_slowdown=0.2))[1].step_time_s == \
+        _predict(graph, one)[1].step_time_s
