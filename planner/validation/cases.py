@@ -320,15 +320,32 @@ def _zero_stage(c: dict[str, Any], notes: list[str]) -> int:
     return 0
 
 
-def _recompute(c: dict[str, Any], notes: list[str]) -> str:
+def _recompute(c: dict[str, Any], measured: dict[str, Any], notes: list[str]) -> tuple[str, int]:
+    """The run's recomputation and, for full recomputation of one block in every k, k."""
     text = str(c.get("activation_checkpointing") or "none").lower()
     if text.startswith("selective"):
+        if "fraction" in text:  # whole blocks checkpointed, a fraction of them (fms-fsdp)
+            every = _checkpointed_every(measured)
+            if every:
+                notes.append(f"activation checkpointing on one block in {every}, from the published HFU/MFU")
+                return "full", every
         if "fraction" in text or "layer" in text:
             notes.append(f"activation checkpointing '{text[:30]}' priced as selective")
-        return "selective"
+        return "selective", 1
     if text.startswith(("full", "on", "implied")):
-        return "full"
-    return "none"
+        return "full", 1
+    return "none", 1
+
+
+def _checkpointed_every(measured: dict[str, Any]) -> int | None:
+    """k where a run checkpoints one whole block in every k, read from its own hardware and model FLOP
+    utilisations: recomputing a fraction f of the blocks' forwards makes HFU / MFU = (3 + f) / 3. None
+    without both figures, or when they show no recomputation."""
+    hfu, mfu = _num(measured.get("hfu")), _num(measured.get("mfu"))
+    if not hfu or not mfu:
+        return None
+    fraction = min(1.0, 3.0 * (hfu / mfu - 1.0))
+    return max(1, round(1.0 / fraction)) if fraction >= 0.05 else None
 
 
 def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> ParallelConfig:
@@ -359,6 +376,7 @@ def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> Parall
         raise Unusable("global batch is not a multiple of dp x micro-batch")
     vpp = _int(c.get("vpp")) or 1
     zero = _zero_stage(c, notes)
+    recompute, every = _recompute(c, run.get("measured") or {}, notes)
     sp = c.get("sequence_parallel")
     if sp is None:
         sp = tp > 1
@@ -367,7 +385,8 @@ def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> Parall
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=gbs // (dp * mb),
                           virtual_stages=vpp if pp > 1 else 1,
                           schedule="interleaved-1f1b" if pp > 1 and vpp > 1 else "1f1b",
-                          recompute=_recompute(c, notes), sequence_parallel=bool(sp and tp > 1), zero_stage=zero,
+                          recompute=recompute, recompute_every=every, sequence_parallel=bool(sp and tp > 1),
+                          zero_stage=zero,
                           overlap_grad_reduce=_overlaps_grad_reduce(run), cp=cp, fp8=fp8,
                           dp_shard=_shard_group(c, dp, zero, notes),
                           reshard_after_forward=not (zero == 3 and _keeps_gathered(c)))

@@ -138,6 +138,17 @@ def test_published_row_translation(published):
     assert m.measured_tokens_per_s_per_gpu == 1007.0 and m.cluster.preset == "dgx-h100"
 
 
+def test_fraction_of_checkpointed_blocks_comes_from_the_runs_own_hfu_over_mfu(published):
+    from planner.validation.cases import _checkpointed_every
+    assert _checkpointed_every({"hfu": 0.74, "mfu": 0.55}) == 1  # (3 + f) / 3 = 1.345: every block
+    assert _checkpointed_every({"hfu": 0.69, "mfu": 0.61}) == 3  # f = 0.39
+    assert _checkpointed_every({"hfu": 0.57, "mfu": 0.57}) is None  # no recomputation
+    assert _checkpointed_every({"mfu": 0.5}) is None
+    fms = _by_id(published, "fms-fsdp-compile-llama2-13b-a100-g128")
+    assert (fms.config.recompute, fms.config.recompute_every) == ("full", 3)
+    assert any("one block in 3, from the published HFU/MFU" in a for a in fms.approximations)
+
+
 def test_published_skip_reasons(published):
     why = {s.case_id: s.reason for s in published.skipped}
     assert why["nemo2407-gpt3-175b-g128-fp8"] == "model dimensions not given"
