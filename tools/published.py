@@ -18,6 +18,8 @@ from planner.api import ResolvedModel, plan_resolved
 from planner.cluster import ClusterSpec
 from planner.cost.calibrate import NARAYANAN_TABLE1, PublishedRun, gpt_graph, predict_run
 from planner.plan import ParallelConfig
+from tools.compare import differences
+from tools.compare import markdown as table
 
 KNOBS = ("tp", "pp", "dp", "micro_batch_size", "virtual_stages", "schedule", "recompute", "sequence_parallel",
          "zero_stage")
@@ -37,8 +39,7 @@ class Comparison:
         return self.planned_s / self.published_s
 
     def differences(self) -> list[str]:
-        out = [f"{k} {getattr(self.published, k)}→{getattr(self.planned, k)}" for k in KNOBS
-               if getattr(self.published, k) != getattr(self.planned, k)]
+        out = differences(self.published, self.planned, KNOBS)
         if self.boundaries_differ and self.planned.pp > 1:
             out.append("stage boundaries balanced by the DP instead of equal blocks per stage")
         return out
@@ -55,13 +56,10 @@ def compare(run: PublishedRun) -> Comparison:
 
 
 def markdown(rows: list[Comparison]) -> str:
-    lines = ["| model | GPUs | batch | published configuration | its predicted s | planner's configuration | "
-             "predicted s | ratio | where it differs |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r.run.name} | {r.run.gpus} | {r.run.batch} | {r.published.label()} | {r.published_s:.2f} "
-                     f"| {r.planned.label()} | {r.planned_s:.2f} | {r.ratio:.3f} | "
-                     f"{'; '.join(r.differences()) or 'same'} |")
-    return "\n".join(lines)
+    return table(["model", "GPUs", "batch", "published configuration", "its predicted s", "planner's configuration",
+                  "predicted s", "ratio", "where it differs"],
+                 [[r.run.name, r.run.gpus, r.run.batch, r.published.label(), f"{r.published_s:.2f}", r.planned.label(),
+                   f"{r.planned_s:.2f}", f"{r.ratio:.3f}", "; ".join(r.differences()) or "same"] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

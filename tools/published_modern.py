@@ -25,6 +25,8 @@ from planner.cost.constants import trainer_constants
 from planner.errors import InfeasibleError
 from planner.plan import ParallelConfig, Plan
 from planner.space import SearchSpace
+from tools.compare import differences
+from tools.compare import markdown as table
 
 KNOBS = ("dp", "tp", "cp", "pp", "ep", "micro_batch_size", "virtual_stages", "schedule", "recompute",
          "recompute_every", "sequence_parallel", "zero_stage", "dp_shard", "reshard_after_forward", "fp8")
@@ -149,8 +151,7 @@ class Row:
         return tokens * flops_per_token(c.model, c.seq_len) / (c.measured * 1e12 * c.gpus)
 
     def differences(self) -> list[str]:
-        a, b = self.published.parallel, self.planned.parallel
-        return [f"{k} {getattr(a, k)}→{getattr(b, k)}" for k in KNOBS if getattr(a, k) != getattr(b, k)]
+        return differences(self.published.parallel, self.planned.parallel, KNOBS)
 
 
 def run_case(case: ModernCase) -> Row:
@@ -169,18 +170,17 @@ def run_case(case: ModernCase) -> Row:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| case | GPUs | published configuration | its predicted step (s) | measured step (s) | "
-             "measured / predicted | planner's configuration | its predicted step (s) | planner / published "
-             "(predicted) | planning (s) | where it differs |", "|" + " --- |" * 11]
-    for r in rows:
+    def cells(r: Row) -> list[object]:
         pub, ours = r.published.predicted, r.planned.predicted
         fits = "" if pub.fits else " (does not fit)"
-        lines.append(f"| {r.case.name} | {r.case.gpus} | `{r.published.parallel.label()}` | {pub.step_time_s:.2f}{fits} "
-                     f"| {r.measured_step_s:.2f} | {r.measured_step_s / pub.step_time_s:.2f} | "
-                     f"`{r.planned.parallel.label()}` | {ours.step_time_s:.2f} | "
-                     f"{ours.step_time_s / pub.step_time_s:.3f} | {r.plan_s:.1f} | "
-                     f"{'; '.join(r.differences()) or 'same'} |")
-    return "\n".join(lines)
+        return [r.case.name, r.case.gpus, f"`{r.published.parallel.label()}`", f"{pub.step_time_s:.2f}{fits}",
+                f"{r.measured_step_s:.2f}", f"{r.measured_step_s / pub.step_time_s:.2f}",
+                f"`{r.planned.parallel.label()}`", f"{ours.step_time_s:.2f}", f"{ours.step_time_s / pub.step_time_s:.3f}",
+                f"{r.plan_s:.1f}", "; ".join(r.differences()) or "same"]
+
+    return table(["case", "GPUs", "published configuration", "its predicted step (s)", "measured step (s)",
+                  "measured / predicted", "planner's configuration", "its predicted step (s)",
+                  "planner / published (predicted)", "planning (s)", "where it differs"], [cells(r) for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
