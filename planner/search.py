@@ -44,6 +44,7 @@ from planner.space import (  # noqa: F401  (SYNC_DEFAULT, SearchSpace: planner.s
     reshard_options,
     schedules_for,
     shard_options,
+    unrunnable_combination,
     virtuals_for,
 )
 from planner.trace.graph import CostGraph
@@ -154,8 +155,6 @@ def _families(pricer: Pricer, global_batch: int, space: SearchSpace) -> list[tup
                     continue
                 for rec in space.recompute:
                     for knobs in _family_knobs(graph, cp, dp, rec, fp8s, space):
-                        if sp and knobs.ep > 1 and space.runtime_combinations:
-                            continue
                         bound = m * pricer.work_bound_s((tp, mb, sp, rec, knobs), pp, dp * cp, priced=False)
                         families.append((bound, (pp, tp, dp, mb, RECOMPUTE.index(rec), sp, knobs)))
     families.sort(key=lambda f: (f[0], f[1][:6], astuple(f[1][6])))
@@ -202,13 +201,13 @@ class _Search:
                         continue
                     if zero == 3 and pp > 1 and lower_screened:  # FSDP under a pipeline: tried for memory
                         continue
-                    if zero == 3 and knobs.ep > 1 and space.runtime_combinations:
-                        continue
                     cfg = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=m,
                                          virtual_stages=v, schedule=sched, recompute=rec, sequence_parallel=sp,
                                          zero_stage=zero, overlap_grad_reduce=space.overlap_grad_reduce,
                                          cp=knobs.cp, ep=knobs.ep, fp8=knobs.fp8, recompute_every=knobs.recompute_every,
                                          dp_shard=shard, reshard_after_forward=reshard)
+                    if space.runtime_combinations and unrunnable_combination(cfg):
+                        continue
                     self.evaluated += 1
                     memory_key = (min(flights_of(sched, pp, m, v)), zero, shard, reshard)
                     if memory_key not in family_memory:

@@ -17,7 +17,7 @@ from planner.cost.context_parallel import check_cp
 from planner.cost.experts import check_ep, moe_expert_counts
 from planner.cost.fp8 import check_fp8, has_fp8
 from planner.errors import SpecError
-from planner.plan import RECOMPUTE
+from planner.plan import RECOMPUTE, ParallelConfig
 from planner.trace.graph import CostGraph
 
 # Synchronous schedules the runtime executes; the asynchronous ones (and Chimera) change the training
@@ -52,8 +52,22 @@ class SearchSpace:
     # collectives cross the network in every layer, which the cost model prices; usually a bad choice.
     tp_max_nodes: int = 2
     # Only the combinations this project's runtime runs (set for presets by planner.resolve.runnable_space):
-    # expert parallelism without ZeRO-3 or sequence parallelism (runtime/expert_parallel.py).
+    # the search skips what unrunnable_combination refuses.
     runtime_combinations: bool = False
+
+
+def unrunnable_combination(cfg: ParallelConfig) -> str | None:
+    """Why this project's runtime cannot run ``cfg``'s combination of knobs, the fix included, or None.
+
+    The search skips such configurations when ``SearchSpace.runtime_combinations`` is set (plans of
+    presets, which the runtime runs); the runtime refuses them with the same words
+    (``runtime/expert_parallel.py``). Each knob's own limits are checked where it is priced."""
+    if cfg.ep > 1 and cfg.zero_stage >= 3:
+        return (f"zero_stage {cfg.zero_stage} (FSDP2) with expert parallelism is not supported (ZeRO-1/2 are); "
+                "re-plan with --zero 1 or --zero 2, or --ep 1")
+    if cfg.ep > 1 and (cfg.cp > 1 or cfg.sequence_parallel):
+        return "expert parallelism with context or sequence parallelism is not supported; re-plan with --ep 1"
+    return None
 
 
 def divisors(n: int) -> list[int]:

@@ -51,6 +51,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.nn import functional as F
 
 from planner.models.moe import MoEFeedForward
+from planner.space import unrunnable_combination
 from runtime.errors import RunCheckError
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
@@ -66,11 +67,8 @@ def check_expert_parallel(plan: Any, model: nn.Module | None, *, user_model: boo
     if user_model:
         why = ("runtime.parallelize (the user's own model and loop) does not split experts; train the preset with "
                "`python -m runtime`, or re-plan with --ep 1")
-    elif par.zero_stage >= 3:
-        why = (f"zero_stage {par.zero_stage} (FSDP2) with expert parallelism is not supported (ZeRO-1/2 are); "
-               "re-plan with --zero 1 or --zero 2, or --ep 1")
-    elif par.cp > 1 or par.sequence_parallel:
-        why = "expert parallelism with context or sequence parallelism is not supported; re-plan with --ep 1"
+    elif unrunnable_combination(par):  # the rule the planner's search follows (planner/space.py)
+        why = unrunnable_combination(par)
     elif checkpoint_dir:
         why = "checkpoints of expert-parallel runs are not supported; drop --checkpoint-dir or re-plan with --ep 1"
     elif model is not None:

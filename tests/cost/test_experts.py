@@ -197,6 +197,18 @@ def test_search_picks_ep_when_memory_needs_it():
              space=SearchSpace(tp=(8,), pp=(1,), zero_stage=(0,), ep=(1,)))
 
 
+def test_a_presets_plan_keeps_to_what_the_runtime_runs_with_experts():
+    from planner.space import unrunnable_combination
+    assert "--zero 1" in unrunnable_combination(ParallelConfig(dp=2, ep=2, zero_stage=3))
+    assert "--ep 1" in unrunnable_combination(ParallelConfig(dp=2, tp=2, ep=2, sequence_parallel=True))
+    assert unrunnable_combination(ParallelConfig(dp=2, ep=2, zero_stage=1)) is None
+    assert unrunnable_combination(ParallelConfig(dp=2, zero_stage=3)) is None
+    # ZeRO-3 and sequence parallelism on offer: the preset's plan splits the experts without either
+    chosen = plan("mixtral-8x7b", "dgx-h100", nodes=4, global_batch=64, baselines=False,
+                  space=SearchSpace(tp=(8,), pp=(1,), zero_stage=(0, 3), ep=(2, 4)))
+    assert chosen.parallel.ep > 1 and unrunnable_combination(chosen.parallel) is None
+
+
 def test_hugging_face_mixtral_experts_are_found():
     transformers = pytest.importorskip("transformers")
     import torch
