@@ -18,12 +18,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from runtime_harness import STEPS, Job, check_matches, launch, run_jobs
@@ -31,8 +30,6 @@ from runtime_plans import make_plan, tiny_preset, write_plan
 
 from runtime.cli import main
 from runtime.dry_run import AGREE_RTOL, dry_run
-
-REPO = Path(__file__).resolve().parents[2]
 
 WORLD2 = {"pp=2": dict(pp=2, num_micro_batches=4), "dp=2 zero3": dict(dp=2, num_micro_batches=2, zero_stage=3),
           "tp=2": dict(tp=2, num_micro_batches=4),
@@ -102,20 +99,23 @@ LARGE_PLANS = [*(m for m, _, _ in LARGE), "megatron-1t zb-v zero1"]
 
 @pytest.fixture(scope="module")
 def large_reports(tmp_path_factory):
+    """The planner's and the runtime's command lines, in this process (their imports paid once)."""
+    from planner.cli import main as planner_main
     tmp = tmp_path_factory.mktemp("large")
     out = {}
     for name in LARGE_PLANS:
         model, nodes, batch = next(x for x in LARGE if name.startswith(x[0]))
         plan = tmp / f"{name.replace(' ', '-')}.json"
-        how = ["evaluate", *M1T_ZBV] if name.endswith("zero1") else ["plan"]
-        subprocess.run([sys.executable, "-m", "planner", *how, "--model", model, "--cluster", "dgx-a100-80g",
-                        "--nodes", str(nodes), "--global-batch", str(batch), "--trainer", "torch", "-o", str(plan),
-                        "--force"], cwd=REPO, check=True, capture_output=True, timeout=300)
+        how = ["evaluate", *M1T_ZBV] if name.endswith("zero1") else ["plan", "--no-progress"]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert planner_main([*how, "--model", model, "--cluster", "dgx-a100-80g", "--nodes", str(nodes),
+                                 "--global-batch", str(batch), "--trainer", "torch", "-o", str(plan), "--force"]) == 0
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "runtime", "dry-run", str(plan), "--json"], cwd=REPO,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        out[name] = (json.loads(proc.stdout), time.monotonic() - start)
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(["dry-run", str(plan), "--json"])
+        assert code == 0, stderr.getvalue()[-2000:]
+        out[name] = (json.loads(stdout.getvalue()), time.monotonic() - start)
     return out
 
 
