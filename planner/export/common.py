@@ -181,6 +181,55 @@ def with_schedule(cfg: ParallelConfig, schedule: str, virtual_stages: int) -> Pa
     return replace(cfg, schedule=schedule, virtual_stages=virtual_stages)
 
 
+def with_zero(cfg: ParallelConfig, zero_stage: int) -> ParallelConfig:
+    """``cfg`` at another ZeRO stage; below 3 without the HSDP group and with resharding, which only ZeRO-3 has."""
+    if zero_stage == 3:
+        return replace(cfg, zero_stage=3)
+    return replace(cfg, zero_stage=zero_stage, dp_shard=None, reshard_after_forward=True)
+
+
+def fold_cp(cfg: ParallelConfig) -> ParallelConfig:
+    """``cfg`` with its context-parallel ranks used for data parallelism instead (same world size): dp·cp
+    replicas, each with 1/cp of the micro-batches (or, when those do not divide, of the micro-batch), so the
+    global batch stays; where neither divides, the global batch grows cp-fold."""
+    cp, m, mb = cfg.cp, cfg.num_micro_batches, cfg.micro_batch_size
+    if m % cp == 0:
+        m //= cp
+    elif mb % cp == 0:
+        mb //= cp
+    return replace(cfg, cp=1, dp=cfg.dp * cp, num_micro_batches=m, micro_batch_size=mb,
+                   dp_shard=cfg.dp_shard * cp if cfg.dp_shard else None)
+
+
+def knob_losses(cfg: ParallelConfig, why: dict[str, str]) -> tuple[ParallelConfig, list[Loss]]:
+    """The nearest configuration without the knobs a framework cannot express, and one :class:`Loss` each.
+
+    ``why``: knob -> why the framework lacks it, for any of ``cp``, ``ep``, ``fp8``, ``dp_shard``,
+    ``reshard_after_forward``, ``recompute_every`` (plan schema 2.1); the others are kept as they are."""
+    near, lost = cfg, []
+    if "cp" in why and cfg.cp > 1:
+        near = fold_cp(near)
+        batch = "" if near.global_batch == cfg.global_batch else f", global batch {near.global_batch}"
+        lost.append(Loss("cp", str(cfg.cp), f"1 (dp {near.dp}{batch})", why["cp"]))
+    if "ep" in why and cfg.ep > 1:
+        near = replace(near, ep=1)
+        lost.append(Loss("ep", str(cfg.ep), "1", why["ep"]))
+    if "fp8" in why and cfg.fp8:
+        near = replace(near, fp8=False)
+        lost.append(Loss("fp8", "true", "false (the model's dtype)", why["fp8"]))
+    if "dp_shard" in why and cfg.dp_shard and cfg.dp_shard < cfg.dp:
+        near = replace(near, dp_shard=None)
+        lost.append(Loss("dp_shard", str(cfg.dp_shard), f"{near.dp} (shard over every data-parallel rank)",
+                         why["dp_shard"]))
+    if "reshard_after_forward" in why and not cfg.reshard_after_forward:
+        near = replace(near, reshard_after_forward=True)
+        lost.append(Loss("reshard_after_forward", "false", "true", why["reshard_after_forward"]))
+    if "recompute_every" in why and cfg.recompute_every > 1:
+        near = replace(near, recompute_every=1)
+        lost.append(Loss("recompute_every", str(cfg.recompute_every), "1 (every layer)", why["recompute_every"]))
+    return near, lost
+
+
 # -- writers: the few TOML / YAML shapes the exports need (the planner does not depend on a YAML library) --
 def _scalar(v: Any) -> str:
     if isinstance(v, bool):

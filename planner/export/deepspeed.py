@@ -19,7 +19,14 @@ What maps how:
   DeepSpeed's uniform split of the traced layers; any other split is lost, and the nearest plan is
   priced with the uniform split.
 * Recompute: ``full`` is ``activation_checkpoint_interval = 1`` (every layer checkpointed);
-  DeepSpeed's pipeline has no selective recomputation, whose nearest is ``full``.
+  DeepSpeed's pipeline has no selective recomputation, whose nearest is ``full``. Its interval checkpoints
+  groups of layers, not one layer in k: ``recompute_every`` is lost under a pipeline (nearest every
+  layer); without one the model code decides what it recomputes.
+* Lost, with the nearest priced: context parallelism (DeepSpeed's sequence parallelism is Ulysses, an
+  all-to-all over heads, not ring attention: the cp ranks become data-parallel replicas), expert
+  parallelism (``deepspeed.moe.layer.MoE(ep_size=...)`` sets it in the model code), FP8 (no
+  ``ds_config`` key), HSDP and ZeRO-3 that keeps the gathered weights (ZeRO-3 partitions over all
+  data-parallel ranks and releases each layer's weights after use).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from planner.export.common import ExportResult, Loss, boundaries_of, finish
+from planner.export.common import ExportResult, Loss, boundaries_of, finish, knob_losses
 from planner.plan import Plan
 
 VERSION = "DeepSpeed 0.19.8"
@@ -57,6 +64,15 @@ def export(plan: Plan) -> ExportResult:
         lost.append(Loss("recompute", "selective", "full (activation_checkpoint_interval 1)",
                          "PipelineModule checkpoints whole layers"))
         nearest = replace(nearest, recompute="full")
+    why = {"cp": "DeepSpeed's sequence parallelism is Ulysses (an all-to-all over heads), not ring attention",
+           "ep": "DeepSpeed sets expert parallelism in the model code (deepspeed.moe.layer.MoE(ep_size=...))",
+           "fp8": "ds_config has no FP8 training key",
+           "dp_shard": "ZeRO-3 partitions over every data-parallel rank",
+           "reshard_after_forward": "ZeRO-3 releases each layer's gathered weights after use"}
+    if cfg.pp > 1:
+        why["recompute_every"] = "activation_checkpoint_interval checkpoints groups of layers, not one layer in k"
+    nearest, knob_lost = knob_losses(nearest, why)
+    lost += knob_lost
     bounds = boundaries_of(plan)
     n = plan.model.num_layers
     written = bounds
@@ -71,8 +87,8 @@ def export(plan: Plan) -> ExportResult:
         pipe = {"num_stages": cfg.pp, "partition_method": "uniform",
                 "activation_checkpoint_interval": 1 if nearest.recompute == "full" else 0,
                 "layers": list(plan.model.layer_names), "expected_parts": starts}
-    ds: dict = {"train_batch_size": cfg.global_batch, "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-                "gradient_accumulation_steps": cfg.num_micro_batches,
+    ds: dict = {"train_batch_size": nearest.global_batch, "train_micro_batch_size_per_gpu": nearest.micro_batch_size,
+                "gradient_accumulation_steps": nearest.num_micro_batches,
                 "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": bool(cfg.overlap_grad_reduce)}}
     if plan.model.dtype == "bf16":
         ds["bf16"] = {"enabled": True}
@@ -89,8 +105,10 @@ def export(plan: Plan) -> ExportResult:
     if cfg.recompute != "none" and cfg.pp == 1:
         ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
         files["ds_config.json"] = json.dumps(ds, indent=2) + "\n"
-    kept = ["dp (implied)", "micro-batch", "global batch", "zero", "tp (AutoTP)", "pp"]
-    kept += [k for k in ("schedule", "stage split", "recompute", "sequence_parallel") if not any(x.knob == k for x in lost)]
+    lost_knobs = {x.knob for x in lost}
+    kept = ["zero", "tp (AutoTP)", "pp"] + ([] if "cp" in lost_knobs else ["dp (implied)", "micro-batch"])
+    kept += ["global batch"] if nearest.global_batch == cfg.global_batch else []
+    kept += [k for k in ("schedule", "stage split", "recompute", "sequence_parallel") if k not in lost_knobs]
     result = ExportResult("deepspeed", VERSION, files, kept, lost)
     if cfg.recompute != "none" and cfg.pp == 1:
         result.notes.append("without a pipeline, DeepSpeed recomputes what the model wraps in "

@@ -18,7 +18,15 @@ What maps how:
 * ZeRO: 1 is ``--use-distributed-optimizer``; 2 and 3 are Megatron FSDP
   (``--use-megatron-fsdp --data-parallel-sharding-strategy optim_grads`` / ``optim_grads_params``).
 * Recompute: ``selective`` and ``full`` are ``--recompute-granularity``; full recomputes every layer
-  (``--recompute-method uniform --recompute-num-layers 1``).
+  (``--recompute-method uniform --recompute-num-layers 1``). One layer in k (``recompute_every``) is
+  ``--recompute-method block --recompute-num-layers n``: the first n = b/k decoder layers of each model
+  chunk of b layers, as many as the plan recomputes, where every chunk has the same b and k divides it;
+  otherwise lost, nearest every layer.
+* Context parallelism: ``--context-parallel-size``; expert parallelism: ``--expert-model-parallel-size``
+  (the MoE layers themselves are the model's arguments); FP8: ``--fp8-format hybrid --fp8-recipe
+  tensorwise`` (Transformer Engine's current per-tensor scaling, the recipe the plan is priced with).
+* HSDP (a shard group smaller than dp) and ZeRO-3 that keeps the gathered weights from forward to backward
+  have no arguments here: lost, nearest ZeRO-3 over all of dp, resharded after forward.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from planner.export.common import (
     boundaries_of,
     even_block_counts,
     finish,
+    knob_losses,
     layer_kinds,
 )
 from planner.plan import Plan
@@ -49,8 +58,20 @@ def export(plan: Plan) -> ExportResult:
         to = "interleaved-1f1b" if cfg.virtual_stages > 1 else "1f1b"
         lost.append(Loss("schedule", cfg.schedule, to, "Megatron-LM runs 1F1B and interleaved 1F1B only"))
         nearest = replace(nearest, schedule=to)
+    nearest, knob_lost = knob_losses(nearest, {
+        "dp_shard": "Megatron FSDP shards over the whole data-parallel group",
+        "reshard_after_forward": "Megatron FSDP gathers the weights again for the backward"})
+    lost += knob_lost
     bounds = boundaries_of(plan)
+    recompute_args, every_lost = _recompute_args(plan, nearest, bounds)
+    if every_lost:
+        lost.append(every_lost)
+        nearest = replace(nearest, recompute_every=1)
     args: list[str] = [f"--tensor-model-parallel-size {cfg.tp}", f"--pipeline-model-parallel-size {cfg.pp}"]
+    if cfg.cp > 1:
+        args.append(f"--context-parallel-size {cfg.cp}")
+    if cfg.ep > 1:
+        args.append(f"--expert-model-parallel-size {cfg.ep}")
     args += _split_args(plan, bounds, cfg.pp, cfg.virtual_stages)
     if cfg.sequence_parallel:
         args.append("--sequence-parallel")
@@ -58,10 +79,7 @@ def export(plan: Plan) -> ExportResult:
     if plan.model.seq_len:
         args.append(f"--seq-length {plan.model.seq_len}")
     args.append(f"--num-layers {sum(block_counts(plan, bounds))}")
-    if cfg.recompute != "none":
-        args.append(f"--recompute-granularity {cfg.recompute}")
-        if cfg.recompute == "full":
-            args += ["--recompute-method uniform", "--recompute-num-layers 1"]
+    args += recompute_args
     if cfg.zero_stage == 1:
         args.append("--use-distributed-optimizer")
     elif cfg.zero_stage in (2, 3):
@@ -71,12 +89,37 @@ def export(plan: Plan) -> ExportResult:
         args.append("--overlap-grad-reduce")
     if DTYPE_ARG.get(plan.model.dtype):
         args.append(DTYPE_ARG[plan.model.dtype])
-    header = (f"# {plan.model.name} on {plan.cluster.name}: {cfg.label()} (dp {cfg.dp} = world size / (tp x pp))\n"
-              f"# names: {VERSION}\n")
+    if cfg.fp8:
+        args += ["--fp8-format hybrid", "--fp8-recipe tensorwise"]
+    header = (f"# {plan.model.name} on {plan.cluster.name}: {cfg.label()} (dp {cfg.dp} = world size / "
+              f"(tp x {'cp x ' if cfg.cp > 1 else ''}pp))\n# names: {VERSION}\n")
     kept = ["tp", "pp", "dp (implied)", "micro-batch", "global batch", "stage split", "recompute", "zero",
-            "sequence parallel"] + (["schedule"] if not lost else [])
+            "sequence parallel"] + [k for k, on in (("cp", cfg.cp > 1), ("ep", cfg.ep > 1), ("fp8", cfg.fp8)) if on]
+    lost_knobs = {x.knob for x in lost}
+    kept += [k for k, on in (("schedule", True), ("recompute_every", cfg.recompute_every > 1))
+             if on and k not in lost_knobs]
     result = ExportResult("megatron", VERSION, {"megatron_args.txt": header + "\n".join(args) + "\n"}, kept, lost)
     return finish(result, plan, nearest, bounds)
+
+
+def _recompute_args(plan: Plan, cfg, bounds: tuple[tuple[int, int], ...]) -> tuple[list[str], Loss | None]:
+    """Megatron's recompute arguments for ``cfg`` (module docstring), and the loss of ``recompute_every`` when
+    the block method cannot recompute the plan's count of layers."""
+    if cfg.recompute == "none":
+        return [], None
+    args = [f"--recompute-granularity {cfg.recompute}"]
+    if cfg.recompute != "full":
+        return args, None
+    k = cfg.recompute_every
+    if k == 1:
+        return args + ["--recompute-method uniform", "--recompute-num-layers 1"], None
+    per_chunk = set(block_counts(plan, bounds))
+    if len(per_chunk) == 1 and next(iter(per_chunk)) % k == 0:
+        return args + ["--recompute-method block", f"--recompute-num-layers {next(iter(per_chunk)) // k}"], None
+    return args + ["--recompute-method uniform", "--recompute-num-layers 1"], Loss(
+        "recompute_every", str(k), "1 (every layer)",
+        f"Megatron's block method recomputes the same number of layers in every model chunk; the chunks hold "
+        f"{sorted(per_chunk)} decoder layers, which {k} does not divide evenly")
 
 
 def _split_args(plan: Plan, bounds: tuple[tuple[int, int], ...], pp: int, v: int) -> list[str]:

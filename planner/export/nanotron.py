@@ -14,7 +14,11 @@ What maps how:
   a split. The export keeps a split only when it is the even split of the decoder layers (embedding
   first, head last); the nearest plan of any other is priced with that even split.
 * Recompute: ``recompute_layer`` recomputes whole layers (``full``); selective is lost, nearest full.
-* ZeRO: ``optimizer.zero_stage`` 0 or 1; 2 and 3 are lost, nearest 1.
+* ZeRO: ``optimizer.zero_stage`` 0 or 1; 2 and 3 are lost, nearest 1 (and with them HSDP and
+  keeping the gathered weights, which only ZeRO-3 has).
+* Lost, with the nearest priced: context parallelism (the cp ranks become data-parallel replicas),
+  expert parallelism and FP8 (no fields in this version's ``ParallelismArgs``), and recomputing one
+  layer in k (``recompute_layer`` recomputes every layer).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from planner.export.common import (
     block_split,
     boundaries_of,
     finish,
+    knob_losses,
     uniform_block_counts,
+    with_zero,
     yaml_text,
 )
 from planner.plan import Plan
@@ -50,7 +56,12 @@ def export(plan: Plan) -> ExportResult:
         nearest = replace(nearest, recompute="full")
     if cfg.zero_stage > 1:
         lost.append(Loss("zero", str(cfg.zero_stage), "1", "nanotron shards the optimizer state only (zero_stage 0 or 1)"))
-        nearest = replace(nearest, zero_stage=1)
+        nearest = with_zero(nearest, 1)
+    nearest, knob_lost = knob_losses(nearest, {
+        "cp": "this version of nanotron has no context parallelism", "ep": "ParallelismArgs has no expert degree",
+        "fp8": "this version of nanotron trains in the model's dtype", "recompute_every": "recompute_layer recomputes "
+        "every layer"})
+    lost += knob_lost
     bounds = boundaries_of(plan)
     written = bounds
     if cfg.pp > 1:
@@ -59,15 +70,17 @@ def export(plan: Plan) -> ExportResult:
         if written != bounds:
             lost.append(Loss("stage split", str([b - a for a, b in bounds]), str([b - a for a, b in written]),
                              "nanotron places its pipeline blocks itself; the nearest is priced with an even split"))
-    parallelism = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "pp_engine": ENGINES.get(nearest.schedule, "1f1b"),
+    parallelism = {"dp": nearest.dp, "tp": cfg.tp, "pp": cfg.pp, "pp_engine": ENGINES.get(nearest.schedule, "1f1b"),
                    "tp_mode": "REDUCE_SCATTER" if cfg.sequence_parallel else "ALL_REDUCE",
                    "tp_linear_async_communication": bool(cfg.sequence_parallel),
                    "recompute_layer": nearest.recompute == "full"}
-    tokens = {"sequence_length": plan.model.seq_len, "micro_batch_size": cfg.micro_batch_size,
-              "batch_accumulation_per_replica": cfg.num_micro_batches}
+    tokens = {"sequence_length": plan.model.seq_len, "micro_batch_size": nearest.micro_batch_size,
+              "batch_accumulation_per_replica": nearest.num_micro_batches}
     header = f"{plan.model.name} on {plan.cluster.name}: {cfg.label()}\nfield names: {VERSION}"
     text = yaml_text({"parallelism": parallelism, "tokens": tokens, "optimizer": {"zero_stage": nearest.zero_stage}},
                      header)
-    kept = ["dp", "tp", "pp", "micro-batch", "global batch", "sequence parallel"]
-    kept += [k for k in ("schedule", "stage split", "recompute", "zero") if not any(x.knob == k for x in lost)]
+    lost_knobs = {x.knob for x in lost}
+    kept = ["tp", "pp", "sequence parallel"] + ([] if "cp" in lost_knobs else ["dp", "micro-batch"])
+    kept += ["global batch"] if nearest.global_batch == cfg.global_batch else []
+    kept += [k for k in ("schedule", "stage split", "recompute", "zero") if k not in lost_knobs]
     return finish(ExportResult("nanotron", VERSION, {"nanotron.yaml": text}, kept, lost), plan, nearest, written)

@@ -21,7 +21,15 @@ What maps how:
   of a step with a pipeline (``pipeline_parallel_microbatch_size`` splits it), and one micro-batch
   without (torchtitan accumulates gradients over global / (local x dp) of them).
 * recompute: ``[activation_checkpoint] mode``; ``selective`` is per-op selective checkpointing
-  (``selective_ac_option = "op"``), torchtitan's nearest to recomputing the attention core.
+  (``selective_ac_option = "op"``), torchtitan's nearest to recomputing the attention core. Full
+  recomputation of one layer in k (``recompute_every``) is torchtitan's layer-level selective
+  checkpointing, ``mode = "selective"`` with ``selective_ac_option = "k"`` (the same rule: layer i when
+  (i + 1) % k == 0).
+* Context parallelism: ``context_parallel_degree``; expert parallelism: ``expert_parallel_degree``;
+  HSDP: ``data_parallel_shard_degree`` = the shard group, ``data_parallel_replicate_degree`` = dp / it;
+  ZeRO-3 that keeps the gathered weights to the backward: ``fsdp_reshard_after_forward = "never"``;
+  FP8: ``[model] converters = ["float8"]`` with ``[float8] recipe_name = "tensorwise"`` (torchao's
+  float8 training, the recipe the plan is priced with; the output head stays in bf16).
 """
 
 from __future__ import annotations
@@ -74,6 +82,8 @@ def export(plan: Plan) -> ExportResult:
     ac = {"mode": cfg.recompute}
     if cfg.recompute == "selective":
         ac["selective_ac_option"] = "op"
+    elif cfg.recompute == "full" and cfg.recompute_every > 1:
+        ac.update(mode="selective", selective_ac_option=str(cfg.recompute_every))
     # With a pipeline, the local batch is split into pipeline micro-batches; without one, torchtitan
     # accumulates gradients over global / (local x dp) local batches.
     local = cfg.micro_batch_size * (cfg.num_micro_batches if cfg.pp > 1 else 1)
@@ -83,8 +93,15 @@ def export(plan: Plan) -> ExportResult:
     if plan.model.dtype in ("bf16", "fp32"):
         training["mixed_precision_param"] = {"bf16": "bfloat16", "fp32": "float32"}[plan.model.dtype]
     header = f"{plan.model.name} on {plan.cluster.name}: {cfg.label()}\nfield names: {VERSION}"
-    text = toml_text({"parallelism": par, "activation_checkpoint": ac, "training": training}, header)
+    tables = {"parallelism": par, "activation_checkpoint": ac, "training": training}
+    if cfg.fp8:
+        tables.update(model={"converters": ["float8"]}, float8={"recipe_name": "tensorwise"})
+    text = toml_text(tables, header)
     kept = ["tp", "pp", "dp", "micro-batch", "global batch", "recompute"]
+    kept += [k for k, on in (("cp", cfg.cp > 1), ("ep", cfg.ep > 1), ("fp8", cfg.fp8),
+                             ("dp_shard", bool(cfg.dp_shard and cfg.dp_shard < cfg.dp)),
+                             ("reshard_after_forward", not cfg.reshard_after_forward),
+                             ("recompute_every", cfg.recompute_every > 1)) if on]
     kept += [k for k, name in (("schedule", "schedule"), ("zero", "zero"), ("stage split", "stage split"),
                                ("sequence parallel", "sequence_parallel")) if not any(x.knob == name for x in lost)]
     return finish(ExportResult("torchtitan", VERSION, {"torchtitan.toml": text}, kept, lost), plan, nearest,
@@ -97,9 +114,14 @@ def _parallelism(plan: Plan, cfg, bounds):
     if cfg.zero_stage == 0:
         par.update(data_parallel_replicate_degree=cfg.dp, data_parallel_shard_degree=1)
     else:
-        par.update(data_parallel_replicate_degree=1, data_parallel_shard_degree=cfg.dp)
-        if cfg.zero_stage == 2:
+        shard = cfg.shard_group
+        par.update(data_parallel_replicate_degree=cfg.dp // shard, data_parallel_shard_degree=shard)
+        if cfg.zero_stage == 2 or not cfg.reshard_after_forward:
             par["fsdp_reshard_after_forward"] = "never"
+    if cfg.cp > 1:
+        par["context_parallel_degree"] = cfg.cp
+    if cfg.ep > 1:
+        par["expert_parallel_degree"] = cfg.ep
     par["tensor_parallel_degree"] = cfg.tp
     par["pipeline_parallel_degree"] = cfg.pp
     lost: list[Loss] = []

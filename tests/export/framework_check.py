@@ -51,6 +51,10 @@ def megatron_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap-grad-reduce", action="store_true")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--fp16", action="store_true")
+    p.add_argument("--context-parallel-size", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1)
+    p.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"])
+    p.add_argument("--fp8-recipe", default="delayed", choices=["tensorwise", "delayed", "mxfp8", "blockwise"])
     return p
 
 
@@ -73,7 +77,7 @@ def check_megatron(folder: Path, dp: int) -> dict[str, Any]:
         num_layers=a.num_layers, hidden_size=64 * a.tensor_model_parallel_size,
         num_attention_heads=8 * a.tensor_model_parallel_size, tensor_model_parallel_size=a.tensor_model_parallel_size,
         pipeline_model_parallel_size=a.pipeline_model_parallel_size, virtual_pipeline_model_parallel_size=v,
-        sequence_parallel=a.sequence_parallel, bf16=a.bf16, fp16=a.fp16,
+        context_parallel_size=a.context_parallel_size, sequence_parallel=a.sequence_parallel, bf16=a.bf16, fp16=a.fp16,
         pipeline_dtype=torch.bfloat16 if a.pipeline_model_parallel_size > 1 else None,
         recompute_granularity=a.recompute_granularity, recompute_method=a.recompute_method,
         recompute_num_layers=a.recompute_num_layers,
@@ -88,7 +92,10 @@ def check_megatron(folder: Path, dp: int) -> dict[str, Any]:
             "v": cfg.virtual_pipeline_model_parallel_size or 1, "sp": cfg.sequence_parallel,
             "micro_batch": a.micro_batch_size, "global_batch": a.global_batch_size,
             "num_micro_batches": a.global_batch_size // (a.micro_batch_size * dp),
-            "zero": zero, "recompute": cfg.recompute_granularity or "none", "layout": a.pipeline_model_parallel_layout}
+            "zero": zero, "recompute": cfg.recompute_granularity or "none", "layout": a.pipeline_model_parallel_layout,
+            "cp": cfg.context_parallel_size, "ep": a.expert_model_parallel_size,
+            "fp8": a.fp8_format is not None and a.fp8_recipe == "tensorwise",
+            "recompute_per_chunk": a.recompute_num_layers if a.recompute_method == "block" else None}
 
 
 @contextlib.contextmanager
@@ -171,7 +178,11 @@ def check_torchtitan(folder: Path, dp: int) -> dict[str, Any]:
             "micro_batch": mb, "global_batch": tr["global_batch_size"],
             "num_micro_batches": tr["local_batch_size"] // mb * tr["global_batch_size"]
             // (tr["local_batch_size"] * par["data_parallel_shard_degree"] * par["data_parallel_replicate_degree"]),
-            "recompute": d["activation_checkpoint"]["mode"]}
+            "recompute": d["activation_checkpoint"]["mode"], "ac_option": d["activation_checkpoint"].get("selective_ac_option"),
+            "cp": par.get("context_parallel_degree", 1), "ep": par.get("expert_parallel_degree", 1),
+            "shard": par["data_parallel_shard_degree"], "reshard": par.get("fsdp_reshard_after_forward", "default"),
+            "fp8": "float8" in d.get("model", {}).get("converters", [])
+            and d.get("float8", {}).get("recipe_name") == "tensorwise"}
 
 
 def check_nanotron(folder: Path, dp: int) -> dict[str, Any]:

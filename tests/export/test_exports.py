@@ -29,12 +29,21 @@ CONFIGS = {
                           schedule="zb-v", recompute="none"),
     "fsdp": ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=4, num_micro_batches=2, zero_stage=3),
     "ddp-gpipe": ParallelConfig(dp=4, tp=1, pp=2, micro_batch_size=2, num_micro_batches=4, schedule="gpipe"),
+    # plan schema 2.1's knobs, on H100s (FP8)
+    "cp-hsdp-fp8": ParallelConfig(dp=4, cp=2, micro_batch_size=1, num_micro_batches=2, zero_stage=3, dp_shard=2,
+                                  reshard_after_forward=False, recompute="full", recompute_every=2, fp8=True),
+    "pp-every3": ParallelConfig(dp=2, tp=2, pp=2, micro_batch_size=1, num_micro_batches=8, sequence_parallel=True,
+                                recompute="full", recompute_every=3, zero_stage=1),
+    "moe-ep": ParallelConfig(dp=4, tp=2, ep=2, micro_batch_size=2, num_micro_batches=2, zero_stage=1),
 }
+WHERE = {"cp-hsdp-fp8": ("llama2-7b", "dgx-h100"), "pp-every3": (MODEL, "dgx-h100"), "moe-ep": ("mixtral-tiny", "dgx-h100")}
+KNOBS_21 = ("cp", "ep", "fp8")
 
 
 @functools.cache
 def plan_of(name: str):
-    return evaluate(MODEL, CLUSTER, CONFIGS[name], nodes=1)
+    model, cluster = WHERE.get(name, (MODEL, CLUSTER))
+    return evaluate(model, cluster, CONFIGS[name], nodes=1)
 
 
 def with_split(plan, sizes: list[int]):
@@ -67,19 +76,35 @@ def test_parsed_export_carries_the_plans_knobs(name, framework, tmp_path):
     plan = plan_of(name)
     cfg = plan.parallel
     result = export_plan(plan, framework)
-    got = framework_check.CHECKS[framework](write(result, tmp_path), cfg.dp)
     near = result.nearest or cfg
-    assert (got.get("tp", cfg.tp), got["pp"], got.get("dp", cfg.dp)) == (cfg.tp, cfg.pp, cfg.dp)
-    assert (got["micro_batch"], got["num_micro_batches"], got["global_batch"]) == (
-        cfg.micro_batch_size, cfg.num_micro_batches, cfg.global_batch)
-    assert got["zero"] == near.zero_stage
     lost = {x.knob for x in result.lost}
-    if "zero" not in lost:
+    written = near if "cp" in lost else cfg  # the cp ranks became data-parallel replicas
+    got = framework_check.CHECKS[framework](write(result, tmp_path), written.dp)
+    assert (got.get("tp", cfg.tp), got["pp"], got.get("dp", written.dp)) == (cfg.tp, cfg.pp, written.dp)
+    assert (got["micro_batch"], got["num_micro_batches"], got["global_batch"]) == (
+        written.micro_batch_size, written.num_micro_batches, written.global_batch)
+    assert written.global_batch == cfg.global_batch
+    keeps_gathered = near.zero_stage == 3 and not near.reshard_after_forward  # torchtitan: "never", as its ZeRO-2
+    assert got["zero"] == (2 if framework == "torchtitan" and keeps_gathered else near.zero_stage)
+    for knob in KNOBS_21:  # each is written, or lost and the nearest priced without it
+        if knob in got:
+            assert got[knob] == getattr(near, knob), knob
+        assert (knob in lost) == (getattr(near, knob) != getattr(cfg, knob)), knob
+    if framework == "torchtitan":
+        assert got["shard"] == (cfg.shard_group if cfg.zero_stage else 1) and not lost & {"dp_shard", "reshard_after_forward"}
+        if cfg.recompute_every > 1:
+            assert (got["recompute"], got["ac_option"]) == ("selective", str(cfg.recompute_every))
+    if framework == "megatron" and near.recompute_every > 1:
+        assert got["recompute_per_chunk"] == max(block_counts(plan, boundaries_of(plan))) // near.recompute_every
+    if cfg.recompute_every > 1 and framework in ("deepspeed", "nanotron") and cfg.pp > 1:
+        assert "recompute_every" in lost and near.recompute_every == 1
+    if "zero" not in lost and not (framework == "torchtitan" and keeps_gathered):
         assert got["zero"] == cfg.zero_stage
-    if "recompute" in got:
+    layer_sac = framework == "torchtitan" and near.recompute_every > 1  # "selective" with a layer interval
+    if "recompute" in got and not layer_sac:
         assert got["recompute"] == (near.recompute if framework != "nanotron" else
                                     ("full" if near.recompute == "full" else "none"))
-    if "recompute" not in lost and framework != "nanotron":
+    if "recompute" not in lost and framework != "nanotron" and not layer_sac:
         assert got.get("recompute", cfg.recompute) == cfg.recompute
     if framework == "megatron" and cfg.pp > 1:
         assert got["v"] == cfg.virtual_stages
