@@ -156,9 +156,17 @@ class CostConstants:
     # (Megatron, apex); 4 for torch's foreach AdamW in fp32 (one parameter-sized list, the square
     # root of the second moment). It runs after the activations are freed (see memory.py).
     optimizer_temp_bytes_per_param: float = 0.0
+    # Bytes per parameter of the weights ZeRO-3 gathers and holds gathered (FSDP's ``param_dtype``): FSDP
+    # with mixed precision keeps fp32 shards and gathers them cast to bf16 (llm-foundry, FMS, torchtitan:
+    # 2). 0: the stored weight bytes (Megatron's bf16 weights; this project's runtime gathers its fp32).
+    fsdp_param_bytes: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def gathered_weight_bytes(self, dtype: str) -> float:
+        """Bytes per parameter of the weights ZeRO-3 all-gathers and holds gathered (``fsdp_param_bytes``)."""
+        return float(self.fsdp_param_bytes) or self.state_bytes(dtype)[0]
 
     def state_bytes(self, dtype: str) -> tuple[float, float, float]:
         """(weight, gradient, optimizer) bytes per parameter when training in ``dtype``.

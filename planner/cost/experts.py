@@ -276,7 +276,8 @@ def zero3_expert_micro_batch_s(table: object, chunks: list[tuple[int, int]], wei
     experts = zero_expert_params(table, chunks, cfg)
     if not experts:
         return zero3_micro_batch_s(weights, grads, groups, cfg, c)
-    w_b, g_b, _ = c.state_bytes(table.dtype)  # type: ignore[attr-defined]
+    _, g_b, _ = c.state_bytes(table.dtype)  # type: ignore[attr-defined]
+    w_b = c.gathered_weight_bytes(table.dtype)  # type: ignore[attr-defined]
     return (zero3_micro_batch_s(weights - w_b * experts, grads - g_b * experts, groups, cfg, c)
             + zero3_micro_batch_s(w_b * experts, g_b * experts, expert_shard_groups(cluster, cfg, groups), cfg, c))
 

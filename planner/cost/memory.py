@@ -106,7 +106,8 @@ class MemoryParts:
 
 def _per_param_bytes(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> tuple[float, float, float]:
     """Weight, gradient and optimizer bytes per (unsplit) parameter on one device, after sharding."""
-    return state_bytes_per_param(*c.state_bytes(table.dtype), cfg)  # ZeRO over the shard group (cost/sharding.py)
+    return state_bytes_per_param(*c.state_bytes(table.dtype), cfg,  # ZeRO over the shard group (cost/sharding.py)
+                                 gathered=c.gathered_weight_bytes(table.dtype))
 
 
 def _optimizer_temp_per_param(cfg: ParallelConfig, c: CostConstants) -> float:
@@ -115,9 +116,10 @@ def _optimizer_temp_per_param(cfg: ParallelConfig, c: CostConstants) -> float:
 
 
 def _gather_bytes_per_param(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> float:
-    """ZeRO-3 temporaries per parameter of the largest layer: two gathered copies and one gradient."""
-    w, g, _ = c.state_bytes(table.dtype)
-    return zero3_temp_bytes_per_param(w, g, cfg)
+    """ZeRO-3 temporaries per parameter of the largest layer: two gathered copies (in FSDP's param dtype)
+    and one gradient."""
+    _, g, _ = c.state_bytes(table.dtype)
+    return zero3_temp_bytes_per_param(c.gathered_weight_bytes(table.dtype), g, cfg)
 
 
 def _logits_factor(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> float:

@@ -237,7 +237,8 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
         dp_exposed.append(reduce + gather + (fsdp_host if cfg.zero_stage < 3 else 0.0))
         if cfg.zero_stage >= 3 and cfg.dp > 1:
             # gathers, reduce-scatter (HSDP: + all-reduce); the experts' over their own group (cost/experts.py)
-            per_mb = zero3_expert_micro_batch_s(table, chunks, weights, grads, groups, cfg, cluster, c)
+            gathered = c.gathered_weight_bytes(table.dtype) * params  # FSDP gathers in its param dtype
+            per_mb = zero3_expert_micro_batch_s(table, chunks, gathered, grads, groups, cfg, cluster, c)
             # prefetch hides what compute covers, where the two run at the same time
             fsdp_exposed.append(m * overlapped_comm_s(per_mb, per_device[d], c) + fsdp_host)
         else:

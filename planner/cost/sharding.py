@@ -115,13 +115,14 @@ def zero3_micro_batch_s(weight_bytes: float, grad_bytes: float, groups: ShardGro
 
 
 def state_bytes_per_param(w: float, g: float, o: float, cfg: ParallelConfig,
-                          n: int | None = None) -> tuple[float, float, float]:
+                          n: int | None = None, gathered: float | None = None) -> tuple[float, float, float]:
     """Weight, gradient and optimizer bytes per (unsplit) parameter on one device, after ZeRO and tp, for
-    states sharded over ``n`` ranks (default :func:`shard_size`; expert states: cost/experts.py)."""
+    states sharded over ``n`` ranks (default :func:`shard_size`; expert states: cost/experts.py);
+    ``gathered``: bytes per parameter of ZeRO-3's gathered weights (FSDP's param dtype; default ``w``)."""
     n = shard_size(cfg) if n is None else n
     weights = w / (n if cfg.zero_stage >= 3 else 1) / cfg.tp
     if cfg.zero_stage >= 3 and not cfg.reshard_after_forward and n > 1:
-        weights += w / cfg.tp  # the device's weights stay gathered from forward to backward
+        weights += (w if gathered is None else gathered) / cfg.tp  # gathered from forward to backward
     return (weights, g / (n if cfg.zero_stage >= 2 else 1) / cfg.tp, o / (n if cfg.zero_stage >= 1 else 1) / cfg.tp)
 
 

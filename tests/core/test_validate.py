@@ -134,7 +134,9 @@ def test_published_row_translation(published):
     m = _by_id(published, "llmfoundry-h100_80gb-amp_bf16-mpt70b-s2048-g512-mb8-r1")
     assert m.config == ParallelConfig(dp=512, micro_batch_size=8, num_micro_batches=1, recompute="full", zero_stage=3,
                                       overlap_grad_reduce=True)  # torch FSDP
-    assert m.trainer == "eager" and dict(m.settings) == {"loss_traffic_passes": 1.0, "loss_workspace_copies": 0.0}
+    assert m.trainer == "eager" and dict(m.settings) == {  # fused cross-entropy; FSDP's fp32 shards, bf16 gathers
+        "loss_traffic_passes": 1.0, "loss_workspace_copies": 0.0, "weight_bytes": 4, "grad_bytes": 4,
+        "bf16_grad_bytes": 4, "optimizer_bytes": 8, "fsdp_param_bytes": 2.0}
     assert m.measured_tokens_per_s_per_gpu == 1007.0 and m.cluster.preset == "dgx-h100"
 
 

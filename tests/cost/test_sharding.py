@@ -101,6 +101,33 @@ def test_keeping_the_gathered_weights_saves_one_gather_for_their_memory(graph):
     assert keep.total > re.total
 
 
+def test_fsdp_mixed_precision_stores_fp32_shards_and_gathers_bf16(graph):
+    """torch FSDP's param dtype: fp32 shards (4 + 4 + 8 bytes), bf16 gathers, gathered copies and held weights."""
+    cluster = ClusterSpec.preset("dgx-h100", nodes=4)
+    fp32 = replace(NO_OVERLAP, weight_bytes=4, grad_bytes=4, bf16_grad_bytes=4, optimizer_bytes=8)
+    mixed = replace(fp32, fsdp_param_bytes=2.0)
+    assert (fp32.gathered_weight_bytes("bf16"), mixed.gathered_weight_bytes("bf16")) == (4.0, 2.0)
+    for cfg in (_zero3(), _zero3(reshard_after_forward=False)):
+        table, p32 = _evaluate(graph, cfg, cluster, fp32)
+        _, pmix = _evaluate(graph, cfg, cluster, mixed)
+        params = device_params(table, [(0, graph.num_layers)]) / 2
+        a, b = p32.memory_per_device[0], pmix.memory_per_device[0]
+        assert (a.gradients, a.optimizer) == (b.gradients, b.optimizer)  # the shards are fp32 either way
+        held = 0.0 if cfg.reshard_after_forward else params * (4 - 2)  # the stage's gathered weights
+        assert a.weights - b.weights == pytest.approx(held, rel=1e-12)
+        largest = float(table.params.max()) / 2
+        copies = 2 * (4 - 2) * largest if cfg.reshard_after_forward else 0.0
+        assert a.temporary - b.temporary == pytest.approx(copies, rel=1e-9)
+        gathers = 2 if cfg.reshard_after_forward else 1
+        group = strided_group(cluster, 16, 2)
+        one = all_gather_s(4 * params, group, fp32) - all_gather_s(2 * params, group, fp32)
+        saved = p32.time_breakdown_s["zero3_gather_exposed"] - pmix.time_breakdown_s["zero3_gather_exposed"]
+        assert saved == pytest.approx(cfg.num_micro_batches * gathers * one, rel=1e-9)
+    # ZeRO-1: no gathered copies, nothing changes
+    z1 = _zero3(zero_stage=1)
+    assert _evaluate(graph, z1, cluster, fp32)[1].step_time_s == _evaluate(graph, z1, cluster, mixed)[1].step_time_s
+
+
 def test_fp8_is_faster_on_h100_and_refused_on_a100(graph):
     h100 = ClusterSpec.preset("dgx-h100", nodes=1)
     block = graph.layers[1]
