@@ -160,6 +160,10 @@ class CostConstants:
     # with mixed precision keeps fp32 shards and gathers them cast to bf16 (llm-foundry, FMS, torchtitan:
     # 2). 0: the stored weight bytes (Megatron's bf16 weights; this project's runtime gathers its fp32).
     fsdp_param_bytes: float = 0.0
+    # Bytes moved per element of each FP8 linear's input, weight and output gradient by its cast to fp8
+    # (planner/cost/fp8.py): 0 where Transformer Engine fuses the casts into the kernels producing the
+    # tensors (Megatron-LM), 3 for torchao under torch.compile, 5 for eager torchao (an extra amax read).
+    fp8_cast_bytes_per_element: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,11 +200,11 @@ class CostConstants:
 # traced op stands for that.
 TRAINERS: dict[str, dict[str, object]] = {
     "megatron": {},
-    "compiled": {},
+    "compiled": {"fp8_cast_bytes_per_element": 3.0},
     "eager": {"elementwise_traffic_factor": 1.0, "grad_accumulation_bytes_per_param": 12.0,
-              "op_dispatch_s": 1.6e-5},
+              "op_dispatch_s": 1.6e-5, "fp8_cast_bytes_per_element": 5.0},
     "torch": {"elementwise_traffic_factor": 1.0, "weight_bytes": 4, "grad_bytes": 4, "bf16_grad_bytes": 4,
-              "optimizer_bytes": 8, "grad_accumulation_bytes_per_param": 12.0},
+              "optimizer_bytes": 8, "grad_accumulation_bytes_per_param": 12.0, "fp8_cast_bytes_per_element": 5.0},
 }
 
 

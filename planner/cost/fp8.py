@@ -1,4 +1,5 @@
-"""FP8 GEMMs as torchao's float8 training runs them (``convert_to_float8_training``, tensorwise dynamic scaling).
+"""FP8 GEMMs with tensorwise scaling: torchao's float8 training (``convert_to_float8_training``) or Transformer
+Engine's current per-tensor scaling (Megatron-LM ``--fp8-recipe tensorwise``).
 
 Which ops: every linear (``nn.Linear``) but the output head, which torchtitan's float8 converter leaves in
 bf16 (``filter_fqns = ["output"]``); attention's batched GEMMs and fused kernels stay in bf16.
@@ -15,10 +16,13 @@ shapes that fill bf16 tiles fill fp8 ones less. ``FP8_GEMM_EFFICIENCY_RATIO = 0.
 speed-up against torchao's published end-to-end figure (1.25x on Llama 3 8B, 8 H100, torch.compile,
 tensorwise scaling with the float8 all-gather).
 
-The casts (memory-bound, ``FP8_CAST_BYTES_PER_ELEMENT = 3`` bytes moved per element of the bf16 tensor:
-read it (2 B) and write the fp8 copy (1 B). Dynamic scaling needs the tensor's ``amax`` first; under
-``torch.compile``, which torchao's float8 training needs to be fast, that reduction fuses into the kernel
-that produces the tensor, so it adds no pass of its own; eager would add one more 2 B read)::
+The casts (memory-bound, ``CostConstants.fp8_cast_bytes_per_element`` bytes moved per element of the bf16
+tensor, which the trainer decides: torchao under ``torch.compile`` reads it (2 B) and writes the fp8 copy
+(1 B), the ``amax`` that dynamic scaling needs fused into the kernel producing the tensor: 3
+(``FP8_CAST_BYTES_PER_ELEMENT``); eager torchao reads it once more for the ``amax``: 5; Transformer Engine
+fuses the cast into the kernel that produces the tensor (LayerNorm, the activation) and keeps each
+weight's fp8 copy for all of a step's micro-batches: 0, the default, as the other defaults describe
+Megatron-LM)::
 
     forward    cast(input: m·k) + cast(weight: k·n)
     backward   cast(grad_output: m·n) + cast(input: m·k) + cast(weight: k·n)   the backward GEMMs take
@@ -71,4 +75,5 @@ def cast_s(layer: Layer, *, micro_batch: int, tp: int, device: DeviceSpec, c: Co
         inp, weight, out = op.m * op.k * micro_batch, op.k * op.n, op.m * op.n * micro_batch
         fwd += (inp + weight) / tp
         bwd += (out + inp + weight) / tp
-    return FP8_CAST_BYTES_PER_ELEMENT * fwd / bw, FP8_CAST_BYTES_PER_ELEMENT * bwd / bw
+    per = c.fp8_cast_bytes_per_element
+    return per * fwd / bw, per * bwd / bw

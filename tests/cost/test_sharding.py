@@ -10,7 +10,7 @@ from planner.cluster import ClusterSpec
 from planner.cost.calibrate import gpt_graph
 from planner.cost.comm import all_gather_s, all_reduce_s, reduce_scatter_s, strided_group
 from planner.cost.compute import LINEAR_KINDS, layer_times
-from planner.cost.constants import CostConstants
+from planner.cost.constants import CostConstants, trainer_constants
 from planner.cost.fp8 import FP8_CAST_BYTES_PER_ELEMENT, cast_s
 from planner.cost.layer_table import TableKnobs
 from planner.cost.memory import device_params
@@ -139,8 +139,15 @@ def test_fp8_is_faster_on_h100_and_refused_on_a100(graph):
     linears = [op for op in block.op_costs if op.kind in LINEAR_KINDS and op.m]
     assert len(linears) == 4  # qkv, proj, fc1, fc2
     by_hand = FP8_CAST_BYTES_PER_ELEMENT * sum(4 * op.m * op.k + op.k * op.n for op in linears) / bw
-    assert cast_s(block, micro_batch=4, tp=1, device=h100.device, c=C, linear_kinds=LINEAR_KINDS)[0] == \
+    compiled = trainer_constants("compiled")  # torchao under torch.compile: read bf16, write fp8
+    assert compiled.fp8_cast_bytes_per_element == FP8_CAST_BYTES_PER_ELEMENT
+    assert cast_s(block, micro_batch=4, tp=1, device=h100.device, c=compiled, linear_kinds=LINEAR_KINDS)[0] == \
         pytest.approx(by_hand, rel=1e-12)
+    # Transformer Engine (the defaults: Megatron-LM) fuses the casts; eager torchao reads the input once more
+    assert cast_s(block, micro_batch=4, tp=1, device=h100.device, c=C, linear_kinds=LINEAR_KINDS) == (0.0, 0.0)
+    eager = trainer_constants("eager")
+    assert cast_s(block, micro_batch=4, tp=1, device=h100.device, c=eager, linear_kinds=LINEAR_KINDS)[0] == \
+        pytest.approx(by_hand * 5 / 3 * C.memory_bandwidth_efficiency / eager.memory_bandwidth_efficiency, rel=1e-12)
     cfg = ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=4, num_micro_batches=1)
     t_bf16 = _evaluate(graph, cfg, h100)[1]
     t_fp8 = _evaluate(graph, replace(cfg, fp8=True), h100)[1]
