@@ -9,7 +9,8 @@ What maps how:
   ``gradient_accumulation_steps`` = micro-batches per replica (DeepSpeed checks the three agree with
   the data-parallel size).
 * ZeRO: ``zero_optimization.stage``; ``overlap_comm`` for an overlapped gradient reduce. DeepSpeed's
-  pipeline engine accepts ZeRO 0 and 1 only (the planner never pairs a pipeline with more).
+  pipeline engine accepts ZeRO 0 and 1 only: a pipelined plan with ZeRO 2 or 3 (the planner tries FSDP
+  under a pipeline where nothing else fits) loses it, nearest 1.
 * tp: AutoTP (``tensor_parallel.autotp_size``); AutoTP has no sequence parallelism (lost).
 * Pipeline: ``PipelineModule(num_stages=pp, partition_method=...)``. DeepSpeed runs one schedule
   (its ``TrainSchedule``, 1F1B) with one chunk per stage: interleaving, GPipe and the zero-bubble
@@ -34,7 +35,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from planner.export.common import ExportResult, Loss, boundaries_of, finish, knob_losses
+from planner.export.common import ExportResult, Loss, boundaries_of, finish, knob_losses, with_zero
 from planner.plan import Plan
 
 VERSION = "DeepSpeed 0.19.8"
@@ -64,6 +65,9 @@ def export(plan: Plan) -> ExportResult:
         lost.append(Loss("recompute", "selective", "full (activation_checkpoint_interval 1)",
                          "PipelineModule checkpoints whole layers"))
         nearest = replace(nearest, recompute="full")
+    if cfg.pp > 1 and cfg.zero_stage > 1:
+        lost.append(Loss("zero", str(cfg.zero_stage), "1", "DeepSpeed's pipeline engine runs ZeRO 0 and 1 only"))
+        nearest = with_zero(nearest, 1)
     why = {"cp": "DeepSpeed's sequence parallelism is Ulysses (an all-to-all over heads), not ring attention",
            "ep": "DeepSpeed sets expert parallelism in the model code (deepspeed.moe.layer.MoE(ep_size=...))",
            "fp8": "ds_config has no FP8 training key",
@@ -89,7 +93,7 @@ def export(plan: Plan) -> ExportResult:
                 "layers": list(plan.model.layer_names), "expected_parts": starts}
     ds: dict = {"train_batch_size": nearest.global_batch, "train_micro_batch_size_per_gpu": nearest.micro_batch_size,
                 "gradient_accumulation_steps": nearest.num_micro_batches,
-                "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": bool(cfg.overlap_grad_reduce)}}
+                "zero_optimization": {"stage": nearest.zero_stage, "overlap_comm": bool(cfg.overlap_grad_reduce)}}
     if plan.model.dtype == "bf16":
         ds["bf16"] = {"enabled": True}
     elif plan.model.dtype == "fp16":
@@ -106,9 +110,9 @@ def export(plan: Plan) -> ExportResult:
         ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
         files["ds_config.json"] = json.dumps(ds, indent=2) + "\n"
     lost_knobs = {x.knob for x in lost}
-    kept = ["zero", "tp (AutoTP)", "pp"] + ([] if "cp" in lost_knobs else ["dp (implied)", "micro-batch"])
+    kept = ["tp (AutoTP)", "pp"] + ([] if "cp" in lost_knobs else ["dp (implied)", "micro-batch"])
     kept += ["global batch"] if nearest.global_batch == cfg.global_batch else []
-    kept += [k for k in ("schedule", "stage split", "recompute", "sequence_parallel") if k not in lost_knobs]
+    kept += [k for k in ("zero", "schedule", "stage split", "recompute", "sequence_parallel") if k not in lost_knobs]
     result = ExportResult("deepspeed", VERSION, files, kept, lost)
     if cfg.recompute != "none" and cfg.pp == 1:
         result.notes.append("without a pipeline, DeepSpeed recomputes what the model wraps in "

@@ -35,6 +35,9 @@ CONFIGS = {
     "pp-every3": ParallelConfig(dp=2, tp=2, pp=2, micro_batch_size=1, num_micro_batches=8, sequence_parallel=True,
                                 recompute="full", recompute_every=3, zero_stage=1),
     "moe-ep": ParallelConfig(dp=4, tp=2, ep=2, micro_batch_size=2, num_micro_batches=2, zero_stage=1),
+    # FSDP under a pipeline keeping the gathered weights (the Llama-2 70B reference plan's kind)
+    "pp-fsdp-keep": ParallelConfig(dp=4, pp=2, micro_batch_size=1, num_micro_batches=8, zero_stage=3,
+                                   reshard_after_forward=False),
 }
 WHERE = {"cp-hsdp-fp8": ("llama2-7b", "dgx-h100"), "pp-every3": (MODEL, "dgx-h100"), "moe-ep": ("mixtral-tiny", "dgx-h100")}
 KNOBS_21 = ("cp", "ep", "fp8")
@@ -96,6 +99,8 @@ def test_parsed_export_carries_the_plans_knobs(name, framework, tmp_path):
             assert (got["recompute"], got["ac_option"]) == ("selective", str(cfg.recompute_every))
     if framework == "megatron" and near.recompute_every > 1:
         assert got["recompute_per_chunk"] == max(block_counts(plan, boundaries_of(plan))) // near.recompute_every
+    if framework in ("deepspeed", "nanotron") and cfg.pp > 1 and cfg.zero_stage > 1:  # their engines: ZeRO 0-1
+        assert "zero" in lost and near.zero_stage == 1 and near.reshard_after_forward
     if cfg.recompute_every > 1 and framework in ("deepspeed", "nanotron") and cfg.pp > 1:
         assert "recompute_every" in lost and near.recompute_every == 1
     if "zero" not in lost and not (framework == "torchtitan" and keeps_gathered):
