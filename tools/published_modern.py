@@ -25,6 +25,7 @@ from planner.cost.constants import trainer_constants
 from planner.errors import InfeasibleError
 from planner.plan import ParallelConfig, Plan
 from planner.space import SearchSpace
+from planner.validation.cases import FSDP_MIXED_PRECISION
 from tools.compare import differences
 from tools.compare import markdown as table
 
@@ -109,7 +110,7 @@ CASES: tuple[ModernCase, ...] = (
         name="torchtitan Llama 3.1 405B, 3-D", model="llama3-405b", seq_len=32768, nodes=64, global_batch=64,
         config=_megatron(dp=8, tp=8, pp=8, micro_batch_size=1, num_micro_batches=8, schedule="1f1b",
                          sequence_parallel=True, zero_stage=3, recompute="full", fp8=True),
-        trainer="compiled", measured=76.0, measured_unit="tokens", memory_gib=96.0,
+        trainer="compiled", measured=76.0, measured_unit="tokens", memory_gib=96.0, settings=FSDP_MIXED_PRECISION,
         source="torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Table 6 (FSDP 8 x TP 8 x PP 8 on 512 H100 "
                "96 GB, local batch 8, 1F1B, full AC, float8 linears, async TP, torch.compile: 76 tokens/s per GPU at "
                "sequence 32768)"),

@@ -473,18 +473,18 @@ _FUSED_CROSS_ENTROPY = (("loss_traffic_passes", 1.0), ("loss_workspace_copies", 
 # torch FSDP with mixed precision (llm-foundry's ``amp_bf16``, FMS, torchtitan's FSDP2): fp32 parameter and
 # gradient shards and Adam's fp32 moments (4 + 4 + 8 bytes per parameter, no separate master copy), the
 # weights all-gathered and held gathered in bf16 (``param_dtype``).
-_FSDP_MIXED_PRECISION = (("bf16_grad_bytes", 4), ("fsdp_param_bytes", 2.0), ("grad_bytes", 4),
+FSDP_MIXED_PRECISION = (("bf16_grad_bytes", 4), ("fsdp_param_bytes", 2.0), ("grad_bytes", 4),
                          ("optimizer_bytes", 8), ("weight_bytes", 4))
 _FSDP_TRAINERS = ("llmfoundry", "fms", "torchtitan")
 
 
 def published_settings(run: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """Constants the run's own source fixes: llm-foundry's fused cross-entropy
-    (:data:`_FUSED_CROSS_ENTROPY`), torch FSDP's mixed-precision state (:data:`_FSDP_MIXED_PRECISION`), and
+    (:data:`_FUSED_CROSS_ENTROPY`), torch FSDP's mixed-precision state (:data:`FSDP_MIXED_PRECISION`), and
     the Megatron-LM overlap flags its run notes state."""
     out = list(_FUSED_CROSS_ENTROPY) if run["id"].startswith("llmfoundry") else []
     if run["id"].startswith(_FSDP_TRAINERS):
-        out += _FSDP_MIXED_PRECISION
+        out += FSDP_MIXED_PRECISION
     overlap = str(run["config"].get("comm_overlap"))
     if "--tp-comm-overlap" in overlap:
         out.append(("tp_comm_overlap", 1.0))
