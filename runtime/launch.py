@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import select
 import signal
@@ -91,7 +92,8 @@ def run_local(args: WorkerArgs, nproc: int) -> dict[int, Any]:
         preflight_user(plan, local_launch(nproc), resume_dir=resume_dir)
     else:
         preflight(plan, local_launch(nproc), resume_dir=resume_dir)
-    return launch_workers(nproc, run_worker, replace(args, checked=True), debug=args.debug)
+    return launch_workers(nproc, run_worker, replace(args, checked=True), debug=args.debug,
+                          shutdown_timeout_s=args.options.timeout_s)
 
 
 def default_start_method() -> str:
@@ -183,11 +185,15 @@ def _preload_fork_server() -> None:
 
 
 def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = None,
-                   debug: bool = False) -> dict[int, Any]:
+                   debug: bool = False, shutdown_timeout_s: float | None = None) -> dict[int, Any]:
     """Run ``fn(*fn_args)`` on ``nproc`` local workers via torch elastic; rank -> return value.
 
     A worker that fails makes the agent stop the others at once (no restarts) and this raises
-    :class:`WorkersFailed` naming each failed rank and how it ended.
+    :class:`WorkersFailed` naming each failed rank and how it ended. When the launcher itself is stopped
+    (SIGTERM, SIGINT) the agent forwards the signal and SIGKILLs a worker still alive
+    ``shutdown_timeout_s`` later: a run's ``--timeout-s``, the time it allows any wait, so that a stopped
+    worker can finish its step and save its checkpoint (torch elastic's 30 s when None). After a worker
+    failure the agent stops the others with its own fixed 30 s.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -198,7 +204,8 @@ def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = Non
         _preload_fork_server()
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"runtime-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-                          monitor_interval=0.1, start_method=method, local_addr="127.0.0.1")
+                          monitor_interval=0.1, start_method=method, local_addr="127.0.0.1",
+                          shutdown_timeout=None if shutdown_timeout_s is None else max(1, math.ceil(shutdown_timeout_s)))
     if not debug:  # the agent logs each failure with its traceback; we print one line per failure instead
         for name in ("torch.distributed.elastic", "torch.multiprocessing"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -240,3 +240,26 @@ def test_each_dp_rank_gets_its_own_rows_from_the_first_step():
     resumed = next(iter(SyntheticData(plan, preset, seed=0, dp_index=1, first_step=3)))  # after a resume: step 3
     x3, _ = synthetic_global_batch(preset, batch=plan.parallel.global_batch, seq_len=preset.seq_len, seed=0, step=3)
     assert torch.equal(resumed[0], x3[4:8])
+
+
+def test_a_stopped_launcher_gives_its_workers_the_runs_timeout(monkeypatch):
+    """SIGTERM to the launcher: the agent waits the run's --timeout-s (not torch elastic's 30 s) for the workers
+    to finish their step and save before it kills them."""
+    import torch.distributed.launcher.api as elastic
+
+    from runtime.launch import launch_workers
+
+    seen = {}
+
+    def fake_launch(config, entrypoint):
+        seen["shutdown_timeout"] = config.shutdown_timeout
+        return lambda *args: {0: None}
+
+    monkeypatch.setattr(elastic, "elastic_launch", fake_launch)
+    monkeypatch.setenv("RUNTIME_START_METHOD", "spawn")  # no fork server to start for a launch that never runs
+    launch_workers(1, print, shutdown_timeout_s=120.0)
+    assert seen["shutdown_timeout"] == 120
+    launch_workers(1, print, shutdown_timeout_s=7.5)
+    assert seen["shutdown_timeout"] == 8
+    launch_workers(1, print)
+    assert seen["shutdown_timeout"] == int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
