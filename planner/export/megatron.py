@@ -24,7 +24,7 @@ What maps how:
   otherwise lost, nearest every layer.
 * Context parallelism: ``--context-parallel-size``; expert parallelism: ``--expert-model-parallel-size``
   (the MoE layers themselves are the model's arguments); FP8: ``--fp8-format hybrid --fp8-recipe
-  tensorwise`` (Transformer Engine's current per-tensor scaling, the recipe the plan is priced with).
+  tensorwise`` (Transformer Engine's current per-tensor scaling: the tensorwise scaling the plan prices).
 * HSDP (a shard group smaller than dp) and ZeRO-3 that keeps the gathered weights from forward to backward
   have no arguments here: lost, nearest ZeRO-3 over all of dp, resharded after forward.
 """

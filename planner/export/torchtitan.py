@@ -29,7 +29,7 @@ What maps how:
   HSDP: ``data_parallel_shard_degree`` = the shard group, ``data_parallel_replicate_degree`` = dp / it;
   ZeRO-3 that keeps the gathered weights to the backward: ``fsdp_reshard_after_forward = "never"``;
   FP8: ``[model] converters = ["float8"]`` with ``[float8] recipe_name = "tensorwise"`` (torchao's
-  float8 training, the recipe the plan is priced with; the output head stays in bf16).
+  float8 training with tensorwise scaling, as the plan prices it; the output head stays in bf16).
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ def test_sweep_row_translation(sweep):
     assert c.config == ParallelConfig(dp=8, tp=4, pp=2, micro_batch_size=8, num_micro_batches=4, schedule="1f1b",
                                       recompute="none", sequence_parallel=True, zero_stage=1,
                                       overlap_grad_reduce=True)
-    assert c.trainer == "eager"  # nanotron
+    # nanotron: eager launches, fused element-wise kernels (flash-attn's RMSNorm and rotary)
+    assert c.trainer == "eager" and dict(c.settings) == {"elementwise_traffic_factor": 0.35}
     assert c.group == "playbook-1B:64" and c.status == "ok"
     assert c.measured_tokens_per_s_per_gpu == pytest.approx(23202.03)
     assert (c.cluster.preset, c.cluster.nodes, c.cluster.devices_per_node) == ("sweep", 8, 8)
