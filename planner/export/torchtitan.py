@@ -28,7 +28,8 @@ What maps how:
 * Context parallelism: ``context_parallel_degree``; expert parallelism: ``expert_parallel_degree``;
   HSDP: ``data_parallel_shard_degree`` = the shard group, ``data_parallel_replicate_degree`` = dp / it;
   ZeRO-3 that keeps the gathered weights to the backward: ``fsdp_reshard_after_forward = "never"``;
-  FP8: ``[model] converters = ["float8"]`` with ``[float8] recipe_name = "tensorwise"`` (torchao's
+  FP8: ``[model] converters = ["float8"]`` with ``[float8] recipe_name = "tensorwise"`` and
+  ``filter_fqns = ["output"]`` (torchao's
   float8 training with tensorwise scaling, as the plan prices it; the output head stays in bf16).
 """
 
@@ -95,7 +96,8 @@ def export(plan: Plan) -> ExportResult:
     header = f"{plan.model.name} on {plan.cluster.name}: {cfg.label()}\nfield names: {VERSION}"
     tables = {"parallelism": par, "activation_checkpoint": ac, "training": training}
     if cfg.fp8:
-        tables.update(model={"converters": ["float8"]}, float8={"recipe_name": "tensorwise"})
+        # the output head stays in bf16, as the plan prices it (torchtitan's own default filters nothing)
+        tables.update(model={"converters": ["float8"]}, float8={"recipe_name": "tensorwise", "filter_fqns": ["output"]})
     text = toml_text(tables, header)
     kept = ["tp", "pp", "dp", "micro-batch", "global batch", "recompute"]
     kept += [k for k, on in (("cp", cfg.cp > 1), ("ep", cfg.ep > 1), ("fp8", cfg.fp8),

@@ -182,7 +182,8 @@ def check_torchtitan(folder: Path, dp: int) -> dict[str, Any]:
             "cp": par.get("context_parallel_degree", 1), "ep": par.get("expert_parallel_degree", 1),
             "shard": par["data_parallel_shard_degree"], "reshard": par.get("fsdp_reshard_after_forward", "default"),
             "fp8": "float8" in d.get("model", {}).get("converters", [])
-            and d.get("float8", {}).get("recipe_name") == "tensorwise"}
+            and d.get("float8", {}).get("recipe_name") == "tensorwise"
+            and "output" in d.get("float8", {}).get("filter_fqns", [])}  # the head in bf16, as the plan prices it
 
 
 def check_nanotron(folder: Path, dp: int) -> dict[str, Any]:
