@@ -241,4 +241,6 @@ def constants_from_file(path: str, base: CostConstants | None = None) -> CostCon
             and (want is float or value == int(value)))
         if not ok:
             raise SpecError(f"--constants: {name}", value, f"expected a finite {want.__name__}")
+        if want is not bool and value < 0:  # times, bytes, fractions and counts: none is negative
+            raise SpecError(f"--constants: {name}", value, "expected a value >= 0")
     return replace(base, **{k: (int(v) if kinds[k] is int else v) for k, v in data.items()})

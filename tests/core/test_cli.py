@@ -348,7 +348,8 @@ def test_constants_file_prices_the_plan_and_bad_fields_are_named(tmp_path, capsy
     c = Plan.from_json(out).cost_constants
     assert (c["op_dispatch_s"], c["async_dispatch"], c["optimizer_step_bytes_per_param"]) == (2e-5, False, 20.5)
     for bad, words in (({"no_such": 1}, "not CostConstants fields"), ({"async_dispatch": 1}, "async_dispatch"),
-                       ({"reserved_bytes": 1.5}, "reserved_bytes")):
+                       ({"reserved_bytes": 1.5}, "reserved_bytes"),
+                       ({"fp8_cast_bytes_per_element": -3}, "fp8_cast_bytes_per_element: got -3; expected a value >= 0")):
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(bad))
         code, _, err = run_cli([*base, "--constants", str(path), "-o", str(tmp_path / "q.json")], capsys)
