@@ -155,6 +155,9 @@ def _families(pricer: Pricer, global_batch: int, space: SearchSpace) -> list[tup
                     continue
                 for rec in space.recompute:
                     for knobs in _family_knobs(graph, cp, dp, rec, fp8s, space):
+                        if knobs.ep > 1 and space.runtime_combinations and unrunnable_combination(ParallelConfig(
+                                dp=dp, tp=tp, pp=pp, cp=cp, ep=knobs.ep, sequence_parallel=sp)):
+                            continue  # no ZeRO stage makes this family runnable: not worth its bound
                         bound = m * pricer.work_bound_s((tp, mb, sp, rec, knobs), pp, dp * cp, priced=False)
                         families.append((bound, (pp, tp, dp, mb, RECOMPUTE.index(rec), sp, knobs)))
     families.sort(key=lambda f: (f[0], f[1][:6], astuple(f[1][6])))

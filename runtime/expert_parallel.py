@@ -63,15 +63,14 @@ def check_expert_parallel(plan: Any, model: nn.Module | None, *, user_model: boo
     par = plan.parallel
     if par.ep == 1:
         return
-    why = None
     if user_model:
         why = ("runtime.parallelize (the user's own model and loop) does not split experts; train the preset with "
                "`python -m runtime`, or re-plan with --ep 1")
-    elif unrunnable_combination(par):  # the rule the planner's search follows (planner/space.py)
+    else:  # the rule the planner's search follows (planner/space.py)
         why = unrunnable_combination(par)
-    elif checkpoint_dir:
+    if why is None and checkpoint_dir:
         why = "checkpoints of expert-parallel runs are not supported; drop --checkpoint-dir or re-plan with --ep 1"
-    elif model is not None:
+    elif why is None and model is not None:
         known = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
         unknown = [type(m).__name__ for m in model.modules() if not isinstance(m, MoEFeedForward)
                    and isinstance(getattr(m, "num_experts", None), int) and isinstance(getattr(m, "top_k", None), int)]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.cost.constants import CostConstants
+from planner.cost.constants import TRAINERS, CostConstants
 from planner.errors import SpecError, read_json_file
 from planner.paths import datasets_dir
 from planner.plan import ParallelConfig
@@ -481,8 +481,10 @@ _FUSED_CROSS_ENTROPY = (("loss_traffic_passes", 1.0), ("loss_workspace_copies", 
 # torch FSDP with mixed precision (llm-foundry's ``amp_bf16``, FMS, torchtitan's FSDP2): fp32 parameter and
 # gradient shards and Adam's fp32 moments (4 + 4 + 8 bytes per parameter, no separate master copy), the
 # weights all-gathered and held gathered in bf16 (``param_dtype``).
-FSDP_MIXED_PRECISION = (("bf16_grad_bytes", 4), ("fsdp_param_bytes", 2.0), ("grad_bytes", 4),
-                         ("optimizer_bytes", 8), ("weight_bytes", 4))
+# The state is the ``torch`` trainer profile's (planner.cost.constants.TRAINERS), stated once there.
+_FP32_STATE = ("bf16_grad_bytes", "grad_bytes", "optimizer_bytes", "weight_bytes")
+FSDP_MIXED_PRECISION = tuple(sorted({**{k: TRAINERS["torch"][k] for k in _FP32_STATE},
+                                     "fsdp_param_bytes": 2.0}.items()))
 _FSDP_TRAINERS = ("llmfoundry", "fms", "torchtitan")
 
 
