@@ -28,9 +28,12 @@ nodes, :mod:`planner.cost.measured`), a collective is priced from them instead
 (:func:`measured_notes` says which). A group of whole nodes reads the curve directly. A group
 inside one node reads the one-node curve at its own message size: bus bandwidth is a per-device
 link figure, and on a switched node (NVSwitch) a subset of devices gets the same links. A group
-spread over nodes with ``k`` of a node's ``d`` devices (dp under tp: one per tp rank) drives
+spread over ``n`` nodes with ``k`` of a node's ``d`` devices (dp under tp: one per tp rank) drives
 ``k`` of the node's ``d`` NICs: it gets ``k/d`` of the measured bus bandwidth, read at the
-message size that puts the same bytes on each NIC (``S·d/k``). All-to-all and send/recv are
+message size that puts the same bytes on each NIC (``S·d/k``) and at the node count whose whole
+nodes hold as many ranks (``n·k/d``, at least two): measured bus bandwidth falls with scale at
+constant NIC bandwidth (per-hop latency along a longer ring, fabric contention), and that is a
+matter of the ring's ranks, not of the nodes it visits. All-to-all and send/recv are
 bounded by each rank's own NIC share, so they read the curve unscaled; a send/recv between
 nodes reads the smallest measured node count above one.
 """
@@ -134,7 +137,7 @@ def group_of_ranks(cluster: ClusterSpec, ranks: Sequence[int]) -> Group:
                  devices_per_node=groups[0].devices_per_node if measured is not None else 0)
 
 
-def _measured_query(collective: str, nbytes: float, g: Group) -> tuple[int, float, float] | None:
+def _measured_query(collective: str, nbytes: float, g: Group) -> tuple[float, float, float] | None:
     """``(nodes, message bytes, share)`` to read from the whole-node curves for ``g`` (module docstring)."""
     if g.nodes <= 1:
         return 1, nbytes, 1.0
@@ -145,7 +148,9 @@ def _measured_query(collective: str, nbytes: float, g: Group) -> tuple[int, floa
     if collective == "all_to_all" or g.devices_per_node <= 0:
         return g.nodes, nbytes, 1.0
     share = min(1.0, g.per_node / g.devices_per_node)
-    return g.nodes, nbytes / share, share
+    # Its ring has the ranks of nodes·share whole nodes (never fewer than two: every hop but the
+    # node's own crosses the network), and the measured drop of bus bandwidth with scale is per ring.
+    return min(g.nodes, max(2.0, g.nodes * share)), nbytes / share, share
 
 
 def measured_time_s(collective: str, nbytes: float, g: Group) -> float | None:
@@ -184,7 +189,7 @@ def measured_notes(priced: Sequence[tuple[str, str, float, Group]]) -> list[str]
             continue
         query = _measured_query(collective, nbytes, g)
         table = collective_tables(g.measured)[collective]
-        where = (f"{query[0]} node(s) at {format_bytes(query[1])}" if query else f"{g.nodes} node(s)")
+        where = (f"{query[0]:g} node(s) at {format_bytes(query[1])}" if query else f"{g.nodes} node(s)")
         outside.setdefault(label, []).append((nbytes, g, f"{where}; measured: {table.describe()}"))
     notes = []
     for label, items in outside.items():

@@ -73,7 +73,7 @@ class CollectiveTable:
     nodes: tuple[int, ...]
     curves: tuple[_Curve, ...]
 
-    def bus_bandwidth(self, nodes: int, message_bytes: float) -> float | None:
+    def bus_bandwidth(self, nodes: float, message_bytes: float) -> float | None:
         """Interpolated bus bandwidth (bytes/s), or ``None`` outside the measured range."""
         if not self.nodes or message_bytes <= 0 or not self.nodes[0] <= nodes <= self.nodes[-1]:
             return None
@@ -123,7 +123,7 @@ def collective_tables(measured: MeasuredCollectives) -> dict[str, CollectiveTabl
     return out
 
 
-def bus_bandwidth(measured: MeasuredCollectives, collective: str, nodes: int, message_bytes: float) -> float | None:
+def bus_bandwidth(measured: MeasuredCollectives, collective: str, nodes: float, message_bytes: float) -> float | None:
     """Measured bus bandwidth of ``collective`` on ``nodes`` whole nodes at ``message_bytes``, or ``None``."""
     return collective_tables(measured)[collective].bus_bandwidth(nodes, message_bytes)
 

@@ -81,6 +81,29 @@ def test_strided_group_gets_its_share_of_the_node_injection_bandwidth():
     assert comm.all_reduce_s(s, g1, C) == pytest.approx(2 * 1 / 2 * s / (busbw1 / 8), rel=1e-12)
 
 
+def test_strided_group_reads_the_curve_where_whole_nodes_hold_as_many_ranks():
+    # dp=8 under tp=4 on 4 nodes: 2 ranks per node. Its ring has 8 ranks, as 1 whole node would,
+    # so it reads the 2-node curve (two at least: its hops cross the network), not the 4-node one,
+    # where the measured bus bandwidth has fallen with the longer ring.
+    cluster = measured(nodes=4)
+    g = comm.strided_group(cluster, 8, 4)
+    assert (g.nodes, g.per_node) == (4, 2)
+    s = 2**20
+    m = cluster.groups[0].collectives
+    two, four = bus_bandwidth(m, "all_reduce", 2, s * 4), bus_bandwidth(m, "all_reduce", 4, s * 4)
+    assert two > four
+    assert comm.all_reduce_s(s, g, C) == pytest.approx(2 * 7 / 8 * s / (two / 4), rel=1e-12)
+    # 4 ranks per node on 4 nodes: 16 ranks, 2 whole nodes' worth: still the 2-node curve
+    g4 = comm.strided_group(cluster, 16, 2)
+    assert (g4.nodes, g4.per_node) == (4, 4)
+    assert comm.all_reduce_s(s, g4, C) == pytest.approx(
+        2 * 15 / 16 * s / (bus_bandwidth(m, "all_reduce", 2, s * 2) / 2), rel=1e-12)
+    # whole nodes are unchanged: the 4-node curve
+    g8 = comm.strided_group(cluster, 32, 1)
+    assert comm.all_reduce_s(s, g8, C) == pytest.approx(2 * 31 / 32 * s / bus_bandwidth(m, "all_reduce", 4, s),
+                                                         rel=1e-12)
+
+
 def test_group_inside_a_node_reads_the_one_node_curve():
     cluster = measured(nodes=2)
     g = comm.strided_group(cluster, 4, 1)  # tp=4: half a node
@@ -113,9 +136,11 @@ def test_outside_the_measured_range_falls_back_to_alpha_beta_and_says_so():
     notes = comm.measured_notes([("dp all_reduce", "all_reduce", 2**20, g)])
     assert len(notes) == 1 and "outside the cluster's measured collectives" in notes[0]
     assert "nodes 1-4" in notes[0] and "alpha-beta" in notes[0]
-    # the plan's explanation carries it: dp over 8 nodes
+    # the plan's explanation carries it: dp over 40 nodes, one rank per node, as long a ring as 5
+    # whole nodes (dp=8 on 8 nodes would read the 2-node curve: a ring of 8 ranks)
+    cluster = measured(nodes=40)
     graph = gpt_graph(16, 1024, 8, seq_len=512, vocab=8192)
-    cfg = ParallelConfig(dp=8, tp=8, pp=1, micro_batch_size=1, num_micro_batches=1)
+    cfg = ParallelConfig(dp=40, tp=8, pp=1, micro_batch_size=1, num_micro_batches=1)
     table = layer_table(graph, cluster, micro_batch=1, tp=8, sequence_parallel=False, recompute="none", c=C,
                         tp_pricing="megatron")
     pred = evaluate(graph, cluster, cfg, [(0, graph.num_layers)], C, table=table)
