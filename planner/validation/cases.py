@@ -71,6 +71,7 @@ class ClusterRef:
     nodes: int
     devices_per_node: int = 8
     memory_gib: float | None = None  # overrides the preset's device memory (H100 96 GB)
+    attention_kernel: str = ""  # a key of ATTENTION_KERNELS; "" for the preset's FlashAttention-2 class
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,6 +235,21 @@ _GPU_PRESETS = (  # (pattern in the run's cluster.gpu, preset); first match wins
 _PRESET_MEMORY_GIB = {"dgx-h100": 80, "dgx-a100-40g": 40, "dgx-a100-80g": 80, "dgx1-v100": 32}
 
 
+# The attention kernel a run's source names where it is not the FlashAttention-2-class kernel the
+# cluster presets describe, and the fraction of each device's peak it sustains in training (causal,
+# forward and backward, per FLOP it computes). llm-foundry's benchmark tables ran its Triton
+# FlashAttention: scripts/train/benchmarking/submit_benchmarks.py defaults ``--attn_impl`` to
+# ``triton`` and the tables' sweep.sh leaves it there. That 2022 kernel predates Hopper's instructions:
+# on the A100 it runs as the A100 presets state (0.30, fitted on these runs); on the H100 it sustains
+# 0.18 (fitted on llm-foundry's 77 H100 runs: python -m tools.fit_cluster --param
+# device.fused_attention_efficiency --device H100-SXM5-80GB --fit-published llmfoundry-h100 --presets
+# dgx-h100), where FlashAttention-2 sustains 0.35, and the runs' pred/meas stops falling with the
+# sequence length (docs/validation.md).
+ATTENTION_KERNELS: dict[str, dict[str, float]] = {
+    "triton-2022": {"A100-SXM4-40GB": 0.30, "A100-SXM4-80GB": 0.30, "H100-SXM5-80GB": 0.18},
+}
+
+
 def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
     cl = run["cluster"]
     gpu = str(cl.get("gpu") or "")
@@ -263,7 +279,12 @@ def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
         notes.append(f"{preset} with {mem:g} GB devices")
     if "inter_node" in cl and cl["inter_node"] and preset != "dgx1-v100":
         notes.append(f"network as the {preset} preset (run states: {str(cl['inter_node'])[:40]})")
-    return ClusterRef(preset=preset, nodes=gpus // per_node, devices_per_node=per_node, memory_gib=memory_gib)
+    kernel = ""
+    if run["id"].startswith("llmfoundry"):
+        kernel = "triton-2022"
+        notes.append("attention: llm-foundry's Triton FlashAttention (submit_benchmarks.py's default attn_impl)")
+    return ClusterRef(preset=preset, nodes=gpus // per_node, devices_per_node=per_node, memory_gib=memory_gib,
+                      attention_kernel=kernel)
 
 
 _OLD_ATTENTION = ("deepspeed-azure-2022", "pytorch-fsdp-blog-2022", "opt-175b", "fsdp-paper")

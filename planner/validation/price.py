@@ -27,7 +27,7 @@ from planner.errors import SpecError
 from planner.pricing import Pricer, table_key
 from planner.trace import CostGraph, trace_model
 from planner.validation import metrics
-from planner.validation.cases import Case, ClusterRef, ModelSpec, Skip, sweep_cluster_dict
+from planner.validation.cases import ATTENTION_KERNELS, Case, ClusterRef, ModelSpec, Skip, sweep_cluster_dict
 
 GiB = 2**30
 _DEFAULTS = CostConstants()
@@ -58,6 +58,12 @@ def interpolate_log(points: list[tuple[float, float]], x: float) -> float:
     xs = [math.log(p[0]) for p in points]
     ys = [math.log(p[1]) for p in points]
     return float(math.exp(np.interp(math.log(x), xs, ys)))
+
+
+def _with_device_fields(spec: ClusterSpec, fields: dict[str, dict[str, Any]]) -> ClusterSpec:
+    """``spec`` with device fields replaced on every node group whose device has a name in ``fields``."""
+    return replace(spec, groups=tuple(replace(g, device=replace(g.device, **fields[g.device.name]))
+                                      if g.device.name in fields else g for g in spec.groups))
 
 
 class CasePricer:
@@ -143,9 +149,11 @@ class CasePricer:
         else:
             spec = ClusterSpec.preset(ref.preset)
         spec = spec.resized(nodes=ref.nodes, devices_per_node=ref.devices_per_node)
+        if ref.attention_kernel:  # the kernel the run's source names, before a fit's overrides
+            spec = _with_device_fields(spec, {name: {"fused_attention_efficiency": eff} for name, eff in
+                                              ATTENTION_KERNELS[ref.attention_kernel].items()})
         if self.device_overrides:
-            spec = replace(spec, groups=tuple(replace(g, device=replace(g.device, **self.device_overrides[g.device.name]))
-                                              if g.device.name in self.device_overrides else g for g in spec.groups))
+            spec = _with_device_fields(spec, self.device_overrides)
         if ref.memory_gib:
             groups = tuple(replace(g, device=replace(g.device, memory_bytes=int(ref.memory_gib * 2**30)))
                            for g in spec.groups)

@@ -237,3 +237,26 @@ def test_validation_overrides_reach_the_priced_cluster():
     tp = [c for c in load_cases("sweep").cases if c.group == "playbook-1B:8" and c.config.tp > 1][:2]
     lat = validate_cases(tp, sweep_overrides={"intra_node.latency_s": 1e-3}).priced
     assert all(a.predicted_step_s > b.predicted_step_s for a, b in zip(lat, validate_cases(tp).priced))
+
+
+def test_a_run_priced_with_the_attention_kernel_its_source_names(published):
+    """llm-foundry's tables ran its Triton FlashAttention: their H100 runs are priced at that kernel's
+    sustained fraction of the peak, the other H100 runs at the preset's FlashAttention-2 figure, and a
+    fit's device override still replaces both."""
+    from planner.validation.cases import ATTENTION_KERNELS
+    from planner.validation.price import CasePricer
+
+    lf = _by_id(published, "llmfoundry-h100_80gb-amp_bf16-mpt760m-s32768-g8-mb1-r62")
+    assert lf.cluster.attention_kernel == "triton-2022"
+    assert any("Triton FlashAttention" in a for a in lf.approximations)
+    fms = _by_id(published, "fms-fsdp-eager-llama2-7b-h100-g96")
+    assert fms.cluster.attention_kernel == "" and fms.cluster.preset == lf.cluster.preset == "dgx-h100"
+    pricer = CasePricer()
+    triton = pricer.cluster(lf.cluster)[0].device.fused_attention_efficiency
+    flash2 = pricer.cluster(fms.cluster)[0].device.fused_attention_efficiency
+    assert triton == ATTENTION_KERNELS["triton-2022"]["H100-SXM5-80GB"] < flash2
+    # the long-sequence run is attention-bound: the slower kernel makes it markedly slower
+    assert pricer.price(lf).predicted_step_s > 1.3 * CasePricer(
+        device_overrides={"H100-SXM5-80GB": {"fused_attention_efficiency": flash2}}).price(lf).predicted_step_s
+    fitted = CasePricer(device_overrides={"H100-SXM5-80GB": {"fused_attention_efficiency": 0.5}})
+    assert fitted.cluster(lf.cluster)[0].device.fused_attention_efficiency == 0.5
