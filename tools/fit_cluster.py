@@ -12,15 +12,20 @@ Two figures the datasheets do not give and the shared measurements pin down:
   It sets what a micro-batch costs beyond its FLOPs under tensor parallelism. Fitted on the one-node
   groups, checked on the multi-node groups.
 
-* ``device.fused_attention_efficiency``: the share of peak the fused (flash) attention kernels of the
-  measured runs sustain. Fitted on one publisher's runs of a device (``--fit-published PREFIX``: the
-  published runs whose id starts with it, on ``--presets``), checked on the other publishers' runs
-  of that device.
+* ``device.fused_attention_efficiency``: the share of peak the FlashAttention-2-class kernels the
+  presets describe sustain in training. Fitted on sweep groups or on one publisher's runs of a device
+  (``--fit-published PREFIX``: the published runs whose id starts with it, on ``--presets``), checked
+  on the other publishers' runs of that device. Runs whose source names another kernel keep it.
+* ``attention_kernel.NAME``: the same figure for a kernel a source names
+  (``planner.validation.cases.ATTENTION_KERNELS``: llm-foundry's Triton FlashAttention,
+  ``triton-2022``), on ``--device``; it moves only the runs that ran that kernel.
 
     python -m tools.fit_cluster --param device.gemm_efficiency
     python -m tools.fit_cluster --param intra_node.latency_s
     python -m tools.fit_cluster --param device.fused_attention_efficiency --device A100-SXM4-80GB \
         --fit-published llmfoundry --presets dgx-a100-80g,dgx-a100-40g
+    python -m tools.fit_cluster --param attention_kernel.triton-2022 --device H100-SXM5-80GB \
+        --fit-published llmfoundry-h100 --presets dgx-h100
 
 Objective: the median |log(predicted / measured step time)| over the healthy configurations (>= 25%
 of the group's best) of the fit groups.
@@ -32,7 +37,7 @@ import argparse
 import math
 import statistics
 
-from planner.validation.cases import load_cases
+from planner.validation.cases import ATTENTION_KERNELS, load_cases
 from planner.validation.metrics import healthy, spearman
 from planner.validation.price import Priced, validate_cases
 
@@ -40,6 +45,7 @@ PARAMS = {
     "device.gemm_efficiency": "0.40:0.81:0.02",
     "device.fused_attention_efficiency": "0.20:0.55:0.05",
     "intra_node.latency_s": "0:8.1e-05:5e-06",
+    **{f"attention_kernel.{name}": "0.10:0.36:0.02" for name in ATTENTION_KERNELS},
 }
 
 
@@ -68,8 +74,11 @@ def _spearman(priced: list[Priced]) -> float:
 
 
 def _price(cases, param: str, value: float | None, device: str):
-    if param.startswith("device."):
-        return validate_cases(cases, device_overrides={device: {param.split(".", 1)[1]: value}}).priced
+    kind, name = param.split(".", 1)
+    if kind == "device":
+        return validate_cases(cases, device_overrides={device: {name: value}}).priced
+    if kind == "attention_kernel":
+        return validate_cases(cases, kernel_overrides={} if value is None else {name: {device: value}}).priced
     return validate_cases(cases, sweep_overrides={} if value is None else {param: value}).priced
 
 
@@ -85,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presets", default="dgx-h100", help="cluster presets of the published runs fitted and "
                     "checked (comma-separated)")
     args = ap.parse_args(argv)
+    per_device = args.param.startswith(("device.", "attention_kernel."))  # checked on published runs
     start, stop, step = (float(x) for x in (args.grid or PARAMS[args.param]).split(":"))
     grid = [round(start + i * step, 9) for i in range(int(round((stop - start) / step)) + 1)]
     cases = load_cases("all").cases
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         fit_groups = set(args.fit_groups.split(","))
         fit = [c for c in cases if c.group in fit_groups]
-        check = on_device if args.param.startswith("device.") else \
+        check = on_device if per_device else \
             [c for c in cases if c.source == "sweep" and c.group not in fit_groups]
     if not fit:
         raise SystemExit(f"no case to fit on in {sorted(fit_groups)}")
@@ -107,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {args.param} | median abs(log(pred/meas)) on the fit set |\n|---|---|")
     for err, value in rows:
         print(f"| {value:g}{' (best)' if value == best else ''} | {err:.3f} |")
-    for label, value in (("as the file has it" if not args.param.startswith("device.") else
-                          "without the field (the constant)", None), (f"fitted {best:g}", best)):
+    unfitted = {"device": "without the field (the constant)", "attention_kernel": "as ATTENTION_KERNELS has it"}
+    for label, value in ((unfitted.get(args.param.split(".")[0], "as the file has it"), None),
+                         (f"fitted {best:g}", best)):
         priced = _price(check, args.param, value, args.device)
-        if args.param.startswith("device."):
+        if per_device:
             ratios = [p.step_ratio for p in priced if p.step_ratio]
             within = sum(abs(r - 1) <= 0.15 for r in ratios)
             print(f"check, published {args.device} runs (not fitted), {label}: median pred/meas "

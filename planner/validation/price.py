@@ -83,7 +83,8 @@ class CasePricer:
 
     def __init__(self, constants: CostConstants | None = None, *, network: str = "file",
                  device_overrides: dict[str, dict[str, float]] | None = None,
-                 sweep_overrides: dict[str, float] | None = None) -> None:
+                 sweep_overrides: dict[str, float] | None = None,
+                 kernel_overrides: dict[str, dict[str, float]] | None = None) -> None:
         if network not in ("file", "busbw"):
             raise SpecError("network", network, "use 'file' or 'busbw'")
         self.c = constants or CostConstants()
@@ -92,6 +93,9 @@ class CasePricer:
         self.device_overrides = device_overrides or {}
         # Dotted fields of the sweep's cluster file to replace ("intra_node.latency_s": fitting its links).
         self.sweep_overrides = sweep_overrides or {}
+        # A named attention kernel's sustained fraction per device, replacing ATTENTION_KERNELS' figure
+        # (fitting it: tools/fit_cluster.py ``--param attention_kernel.NAME``).
+        self.kernel_overrides = kernel_overrides or {}
         # Fields the caller set: they win over a trainer's profile.
         self.overrides = {k: v for k, v in asdict(self.c).items() if v != getattr(_DEFAULTS, k)}
         self._constants: dict[tuple, CostConstants] = {}
@@ -149,11 +153,11 @@ class CasePricer:
         else:
             spec = ClusterSpec.preset(ref.preset)
         spec = spec.resized(nodes=ref.nodes, devices_per_node=ref.devices_per_node)
-        if ref.attention_kernel:  # the kernel the run's source names, before a fit's overrides
-            spec = _with_device_fields(spec, {name: {"fused_attention_efficiency": eff} for name, eff in
-                                              ATTENTION_KERNELS[ref.attention_kernel].items()})
         if self.device_overrides:
             spec = _with_device_fields(spec, self.device_overrides)
+        if ref.attention_kernel:  # the kernel the run's source names, not the device's FlashAttention-2 class
+            kernel = {**ATTENTION_KERNELS[ref.attention_kernel], **self.kernel_overrides.get(ref.attention_kernel, {})}
+            spec = _with_device_fields(spec, {name: {"fused_attention_efficiency": eff} for name, eff in kernel.items()})
         if ref.memory_gib:
             groups = tuple(replace(g, device=replace(g.device, memory_bytes=int(ref.memory_gib * 2**30)))
                            for g in spec.groups)
@@ -318,9 +322,10 @@ class Validation:
 
 def validate_cases(cases: list[Case], *, constants: CostConstants | None = None,
                    network: str = "file", device_overrides: dict[str, dict[str, float]] | None = None,
-                   sweep_overrides: dict[str, float] | None = None) -> Validation:
+                   sweep_overrides: dict[str, float] | None = None,
+                   kernel_overrides: dict[str, dict[str, float]] | None = None) -> Validation:
     pricer = CasePricer(constants, network=network, device_overrides=device_overrides,
-                        sweep_overrides=sweep_overrides)
+                        sweep_overrides=sweep_overrides, kernel_overrides=kernel_overrides)
     out = Validation()
     start = time.perf_counter()
     for case in cases:
