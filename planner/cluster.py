@@ -79,6 +79,10 @@ class DeviceSpec:
     # None: the constants' value. docs/cluster.md says where the presets' values come from.
     gemm_efficiency: float | None = None
     fused_attention_efficiency: float | None = None
+    # The GEMM dimension at which a GEMM keeps half of ``gemm_efficiency`` in that dimension
+    # (``CostConstants.gemm_half_efficiency_dim``, 96, set on A100s). A dimension that short runs near
+    # the roofline's ridge, so it grows with the device's peak over its memory bandwidth. None: 96.
+    gemm_half_efficiency_dim: float | None = None
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for ``dtype``; falls back to fp32 when the device lists no faster path."""
@@ -97,7 +101,7 @@ class DeviceSpec:
             "peak_flops": dict(sorted(self.peak_flops.items())),
             "memory_bytes": self.memory_bytes,
             "memory_bandwidth_bytes_per_s": self.memory_bandwidth_bytes_per_s,
-            **{k: v for k in _DEVICE_EFFICIENCIES if (v := getattr(self, k)) is not None},
+            **{k: v for k in (*_DEVICE_EFFICIENCIES, "gemm_half_efficiency_dim") if (v := getattr(self, k)) is not None},
         }
 
     @classmethod
@@ -105,8 +109,8 @@ class DeviceSpec:
         if not isinstance(d, dict):
             raise SpecError(prefix.rstrip("."), d, "expected an object with name, peak_flops, memory_bytes, "
                             "memory_bandwidth_bytes_per_s", source=source)
-        _known_keys(d, {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s", *_DEVICE_EFFICIENCIES},
-                    prefix, source)
+        _known_keys(d, {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s", *_DEVICE_EFFICIENCIES,
+                        "gemm_half_efficiency_dim"}, prefix, source)
         name = _require(d, "name", prefix, source)
         if not isinstance(name, str) or not name:
             raise SpecError(f"{prefix}name", name, "expected a non-empty string", source=source)
@@ -131,6 +135,10 @@ class DeviceSpec:
                     raise SpecError(f"{prefix}{key}", v, "a fraction of the dtype's peak in (0, 1], e.g. 0.6; "
                                     "leave it out to use the cost model's default", source=source)
                 eff[key] = float(v)
+        if d.get("gemm_half_efficiency_dim") is not None:
+            eff["gemm_half_efficiency_dim"] = float(_positive(
+                d["gemm_half_efficiency_dim"], f"{prefix}gemm_half_efficiency_dim", "elements, e.g. 185 for an "
+                "H100; leave it out to use the cost model's default (96, set on A100s)", source))
         return cls(name=name, peak_flops={k: float(v) for k, v in peaks.items()}, memory_bytes=int(mem),
                    memory_bandwidth_bytes_per_s=float(bw), **eff)
 

@@ -34,6 +34,7 @@ of the group's best) of the fit groups.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 
@@ -73,30 +74,50 @@ def _spearman(priced: list[Priced]) -> float:
     return statistics.median(rhos)
 
 
-def _price(cases, param: str, value: float | None, device: str):
-    kind, name = param.split(".", 1)
-    if kind == "device":
-        return validate_cases(cases, device_overrides={device: {name: value}}).priced
-    if kind == "attention_kernel":
-        return validate_cases(cases, kernel_overrides={} if value is None else {name: {device: value}}).priced
-    return validate_cases(cases, sweep_overrides={} if value is None else {param: value}).priced
+def _price(cases, values: dict[str, float | None], device: str):
+    """Price ``cases`` with each fitted parameter at its value (``None``: as the files have it)."""
+    device_fields: dict[str, float | None] = {}
+    kernels: dict[str, dict[str, float]] = {}
+    sweep: dict[str, float] = {}
+    for param, value in values.items():
+        kind, name = param.split(".", 1)
+        if kind == "device":
+            device_fields[name] = value
+        elif value is not None and kind == "attention_kernel":
+            kernels[name] = {device: value}
+        elif value is not None:
+            sweep[param] = value
+    return validate_cases(cases, device_overrides={device: device_fields} if device_fields else None,
+                          kernel_overrides=kernels, sweep_overrides=sweep).priced
+
+
+def _grid(spec: str) -> list[float]:
+    start, stop, step = (float(x) for x in spec.split(":"))
+    return [round(start + i * step, 9) for i in range(int(round((stop - start) / step)) + 1)]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.fit_cluster", description=__doc__.split("\n")[0])
-    ap.add_argument("--param", choices=sorted(PARAMS), default="device.gemm_efficiency")
+    ap.add_argument("--param", choices=sorted(PARAMS), action="append",
+                    help="the figure to fit (default device.gemm_efficiency); give it twice to fit two jointly "
+                    "on the grid of every pair")
     ap.add_argument("--device", default="H100-SXM5-80GB", help="the device name (device.* parameters)")
     ap.add_argument("--fit-groups", default="playbook-1B:8,playbook-3B:8",
                     help="sweep groups to fit on (comma-separated; one node each)")
-    ap.add_argument("--grid", default=None, help="start:stop:step of the values tried (default per parameter)")
+    ap.add_argument("--grid", action="append", help="start:stop:step of the values tried, one per --param "
+                    "(default per parameter)")
     ap.add_argument("--fit-published", metavar="PREFIX", help="fit on the published runs whose id starts with "
                     "PREFIX (on --presets) instead of sweep groups; check on the other published runs there")
     ap.add_argument("--presets", default="dgx-h100", help="cluster presets of the published runs fitted and "
                     "checked (comma-separated)")
     args = ap.parse_args(argv)
-    per_device = args.param.startswith(("device.", "attention_kernel."))  # checked on published runs
-    start, stop, step = (float(x) for x in (args.grid or PARAMS[args.param]).split(":"))
-    grid = [round(start + i * step, 9) for i in range(int(round((stop - start) / step)) + 1)]
+    params = args.param or ["device.gemm_efficiency"]
+    if len(set(params)) != len(params) or len(params) > 2:
+        ap.error("--param: give one figure, or two different ones")
+    if args.grid and len(args.grid) != len(params):
+        ap.error(f"--grid: give one per --param ({len(params)}), or none for the defaults")
+    grids = [_grid(g) for g in (args.grid or [PARAMS[p] for p in params])]
+    per_device = all(p.startswith(("device.", "attention_kernel.")) for p in params)  # checked on published runs
     cases = load_cases("all").cases
     presets = set(args.presets.split(","))
     on_device = [c for c in cases if c.source == "published" and c.cluster.preset in presets]
@@ -111,16 +132,20 @@ def main(argv: list[str] | None = None) -> int:
             [c for c in cases if c.source == "sweep" and c.group not in fit_groups]
     if not fit:
         raise SystemExit(f"no case to fit on in {sorted(fit_groups)}")
-    rows = [(_log_error(_price(fit, args.param, v, args.device)), v) for v in grid]
+    rows = [(_log_error(_price(fit, dict(zip(params, combo)), args.device)), combo)
+            for combo in itertools.product(*grids)]
     best = min(rows)[1]
-    print(f"{args.param}: fitted on the healthy configurations of {sorted(fit_groups)}")
-    print(f"| {args.param} | median abs(log(pred/meas)) on the fit set |\n|---|---|")
-    for err, value in rows:
-        print(f"| {value:g}{' (best)' if value == best else ''} | {err:.3f} |")
+    print(f"{' and '.join(params)}: fitted on the healthy configurations of {sorted(fit_groups)}")
+    print("| " + " | ".join(params) + " | median abs(log(pred/meas)) on the fit set |")
+    print("|" + "---|" * (len(params) + 1))
+    for err, combo in rows:
+        print("| " + " | ".join(f"{v:g}" for v in combo) + f"{' (best)' if combo == best else ''} | {err:.3f} |")
     unfitted = {"device": "without the field (the constant)", "attention_kernel": "as ATTENTION_KERNELS has it"}
-    for label, value in ((unfitted.get(args.param.split(".")[0], "as the file has it"), None),
-                         (f"fitted {best:g}", best)):
-        priced = _price(check, args.param, value, args.device)
+    kinds = {p.split(".")[0] for p in params}
+    label0 = unfitted.get(kinds.pop(), "as the files have it") if len(kinds) == 1 else "as the files have it"
+    fitted = ", ".join(f"{v:g}" for v in best)
+    for label, values in ((label0, dict.fromkeys(params)), (f"fitted {fitted}", dict(zip(params, best)))):
+        priced = _price(check, values, args.device)
         if per_device:
             ratios = [p.step_ratio for p in priced if p.step_ratio]
             within = sum(abs(r - 1) <= 0.15 for r in ratios)

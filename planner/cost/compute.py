@@ -62,9 +62,11 @@ def measured_gemm_efficiency(m: float, n: float, k: float, *, dtype: str, device
 
 
 def device_constants(device: DeviceSpec, c: CostConstants) -> CostConstants:
-    """``c`` with the device's own sustained GEMM and fused-attention efficiencies, where it states them."""
+    """``c`` with the device's own sustained GEMM and fused-attention efficiencies and GEMM shape scale,
+    where it states them."""
     own = {k: v for k, v in (("gemm_efficiency_max", device.gemm_efficiency),
-                             ("fused_attention_efficiency", device.fused_attention_efficiency)) if v is not None}
+                             ("fused_attention_efficiency", device.fused_attention_efficiency),
+                             ("gemm_half_efficiency_dim", device.gemm_half_efficiency_dim)) if v is not None}
     return replace(c, **own) if own else c
 
 

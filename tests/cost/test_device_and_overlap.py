@@ -68,6 +68,31 @@ def test_h100_preset_states_its_fused_attention_efficiency():
     assert dev.gemm_efficiency is not None and dev.gemm_efficiency < C.gemm_efficiency_max
 
 
+def test_a_device_states_how_its_gemm_efficiency_falls_with_the_shape():
+    from planner.cost.compute import device_constants, gemm_efficiency
+
+    d = ClusterSpec.preset("dgx-a100-80g").to_dict()
+    assert "gemm_half_efficiency_dim" not in d["device"]  # absent unless stated: the constant's 96
+    d["device"]["gemm_half_efficiency_dim"] = 192
+    spec = ClusterSpec.from_dict(d)
+    assert spec.device.gemm_half_efficiency_dim == 192
+    assert ClusterSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).device == spec.device
+    for bad in (0, -5, "192", True):
+        d["device"]["gemm_half_efficiency_dim"] = bad
+        with pytest.raises(SpecError) as err:
+            ClusterSpec.from_dict(d)
+        assert err.value.field == "device.gemm_half_efficiency_dim"
+    # the H100 presets: the A100's 96 scaled by the roofline's ridge (peak over memory bandwidth)
+    h100, a100 = ClusterSpec.preset("dgx-h100").device, ClusterSpec.preset("dgx-a100-80g").device
+    ridge = (h100.peak("bf16") / h100.memory_bandwidth_bytes_per_s) / (a100.peak("bf16") / a100.memory_bandwidth_bytes_per_s)
+    assert h100.gemm_half_efficiency_dim == pytest.approx(C.gemm_half_efficiency_dim * ridge, abs=1)
+    c = device_constants(h100, C)
+    # a thin tensor-parallel shard loses more of the device's efficiency than a large GEMM does
+    big, thin = gemm_efficiency(16384, 8192, 8192, c), gemm_efficiency(4096, 256, 2048, c)
+    assert big > 0.9 * c.gemm_efficiency_max
+    assert thin / big < gemm_efficiency(4096, 256, 2048, C) / gemm_efficiency(16384, 8192, 8192, C)
+
+
 def test_tp_comm_overlap_hides_tp_communication_up_to_the_gemm_time(graph):
     cfg = ParallelConfig(dp=2, tp=8, pp=1, micro_batch_size=2, num_micro_batches=4)
     _, base = _predict(graph, cfg)
