@@ -1,4 +1,4 @@
-"""Fit one cluster figure to measured runs, on a subset, and check it on runs it did not see.
+"""Fit one cluster figure (or two jointly) to measured runs, on a subset, and check it on runs it did not see.
 
 Two figures the datasheets do not give and the shared measurements pin down:
 
@@ -21,6 +21,9 @@ Two figures the datasheets do not give and the shared measurements pin down:
   ``triton-2022``), on ``--device``; it moves only the runs that ran that kernel.
 
     python -m tools.fit_cluster --param device.gemm_efficiency
+    python -m tools.fit_cluster --param device.gemm_efficiency --param device.fused_attention_efficiency \
+        --fit-groups playbook-1B:8,playbook-3B:8,playbook-1B:16,playbook-3B:16 \
+        --grid 0.56:0.66:0.02 --grid 0.20:0.30:0.02     # the H100 presets' two figures, jointly
     python -m tools.fit_cluster --param intra_node.latency_s
     python -m tools.fit_cluster --param device.fused_attention_efficiency --device A100-SXM4-80GB \
         --fit-published llmfoundry --presets dgx-a100-80g,dgx-a100-40g

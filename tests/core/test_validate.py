@@ -264,3 +264,17 @@ def test_a_run_priced_with_the_attention_kernel_its_source_names(published):
     kernel_fit = CasePricer(kernel_overrides={"triton-2022": {"H100-SXM5-80GB": 0.1}})
     assert kernel_fit.cluster(lf.cluster)[0].device.fused_attention_efficiency == 0.1
     assert kernel_fit.cluster(fms.cluster)[0].device.fused_attention_efficiency == flash2
+
+
+def test_fit_tool_fits_two_figures_jointly_on_every_pair(capsys):
+    """tools/fit_cluster with --param twice tries every pair of the two grids and reports the best pair."""
+    from tools.fit_cluster import main as fit
+
+    assert fit(["--param", "device.gemm_efficiency", "--param", "device.fused_attention_efficiency",
+                "--grid", "0.5:0.6:0.1", "--grid", "0.2:0.3:0.1", "--fit-published", "fms-fsdp-eager-llama2-7b-h100"]) == 0
+    out = capsys.readouterr().out
+    pairs = [line for line in out.splitlines() if line.startswith("| 0.")]
+    assert len(pairs) == 4 and sum("(best)" in p for p in pairs) == 1
+    assert "check, published H100-SXM5-80GB runs (not fitted), fitted 0." in out
+    with pytest.raises(SystemExit):
+        fit(["--param", "device.gemm_efficiency", "--grid", "0.5:0.6:0.1", "--grid", "0.2:0.3:0.1"])
