@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The suite runs on TEST_WORKERS processes (pytest-xdist), each test file whole on one of them, so a
+# file's module fixtures (trained reference runs, traced models) are built once. 0 runs it in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: install browser demo test test-fast lint bench check-wheel clean
 
@@ -44,10 +47,10 @@ browser:
 		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null)
 
 test: install browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not multiprocess and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not multiprocess and not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check planner runtime tests bench tools

@@ -78,7 +78,8 @@ def test_doc_table_is_current():
     # Temp paths differ per run: compare with them masked.
     import re
 
-    mask = lambda s: re.sub(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/[^/\s]+", "<tmp>", s)  # noqa: E731
+    # (under pytest-xdist each worker's temp root has one more level, popen-gwN)
+    mask = lambda s: re.sub(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/(?:popen-gw\d+/)?[^/\s]+", "<tmp>", s)  # noqa: E731
     if os.environ.get("PLANNER_WRITE_DOCS"):
         DOC.write_text(mask(text))
     assert DOC.exists(), "docs/reliability.md missing: regenerate it (see module docstring)"
