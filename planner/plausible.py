@@ -59,6 +59,8 @@ RANGES: dict[str, Range] = {
                      (("µs", 1e-6, -6), ("ms", 1e-3, -3), ("ns", 1e-9, -9))),
     "bus_bandwidth": Range(1e4, 1e13, "B/s", 1e11, "10 kB/s..10 TB/s", (_GB, _Gb)),
     "message_bytes": Range(1, 2**40, "bytes", 2**20, "1 byte..1 TiB"),
+    # a GEMM dimension: A100 96, H100 185 (the roofline ridge scaled); past 64K every GEMM would be "thin"
+    "gemm_dim": Range(1, 65536, "elements", 96, "1..65536"),
     "nodes": Range(1, 100_000, "nodes", 16, "1..100000"),
     "devices_per_node": Range(1, 1024, "devices", 8, "1..1024"),
 }
@@ -121,6 +123,8 @@ def group_findings(g: NodeGroup, prefix: str = "") -> list[Finding]:
         _check(out, "peak_flops", f"{prefix}device.peak_flops.{dtype}", peak)
     _check(out, "memory_bytes", f"{prefix}device.memory_bytes", dev.memory_bytes)
     _check(out, "memory_bandwidth", f"{prefix}device.memory_bandwidth_bytes_per_s", dev.memory_bandwidth_bytes_per_s)
+    if dev.gemm_half_efficiency_dim is not None:
+        _check(out, "gemm_dim", f"{prefix}device.gemm_half_efficiency_dim", dev.gemm_half_efficiency_dim)
     _check(out, "nodes", f"{prefix}nodes", g.nodes)
     _check(out, "devices_per_node", f"{prefix}devices_per_node", g.devices_per_node)
     for side in ("intra_node", "inter_node"):

@@ -82,6 +82,11 @@ def test_a_device_states_how_its_gemm_efficiency_falls_with_the_shape():
         with pytest.raises(SpecError) as err:
             ClusterSpec.from_dict(d)
         assert err.value.field == "device.gemm_half_efficiency_dim"
+    # a dimension no GEMM could pass is implausible, named by field (a slip, or exotic hardware: --i-know)
+    d["device"]["gemm_half_efficiency_dim"] = 1e6
+    with pytest.raises(SpecError) as err:
+        ClusterSpec.from_dict(d)
+    assert err.value.field == "device.gemm_half_efficiency_dim" and "plausible" in str(err.value)
     # the H100 presets: the A100's 96 scaled by the roofline's ridge (peak over memory bandwidth)
     h100, a100 = ClusterSpec.preset("dgx-h100").device, ClusterSpec.preset("dgx-a100-80g").device
     ridge = (h100.peak("bf16") / h100.memory_bandwidth_bytes_per_s) / (a100.peak("bf16") / a100.memory_bandwidth_bytes_per_s)
