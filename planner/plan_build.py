@@ -82,7 +82,7 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
                      dtype=graph.dtype, global_batch=global_batch, flops_per_sample=graph.train_flops)
     predicted = _prediction(cand, cfg, graph, global_batch, cand.prediction.chunk_phase_times_s)
     predicted = replace(predicted, uncertainty=uncertainty.describe(
-        predicted.step_time_s, predicted.time_breakdown_s, nodes=cluster.nodes, pp=cfg.pp,
+        predicted.step_time_s, predicted.time_breakdown_s, nodes=cluster.nodes, pp=cfg.pp, tp=cfg.tp,
         intra_link=cluster.intra_node.kind))
     solver, search = _solver_report(cand, result)
     explanation = explain(graph, cluster, cand, c)

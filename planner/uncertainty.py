@@ -1,8 +1,9 @@
 """How far a predicted step time may be off: the validation residuals of the plan's regime.
 
 ``python -m planner validate`` prices real measured runs (``datasets/measured/``) with this cost
-model. Grouped by *regime* (how many nodes a plan spans, and whether it pipelines: the two things
-that decide which parts of the cost model a prediction leans on), the ratio measured ÷ predicted
+model. Grouped by *regime* (how many nodes a plan spans, whether it pipelines, and whether a pipeline
+over nodes runs under tensor parallelism: what decides which parts of the cost model a prediction
+leans on), the ratio measured ÷ predicted
 step time has a spread; a plan's band is its prediction times that ratio's 10th and 90th percentile
 in its regime. ``python -m planner validate --write-bands`` recomputes the table
 (``datasets/measured/error_bands.json``), and a test keeps it equal to what the current cost model
@@ -41,10 +42,15 @@ _EFFECTS = {
 _HOST_LINKS = ("loopback", "shm")
 
 
-def regime(nodes: int, pp: int) -> str:
-    """The regime a plan of ``pp`` pipeline stages on ``nodes`` nodes belongs to."""
+def regime(nodes: int, pp: int, tp: int = 1) -> str:
+    """The regime a plan of ``pp`` pipeline stages and ``tp``-way tensor parallelism on ``nodes`` nodes
+    belongs to. A pipeline over nodes under tensor parallelism is its own regime: the measured sweep
+    runs it up to several times slower than priced, with micro-batches small next to tp, while
+    pipelines without tp price as well as no pipeline (docs/validation.md)."""
     span = "1 node" if nodes <= 1 else ("2-16 nodes" if nodes <= 16 else "over 16 nodes")
-    return f"{span}, {'pipelined' if pp > 1 else 'no pipeline'}"
+    if pp <= 1:
+        return f"{span}, no pipeline"
+    return f"{span}, pipelined with tensor parallelism" if nodes > 1 and tp > 1 else f"{span}, pipelined"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,10 +131,10 @@ def dominant_effects(breakdown_s: dict[str, float], step_s: float, limit: int = 
 
 
 def describe(step_s: float, breakdown_s: dict[str, float], *, nodes: int, pp: int, intra_link: str,
-             bands: dict[str, ErrorBand] | None = None) -> dict[str, Any]:
+             bands: dict[str, ErrorBand] | None = None, tp: int = 1) -> dict[str, Any]:
     """The plan's ``predicted.uncertainty``: its regime, the band in seconds and the dominant effects."""
     effects = dominant_effects(breakdown_s, step_s)
-    name = regime(nodes, pp)
+    name = regime(nodes, pp, tp)
     band = None if intra_link in _HOST_LINKS else (load_bands() if bands is None else bands).get(name)
     if band is None:
         why = ("no measured run of host-process clusters in the validation data (see `make bench`)"

@@ -294,7 +294,7 @@ class Validation:
                 runs = [p for p in runs if (p.case.measured_tokens_per_s_per_gpu or 0.0)
                         >= metrics.HEALTHY_FRACTION * best[p.case.group]]
             for p in runs:
-                key = regime(p.case.cluster.nodes, p.case.config.pp)
+                key = regime(p.case.cluster.nodes, p.case.config.pp, p.case.config.tp)
                 ratios.setdefault(key, []).append(1.0 / p.step_ratio)
         return bands_from_ratios(ratios)
 

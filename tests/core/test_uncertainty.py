@@ -27,6 +27,9 @@ def test_quantile_interpolates_like_numpy():
 def test_regimes_and_small_regimes_are_left_out():
     assert regime(1, 1) == "1 node, no pipeline"
     assert regime(8, 4) == "2-16 nodes, pipelined"
+    assert regime(8, 4, tp=8) == "2-16 nodes, pipelined with tensor parallelism"
+    assert regime(1, 4, tp=8) == "1 node, pipelined"  # one node: no pipeline send crosses the network
+    assert regime(64, 1, tp=8) == "over 16 nodes, no pipeline"
     assert regime(64, 1) == "over 16 nodes, no pipeline"
     bands = bands_from_ratios({"a": [1.0, 1.1, 1.2, 1.3, 2.0], "b": [1.0, 2.0]})
     assert list(bands) == ["a"] and bands["a"].runs == 5 and bands["a"].median == 1.2
@@ -37,8 +40,10 @@ def test_a_gpu_plan_carries_its_regimes_band_and_a_cpu_plan_says_it_has_none():
     cfg = ParallelConfig(dp=4, tp=8, pp=4, micro_batch_size=1, num_micro_batches=32)
     p = evaluate("gpt3-13b", "dgx-a100-80g", cfg, nodes=16)
     u = p.predicted.uncertainty
-    band = bands["2-16 nodes, pipelined"]
+    band = bands["2-16 nodes, pipelined with tensor parallelism"]
     assert u["regime"] == band.regime and u["runs"] == band.runs
+    # without tp the same pipeline is priced as well as no pipeline: a narrower band
+    assert band.high > bands["2-16 nodes, pipelined"].high
     assert u["step_time_low_s"] == pytest.approx(p.predicted.step_time_s * band.low)
     assert u["step_time_high_s"] == pytest.approx(p.predicted.step_time_s * band.high)
     assert "error band" in summary_line(u)
