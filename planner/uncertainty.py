@@ -45,8 +45,8 @@ _HOST_LINKS = ("loopback", "shm")
 def regime(nodes: int, pp: int, tp: int = 1) -> str:
     """The regime a plan of ``pp`` pipeline stages and ``tp``-way tensor parallelism on ``nodes`` nodes
     belongs to. A pipeline over nodes under tensor parallelism is its own regime: the measured sweep
-    runs it up to several times slower than priced, with micro-batches small next to tp, while
-    pipelines without tp price as well as no pipeline (docs/validation.md)."""
+    runs it up to several times slower than priced, with micro-batches small next to tp, while on 2-16
+    nodes pipelines without tp price about as well as no pipeline (docs/validation.md)."""
     span = "1 node" if nodes <= 1 else ("2-16 nodes" if nodes <= 16 else "over 16 nodes")
     if pp <= 1:
         return f"{span}, no pipeline"
