@@ -86,3 +86,18 @@ def test_cpu_constants_come_from_the_profile():
     assert (c.loss_traffic_passes, c.elementwise_traffic_factor, c.optimizer_temp_bytes_per_param) == (9.0, 1.0, 4.0)
     dev = cpu_cluster(prof).device
     assert dev.peak("fp32") == 5e10 and dev.memory_bandwidth_bytes_per_s == 6e9
+
+
+def test_the_calibration_page_shows_what_the_cost_model_gives():
+    """docs/calibration.md's Table 1, Korthikanti and breakdown tables are what `python -m tools.calibrate
+    --markdown --breakdown` prints now: a cost-model change that moves them must rerun the page."""
+    from pathlib import Path
+
+    from tools.calibrate import breakdown_table, markdown_table, mfu_table
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "calibration.md").read_text()
+    rows = calibrate.narayanan_rows()
+    for name, table in (("Table 1", markdown_table(rows)), ("Korthikanti", mfu_table(calibrate.korthikanti_rows())),
+                        ("breakdown", breakdown_table(rows))):
+        assert table in page, f"docs/calibration.md's {name} table is stale: rerun python -m tools.calibrate " \
+                              "--markdown --breakdown --sensitivity and paste it"
