@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             [c for c in cases if c.source == "sweep" and c.group not in fit_groups]
     if not fit:
         raise SystemExit(f"no case to fit on in {sorted(fit_groups)}")
+    kernels = {p.split(".", 1)[1] for p in params if p.startswith("attention_kernel.")}
+    if kernels:  # a kernel's figure moves only the runs that ran it: check on those alone
+        check = [c for c in check if c.cluster.attention_kernel in kernels]
     rows = [(_log_error(_price(fit, dict(zip(params, combo)), args.device)), combo)
             for combo in itertools.product(*grids)]
     best = min(rows)[1]
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     label0 = unfitted.get(kinds.pop(), "as the files have it") if len(kinds) == 1 else "as the files have it"
     fitted = ", ".join(f"{v:g}" for v in best)
     for label, values in ((label0, dict.fromkeys(params)), (f"fitted {fitted}", dict(zip(params, best)))):
+        if not check:
+            print(f"check: no run outside the fit set ran {' or '.join(sorted(kernels))} on {sorted(presets)}")
+            break
         priced = _price(check, values, args.device)
         if per_device:
             ratios = [p.step_ratio for p in priced if p.step_ratio]
