@@ -101,7 +101,7 @@ class DeviceSpec:
             "peak_flops": dict(sorted(self.peak_flops.items())),
             "memory_bytes": self.memory_bytes,
             "memory_bandwidth_bytes_per_s": self.memory_bandwidth_bytes_per_s,
-            **{k: v for k in (*_DEVICE_EFFICIENCIES, "gemm_half_efficiency_dim") if (v := getattr(self, k)) is not None},
+            **{k: v for k in _DEVICE_OPTIONAL if (v := getattr(self, k)) is not None},
         }
 
     @classmethod
@@ -109,8 +109,8 @@ class DeviceSpec:
         if not isinstance(d, dict):
             raise SpecError(prefix.rstrip("."), d, "expected an object with name, peak_flops, memory_bytes, "
                             "memory_bandwidth_bytes_per_s", source=source)
-        _known_keys(d, {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s", *_DEVICE_EFFICIENCIES,
-                        "gemm_half_efficiency_dim"}, prefix, source)
+        _known_keys(d, {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s", *_DEVICE_OPTIONAL},
+                    prefix, source)
         name = _require(d, "name", prefix, source)
         if not isinstance(name, str) or not name:
             raise SpecError(f"{prefix}name", name, "expected a non-empty string", source=source)
@@ -144,6 +144,7 @@ class DeviceSpec:
 
 
 _DEVICE_EFFICIENCIES = ("gemm_efficiency", "fused_attention_efficiency")
+_DEVICE_OPTIONAL = (*_DEVICE_EFFICIENCIES, "gemm_half_efficiency_dim")  # a device's optional fields
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -77,6 +77,9 @@ def _spearman(priced: list[Priced]) -> float:
     return statistics.median(rhos)
 
 
+_GRAPHS: dict = {}  # every grid point prices the same models: trace each once (planner.validation.price)
+
+
 def _price(cases, values: dict[str, float | None], device: str):
     """Price ``cases`` with each fitted parameter at its value (``None``: as the files have it)."""
     device_fields: dict[str, float | None] = {}
@@ -91,7 +94,7 @@ def _price(cases, values: dict[str, float | None], device: str):
         elif value is not None:
             sweep[param] = value
     return validate_cases(cases, device_overrides={device: device_fields} if device_fields else None,
-                          kernel_overrides=kernels, sweep_overrides=sweep).priced
+                          kernel_overrides=kernels, sweep_overrides=sweep, graphs=_GRAPHS).priced
 
 
 def _grid(spec: str) -> list[float]:

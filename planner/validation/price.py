@@ -84,7 +84,8 @@ class CasePricer:
     def __init__(self, constants: CostConstants | None = None, *, network: str = "file",
                  device_overrides: dict[str, dict[str, float]] | None = None,
                  sweep_overrides: dict[str, float] | None = None,
-                 kernel_overrides: dict[str, dict[str, float]] | None = None) -> None:
+                 kernel_overrides: dict[str, dict[str, float]] | None = None,
+                 graphs: dict[ModelSpec, CostGraph] | None = None) -> None:
         if network not in ("file", "busbw"):
             raise SpecError("network", network, "use 'file' or 'busbw'")
         self.c = constants or CostConstants()
@@ -100,7 +101,9 @@ class CasePricer:
         self.overrides = {k: v for k, v in asdict(self.c).items() if v != getattr(_DEFAULTS, k)}
         self._constants: dict[tuple, CostConstants] = {}
         self.network = network
-        self._graphs: dict[ModelSpec, CostGraph] = {}
+        # Traced graphs depend on the model alone: a caller pricing the same cases under several overrides
+        # (tools/fit_cluster.py's grid) passes one dict to every pricer and traces each model once.
+        self._graphs: dict[ModelSpec, CostGraph] = {} if graphs is None else graphs
         self._clusters: dict[ClusterRef, tuple[ClusterSpec, tuple[str, ...]]] = {}
         self._pricers: dict[tuple, Pricer] = {}
         self.trace_s = 0.0
@@ -323,9 +326,10 @@ class Validation:
 def validate_cases(cases: list[Case], *, constants: CostConstants | None = None,
                    network: str = "file", device_overrides: dict[str, dict[str, float]] | None = None,
                    sweep_overrides: dict[str, float] | None = None,
-                   kernel_overrides: dict[str, dict[str, float]] | None = None) -> Validation:
+                   kernel_overrides: dict[str, dict[str, float]] | None = None,
+                   graphs: dict[ModelSpec, CostGraph] | None = None) -> Validation:
     pricer = CasePricer(constants, network=network, device_overrides=device_overrides,
-                        sweep_overrides=sweep_overrides, kernel_overrides=kernel_overrides)
+                        sweep_overrides=sweep_overrides, kernel_overrides=kernel_overrides, graphs=graphs)
     out = Validation()
     start = time.perf_counter()
     for case in cases:
