@@ -33,7 +33,7 @@ def baseline_spaces(cluster: ClusterSpec, *, has_sequence: bool = True,
                     fp8: bool = False) -> dict[str, tuple[str, SearchSpace]]:
     """The recipes' search spaces; ``fp8``: their linears in FP8, as the plan compared with them (the same
     numerics on both sides of the comparison)."""
-    dpn = cluster.devices_per_node if cluster.is_homogeneous else min(g.devices_per_node for g in cluster.groups)
+    dpn = cluster.min_devices_per_node
     tp = min(dpn, cluster.num_devices)
     classic = {**_CLASSIC, "fp8": (fp8,)}
     return {

@@ -17,7 +17,9 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -415,6 +417,26 @@ class NodeGroup:
         return group
 
 
+def shared_collectives(groups: Sequence[NodeGroup]) -> MeasuredCollectives | None:
+    """The measured collectives every one of ``groups`` carries alike, on nodes of one size; else None.
+
+    The curves are bus bandwidth of whole nodes of ``devices_per_node`` devices, so they describe a set
+    of node groups only when each group measured the same figures on as many devices per node. A
+    homogeneous cluster's one group is the trivial case (its own curves, or None)."""
+    first = groups[0]
+    if first.collectives is None or any(g.collectives != first.collectives or g.devices_per_node
+                                        != first.devices_per_node for g in groups[1:]):
+        return None
+    return first.collectives
+
+
+def shared_gemm(groups: Sequence[NodeGroup]) -> tuple[GemmPoint, ...] | None:
+    """The measured GEMM points every one of ``groups`` carries alike, else None (a homogeneous cluster's
+    one group: its own). A layer timed for several device types uses them only when they agree."""
+    first = groups[0].gemm
+    return first if first is not None and all(g.gemm == first for g in groups[1:]) else None
+
+
 _SCHEMA_VALIDATOR: Any = None
 
 
@@ -595,6 +617,23 @@ class ClusterSpec:
             raise SpecError("devices_per_node", sorted(counts), "groups differ in devices per node; "
                             "ask a group for its own count")
         return counts.pop()
+
+    @property
+    def min_devices_per_node(self) -> int:
+        """The fewest devices per node of any node group (:attr:`devices_per_node` of a homogeneous cluster)."""
+        return min(g.devices_per_node for g in self.groups)
+
+    @cached_property
+    def shared_collectives(self) -> MeasuredCollectives | None:
+        """Measured collectives that hold on every node of the cluster (:func:`shared_collectives` of all
+        its groups): the one group's for a homogeneous cluster; None where groups differ."""
+        return shared_collectives(self.groups)
+
+    @cached_property
+    def shared_gemm(self) -> tuple[GemmPoint, ...] | None:
+        """Measured GEMM points that hold on every device of the cluster (:func:`shared_gemm` of all its
+        groups): the one group's for a homogeneous cluster; None where groups differ."""
+        return shared_gemm(self.groups)
 
     @property
     def device(self) -> DeviceSpec:

@@ -262,7 +262,7 @@ def sharding_notes(cfg: ParallelConfig, cluster: ClusterSpec) -> list[str]:
     notes = []
     if cfg.zero_stage == 3 and cfg.dp_shard is not None and cfg.dp_shard < cfg.dp:
         ranks = cfg.dp_shard * cfg.cp * cfg.tp
-        dpn = min(g.devices_per_node for g in cluster.groups)
+        dpn = cluster.min_devices_per_node
         where = "inside one node" if ranks <= dpn else f"over {plural(-(-ranks // dpn), 'node')}"
         notes.append(f"HSDP: ZeRO-3 shards over groups of {cfg.dp_shard} data-parallel ranks ({where}) and keeps "
                      f"{cfg.dp // cfg.dp_shard} replicas: each micro-batch's gathers and reduce-scatters stay in "

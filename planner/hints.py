@@ -166,7 +166,7 @@ def one_layer_floor(graph: CostGraph, cluster: ClusterSpec, c: CostConstants,
     stage, the widest tensor parallelism allowed within a node, micro-batch 1, the most
     recomputation allowed, no data parallelism to shard over. Returns (bytes, how it was priced)."""
     space = space or SearchSpace()
-    dpn = min(g.devices_per_node for g in cluster.groups)
+    dpn = cluster.min_devices_per_node
     tp = max(space.tp) if space.tp else 2 ** int(math.log2(dpn))
     rec = max(space.recompute, key=RECOMPUTE.index)
     sp = bool(graph.seq_len) and tp > 1 and True in space.sequence_parallel

@@ -166,7 +166,7 @@ def check_config(cfg: ParallelConfig, graph: CostGraph, cluster: ClusterSpec) ->
                                 f"the degrees must multiply to the cluster's {plural(cluster.num_devices, 'device')} "
                                 f"({cluster.summary()}); adjust --dp/{'--cp/' if cfg.cp > 1 else ''}--tp/--pp or "
                                 "--nodes"))
-    dpn = min(g.devices_per_node for g in cluster.groups)
+    dpn = cluster.min_devices_per_node
     # A tp group wider than a node is priced (its collectives cross the network every layer, which
     # the explanation says) on one device type; on a mixed cluster it could straddle two.
     if cfg.tp > dpn and not cluster.is_homogeneous:

@@ -87,7 +87,7 @@ def candidate_degrees(graph: CostGraph, cluster: ClusterSpec, global_batch: int,
     """(tp, pp, dp) with tp·pp·dp = devices (default: the cluster's), tp a power of 2 within a node or
     over up to :func:`tp_nodes` whole nodes, pp ≤ layers, dp | global batch."""
     n = devices or cluster.num_devices
-    dpn = min(g.devices_per_node for g in cluster.groups)
+    dpn = cluster.min_devices_per_node
     tps = space.tp or tuple(t for t in _pow2_upto(dpn * tp_nodes(cluster, space)) if n % t == 0)
     for tp in tps:
         if n % tp:
@@ -108,7 +108,7 @@ def tp_nodes(cluster: ClusterSpec, space: SearchSpace) -> int:
     """How many whole nodes a searched tp group may span: ``space.tp_max_nodes`` on one device type
     (whose nodes are whole powers of 2), 1 on a mixed cluster (a tp group there could straddle two
     device types, which is not priced)."""
-    dpn = min(g.devices_per_node for g in cluster.groups)
+    dpn = cluster.min_devices_per_node
     if not cluster.is_homogeneous or dpn & (dpn - 1):
         return 1
     return max(1, space.tp_max_nodes)
@@ -204,7 +204,7 @@ def shard_options(dp: int, zero_stage: int, cluster: ClusterSpec, space: SearchS
         return (None,)
     if space.dp_shard:
         return tuple(s for s in space.dp_shard if s is None or dp % s == 0) or (None,)
-    per_node = max(1, min(g.devices_per_node for g in cluster.groups) // dp_stride)
+    per_node = max(1, cluster.min_devices_per_node // dp_stride)
     return (None, *(s for s in (per_node * k for k in HSDP_GROWTH) if s < dp and dp % s == 0))
 
 

@@ -1,11 +1,14 @@
 """Collective and point-to-point communication times on a hierarchical topology (alpha-beta).
 
 A process group is summarised by its size ``n``, how many nodes it spans and how many of its
-ranks share a node (``k``). Inside a node ranks talk over NVLink/NVSwitch (or PCIe) at
-``intra_bw``; between nodes every rank has its own share of the node's network injection
-bandwidth (``nic_bw = node_bw / devices_per_node``: one NIC per GPU on DGX machines). A ring
-over the group crosses the network once per node, and NCCL runs one ring per NIC, so a group
-with ``k`` ranks per node drives ``k`` NICs at once. The ring is bounded by its slowest hop::
+ranks share a node (``k``), all read off its real ranks (:func:`group_of_ranks`; :func:`strided_group`
+for the rank layout's ``first + i·stride`` groups) with the links and measured curves of the node
+groups they touch: one rule, of which a homogeneous cluster is the one-group case. Inside a node
+ranks talk over NVLink/NVSwitch (or PCIe) at ``intra_bw``; between nodes every rank has its own
+share of the node's network injection bandwidth (``nic_bw = node_bw / devices_per_node``: one NIC
+per GPU on DGX machines). A ring over the group crosses the network once per node, and NCCL runs
+one ring per NIC, so a group with ``k`` ranks per node drives ``k`` NICs at once. The ring is
+bounded by its slowest hop::
 
     B_ring = min(intra_bw · e_intra,  k · nic_bw · e_net)        (one node: intra_bw · e_intra)
 
@@ -44,7 +47,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from planner.cluster import ClusterSpec, MeasuredCollectives
+from planner.cluster import ClusterSpec, MeasuredCollectives, shared_collectives
 from planner.cost.constants import CostConstants
 from planner.cost.measured import collective_tables, format_bytes
 from planner.plan import ParallelConfig
@@ -96,45 +99,97 @@ def _nic_bw(cluster: ClusterSpec) -> float:
     return min(g.inter_node.bandwidth_bytes_per_s / g.devices_per_node for g in cluster.groups)
 
 
-def strided_group(cluster: ClusterSpec, size: int, stride: int) -> Group:
-    """The group ``{r0 + i·stride}`` of ``size`` ranks (tp: stride 1; dp: stride tp; pp: stride dp·tp).
-
-    Ranks are laid out node by node, so ``devices_per_node // stride`` members share a node.
-    Mixed clusters are summarised by their slowest links (the inter-op solver treats them exactly).
-    """
-    dpn = cluster.devices_per_node if cluster.is_homogeneous else min(g.devices_per_node for g in cluster.groups)
-    per_node = max(1, min(size, dpn // stride)) if stride < dpn else 1
-    nodes = max(1, math.ceil(size / per_node))
-    intra = cluster.intra_node
-    measured = cluster.groups[0].collectives if cluster.is_homogeneous else None
-    return Group(size=size, nodes=nodes, per_node=per_node, intra_bw=intra.bandwidth_bytes_per_s,
-                 intra_latency_s=intra.latency_s, nic_bw=_nic_bw(cluster), inter_latency_s=cluster.inter_node.latency_s,
-                 measured=measured, devices_per_node=dpn if measured is not None else 0)
+def _place(cluster: ClusterSpec, rank: int) -> tuple[int, int]:
+    """``(node, node group index)`` of ``rank``. A rank past the cluster's devices lies on further nodes
+    of its last node group: callers price layouts of a larger cluster of the same kind (a what-if's,
+    a mesh's), and on a homogeneous cluster that is ``rank // devices_per_node`` as before."""
+    if rank < cluster.num_devices:
+        return cluster.node_of_rank(rank), cluster.group_index_of_rank(rank)
+    last = len(cluster.groups) - 1
+    return cluster.nodes + (rank - cluster.num_devices) // cluster.groups[last].devices_per_node, last
 
 
-def group_of_ranks(cluster: ClusterSpec, ranks: Sequence[int]) -> Group:
-    """The :class:`Group` of an explicit rank list: its nodes, its largest per-node count, and the
-    slowest NVLink and NIC among the node groups it touches (the slowest link bounds a ring)."""
-    if not ranks:
-        raise ValueError("ranks: got an empty list; a group needs at least one rank")
+def _ranks_group(cluster: ClusterSpec, ranks: Sequence[int]) -> Group:
+    """The one rule behind :func:`group_of_ranks` and :func:`strided_group` (ranks already checked)."""
     per_node: dict[int, int] = {}
-    groups = []
+    touched: list[int] = []
     for r in ranks:
-        if not 0 <= r < cluster.num_devices:
-            raise ValueError(f"ranks: rank {r} is outside the cluster's {cluster.num_devices} devices")
-        node = cluster.node_of_rank(r)
+        node, gi = _place(cluster, r)
         per_node[node] = per_node.get(node, 0) + 1
-        g = cluster.group_of_rank(r)
-        if g not in groups:
-            groups.append(g)
+        if gi not in touched:
+            touched.append(gi)
+    groups = [cluster.groups[gi] for gi in touched]
     intra = min(groups, key=lambda g: g.intra_node.bandwidth_bytes_per_s).intra_node
     nic = min(g.inter_node.bandwidth_bytes_per_s / g.devices_per_node for g in groups)
     inter_lat = max(g.inter_node.latency_s for g in groups)
-    measured = groups[0].collectives if len(groups) == 1 else None  # curves describe one node group's nodes
+    measured = shared_collectives(groups)  # curves describe whole nodes: only where every group has the same
     return Group(size=len(ranks), nodes=len(per_node), per_node=min(per_node.values()),
                  intra_bw=intra.bandwidth_bytes_per_s, intra_latency_s=intra.latency_s, nic_bw=nic,
                  inter_latency_s=inter_lat, measured=measured,
                  devices_per_node=groups[0].devices_per_node if measured is not None else 0)
+
+
+def group_of_ranks(cluster: ClusterSpec, ranks: Sequence[int]) -> Group:
+    """The :class:`Group` of an explicit rank list: its size, its nodes, its *smallest* per-node count,
+    the slowest NVLink and NIC and the largest network latency among the node groups it touches, and
+    their measured curves where they all share them (:func:`planner.cluster.shared_collectives`).
+
+    A ring is bounded by its slowest hop, so links are the slowest; for the same reason ``per_node`` is
+    the smallest count: the node where the group has fewest ranks drives fewest NICs, and every byte of
+    the ring crosses it. On the layouts a plan uses (equal counts on every node) smallest and largest
+    agree; only uneven groups (tp = 3 on nodes of 8) tell them apart.
+    """
+    key = (cluster.fingerprint(), tuple(ranks))
+    group = _GROUPS.get(key)
+    if group is None:
+        if not ranks:
+            raise ValueError("ranks: got an empty list; a group needs at least one rank")
+        for r in ranks:
+            if not 0 <= r < cluster.num_devices:
+                raise ValueError(f"ranks: rank {r} is outside the cluster's {cluster.num_devices} devices")
+        group = _remember(key, _ranks_group(cluster, ranks))
+    return group
+
+
+# Groups priced so far, by cluster contents (ClusterSpec.fingerprint) and ranks: the search asks for the
+# same few for every configuration it prices. Cleared when full (a long session over many clusters).
+_GROUPS: dict[tuple, Group] = {}
+_GROUPS_MAX = 8192
+
+
+def _remember(key: tuple, group: Group) -> Group:
+    if len(_GROUPS) >= _GROUPS_MAX:
+        _GROUPS.clear()
+    _GROUPS[key] = group
+    return group
+
+
+def strided_group(cluster: ClusterSpec, size: int, stride: int, first: int | None = None) -> Group:
+    """The group ``{first + i·stride : i < size}`` (tp: stride 1; dp: stride tp·cp; pp: stride dp·cp·tp),
+    priced by :func:`group_of_ranks`' rule on those very ranks: their nodes and per-node counts, and the
+    links and measured curves of the node groups they touch.
+
+    ``first`` is the group's first rank: a pipeline position's ``k·dp·cp·tp`` prices that position's own
+    group (on a mixed cluster its own device type's links). Without it (a caller pricing the whole
+    cluster, not one position), the slowest of the groups that start at each node group's first rank:
+    a homogeneous cluster's group at rank 0, a mixed cluster's on its slowest device type, as a ring
+    there would run. A homogeneous cluster is the one-group case: ``devices_per_node // stride``
+    members share a node when the stride divides the node. Ranks past the cluster's devices continue on
+    further nodes of its last node group (:func:`_place`), so callers may price a larger layout of the
+    same cluster. Cached (``_GROUPS``), as :func:`group_of_ranks` is.
+    """
+    if first is None:
+        starts = [sum(g.num_devices for g in cluster.groups[:i]) for i in range(len(cluster.groups))]
+        return min((strided_group(cluster, size, stride, s) for s in starts),
+                   key=lambda g: (g.bus_bw, -g.latency_s))
+    if size < 1 or stride < 1 or first < 0:
+        raise ValueError(f"strided_group: size {size}, stride {stride}, first {first}; expected size >= 1, "
+                         "stride >= 1 and first >= 0")
+    key = (cluster.fingerprint(), size, stride, first)
+    group = _GROUPS.get(key)
+    if group is None:
+        group = _remember(key, _ranks_group(cluster, range(first, first + size * stride, stride)))
+    return group
 
 
 def _measured_query(collective: str, nbytes: float, g: Group) -> tuple[float, float, float] | None:
@@ -219,20 +274,36 @@ def step_collective_notes(cluster: ClusterSpec, cfg: ParallelConfig, c: CostCons
         dp_group = strided_group(cluster, cfg.dp, cfg.tp)
         kinds = ("all_reduce",) if cfg.zero_stage == 0 else ("reduce_scatter", "all_gather")
         priced += [(f"dp {kind}", kind, x, dp_group) for x in sorted(set(dp_bytes)) for kind in kinds]
-    if p2p_bytes and cluster.is_homogeneous:
-        pair = pair_group(cluster, same_node=cfg.dp * cfg.tp < cluster.devices_per_node)
+    if p2p_bytes and cfg.pp > 1:  # the cut between the first two positions, as pipeline_p2p_s prices it
+        net, same_node = cut_link(cluster, 0, 2 * cfg.layout.rank_of(1, 0, 0) - 1)
         split = cfg.tp if cfg.tp > 1 and not cfg.sequence_parallel and c.pp_scatter_gather else 1
-        priced += [("pp send_recv", "send_recv", x / split, pair) for x in sorted(set(p2p_bytes))]
+        priced += [("pp send_recv", "send_recv", x / split, pair_group(net, same_node=same_node))
+                   for x in sorted(set(p2p_bytes))]
     return measured_notes(priced)
 
 
+def cut_link(cluster: ClusterSpec, lo: int, hi: int) -> tuple[ClusterSpec, bool]:
+    """What a pipeline send/recv between two positions crosses, given the ranks ``lo..hi`` the two span:
+    ``(network, same_node)``. Every rank sends to its counterpart in the other position, so they all
+    share a node exactly when the whole span lies in one node (ranks, nodes and node groups are
+    contiguous ranges). The network is the node group's own when the span lies in one group, else the
+    whole cluster's (the slower group's links bound it)."""
+    group = cluster.group_index_of_rank(lo)
+    if group != cluster.group_index_of_rank(hi):
+        return cluster, False
+    net = cluster if len(cluster.groups) == 1 else cluster.group_view(group)
+    return net, cluster.node_of_rank(lo) == cluster.node_of_rank(hi)
+
+
 def pair_group(cluster: ClusterSpec, *, same_node: bool) -> Group:
-    """Two ranks that exchange a pipeline send/recv, on one node or on two (what :func:`p2p_s` prices)."""
+    """Two ranks that exchange a pipeline send/recv, on one node or on two (what :func:`p2p_s` prices):
+    the cluster's slowest links, and the measured curves its node groups share (a homogeneous cluster's
+    own; see :func:`cut_link` for the network a cut crosses)."""
     intra = cluster.intra_node
-    measured = cluster.groups[0].collectives if cluster.is_homogeneous else None
+    measured = cluster.shared_collectives
     return Group(size=2, nodes=1 if same_node else 2, per_node=1, intra_bw=intra.bandwidth_bytes_per_s,
                  intra_latency_s=intra.latency_s, nic_bw=_nic_bw(cluster), inter_latency_s=cluster.inter_node.latency_s,
-                 measured=measured, devices_per_node=cluster.groups[0].devices_per_node if measured else 0)
+                 measured=measured, devices_per_node=cluster.min_devices_per_node if measured else 0)
 
 
 def ring_all_reduce_s(nbytes: float, g: Group, c: CostConstants) -> float:
@@ -298,7 +369,7 @@ def p2p_s(nbytes: float, *, same_node: bool, cluster: ClusterSpec, c: CostConsta
     """One rank sends ``nbytes`` to one rank; every rank of a stage does so at once, on its own NIC."""
     if nbytes <= 0:
         return 0.0
-    if cluster.is_homogeneous and (m := cluster.groups[0].collectives) is not None and m.send_recv and \
+    if (m := cluster.shared_collectives) is not None and m.send_recv and \
             (t := measured_time_s("send_recv", nbytes, pair_group(cluster, same_node=same_node))) is not None:
         return t
     if same_node:

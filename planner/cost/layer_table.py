@@ -329,7 +329,7 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
         if t is None:  # repeated blocks have equal signatures and equal costs
             t = layer_times(layer, micro_batch=seqs, tp=tp, sequence_parallel=sequence_parallel,
                             device=cluster.device, dtype=dtype, c=c,
-                            gemm=cluster.groups[0].gemm if cluster.is_homogeneous else None, fp8=fp8)
+                            gemm=cluster.shared_gemm, fp8=fp8)
             by_signature[layer.signature] = t
         arr["f"][i], arr["b"][i], arr["w"][i] = t.fwd_s, t.bwd_input_s, t.bwd_weight_s
         tc = _tp_collective_s(layer, i, tp_seconds, priced=tp > 1 and tp_pricing != "none", dtype=dtype,

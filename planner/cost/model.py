@@ -204,16 +204,13 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
     gathers per micro-batch, tied-embedding sync, the optimizer step and the gradient accumulation, in that order."""
     p, m = cfg.pp, cfg.num_micro_batches
     w_b, g_b, _ = c.state_bytes(table.dtype)
-    groups = shard_groups(cluster, cfg)  # ZeRO's shard group and HSDP's replicas (cost/sharding.py)
-    dp_group: Group = groups.shard
-    bw_mem = cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
     dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s = [], [], [], [], []
     tied_holders = tied_holder_devices(table, boundaries, cfg) if p > 1 else []
     for d in range(p):
-        if not cluster.is_homogeneous:  # this position's own replicas, links and memory bandwidth
-            groups = shard_groups(cluster, cfg, d)
-            dp_group = groups.shard
-            bw_mem = pos[d].cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
+        # this position's own ZeRO shard group and HSDP replicas (cost/sharding.py), links and memory bandwidth
+        groups = shard_groups(cluster, cfg, d)
+        dp_group: Group = groups.shard
+        bw_mem = pos[d].cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
         chunks = chunks_of_device(boundaries, devices, d)
         params = device_params(table, chunks) / cfg.tp
         grads, weights = g_b * params, w_b * params
@@ -296,7 +293,7 @@ def _notes(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: CostC
            pos: list[Position]) -> list[str]:
     """What the prediction's reader should know: tp across nodes, overlap, measured curves, device types."""
     notes = []
-    dpn = min(g.devices_per_node for g in cluster.groups)
+    dpn = cluster.min_devices_per_node
     if cfg.tp > dpn:  # the search and check_config allow it on one device type only
         notes.append(f"tensor parallelism spans {cfg.tp // dpn} nodes: its collectives "
                      f"({tp_comm:.3g} s of this step) cross the network in every layer")

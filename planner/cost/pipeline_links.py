@@ -9,9 +9,10 @@ gradients (a shared word embedding) between the pipeline devices that hold them.
 from __future__ import annotations
 
 import bisect
+from dataclasses import replace
 
 from planner.cluster import ClusterSpec
-from planner.cost.comm import Group, all_gather_s, all_reduce_s, p2p_s, strided_group
+from planner.cost.comm import all_gather_s, all_reduce_s, cut_link, group_of_ranks, p2p_s, strided_group
 from planner.cost.constants import CostConstants
 from planner.cost.layer_table import LayerTable
 from planner.plan import ParallelConfig
@@ -31,8 +32,7 @@ def pipeline_p2p_s(table: LayerTable, boundaries: list[tuple[int, int]], devices
     all-gathers over its own group; sequence-parallel outputs are already split. Consecutive chunks
     on one device (the fold of a V-shape) hand over in memory.
 
-    Ranks, nodes and node groups are contiguous ranges, so every pair shares a node exactly when the
-    span from the lower position's first rank to the higher one's last lies in one node.
+    Which link a cut crosses: :func:`planner.cost.comm.cut_link`.
     """
     if len(boundaries) <= 1:
         return 0.0
@@ -42,18 +42,11 @@ def pipeline_p2p_s(table: LayerTable, boundaries: list[tuple[int, int]], devices
         src, dst = devices[j], devices[j + 1]
         if src == dst:
             continue
-        lo, hi = min(src, dst) * per, (max(src, dst) + 1) * per - 1
-        group = cluster.group_index_of_rank(lo)
-        if group == cluster.group_index_of_rank(hi):
-            net = cluster if len(cluster.groups) == 1 else cluster.group_view(group)
-            same_node = cluster.node_of_rank(lo) == cluster.node_of_rank(hi)
-        else:
-            net, same_node = cluster, False
+        net, same_node = cut_link(cluster, min(src, dst) * per, (max(src, dst) + 1) * per - 1)
         nbytes = float(table.output_bytes[b - 1])
         if cfg.tp > 1 and not cfg.sequence_parallel and c.pp_scatter_gather:
-            receiver = cluster.group_view(cluster.group_index_of_rank(dst * per))
-            t = p2p_s(nbytes / cfg.tp, same_node=same_node, cluster=net, c=c) + all_gather_s(
-                nbytes, strided_group(receiver, cfg.tp, 1), c)
+            receiver = strided_group(cluster, cfg.tp, 1, first=dst * per)  # the receiving position's tp group
+            t = p2p_s(nbytes / cfg.tp, same_node=same_node, cluster=net, c=c) + all_gather_s(nbytes, receiver, c)
         else:
             t = p2p_s(nbytes, same_node=same_node, cluster=net, c=c)
         worst = max(worst, t)
@@ -86,21 +79,23 @@ def tied_sync_s(table: LayerTable, boundaries: list[tuple[int, int]], device: in
     """All-reduce of tied parameters' gradients between the pipeline devices that hold them
     (Megatron's embedding group: the first and last stage share the word embedding).
 
+    Each ``(d, c, t)`` rank of a holder syncs with the same ``(d, c, t)`` of the others, all such groups at
+    once; the holders' first ranks stand for them (:func:`group_of_ranks` on real ranks): the group
+    shares a node exactly when they do, and gets the links (and measured curves, where shared) of the
+    node groups they sit in.
+
     ``holders`` is :func:`tied_holder_devices` of the same arguments, when the caller has it.
     """
     if cfg.pp <= 1:
         return 0.0
     if holders is None:
         holders = tied_holder_devices(table, boundaries, cfg)
-    dpn = cluster.devices_per_node if cluster.is_homogeneous else 1
+    per = cfg.dp * cfg.cp * cfg.tp  # ranks per position (planner.layout.RankLayout.position_ranks)
     total = 0.0
     for numel, holders_dev in holders:
         if device not in holders_dev or len(holders_dev) < 2:
             continue
-        span = (max(holders_dev) - min(holders_dev)) * cfg.dp * cfg.cp * cfg.tp  # rank distance between the holders
-        group = Group(size=len(holders_dev), nodes=1 if span < dpn else len(holders_dev), per_node=1,
-                      intra_bw=cluster.intra_node.bandwidth_bytes_per_s, intra_latency_s=cluster.intra_node.latency_s,
-                      nic_bw=min(g.inter_node.bandwidth_bytes_per_s / g.devices_per_node for g in cluster.groups),
-                      inter_latency_s=cluster.inter_node.latency_s)
+        group = group_of_ranks(cluster, [k * per for k in sorted(holders_dev)])
+        group = replace(group, measured=None, devices_per_node=0)  # alpha-beta links, as this sync always read
         total += all_reduce_s(grad_bytes * numel / cfg.tp, group, c)
     return total

@@ -41,7 +41,6 @@ from planner.cost.comm import (
     Group,
     all_gather_s,
     all_reduce_s,
-    group_of_ranks,
     reduce_scatter_s,
     strided_group,
 )
@@ -82,24 +81,14 @@ class ShardGroups:
 
 
 def shard_groups(cluster: ClusterSpec, cfg: ParallelConfig, position: int = 0) -> ShardGroups:
-    """The shard and replica groups of pipeline position ``position`` (module docstring).
-
-    A homogeneous cluster's groups are :func:`strided_group` s; a mixed one's are the position's own ranks
-    (:func:`group_of_ranks`: its nodes and slowest links)."""
+    """The shard and replica groups of pipeline position ``position`` (module docstring), priced on the
+    position's own ranks (:func:`strided_group` from its first rank): their nodes, and the links of the
+    node groups they touch. On a homogeneous cluster every position's groups look alike."""
     size, replicas = shard_size(cfg), cfg.dp // cfg.shard_group
-    if cluster.is_homogeneous:
-        shard = strided_group(cluster, size, cfg.tp)
-        replicate = strided_group(cluster, replicas, cfg.tp * size) if replicas > 1 else None
-        return ShardGroups(shard, replicate, size, replicas)
-    lay = cfg.layout
-    if cfg.cp == 1 and replicas == 1:  # the position's dp axis, as before HSDP and cp
-        ranks = list(lay.group(lay.rank_of(position, 0, 0), "dp"))
-    else:
-        ranks = [lay.rank_of(position, d, 0, k) for d in range(cfg.shard_group) for k in range(cfg.cp)]
-    replicate = None
-    if replicas > 1:
-        replicate = group_of_ranks(cluster, [lay.rank_of(position, j * cfg.shard_group, 0) for j in range(replicas)])
-    return ShardGroups(group_of_ranks(cluster, ranks), replicate, size, replicas)
+    first = cfg.layout.rank_of(position, 0, 0)  # the position's first rank
+    shard = strided_group(cluster, size, cfg.tp, first)  # S consecutive dp indices x every cp index
+    replicate = strided_group(cluster, replicas, cfg.tp * size, first) if replicas > 1 else None
+    return ShardGroups(shard, replicate, size, replicas)
 
 
 def zero3_micro_batch_s(weight_bytes: float, grad_bytes: float, groups: ShardGroups, cfg: ParallelConfig,
