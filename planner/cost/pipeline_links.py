@@ -9,7 +9,6 @@ gradients (a shared word embedding) between the pipeline devices that hold them.
 from __future__ import annotations
 
 import bisect
-from dataclasses import replace
 
 from planner.cluster import ClusterSpec
 from planner.cost.comm import all_gather_s, all_reduce_s, cut_link, group_of_ranks, p2p_s, strided_group
@@ -96,6 +95,5 @@ def tied_sync_s(table: LayerTable, boundaries: list[tuple[int, int]], device: in
         if device not in holders_dev or len(holders_dev) < 2:
             continue
         group = group_of_ranks(cluster, [k * per for k in sorted(holders_dev)])
-        group = replace(group, measured=None, devices_per_node=0)  # alpha-beta links, as this sync always read
         total += all_reduce_s(grad_bytes * numel / cfg.tp, group, c)
     return total
