@@ -268,7 +268,13 @@ def sharding_notes(cfg: ParallelConfig, cluster: ClusterSpec) -> list[str]:
                      f"{cfg.dp // cfg.dp_shard} replicas: each micro-batch's gathers and reduce-scatters stay in "
                      f"the group and the gradient shard is all-reduced across the replicas; each rank holds "
                      f"1/{cfg.dp_shard} of the model state instead of 1/{cfg.dp}.")
-    if cfg.zero_stage == 3 and not cfg.reshard_after_forward:
+    if cfg.zero_stage == 3 and cfg.pp > 1 and cfg.dp * cfg.cp > 1:
+        gathers = "one all-gather per step" if not cfg.reshard_after_forward else \
+            "one all-gather per micro-batch (the backward's, after reshard after forward)"
+        notes.append("ZeRO-3 under a pipeline runs as torch's pipelining drives FSDP2: the gathered weights and the "
+                     f"unsharded gradients stay from one micro-batch to the next ({gathers}, one reduce-scatter "
+                     "after the last backward), for the memory of the whole gathered stage and its full gradients.")
+    elif cfg.zero_stage == 3 and not cfg.reshard_after_forward:
         notes.append("ZeRO-3 keeps each device's gathered weights from forward to backward (reshard_after_forward "
                      "false): one all-gather per micro-batch instead of two, for the memory of the whole gathered "
                      "stage.")

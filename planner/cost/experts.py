@@ -55,10 +55,20 @@ import functools
 import numpy as np
 
 from planner.cluster import ClusterSpec
-from planner.cost.comm import Group, all_gather_s, all_reduce_s, all_to_all_s, reduce_scatter_s, strided_group
+from planner.cost.comm import (
+    Group,
+    all_gather_s,
+    all_reduce_s,
+    all_to_all_s,
+    overlapped_comm_s,
+    reduce_scatter_s,
+    strided_group,
+)
 from planner.cost.constants import DTYPE_BYTES, CostConstants
 from planner.cost.sharding import (
     ShardGroups,
+    gathers_per_step,
+    keeps_unsharded_grads,
     layer_recompute,
     shard_size,
     state_bytes_per_param,
@@ -71,7 +81,7 @@ from planner.trace.graph import CostGraph, Layer
 __all__ = ["add_expert_rows", "all_to_all_bytes", "check_ep", "device_expert_params", "dp_grad_all_reduce_s", "ep_group",
            "expert_all_to_all_s", "expert_params", "expert_parallel_row", "expert_replica_group", "expert_shard_extra",
            "expert_shard_groups", "expert_shard_size", "expert_state_extra", "has_experts", "layer_all_to_all_s",
-           "moe_expert_counts", "zero3_expert_micro_batch_s", "zero_expert_params", "zero_step_s"]
+           "moe_expert_counts", "zero3_expert_micro_batch_s", "zero3_step_s", "zero_expert_params", "zero_step_s"]
 
 
 def has_experts(graph: CostGraph) -> bool:
@@ -270,16 +280,31 @@ def zero_step_s(table: object, chunks: list[tuple[int, int]], grads: float, weig
 
 def zero3_expert_micro_batch_s(table: object, chunks: list[tuple[int, int]], weights: float, grads: float,
                                groups: ShardGroups, cfg: ParallelConfig, cluster: ClusterSpec,
-                               c: CostConstants) -> float:
-    """ZeRO-3's communication of one micro-batch (:func:`planner.cost.sharding.zero3_micro_batch_s`), the
-    experts' gathers and reduce-scatter over their own group."""
+                               c: CostConstants, *, gathers: int | None = None, reduce: bool = True) -> float:
+    """ZeRO-3's communication of one micro-batch (:func:`planner.cost.sharding.zero3_micro_batch_s`, with
+    its ``gathers`` and ``reduce``), the experts' gathers and reduce-scatter over their own group."""
     experts = zero_expert_params(table, chunks, cfg)
+    parts = {"gathers": gathers, "reduce": reduce}
     if not experts:
-        return zero3_micro_batch_s(weights, grads, groups, cfg, c)
+        return zero3_micro_batch_s(weights, grads, groups, cfg, c, **parts)
     _, g_b, _ = c.state_bytes(table.dtype)  # type: ignore[attr-defined]
     w_b = c.gathered_weight_bytes(table.dtype)  # type: ignore[attr-defined]
-    return (zero3_micro_batch_s(weights - w_b * experts, grads - g_b * experts, groups, cfg, c)
-            + zero3_micro_batch_s(w_b * experts, g_b * experts, expert_shard_groups(cluster, cfg, groups), cfg, c))
+    return (zero3_micro_batch_s(weights - w_b * experts, grads - g_b * experts, groups, cfg, c, **parts)
+            + zero3_micro_batch_s(w_b * experts, g_b * experts, expert_shard_groups(cluster, cfg, groups), cfg, c,
+                                  **parts))
+
+
+def zero3_step_s(table: object, chunks: list[tuple[int, int]], gathered: float, grads: float, groups: ShardGroups,
+                 cfg: ParallelConfig, cluster: ClusterSpec, c: CostConstants, compute_s: float) -> float:
+    """One device's exposed ZeRO-3 communication per step (cost/sharding.py), ``compute_s`` being its compute
+    per micro-batch: each micro-batch's, prefetch hiding what that compute covers; under a pipeline, the
+    step's gathers so hidden and its one reduce-scatter after the last backward, exposed."""
+    if not keeps_unsharded_grads(cfg):
+        per_mb = zero3_expert_micro_batch_s(table, chunks, gathered, grads, groups, cfg, cluster, c)
+        return cfg.num_micro_batches * overlapped_comm_s(per_mb, compute_s, c)
+    gather = zero3_expert_micro_batch_s(table, chunks, gathered, grads, groups, cfg, cluster, c, gathers=1, reduce=False)
+    reduce = zero3_expert_micro_batch_s(table, chunks, gathered, grads, groups, cfg, cluster, c, gathers=0)
+    return gathers_per_step(cfg) * overlapped_comm_s(gather, compute_s, c) + reduce
 
 
 def check_ep(ep: int, zero_stage: int, graph: CostGraph, shard_group: int | None = None) -> SpecError | None:

@@ -40,7 +40,7 @@ from planner.cost.experts import (
     dp_grad_all_reduce_s,
     expert_all_to_all_s,
     expert_shard_extra,
-    zero3_expert_micro_batch_s,
+    zero3_step_s,
     zero_step_s,
 )
 from planner.cost.layer_table import (
@@ -68,7 +68,7 @@ from planner.cost.memory import (
 )
 from planner.cost.pipeline_links import pipeline_p2p_s, tied_holder_devices, tied_sync_s
 from planner.cost.positions import Position, chunks_of_device, positions
-from planner.cost.sharding import optimizer_shard, shard_groups, shard_size
+from planner.cost.sharding import keeps_unsharded_grads, optimizer_shard, shard_groups, shard_size
 from planner.plan import ParallelConfig
 from planner.schedules.closed_form import in_flight_per_device, step_time
 from planner.trace.graph import CostGraph
@@ -235,9 +235,8 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
         if cfg.zero_stage >= 3 and cfg.dp > 1:
             # gathers, reduce-scatter (HSDP: + all-reduce); the experts' over their own group (cost/experts.py)
             gathered = c.gathered_weight_bytes(table.dtype) * params  # FSDP gathers in its param dtype
-            per_mb = zero3_expert_micro_batch_s(table, chunks, gathered, grads, groups, cfg, cluster, c)
-            # prefetch hides what compute covers, where the two run at the same time
-            fsdp_exposed.append(m * overlapped_comm_s(per_mb, per_device[d], c) + fsdp_host)
+            fsdp_exposed.append(zero3_step_s(table, chunks, gathered, grads, groups, cfg, cluster, c, per_device[d])
+                                + fsdp_host)
         else:
             fsdp_exposed.append(0.0)
         tied_sync.append(tied_sync_s(table, boundaries, d, cfg, cluster, c, g_b, tied_holders))
@@ -245,7 +244,7 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
         optim_s.append(c.optimizer_step_bytes_per_param * params / shard / bw_mem
                        + c.optimizer_step_bytes_per_param * expert_shard_extra(table, chunks, cfg, shard) / bw_mem)
         # every micro-batch after the first adds its gradients into the sum (ZeRO-2/3: into the shard)
-        acc_shard = shard_size(cfg) if cfg.zero_stage >= 2 else 1
+        acc_shard = shard_size(cfg) if cfg.zero_stage >= 2 and not keeps_unsharded_grads(cfg) else 1
         accum_s.append((m - 1) * c.grad_accumulation_bytes_per_param * params / acc_shard / bw_mem
                        + (m - 1) * c.grad_accumulation_bytes_per_param
                        * expert_shard_extra(table, chunks, cfg, acc_shard) / bw_mem)

@@ -17,9 +17,21 @@ Communication (per device holding ``P`` parameters split ``tp`` ways, ``w``/``g`
                   the gathered weights from forward to backward)
                   + all-reduce(g·P/(tp·S·cp)) over the R replicas (HSDP, FSDP2's        per micro-batch
                   reduce-scatter then all-reduce while gradient sync stays on)
+    ZeRO-3 under  N_ag · all-gather(w·P/tp), overlapped with the micro-batches' compute  per step
+    a pipeline    + reduce-scatter(g·P/tp) (+ HSDP's all-reduce) after the last backward, exposed
+                  (N_ag = 1 without reshard after forward, m + 1 with it)
+
+ZeRO-3 under a pipeline is FSDP2 as torch.distributed.pipelining drives it (torchtitan, this runtime):
+the stage turns off resharding after backward and gradient sync for every backward
+(``set_reshard_after_backward(False)``, ``set_requires_gradient_sync(False)`` in
+``torch/distributed/pipelining/stage.py``) and reduce-scatters once, after the step's last backward. The
+gathered weights therefore stay from one micro-batch to the next (one gather per step; with reshard after
+forward, one more per backward that follows a forward: ``m + 1``), and the gradients accumulate unsharded
+(:func:`keeps_unsharded_grads`).
 
 Memory per parameter (after ``/tp``): weights ``w/(S·cp)`` under ZeRO-3 (``+ w``: the gathered copy of
-the whole device's weights, reshard_after_forward False), gradients ``g/(S·cp)`` under ZeRO ≥ 2,
+the whole device's weights, reshard_after_forward False or under a pipeline), gradients ``g/(S·cp)`` under
+ZeRO ≥ 2 (``g`` under a pipeline, accumulated unsharded),
 optimizer state ``o/(S·cp)`` under ZeRO ≥ 1. ZeRO-3's temporaries per parameter of the largest layer:
 ``2w + g`` (the gathered layer, the prefetched next one, its whole gradient), or ``g`` alone when the
 gathered weights are already counted. With the defaults (``dp_shard`` None, ``cp = 1``, reshard after
@@ -47,8 +59,9 @@ from planner.cost.comm import (
 from planner.cost.constants import CostConstants
 from planner.plan import ParallelConfig
 
-__all__ = ["ShardGroups", "gathers_per_micro_batch", "layer_recompute", "optimizer_shard", "recomputes_layer",
-           "shard_groups", "shard_size", "state_bytes_per_param", "zero3_micro_batch_s", "zero3_temp_bytes_per_param"]
+__all__ = ["ShardGroups", "gathers_per_micro_batch", "gathers_per_step", "keeps_gathered_weights",
+           "keeps_unsharded_grads", "layer_recompute", "optimizer_shard", "recomputes_layer", "shard_groups",
+           "shard_size", "state_bytes_per_param", "zero3_micro_batch_s", "zero3_temp_bytes_per_param"]
 
 
 def recomputes_layer(index: int, every: int) -> bool:
@@ -62,9 +75,29 @@ def shard_size(cfg: ParallelConfig) -> int:
 
 
 def gathers_per_micro_batch(cfg: ParallelConfig) -> int:
-    """ZeRO-3 all-gathers of the weights per micro-batch: forward and backward, or forward only when
-    FSDP2 keeps them gathered until the backward (``reshard_after_forward`` False)."""
+    """ZeRO-3 all-gathers of the weights per micro-batch without a pipeline: forward and backward, or
+    forward only when FSDP2 keeps them gathered until the backward (``reshard_after_forward`` False)."""
     return 2 if cfg.reshard_after_forward else 1
+
+
+def keeps_unsharded_grads(cfg: ParallelConfig) -> bool:
+    """Whether ZeRO-3 runs under a pipeline, where torch's pipelining keeps the gathered weights and
+    the unsharded gradients from one micro-batch to the next and reduce-scatters once per step (module
+    docstring)."""
+    return cfg.zero_stage >= 3 and cfg.pp > 1 and shard_size(cfg) > 1
+
+
+def keeps_gathered_weights(cfg: ParallelConfig) -> bool:
+    """Whether a device holds the gathered copy of all its ZeRO-3 weights at its peak: without reshard
+    after forward, or under a pipeline (:func:`keeps_unsharded_grads`)."""
+    return cfg.zero_stage >= 3 and shard_size(cfg) > 1 and (not cfg.reshard_after_forward or cfg.pp > 1)
+
+
+def gathers_per_step(cfg: ParallelConfig) -> int:
+    """ZeRO-3 all-gathers of every weight per step under a pipeline: the first forward's, and with
+    reshard after forward one per backward that follows a forward (``m`` of them in 1F1B and its
+    variants: every backward of the steady phase, and the first steady forward after the warm-up)."""
+    return 1 + (cfg.num_micro_batches if cfg.reshard_after_forward else 0)
 
 
 @dataclass(frozen=True)
@@ -92,14 +125,17 @@ def shard_groups(cluster: ClusterSpec, cfg: ParallelConfig, position: int = 0) -
 
 
 def zero3_micro_batch_s(weight_bytes: float, grad_bytes: float, groups: ShardGroups, cfg: ParallelConfig,
-                        c: CostConstants) -> float:
+                        c: CostConstants, *, gathers: int | None = None, reduce: bool = True) -> float:
     """ZeRO-3 communication of one micro-batch on one device holding ``weight_bytes`` of (unsharded, per tp
     rank) weights and ``grad_bytes`` of their gradients: the gathers and the reduce-scatter over the shard
-    group, then (HSDP) the all-reduce of the gradient shard over the replicas."""
-    s = gathers_per_micro_batch(cfg) * all_gather_s(weight_bytes, groups.shard, c) \
-        + reduce_scatter_s(grad_bytes, groups.shard, c)
-    if groups.replicate is not None:
-        s += all_reduce_s(grad_bytes / groups.size, groups.replicate, c)
+    group, then (HSDP) the all-reduce of the gradient shard over the replicas. ``gathers`` (default
+    :func:`gathers_per_micro_batch`) and ``reduce`` price the parts apart (under a pipeline: per step)."""
+    gathers = gathers_per_micro_batch(cfg) if gathers is None else gathers
+    s = gathers * all_gather_s(weight_bytes, groups.shard, c)
+    if reduce:
+        s += reduce_scatter_s(grad_bytes, groups.shard, c)
+        if groups.replicate is not None:
+            s += all_reduce_s(grad_bytes / groups.size, groups.replicate, c)
     return s
 
 
@@ -110,9 +146,10 @@ def state_bytes_per_param(w: float, g: float, o: float, cfg: ParallelConfig,
     ``gathered``: bytes per parameter of ZeRO-3's gathered weights (FSDP's param dtype; default ``w``)."""
     n = shard_size(cfg) if n is None else n
     weights = w / (n if cfg.zero_stage >= 3 else 1) / cfg.tp
-    if cfg.zero_stage >= 3 and not cfg.reshard_after_forward and n > 1:
+    if keeps_gathered_weights(cfg) and n > 1:
         weights += (w if gathered is None else gathered) / cfg.tp  # gathered from forward to backward
-    return (weights, g / (n if cfg.zero_stage >= 2 else 1) / cfg.tp, o / (n if cfg.zero_stage >= 1 else 1) / cfg.tp)
+    grad_shards = n if cfg.zero_stage >= 2 and not keeps_unsharded_grads(cfg) else 1
+    return weights, g / grad_shards / cfg.tp, o / (n if cfg.zero_stage >= 1 else 1) / cfg.tp
 
 
 def optimizer_shard(cfg: ParallelConfig) -> int:
@@ -125,7 +162,7 @@ def zero3_temp_bytes_per_param(w: float, g: float, cfg: ParallelConfig) -> float
     gradient, or only the gradient when the gathered weights stay (already in the weights)."""
     if cfg.zero_stage < 3 or shard_size(cfg) <= 1:
         return 0.0
-    return (g if not cfg.reshard_after_forward else 2 * w + g) / cfg.tp
+    return (g if keeps_gathered_weights(cfg) else 2 * w + g) / cfg.tp
 
 
 def layer_recompute(recompute: str, index: int, every: int) -> str:

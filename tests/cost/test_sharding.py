@@ -239,3 +239,44 @@ def test_an_fp8_plan_says_the_numerics_change():
     p = evaluate("gpt-tiny", "dgx-h100", ParallelConfig(dp=8, micro_batch_size=1, num_micro_batches=1, fp8=True))
     (line,) = [e for e in p.explanation if e.startswith("FP8:")]
     assert "1979 TFLOP/s" in line and "--no-fp8" in line
+
+
+def _pipelined(graph, cluster, cfg, c=NO_OVERLAP):
+    """Evaluate a two-stage pipeline cut in the middle of ``graph``'s layers."""
+    table = layer_table(graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp,
+                        sequence_parallel=cfg.sequence_parallel, recompute=cfg.recompute, c=c,
+                        knobs=TableKnobs.of(cfg))
+    half = graph.num_layers // 2
+    return table, evaluate(graph, cluster, cfg, [(0, half), (half, graph.num_layers)], c, table=table)
+
+
+@pytest.mark.parametrize("reshard", [False, True])
+def test_zero3_under_a_pipeline_gathers_per_step_and_keeps_unsharded_gradients(graph, reshard):
+    """torch's pipelining turns off FSDP2's reshard after backward and its gradient sync for every
+    micro-batch and reduce-scatters once after the last backward (torch/distributed/pipelining/stage.py):
+    one gather per step (``m + 1`` with reshard after forward), one reduce-scatter, and the gathered
+    weights and full gradients held."""
+    cluster = ClusterSpec.preset("dgx-h100", nodes=4)  # 32 devices: pp 2 x dp 8 x tp 2
+    w, g, _ = C.state_bytes("bf16")
+    exposed, mems = {}, {}
+    for m in (4, 8):
+        cfg = _zero3(dp=8, pp=2, num_micro_batches=m, reshard_after_forward=reshard)
+        table, pred = _pipelined(graph, cluster, cfg)
+        exposed[m] = pred.time_breakdown_s["zero3_gather_exposed"]
+        mems[m] = pred.memory_per_device
+    chunks = [(0, graph.num_layers // 2), (graph.num_layers // 2, graph.num_layers)]
+    params = [device_params(table, [ch]) / 2 for ch in chunks]  # per tp rank, per pipeline device
+    group = strided_group(cluster, 8, 2)
+    by_hand = {m: max((1 + (m if reshard else 0)) * all_gather_s(w * p, group, C) + reduce_scatter_s(g * p, group, C)
+                      for p in params) for m in (4, 8)}
+    assert exposed == pytest.approx(by_hand, rel=1e-9)
+    if not reshard:
+        assert exposed[4] == pytest.approx(exposed[8], rel=1e-12)  # not per micro-batch: once per step
+    for d, p in enumerate(params):
+        assert mems[4][d].gradients == pytest.approx(g * p, rel=1e-12)  # unsharded until the step's end
+        assert mems[4][d].weights == pytest.approx(w * p / 8 + w * p, rel=1e-12)  # shard + the gathered stage
+    # without a pipeline the same ZeRO-3 reduce-scatters every micro-batch and shards the gradients
+    flat = _evaluate(graph, _zero3(dp=8, reshard_after_forward=reshard), ClusterSpec.preset("dgx-h100", nodes=2),
+                     NO_OVERLAP)[1]
+    whole = device_params(table, [(0, graph.num_layers)]) / 2
+    assert flat.memory_per_device[0].gradients == pytest.approx(g * whole / 8, rel=1e-12)
