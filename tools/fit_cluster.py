@@ -14,7 +14,7 @@ Two figures the datasheets do not give and the shared measurements pin down:
 
 * ``device.fused_attention_efficiency``: the share of peak the FlashAttention-2-class kernels the
   presets describe sustain in training. Fitted on sweep groups or on one publisher's runs of a device
-  (``--fit-published PREFIX``: the published runs whose id starts with it, on ``--presets``), checked
+  (``--fit-published PREFIX[,PREFIX...]``: the published runs whose id starts with one, on ``--presets``), checked
   on the other publishers' runs of that device. Runs whose source names another kernel keep it.
 * ``attention_kernel.NAME``: the same figure for a kernel a source names
   (``planner.validation.cases.ATTENTION_KERNELS``: llm-foundry's Triton FlashAttention,
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", action="append", help="start:stop:step of the values tried, one per --param "
                     "(default per parameter)")
     ap.add_argument("--fit-published", metavar="PREFIX", help="fit on the published runs whose id starts with "
-                    "PREFIX (on --presets) instead of sweep groups; check on the other published runs there")
+                    "PREFIX (comma-separated: any of them; on --presets) instead of sweep groups; check on the other "
+                    "published runs there")
     ap.add_argument("--presets", default="dgx-h100", help="cluster presets of the published runs fitted and "
                     "checked (comma-separated)")
     args = ap.parse_args(argv)
@@ -128,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     presets = set(args.presets.split(","))
     on_device = [c for c in cases if c.source == "published" and c.cluster.preset in presets]
     if args.fit_published:
-        fit_groups = {f"published {args.fit_published}* on {sorted(presets)}"}
-        fit = [c for c in on_device if c.case_id.startswith(args.fit_published)]
-        check = [c for c in on_device if not c.case_id.startswith(args.fit_published)]
+        prefixes = tuple(args.fit_published.split(","))
+        fit_groups = {f"published {'|'.join(prefixes)}* on {sorted(presets)}"}
+        fit = [c for c in on_device if c.case_id.startswith(prefixes)]
+        check = [c for c in on_device if not c.case_id.startswith(prefixes)]
     else:
         fit_groups = set(args.fit_groups.split(","))
         fit = [c for c in cases if c.group in fit_groups]

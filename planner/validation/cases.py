@@ -403,7 +403,7 @@ def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> Parall
         raise Unusable("global batch not given")
     if gbs % (dp * mb):
         raise Unusable("global batch is not a multiple of dp x micro-batch")
-    vpp = _int(c.get("vpp")) or 1
+    vpp = _virtual_stages(c, _int(run["model"].get("layers")) or 0, pp, notes)
     zero = _zero_stage(c, notes)
     recompute, every = _recompute(c, run.get("measured") or {}, notes)
     sp = c.get("sequence_parallel")
@@ -419,6 +419,19 @@ def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> Parall
                           overlap_grad_reduce=_overlaps_grad_reduce(run), cp=cp, fp8=fp8,
                           dp_shard=_shard_group(c, dp, zero, notes),
                           reshard_after_forward=not (zero == 3 and _keeps_gathered(c)))
+
+
+def _virtual_stages(c: dict[str, Any], layers: int, pp: int, notes: list[str]) -> int:
+    """Model chunks per pipeline rank: the run's ``vpp``; for a schedule stated as interleaved without one,
+    chunks of a single block, with the embedding and the output head as chunks of their own (Llama 3's
+    paper, Sec 3.3.2: the first chunk holds only the embedding, the last only the head and the loss, and
+    the bubble is (PP - 1)/(V·M); its 126 blocks on 16 ranks then make V = 8)."""
+    stated = _int(c.get("vpp"))
+    if stated or pp <= 1 or "interleav" not in str(c.get("pipeline_schedule") or "").lower():
+        return stated or 1
+    vpp = max(1, (layers + 2) // pp)
+    notes.append(f"interleaved schedule without its chunk count: {vpp} chunks per rank (one block each)")
+    return vpp
 
 
 def _keeps_gathered(c: dict[str, Any]) -> bool:

@@ -141,6 +141,19 @@ def test_published_row_translation(published):
     assert m.measured_tokens_per_s_per_gpu == 1007.0 and m.cluster.preset == "dgx-h100"
 
 
+def test_an_interleaved_schedule_without_its_chunk_count_gets_one_block_per_chunk(published):
+    """Llama 3's runs state an interleaved schedule and no V; the paper's layout (embedding and head in
+    chunks of their own, 126 blocks on 16 ranks) makes 8 chunks per rank. A stated V is kept."""
+    from planner.validation.cases import _virtual_stages
+    llama3 = _by_id(published, "llama3-405b-pretrain-g8192-cp1")
+    assert (llama3.config.schedule, llama3.config.virtual_stages, llama3.config.pp) == ("interleaved-1f1b", 8, 16)
+    assert any("without its chunk count: 8 chunks" in a for a in llama3.approximations)
+    notes: list[str] = []
+    assert _virtual_stages({"vpp": 6, "pipeline_schedule": "interleaved"}, 96, 8, notes) == 6
+    assert _virtual_stages({"pipeline_schedule": "1F1B"}, 96, 8, notes) == 1
+    assert _virtual_stages({"pipeline_schedule": "interleaved"}, 96, 1, notes) == 1 and not notes
+
+
 def test_fraction_of_checkpointed_blocks_comes_from_the_runs_own_hfu_over_mfu(published):
     from planner.validation.cases import _checkpointed_every
     assert _checkpointed_every({"hfu": 0.74, "mfu": 0.55}) == 1  # (3 + f) / 3 = 1.345: every block
