@@ -11,8 +11,9 @@ which is a row-major ``DeviceMesh`` of shape ``(pp, dp, cp, tp)`` with axis name
 Expert parallelism and HSDP do not add ranks: they group the data-parallel ranks (``ep`` and
 ``dp_shard`` consecutive dp indices, :meth:`RankLayout.sub_group`).
 :class:`RankLayout` is that formula and its inverse, and nothing else re-derives it: the planner
-lists a stage's ranks with :meth:`RankLayout.position_ranks`, the cost model finds a data-parallel
-group with :meth:`RankLayout.group`, and the runtime maps its rank to mesh coordinates with
+lists a stage's ranks with :meth:`RankLayout.position_ranks`, the cost model prices a position's groups
+from its first rank (:meth:`RankLayout.rank_of`) at this formula's axis strides (tp 1, cp tp, dp cp·tp:
+:func:`planner.cost.comm.strided_group`), and the runtime maps its rank to mesh coordinates with
 :meth:`RankLayout.coords` (``runtime.rank_layout`` re-exports it). Pure: no processes, no torch.
 """
 
