@@ -51,7 +51,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from planner.cost.sharding import shard_size
+from planner.cost.sharding import keeps_gathered_weights, shard_size
 from planner.plan import Plan
 from runtime.data_parallel import HSDP_AXES, OptimizerShards
 from runtime.errors import RunCheckError
@@ -421,7 +421,7 @@ def _predicted_elements(plan: Plan, predicted: dict[str, int] | None) -> float |
     if not predicted or not weight_bytes:
         return None
     par, shards = plan.parallel, shard_size(plan.parallel)  # ZeRO-3's shard group (HSDP: dp_shard)
-    if par.zero_stage >= 3 and not par.reshard_after_forward and shards > 1:  # + the gathered copy the plan counts
+    if keeps_gathered_weights(par):  # + the gathered copy the plan counts (no reshard, or under a pipeline)
         return predicted.get("weights", 0) / weight_bytes / (1 / shards + 1)
     return predicted.get("weights", 0) / weight_bytes * (shards if par.zero_stage >= 3 else 1)
 
