@@ -94,9 +94,10 @@ def keeps_gathered_weights(cfg: ParallelConfig) -> bool:
 
 
 def gathers_per_step(cfg: ParallelConfig) -> int:
-    """ZeRO-3 all-gathers of every weight per step under a pipeline: the first forward's, and with
-    reshard after forward one per backward that follows a forward (``m`` of them in 1F1B and its
-    variants: every backward of the steady phase, and the first steady forward after the warm-up)."""
+    """ZeRO-3 all-gathers of every weight per step under a pipeline: one, or ``m + 1`` with reshard after
+    forward, where every op that follows a forward finds the weights resharded (in 1F1B order: the
+    first forward, each further warm-up forward, the first steady forward and every steady backward;
+    a forward after a backward and the cool-down's backwards find them still gathered)."""
     return 1 + (cfg.num_micro_batches if cfg.reshard_after_forward else 0)
 
 
