@@ -228,12 +228,36 @@ def measured_time_s(collective: str, nbytes: float, g: Group) -> float | None:
     return factor * nbytes / (busbw * share)
 
 
+def measured_floor_s(collective: str, nbytes: float, g: Group) -> float | None:
+    """A lower bound on ``collective`` from the measured curves where the message is smaller than any
+    they measured at the group's node count: its time at the smallest measured size's bus bandwidth
+    (a ceiling: bus bandwidth only rises with the message size). ``None`` where the curves say nothing."""
+    if g.measured is None:
+        return None
+    query = _measured_query(collective, nbytes, g)
+    if query is None:
+        return None
+    nodes, lookup_bytes, share = query
+    busbw = collective_tables(g.measured)[collective].ceiling_below_range(nodes, lookup_bytes)
+    if busbw is None:
+        return None
+    n = g.size
+    factor = 1.0 if collective == "send_recv" else (2 * (n - 1) / n if collective == "all_reduce" else (n - 1) / n)
+    return factor * nbytes / (busbw * share)
+
+
+def _bounded(collective: str, nbytes: float, g: Group, alpha_beta_s: float) -> float:
+    """The alpha-beta time of a collective the curves do not cover, never faster than their bound."""
+    floor = measured_floor_s(collective, nbytes, g)
+    return alpha_beta_s if floor is None else max(alpha_beta_s, floor)
+
+
 def measured_notes(priced: Sequence[tuple[str, str, float, Group]]) -> list[str]:
     """Plan notes for collectives on a measured cluster: ``priced`` holds ``(label, collective,
     bytes, group)`` of what a configuration runs; one line per label that fell outside the
-    measured curves (priced by the alpha-beta formulas instead), or one line saying all were
-    measured. Groups without measurements are left out."""
-    outside: dict[str, list[tuple[float, Group, str]]] = {}
+    measured curves (priced by the alpha-beta formulas instead, bounded by the curves below their
+    smallest message), or one line saying all were measured. Groups without measurements are left out."""
+    outside: dict[str, list[tuple[float, Group, str, str]]] = {}
     inside: list[str] = []
     for label, collective, nbytes, g in priced:
         if g.measured is None or g.size <= 1 or nbytes <= 0:
@@ -245,13 +269,16 @@ def measured_notes(priced: Sequence[tuple[str, str, float, Group]]) -> list[str]
         query = _measured_query(collective, nbytes, g)
         table = collective_tables(g.measured)[collective]
         where = (f"{query[0]:g} node(s) at {format_bytes(query[1])}" if query else f"{g.nodes} node(s)")
-        outside.setdefault(label, []).append((nbytes, g, f"{where}; measured: {table.describe()}"))
+        outside.setdefault(label, []).append((nbytes, g, f"{where}; measured: {table.describe()}", collective))
     notes = []
     for label, items in outside.items():
-        sizes = sorted(x for x, _, _ in items)
+        sizes = sorted(x for x, _, _, _ in items)
         span = format_bytes(sizes[0]) if sizes[0] == sizes[-1] else f"{format_bytes(sizes[0])}-{format_bytes(sizes[-1])}"
+        bounded = any(measured_floor_s(kind, x, g) is not None for x, g, _, kind in items)
+        how = ("priced by the alpha-beta links, never faster than the smallest measured message's bus "
+               "bandwidth" if bounded else "priced by the alpha-beta links instead")
         notes.append(f"{label} ({len(items)} message size(s), {span}) is outside the cluster's measured "
-                     f"collectives ({items[0][2]}): priced by the alpha-beta links instead")
+                     f"collectives ({items[0][2]}): {how}")
     measured_only = [x for x in inside if x not in outside]
     if measured_only:
         notes.append(f"{', '.join(measured_only)} priced from the cluster's measured bus bandwidth (docs/cluster.md)")
@@ -321,7 +348,7 @@ def all_reduce_s(nbytes: float, g: Group, c: CostConstants) -> float:
         return 0.0
     if g.measured is not None and (t := measured_time_s("all_reduce", nbytes, g)) is not None:
         return t
-    return min(ring_all_reduce_s(nbytes, g, c), tree_all_reduce_s(nbytes, g, c))
+    return _bounded("all_reduce", nbytes, g, min(ring_all_reduce_s(nbytes, g, c), tree_all_reduce_s(nbytes, g, c)))
 
 
 def reduce_scatter_s(nbytes: float, g: Group, c: CostConstants) -> float:
@@ -331,7 +358,7 @@ def reduce_scatter_s(nbytes: float, g: Group, c: CostConstants) -> float:
         return 0.0
     if g.measured is not None and (t := measured_time_s("reduce_scatter", nbytes, g)) is not None:
         return t
-    return (n - 1) / n * nbytes / g.ring_bw(c) + (n - 1) * g.latency_s
+    return _bounded("reduce_scatter", nbytes, g, (n - 1) / n * nbytes / g.ring_bw(c) + (n - 1) * g.latency_s)
 
 
 def all_gather_s(nbytes: float, g: Group, c: CostConstants) -> float:
@@ -339,7 +366,8 @@ def all_gather_s(nbytes: float, g: Group, c: CostConstants) -> float:
     if g.measured is not None and g.size > 1 and nbytes > 0 and \
             (t := measured_time_s("all_gather", nbytes, g)) is not None:
         return t
-    return reduce_scatter_s(nbytes, replace(g, measured=None) if g.measured is not None else g, c)
+    return _bounded("all_gather", nbytes, g,
+                    reduce_scatter_s(nbytes, replace(g, measured=None) if g.measured is not None else g, c))
 
 
 def all_to_all_s(nbytes: float, g: Group, c: CostConstants) -> float:
@@ -356,7 +384,8 @@ def all_to_all_s(nbytes: float, g: Group, c: CostConstants) -> float:
     k = g.per_node if g.nodes > 1 else n
     intra = (k - 1) / n * nbytes / (g.intra_bw * c.link_efficiency)
     inter = (n - k) / n * nbytes / (g.nic_bw * c.network_efficiency) if g.nodes > 1 else 0.0
-    return max(intra, inter) + (n - 1) * g.latency_s
+    t = max(intra, inter) + (n - 1) * g.latency_s
+    return _bounded("all_to_all", nbytes, g, t) if g.measured is not None and g.measured.all_to_all else t
 
 
 def broadcast_s(nbytes: float, g: Group, c: CostConstants) -> float:
@@ -369,13 +398,17 @@ def p2p_s(nbytes: float, *, same_node: bool, cluster: ClusterSpec, c: CostConsta
     """One rank sends ``nbytes`` to one rank; every rank of a stage does so at once, on its own NIC."""
     if nbytes <= 0:
         return 0.0
-    if (m := cluster.shared_collectives) is not None and m.send_recv and \
-            (t := measured_time_s("send_recv", nbytes, pair_group(cluster, same_node=same_node))) is not None:
-        return t
+    pair = None
+    if (m := cluster.shared_collectives) is not None and m.send_recv:
+        pair = pair_group(cluster, same_node=same_node)
+        if (t := measured_time_s("send_recv", nbytes, pair)) is not None:
+            return t
     if same_node:
         link = cluster.intra_node
-        return nbytes / (link.bandwidth_bytes_per_s * c.link_efficiency) + link.latency_s
-    return nbytes / (_nic_bw(cluster) * c.network_efficiency) + cluster.inter_node.latency_s
+        t = nbytes / (link.bandwidth_bytes_per_s * c.link_efficiency) + link.latency_s
+    else:
+        t = nbytes / (_nic_bw(cluster) * c.network_efficiency) + cluster.inter_node.latency_s
+    return t if pair is None else _bounded("send_recv", nbytes, pair, t)
 
 
 def overlapped_comm_s(comm_s: float, compute_s: float, c: CostConstants) -> float:

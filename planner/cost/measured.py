@@ -14,7 +14,10 @@ Past the largest measured message a curve stays on its last value (bus bandwidth
 once a message fills NCCL's pipeline, and a multi-GB gradient all-reduce is many buckets back to
 back). A query outside the measured node counts, or below the smallest message of either
 bracketing curve, has no measured answer (``None``): the caller falls back to the alpha-beta
-links and says so (:func:`planner.cost.comm.measured_notes`).
+links and says so (:func:`planner.cost.comm.measured_notes`). Below the smallest message the curve
+still bounds it: bus bandwidth only rises with the message size up to its plateau, so the smallest
+measured size's is a ceiling (:meth:`CollectiveTable.ceiling_below_range`), and the alpha-beta time is
+never taken faster than that.
 
 The curves describe whole nodes: every device of each node takes part. How a smaller group maps
 onto them is :func:`planner.cost.comm.measured_time_s`'s business (docs/cluster.md).
@@ -87,6 +90,18 @@ class CollectiveTable:
             return None
         n0, n1 = math.log(self.nodes[i - 1]), math.log(self.nodes[i])
         return math.exp(y0 + (y1 - y0) * (math.log(nodes) - n0) / (n1 - n0))
+
+    def ceiling_below_range(self, nodes: float, message_bytes: float) -> float | None:
+        """For a message smaller than every size measured at ``nodes`` (where :meth:`bus_bandwidth` has no
+        answer), the bus bandwidth of the smallest size the bracketing curves both measured: a ceiling,
+        since bus bandwidth only rises with the message up to its plateau. ``None`` at node counts
+        outside the measured ones, or for a message inside the curves' range."""
+        if not self.nodes or message_bytes <= 0 or not self.nodes[0] <= nodes <= self.nodes[-1]:
+            return None
+        i = bisect.bisect_left(self.nodes, nodes)
+        curves = [self.curves[i]] if self.nodes[i] == nodes else [self.curves[i - 1], self.curves[i]]
+        smallest = max(c.sizes[0] for c in curves)
+        return self.bus_bandwidth(nodes, smallest) if message_bytes < smallest else None
 
     def describe(self) -> str:
         """The measured range, for a fallback note: ``nodes 1-4, 4 KiB-1 GiB``."""

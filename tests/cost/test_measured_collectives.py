@@ -192,3 +192,27 @@ def test_measured_memory_sets_the_usable_memory():
     d["memory"] = {"reserved_bytes": 3 * 2**30, "usable_fraction": 0.9}
     assert usable_memory_bytes(ClusterSpec.from_dict(d), C) == 0.9 * 80 * 2**30 - 3 * 2**30
     assert usable_memory_bytes(plain, C) == 0.95 * 80 * 2**30 - 2 * 2**30
+
+
+def test_below_the_smallest_measured_message_the_curve_is_a_ceiling():
+    """Bus bandwidth only rises with the message size, so a message smaller than any measured is never
+    priced faster than the smallest measured one's bus bandwidth: no jump at the curve's edge (the
+    sweep's cluster measured 256 MB only, and alpha-beta put 200 MB at twice the bus bandwidth)."""
+    big = 2**28
+    points = [{"nodes": n, "message_bytes": big, "bus_bandwidth_bytes_per_s": b} for n, b in ((1, 2e11), (2, 2e10))]
+    d = ClusterSpec.preset("dgx-a100-80g", nodes=2).to_dict()
+    d["collectives"] = {"all_reduce": points, "all_gather": points, "reduce_scatter": points}
+    cluster = ClusterSpec.from_dict(d)
+    g = comm.strided_group(cluster, 16, 1)  # two whole nodes
+    plain = comm.strided_group(ClusterSpec.preset("dgx-a100-80g", nodes=2), 16, 1)
+    below = big * 3 // 4
+    for fn, factor in ((comm.all_gather_s, 15 / 16), (comm.reduce_scatter_s, 15 / 16), (comm.all_reduce_s, 30 / 16)):
+        at_edge = fn(big, g, C)
+        assert at_edge == pytest.approx(factor * big / 2e10, rel=1e-12)
+        assert fn(below, plain, C) < factor * below / 2e10  # alpha-beta alone would be faster than measured
+        assert fn(below, g, C) == pytest.approx(factor * below / 2e10, rel=1e-12)  # held to the curve's bandwidth
+        assert fn(below, g, C) <= at_edge
+        tiny = 2**10  # far below: alpha-beta's latency is slower than the bound, and stays
+        assert fn(tiny, g, C) == fn(tiny, plain, C)
+    notes = comm.measured_notes([("tp all_gather", "all_gather", below, g)])
+    assert len(notes) == 1 and "never faster than the smallest measured message" in notes[0]
