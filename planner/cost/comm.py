@@ -44,12 +44,12 @@ nodes reads the smallest measured node count above one.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from planner.cluster import ClusterSpec, MeasuredCollectives, shared_collectives
 from planner.cost.constants import CostConstants
-from planner.cost.measured import collective_tables, format_bytes
+from planner.cost.measured import CollectiveTable, collective_tables, format_bytes
 from planner.plan import ParallelConfig
 
 
@@ -208,8 +208,9 @@ def _measured_query(collective: str, nbytes: float, g: Group) -> tuple[float, fl
     return min(g.nodes, max(2.0, g.nodes * share)), nbytes / share, share
 
 
-def measured_time_s(collective: str, nbytes: float, g: Group) -> float | None:
-    """Seconds of ``collective`` on ``g`` from the measured bus bandwidth, or ``None`` outside its range.
+def _from_curves(collective: str, nbytes: float, g: Group, read: Callable[..., float | None]) -> float | None:
+    """Seconds of ``collective`` on ``g`` at the bus bandwidth ``read(table, nodes, bytes)`` gives for the
+    query :func:`_measured_query` makes of it, or ``None`` where it gives none.
 
     nccl-tests conventions: all-reduce ``2(n−1)/n·S/busbw``; all-gather, reduce-scatter and
     all-to-all ``(n−1)/n·S/busbw``; send/recv ``S/busbw`` (``S`` the full buffer).
@@ -220,30 +221,24 @@ def measured_time_s(collective: str, nbytes: float, g: Group) -> float | None:
     if query is None:
         return None
     nodes, lookup_bytes, share = query
-    busbw = collective_tables(g.measured)[collective].bus_bandwidth(nodes, lookup_bytes)
+    busbw = read(collective_tables(g.measured)[collective], nodes, lookup_bytes)
     if busbw is None:
         return None
     n = g.size
     factor = 1.0 if collective == "send_recv" else (2 * (n - 1) / n if collective == "all_reduce" else (n - 1) / n)
     return factor * nbytes / (busbw * share)
+
+
+def measured_time_s(collective: str, nbytes: float, g: Group) -> float | None:
+    """Seconds of ``collective`` on ``g`` from the measured bus bandwidth, or ``None`` outside its range."""
+    return _from_curves(collective, nbytes, g, CollectiveTable.bus_bandwidth)
 
 
 def measured_floor_s(collective: str, nbytes: float, g: Group) -> float | None:
     """A lower bound on ``collective`` from the measured curves where the message is smaller than any
     they measured at the group's node count: its time at the smallest measured size's bus bandwidth
     (a ceiling: bus bandwidth only rises with the message size). ``None`` where the curves say nothing."""
-    if g.measured is None:
-        return None
-    query = _measured_query(collective, nbytes, g)
-    if query is None:
-        return None
-    nodes, lookup_bytes, share = query
-    busbw = collective_tables(g.measured)[collective].ceiling_below_range(nodes, lookup_bytes)
-    if busbw is None:
-        return None
-    n = g.size
-    factor = 1.0 if collective == "send_recv" else (2 * (n - 1) / n if collective == "all_reduce" else (n - 1) / n)
-    return factor * nbytes / (busbw * share)
+    return _from_curves(collective, nbytes, g, CollectiveTable.ceiling_below_range)
 
 
 def _bounded(collective: str, nbytes: float, g: Group, alpha_beta_s: float) -> float:
