@@ -19,7 +19,9 @@ objects are, not a formula:
   and the whole stage;
 * ``step peak``: the model state held at the step's peak, by torch's rules for those gathers
   (:func:`step_peak_bytes`): under a pipeline schedule torch keeps an FSDP stage gathered across the
-  micro-batches and accumulates unsharded gradients until the last one (the whole stage, twice);
+  micro-batches and accumulates unsharded gradients until the last one (the whole stage, twice, where
+  the sharded gradients were: the run frees them with ``zero_grad(set_to_none=True)``), which is what the
+  plan predicts for such a stage, so the report compares that peak with it;
   ZeRO-3 gathers a layer and prefetches the next, with one layer's unsharded gradient. Without FSDP
   (ZeRO-0/1/2) it is the state itself.
 
@@ -51,7 +53,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from planner.cost.sharding import keeps_gathered_weights, shard_size
+from planner.cost.sharding import keeps_gathered_weights, keeps_unsharded_grads, shard_size
 from planner.plan import Plan
 from runtime.data_parallel import HSDP_AXES, OptimizerShards
 from runtime.errors import RunCheckError
@@ -89,6 +91,9 @@ class RoleGroup:
     predicted: dict[str, int] | None  # weights, gradients, optimizer, ... of the plan for this position
     predicted_elements: float | None = None  # the plan's weights / weight_bytes, before the dp split
     step_peak: int = 0  # model state at the step's peak, FSDP's gathers included (step_peak_bytes)
+    # the plan predicts the step's peak (ZeRO-3 under a pipeline keeps the stage gathered and its gradients
+    # unsharded: planner.cost.sharding.keeps_unsharded_grads), so the step peak is what to compare with
+    peak_predicted: bool = False
 
     @property
     def predicted_total(self) -> int | None:
@@ -99,7 +104,8 @@ class RoleGroup:
     @property
     def ratio(self) -> float | None:
         pred = self.predicted_total
-        return self.instantiated.total / pred if pred else None
+        held = self.step_peak if self.peak_predicted else self.instantiated.total
+        return held / pred if pred else None
 
     @property
     def elements_ratio(self) -> float | None:
@@ -191,7 +197,8 @@ def dry_run(plan: Plan, *, rank: int | None = None,
             groups.append(RoleGroup(position=position, stages=stage_indices,
                                     ranks=tuple(r for r, b in by_rank.items() if b == value), built_rank=built,
                                     instantiated=value, predicted=predicted, predicted_elements=planned_elements,
-                                    step_peak=step_peak_bytes(plan, value)))
+                                    step_peak=step_peak_bytes(plan, value),
+                                    peak_predicted=keeps_unsharded_grads(plan.parallel)))
     constants = plan_bytes_per_parameter(plan)
     return DryRunReport(model=plan.model.name, parallel=plan.parallel.label(), world_size=world,
                         parameter_dtype="/".join(sorted(dtypes)), plan_bytes_per_parameter=constants,
@@ -215,8 +222,9 @@ def step_peak_bytes(plan: Plan, state: StateBytes) -> int:
     """Model state at a step's peak: the sharded state plus what FSDP2 holds gathered (module docstring)."""
     if not state.gathered_stage:
         return state.total
-    if plan.parallel.pp > 1:  # gathered for all micro-batches, unsharded gradients accumulated until the last
-        return state.total + 2 * state.gathered_stage
+    if plan.parallel.pp > 1:  # gathered for all micro-batches, unsharded gradients accumulated until the last,
+        # in place of the sharded ones the run's zero_grad(set_to_none=True) freed after the last step
+        return state.total - state.gradients + 2 * state.gathered_stage
     return state.total + 3 * state.gathered_layer_max  # a layer, the prefetched next one, a layer's gradient
 
 
@@ -454,8 +462,9 @@ def format_report(report: DryRunReport) -> str:
     lines = [f"dry-run: {report.model} | {report.parallel} | {report.world_size} ranks on the meta device (fake "
              f"process group) | parameters {report.parameter_dtype}; {priced}",
              f"{name} per rank: predicted (weights/gradients/optimizer = total) vs instantiated (parameters/gradients/"
-             "optimizer = total); inst/pred of those totals, and of the parameter count before the dp split; "
-             "what FSDP gathers during a step: largest layer, whole stage; the model state at the step's peak",
+             "optimizer = total); inst/pred of those totals (of the step peak, where the plan predicts the peak: "
+             "ZeRO-3 under a pipeline), and of the parameter count before the dp split; what FSDP gathers during "
+             "a step: largest layer, whole stage; the model state at the step's peak",
              f"{'pos':>3} {'stages':>8} {'ranks':>6} {'predicted':>34} {'instantiated':>34} {'inst/pred':>9} "
              f"{'count':>7} {'gathered':>17} {'step peak':>9}  ranks"]
     for g in report.groups:
@@ -476,7 +485,8 @@ def format_report(report: DryRunReport) -> str:
         verdict = "the plan has no per-position weights/gradients/optimizer prediction to compare with"
     else:
         within = "within" if abs(b.ratio - 1) <= AGREE_RTOL else "NOT within"
-        verdict = f"predicted {_size(b.predicted_total, unit)} {name} ({within} {AGREE_RTOL:.0%})"
+        peak = f"step peak {_size(b.step_peak, unit)} {name}, " if b.peak_predicted else ""
+        verdict = f"{peak}predicted {_size(b.predicted_total, unit)} {name} ({within} {AGREE_RTOL:.0%})"
     if report.refused:
         lines.append(f"note: a run of this plan would be refused before training: {report.refused}")
     lines.append(f"busiest rank {b.ranks[0]}: instantiated {_size(b.instantiated.total, unit)} {name} of model state; "

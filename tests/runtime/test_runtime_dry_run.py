@@ -171,3 +171,20 @@ def test_fp32_user_model_holds_what_the_plan_predicts():
         assert g.predicted_total == pytest.approx(g.instantiated.total, rel=1e-6)
         assert g.elements_ratio == pytest.approx(1.0, rel=1e-6)
     assert report.groups[0].instantiated.elements == 2304 + 3 * 1056  # embed (+ pos 8 x 32), three Linear blocks
+
+
+def test_zero3_under_a_pipeline_peaks_at_what_the_plan_predicts():
+    """torch's pipelining keeps an FSDP2 stage gathered and its gradients unsharded for the whole step; the
+    plan prices that peak (planner.cost.sharding), and the dry run's step peak, built from the stage's
+    real modules, equals it on every position (fp32 plan: the runtime's own bytes)."""
+    from planner.api import evaluate
+    from planner.cost.constants import trainer_constants
+    from planner.plan import ParallelConfig
+
+    cfg = ParallelConfig(dp=2, tp=1, pp=2, micro_batch_size=1, num_micro_batches=8, zero_stage=3)
+    plan = evaluate("gpt-tiny", "cpu-local", cfg, devices_per_node=4, constants=trainer_constants("torch"))
+    report = dry_run(plan)
+    for g in report.groups:
+        assert g.peak_predicted and g.step_peak == pytest.approx(g.predicted_total, rel=1e-6)
+        assert g.step_peak > g.instantiated.total  # the gathered stage on top of the shards at rest
+        assert abs(g.ratio - 1) <= AGREE_RTOL
