@@ -21,8 +21,8 @@ import contextlib
 import json
 import os
 import shlex
-import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -110,15 +110,17 @@ def _one_process_group():
     if deepspeed.comm.is_initialized():
         yield
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     try:
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        yield
+        with tempfile.TemporaryDirectory() as folder:
+            # A file store, not a TCP port: a free port picked here can be taken by a parallel test's world
+            # before the group binds it (EADDRINUSE); DeepSpeed adopts a group that already exists.
+            dist.init_process_group("gloo", store=dist.FileStore(os.path.join(folder, "store"), 1), rank=0,
+                                    world_size=1)
+            deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+            yield
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
