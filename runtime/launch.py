@@ -202,8 +202,10 @@ def launch_workers(nproc: int, fn, *fn_args: Any, start_method: str | None = Non
     method = start_method or default_start_method()
     if method == "forkserver":
         _preload_fork_server()
+    # Port 0: the agent's store binds a free port itself (torchrun --standalone does the same); a port
+    # probed here first could be taken by another launch before the store binds it.
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"runtime-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                           monitor_interval=0.1, start_method=method, local_addr="127.0.0.1",
                           shutdown_timeout=None if shutdown_timeout_s is None else max(1, math.ceil(shutdown_timeout_s)))
     if not debug:  # the agent logs each failure with its traceback; we print one line per failure instead
