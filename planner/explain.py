@@ -16,6 +16,7 @@ from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.cost.context_parallel import cp_step_note
 from planner.cost.model import StepPrediction, usable_memory_bytes
+from planner.cost.sharding import keeps_unsharded_grads
 from planner.errors import InfeasibleError
 from planner.intra_op.pricing import TpPricing
 from planner.schedules import chunk_devices
@@ -268,7 +269,7 @@ def sharding_notes(cfg: ParallelConfig, cluster: ClusterSpec) -> list[str]:
                      f"{cfg.dp // cfg.dp_shard} replicas: each micro-batch's gathers and reduce-scatters stay in "
                      f"the group and the gradient shard is all-reduced across the replicas; each rank holds "
                      f"1/{cfg.dp_shard} of the model state instead of 1/{cfg.dp}.")
-    if cfg.zero_stage == 3 and cfg.pp > 1 and cfg.dp * cfg.cp > 1:
+    if keeps_unsharded_grads(cfg):
         gathers = "one all-gather per step" if not cfg.reshard_after_forward else \
             "one all-gather per micro-batch (the backward's, after reshard after forward)"
         notes.append("ZeRO-3 under a pipeline runs as torch's pipelining drives FSDP2: the gathered weights and the "

@@ -28,7 +28,6 @@ import math
 import os
 import select
 import signal
-import socket
 import sys
 import threading
 import traceback
@@ -62,12 +61,6 @@ class WorkerArgs:
 
 def in_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def local_launch(nproc: int) -> Launch:

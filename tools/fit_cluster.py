@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     presets = set(args.presets.split(","))
     on_device = [c for c in cases if c.source == "published" and c.cluster.preset in presets]
     if args.fit_published:
-        prefixes = tuple(args.fit_published.split(","))
+        prefixes = tuple(x for x in args.fit_published.split(",") if x.strip())
+        if not prefixes:
+            ap.error("--fit-published: got no prefix; give run-id prefixes, comma-separated (e.g. llmfoundry-h100)")
         fit_groups = {f"published {'|'.join(prefixes)}* on {sorted(presets)}"}
         fit = [c for c in on_device if c.case_id.startswith(prefixes)]
         check = [c for c in on_device if not c.case_id.startswith(prefixes)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,6 @@ from runtime_plans import make_plan, write_plan
 
 from planner.plan import restamp
 from runtime.cli import main
-from runtime.launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -149,9 +149,16 @@ def test_killed_rank_ends_the_run(tmp_path):
     assert "step    2" in proc.stdout and "step    3" not in proc.stdout
 
 
+def _free_port() -> int:
+    """A port for the two hand-started ranks' MASTER_PORT (torchrun's own launcher would bind port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _torchrun_style(plan: str, steps: int, timeout_s: int, env1: dict | None = None) -> list[subprocess.Popen]:
     """Two ranks started as torchrun starts them (RANK/WORLD_SIZE set): no runtime launcher above them."""
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
             "LOCAL_WORLD_SIZE": "2"}
     cmd = [sys.executable, "-u", "-m", "runtime", "run", plan, "--steps", str(steps), "--timeout-s", str(timeout_s)]
     return [subprocess.Popen(cmd, cwd=REPO, env={**base, "RANK": str(r), "LOCAL_RANK": str(r),
