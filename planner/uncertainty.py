@@ -31,6 +31,7 @@ _EFFECTS = {
     "ep_all_to_all": "expert-parallel all-to-alls",
     "pp_bubble": "the pipeline bubble",
     "pp_step_overhead": "per-step pipeline overheads",
+    "pp_tp_wait": "tensor-parallel collectives waiting in a multi-node pipeline",
     "pp_p2p_exposed": "pipeline sends",
     "dp_comm_exposed": "data-parallel gradient reduction",
     "dp_comm_exposed_after_overlap": "data-parallel gradient reduction left after overlap",

@@ -40,7 +40,9 @@ import argparse
 import itertools
 import math
 import statistics
+from dataclasses import replace
 
+from planner.cost.constants import CostConstants
 from planner.validation.cases import ATTENTION_KERNELS, load_cases
 from planner.validation.metrics import healthy, spearman
 from planner.validation.price import Priced, validate_cases
@@ -50,6 +52,8 @@ PARAMS = {
     "device.fused_attention_efficiency": "0.20:0.55:0.05",
     "intra_node.latency_s": "0:8.1e-05:5e-06",
     **{f"attention_kernel.{name}": "0.10:0.36:0.02" for name in ATTENTION_KERNELS},
+    "constants.pipelined_tp_collective_s": "2e-4:1.6e-3:2e-4",
+    "constants.pipelined_tp_hop_s": "1e-4:6e-4:1e-4",
 }
 
 
@@ -85,16 +89,20 @@ def _price(cases, values: dict[str, float | None], device: str):
     device_fields: dict[str, float | None] = {}
     kernels: dict[str, dict[str, float]] = {}
     sweep: dict[str, float] = {}
+    constants: dict[str, float] = {}
     for param, value in values.items():
         kind, name = param.split(".", 1)
         if kind == "device":
             device_fields[name] = value
         elif value is not None and kind == "attention_kernel":
             kernels[name] = {device: value}
+        elif value is not None and kind == "constants":
+            constants[name] = value
         elif value is not None:
             sweep[param] = value
     return validate_cases(cases, device_overrides={device: device_fields} if device_fields else None,
-                          kernel_overrides=kernels, sweep_overrides=sweep, graphs=_GRAPHS).priced
+                          kernel_overrides=kernels, sweep_overrides=sweep, graphs=_GRAPHS,
+                          constants=replace(CostConstants(), **constants) if constants else None).priced
 
 
 def _grid(spec: str) -> list[float]:

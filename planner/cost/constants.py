@@ -109,6 +109,18 @@ class CostConstants:
     # on DTensor parameters), beyond the tensor-parallel collectives. 0 on GPUs (hidden behind
     # device time); measured on a CPU (the same MLP stack split in tp pairs against one process).
     tp_layer_overhead_s: float = 0.0
+    # What a tensor-parallel collective costs at least when the pipeline it runs in spans nodes, in a
+    # trainer whose pipeline engine pays it (nanotron: ``TRAINERS["nanotron"]``): a fixed part per
+    # collective plus a part per hop of its ring (``tp − 1``). A floor under the layer's device time,
+    # not an addition: micro-batches with enough work per tp rank hide it. Measured, not derived: on
+    # the H100 sweep a micro-batch's pass through a stage takes a fixed time per layer that does not
+    # move with the micro-batch size or the hidden size (1B and 3B alike: about 11, 15 and 24 ms per
+    # layer, forward + backward, at tp = 2, 4, 8; ``python -m tools.pipeline_slots``) once the pipeline
+    # crosses nodes, a half to a third of that on one node (docs/cost-model.md, "Tensor parallelism
+    # inside a multi-node pipeline"). 0: Megatron-LM's pipelined runs on thousands of GPUs show no
+    # such floor (its published runs are priced without it).
+    pipelined_tp_collective_s: float = 0.0
+    pipelined_tp_hop_s: float = 0.0
     # Fraction of a pipeline bubble that other processes reclaim: where ``N`` processes time-share
     # ``C < N`` cores (more local CPU processes than cores), a process waiting in the bubble leaves its
     # share of the cores to the busy ones, which run faster meanwhile (1 − C/N of the bubble comes back,
@@ -203,6 +215,12 @@ TRAINERS: dict[str, dict[str, object]] = {
     "compiled": {"fp8_cast_bytes_per_element": 3.0},
     "eager": {"elementwise_traffic_factor": 1.0, "grad_accumulation_bytes_per_param": 12.0,
               "op_dispatch_s": 1.6e-5, "fp8_cast_bytes_per_element": 5.0},
+    # nanotron: eager PyTorch around fused kernels (flash-attn's Triton RMSNorm and rotary embedding,
+    # FlashAttention itself: Megatron's element-wise traffic, the default factor), and its pipeline
+    # engine's floor under tensor-parallel collectives across nodes (fitted by ``python -m
+    # tools.fit_cluster --param constants.pipelined_tp_collective_s --param constants.pipelined_tp_hop_s``).
+    "nanotron": {"grad_accumulation_bytes_per_param": 12.0, "op_dispatch_s": 1.6e-5,
+                 "fp8_cast_bytes_per_element": 5.0, "pipelined_tp_collective_s": 8e-4, "pipelined_tp_hop_s": 3e-4},
     "torch": {"elementwise_traffic_factor": 1.0, "weight_bytes": 4, "grad_bytes": 4, "bf16_grad_bytes": 4,
               "optimizer_bytes": 8, "grad_accumulation_bytes_per_param": 12.0, "fp8_cast_bytes_per_element": 5.0},
 }

@@ -88,6 +88,13 @@ def tp_allreduces(layer: Layer) -> int:
     return len(fwd) + len(bwd)
 
 
+def tp_calls_per_layer(graph: CostGraph, dtype: str, sequence_parallel: bool) -> np.ndarray:
+    """Tensor-parallel collectives each layer launches per micro-batch, forward + backward: one per
+    :func:`tp_collectives` entry, two (a reduce-scatter and an all-gather) under sequence parallelism."""
+    per = 2 if sequence_parallel else 1
+    return np.array([per * sum(map(len, tp_collectives(layer, dtype))) for layer in graph.layers], dtype=float)
+
+
 def tp_split_modules(layer: Layer) -> int:
     """Linears a tensor-parallel layer splits (one for a layer with parameters but no GEMM: a split
     embedding), the unit ``CostConstants.tp_layer_overhead_s`` is charged per."""
@@ -122,6 +129,7 @@ class Segment(NamedTuple):
     output_max: float
     param_max: float
     params: float  # stage_params: own plus tied ones owned outside the run, counted once
+    tp_calls: float = 0.0  # tensor-parallel collectives launched (forward + backward), see LayerTable.tp_calls
 
 
 @dataclass
@@ -157,6 +165,10 @@ class LayerTable:
     # rank (already /ep, a part of params) and its dispatch/combine all-to-all seconds (a part of tp_comm_s).
     expert_params: np.ndarray | None = None
     all_to_all_s: np.ndarray | None = None
+    # Tensor-parallel collectives each layer launches per micro-batch, forward + backward (an all-reduce,
+    # or a reduce-scatter and an all-gather under sequence parallelism, per tp_collectives entry); None
+    # when tp = 1. What CostConstants.pipelined_tp_collective_s is charged per (planner.cost.model).
+    tp_calls: np.ndarray | None = None
     # Memoised derived figures (see segment, total_s, total_summary_s); not part of the table's value.
     _segments: dict[tuple[int, int], Segment] = field(default_factory=dict, init=False, repr=False, compare=False)
     _totals: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -207,7 +219,8 @@ class LayerTable:
                 tp_comm_s=float(self.tp_comm_s[a:b].sum()), tp_comm_fwd_s=float(self.tp_comm_forward_s[a:b].sum()),
                 stored_act_bytes=float(self.stored_act_bytes[a:b].sum()),
                 work_act_max=float(self.work_act_bytes[a:b].max()), output_max=float(self.output_bytes[a:b].max()),
-                param_max=float(self.params[a:b].max()), params=_stage_params(self, a, b))
+                param_max=float(self.params[a:b].max()), params=_stage_params(self, a, b),
+                tp_calls=float(self.tp_calls[a:b].sum()) if self.tp_calls is not None else 0.0)
             self._segments[(a, b)] = hit
         return hit
 
@@ -328,8 +341,7 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
         t = by_signature.get(layer.signature) if fp8 == knobs.fp8 else None
         if t is None:  # repeated blocks have equal signatures and equal costs
             t = layer_times(layer, micro_batch=seqs, tp=tp, sequence_parallel=sequence_parallel,
-                            device=cluster.device, dtype=dtype, c=c,
-                            gemm=cluster.shared_gemm, fp8=fp8)
+                            device=cluster.device, dtype=dtype, c=c, gemm=cluster.shared_gemm, fp8=fp8)
             by_signature[layer.signature] = t
         arr["f"][i], arr["b"][i], arr["w"][i] = t.fwd_s, t.bwd_input_s, t.bwd_weight_s
         tc = _tp_collective_s(layer, i, tp_seconds, priced=tp > 1 and tp_pricing != "none", dtype=dtype,
@@ -348,7 +360,8 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
     return LayerTable(fwd_s=arr["f"], bwd_input_s=arr["b"], bwd_weight_s=arr["w"], recompute_s=arr["r"],
                       tp_comm_s=arr["tc"], stored_act_bytes=arr["st"], work_act_bytes=arr["wk"], params=arr["p"],
                       output_bytes=arr["o"], tied=tied, tp_comm_fwd_s=arr["tcf"], dtype=dtype, tp_source=source,
-                      tp_note=note, cp_comm_s=cp_comm, expert_params=arr.get("ep_p"), all_to_all_s=arr.get("a2a"))
+                      tp_note=note, cp_comm_s=cp_comm, expert_params=arr.get("ep_p"), all_to_all_s=arr.get("a2a"),
+                      tp_calls=tp_calls_per_layer(graph, dtype, sequence_parallel) if tp > 1 else None)
 
 
 def _tp_collective_s(layer: Layer, i: int, tp_seconds: TpSeconds | None, *, priced: bool, dtype: str,

@@ -32,6 +32,7 @@ from planner import schedules
 from planner.cluster import ClusterSpec
 from planner.cost.comm import (
     Group,
+    cut_link,
     overlapped_comm_s,
     step_collective_notes,
 )
@@ -140,7 +141,7 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
             graph, cluster, micro_batch=cfg.micro_batch_size, tp=cfg.tp, sequence_parallel=cfg.sequence_parallel,
             recompute=cfg.recompute, c=c, dtype=table.dtype, knobs=TableKnobs.of(cfg))
     pos = positions(cluster, cfg, c, group_tables)
-    fwd, bin_, bw = _chunk_phase_times(pos, boundaries, devices, cfg, c)
+    fwd, bin_, bw, tp_wait = _chunk_phase_times(pos, boundaries, devices, cfg, c, cluster)
     p2p = pipeline_p2p_s(table, boundaries, devices, cfg, cluster, c)
     result = schedules.estimate(cfg.schedule, p=p, m=m, v=v, fwd_s=fwd, bwd_input_s=bin_, bwd_weight_s=bw,
                                 p2p_s=p2p)
@@ -161,12 +162,13 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
     step = pipeline_s + tail[worst_tail]
     busiest = int(np.argmax(per_device))
     breakdown = _breakdown(pos[busiest].table, chunks_of_device(boundaries, devices, busiest), cfg, c,
-                           no_p2p_s=no_p2p_s, pipeline_s=pipeline_s, tails=tails, worst=worst_tail)
+                           no_p2p_s=no_p2p_s, pipeline_s=pipeline_s, tails=tails, worst=worst_tail,
+                           tp_wait_s=cfg.num_micro_batches * sum(w for j, w in enumerate(tp_wait) if devices[j] == busiest))
     tp_comm = breakdown["tp_comm"]
     notes = _notes(graph, cluster, cfg, c, table, boundaries, devices, tp_comm, pos)
     limits = [x.limit for x in pos]
     memory = _device_memory(table, boundaries, devices, cfg, c)
-    binding = _binding(memory, limits, busiest, pipeline_s, step, tp_comm, tails)
+    binding = _binding(memory, limits, busiest, pipeline_s, step, tp_comm + breakdown.get("pp_tp_wait", 0.0), tails)
     flops = graph.train_flops * cfg.global_batch
     peak = sum(g.device.peak(table.dtype) * g.num_devices for g in cluster.groups)  # every device at its own peak
     mfu = flops / (step * peak) if step > 0 else 0.0
@@ -178,11 +180,27 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
                           chunk_phase_times_s=list(zip(fwd, bin_, bw)))
 
 
+def pipelined_tp_floor_s(cluster: ClusterSpec, cfg: ParallelConfig, c: CostConstants) -> float:
+    """The least device time one tensor-parallel collective takes in ``cfg``'s pipeline
+    (``CostConstants.pipelined_tp_collective_s`` + ``pipelined_tp_hop_s`` per ring hop), where the
+    trainer pays it: tp > 1 and some pipeline cut crosses nodes. 0 elsewhere."""
+    if cfg.pp < 2 or cfg.tp < 2 or not (c.pipelined_tp_collective_s or c.pipelined_tp_hop_s):
+        return 0.0
+    per = cfg.world_size // cfg.pp  # ranks per position: a cut pairs each rank with the one ``per`` later
+    if all(cut_link(cluster, (k - 1) * per, (k + 1) * per - 1)[1] for k in range(1, cfg.pp)):
+        return 0.0
+    return c.pipelined_tp_collective_s + c.pipelined_tp_hop_s * (cfg.tp - 1)
+
+
 def _chunk_phase_times(pos: list[Position], boundaries: list[tuple[int, int]], devices: tuple[int, ...],
-                       cfg: ParallelConfig, c: CostConstants) -> tuple[list[float], list[float], list[float]]:
+                       cfg: ParallelConfig, c: CostConstants,
+                       cluster: ClusterSpec) -> tuple[list[float], list[float], list[float], list[float]]:
     """Forward, backward-input and backward-weight seconds of one micro-batch of each chunk, on its
-    position's device, with the tp collectives and the pipeline-step overhead."""
-    fwd, bin_, bw = [], [], []
+    position's device, with the tp collectives and the pipeline-step overhead; and the seconds of each
+    that the floor under tensor-parallel collectives adds (:func:`pipelined_tp_floor_s`: half of a
+    chunk's collectives run in its forward, half in its backward)."""
+    fwd, bin_, bw, wait = [], [], [], []
+    tp_floor_s = pipelined_tp_floor_s(cluster, cfg, c)
     # A pipeline runs each chunk's micro-batch as its own step: wait on the received activation, then
     # launch the chunk's kernels, so the host's lead over the device is lost at every step.
     step_overhead = c.pipeline_step_overhead_s if cfg.pp > 1 else 0.0
@@ -190,10 +208,14 @@ def _chunk_phase_times(pos: list[Position], boundaries: list[tuple[int, int]], d
         s = pos[devices[j]].table.segment(a, b)
         comm_f = s.tp_comm_fwd_s
         comm_b = s.tp_comm_s - comm_f
-        fwd.append(max(s.fwd_s + comm_f, 1e-12) + step_overhead)
-        bin_.append(s.bwd_input_s + comm_b + s.recompute_s + step_overhead)
+        f, bi = s.fwd_s + comm_f, s.bwd_input_s + comm_b + s.recompute_s
+        floor = s.tp_calls * tp_floor_s / 2
+        extra_f, extra_b = max(0.0, floor - f), max(0.0, floor - bi - s.bwd_weight_s)
+        fwd.append(max(f + extra_f, 1e-12) + step_overhead)
+        bin_.append(bi + extra_b + step_overhead)
         bw.append(s.bwd_weight_s)
-    return fwd, bin_, bw
+        wait.append(extra_f + extra_b)
+    return fwd, bin_, bw, wait
 
 
 def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple[int, int]],
@@ -252,9 +274,11 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
 
 
 def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelConfig, c: CostConstants, *,
-               no_p2p_s: float, pipeline_s: float, tails: tuple[list[float], ...], worst: int) -> dict[str, float]:
+               no_p2p_s: float, pipeline_s: float, tails: tuple[list[float], ...], worst: int,
+               tp_wait_s: float = 0.0) -> dict[str, float]:
     """The step along the busiest device (chunks ``chunks_b`` of table ``tb``): its own work, then what
-    the pipeline adds, then the tail of the device with the longest one (``worst``)."""
+    the pipeline adds, then the tail of the device with the longest one (``worst``). ``tp_wait_s``: the
+    busiest device's seconds under the pipelined tensor-parallel floor (:func:`pipelined_tp_floor_s`)."""
     m = cfg.num_micro_batches
     segs_b = [tb.segment(a, b) for a, b in chunks_b]
 
@@ -266,7 +290,7 @@ def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelCon
     recomp, tp_comm = seg("recompute_s"), seg("tp_comm_s")
     all_to_all = expert_all_to_all_s(tb, chunks_b, m)  # a part of tp_comm_s, reported on its own
     steps = 2 * m * len(chunks_b) * step_overhead  # the busiest device's pipeline-step overheads
-    bubble = no_p2p_s - compute - recomp - tp_comm - steps
+    bubble = no_p2p_s - compute - recomp - tp_comm - steps - tp_wait_s
     if abs(bubble) < 1e-9 * no_p2p_s:  # rounding: the busiest device's work is a lower bound of the pipeline
         bubble = 0.0
     dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s = tails
@@ -275,6 +299,7 @@ def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelCon
         "compute": compute,
         "recompute": recomp,
         "tp_comm": tp_comm - all_to_all if all_to_all else tp_comm,
+        **({"pp_tp_wait": tp_wait_s} if tp_wait_s else {}),
         **({"ep_all_to_all": all_to_all} if all_to_all else {}),
         "pp_bubble": bubble,
         "pp_step_overhead": steps,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.cost.constants import TRAINERS, CostConstants
+from planner.cost.constants import TRAINERS
 from planner.errors import SpecError, read_json_file
 from planner.paths import datasets_dir
 from planner.plan import ParallelConfig
@@ -162,11 +162,8 @@ def _config_key(row: dict[str, Any]) -> tuple:
             row["zero_stage"])
 
 
-# nanotron runs eager PyTorch (one launch per op: the eager trainer's host time and gradient-accumulation
-# pass) around fused kernels for most of the element-wise work: flash-attn's Triton RMSNorm and rotary
-# embedding and FlashAttention itself. Its element-wise traffic is priced as fused as Megatron-LM's
-# (the defaults' ``elementwise_traffic_factor``), not as the traced eager program's.
-NANOTRON_FUSED = (("elementwise_traffic_factor", CostConstants().elementwise_traffic_factor),)
+# nanotron's own profile (planner.cost.constants.TRAINERS): eager PyTorch around fused kernels, and its
+# pipeline engine's floor under tensor-parallel collectives once the pipeline crosses nodes.
 
 
 def sweep_cases(path: Path | None = None) -> Cases:
@@ -201,7 +198,7 @@ def sweep_cases(path: Path | None = None) -> Cases:
             cluster=ClusterRef(preset="sweep", nodes=row["nodes"], devices_per_node=row["gpus"] // row["nodes"]),
             config=sweep_config(row), status="ok" if ok else "failed",
             measured_tokens_per_s_per_gpu=float(row["tokens_per_sec_per_gpu"]) if ok else None,
-            trainer="eager", settings=NANOTRON_FUSED))
+            trainer="nanotron"))
     out.cases.sort(key=lambda c: (c.group, c.case_id))
     return out
 
