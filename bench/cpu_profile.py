@@ -33,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -235,13 +236,13 @@ def _pipeline_steps(build, x) -> dict:
     return {"pp": pp_step, "pp_half_alone": half_alone}
 
 
-def _worker(rank: int, world: int, port: int, queue, sizes: tuple[int, ...]) -> None:
+def _worker(rank: int, world: int, store: str, queue, sizes: tuple[int, ...]) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(_threads(world))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store: a TCP port probed beforehand could be taken by another process before rank 0 binds it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     barrier = dist.barrier
     out: dict = {"collectives": {}, "threads": torch.get_num_threads()}
     for name in COLLECTIVES:
@@ -296,14 +297,6 @@ def _worker(rank: int, world: int, port: int, queue, sizes: tuple[int, ...]) -> 
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def profile(nproc: int, *, quick: bool = False) -> dict:
     """Measure everything above on ``nproc`` processes; the dict :func:`planner.cost.cpu_calibration.
     cpu_profile_constants` reads."""
@@ -323,13 +316,15 @@ def profile(nproc: int, *, quick: bool = False) -> dict:
         torch.set_num_threads(threads)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, nproc, port, queue, QUICK_SIZES if quick else SIZES)) for r in range(nproc)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get() for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    with tempfile.TemporaryDirectory(prefix="cpu-profile-") as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, args=(r, nproc, store, queue, QUICK_SIZES if quick else SIZES))
+                 for r in range(nproc)]
+        for p in procs:
+            p.start()
+        results = dict(queue.get() for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
     # A collective ends when its slowest rank does: take the slowest rank's time per point.
     collectives = {}
     for name in results[0]["collectives"]:
