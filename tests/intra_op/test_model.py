@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 
-from planner.intra_op import Shard, op_graph_from_cost_graph, solve_layer, solve_model
+from planner.intra_op import Shard, solve_model
+from planner.intra_op import model as model_module
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def full(gpt3_full, mesh_of, device):
     return solve_model(gpt3_full, mesh_of(tp=8), device, memory_limit_bytes=math.inf)
 
 
-def test_96_layers_cost_one_ilp(full, gpt3_full, gpt3_2layer, mesh_of, device):
+def test_96_layers_cost_one_ilp(full, gpt3_full, gpt3_2layer, mesh_of, device, monkeypatch):
     sol = full
     two = solve_model(gpt3_2layer, mesh_of(tp=8), device, memory_limit_bytes=math.inf)
     assert sol.num_variables == two.num_variables  # the ILP does not grow with the depth
@@ -27,14 +27,15 @@ def test_96_layers_cost_one_ilp(full, gpt3_full, gpt3_2layer, mesh_of, device):
     for i in range(96):
         assert sol.params[f"blocks.{i}.mlp.fc1.weight"] == (Shard(0),)
         assert sol.params[f"blocks.{i}.mlp.fc2.weight"] == (Shard(1),)
-    # the whole model in about the time of one block layer (both warm): build + ILP + expansion to 96 layers
-    start = time.perf_counter()
-    solve_layer(op_graph_from_cost_graph(gpt3_full, 1), mesh_of(tp=8), device, memory_limit_bytes=math.inf)
-    one_layer = time.perf_counter() - start
-    start = time.perf_counter()
-    solve_model(gpt3_full, mesh_of(tp=8), device, memory_limit_bytes=math.inf)
-    whole = time.perf_counter() - start
-    assert whole < max(5 * one_layer, 0.5), (whole, one_layer)
+    # the whole model costs about one block layer: each distinct layer's op graph is built and grouped
+    # once (embedding, block, head), whatever the depth (the wall time is a benchmark: make bench)
+    built: list[str] = []
+    real = model_module.build_groups
+    monkeypatch.setattr(model_module, "build_groups", lambda graph, cm: built.append(graph.name) or real(graph, cm))
+    for graph in (gpt3_2layer, gpt3_full):
+        built.clear()
+        solve_model(graph, mesh_of(tp=8), device, memory_limit_bytes=math.inf)
+        assert len(built) == 3, built
 
 
 def test_vocab_parallel_embedding_and_tied_head(full):
