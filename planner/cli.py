@@ -52,7 +52,8 @@ def _add_model_cluster(p: argparse.ArgumentParser, *, required: bool = True) -> 
     g.add_argument("--trainer", type=choice_arg(*sorted(TRAINERS)), metavar=choices_metavar(*sorted(TRAINERS)),
                    default="megatron",
                    help="what runs the plan, for the cost model: megatron (fused kernels, bf16 weights with an fp32 "
-                        "master copy; default), compiled (torch.compile), eager (unfused PyTorch), torch (this "
+                        "master copy; default), compiled (torch.compile), eager (unfused PyTorch), nanotron (eager around "
+                        "fused kernels; its pipeline engine's floor under tp collectives across nodes), torch (this "
                         "project's runtime, torchtitan: eager, fp32 parameters under autocast)")
     g.add_argument("--constants", metavar="FILE",
                    help="JSON object of cost-model constants over the trainer's (fields of CostConstants; "
