@@ -40,9 +40,7 @@ import argparse
 import itertools
 import math
 import statistics
-from dataclasses import replace
 
-from planner.cost.constants import CostConstants
 from planner.validation.cases import ATTENTION_KERNELS, load_cases
 from planner.validation.metrics import healthy, spearman
 from planner.validation.price import Priced, validate_cases
@@ -101,8 +99,7 @@ def _price(cases, values: dict[str, float | None], device: str):
         elif value is not None:
             sweep[param] = value
     return validate_cases(cases, device_overrides={device: device_fields} if device_fields else None,
-                          kernel_overrides=kernels, sweep_overrides=sweep, graphs=_GRAPHS,
-                          constants=replace(CostConstants(), **constants) if constants else None).priced
+                          kernel_overrides=kernels, sweep_overrides=sweep, graphs=_GRAPHS, overrides=constants).priced
 
 
 def _grid(spec: str) -> list[float]:

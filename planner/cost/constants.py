@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from planner.errors import SpecError
 
@@ -240,6 +241,12 @@ def constants_from_file(path: str, base: CostConstants | None = None) -> CostCon
     """``base`` (default: the defaults) with the fields a JSON file sets: what ``planner plan --constants``
     and ``validate --constants`` read (``python -m bench.cpu_profile --constants-out`` writes one for this
     machine). A field of the wrong name or type is a SpecError naming it."""
+    return replace(base or CostConstants(), **constant_fields_from_file(path))
+
+
+def constant_fields_from_file(path: str) -> dict[str, Any]:
+    """The CostConstants fields a JSON constants file sets, checked (:func:`constants_from_file`): the
+    caller's explicit overrides, a value equal to the default included."""
     from dataclasses import fields
 
     from planner.errors import read_json_file
@@ -247,7 +254,6 @@ def constants_from_file(path: str, base: CostConstants | None = None) -> CostCon
     data = read_json_file(path, "--constants", what="the constants file", damaged_fix="fix the syntax")
     if not isinstance(data, dict):
         raise SpecError("--constants", path, "expected a JSON object of CostConstants fields")
-    base = base or CostConstants()
     kinds = {f.name: {"bool": bool, "int": int}.get(str(f.type), float) for f in fields(CostConstants)}
     unknown = sorted(set(data) - set(kinds))
     if unknown:
@@ -261,4 +267,4 @@ def constants_from_file(path: str, base: CostConstants | None = None) -> CostCon
             raise SpecError(f"--constants: {name}", value, f"expected a finite {want.__name__}")
         if want is not bool and value < 0:  # times, bytes, fractions and counts: none is negative
             raise SpecError(f"--constants: {name}", value, "expected a value >= 0")
-    return replace(base, **{k: (int(v) if kinds[k] is int else v) for k, v in data.items()})
+    return {k: (int(v) if kinds[k] is int else v) for k, v in data.items()}

@@ -88,11 +88,16 @@ def tp_allreduces(layer: Layer) -> int:
     return len(fwd) + len(bwd)
 
 
-def tp_calls_per_layer(graph: CostGraph, dtype: str, sequence_parallel: bool) -> np.ndarray:
-    """Tensor-parallel collectives each layer launches per micro-batch, forward + backward: one per
-    :func:`tp_collectives` entry, two (a reduce-scatter and an all-gather) under sequence parallelism."""
+def tp_calls_per_layer(graph: CostGraph, sequence_parallel: bool) -> np.ndarray:
+    """Tensor-parallel collectives each layer launches per micro-batch, forward + backward: its
+    :func:`tp_allreduces`, each two (a reduce-scatter and an all-gather) under sequence parallelism.
+    Counted once per distinct layer (repeated blocks share a signature)."""
     per = 2 if sequence_parallel else 1
-    return np.array([per * sum(map(len, tp_collectives(layer, dtype))) for layer in graph.layers], dtype=float)
+    counts: dict[str, int] = {}
+    for layer in graph.layers:
+        if layer.signature not in counts:
+            counts[layer.signature] = tp_allreduces(layer)
+    return np.array([per * counts[layer.signature] for layer in graph.layers], dtype=float)
 
 
 def tp_split_modules(layer: Layer) -> int:
@@ -361,7 +366,7 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
                       tp_comm_s=arr["tc"], stored_act_bytes=arr["st"], work_act_bytes=arr["wk"], params=arr["p"],
                       output_bytes=arr["o"], tied=tied, tp_comm_fwd_s=arr["tcf"], dtype=dtype, tp_source=source,
                       tp_note=note, cp_comm_s=cp_comm, expert_params=arr.get("ep_p"), all_to_all_s=arr.get("a2a"),
-                      tp_calls=tp_calls_per_layer(graph, dtype, sequence_parallel) if tp > 1 else None)
+                      tp_calls=tp_calls_per_layer(graph, sequence_parallel) if tp > 1 else None)
 
 
 def _tp_collective_s(layer: Layer, i: int, tp_seconds: TpSeconds | None, *, priced: bool, dtype: str,

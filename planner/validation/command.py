@@ -23,10 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "needs the whole data set and the default constants")
 
 
-def load_constants(path: str | None) -> Any:
-    from planner.cost.constants import CostConstants, constants_from_file
+def load_overrides(path: str | None) -> dict[str, Any]:
+    """The constants a ``--constants`` file sets (none without one), checked."""
+    from planner.cost.constants import constant_fields_from_file
 
-    return CostConstants() if path is None else constants_from_file(path)
+    return {} if path is None else constant_fields_from_file(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from planner.validation.price import validate_cases
     from planner.validation.report import json_report, text_report, write_csv
 
-    constants = load_constants(args.constants)
+    overrides = load_overrides(args.constants)
     loaded = load_cases(args.source)
     cases = loaded.cases
     if args.group:
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.write_bands and (args.group or args.source != "all" or args.constants or args.network != "file"):
         raise SpecError("--write-bands", True, "the bands come from every case with the default constants and "
                         "network: drop --group, --source, --constants and --network")
-    result = validate_cases(cases, constants=constants, network=args.network)
+    result = validate_cases(cases, network=args.network, overrides=overrides)
     if args.write_bands:
         from planner.uncertainty import write_bands
 

@@ -85,7 +85,8 @@ class CasePricer:
                  device_overrides: dict[str, dict[str, float]] | None = None,
                  sweep_overrides: dict[str, float] | None = None,
                  kernel_overrides: dict[str, dict[str, float]] | None = None,
-                 graphs: dict[ModelSpec, CostGraph] | None = None) -> None:
+                 graphs: dict[ModelSpec, CostGraph] | None = None,
+                 overrides: dict[str, Any] | None = None) -> None:
         if network not in ("file", "busbw"):
             raise SpecError("network", network, "use 'file' or 'busbw'")
         self.c = constants or CostConstants()
@@ -97,8 +98,10 @@ class CasePricer:
         # A named attention kernel's sustained fraction per device, replacing ATTENTION_KERNELS' figure
         # (fitting it: tools/fit_cluster.py ``--param attention_kernel.NAME``).
         self.kernel_overrides = kernel_overrides or {}
-        # Fields the caller set: they win over a trainer's profile.
-        self.overrides = {k: v for k, v in asdict(self.c).items() if v != getattr(_DEFAULTS, k)}
+        # Fields the caller set: they win over a trainer's profile. ``overrides`` names them (a value equal
+        # to the default included: 0 switches off a trainer's term); else the fields ``constants`` changes.
+        self.overrides = dict(overrides) if overrides is not None else {
+            k: v for k, v in asdict(self.c).items() if v != getattr(_DEFAULTS, k)}
         self._constants: dict[tuple, CostConstants] = {}
         self.network = network
         # Traced graphs depend on the model alone: a caller pricing the same cases under several overrides
@@ -327,9 +330,10 @@ def validate_cases(cases: list[Case], *, constants: CostConstants | None = None,
                    network: str = "file", device_overrides: dict[str, dict[str, float]] | None = None,
                    sweep_overrides: dict[str, float] | None = None,
                    kernel_overrides: dict[str, dict[str, float]] | None = None,
-                   graphs: dict[ModelSpec, CostGraph] | None = None) -> Validation:
-    pricer = CasePricer(constants, network=network, device_overrides=device_overrides,
-                        sweep_overrides=sweep_overrides, kernel_overrides=kernel_overrides, graphs=graphs)
+                   graphs: dict[ModelSpec, CostGraph] | None = None,
+                   overrides: dict[str, Any] | None = None) -> Validation:
+    pricer = CasePricer(constants, network=network, device_overrides=device_overrides, sweep_overrides=sweep_overrides,
+                        kernel_overrides=kernel_overrides, graphs=graphs, overrides=overrides)
     out = Validation()
     start = time.perf_counter()
     for case in cases:

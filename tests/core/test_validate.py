@@ -14,7 +14,7 @@ from planner.cli import main
 from planner.plan import ParallelConfig
 from planner.validation import metrics
 from planner.validation.cases import Case, ClusterRef, ModelSpec, load_cases, published_cases, sweep_cases
-from planner.validation.price import Priced, interpolate_log, summarise_group
+from planner.validation.price import Priced, interpolate_log, summarise_group, validate_cases
 
 # -- metrics -------------------------------------------------------------------------------------
 
@@ -240,8 +240,6 @@ def test_constants_file_with_an_unknown_field_is_a_clear_error(tmp_path, capsys)
 def test_validation_overrides_reach_the_priced_cluster():
     """tools/fit_cluster prices cases with a device figure or a sweep link replaced: the replaced
     value must change what is priced, and only for the device named."""
-    from planner.validation.cases import load_cases
-    from planner.validation.price import validate_cases
 
     cases = [c for c in load_cases("sweep").cases if c.group == "playbook-1B:8" and c.status == "ok"][:3]
     base = validate_cases(cases).priced
@@ -320,3 +318,19 @@ def test_pipeline_slots_tool_shows_the_floor_across_nodes(capsys):
     assert slots([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| model | tp | pipeline |") and "| playbook-1B | 8 | across nodes |" in out
+
+
+def test_an_override_equal_to_the_default_still_wins_over_the_trainer(tmp_path):
+    """``validate --constants`` with a field at its default (0 switches nanotron's pipeline floor off) is
+    applied over the trainer's profile, not dropped for equalling the default."""
+    from planner.cost.constants import constant_fields_from_file
+
+    case = next(c for c in load_cases("sweep").cases
+                if c.group == "playbook-3B:32" and c.status == "ok" and c.config.pp == 2 and c.config.tp == 4
+                and c.config.micro_batch_size == 1)
+    path = tmp_path / "off.json"
+    path.write_text(json.dumps({"pipelined_tp_collective_s": 0, "pipelined_tp_hop_s": 0}))
+    off = constant_fields_from_file(str(path))
+    assert off == {"pipelined_tp_collective_s": 0.0, "pipelined_tp_hop_s": 0.0}
+    floored, plain = (validate_cases([case], overrides=o).priced[0].predicted_step_s for o in (None, off))
+    assert floored > 2 * plain
