@@ -89,6 +89,10 @@ class CostConstants:
     # memory bandwidth from the GEMMs they run beside, which slow by this fraction of the hidden
     # communication's time.
     overlap_compute_slowdown: float = 0.0
+    # Size of the gradient buckets an overlapped data-parallel reduction launches (PyTorch DDP's
+    # ``bucket_cap_mb`` default, nanotron's ``ddp_bucket_cap_mb``: 25 MiB). The last one leaves when
+    # the backward ends, so it is never hidden (planner.cost.grad_overlap).
+    grad_bucket_bytes: float = 25 * 2**20
     # Fraction of the tensor-parallel collectives hidden behind the GEMMs they feed: Megatron-LM with
     # Transformer Engine's ``--tp-comm-overlap`` splits each all-gather / reduce-scatter into chunks
     # pipelined with the matching GEMM's chunks (Wang et al. 2023, "Overlap communication with dependent

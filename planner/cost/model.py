@@ -44,6 +44,7 @@ from planner.cost.experts import (
     zero3_step_s,
     zero_step_s,
 )
+from planner.cost.grad_overlap import backward_release, exposed_reduce_s
 from planner.cost.layer_table import (
     NO_KNOBS,
     TP_PRICING,
@@ -247,8 +248,10 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
         if gather and c.overlap_param_gather:  # buckets gather under the next step's first forward
             first_fwd = sum(pos[d].table.segment(a, b).fwd_s for a, b in chunks)
             gather = overlapped_comm_s(gather, first_fwd, c)
-        if cfg.overlap_grad_reduce:  # buckets reduce while the last micro-batch's backward runs
-            reduce = overlapped_comm_s(reduce, sum(bin_[j] + bw[j] for j in range(len(boundaries)) if devices[j] == d), c)
+        if cfg.overlap_grad_reduce:  # buckets reduce as the last micro-batch's backward produces them
+            own = [j for j in range(len(boundaries)) if devices[j] == d]
+            seconds, released = backward_release(pos[d].table, chunks, [bin_[j] + bw[j] for j in own])
+            reduce = exposed_reduce_s(reduce, seconds, released, c.grad_bucket_bytes / max(grads, 1.0), c)
         fsdp_host = 0.0  # the sharding framework's host work: per wrapped layer and micro-batch
         if cfg.zero_stage >= 1 and cfg.dp > 1 and c.fsdp_layer_overhead_s > 0:
             units = sum(int(np.count_nonzero(pos[d].table.params[a:b])) for a, b in chunks)
