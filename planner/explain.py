@@ -184,13 +184,38 @@ def _more_devices(graph: CostGraph, cluster: ClusterSpec, global_batch: int, c: 
            "within its time budget."
 
 
+def _impossible_knob(space: SearchSpace | None, layers: int, devices: int) -> str | None:
+    """A degree the user fixed that no configuration can have on ``devices``: one that does not divide
+    them, a pipeline deeper than the model, or fixed degrees whose product is not the device count."""
+    if space is None:
+        return None
+    fixed = {name: getattr(space, name) for name in ("dp", "cp", "tp", "pp") if getattr(space, name)}
+    for name, values in fixed.items():
+        if all(v > devices for v in values):
+            return (f"--{name} {', '.join(map(str, values))} is more than the {devices} devices; lower it or add "
+                    f"devices (--devices-per-node / --nodes)")
+        if all(devices % v for v in values):
+            return (f"--{name} {', '.join(map(str, values))} does not divide the {devices} devices; "
+                    f"choose a divisor of {devices} or change --devices-per-node / --nodes")
+    if "pp" in fixed and all(v > layers for v in fixed["pp"]):
+        return f"--pp {', '.join(map(str, fixed['pp']))} is more stages than the model's {layers} layers; lower --pp"
+    if len(fixed) == 4 and all(len(v) == 1 for v in fixed.values()):
+        product = math.prod(v[0] for v in fixed.values())
+        if product != devices:
+            return (f"dp x cp x tp x pp = {product}, not the {devices} devices; free one of --dp / --cp / --tp / "
+                    f"--pp or change --devices-per-node / --nodes")
+    return None
+
+
 def _no_valid_configuration(global_batch: int, space: SearchSpace | None, layers: int, devices: int) -> str:
     """Why the search priced nothing although the model's state fits: the batch and the fixed knobs."""
     msg = (f"the model's state fits, but no (dp, tp, pp, micro-batch, schedule) the search allows is valid "
            f"for global batch {global_batch}")
     pps = [p for p in (space.pp if space and space.pp else ()) if p > 1]
     names = space.schedules if space and space.schedules else ()
-    if pps and "1f1b" in names and len(names) == 1:
+    if (knob := _impossible_knob(space, layers, devices)) is not None:
+        msg += f" on {plural(devices, 'device')}: {knob}"
+    elif pps and "1f1b" in names and len(names) == 1:
         need = min(pps)
         msg += (f": with pp={need}, '1f1b' needs at least {need} micro-batches per step (torch's Schedule1F1B, "
                 f"which the runtime runs, refuses fewer) and global batch {global_batch} gives at most "
