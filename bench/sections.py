@@ -6,7 +6,8 @@
   (:mod:`bench.solvers`).
 * ``measured``: our plan vs baseline configurations, run with gloo on this machine (:mod:`bench.measured`).
 * ``planner_cost``: wall time and peak memory of ``plan`` as GPUs and layers grow (:mod:`bench.planner_cost`).
-* ``planning_speed``: the headline planning times, as a fresh command line and in-process (below).
+* ``planning_speed``: the headline planning times, as a fresh command line and in-process, and the
+  128K-token context-parallel plan against its 30 s bar (below).
 * ``intra_op``: the intra-op sharding ILP's own benchmark (:mod:`bench.solvers`).
 * ``peers``: the stage splits of the real torchgpipe and DeepSpeed packages next to ours, run (:mod:`bench.peers`).
 """
@@ -25,6 +26,8 @@ from bench.common import Context, fmt_ratio, fmt_s, md_table, run_cmd, say
 PLANNING_SPEED_CASES = [("gpt3-175b", "dgx-a100-80g", 128, 1536), ("megatron-1t", "dgx-a100-80g", 384, 3072),
                         ("llama3-405b", "dgx-h100", 2048, 2048)]
 PLANNING_SPEED_QUICK = [("gpt3-1.3b", "dgx-a100-80g", 4, 512)]
+# (model, cluster, nodes, global batch, seq_len, bar in s): a context long enough that the search picks cp > 1
+LONG_CONTEXT_CASE = ("llama2-70b", "dgx-h100", 16, 64, 131072, 30.0)
 
 
 def planning_speed(ctx: Context) -> str:
@@ -73,7 +76,31 @@ def planning_speed(ctx: Context) -> str:
         "`plan()` end to end (trace on meta, search, baselines), imports already paid.\n",
         md_table(["model", "cluster", "GPUs", "global batch", "plan wall (s)", "trace (s)", "search (s)",
                   "baselines (s)", "chosen configuration", "predicted step (s)", "MFU", "plan / best baseline"],
-                 rows)])
+                 rows),
+        _long_context()])
+
+
+def _long_context() -> str:
+    """``plan()`` of Llama 2 70B at 128K tokens on 16 DGX H100 nodes against its 30 s bar, the search's
+    baselines off (what ``tests/cost/test_context_parallel.py`` used to time; it now checks the choice)."""
+    from planner import plan
+
+    model, cluster, nodes, gb, seq_len, bar_s = LONG_CONTEXT_CASE
+    say(f"{model} at {seq_len} tokens on {nodes} x {cluster}")
+    start = time.perf_counter()
+    p = plan(model, cluster, nodes=nodes, global_batch=gb, seq_len=seq_len, baselines=False)
+    took = time.perf_counter() - start
+    t = p.timings
+    row = [model, cluster, nodes * 8, gb, seq_len, f"{took:.2f}", f"{t.get('trace_s', 0):.2f}",
+           f"{t.get('search_s', 0):.2f}", f"`{p.parallel.label()}`", p.parallel.cp, f"{bar_s:g}",
+           "yes" if took < bar_s else "no"]
+    return "\n".join([
+        "\n### Long context: context parallelism at 128K tokens\n",
+        f"`plan({model!r}, {cluster!r}, nodes={nodes}, global_batch={gb}, seq_len={seq_len}, baselines=False)` "
+        f"in this process, imports already paid; the bar is {bar_s:g} s. At this length the search picks context "
+        "parallelism (cp > 1), which `tests/cost/test_context_parallel.py` checks.\n",
+        md_table(["model", "cluster", "GPUs", "global batch", "seq_len", "plan wall (s)", "trace (s)", "search (s)",
+                  "chosen configuration", "cp", "bar (s)", "meets the bar"], [row])])
 
 
 def _planning_speed_cli(ctx: Context, cases: list[tuple[str, str, int, int]]) -> tuple[list[list[str]], list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -85,14 +84,27 @@ def test_cbc_agrees(gpt_tiny, node, tiny):
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
-def test_gpt3_175b_tp8_is_megatron_in_well_under_a_second(gpt3_full, node, sp):
-    plan_placements(gpt3_full, node, tp=8, micro_batch=1, sequence_parallel=sp)  # warm: solver import
-    times = []
-    for _ in range(2):  # each a fresh solve: only a Pricer keeps solves
-        start = time.perf_counter()
-        d = plan_placements(gpt3_full, node, tp=8, micro_batch=1, sequence_parallel=sp)
-        times.append(time.perf_counter() - start)
-    assert min(times) < 1.0, times
+def test_gpt3_175b_tp8_is_megatron_from_one_depth_free_solve(gpt3_full, gpt3_2layer, node, sp, monkeypatch):
+    """The 96 blocks cost one block's ILP, solved once: what keeps this call under the 1 s bar, whose wall
+    time `python -m bench.intra_op` (section `intra_op` of `make bench`) prints against it."""
+    from planner.intra_op import solve as solve_module
+
+    solves = []
+    real = solve_module.solve_problem
+
+    def counted(*args, **kwargs):
+        solves.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solve_module, "solve_problem", counted)
+    d = plan_placements(gpt3_full, node, tp=8, micro_batch=1, sequence_parallel=sp)
+    assert len(solves) == 1  # one ILP for the whole model, not one per block
+    two = plan_placements(gpt3_2layer, node, tp=8, micro_batch=1, sequence_parallel=sp)
+    solver = d["solver"]
+    assert solver["status"] == "optimal" and solver["gap"] == 0.0  # proven, not cut off by the time limit
+    size = ("num_variables", "num_constraints")
+    assert [solver[k] for k in size] == [two["solver"][k] for k in size]  # 96 blocks: the 2-block ILP
+    assert [layer["reuses"] for layer in d["layers"][2:-1]] == ["blocks.0"] * 95  # solved as blocks.0
     style = d["style"]
     for i in range(96):
         for name, want in MEGATRON.items():
