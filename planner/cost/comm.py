@@ -411,4 +411,10 @@ def overlapped_comm_s(comm_s: float, compute_s: float, c: CostConstants) -> floa
     of compute: the part the compute does not cover, plus the compute's own slowdown while the two
     share the device (``overlap_compute_slowdown`` of the hidden time)."""
     hidden = min(comm_s, c.comm_compute_overlap * compute_s)
-    return comm_s - hidden + c.overlap_compute_slowdown * hidden
+    return with_overlap_slowdown(comm_s - hidden, hidden, c)
+
+
+def with_overlap_slowdown(exposed_s: float, hidden_s: float, c: CostConstants) -> float:
+    """What background communication adds to a step: its ``exposed_s``, plus the slowdown its
+    ``hidden_s`` causes the compute it hides behind (``overlap_compute_slowdown`` of it)."""
+    return exposed_s + c.overlap_compute_slowdown * hidden_s

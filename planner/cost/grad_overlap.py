@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from planner.cost.comm import with_overlap_slowdown
 from planner.cost.constants import CostConstants
 from planner.cost.layer_table import LayerTable
 
@@ -38,9 +39,9 @@ def backward_release(table: LayerTable, chunks: list[tuple[int, int]], chunk_bac
     seconds: list[np.ndarray] = []
     params: list[np.ndarray] = []
     seen: set[str] = set()
+    work_all = _backward_work(table)
     for (a, b), total in sorted(zip(chunks, chunk_backward_s), key=lambda x: -x[0][0]):
-        work = (table.bwd_input_s[a:b] + table.bwd_weight_s[a:b] + table.recompute_s[a:b]
-                + table.tp_comm_s[a:b] - table.tp_comm_forward_s[a:b])
+        work = work_all[a:b]
         share = work / work.sum() if work.sum() > 0 else np.full(b - a, 1.0 / (b - a))
         own = table.params[a:b].astype(float).copy()
         for i in range(a, b):
@@ -53,6 +54,18 @@ def backward_release(table: LayerTable, chunks: list[tuple[int, int]], chunk_bac
     if not seconds:
         return np.zeros(0), np.zeros(0)
     return np.concatenate(seconds), np.concatenate(params)
+
+
+def _backward_work(table: LayerTable) -> np.ndarray:
+    """Each layer's backward seconds per micro-batch (compute, recomputation, backward tp collectives),
+    computed once per table (read-only: tables are shared)."""
+    work = table._totals.get("backward_work")
+    if work is None:
+        work = (table.bwd_input_s + table.bwd_weight_s + table.recompute_s + table.tp_comm_s
+                - table.tp_comm_forward_s)
+        work.setflags(write=False)
+        table._totals["backward_work"] = work
+    return work  # type: ignore[return-value]
 
 
 def exposed_reduce_s(comm_s: float, seconds: np.ndarray, params: np.ndarray, bucket_fraction: float,
@@ -78,4 +91,4 @@ def exposed_reduce_s(comm_s: float, seconds: np.ndarray, params: np.ndarray, buc
     finish = max(finish, backward + comm_s * min(1.0, bucket_fraction))
     exposed = max(finish - backward, comm_s - c.comm_compute_overlap * backward, 0.0)
     exposed = min(exposed, comm_s)
-    return exposed + c.overlap_compute_slowdown * (comm_s - exposed)
+    return with_overlap_slowdown(exposed, comm_s - exposed, c)

@@ -249,8 +249,8 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
             first_fwd = sum(pos[d].table.segment(a, b).fwd_s for a, b in chunks)
             gather = overlapped_comm_s(gather, first_fwd, c)
         if cfg.overlap_grad_reduce:  # buckets reduce as the last micro-batch's backward produces them
-            own = [j for j in range(len(boundaries)) if devices[j] == d]
-            seconds, released = backward_release(pos[d].table, chunks, [bin_[j] + bw[j] for j in own])
+            backward = [bin_[j] + bw[j] for j in range(len(boundaries)) if devices[j] == d]  # as chunks
+            seconds, released = backward_release(pos[d].table, chunks, backward)
             reduce = exposed_reduce_s(reduce, seconds, released, c.grad_bucket_bytes / max(grads, 1.0), c)
         fsdp_host = 0.0  # the sharding framework's host work: per wrapped layer and micro-batch
         if cfg.zero_stage >= 1 and cfg.dp > 1 and c.fsdp_layer_overhead_s > 0:
