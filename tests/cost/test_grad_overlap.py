@@ -35,9 +35,12 @@ def _bucket_oracle(comm_s: float, seconds: np.ndarray, params: np.ndarray, piece
     return max(0.0, free - t)
 
 
+# 0 or at least 1e-3: a subnormal share (5e-324) underflows the oracle's per-bucket arithmetic, not the queue
+_AMOUNT = st.one_of(st.just(0.0), st.floats(1e-3, 1.0))
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)), min_size=1, max_size=12),
-       st.floats(0.05, 5.0))
+@given(st.lists(st.tuples(_AMOUNT, _AMOUNT), min_size=1, max_size=12), st.floats(0.05, 5.0))
 def test_the_fluid_queue_matches_buckets_of_vanishing_size(layers, comm_s):
     seconds = np.array([d for d, _ in layers])
     params = np.array([g for _, g in layers])
