@@ -244,7 +244,20 @@ _PRESET_MEMORY_GIB = {"dgx-h100": 80, "dgx-a100-40g": 40, "dgx-a100-80g": 80, "d
 # pred/meas stops falling with the sequence length (docs/validation.md).
 ATTENTION_KERNELS: dict[str, dict[str, float]] = {
     "triton-2022": {"A100-SXM4-40GB": 0.30, "A100-SXM4-80GB": 0.30, "H100-SXM5-80GB": 0.16},
+    "cudnn-te": {"H100-SXM5-80GB": 0.39},
 }
+# Transformer Engine's attention on Hopper. TE picks its cuDNN fused attention over FlashAttention on
+# compute capability 9.0+ "for performance reasons" (its get_attention_backend), and Megatron-Core (r0.8
+# on: --transformer-impl transformer_engine by default), NeMo and Megatron-Bridge run TE. The FlashAttention-3
+# paper (Shah et al. 2024, Figs. 5-6) measures both kernels on one H100 SXM5, head dim 128: cuDNN runs
+# 1.59-1.62x FlashAttention-2 forward (causal, 2k-8k tokens) and 1.60-1.63x backward. The preset's
+# FlashAttention-2-class figure, 0.24, times that ratio, 1.6: 0.39. Not fitted to any run.
+_TE_STACKS = ("megatron-h100", "nemotron", "nemo", "mbridge")
+# NeMo's and Megatron-Bridge's recipes overlap every collective they can with compute: NeMo-Framework-Launcher's
+# conf/training/nemotron/nemotron_15b.yaml sets optim.overlap_grad_sync and overlap_param_sync (distributed
+# Adam) and ub_tp_comm_overlap; Megatron-Bridge's scripts/performance configs set tp_comm_overlap with
+# userbuffers on H100. Their published tables do not restate it.
+_NEMO_STACKS = ("nemotron", "nemo", "mbridge")
 
 
 def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
@@ -280,6 +293,9 @@ def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
     if run["id"].startswith("llmfoundry"):
         kernel = "triton-2022"
         notes.append("attention: llm-foundry's Triton FlashAttention (submit_benchmarks.py's default attn_impl)")
+    elif run["id"].startswith(_TE_STACKS) and preset == "dgx-h100":
+        kernel = "cudnn-te"
+        notes.append("attention: Transformer Engine's cuDNN fused attention (its choice on Hopper)")
     return ClusterRef(preset=preset, nodes=gpus // per_node, devices_per_node=per_node, memory_gib=memory_gib,
                       attention_kernel=kernel)
 
@@ -408,6 +424,8 @@ def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> Parall
         sp = tp > 1
         if tp > 1:
             notes.append("sequence parallelism not stated: on (tp > 1)")
+    if run["id"].startswith(_NEMO_STACKS) and not c.get("comm_overlap"):
+        notes.append("communication overlap not stated: the recipes' (gradients, parameters, tp)")
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=gbs // (dp * mb),
                           virtual_stages=vpp if pp > 1 else 1,
                           schedule="interleaved-1f1b" if pp > 1 and vpp > 1 else "1f1b",
@@ -449,9 +467,11 @@ def _shard_group(c: dict[str, Any], dp: int, zero: int, notes: list[str]) -> int
 
 
 def _overlaps_grad_reduce(run: dict[str, Any]) -> bool:
-    """Whether the run reduces gradients in buckets during backward: torch DDP and FSDP always do;
-    Megatron-LM only with ``--overlap-grad-reduce`` (off by default), which its run notes state."""
-    return published_trainer(run) != "megatron" or "--overlap-grad-reduce" in str(run["config"].get("comm_overlap"))
+    """Whether the run reduces gradients in buckets during backward: torch DDP and FSDP always do, and so
+    do NeMo's and Megatron-Bridge's recipes (:data:`_NEMO_STACKS`); Megatron-LM only with
+    ``--overlap-grad-reduce`` (off by default), which its run notes state."""
+    return published_trainer(run) != "megatron" or run["id"].startswith(_NEMO_STACKS) \
+        or "--overlap-grad-reduce" in str(run["config"].get("comm_overlap"))
 
 
 def _flops_per_token(model: ModelSpec, recompute: str, hardware: bool) -> float:
@@ -521,15 +541,16 @@ _FSDP_TRAINERS = ("llmfoundry", "fms", "torchtitan")
 
 def published_settings(run: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """Constants the run's own source fixes: llm-foundry's fused cross-entropy
-    (:data:`_FUSED_CROSS_ENTROPY`), torch FSDP's mixed-precision state (:data:`FSDP_MIXED_PRECISION`), and
-    the Megatron-LM overlap flags its run notes state."""
+    (:data:`_FUSED_CROSS_ENTROPY`), torch FSDP's mixed-precision state (:data:`FSDP_MIXED_PRECISION`), the
+    Megatron-LM overlap flags its run notes state, and the overlaps NeMo's recipes set (:data:`_NEMO_STACKS`)."""
     out = list(_FUSED_CROSS_ENTROPY) if run["id"].startswith("llmfoundry") else []
     if run["id"].startswith(_FSDP_TRAINERS):
         out += FSDP_MIXED_PRECISION
     overlap = str(run["config"].get("comm_overlap"))
-    if "--tp-comm-overlap" in overlap:
+    nemo = run["id"].startswith(_NEMO_STACKS)
+    if "--tp-comm-overlap" in overlap or nemo:
         out.append(("tp_comm_overlap", 1.0))
-    if "--overlap-param-gather" in overlap:
+    if "--overlap-param-gather" in overlap or nemo:
         out.append(("overlap_param_gather", True))
     return tuple(sorted(out))
 

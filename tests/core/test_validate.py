@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from planner.cli import main
+from planner.cluster import ClusterSpec
 from planner.plan import ParallelConfig
 from planner.validation import metrics
 from planner.validation.cases import Case, ClusterRef, ModelSpec, load_cases, published_cases, sweep_cases
@@ -334,3 +335,37 @@ def test_an_override_equal_to_the_default_still_wins_over_the_trainer(tmp_path):
     assert off == {"pipelined_tp_collective_s": 0.0, "pipelined_tp_hop_s": 0.0}
     floored, plain = (validate_cases([case], overrides=o).priced[0].predicted_step_s for o in (None, off))
     assert floored > 2 * plain
+
+
+def test_transformer_engine_runs_on_hopper_are_priced_with_its_cudnn_attention(published):
+    """Megatron-Core, NeMo and Megatron-Bridge run Transformer Engine, which takes cuDNN's fused attention
+    on Hopper: their H100 runs get that kernel's figure (the FlashAttention-2 class times the FA3 paper's
+    cuDNN/FA2 ratio), faster than the preset's; a Megatron stack on A100s or outside TE keeps the preset's."""
+    from planner.validation.cases import ATTENTION_KERNELS
+    from planner.validation.price import CasePricer
+
+    weak = _by_id(published, "megatron-h100-weak-70B-g768")
+    assert weak.cluster.attention_kernel == "cudnn-te" and weak.cluster.preset == "dgx-h100"
+    assert any("cuDNN fused attention" in a for a in weak.approximations)
+    for other in ("llama3-405b-pretrain-g8192-cp1", "megascale-175b-megascale-g256-gb768"):
+        assert _by_id(published, other).cluster.attention_kernel == ""
+    pricer = CasePricer()
+    cudnn = pricer.cluster(weak.cluster)[0].device.fused_attention_efficiency
+    flash2 = ClusterSpec.preset("dgx-h100").device.fused_attention_efficiency
+    assert cudnn == ATTENTION_KERNELS["cudnn-te"]["H100-SXM5-80GB"]
+    assert cudnn == pytest.approx(1.6 * flash2, abs=0.01)
+    slower = CasePricer(kernel_overrides={"cudnn-te": {"H100-SXM5-80GB": flash2}}).price(weak).predicted_step_s
+    assert pricer.price(weak).predicted_step_s < slower
+
+
+def test_nemo_recipes_overlap_their_collectives_unless_the_run_says_otherwise(published):
+    """NeMo's and Megatron-Bridge's recipes overlap the gradient reduction, the parameter gather and the
+    tensor-parallel collectives: a Nemotron run that does not restate it is priced with all three, and says
+    so; Megatron-LM runs keep Megatron-LM's defaults (off) unless their notes name the flags."""
+    nemotron = _by_id(published, "nemotron4-15b-g768")
+    assert nemotron.config.overlap_grad_reduce
+    settings = dict(nemotron.settings)
+    assert settings["tp_comm_overlap"] == 1.0 and settings["overlap_param_gather"] is True
+    assert any("communication overlap not stated" in a for a in nemotron.approximations)
+    megascale = _by_id(published, "megascale-175b-megascale-g256-gb768")
+    assert "tp_comm_overlap" not in dict(megascale.settings)
