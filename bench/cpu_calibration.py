@@ -71,8 +71,8 @@ def profile_cpu() -> CpuProfile:
         torch.set_num_threads(threads)
 
 
-def _profile() -> CpuProfile:
-    torch.manual_seed(0)
+def _gemm_fit() -> tuple[float, float]:
+    """This machine's GEMM curve: (the fitted curve's peak FLOP/s, its half-efficiency dimension)."""
     shapes = [(1024, 1024, 1024), (512, 512, 512), (256, 256, 256), (128, 128, 128), (64, 64, 64),
               (2048, 256, 256), (2048, 64, 256), (4096, 32, 64), (512, 2048, 128)]
     rates: list[tuple[tuple[int, int, int], float]] = []
@@ -91,9 +91,12 @@ def _profile() -> CpuProfile:
             best, best_err = d_half, err
     # Peak of the fitted curve: the largest measured rate divided by its fitted efficiency.
     (m, n, k), r = max(rates, key=lambda x: x[1])
-    peak_fit = r / ((m / (m + best)) * (n / (n + best)) * (k / (k + best)))
-    # Element-wise throughput: the ops a transformer's memory-bound share is made of, on 4 MiB
-    # tensors, counted as the trace counts them (bytes read + written).
+    return r / ((m / (m + best)) * (n / (n + best)) * (k / (k + best))), best
+
+
+def _elementwise_bandwidth() -> float:
+    """Bytes/s of the ops a transformer's memory-bound share is made of, on 4 MiB tensors, counted as
+    the trace counts them (bytes read + written)."""
     x, y = torch.randn(256, 4096), torch.randn(256, 4096)
     mask = torch.rand(256, 4096) > 0.5
     ops = [(lambda: torch.add(x, y), 3), (lambda: torch.mul(x, y), 3), (lambda: torch.nn.functional.gelu(x), 2),
@@ -104,7 +107,13 @@ def _profile() -> CpuProfile:
     for fn, tensors in ops:
         spent += _best_s(fn, repeats=9)
         moved += tensors * x.numel() * 4
-    bandwidth = moved / spent
+    return moved / spent
+
+
+def _profile() -> CpuProfile:
+    torch.manual_seed(0)
+    peak_fit, best = _gemm_fit()
+    bandwidth = _elementwise_bandwidth()
     # Dispatch: a chain of tiny ops, forward and backward, per op.
     w = torch.randn(4, requires_grad=True)
 

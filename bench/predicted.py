@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,7 +284,37 @@ def _figure(ctx: Context, rows: list[Row]) -> str:
 def section(ctx: Context) -> str:
     from planner.models import list_presets
 
-    work = QUICK if ctx.quick else WORKLOADS
+    rows = _run_rows(QUICK if ctx.quick else WORKLOADS)
+    have = set(list_presets())
+    missing = [m for m in WANTED if m not in have]
+    lines = ["## Predicted step time: plan vs baselines\n", __doc__.split("\n\n", 1)[1].strip(), "",
+             "Ratio = plan / best baseline (≤ 1.00: the plan is at least as fast as every baseline). "
+             f"**Bold**: the best baseline is more than {WIN - 1:.0%} slower than the plan (explained below). "
+             "Baseline cells: predicted step time in seconds and (baseline / plan).", ""]
+    table, wins, problems = _plan_table(rows)
+    lines.append(table)
+    link = _figure(ctx, rows)
+    if link:
+        lines += ["", f"![baseline / plan step time per workload]({link})", "",
+                  "_Figure: `python -m bench --only predicted` (this section; the PNG is written with the page)._"]
+    lines += ["", f"### Where the plan wins by more than {WIN - 1:.0%}, and why", "",
+              "From the cost model's step-time breakdown (busiest device) of the plan and of the best baseline "
+              "configuration (largest extra terms first):", ""]
+    lines += wins or ["(none in this run)"]
+    lines += ["", "### Stage partitions on the best pipelined configuration (pp ≥ 2)", "",
+              "Same configuration for every column; only the layer-to-stage split differs. The plan's split is the "
+              "exact memory-aware min-max DP of the search. For workloads whose plan does not pipeline, the "
+              "configuration is the best the search finds with pp ≥ 2 (so this is not the plan).", ""]
+    lines.append(_partition_table(rows, problems))
+    if missing:
+        lines += ["", "Models named in the issue without a preset yet (not benchmarked): " + ", ".join(missing) + "."]
+    if problems:
+        lines += ["", "### Problems found in this run", ""] + [f"* {p}" for p in problems]
+    return "\n".join(lines)
+
+
+def _run_rows(work: Sequence[Workload]) -> list[Row]:
+    """Each workload planned and priced; one that fails keeps its error and does not hide the others."""
     rows: list[Row] = []
     for w in work:
         say(f"{w.key} batch {w.global_batch}")
@@ -292,12 +323,11 @@ def section(ctx: Context) -> str:
         except Exception as exc:  # one broken workload must not hide the others
             rows.append(Row(w, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
             say(f"  error: {rows[-1].error}")
-    have = set(list_presets())
-    missing = [m for m in WANTED if m not in have]
-    lines = ["## Predicted step time: plan vs baselines\n", __doc__.split("\n\n", 1)[1].strip(), "",
-             "Ratio = plan / best baseline (≤ 1.00: the plan is at least as fast as every baseline). "
-             f"**Bold**: the best baseline is more than {WIN - 1:.0%} slower than the plan (explained below). "
-             "Baseline cells: predicted step time in seconds and (baseline / plan).", ""]
+    return rows
+
+
+def _plan_table(rows: list[Row]) -> tuple[str, list[str], list[str]]:
+    """The plan-vs-baselines table, the explained wins, and the problems found (a baseline faster)."""
     headers = ["workload", "GPUs", "batch", "plan config", "plan step (s)", "MFU", *RECIPES, *PARTITIONS,
                "plan / best baseline", "plan wall (s)"]
     table, wins, problems = [], [], []
@@ -323,22 +353,14 @@ def section(ctx: Context) -> str:
         if r.why_win:
             ratio_cell = f"**{ratio_cell}**"
             wins.append(f"* **{r.w.key}** (plan {1 / ratio:.2f}x faster than the best baseline): {r.why_win}")
-        gpus = _gpus(r.w)
-        table.append([r.w.key, gpus, r.w.global_batch, f"`{r.config}`", fmt_s(r.ours_s), f"{r.mfu:.1%}", *cells,
-                      ratio_cell, f"{r.plan_s:.1f}"])
-    lines.append(md_table(headers, table))
-    link = _figure(ctx, rows)
-    if link:
-        lines += ["", f"![baseline / plan step time per workload]({link})", "",
-                  "_Figure: `python -m bench --only predicted` (this section; the PNG is written with the page)._"]
-    lines += ["", f"### Where the plan wins by more than {WIN - 1:.0%}, and why", "",
-              "From the cost model's step-time breakdown (busiest device) of the plan and of the best baseline "
-              "configuration (largest extra terms first):", ""]
-    lines += wins or ["(none in this run)"]
-    lines += ["", "### Stage partitions on the best pipelined configuration (pp ≥ 2)", "",
-              "Same configuration for every column; only the layer-to-stage split differs. The plan's split is the "
-              "exact memory-aware min-max DP of the search. For workloads whose plan does not pipeline, the "
-              "configuration is the best the search finds with pp ≥ 2 (so this is not the plan).", ""]
+        table.append([r.w.key, _gpus(r.w), r.w.global_batch, f"`{r.config}`", fmt_s(r.ours_s), f"{r.mfu:.1%}",
+                      *cells, ratio_cell, f"{r.plan_s:.1f}"])
+    return md_table(headers, table), wins, problems
+
+
+def _partition_table(rows: list[Row], problems: list[str]) -> str:
+    """The stage-partition table of each workload's best pipelined configuration; a baseline split that
+    beats the DP's is added to ``problems``."""
     ptable = []
     for r in rows:
         if r.error:
@@ -360,13 +382,8 @@ def section(ctx: Context) -> str:
             problems.append(f"{r.w.key} pipelined: a baseline split beats the DP split ({ratio:.3f}).")
         ptable.append([r.w.key, f"`{pl['config'].label()}`" + (" (the plan)" if pl["own"] else ""),
                        pl["layers"], fmt_s(pl["ours"]), *cells, fmt_ratio(ratio)])
-    lines.append(md_table(["workload", "configuration", "DP split (layers per chunk)", "DP split step (s)",
-                           *PARTITIONS, "DP / best baseline split"], ptable))
-    if missing:
-        lines += ["", "Models named in the issue without a preset yet (not benchmarked): " + ", ".join(missing) + "."]
-    if problems:
-        lines += ["", "### Problems found in this run", ""] + [f"* {p}" for p in problems]
-    return "\n".join(lines)
+    return md_table(["workload", "configuration", "DP split (layers per chunk)", "DP split step (s)",
+                     *PARTITIONS, "DP / best baseline split"], ptable)
 
 
 def _gpus(w: Workload) -> int | str:
