@@ -246,7 +246,7 @@ ATTENTION_KERNELS: dict[str, dict[str, float]] = {
     "triton-2022": {"A100-SXM4-40GB": 0.30, "A100-SXM4-80GB": 0.30, "H100-SXM5-80GB": 0.16},
     "cudnn-te": {"H100-SXM5-80GB": 0.39},
 }
-# Transformer Engine's attention on Hopper. TE picks its cuDNN fused attention over FlashAttention on
+# "cudnn-te": Transformer Engine's attention on Hopper. TE picks its cuDNN fused attention over FlashAttention on
 # compute capability 9.0+ "for performance reasons" (its get_attention_backend), and Megatron-Core (r0.8
 # on: --transformer-impl transformer_engine by default), NeMo and Megatron-Bridge run TE. The FlashAttention-3
 # paper (Shah et al. 2024, Figs. 5-6) measures both kernels on one H100 SXM5, head dim 128: cuDNN runs
@@ -256,8 +256,14 @@ _TE_STACKS = ("megatron-h100", "nemotron", "nemo", "mbridge")
 # NeMo's and Megatron-Bridge's recipes overlap every collective they can with compute: NeMo-Framework-Launcher's
 # conf/training/nemotron/nemotron_15b.yaml sets optim.overlap_grad_sync and overlap_param_sync (distributed
 # Adam) and ub_tp_comm_overlap; Megatron-Bridge's scripts/performance configs set tp_comm_overlap with
-# userbuffers on H100. Their published tables do not restate it.
+# userbuffers on H100. Their published tables do not restate it; a run that states its overlap flags is
+# priced with what it states.
 _NEMO_STACKS = ("nemotron", "nemo", "mbridge")
+
+
+def _recipe_overlap(run: dict[str, Any]) -> bool:
+    """Whether the run is priced with its stack's recipe overlap (:data:`_NEMO_STACKS`): it states none."""
+    return run["id"].startswith(_NEMO_STACKS) and not run["config"].get("comm_overlap")
 
 
 def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
@@ -424,7 +430,7 @@ def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> Parall
         sp = tp > 1
         if tp > 1:
             notes.append("sequence parallelism not stated: on (tp > 1)")
-    if run["id"].startswith(_NEMO_STACKS) and not c.get("comm_overlap"):
+    if _recipe_overlap(run):
         notes.append("communication overlap not stated: the recipes' (gradients, parameters, tp)")
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mb, num_micro_batches=gbs // (dp * mb),
                           virtual_stages=vpp if pp > 1 else 1,
@@ -470,7 +476,7 @@ def _overlaps_grad_reduce(run: dict[str, Any]) -> bool:
     """Whether the run reduces gradients in buckets during backward: torch DDP and FSDP always do, and so
     do NeMo's and Megatron-Bridge's recipes (:data:`_NEMO_STACKS`); Megatron-LM only with
     ``--overlap-grad-reduce`` (off by default), which its run notes state."""
-    return published_trainer(run) != "megatron" or run["id"].startswith(_NEMO_STACKS) \
+    return published_trainer(run) != "megatron" or _recipe_overlap(run) \
         or "--overlap-grad-reduce" in str(run["config"].get("comm_overlap"))
 
 
@@ -547,7 +553,7 @@ def published_settings(run: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     if run["id"].startswith(_FSDP_TRAINERS):
         out += FSDP_MIXED_PRECISION
     overlap = str(run["config"].get("comm_overlap"))
-    nemo = run["id"].startswith(_NEMO_STACKS)
+    nemo = _recipe_overlap(run)
     if "--tp-comm-overlap" in overlap or nemo:
         out.append(("tp_comm_overlap", 1.0))
     if "--overlap-param-gather" in overlap or nemo:

@@ -369,3 +369,8 @@ def test_nemo_recipes_overlap_their_collectives_unless_the_run_says_otherwise(pu
     assert any("communication overlap not stated" in a for a in nemotron.approximations)
     megascale = _by_id(published, "megascale-175b-megascale-g256-gb768")
     assert "tp_comm_overlap" not in dict(megascale.settings)
+    # a NeMo run that states its flags is priced with what it states
+    from planner.validation.cases import _overlaps_grad_reduce, published_settings
+
+    stated = {"id": "nemotron4-15b-g768-own", "config": {"comm_overlap": "--overlap-grad-reduce"}}
+    assert _overlaps_grad_reduce(stated) and published_settings(stated) == ()
