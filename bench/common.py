@@ -53,6 +53,11 @@ def fmt_s(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def meets(seconds: float, bar_s: float) -> str:
+    """The "meets the bar" cell of a speed bar: ``yes`` when ``seconds`` is under ``bar_s``."""
+    return "yes" if seconds < bar_s else "no"
+
+
 def fmt_ratio(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "—"

@@ -21,6 +21,7 @@ import platform
 import time
 from functools import partial
 
+from bench.common import meets
 from planner.cluster import ClusterSpec
 from planner.intra_op.examples import gpt_block_graph
 from planner.intra_op.mesh import MeshSpec
@@ -43,11 +44,6 @@ def _best(fn, repeat: int):
         if elapsed < best:
             best, best_out = elapsed, out
     return best, best_out
-
-
-def meets(seconds: float, bar_s: float) -> str:
-    """The "meets the bar" cell: ``yes`` when ``seconds`` is under ``bar_s``."""
-    return "yes" if seconds < bar_s else "no"
 
 
 def bar_rows(node: ClusterSpec, repeat: int) -> list[str]:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from bench import measured, peers, planner_cost, predicted, solvers
-from bench.common import Context, fmt_ratio, fmt_s, md_table, run_cmd, say
+from bench.common import Context, fmt_ratio, fmt_s, md_table, meets, run_cmd, say
 
 PLANNING_SPEED_CASES = [("gpt3-175b", "dgx-a100-80g", 128, 1536), ("megatron-1t", "dgx-a100-80g", 384, 3072),
                         ("llama3-405b", "dgx-h100", 2048, 2048)]
@@ -93,7 +93,7 @@ def _long_context() -> str:
     t = p.timings
     row = [model, cluster, nodes * 8, gb, seq_len, f"{took:.2f}", f"{t.get('trace_s', 0):.2f}",
            f"{t.get('search_s', 0):.2f}", f"`{p.parallel.label()}`", p.parallel.cp, f"{bar_s:g}",
-           "yes" if took < bar_s else "no"]
+           meets(took, bar_s)]
     return "\n".join([
         "\n### Long context: context parallelism at 128K tokens\n",
         f"`plan({model!r}, {cluster!r}, nodes={nodes}, global_batch={gb}, seq_len={seq_len}, baselines=False)` "

@@ -1,6 +1,6 @@
 """How long a micro-batch's pass through one layer of a pipeline stage took on the measured sweep.
 
-``python -m tools.pipeline_slots [--markdown]``: for every pipelined configuration of the H100 sweep
+``python -m tools.pipeline_slots``: for every pipelined configuration of the H100 sweep
 that ran (``datasets/measured/h100_sweep.json``, nanotron's 1F1B engine), the measured step divided by
 its ``m + pp - 1`` pipeline slots and by the layers of a stage: seconds per layer and micro-batch,
 forward and backward. Grouped by model, tensor-parallel degree and whether the pipeline stays on one
@@ -46,8 +46,7 @@ def _median_ms(xs: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.pipeline_slots", description=__doc__.split("\n")[0])
-    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    ap.parse_args(argv)
+    ap.parse_args(argv)  # no options: --help only; the table is Markdown
     head = ("model", "tp", "pipeline", "ms per layer, mbs <= tp (runs)", "ms per layer, mbs >= 2 tp (runs)")
     rows = [(model, str(tp), "one node" if one else "across nodes", _median_ms(v["small"]), _median_ms(v["large"]))
             for (model, tp, one), v in sorted(_rows().items())]

@@ -39,7 +39,7 @@ def backward_release(table: LayerTable, chunks: list[tuple[int, int]], chunk_bac
     seconds: list[np.ndarray] = []
     params: list[np.ndarray] = []
     seen: set[str] = set()
-    work_all = _backward_work(table)
+    work_all = table.backward_work_s()
     for (a, b), total in sorted(zip(chunks, chunk_backward_s), key=lambda x: -x[0][0]):
         work = work_all[a:b]
         share = work / work.sum() if work.sum() > 0 else np.full(b - a, 1.0 / (b - a))
@@ -54,18 +54,6 @@ def backward_release(table: LayerTable, chunks: list[tuple[int, int]], chunk_bac
     if not seconds:
         return np.zeros(0), np.zeros(0)
     return np.concatenate(seconds), np.concatenate(params)
-
-
-def _backward_work(table: LayerTable) -> np.ndarray:
-    """Each layer's backward seconds per micro-batch (compute, recomputation, backward tp collectives),
-    computed once per table (read-only: tables are shared)."""
-    work = table._totals.get("backward_work")
-    if work is None:
-        work = (table.bwd_input_s + table.bwd_weight_s + table.recompute_s + table.tp_comm_s
-                - table.tp_comm_forward_s)
-        work.setflags(write=False)
-        table._totals["backward_work"] = work
-    return work  # type: ignore[return-value]
 
 
 def exposed_reduce_s(comm_s: float, seconds: np.ndarray, params: np.ndarray, bucket_fraction: float,

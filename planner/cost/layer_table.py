@@ -197,6 +197,16 @@ class LayerTable:
             self._totals["summary"] = summary
         return summary  # type: ignore[return-value]
 
+    def backward_work_s(self) -> np.ndarray:
+        """Each layer's backward seconds per micro-batch (compute, recomputation, backward tp collectives),
+        computed once (read-only: it is shared)."""
+        work = self._totals.get("backward_work")
+        if work is None:
+            work = self.bwd_input_s + self.bwd_weight_s + self.recompute_s + self.tp_comm_s - self.tp_comm_forward_s
+            work.setflags(write=False)
+            self._totals["backward_work"] = work
+        return work  # type: ignore[return-value]
+
     def total_prefix_s(self) -> np.ndarray:
         """``[0, cumsum(total_s)]`` (read-only), for pricing any run of layers by a difference."""
         prefix = self._totals.get("prefix")
