@@ -85,6 +85,14 @@ class DeviceSpec:
     # (``CostConstants.gemm_half_efficiency_dim``, 96, set on A100s). A dimension that short runs near
     # the roofline's ridge, so it grows with the device's peak over its memory bandwidth. None: 96.
     gemm_half_efficiency_dim: float | None = None
+    # Sustained fraction of peak of named attention kernels that differ from the FlashAttention-2 class
+    # ``fused_attention_efficiency`` describes, e.g. ``{"cudnn": 0.39}`` on the H100: the kernel a trainer
+    # runs (``CostConstants.attention_kernel``) replaces that figure where the device lists it.
+    attention_kernels: dict[str, float] | None = None
+
+    def attention_efficiency(self, kernel: str) -> float | None:
+        """This device's sustained fraction of peak for the attention ``kernel``; None where it states none."""
+        return (self.attention_kernels or {}).get(kernel) if kernel else None
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for ``dtype``; falls back to fp32 when the device lists no faster path."""
@@ -141,12 +149,26 @@ class DeviceSpec:
             eff["gemm_half_efficiency_dim"] = float(_positive(
                 d["gemm_half_efficiency_dim"], f"{prefix}gemm_half_efficiency_dim", "elements, e.g. 185 for an "
                 "H100; leave it out to use the cost model's default (96, set on A100s)", source))
+        if d.get("attention_kernels") is not None:
+            eff["attention_kernels"] = _attention_kernels(d["attention_kernels"], f"{prefix}attention_kernels", source)
         return cls(name=name, peak_flops={k: float(v) for k, v in peaks.items()}, memory_bytes=int(mem),
                    memory_bandwidth_bytes_per_s=float(bw), **eff)
 
 
 _DEVICE_EFFICIENCIES = ("gemm_efficiency", "fused_attention_efficiency")
-_DEVICE_OPTIONAL = (*_DEVICE_EFFICIENCIES, "gemm_half_efficiency_dim")  # a device's optional fields
+_DEVICE_OPTIONAL = (*_DEVICE_EFFICIENCIES, "gemm_half_efficiency_dim", "attention_kernels")  # optional fields
+
+
+def _attention_kernels(value: Any, field: str, source: str | None) -> dict[str, float]:
+    """A device's ``attention_kernels``: kernel name -> fraction of peak in (0, 1]."""
+    if not isinstance(value, dict):
+        raise SpecError(field, value, 'expected an object of kernel name -> fraction of peak, e.g. {"cudnn": 0.39}',
+                        source=source)
+    for name, v in value.items():
+        if not name or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise SpecError(f"{field}.{name}", v, "a fraction of the dtype's peak in (0, 1], e.g. 0.39; leave the "
+                            "kernel out to price it as the device's fused_attention_efficiency", source=source)
+    return {str(k): float(v) for k, v in sorted(value.items())}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,7 @@ from planner.errors import InfeasibleError
 from planner.intra_op.pricing import TpPricing
 from planner.schedules import chunk_devices
 from planner.trace.graph import CostGraph
+from planner.trace.meter import ATTENTION_KERNELS
 from planner.units import format_count, plural
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def explain(graph: CostGraph, cluster: ClusterSpec, cand: Candidate, c: CostCons
                    if chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)[j] == pred.bottleneck_device]
         lines.append(cp_step_note(graph, cluster, cfg, busiest, c, graph.dtype))
     lines.extend(sharding_notes(cfg, cluster))  # HSDP, reshard, FP8, recompute every k (cost/sharding.py, fp8.py)
+    lines.extend(attention_notes(graph, cluster, c))
     lines.append(f"Bottleneck device (pipeline position): {pred.bottleneck_device} "
                  f"({pred.binding[pred.bottleneck_device]}).")
     lines.extend(getattr(pred, "notes", []) or [])
@@ -281,6 +283,23 @@ def infeasible_error(graph: CostGraph, cluster: ClusterSpec, global_batch: int, 
         f"Also check that the global batch is divisible by a feasible data-parallel degree. "
         f"{_more_devices(graph, cluster, global_batch, c, space)}",
         details={"min_devices": min_devices, "state_bytes": total_state})
+
+
+def attention_notes(graph: CostGraph, cluster: ClusterSpec, c: CostConstants) -> list[str]:
+    """Which rate a fused-attention model's attention kernels were priced at, per device kind, when the
+    trainer names a kernel some device states a figure for (``CostConstants.attention_kernel``)."""
+    if not c.attention_kernel or not any(op.kind in ATTENTION_KERNELS for layer in graph.layers
+                                         for op in layer.op_costs):
+        return []
+    named = {g.device.name: eff for g in cluster.groups if (eff := g.device.attention_efficiency(c.attention_kernel))}
+    if not named:
+        return []
+    rates = ", ".join(f"{eff:.0%} of peak on {name}" for name, eff in sorted(named.items()))
+    kernel = c.attention_kernel
+    what = " (Transformer Engine's cuDNN fused attention, its choice on Hopper)" if kernel == "cudnn" else ""
+    return [f"Attention: priced as the trainer's '{kernel}' kernel{what} at {rates} (device.attention_kernels."
+            f"{kernel}) instead of the FlashAttention-2 class's fused_attention_efficiency; --trainer eager, "
+            "compiled or torch (or attention_kernel \"\" in --constants) prices FlashAttention-2."]
 
 
 def sharding_notes(cfg: ParallelConfig, cluster: ClusterSpec) -> list[str]:

@@ -63,9 +63,11 @@ def measured_gemm_efficiency(m: float, n: float, k: float, *, dtype: str, device
 
 def device_constants(device: DeviceSpec, c: CostConstants) -> CostConstants:
     """``c`` with the device's own sustained GEMM and fused-attention efficiencies and GEMM shape scale,
-    where it states them."""
+    where it states them; the attention figure is the one of the trainer's kernel (``c.attention_kernel``)
+    where the device lists that kernel."""
+    attention = device.attention_efficiency(c.attention_kernel) or device.fused_attention_efficiency
     own = {k: v for k, v in (("gemm_efficiency_max", device.gemm_efficiency),
-                             ("fused_attention_efficiency", device.fused_attention_efficiency),
+                             ("fused_attention_efficiency", attention),
                              ("gemm_half_efficiency_dim", device.gemm_half_efficiency_dim)) if v is not None}
     return replace(c, **own) if own else c
 

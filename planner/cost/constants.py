@@ -38,6 +38,11 @@ class CostConstants:
     # halves them): Dao 2023 reports 50-73% of A100 peak forward and backward for FlashAttention-2
     # and 335 TFLOP/s (34%) on H100, FlashAttention-3 (Shah et al. 2024) 75% forward on H100.
     fused_attention_efficiency: float = 0.5
+    # The attention kernel the trainer runs, where the device states its own figure for it
+    # (``DeviceSpec.attention_kernels``): Transformer Engine, which Megatron-Core runs by default since
+    # r0.8, picks cuDNN's fused attention on Hopper and later ("cudnn"). "" or a kernel the device does
+    # not list: the device's FlashAttention-2-class ``fused_attention_efficiency``.
+    attention_kernel: str = "cudnn"
     # Its backward repeats QKᵀ (scores are recomputed, not stored): 2.5 x the forward FLOPs where
     # the model's 2 x counts two gradient GEMMs per forward GEMM, i.e. 0.5 x the forward time more.
     fused_attention_bwd_recompute: float = 0.5
@@ -217,17 +222,19 @@ class CostConstants:
 # traced op stands for that.
 TRAINERS: dict[str, dict[str, object]] = {
     "megatron": {},
-    "compiled": {"fp8_cast_bytes_per_element": 3.0},
+    "compiled": {"fp8_cast_bytes_per_element": 3.0, "attention_kernel": ""},
     "eager": {"elementwise_traffic_factor": 1.0, "grad_accumulation_bytes_per_param": 12.0,
-              "op_dispatch_s": 1.6e-5, "fp8_cast_bytes_per_element": 5.0},
+              "op_dispatch_s": 1.6e-5, "fp8_cast_bytes_per_element": 5.0, "attention_kernel": ""},
     # nanotron: eager PyTorch around fused kernels (flash-attn's Triton RMSNorm and rotary embedding,
     # FlashAttention itself: Megatron's element-wise traffic, the default factor), and its pipeline
     # engine's floor under tensor-parallel collectives across nodes (fitted by ``python -m
     # tools.fit_cluster --param constants.pipelined_tp_collective_s --param constants.pipelined_tp_hop_s``).
     "nanotron": {"grad_accumulation_bytes_per_param": 12.0, "op_dispatch_s": 1.6e-5,
-                 "fp8_cast_bytes_per_element": 5.0, "pipelined_tp_collective_s": 8e-4, "pipelined_tp_hop_s": 3e-4},
+                 "fp8_cast_bytes_per_element": 5.0, "pipelined_tp_collective_s": 8e-4, "pipelined_tp_hop_s": 3e-4,
+                 "attention_kernel": ""},
     "torch": {"elementwise_traffic_factor": 1.0, "weight_bytes": 4, "grad_bytes": 4, "bf16_grad_bytes": 4,
-              "optimizer_bytes": 8, "grad_accumulation_bytes_per_param": 12.0, "fp8_cast_bytes_per_element": 5.0},
+              "optimizer_bytes": 8, "grad_accumulation_bytes_per_param": 12.0, "fp8_cast_bytes_per_element": 5.0,
+              "attention_kernel": ""},
 }
 
 
@@ -258,12 +265,16 @@ def constant_fields_from_file(path: str) -> dict[str, Any]:
     data = read_json_file(path, "--constants", what="the constants file", damaged_fix="fix the syntax")
     if not isinstance(data, dict):
         raise SpecError("--constants", path, "expected a JSON object of CostConstants fields")
-    kinds = {f.name: {"bool": bool, "int": int}.get(str(f.type), float) for f in fields(CostConstants)}
+    kinds = {f.name: {"bool": bool, "int": int, "str": str}.get(str(f.type), float) for f in fields(CostConstants)}
     unknown = sorted(set(data) - set(kinds))
     if unknown:
         raise SpecError("--constants", unknown, f"not CostConstants fields; known: {sorted(kinds)}")
     for name, value in data.items():
         want = kinds[name]
+        if want is str:
+            if not isinstance(value, str):
+                raise SpecError(f"--constants: {name}", value, 'expected a string, e.g. "cudnn" or ""')
+            continue
         ok = isinstance(value, bool) if want is bool else (
             isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             and (want is float or value == int(value)))

@@ -244,14 +244,13 @@ _PRESET_MEMORY_GIB = {"dgx-h100": 80, "dgx-a100-40g": 40, "dgx-a100-80g": 80, "d
 # pred/meas stops falling with the sequence length (docs/validation.md).
 ATTENTION_KERNELS: dict[str, dict[str, float]] = {
     "triton-2022": {"A100-SXM4-40GB": 0.30, "A100-SXM4-80GB": 0.30, "H100-SXM5-80GB": 0.16},
-    "cudnn-te": {"H100-SXM5-80GB": 0.39},
 }
-# "cudnn-te": Transformer Engine's attention on Hopper. TE picks its cuDNN fused attention over FlashAttention on
-# compute capability 9.0+ "for performance reasons" (its get_attention_backend), and Megatron-Core (r0.8
-# on: --transformer-impl transformer_engine by default), NeMo and Megatron-Bridge run TE. The FlashAttention-3
-# paper (Shah et al. 2024, Figs. 5-6) measures both kernels on one H100 SXM5, head dim 128: cuDNN runs
-# 1.59-1.62x FlashAttention-2 forward (causal, 2k-8k tokens) and 1.60-1.63x backward. The preset's
-# FlashAttention-2-class figure, 0.24, times that ratio, 1.6: 0.39. Not fitted to any run.
+# Transformer Engine's cuDNN attention is not here: it is the ``megatron`` trainer's kernel
+# (``CostConstants.attention_kernel``) and the dgx-h100 preset states its figure (``attention_kernels``), so
+# the stacks that run TE (Megatron-Core r0.8 on, NeMo, Megatron-Bridge) get it as a planner user does. The
+# Megatron-style stacks that do not run TE state no kernel of theirs and keep the FlashAttention-2 class:
+# Meta's own Llama 3 stack and ByteDance's MegaScale (its paper names FlashAttention-2).
+_NON_TE_MEGATRON = ("llama3", "megascale")
 _TE_STACKS = ("megatron-h100", "nemotron", "nemo", "mbridge")
 # NeMo's and Megatron-Bridge's recipes overlap every collective they can with compute: NeMo-Framework-Launcher's
 # conf/training/nemotron/nemotron_15b.yaml sets optim.overlap_grad_sync and overlap_param_sync (distributed
@@ -300,8 +299,8 @@ def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
         kernel = "triton-2022"
         notes.append("attention: llm-foundry's Triton FlashAttention (submit_benchmarks.py's default attn_impl)")
     elif run["id"].startswith(_TE_STACKS) and preset == "dgx-h100":
-        kernel = "cudnn-te"
-        notes.append("attention: Transformer Engine's cuDNN fused attention (its choice on Hopper)")
+        notes.append("attention: Transformer Engine's cuDNN fused attention (the megatron trainer's kernel; "
+                     "its choice on Hopper)")
     return ClusterRef(preset=preset, nodes=gpus // per_node, devices_per_node=per_node, memory_gib=memory_gib,
                       attention_kernel=kernel)
 
@@ -548,8 +547,11 @@ _FSDP_TRAINERS = ("llmfoundry", "fms", "torchtitan")
 def published_settings(run: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """Constants the run's own source fixes: llm-foundry's fused cross-entropy
     (:data:`_FUSED_CROSS_ENTROPY`), torch FSDP's mixed-precision state (:data:`FSDP_MIXED_PRECISION`), the
-    Megatron-LM overlap flags its run notes state, and the overlaps NeMo's recipes set (:data:`_NEMO_STACKS`)."""
+    Megatron-LM overlap flags its run notes state, the overlaps NeMo's recipes set (:data:`_NEMO_STACKS`), and
+    the FlashAttention-2 class for the Megatron-style stacks without Transformer Engine (:data:`_NON_TE_MEGATRON`)."""
     out = list(_FUSED_CROSS_ENTROPY) if run["id"].startswith("llmfoundry") else []
+    if run["id"].startswith(_NON_TE_MEGATRON):
+        out.append(("attention_kernel", ""))
     if run["id"].startswith(_FSDP_TRAINERS):
         out += FSDP_MIXED_PRECISION
     overlap = str(run["config"].get("comm_overlap"))

@@ -340,14 +340,17 @@ def test_constants_file_prices_the_plan_and_bad_fields_are_named(tmp_path, capsy
     """plan --constants FILE: its fields over the trainer's, stored in the plan; a wrong name or type is
     refused naming the field (the demo plans on this machine's profiled constants this way)."""
     good = tmp_path / "c.json"
-    good.write_text(json.dumps({"op_dispatch_s": 2e-5, "async_dispatch": False, "optimizer_step_bytes_per_param": 20.5}))
+    good.write_text(json.dumps({"op_dispatch_s": 2e-5, "async_dispatch": False, "optimizer_step_bytes_per_param": 20.5,
+                                "attention_kernel": ""}))
     out = tmp_path / "p.json"
     base = ["plan", "--model", "gpt-tiny", "--cluster", "cpu-local", "--global-batch", "8", "--no-progress"]
     code, _, _ = run_cli([*base, "--constants", str(good), "-o", str(out)], capsys)
     assert code == 0
     c = Plan.from_json(out).cost_constants
     assert (c["op_dispatch_s"], c["async_dispatch"], c["optimizer_step_bytes_per_param"]) == (2e-5, False, 20.5)
+    assert c["attention_kernel"] == ""
     for bad, words in (({"no_such": 1}, "not CostConstants fields"), ({"async_dispatch": 1}, "async_dispatch"),
+                       ({"attention_kernel": 1}, "attention_kernel: got 1; expected a string"),
                        ({"reserved_bytes": 1.5}, "reserved_bytes"),
                        ({"fp8_cast_bytes_per_element": -3}, "fp8_cast_bytes_per_element: got -3; expected a value >= 0")):
         path = tmp_path / "bad.json"

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from planner.cli import main
-from planner.cluster import ClusterSpec
 from planner.plan import ParallelConfig
 from planner.validation import metrics
 from planner.validation.cases import Case, ClusterRef, ModelSpec, load_cases, published_cases, sweep_cases
@@ -132,7 +131,7 @@ def test_published_row_translation(published):
     assert c.config == ParallelConfig(dp=4, tp=8, pp=8, micro_batch_size=1, num_micro_batches=192, virtual_stages=6,
                                       schedule="interleaved-1f1b", recompute="none", sequence_parallel=True,
                                       zero_stage=2)  # Megatron-based: no --overlap-grad-reduce stated
-    assert c.trainer == "megatron" and c.settings == ()
+    assert c.trainer == "megatron" and c.settings == (("attention_kernel", ""),)  # MegaScale: FlashAttention-2
     assert "micro-batch not published: 1 assumed" in c.approximations
     assert c.model.family == "gpt" and c.cluster.preset == "dgx-a100-80g" and c.cluster.nodes == 32
     m = _by_id(published, "llmfoundry-h100_80gb-amp_bf16-mpt70b-s2048-g512-mb8-r1")
@@ -339,23 +338,23 @@ def test_an_override_equal_to_the_default_still_wins_over_the_trainer(tmp_path):
 
 def test_transformer_engine_runs_on_hopper_are_priced_with_its_cudnn_attention(published):
     """Megatron-Core, NeMo and Megatron-Bridge run Transformer Engine, which takes cuDNN's fused attention
-    on Hopper: their H100 runs get that kernel's figure (the FlashAttention-2 class times the FA3 paper's
-    cuDNN/FA2 ratio), faster than the preset's; a Megatron stack on A100s or outside TE keeps the preset's."""
-    from planner.validation.cases import ATTENTION_KERNELS
+    on Hopper: their H100 runs are priced as the megatron trainer with the dgx-h100 preset's cudnn figure
+    (the FlashAttention-2 class times the FA3 paper's cuDNN/FA2 ratio), faster than the preset's; the
+    Megatron-style stacks outside TE keep the FlashAttention-2 class."""
     from planner.validation.price import CasePricer
 
     weak = _by_id(published, "megatron-h100-weak-70B-g768")
-    assert weak.cluster.attention_kernel == "cudnn-te" and weak.cluster.preset == "dgx-h100"
+    assert weak.trainer == "megatron" and weak.cluster.preset == "dgx-h100"
     assert any("cuDNN fused attention" in a for a in weak.approximations)
-    for other in ("llama3-405b-pretrain-g8192-cp1", "megascale-175b-megascale-g256-gb768"):
-        assert _by_id(published, other).cluster.attention_kernel == ""
     pricer = CasePricer()
-    cudnn = pricer.cluster(weak.cluster)[0].device.fused_attention_efficiency
-    flash2 = ClusterSpec.preset("dgx-h100").device.fused_attention_efficiency
-    assert cudnn == ATTENTION_KERNELS["cudnn-te"]["H100-SXM5-80GB"]
-    assert cudnn == pytest.approx(1.6 * flash2, abs=0.01)
-    slower = CasePricer(kernel_overrides={"cudnn-te": {"H100-SXM5-80GB": flash2}}).price(weak).predicted_step_s
-    assert pricer.price(weak).predicted_step_s < slower
+    assert pricer.constants(weak.trainer, weak.settings).attention_kernel == "cudnn"
+    for other in ("llama3-405b-pretrain-g8192-cp1", "megascale-175b-megascale-g256-gb768"):
+        case = _by_id(published, other)
+        assert pricer.constants(case.trainer, case.settings).attention_kernel == ""
+    device = pricer.cluster(weak.cluster)[0].device
+    assert device.attention_efficiency("cudnn") == pytest.approx(1.6 * device.fused_attention_efficiency, abs=0.01)
+    flash2 = CasePricer(overrides={"attention_kernel": ""}).price(weak).predicted_step_s
+    assert pricer.price(weak).predicted_step_s < flash2
 
 
 def test_nemo_recipes_overlap_their_collectives_unless_the_run_says_otherwise(published):

@@ -143,6 +143,43 @@ def test_gradient_accumulation_is_one_memory_pass_per_extra_micro_batch(graph, m
     assert "grad_accumulation" not in _predict(graph, cfg)[1].time_breakdown_s
 
 
+def test_the_trainer_s_attention_kernel_is_priced_at_the_device_s_figure_for_it():
+    """The megatron trainer runs Transformer Engine's cuDNN attention: on the H100 preset, which states that
+    kernel's rate, its fused-attention block is faster than the eager trainer's FlashAttention-2 class; on a
+    device that states no such kernel (the A100 preset) both are priced the same."""
+    from planner.models import ModelPreset
+    from planner.trace import trace_model
+
+    preset = ModelPreset(name="llama-fused", family="llama", config={
+        "num_layers": 2, "hidden": 1024, "heads": 8, "ffn_hidden": 2816, "vocab_size": 512, "seq_len": 4096,
+        "fused_attention": True})
+    block = trace_model(preset.build(device="meta"), preset.sample_input(1, None), dtype="bf16").layers[1]
+    h100, a100 = ClusterSpec.preset("dgx-h100").device, ClusterSpec.preset("dgx-a100-80g").device
+    assert h100.attention_efficiency("cudnn") > h100.fused_attention_efficiency
+    assert a100.attention_efficiency("cudnn") is None and h100.attention_efficiency("") is None
+    te, fa2 = trainer_constants("megatron"), trainer_constants("eager")
+    assert (te.attention_kernel, fa2.attention_kernel) == ("cudnn", "")
+
+    def fwd(device, c):
+        return layer_times(block, micro_batch=1, tp=1, sequence_parallel=False, device=device, dtype="bf16", c=c)
+
+    flash2 = dataclasses.replace(te, attention_kernel="")  # the same trainer, its kernel left out
+    assert fwd(h100, te).fwd_s < fwd(h100, flash2).fwd_s
+    assert fwd(h100, dataclasses.replace(te, attention_kernel="no-such-kernel")) == fwd(h100, flash2)
+    assert fwd(a100, te) == fwd(a100, flash2)
+
+
+def test_a_device_s_attention_kernels_round_trip_and_are_checked():
+    d = ClusterSpec.preset("dgx-h100").to_dict()
+    assert d["device"]["attention_kernels"] == {"cudnn": 0.39}
+    assert ClusterSpec.from_dict(json.loads(json.dumps(d))).device == ClusterSpec.preset("dgx-h100").device
+    for bad in ([0.39], {"cudnn": 0}, {"cudnn": 1.5}, {"cudnn": "0.39"}, {"cudnn": True}):
+        d["device"]["attention_kernels"] = bad
+        with pytest.raises(SpecError) as err:
+            ClusterSpec.from_dict(d)
+        assert "attention_kernels" in err.value.field
+
+
 def test_device_spec_defaults_keep_old_fingerprints():
     dev = DeviceSpec(name="x", peak_flops={"bf16": 1e14}, memory_bytes=2**34, memory_bandwidth_bytes_per_s=1e12)
     assert set(dev.to_dict()) == {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s"}
@@ -166,3 +203,22 @@ def test_fsdp_prefetch_pays_the_slowdown_on_what_it_hides(graph):
     one = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=4, num_micro_batches=2)
     assert _predict(graph, one, dataclasses.replace(C, overlap_compute_slowdown=0.2))[1].step_time_s == \
         _predict(graph, one)[1].step_time_s
+
+
+def test_the_explanation_names_the_attention_kernel_it_priced():
+    """A fused-attention model planned for the megatron trainer on the H100 preset says which kernel's rate
+    priced its attention; the eager trainer (FlashAttention-2 class) and a model without fused attention
+    get no such line."""
+    from planner.api import evaluate
+
+    cfg = ParallelConfig(dp=8, micro_batch_size=1, num_micro_batches=1)
+
+    def lines(model, seq_len, trainer):
+        plan = evaluate(model, "dgx-h100", cfg, seq_len=seq_len, constants=trainer_constants(trainer))
+        return [x for x in plan.explanation if x.startswith("Attention:")]
+
+    stretched = 64  # beyond llama-tiny's own 32 positions: traced with fused attention
+    (line,) = lines("llama-tiny", stretched, "megatron")
+    assert "'cudnn'" in line and "39% of peak on H100-SXM5-80GB" in line
+    assert lines("llama-tiny", stretched, "eager") == []
+    assert lines("gpt-tiny", None, "megatron") == []

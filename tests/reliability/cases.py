@@ -341,4 +341,7 @@ CASES: list[Case] = [
     Case("opt-global-batch-implausible", "options", "--global-batch 999999999 (tokens given as samples?)",
          lambda t: ["plan", "--model", "gpt-tiny", "--cluster", "cpu-local", "--global-batch", "999999999"], 2,
          ("global_batch", "more than 10,000,000 samples per step", "divide by the sequence length")),
+    _cluster_case(lambda d: d["device"].update(attention_kernels={"cudnn": 39}), "device.attention_kernels.cudnn",
+                  "fraction of the dtype's peak", what="attention kernel rate as a percentage (cudnn: 39)",
+                  cid="cluster-attention-kernel-percent"),
 ]
