@@ -21,7 +21,7 @@ from planner.errors import InfeasibleError
 from planner.intra_op.pricing import TpPricing
 from planner.schedules import chunk_devices
 from planner.trace.graph import CostGraph
-from planner.trace.meter import ATTENTION_KERNELS
+from planner.trace.tracer import attention_kind
 from planner.units import format_count, plural
 
 if TYPE_CHECKING:
@@ -288,8 +288,8 @@ def infeasible_error(graph: CostGraph, cluster: ClusterSpec, global_batch: int, 
 def attention_notes(graph: CostGraph, cluster: ClusterSpec, c: CostConstants) -> list[str]:
     """Which rate a fused-attention model's attention kernels were priced at, per device kind, when the
     trainer names a kernel some device states a figure for (``CostConstants.attention_kernel``)."""
-    if not c.attention_kernel or not any(op.kind in ATTENTION_KERNELS for layer in graph.layers
-                                         for op in layer.op_costs):
+    # From the traced ops, not ``graph.attention``: a graph read back from a plan file does not carry it.
+    if not c.attention_kernel or attention_kind(graph) != "fused":
         return []
     named = {g.device.name: eff for g in cluster.groups if (eff := g.device.attention_efficiency(c.attention_kernel))}
     if not named:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,6 @@ from planner.validation import metrics
 from planner.validation.cases import ATTENTION_KERNELS, Case, ClusterRef, ModelSpec, Skip, sweep_cluster_dict
 
 GiB = 2**30
-_DEFAULTS = CostConstants()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +80,7 @@ class CasePricer:
       when :mod:`planner.cluster` has no ``collectives`` field, so that the file still loads.
     """
 
-    def __init__(self, constants: CostConstants | None = None, *, network: str = "file",
+    def __init__(self, *, network: str = "file",
                  device_overrides: dict[str, dict[str, float]] | None = None,
                  sweep_overrides: dict[str, float] | None = None,
                  kernel_overrides: dict[str, dict[str, float]] | None = None,
@@ -89,7 +88,10 @@ class CasePricer:
                  overrides: dict[str, Any] | None = None) -> None:
         if network not in ("file", "busbw"):
             raise SpecError("network", network, "use 'file' or 'busbw'")
-        self.c = constants or CostConstants()
+        # Fields the caller set: they win over a trainer's profile (a value equal to the default included:
+        # 0 switches off a trainer's term).
+        self.overrides = dict(overrides or {})
+        self.c = replace(CostConstants(), **self.overrides)
         # Device fields to replace on every cluster whose device has this name (fitting a device's
         # sustained efficiencies: tools/fit_cluster.py).
         self.device_overrides = device_overrides or {}
@@ -98,10 +100,6 @@ class CasePricer:
         # A named attention kernel's sustained fraction per device, replacing ATTENTION_KERNELS' figure
         # (fitting it: tools/fit_cluster.py ``--param attention_kernel.NAME``).
         self.kernel_overrides = kernel_overrides or {}
-        # Fields the caller set: they win over a trainer's profile. ``overrides`` names them (a value equal
-        # to the default included: 0 switches off a trainer's term); else the fields ``constants`` changes.
-        self.overrides = dict(overrides) if overrides is not None else {
-            k: v for k, v in asdict(self.c).items() if v != getattr(_DEFAULTS, k)}
         self._constants: dict[tuple, CostConstants] = {}
         self.network = network
         # Traced graphs depend on the model alone: a caller pricing the same cases under several overrides
@@ -326,13 +324,12 @@ class Validation:
         }
 
 
-def validate_cases(cases: list[Case], *, constants: CostConstants | None = None,
-                   network: str = "file", device_overrides: dict[str, dict[str, float]] | None = None,
+def validate_cases(cases: list[Case], *, network: str = "file", device_overrides: dict[str, dict[str, float]] | None = None,
                    sweep_overrides: dict[str, float] | None = None,
                    kernel_overrides: dict[str, dict[str, float]] | None = None,
                    graphs: dict[ModelSpec, CostGraph] | None = None,
                    overrides: dict[str, Any] | None = None) -> Validation:
-    pricer = CasePricer(constants, network=network, device_overrides=device_overrides, sweep_overrides=sweep_overrides,
+    pricer = CasePricer(network=network, device_overrides=device_overrides, sweep_overrides=sweep_overrides,
                         kernel_overrides=kernel_overrides, graphs=graphs, overrides=overrides)
     out = Validation()
     start = time.perf_counter()
