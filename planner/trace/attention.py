@@ -15,6 +15,13 @@ tensors and FLOPs. A model that writes attention by hand (``softmax(q @ kᵀ) @ 
 so each model is priced with the attention it really runs; the graph records which
 (:attr:`planner.trace.graph.CostGraph.attention`).
 
+A mask handed over by a module that declares ``is_causal = True`` (Hugging Face's attention
+modules) is the causal mask that module builds because tracing hides whether the batch is padded:
+run eagerly without padding, as packed pre-training batches are, transformers drops it and calls
+SDPA with ``is_causal``. Such a call is priced as causal FlashAttention, which skips the masked half
+of the scores, not as the memory-efficient kernel over every score with an ``s × s`` bias read.
+Under fx the rewrite happens while symbolic tracing, so the recorded graph calls the causal kernel.
+
 Anything the kernels cannot take (fewer than 4 dims, real tensors, fx proxies while symbolic
 tracing) falls through to torch's own function unchanged.
 """
@@ -25,6 +32,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 _aten = torch.ops.aten
@@ -64,16 +73,66 @@ def fused_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn
                                                          is_causal, scale=scale)[0]
 
 
+def declares_causal(modules: list[nn.Module]) -> bool:
+    """Whether the innermost of ``modules`` (outermost first) that has a boolean ``is_causal``
+    attribute sets it: the convention of transformers' attention modules."""
+    for module in reversed(modules):
+        flag = getattr(module, "is_causal", None)
+        if isinstance(flag, bool):
+            return flag
+    return False
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _masked_self_attention(call: dict[str, Any]) -> bool:
+    """An SDPA call (arguments by name) with a mask and without ``is_causal`` whose queries and keys
+    have one length (or whose lengths fx proxies hide)."""
+    query, key = call.get("query"), call.get("key")
+    if call.get("attn_mask") is None or call.get("is_causal", False) is not False:
+        return False
+    if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and _is_meta_tensor(query):
+        return query.dim() >= 2 and query.shape[-2] == key.shape[-2]
+    return isinstance(query, torch.fx.Proxy)
+
+
 class FusedAttention(TorchFunctionMode):
-    """While active, SDPA calls on meta tensors run the fused kernel; ``calls`` counts them."""
+    """While active, SDPA calls on meta tensors run the fused kernel; ``calls`` counts them, and
+    ``causal_masks`` the masked calls priced as causal (see the module docstring)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0
+        self.causal_masks = 0
+        self._modules: list[nn.Module] = []  # the forwards running now, outermost first
+        self._hooks: list[Any] = []
+
+    def __enter__(self):
+        self._hooks = [register_module_forward_pre_hook(self._enter_module),
+                       register_module_forward_hook(self._leave_module, always_call=True)]
+        return super().__enter__()
+
+    def _enter_module(self, module: nn.Module, _args: tuple) -> None:
+        self._modules.append(module)
+
+    def _leave_module(self, *_: Any) -> None:  # returns None: a forward hook's result would replace the output
+        if self._modules:
+            self._modules.pop()
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        self._modules.clear()
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
+            call = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
+            if declares_causal(self._modules) and _masked_self_attention(call):
+                args, kwargs = (), {**call, "attn_mask": None, "is_causal": True}
+                self.causal_masks += 1
             try:
                 out = fused_sdpa(*args, **kwargs)
             except (RuntimeError, TypeError, ValueError):  # shapes the kernel refuses: torch's own path

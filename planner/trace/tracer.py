@@ -283,8 +283,7 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # Python-level randomness in a forward (LayerDrop) is repeatable
             tracing = _Tracing(meta, args, kwargs, reuse)
-            with FusedAttention():  # SDPA as the fused kernel a GPU runs, not the meta math fallback
-                ops, method = _capture(tracing, force_module_level)
+            ops, method = _capture_fused(tracing, force_module_level)
         if seq_len is None:
             seq_len = _attention_length(tracing.softmax_shapes, batch)
         ctx = TraceContext(model=meta, units=tracing.units if method != "opaque" else [""], batch=batch,
@@ -316,6 +315,16 @@ def _attention_length(shapes: frozenset[tuple[int, ...]], batch: int) -> int | N
     """The key length of the attention scores seen (the most common), for float-input models."""
     lengths = [s[-1] for s in shapes if len(s) >= 3 and math.prod(s[:-2]) != batch]
     return max(set(lengths), key=lengths.count) if lengths else None
+
+
+def _capture_fused(tracing: _Tracing, force_module_level: bool) -> tuple[list[OpNode], str]:
+    """:func:`_capture` with SDPA sent to the fused kernel a GPU runs, not the meta math fallback."""
+    with FusedAttention() as fused:
+        captured = _capture(tracing, force_module_level)
+    if fused.causal_masks:
+        tracing.notes.append("attention modules that declare is_causal=True hand SDPA a mask: priced as causal "
+                             "FlashAttention, which they run on batches without padding (planner/trace/attention.py)")
+    return captured
 
 
 def _capture(tracing: _Tracing, force_module_level: bool) -> tuple[list[OpNode], str]:

@@ -96,3 +96,65 @@ def test_masked_grouped_query_sdpa_uses_the_memory_efficient_kernel():
 def test_a_model_without_attention_says_so():
     graph = trace_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), (torch.zeros(2, 8),), dtype="fp32")
     assert graph.attention == "none"
+
+
+class DeclaredCausal(nn.Module):
+    """transformers' convention: an attention module that says ``is_causal`` yet hands SDPA a mask
+    (the one it builds when tracing hides whether the batch is padded)."""
+
+    def __init__(self, is_causal: bool) -> None:
+        super().__init__()
+        self.is_causal = is_causal
+        self.qkv = nn.Linear(64, 192)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+
+
+class CausalBlock(nn.Module):
+    def __init__(self, is_causal: bool, seq: int = 32) -> None:
+        super().__init__()
+        self.attn = DeclaredCausal(is_causal)
+        self.register_buffer("mask", torch.ones(seq, seq, dtype=torch.bool).tril())
+
+    def forward(self, x):
+        return self.attn(x, self.mask)
+
+
+def _kernels(graph):
+    return [op for layer in graph.layers for op in layer.op_costs if op.kind in ATTENTION_KERNELS]
+
+
+@pytest.mark.parametrize("force_export", [False, True])
+def test_a_mask_from_a_module_declaring_is_causal_is_priced_as_causal_flash(force_export, monkeypatch):
+    if force_export:  # the Hugging Face path: fx fails, torch.export traces with fake tensors
+        from planner.trace import tracer
+
+        def no_fx(self):
+            raise tracer.CaptureFailure("fx", "<root>", "forced for the test")
+        monkeypatch.setattr(tracer._Tracing, "fx", no_fx)
+    x = torch.zeros(2, 32, 64)
+    causal = trace_model(CausalBlock(True), (x,), dtype="bf16")
+    kernels = _kernels(causal)
+    assert causal.method == ("export" if force_export else "fx")
+    assert [op.kind for op in kernels] == ["_scaled_dot_product_flash_attention"] and kernels[0].causal
+    assert any("is_causal=True" in note for note in causal.notes)
+    # Causal FlashAttention does half the score FLOPs of the masked kernel over every score.
+    plain = trace_model(CausalBlock(False), (x,), dtype="bf16")
+    assert [op.kind for op in _kernels(plain)] == ["_scaled_dot_product_efficient_attention"]
+    assert not any("is_causal=True" in note for note in plain.notes)
+    assert sum(op.flops for op in _kernels(plain)) == pytest.approx(4 * 2 * 2 * 32 * 32 * 16)
+
+
+def test_a_causal_module_attending_to_a_different_length_keeps_its_mask():
+    class CrossAttention(nn.Module):
+        is_causal = True
+
+        def forward(self, q, kv, mask):
+            return F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask)
+
+    q, kv = torch.zeros(1, 4, 8, 16, requires_grad=True), torch.zeros(1, 4, 24, 16)
+    graph = trace_model(CrossAttention(), (q, kv, torch.ones(1, 1, 8, 24, dtype=torch.bool)), dtype="bf16")
+    assert [op.kind for op in _kernels(graph)] == ["_scaled_dot_product_efficient_attention"]
