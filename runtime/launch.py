@@ -314,6 +314,17 @@ def _worker(args: WorkerArgs) -> RunResult:
     return result
 
 
+def join_process_group(caller: str, how: str, timeout_s: float) -> None:
+    """Join the process group torchrun's environment describes, unless this process is in one already;
+    outside both, a RunCheckError saying that ``caller`` runs on every rank and ``how`` to start them."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        raise RunCheckError(f"{caller} runs on every rank of a process group: {how}, or call "
+                            "torch.distributed.init_process_group first")
+    init_distributed(timeout_s)
+
+
 def init_distributed(timeout_s: float) -> None:
     if dist.is_initialized():
         return

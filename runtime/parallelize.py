@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from planner.plan import Plan
@@ -263,14 +263,10 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
     """
     check_context_parallel(plan, None, user_model=True)  # the runtime owns the attention of its presets only
     check_expert_parallel(plan, None, user_model=True)  # experts are split in the presets' loop only
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            raise RunCheckError("parallelize() runs on every rank of a process group: start the script with "
-                                "torchrun (torchrun --nproc-per-node N script.py), or call "
-                                "torch.distributed.init_process_group first")
-        from runtime.launch import init_distributed
+    from runtime.launch import join_process_group  # launch imports this module
 
-        init_distributed(timeout_s)
+    join_process_group("parallelize()", "start the script with torchrun (torchrun --nproc-per-node N script.py)",
+                       timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     device = rank_device()
     check_float8(plan, device.type)  # every rank alike: no collective needed
@@ -289,16 +285,7 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
     dp_mode = DataParallelMode.for_plan(par.dp, par.tp, par.pp, par.zero_stage,
                                         reshard_after_forward=par.reshard_after_forward,
                                         replicas=par.dp // par.shard_group)  # HSDP (runtime/data_parallel.py)
-    for stage in stages:
-        if not meta:
-            stage.to(device)
-        if par.fp8:  # torchao's float8 linears (runtime/float8.py: check_float8 refused what cannot run)
-            convert_float8(stage, plan)
-    with share_across_stages(stages):  # a tied weight with both stages on this rank stays one Parameter
-        for stage in stages:
-            if par.tp > 1:
-                apply_tensor_parallel(stage, mesh["tp"], plan)
-            _recompute(stage, par.recompute, every=par.recompute_every, layer_names=plan.model.layer_names)
+    _split(stages, plan, mesh, device, on_meta=meta)
     wrapped = [apply_data_parallel(stage, dp_mode, mesh["dp"], device) for stage in stages]
     if meta:
         materialize(stages, device, init_fn)
@@ -314,15 +301,36 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
                   duplicate_names={n for t in tied for n in t.names[1:]},
                   loss_fn=loss_fn, autocast=plan_autocast(plan, device), input_names=stages[0].input_names)
     if par.pp > 1:
-        choice = choose_schedule(plan)
-        r.loss_fn = _rebuilding_output(loss_fn, stages)
-        r.schedule, pipeline_stages = build_schedule(choice, wrapped, [s.stage_index for s in stages], plan,
-                                                     pp_group=mesh["pp"].get_group(), device=device,
-                                                     loss_fn=r.loss_fn)
-        r.shared = scale_shared_once(pipeline_stages)
-        r.holds_first = any(s.stage_index == 0 for s in stages)
-        r.last_holder = any(s.stage_index == len(plan.stages) - 1 for s in stages)
+        _pipeline(r, plan, loss_fn, mesh, device)
     return ParallelModel(plan, r, mesh, layout, layout.coords(rank), device)
+
+
+def _split(stages: list[StageModule], plan: Plan, mesh: DeviceMesh, device: torch.device, *, on_meta: bool) -> None:
+    """This rank's stages, in place, as the plan runs them before data parallelism wraps them: on the
+    device (unless still on meta), float8 linears, tensor-parallel splits, activation recompute."""
+    par = plan.parallel
+    for stage in stages:
+        if not on_meta:
+            stage.to(device)
+        if par.fp8:  # torchao's float8 linears (runtime/float8.py: check_float8 refused what cannot run)
+            convert_float8(stage, plan)
+    with share_across_stages(stages):  # a tied weight with both stages on this rank stays one Parameter
+        for stage in stages:
+            if par.tp > 1:
+                apply_tensor_parallel(stage, mesh["tp"], plan)
+            _recompute(stage, par.recompute, every=par.recompute_every, layer_names=plan.model.layer_names)
+
+
+def _pipeline(r: RankState, plan: Plan, loss_fn: LossFn, mesh: DeviceMesh, device: torch.device) -> None:
+    """The plan's pipeline schedule over this rank's wrapped stages, into ``r``."""
+    stages = r.stages
+    r.loss_fn = _rebuilding_output(loss_fn, stages)
+    r.schedule, pipeline_stages = build_schedule(choose_schedule(plan), r.wrapped, [s.stage_index for s in stages],
+                                                 plan, pp_group=mesh["pp"].get_group(), device=device,
+                                                 loss_fn=r.loss_fn)
+    r.shared = scale_shared_once(pipeline_stages)
+    r.holds_first = any(s.stage_index == 0 for s in stages)
+    r.last_holder = any(s.stage_index == len(plan.stages) - 1 for s in stages)
 
 
 def _recompute(stage: StageModule, mode: str, *, every: int = 1, layer_names: tuple[str, ...] = ()) -> None:

@@ -20,7 +20,6 @@ when ``checkpoint_dir`` is set.
 
 from __future__ import annotations
 
-import os
 import signal
 import statistics
 import sys
@@ -33,7 +32,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
+from planner.layout import RankCoords
 from planner.models import ModelPreset
 from planner.plan import Plan
 from runtime import checkpoint as ckpt
@@ -47,7 +48,6 @@ from runtime.context_parallel import (
 )
 from runtime.data import SyntheticData, as_iterator, check_local_batch, map_inputs
 from runtime.data_parallel import DataParallelMode, OptimizerShards, apply_data_parallel
-from runtime.errors import RunCheckError
 from runtime.expert_parallel import apply_expert_tensor_parallel, apply_plan_experts, check_expert_parallel
 from runtime.float8 import convert_float8
 from runtime.model import (
@@ -185,19 +185,14 @@ class RunResult:
 
 def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPreset | None = None) -> RunResult:
     """Train ``plan`` on this rank up to step ``options.steps`` (collective over the world)."""
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            raise RunCheckError("train() runs on every rank of a process group: start the ranks with torchrun or "
-                                "runtime.launch.launch_workers, or call torch.distributed.init_process_group first")
-        from runtime.launch import init_distributed
+    from runtime.launch import join_process_group  # launch imports this module
 
-        init_distributed(options.timeout_s)
+    join_process_group("train()", "start the ranks with torchrun or runtime.launch.launch_workers", options.timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     device = rank_device()
     dims = ParallelDims.from_plan(plan, world)
     mesh = dims.build_mesh(device.type, timeout=timedelta(seconds=options.timeout_s))
     coords = dims.layout.coords(rank)
-    pp_i, dp_i, tp_i = coords.pp, coords.dp, coords.tp
     preset = resolve_preset(plan, preset)
     static_checks(plan, preset, device_type=device.type)
     check_context_parallel(plan, preset.family)
@@ -209,9 +204,9 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
         if rank == 0 and options.verbose:
             print(resume_message(first_step, options.steps, str(ckpt.latest_checkpoint(options.checkpoint_dir))),
                   flush=True)
-    data_iter = as_iterator(data, SyntheticData(plan, preset, seed=options.seed, dp_index=dp_i,
+    data_iter = as_iterator(data, SyntheticData(plan, preset, seed=options.seed, dp_index=coords.dp,
                                                 first_step=first_step))
-    metrics = RankMetrics(rank=rank, coords={"pp": pp_i, "dp": dp_i, "cp": coords.cp, "tp": tp_i},
+    metrics = RankMetrics(rank=rank, coords={"pp": coords.pp, "dp": coords.dp, "cp": coords.cp, "tp": coords.tp},
                           stages=[s.stage_index for s in r.stages])
     losses: list[float] = []
     grad_norms: list[float] = []
@@ -222,54 +217,84 @@ def train(plan: Plan, options: RunOptions, *, data: Any = None, preset: ModelPre
     stopped_by = None
     with StopRequest() as stop:
         for step in range(first_step + 1, options.steps + 1):
-            inputs, targets = check_local_batch(next(data_iter), plan, r.num_inputs)
-            if plan.parallel.cp > 1:  # this cp rank's tokens of every sequence (runtime/context_parallel.py)
-                inputs, targets = shard_batch(inputs, targets, shard_positions(plan.model.seq_len, plan.parallel.cp,
-                                                                               coords.cp))
-            _sync(device)
-            start = time.perf_counter()
-            local_loss = forward_backward(r, plan, map_inputs(inputs, lambda t: t.to(device)), targets.to(device))
-            reduce_gradients(r, plan, data_mesh(mesh, plan.parallel.cp))  # dp, or dp x cp
-            grad_norms.append(global_grad_norm(r.stages, {"dp": dp_i, "tp": tp_i, "cp": coords.cp},
-                                               skip=r.duplicate_names,
-                                               device=device, zero=r.zero))
-            for optim in r.optimizers:
-                optim.step()
-                optim.zero_grad(set_to_none=True)
-            if r.zero is not None:  # every rank's updated slices into every replica
-                r.zero.gather_parameters()
-            _sync(device)
-            metrics.step_times_s.append(time.perf_counter() - start)
-            losses.append(global_loss(local_loss, r.last_holder and tp_i == 0, plan.parallel.dp * plan.parallel.cp,
-                                      device))
+            seconds, loss, norm = _step(r, plan, next(data_iter), mesh, device, coords)
+            metrics.step_times_s.append(seconds)
+            losses.append(loss)
+            grad_norms.append(norm)
             if rank == 0 and options.verbose:
-                print(f"step {step:4d} | loss {losses[-1]:.6f} | grad norm {grad_norms[-1]:.6f} | "
-                      f"{metrics.step_times_s[-1]:.3f} s", flush=True)
+                print(f"step {step:4d} | loss {loss:.6f} | grad norm {norm:.6f} | {seconds:.3f} s", flush=True)
             if options.checkpoint_every and step % options.checkpoint_every == 0:
                 checkpoints.append(_save(plan, options, r, step))
             if stop.agreed(device):  # SIGTERM on any rank: every rank stops after this step
                 stopped_by = stop.signal_name
-                if options.checkpoint_dir and not (checkpoints and checkpoints[-1].endswith(f"step-{step:06d}")):
-                    checkpoints.append(_save(plan, options, r, step))
-                if rank == 0:
-                    print(stop_message(stopped_by, step, checkpoints[-1] if options.checkpoint_dir else None,
-                                       options.checkpoint_dir), file=sys.stderr, flush=True)
+                _stop_after(plan, options, r, step, stopped_by, checkpoints)
                 break
 
-    replica_diff = None
-    if options.verify_replicas and plan.parallel.tp > 1:
-        replica_diff = replica_divergence(r.stages, mesh["tp"].get_group())
-        if rank == 0 and options.verbose:
-            print(f"tp replicas: largest difference between copies of a replicated parameter {replica_diff:.3g}",
-                  flush=True)
+    replica_diff = _replica_check(plan, options, r, mesh)
+    return gather_result(metrics, device, r.stages, r.optimizers, r.zero, first_step=first_step, losses=losses,
+                         grad_norms=grad_norms, setup=r.setup, checkpoints=checkpoints, stopped_by=stopped_by,
+                         tp_replica_max_diff=replica_diff)
+
+
+def gather_result(metrics: RankMetrics, device: torch.device, stages: list[nn.Module], optimizers: list[Any],
+                  zero: OptimizerShards | None, *, first_step: int, losses: list[float], grad_norms: list[float],
+                  setup: dict[str, str], checkpoints: list[str], stopped_by: str | None,
+                  tp_replica_max_diff: float | None = None) -> RunResult:
+    """This rank's :class:`RunResult` once its steps are done (collective: every rank's metrics reach
+    rank 0). A step's time is its slowest rank's."""
     metrics.peak_memory_bytes, metrics.memory_kind = peak_memory(device)
-    metrics.model_state_bytes = state_bytes(r.stages, r.optimizers, r.zero)
-    gathered: list[Any] = [None] * world
+    metrics.model_state_bytes = state_bytes(stages, optimizers, zero)
+    gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, metrics)
     step_times = [max(m.step_times_s[i] for m in gathered) for i in range(len(losses))]
     return RunResult(first_step=first_step, losses=losses, grad_norms=grad_norms, step_times_s=step_times,
-                     rank=metrics, ranks=gathered if rank == 0 else [], setup=r.setup, checkpoints=checkpoints,
-                     tp_replica_max_diff=replica_diff, stopped_by=stopped_by)
+                     rank=metrics, ranks=gathered if dist.get_rank() == 0 else [], setup=setup,
+                     checkpoints=checkpoints, tp_replica_max_diff=tp_replica_max_diff, stopped_by=stopped_by)
+
+
+def _step(r: RankState, plan: Plan, batch: Any, mesh: DeviceMesh, device: torch.device,
+          coords: RankCoords) -> tuple[float, float, float]:
+    """One optimizer step of this rank on its local ``batch``: (seconds, the global loss, the global
+    gradient norm before the update). The seconds cover forward, backward, the gradient reduction and
+    the update, between two device synchronisations; the loss's all-reduce is outside them."""
+    inputs, targets = check_local_batch(batch, plan, r.num_inputs)
+    if plan.parallel.cp > 1:  # this cp rank's tokens of every sequence (runtime/context_parallel.py)
+        inputs, targets = shard_batch(inputs, targets, shard_positions(plan.model.seq_len, plan.parallel.cp, coords.cp))
+    _sync(device)
+    start = time.perf_counter()
+    local_loss = forward_backward(r, plan, map_inputs(inputs, lambda t: t.to(device)), targets.to(device))
+    reduce_gradients(r, plan, data_mesh(mesh, plan.parallel.cp))  # dp, or dp x cp
+    norm = global_grad_norm(r.stages, {"dp": coords.dp, "tp": coords.tp, "cp": coords.cp}, skip=r.duplicate_names,
+                            device=device, zero=r.zero)
+    for optim in r.optimizers:
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+    if r.zero is not None:  # every rank's updated slices into every replica
+        r.zero.gather_parameters()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    loss = global_loss(local_loss, r.last_holder and coords.tp == 0, plan.parallel.dp * plan.parallel.cp, device)
+    return seconds, loss, norm
+
+
+def _stop_after(plan: Plan, options: RunOptions, r: RankState, step: int, signal_name: str, checkpoints: list[str]) -> None:
+    """A stop signal ended the run after ``step``: checkpoint it unless that step just was, and say so."""
+    if options.checkpoint_dir and not (checkpoints and checkpoints[-1].endswith(f"step-{step:06d}")):
+        checkpoints.append(_save(plan, options, r, step))
+    if dist.get_rank() == 0:
+        print(stop_message(signal_name, step, checkpoints[-1] if options.checkpoint_dir else None,
+                           options.checkpoint_dir), file=sys.stderr, flush=True)
+
+
+def _replica_check(plan: Plan, options: RunOptions, r: RankState, mesh: DeviceMesh) -> float | None:
+    """With ``verify_replicas`` and tp > 1: the largest difference between the tp ranks' copies of a
+    replicated parameter (0.0 when identical); else None."""
+    if not (options.verify_replicas and plan.parallel.tp > 1):
+        return None
+    diff = replica_divergence(r.stages, mesh["tp"].get_group())
+    if dist.get_rank() == 0 and options.verbose:
+        print(f"tp replicas: largest difference between copies of a replicated parameter {diff:.3g}", flush=True)
+    return diff
 
 
 def _tp_label(plan: Plan, preset: ModelPreset) -> str:

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,9 @@ from runtime import checkpoint as ckpt
 from runtime.checks import Launch, _check_cluster, check_manifest_model
 from runtime.errors import RunCheckError
 from runtime.parallel_dims import ParallelDims
+
+if TYPE_CHECKING:  # the training stack loads when train_user runs, not when the launcher checks
+    from runtime.parallelize import ParallelModel
 
 _FORMS = {"--model": "factory() -> nn.Module", "--data": "loader(rank=, world=) -> iterable of (inputs, targets)",
           "--loss": "loss_fn(output, targets) -> scalar tensor"}
@@ -197,8 +200,7 @@ def preflight_user(plan: Plan, launch: Launch, *, resume_dir: str | None) -> Non
 def train_user(plan: Plan, options: Any, user: UserCode) -> Any:
     """The CLI's loop over :func:`runtime.parallelize.parallelize` (collective; in an initialised group)."""
     from runtime.parallelize import parallelize  # the Python API: one path for scripts and the CLI
-    from runtime.step import peak_memory, state_bytes
-    from runtime.train import RankMetrics, RunResult, StopRequest, resume_message, stop_message
+    from runtime.train import RankMetrics, StopRequest, gather_result, stop_message
 
     rank = dist.get_rank()
     if user.model:
@@ -210,16 +212,7 @@ def train_user(plan: Plan, options: Any, user: UserCode) -> Any:
     pm = parallelize(model, plan, loss_fn=user_loss(user.loss, plan), timeout_s=options.timeout_s)
     del model
     optim = torch.optim.AdamW(pm.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-    first_step = 0
-    if options.resume:
-        path = ckpt.latest_checkpoint(options.checkpoint_dir)
-        pm.load(path, optimizer=optim)
-        first_step = int(ckpt.verify_checkpoint(path)["step"]) if rank == 0 else 0
-        box = [first_step]
-        dist.broadcast_object_list(box, src=0)
-        first_step = box[0]
-        if rank == 0 and options.verbose:
-            print(resume_message(first_step, options.steps, str(path)), flush=True)
+    first_step = _resume(pm, optim, options) if options.resume else 0
     batches = user_batches(user.data, plan, data_rank=pm.data_rank, data_world=pm.data_world, seed=options.seed,
                            first_step=first_step)
     metrics = RankMetrics(rank=rank, coords={"pp": pm.pp_rank, "dp": pm.data_rank, "tp": pm.tp_rank},
@@ -252,14 +245,23 @@ def train_user(plan: Plan, options: Any, user: UserCode) -> Any:
                     print(stop_message(stopped_by, step, checkpoints[-1] if options.checkpoint_dir else None,
                                        options.checkpoint_dir), file=sys.stderr, flush=True)
                 break
-    metrics.peak_memory_bytes, metrics.memory_kind = peak_memory(device)
-    metrics.model_state_bytes = state_bytes(pm.stages, [optim], pm.optimizer_shards)
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, metrics)
-    step_times = [max(m.step_times_s[i] for m in gathered) for i in range(len(losses))]
-    return RunResult(first_step=first_step, losses=losses, grad_norms=norms, step_times_s=step_times, rank=metrics,
-                     ranks=gathered if rank == 0 else [], setup={"path": "runtime.parallelize"},
-                     checkpoints=checkpoints, stopped_by=stopped_by)
+    return gather_result(metrics, device, pm.stages, [optim], pm.optimizer_shards, first_step=first_step,
+                         losses=losses, grad_norms=norms, setup={"path": "runtime.parallelize"},
+                         checkpoints=checkpoints, stopped_by=stopped_by)
+
+
+def _resume(pm: ParallelModel, optim: torch.optim.Optimizer, options: Any) -> int:
+    """Load the latest checkpoint of ``options.checkpoint_dir`` into ``pm`` and ``optim``; the step it
+    holds, as rank 0 read it (collective)."""
+    from runtime.train import resume_message
+
+    path = ckpt.latest_checkpoint(options.checkpoint_dir)
+    pm.load(path, optimizer=optim)
+    box = [int(ckpt.verify_checkpoint(path)["step"]) if dist.get_rank() == 0 else 0]
+    dist.broadcast_object_list(box, src=0)
+    if dist.get_rank() == 0 and options.verbose:
+        print(resume_message(box[0], options.steps, str(path)), flush=True)
+    return box[0]
 
 
 def _first(exc: BaseException) -> str:

@@ -41,7 +41,7 @@ import itertools
 import math
 import statistics
 
-from planner.validation.cases import ATTENTION_KERNELS, load_cases
+from planner.validation.cases import ATTENTION_KERNELS, Case, load_cases
 from planner.validation.metrics import healthy, spearman
 from planner.validation.price import Priced, validate_cases
 
@@ -107,7 +107,7 @@ def _grid(spec: str) -> list[float]:
     return [round(start + i * step, 9) for i in range(int(round((stop - start) / step)) + 1)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tools.fit_cluster", description=__doc__.split("\n")[0])
     ap.add_argument("--param", choices=sorted(PARAMS), action="append",
                     help="the figure to fit (default device.gemm_efficiency); give it twice to fit two jointly "
@@ -122,6 +122,33 @@ def main(argv: list[str] | None = None) -> int:
                     "published runs there")
     ap.add_argument("--presets", default="dgx-h100", help="cluster presets of the published runs fitted and "
                     "checked (comma-separated)")
+    return ap
+
+
+def _check(check: list[Case], params: list[str], best: tuple[float, ...], device: str, per_device: bool,
+           kernels: set[str], presets: set[str]) -> None:
+    """Print how the runs outside the fit set are priced, with the files' figures and with the fitted ones."""
+    unfitted = {"device": "without the field (the constant)", "attention_kernel": "as ATTENTION_KERNELS has it"}
+    kinds = {p.split(".")[0] for p in params}
+    label0 = unfitted.get(kinds.pop(), "as the files have it") if len(kinds) == 1 else "as the files have it"
+    fitted = ", ".join(f"{v:g}" for v in best)
+    for label, values in ((label0, dict.fromkeys(params)), (f"fitted {fitted}", dict(zip(params, best)))):
+        if not check:
+            print(f"check: no run outside the fit set ran {' or '.join(sorted(kernels))} on {sorted(presets)}")
+            break
+        priced = _price(check, values, device)
+        if per_device:
+            ratios = [p.step_ratio for p in priced if p.step_ratio]
+            within = sum(abs(r - 1) <= 0.15 for r in ratios)
+            print(f"check, published {device} runs (not fitted), {label}: median pred/meas "
+                  f"{statistics.median(ratios):.2f}, within 15%: {within}/{len(ratios)}")
+        else:
+            print(f"check, the other sweep groups (not fitted), {label}: median abs(log(pred/meas)) "
+                  f"{_log_error(priced):.3f}, median Spearman {_spearman(priced):.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     params = args.param or ["device.gemm_efficiency"]
     if len(set(params)) != len(params) or len(params) > 2:
@@ -158,23 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "---|" * (len(params) + 1))
     for err, combo in rows:
         print("| " + " | ".join(f"{v:g}" for v in combo) + f"{' (best)' if combo == best else ''} | {err:.3f} |")
-    unfitted = {"device": "without the field (the constant)", "attention_kernel": "as ATTENTION_KERNELS has it"}
-    kinds = {p.split(".")[0] for p in params}
-    label0 = unfitted.get(kinds.pop(), "as the files have it") if len(kinds) == 1 else "as the files have it"
-    fitted = ", ".join(f"{v:g}" for v in best)
-    for label, values in ((label0, dict.fromkeys(params)), (f"fitted {fitted}", dict(zip(params, best)))):
-        if not check:
-            print(f"check: no run outside the fit set ran {' or '.join(sorted(kernels))} on {sorted(presets)}")
-            break
-        priced = _price(check, values, args.device)
-        if per_device:
-            ratios = [p.step_ratio for p in priced if p.step_ratio]
-            within = sum(abs(r - 1) <= 0.15 for r in ratios)
-            print(f"check, published {args.device} runs (not fitted), {label}: median pred/meas "
-                  f"{statistics.median(ratios):.2f}, within 15%: {within}/{len(ratios)}")
-        else:
-            print(f"check, the other sweep groups (not fitted), {label}: median abs(log(pred/meas)) "
-                  f"{_log_error(priced):.3f}, median Spearman {_spearman(priced):.3f}")
+    _check(check, params, best, args.device, per_device, kernels, presets)
     return 0
 
 

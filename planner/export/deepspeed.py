@@ -36,7 +36,7 @@ import json
 from dataclasses import replace
 
 from planner.export.common import ExportResult, Loss, boundaries_of, finish, knob_losses, with_zero
-from planner.plan import Plan
+from planner.plan import ParallelConfig, Plan
 
 VERSION = "DeepSpeed 0.19.8"
 
@@ -50,8 +50,8 @@ def uniform_partition(num_items: int, num_parts: int) -> list[int]:
     return parts
 
 
-def export(plan: Plan) -> ExportResult:
-    cfg = plan.parallel
+def _nearest(cfg: ParallelConfig) -> tuple[ParallelConfig, list[Loss]]:
+    """The configuration DeepSpeed can run nearest ``cfg``, and what moving there loses."""
     lost: list[Loss] = []
     nearest = cfg
     if cfg.pp > 1 and (cfg.schedule != "1f1b" or cfg.virtual_stages > 1):
@@ -76,7 +76,31 @@ def export(plan: Plan) -> ExportResult:
     if cfg.pp > 1:
         why["recompute_every"] = "activation_checkpoint_interval checkpoints groups of layers, not one layer in k"
     nearest, knob_lost = knob_losses(nearest, why)
-    lost += knob_lost
+    return nearest, lost + knob_lost
+
+
+def _ds_config(plan: Plan, nearest: ParallelConfig, checkpoint_interval: int) -> dict:
+    """``ds_config.json`` for ``nearest`` (the plan's model gives the dtype)."""
+    cfg = plan.parallel
+    ds: dict = {"train_batch_size": nearest.global_batch, "train_micro_batch_size_per_gpu": nearest.micro_batch_size,
+                "gradient_accumulation_steps": nearest.num_micro_batches,
+                "zero_optimization": {"stage": nearest.zero_stage, "overlap_comm": bool(cfg.overlap_grad_reduce)}}
+    if plan.model.dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif plan.model.dtype == "fp16":
+        ds["fp16"] = {"enabled": True}
+    if cfg.tp > 1:
+        ds["tensor_parallel"] = {"autotp_size": cfg.tp}
+    if cfg.pp > 1:
+        ds["pipeline"] = {"stages": cfg.pp, "partition": "uniform", "activation_checkpoint_interval": checkpoint_interval}
+    if cfg.recompute != "none" and cfg.pp == 1:
+        ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
+    return ds
+
+
+def export(plan: Plan) -> ExportResult:
+    cfg = plan.parallel
+    nearest, lost = _nearest(cfg)
     bounds = boundaries_of(plan)
     n = plan.model.num_layers
     written = bounds
@@ -91,24 +115,10 @@ def export(plan: Plan) -> ExportResult:
         pipe = {"num_stages": cfg.pp, "partition_method": "uniform",
                 "activation_checkpoint_interval": 1 if nearest.recompute == "full" else 0,
                 "layers": list(plan.model.layer_names), "expected_parts": starts}
-    ds: dict = {"train_batch_size": nearest.global_batch, "train_micro_batch_size_per_gpu": nearest.micro_batch_size,
-                "gradient_accumulation_steps": nearest.num_micro_batches,
-                "zero_optimization": {"stage": nearest.zero_stage, "overlap_comm": bool(cfg.overlap_grad_reduce)}}
-    if plan.model.dtype == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif plan.model.dtype == "fp16":
-        ds["fp16"] = {"enabled": True}
-    if cfg.tp > 1:
-        ds["tensor_parallel"] = {"autotp_size": cfg.tp}
-    if cfg.pp > 1:
-        ds["pipeline"] = {"stages": cfg.pp, "partition": "uniform",
-                          "activation_checkpoint_interval": pipe["activation_checkpoint_interval"]}
+    ds = _ds_config(plan, nearest, pipe.get("activation_checkpoint_interval", 0))
     files = {"ds_config.json": json.dumps(ds, indent=2) + "\n"}
     if pipe:
         files["pipeline_module.json"] = json.dumps(pipe, indent=2) + "\n"
-    if cfg.recompute != "none" and cfg.pp == 1:
-        ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
-        files["ds_config.json"] = json.dumps(ds, indent=2) + "\n"
     lost_knobs = {x.knob for x in lost}
     kept = ["tp (AutoTP)", "pp"] + ([] if "cp" in lost_knobs else ["dp (implied)", "micro-batch"])
     kept += ["global batch"] if nearest.global_batch == cfg.global_batch else []
