@@ -38,7 +38,7 @@ demo: install
 		--constants-out out/cpu-constants.json > /dev/null
 	$(PY) -m planner plan --model gpt-10m --cluster out/cpu-local-profiled.json --constants out/cpu-constants.json \
 		--pp 2 --global-batch 8 -o out/gpt-10m.plan.json --force
-	$(PY) -m runtime run out/gpt-10m.plan.json --nproc 2 --steps 5 --out out/gpt-10m.metrics.json
+	$(PY) -m runtime run out/gpt-10m.plan.json --nproc 2 --steps 5 --out out/gpt-10m.metrics.json --force
 
 # The HTML report's test drives a headless Chromium (tests/core/test_report_html.py): Debian's package,
 # installed only when none is on PATH, apt-get exists and we are root; otherwise that test skips, saying so.

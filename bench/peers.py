@@ -167,7 +167,7 @@ def _measure(splits: list[Split], plan_for, folder: Path, steps: int, rounds: in
             metrics = paths[sizes].with_name(paths[sizes].name.replace(".plan.json", f".r{r + 1}.metrics.json"))
             say(f"run split {list(sizes)} (round {r + 1}/{rounds})")
             res = run_cmd([sys.executable, "-m", "runtime", "run", str(paths[sizes]), "--nproc", str(len(sizes)),
-                           "--steps", str(steps), "--out", str(metrics), "--quiet"], timeout_s=600)
+                           "--steps", str(steps), "--out", str(metrics), "--force", "--quiet"], timeout_s=600)
             commands.append(res.cmd)
             if not res.ok or not metrics.exists():
                 for s in splits:

@@ -57,6 +57,8 @@ def _resolve_model(model: Any, *, seq_len: int | None, sample_input: Any, dtype:
     ``config.json``) built on meta first (:mod:`planner.models.hf_config`)."""
     from planner.models import hf_config
 
+    if isinstance(model, ResolvedModel):  # already traced (a plan file's stored graph: evaluate --plan)
+        return model
     if not (hf_config.is_config(model) or hf_config.is_config_path(model)):
         return resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype)
     config = model if hf_config.is_config(model) else hf_config.load_config(model)

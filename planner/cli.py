@@ -137,10 +137,11 @@ def _add_plan_file_commands(sub: Any) -> None:
     p.add_argument("--what-if", action="append", default=None, metavar="KNOB=VALUE",
                    help="with --html: a re-plan to show (repeatable; default nodes=2x and inter_node_bandwidth=2x)")
 
-    p = sub.add_parser("timeline", help="draw the pipeline timeline of a plan (PNG)")
+    p = sub.add_parser("timeline", help="draw the pipeline timeline of a plan (PNG, PDF or SVG)")
     p.add_argument("plan", help="plan JSON file")
-    p.add_argument("-o", "--output", required=True, help="PNG path")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("-o", "--output", required=True,
+                   help="image to write: .png, .pdf or .svg (no suffix: .png is added)")
+    p.add_argument("--force", action="store_true", help="overwrite the image if it exists")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,11 +243,32 @@ def check_arguments(args: argparse.Namespace, unknown: list[str], *, options: An
     elif args.command == "evaluate" and not args.plan:
         check.require("model", "cluster", "tp", "pp", "dp", "micro_batch", "global_batch")
         _check_config(check)
+    elif args.command == "evaluate":
+        _check_plan_alone(check)
     if args.command in ("plan", "evaluate"):
         _check_output(check)
         if check.errors:  # name a wrong model or cluster in the same answer (both read in milliseconds)
             _check_model_cluster(check)
     check.raise_if_any()
+
+
+# What `evaluate --plan` takes from the plan file: giving one of these as well would be silently dropped.
+_FROM_PLAN = ("model", "cluster", "nodes", "devices_per_node", "global_batch", "seq_len", "dtype", "constants", "tp",
+              "pp", "dp", "cp", "ep", "micro_batch", "virtual_stages", "schedule", "recompute", "sequence_parallel",
+              "zero", "dp_shard", "fp8", "recompute_every")
+
+
+def _check_plan_alone(check: ArgumentCheck) -> None:
+    """`evaluate --plan` re-prices the plan's own model, cluster, configuration and constants: a flag
+    that would change one of them is an error, not ignored."""
+    args = check.args
+    given = [n for n in _FROM_PLAN if getattr(args, n, None) is not None]
+    given += [n for n in ("i_know", "overlap_grad_reduce", "no_reshard_after_forward") if getattr(args, n, False)]
+    given += [n for n, default in (("trainer", "megatron"), ("partition", "balanced")) if getattr(args, n) != default]
+    for name in given:
+        check.add("--" + name.replace("_", "-"), getattr(args, name),
+                  "evaluate --plan re-prices the plan file's own model, cluster, configuration and constants; drop "
+                  "it, or evaluate the changed configuration with --model, --cluster and the configuration flags")
 
 
 def _check_schedule(check: ArgumentCheck, field: str, name: str) -> None:
@@ -294,9 +316,14 @@ def _check_sharding(check: ArgumentCheck) -> None:
 
 
 def _check_output(check: ArgumentCheck) -> None:
+    from planner.output_paths import check_output_file
+
     args = check.args
-    if args.output and Path(args.output).exists() and not args.force:
-        check.add("--output", args.output, "the file exists; pass --force to overwrite it or choose another path")
+    if args.output:
+        try:
+            check_output_file("--output", args.output, force=args.force)
+        except SpecError as exc:
+            check.errors.append(exc)
 
 
 def _check_model_cluster(check: ArgumentCheck) -> None:
@@ -326,7 +353,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from planner.api import plan
     from planner.search import SearchSpace
 
-    space = SearchSpace(
+    fields: dict[str, Any] = dict(
         tp=(args.tp,) if args.tp else None, pp=(args.pp,) if args.pp else None, dp=(args.dp,) if args.dp else None,
         micro_batch_size=(args.micro_batch,) if args.micro_batch else None,
         schedules=tuple(s.strip() for s in args.schedules.split(",")) if args.schedules else (
@@ -338,8 +365,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         overlap_grad_reduce=args.overlap_grad_reduce,
         cp=(args.cp,) if args.cp else None,
         ep=(args.ep,) if args.ep else None,
-        **_sharding_space(args),
     )
+    space = SearchSpace(**(fields | _sharding_space(args)))  # a sharding flag narrows zero_stage / recompute
     cluster, nodes, devices_per_node = _cluster_arg(args)
     progress = None if (args.no_progress or args.json) else ProgressBar()
     try:
@@ -379,10 +406,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plan:
         old = Plan.from_json(args.plan, verify=False)  # re-prices a plan edited by hand, on purpose
         cfg = old.parallel
-        model = old.model.preset
+        model = old.model.preset or _stored_model(old)
         if model is None:
-            raise SpecError("--plan", args.plan, "this plan was made from a Python module, not a preset; "
-                            "re-evaluate it with planner.evaluate(module, ...)")
+            raise SpecError("--plan", args.plan, "this plan file has no preset and no stored cost graph (written by "
+                            "an older planner); re-evaluate it with planner.evaluate(module, ...) or re-create it")
         from planner.cost.constants import CostConstants
 
         cluster = old.cluster
@@ -403,6 +430,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       devices_per_node=devices_per_node, dtype=args.dtype, partition=args.partition,
                       constants=_constants(args))
     return _emit(result, args)
+
+
+def _stored_model(plan: Any) -> Any:
+    """A plan's model as its stored cost graph (a Hugging Face config or a Python module: no preset to
+    rebuild), or None when the file has none."""
+    from planner.graph_io import graph_from_dict
+    from planner.resolve import ResolvedModel
+
+    return ResolvedModel(module=None, preset=None, graph=graph_from_dict(plan.graph)) if plan.graph else None
 
 
 def _constants(args: argparse.Namespace) -> Any:
@@ -639,42 +675,38 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from planner.errors import SpecError
+    from planner.output_paths import check_output_file, check_output_folder
     from planner.plan import Plan
     from planner.report import write_report
 
+    if args.html and Path(args.output).is_dir():
+        raise SpecError("--output", args.output, "with --html, -o is the .html file to write, not a folder")
+    if args.what_if and not args.html:
+        raise SpecError("--what-if", args.what_if[0], "only the --html report shows what-if re-plans; add --html, "
+                        "or use `explain PLAN --what-if ...`")
+    out = (check_output_file if args.html else check_output_folder)("--output", args.output, force=args.force)
     plan = Plan.from_json(args.plan)
-    out = Path(args.output)
     if args.html:
         from planner.report_html import DEFAULT_WHAT_IFS, write_html_report
 
-        if out.exists() and not args.force:
-            raise SpecError("--output", args.output, "the file exists; pass --force to overwrite it")
-        if out.is_dir():
-            raise SpecError("--output", args.output, "with --html, -o is the .html file to write, not a folder")
         written = write_html_report(plan, out, what_ifs=args.what_if or DEFAULT_WHAT_IFS)
         print(f"interactive report written to {written} (one self-contained file; open it in a browser)")
         return 0
-    if args.what_if:
-        raise SpecError("--what-if", args.what_if[0], "only the --html report shows what-if re-plans; add --html, "
-                        "or use `explain PLAN --what-if ...`")
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise SpecError("--output", args.output, "the folder is not empty; pass --force to write into it")
     index = write_report(plan, out)
     print(f"report written to {index} (timeline.png, memory.png, baselines.png)")
     return 0
 
 
 def _cmd_timeline(args: argparse.Namespace) -> int:
-    from planner.errors import SpecError
+    from planner.output_paths import check_output_file
     from planner.plan import Plan
-    from planner.report import timeline
+    from planner.report import TIMELINE_FORMATS, timeline
 
+    out = check_output_file("--output", args.output, force=args.force, suffixes=TIMELINE_FORMATS)
     plan = Plan.from_json(args.plan)
-    if Path(args.output).exists() and not args.force:
-        raise SpecError("--output", args.output, "the file exists; pass --force to overwrite it")
     cfg = plan.parallel
-    result = timeline(plan, Path(args.output))
-    print(f"timeline written to {args.output} ({cfg.schedule}, p={cfg.pp}, m={cfg.num_micro_batches}, "
+    result = timeline(plan, out)
+    print(f"timeline written to {out} ({cfg.schedule}, p={cfg.pp}, m={cfg.num_micro_batches}, "
           f"bubble {result.bubble_fraction:.1%})")
     return 0
 
@@ -707,7 +739,9 @@ def _cmd_profile_cluster(args: argparse.Namespace) -> int:
     import subprocess
 
     from planner.cluster import ClusterSpec
+    from planner.output_paths import check_output_file
 
+    check_output_file("--output", args.output, force=args.force)  # here, before the subprocess imports torch
     cmd = [sys.executable, "-m", "runtime", "profile-cluster", "-o", args.output]
     for flag, value in (("--base", args.base), ("--nproc", args.nproc), ("--max-bytes", args.max_bytes),
                         ("--iterations", args.iterations)):

@@ -199,6 +199,10 @@ def _impossible_knob(space: SearchSpace | None, layers: int, devices: int) -> st
         if all(devices % v for v in values):
             return (f"--{name} {', '.join(map(str, values))} does not divide the {devices} devices; "
                     f"choose a divisor of {devices} or change --devices-per-node / --nodes")
+    shards = [s for s in space.dp_shard or () if s is not None]
+    if shards and len(shards) == len(space.dp_shard or ()) and all(devices % s for s in shards):
+        return (f"--dp-shard {', '.join(map(str, shards))} does not divide the {devices} devices (a shard group "
+                f"divides dp, which divides them); choose a divisor of {devices}, or drop --dp-shard")
     if "pp" in fixed and all(v > layers for v in fixed["pp"]):
         return f"--pp {', '.join(map(str, fixed['pp']))} is more stages than the model's {layers} layers; lower --pp"
     if len(fixed) == 4 and all(len(v) == 1 for v in fixed.values()):
@@ -226,7 +230,7 @@ def _no_valid_configuration(global_batch: int, space: SearchSpace | None, layers
         msg += (f" on {plural(devices, 'device')} (dp x tp x pp must use them all: dp divides the global batch, "
                 f"tp the split dimensions, pp is at most the model's {plural(layers, 'layer')}); raise "
                 "--global-batch, use fewer devices (--devices-per-node, --nodes), or free --pp / --dp / --tp / "
-                "--schedules")
+                f"--schedules{' / --dp-shard (a shard group divides dp)' if space and space.dp_shard else ''}")
     return msg
 
 

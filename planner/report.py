@@ -17,6 +17,7 @@ from planner.plan import Plan
 from planner.units import plural
 
 GiB = 2**30
+TIMELINE_FORMATS = (".png", ".pdf", ".svg")  # what `timeline -o` writes (matplotlib's savefig); .png if none
 
 
 def stage_phase_lists(plan: Plan) -> tuple[list[float], list[float], list[float]]:

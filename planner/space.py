@@ -203,7 +203,7 @@ def shard_options(dp: int, zero_stage: int, cluster: ClusterSpec, space: SearchS
     if zero_stage != 3:
         return (None,)
     if space.dp_shard:
-        return tuple(s for s in space.dp_shard if s is None or dp % s == 0) or (None,)
+        return tuple(s for s in space.dp_shard if s is None or dp % s == 0)  # none: this dp cannot shard so
     per_node = max(1, cluster.min_devices_per_node // dp_stride)
     return (None, *(s for s in (per_node * k for k in HSDP_GROWTH) if s < dp and dp % s == 0))
 

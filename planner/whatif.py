@@ -6,6 +6,7 @@ plan's stored layer-level cost graph (``Plan.graph``) is re-used, so no model co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,6 +24,10 @@ KNOBS = {
     "peak_flops": "device peak FLOP/s for every dtype (e.g. 1.5x)",
     "global_batch": "samples per step (an integer, or 2x)",
 }
+
+
+COUNTS = ("nodes", "devices_per_node", "global_batch")  # knobs whose value is a whole number
+MAX_COUNT = 10**9
 
 
 @dataclass(frozen=True)
@@ -45,19 +50,18 @@ def parse(text: str) -> WhatIf:
 
         close = min(KNOBS, key=lambda k: _edit_distance(k, knob))
         raise SpecError("--what-if", knob, f"unknown knob; did you mean '{close}'? knobs: {', '.join(KNOBS)}")
+    is_factor = raw.lower().endswith("x")
     try:
-        if raw.lower().endswith("x"):
-            factor = float(raw[:-1])
-            if factor <= 0:
-                raise ValueError
-            return WhatIf(knob, factor, None)
-        value = float(raw)
-        if value <= 0:
-            raise ValueError
-        return WhatIf(knob, None, value)
+        number = float(raw[:-1] if is_factor else raw)
     except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
         raise SpecError("--what-if", text, f"the value must be a positive number or a factor like 2x "
-                        f"({knob}: {KNOBS[knob]})") from None
+                        f"({knob}: {KNOBS[knob]})")
+    if knob in COUNTS and not is_factor and (number != int(number) or number > MAX_COUNT):
+        raise SpecError("--what-if", text, f"{knob} is a count: give a whole number up to {MAX_COUNT:,}, or a "
+                        "factor like 2x")
+    return WhatIf(knob, number, None) if is_factor else WhatIf(knob, None, number)
 
 
 def _scale_groups(cluster: ClusterSpec, w: WhatIf) -> ClusterSpec:

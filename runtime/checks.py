@@ -163,7 +163,8 @@ def check_module_fingerprint(plan: Plan, model: torch.nn.Module, sample_input: A
                     f"{sorted({n for n, *_ in traced} - {n for n, *_ in planned})[:5]})")
         elif diffs:
             (pname, pcount, _), (tname, tcount, _) = diffs[0]
-            shape = "same parameter count, other shapes or ops" if pcount == tcount else \
+            shape = ("same parameter count, other shapes or ops (or the plan was written by a planner version "
+                     "that traced this model's ops differently)") if pcount == tcount else \
                 f"{tcount} parameters where the plan has {pcount}"
             what = f"layer {tname!r} differs from the plan's {pname!r}: {shape}"
             if len(diffs) > 1:
@@ -175,6 +176,18 @@ def check_module_fingerprint(plan: Plan, model: torch.nn.Module, sample_input: A
         "(planner.plan(model, cluster, global_batch=..., sample_input=...))",
         "stages are cut at the plan's layer names, memory and time predictions were made for another model, "
         "and a stage may no longer fit")
+
+
+def check_layer_names(model: torch.nn.Module, plan: Plan) -> None:
+    """Every layer the plan cuts stages at is a submodule of ``model``: what even ``--allow-mismatch`` needs,
+    since the stages are built by those names."""
+    names = dict(model.named_modules())
+    missing = [name for name in plan.model.layer_names if name not in names]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise RunCheckError(f"model: the plan's layers {missing[:5]}{more} are not submodules of this "
+                            f"{type(model).__name__}, and stages are cut at those names; give the model the plan "
+                            "was made for, or re-create the plan for this one")
 
 
 def _check_tied(meta: torch.nn.Module, plan: Plan) -> None:

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int_arg, default=0, help="seed of the weights and the synthetic data (default 0)")
     run.add_argument("--lr", type=float_arg, default=1e-3, help="AdamW learning rate (default 1e-3)")
     run.add_argument("--out", default=None, help="write the metrics JSON here")
+    run.add_argument("--force", action="store_true",
+                     help="overwrite an existing --out file; save into a --checkpoint-dir that holds files")
     run.add_argument("--checkpoint-dir", default=None, help="folder for checkpoints (step-NNNNNN/ inside)")
     run.add_argument("--checkpoint-every", type=int_arg, default=0, help="save every N steps (0: never)")
     run.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in --checkpoint-dir")
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="build this rank alone (default: every rank, one per group of identical roles)")
     dry.add_argument("--model", default=None, metavar="PKG.MODULE:FACTORY",
                      help="the model to build (called under torch.device('meta')); default: the plan's preset")
+    dry.add_argument("--allow-mismatch", action="store_true",
+                     help="build a --model whose fingerprint does not match the plan's, with a warning")
     dry.add_argument("--json", action="store_true", help="print the report as one JSON object (docs/json-output.md)")
     dry.add_argument("--debug", action="store_true", help="show tracebacks")
     prof = sub.add_parser("profile-cluster", help="measure collectives, GEMMs and memory here and write a cluster "
@@ -103,11 +107,37 @@ def check_arguments(args: argparse.Namespace, unknown: list[str], *, options: li
             check.add("--checkpoint-every", args.checkpoint_every, "needs --checkpoint-dir (where to save)")
         if args.resume:
             check.add("--resume", True, "needs --checkpoint-dir (the folder to resume from)")
+    if args.command == "run":
+        _check_run_outputs(check)
     if args.command == "profile-cluster":
         lo, hi = check.value("min_bytes"), check.value("max_bytes")
         if lo is not None and hi is not None and hi < lo:
             check.add("--max-bytes", hi, f"below --min-bytes {lo}; raise --max-bytes or lower --min-bytes")
     check.raise_if_any()
+
+
+def _check_run_outputs(check: ArgumentCheck) -> None:
+    """``--out`` and ``--checkpoint-dir`` before any worker starts: a wrong path must not cost a run."""
+    from pathlib import Path
+
+    from planner.output_paths import check_output_file, check_output_folder
+
+    args = check.args
+    try:
+        if args.out:
+            out = check_output_file("--out", args.out, force=args.force)
+            if Path(args.plan).exists() and out.resolve() == Path(args.plan).resolve():
+                raise SpecError("--out", args.out, "that is the plan file being run; write the metrics elsewhere")
+    except SpecError as exc:
+        check.errors.append(exc)
+    try:
+        if args.checkpoint_dir:
+            check_output_folder("--checkpoint-dir", args.checkpoint_dir, force=args.force or args.resume,
+                                exists_fix="the folder holds files (an earlier run's checkpoints?); pass --resume to "
+                                           "continue from its newest checkpoint, --force to save into it anyway, or "
+                                           "choose another folder")
+    except SpecError as exc:
+        check.errors.append(exc)
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -125,6 +155,10 @@ def _dry_run(args: argparse.Namespace) -> int:
     from runtime.checks import load_plan
     from runtime.dry_run import dry_run, format_report
 
+    if args.allow_mismatch:  # read by runtime.checks
+        from runtime.checks import ALLOW_MISMATCH_ENV
+
+        os.environ[ALLOW_MISMATCH_ENV] = "1"
     build = None
     if args.model:
         from runtime.user_model import meta_factory

@@ -162,7 +162,8 @@ def resolve_preset(plan: Plan, preset: ModelPreset | None = None) -> ModelPreset
     if not plan.model.preset:
         raise RunCheckError(
             f"model.preset: the plan's model {plan.model.name!r} is not a preset, so the runtime cannot rebuild "
-            "it by name; pass the model preset with runtime.train(plan, preset=...) or plan a preset model")
+            "it by name; give your model: on the command line --model PKG.MODULE:FACTORY (docs/train-your-own-"
+            "model.md), in Python runtime.parallelize(model, plan) or runtime.train(plan, preset=...)")
     return load_preset(plan.model.preset)
 
 

@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from planner.plan import Plan
 from runtime import checkpoint as ckpt
-from runtime.checks import check_module_fingerprint
+from runtime.checks import check_layer_names, check_module_fingerprint
 from runtime.context_parallel import check_context_parallel
 from runtime.data_parallel import DataParallelMode, OptimizerShards, apply_data_parallel
 from runtime.errors import RunCheckError
@@ -353,6 +353,7 @@ def _check(model: nn.Module, plan: Plan, sample: Any) -> None:
     if dist.get_rank() == 0:
         try:
             check_module_fingerprint(plan, model, sample)
+            check_layer_names(model, plan)
             check_layer_coverage(model, plan)
             if plan.parallel.zero_stage >= 3:
                 _check_no_shared_stage_parameter(model, plan)

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from planner.cluster import ClusterSpec
 from planner.cost.measured import format_bytes
 from planner.errors import SpecError
+from planner.output_paths import check_output_file
 from runtime.errors import RunCheckError
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -71,8 +72,7 @@ class ProfileOptions:
                 raise RunCheckError(f"--{name.replace('_', '-')}: got {getattr(self, name)}; expected >= 1")
         if self.max_bytes is not None and self.max_bytes < self.min_bytes:
             raise RunCheckError(f"--max-bytes: got {self.max_bytes}, below --min-bytes {self.min_bytes}")
-        if Path(self.output).exists() and not self.force:
-            raise RunCheckError(f"-o: {self.output} exists; pass --force to overwrite it")
+        check_output_file("--output", self.output, force=self.force)  # before measuring anything
         if not Path(self.output).resolve().parent.is_dir():
             raise RunCheckError(f"-o: the folder of {self.output} does not exist; create it first")
 

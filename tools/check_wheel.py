@@ -88,17 +88,17 @@ def check(work: Path, *, big: bool = False, run: bool = False) -> dict[str, obje
         raise RuntimeError(f"the wheel holds links, not files: {links}")
     report: dict[str, object] = {"site": str(site), "data_files": sum(1 for p in (site / "planner" / "_data").rglob(
         "*.json"))}
-    _ok(run_installed(site, ["-m", "planner", *SMALL, "-o", "small.plan.json"], cwd), "plan gpt-tiny")
+    _ok(run_installed(site, ["-m", "planner", *SMALL, "-o", "small.plan.json", "--force"], cwd), "plan gpt-tiny")
     plan = json.loads((cwd / "small.plan.json").read_text())
     _ok(run_installed(site, ["-c", "from planner.plan import Plan; Plan.from_json('small.plan.json')"], cwd),
         "load the plan (schema check)")
     report["small"] = plan["parallel"]
     if big:
-        _ok(run_installed(site, ["-m", "planner", *BIG, "-o", "big.plan.json"], cwd), "plan gpt3-175b")
+        _ok(run_installed(site, ["-m", "planner", *BIG, "-o", "big.plan.json", "--force"], cwd), "plan gpt3-175b")
         report["big"] = json.loads((cwd / "big.plan.json").read_text())["parallel"]
     if run:
         _ok(run_installed(site, ["-m", "runtime", "run", "small.plan.json", "--nproc", "2", "--steps", "2",
-                                 "--out", "metrics.json"], cwd), "runtime run")
+                                 "--out", "metrics.json", "--force"], cwd), "runtime run")
         report["run"] = json.loads((cwd / "metrics.json").read_text())
     return report
 

@@ -255,6 +255,14 @@ def constants_from_file(path: str, base: CostConstants | None = None) -> CostCon
     return replace(base or CostConstants(), **constant_fields_from_file(path))
 
 
+# Fractions of a peak or of the memory that the cost model divides by: in (0, 1].
+_RATES = frozenset({"gemm_efficiency_max", "fused_attention_efficiency", "memory_bandwidth_efficiency",
+                    "link_efficiency", "network_efficiency", "allocator_usable_fraction"})
+# Shares of a time or of a pass that may be none of it: in [0, 1].
+_SHARES = frozenset({"comm_compute_overlap", "tp_comm_overlap", "idle_reclaim_fraction",
+                     "fused_attention_bwd_recompute"})
+
+
 def constant_fields_from_file(path: str) -> dict[str, Any]:
     """The CostConstants fields a JSON constants file sets, checked (:func:`constants_from_file`): the
     caller's explicit overrides, a value equal to the default included."""
@@ -282,4 +290,9 @@ def constant_fields_from_file(path: str) -> dict[str, Any]:
             raise SpecError(f"--constants: {name}", value, f"expected a finite {want.__name__}")
         if want is not bool and value < 0:  # times, bytes, fractions and counts: none is negative
             raise SpecError(f"--constants: {name}", value, "expected a value >= 0")
+        if name in _RATES and not 0 < value <= 1:
+            raise SpecError(f"--constants: {name}", value, "expected a fraction in (0, 1]: the share of the peak "
+                            "or of the memory that is reached (0.7 for 70%)")
+        if name in _SHARES and value > 1:
+            raise SpecError(f"--constants: {name}", value, "expected a fraction in [0, 1] (0.5 for half)")
     return {k: (int(v) if kinds[k] is int else v) for k, v in data.items()}

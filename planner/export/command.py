@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from planner.export import FRAMEWORKS
 
@@ -19,18 +18,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from planner.errors import SpecError
     from planner.export import export_plan
+    from planner.output_paths import check_output_folder
     from planner.plan import Plan
 
+    check_output_folder("--output", args.output, force=True)  # a file, or under one: refused before pricing
     plan = Plan.from_json(args.plan)
     result = export_plan(plan, args.to)
-    out = Path(args.output)
     files = {**result.files, "LOST.md": result.lost_markdown()}
-    existing = [name for name in files if (out / name).exists()]
-    if existing and not args.force:
-        raise SpecError("--output", str(out), f"{', '.join(existing)} exist there; pass --force to overwrite them "
-                        "or choose another folder")
+    out = check_output_folder("--output", args.output, force=args.force, files=files)  # only these are overwritten
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (out / name).write_text(text)

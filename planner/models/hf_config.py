@@ -119,6 +119,7 @@ def load_config(path: str | Path) -> Any:
     if not isinstance(data, dict) or "model_type" not in data:
         raise SpecError("model_type", None, "the config has no 'model_type' (e.g. \"llama\"); add it, as "
                         "transformers writes it", source=str(file))
+    _check_dimensions(data, str(file))
     model_type = data.pop("model_type")
     known = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
     if model_type not in known:
@@ -135,6 +136,28 @@ def load_config(path: str | Path) -> Any:
                         f"({type(exc).__name__}: {_first_line(exc)}); fix the field it names") from None
     config.name_or_path = str(p if p.is_dir() else p.parent)
     return config
+
+
+# Sizes a config states as whole numbers of at least 1, under the names transformers' families use.
+_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+          "vocab_size", "max_position_embeddings", "head_dim", "n_layer", "n_embd", "n_head", "n_inner", "d_model",
+          "num_layers", "num_heads", "d_ff", "d_kv", "ffn_dim", "encoder_layers", "decoder_layers")
+
+
+def _check_dimensions(data: dict[str, Any], source: str) -> None:
+    """The config's sizes are whole numbers >= 1, the heads split the hidden size (unless ``head_dim`` sets
+    it) and the key/value heads divide the query heads: what transformers would otherwise accept and the
+    trace would price as a model that cannot exist (0 layers), or refuse in words that do not name the field."""
+    for name in _SIZES:
+        value = data.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SpecError(name, value, "expected a whole number >= 1", source=source)
+    hidden, heads, kv = data.get("hidden_size"), data.get("num_attention_heads"), data.get("num_key_value_heads")
+    if hidden and heads and data.get("head_dim") is None and hidden % heads:
+        raise SpecError("num_attention_heads", heads, f"must divide hidden_size {hidden} (or set head_dim)",
+                        source=source)
+    if heads and kv and heads % kv:
+        raise SpecError("num_key_value_heads", kv, f"must divide num_attention_heads {heads}", source=source)
 
 
 def model_class(config: Any) -> type[nn.Module]:
@@ -239,5 +262,9 @@ def _close(word: str, known: Any) -> list[str]:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else ""
+    """The message's first line, and the next one where the first only introduces it (ends with ':')."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:300]

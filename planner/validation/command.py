@@ -13,6 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", metavar="MODEL:GPUS", help="only this group, e.g. playbook-1B:64")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--csv", metavar="FILE", help="also write every priced case to this CSV file")
+    p.add_argument("--force", action="store_true", help="overwrite the --csv file if it exists")
     p.add_argument("--network", choices=["file", "busbw"], default="file",
                    help="the sweep cluster's network: its file as is, measured collectives included (default), or "
                         "busbw: inter-node bandwidth set to the all-reduce bus bandwidth measured at each node count")
@@ -36,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from planner.validation.price import validate_cases
     from planner.validation.report import json_report, text_report, write_csv
 
+    if args.csv:  # before pricing: a wrong path fails now, an existing file is kept
+        from planner.output_paths import check_output_file
+
+        check_output_file("--csv", args.csv, force=args.force)
     overrides = load_overrides(args.constants)
     loaded = load_cases(args.source)
     cases = loaded.cases

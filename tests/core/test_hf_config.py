@@ -147,6 +147,11 @@ def test_head_follows_architectures_else_the_auto_mappings():
     ({"model_type": "lama", **DECODER}, "model_type", "did you mean one of ['llama'"),
     (dict(DECODER), "model_type", "has no 'model_type'"),
     ("{not json", "--model", "not valid JSON"),
+    ({"model_type": "llama", **DECODER, "num_hidden_layers": 0}, "num_hidden_layers", "whole number >= 1"),
+    ({"model_type": "llama", **DECODER, "vocab_size": 2.5}, "vocab_size", "whole number >= 1"),
+    ({"model_type": "llama", **DECODER, "num_attention_heads": 5}, "num_attention_heads", "must divide hidden_size"),
+    ({"model_type": "llama", **DECODER, "num_key_value_heads": 3}, "num_key_value_heads",
+     "must divide num_attention_heads"),
 ])
 def test_bad_configs_name_the_field(tmp_path, capsys, content, field, words):
     path = tmp_path / "config.json"
@@ -158,10 +163,11 @@ def test_bad_configs_name_the_field(tmp_path, capsys, content, field, words):
     assert words in capsys.readouterr().err
 
 
-def test_a_config_transformers_cannot_build_is_a_spec_error(tmp_path):
-    path = write_config(tmp_path / "bad", "llama", num_attention_heads=5)  # 64 is not a multiple of 5 heads
-    with pytest.raises(SpecError, match="cannot (read|build)"):
+def test_a_config_transformers_cannot_read_is_a_spec_error_with_its_reason(tmp_path):
+    path = write_config(tmp_path / "bad", "llama", head_dim=7)  # RoPE rotates pairs: an odd head size is refused
+    with pytest.raises(SpecError, match="cannot (read|build)") as info:
         hf_config.build(hf_config.load_config(path))
+    assert "RoPE" in str(info.value)  # transformers' reason, not only its validator's name
 
 
 def test_missing_file(tmp_path):
