@@ -318,12 +318,8 @@ def _check_sharding(check: ArgumentCheck) -> None:
 def _check_output(check: ArgumentCheck) -> None:
     from planner.output_paths import check_output_file
 
-    args = check.args
-    if args.output:
-        try:
-            check_output_file("--output", args.output, force=args.force)
-        except SpecError as exc:
-            check.errors.append(exc)
+    if check.args.output:
+        check.attempt(check_output_file, "--output", check.args.output, force=check.args.force)
 
 
 def _check_model_cluster(check: ArgumentCheck) -> None:

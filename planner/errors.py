@@ -185,6 +185,15 @@ class ArgumentCheck:
     def add(self, field: str, value: object, fix: str) -> None:
         self.errors.append(SpecError(field, value, fix))
 
+    def attempt(self, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``check(*args, **kwargs)``, its SpecError recorded with the others instead of raised; its
+        result, or None when it failed."""
+        try:
+            return check(*args, **kwargs)
+        except SpecError as exc:
+            self.errors.append(exc)
+            return None
+
     def failed(self, dest: str) -> bool:
         return any(e.field == flag(dest) for e in self.errors)
 

@@ -178,6 +178,23 @@ def check_module_fingerprint(plan: Plan, model: torch.nn.Module, sample_input: A
         "and a stage may no longer fit")
 
 
+def plan_sample_input(plan: Plan, sample_input: Any = None) -> Any:
+    """``sample_input``, else the one the planner makes for a token model: ``[1, seq_len]`` token ids."""
+    if sample_input is not None:
+        return sample_input
+    if plan.model.seq_len is None:
+        raise RunCheckError("sample_input: the plan's model has no sequence length to make token ids from; pass "
+                            "parallelize(..., sample_input=) the sample input the plan was made with")
+    return torch.zeros(1, plan.model.seq_len, dtype=torch.long)
+
+
+def check_user_model(plan: Plan, model: torch.nn.Module, sample_input: Any) -> None:
+    """A user's model against its plan, as a run and a dry run check it first: the planner's fingerprint
+    (:func:`check_module_fingerprint`), then the layer names the stages are cut at."""
+    check_module_fingerprint(plan, model, sample_input)
+    check_layer_names(model, plan)
+
+
 def check_layer_names(model: torch.nn.Module, plan: Plan) -> None:
     """Every layer the plan cuts stages at is a submodule of ``model``: what even ``--allow-mismatch`` needs,
     since the stages are built by those names."""

@@ -123,21 +123,14 @@ def _check_run_outputs(check: ArgumentCheck) -> None:
     from planner.output_paths import check_output_file, check_output_folder
 
     args = check.args
-    try:
-        if args.out:
-            out = check_output_file("--out", args.out, force=args.force)
-            if Path(args.plan).exists() and out.resolve() == Path(args.plan).resolve():
-                raise SpecError("--out", args.out, "that is the plan file being run; write the metrics elsewhere")
-    except SpecError as exc:
-        check.errors.append(exc)
-    try:
-        if args.checkpoint_dir:
-            check_output_folder("--checkpoint-dir", args.checkpoint_dir, force=args.force or args.resume,
-                                exists_fix="the folder holds files (an earlier run's checkpoints?); pass --resume to "
-                                           "continue from its newest checkpoint, --force to save into it anyway, or "
-                                           "choose another folder")
-    except SpecError as exc:
-        check.errors.append(exc)
+    if args.out:
+        out = check.attempt(check_output_file, "--out", args.out, force=args.force)
+        if out is not None and Path(args.plan).exists() and out.resolve() == Path(args.plan).resolve():
+            check.add("--out", args.out, "that is the plan file being run; write the metrics elsewhere")
+    if args.checkpoint_dir:
+        check.attempt(check_output_folder, "--checkpoint-dir", args.checkpoint_dir, force=args.force or args.resume,
+                      exists_fix="the folder holds files (an earlier run's checkpoints?); pass --resume to continue "
+                                 "from its newest checkpoint, --force to save into it anyway, or choose another folder")
 
 
 def _profile(args: argparse.Namespace) -> int:

@@ -175,11 +175,9 @@ def dry_run(plan: Plan, *, rank: int | None = None,
     # others), and positions hold disjoint layers, so each finds its layers as a freshly built model has them.
     model = (build_model or _preset_builder(plan))()
     if build_model is not None:  # a user's model: the run's first check, that it is the model the plan was made for
-        from runtime.checks import check_layer_names, check_module_fingerprint
-        from runtime.parallelize import _sample_input
+        from runtime.checks import check_user_model, plan_sample_input
 
-        check_module_fingerprint(plan, model, _sample_input(plan, None))
-        check_layer_names(model, plan)
+        check_user_model(plan, model, plan_sample_input(plan))
     positions = [dims.coords(rank)[0]] if rank is not None else list(range(dims.pp))
     groups: list[RoleGroup] = []
     dtypes: set[str] = set()

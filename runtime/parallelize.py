@@ -45,12 +45,13 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from planner.plan import Plan
 from runtime import checkpoint as ckpt
-from runtime.checks import check_layer_names, check_module_fingerprint
+from runtime.checks import check_user_model, plan_sample_input
 from runtime.context_parallel import check_context_parallel
 from runtime.data_parallel import DataParallelMode, OptimizerShards, apply_data_parallel
 from runtime.errors import RunCheckError
 from runtime.expert_parallel import check_expert_parallel
 from runtime.float8 import check_float8, convert_float8
+from runtime.launch import join_process_group
 from runtime.materialize import free_other_layers, is_meta, load_safetensors, materialize
 from runtime.model import (
     StageModule,
@@ -263,8 +264,6 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
     """
     check_context_parallel(plan, None, user_model=True)  # the runtime owns the attention of its presets only
     check_expert_parallel(plan, None, user_model=True)  # experts are split in the presets' loop only
-    from runtime.launch import join_process_group  # launch imports this module
-
     join_process_group("parallelize()", "start the script with torchrun (torchrun --nproc-per-node N script.py)",
                        timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -272,7 +271,7 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
     check_float8(plan, device.type)  # every rank alike: no collective needed
     dims = ParallelDims.from_plan(plan, world)
     layout = dims.layout
-    sample = _sample_input(plan, sample_input)
+    sample = plan_sample_input(plan, sample_input)
     _check(model, plan, sample)
     mesh = dims.build_mesh(device.type, timeout=timedelta(seconds=timeout_s))
     par = plan.parallel
@@ -352,8 +351,7 @@ def _check(model: nn.Module, plan: Plan, sample: Any) -> None:
     result: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            check_module_fingerprint(plan, model, sample)
-            check_layer_names(model, plan)
+            check_user_model(plan, model, sample)
             check_layer_coverage(model, plan)
             if plan.parallel.zero_stage >= 3:
                 _check_no_shared_stage_parameter(model, plan)
@@ -381,15 +379,6 @@ def _check_no_shared_stage_parameter(model: nn.Module, plan: Plan) -> None:
                 f"stages: the tied parameter {list(tied.names)} lies in stages {stages}, which the plan puts on the "
                 "same ranks; there the stages share one parameter, which ZeRO-3 (FSDP2, one group of parameters "
                 "per stage) cannot shard twice. Re-plan with zero_stage 0-2 or another schedule")
-
-
-def _sample_input(plan: Plan, sample_input: Any) -> Any:
-    if sample_input is not None:
-        return sample_input
-    if plan.model.seq_len is None:
-        raise RunCheckError("sample_input: the plan's model has no sequence length to make token ids from; pass "
-                            "parallelize(..., sample_input=) the sample input the plan was made with")
-    return torch.zeros(1, plan.model.seq_len, dtype=torch.long)
 
 
 def _micro_batch_kwargs(model: nn.Module, sample: Any, micro_batch: int) -> dict[str, Any]:
