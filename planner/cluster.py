@@ -17,13 +17,13 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from planner.errors import SpecError, read_json_file
+from planner.errors import SpecError, each_error, raise_all, read_json_file
 from planner.paths import datasets_dir, schema_path
 from planner.plausible import Finding, PlausibilityWarning, echo, findings
 from planner.units import plural
@@ -42,13 +42,66 @@ def _positive(value: Any, field_name: str, fix: str, source: str | None, *, inte
 
 
 def _known_keys(d: dict, allowed: set[str], prefix: str, source: str | None) -> None:
-    for key in d:
-        if key not in allowed:
-            close = sorted(allowed, key=lambda a: _edit_distance(a, key))[0]
-            raise SpecError(
-                f"{prefix}{key}", d[key], f"unknown field; did you mean '{close}'? Allowed: {sorted(allowed)}",
-                source=source,
-            )
+    """Every key of ``d`` outside ``allowed`` is an error naming the closest allowed one (all at once)."""
+    _Fields(d, allowed, prefix, source).done()
+
+
+class _Fields:
+    """The fields of one JSON object, read together so that every bad one is reported (:meth:`done`).
+
+    A cluster file with a negative bandwidth, zero devices per node and a peak given as a string gets
+    three errors in one run, not one per run (docs/cluster.md). Unknown keys come first; a required field
+    missing beside an unknown key that is its likely misspelling is not reported again (the unknown
+    key's error names it)."""
+
+    def __init__(self, d: dict, allowed: set[str], prefix: str, source: str | None) -> None:
+        self.d, self.prefix, self.source = d, prefix, source
+        self.errors: list[SpecError] = []
+        self.misspelt: set[str] = set()
+        for key in d:
+            if key not in allowed:
+                close = sorted(allowed, key=lambda a: _edit_distance(a, key))[0]
+                self.misspelt.add(close)
+                self.errors.append(SpecError(f"{prefix}{key}", d[key], f"unknown field; did you mean '{close}'? "
+                                             f"Allowed: {sorted(allowed)}", source=source))
+
+    def get(self, key: str, read: Callable[[Any, str], Any], *, required: bool = True) -> Any:
+        """``read(value, field)`` of ``key``, its errors recorded; None where it is absent or bad."""
+        if key not in self.d:
+            if required and key not in self.misspelt:
+                self.errors.append(SpecError(f"{self.prefix}{key}", None, "this field is required", source=self.source))
+            return None
+        return self.attempt(read, self.d[key], f"{self.prefix}{key}")
+
+    def attempt(self, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``check(*args, **kwargs)``, its SpecError(s) recorded instead of raised; None when it failed."""
+        try:
+            return check(*args, **kwargs)
+        except SpecError as exc:
+            self.errors.extend(each_error(exc))
+            return None
+
+    def done(self) -> None:
+        """Raise what was found: nothing, one :class:`SpecError`, or a :class:`SpecErrors`."""
+        raise_all(self.errors)
+
+
+def _checked(ok: Callable[[Any], bool], fix: str, source: str | None) -> Callable[[Any, str], Any]:
+    """A reader for :meth:`_Fields.get`: the value where ``ok(value)``, else a SpecError saying ``fix``."""
+    def read(value: Any, at: str) -> Any:
+        if not ok(value):
+            raise SpecError(at, value, fix, source=source)
+        return value
+    return read
+
+
+def _positive_field(fix: str, source: str | None, *, integer: bool = False) -> Callable[[Any, str], Any]:
+    """A reader for :meth:`_Fields.get`: :func:`_positive` of the value."""
+    return lambda value, at: _positive(value, at, fix, source, integer=integer)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 def _edit_distance(a: str, b: str) -> int:
@@ -119,44 +172,42 @@ class DeviceSpec:
         if not isinstance(d, dict):
             raise SpecError(prefix.rstrip("."), d, "expected an object with name, peak_flops, memory_bytes, "
                             "memory_bandwidth_bytes_per_s", source=source)
-        _known_keys(d, {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s", *_DEVICE_OPTIONAL},
+        f = _Fields(d, {"name", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s", *_DEVICE_OPTIONAL},
                     prefix, source)
-        name = _require(d, "name", prefix, source)
-        if not isinstance(name, str) or not name:
-            raise SpecError(f"{prefix}name", name, "expected a non-empty string", source=source)
-        peaks = _require(d, "peak_flops", prefix, source)
-        if not isinstance(peaks, dict) or not peaks:
-            raise SpecError(f"{prefix}peak_flops", peaks,
-                            'expected an object like {"bf16": 312e12, "fp32": 19.5e12}', source=source)
-        for dtype, value in peaks.items():
-            if dtype not in DTYPES:
-                raise SpecError(f"{prefix}peak_flops.{dtype}", value, f"unknown dtype; use one of {list(DTYPES)}",
-                                source=source)
-            _positive(value, f"{prefix}peak_flops.{dtype}", "FLOP/s, e.g. 312e12", source)
-        mem = _require(d, "memory_bytes", prefix, source)
-        _positive(mem, f"{prefix}memory_bytes", "bytes, e.g. 85899345920 for 80 GiB", source)
-        bw = _require(d, "memory_bandwidth_bytes_per_s", prefix, source)
-        _positive(bw, f"{prefix}memory_bandwidth_bytes_per_s", "bytes per second, e.g. 2.039e12", source)
-        eff = {}
-        for key in _DEVICE_EFFICIENCIES:
-            if d.get(key) is not None:
-                v = d[key]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-                    raise SpecError(f"{prefix}{key}", v, "a fraction of the dtype's peak in (0, 1], e.g. 0.6; "
-                                    "leave it out to use the cost model's default", source=source)
-                eff[key] = float(v)
-        if d.get("gemm_half_efficiency_dim") is not None:
-            eff["gemm_half_efficiency_dim"] = float(_positive(
-                d["gemm_half_efficiency_dim"], f"{prefix}gemm_half_efficiency_dim", "elements, e.g. 185 for an "
-                "H100; leave it out to use the cost model's default (96, set on A100s)", source))
-        if d.get("attention_kernels") is not None:
-            eff["attention_kernels"] = _attention_kernels(d["attention_kernels"], f"{prefix}attention_kernels", source)
-        return cls(name=name, peak_flops={k: float(v) for k, v in peaks.items()}, memory_bytes=int(mem),
-                   memory_bandwidth_bytes_per_s=float(bw), **eff)
+        name = f.get("name", _checked(lambda v: isinstance(v, str) and bool(v), "expected a non-empty string", source))
+        peaks = f.get("peak_flops", lambda v, at: _peak_flops(v, at, source))
+        mem = f.get("memory_bytes", _positive_field("bytes, e.g. 85899345920 for 80 GiB", source))
+        bw = f.get("memory_bandwidth_bytes_per_s", _positive_field("bytes per second, e.g. 2.039e12", source))
+        fraction = _checked(lambda v: _is_number(v) and 0 < v <= 1, "a fraction of the dtype's peak in (0, 1], "
+                            "e.g. 0.6; leave it out to use the cost model's default", source)
+        readers = {**{key: fraction for key in _DEVICE_EFFICIENCIES},
+                   "gemm_half_efficiency_dim": _positive_field("elements, e.g. 185 for an H100; leave it out to use "
+                                                               "the cost model's default (96, set on A100s)", source),
+                   "attention_kernels": lambda v, at: _attention_kernels(v, at, source)}
+        eff = {key: f.get(key, read) for key, read in readers.items() if d.get(key) is not None}  # null: not given
+        f.done()
+        eff = {k: v if k == "attention_kernels" else float(v) for k, v in eff.items()}
+        return cls(name=name, peak_flops=peaks, memory_bytes=int(mem), memory_bandwidth_bytes_per_s=float(bw), **eff)
 
 
 _DEVICE_EFFICIENCIES = ("gemm_efficiency", "fused_attention_efficiency")
 _DEVICE_OPTIONAL = (*_DEVICE_EFFICIENCIES, "gemm_half_efficiency_dim", "attention_kernels")  # optional fields
+
+
+def _peak_flops(value: Any, field: str, source: str | None) -> dict[str, float]:
+    """A device's ``peak_flops``: dtype -> FLOP/s, every bad entry reported."""
+    if not isinstance(value, dict) or not value:
+        raise SpecError(field, value, 'expected an object like {"bf16": 312e12, "fp32": 19.5e12}', source=source)
+    errors = []
+    for dtype, peak in value.items():
+        if dtype not in DTYPES:
+            errors.append(SpecError(f"{field}.{dtype}", peak, f"unknown dtype; use one of {list(DTYPES)}",
+                                    source=source))
+        elif not _is_number(peak) or not math.isfinite(peak) or peak <= 0:
+            errors.append(SpecError(f"{field}.{dtype}", peak, "expected a positive number; FLOP/s, e.g. 312e12",
+                                    source=source))
+    raise_all(errors)
+    return {k: float(v) for k, v in value.items()}
 
 
 def _attention_kernels(value: Any, field: str, source: str | None) -> dict[str, float]:
@@ -187,15 +238,13 @@ class LinkSpec:
         if not isinstance(d, dict):
             raise SpecError(prefix.rstrip("."), d, "expected an object with kind, bandwidth_bytes_per_s, latency_s",
                             source=source)
-        _known_keys(d, {"kind", "bandwidth_bytes_per_s", "latency_s"}, prefix, source)
-        kind = _require(d, "kind", prefix, source)
-        if kind not in LINK_KINDS:
-            raise SpecError(f"{prefix}kind", kind, f"use one of {list(LINK_KINDS)}", source=source)
-        bw = _positive(_require(d, "bandwidth_bytes_per_s", prefix, source), f"{prefix}bandwidth_bytes_per_s",
-                       "bytes per second (unidirectional), e.g. 300e9 for NVLink 3", source)
-        lat = _require(d, "latency_s", prefix, source)
-        if isinstance(lat, bool) or not isinstance(lat, (int, float)) or not math.isfinite(lat) or lat < 0:
-            raise SpecError(f"{prefix}latency_s", lat, "expected seconds >= 0, e.g. 5e-6", source=source)
+        f = _Fields(d, {"kind", "bandwidth_bytes_per_s", "latency_s"}, prefix, source)
+        kind = f.get("kind", _checked(lambda v: v in LINK_KINDS, f"use one of {list(LINK_KINDS)}", source))
+        bw = f.get("bandwidth_bytes_per_s", _positive_field("bytes per second (unidirectional), e.g. 300e9 for "
+                                                            "NVLink 3", source))
+        lat = f.get("latency_s", _checked(lambda v: _is_number(v) and math.isfinite(v) and v >= 0,
+                                          "expected seconds >= 0, e.g. 5e-6", source))
+        f.done()
         return cls(kind=kind, bandwidth_bytes_per_s=float(bw), latency_s=float(lat))
 
 
@@ -407,28 +456,31 @@ class NodeGroup:
         return out
 
     @classmethod
-    def from_dict(cls, d: Any, *, prefix: str = "", source: str | None = None) -> NodeGroup:
+    def from_dict(cls, d: Any, *, prefix: str = "", source: str | None = None,
+                  also_allowed: Sequence[str] = ()) -> NodeGroup:
+        """Read a node group; every bad field of it (its device's and links' included) is reported at once.
+
+        ``also_allowed``: keys the caller reads itself (a homogeneous cluster file's ``name``), not unknown."""
         if not isinstance(d, dict):
             raise SpecError(prefix.rstrip(".") or "group", d, "expected an object", source=source)
-        _known_keys(d, {"device", "nodes", "devices_per_node", "intra_node", "inter_node", *MEASURED_FIELDS},
-                    prefix, source)
-        group = cls(
-            device=DeviceSpec.from_dict(_require(d, "device", prefix, source), prefix=f"{prefix}device.",
-                                        source=source),
-            nodes=_positive(_require(d, "nodes", prefix, source), f"{prefix}nodes", "the number of nodes", source,
-                            integer=True),
-            devices_per_node=_positive(_require(d, "devices_per_node", prefix, source), f"{prefix}devices_per_node",
-                                       "devices (GPUs or processes) per node", source, integer=True),
-            intra_node=LinkSpec.from_dict(_require(d, "intra_node", prefix, source), prefix=f"{prefix}intra_node.",
-                                          source=source),
-            inter_node=LinkSpec.from_dict(_require(d, "inter_node", prefix, source), prefix=f"{prefix}inter_node.",
-                                          source=source),
-            collectives=MeasuredCollectives.from_dict(d["collectives"], prefix=f"{prefix}collectives.", source=source)
-            if "collectives" in d else None,
-            gemm=_gemm_from_list(d["gemm"], f"{prefix}gemm", source) if "gemm" in d else None,
-            memory=MeasuredMemory.from_dict(d["memory"], prefix=f"{prefix}memory.", source=source)
-            if "memory" in d else None,
-        )
+        f = _Fields(d, {"device", "nodes", "devices_per_node", "intra_node", "inter_node", *MEASURED_FIELDS,
+                        *also_allowed}, prefix, source)
+        parts = {
+            "device": f.get("device", lambda v, at: DeviceSpec.from_dict(v, prefix=f"{at}.", source=source)),
+            "nodes": f.get("nodes", _positive_field("the number of nodes", source, integer=True)),
+            "devices_per_node": f.get("devices_per_node", _positive_field("devices (GPUs or processes) per node",
+                                                                          source, integer=True)),
+            "intra_node": f.get("intra_node", lambda v, at: LinkSpec.from_dict(v, prefix=f"{at}.", source=source)),
+            "inter_node": f.get("inter_node", lambda v, at: LinkSpec.from_dict(v, prefix=f"{at}.", source=source)),
+            "collectives": f.get("collectives", lambda v, at: MeasuredCollectives.from_dict(v, prefix=f"{at}.",
+                                                                                           source=source),
+                                 required=False),
+            "gemm": f.get("gemm", lambda v, at: _gemm_from_list(v, at, source), required=False),
+            "memory": f.get("memory", lambda v, at: MeasuredMemory.from_dict(v, prefix=f"{at}.", source=source),
+                            required=False),
+        }
+        f.done()
+        group = cls(**parts)
         if group.memory is not None:
             fraction = group.memory.usable_fraction if group.memory.usable_fraction is not None else 1.0
             if group.memory.reserved_bytes is not None and group.memory.reserved_bytes >= fraction * group.device.memory_bytes:
@@ -457,6 +509,21 @@ def shared_gemm(groups: Sequence[NodeGroup]) -> tuple[GemmPoint, ...] | None:
     one group: its own). A layer timed for several device types uses them only when they agree."""
     first = groups[0].gemm
     return first if first is not None and all(g.gemm == first for g in groups[1:]) else None
+
+
+def _node_groups(d: dict, source: str | None) -> tuple[NodeGroup, ...]:
+    """A cluster file's node groups: its ``groups``, or the one of the homogeneous form. Every bad field
+    of every group is reported together (a :class:`SpecErrors`)."""
+    if "groups" not in d:
+        return (NodeGroup.from_dict({k: v for k, v in d.items() if k not in ("name", "description")}, source=source,
+                                    also_allowed=("name", "description")),)
+    f = _Fields(d, {"name", "description", "groups"}, "", source)
+    groups = f.get("groups", _checked(lambda v: isinstance(v, list) and bool(v),
+                                      "expected a non-empty list of node groups", source))
+    parsed = tuple(f.attempt(NodeGroup.from_dict, g, prefix=f"groups[{i}].", source=source)
+                   for i, g in enumerate(groups or ()))
+    f.done()
+    return parsed
 
 
 _SCHEMA_VALIDATOR: Any = None
@@ -543,34 +610,26 @@ class ClusterSpec:
         if not isinstance(d, dict):
             raise SpecError("cluster", d, "expected a JSON object", source=source)
         name = d.get("name", Path(source).stem if source else "custom")
-        if not isinstance(name, str) or not name:
-            raise SpecError("name", name, "expected a non-empty string", source=source)
-        description = d.get("description", "")
-        if "groups" in d:
-            _known_keys(d, {"name", "description", "groups"}, "", source)
-            groups = d["groups"]
-            if not isinstance(groups, list) or not groups:
-                raise SpecError("groups", groups, "expected a non-empty list of node groups", source=source)
-            parsed = tuple(NodeGroup.from_dict(g, prefix=f"groups[{i}].", source=source) for i, g in enumerate(groups))
-            spec = cls(name=name, groups=parsed, description=description)
-        else:
-            _known_keys(d, {"name", "description", "device", "nodes", "devices_per_node", "intra_node", "inter_node",
-                            *MEASURED_FIELDS}, "", source)
-            group = NodeGroup.from_dict({k: v for k, v in d.items() if k not in ("name", "description")},
-                                        source=source)
-            spec = cls(name=name, groups=(group,), description=description)
+        errors = [] if isinstance(name, str) and name else [SpecError("name", name, "expected a non-empty string",
+                                                                      source=source)]
+        try:
+            groups = _node_groups(d, source)
+        except SpecError as exc:  # reported with a bad name: every bad field of the file at once
+            errors.extend(each_error(exc))
+        raise_all(errors)
+        spec = cls(name=name, groups=groups, description=d.get("description", ""))
         check_cluster_schema(d, source=source)  # the published schema agrees with the checks above
         spec.check_plausible(strict=strict, source=source)
         return spec
 
     def check_plausible(self, *, strict: bool = True, source: str | None = None) -> list[Finding]:
         """Every implausible or suspicious figure (:func:`planner.plausible.findings`). With ``strict``,
-        the first implausible one is a :class:`SpecError` naming the likely unit slip; the rest (and,
-        without ``strict``, all) are :class:`~planner.plausible.PlausibilityWarning` warnings."""
+        every implausible one is a :class:`SpecError` naming the likely unit slip (all at once, a
+        :class:`SpecErrors` for several, as docs/cluster.md shows); the merely suspicious ones (and, without
+        ``strict``, all) are :class:`~planner.plausible.PlausibilityWarning` warnings."""
         found = findings(self)
-        errors = [f for f in found if f.error]
-        if strict and errors:
-            raise SpecError(errors[0].field, errors[0].value, errors[0].message, source=source)
+        if strict:
+            raise_all([SpecError(f.field, f.value, f.message, source=source) for f in found if f.error])
         for f in found:
             where = f" in {source}" if source else ""
             text = f.message.replace("pass --i-know (strict=False) for exotic hardware", "accepted (--i-know)")
@@ -597,8 +656,7 @@ class ClusterSpec:
         if nodes is None and devices_per_node is None:
             return self
         if not self.is_homogeneous:
-            raise SpecError("nodes", nodes, "a mixed cluster cannot be resized by --nodes/--devices-per-node; "
-                            "edit the node counts of its groups in the cluster file")
+            raise_all(self._not_resizable(nodes, devices_per_node))
         if nodes is not None:
             _positive(nodes, "nodes", "pass --nodes N with N >= 1", None, integer=True)
         if devices_per_node is not None:
@@ -612,12 +670,27 @@ class ClusterSpec:
         g = replace(g, nodes=nodes or g.nodes, devices_per_node=devices_per_node or g.devices_per_node)
         out = replace(self, groups=(g,))
         if strict:
-            for f in findings(out):
-                if f.error and f.field in ("nodes", "devices_per_node"):
-                    flag = f"--{f.field.replace('_', '-')}"
-                    raise SpecError(f.field, f.value, f"{f.message.replace('--i-know (strict=False)', '--i-know')}"
-                                    f"; lower {flag}")
+            raise_all([SpecError(f.field, f.value, f"{f.message.replace('--i-know (strict=False)', '--i-know')}"
+                                 f"; lower --{f.field.replace('_', '-')}")
+                       for f in findings(out) if f.error and f.field in ("nodes", "devices_per_node")])
         return out
+
+    def _not_resizable(self, nodes: int | None, devices_per_node: int | None) -> list[SpecError]:
+        """Why a mixed cluster refuses each override given: its node groups carry their own counts."""
+        counts = ", ".join(f"{g.nodes}x{g.devices_per_node} {g.device.name}" for g in self.groups)
+        preset = f"clusters/{self.name}.json"
+        where = f"{len(self.groups)} node groups ({counts}) in the cluster file" + (
+            f" (for this preset, a copy of datasets/{preset}, passed as --cluster COPY.json)"
+            if (datasets_dir() / preset).is_file() else "")
+        errors = []
+        if nodes is not None:
+            errors.append(SpecError("nodes", nodes, f"a mixed cluster cannot be resized by --nodes; drop --nodes, "
+                                    f"or edit `nodes` of its {where}"))
+        if devices_per_node is not None:
+            errors.append(SpecError("devices_per_node", devices_per_node, "a mixed cluster has no single count of "
+                                    "devices per node to override; drop --devices-per-node, or edit "
+                                    f"`devices_per_node` of its {where}"))
+        return errors
 
     # -- queries ------------------------------------------------------------------------------
     @property

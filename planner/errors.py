@@ -61,12 +61,19 @@ class SpecErrors(SpecError):
         return tuple(e.field for e in self.errors)
 
 
+def each_error(exc: SpecError) -> tuple[SpecError, ...]:
+    """The single errors ``exc`` holds: those of a :class:`SpecErrors`, else ``exc`` itself."""
+    return exc.errors if isinstance(exc, SpecErrors) else (exc,)
+
+
 def raise_all(errors: Sequence[SpecError]) -> None:
-    """Raise nothing, the one error, or all of them as :class:`SpecErrors`."""
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise SpecErrors(errors)
+    """Raise nothing, the one error, or all of them as :class:`SpecErrors` (a :class:`SpecErrors` among
+    them is flattened, so the CLI still prints one line per field)."""
+    flat = [single for e in errors for single in each_error(e)]
+    if len(flat) == 1:
+        raise flat[0]
+    if flat:
+        raise SpecErrors(flat)
 
 
 class InfeasibleError(PlannerError):
@@ -225,17 +232,63 @@ class ArgumentCheck:
 
 
 def read_json_file(path: str | Path, field: str, *, what: str, damaged_fix: str) -> Any:
-    """Parse a user's JSON file; unreadable or malformed files become a SpecError naming the fix."""
+    """Parse a user's JSON file; unreadable or malformed files become a SpecError naming the fix.
+
+    Every file a user writes (cluster, plan, ``--constants``, a Hugging Face ``config.json``, a model
+    preset) is read here, so each refuses a key written twice in one object (:func:`loads_unique`)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(field, str(path), f"cannot read {what} ({exc.strerror}); check the path") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(field, str(path), f"{what} is not UTF-8 text (byte {exc.start}); {damaged_fix}") from None
     try:
-        return json.loads(text)
+        return loads_unique(text, source=str(path))
     except json.JSONDecodeError as exc:
         raise SpecError(field, str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
                         f"{damaged_fix}") from exc
+
+
+def loads_unique(text: str, *, source: str | None = None) -> Any:
+    """``json.loads(text)``, refusing a key written twice in one object.
+
+    JSON parsers keep the last of the two values without a word, so an edit that added a key instead of
+    changing it (``"devices_per_node": 8, ..., "devices_per_node": 4``) would be read as the other
+    value. Each such key is a :class:`SpecError` naming it (its path in the document: ``inter_node.latency_s``),
+    its values and ``source``, all of them at once."""
+    twice: list[tuple[dict, str, list]] = []
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            for key in obj:
+                values = [v for k, v in pairs if k == key]
+                if len(values) > 1:
+                    twice.append((obj, key, values))
+        return obj
+
+    data = json.loads(text, object_pairs_hook=unique)
+    if twice:
+        prefixes = _object_prefixes(data)
+        raise_all([SpecError(f"{prefixes.get(id(obj), '')}{key}", values,
+                             f"the key is written {'twice' if len(values) == 2 else f'{len(values)} times'} in one "
+                             "object (JSON would silently keep the last value); delete the ones you do not mean",
+                             source=source) for obj, key, values in twice])
+    return data
+
+
+def _object_prefixes(data: Any, prefix: str = "") -> dict[int, str]:
+    """``id`` of every object in parsed JSON -> its path as a field prefix (``""``, ``groups[0].device.``)."""
+    out: dict[int, str] = {}
+    if isinstance(data, dict):
+        out[id(data)] = prefix
+        for key, value in data.items():
+            out.update(_object_prefixes(value, f"{prefix}{key}."))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            out.update(_object_prefixes(value, f"{prefix.rstrip('.')}[{i}]."))
+    return out
 
 
 def run_command(body: Callable[[], int], *, debug: bool,

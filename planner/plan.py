@@ -488,11 +488,30 @@ def _readable_version(d: Any, source: str | None) -> str:
     if version is None:
         raise SpecError("schema_version", None, "missing: this is not a plan file written by `python -m planner`",
                         source=source)
-    if not isinstance(version, str) or version.split(".")[0] not in READABLE_MAJORS:
+    _check_version_is_text(version, source)
+    if version.split(".")[0] not in READABLE_MAJORS:
         raise PlanMismatchError(f"{source or 'plan'}: schema_version {version} is not readable by this planner "
                                 f"(reads {', '.join(m + '.x' for m in READABLE_MAJORS)}); re-create the plan with "
                                 "`python -m planner plan`")
     return version
+
+
+def _check_version_is_text(version: Any, source: str | None) -> None:
+    """A plan's ``schema_version`` is a string (``"2.1"``); a number (``3``) would otherwise be reported
+    as an unreadable version ("schema_version 2 is not readable ... reads 2.x"), which contradicts itself."""
+    if not isinstance(version, str):
+        raise SpecError("schema_version", version, f"must be a string like \"{SCHEMA_VERSION}\" (the version this "
+                        f"planner writes), not {_json_kind(version)}; write it in quotes, or re-create the plan with "
+                        "`python -m planner plan`", source=source)
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words: ``the number 3``, ``true``, ``an array``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    return {dict: "an object", list: "an array"}.get(type(value), f"the {type(value).__name__} {value!r}")
 
 
 def _mesh_axes(axes: list[str]) -> tuple[str, ...]:
@@ -587,6 +606,7 @@ def validate_plan_dict(d: Any, *, source: str | None = None) -> None:
     if "schema_version" not in d:
         raise SpecError("schema_version", None, "missing: this is not a plan file written by `python -m planner`",
                         source=source)
+    _check_version_is_text(d["schema_version"], source)
     from jsonschema.exceptions import best_match
 
     err = best_match(sorted(_validator().iter_errors(d), key=lambda e: list(e.absolute_path)))

@@ -7,7 +7,6 @@ the meta device is free, so a 175B-parameter model is planned without allocating
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner.errors import SpecError
+from planner.errors import SpecError, read_json_file
 from planner.paths import datasets_dir
 
 
@@ -287,7 +286,9 @@ def load_preset(name: str) -> ModelPreset:
         close = sorted(known, key=lambda k: _edit_distance(k, name))[:3]
         raise SpecError("model", name, f"no such model preset; did you mean one of {close}? "
                         "`python -m planner models` lists them all")
-    data = json.loads(path.read_text())
+    data = read_json_file(path, "model", what=f"the model preset {name}", damaged_fix="fix the syntax")
+    if not isinstance(data, dict):
+        raise SpecError("model", name, f"{path} holds no JSON object; a preset is an object with family and config")
     family = data.get("family")
     if family not in FAMILIES:
         raise SpecError("family", family, f"unknown model family in {path}; known: {sorted(FAMILIES)}")

@@ -27,7 +27,6 @@ configs trace; ``tests/core/test_hf_config.py`` traces each and fails if the lis
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from planner.errors import SpecError
+from planner.errors import SpecError, raise_all, read_json_file
 
 # model_type -> what it is. tests/core/test_hf_config.py traces a small config of every candidate family
 # it knows and checks that this list is exactly those that trace (a candidate outside it does not).
@@ -112,21 +111,19 @@ def load_config(path: str | Path) -> Any:
     if not file.is_file():
         raise SpecError("--model", str(path), "no such file; give a Hugging Face config.json (or the folder "
                         "holding it) on disk, or a preset name (`python -m planner models`)")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError("--model", str(path), f"not valid JSON ({exc}); fix the file") from None
+    data = read_json_file(file, "--model", what="the config", damaged_fix="fix the file")
     if not isinstance(data, dict) or "model_type" not in data:
         raise SpecError("model_type", None, "the config has no 'model_type' (e.g. \"llama\"); add it, as "
                         "transformers writes it", source=str(file))
     _check_dimensions(data, str(file))
     model_type = data.pop("model_type")
-    known = transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES
-    if model_type not in known:
-        close = _close(model_type, known)
+    auto = transformers.models.auto.configuration_auto
+    if model_type not in auto.CONFIG_MAPPING_NAMES:
+        close = _close(model_type, auto.CONFIG_MAPPING_NAMES)
         raise SpecError("model_type", model_type, f"transformers {transformers.__version__} does not know this "
                         f"model type; did you mean one of {close}? Families known to trace: "
                         f"{', '.join(TRACED_FAMILIES)}", source=str(file))
+    _check_key_dimensions(data, model_type, str(file))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -158,6 +155,46 @@ def _check_dimensions(data: dict[str, Any], source: str) -> None:
                         source=source)
     if heads and kv and heads % kv:
         raise SpecError("num_key_value_heads", kv, f"must divide num_attention_heads {heads}", source=source)
+
+
+# The dimensions that size a model, under transformers' standard names; a family may call them otherwise
+# (GPT-2: n_embd, n_layer, n_head; T5: d_model, num_layers, num_heads), as its config class's attribute_map says.
+_KEY_DIMENSIONS = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_key_dimensions(data: dict[str, Any], model_type: str, source: str) -> None:
+    """A ``config.json`` states the model's width, depth and heads, under any name its family accepts.
+
+    transformers fills a missing one with its class default (Llama's ``hidden_size`` 4096), so a config
+    that lost a field would be planned as another model without a word. A dimension the class does not
+    take (BART's depth is ``encoder_layers``, named through ``attribute_map``) is asked for under the
+    name it does take; one it takes under no name is not asked for. A ``PretrainedConfig`` passed in
+    Python is the user's object as built and is not checked here."""
+    import inspect
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config_class = CONFIG_MAPPING[model_type]
+        params = inspect.signature(config_class.__init__).parameters
+    except Exception:  # transformers cannot load the class: AutoConfig.for_model then says why, in its words
+        return
+    aliases = dict(getattr(config_class, "attribute_map", {}) or {})
+    missing = []
+    for standard in _KEY_DIMENSIONS:
+        names = {standard, aliases.get(standard, standard)} | {k for k, v in aliases.items() if v == standard}
+        taken = [n for n in (aliases.get(standard, standard), standard) if n in params]
+        if not taken or names & data.keys():
+            continue
+        name = taken[0]
+        default = params[name].default
+        also = sorted(names - {name})
+        missing.append(SpecError(name, None, f"missing: transformers would silently use {config_class.__name__}'s "
+                                 f"default{'' if default is inspect.Parameter.empty else f' {default!r}'}, planning another "
+                                 f"model; add the "
+                                 f"model's {name}" + (f" (also read as {', '.join(also)})" if also else ""),
+                                 source=source))
+    raise_all(missing)
 
 
 def model_class(config: Any) -> type[nn.Module]:

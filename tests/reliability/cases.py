@@ -357,4 +357,20 @@ CASES: list[Case] = [
     Case("evaluate-plan-with-cluster", "options", "evaluate --plan with --cluster, which the plan file fixes",
          lambda t: ["evaluate", "--plan", _plan_file(t, lambda d: None, restamp=True), "--cluster", "dgx-h100"], 2,
          ("--cluster: got 'dgx-h100'", "re-prices the plan file's own model, cluster")),
+    # bad-input sweep: every bad field of a cluster file, number versions, mixed clusters, keys written twice
+    _cluster_case(lambda d: (d["inter_node"].update(bandwidth_bytes_per_s=-1), d.update(devices_per_node=0),
+                             d["device"]["peak_flops"].update(bf16="312e12")),
+                  "error: device.peak_flops.bf16", "error: devices_per_node", "error: inter_node.bandwidth_bytes_per_s",
+                  what="three bad fields in one cluster file: all reported at once", cid="cluster-several-bad-fields"),
+    Case("plan-number-version", "plan file", "plan whose schema_version is the number 3, not a string",
+         lambda t: ["explain", _plan_file(t, lambda d: d.update(schema_version=3))], 2,
+         ('schema_version', 'must be a string like "2.1"', "not the number 3")),
+    Case("opt-devices-per-node-mixed", "options", "--devices-per-node on a mixed cluster (its groups have their own)",
+         lambda t: ["plan", "--model", "gpt-tiny", "--cluster", "mixed-a100-v100", "--devices-per-node", "4",
+                    "--global-batch", "8"], 2, ("devices_per_node: got 4", "drop --devices-per-node")),
+    Case("cluster-duplicate-key", "cluster", "a key written twice in a cluster file (was: the last one, silently)",
+         lambda t: ["plan", "--model", "gpt-tiny", "--cluster",
+                    _raw_file(t, "c.json", Path(_cluster_file(t, lambda d: None)).read_text()
+                              .replace('"devices_per_node": 8', '"devices_per_node": 8, "devices_per_node": 4')),
+                    "--global-batch", "8"], 2, ("devices_per_node", "got [8, 4]", "written twice")),
 ]
