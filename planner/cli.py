@@ -29,7 +29,7 @@ from planner.units import format_count, plural
 
 GiB = 2**30
 DTYPES = ("bf16", "fp16", "fp32")
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "op", "full")
 ZERO_STAGES = (0, 1, 2, 3)
 PARTITIONS = ("balanced", "uniform")
 
@@ -71,7 +71,8 @@ def _add_config(p: argparse.ArgumentParser, *, required: bool) -> None:
     g.add_argument("--virtual-stages", type=int_arg, help="model chunks per device (interleaved schedules)")
     g.add_argument("--schedule", help="pipeline schedule (gpipe, 1f1b, interleaved-1f1b, zb-h1, ...)")
     g.add_argument("--recompute", type=choice_arg(*RECOMPUTE), metavar=choices_metavar(*RECOMPUTE),
-                   help="activation recomputation")
+                   help="activation recomputation: none; selective (attention cores, Megatron); op (per-op: "
+                        "every other matmul and the attention kernels saved, torchtitan); full (whole layers)")
     g.add_argument("--sequence-parallel", action="store_true", default=None, help="Megatron sequence parallelism")
     g.add_argument("--zero", type=choice_arg(*ZERO_STAGES), metavar=choices_metavar(*ZERO_STAGES),
                    help="ZeRO / FSDP stage")
@@ -355,7 +356,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         schedules=tuple(s.strip() for s in args.schedules.split(",")) if args.schedules else (
             (args.schedule,) if args.schedule else None),
         virtual_stages=(args.virtual_stages,) if args.virtual_stages else None,
-        recompute=(args.recompute,) if args.recompute else ("none", "selective", "full"),
+        recompute=(args.recompute,) if args.recompute else RECOMPUTE,
         sequence_parallel=(args.sequence_parallel,) if args.sequence_parallel is not None else (False, True),
         zero_stage=(args.zero,) if args.zero is not None else (0, 1, 2, 3),
         overlap_grad_reduce=args.overlap_grad_reduce,
@@ -525,6 +526,8 @@ def legend(labels: Any, bindings: Any = ()) -> str:
         parts.append("v = model chunks per device")
     for t in dict.fromkeys(t for t in tokens if t.startswith("recompute=") and "/" not in t):  # /k: _sharding_legend
         parts.append({"recompute=selective": "recompute=selective = the attention core recomputed in the backward",
+                      "recompute=op": "recompute=op = per-op checkpointing: every other matmul's and the attention "
+                                      "kernels' outputs kept, the rest recomputed in the backward (torchtitan)",
                       "recompute=full": "recompute=full = each layer's forward recomputed in the backward"}.get(t, t))
     if "sp" in tokens:
         parts.append("sp = sequence parallelism (norms and dropout split along the sequence over tp)")

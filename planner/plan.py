@@ -59,7 +59,8 @@ __all__ = ["PLACEMENTS_SCHEMA", "STYLES", "Alternative", "BaselineRecord", "Devi
 
 SCHEMA_VERSION = "2.1"
 READABLE_MAJORS = ("1", "2")  # 1.x: converted on read, unverified (no fingerprint)
-Recompute = Literal["none", "selective", "full"]
+# In order of the activation memory they free (planner.hints takes the last allowed as the most).
+Recompute = Literal["none", "selective", "op", "full"]
 RECOMPUTE: tuple[Recompute, ...] = get_args(Recompute)
 # The schedules of planner.schedules.SCHEDULE_NAMES (a test checks they agree; the plan does not
 # import the simulator).

@@ -8,6 +8,12 @@
   torchtitan's ``selective_ac_option = k``); the others keep their activations.
 * ``"selective"``: only the attention of each transformer block is checkpointed (the part whose
   activations grow with ``seq_len²``), as in Korthikanti et al. 2022; the rest is kept.
+* ``"op"``: each layer runs under ``torch.utils.checkpoint`` with a selective-checkpoint policy
+  (``create_selective_checkpoint_contexts``, torchtitan's ``selective_ac_option = "op"``): the outputs of
+  the attention kernels, of every other matrix multiply (the layer's 1st, 3rd, ...), of tensor
+  parallelism's reduce-scatters and of ``max`` (FP8 scales) are saved; the rest is recomputed. The
+  rule is :mod:`planner.trace.saved_ops`, the one the planner priced; the counter restarts at each
+  layer call, so the same matrix multiplies are saved every step.
 
 Applied after tensor parallelism (it wraps whatever forward TP installed) and before FSDP/DDP.
 With sequence parallelism the gather of the sequence sits in ``attn.qkv``'s input hook, inside the
@@ -18,11 +24,14 @@ input and redoes the all-gather in backward (Korthikanti et al.'s pairing of the
 from __future__ import annotations
 
 import functools
+from typing import Any
 
+import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from planner.cost.sharding import recomputes_layer
+from planner.trace.saved_ops import KEPT_KERNELS, MATMULS, keeps_output
 from runtime.errors import RunCheckError
 from runtime.model import StageModule
 
@@ -37,6 +46,12 @@ def apply_recompute(stage: StageModule, mode: str, *, every: int = 1, layer_name
     if mode == "full":
         stage._checkpoint_layers = True
         return len(stage.layer_paths)
+    if mode == "op":
+        for path in stage.layer_paths:
+            layer = stage.get_submodule(path)
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False,
+                                              context_fn=_op_contexts)
+        return len(stage.layer_paths)
     if mode == "selective":
         count = 0
         for path in stage.layer_paths:
@@ -46,7 +61,35 @@ def apply_recompute(stage: StageModule, mode: str, *, every: int = 1, layer_name
                 attn.forward = functools.partial(checkpoint, attn.forward, use_reentrant=False)
                 count += 1
         return count
-    raise RunCheckError(f"parallel.recompute: got {mode!r}; the runtime knows 'none', 'selective' and 'full'")
+    raise RunCheckError(f"parallel.recompute: got {mode!r}; the runtime knows 'none', 'selective', 'op' and 'full'")
+
+
+def _overloads(names: frozenset[str], namespace: Any) -> frozenset[Any]:
+    """The ``.default`` overloads of the ops named ``names`` that this torch build has."""
+    return frozenset(getattr(namespace, n).default for n in names if hasattr(namespace, n))
+
+
+_MATMUL_OPS = _overloads(MATMULS, torch.ops.aten)
+# Besides the policy's kernels: tp's reduce-scatters (a sequence-parallel block's closing collective)
+# and max (torchao's FP8 scales), as torchtitan saves them; they hold no FLOPs the planner counts.
+_SAVED_OPS = (_overloads(KEPT_KERNELS, torch.ops.aten) | _overloads(frozenset({"max"}), torch.ops.aten)
+              | _overloads(frozenset({"reduce_scatter_tensor"}), torch.ops._c10d_functional))
+
+
+def _op_contexts() -> tuple[Any, Any]:
+    """The forward and recompute contexts of one checkpointed layer call, sharing one policy whose matrix
+    multiply counters (one per pass) start at zero."""
+    counts = {False: 0, True: 0}
+
+    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if func in _MATMUL_OPS:
+            counts[ctx.is_recompute] += 1
+            keep = keeps_output(func._overloadpacket.__name__, counts[ctx.is_recompute])
+        else:
+            keep = func in _SAVED_OPS
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def _checkpoint_every(stage: StageModule, every: int, layer_names: tuple[str, ...]) -> int:

@@ -23,7 +23,7 @@ from planner.api import evaluate, plan
 from planner.cluster import ClusterSpec
 from planner.cost.constants import trainer_constants
 from planner.errors import InfeasibleError
-from planner.plan import ParallelConfig, Plan
+from planner.plan import RECOMPUTE, ParallelConfig, Plan
 from planner.space import SearchSpace
 from planner.validation.cases import FSDP_MIXED_PRECISION
 from tools.compare import differences
@@ -62,7 +62,7 @@ class ModernCase:
             tp=pin("tp", cfg.tp), pp=pin("pp", cfg.pp), dp=pin("dp", cfg.dp), cp=pin("cp", cfg.cp),
             ep=pin("ep", cfg.ep), micro_batch_size=pin("micro_batch_size", cfg.micro_batch_size),
             schedules=pin("schedule", cfg.schedule), virtual_stages=pin("virtual_stages", cfg.virtual_stages),
-            recompute=pin("recompute", cfg.recompute) or ("none", "selective", "full"),
+            recompute=pin("recompute", cfg.recompute) or RECOMPUTE,
             recompute_every=pin("recompute_every", cfg.recompute_every),
             sequence_parallel=(cfg.sequence_parallel,), zero_stage=(cfg.zero_stage,),
             dp_shard=(cfg.dp_shard,), reshard_after_forward=(cfg.reshard_after_forward,), fp8=(cfg.fp8,),

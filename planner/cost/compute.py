@@ -35,6 +35,7 @@ from planner.cost.fp8 import FP8_GEMM_EFFICIENCY_RATIO, FP8_PEAK, cast_s
 from planner.cost.measured import gemm_tables
 from planner.trace.graph import Layer
 from planner.trace.meter import ATTENTION_KERNELS
+from planner.trace.saved_ops import kept_flags
 
 ATTENTION_KINDS = frozenset({"bmm", "baddbmm"}) | ATTENTION_KERNELS
 LINEAR_KINDS = frozenset({"addmm", "mm", "linear", "convolution", "_grouped_mm"})
@@ -119,6 +120,7 @@ class LayerTimes:
     bwd_input_s: float
     bwd_weight_s: float
     attention_fwd_s: float  # the part selective recomputation repeats
+    op_kept_fwd_s: float = 0.0  # the part per-op checkpointing does not repeat (planner.trace.saved_ops)
 
     @property
     def bwd_s(self) -> float:
@@ -126,18 +128,18 @@ class LayerTimes:
 
 
 def _gemm_times(layer: Layer, *, micro_batch: int, tp: int, device: DeviceSpec, dtype: str, c: CostConstants,
-                gemm: tuple[GemmPoint, ...] | None, fp8: bool = False) -> tuple[float, float, float, float, float]:
+                gemm: tuple[GemmPoint, ...] | None, fp8: bool = False) -> tuple[float, float, float, float, float, float]:
     """The FLOP-counted ops of ``layer``: (forward seconds, of which attention GEMMs, of which fused
-    attention kernels, FLOPs per sample, weight elements read by GEMMs). ``fp8``: linears at the FP8
-    peak (:mod:`planner.cost.fp8`)."""
+    attention kernels, FLOPs per sample, weight elements read by GEMMs, forward seconds of the ops
+    per-op checkpointing keeps). ``fp8``: linears at the FP8 peak (:mod:`planner.cost.fp8`)."""
     peak = device.peak(dtype)
     fp8_peak = device.peak(FP8_PEAK) if fp8 else 0.0
     bw = device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
     c = device_constants(device, c)
     elt = DTYPE_BYTES.get(dtype, 2)
     gemm_fwd = attention_gemm = gemm_flops = fused_attention = 0.0
-    weight_elems = 0.0
-    for op in layer.op_costs:
+    weight_elems = kept_s = 0.0
+    for op, kept in zip(layer.op_costs, kept_flags([op.kind for op in layer.op_costs])):
         if op.flops <= 0:
             continue
         flops = op.flops * micro_batch / tp
@@ -165,15 +167,16 @@ def _gemm_times(layer: Layer, *, micro_batch: int, tp: int, device: DeviceSpec, 
             t = max(flops / (peak * eff), nbytes / bw) + calls * c.kernel_overhead_s
         gemm_fwd += t
         gemm_flops += op.flops
+        kept_s += t if kept else 0.0
         if op.kind in ATTENTION_KINDS:
             attention_gemm += t
         if op.kind in ATTENTION_KERNELS:
             fused_attention += t
-    return gemm_fwd, attention_gemm, fused_attention, gemm_flops, weight_elems
+    return gemm_fwd, attention_gemm, fused_attention, gemm_flops, weight_elems, kept_s
 
 
 def _with_host_dispatch(layer: Layer, c: CostConstants, fwd: float, bwd_in: float, bwd_w: float, attention: float,
-                        att_share: float) -> LayerTimes:
+                        att_share: float, kept: float = 0.0) -> LayerTimes:
     """The device times of a layer with the host's op dispatch added (or overlapped, ``async_dispatch``)."""
     host_fwd = layer.num_ops * c.op_dispatch_s
     if host_fwd > 0 and c.async_dispatch:
@@ -186,12 +189,14 @@ def _with_host_dispatch(layer: Layer, c: CostConstants, fwd: float, bwd_in: floa
         else:
             bwd_in = bwd_total
         attention = attention * fwd_total / fwd if fwd > 0 else 0.0
+        kept = kept * fwd_total / fwd if fwd > 0 else 0.0
         fwd = fwd_total
     elif host_fwd > 0:
         fwd += host_fwd
         bwd_in += 2 * host_fwd
         attention += host_fwd * min(1.0, att_share)
-    return LayerTimes(fwd_s=fwd, bwd_input_s=bwd_in, bwd_weight_s=bwd_w, attention_fwd_s=attention)
+    return LayerTimes(fwd_s=fwd, bwd_input_s=bwd_in, bwd_weight_s=bwd_w, attention_fwd_s=attention,
+                      op_kept_fwd_s=kept)
 
 
 def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: bool, device: DeviceSpec,
@@ -204,7 +209,7 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
     """
     bw = device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
     elt = DTYPE_BYTES.get(dtype, 2)
-    gemm_fwd, attention_gemm, fused_attention, gemm_flops, weight_elems = _gemm_times(
+    gemm_fwd, attention_gemm, fused_attention, gemm_flops, weight_elems, kept = _gemm_times(
         layer, micro_batch=micro_batch, tp=tp, device=device, dtype=dtype, c=c, gemm=gemm, fp8=fp8)
     # Parameters read by memory-bound ops (embedding tables, norms, biases) once per micro-batch.
     params = max(layer.param_count - weight_elems, 0.0) * elt
@@ -229,4 +234,4 @@ def layer_times(layer: Layer, *, micro_batch: int, tp: int, sequence_parallel: b
         cast_fwd, cast_bwd = cast_s(layer, micro_batch=micro_batch, tp=tp, device=device, c=c,
                                     linear_kinds=LINEAR_KINDS)
         fwd, bwd_in = fwd + cast_fwd, bwd_in + cast_bwd
-    return _with_host_dispatch(layer, c, fwd, bwd_in, bwd_w, attention, att_share)
+    return _with_host_dispatch(layer, c, fwd, bwd_in, bwd_w, attention, att_share, kept)

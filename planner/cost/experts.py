@@ -155,7 +155,7 @@ def expert_parallel_row(arr: dict[str, np.ndarray], i: int, layer: Layer, *, gra
     fwd, bwd = hit
     arr["tcf"][i] += fwd
     arr["tc"][i] += fwd + bwd
-    if recompute == "full":  # the recomputed forward dispatches and combines again
+    if recompute in ("full", "op"):  # the recomputed forward dispatches and combines again
         arr["r"][i] += fwd
     arr["a2a"][i] = fwd + bwd
     experts = expert_params(layer)

@@ -27,6 +27,7 @@ from planner.cost.experts import add_expert_rows
 from planner.cost.memory import _range_max, _stage_params
 from planner.cost.sharding import layer_recompute
 from planner.trace.graph import CostGraph, Layer
+from planner.trace.saved_ops import MATMULS, kept_flags
 
 
 def tp_collectives(layer: Layer, dtype: str) -> tuple[list[float], list[float]]:
@@ -323,11 +324,11 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
                 knobs: TableKnobs = NO_KNOBS) -> LayerTable:
     """Seconds and bytes per layer and micro-batch on one device of a ``tp``-way group.
 
-    Recomputation (Chen et al. 2016; Korthikanti et al. 2022): ``none`` stores what autograd
-    saves; ``selective`` drops the attention scores (softmax, dropout mask and output:
-    ``attention_activation_bytes``) and repeats the attention core in backward; ``full`` stores
-    only each layer's input, repeats the whole forward (its tensor-parallel collectives too) and
-    holds one layer's full activations while it is recomputed.
+    Recomputation (Chen et al. 2016; Korthikanti et al. 2022): ``none`` stores what autograd saves;
+    ``selective`` drops the attention scores (``attention_activation_bytes``) and repeats the attention
+    core in backward; ``op`` keeps the input and what :mod:`planner.trace.saved_ops` keeps, repeating the
+    rest; ``full`` stores only each layer's input, repeats the whole forward (its tensor-parallel
+    collectives too) and holds one layer's full activations while it is recomputed.
 
     Tensor-parallel communication (``tp > 1``):
 
@@ -364,7 +365,7 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
         tc_fwd, tc_bwd = _exposed_tp_s(layer, t, tc, tp=tp, c=c)
         arr["tcf"][i], arr["tc"][i] = tc_fwd, tc_fwd + tc_bwd
         _fill_memory_row(arr, i, layer, t, tc_fwd, micro_batch=seqs, tp=tp,  # type: ignore[arg-type]
-                         sequence_parallel=sequence_parallel, recompute=recs[i])
+                         sequence_parallel=sequence_parallel, recompute=recs[i], elt=DTYPE_BYTES.get(graph.dtype, 2))
     add_expert_rows(arr, graph, cluster, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
                     recompute=recompute, knobs=knobs, dtype=dtype, c=c)  # ep > 1: experts split (cost/experts.py)
     cp_comm = add_cp_rows(arr, graph, cluster, micro_batch=micro_batch, tp=tp, cp=knobs.cp, dtype=dtype, c=c,
@@ -424,12 +425,23 @@ def _tp_source(tp: int, tp_pricing: str, tp_seconds: TpSeconds | None,
 
 
 def _fill_memory_row(arr: dict[str, np.ndarray], i: int, layer: Layer, t: object, tc_fwd: float, *,
-                     micro_batch: int, tp: int, sequence_parallel: bool, recompute: str) -> None:
-    """Layer ``i``'s stored and working activations, recomputation seconds, parameters and output."""
+                     micro_batch: int, tp: int, sequence_parallel: bool, recompute: str, elt: float = 2) -> None:
+    """Layer ``i``'s stored and working activations, recomputation seconds, parameters and output
+    (``elt``: bytes per element of the traced activations)."""
     shard = activation_shard(layer, tp, sequence_parallel)
     full = layer.activation_bytes * shard * micro_batch
     if recompute == "none":
         arr["st"][i] = full
+    elif recompute == "op":
+        # Per-op checkpointing (planner.trace.saved_ops) keeps the layer's input and the outputs of the
+        # ops it saves; backward re-runs the rest: their forward seconds, and the tp collectives between
+        # a recomputed GEMM and the next saved output (about half: the reduce-scatters that close a
+        # sequence-parallel block are saved, and recomputation stops before a block's last all-reduce).
+        kept = min(full, op_saved_bytes(layer, elt) * shard * micro_batch
+                   + layer.input_bytes * micro_batch / (tp if sequence_parallel else 1))
+        arr["st"][i] = kept
+        arr["wk"][i] = full - kept
+        arr["r"][i] = max(t.fwd_s - t.op_kept_fwd_s, 0.0) + tc_fwd / 2  # type: ignore[attr-defined]
     elif recompute == "selective":
         attention = layer.attention_activation_bytes * shard * micro_batch
         arr["st"][i] = full - attention
@@ -441,6 +453,16 @@ def _fill_memory_row(arr: dict[str, np.ndarray], i: int, layer: Layer, t: object
         arr["r"][i] = t.fwd_s + tc_fwd  # type: ignore[attr-defined]
     arr["p"][i] = layer.param_count
     arr["o"][i] = layer.output_bytes * micro_batch / (tp if sequence_parallel else 1)
+
+
+def op_saved_bytes(layer: Layer, elt: float) -> float:
+    """Bytes per sample the per-op checkpointing policy keeps of ``layer`` (its traced figure; for a graph
+    stored before that was traced, the kept matrix multiplies' outputs, ``m·n`` elements of ``elt`` bytes,
+    without the attention kernels' outputs)."""
+    if layer.op_saved_bytes is not None:
+        return layer.op_saved_bytes
+    gemms = [op for op in layer.op_costs if op.kind in MATMULS]
+    return sum(op.m * op.n * elt for op, kept in zip(gemms, kept_flags([op.kind for op in gemms])) if kept)
 
 
 def group_layer_tables(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int,

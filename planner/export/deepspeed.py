@@ -61,8 +61,8 @@ def _nearest(cfg: ParallelConfig) -> tuple[ParallelConfig, list[Loss]]:
     if cfg.tp > 1 and cfg.sequence_parallel:
         lost.append(Loss("sequence_parallel", "true", "false", "AutoTP has no sequence parallelism"))
         nearest = replace(nearest, sequence_parallel=False)
-    if cfg.pp > 1 and cfg.recompute == "selective":
-        lost.append(Loss("recompute", "selective", "full (activation_checkpoint_interval 1)",
+    if cfg.pp > 1 and cfg.recompute in ("selective", "op"):
+        lost.append(Loss("recompute", cfg.recompute, "full (activation_checkpoint_interval 1)",
                          "PipelineModule checkpoints whole layers"))
         nearest = replace(nearest, recompute="full")
     if cfg.pp > 1 and cfg.zero_stage > 1:

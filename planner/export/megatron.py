@@ -21,7 +21,8 @@ What maps how:
   (``--recompute-method uniform --recompute-num-layers 1``). One layer in k (``recompute_every``) is
   ``--recompute-method block --recompute-num-layers n``: the first n = b/k decoder layers of each model
   chunk of b layers, as many as the plan recomputes, where every chunk has the same b and k divides it;
-  otherwise lost, nearest every layer.
+  otherwise lost, nearest every layer. ``op`` (per-op checkpointing) has no Megatron knob: lost, nearest
+  ``full``.
 * Context parallelism: ``--context-parallel-size``; expert parallelism: ``--expert-model-parallel-size``
   (the MoE layers themselves are the model's arguments); FP8: ``--fp8-format hybrid --fp8-recipe
   tensorwise`` (Transformer Engine's current per-tensor scaling: the tensorwise scaling the plan prices).
@@ -62,6 +63,10 @@ def export(plan: Plan) -> ExportResult:
         "dp_shard": "Megatron FSDP shards over the whole data-parallel group",
         "reshard_after_forward": "Megatron FSDP gathers the weights again for the backward"})
     lost += knob_lost
+    if cfg.recompute == "op":
+        lost.append(Loss("recompute", "op", "full", "Megatron-LM has no per-op checkpointing policy; full "
+                         "recomputation keeps less memory"))
+        nearest = replace(nearest, recompute="full")
     bounds = boundaries_of(plan)
     recompute_args, every_lost = _recompute_args(plan, nearest, bounds)
     if every_lost:
@@ -93,8 +98,8 @@ def export(plan: Plan) -> ExportResult:
         args += ["--fp8-format hybrid", "--fp8-recipe tensorwise"]
     header = (f"# {plan.model.name} on {plan.cluster.name}: {cfg.label()} (dp {cfg.dp} = world size / "
               f"(tp x {'cp x ' if cfg.cp > 1 else ''}pp))\n# names: {VERSION}\n")
-    kept = ["tp", "pp", "dp (implied)", "micro-batch", "global batch", "stage split", "recompute", "zero",
-            "sequence parallel"] + [k for k, on in (("cp", cfg.cp > 1), ("ep", cfg.ep > 1), ("fp8", cfg.fp8)) if on]
+    kept = ["tp", "pp", "dp (implied)", "micro-batch", "global batch", "stage split", "zero", "sequence parallel"]
+    kept += (["recompute"] if nearest.recompute == cfg.recompute else []) + [k for k, on in (("cp", cfg.cp > 1), ("ep", cfg.ep > 1), ("fp8", cfg.fp8)) if on]
     lost_knobs = {x.knob for x in lost}
     kept += [k for k, on in (("schedule", True), ("recompute_every", cfg.recompute_every > 1))
              if on and k not in lost_knobs]

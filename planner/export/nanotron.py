@@ -51,8 +51,9 @@ def export(plan: Plan) -> ExportResult:
         lost.append(Loss("schedule", f"{cfg.schedule}, v={cfg.virtual_stages}", "1f1b, v=1",
                          "nanotron's engines are 1f1b and afab (GPipe), one chunk per stage"))
         nearest = replace(nearest, schedule="1f1b", virtual_stages=1)
-    if cfg.recompute == "selective":
-        lost.append(Loss("recompute", "selective", "full (recompute_layer: true)", "nanotron recomputes whole layers only"))
+    if cfg.recompute in ("selective", "op"):
+        lost.append(Loss("recompute", cfg.recompute, "full (recompute_layer: true)",
+                         "nanotron recomputes whole layers only"))
         nearest = replace(nearest, recompute="full")
     if cfg.zero_stage > 1:
         lost.append(Loss("zero", str(cfg.zero_stage), "1", "nanotron shards the optimizer state only (zero_stage 0 or 1)"))

@@ -20,8 +20,9 @@ What maps how:
 * batches: ``[training] global_batch_size``; ``local_batch_size`` is one replica's micro-batches
   of a step with a pipeline (``pipeline_parallel_microbatch_size`` splits it), and one micro-batch
   without (torchtitan accumulates gradients over global / (local x dp) of them).
-* recompute: ``[activation_checkpoint] mode``; ``selective`` is per-op selective checkpointing
-  (``selective_ac_option = "op"``), torchtitan's nearest to recomputing the attention core. Full
+* recompute: ``[activation_checkpoint] mode``; ``op`` is per-op selective checkpointing
+  (``mode = "selective"``, ``selective_ac_option = "op"``), the same policy. ``selective`` (Megatron's
+  attention-core recompute) has no torchtitan knob: the nearest is ``op``, which keeps less. Full
   recomputation of one layer in k (``recompute_every``) is torchtitan's layer-level selective
   checkpointing, ``mode = "selective"`` with ``selective_ac_option = "k"`` (the same rule: layer i when
   (i + 1) % k == 0).
@@ -80,9 +81,13 @@ def export(plan: Plan) -> ExportResult:
     bounds = boundaries_of(plan)
     par, split_lost, bounds_written = _parallelism(plan, nearest, bounds)
     lost += split_lost
-    ac = {"mode": cfg.recompute}
     if cfg.recompute == "selective":
-        ac["selective_ac_option"] = "op"
+        lost.append(Loss("recompute", "selective", "op (selective_ac_option = \"op\")",
+                         "torchtitan has no attention-core recompute; its per-op policy keeps less and redoes more"))
+        nearest = replace(nearest, recompute="op")
+    ac = {"mode": nearest.recompute}
+    if nearest.recompute == "op":
+        ac.update(mode="selective", selective_ac_option="op")
     elif cfg.recompute == "full" and cfg.recompute_every > 1:
         ac.update(mode="selective", selective_ac_option=str(cfg.recompute_every))
     # With a pipeline, the local batch is split into pipeline micro-batches; without one, torchtitan
@@ -99,7 +104,8 @@ def export(plan: Plan) -> ExportResult:
         # the output head stays in bf16, as the plan prices it (torchtitan's own default filters nothing)
         tables.update(model={"converters": ["float8"]}, float8={"recipe_name": "tensorwise", "filter_fqns": ["output"]})
     text = toml_text(tables, header)
-    kept = ["tp", "pp", "dp", "micro-batch", "global batch", "recompute"]
+    kept = ["tp", "pp", "dp", "micro-batch", "global batch"] + (["recompute"] if nearest.recompute == cfg.recompute
+                                                                  else [])
     kept += [k for k, on in (("cp", cfg.cp > 1), ("ep", cfg.ep > 1), ("fp8", cfg.fp8),
                              ("dp_shard", bool(cfg.dp_shard and cfg.dp_shard < cfg.dp)),
                              ("reshard_after_forward", not cfg.reshard_after_forward),

@@ -29,6 +29,7 @@ from torch import nn
 from planner.trace.graph import CostGraph, ExpertRouting, Layer, OpCost, TiedParam, layer_graph_from_ops
 from planner.trace.interpret import OpNode
 from planner.trace.meter import ATTENTION_KERNELS, AtenRecord
+from planner.trace.saved_ops import kept_flags
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,8 @@ def _layers(ops: list[OpNode], ctx: TraceContext, order: list[int], layer_of: di
             input_bytes=sum(by_name[s].output_bytes for s in incoming) / batch,
             output_bytes=sum(by_name[o].output_bytes for o in outgoing) / batch,
             op_costs=_op_costs(recs, batch), num_ops=len(members),
+            op_saved_bytes=sum(r.out_bytes for r, kept in zip(recs, kept_flags([r.name for r in recs])) if kept)
+            / batch,
             experts=expert_routing(named_modules.get(unit_path)) if unit_path in named_modules else (),
         ))
     return layers

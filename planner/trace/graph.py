@@ -94,6 +94,9 @@ class Layer:
     output_bytes: float
     op_costs: tuple[OpCost, ...] = ()
     num_ops: int = 0
+    # Bytes per sample the per-op checkpointing policy keeps (planner.trace.saved_ops); None in a graph
+    # stored before it was traced (the cost model then estimates it from the GEMM shapes).
+    op_saved_bytes: float | None = None
     experts: tuple[ExpertRouting, ...] = ()  # its mixture-of-experts modules (empty: a dense layer)
 
     @property

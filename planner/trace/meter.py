@@ -89,6 +89,7 @@ class AtenRecord:
     out_numel: int = 0  # GEMMs only: output elements (attention-score detection)
     a_numel: int = 0  # GEMMs only: first operand's elements
     causal: bool = False  # attention kernels only: a causal mask, so the kernel skips half the scores
+    out_bytes: int = 0  # GEMMs and attention kernels only: bytes of the outputs (what per-op checkpointing saves)
 
 
 @dataclass
@@ -159,8 +160,11 @@ class OpMeter(TorchDispatchMode):
             b_mult = min(n_act, 2 - w_mult)
         name = str(packet.__name__)
         causal = name in ATTENTION_KERNELS and _is_causal(name, args, kwargs)
+        out_bytes = 0
+        if name in ATTENTION_KERNELS or packet in _MM:
+            out_bytes = sum(_nbytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
         self.records.setdefault(self.key, []).append(
-            AtenRecord(name, flops, moved, m, n, k, b_mult, w_mult, out_numel, a_numel, causal))
+            AtenRecord(name, flops, moved, m, n, k, b_mult, w_mult, out_numel, a_numel, causal, out_bytes))
         return out
 
 

@@ -376,6 +376,8 @@ def _recompute(c: dict[str, Any], measured: dict[str, Any], notes: list[str]) ->
             if every:
                 notes.append(f"activation checkpointing on one block in {every}, from the published HFU/MFU")
                 return "full", every
+        if re.search(r"\bop\b|per-op", text):  # torchtitan's selective_ac_option = "op"
+            return "op", 1
         if "fraction" in text or "layer" in text:
             notes.append(f"activation checkpointing '{text[:30]}' priced as selective")
         return "selective", 1

@@ -180,7 +180,8 @@ def check_torchtitan(folder: Path, dp: int) -> dict[str, Any]:
             "micro_batch": mb, "global_batch": tr["global_batch_size"],
             "num_micro_batches": tr["local_batch_size"] // mb * tr["global_batch_size"]
             // (tr["local_batch_size"] * par["data_parallel_shard_degree"] * par["data_parallel_replicate_degree"]),
-            "recompute": d["activation_checkpoint"]["mode"], "ac_option": d["activation_checkpoint"].get("selective_ac_option"),
+            "recompute": ("op" if d["activation_checkpoint"].get("selective_ac_option") == "op"
+                          else d["activation_checkpoint"]["mode"]), "ac_option": d["activation_checkpoint"].get("selective_ac_option"),
             "cp": par.get("context_parallel_degree", 1), "ep": par.get("expert_parallel_degree", 1),
             "shard": par["data_parallel_shard_degree"], "reshard": par.get("fsdp_reshard_after_forward", "default"),
             "fp8": "float8" in d.get("model", {}).get("converters", [])

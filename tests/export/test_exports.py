@@ -28,6 +28,9 @@ CONFIGS = {
     "zbv": ParallelConfig(dp=2, tp=1, pp=4, micro_batch_size=1, num_micro_batches=8, virtual_stages=2,
                           schedule="zb-v", recompute="none"),
     "fsdp": ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=4, num_micro_batches=2, zero_stage=3),
+    "fsdp-op": ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=4, num_micro_batches=2, zero_stage=3, recompute="op"),
+    "pp-op": ParallelConfig(dp=2, tp=2, pp=2, micro_batch_size=1, num_micro_batches=8, sequence_parallel=True,
+                            recompute="op", zero_stage=1),
     "ddp-gpipe": ParallelConfig(dp=4, tp=1, pp=2, micro_batch_size=2, num_micro_batches=4, schedule="gpipe"),
     # plan schema 2.1's knobs, on H100s (FP8)
     "cp-hsdp-fp8": ParallelConfig(dp=4, cp=2, micro_batch_size=1, num_micro_batches=2, zero_stage=3, dp_shard=2,

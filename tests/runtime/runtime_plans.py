@@ -136,6 +136,8 @@ WORLD2 = {
     "dp=2 user dataloader": dict(dp=2, num_micro_batches=2, user_data=True),
     "dp=2 zero=3 no reshard after forward": dict(dp=2, num_micro_batches=2, zero_stage=3, reshard_after_forward=False),
     "pp=2 recompute=full every 2nd layer": dict(pp=2, num_micro_batches=4, recompute="full", recompute_every=2),
+    "pp=2 recompute=op": dict(pp=2, num_micro_batches=4, recompute="op"),
+    "tp=2 sp recompute=op": dict(tp=2, num_micro_batches=4, sequence_parallel=True, recompute="op"),
     "tp=2 across 2 nodes of 1 device": dict(tp=2, num_micro_batches=4, nodes=2),
 }
 WORLD4 = {
