@@ -13,6 +13,7 @@ run are dropped, so all ranks start from the weights a single process would have
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,10 @@ class StageModule(nn.Module):
         self._graph = graph  # None: a chain of one-tensor layers; else the cut of the traced forward
         # whole: the only stage, run by the model's own forward (a list, so that it is not a submodule)
         self._whole = [model] if whole else []
+        # A forward with ``use_cache`` (Hugging Face) is called without a cache: training reads none, and with
+        # one filled in forward a recomputed layer runs other ops (per-op checkpointing's replay refuses that).
+        params = list(inspect.signature(model.forward).parameters) if whole else []
+        self._cache_position = params.index("use_cache") if "use_cache" in params else None
         self.output_spec = output_spec  # rebuilds the model's return value from a graph's flat outputs
 
     @property
@@ -85,6 +90,8 @@ class StageModule(nn.Module):
     def forward(self, *received: torch.Tensor, **inputs: torch.Tensor):
         """A chain: ``forward(x)``. Otherwise ``forward(*what the previous stage sent, **model inputs)``."""
         if self._whole:  # the model is one stage: its own forward, on its own (sharded) layers
+            if self._cache_position is not None and len(received) <= self._cache_position and "use_cache" not in inputs:
+                inputs = {**inputs, "use_cache": False}
             return self._whole[0](*received, **inputs)
         received = tuple(_ContiguousGrad.apply(t) if t.requires_grad else t for t in received)
         if self._graph is not None:

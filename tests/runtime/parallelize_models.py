@@ -158,6 +158,8 @@ CONFIGS: dict[str, ParallelConfig] = {  # global batch 8 in each
     "dp=2": ParallelConfig(dp=2, micro_batch_size=2, num_micro_batches=2),
     "tp=2": ParallelConfig(tp=2, micro_batch_size=2, num_micro_batches=4),
     "dp=2 zero3": ParallelConfig(dp=2, zero_stage=3, micro_batch_size=2, num_micro_batches=2),
+    "dp=2 zero3 recompute=op": ParallelConfig(dp=2, zero_stage=3, micro_batch_size=2, num_micro_batches=2,
+                                              recompute="op"),
     "pp=2 x dp=2": ParallelConfig(pp=2, dp=2, micro_batch_size=2, num_micro_batches=2),
     "pp=2 x tp=2": ParallelConfig(pp=2, tp=2, micro_batch_size=2, num_micro_batches=4),
     "pp=2 x dp=2 zero3": ParallelConfig(pp=2, dp=2, zero_stage=3, micro_batch_size=2, num_micro_batches=2),

@@ -35,7 +35,7 @@ from parallelize_models import (
 from runtime_harness import launch
 
 MODELS = ("skip", "llama")
-WORLD2 = ("pp=2", "dp=2", "tp=2", "dp=2 zero1", "dp=2 zero2", "dp=2 zero3")
+WORLD2 = ("pp=2", "dp=2", "tp=2", "dp=2 zero1", "dp=2 zero2", "dp=2 zero3", "dp=2 zero3 recompute=op")
 WORLD4 = ("pp=2 x dp=2",)
 TIED2 = ("pp=2 zb-v",)  # the tied model: its embedding's and head's stages on one rank
 TIED4 = ("pp=2 zb-v x dp=2 zero1", "pp=2 zb-v x tp=2")
