@@ -31,7 +31,8 @@ GiB = 2**30
 DTYPES = ("bf16", "fp16", "fp32")
 RECOMPUTE = ("none", "selective", "op", "full")
 ZERO_STAGES = (0, 1, 2, 3)
-PARTITIONS = ("balanced", "uniform")
+PARTITIONS = ("balanced", "uniform")  # the first is the default
+DEFAULT_TRAINER = "megatron"
 
 
 def _add_model_cluster(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -50,7 +51,7 @@ def _add_model_cluster(p: argparse.ArgumentParser, *, required: bool = True) -> 
     g.add_argument("--dtype", type=choice_arg(*DTYPES), metavar=choices_metavar(*DTYPES),
                    help="training dtype (default: bf16 where the devices support it, else fp32)")
     g.add_argument("--trainer", type=choice_arg(*sorted(TRAINERS)), metavar=choices_metavar(*sorted(TRAINERS)),
-                   default="megatron",
+                   default=DEFAULT_TRAINER,
                    help="what runs the plan, for the cost model: megatron (fused kernels, bf16 weights with an fp32 "
                         "master copy; default), compiled (torch.compile), eager (unfused PyTorch), nanotron (eager around "
                         "fused kernels; its pipeline engine's floor under tp collectives across nodes), torch (this "
@@ -109,7 +110,7 @@ def _add_planning_commands(sub: Any) -> None:
     _add_config(p, required=True)
     _add_output(p)
     p.add_argument("--plan", help="re-evaluate the configuration and stages of this plan file")
-    p.add_argument("--partition", default="balanced", type=choice_arg(*PARTITIONS),
+    p.add_argument("--partition", default=PARTITIONS[0], type=choice_arg(*PARTITIONS),
                    metavar=choices_metavar(*PARTITIONS),
                    help="stage boundaries: exact memory-aware DP (balanced) or equal layers per stage (uniform)")
 
@@ -265,7 +266,8 @@ def _check_plan_alone(check: ArgumentCheck) -> None:
     args = check.args
     given = [n for n in _FROM_PLAN if getattr(args, n, None) is not None]
     given += [n for n in ("i_know", "overlap_grad_reduce", "no_reshard_after_forward") if getattr(args, n, False)]
-    given += [n for n, default in (("trainer", "megatron"), ("partition", "balanced")) if getattr(args, n) != default]
+    given += [n for n, default in (("trainer", DEFAULT_TRAINER), ("partition", PARTITIONS[0]))
+              if getattr(args, n) != default]
     for name in given:
         check.add("--" + name.replace("_", "-"), getattr(args, name),
                   "evaluate --plan re-prices the plan file's own model, cluster, configuration and constants; drop "

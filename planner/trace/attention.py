@@ -113,6 +113,11 @@ class FusedAttention(TorchFunctionMode):
                        register_module_forward_hook(self._leave_module, always_call=True)]
         return super().__enter__()
 
+    def start_attempt(self) -> None:
+        """Forget what an abandoned capture counted: the counts describe the capture that is kept."""
+        self.calls = 0
+        self.causal_masks = 0
+
     def _enter_module(self, module: nn.Module, _args: tuple) -> None:
         self._modules.append(module)
 

@@ -29,6 +29,7 @@ import copy
 import gc
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -320,20 +321,24 @@ def _attention_length(shapes: frozenset[tuple[int, ...]], batch: int) -> int | N
 def _capture_fused(tracing: _Tracing, force_module_level: bool) -> tuple[list[OpNode], str]:
     """:func:`_capture` with SDPA sent to the fused kernel a GPU runs, not the meta math fallback."""
     with FusedAttention() as fused:
-        captured = _capture(tracing, force_module_level)
+        captured = _capture(tracing, force_module_level, before_attempt=fused.start_attempt)
     if fused.causal_masks:
         tracing.notes.append("attention modules that declare is_causal=True hand SDPA a mask: priced as causal "
                              "FlashAttention, which they run on batches without padding (planner/trace/attention.py)")
     return captured
 
 
-def _capture(tracing: _Tracing, force_module_level: bool) -> tuple[list[OpNode], str]:
+def _capture(tracing: _Tracing, force_module_level: bool,
+             before_attempt: Callable[[], None] = lambda: None) -> tuple[list[OpNode], str]:
+    """The model's ops by the finest method that works (fx, export, fx with opaque modules, module-level,
+    one opaque layer); ``before_attempt`` runs before each try (counters that must describe the kept one)."""
     failures: list[str] = []
     if force_module_level:
         failures.append("module-level tracing was requested")
     else:
         attempts = (("fx", tracing.fx), ("export", tracing.export), ("fx+opaque", tracing.fx_opaque))
         for method, attempt in attempts:
+            before_attempt()
             try:
                 ops = attempt()
             except CaptureFailure as f:
@@ -342,10 +347,12 @@ def _capture(tracing: _Tracing, force_module_level: bool) -> tuple[list[OpNode],
             if failures:
                 tracing.notes.insert(0, f"traced with {method} after: " + "; ".join(failures))
             return ops, method
+    before_attempt()
     try:
         ops, estimated = tracing.modules()
     except CaptureFailure as f:
         failures.append(_describe(f))
+        before_attempt()
         ops = tracing.whole_model("no finer capture worked, see the previous note")
         tracing.notes.insert(0, "fell back to one opaque layer for the whole model after: "
                              + "; ".join(failures))

@@ -158,3 +158,26 @@ def test_a_causal_module_attending_to_a_different_length_keeps_its_mask():
     q, kv = torch.zeros(1, 4, 8, 16, requires_grad=True), torch.zeros(1, 4, 24, 16)
     graph = trace_model(CrossAttention(), (q, kv, torch.ones(1, 1, 8, 24, dtype=torch.bool)), dtype="bf16")
     assert [op.kind for op in _kernels(graph)] == ["_scaled_dot_product_efficient_attention"]
+
+
+def test_the_causal_note_describes_the_capture_that_is_kept(monkeypatch):
+    """fx rewrites the mask and then fails; export, which is kept, runs the module with a mask it keeps:
+    the graph's note must not say a mask was priced causal."""
+    from planner.trace import tracer
+
+    fx, export = tracer._Tracing.fx, tracer._Tracing.export
+
+    def fx_then_fail(self):
+        fx(self)  # counts one causal rewrite
+        raise tracer.CaptureFailure("fx", "<root>", "forced for the test")
+
+    def export_without_declaration(self):
+        self.meta.attn.is_causal = False
+        return export(self)
+
+    monkeypatch.setattr(tracer._Tracing, "fx", fx_then_fail)
+    monkeypatch.setattr(tracer._Tracing, "export", export_without_declaration)
+    graph = trace_model(CausalBlock(True), (torch.zeros(2, 32, 64),), dtype="bf16")
+    assert graph.method == "export"
+    assert [op.kind for op in _kernels(graph)] == ["_scaled_dot_product_efficient_attention"]
+    assert not any("is_causal=True" in note for note in graph.notes)
