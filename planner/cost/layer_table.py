@@ -437,8 +437,8 @@ def _fill_memory_row(arr: dict[str, np.ndarray], i: int, layer: Layer, t: object
         # ops it saves; backward re-runs the rest: their forward seconds, and the tp collectives between
         # a recomputed GEMM and the next saved output (about half: the reduce-scatters that close a
         # sequence-parallel block are saved, and recomputation stops before a block's last all-reduce).
-        kept = min(full, op_saved_bytes(layer, elt) * shard * micro_batch
-                   + layer.input_bytes * micro_batch / (tp if sequence_parallel else 1))
+        kept = min(full, (op_saved_bytes(layer, elt, tp, sequence_parallel)
+                          + layer.input_bytes / (tp if sequence_parallel else 1)) * micro_batch)
         arr["st"][i] = kept
         arr["wk"][i] = full - kept
         arr["r"][i] = max(t.fwd_s - t.op_kept_fwd_s, 0.0) + tc_fwd / 2  # type: ignore[attr-defined]
@@ -455,14 +455,27 @@ def _fill_memory_row(arr: dict[str, np.ndarray], i: int, layer: Layer, t: object
     arr["o"][i] = layer.output_bytes * micro_batch / (tp if sequence_parallel else 1)
 
 
-def op_saved_bytes(layer: Layer, elt: float) -> float:
-    """Bytes per sample the per-op checkpointing policy keeps of ``layer`` (its traced figure; for a graph
-    stored before that was traced, the kept matrix multiplies' outputs, ``m·n`` elements of ``elt`` bytes,
-    without the attention kernels' outputs)."""
-    if layer.op_saved_bytes is not None:
-        return layer.op_saved_bytes
+def op_saved_bytes(layer: Layer, elt: float, tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Bytes per sample one of ``tp`` ranks keeps of ``layer`` under the per-op checkpointing policy.
+
+    The traced figure (``Layer.op_saved_bytes``) splits into the kept matrix multiplies' outputs (``m·n``
+    elements of ``elt`` bytes each) and the attention kernels' (the rest: split by heads over tp). Under
+    tp a column-parallel product (:func:`planner.cost.compute.tp_split_dims`) keeps its ``1/tp`` of the
+    output; a row-parallel one keeps its whole partial sum, and with sequence parallelism the
+    reduce-scatter's ``1/tp`` after it too (torchtitan's policy saves both). A graph stored before the
+    figure was traced has no attention part."""
     gemms = [op for op in layer.op_costs if op.kind in MATMULS]
-    return sum(op.m * op.n * elt for op, kept in zip(gemms, kept_flags([op.kind for op in gemms])) if kept)
+    kept = [op for op, keep in zip(gemms, kept_flags([op.kind for op in gemms])) if keep]
+    products = sum(op.m * op.n * elt for op in kept)
+    traced = layer.op_saved_bytes if layer.op_saved_bytes is not None else products
+    on_rank = max(traced - products, 0.0) / tp
+    for op in kept:
+        out = op.m * op.n * elt
+        if tp > 1 and op.n < op.k:  # row-parallel
+            on_rank += out + (out / tp if sequence_parallel else 0.0)
+        else:
+            on_rank += out / tp
+    return on_rank
 
 
 def group_layer_tables(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int,

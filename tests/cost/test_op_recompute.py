@@ -48,6 +48,24 @@ def test_llama_block_keeps_q_v_attention_out_w1_and_w2_outputs():
     assert table.work_act_bytes[1] == pytest.approx(2 * block.activation_bytes - table.stored_act_bytes[1])
 
 
+@pytest.mark.parametrize("sp", [False, True])
+def test_under_tp_a_row_parallel_product_keeps_its_whole_partial_sum(sp):
+    """tp=2: q, the attention output and w1's output are split; w2 (row-parallel) keeps its whole partial sum,
+    and with sequence parallelism the reduce-scatter's half after it; v's projection (kv heads, narrower
+    than its input) is row-parallel by the cost model's shape rule (compute.tp_split_dims) as well."""
+    graph = trace_preset(ModelPreset(name="probe", family="llama", config=LLAMA), dtype="bf16")
+    block = graph.layers[1]
+    s, h, f, heads = LLAMA["seq_len"], LLAMA["hidden"], LLAMA["ffn_hidden"], LLAMA["heads"]
+    kv = h // heads * LLAMA["kv_heads"]
+    attention = block.op_saved_bytes - s * (h + kv + f + h) * 2  # the kernel's output and log-sum-exp
+    rs = 0.5 if sp else 0.0
+    expect = attention / 2 + s * 2 * (h / 2 + kv * (1 + rs) + f / 2 + h * (1 + rs))
+    assert op_saved_bytes(block, 2, tp=2, sequence_parallel=sp) == pytest.approx(expect)
+    table = layer_table(graph, ClusterSpec.preset("dgx-a100-80g", nodes=1), micro_batch=1, tp=2,
+                        sequence_parallel=sp, recompute="op", c=C)
+    assert table.stored_act_bytes[1] == pytest.approx(expect + block.input_bytes / (2 if sp else 1))
+
+
 def test_op_sits_between_selective_and_full_in_memory_and_time():
     graph = trace_preset("llama2-7b")
     cluster = ClusterSpec.preset("dgx-a100-80g", nodes=1)
