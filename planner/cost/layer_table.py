@@ -460,22 +460,39 @@ def op_saved_bytes(layer: Layer, elt: float, tp: int = 1, sequence_parallel: boo
 
     The traced figure (``Layer.op_saved_bytes``) splits into the kept matrix multiplies' outputs (``m·n``
     elements of ``elt`` bytes each) and the attention kernels' (the rest: split by heads over tp). Under
-    tp a column-parallel product (:func:`planner.cost.compute.tp_split_dims`) keeps its ``1/tp`` of the
-    output; a row-parallel one keeps its whole partial sum, and with sequence parallelism the
-    reduce-scatter's ``1/tp`` after it too (torchtitan's policy saves both). A graph stored before the
-    figure was traced has no attention part."""
+    tp a kept column-parallel product holds its ``1/tp`` of the output, a kept row-parallel one
+    (:func:`row_parallel_flags`) its whole partial sum; with sequence parallelism the reduce-scatter
+    after every row-parallel product is kept too (``1/tp``), as torchtitan's policy saves it. A graph
+    stored before the figure was traced has no attention part."""
     gemms = [op for op in layer.op_costs if op.kind in MATMULS]
-    kept = [op for op, keep in zip(gemms, kept_flags([op.kind for op in gemms])) if keep]
-    products = sum(op.m * op.n * elt for op in kept)
+    rows = row_parallel_flags(layer, elt)
+    keep = kept_flags([op.kind for op in gemms])
+    products = sum(op.m * op.n * elt for op, k in zip(gemms, keep) if k)
     traced = layer.op_saved_bytes if layer.op_saved_bytes is not None else products
     on_rank = max(traced - products, 0.0) / tp
-    for op in kept:
+    for op, kept, row in zip(gemms, keep, rows):
         out = op.m * op.n * elt
-        if tp > 1 and op.n < op.k:  # row-parallel
-            on_rank += out + (out / tp if sequence_parallel else 0.0)
-        else:
+        if kept:
+            on_rank += out if tp > 1 and row else out / tp
+        if tp > 1 and row and sequence_parallel:
             on_rank += out / tp
     return on_rank
+
+
+def row_parallel_flags(layer: Layer, elt: float) -> list[bool]:
+    """For each matrix multiply of ``layer`` in order, whether Megatron's split makes it row-parallel:
+    the first product after attention (its output projection), or one that writes the layer's width from
+    a different one (an MLP's down projection). The others (q/k/v, up and gate) are column-parallel."""
+    gemms = [op for op in layer.op_costs if op.kind in MATMULS]
+    width = layer.output_bytes / (elt * gemms[0].m) if gemms and gemms[0].m else 0.0
+    flags, after_attention = [], False
+    for op in layer.op_costs:
+        if op.kind in ATTENTION_KINDS:
+            after_attention = True
+        elif op.kind in MATMULS:
+            flags.append(after_attention or (op.n == width and op.k != width))
+            after_attention = False
+    return flags
 
 
 def group_layer_tables(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int,

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
-from planner.cost.layer_table import layer_table, op_saved_bytes
+from planner.cost.layer_table import layer_table, op_saved_bytes, row_parallel_flags
 from planner.models import ModelPreset
 from planner.plan import ParallelConfig
 from planner.trace import trace_preset
@@ -50,20 +50,24 @@ def test_llama_block_keeps_q_v_attention_out_w1_and_w2_outputs():
 
 @pytest.mark.parametrize("sp", [False, True])
 def test_under_tp_a_row_parallel_product_keeps_its_whole_partial_sum(sp):
-    """tp=2: q, the attention output and w1's output are split; w2 (row-parallel) keeps its whole partial sum,
-    and with sequence parallelism the reduce-scatter's half after it; v's projection (kv heads, narrower
-    than its input) is row-parallel by the cost model's shape rule (compute.tp_split_dims) as well."""
+    """tp=2: q, v, the attention output and w1's output are split; w2 (row-parallel) keeps its whole partial
+    sum; with sequence parallelism the reduce-scatters after wo and w2 keep their halves too."""
     graph = trace_preset(ModelPreset(name="probe", family="llama", config=LLAMA), dtype="bf16")
     block = graph.layers[1]
+    assert row_parallel_flags(block, 2) == [False, False, False, True, False, False, True]  # wo and w2
     s, h, f, heads = LLAMA["seq_len"], LLAMA["hidden"], LLAMA["ffn_hidden"], LLAMA["heads"]
     kv = h // heads * LLAMA["kv_heads"]
     attention = block.op_saved_bytes - s * (h + kv + f + h) * 2  # the kernel's output and log-sum-exp
-    rs = 0.5 if sp else 0.0
-    expect = attention / 2 + s * 2 * (h / 2 + kv * (1 + rs) + f / 2 + h * (1 + rs))
+    expect = attention / 2 + s * 2 * (h / 2 + kv / 2 + f / 2 + h) + (s * 2 * (h / 2 + h / 2) if sp else 0)
     assert op_saved_bytes(block, 2, tp=2, sequence_parallel=sp) == pytest.approx(expect)
     table = layer_table(graph, ClusterSpec.preset("dgx-a100-80g", nodes=1), micro_batch=1, tp=2,
                         sequence_parallel=sp, recompute="op", c=C)
     assert table.stored_act_bytes[1] == pytest.approx(expect + block.input_bytes / (2 if sp else 1))
+
+
+def test_gpt_blocks_split_like_megatron():
+    graph = trace_preset(ModelPreset(name="probe", family="gpt", config=GPT), dtype="bf16")
+    assert row_parallel_flags(graph.layers[1], 2) == [False, True, False, True]  # qkv, proj, fc1, fc2
 
 
 def test_op_sits_between_selective_and_full_in_memory_and_time():
