@@ -186,6 +186,11 @@ class CostConstants:
     # (planner/cost/fp8.py): 0 where Transformer Engine fuses the casts into the kernels producing the
     # tensors (Megatron-LM), 3 for torchao under torch.compile, 5 for eager torchao (an extra amax read).
     fp8_cast_bytes_per_element: float = 0.0
+    # Sequence parallelism as DTensor runs it (torch's PrepareModuleInput, torchtitan, this project's
+    # runtime): the all-gather that opens a tensor-parallel region is its own autograd op, so the region's
+    # first products save the gathered sequence for their weight gradients. Megatron-LM's linears save
+    # their shard and gather it again in backward (False). Measured: tests/runtime/test_op_recompute_tp.py.
+    sp_saves_gathered_inputs: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,9 +227,10 @@ class CostConstants:
 # traced op stands for that.
 TRAINERS: dict[str, dict[str, object]] = {
     "megatron": {},
-    "compiled": {"fp8_cast_bytes_per_element": 3.0, "attention_kernel": ""},
+    "compiled": {"fp8_cast_bytes_per_element": 3.0, "attention_kernel": "", "sp_saves_gathered_inputs": True},
     "eager": {"elementwise_traffic_factor": 1.0, "grad_accumulation_bytes_per_param": 12.0,
-              "op_dispatch_s": 1.6e-5, "fp8_cast_bytes_per_element": 5.0, "attention_kernel": ""},
+              "op_dispatch_s": 1.6e-5, "fp8_cast_bytes_per_element": 5.0, "attention_kernel": "",
+              "sp_saves_gathered_inputs": True},
     # nanotron: eager PyTorch around fused kernels (flash-attn's Triton RMSNorm and rotary embedding,
     # FlashAttention itself: Megatron's element-wise traffic, the default factor), and its pipeline
     # engine's floor under tensor-parallel collectives across nodes (fitted by ``python -m
@@ -234,7 +240,7 @@ TRAINERS: dict[str, dict[str, object]] = {
                  "attention_kernel": ""},
     "torch": {"elementwise_traffic_factor": 1.0, "weight_bytes": 4, "grad_bytes": 4, "bf16_grad_bytes": 4,
               "optimizer_bytes": 8, "grad_accumulation_bytes_per_param": 12.0, "fp8_cast_bytes_per_element": 5.0,
-              "attention_kernel": ""},
+              "attention_kernel": "", "sp_saves_gathered_inputs": True},
 }
 
 

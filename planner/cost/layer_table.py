@@ -324,11 +324,10 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
                 knobs: TableKnobs = NO_KNOBS) -> LayerTable:
     """Seconds and bytes per layer and micro-batch on one device of a ``tp``-way group.
 
-    Recomputation (Chen et al. 2016; Korthikanti et al. 2022): ``none`` stores what autograd saves;
-    ``selective`` drops the attention scores (``attention_activation_bytes``) and repeats the attention
-    core in backward; ``op`` keeps the input and what :mod:`planner.trace.saved_ops` keeps, repeating the
-    rest; ``full`` stores only each layer's input, repeats the whole forward (its tensor-parallel
-    collectives too) and holds one layer's full activations while it is recomputed.
+    Recomputation (Chen et al. 2016; Korthikanti et al. 2022): ``none`` stores what autograd saves; ``selective``
+    drops the attention scores (``attention_activation_bytes``) and repeats the attention core in backward; ``op``
+    keeps the input and what :mod:`planner.trace.saved_ops` keeps, repeating the rest; ``full`` stores only each
+    layer's input, repeats its forward (tp collectives too) and holds its activations while it is recomputed.
 
     Tensor-parallel communication (``tp > 1``):
 
@@ -365,7 +364,8 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
         tc_fwd, tc_bwd = _exposed_tp_s(layer, t, tc, tp=tp, c=c)
         arr["tcf"][i], arr["tc"][i] = tc_fwd, tc_fwd + tc_bwd
         _fill_memory_row(arr, i, layer, t, tc_fwd, micro_batch=seqs, tp=tp,  # type: ignore[arg-type]
-                         sequence_parallel=sequence_parallel, recompute=recs[i], elt=DTYPE_BYTES.get(graph.dtype, 2))
+                         sequence_parallel=sequence_parallel, recompute=recs[i], elt=DTYPE_BYTES.get(graph.dtype, 2),
+                         gathered=c.sp_saves_gathered_inputs)
     add_expert_rows(arr, graph, cluster, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
                     recompute=recompute, knobs=knobs, dtype=dtype, c=c)  # ep > 1: experts split (cost/experts.py)
     cp_comm = add_cp_rows(arr, graph, cluster, micro_batch=micro_batch, tp=tp, cp=knobs.cp, dtype=dtype, c=c,
@@ -425,11 +425,15 @@ def _tp_source(tp: int, tp_pricing: str, tp_seconds: TpSeconds | None,
 
 
 def _fill_memory_row(arr: dict[str, np.ndarray], i: int, layer: Layer, t: object, tc_fwd: float, *,
-                     micro_batch: int, tp: int, sequence_parallel: bool, recompute: str, elt: float = 2) -> None:
+                     micro_batch: int, tp: int, sequence_parallel: bool, recompute: str, elt: float = 2,
+                     gathered: bool = False) -> None:
     """Layer ``i``'s stored and working activations, recomputation seconds, parameters and output
-    (``elt``: bytes per element of the traced activations)."""
+    (``elt``: bytes per element of the traced activations; ``gathered``: sequence parallelism saves the
+    gathered inputs of its regions, ``CostConstants.sp_saves_gathered_inputs``)."""
     shard = activation_shard(layer, tp, sequence_parallel)
     full = layer.activation_bytes * shard * micro_batch
+    if gathered and sequence_parallel and tp > 1 and recompute in ("none", "selective"):
+        full += sp_gathered_input_bytes(layer, elt) * (1 - 1 / tp) * micro_batch
     if recompute == "none":
         arr["st"][i] = full
     elif recompute == "op":
@@ -477,6 +481,21 @@ def op_saved_bytes(layer: Layer, elt: float, tp: int = 1, sequence_parallel: boo
         if tp > 1 and row and sequence_parallel:
             on_rank += out / tp
     return on_rank
+
+
+def sp_gathered_input_bytes(layer: Layer, elt: float) -> float:
+    """Per sample, the whole-sequence inputs of ``layer``'s tensor-parallel regions: one per run of
+    column-parallel products reading the layer's width (q, k and v share one; the MLP's up and gate
+    another), which DTensor-style sequence parallelism saves gathered (its traced figure counts them
+    split, as Megatron's linears save them)."""
+    gemms = [op for op in layer.op_costs if op.kind in MATMULS]
+    width = layer.output_bytes / (elt * gemms[0].m) if gemms and gemms[0].m else 0.0
+    total, in_run = 0.0, False
+    for op, row in zip(gemms, row_parallel_flags(layer, elt)):
+        opens = not row and op.k == width
+        total += op.m * op.k * elt if opens and not in_run else 0.0
+        in_run = opens
+    return total
 
 
 def row_parallel_flags(layer: Layer, elt: float) -> list[bool]:
