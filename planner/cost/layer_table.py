@@ -489,7 +489,7 @@ def sp_gathered_input_bytes(layer: Layer, elt: float) -> float:
     another), which DTensor-style sequence parallelism saves gathered (its traced figure counts them
     split, as Megatron's linears save them)."""
     gemms = [op for op in layer.op_costs if op.kind in MATMULS]
-    width = layer.output_bytes / (elt * gemms[0].m) if gemms and gemms[0].m else 0.0
+    width = _width(layer, gemms, elt)
     total, in_run = 0.0, False
     for op, row in zip(gemms, row_parallel_flags(layer, elt)):
         opens = not row and op.k == width
@@ -502,8 +502,7 @@ def row_parallel_flags(layer: Layer, elt: float) -> list[bool]:
     """For each matrix multiply of ``layer`` in order, whether Megatron's split makes it row-parallel:
     the first product after attention (its output projection), or one that writes the layer's width from
     a different one (an MLP's down projection). The others (q/k/v, up and gate) are column-parallel."""
-    gemms = [op for op in layer.op_costs if op.kind in MATMULS]
-    width = layer.output_bytes / (elt * gemms[0].m) if gemms and gemms[0].m else 0.0
+    width = _width(layer, [op for op in layer.op_costs if op.kind in MATMULS], elt)
     flags, after_attention = [], False
     for op in layer.op_costs:
         if op.kind in ATTENTION_KINDS:
@@ -512,6 +511,11 @@ def row_parallel_flags(layer: Layer, elt: float) -> list[bool]:
             flags.append(after_attention or (op.n == width and op.k != width))
             after_attention = False
     return flags
+
+
+def _width(layer: Layer, gemms: list, elt: float) -> float:
+    """The layer's hidden width: its output's elements per token (the first product's rows per sample)."""
+    return layer.output_bytes / (elt * gemms[0].m) if gemms and gemms[0].m else 0.0
 
 
 def group_layer_tables(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp: int,
