@@ -107,9 +107,13 @@ def large_reports(tmp_path_factory):
         model, nodes, batch = next(x for x in LARGE if name.startswith(x[0]))
         plan = tmp / f"{name.replace(' ', '-')}.json"
         how = ["evaluate", *M1T_ZBV] if name.endswith("zero1") else ["plan", "--no-progress"]
+        # The Megatron-1T layout priced as given does not fit this runtime (exit 3, the plan still written):
+        # DTensor's sequence parallelism saves its regions' gathered inputs (sp_saves_gathered_inputs).
+        fits = (0, 3) if name.endswith("zero1") else (0,)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert planner_main([*how, "--model", model, "--cluster", "dgx-a100-80g", "--nodes", str(nodes),
-                                 "--global-batch", str(batch), "--trainer", "torch", "-o", str(plan), "--force"]) == 0
+                                 "--global-batch", str(batch), "--trainer", "torch", "-o", str(plan),
+                                 "--force"]) in fits
         start = time.monotonic()
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
