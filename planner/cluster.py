@@ -33,9 +33,14 @@ MEASURED_FIELDS = ("collectives", "gemm", "memory")  # optional, per node group 
 LINK_KINDS = ("nvlink", "nvswitch", "pcie", "infiniband", "ethernet", "roce", "shm", "loopback")
 
 
-def _positive(value: Any, field_name: str, fix: str, source: str | None, *, integer: bool = False) -> Any:
+def _is_positive(value: Any, *, integer: bool = False) -> bool:
+    """A finite number > 0 (a whole one where ``integer``); a bool is not a number here."""
     ok_type = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_type) or not math.isfinite(value) or value <= 0:
+    return not isinstance(value, bool) and isinstance(value, ok_type) and math.isfinite(value) and value > 0
+
+
+def _positive(value: Any, field_name: str, fix: str, source: str | None, *, integer: bool = False) -> Any:
+    if not _is_positive(value, integer=integer):
         kind = "a positive integer" if integer else "a positive number"
         raise SpecError(field_name, value, f"expected {kind}; {fix}", source=source)
     return value
@@ -203,7 +208,7 @@ def _peak_flops(value: Any, field: str, source: str | None) -> dict[str, float]:
         if dtype not in DTYPES:
             errors.append(SpecError(f"{field}.{dtype}", peak, f"unknown dtype; use one of {list(DTYPES)}",
                                     source=source))
-        elif not _is_number(peak) or not math.isfinite(peak) or peak <= 0:
+        elif not _is_positive(peak):
             errors.append(SpecError(f"{field}.{dtype}", peak, "expected a positive number; FLOP/s, e.g. 312e12",
                                     source=source))
     raise_all(errors)

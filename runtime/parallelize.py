@@ -28,7 +28,6 @@ another plan of the same model.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -41,7 +40,6 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from planner.plan import Plan
 from runtime import checkpoint as ckpt
@@ -333,14 +331,8 @@ def _pipeline(r: RankState, plan: Plan, loss_fn: LossFn, mesh: DeviceMesh, devic
 
 
 def _recompute(stage: StageModule, mode: str, *, every: int = 1, layer_names: tuple[str, ...] = ()) -> None:
-    """:func:`runtime.recompute.apply_recompute`; a whole-model stage runs the model's forward, not the stage's
-    layer loop, so under ``full`` each layer's own forward is checkpointed instead (one in ``every``: there
-    already)."""
+    """:func:`runtime.recompute.apply_recompute`, refusing a selective recompute that finds no attention."""
     count = apply_recompute(stage, mode, every=every, layer_names=layer_names)
-    if mode == "full" and stage.is_whole and every == 1:
-        for path in stage.layer_paths:
-            layer = stage.get_submodule(path)
-            layer.forward = functools.partial(activation_checkpoint, layer.forward, use_reentrant=False)
     if mode == "selective" and count == 0:
         raise RunCheckError("parallel.recompute: 'selective' checkpoints the `attn` submodule of each layer, and "
                             "no layer of this model has one; re-plan with recompute 'full' or 'none'")

@@ -43,25 +43,27 @@ def apply_recompute(stage: StageModule, mode: str, *, every: int = 1, layer_name
         return 0
     if mode == "full" and every > 1:
         return _checkpoint_every(stage, every, layer_names)
-    if mode == "full":
-        stage._checkpoint_layers = True
+    if mode == "full" and not stage.is_whole:
+        stage._checkpoint_layers = True  # the stage's layer loop checkpoints each call
         return len(stage.layer_paths)
-    if mode == "op":
+    if mode in ("full", "op"):  # a whole-model stage runs the model's forward: each layer's own is wrapped
         for path in stage.layer_paths:
-            layer = stage.get_submodule(path)
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False,
-                                              context_fn=_op_contexts)
+            checkpoint_forward(stage.get_submodule(path), op=mode == "op")
         return len(stage.layer_paths)
     if mode == "selective":
-        count = 0
-        for path in stage.layer_paths:
-            layer = stage.get_submodule(path)
-            attn = getattr(layer, "attn", None)
+        attns = [getattr(stage.get_submodule(path), "attn", None) for path in stage.layer_paths]
+        for attn in attns:
             if isinstance(attn, nn.Module):
-                attn.forward = functools.partial(checkpoint, attn.forward, use_reentrant=False)
-                count += 1
-        return count
+                checkpoint_forward(attn)
+        return sum(isinstance(attn, nn.Module) for attn in attns)
     raise RunCheckError(f"parallel.recompute: got {mode!r}; the runtime knows 'none', 'selective', 'op' and 'full'")
+
+
+def checkpoint_forward(module: nn.Module, *, op: bool = False) -> None:
+    """Run ``module``'s forward under non-reentrant ``torch.utils.checkpoint`` from now on (with the per-op
+    policy where ``op``); module hooks stay outside the checkpointed region."""
+    kwargs = {"context_fn": _op_contexts} if op else {}
+    module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False, **kwargs)
 
 
 def _overloads(names: frozenset[str], namespace: Any) -> frozenset[Any]:
@@ -102,7 +104,6 @@ def _checkpoint_every(stage: StageModule, every: int, layer_names: tuple[str, ..
             raise RunCheckError(f"parallel.recompute_every: layer {path!r} is not in the plan's model.layer_names; "
                                 "re-create the plan")
         if recomputes_layer(index[path], every):
-            layer = stage.get_submodule(path)
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+            checkpoint_forward(stage.get_submodule(path))
             count += 1
     return count

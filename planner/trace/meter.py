@@ -128,12 +128,8 @@ class OpMeter(TorchDispatchMode):
             used = {id(storage_base(t)) for t in tensors_in} & self.params
             if used:
                 self.param_uses.setdefault(self.key, set()).update(used)
-        if getattr(func, "is_view", False):
-            moved = 0.0
-        else:
-            outs, _ = tree_flatten(out)
-            moved = float(sum(_nbytes(t) for t in tensors_in) +
-                          sum(_nbytes(t) for t in outs if isinstance(t, torch.Tensor)))
+        out_bytes = sum(_nbytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        moved = 0.0 if getattr(func, "is_view", False) else float(sum(_nbytes(t) for t in tensors_in) + out_bytes)
         m = n = k = out_numel = a_numel = 0
         if flops and (packet in _MM or packet is getattr(_aten, "_grouped_mm", None)):
             a, b = (args[1], args[2]) if packet in (_aten.addmm, _aten.baddbmm) else (args[0], args[1])
@@ -160,11 +156,9 @@ class OpMeter(TorchDispatchMode):
             b_mult = min(n_act, 2 - w_mult)
         name = str(packet.__name__)
         causal = name in ATTENTION_KERNELS and _is_causal(name, args, kwargs)
-        out_bytes = 0
-        if name in ATTENTION_KERNELS or packet in _MM:
-            out_bytes = sum(_nbytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        kept_bytes = out_bytes if name in ATTENTION_KERNELS or packet in _MM else 0  # what per-op checkpointing reads
         self.records.setdefault(self.key, []).append(
-            AtenRecord(name, flops, moved, m, n, k, b_mult, w_mult, out_numel, a_numel, causal, out_bytes))
+            AtenRecord(name, flops, moved, m, n, k, b_mult, w_mult, out_numel, a_numel, causal, kept_bytes))
         return out
 
 
