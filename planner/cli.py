@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_planning_commands(sub)
     _add_plan_file_commands(sub)
     sub.add_parser("models", help="list model presets")
-    sub.add_parser("clusters", help="list cluster presets")
+    p = sub.add_parser("clusters", help="list cluster presets")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="each preset's device (peaks, memory, bandwidth) and links, as `plan` echoes them")
     p = sub.add_parser("profile-cluster", help="measure collectives, GEMMs and memory here; write a cluster JSON")
     p.add_argument("-o", "--output", required=True, help="cluster JSON to write (then: plan --cluster FILE)")
     p.add_argument("--base", help="preset or cluster file for the device and links (default: cpu-local on the CPU, "
@@ -730,7 +732,10 @@ def _cmd_clusters(args: argparse.Namespace) -> int:
     from planner.cluster import ClusterSpec
 
     for name in ClusterSpec.presets():
-        print(ClusterSpec.preset(name).summary())
+        spec = ClusterSpec.preset(name)
+        print(spec.summary())
+        for line in spec.echo() if getattr(args, "verbose", False) else ():
+            print(f"  {line}")
     return 0
 
 

@@ -220,10 +220,10 @@ def _attention_kernels(value: Any, field: str, source: str | None) -> dict[str, 
     if not isinstance(value, dict):
         raise SpecError(field, value, 'expected an object of kernel name -> fraction of peak, e.g. {"cudnn": 0.39}',
                         source=source)
-    for name, v in value.items():
-        if not name or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-            raise SpecError(f"{field}.{name}", v, "a fraction of the dtype's peak in (0, 1], e.g. 0.39; leave the "
-                            "kernel out to price it as the device's fused_attention_efficiency", source=source)
+    raise_all([SpecError(f"{field}.{name}", v, "a fraction of the dtype's peak in (0, 1], e.g. 0.39; leave the "
+                         "kernel out to price it as the device's fused_attention_efficiency", source=source)
+               for name, v in value.items()
+               if not name or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1])
     return {str(k): float(v) for k, v in sorted(value.items())}
 
 
@@ -592,7 +592,7 @@ class ClusterSpec:
         path = datasets_dir() / "clusters" / f"{name}.json"
         if not path.is_file():
             known = cls.presets()
-            close = sorted(known, key=lambda k: _edit_distance(k, name))[:3]
+            close = sorted(known, key=lambda k: (not k.startswith(name), _edit_distance(k, name)))[:3]  # prefix first
             raise SpecError("cluster", name, f"no such preset; did you mean one of {close}? All presets: {known}. "
                             "Or pass a path to a cluster JSON file.")
         spec = cls.from_json(path, strict=strict)

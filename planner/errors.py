@@ -10,6 +10,7 @@ import argparse
 import difflib
 import json
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -312,3 +313,9 @@ def run_command(body: Callable[[], int], *, debug: bool,
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader stopped early (`... | head`): nothing more to say, and no traceback
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail
+        except (OSError, ValueError):  # stdout is not a file (a test's capture)
+            pass
+        return 0

@@ -14,7 +14,7 @@ run are dropped, so all ranks start from the weights a single process would have
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,17 @@ from planner.models import ModelPreset, load_preset
 from planner.plan import Plan, Stage
 from runtime.errors import RunCheckError
 from runtime.layer_graph import StagePlan, export_layers, is_chain, run_stage, stage_plans, trace_layers
+
+
+def without_cache(params: Sequence[str], positional: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``use_cache=False`` where a forward taking the argument names ``params`` has a
+    ``use_cache`` (Hugging Face) that a call with ``positional`` positional arguments and ``kwargs`` leaves
+    out. Training reads no cache, and with one filled in forward a recomputed layer runs other ops than the
+    forward did (per-op checkpointing's replay refuses that); the traced stages' sample is made the same way
+    (:func:`runtime.parallelize._micro_batch_kwargs`)."""
+    if "use_cache" in params and params.index("use_cache") >= positional and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return kwargs
 
 
 class StageModule(nn.Module):
@@ -53,10 +64,7 @@ class StageModule(nn.Module):
         self._graph = graph  # None: a chain of one-tensor layers; else the cut of the traced forward
         # whole: the only stage, run by the model's own forward (a list, so that it is not a submodule)
         self._whole = [model] if whole else []
-        # A forward with ``use_cache`` (Hugging Face) is called without a cache: training reads none, and with
-        # one filled in forward a recomputed layer runs other ops (per-op checkpointing's replay refuses that).
-        params = list(inspect.signature(model.forward).parameters) if whole else []
-        self._cache_position = params.index("use_cache") if "use_cache" in params else None
+        self._forward_params = tuple(inspect.signature(model.forward).parameters) if whole else ()
         self.output_spec = output_spec  # rebuilds the model's return value from a graph's flat outputs
 
     @property
@@ -90,9 +98,7 @@ class StageModule(nn.Module):
     def forward(self, *received: torch.Tensor, **inputs: torch.Tensor):
         """A chain: ``forward(x)``. Otherwise ``forward(*what the previous stage sent, **model inputs)``."""
         if self._whole:  # the model is one stage: its own forward, on its own (sharded) layers
-            if self._cache_position is not None and len(received) <= self._cache_position and "use_cache" not in inputs:
-                inputs = {**inputs, "use_cache": False}
-            return self._whole[0](*received, **inputs)
+            return self._whole[0](*received, **without_cache(self._forward_params, len(received), inputs))
         received = tuple(_ContiguousGrad.apply(t) if t.requires_grad else t for t in received)
         if self._graph is not None:
             return _not_views(run_stage(self._graph, self, received, inputs, self._call))

@@ -57,6 +57,7 @@ from runtime.model import (
     check_layer_coverage,
     stages_of_rank,
     tied_parameters,
+    without_cache,
 )
 from runtime.parallel_dims import ParallelDims
 from runtime.pipeline_parallel import build_schedule, choose_schedule
@@ -377,7 +378,7 @@ def _micro_batch_kwargs(model: nn.Module, sample: Any, micro_batch: int) -> dict
     """One micro-batch of zeros shaped like ``sample``, by the forward's argument names, on the device of the
     model's weights as given (for ``torch.export``, before the stages move to the rank's device).
 
-    A forward with a ``use_cache`` argument (Hugging Face) gets ``use_cache=False``: training keeps no cache."""
+    A forward with a ``use_cache`` argument (Hugging Face) gets ``use_cache=False`` (:func:`without_cache`)."""
     params = list(inspect.signature(model.forward).parameters)
     if isinstance(sample, dict):
         named = dict(sample)
@@ -390,10 +391,7 @@ def _micro_batch_kwargs(model: nn.Module, sample: Any, micro_batch: int) -> dict
         return torch.zeros((micro_batch, *t.shape[1:]), dtype=t.dtype, device=where) \
             if isinstance(t, torch.Tensor) else t
 
-    out = {k: rows(v) for k, v in named.items()}
-    if "use_cache" in params and "use_cache" not in out:
-        out["use_cache"] = False
-    return out
+    return without_cache(params, 0, {k: rows(v) for k, v in named.items()})
 
 
 def _rebuilding_output(loss_fn: LossFn, stages: list[StageModule]) -> LossFn:

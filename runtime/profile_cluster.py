@@ -50,8 +50,9 @@ GPU_GEMMS = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 
              (8192, 1024, 8192), (8192, 8192, 1024), (16384, 4096, 4096), (2048, 16384, 4096),
              (16384, 128, 2048), (16384, 2048, 128))
 # Names a GPU reports, and the preset whose links describe its usual node.
-GPU_PRESETS = (("H100", "dgx-h100"), ("A100-SXM4-80GB", "dgx-a100-80g"), ("A100", "dgx-a100-40g"),
-               ("V100", "dgx1-v100"))
+GPU_PRESETS = (("GB300", "gb300-nvl72"), ("GB200", "gb200-nvl72"), ("B200", "dgx-b200"),  # most specific first
+               ("H200", "dgx-h200"), ("H100", "dgx-h100"), ("A100-SXM4-80GB", "dgx-a100-80g"),
+               ("A100", "dgx-a100-40g"), ("V100", "dgx1-v100"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,6 +15,7 @@ Nothing here prices anything: :mod:`planner.validation.price` does. Pure and det
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -67,11 +68,12 @@ class ModelSpec:
 class ClusterRef:
     """Which cluster a case runs on: a preset (or the sweep's measured file) resized."""
 
-    preset: str  # a name in datasets/clusters, or "sweep" for datasets/measured/nanotron-h100-efa.json
+    preset: str  # a name in datasets/clusters, or "sweep": the sweep file's cluster (sweep_cluster_dict)
     nodes: int
     devices_per_node: int = 8
     memory_gib: float | None = None  # overrides the preset's device memory (H100 96 GB)
     attention_kernel: str = ""  # a key of ATTENTION_KERNELS; "" for the preset's FlashAttention-2 class
+    source_file: str = ""  # preset "sweep": the sweep file whose cluster this is ("": the shared sweep)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,54 +135,138 @@ def measured_dir() -> Path:
 
 
 def _load(path: Path | None, name: str) -> dict:
-    path = path or measured_dir() / name
-    return read_json_file(path, "measured data", what=f"the measured data file {name}",
-                          damaged_fix=f"restore it from ../shared/data/measured/{name}")
+    """A measured data file: ``path`` (a user's, in the format of ``datasets/measured/<name>``) or the shared
+    one. It must be a JSON object with a ``runs`` list (and a sweep, a ``models`` object)."""
+    field = "--sweep" if name == SWEEP_FILE else "--published"
+    if path is None:
+        path, field, fix = measured_dir() / name, "measured data", f"restore it from ../shared/data/measured/{name}"
+    else:
+        fix = "fix the syntax"
+    data = read_json_file(path, field, what=f"the measured data file {path}", damaged_fix=fix)
+    need = {"runs": list, **({"models": dict} if name == SWEEP_FILE else {})}
+    for key, kind in need.items():
+        if not isinstance(data, dict) or not isinstance(data.get(key), kind):
+            raise SpecError(field, str(path), f'expected a JSON object with a "{key}" '
+                            f'{"list" if kind is list else "object"}, as datasets/measured/{name} has')
+    return data
 
 
 # -- the sweep --------------------------------------------------------------------------------------
 
 def sweep_model(name: str, m: dict[str, Any]) -> ModelSpec:
-    """A sweep model (nanotron's Llama: SwiGLU, RMSNorm, RoPE, tied embeddings, flash attention)."""
-    cfg = {"num_layers": m["layers"], "hidden": m["hidden"], "heads": m["heads"], "ffn_hidden": m["ffn"],
-           "kv_heads": m["kv_heads"] if m["kv_heads"] != m["heads"] else None, "vocab_size": m["vocab"],
+    """A sweep model (Llama-shaped: SwiGLU, RMSNorm, RoPE, flash attention); grouped-query attention and
+    untied embeddings where the file says so."""
+    heads = m["heads"]
+    kv = m.get("kv_heads") or heads
+    cfg = {"num_layers": m["layers"], "hidden": m["hidden"], "heads": heads, "ffn_hidden": m["ffn"],
+           "kv_heads": kv if kv != heads else None, "vocab_size": m["vocab"],
            "seq_len": m["seq_len"], "tie_embeddings": bool(m.get("tied_embeddings")), "fused_attention": True}
     return ModelSpec(name=name, family="llama", config=tuple(sorted(cfg.items())))
 
 
-def sweep_config(row: dict[str, Any]) -> ParallelConfig:
-    """nanotron's run: 1F1B pipeline engine, sequence-parallel tp (REDUCE_SCATTER mode), no recompute."""
+# A row's pipeline engine (nanotron's ``pp_engine``) as a schedule the cost model prices.
+_PP_ENGINES = {"1f1b": "1f1b", "afab": "gpipe", "gpipe": "gpipe"}
+
+
+def sweep_config(row: dict[str, Any], recompute: str = "none") -> ParallelConfig:
+    """A sweep row's configuration: its pipeline engine (1F1B unless the row says otherwise), sequence
+    parallelism where tp runs in REDUCE_SCATTER mode (or the row says ``sequence_parallel``), the
+    recomputation its sweep's training settings state, DDP-style gradient buckets."""
     tp = row["tp"]
+    engine = str(row.get("pp_engine") or "1f1b").lower()
+    if engine not in _PP_ENGINES:
+        raise Unusable(f"pipeline engine {engine!r} not priced (known: {sorted(_PP_ENGINES)})")
+    sp = row.get("sequence_parallel")
+    if sp is None:
+        sp = row.get("tp_mode") == "REDUCE_SCATTER"
     return ParallelConfig(dp=row["dp"], tp=tp, pp=row["pp"], micro_batch_size=row["mbz"],
-                          num_micro_batches=row["grad_acc"], schedule="1f1b", recompute="none",
-                          sequence_parallel=tp > 1 and row.get("tp_mode") == "REDUCE_SCATTER",
-                          zero_stage=int(row["zero_stage"]), overlap_grad_reduce=True)  # DDP-style buckets
+                          num_micro_batches=row["grad_acc"], schedule=_PP_ENGINES[engine], recompute=recompute,
+                          sequence_parallel=bool(tp > 1 and sp), zero_stage=int(row.get("zero_stage") or 0),
+                          overlap_grad_reduce=True)
 
 
 def _config_key(row: dict[str, Any]) -> tuple:
     return (row["model"], row["gpus"], row["dp"], row["tp"], row["pp"], row["mbz"], row["grad_acc"],
-            row["zero_stage"])
+            row.get("zero_stage"), row.get("pp_engine"), row.get("tp_mode"))
 
 
-# nanotron's own profile (planner.cost.constants.TRAINERS): eager PyTorch around fused kernels, and its
-# pipeline engine's floor under tensor-parallel collectives once the pipeline crosses nodes.
+def _settings_text(data: dict[str, Any], sweep: str | None) -> str:
+    """The words a sweep file says about how its runs (or the runs of sweep ``sweep``) trained."""
+    settings = data.get("training_settings") or {}
+    return json.dumps(settings.get(sweep, settings) if sweep else settings).lower()
+
+
+def sweep_trainer(data: dict[str, Any]) -> str:
+    """The trainer profile (:data:`planner.cost.constants.TRAINERS`) of the framework a sweep file names
+    in its source and training settings: nanotron (eager PyTorch around fused kernels), Megatron-LM and
+    NeMo (fused), torchtitan, torch FSDP or llm-foundry (eager); unnamed: Megatron-LM's, the planner's
+    default."""
+    text = json.dumps([data.get("source"), data.get("training_settings")]).lower()
+    for pattern, trainer in ((r"nanotron", "nanotron"), (r"megatron|\bnemo\b", "megatron"),
+                             (r"torchtitan|fsdp|llm-foundry|llmfoundry", "eager")):
+        if re.search(pattern, text):
+            return trainer
+    return "megatron"
+
+
+def sweep_recompute(text: str) -> str:
+    """The recomputation a sweep's training settings state (``recompute``: "none ...", "full", "selective
+    ...", per-op "op"); not stated: none."""
+    m = re.search(r'"recompute":\s*"([^"]*)"', text)
+    said = (m.group(1) if m else "none").strip()
+    if not said or re.match(r"(none|no\b|off|false)", said):
+        return "none"
+    for word, mode in (("selective (op)", "op"), ("per-op", "op"), ("selective", "selective"), ("full", "full")):
+        if word in said:
+            return mode
+    raise Unusable(f"recompute {said[:40]!r} not understood (none, selective, per-op or full)")
+
+
+_ROW_FIELDS = ("model", "gpus", "dp", "tp", "pp", "mbz", "grad_acc", "status")
+
+
+def _sweep_row_skip(row: Any, models: dict[str, ModelSpec | str]) -> str | None:
+    """Why a sweep row is not priced (:data:`SWEEP_RULES`, or a field missing), or None."""
+    if not isinstance(row, dict):
+        return "malformed: a run is an object"
+    missing = [k for k in _ROW_FIELDS if row.get(k) is None]
+    if missing:
+        return f"malformed: no {', '.join(missing)}"
+    if not all(_int(row[k]) and row[k] > 0 for k in _ROW_FIELDS[1:7]):
+        return "malformed: gpus, dp, tp, pp, mbz and grad_acc are positive integers"
+    if isinstance(models.get(row["model"]), str):
+        return str(models[row["model"]])
+    if row["status"] == "unconfirmed":
+        return "status unconfirmed (hover text only, drawn as crashed)"
+    if row["status"] in NOT_MEMORY:
+        return f"status {row['status']} (not a memory failure)"
+    if row.get("gbs_consistent") is False:
+        return "global batch differs from dp x mbz x grad_acc"
+    if row["model"] not in models:
+        return f"model {row['model']} not described in the file"
+    return None
+
+
+def _sweep_model_or_reason(name: str, m: Any) -> ModelSpec | str:
+    try:
+        return sweep_model(name, m)
+    except (KeyError, TypeError) as exc:
+        return f"malformed: model {name} has no {exc}" if isinstance(exc, KeyError) else f"malformed: model {name}"
 
 
 def sweep_cases(path: Path | None = None) -> Cases:
     data = _load(path, SWEEP_FILE)
-    models = {name: sweep_model(name, m) for name, m in data["models"].items()}
+    models = {name: _sweep_model_or_reason(name, m) for name, m in data["models"].items()}
+    per_node = sweep_cluster_dict(path)["devices_per_node"]  # and a GPU without a preset fails here
+    trainer = sweep_trainer(data)
+    source_file = str(path) if path else ""
     out = Cases()
     merged: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for row in data["runs"]:
-        rid = row.get("src") or "?"
-        if row["status"] == "unconfirmed":
-            out.skipped.append(Skip("sweep", rid, "status unconfirmed (hover text only, drawn as crashed)"))
-        elif row["status"] in NOT_MEMORY:
-            out.skipped.append(Skip("sweep", rid, f"status {row['status']} (not a memory failure)"))
-        elif row.get("gbs_consistent") is False:
-            out.skipped.append(Skip("sweep", rid, "global batch differs from dp x mbz x grad_acc"))
-        elif row["model"] not in models:
-            out.skipped.append(Skip("sweep", rid, f"model {row['model']} not described in the file"))
+    for i, row in enumerate(data["runs"]):
+        reason = _sweep_row_skip(row, models)
+        if reason:
+            out.skipped.append(Skip("sweep", (row.get("src") if isinstance(row, dict) else None) or f"runs[{i}]",
+                                    reason))
         else:
             merged[_config_key(row)].append(row)
     for rows in merged.values():
@@ -192,15 +278,95 @@ def sweep_cases(path: Path | None = None) -> Cases:
         if row["status"] not in ("ok",) + FAILED:
             out.skipped.append(Skip("sweep", row.get("src") or "?", f"status {row['status']}"))
             continue
-        model = models[row["model"]]
+        nodes = _int(row.get("nodes")) or max(1, row["gpus"] // per_node)
+        try:
+            if row["gpus"] % nodes or row["dp"] * row["tp"] * row["pp"] != row["gpus"]:
+                raise Unusable("malformed: gpus is not dp x tp x pp on whole nodes")
+            cfg = sweep_config(row, sweep_recompute(_settings_text(data, row.get("sweep"))))
+        except (Unusable, SpecError) as exc:
+            out.skipped.append(Skip("sweep", row.get("src") or "?", str(exc)))
+            continue
         out.cases.append(Case(
-            source="sweep", case_id=row.get("src") or "?", group=f"{row['model']}:{row['gpus']}", model=model,
-            cluster=ClusterRef(preset="sweep", nodes=row["nodes"], devices_per_node=row["gpus"] // row["nodes"]),
-            config=sweep_config(row), status="ok" if ok else "failed",
+            source="sweep", case_id=row.get("src") or "?", group=f"{row['model']}:{row['gpus']}",
+            model=models[row["model"]],
+            cluster=ClusterRef(preset="sweep", nodes=nodes, devices_per_node=row["gpus"] // nodes,
+                               source_file=source_file),
+            config=cfg, status="ok" if ok else "failed",
             measured_tokens_per_s_per_gpu=float(row["tokens_per_sec_per_gpu"]) if ok else None,
-            trainer="nanotron"))
+            trainer=trainer))
     out.cases.sort(key=lambda c: (c.group, c.case_id))
     return out
+
+
+# -- the sweep's cluster ----------------------------------------------------------------------------
+
+# The inter-node link a sweep's ``cluster.inter_node`` names (AWS's EFA and RoCE are Ethernet fabrics).
+_LINK_KINDS = ((r"\bEFA\b|RoCE|Ethernet", "ethernet"), (r"InfiniBand|\bIB\b|\bNDR\b|\bHDR\b", "infiniband"))
+# ``measured_collective_busbw_GBps_<size>``: bus bandwidth per node count at one message size (nccl-tests'
+# sizes are binary: 256MB is 2**28 bytes).
+_BUSBW_KEY = re.compile(r"measured_collective_busbw_GBps_(\d+)(KB|MB|GB)$")
+_BINARY = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+
+
+def gpu_preset(gpu: str) -> str | None:
+    """The cluster preset of the GPU a run's ``cluster.gpu`` names (:data:`_GPU_PRESETS`), or None."""
+    for pattern, name in _GPU_PRESETS:
+        if re.search(pattern, gpu):
+            return name
+    return None
+
+
+def _sweep_collectives(cluster: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, table in cluster.items():
+        m = _BUSBW_KEY.match(key)
+        if not m or not isinstance(table, dict):
+            continue
+        size = int(m.group(1)) * _BINARY[m.group(2)]
+        for name in _COLLECTIVES:
+            values = table.get(name) or []
+            points = [{"nodes": _int(n), "message_bytes": size, "bus_bandwidth_bytes_per_s": round(float(b) * 1e9)}
+                      for n, b in zip(table.get("nodes") or [], values) if _num(b) and _int(n)]
+            if points:
+                out.setdefault(name, []).extend(points)
+    return out
+
+
+_SWEEP_CLUSTERS: dict[str, dict[str, Any]] = {}
+
+
+def sweep_cluster_dict(path: Path | str | None = None) -> dict[str, Any]:
+    """The cluster a sweep file (default: the shared sweep) ran on, as a cluster JSON dict (a fresh copy).
+
+    The device and links are those of the preset its ``cluster.gpu`` names; the devices per node its
+    ``gpus_per_node``; the inter-node link kind what its ``cluster.inter_node`` names; its measured bus
+    bandwidths (``measured_collective_busbw_GBps_<size>``: per node count, every GPU of each node in the
+    collective) the ``collectives`` field the cost model interpolates. For the shared sweep this is
+    ``datasets/measured/nanotron-h100-efa.json``, the record docs/validation.md cites (a test keeps them
+    equal)."""
+    file = Path(path) if path else measured_dir() / SWEEP_FILE
+    key = f"{file}@{file.stat().st_mtime_ns if file.is_file() else 0}"  # an edited file is read again
+    if key not in _SWEEP_CLUSTERS:
+        data = _load(Path(path) if path else None, SWEEP_FILE)
+        cl = data.get("cluster") or {}
+        preset = gpu_preset(str(cl.get("gpu") or ""))
+        if preset is None:
+            raise SpecError("cluster.gpu", cl.get("gpu"), f"in {path or SWEEP_FILE}: name a GPU with a cluster "
+                            f"preset ({', '.join(sorted({n for _, n in _GPU_PRESETS if n}))})")
+        d = json.loads((datasets_dir() / "clusters" / f"{preset}.json").read_text())
+        d["name"] = Path(path).stem + "-cluster" if path else SWEEP_CLUSTER_FILE.removesuffix(".json")
+        d["description"] = f"the cluster of {path or SWEEP_FILE}: the {preset} preset's device and links"
+        d["devices_per_node"] = _int(cl.get("gpus_per_node")) or d["devices_per_node"]
+        for pattern, kind in _LINK_KINDS:
+            if re.search(pattern, str(cl.get("inter_node") or ""), re.I):
+                d["inter_node"] = dict(d["inter_node"], kind=kind)
+                break
+        collectives = _sweep_collectives(cl)
+        if collectives:
+            d["collectives"] = collectives
+        _SWEEP_CLUSTERS[key] = d
+    return json.loads(json.dumps(_SWEEP_CLUSTERS[key]))
 
 
 # -- published runs ---------------------------------------------------------------------------------
@@ -222,14 +388,18 @@ def _int(x: Any) -> int | None:
     return int(v) if v is not None and v == int(v) else None
 
 
-_GPU_PRESETS = (  # (pattern in the run's cluster.gpu, preset); first match wins
-    (r"GB200|GB300|H200|B200", None),
+_GPU_PRESETS = (  # (pattern in the run's cluster.gpu, preset); first match wins (GB200 before B200)
+    (r"GB300", "gb300-nvl72"),
+    (r"GB200", "gb200-nvl72"),
+    (r"B200", "dgx-b200"),
+    (r"H200", "dgx-h200"),
     (r"H100", "dgx-h100"),
     (r"A100.*40|40GB", "dgx-a100-40g"),
     (r"A100|A800|Ampere", "dgx-a100-80g"),
     (r"V100", "dgx1-v100"),
 )
-_PRESET_MEMORY_GIB = {"dgx-h100": 80, "dgx-a100-40g": 40, "dgx-a100-80g": 80, "dgx1-v100": 32}
+_PRESET_MEMORY_GIB = {"dgx-h100": 80, "dgx-a100-40g": 40, "dgx-a100-80g": 80, "dgx1-v100": 32,  # GB as published
+                      "dgx-h200": 141, "dgx-b200": 180, "gb200-nvl72": 186, "gb300-nvl72": 279}
 
 
 # The attention kernel a run's source names where it is not the FlashAttention-2-class kernel the
@@ -265,16 +435,16 @@ def _recipe_overlap(run: dict[str, Any]) -> bool:
     return run["id"].startswith(_NEMO_STACKS) and not run["config"].get("comm_overlap")
 
 
+@functools.cache
+def _preset_device(preset: str) -> dict[str, Any]:
+    """The ``device`` object of a cluster preset's file (which attention kernels it states)."""
+    return json.loads((datasets_dir() / "clusters" / f"{preset}.json").read_text())["device"]
+
+
 def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
     cl = run["cluster"]
     gpu = str(cl.get("gpu") or "")
-    preset = None
-    for pattern, name in _GPU_PRESETS:
-        if re.search(pattern, gpu):
-            if name is None:
-                raise Unusable(f"no cluster preset for this GPU ({re.search(pattern, gpu).group(0)})")
-            preset = name
-            break
+    preset = gpu_preset(gpu)
     if preset is None:
         raise Unusable("GPU type not stated or unknown")
     if "Ampere" in gpu and "A100" not in gpu:
@@ -282,7 +452,15 @@ def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
     gpus = _int(cl.get("total_gpus"))
     if gpus is None:
         raise Unusable("GPU count is a range or missing")
-    per_node = _int(cl.get("gpus_per_node")) or 8
+    if preset.endswith("-nvl72"):
+        # A node of the NVL72 presets is the rack's NVLink domain of 72 GPUs; a run states how its GPUs
+        # sit in racks seldom (its gpus_per_node, where given, is a compute tray's 4): the largest
+        # divisor of its GPU count up to 72 stands for it (64 GPUs: one domain of 64; 128: two of 64).
+        per_node = max(d for d in range(1, min(gpus, 72) + 1) if gpus % d == 0)
+        notes.append(f"{preset}: {gpus} GPUs taken as {gpus // per_node} NVLink domain(s) of {per_node} (the "
+                     "largest divisor of the GPU count up to 72; the run does not say how they sit in racks)")
+    else:
+        per_node = _int(cl.get("gpus_per_node")) or 8
     if gpus < per_node:
         per_node = gpus
     if gpus % per_node:
@@ -298,14 +476,40 @@ def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
     if run["id"].startswith("llmfoundry"):
         kernel = "triton-2022"
         notes.append("attention: llm-foundry's Triton FlashAttention (submit_benchmarks.py's default attn_impl)")
-    elif run["id"].startswith(_TE_STACKS) and preset == "dgx-h100":
-        notes.append("attention: Transformer Engine's cuDNN fused attention (the megatron trainer's kernel; "
-                     "its choice on Hopper)")
+    elif run["id"].startswith(_TE_STACKS) and "cudnn" in _preset_device(preset).get("attention_kernels", {}):
+        notes.append("attention: Transformer Engine's cuDNN fused attention (the megatron trainer's kernel; its "
+                     f"choice on the {_preset_device(preset)['name']})")
     return ClusterRef(preset=preset, nodes=gpus // per_node, devices_per_node=per_node, memory_gib=memory_gib,
                       attention_kernel=kernel)
 
 
 _OLD_ATTENTION = ("deepspeed-azure-2022", "pytorch-fsdp-blog-2022", "opt-175b", "fsdp-paper")
+
+
+def _first_int(d: dict[str, Any], *keys: str) -> int | None:
+    return next((v for v in (_int(d.get(k)) for k in keys) if v is not None), None)
+
+
+def _moe_fields(m: dict[str, Any], name: str) -> dict[str, Any]:
+    """A mixture-of-experts run's expert fields as the llama family takes them (planner.models.moe; as
+    ``datasets/models/mixtral-8x7b.json``), under the names publishers and Hugging Face configs use;
+    empty for a dense model. A model named MoE without its expert count or top-k is not priced."""
+    experts = _first_int(m, "num_experts", "experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+    if experts is None:
+        if re.search(r"MoE|Mixtral|expert|DeepSeek-V[23]", name, re.I):
+            raise Unusable("mixture of experts: expert count not given")
+        return {}
+    top_k = _first_int(m, "top_k", "experts_per_token", "num_experts_per_tok", "moe_top_k", "moe_router_topk")
+    if top_k is None or not 1 <= top_k <= experts:
+        raise Unusable("mixture of experts: top-k (experts per token) not given")
+    out: dict[str, Any] = {"num_experts": experts, "top_k": top_k, "capacity_factor": 1.0}
+    for key, names in (("moe_ffn_hidden", ("moe_ffn", "moe_ffn_hidden", "moe_intermediate_size", "expert_ffn")),
+                       ("shared_experts", ("shared_experts", "n_shared_experts")),
+                       ("first_dense_layers", ("first_dense_layers", "first_k_dense_replace"))):
+        value = _first_int(m, *names)
+        if value:
+            out[key] = value
+    return out
 
 
 def published_model(run: dict[str, Any], notes: list[str]) -> ModelSpec:
@@ -315,8 +519,7 @@ def published_model(run: dict[str, Any], notes: list[str]) -> ModelSpec:
     if None in (layers, hidden, heads, seq):
         raise Unusable("model dimensions not given")
     name = str(m.get("name") or "")
-    if re.search(r"MoE|Mixtral|expert", name, re.I):
-        raise Unusable("mixture of experts")
+    experts = _moe_fields(m, name)
     if re.search(r"T5", name):
         raise Unusable("encoder-decoder model")
     vocab = _int(m.get("vocab"))
@@ -325,13 +528,15 @@ def published_model(run: dict[str, Any], notes: list[str]) -> ModelSpec:
         notes.append("vocabulary not given: 51200 assumed")
     ffn, kv = _int(m.get("ffn")), _int(m.get("kv_heads"))
     fused = not run["id"].startswith(_OLD_ATTENTION)
-    if re.search(r"llama", name, re.I):
+    if re.search(r"llama", name, re.I) or experts:
         if ffn is None:
             raise Unusable("model dimensions not given")
         cfg: dict[str, Any] = {"num_layers": layers, "hidden": hidden, "heads": heads, "ffn_hidden": ffn,
                                "kv_heads": kv if kv and kv != heads else None, "vocab_size": vocab,
-                               "seq_len": seq, "fused_attention": fused}
+                               "seq_len": seq, "fused_attention": fused, **experts}
         family = "llama"
+        if experts and not re.search(r"llama|mixtral|deepseek|qwen|mistral", name, re.I):
+            notes.append("mixture of experts priced as a Llama-shaped model with SwiGLU experts")
     else:
         cfg = {"num_layers": layers, "hidden": hidden, "heads": heads, "vocab_size": vocab, "seq_len": seq,
                "dropout": 0.0, "tie_embeddings": True, "fused_attention": fused}
@@ -367,7 +572,7 @@ def _zero_stage(c: dict[str, Any], notes: list[str]) -> int:
     return 0
 
 
-def _recompute(c: dict[str, Any], measured: dict[str, Any], notes: list[str]) -> tuple[str, int]:
+def _recompute(c: dict[str, Any], measured: dict[str, Any], notes: list[str], layers: int = 0) -> tuple[str, int]:
     """The run's recomputation and, for full recomputation of one block in every k, k."""
     text = str(c.get("activation_checkpointing") or "none").lower()
     if text.startswith("selective"):
@@ -381,9 +586,22 @@ def _recompute(c: dict[str, Any], measured: dict[str, Any], notes: list[str]) ->
         if "fraction" in text or "layer" in text:
             notes.append(f"activation checkpointing '{text[:30]}' priced as selective")
         return "selective", 1
-    if text.startswith(("full", "on", "implied")):
-        return "full", 1
+    if text.startswith(("full", "on", "implied", "true", "yes", "enabled", "all", "block", "layer")):
+        every = _layers_checkpointed_every(text, layers)
+        if every > 1:
+            notes.append(f"activation checkpointing on one block in {every} (the run's count of checkpointed layers)")
+        return "full", every
     return "none", 1
+
+
+def _layers_checkpointed_every(text: str, layers: int) -> int:
+    """k for a run that checkpoints N of its ``layers`` blocks, as its text says ("recompute_num_layers=5",
+    "20 of 80 layers", "5 layers"); 1 (every block) when it names no count."""
+    m = re.search(r"(\d+)\s*(?:of|/)\s*\d+\s*(?:layers|blocks)", text) or \
+        re.search(r"(?:num_layers|recompute_layers|layers)\D{0,3}(\d+)", text) or \
+        re.search(r"(\d+)\s*(?:layers|blocks)", text)
+    n = int(m.group(1)) if m else 0
+    return max(1, round(layers / n)) if 0 < n < layers else 1
 
 
 def _checkpointed_every(measured: dict[str, Any]) -> int | None:
@@ -425,7 +643,12 @@ def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> Parall
         raise Unusable("global batch is not a multiple of dp x micro-batch")
     vpp = _virtual_stages(c, _int(run["model"].get("layers")) or 0, pp, notes)
     zero = _zero_stage(c, notes)
-    recompute, every = _recompute(c, run.get("measured") or {}, notes)
+    ep = _int(c.get("ep")) or _int(c.get("expert_parallel")) or 1
+    if dp % ep:
+        raise Unusable(f"ep {ep} does not divide dp {dp}")
+    if c.get("activation_cpu_offload") is True:
+        raise Unusable("activation CPU offload not modelled")
+    recompute, every = _recompute(c, run.get("measured") or {}, notes, _int(run["model"].get("layers")) or 0)
     sp = c.get("sequence_parallel")
     if sp is None:
         sp = tp > 1
@@ -438,7 +661,7 @@ def published_config(run: dict[str, Any], gpus: int, notes: list[str]) -> Parall
                           schedule="interleaved-1f1b" if pp > 1 and vpp > 1 else "1f1b",
                           recompute=recompute, recompute_every=every, sequence_parallel=bool(sp and tp > 1),
                           zero_stage=zero,
-                          overlap_grad_reduce=_overlaps_grad_reduce(run), cp=cp, fp8=fp8,
+                          overlap_grad_reduce=_overlaps_grad_reduce(run), cp=cp, fp8=fp8, ep=ep,
                           dp_shard=_shard_group(c, dp, zero, notes),
                           reshard_after_forward=not (zero == 3 and _keeps_gathered(c)))
 
@@ -565,21 +788,30 @@ def published_settings(run: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(out))
 
 
+_RUN_BLOCKS = ("model", "cluster", "config", "measured")
+
+
 def published_cases(path: Path | None = None) -> Cases:
     data = _load(path, PUBLISHED_FILE)
     out = Cases()
-    for run in data["runs"]:
+    for i, run in enumerate(data["runs"]):
         notes: list[str] = []
+        rid = str(run.get("id") or f"runs[{i}]") if isinstance(run, dict) else f"runs[{i}]"
         try:
+            if not isinstance(run, dict) or not all(isinstance(run.get(k), dict) for k in _RUN_BLOCKS):
+                raise Unusable(f"malformed: a run is an object with {', '.join(_RUN_BLOCKS)} objects")
             cluster = published_cluster(run, notes)
             model = published_model(run, notes)
             gpus = cluster.nodes * cluster.devices_per_node
             cfg = published_config(run, gpus, notes)
             tput, how = published_throughput(run, model, cfg, gpus, notes)
         except Unusable as exc:
-            out.skipped.append(Skip("published", run["id"], str(exc)))
+            out.skipped.append(Skip("published", rid, str(exc)))
             continue
-        out.cases.append(Case(source="published", case_id=run["id"], group=f"{run['model']['name']}:{gpus}",
+        except (KeyError, TypeError, ValueError, SpecError) as exc:  # a user's file: a field missing or mistyped
+            out.skipped.append(Skip("published", rid, f"malformed: {type(exc).__name__} {str(exc)[:80]}"))
+            continue
+        out.cases.append(Case(source="published", case_id=rid, group=f"{run['model'].get('name')}:{gpus}",
                               model=model, cluster=cluster, config=cfg, status="ok",
                               measured_tokens_per_s_per_gpu=tput, measured_from=how,
                               approximations=tuple(notes), trainer=published_trainer(run),
@@ -601,7 +833,3 @@ def load_cases(source: str = "all", *, sweep_path: Path | None = None,
         out.cases += p.cases
         out.skipped += p.skipped
     return out
-
-
-def sweep_cluster_dict() -> dict[str, Any]:
-    return json.loads((measured_dir() / SWEEP_CLUSTER_FILE).read_text())

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=["sweep", "published", "all"], default="all",
                    help="which measured data: the H100 sweep, the published runs, or both (default)")
+    p.add_argument("--sweep", metavar="FILE",
+                   help="a measured sweep in the format of datasets/measured/h100_sweep.json (default: that file): "
+                        "its runs, models, cluster (GPU, GPUs per node, measured bus bandwidths) and training "
+                        "settings")
+    p.add_argument("--published", metavar="FILE",
+                   help="published runs in the format of datasets/measured/published_runs.json (default: that "
+                        "file)")
     p.add_argument("--group", metavar="MODEL:GPUS", help="only this group, e.g. playbook-1B:64")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--csv", metavar="FILE", help="also write every priced case to this CSV file")
@@ -42,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
         check_output_file("--csv", args.csv, force=args.force)
     overrides = load_overrides(args.constants)
-    loaded = load_cases(args.source)
+    files = {k: v for k, v in (("sweep", args.sweep), ("published", args.published)) if v}
+    loaded = load_cases(args.source, sweep_path=Path(args.sweep) if args.sweep else None,
+                        published_path=Path(args.published) if args.published else None)
     cases = loaded.cases
     if args.group:
         cases = [c for c in cases if c.group == args.group]
@@ -50,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
             known = sorted({c.group for c in loaded.cases if c.source == "sweep"})
             raise SpecError("--group", args.group, f"no such group; sweep groups are {known} "
                             "(published runs are grouped by model name and GPUs)")
-    if args.write_bands and (args.group or args.source != "all" or args.constants or args.network != "file"):
-        raise SpecError("--write-bands", True, "the bands come from every case with the default constants and "
-                        "network: drop --group, --source, --constants and --network")
+    if args.write_bands and (args.group or args.source != "all" or args.constants or args.network != "file"
+                             or files):
+        raise SpecError("--write-bands", True, "the bands come from every case of the shared data with the default "
+                        "constants and network: drop --group, --source, --sweep, --published, --constants and "
+                        "--network")
     result = validate_cases(cases, network=args.network, overrides=overrides)
     if args.write_bands:
         from planner.uncertainty import write_bands
@@ -66,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(json_report(result, sources, skipped), indent=2))
     else:
-        print(text_report(result, sources, skipped))
+        print(text_report(result, sources, skipped, files))
         if args.csv:
             print(f"every case written to {args.csv}")
     return 0

@@ -69,8 +69,8 @@ class CasePricer:
     """Owns the caches (graphs, clusters, and a :class:`planner.pricing.Pricer` per model, cluster and
     constants: its layer tables, tp solves) shared by every case it prices.
 
-    ``network`` says how the sweep's cluster (``datasets/measured/nanotron-h100-efa.json``) reaches
-    the cost model:
+    ``network`` says how a sweep's cluster (:func:`~planner.validation.cases.sweep_cluster_dict`; the shared
+    sweep's is ``datasets/measured/nanotron-h100-efa.json``) reaches the cost model:
 
     * ``"file"`` (default): as the file says, its measured ``collectives`` included, for the cost
       model to interpolate (:mod:`planner.cost.measured`).
@@ -138,7 +138,7 @@ class CasePricer:
     def _build_cluster(self, ref: ClusterRef) -> tuple[ClusterSpec, tuple[str, ...]]:
         notes: list[str] = []
         if ref.preset == "sweep":
-            d = sweep_cluster_dict()
+            d = sweep_cluster_dict(ref.source_file or None)
             for dotted, value in self.sweep_overrides.items():
                 *path, last = dotted.split(".")
                 node = d
@@ -153,7 +153,7 @@ class CasePricer:
                     d["inter_node"] = dict(d["inter_node"], bandwidth_bytes_per_s=busbw / self.c.network_efficiency)
                     notes.append(f"inter-node bandwidth from the all-reduce bus bandwidth measured at {ref.nodes} "
                                  f"nodes ({busbw / 1e9:.0f} GB/s)")
-            spec = ClusterSpec.from_dict(d, source="datasets/measured/nanotron-h100-efa.json")
+            spec = ClusterSpec.from_dict(d, source=f"the cluster of {ref.source_file or 'the shared sweep'}")
         else:
             spec = ClusterSpec.preset(ref.preset)
         spec = spec.resized(nodes=ref.nodes, devices_per_node=ref.devices_per_node)
@@ -201,17 +201,19 @@ class CasePricer:
 
 
 def build_graph(spec: ModelSpec) -> CostGraph:
-    """Trace ``spec`` on meta with at most two blocks, then repeat the last block to its depth."""
+    """Trace ``spec`` on meta with two blocks (a mixture of experts with dense first blocks: those and one
+    expert block), then repeat the last block to its depth."""
     from planner.cost.calibrate import repeat_block
     from planner.models import ModelPreset
 
     k = spec.kwargs
     layers = k["num_layers"]
-    preset = ModelPreset(name=spec.name, family=spec.family, config=dict(k, num_layers=min(layers, 2)))
+    traced = min(layers, max(2, int(k.get("first_dense_layers") or 0) + 1))
+    preset = ModelPreset(name=spec.name, family=spec.family, config=dict(k, num_layers=traced))
     module = preset.build(device="meta")
     graph = trace_model(module, preset.sample_input(1), name=spec.name, dtype=spec.dtype, seq_len=spec.seq_len,
                         copy_model=False)
-    return repeat_block(graph, layers) if layers > 2 else graph
+    return repeat_block(graph, layers) if layers > traced else graph
 
 
 # -- summaries ------------------------------------------------------------------------------------

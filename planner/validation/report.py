@@ -86,11 +86,16 @@ def skip_table(v: Validation, skipped_on_load: list[Any]) -> list[str]:
     return lines
 
 
-def text_report(v: Validation, sources: tuple[str, ...], skipped_on_load: list[Any]) -> str:
+def text_report(v: Validation, sources: tuple[str, ...], skipped_on_load: list[Any],
+                files: dict[str, str] | None = None) -> str:
+    """The tables ``validate`` prints; ``files`` names the data file of each source (default: the shared
+    data in datasets/measured)."""
+    files = {"sweep": "datasets/measured/h100_sweep.json", "published": "datasets/measured/published_runs.json",
+             **(files or {})}
     out: list[str] = []
     if "sweep" in sources and v.of("sweep"):
         n = len(v.of("sweep"))
-        out += [f"Sweep (datasets/measured/h100_sweep.json): {n} configurations priced, per (model, GPUs) group.",
+        out += [f"Sweep ({files['sweep']}): {n} configurations priced, per (model, GPUs) group.",
                 "top-1: measured throughput of the planner's first choice / best measured; rho: Spearman on the "
                 "healthy (>= 25% of best) configurations;",
                 "error: median |predicted/measured step time - 1| on them; pred/meas: median step-time ratio "
@@ -98,7 +103,7 @@ def text_report(v: Validation, sources: tuple[str, ...], skipped_on_load: list[A
                 "predicted to fit; fail->no: crashed/OOM and predicted not to fit.", ""]
         out += group_table(v.groups("sweep")) + [""]
     if "published" in sources and v.of("published"):
-        out += [f"Published runs (datasets/measured/published_runs.json): {len(v.of('published'))} priced; "
+        out += [f"Published runs ({files['published']}): {len(v.of('published'))} priced; "
                 "pred/meas is the step-time ratio.", ""]
         out += published_table(v.of("published")) + [""]
     out += ["Targets (issue 21):"] + targets_table(v, sources) + [""]

@@ -10,7 +10,8 @@ from planner.plausible import PlausibilityWarning
 
 def test_presets_load_with_expected_hardware():
     names = ClusterSpec.presets()
-    for required in ("dgx-a100-80g", "dgx-a100-40g", "dgx-h100", "dgx1-v100", "cpu-local", "mixed-a100-v100"):
+    for required in ("dgx-a100-80g", "dgx-a100-40g", "dgx-h100", "dgx1-v100", "cpu-local", "mixed-a100-v100",
+                     "dgx-h200", "dgx-b200", "gb200-nvl72", "gb300-nvl72"):
         assert required in names
     a100 = ClusterSpec.preset("dgx-a100-80g", nodes=8)
     assert a100.num_devices == 64 and a100.devices_per_node == 8 and a100.nodes == 8
@@ -22,6 +23,33 @@ def test_presets_load_with_expected_hardware():
     mixed = ClusterSpec.preset("mixed-a100-v100")
     assert not mixed.is_homogeneous and mixed.num_devices == 16
     assert mixed.node_of_rank(8) == 1 and mixed.group_of_rank(9).device.name.startswith("V100")
+
+
+def test_hopper_and_blackwell_presets_state_their_datasheet_figures():
+    h100, h200 = ClusterSpec.preset("dgx-h100"), ClusterSpec.preset("dgx-h200")
+    # H200: the H100's compute and links, 141 GB HBM3e (nvidia-smi: 143,771 MiB) at 4.8 TB/s
+    assert h200.device.peak_flops == h100.device.peak_flops
+    assert h200.device.memory_bytes == 143771 * 2**20 and h200.device.memory_bandwidth_bytes_per_s == 4.8e12
+    assert (h200.intra_node, h200.inter_node) == (h100.intra_node, h100.inter_node)
+    b200 = ClusterSpec.preset("dgx-b200")
+    assert b200.device.peak("bf16") == 2.25e15 and b200.device.peak("fp8") == 4.5e15
+    assert b200.device.memory_bytes == 183359 * 2**20 and b200.devices_per_node == 8
+    assert b200.intra_node.bandwidth_bytes_per_s == 2 * h100.intra_node.bandwidth_bytes_per_s == 900e9
+    assert b200.inter_node.bandwidth_bytes_per_s == 400e9  # 8 x 400 Gb/s per node
+    gb200, gb300 = ClusterSpec.preset("gb200-nvl72"), ClusterSpec.preset("gb300-nvl72")
+    assert gb200.devices_per_node == gb300.devices_per_node == 72  # a node is the rack's NVLink domain
+    assert gb200.device.peak("bf16") == gb300.device.peak("bf16") == 2.5e15
+    assert (gb200.device.memory_bytes, gb300.device.memory_bytes) == (186e9, 279e9)
+    # inter_node is the whole node's: one NIC per GPU, 400 Gb/s (GB200) and 800 Gb/s (GB300)
+    assert gb200.inter_node.bandwidth_bytes_per_s / 72 == 50e9 and gb300.inter_node.bandwidth_bytes_per_s / 72 == 100e9
+    for spec in (h200, b200, gb200, gb300):  # nothing fitted: the H100's fractions of peak carried over
+        dev = spec.device
+        assert (dev.gemm_efficiency, dev.fused_attention_efficiency, dev.attention_efficiency("cudnn")) == (
+            h100.device.gemm_efficiency, h100.device.fused_attention_efficiency, h100.device.attention_efficiency("cudnn"))
+        assert "not fitted" in spec.description.lower()
+    two = ClusterSpec.preset("gb200-nvl72", nodes=2)
+    assert two.num_devices == 144 and two.node_of_rank(72) == 1
+    assert two.resized(nodes=1, devices_per_node=64).num_devices == 64
 
 
 def test_json_round_trip_and_fingerprint(tmp_path):

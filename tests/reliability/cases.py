@@ -373,4 +373,15 @@ CASES: list[Case] = [
                     _raw_file(t, "c.json", Path(_cluster_file(t, lambda d: None)).read_text()
                               .replace('"devices_per_node": 8', '"devices_per_node": 8, "devices_per_node": 4')),
                     "--global-batch", "8"], 2, ("devices_per_node", "got [8, 4]", "written twice")),
+    # measured data of the user's own (validate --sweep / --published)
+    Case("validate-sweep-missing", "validate", "validate --sweep naming a file that does not exist",
+         lambda t: ["validate", "--source", "sweep", "--sweep", str(t / "nope.json")], 2,
+         ("--sweep", "cannot read the measured data file", "check the path")),
+    Case("validate-published-no-runs", "validate", "validate --published with a file that has no runs list",
+         lambda t: ["validate", "--source", "published", "--published", _raw_file(t, "runs.json", '{"run": []}')], 2,
+         ("--published", 'expected a JSON object with a "runs" list')),
+    Case("validate-sweep-unknown-gpu", "validate", "validate --sweep on a GPU without a cluster preset",
+         lambda t: ["validate", "--source", "sweep", "--sweep",
+                    _raw_file(t, "sweep.json", '{"runs": [], "models": {}, "cluster": {"gpu": "X1"}}')], 2,
+         ("cluster.gpu: got 'X1'", "name a GPU with a cluster preset")),
 ]

@@ -72,6 +72,14 @@ def test_cluster_doc_example_is_what_the_cli_prints(tmp_path, capsys):
     assert [line.replace(str(path), "FILE") for line in _errors(capsys)] == expected
 
 
+def test_every_bad_attention_kernel_entry_is_reported(tmp_path):
+    path = _cluster(tmp_path, lambda d: d["device"].update(attention_kernels={"cudnn": 2, "fa3": -1, "ok": 0.5}),
+                    preset="dgx-h100")
+    with pytest.raises(SpecErrors) as info:
+        ClusterSpec.from_json(path)
+    assert [e.field for e in info.value.errors] == ["device.attention_kernels.cudnn", "device.attention_kernels.fa3"]
+
+
 def test_mixed_cluster_file_reports_bad_fields_of_every_group(tmp_path):
     def both(d: dict) -> None:
         d["groups"][0]["nodes"] = 0
@@ -250,3 +258,13 @@ def test_hf_config_names_the_family_field_and_accepts_the_standard_alias(tmp_pat
     config = hf_config.load_config(_hf(tmp_path, json.dumps({**gpt2, "hidden_size": 64, "num_hidden_layers": 2,
                                                               "n_head": 4})))
     assert (config.n_embd, config.n_layer, config.n_head) == (64, 2, 4)
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`python -m planner ... | head`: the closed pipe ends the command quietly."""
+    from planner.errors import run_command
+
+    def body() -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert run_command(body, debug=False) == 0
