@@ -300,7 +300,7 @@ def attention_notes(graph: CostGraph, cluster: ClusterSpec, c: CostConstants) ->
         return []
     rates = ", ".join(f"{eff:.0%} of peak on {name}" for name, eff in sorted(named.items()))
     kernel = c.attention_kernel
-    what = " (Transformer Engine's cuDNN fused attention, its choice on Hopper)" if kernel == "cudnn" else ""
+    what = " (Transformer Engine's cuDNN fused attention, its choice on Hopper and Blackwell)" if kernel == "cudnn" else ""
     return [f"Attention: priced as the trainer's '{kernel}' kernel{what} at {rates} (device.attention_kernels."
             f"{kernel}) instead of the FlashAttention-2 class's fused_attention_efficiency; --trainer eager, "
             "compiled or torch (or attention_kernel \"\" in --constants) prices FlashAttention-2."]

@@ -191,6 +191,17 @@ class CostConstants:
     # first products save the gathered sequence for their weight gradients. Megatron-LM's linears save
     # their shard and gather it again in backward (False). Measured: tests/runtime/test_op_recompute_tp.py.
     sp_saves_gathered_inputs: bool = False
+    # Whether the trainer fuses element-wise chains, so that a layer keeps the chain's inputs and not what
+    # is inside it (Layer.pointwise_saved_bytes: an RMSNorm's normalised input before its weight, a
+    # SwiGLU's silu(gate)). Megatron-LM and Transformer Engine do it by hand (fused RMSNorm/LayerNorm-linear,
+    # bias-SwiGLU), torch.compile's partitioner by recomputing cheap element-wise ops; eager PyTorch
+    # (this project's runtime, nanotron's GLU) keeps every saved tensor the trace sees (False).
+    fused_pointwise_saves: bool = True
+    # Whether the trainer's FP8 linears keep their saved inputs in FP8: Transformer Engine casts a linear's
+    # input once and keeps that copy for the weight gradient (Layer.linear_input_bytes at half their bf16
+    # bytes; an input another op saves too, as attention saves its output, gains the FP8 copy on top).
+    # torchao's float8 linears keep the bf16 input and cast it again in backward (False).
+    fp8_saves_linear_inputs: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,20 +238,21 @@ class CostConstants:
 # traced op stands for that.
 TRAINERS: dict[str, dict[str, object]] = {
     "megatron": {},
-    "compiled": {"fp8_cast_bytes_per_element": 3.0, "attention_kernel": "", "sp_saves_gathered_inputs": True},
+    "compiled": {"fp8_cast_bytes_per_element": 3.0, "attention_kernel": "", "sp_saves_gathered_inputs": True,
+                 "fp8_saves_linear_inputs": False},
     "eager": {"elementwise_traffic_factor": 1.0, "grad_accumulation_bytes_per_param": 12.0,
               "op_dispatch_s": 1.6e-5, "fp8_cast_bytes_per_element": 5.0, "attention_kernel": "",
-              "sp_saves_gathered_inputs": True},
+              "sp_saves_gathered_inputs": True, "fused_pointwise_saves": False, "fp8_saves_linear_inputs": False},
     # nanotron: eager PyTorch around fused kernels (flash-attn's Triton RMSNorm and rotary embedding,
     # FlashAttention itself: Megatron's element-wise traffic, the default factor), and its pipeline
     # engine's floor under tensor-parallel collectives across nodes (fitted by ``python -m
     # tools.fit_cluster --param constants.pipelined_tp_collective_s --param constants.pipelined_tp_hop_s``).
     "nanotron": {"grad_accumulation_bytes_per_param": 12.0, "op_dispatch_s": 1.6e-5,
                  "fp8_cast_bytes_per_element": 5.0, "pipelined_tp_collective_s": 8e-4, "pipelined_tp_hop_s": 3e-4,
-                 "attention_kernel": ""},
+                 "attention_kernel": "", "fused_pointwise_saves": False, "fp8_saves_linear_inputs": False},
     "torch": {"elementwise_traffic_factor": 1.0, "weight_bytes": 4, "grad_bytes": 4, "bf16_grad_bytes": 4,
               "optimizer_bytes": 8, "grad_accumulation_bytes_per_param": 12.0, "fp8_cast_bytes_per_element": 5.0,
-              "attention_kernel": "", "sp_saves_gathered_inputs": True},
+              "attention_kernel": "", "sp_saves_gathered_inputs": True, "fused_pointwise_saves": False, "fp8_saves_linear_inputs": False},
 }
 
 

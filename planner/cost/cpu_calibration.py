@@ -53,7 +53,9 @@ def cpu_constants(profile: CpuProfile, base: CostConstants | None = None) -> Cos
                    optimizer_temp_bytes_per_param=4.0, loss_traffic_passes=profile.loss_traffic_passes,
                    # the runtime trains fp32 parameters: autograd's AccumulateGrad reads the new gradient
                    # and the sum and writes the sum for every micro-batch after the first
-                   grad_accumulation_bytes_per_param=12.0)
+                   grad_accumulation_bytes_per_param=12.0,
+                   # and keeps what eager PyTorch saves, DTensor's gathered inputs included (the torch trainer)
+                   fused_pointwise_saves=False, fp8_saves_linear_inputs=False, sp_saves_gathered_inputs=True)
 
 
 def cpu_cluster(profile: CpuProfile) -> ClusterSpec:

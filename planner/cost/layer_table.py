@@ -13,7 +13,7 @@ when none are given, Megatron's all-reduce count (:func:`tp_collectives`) priced
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +21,7 @@ import numpy as np
 from planner.cluster import ClusterSpec
 from planner.cost.comm import Group, all_gather_s, all_reduce_s, reduce_scatter_s, strided_group
 from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS, LayerTimes, activation_shard, layer_times
+from planner.cost.constants import DEFAULT as DEFAULT_CONSTANTS
 from planner.cost.constants import DTYPE_BYTES, CostConstants
 from planner.cost.context_parallel import add_cp_rows, tokens_per_rank
 from planner.cost.experts import add_expert_rows
@@ -365,7 +366,7 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
         arr["tcf"][i], arr["tc"][i] = tc_fwd, tc_fwd + tc_bwd
         _fill_memory_row(arr, i, layer, t, tc_fwd, micro_batch=seqs, tp=tp,  # type: ignore[arg-type]
                          sequence_parallel=sequence_parallel, recompute=recs[i], elt=DTYPE_BYTES.get(graph.dtype, 2),
-                         gathered=c.sp_saves_gathered_inputs)
+                         c=c, fp8=fp8)
     add_expert_rows(arr, graph, cluster, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
                     recompute=recompute, knobs=knobs, dtype=dtype, c=c)  # ep > 1: experts split (cost/experts.py)
     cp_comm = add_cp_rows(arr, graph, cluster, micro_batch=micro_batch, tp=tp, cp=knobs.cp, dtype=dtype, c=c,
@@ -426,10 +427,21 @@ def _tp_source(tp: int, tp_pricing: str, tp_seconds: TpSeconds | None,
 
 def _fill_memory_row(arr: dict[str, np.ndarray], i: int, layer: Layer, t: object, tc_fwd: float, *,
                      micro_batch: int, tp: int, sequence_parallel: bool, recompute: str, elt: float = 2,
-                     gathered: bool = False) -> None:
+                     c: CostConstants = DEFAULT_CONSTANTS, fp8: bool = False) -> None:
     """Layer ``i``'s stored and working activations, recomputation seconds, parameters and output
-    (``elt``: bytes per element of the traced activations; ``gathered``: sequence parallelism saves the
-    gathered inputs of its regions, ``CostConstants.sp_saves_gathered_inputs``)."""
+    (``elt``: bytes per element of the traced activations). What the trainer keeps comes from ``c``:
+    sequence parallelism saves the gathered inputs of its regions (``sp_saves_gathered_inputs``); no
+    element-wise intermediates (``fused_pointwise_saves``); with ``fp8`` linears, FP8 copies of their
+    inputs (``fp8_saves_linear_inputs``: the replicated share is left as traced, which overstates it a
+    little without sequence parallelism)."""
+    gathered = c.sp_saves_gathered_inputs
+    if c.fused_pointwise_saves and layer.pointwise_saved_bytes:
+        layer = replace(layer, activation_bytes=layer.activation_bytes - layer.pointwise_saved_bytes,
+                        replicated_activation_bytes=max(
+                            layer.replicated_activation_bytes - layer.pointwise_replicated_bytes, 0.0))
+    if fp8 and c.fp8_saves_linear_inputs and layer.linear_input_bytes:
+        layer = replace(layer, activation_bytes=layer.activation_bytes
+                        - (layer.linear_input_bytes - layer.linear_shared_input_bytes) / 2)
     shard = activation_shard(layer, tp, sequence_parallel)
     full = layer.activation_bytes * shard * micro_batch
     if gathered and sequence_parallel and tp > 1 and recompute in ("none", "selective"):

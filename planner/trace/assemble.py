@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import networkx as nx
 import torch
@@ -247,9 +248,91 @@ def _layers(ops: list[OpNode], ctx: TraceContext, order: list[int], layer_of: di
             op_costs=_op_costs(recs, batch), num_ops=len(members),
             op_saved_bytes=sum(r.out_bytes for r, kept in zip(recs, kept_flags([r.name for r in recs])) if kept)
             / batch,
+            **_pointwise_fields(members, by_name, out_numel, batch),
             experts=expert_routing(named_modules.get(unit_path)) if unit_path in named_modules else (),
         ))
     return layers
+
+
+# Element-wise ops by the traced op's kind (fx's function and method names, aten's): a trainer that fuses
+# element-wise chains (Megatron-LM's and Transformer Engine's kernels, torch.compile's partitioner) keeps a
+# chain's inputs and recomputes what is inside it in the fused kernel's backward.
+POINTWISE = frozenset({
+    "add", "sub", "mul", "div", "truediv", "neg", "pow", "rsqrt", "sqrt", "exp", "log", "tanh", "sigmoid",
+    "silu", "gelu", "relu", "square", "reciprocal", "to", "float", "half", "bfloat16", "type_as", "_to_copy",
+})
+
+
+def pointwise_saved(members: list[OpNode], by_name: dict[str, OpNode], out_numel: int) -> tuple[float, float]:
+    """Bytes (all, and those the size of the layer's output) of the tensors this layer's ops save that a
+    trainer fusing element-wise chains does not keep: the output of an element-wise op, saved only by
+    element-wise ops, whose own inputs are kept anyway (saved in the layer, or weights). An RMSNorm's
+    ``x · rsqrt(mean(x²))`` before its weight, a SwiGLU's ``silu(gate)``: Megatron's fused RMSNorm and
+    bias-SwiGLU keep the norm's input and the gate, and recompute these in backward. A tensor a matrix
+    multiply or attention saves (a norm's output, the SwiGLU product) is kept either way. Needs each op's
+    output identities (:attr:`OpNode.out_bases`); without them nothing is counted."""
+    savers: dict[object, list[OpNode]] = defaultdict(list)
+    sizes: dict[object, tuple[tuple[int, ...], int]] = {}
+    for op in members:
+        for ev in op.events:
+            savers[ev.base_id].append(op)
+            sizes.setdefault(ev.base_id, (ev.shape, ev.nbytes))
+    producer = {b: op for op in members for b in op.out_bases}
+    available = set(savers) | {b for op in members if op.kind == "get_attr" for b in op.out_bases}
+    total = same_size = 0.0
+    for base, ops in savers.items():
+        p = producer.get(base)
+        if p is None or p.kind not in POINTWISE or any(o.kind not in POINTWISE for o in ops):
+            continue
+        inputs = [b for name in p.inputs for b in by_name[name].out_bases] if all(
+            by_name[name].out_bases for name in p.inputs) else []
+        if not inputs or any(b not in available for b in inputs):
+            continue
+        shape, nbytes = sizes[base]
+        total += nbytes
+        same_size += nbytes if out_numel and _numel(shape) == out_numel else 0
+    return total, same_size
+
+
+# Matrix multiplies by the traced op's kind; with a weight among their inputs they are the linears an FP8
+# recipe runs in FP8.
+GEMMS = frozenset({"linear", "mm", "addmm", "matmul", "bmm", "baddbmm"})
+
+
+def linear_saved(members: list[OpNode], by_name: dict[str, OpNode]) -> tuple[float, float]:
+    """Bytes of the tensors this layer saves that linears (matrix multiplies by a weight) save as their
+    inputs: those only linears save, and those other ops save too (an attention output the output
+    projection reads). Transformer Engine's FP8 linears keep an FP8 copy of their input: the first kind
+    then costs half its bf16 bytes, the second half again on top (planner.cost.layer_table)."""
+    weights = {op.name for op in members if op.kind == "get_attr" or op.params}
+    savers: dict[object, list[OpNode]] = defaultdict(list)
+    sizes: dict[object, int] = {}
+    for op in members:
+        for ev in op.events:
+            savers[ev.base_id].append(op)
+            sizes.setdefault(ev.base_id, ev.nbytes)
+
+    def linear(op: OpNode) -> bool:
+        return op.kind in GEMMS and (bool(op.params) or any(i in weights for i in op.inputs))
+
+    only = shared = 0.0
+    for base, ops in savers.items():
+        if any(linear(o) for o in ops):
+            if all(linear(o) for o in ops):
+                only += sizes[base]
+            else:
+                shared += sizes[base]
+    return only, shared
+
+
+def _pointwise_fields(members: list[OpNode], by_name: dict[str, OpNode], out_numel: int,
+                      batch: int) -> dict[str, Any]:
+    if not any(op.out_bases for op in members):
+        return {}
+    total, same_size = pointwise_saved(members, by_name, out_numel)
+    only, shared = linear_saved(members, by_name)
+    return {"pointwise_saved_bytes": total / batch, "pointwise_replicated_bytes": same_size / batch,
+            "linear_input_bytes": only / batch, "linear_shared_input_bytes": shared / batch}
 
 
 def expert_routing(module: nn.Module) -> tuple[ExpertRouting, ...]:

@@ -97,6 +97,15 @@ class Layer:
     # Bytes per sample the per-op checkpointing policy keeps (planner.trace.saved_ops); None in a graph
     # stored before it was traced (the cost model then estimates it from the GEMM shapes).
     op_saved_bytes: float | None = None
+    # Of ``activation_bytes`` (and of ``replicated_activation_bytes``): what the eager trace saves and a
+    # trainer that fuses element-wise chains does not keep (planner.trace.assemble.pointwise_saved).
+    # None in a graph stored before it was traced.
+    pointwise_saved_bytes: float | None = None
+    pointwise_replicated_bytes: float = 0.0
+    # Of ``activation_bytes``: what linears save as their inputs, alone and shared with other ops
+    # (planner.trace.assemble.linear_saved; Transformer Engine keeps FP8 copies of them).
+    linear_input_bytes: float = 0.0
+    linear_shared_input_bytes: float = 0.0
     experts: tuple[ExpertRouting, ...] = ()  # its mixture-of-experts modules (empty: a dense layer)
 
     @property

@@ -70,6 +70,8 @@ class OpNode:
     saved: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
     events: list[PackEvent] = field(default_factory=list)  # every tensor saved for backward, by identity
     replayed_from: str = ""
+    # The storage bases of its outputs, as PackEvent.base_id names them (empty: not known, e.g. off meta)
+    out_bases: tuple = ()
 
 
 def value_meta(value: Any) -> tuple[list[tuple[int, ...]], float, list[str]]:
@@ -195,7 +197,18 @@ class GraphRunner(torch.fx.Interpreter):
             module_path=self.path_of(node),
             inputs=self._inputs(node), output_shapes=shapes, output_bytes=nbytes, dtypes=dtypes,
             params=self._params_of(node), records=self.opm.records.get(name, []),
-            saved=self.stm.saved.get(name, []), events=self.stm.events.get(name, [])))
+            saved=self.stm.saved.get(name, []), events=self.stm.events.get(name, []),
+            out_bases=self._out_bases(result)))
+
+    def _out_bases(self, value: Any) -> tuple[int, ...]:
+        """The ids of ``value``'s storage bases, kept alive so that no later tensor takes an id (meta
+        tensors only: nothing real is held; off meta, none)."""
+        tensors = _tensors(value)
+        if any(t.device.type != "meta" for t in tensors):
+            return ()
+        bases = [storage_base(t) for t in tensors]
+        self.keep.extend(bases)
+        return tuple(id(b) for b in bases)
 
     def _inputs(self, node: torch.fx.Node) -> list[str]:
         names = [self._name(a) for a in node.all_input_nodes]
@@ -447,7 +460,8 @@ class GraphRunner(torch.fx.Interpreter):
             self.ops.append(OpNode(
                 name=name, kind=r.kind, target=target, module_path=path, inputs=inputs,
                 output_shapes=r.output_shapes, output_bytes=r.output_bytes, dtypes=r.dtypes, params=params,
-                records=list(r.records), saved=saved, events=events, replayed_from=r.replayed_from or r.name))
+                records=list(r.records), saved=saved, events=events, replayed_from=r.replayed_from or r.name,
+                out_bases=tuple((segment, id(storage_base(t))) for t in _tensors(ref.values[i]))))
         for ref_base, fab in fabricated.items():
             if ref.base_seen.get(ref_base):
                 self.stm.seen.add(id(fab))

@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         check_output_file("--csv", args.csv, force=args.force)
     overrides = load_overrides(args.constants)
     files = {k: v for k, v in (("sweep", args.sweep), ("published", args.published)) if v}
+    for kind in files:
+        if args.source not in (kind, "all"):
+            raise SpecError(f"--{kind}", files[kind], f"--source {args.source} leaves the {kind} data out: use "
+                            f"--source {kind} or all")
     loaded = load_cases(args.source, sweep_path=Path(args.sweep) if args.sweep else None,
                         published_path=Path(args.published) if args.published else None)
     cases = loaded.cases

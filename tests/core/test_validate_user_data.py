@@ -200,3 +200,8 @@ def test_dense_first_blocks_of_a_mixture_of_experts_are_traced_with_an_expert_bl
     blocks = graph.layers[1:-1]
     assert len(blocks) == 6
     assert [bool(b.experts) for b in blocks] == [False, False, False, True, True, True]
+
+
+def test_a_data_file_the_source_leaves_out_is_a_clear_error(capsys):
+    assert main(["validate", "--source", "sweep", "--published", "runs.json"]) == 2
+    assert "--source sweep leaves the published data out" in capsys.readouterr().err
