@@ -263,6 +263,17 @@ POINTWISE = frozenset({
 })
 
 
+def _savers(members: list[OpNode]) -> tuple[dict[object, list[OpNode]], dict[object, tuple[tuple[int, ...], int]]]:
+    """Each tensor the layer's ops save (by identity): the ops that save it, and its shape and bytes."""
+    savers: dict[object, list[OpNode]] = defaultdict(list)
+    sizes: dict[object, tuple[tuple[int, ...], int]] = {}
+    for op in members:
+        for ev in op.events:
+            savers[ev.base_id].append(op)
+            sizes.setdefault(ev.base_id, (ev.shape, ev.nbytes))
+    return savers, sizes
+
+
 def pointwise_saved(members: list[OpNode], by_name: dict[str, OpNode], out_numel: int) -> tuple[float, float]:
     """Bytes (all, and those the size of the layer's output) of the tensors this layer's ops save that a
     trainer fusing element-wise chains does not keep: the output of an element-wise op, saved only by
@@ -271,12 +282,7 @@ def pointwise_saved(members: list[OpNode], by_name: dict[str, OpNode], out_numel
     bias-SwiGLU keep the norm's input and the gate, and recompute these in backward. A tensor a matrix
     multiply or attention saves (a norm's output, the SwiGLU product) is kept either way. Needs each op's
     output identities (:attr:`OpNode.out_bases`); without them nothing is counted."""
-    savers: dict[object, list[OpNode]] = defaultdict(list)
-    sizes: dict[object, tuple[tuple[int, ...], int]] = {}
-    for op in members:
-        for ev in op.events:
-            savers[ev.base_id].append(op)
-            sizes.setdefault(ev.base_id, (ev.shape, ev.nbytes))
+    savers, sizes = _savers(members)
     producer = {b: op for op in members for b in op.out_bases}
     available = set(savers) | {b for op in members if op.kind == "get_attr" for b in op.out_bases}
     total = same_size = 0.0
@@ -299,18 +305,13 @@ def pointwise_saved(members: list[OpNode], by_name: dict[str, OpNode], out_numel
 GEMMS = frozenset({"linear", "mm", "addmm", "matmul", "bmm", "baddbmm"})
 
 
-def linear_saved(members: list[OpNode], by_name: dict[str, OpNode]) -> tuple[float, float]:
+def linear_saved(members: list[OpNode]) -> tuple[float, float]:
     """Bytes of the tensors this layer saves that linears (matrix multiplies by a weight) save as their
     inputs: those only linears save, and those other ops save too (an attention output the output
     projection reads). Transformer Engine's FP8 linears keep an FP8 copy of their input: the first kind
     then costs half its bf16 bytes, the second half again on top (planner.cost.layer_table)."""
     weights = {op.name for op in members if op.kind == "get_attr" or op.params}
-    savers: dict[object, list[OpNode]] = defaultdict(list)
-    sizes: dict[object, int] = {}
-    for op in members:
-        for ev in op.events:
-            savers[ev.base_id].append(op)
-            sizes.setdefault(ev.base_id, ev.nbytes)
+    savers, sizes = _savers(members)
 
     def linear(op: OpNode) -> bool:
         return op.kind in GEMMS and (bool(op.params) or any(i in weights for i in op.inputs))
@@ -319,9 +320,9 @@ def linear_saved(members: list[OpNode], by_name: dict[str, OpNode]) -> tuple[flo
     for base, ops in savers.items():
         if any(linear(o) for o in ops):
             if all(linear(o) for o in ops):
-                only += sizes[base]
+                only += sizes[base][1]
             else:
-                shared += sizes[base]
+                shared += sizes[base][1]
     return only, shared
 
 
@@ -330,7 +331,7 @@ def _pointwise_fields(members: list[OpNode], by_name: dict[str, OpNode], out_num
     if not any(op.out_bases for op in members):
         return {}
     total, same_size = pointwise_saved(members, by_name, out_numel)
-    only, shared = linear_saved(members, by_name)
+    only, shared = linear_saved(members)
     return {"pointwise_saved_bytes": total / batch, "pointwise_replicated_bytes": same_size / batch,
             "linear_input_bytes": only / batch, "linear_shared_input_bytes": shared / batch}
 
