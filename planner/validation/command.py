@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError("--write-bands", True, "the bands come from every case of the shared data with the default "
                         "constants and network: drop --group, --source, --sweep, --published, --constants and "
                         "--network")
+    if not cases:
+        names = ", ".join(files.values()) or "the shared data"
+        raise SpecError("--source", args.source, f"no runs in {names} could be priced (every one was skipped: "
+                        f"{_reasons(loaded.skipped)}); see docs/validation.md for the formats")
     result = validate_cases(cases, network=args.network, overrides=overrides)
     if args.write_bands:
         from planner.uncertainty import write_bands
@@ -86,3 +90,12 @@ def run(args: argparse.Namespace) -> int:
         if args.csv:
             print(f"every case written to {args.csv}")
     return 0
+
+
+def _reasons(skipped: list[Any]) -> str:
+    """The skip reasons, most frequent first (the three commonest)."""
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s.reason] = counts.get(s.reason, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    return "; ".join(f"{n} x {reason}" for reason, n in top) or "the file holds none"

@@ -205,3 +205,13 @@ def test_dense_first_blocks_of_a_mixture_of_experts_are_traced_with_an_expert_bl
 def test_a_data_file_the_source_leaves_out_is_a_clear_error(capsys):
     assert main(["validate", "--source", "sweep", "--published", "runs.json"]) == 2
     assert "--source sweep leaves the published data out" in capsys.readouterr().err
+
+
+def test_a_file_with_nothing_to_price_says_why(tmp_path, capsys):
+    path = _a100_sweep(tmp_path)
+    d = json.loads(path.read_text())
+    d["runs"] = [{"model": "playbook-1B", "gpus": 8}]
+    path.write_text(json.dumps(d))
+    assert main(["validate", "--source", "sweep", "--sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "no runs in" in err and "1 x malformed: no dp, tp, pp, mbz, grad_acc, status" in err
