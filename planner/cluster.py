@@ -222,8 +222,7 @@ def _attention_kernels(value: Any, field: str, source: str | None) -> dict[str, 
                         source=source)
     raise_all([SpecError(f"{field}.{name}", v, "a fraction of the dtype's peak in (0, 1], e.g. 0.39; leave the "
                          "kernel out to price it as the device's fused_attention_efficiency", source=source)
-               for name, v in value.items()
-               if not name or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1])
+               for name, v in value.items() if not name or not (_is_number(v) and 0 < v <= 1)])
     return {str(k): float(v) for k, v in sorted(value.items())}
 
 

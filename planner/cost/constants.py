@@ -252,7 +252,8 @@ TRAINERS: dict[str, dict[str, object]] = {
                  "attention_kernel": "", "fused_pointwise_saves": False, "fp8_saves_linear_inputs": False},
     "torch": {"elementwise_traffic_factor": 1.0, "weight_bytes": 4, "grad_bytes": 4, "bf16_grad_bytes": 4,
               "optimizer_bytes": 8, "grad_accumulation_bytes_per_param": 12.0, "fp8_cast_bytes_per_element": 5.0,
-              "attention_kernel": "", "sp_saves_gathered_inputs": True, "fused_pointwise_saves": False, "fp8_saves_linear_inputs": False},
+              "attention_kernel": "", "sp_saves_gathered_inputs": True, "fused_pointwise_saves": False,
+              "fp8_saves_linear_inputs": False},
 }
 
 

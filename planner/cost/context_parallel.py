@@ -42,7 +42,7 @@ from planner.cluster import ClusterSpec
 from planner.cost.comm import all_gather_s, reduce_scatter_s, strided_group
 from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS
 from planner.cost.constants import DTYPE_BYTES, CostConstants
-from planner.cost.sharding import layer_recompute
+from planner.cost.sharding import REPLAYS_FORWARD, layer_recompute
 from planner.errors import SpecError
 from planner.trace.graph import CostGraph, Layer
 
@@ -132,7 +132,7 @@ def add_cp_rows(arr: dict[str, np.ndarray], graph: CostGraph, cluster: ClusterSp
     arr["tcf"] += fwd
     arr["tc"] += fwd + bwd
     # Under per-op checkpointing the gathered K and V feed recomputed GEMMs' consumers: gathered again too.
-    full = np.array([layer_recompute(recompute, i, every) in ("full", "op") for i in range(graph.num_layers)],
+    full = np.array([layer_recompute(recompute, i, every) in REPLAYS_FORWARD for i in range(graph.num_layers)],
                     dtype=bool)
     arr["r"] += np.where(full, fwd, 0.0)
     arr["wk"] += np.where(full, kv, 0.0)
@@ -164,7 +164,7 @@ def cp_step_note(graph: CostGraph, cluster: ClusterSpec, cfg: object, layers: Se
                   for i in layers)
     every = getattr(cfg, "recompute_every", 1)
     seconds += sum(cp_comm_s(graph.layers[i], cluster, micro_batch=mb, tp=tp, cp=cp, dtype=dtype, c=c)[0]
-                   for i in layers if layer_recompute(cfg.recompute, i, every) in ("full", "op"))  # type: ignore[attr-defined]
+                   for i in layers if layer_recompute(cfg.recompute, i, every) in REPLAYS_FORWARD)  # type: ignore[attr-defined]
     return (f"Context parallelism cp={cp}: each rank holds 1/{cp} of every sequence (balanced 2*cp chunks); "
             f"attention all-gathers K and V ({gathered * m / 2**30:.3g} GiB per step on the busiest device, "
             f"reduce-scattered back in backward) on groups of {cp} ranks {tp} apart: {seconds * m:.3f} s per step, "

@@ -66,6 +66,7 @@ from planner.cost.comm import (
 )
 from planner.cost.constants import DTYPE_BYTES, CostConstants
 from planner.cost.sharding import (
+    REPLAYS_FORWARD,
     ShardGroups,
     gathers_per_step,
     keeps_unsharded_grads,
@@ -155,7 +156,7 @@ def expert_parallel_row(arr: dict[str, np.ndarray], i: int, layer: Layer, *, gra
     fwd, bwd = hit
     arr["tcf"][i] += fwd
     arr["tc"][i] += fwd + bwd
-    if recompute in ("full", "op"):  # the recomputed forward dispatches and combines again
+    if recompute in REPLAYS_FORWARD:  # the recomputed forward dispatches and combines again
         arr["r"][i] += fwd
     arr["a2a"][i] = fwd + bwd
     experts = expert_params(layer)

@@ -21,7 +21,6 @@ import numpy as np
 from planner.cluster import ClusterSpec
 from planner.cost.comm import Group, all_gather_s, all_reduce_s, reduce_scatter_s, strided_group
 from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS, LayerTimes, activation_shard, layer_times
-from planner.cost.constants import DEFAULT as DEFAULT_CONSTANTS
 from planner.cost.constants import DTYPE_BYTES, CostConstants
 from planner.cost.context_parallel import add_cp_rows, tokens_per_rank
 from planner.cost.experts import add_expert_rows
@@ -427,7 +426,7 @@ def _tp_source(tp: int, tp_pricing: str, tp_seconds: TpSeconds | None,
 
 def _fill_memory_row(arr: dict[str, np.ndarray], i: int, layer: Layer, t: object, tc_fwd: float, *,
                      micro_batch: int, tp: int, sequence_parallel: bool, recompute: str, elt: float = 2,
-                     c: CostConstants = DEFAULT_CONSTANTS, fp8: bool = False) -> None:
+                     c: CostConstants, fp8: bool = False) -> None:
     """Layer ``i``'s stored and working activations, recomputation seconds, parameters and output
     (``elt``: bytes per element of the traced activations). What the trainer keeps comes from ``c``:
     sequence parallelism saves the gathered inputs of its regions (``sp_saves_gathered_inputs``); no

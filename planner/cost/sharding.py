@@ -166,6 +166,11 @@ def zero3_temp_bytes_per_param(w: float, g: float, cfg: ParallelConfig) -> float
     return (g if keeps_gathered_weights(cfg) else 2 * w + g) / cfg.tp
 
 
+# The recompute modes that run a layer's forward again in backward (its collectives and all-to-alls too):
+# whole layers, or per op the ops not kept (planner.trace.saved_ops).
+REPLAYS_FORWARD = ("full", "op")
+
+
 def layer_recompute(recompute: str, index: int, every: int) -> str:
     """The recomputation layer ``index`` gets: ``recompute``, except that under ``full`` with one layer in
     ``every`` checkpointed (:func:`recomputes_layer`) the others store everything (``"none"``)."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from planner.cluster import ClusterSpec, DeviceSpec
 from planner.cost.constants import TRAINERS
 from planner.errors import SpecError, read_json_file
 from planner.paths import datasets_dir
@@ -354,7 +355,7 @@ def sweep_cluster_dict(path: Path | str | None = None) -> dict[str, Any]:
         if preset is None:
             raise SpecError("cluster.gpu", cl.get("gpu"), f"in {path or SWEEP_FILE}: name a GPU with a cluster "
                             f"preset ({', '.join(sorted({n for _, n in _GPU_PRESETS if n}))})")
-        d = json.loads((datasets_dir() / "clusters" / f"{preset}.json").read_text())
+        d = ClusterSpec.preset(preset).to_dict()
         d["name"] = Path(path).stem + "-cluster" if path else SWEEP_CLUSTER_FILE.removesuffix(".json")
         d["description"] = f"the cluster of {path or SWEEP_FILE}: the {preset} preset's device and links"
         d["devices_per_node"] = _int(cl.get("gpus_per_node")) or d["devices_per_node"]
@@ -436,9 +437,9 @@ def _recipe_overlap(run: dict[str, Any]) -> bool:
 
 
 @functools.cache
-def _preset_device(preset: str) -> dict[str, Any]:
-    """The ``device`` object of a cluster preset's file (which attention kernels it states)."""
-    return json.loads((datasets_dir() / "clusters" / f"{preset}.json").read_text())["device"]
+def _preset_device(preset: str) -> DeviceSpec:
+    """A cluster preset's device (which attention kernels it states)."""
+    return ClusterSpec.preset(preset).device
 
 
 def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
@@ -476,9 +477,9 @@ def published_cluster(run: dict[str, Any], notes: list[str]) -> ClusterRef:
     if run["id"].startswith("llmfoundry"):
         kernel = "triton-2022"
         notes.append("attention: llm-foundry's Triton FlashAttention (submit_benchmarks.py's default attn_impl)")
-    elif run["id"].startswith(_TE_STACKS) and "cudnn" in _preset_device(preset).get("attention_kernels", {}):
+    elif run["id"].startswith(_TE_STACKS) and _preset_device(preset).attention_efficiency("cudnn") is not None:
         notes.append("attention: Transformer Engine's cuDNN fused attention (the megatron trainer's kernel; its "
-                     f"choice on the {_preset_device(preset)['name']})")
+                     f"choice on the {_preset_device(preset).name})")
     return ClusterRef(preset=preset, nodes=gpus // per_node, devices_per_node=per_node, memory_gib=memory_gib,
                       attention_kernel=kernel)
 
