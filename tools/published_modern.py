@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_case(case))
         r = rows[-1]
         if not args.markdown:
-            print(f"{case.name}: published {r.published.parallel.label()} -> {r.published.predicted.step_time_s:.2f} s "
+            print(f"{case.name}: published {r.published.parallel.label()} -> {r.published.predicted.step_time_s:.2f} s, "
+                  f"{r.published.predicted.peak_memory_bytes / 2**30:.2f} GiB on the busiest device "
                   f"(fits: {r.published.predicted.fits}), measured {r.measured_step_s:.2f} s; planner "
                   f"{r.planned.parallel.label()} -> {r.planned.predicted.step_time_s:.2f} s in {r.plan_s:.1f} s",
                   flush=True)
