@@ -36,8 +36,10 @@ from planner.cost.model import (
     usable_memory_bytes,
 )
 from planner.inter_op.chain import Partition, StageCosts, partition_dp, uniform_partition
+from planner.inter_op.device_balance import balance_chunks
 from planner.intra_op.pricing import TpPricing, ilp_layer_table, tp_pricing
 from planner.plan import ParallelConfig
+from planner.schedules.closed_form import in_flight_per_device
 from planner.trace.graph import CostGraph
 
 # (tp, micro_batch, sequence_parallel, recompute, knobs); a 4-tuple means the default knobs.
@@ -75,6 +77,7 @@ class Pricer:
         self._solves: dict[tuple, TpPricing] = {} if _solves is None else _solves
         self._free: dict[tuple, Partition] = {}
         self._bound: dict[tuple, Partition] = {}
+        self._chunked: dict[tuple, Partition] = {}
 
     def with_cluster(self, cluster: ClusterSpec) -> Pricer:
         """A Pricer of the same graph and constants on ``cluster`` (another node-group order) that
@@ -254,7 +257,51 @@ class Pricer:
         if not balanced:
             return Partition(uniform_partition(self.graph.num_layers, count), math.nan, "given")
         rows, limits = self._chunk_rows(cfg, table, c)
-        return partition_dp(self._stage_costs(cfg, table, c, rows, limits, memory=cfg.virtual_stages == 1), count)
+        part = partition_dp(self._stage_costs(cfg, table, c, rows, limits, memory=cfg.virtual_stages == 1), count)
+        return self._device_balanced(cfg, table, c, part) if cfg.virtual_stages > 1 else part
+
+    def _device_rows(self, cfg: ParallelConfig, table: LayerTable,
+                     c: CostConstants) -> tuple[np.ndarray, list[float]]:
+        """Each pipeline device's time per layer (one row shared on one device type) and usable memory."""
+        if len(self.cluster.groups) == 1:
+            return table.total_s, [usable_memory_bytes(self.cluster, c)] * cfg.pp
+        key = table_key(cfg)
+        priced = table is not self._tables.get(("no-tp-comm", *key))
+        pos = positions(self.cluster, cfg, c, self.group_tables(key, priced=priced))
+        return np.stack([x.table.total_s for x in pos]), [x.limit for x in pos]
+
+    def _device_balanced(self, cfg: ParallelConfig, table: LayerTable, c: CostConstants,
+                         free: Partition) -> Partition:
+        """v > 1: the chunk split that balances each device's work, each at its own speed
+        (:mod:`planner.inter_op.device_balance`), from the min-max split ``free``; when a device is then
+        over its memory limit and the others' headroom could take the excess, the split that also
+        lowers what is over."""
+        devices = schedules.chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
+        time, limits = self._device_rows(cfg, table, c)
+        key = (id(table), devices, free.boundaries, c is self.c, cfg.dp * cfg.cp)
+        if key not in self._chunked:
+            self._chunked[key] = balance_chunks(time, devices, free)
+        part = self._chunked[key]
+        if not part.feasible:
+            return part
+        flights = in_flight_per_device(cfg.schedule, p=cfg.pp, m=cfg.num_micro_batches, v=cfg.virtual_stages)
+
+        @functools.cache
+        def device_memory(d: int, chunks: tuple[tuple[int, int], ...]) -> float:
+            return stage_memory(table, list(chunks), in_flight=flights[d], cfg=cfg, c=c,
+                                is_last=(d == devices[-1])).total
+
+        def memory(bounds: tuple[tuple[int, int], ...]) -> list[float]:  # a move changes few devices' chunks
+            per: list[list[tuple[int, int]]] = [[] for _ in range(cfg.pp)]
+            for d, chunk in zip(devices, bounds):
+                per[d].append(chunk)
+            return [device_memory(d, tuple(chunks)) for d, chunks in enumerate(per)]
+
+        used = memory(part.boundaries)
+        over = sum(max(0.0, m - lim) for m, lim in zip(used, limits))
+        if over == 0 or over > sum(max(0.0, lim - m) for m, lim in zip(used, limits)):
+            return part
+        return balance_chunks(time, devices, part, memory=memory, limits=limits)
 
     def partition(self, cfg: ParallelConfig, table: LayerTable | None = None, *, balanced: bool = True,
                   cutoff_s: float = math.inf) -> Partition:
@@ -279,8 +326,8 @@ class Pricer:
             self._free[rows_key] = partition_dp(self._stage_costs(cfg, table, self.c, rows, limits, memory=False),
                                                 len(rows))
         free = self._free[rows_key]
-        if cfg.virtual_stages > 1:  # time-only split into p·v chunks, shared by every v > 1 schedule
-            return free
+        if cfg.virtual_stages > 1:  # the time-only split into p·v chunks, balanced per device
+            return self._device_balanced(cfg, table, self.c, free)
         p = cfg.pp
         flights = flights_of(cfg.schedule, p, cfg.num_micro_batches, 1)
         if free.feasible and all(

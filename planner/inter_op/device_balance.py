@@ -1,0 +1,177 @@
+"""Chunk boundaries for multi-chunk schedules that balance each device's work, not each chunk's.
+
+With ``v > 1`` chunks per device (interleaved 1F1B, zero-bubble V, Chimera) a device runs every
+micro-batch of each of its chunks, so the steady state of the step goes at the pace of the busiest
+device, whose work is the sum of its chunks (:mod:`planner.cost.model`). The chain solver
+(:mod:`planner.inter_op.chain`) minimises the slowest *chunk*; many splits reach that, and the one it
+returns can pile whole blocks onto alternate devices. Llama 3 70B on 8 stages × 5 chunks is the case
+that showed it: 82 layers (embedding, 80 blocks, head) into 40 chunks gave the devices 11, 9, 12, 9,
+12, 9, 12 and 6 blocks, where Megatron-LM's uniform split gives every device 10; balanced, they get
+9 to 11 (the last device 9 and the head).
+
+:func:`balance_chunks` searches the splits for the least busiest device, then the most even devices,
+then the slowest chunk (the pipeline's fill and drain), and with memory given, first the least memory
+over the devices' limits. It is a local search (each cut moved to its best place alone; where that is
+stuck, two or three neighbouring cuts shifted by one layer together; from three starts: the min-max
+split, equal time per chunk, equal layers per chunk), not an exact solver: the exact problem couples
+every chunk of a device and has no chain recurrence.
+``tests/inter_op/test_device_balance.py`` compares it with enumerating every split on small chains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from planner.inter_op.chain import Partition, uniform_partition
+
+# Per-device memory (bytes) of a split given as chunk boundaries.
+DeviceMemory = Callable[[tuple[tuple[int, int], ...]], Sequence[float]]
+_REL = 1e-9  # relative slack: a move must improve a key by more than rounding
+_WINDOW = 2  # window moves shift up to this many cuts beyond the first (more: slower, rarely better)
+
+
+def _quantile_cuts(prefix: np.ndarray, k: int) -> list[int]:
+    """Cuts at the layer boundaries nearest ``i/k`` of the total time (every chunk non-empty)."""
+    n = len(prefix) - 1
+    total = float(prefix[-1])
+    cuts = [0]
+    for i in range(1, k):
+        j = int(np.searchsorted(prefix, total * i / k))
+        if j > 0 and abs(prefix[j - 1] - total * i / k) <= abs(prefix[min(j, n)] - total * i / k):
+            j -= 1
+        cuts.append(min(max(j, cuts[-1] + 1), n - (k - i)))
+    return cuts + [n]
+
+
+class _Search:
+    """One local search: per boundary, every position between its neighbours is tried at once
+    (numpy over the candidate cuts), and the best one taken, until a sweep changes nothing."""
+
+    def __init__(self, time: np.ndarray, devices: Sequence[int], memory: DeviceMemory | None,
+                 limits: Sequence[float]) -> None:
+        self.devices = np.asarray(devices)
+        self.p = int(self.devices.max()) + 1
+        rows = np.broadcast_to(np.asarray(time, dtype=float), (self.p, np.shape(time)[-1]))
+        self.prefix = np.concatenate([np.zeros((self.p, 1)), np.cumsum(rows, axis=1)], axis=1)  # [device, cut]
+        self.memory, self.limits = memory, list(limits)
+        self.plist, self.dlist = self.prefix.tolist(), self.devices.tolist()
+
+    def key(self, cuts: list[int]) -> tuple[float, float, float, float]:
+        prefix, devices = self.plist, self.dlist
+        chunk = [prefix[d][b] - prefix[d][a] for d, a, b in zip(devices, cuts, cuts[1:])]
+        work = [0.0] * self.p
+        for d, t in zip(devices, chunk):
+            work[d] += t
+        over = 0.0
+        if self.memory is not None:
+            mem = self.memory(_bounds(cuts))
+            over = sum(max(0.0, m - lim) for m, lim in zip(mem, self.limits))
+        return over, max(work), sum(w * w for w in work), max(chunk)
+
+    def _keys_of_moves(self, cuts: list[int], i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate positions of cut ``i`` and their (busiest, sum of squares, slowest chunk) keys."""
+        lo, hi = cuts[i - 1], cuts[i + 1]
+        c = np.arange(lo + 1, hi)
+        at = np.asarray(cuts)
+        chunk = self.prefix[self.devices, at[1:]] - self.prefix[self.devices, at[:-1]]
+        a, b = self.devices[i - 1], self.devices[i]
+        work = np.bincount(self.devices, weights=chunk, minlength=self.p)
+        left = self.prefix[a, c] - self.prefix[a, lo]
+        right = self.prefix[b, hi] - self.prefix[b, c]
+        wa = work[a] - chunk[i - 1] + left
+        wb = work[b] - chunk[i] + right
+        if a == b:
+            wa = wb = work[a] - chunk[i - 1] - chunk[i] + left + right
+        rest = np.delete(work, [a, b])
+        busiest = np.maximum(np.maximum(wa, wb), rest.max() if rest.size else 0.0)
+        squares = float((rest * rest).sum()) + (wa * wa if a == b else wa * wa + wb * wb)
+        others = np.delete(chunk, [i - 1, i])
+        slowest = np.maximum(np.maximum(left, right), others.max() if others.size else 0.0)
+        return c, np.stack([busiest, squares, slowest], axis=1)
+
+    def _single(self, cuts: list[int], i: int) -> list[list[int]]:
+        """Cut ``i`` alone: at its best position between its neighbours (time only: every position
+        keyed at once), or one layer either way (memory: each trial prices the devices)."""
+        if self.memory is None:
+            cands, keys = self._keys_of_moves(cuts, i)
+            xs = [int(cands[np.lexsort(keys.T[::-1])[0]])]
+        else:
+            xs = [cuts[i] - 1, cuts[i] + 1]
+        return [cuts[:i] + [x] + cuts[i + 1:] for x in xs if x != cuts[i] and cuts[i - 1] < x < cuts[i + 1]]
+
+    def _windows(self, cuts: list[int], i: int) -> list[list[int]]:
+        """Cuts ``i..i+r`` (r >= 1) shifted together by one layer: work moves between the devices of
+        chunks ``i-1`` and ``i+r``, which no single cut joins. Tried where single cuts are stuck."""
+        out, last = [], len(cuts) - 1
+        for r in range(1, min(_WINDOW + 1, last - i)):
+            for step in (-1, 1):
+                moved = [x + step for x in cuts[i:i + r + 1]]
+                if cuts[i - 1] < moved[0] and moved[-1] < cuts[i + r + 1]:
+                    out.append(cuts[:i] + moved + cuts[i + r + 1:])
+        return out
+
+    def _sweep(self, cuts: list[int], best: tuple[float, ...],
+               moves: Callable[[list[int], int], list[list[int]]]) -> tuple[list[int], tuple[float, ...], bool]:
+        """One pass over the cuts, taking each improving move (first found)."""
+        improved = False
+        for i in range(1, len(cuts) - 1):
+            for trial in moves(cuts, i):
+                k = self.key(trial)
+                if _better(k, best):
+                    cuts, best, improved = trial, k, True
+                    break
+        return cuts, best, improved
+
+    def run(self, cuts: list[int], max_sweeps: int) -> tuple[list[int], tuple[float, ...]]:
+        best = self.key(cuts)
+        for _ in range(max_sweeps):
+            cuts, best, improved = self._sweep(cuts, best, self._single)
+            if not improved:
+                cuts, best, improved = self._sweep(cuts, best, self._windows)
+            if not improved:
+                break
+        return cuts, best
+
+
+def _better(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """``a`` lexicographically below ``b``, each term by more than rounding."""
+    for x, y in zip(a, b):
+        tol = _REL * max(abs(x), abs(y), 1e-300)
+        if x < y - tol:
+            return True
+        if x > y + tol:
+            return False
+    return False
+
+
+def _bounds(cuts: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    return tuple((a, b) for a, b in zip(cuts, cuts[1:]))
+
+
+def balance_chunks(time: np.ndarray, devices: Sequence[int], start: Partition, *,
+                   memory: DeviceMemory | None = None, limits: Sequence[float] = (),
+                   max_sweeps: int | None = None) -> Partition:
+    """Boundaries of ``len(devices)`` chunks of the layers timed by ``time`` (seconds per micro-batch
+    per layer: ``[L]``, or ``[devices, L]`` each device at its own speed), chunk ``j`` on device
+    ``devices[j]``, lowering (memory over ``limits`` when ``memory``
+    is given, busiest device's time, sum of squared device times, slowest chunk).
+
+    ``start`` is the chain solver's min-max split of the same chunks: one of the three starts, and its
+    ``bottleneck_bound_s`` (no split has a faster slowest chunk, so no device runs less) is kept.
+    """
+    k, n = len(devices), int(np.shape(time)[-1])
+    if not start.feasible or k <= 1 or k >= n or len(set(devices)) == k:
+        return start  # nothing to balance: infeasible, one chunk per layer, or one chunk per device
+    search = _Search(time, devices, memory, limits)
+    starts = [[a for a, _ in start.boundaries] + [n], _quantile_cuts(search.prefix.mean(axis=0), k),
+              [a for a, _ in uniform_partition(n, k)] + [n]]
+    sweeps = max_sweeps if max_sweeps is not None else 4 * n
+    best_cuts, best_key = None, None
+    for cuts in starts if memory is None else starts[:1]:  # with memory: from ``start``, time-balanced already
+        cuts, key = search.run(list(cuts), sweeps)
+        if best_key is None or _better(key, best_key):
+            best_cuts, best_key = cuts, key
+    assert best_cuts is not None and best_key is not None
+    return Partition(_bounds(best_cuts), best_key[3], start.status, start.bottleneck_bound_s)
