@@ -271,18 +271,19 @@ class Pricer:
         return np.stack([x.table.total_s for x in pos]), [x.limit for x in pos]
 
     def _device_balanced(self, cfg: ParallelConfig, table: LayerTable, c: CostConstants,
-                         free: Partition) -> Partition:
+                         free: Partition, cutoff_s: float = math.inf) -> Partition:
         """v > 1: the chunk split that balances each device's work, each at its own speed
         (:mod:`planner.inter_op.device_balance`), from the min-max split ``free``; when a device is then
         over its memory limit and the others' headroom could take the excess, the split that also
-        lowers what is over."""
+        lowers what is over, unless the balanced split's busiest device times ``m`` already reaches
+        ``cutoff_s`` (the search prunes it: moving layers for memory does not lower the busiest)."""
         devices = schedules.chunk_devices(cfg.schedule, cfg.pp, cfg.virtual_stages)
         time, limits = self._device_rows(cfg, table, c)
         key = (id(table), devices, free.boundaries, c is self.c, cfg.dp * cfg.cp)
         if key not in self._chunked:
             self._chunked[key] = balance_chunks(time, devices, free)
         part = self._chunked[key]
-        if not part.feasible:
+        if not part.feasible or cfg.num_micro_batches * self.busiest_s(cfg, part.boundaries) >= cutoff_s:
             return part
         flights = in_flight_per_device(cfg.schedule, p=cfg.pp, m=cfg.num_micro_batches, v=cfg.virtual_stages)
 
@@ -327,7 +328,11 @@ class Pricer:
                                                 len(rows))
         free = self._free[rows_key]
         if cfg.virtual_stages > 1:  # the time-only split into p·v chunks, balanced per device
-            return self._device_balanced(cfg, table, self.c, free)
+            if free.feasible and cfg.num_micro_batches * free.bottleneck_bound_s >= cutoff_s:
+                return Partition((), free.bottleneck_bound_s, "pruned")  # no device runs less than a chunk
+            if table is self._tables.get(("no-tp-comm", *table_key(cfg))):
+                return free  # the search's screen on the tables without tp comm reads only bound and status
+            return self._device_balanced(cfg, table, self.c, free, cutoff_s)
         p = cfg.pp
         flights = flights_of(cfg.schedule, p, cfg.num_micro_batches, 1)
         if free.feasible and all(

@@ -12,8 +12,9 @@ that showed it: 82 layers (embedding, 80 blocks, head) into 40 chunks gave the d
 :func:`balance_chunks` searches the splits for the least busiest device, then the most even devices,
 then the slowest chunk (the pipeline's fill and drain), and with memory given, first the least memory
 over the devices' limits. It is a local search (each cut moved to its best place alone; where that is
-stuck, two or three neighbouring cuts shifted by one layer together; from three starts: the min-max
-split, equal time per chunk, equal layers per chunk), not an exact solver: the exact problem couples
+stuck, two or three neighbouring cuts shifted by one layer together; from three starts: equal time
+per chunk, the min-max split, equal layers per chunk, or on large chains (chunks × layers over 600)
+from equal time alone), not an exact solver: the exact problem couples
 every chunk of a device and has no chain recurrence.
 ``tests/inter_op/test_device_balance.py`` compares it with enumerating every split on small chains.
 """
@@ -29,6 +30,7 @@ from planner.inter_op.chain import Partition, uniform_partition
 # Per-device memory (bytes) of a split given as chunk boundaries.
 DeviceMemory = Callable[[tuple[tuple[int, int], ...]], Sequence[float]]
 _REL = 1e-9  # relative slack: a move must improve a key by more than rounding
+_SMALL = 600  # chunks × layers up to which all three starts are searched
 _WINDOW = 2  # window moves shift up to this many cuts beyond the first (more: slower, rarely better)
 
 
@@ -46,8 +48,8 @@ def _quantile_cuts(prefix: np.ndarray, k: int) -> list[int]:
 
 
 class _Search:
-    """One local search: per boundary, every position between its neighbours is tried at once
-    (numpy over the candidate cuts), and the best one taken, until a sweep changes nothing."""
+    """One local search: each cut to its best position between its neighbours, and where that is
+    stuck, windows of cuts shifted together, until a sweep changes nothing."""
 
     def __init__(self, time: np.ndarray, devices: Sequence[int], memory: DeviceMemory | None,
                  limits: Sequence[float]) -> None:
@@ -57,6 +59,7 @@ class _Search:
         self.prefix = np.concatenate([np.zeros((self.p, 1)), np.cumsum(rows, axis=1)], axis=1)  # [device, cut]
         self.memory, self.limits = memory, list(limits)
         self.plist, self.dlist = self.prefix.tolist(), self.devices.tolist()
+        self._last_over: tuple[tuple[int, ...], set[int]] = ((), set())
 
     def key(self, cuts: list[int]) -> tuple[float, float, float, float]:
         prefix, devices = self.plist, self.dlist
@@ -70,42 +73,64 @@ class _Search:
             over = sum(max(0.0, m - lim) for m, lim in zip(mem, self.limits))
         return over, max(work), sum(w * w for w in work), max(chunk)
 
-    def _keys_of_moves(self, cuts: list[int], i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate positions of cut ``i`` and their (busiest, sum of squares, slowest chunk) keys."""
+    def _over(self, cuts: list[int]) -> set[int]:
+        """The devices over their memory limit at ``cuts`` (the last answer kept: a sweep asks once per cut)."""
+        assert self.memory is not None
+        key = tuple(cuts)
+        if self._last_over[0] != key:
+            mem = self.memory(_bounds(cuts))
+            self._last_over = (key, {d for d, (m, lim) in enumerate(zip(mem, self.limits)) if m > lim})
+        return self._last_over[1]
+
+    def _best_place(self, cuts: list[int], i: int) -> int:
+        """Cut ``i``'s best position between its neighbours, every position keyed from the other chunks'
+        totals (only the two chunks beside the cut change)."""
+        P, dev = self.plist, self.dlist
         lo, hi = cuts[i - 1], cuts[i + 1]
-        c = np.arange(lo + 1, hi)
-        at = np.asarray(cuts)
-        chunk = self.prefix[self.devices, at[1:]] - self.prefix[self.devices, at[:-1]]
-        a, b = self.devices[i - 1], self.devices[i]
-        work = np.bincount(self.devices, weights=chunk, minlength=self.p)
-        left = self.prefix[a, c] - self.prefix[a, lo]
-        right = self.prefix[b, hi] - self.prefix[b, c]
-        wa = work[a] - chunk[i - 1] + left
-        wb = work[b] - chunk[i] + right
-        if a == b:
-            wa = wb = work[a] - chunk[i - 1] - chunk[i] + left + right
-        rest = np.delete(work, [a, b])
-        busiest = np.maximum(np.maximum(wa, wb), rest.max() if rest.size else 0.0)
-        squares = float((rest * rest).sum()) + (wa * wa if a == b else wa * wa + wb * wb)
-        others = np.delete(chunk, [i - 1, i])
-        slowest = np.maximum(np.maximum(left, right), others.max() if others.size else 0.0)
-        return c, np.stack([busiest, squares, slowest], axis=1)
+        chunk = [P[d][y] - P[d][x] for d, x, y in zip(dev, cuts, cuts[1:])]
+        work = [0.0] * self.p
+        for d, t in zip(dev, chunk):
+            work[d] += t
+        a, b = dev[i - 1], dev[i]
+        work[a] -= chunk[i - 1]
+        work[b] -= chunk[i]
+        rest = [w for d, w in enumerate(work) if d != a and d != b]
+        rest_max, rest_sq = max(rest, default=0.0), sum(w * w for w in rest)
+        others = max((t for j, t in enumerate(chunk) if j != i - 1 and j != i), default=0.0)
+        best: tuple[tuple[float, float, float], int] | None = None
+        for x in range(lo + 1, hi):
+            left, right = P[a][x] - P[a][lo], P[b][hi] - P[b][x]
+            if a == b:
+                wa = wb = work[a] + left + right
+                sq = rest_sq + wa * wa
+            else:
+                wa, wb = work[a] + left, work[b] + right
+                sq = rest_sq + wa * wa + wb * wb
+            key = (max(wa, wb, rest_max), sq, max(left, right, others))
+            if best is None or key < best[0]:
+                best = (key, x)
+        return cuts[i] if best is None else best[1]
 
     def _single(self, cuts: list[int], i: int) -> list[list[int]]:
-        """Cut ``i`` alone: at its best position between its neighbours (time only: every position
-        keyed at once), or one layer either way (memory: each trial prices the devices)."""
-        if self.memory is None:
-            cands, keys = self._keys_of_moves(cuts, i)
-            xs = [int(cands[np.lexsort(keys.T[::-1])[0]])]
-        else:
+        """Cut ``i`` alone: at its best position between its neighbours (time only), or one layer either
+        way (memory: each trial prices the devices)."""
+        over = self._over(cuts) if self.memory is not None else set()
+        if not over:
+            xs = [self._best_place(cuts, i)]
+        elif {self.dlist[i - 1], self.dlist[i]} & over:
             xs = [cuts[i] - 1, cuts[i] + 1]
+        else:
+            return []  # while a device is over its limit, only moves that can take layers off it
         return [cuts[:i] + [x] + cuts[i + 1:] for x in xs if x != cuts[i] and cuts[i - 1] < x < cuts[i + 1]]
 
     def _windows(self, cuts: list[int], i: int) -> list[list[int]]:
         """Cuts ``i..i+r`` (r >= 1) shifted together by one layer: work moves between the devices of
         chunks ``i-1`` and ``i+r``, which no single cut joins. Tried where single cuts are stuck."""
         out, last = [], len(cuts) - 1
+        over = self._over(cuts) if self.memory is not None else set()
         for r in range(1, min(_WINDOW + 1, last - i)):
+            if over and not {self.dlist[i - 1], self.dlist[i + r]} & over:
+                continue
             for step in (-1, 1):
                 moved = [x + step for x in cuts[i:i + r + 1]]
                 if cuts[i - 1] < moved[0] and moved[-1] < cuts[i + r + 1]:
@@ -158,6 +183,7 @@ def balance_chunks(time: np.ndarray, devices: Sequence[int], start: Partition, *
     ``devices[j]``, lowering (memory over ``limits`` when ``memory``
     is given, busiest device's time, sum of squared device times, slowest chunk).
 
+    Sweeps stop when nothing improves, or after ``max_sweeps`` (default 4·L, with memory 2 per device).
     ``start`` is the chain solver's min-max split of the same chunks: one of the three starts, and its
     ``bottleneck_bound_s`` (no split has a faster slowest chunk, so no device runs less) is kept.
     """
@@ -165,11 +191,13 @@ def balance_chunks(time: np.ndarray, devices: Sequence[int], start: Partition, *
     if not start.feasible or k <= 1 or k >= n or len(set(devices)) == k:
         return start  # nothing to balance: infeasible, one chunk per layer, or one chunk per device
     search = _Search(time, devices, memory, limits)
-    starts = [[a for a, _ in start.boundaries] + [n], _quantile_cuts(search.prefix.mean(axis=0), k),
+    starts = [_quantile_cuts(search.prefix.mean(axis=0), k), [a for a, _ in start.boundaries] + [n],
               [a for a, _ in uniform_partition(n, k)] + [n]]
-    sweeps = max_sweeps if max_sweeps is not None else 4 * n
+    if k * n > _SMALL:
+        starts = starts[:1]  # large chains: the equal-time start alone (each search costs ~k·n per sweep)
+    sweeps = max_sweeps if max_sweeps is not None else (4 * n if memory is None else 2 * search.p)
     best_cuts, best_key = None, None
-    for cuts in starts if memory is None else starts[:1]:  # with memory: from ``start``, time-balanced already
+    for cuts in starts if memory is None else [[a for a, _ in start.boundaries] + [n]]:  # ``start``: time-balanced
         cuts, key = search.run(list(cuts), sweeps)
         if best_key is None or _better(key, best_key):
             best_cuts, best_key = cuts, key
