@@ -202,4 +202,19 @@ def balance_chunks(time: np.ndarray, devices: Sequence[int], start: Partition, *
         if best_key is None or _better(key, best_key):
             best_cuts, best_key = cuts, key
     assert best_cuts is not None and best_key is not None
+    own = [a for a, _ in start.boundaries] + [n]
+    if _better(search.key(own), best_key):  # large chains skip ``start`` as a start: never return worse
+        return start
     return Partition(_bounds(best_cuts), best_key[3], start.status, start.bottleneck_bound_s)
+
+
+def busiest_work(time: np.ndarray, devices: Sequence[int], bounds: Sequence[tuple[int, int]]) -> float:
+    """The busiest device's work (seconds per micro-batch) of the chunks ``bounds``, chunk ``j`` on
+    ``devices[j]``, ``time`` as :func:`balance_chunks` takes it."""
+    p = max(devices) + 1
+    rows = np.broadcast_to(np.asarray(time, dtype=float), (p, np.shape(time)[-1]))
+    prefix = np.concatenate([np.zeros((p, 1)), np.cumsum(rows, axis=1)], axis=1)
+    work = [0.0] * p
+    for d, (a, b) in zip(devices, bounds):
+        work[d] += float(prefix[d, b] - prefix[d, a])
+    return max(work)

@@ -111,3 +111,37 @@ def test_nothing_to_balance_returns_the_start():
     assert balance_chunks(time, (0, 1, 2), start) is start  # one chunk per device
     infeasible = partition_dp(StageCosts(time=time), 7)
     assert balance_chunks(time, (0, 1, 0, 1, 0, 1, 0), infeasible) is infeasible
+
+
+def test_the_pricer_keeps_the_split_the_schedule_runs_faster():
+    """Pricer.split for v > 1: the device-balanced split only where the cost model prices it faster
+    than the min-max chunk split (balance can lengthen fill, drain and the waits between unequal
+    chunks), and never a busier device than the min-max split."""
+    import sys
+    from pathlib import Path
+
+    from planner.cluster import ClusterSpec
+    from planner.cost.constants import CostConstants
+    from planner.plan import ParallelConfig
+    from planner.pricing import Pricer, table_key
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import fixtures as F
+
+    cluster = ClusterSpec.preset("dgx-a100-80g").resized(nodes=1, devices_per_node=8)
+    for graph in (F.imbalanced_lm(18), F.encoder_decoder(6, 10), F.uniform_blocks(17)):
+        pricer = Pricer(graph, cluster, CostConstants())
+        for schedule, v in (("interleaved-1f1b", 2), ("interleaved-1f1b", 3), ("zb-v", 2)):
+            for m in (4, 8, 32):
+                if schedule.startswith("interleaved") and m % 2:
+                    continue
+                cfg = ParallelConfig(dp=4, tp=1, pp=2, micro_batch_size=1, num_micro_batches=m,
+                                     schedule=schedule, virtual_stages=v)
+                table = pricer.table(table_key(cfg))
+                rows, limits = pricer._chunk_rows(cfg, table, pricer.c)
+                free = partition_dp(pricer._stage_costs(cfg, table, pricer.c, rows, limits, memory=False), 2 * v)
+                got = pricer.split(cfg, table)
+                assert got.feasible and len(got.boundaries) == 2 * v
+                step = pricer.evaluate(cfg, got.boundaries, table).step_time_s
+                assert step <= pricer.evaluate(cfg, free.boundaries, table).step_time_s * (1 + 1e-9)
+                assert pricer.busiest_s(cfg, got.boundaries) <= pricer.busiest_s(cfg, free.boundaries) * (1 + 1e-9)
