@@ -341,12 +341,12 @@ class Pricer:
         status "pruned" when even the time-only optimum cannot beat ``cutoff_s`` (the
         memory-constrained bottleneck is never below the unconstrained one).
 
-        The time-only optimum of a (chunk tables, chunk count) is computed once (v > 1: that is the
-        answer); when it fits at every position it is also the memory-constrained optimum, else the
-        constrained solve runs (cached by the memory-relevant knobs: schedule in-flight counts, ZeRO
-        stage, dp). ``m`` is in the keys only where it weighs (chunks at different speeds: module
-        docstring of :mod:`planner.inter_op.chain`). Tables are this Pricer's own, alive as long as it
-        is, so their ``id`` names them.
+        The time-only optimum of a (chunk tables, chunk count) is computed once (v > 1: the start of
+        the device balance, :meth:`_device_balanced`); when it fits at every position it is also the
+        memory-constrained optimum, else the constrained solve runs (cached by the memory-relevant
+        knobs: schedule in-flight counts, ZeRO stage, dp). ``m`` is in the keys only where it weighs
+        (chunks at different speeds: module docstring of :mod:`planner.inter_op.chain`). Tables are
+        this Pricer's own, alive as long as it is, so their ``id`` names them.
         """
         table = table if table is not None else self.table(table_key(cfg))
         if not balanced:
