@@ -134,6 +134,10 @@ class Pricer:
                                                   knobs=knobs)
         return self._tables[bound_key]
 
+    def _is_bound(self, cfg: ParallelConfig, table: LayerTable) -> bool:
+        """Whether ``table`` is ``cfg``'s :meth:`bound_table` (without tp communication), not its priced one."""
+        return table is self._tables.get(("no-tp-comm", *_full_key(table_key(cfg))))
+
     def is_priced(self, key: TableKey) -> bool:
         """Whether ``key``'s tp communication has been priced already (its ILP solve has run)."""
         return _full_key(key) in self._tables
@@ -232,8 +236,7 @@ class Pricer:
         if cfg.virtual_stages > 1:  # time only: no limits
             return [table] * (cfg.pp * cfg.virtual_stages), []
         key = table_key(cfg)
-        priced = table is not self._tables.get(("no-tp-comm", *key))
-        pos = positions(self.cluster, cfg, c, self.group_tables(key, priced=priced))
+        pos = positions(self.cluster, cfg, c, self.group_tables(key, priced=not self._is_bound(cfg, table)))
         return [p.table for p in pos], [p.limit for p in pos]
 
     def _stage_costs(self, cfg: ParallelConfig, table: LayerTable, c: CostConstants, rows: list[LayerTable],
@@ -271,9 +274,7 @@ class Pricer:
         """Each pipeline device's time per layer (one row shared on one device type) and usable memory."""
         if len(self.cluster.groups) == 1:
             return table.total_s, [usable_memory_bytes(self.cluster, c)] * cfg.pp
-        key = table_key(cfg)
-        priced = table is not self._tables.get(("no-tp-comm", *key))
-        pos = positions(self.cluster, cfg, c, self.group_tables(key, priced=priced))
+        pos = positions(self.cluster, cfg, c, self.group_tables(table_key(cfg), priced=not self._is_bound(cfg, table)))
         return np.stack([x.table.total_s for x in pos]), [x.limit for x in pos]
 
     def _schedule_choice(self, cfg: ParallelConfig, table: LayerTable, free: Partition, balanced: Partition,
@@ -310,11 +311,11 @@ class Pricer:
         balanced = self._chunked[key]
         if not balanced.feasible:
             return balanced
-        if cfg.num_micro_batches * self.busiest_s(cfg, balanced.boundaries) >= cutoff_s:
+        busiest = {b: busiest_work(time, devices, b) for b in (free.boundaries, balanced.boundaries)}
+        if cfg.num_micro_batches * busiest[balanced.boundaries] >= cutoff_s:
             return Partition((), balanced.bottleneck_bound_s, "pruned")  # the search would prune either split
-        part = self._schedule_choice(cfg, table, free, balanced, busiest_work(time, devices, free.boundaries)
-                                     - busiest_work(time, devices, balanced.boundaries))
-        if cfg.num_micro_batches * self.busiest_s(cfg, part.boundaries) >= cutoff_s:
+        part = self._schedule_choice(cfg, table, free, balanced, busiest[free.boundaries] - busiest[balanced.boundaries])
+        if cfg.num_micro_batches * busiest[part.boundaries] >= cutoff_s:
             return part
         flights = in_flight_per_device(cfg.schedule, p=cfg.pp, m=cfg.num_micro_batches, v=cfg.virtual_stages)
 
@@ -361,7 +362,7 @@ class Pricer:
         if cfg.virtual_stages > 1:  # the time-only split into p·v chunks, balanced per device
             if free.feasible and cfg.num_micro_batches * free.bottleneck_bound_s >= cutoff_s:
                 return Partition((), free.bottleneck_bound_s, "pruned")  # no device runs less than a chunk
-            if table is self._tables.get(("no-tp-comm", *table_key(cfg))):
+            if self._is_bound(cfg, table):
                 return free  # the search's screen on the tables without tp comm reads only bound and status
             return self._device_balanced(cfg, table, self.c, free, cutoff_s)
         p = cfg.pp

@@ -176,14 +176,13 @@ def _bounds(cuts: Sequence[int]) -> tuple[tuple[int, int], ...]:
 
 
 def balance_chunks(time: np.ndarray, devices: Sequence[int], start: Partition, *,
-                   memory: DeviceMemory | None = None, limits: Sequence[float] = (),
-                   max_sweeps: int | None = None) -> Partition:
+                   memory: DeviceMemory | None = None, limits: Sequence[float] = ()) -> Partition:
     """Boundaries of ``len(devices)`` chunks of the layers timed by ``time`` (seconds per micro-batch
     per layer: ``[L]``, or ``[devices, L]`` each device at its own speed), chunk ``j`` on device
     ``devices[j]``, lowering (memory over ``limits`` when ``memory``
     is given, busiest device's time, sum of squared device times, slowest chunk).
 
-    Sweeps stop when nothing improves, or after ``max_sweeps`` (default 4·L, with memory 2 per device).
+    Sweeps stop when nothing improves, or after 4·L of them (with memory, 2 per device).
     ``start`` is the chain solver's min-max split of the same chunks: one of the three starts, and its
     ``bottleneck_bound_s`` (no split has a faster slowest chunk, so no device runs less) is kept.
     """
@@ -195,7 +194,7 @@ def balance_chunks(time: np.ndarray, devices: Sequence[int], start: Partition, *
               [a for a, _ in uniform_partition(n, k)] + [n]]
     if k * n > _SMALL:
         starts = starts[:1]  # large chains: the equal-time start alone (each search costs ~k·n per sweep)
-    sweeps = max_sweeps if max_sweeps is not None else (4 * n if memory is None else 2 * search.p)
+    sweeps = 4 * n if memory is None else 2 * search.p
     best_cuts, best_key = None, None
     for cuts in starts if memory is None else [[a for a, _ in start.boundaries] + [n]]:  # ``start``: time-balanced
         cuts, key = search.run(list(cuts), sweeps)
@@ -211,10 +210,4 @@ def balance_chunks(time: np.ndarray, devices: Sequence[int], start: Partition, *
 def busiest_work(time: np.ndarray, devices: Sequence[int], bounds: Sequence[tuple[int, int]]) -> float:
     """The busiest device's work (seconds per micro-batch) of the chunks ``bounds``, chunk ``j`` on
     ``devices[j]``, ``time`` as :func:`balance_chunks` takes it."""
-    p = max(devices) + 1
-    rows = np.broadcast_to(np.asarray(time, dtype=float), (p, np.shape(time)[-1]))
-    prefix = np.concatenate([np.zeros((p, 1)), np.cumsum(rows, axis=1)], axis=1)
-    work = [0.0] * p
-    for d, (a, b) in zip(devices, bounds):
-        work[d] += float(prefix[d, b] - prefix[d, a])
-    return max(work)
+    return _Search(time, devices, None, ()).key([a for a, _ in bounds] + [bounds[-1][1]])[1]
