@@ -223,6 +223,24 @@ def sweep_recompute(text: str) -> str:
     raise Unusable(f"recompute {said[:40]!r} not understood (none, selective, per-op or full)")
 
 
+def sweep_settings(text: str, trainer: str) -> tuple[tuple[str, Any], ...]:
+    """Constants a sweep's training settings fix (``text``: :func:`_settings_text`) for its ``trainer``.
+
+    nanotron's sequence-parallel column linears without async communication
+    (``tp_linear_async_communication`` false) all-gather their input as a separate autograd op and run
+    ``F.linear`` on the gathered tensor, which autograd then saves: each layer keeps its two gathered
+    inputs (qkv and gate-up) whole, not 1/tp of them (``sp_saves_gathered_inputs``). The async path,
+    and the later ``tp_recompute_allgather`` option, save the shard and gather it again in backward.
+    Source: ``column_linear`` in nanotron's ``parallel/tensor_parallel/functional.py``.
+    """
+    if trainer != "nanotron" or "reduce_scatter" not in text:
+        return ()
+    m = re.search(r"tp_linear_async_communication\W*(true|false)", text)
+    if m and m.group(1) == "false" and not re.search(r"tp_recompute_allgather\W*true", text):
+        return (("sp_saves_gathered_inputs", True),)
+    return ()
+
+
 _ROW_FIELDS = ("model", "gpus", "dp", "tp", "pp", "mbz", "grad_acc", "status")
 
 
@@ -283,7 +301,8 @@ def sweep_cases(path: Path | None = None) -> Cases:
         try:
             if row["gpus"] % nodes or row["dp"] * row["tp"] * row["pp"] != row["gpus"]:
                 raise Unusable("malformed: gpus is not dp x tp x pp on whole nodes")
-            cfg = sweep_config(row, sweep_recompute(_settings_text(data, row.get("sweep"))))
+            text = _settings_text(data, row.get("sweep"))
+            cfg = sweep_config(row, sweep_recompute(text))
         except (Unusable, SpecError) as exc:
             out.skipped.append(Skip("sweep", row.get("src") or "?", str(exc)))
             continue
@@ -294,7 +313,7 @@ def sweep_cases(path: Path | None = None) -> Cases:
                                source_file=source_file),
             config=cfg, status="ok" if ok else "failed",
             measured_tokens_per_s_per_gpu=float(row["tokens_per_sec_per_gpu"]) if ok else None,
-            trainer=trainer))
+            trainer=trainer, settings=sweep_settings(text, trainer)))
     out.cases.sort(key=lambda c: (c.group, c.case_id))
     return out
 

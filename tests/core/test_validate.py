@@ -373,3 +373,34 @@ def test_nemo_recipes_overlap_their_collectives_unless_the_run_says_otherwise(pu
 
     stated = {"id": "nemotron4-15b-g768-own", "config": {"comm_overlap": "--overlap-grad-reduce"}}
     assert _overlaps_grad_reduce(stated) and published_settings(stated) == ()
+
+
+def test_nanotron_without_async_tp_keeps_its_gathered_inputs(sweep):
+    """old_bench ran nanotron's sequence parallelism without async communication: its column linears
+    keep the gathered input whole. With that setting the priced peak memory of its tp > 1 runs
+    follows the measured peak allocated memory; without it the prediction falls short as tp grows."""
+    from dataclasses import replace
+
+    from planner.validation.cases import _load, sweep_settings
+    from planner.validation.price import CasePricer
+
+    text = json.dumps(_load(None, "h100_sweep.json")["training_settings"]).lower()
+    assert sweep_settings('{"tp_mode": "reduce_scatter", "tp_linear_async_communication false"}', "nanotron") == (
+        ("sp_saves_gathered_inputs", True),)
+    assert sweep_settings("reduce_scatter, tp_linear_async_communication=true", "nanotron") == ()
+    assert sweep_settings("reduce_scatter, tp_linear_async_communication false, tp_recompute_allgather=true",
+                          "nanotron") == ()
+    assert sweep_settings(text, "megatron") == ()
+    runs = {r["src"]: r for r in _load(None, "h100_sweep.json")["runs"]}
+    cases = [c for c in sweep.cases if c.group.startswith("old_bench") and c.status == "ok" and c.config.tp > 1
+             and runs[c.case_id]["peak_allocated_mib"]]
+    assert len(cases) >= 10 and all(c.settings == (("sp_saves_gathered_inputs", True),) for c in cases)
+    pricer = CasePricer()
+
+    def ratios(cs):
+        return [runs[c.case_id]["peak_allocated_mib"] / 1024 / pricer.price(c).peak_memory_gib for c in cs]
+
+    with_setting = statistics.median(ratios(cases))
+    without = statistics.median(ratios([replace(c, settings=()) for c in cases]))
+    assert 0.9 <= with_setting <= 1.1, with_setting
+    assert without > 1.15, without
