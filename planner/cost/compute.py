@@ -104,11 +104,17 @@ def activation_shard(layer: Layer, tp: int, sequence_parallel: bool) -> float:
     dropouts and residuals (``replicated_activation_bytes``) stay whole on every rank unless
     sequence parallelism splits them along the sequence (Korthikanti et al. 2022, §4.2).
     """
+    return shard_fraction(layer.activation_bytes, layer.replicated_activation_bytes, tp, sequence_parallel)
+
+
+def shard_fraction(activation_bytes: float, replicated_bytes: float, tp: int, sequence_parallel: bool) -> float:
+    """:func:`activation_shard` of a layer whose activations are ``activation_bytes``, of which
+    ``replicated_bytes`` stay whole without sequence parallelism."""
     if tp <= 1:
         return 1.0
-    if sequence_parallel or layer.activation_bytes <= 0:
+    if sequence_parallel or activation_bytes <= 0:
         return 1.0 / tp
-    replicated = min(1.0, layer.replicated_activation_bytes / layer.activation_bytes)
+    replicated = min(1.0, replicated_bytes / activation_bytes)
     return replicated + (1.0 - replicated) / tp
 
 

@@ -13,14 +13,14 @@ when none are given, Megatron's all-reduce count (:func:`tp_collectives`) priced
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 
 from planner.cluster import ClusterSpec
 from planner.cost.comm import Group, all_gather_s, all_reduce_s, reduce_scatter_s, strided_group
-from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS, LayerTimes, activation_shard, layer_times
+from planner.cost.compute import ATTENTION_KINDS, LINEAR_KINDS, LayerTimes, layer_times, shard_fraction
 from planner.cost.constants import DTYPE_BYTES, CostConstants
 from planner.cost.context_parallel import add_cp_rows, tokens_per_rank
 from planner.cost.experts import add_expert_rows
@@ -434,15 +434,14 @@ def _fill_memory_row(arr: dict[str, np.ndarray], i: int, layer: Layer, t: object
     inputs (``fp8_saves_linear_inputs``: the replicated share is left as traced, which overstates it a
     little without sequence parallelism)."""
     gathered = c.sp_saves_gathered_inputs
+    act, replicated = layer.activation_bytes, layer.replicated_activation_bytes  # what the trainer keeps
     if c.fused_pointwise_saves and layer.pointwise_saved_bytes:
-        layer = replace(layer, activation_bytes=layer.activation_bytes - layer.pointwise_saved_bytes,
-                        replicated_activation_bytes=max(
-                            layer.replicated_activation_bytes - layer.pointwise_replicated_bytes, 0.0))
+        act -= layer.pointwise_saved_bytes
+        replicated = max(replicated - layer.pointwise_replicated_bytes, 0.0)
     if fp8 and c.fp8_saves_linear_inputs and layer.linear_input_bytes:
-        layer = replace(layer, activation_bytes=layer.activation_bytes
-                        - (layer.linear_input_bytes - layer.linear_shared_input_bytes) / 2)
-    shard = activation_shard(layer, tp, sequence_parallel)
-    full = layer.activation_bytes * shard * micro_batch
+        act -= (layer.linear_input_bytes - layer.linear_shared_input_bytes) / 2
+    shard = shard_fraction(act, replicated, tp, sequence_parallel)
+    full = act * shard * micro_batch
     if gathered and sequence_parallel and tp > 1 and recompute in ("none", "selective"):
         full += sp_gathered_input_bytes(layer, elt) * (1 - 1 / tp) * micro_batch
     if recompute == "none":

@@ -128,28 +128,63 @@ def _logits_factor(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> 
     return c.loss_workspace_copies * fp32 / (1 if cfg.sequence_parallel else cfg.tp)
 
 
+@dataclass(frozen=True)
+class _Coefficients:
+    """What :func:`stage_memory` takes from the configuration and the constants alone: bytes per parameter
+    of the model state, of ZeRO-3's gathered layer and of the optimizer step's temporaries, the loss
+    workspace per output byte, and the experts' extra state under ep (None without)."""
+
+    state: tuple[float, float, float]
+    gather: float
+    logits: float
+    optimizer_temp: float
+    expert_extra: tuple[float, float, float, float] | None
+
+
+def _coefficients(table: LayerTable, cfg: ParallelConfig, c: CostConstants) -> _Coefficients:
+    """:class:`_Coefficients` of ``(table, cfg, c)``, computed once per table: a search prices the same
+    configuration's memory for hundreds of splits. The table keeps them (it lives as long as its
+    pricer) with ``cfg`` and ``c`` themselves, so their ids cannot be reused while the entry lives."""
+    cache = table._totals.setdefault("memory_coefficients", {})
+    hit = cache.get((id(cfg), id(c)))
+    if hit is not None and hit[0] is cfg and hit[1] is c:
+        return hit[2]
+    coef = _Coefficients(_per_param_bytes(table, cfg, c), _gather_bytes_per_param(table, cfg, c),
+                         _logits_factor(table, cfg, c), _optimizer_temp_per_param(cfg, c),
+                         expert_state_extra(table, cfg, c))
+    cache[(id(cfg), id(c))] = (cfg, c, coef)
+    return coef
+
+
 def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight: float, cfg: ParallelConfig,
                  c: CostConstants, is_last: bool) -> MemoryParts:
     """Memory of one device holding ``chunks`` (one per virtual stage) of layers."""
-    segs = [table.segment(a, b) for a, b in chunks]  # memoised sums and maxima, as the slices give them
-    params = device_params(table, chunks)
-    pw, pg, po = _per_param_bytes(table, cfg, c)
-    stored = sum(s.stored_act_bytes for s in segs)
-    work = max(s.work_act_max for s in segs)
-    out = max(s.output_max for s in segs)
+    coef = _coefficients(table, cfg, c)
+    if len(chunks) == 1:  # memoised sums and maxima, as the slices give them
+        seg = table.segment(*chunks[0])
+        params, stored, work, out, param_max = seg.params, seg.stored_act_bytes, seg.work_act_max, seg.output_max, \
+            seg.param_max
+    else:
+        segs = [table.segment(a, b) for a, b in chunks]
+        params = device_params(table, chunks)
+        stored = sum(s.stored_act_bytes for s in segs)
+        work = max(s.work_act_max for s in segs)
+        out = max(s.output_max for s in segs)
+        param_max = max(s.param_max for s in segs)
+    pw, pg, po = coef.state
     temp = 2 * out  # the output being produced and its gradient; pipeline send and receive buffers
-    temp += _gather_bytes_per_param(table, cfg, c) * max(s.param_max for s in segs)
+    temp += coef.gather * param_max
     if is_last:
-        temp += _logits_factor(table, cfg, c) * float(table.output_bytes[chunks[-1][1] - 1])
+        temp += coef.logits * float(table.output_bytes[chunks[-1][1] - 1])
     activations = in_flight * stored + work
     # The optimizer step runs after the activations are freed: its temporaries add only what
     # exceeds the backward-time peak.
-    extra = expert_state_extra(table, cfg, c)  # ZeRO with ep: the experts over their own shard (cost/experts.py)
+    extra = coef.expert_extra  # ZeRO with ep: the experts over their own shard (cost/experts.py)
     if extra is None:
-        temp += max(0.0, _optimizer_temp_per_param(cfg, c) * params - activations - temp)
+        temp += max(0.0, coef.optimizer_temp * params - activations - temp)
         return MemoryParts(pw * params, pg * params, po * params, activations, temp)
     experts = device_expert_params(table, chunks)
-    opt_temp = _optimizer_temp_per_param(cfg, c) * params + extra[3] * experts
+    opt_temp = coef.optimizer_temp * params + extra[3] * experts
     temp += max(0.0, opt_temp - activations - temp)
     return MemoryParts(pw * params + extra[0] * experts, pg * params + extra[1] * experts,
                        po * params + extra[2] * experts, activations, temp)

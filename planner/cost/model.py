@@ -69,7 +69,7 @@ from planner.cost.memory import (
     usable_memory_bytes,
 )
 from planner.cost.pipeline_links import pipeline_p2p_s, tied_holder_devices, tied_sync_s
-from planner.cost.positions import Position, chunks_of_device, positions
+from planner.cost.positions import Position, chunk_indices, chunks_of_device, positions
 from planner.cost.sharding import keeps_unsharded_grads, optimizer_shard, shard_groups, shard_size
 from planner.plan import ParallelConfig
 from planner.schedules.closed_form import in_flight_per_device, step_time
@@ -151,24 +151,23 @@ def evaluate(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, bounda
         no_p2p_s = step_time(cfg.schedule, p=p, m=m, v=v, fwd_s=fwd, bwd_input_s=bin_, bwd_weight_s=bw, p2p_s=0.0)
     else:
         no_p2p_s = pipeline_s
+    held = chunk_indices(devices, p)
+    per_device = [sum(fwd[j] + bin_[j] + bw[j] for j in held[d]) for d in range(p)]
     if p > 1 and c.idle_reclaim_fraction > 0:  # processes time-sharing cores run faster in the others' bubble
-        busiest_work = m * max(sum(fwd[j] + bin_[j] + bw[j] for j in range(len(boundaries)) if devices[j] == d)
-                               for d in range(p))
-        reclaimed = c.idle_reclaim_fraction * max(0.0, no_p2p_s - busiest_work)
+        reclaimed = c.idle_reclaim_fraction * max(0.0, no_p2p_s - m * max(per_device))
         pipeline_s, no_p2p_s = pipeline_s - reclaimed, no_p2p_s - reclaimed
-    per_device = [sum(fwd[j] + bin_[j] + bw[j] for j in range(len(boundaries)) if devices[j] == d) for d in range(p)]
-    tails = _device_tails(table, pos, boundaries, devices, cfg, cluster, c, per_device, bin_, bw)
+    tails = _device_tails(table, pos, boundaries, held, cfg, cluster, c, per_device, bin_, bw)
     tail = [sum(parts[d] for parts in tails) for d in range(p)]
     worst_tail = int(np.argmax(tail))
     step = pipeline_s + tail[worst_tail]
     busiest = int(np.argmax(per_device))
-    breakdown = _breakdown(pos[busiest].table, chunks_of_device(boundaries, devices, busiest), cfg, c,
+    breakdown = _breakdown(pos[busiest].table, [boundaries[j] for j in held[busiest]], cfg, c,
                            no_p2p_s=no_p2p_s, pipeline_s=pipeline_s, tails=tails, worst=worst_tail,
                            tp_wait_s=cfg.num_micro_batches * sum(w for j, w in enumerate(tp_wait) if devices[j] == busiest))
     tp_comm = breakdown["tp_comm"]
     notes = _notes(graph, cluster, cfg, c, table, boundaries, devices, tp_comm, pos)
     limits = [x.limit for x in pos]
-    memory = _device_memory(table, boundaries, devices, cfg, c)
+    memory = _device_memory(table, boundaries, devices, cfg, c, held)
     binding = _binding(memory, limits, busiest, pipeline_s, step, tp_comm + breakdown.get("pp_tp_wait", 0.0), tails)
     flops = graph.train_flops * cfg.global_batch
     peak = sum(g.device.peak(table.dtype) * g.num_devices for g in cluster.groups)  # every device at its own peak
@@ -220,7 +219,7 @@ def _chunk_phase_times(pos: list[Position], boundaries: list[tuple[int, int]], d
 
 
 def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple[int, int]],
-                  devices: tuple[int, ...], cfg: ParallelConfig, cluster: ClusterSpec, c: CostConstants,
+                  held: list[list[int]], cfg: ParallelConfig, cluster: ClusterSpec, c: CostConstants,
                   per_device: list[float], bin_: list[float], bw: list[float]
                   ) -> tuple[list[float], list[float], list[float], list[float]]:
     """Per device, after the pipeline: exposed data-parallel gradient sync (and ZeRO gathers), ZeRO-3
@@ -234,7 +233,7 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
         groups = shard_groups(cluster, cfg, d)
         dp_group: Group = groups.shard
         bw_mem = pos[d].cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
-        chunks = chunks_of_device(boundaries, devices, d)
+        chunks = [boundaries[j] for j in held[d]]
         params = device_params(table, chunks) / cfg.tp
         grads, weights = g_b * params, w_b * params
         if cfg.zero_stage == 0:  # expert gradients over their dp/ep replicas (cost/experts.py)
@@ -249,7 +248,7 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
             first_fwd = sum(pos[d].table.segment(a, b).fwd_s for a, b in chunks)
             gather = overlapped_comm_s(gather, first_fwd, c)
         if cfg.overlap_grad_reduce:  # buckets reduce as the last micro-batch's backward produces them
-            backward = [bin_[j] + bw[j] for j in range(len(boundaries)) if devices[j] == d]  # as chunks
+            backward = [bin_[j] + bw[j] for j in held[d]]  # as chunks
             seconds, released = backward_release(pos[d].table, chunks, backward)
             reduce = exposed_reduce_s(reduce, seconds, released, c.grad_bucket_bytes / max(grads, 1.0), c)
         fsdp_host = 0.0  # the sharding framework's host work: per wrapped layer and micro-batch
@@ -342,10 +341,11 @@ def _notes(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: CostC
 
 
 def _device_memory(table: LayerTable, boundaries: list[tuple[int, int]], devices: tuple[int, ...],
-                   cfg: ParallelConfig, c: CostConstants) -> list[MemoryParts]:
-    """Memory of each pipeline device: its chunks at the schedule's in-flight micro-batch count."""
+                   cfg: ParallelConfig, c: CostConstants, held: list[list[int]]) -> list[MemoryParts]:
+    """Memory of each pipeline device (``held``: its chunks' indices, :func:`chunk_indices`): its chunks
+    at the schedule's in-flight micro-batch count."""
     flights = in_flight_per_device(cfg.schedule, p=cfg.pp, m=cfg.num_micro_batches, v=cfg.virtual_stages)
-    return [stage_memory(table, chunks_of_device(boundaries, devices, d), in_flight=flights[d], cfg=cfg, c=c,
+    return [stage_memory(table, [boundaries[j] for j in held[d]], in_flight=flights[d], cfg=cfg, c=c,
                          is_last=(d == devices[-1])) for d in range(cfg.pp)]
 
 

@@ -36,18 +36,28 @@ def pipeline_p2p_s(table: LayerTable, boundaries: list[tuple[int, int]], devices
     if len(boundaries) <= 1:
         return 0.0
     per = cfg.dp * cfg.cp * cfg.tp  # ranks per position (planner.layout.RankLayout.position_ranks)
+    scatter = cfg.tp > 1 and not cfg.sequence_parallel and c.pp_scatter_gather
+    links: dict[tuple[int, int], tuple[ClusterSpec, bool]] = {}  # a V or interleaved pipeline repeats its cuts
+    priced: dict[tuple, float] = {}  # and most cuts hand over the same bytes on the same link
     worst = 0.0
     for j, (_, b) in enumerate(boundaries[:-1]):
         src, dst = devices[j], devices[j + 1]
         if src == dst:
             continue
-        net, same_node = cut_link(cluster, min(src, dst) * per, (max(src, dst) + 1) * per - 1)
+        pair = (min(src, dst), max(src, dst))
+        if pair not in links:
+            links[pair] = cut_link(cluster, pair[0] * per, (pair[1] + 1) * per - 1)
+        net, same_node = links[pair]
         nbytes = float(table.output_bytes[b - 1])
-        if cfg.tp > 1 and not cfg.sequence_parallel and c.pp_scatter_gather:
-            receiver = strided_group(cluster, cfg.tp, 1, first=dst * per)  # the receiving position's tp group
-            t = p2p_s(nbytes / cfg.tp, same_node=same_node, cluster=net, c=c) + all_gather_s(nbytes, receiver, c)
-        else:
-            t = p2p_s(nbytes, same_node=same_node, cluster=net, c=c)
+        key = (id(net), same_node, nbytes, dst if scatter else -1)
+        t = priced.get(key)
+        if t is None:
+            if scatter:
+                receiver = strided_group(cluster, cfg.tp, 1, first=dst * per)  # the receiving position's tp group
+                t = p2p_s(nbytes / cfg.tp, same_node=same_node, cluster=net, c=c) + all_gather_s(nbytes, receiver, c)
+            else:
+                t = p2p_s(nbytes, same_node=same_node, cluster=net, c=c)
+            priced[key] = t
         worst = max(worst, t)
     return worst
 

@@ -19,13 +19,22 @@ from planner.cost.layer_table import LayerTable
 from planner.cost.memory import usable_memory_bytes
 from planner.plan import ParallelConfig
 
-__all__ = ["Position", "chunks_of_device", "positions"]
+__all__ = ["Position", "chunk_indices", "chunks_of_device", "positions"]
 
 
 def chunks_of_device(boundaries: list[tuple[int, int]], devices: tuple[int, ...],
                      device: int) -> list[tuple[int, int]]:
     """The chunks ``device`` runs, by the schedule's placement (V-shapes fold back; never j % pp)."""
     return [boundaries[j] for j in range(len(boundaries)) if devices[j] == device]
+
+
+def chunk_indices(devices: tuple[int, ...], p: int) -> list[list[int]]:
+    """For each of the ``p`` devices, the indices of the chunks it runs, in model order (one pass:
+    :func:`chunks_of_device` for every device at once)."""
+    out: list[list[int]] = [[] for _ in range(p)]
+    for j, d in enumerate(devices):
+        out[d].append(j)
+    return out
 
 
 @dataclass(frozen=True)

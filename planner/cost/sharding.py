@@ -119,7 +119,7 @@ def shard_groups(cluster: ClusterSpec, cfg: ParallelConfig, position: int = 0) -
     position's own ranks (:func:`strided_group` from its first rank): their nodes, and the links of the
     node groups they touch. On a homogeneous cluster every position's groups look alike."""
     size, replicas = shard_size(cfg), cfg.dp // cfg.shard_group
-    first = cfg.layout.rank_of(position, 0, 0)  # the position's first rank
+    first = position * cfg.dp * cfg.cp * cfg.tp  # the position's first rank: RankLayout.rank_of(position, 0, 0)
     shard = strided_group(cluster, size, cfg.tp, first)  # S consecutive dp indices x every cp index
     replicate = strided_group(cluster, replicas, cfg.tp * size, first) if replicas > 1 else None
     return ShardGroups(shard, replicate, size, replicas)

@@ -60,6 +60,26 @@ class _Search:
         self.memory, self.limits = memory, list(limits)
         self.plist, self.dlist = self.prefix.tolist(), self.devices.tolist()
         self._last_over: tuple[tuple[int, ...], set[int]] = ((), set())
+        self._last_split: tuple[tuple[int, ...], list[float], list[float], list[float], list[float]] | None = None
+
+    def _split_of(self, cuts: list[int]) -> tuple[list[float], list[float], list[float], list[float]]:
+        """Chunk times, device works, and the running maxima of the chunk times from the left
+        (``before[j]``: chunks ``< j``) and from the right (``after[j]``: chunks ``>= j``) at ``cuts``;
+        the last answer is kept, as a sweep asks once per cut until a move is taken."""
+        key = tuple(cuts)
+        if self._last_split is None or self._last_split[0] != key:
+            P, dev = self.plist, self.dlist
+            chunk = [P[d][y] - P[d][x] for d, x, y in zip(dev, cuts, cuts[1:])]
+            work = [0.0] * self.p
+            for d, t in zip(dev, chunk):
+                work[d] += t
+            before, after = [0.0] * (len(chunk) + 1), [0.0] * (len(chunk) + 1)
+            for j, t in enumerate(chunk):
+                before[j + 1] = max(before[j], t)
+            for j in range(len(chunk) - 1, -1, -1):
+                after[j] = max(after[j + 1], chunk[j])
+            self._last_split = (key, chunk, work, before, after)
+        return self._last_split[1:]
 
     def key(self, cuts: list[int]) -> tuple[float, float, float, float]:
         prefix, devices = self.plist, self.dlist
@@ -87,16 +107,14 @@ class _Search:
         totals (only the two chunks beside the cut change)."""
         P, dev = self.plist, self.dlist
         lo, hi = cuts[i - 1], cuts[i + 1]
-        chunk = [P[d][y] - P[d][x] for d, x, y in zip(dev, cuts, cuts[1:])]
-        work = [0.0] * self.p
-        for d, t in zip(dev, chunk):
-            work[d] += t
+        chunk, work, before, after = self._split_of(cuts)
+        work = work.copy()
         a, b = dev[i - 1], dev[i]
         work[a] -= chunk[i - 1]
         work[b] -= chunk[i]
         rest = [w for d, w in enumerate(work) if d != a and d != b]
         rest_max, rest_sq = max(rest, default=0.0), sum(w * w for w in rest)
-        others = max((t for j, t in enumerate(chunk) if j != i - 1 and j != i), default=0.0)
+        others = max(before[i - 1], after[i + 1])  # every chunk but the two beside the cut
         best: tuple[tuple[float, float, float], int] | None = None
         for x in range(lo + 1, hi):
             left, right = P[a][x] - P[a][lo], P[b][hi] - P[b][x]

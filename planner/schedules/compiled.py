@@ -7,6 +7,7 @@ and a new set of stage times costs one pass over plain Python lists, with no obj
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -26,10 +27,19 @@ class CompiledProgram:
     device_prev: tuple[int, ...]
     data_prev: tuple[int, ...]
     crosses: tuple[bool, ...]
+    num_stages: int = 0
 
     @property
     def size(self) -> int:
         return len(self.kinds)
+
+    @functools.cached_property
+    def nodes(self) -> tuple[tuple[int, int, int, bool], ...]:
+        """Per node: its duration's index in :func:`makespan`'s flat list (kind · stages + stage), its
+        device and data predecessors (-1: none, which reads the list's trailing 0) and cross flag."""
+        count = self.num_stages or (max(self.stages) + 1 if self.stages else 0)
+        return tuple(zip([k * count + s for k, s in zip(self.kinds, self.stages)], self.device_prev, self.data_prev,
+                         self.crosses))
 
 
 def compile_program(program: Program) -> CompiledProgram:
@@ -58,7 +68,8 @@ def compile_program(program: Program) -> CompiledProgram:
             src = ("F", a.stage, a.microbatch) if a.stage == last else ("G", a.stage + 1, a.microbatch)
         data_prev.append(node_of[src] if src else -1)
         crosses.append(bool(src) and program.device_of(src[1], a.microbatch) != device)
-    return CompiledProgram(tuple(kinds), tuple(stages), tuple(device_prev), tuple(data_prev), tuple(crosses))
+    return CompiledProgram(tuple(kinds), tuple(stages), tuple(device_prev), tuple(data_prev), tuple(crosses),
+                           program.num_stages)
 
 
 @lru_cache(maxsize=512)
@@ -75,15 +86,10 @@ def makespan(
     p2p: float,
 ) -> float:
     """Step time of the compiled program with these per-stage durations (exact, same as the engine)."""
-    table = (fwd, bwd_in, bwd_w, tuple(b + w for b, w in zip(bwd_in, bwd_w)))
-    ends = [0.0] * prog.size
-    for i, (kind, stage, dp, sp, cross) in enumerate(
-        zip(prog.kinds, prog.stages, prog.device_prev, prog.data_prev, prog.crosses)
-    ):
-        start = ends[dp] if dp >= 0 else 0.0
-        if sp >= 0:
-            ready = ends[sp] + p2p if cross else ends[sp]
-            if ready > start:
-                start = ready
-        ends[i] = start + table[kind][stage]
-    return max(ends) if ends else 0.0
+    durations = [*fwd, *bwd_in, *bwd_w, *(b + w for b, w in zip(bwd_in, bwd_w))]
+    ends = [0.0] * (prog.size + 1)  # the trailing 0 is what a missing predecessor (-1) reads
+    for i, (duration, dp, sp, cross) in enumerate(prog.nodes):
+        start = ends[dp]
+        ready = ends[sp] + p2p if cross else ends[sp]
+        ends[i] = (start if start >= ready else ready) + durations[duration]
+    return max(ends)
