@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -336,6 +337,23 @@ class Pricer:
             return part
         return balance_chunks(time, devices, part, memory=memory, limits=limits)
 
+    def _chunk_bound_s(self, cfg: ParallelConfig, table: LayerTable, free: Partition) -> float:
+        """v > 1: no split into ``p·v`` chunks has a device running less than this per micro-batch.
+
+        ``free`` is the min-max split at ``table``'s speed, which on a mixed cluster is the slowest
+        device's: a chunk on a faster device runs faster, so there the bound is the min-max split of
+        the layers each at its fastest device type (a device runs at least its slowest chunk, which
+        runs at least that fast)."""
+        if len(self.cluster.groups) == 1:
+            return free.bottleneck_bound_s
+        count = cfg.pp * cfg.virtual_stages
+        key = ("fastest", id(table), count)
+        if key not in self._free:
+            tables = self.group_tables(table_key(cfg), priced=not self._is_bound(cfg, table))
+            fastest = np.min(np.stack([t.total_s for t in tables]), axis=0)
+            self._free[key] = partition_dp(StageCosts(time=fastest, micro_batches=cfg.num_micro_batches), count)
+        return self._free[key].bottleneck_bound_s
+
     def partition(self, cfg: ParallelConfig, table: LayerTable | None = None, *, balanced: bool = True,
                   cutoff_s: float = math.inf) -> Partition:
         """:meth:`split`, shared by configurations that differ only in what does not change it, or
@@ -360,11 +378,13 @@ class Pricer:
                                                 len(rows))
         free = self._free[rows_key]
         if cfg.virtual_stages > 1:  # the time-only split into p·v chunks, balanced per device
-            if free.feasible and cfg.num_micro_batches * free.bottleneck_bound_s >= cutoff_s:
-                return Partition((), free.bottleneck_bound_s, "pruned")  # no device runs less than a chunk
-            if self._is_bound(cfg, table):
-                return free  # the search's screen on the tables without tp comm reads only bound and status
-            return self._device_balanced(cfg, table, self.c, free, cutoff_s)
+            bound = self._chunk_bound_s(cfg, table, free)
+            if free.feasible and cfg.num_micro_batches * bound >= cutoff_s:
+                return Partition((), bound, "pruned")  # no device runs less than a chunk
+            if self._is_bound(cfg, table):  # the search's screen on the tables without tp comm reads only
+                return replace(free, bottleneck_bound_s=bound)  # bound and status
+            part = self._device_balanced(cfg, table, self.c, free, cutoff_s)
+            return replace(part, bottleneck_bound_s=bound) if part.status != "pruned" else part
         p = cfg.pp
         flights = flights_of(cfg.schedule, p, cfg.num_micro_batches, 1)
         if free.feasible and all(

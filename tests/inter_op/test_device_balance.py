@@ -145,3 +145,37 @@ def test_the_pricer_keeps_the_split_the_schedule_runs_faster():
                 step = pricer.evaluate(cfg, got.boundaries, table).step_time_s
                 assert step <= pricer.evaluate(cfg, free.boundaries, table).step_time_s * (1 + 1e-9)
                 assert pricer.busiest_s(cfg, got.boundaries) <= pricer.busiest_s(cfg, free.boundaries) * (1 + 1e-9)
+
+
+def test_the_multi_chunk_pruning_bound_holds_on_a_mixed_cluster():
+    """The bound the search prunes v > 1 configurations with is below the busiest device's work of
+    every split (each device at its own speed), found by enumeration. At the cluster table's speed
+    (the slowest device's) it was not: a chunk on an A100 runs faster than that."""
+    import sys
+    from pathlib import Path
+
+    from planner.cluster import ClusterSpec
+    from planner.cost.constants import CostConstants
+    from planner.plan import ParallelConfig
+    from planner.pricing import Pricer, table_key
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import fixtures as F
+
+    mixed = ClusterSpec.preset("mixed-a100-v100")
+    graph = F.uniform_blocks(9)
+    pricer = Pricer(graph, mixed, CostConstants())
+    n = graph.num_layers
+    above_old = 0
+    for schedule, v in (("interleaved-1f1b", 2), ("zb-v", 2)):
+        cfg = ParallelConfig(dp=8, tp=1, pp=2, micro_batch_size=1, num_micro_batches=8, schedule=schedule,
+                             virtual_stages=v)
+        table = pricer.table(table_key(cfg))
+        part = pricer.partition(cfg, table)
+        best = min(pricer.busiest_s(cfg, tuple(zip((0, *cuts), (*cuts, n))))
+                   for cuts in itertools.combinations(range(1, n), 2 * v - 1))
+        assert part.bottleneck_bound_s <= best * (1 + 1e-9)
+        assert pricer.partition(cfg, table, cutoff_s=8 * best * 1.001).status != "pruned"
+        old = partition_dp(StageCosts(time=table.total_s, micro_batches=8), 2 * v).bottleneck_bound_s
+        above_old += old > best * (1 + 1e-9)
+    assert above_old  # the slowest device's chunk bound would have pruned the best split
