@@ -59,6 +59,9 @@ class _Search:
         self.prefix = np.concatenate([np.zeros((self.p, 1)), np.cumsum(rows, axis=1)], axis=1)  # [device, cut]
         self.memory, self.limits = memory, list(limits)
         self.plist, self.dlist = self.prefix.tolist(), self.devices.tolist()
+        self.held: list[list[int]] = [[] for _ in range(self.p)]  # each device's chunks, in model order
+        for j, d in enumerate(self.dlist):
+            self.held[d].append(j)
         self._last_over: tuple[tuple[int, ...], set[int]] = ((), set())
         self._last_split: tuple[tuple[int, ...], list[float], list[float], list[float], list[float]] | None = None
 
@@ -92,6 +95,22 @@ class _Search:
             mem = self.memory(_bounds(cuts))
             over = sum(max(0.0, m - lim) for m, lim in zip(mem, self.limits))
         return over, max(work), sum(w * w for w in work), max(chunk)
+
+    def _moved_key(self, cuts: list[int], trial: list[int], lo: int, hi: int) -> tuple[float, float, float, float]:
+        """:meth:`key` of ``trial``, which differs from ``cuts`` only at cuts ``lo..hi`` (time only), from
+        the kept split of ``cuts``: the chunks beside those cuts and the works of their devices are
+        summed again, in the same order as :meth:`key` sums them, so the two agree to the bit."""
+        chunk, work, before, after = self._split_of(cuts)
+        P, dev = self.plist, self.dlist
+        changed = {j: P[dev[j]][trial[j + 1]] - P[dev[j]][trial[j]] for j in range(lo - 1, hi + 1)}
+        work = work.copy()
+        for d in {dev[j] for j in changed}:
+            total = 0.0
+            for j in self.held[d]:
+                total += changed[j] if j in changed else chunk[j]
+            work[d] = total
+        slowest = max(before[lo - 1], after[hi + 1], *changed.values())
+        return 0.0, max(work), sum(w * w for w in work), slowest
 
     def _over(self, cuts: list[int]) -> set[int]:
         """The devices over their memory limit at ``cuts`` (the last answer kept: a sweep asks once per cut)."""
@@ -161,7 +180,13 @@ class _Search:
         improved = False
         for i in range(1, len(cuts) - 1):
             for trial in moves(cuts, i):
-                k = self.key(trial)
+                if self.memory is None:  # a move shifts the cuts from i on; the rest are as before
+                    hi = i
+                    while trial[hi + 1] != cuts[hi + 1]:
+                        hi += 1
+                    k = self._moved_key(cuts, trial, i, hi)
+                else:
+                    k = self.key(trial)
                 if _better(k, best):
                     cuts, best, improved = trial, k, True
                     break
