@@ -179,3 +179,24 @@ def test_the_multi_chunk_pruning_bound_holds_on_a_mixed_cluster():
         old = partition_dp(StageCosts(time=table.total_s, micro_batches=8), 2 * v).bottleneck_bound_s
         above_old += old > best * (1 + 1e-9)
     assert above_old  # the slowest device's chunk bound would have pruned the best split
+
+
+def test_a_moves_key_from_the_kept_split_equals_the_full_key():
+    """The sweep prices a move from the chunks it changes (``_moved_key``); it must equal the key of
+    the moved split summed afresh, to the bit, or the search would take other moves."""
+    from planner.inter_op.device_balance import _Search
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        p, v = int(rng.integers(2, 5)), int(rng.integers(2, 4))
+        n = int(rng.integers(p * v + 2, 40))
+        time = rng.random(n) if rng.random() < 0.5 else rng.random((p, n))
+        devices = chunk_devices("zb-v" if v == 2 and rng.random() < 0.5 else "interleaved-1f1b", p, v)
+        search = _Search(time, devices, None, ())
+        cuts = [0, *sorted(rng.choice(np.arange(1, n), size=p * v - 1, replace=False).tolist()), n]
+        for i in range(1, len(cuts) - 1):
+            for trial in search._single(cuts, i) + search._windows(cuts, i):
+                hi = i
+                while trial[hi + 1] != cuts[hi + 1]:
+                    hi += 1
+                assert search._moved_key(cuts, trial, i, hi) == search.key(trial)
