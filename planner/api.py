@@ -2,8 +2,8 @@
 
 Both trace the model (on meta), price configurations with the cost model and return a
 :class:`Plan` the runtime can execute. ``plan`` searches; ``evaluate`` prices the configuration
-it is given (its stage boundaries still come from the exact partition DP unless
-``partition="uniform"``).
+it is given (its stage boundaries come from the exact partition DP unless ``partition`` names
+another split: equal layers, or Megatron-LM's or nanotron's own, :mod:`planner.inter_op.framework_splits`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.errors import SpecError
 from planner.explain import group_order_note, infeasible_error
+from planner.inter_op.framework_splits import FRAMEWORK_SPLITS
 from planner.plan import ParallelConfig, Plan
 from planner.plan_build import build_plan
 from planner.pricing import Pricer, table_key
@@ -185,6 +186,12 @@ def _frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+# What ``evaluate(partition=...)`` accepts: the planner's exact split, equal layers, or a framework's own rule.
+PARTITIONS = ("balanced", "uniform", *FRAMEWORK_SPLITS)
+_SPLIT_WORDS = {"megatron": "equal runs of blocks per chunk, the embedding first and the head last",
+                "nanotron": "each rank keeps the block that passes its share of the weights"}
+
+
 def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: ParallelConfig, *,
              seq_len: int | None = None, sample_input: Any = None, nodes: int | None = None,
              devices_per_node: int | None = None, constants: CostConstants | None = None, dtype: str | None = None,
@@ -198,10 +205,18 @@ def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: P
         runnable_space(resolved, SearchSpace(sequence_parallel=(True,)))
     if config.cp > 1:  # a preset the runtime cannot split along the sequence: refused, naming cp
         runnable_space(resolved, SearchSpace(cp=(config.cp,)))
-    if partition not in ("balanced", "uniform"):
-        raise SpecError("partition", partition, "use 'balanced' (exact DP) or 'uniform' (equal layers per stage)")
+    if partition not in PARTITIONS:
+        raise SpecError("partition", partition, "use 'balanced' (exact DP), 'uniform' (equal layers per stage), "
+                        "'megatron' or 'nanotron' (that framework's own split)")
     pricer = Pricer(resolved.graph, spec, c)
-    cand = price_config(pricer, config, balanced=(partition == "balanced"))
+    if partition in FRAMEWORK_SPLITS:
+        bounds = FRAMEWORK_SPLITS[partition](resolved.graph, config.pp * config.virtual_stages)
+        table = pricer.table(table_key(config))
+        cand = Candidate(config, bounds, pricer.evaluate(config, bounds, table), "given")
+        cand.prediction.notes.append(f"stages: {partition}'s own split ({_SPLIT_WORDS[partition]}), not the "
+                                     "planner's")
+    else:
+        cand = price_config(pricer, config, balanced=(partition == "balanced"))
     return build_plan(resolved, spec, cand, c, global_batch=config.global_batch, result=None,
                       tp_solve=tp_solve_of(pricer, config))
 

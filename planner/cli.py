@@ -31,7 +31,7 @@ GiB = 2**30
 DTYPES = ("bf16", "fp16", "fp32")
 RECOMPUTE = ("none", "selective", "op", "full")
 ZERO_STAGES = (0, 1, 2, 3)
-PARTITIONS = ("balanced", "uniform")  # the first is the default
+PARTITIONS = ("balanced", "uniform", "megatron", "nanotron")  # the first is the default (planner.api.PARTITIONS)
 DEFAULT_TRAINER = "megatron"
 
 
@@ -112,7 +112,8 @@ def _add_planning_commands(sub: Any) -> None:
     p.add_argument("--plan", help="re-evaluate the configuration and stages of this plan file")
     p.add_argument("--partition", default=PARTITIONS[0], type=choice_arg(*PARTITIONS),
                    metavar=choices_metavar(*PARTITIONS),
-                   help="stage boundaries: exact memory-aware DP (balanced) or equal layers per stage (uniform)")
+                   help="stage boundaries: exact memory-aware DP (balanced), equal layers per stage (uniform), "
+                        "or the split Megatron-LM (megatron) or nanotron (nanotron) makes by its own rule")
 
 
 def _add_plan_file_commands(sub: Any) -> None:
