@@ -8,23 +8,25 @@ sees what the framework's limit costs in predicted step time.
 
 Layers by kind: frameworks count *decoder layers* (``--num-layers`` in Megatron-LM, ``n_layers`` in
 torchtitan), while a plan's stages cut the traced layer list, which also holds the embedding before
-the first block and the final norm / LM head after the last. :func:`layer_kinds` names each traced
-layer ``pre``, ``block`` or ``post``: a block is a layer whose name ends in an integer index
-(``blocks.7``, ``layers.7``, ``h.7``); the others are ``pre`` before the first block and ``post``
-after the last.
+the first block and the final norm / LM head after the last.
+:func:`planner.inter_op.framework_splits.layer_kinds` names each traced layer ``pre``, ``block`` or
+``post``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from planner.inter_op.framework_splits import (  # noqa: F401  (the exporters' names for them)
+    block_boundaries,
+    even_block_counts,
+    layer_kinds,
+    uniform_block_counts,
+)
 from planner.plan import ParallelConfig, Plan
-
-_BLOCK = re.compile(r"(?:^|\.)(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -101,15 +103,6 @@ def boundaries_of(plan: Plan) -> tuple[tuple[int, int], ...]:
     return tuple((s.layer_start, s.layer_stop) for s in sorted(plan.stages, key=lambda s: s.index))
 
 
-def layer_kinds(names: tuple[str, ...] | list[str]) -> list[str]:
-    """``pre`` / ``block`` / ``post`` for each traced layer (module docstring)."""
-    blocks = [i for i, n in enumerate(names) if _BLOCK.search(n)]
-    if not blocks:
-        return ["block"] * len(names)  # no indexed blocks (an MLP, a CNN): every layer counts as one
-    first, last = blocks[0], blocks[-1]
-    return ["pre" if i < first else "post" if i > last else "block" for i in range(len(names))]
-
-
 def block_counts(plan: Plan, boundaries: Any) -> list[int]:
     """Decoder blocks in each stage of ``boundaries``."""
     kinds = layer_kinds(plan.model.layer_names)
@@ -117,63 +110,47 @@ def block_counts(plan: Plan, boundaries: Any) -> list[int]:
 
 
 def block_split(plan: Plan, counts: list[int]) -> tuple[tuple[int, int], ...]:
-    """Stage boundaries over the traced layers with ``counts`` blocks per stage, the layers before the
-    first block on the first stage and those after the last on the last (what every framework does
-    with the embedding and the head when it splits by decoder layers)."""
-    kinds = layer_kinds(plan.model.layer_names)
-    block_at = [i for i, k in enumerate(kinds) if k == "block"]
-    assert sum(counts) == len(block_at), (counts, len(block_at))
-    n = len(kinds)
-    cuts, seen = [0], 0
-    for c in counts[:-1]:
-        seen += c
-        cuts.append(block_at[seen] if seen < len(block_at) else n)
-    cuts.append(n)
-    return tuple(zip(cuts, cuts[1:]))
+    """Stage boundaries over the plan's traced layers with ``counts`` blocks per stage
+    (:func:`planner.inter_op.framework_splits.block_boundaries`)."""
+    return block_boundaries(plan.model.layer_names, counts)
 
 
-def even_block_counts(num_blocks: int, stages: int) -> list[int] | None:
-    """Equal blocks per stage, or ``None`` when ``stages`` does not divide the blocks."""
-    return [num_blocks // stages] * stages if num_blocks % stages == 0 else None
-
-
-def uniform_block_counts(num_blocks: int, stages: int) -> list[int]:
-    """As equal as possible, the extra blocks on the first stages."""
-    q, r = divmod(num_blocks, stages)
-    return [q + (1 if i < r else 0) for i in range(stages)]
-
-
-def price(plan: Plan, cfg: ParallelConfig, boundaries: Any) -> tuple[float, bool]:
-    """(step time, fits) of ``cfg`` with stages ``boundaries``, priced as ``planner.evaluate`` prices a
-    configuration: the preset traced again (as the plan was), the plan's cluster and constants. A plan
-    of a Python module (no preset) is priced on its stored cost graph, which rounds a few layer
-    figures (``planner.graph_io``)."""
-    from planner.cost.constants import CostConstants
+def plan_graph(plan: Plan) -> Any:
+    """The plan's cost graph: its preset traced again (as the plan was), or for a plan of a Python module
+    (no preset) its stored cost graph, which rounds a few layer figures (``planner.graph_io``)."""
     from planner.errors import SpecError
     from planner.graph_io import graph_from_dict
-    from planner.pricing import Pricer
     from planner.resolve import resolve_model
+
+    if plan.model.preset:
+        return resolve_model(plan.model.preset, seq_len=plan.model.seq_len, dtype=plan.model.dtype).graph
+    if plan.graph:
+        return graph_from_dict(plan.graph)
+    raise SpecError("plan", plan.model.name, "this plan file has neither a model preset nor a stored cost "
+                    "graph; price the nearest configuration with planner.evaluate(module, ...)")
+
+
+def price(plan: Plan, cfg: ParallelConfig, boundaries: Any, graph: Any = None) -> tuple[float, bool]:
+    """(step time, fits) of ``cfg`` with stages ``boundaries``, priced as ``planner.evaluate`` prices a
+    configuration: on :func:`plan_graph` (or ``graph``), the plan's cluster and constants."""
+    from planner.cost.constants import CostConstants
+    from planner.pricing import Pricer
 
     known = set(CostConstants.__dataclass_fields__)
     c = CostConstants(**{k: v for k, v in plan.cost_constants.items() if k in known})
-    if plan.model.preset:
-        graph = resolve_model(plan.model.preset, seq_len=plan.model.seq_len, dtype=plan.model.dtype).graph
-    elif plan.graph:
-        graph = graph_from_dict(plan.graph)
-    else:
-        raise SpecError("plan", plan.model.name, "this plan file has neither a model preset nor a stored cost "
-                        "graph; price the nearest configuration with planner.evaluate(module, ...)")
-    pricer = Pricer(graph, plan.cluster, c)
+    pricer = Pricer(graph if graph is not None else plan_graph(plan), plan.cluster, c)
     pred = pricer.evaluate(cfg, tuple(boundaries))
     return pred.step_time_s, bool(pred.fits)
 
 
-def finish(result: ExportResult, plan: Plan, nearest: ParallelConfig, boundaries: Any) -> ExportResult:
-    """Fill the plan's and (when something is lost) the nearest configuration's predicted step times."""
+def finish(result: ExportResult, plan: Plan, nearest: ParallelConfig, boundaries: Any,
+           graph: Any = None) -> ExportResult:
+    """Fill the plan's and (when something is lost) the nearest configuration's predicted step times
+    (``graph``: the plan's cost graph when the exporter already has it)."""
     result.plan_step_s = plan.predicted.step_time_s
     if result.lost:
         result.nearest, result.nearest_boundaries = nearest, tuple(tuple(b) for b in boundaries)
-        result.nearest_step_s, result.nearest_fits = price(plan, nearest, boundaries)
+        result.nearest_step_s, result.nearest_fits = price(plan, nearest, boundaries, graph)
     return result
 
 

@@ -10,9 +10,11 @@ What maps how:
   ``tp_linear_async_communication``), its absence ``ALL_REDUCE``.
 * Schedules: ``pp_engine`` is ``1f1b`` or ``afab`` (all forward, all backward: GPipe). nanotron has
   one model chunk per stage: interleaved, zero-bubble and V-shaped schedules are lost, the nearest is 1F1B.
-* Stage split: nanotron places its pipeline blocks itself (balancing their compute); no field sets
-  a split. The export keeps a split only when it is the even split of the decoder layers (embedding
-  first, head last); the nearest plan of any other is priced with that even split.
+* Stage split: nanotron places its pipeline blocks itself, by a running-cost threshold over their
+  weights (:func:`planner.inter_op.framework_splits.nanotron_split`); no field sets a split. The export
+  keeps the plan's split only when it is that one; the nearest plan of any other is priced with
+  nanotron's, or with the even split of the decoder layers where nanotron's rule would leave a rank
+  without a layer (the error says which layer weighs how much).
 * Recompute: ``recompute_layer`` recomputes whole layers (``full``); selective is lost, nearest full.
 * ZeRO: ``optimizer.zero_stage`` 0 or 1; 2 and 3 are lost, nearest 1 (and with them HSDP and
   keeping the gathered weights, which only ZeRO-3 has).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from planner.errors import SpecError
 from planner.export.common import (
     ExportResult,
     Loss,
@@ -33,10 +36,12 @@ from planner.export.common import (
     boundaries_of,
     finish,
     knob_losses,
+    plan_graph,
     uniform_block_counts,
     with_zero,
     yaml_text,
 )
+from planner.inter_op.framework_splits import nanotron_split
 from planner.plan import Plan
 
 VERSION = "nanotron src/nanotron/config @ 19f88fbe4546"
@@ -64,13 +69,17 @@ def export(plan: Plan) -> ExportResult:
         "every layer"})
     lost += knob_lost
     bounds = boundaries_of(plan)
-    written = bounds
+    written, graph = bounds, None
     if cfg.pp > 1:
-        total = sum(block_counts(plan, bounds))
-        written = block_split(plan, uniform_block_counts(total, nearest.pp * nearest.virtual_stages))
+        graph = plan_graph(plan)
+        try:
+            written = nanotron_split(graph, nearest.pp)
+            why = "nanotron places its pipeline blocks itself by their weights; the nearest is priced with its split"
+        except SpecError as exc:
+            written = block_split(plan, uniform_block_counts(sum(block_counts(plan, bounds)), nearest.pp))
+            why = exc.fix.split("; ")[0] + "; the nearest is priced with an even split"
         if written != bounds:
-            lost.append(Loss("stage split", str([b - a for a, b in bounds]), str([b - a for a, b in written]),
-                             "nanotron places its pipeline blocks itself; the nearest is priced with an even split"))
+            lost.append(Loss("stage split", str([b - a for a, b in bounds]), str([b - a for a, b in written]), why))
     parallelism = {"dp": nearest.dp, "tp": cfg.tp, "pp": cfg.pp, "pp_engine": ENGINES.get(nearest.schedule, "1f1b"),
                    "tp_mode": "REDUCE_SCATTER" if cfg.sequence_parallel else "ALL_REDUCE",
                    "tp_linear_async_communication": bool(cfg.sequence_parallel),
@@ -84,4 +93,5 @@ def export(plan: Plan) -> ExportResult:
     kept = ["tp", "pp", "sequence parallel"] + ([] if "cp" in lost_knobs else ["dp", "micro-batch"])
     kept += ["global batch"] if nearest.global_batch == cfg.global_batch else []
     kept += [k for k in ("schedule", "stage split", "recompute", "zero") if k not in lost_knobs]
-    return finish(ExportResult("nanotron", VERSION, {"nanotron.yaml": text}, kept, lost), plan, nearest, written)
+    return finish(ExportResult("nanotron", VERSION, {"nanotron.yaml": text}, kept, lost), plan, nearest, written,
+                  graph)

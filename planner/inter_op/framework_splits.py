@@ -6,11 +6,9 @@ prediction is only as good as the split it prices (``python -m planner evaluate 
 
 * **Megatron-LM** (``megatron``): the transformer layers in equal runs per model chunk
   (``num_layers / (pp · v)``), the embedding with the first chunk and the output layer with the last
-  (Megatron-LM's ``get_num_layers_to_build`` without its uneven-first/last-stage options). Here the
-  "transformer layers" are the traced layers inside repeated block groups
-  (:meth:`planner.trace.graph.CostGraph.block_groups`); a layer outside them goes with the chunk of
-  the block before it (the first chunk when none is). Where the blocks do not divide evenly, the
-  earlier chunks take one more.
+  (Megatron-LM's ``get_num_layers_to_build`` without its uneven-first/last-stage options). The
+  "transformer layers" are the traced layers :func:`layer_kinds` calls blocks (the exporters count
+  them the same way); where they do not divide evenly, the earlier chunks take one more.
 * **nanotron** (``nanotron``): a block goes to the current rank, and the rank moves on once the
   running cost passes ``(rank + 1) / pp`` of the total, so each rank keeps the block that crosses its
   share. The cost of a decoder block is its weights' size (nanotron's ``4·h² + 3·h·ffn``, which counts
@@ -21,43 +19,79 @@ prediction is only as good as the split it prices (``python -m planner evaluate 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 from planner.errors import SpecError
 from planner.trace.graph import CostGraph
 
-__all__ = ["FRAMEWORK_SPLITS", "megatron_split", "nanotron_split"]
+__all__ = ["FRAMEWORK_SPLITS", "block_boundaries", "even_block_counts", "layer_kinds", "megatron_split",
+           "nanotron_split", "uniform_block_counts"]
 
 Boundaries = tuple[tuple[int, int], ...]
+_BLOCK = re.compile(r"(?:^|\.)(\d+)$")
 
 
-def _blocks(graph: CostGraph) -> list[int]:
-    """Indices of the traced layers in repeated block groups (each repeated at least twice)."""
-    return [i for g in graph.block_groups() if g.repeated for i in g.indices]
+def layer_kinds(names: Sequence[str]) -> list[str]:
+    """``pre`` / ``block`` / ``post`` for each traced layer: a block is a layer whose name ends in an
+    integer index (``blocks.7``, ``layers.7``, ``h.7``) or lies between two such; the others are
+    ``pre`` before the first block and ``post`` after the last. Frameworks count these blocks as their
+    decoder layers (``--num-layers``, ``n_layers``); a model without indexed layers (an MLP, a CNN)
+    counts every layer as one."""
+    blocks = [i for i, n in enumerate(names) if _BLOCK.search(n)]
+    if not blocks:
+        return ["block"] * len(names)
+    first, last = blocks[0], blocks[-1]
+    return ["pre" if i < first else "post" if i > last else "block" for i in range(len(names))]
+
+
+def block_boundaries(names: Sequence[str], counts: Sequence[int]) -> Boundaries:
+    """Stage boundaries over the traced layers ``names`` with ``counts`` blocks per stage, the layers
+    before the first block on the first stage and those after the last on the last (what every
+    framework does with the embedding and the head when it splits by decoder layers)."""
+    kinds = layer_kinds(names)
+    block_at = [i for i, k in enumerate(kinds) if k == "block"]
+    assert sum(counts) == len(block_at), (counts, len(block_at))
+    n = len(kinds)
+    cuts, seen = [0], 0
+    for c in counts[:-1]:
+        seen += c
+        cuts.append(block_at[seen] if seen < len(block_at) else n)
+    cuts.append(n)
+    return tuple(zip(cuts, cuts[1:]))
+
+
+def even_block_counts(num_blocks: int, stages: int) -> list[int] | None:
+    """Equal blocks per stage, or ``None`` when ``stages`` does not divide the blocks."""
+    return [num_blocks // stages] * stages if num_blocks % stages == 0 else None
+
+
+def uniform_block_counts(num_blocks: int, stages: int) -> list[int]:
+    """As equal as possible, the extra blocks on the first stages."""
+    q, r = divmod(num_blocks, stages)
+    return [q + (1 if i < r else 0) for i in range(stages)]
 
 
 def megatron_split(graph: CostGraph, count: int) -> Boundaries:
     """``count`` chunks with equal runs of blocks (earlier chunks one more where they do not divide)."""
-    blocks = _blocks(graph)
-    if len(blocks) < count:
-        raise SpecError("partition", "megatron", f"{graph.name} has {len(blocks)} repeated blocks to split into "
-                        f"{count} model chunks (pp x virtual stages); use 'balanced' or 'uniform', or fewer chunks")
-    base, extra = divmod(len(blocks), count)
-    starts, k = [0], 0
-    for chunk in range(1, count):
-        k += base + (1 if chunk - 1 < extra else 0)
-        starts.append(blocks[k])  # a chunk starts at its first block; what lies before goes with the previous
-    return tuple(zip(starts, [*starts[1:], graph.num_layers]))
+    names = [layer.name for layer in graph.layers]
+    blocks = layer_kinds(names).count("block")
+    if blocks < count:
+        raise SpecError("partition", "megatron", f"{graph.name} has {blocks} blocks to split into {count} model "
+                        "chunks (pp x virtual stages); use 'balanced' or 'uniform', or fewer chunks")
+    return block_boundaries(names, uniform_block_counts(blocks, count))
 
 
-def _nanotron_cost(graph: CostGraph, blocks: list[int]) -> list[float]:
+def _nanotron_cost(graph: CostGraph) -> list[float]:
     """Each traced layer's cost in nanotron's rule: its weights (tied ones included), 0 before the first block."""
-    first = blocks[0] if blocks else graph.num_layers
-    return [0.0 if i < first else float(layer.param_count + sum(t.numel for t in layer.tied_params))
-            for i, layer in enumerate(graph.layers)]
+    kinds = layer_kinds([layer.name for layer in graph.layers])
+    return [0.0 if kind == "pre" else float(layer.param_count + sum(t.numel for t in layer.tied_params))
+            for kind, layer in zip(kinds, graph.layers)]
 
 
 def nanotron_split(graph: CostGraph, count: int) -> Boundaries:
     """``count`` ranks by nanotron's running-cost threshold (module docstring)."""
-    cost = _nanotron_cost(graph, _blocks(graph))
+    cost = _nanotron_cost(graph)
     total = sum(cost)
     owner, rank, running = [], 0, 0.0
     for c in cost:

@@ -148,11 +148,24 @@ def test_uneven_split_megatron_layout_keeps_it_deepspeed_and_nanotron_lose_it(tm
     assert ds.nearest_boundaries == ((0, 13), (13, 26))
     step, _ = price(plan, ds.nearest, ((0, 13), (13, 26)))
     assert ds.nearest_step_s == pytest.approx(step) and ds.nearest_step_s != pytest.approx(ds.plan_step_s)
-    nt = export_plan(plan, "nanotron")
-    assert any(x.knob == "stage split" and x.written == "[13, 13]" for x in nt.lost)  # 12 blocks each + ends
+    nt = export_plan(plan, "nanotron")  # nanotron's own split by weights: 14 blocks | 10 blocks + the head
+    assert any(x.knob == "stage split" and x.written == "[15, 11]" and "by their weights" in x.why for x in nt.lost)
+    assert nt.nearest_boundaries == ((0, 15), (15, 26))
     tt = export_plan(plan, "torchtitan")
     assert not any(x.knob == "stage split" for x in tt.lost)
     assert 'pipeline_parallel_split_points = ["layers.5"]' in tt.files["torchtitan.toml"]
+
+
+def test_nanotron_export_falls_back_to_the_even_split_where_its_rule_leaves_a_rank_empty():
+    """gpt-tiny's LM head outweighs all its blocks: nanotron's rule would put every layer on the first
+    of two ranks, so the nearest plan is priced with the even split, and the loss says why."""
+    plan = evaluate("gpt-tiny", "dgx-h100", ParallelConfig(dp=4, tp=1, pp=2, micro_batch_size=1, num_micro_batches=4),
+                    nodes=1)
+    plan = with_split(plan, [2, 4])  # embedding + 1 block | 3 blocks + head
+    nt = export_plan(plan, "nanotron")
+    (split,) = [x for x in nt.lost if x.knob == "stage split"]
+    assert "leaves 1 of 2 pipeline ranks" in split.why and "even split" in split.why
+    assert split.written == "[3, 3]" and nt.nearest_boundaries == ((0, 3), (3, 6))
 
 
 def test_head_alone_on_a_stage_is_lost_in_torchtitan():

@@ -29,7 +29,7 @@ def test_megatron_gives_each_chunk_equal_blocks_embedding_first_head_last():
     # an encoder-decoder: both stacks are blocks, the layers between them stay with the block before
     ed = F.encoder_decoder(6, 6)
     assert megatron_split(ed, 4) == ((0, 4), (4, 7), (7, 10), (10, 14))
-    with pytest.raises(SpecError, match="16 repeated blocks to split into 32"):
+    with pytest.raises(SpecError, match="16 blocks to split into 32"):
         megatron_split(g, 32)
 
 
