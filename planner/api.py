@@ -24,7 +24,7 @@ from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.errors import SpecError
 from planner.explain import group_order_note, infeasible_error
-from planner.inter_op.framework_splits import FRAMEWORK_SPLITS
+from planner.inter_op.framework_splits import FRAMEWORK_SPLITS, PARTITIONS
 from planner.plan import ParallelConfig, Plan
 from planner.plan_build import build_plan
 from planner.pricing import Pricer, table_key
@@ -106,11 +106,14 @@ def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: i
                                                       time_limit_s=time_limit_s, top_k=top_k, progress=progress)
         spec = pricer.cluster
         if result.best is None:
+            _check_rule(resolved.graph, space)
             raise infeasible_error(resolved.graph, spec, global_batch, result, c, space=space)
         start = time.perf_counter()
         base = run_baselines(resolved.graph, spec, global_batch, c, pricer=pricer,
                              fp8=result.best.config.fp8) if baselines else []
         baseline_s = time.perf_counter() - start
+        if space.partition != "balanced":
+            result.best.prediction.notes.append(_split_note(space.partition))
         out = build_plan(resolved, spec, result.best, c, global_batch=global_batch, result=result, baselines=base,
                          schedule_options=result.schedule_options, tp_solve=result.tp_solve)
     if len(orders) > 1:
@@ -186,10 +189,33 @@ def _frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-# What ``evaluate(partition=...)`` accepts: the planner's exact split, equal layers, or a framework's own rule.
-PARTITIONS = ("balanced", "uniform", *FRAMEWORK_SPLITS)
-_SPLIT_WORDS = {"megatron": "equal runs of blocks per chunk, the embedding first and the head last",
+_SPLIT_WORDS = {"uniform": "equal traced layers per chunk",
+                "megatron": "equal runs of blocks per chunk, the embedding first and the head last",
                 "nanotron": "each rank keeps the block that passes its share of the weights"}
+
+
+def _check_rule(graph: Any, space: SearchSpace) -> None:
+    """Nothing was found under a framework's split: where that rule cannot split the model into any
+    pipeline the search allowed, its own error says why (not "no configuration fits")."""
+    if space.partition not in FRAMEWORK_SPLITS:
+        return
+    error = None
+    for pp in space.pp or range(2, graph.num_layers + 1):
+        if pp < 2:
+            return  # an unpipelined configuration needs no split: the reason lies elsewhere
+        try:
+            FRAMEWORK_SPLITS[space.partition](graph, pp)
+            return
+        except SpecError as exc:
+            error = exc
+    if error is not None:
+        raise error
+
+
+def _split_note(partition: str) -> str:
+    """The plan's line on a stage split it did not choose itself."""
+    whose = "equal layers" if partition == "uniform" else f"{partition}'s own split"
+    return f"stages: {whose} ({_SPLIT_WORDS[partition]}), not the planner's exact split"
 
 
 def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: ParallelConfig, *,
@@ -213,8 +239,7 @@ def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: P
         bounds = FRAMEWORK_SPLITS[partition](resolved.graph, config.pp * config.virtual_stages)
         table = pricer.table(table_key(config))
         cand = Candidate(config, bounds, pricer.evaluate(config, bounds, table), "given")
-        cand.prediction.notes.append(f"stages: {partition}'s own split ({_SPLIT_WORDS[partition]}), not the "
-                                     "planner's")
+        cand.prediction.notes.append(_split_note(partition))
     else:
         cand = price_config(pricer, config, balanced=(partition == "balanced"))
     return build_plan(resolved, spec, cand, c, global_batch=config.global_batch, result=None,

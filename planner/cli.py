@@ -103,6 +103,11 @@ def _add_planning_commands(sub: Any) -> None:
     p.add_argument("--time-limit", type=float_arg, help="seconds; returns the best plan found so far, labelled")
     p.add_argument("--top-k", type=int_arg, default=5, help="alternatives kept in the plan (default 5)")
     p.add_argument("--schedules", help="comma-separated schedules the search may use")
+    p.add_argument("--partition", default=PARTITIONS[0], type=choice_arg(*PARTITIONS),
+                   metavar=choices_metavar(*PARTITIONS),
+                   help="stage boundaries of every configuration searched: exact memory-aware DP (balanced), equal "
+                        "layers per stage (uniform), or the split Megatron-LM (megatron) or nanotron (nanotron) "
+                        "makes by its own rule, for a run in that framework")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("evaluate", help="predict one hand-written configuration (no search)")
@@ -367,6 +372,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         overlap_grad_reduce=args.overlap_grad_reduce,
         cp=(args.cp,) if args.cp else None,
         ep=(args.ep,) if args.ep else None,
+        partition=args.partition,
     )
     space = SearchSpace(**(fields | _sharding_space(args)))  # a sharding flag narrows zero_stage / recompute
     cluster, nodes, devices_per_node = _cluster_arg(args)

@@ -36,8 +36,10 @@ from planner.cost.model import (
     stage_memory_matrix,
     usable_memory_bytes,
 )
+from planner.errors import SpecError
 from planner.inter_op.chain import Partition, StageCosts, partition_dp, uniform_partition
 from planner.inter_op.device_balance import balance_chunks, busiest_work
+from planner.inter_op.framework_splits import FRAMEWORK_SPLITS
 from planner.intra_op.pricing import TpPricing, ilp_layer_table, tp_pricing
 from planner.plan import ParallelConfig
 from planner.schedules.closed_form import in_flight_per_device
@@ -253,8 +255,23 @@ class Pricer:
                           memory_matrix=stage_memory_matrix(table, cfg, c, p=cfg.pp, in_flight=flights),
                           micro_batches=cfg.num_micro_batches)
 
+    def rule_split(self, rule: str, count: int) -> Partition:
+        """The ``count`` chunks a fixed rule gives (status "given"): equal layers (``uniform``) or a
+        framework's own split (:data:`planner.inter_op.framework_splits.FRAMEWORK_SPLITS`; status
+        "infeasible" where that rule cannot split this model so: :func:`planner.api.evaluate` says why)."""
+        key = ("rule", rule, count)
+        if key not in self._free:
+            if rule == "uniform":
+                self._free[key] = Partition(uniform_partition(self.graph.num_layers, count), math.nan, "given")
+            else:
+                try:
+                    self._free[key] = Partition(FRAMEWORK_SPLITS[rule](self.graph, count), math.nan, "given")
+                except SpecError:
+                    self._free[key] = Partition((), math.nan, "infeasible")
+        return self._free[key]
+
     def split(self, cfg: ParallelConfig, table: LayerTable, *, balanced: bool = True,
-              c: CostConstants | None = None) -> Partition:
+              c: CostConstants | None = None, rule: str = "balanced") -> Partition:
         """Stage boundaries for ``cfg`` (not cached) from the stage solver
         (:func:`planner.inter_op.chain.partition_dp`): for v = 1 every stage at its own position's
         device speed and memory limit; for v > 1 time only at ``table``'s speed (:meth:`_chunk_rows`;
@@ -264,8 +281,8 @@ class Pricer:
         """
         c = c or self.c
         count = cfg.pp * cfg.virtual_stages
-        if not balanced:
-            return Partition(uniform_partition(self.graph.num_layers, count), math.nan, "given")
+        if rule != "balanced" or not balanced:  # ``balanced=False``: equal layers, as before ``rule``
+            return self.rule_split("uniform" if rule == "balanced" else rule, count)
         rows, limits = self._chunk_rows(cfg, table, c)
         part = partition_dp(self._stage_costs(cfg, table, c, rows, limits, memory=cfg.virtual_stages == 1), count)
         return self._device_balanced(cfg, table, c, part) if cfg.virtual_stages > 1 else part
@@ -355,7 +372,7 @@ class Pricer:
         return self._free[key].bottleneck_bound_s
 
     def partition(self, cfg: ParallelConfig, table: LayerTable | None = None, *, balanced: bool = True,
-                  cutoff_s: float = math.inf) -> Partition:
+                  cutoff_s: float = math.inf, rule: str = "balanced") -> Partition:
         """:meth:`split`, shared by configurations that differ only in what does not change it, or
         status "pruned" when even the time-only optimum cannot beat ``cutoff_s`` (the
         memory-constrained bottleneck is never below the unconstrained one).
@@ -368,8 +385,8 @@ class Pricer:
         this Pricer's own, alive as long as it is, so their ``id`` names them.
         """
         table = table if table is not None else self.table(table_key(cfg))
-        if not balanced:
-            return self.split(cfg, table, balanced=False)
+        if rule != "balanced" or not balanced:  # a fixed rule: nothing to solve
+            return self.split(cfg, table, balanced=balanced, rule=rule)
         rows, limits = self._chunk_rows(cfg, table, self.c)
         one_row = all(r is rows[0] for r in rows)
         rows_key = (tuple(id(r) for r in rows), 0 if one_row else cfg.num_micro_batches)

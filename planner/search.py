@@ -181,7 +181,7 @@ class _Search:
         self.bound_misses: list[tuple[dict[str, float], ParallelConfig]] = []
         self.evaluated = self.pruned = self.infeasible = 0
         self.limit = pricer.largest_usable_bytes()
-        self.balanced = space.partition == "balanced"
+        self.rule = space.partition  # "balanced": the exact split; else a fixed rule (Pricer.rule_split)
 
     def kth_best(self) -> float:
         return self.top[-1].step_time_s if len(self.top) >= self.top_k else math.inf
@@ -242,7 +242,7 @@ class _Search:
 
     def _split(self, cfg: ParallelConfig, table: LayerTable) -> Partition | None:
         """The configuration's partition, or None when it is pruned or nothing fits (counted)."""
-        part = self.pricer.partition(cfg, table, balanced=self.balanced, cutoff_s=self.kth_best())
+        part = self.pricer.partition(cfg, table, cutoff_s=self.kth_best(), rule=self.rule)
         if part.status == "pruned":
             self.pruned += 1
             return None

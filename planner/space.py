@@ -17,6 +17,7 @@ from planner.cost.context_parallel import check_cp
 from planner.cost.experts import check_ep, moe_expert_counts
 from planner.cost.fp8 import check_fp8, has_fp8
 from planner.errors import SpecError
+from planner.inter_op.framework_splits import PARTITIONS
 from planner.plan import RECOMPUTE, ParallelConfig
 from planner.trace.graph import CostGraph
 
@@ -40,7 +41,7 @@ class SearchSpace:
     zero_stage: tuple[int, ...] = (0, 1, 2, 3)
     overlap_grad_reduce: bool = False
     max_micro_batch_size: int = 16
-    partition: str = "balanced"  # "balanced" (exact DP) or "uniform" (equal layers per stage)
+    partition: str = "balanced"  # planner.inter_op.framework_splits.PARTITIONS: "balanced" is the exact DP
     # Schema 2.1 knobs (None: the option functions below decide what is worth trying here).
     cp: tuple[int, ...] | None = None
     ep: tuple[int, ...] | None = None
@@ -54,6 +55,11 @@ class SearchSpace:
     # Only the combinations this project's runtime runs (set for presets by planner.resolve.runnable_space):
     # the search skips what unrunnable_combination refuses.
     runtime_combinations: bool = False
+
+    def __post_init__(self) -> None:
+        if self.partition not in PARTITIONS:
+            raise SpecError("partition", self.partition, f"use one of {', '.join(PARTITIONS)} (balanced: the exact "
+                            "memory-aware split; uniform: equal layers; megatron, nanotron: that framework's own)")
 
 
 def unrunnable_combination(cfg: ParallelConfig) -> str | None:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from planner.errors import SpecError
 from planner.trace.graph import CostGraph
 
-__all__ = ["FRAMEWORK_SPLITS", "block_boundaries", "even_block_counts", "layer_kinds", "megatron_split",
+__all__ = ["FRAMEWORK_SPLITS", "PARTITIONS", "block_boundaries", "even_block_counts", "layer_kinds", "megatron_split",
            "nanotron_split", "uniform_block_counts"]
 
 Boundaries = tuple[tuple[int, int], ...]
@@ -111,3 +111,6 @@ def nanotron_split(graph: CostGraph, count: int) -> Boundaries:
 
 
 FRAMEWORK_SPLITS = {"megatron": megatron_split, "nanotron": nanotron_split}
+# Every stage-split rule a plan or an evaluation may use: the planner's exact memory-aware partition,
+# equal traced layers per chunk, or a framework's own.
+PARTITIONS = ("balanced", "uniform", *FRAMEWORK_SPLITS)

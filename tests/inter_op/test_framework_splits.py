@@ -64,3 +64,27 @@ def test_evaluate_prices_the_framework_split_and_says_so():
         assert plans[p].solver.status == "given" and plans[p].predicted.fits
     with pytest.raises(SpecError, match="partition"):
         evaluate("gpt3-1.3b", "dgx-h100", cfg, nodes=1, partition="deepspeed")
+
+
+def test_plan_searches_with_a_framework_split_and_a_typo_is_an_error():
+    """`plan --partition megatron` prices every configuration at Megatron-LM's split, so the plan's
+    stages are that split of its chunk count; an unknown name is refused, never read as another."""
+    from planner import cli
+    from planner.api import plan
+    from planner.inter_op.framework_splits import PARTITIONS
+    from planner.resolve import resolve_model
+    from planner.search import SearchSpace
+
+    assert cli.PARTITIONS == PARTITIONS
+    with pytest.raises(SpecError, match="partition"):
+        SearchSpace(partition="balance")
+    graph = resolve_model("gpt3-1.3b", dtype="bf16").graph
+    for rule, split in (("megatron", megatron_split), ("nanotron", nanotron_split)):
+        p = plan("gpt3-1.3b", "dgx-h100", nodes=1, global_batch=16, baselines=False,
+                 space=SearchSpace(pp=(4,), partition=rule))
+        chunks = p.parallel.pp * p.parallel.virtual_stages
+        assert tuple((s.layer_start, s.layer_stop) for s in sorted(p.stages, key=lambda s: s.index)) == \
+            split(graph, chunks)
+        assert any("own split" in line for line in p.explanation)
+    with pytest.raises(SpecError, match="leaves 1 of 2 pipeline ranks of gpt-tiny"):
+        plan("gpt-tiny", "cpu-local", global_batch=8, baselines=False, space=SearchSpace(pp=(2,), partition="nanotron"))
