@@ -242,6 +242,8 @@ def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: P
         cand.prediction.notes.append(_split_note(partition))
     else:
         cand = price_config(pricer, config, balanced=(partition == "balanced"))
+        if partition == "uniform":
+            cand.prediction.notes.append(_split_note(partition))
     return build_plan(resolved, spec, cand, c, global_batch=config.global_batch, result=None,
                       tp_solve=tp_solve_of(pricer, config))
 

@@ -58,6 +58,7 @@ def test_evaluate_prices_the_framework_split_and_says_so():
     assert [(s.layer_start, s.layer_stop) for s in plans["megatron"].stages] == [(0, 7), (7, 13), (13, 19), (19, 26)]
     assert [(s.layer_start, s.layer_stop) for s in plans["nanotron"].stages] == [(0, 8), (8, 15), (15, 21), (21, 26)]
     assert any("megatron's own split" in n for n in plans["megatron"].explanation)
+    assert not any("not the planner's exact split" in n for n in plans["balanced"].explanation)
     for p in ("megatron", "nanotron"):  # the exact split's busiest device works no more than a framework's
         busiest = {q: plans[q].predicted.time_breakdown_s["compute"] for q in ("balanced", p)}
         assert busiest["balanced"] <= busiest[p] * (1 + 1e-9)
