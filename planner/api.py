@@ -112,7 +112,7 @@ def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: i
         base = run_baselines(resolved.graph, spec, global_batch, c, pricer=pricer,
                              fp8=result.best.config.fp8) if baselines else []
         baseline_s = time.perf_counter() - start
-        if space.partition != "balanced":
+        if space.partition != "balanced" and result.best.config.pp > 1:  # one stage: no split to name
             result.best.prediction.notes.append(_split_note(space.partition))
         out = build_plan(resolved, spec, result.best, c, global_batch=global_batch, result=result, baselines=base,
                          schedule_options=result.schedule_options, tp_solve=result.tp_solve)
@@ -239,11 +239,10 @@ def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: P
         bounds = FRAMEWORK_SPLITS[partition](resolved.graph, config.pp * config.virtual_stages)
         table = pricer.table(table_key(config))
         cand = Candidate(config, bounds, pricer.evaluate(config, bounds, table), "given")
-        cand.prediction.notes.append(_split_note(partition))
     else:
         cand = price_config(pricer, config, balanced=(partition == "balanced"))
-        if partition == "uniform":
-            cand.prediction.notes.append(_split_note(partition))
+    if partition != "balanced" and config.pp > 1:  # one stage: no split to name
+        cand.prediction.notes.append(_split_note(partition))
     return build_plan(resolved, spec, cand, c, global_batch=config.global_batch, result=None,
                       tp_solve=tp_solve_of(pricer, config))
 

@@ -63,6 +63,9 @@ def test_evaluate_prices_the_framework_split_and_says_so():
         busiest = {q: plans[q].predicted.time_breakdown_s["compute"] for q in ("balanced", p)}
         assert busiest["balanced"] <= busiest[p] * (1 + 1e-9)
         assert plans[p].solver.status == "given" and plans[p].predicted.fits
+    one_stage = evaluate("gpt3-1.3b", "dgx-h100", ParallelConfig(dp=8, tp=1, pp=1, micro_batch_size=1,
+                                                                  num_micro_batches=2), nodes=1, partition="megatron")
+    assert not any("own split" in n for n in one_stage.explanation)  # one stage: no split to name
     with pytest.raises(SpecError, match="partition"):
         evaluate("gpt3-1.3b", "dgx-h100", cfg, nodes=1, partition="deepspeed")
 
