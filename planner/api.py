@@ -234,24 +234,23 @@ def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: P
     if partition not in PARTITIONS:
         raise SpecError("partition", partition, "use 'balanced' (exact DP), 'uniform' (equal layers per stage), "
                         "'megatron' or 'nanotron' (that framework's own split)")
+    if partition in FRAMEWORK_SPLITS:  # its own error where the rule cannot split the model so
+        FRAMEWORK_SPLITS[partition](resolved.graph, config.pp * config.virtual_stages)
     pricer = Pricer(resolved.graph, spec, c)
-    if partition in FRAMEWORK_SPLITS:
-        bounds = FRAMEWORK_SPLITS[partition](resolved.graph, config.pp * config.virtual_stages)
-        table = pricer.table(table_key(config))
-        cand = Candidate(config, bounds, pricer.evaluate(config, bounds, table), "given")
-    else:
-        cand = price_config(pricer, config, balanced=(partition == "balanced"))
+    cand = price_config(pricer, config, rule=partition)
     if partition != "balanced" and config.pp > 1:  # one stage: no split to name
         cand.prediction.notes.append(_split_note(partition))
     return build_plan(resolved, spec, cand, c, global_batch=config.global_batch, result=None,
                       tp_solve=tp_solve_of(pricer, config))
 
 
-def price_config(pricer: Pricer, config: ParallelConfig, *, balanced: bool = True) -> Candidate:
+def price_config(pricer: Pricer, config: ParallelConfig, *, balanced: bool = True,
+                 rule: str = "balanced") -> Candidate:
     """One given configuration as :func:`evaluate` prices it: the exact partition DP's split (the
-    time-balanced one, status "infeasible", when no split fits in memory), then the cost model."""
+    time-balanced one, status "infeasible", when no split fits in memory), or ``rule``'s
+    (:meth:`Pricer.rule_split`), then the cost model."""
     table = pricer.table(table_key(config))
-    part = pricer.split(config, table, balanced=balanced)
+    part = pricer.split(config, table, balanced=balanced, rule=rule)
     status = part.status
     if not part.feasible and part.status != "given":  # nothing fits: price the time-balanced split instead
         part = pricer.split(config, table, c=replace(pricer.c, allocator_usable_fraction=1e9))

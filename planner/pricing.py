@@ -141,6 +141,10 @@ class Pricer:
         """Whether ``table`` is ``cfg``'s :meth:`bound_table` (without tp communication), not its priced one."""
         return table is self._tables.get(("no-tp-comm", *_full_key(table_key(cfg))))
 
+    def _groups_like(self, cfg: ParallelConfig, table: LayerTable) -> list[LayerTable]:
+        """The node groups' tables priced as ``table`` is (with or without tp communication)."""
+        return self.group_tables(table_key(cfg), priced=not self._is_bound(cfg, table))
+
     def is_priced(self, key: TableKey) -> bool:
         """Whether ``key``'s tp communication has been priced already (its ILP solve has run)."""
         return _full_key(key) in self._tables
@@ -238,8 +242,7 @@ class Pricer:
         """
         if cfg.virtual_stages > 1:  # time only: no limits
             return [table] * (cfg.pp * cfg.virtual_stages), []
-        key = table_key(cfg)
-        pos = positions(self.cluster, cfg, c, self.group_tables(key, priced=not self._is_bound(cfg, table)))
+        pos = positions(self.cluster, cfg, c, self._groups_like(cfg, table))
         return [p.table for p in pos], [p.limit for p in pos]
 
     def _stage_costs(self, cfg: ParallelConfig, table: LayerTable, c: CostConstants, rows: list[LayerTable],
@@ -292,7 +295,7 @@ class Pricer:
         """Each pipeline device's time per layer (one row shared on one device type) and usable memory."""
         if len(self.cluster.groups) == 1:
             return table.total_s, [usable_memory_bytes(self.cluster, c)] * cfg.pp
-        pos = positions(self.cluster, cfg, c, self.group_tables(table_key(cfg), priced=not self._is_bound(cfg, table)))
+        pos = positions(self.cluster, cfg, c, self._groups_like(cfg, table))
         return np.stack([x.table.total_s for x in pos]), [x.limit for x in pos]
 
     def _schedule_choice(self, cfg: ParallelConfig, table: LayerTable, free: Partition, balanced: Partition,
@@ -366,8 +369,7 @@ class Pricer:
         count = cfg.pp * cfg.virtual_stages
         key = ("fastest", id(table), count)
         if key not in self._free:
-            tables = self.group_tables(table_key(cfg), priced=not self._is_bound(cfg, table))
-            fastest = np.min(np.stack([t.total_s for t in tables]), axis=0)
+            fastest = np.min(np.stack([t.total_s for t in self._groups_like(cfg, table)]), axis=0)
             self._free[key] = partition_dp(StageCosts(time=fastest, micro_batches=cfg.num_micro_batches), count)
         return self._free[key].bottleneck_bound_s
 

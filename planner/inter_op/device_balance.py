@@ -71,11 +71,7 @@ class _Search:
         the last answer is kept, as a sweep asks once per cut until a move is taken."""
         key = tuple(cuts)
         if self._last_split is None or self._last_split[0] != key:
-            P, dev = self.plist, self.dlist
-            chunk = [P[d][y] - P[d][x] for d, x, y in zip(dev, cuts, cuts[1:])]
-            work = [0.0] * self.p
-            for d, t in zip(dev, chunk):
-                work[d] += t
+            chunk, work = self._chunks_works(cuts)
             before, after = [0.0] * (len(chunk) + 1), [0.0] * (len(chunk) + 1)
             for j, t in enumerate(chunk):
                 before[j + 1] = max(before[j], t)
@@ -84,12 +80,17 @@ class _Search:
             self._last_split = (key, chunk, work, before, after)
         return self._last_split[1:]
 
-    def key(self, cuts: list[int]) -> tuple[float, float, float, float]:
-        prefix, devices = self.plist, self.dlist
-        chunk = [prefix[d][b] - prefix[d][a] for d, a, b in zip(devices, cuts, cuts[1:])]
+    def _chunks_works(self, cuts: list[int]) -> tuple[list[float], list[float]]:
+        """Each chunk's time at its device's speed, and each device's work (its chunks summed in model order)."""
+        P, dev = self.plist, self.dlist
+        chunk = [P[d][y] - P[d][x] for d, x, y in zip(dev, cuts, cuts[1:])]
         work = [0.0] * self.p
-        for d, t in zip(devices, chunk):
+        for d, t in zip(dev, chunk):
             work[d] += t
+        return chunk, work
+
+    def key(self, cuts: list[int]) -> tuple[float, float, float, float]:
+        chunk, work = self._chunks_works(cuts)
         over = 0.0
         if self.memory is not None:
             mem = self.memory(_bounds(cuts))
