@@ -24,6 +24,7 @@ from planner.models.moe import MoEFeedForward
 from planner.plan import ParallelConfig
 from planner.space import SearchSpace, check_sequence_parallel
 from planner.trace import CostGraph, trace_model
+from planner.trace.tracer import token_length
 from planner.units import plural
 
 
@@ -66,6 +67,8 @@ def resolve_model(model: nn.Module | str, *, seq_len: int | None = None, sample_
                             "tensors, batch 1 is enough; meta tensors are fine) so its shapes can be traced")
         inputs = sample_input
         name = type(model).__name__
+        if seq_len is not None:
+            _check_module_seq_len(seq_len, sample_input)
     else:
         raise SpecError("model", type(model).__name__, "pass an nn.Module or a preset name "
                         "(`python -m planner models` lists them)")
@@ -76,6 +79,18 @@ def resolve_model(model: nn.Module | str, *, seq_len: int | None = None, sample_
         graph.notes.append(f"{preset.name} stretched to {seq_len} positions (rotary) with fused attention "
                            "(FlashAttention: no s x s scores stored), as long-context training runs it")
     return ResolvedModel(module=module, preset=preset, graph=graph)
+
+
+def _check_module_seq_len(seq_len: int, sample_input: Any) -> None:
+    """A module is traced at its sample input's shape, so a ``seq_len`` it does not show would be recorded
+    on the plan without pricing it."""
+    from torch.utils._pytree import tree_flatten
+
+    shown = token_length([t for t in tree_flatten(sample_input)[0] if isinstance(t, torch.Tensor)])
+    if shown != seq_len:
+        now = f", now {shown}" if shown is not None else ""
+        raise SpecError("seq_len", seq_len, "a module is traced at its sample_input's shape: pass a sample_input "
+                        f"with that many positions (dim 1 of the token ids{now}), or leave seq_len out")
 
 
 def _stretched(preset: ModelPreset, seq_len: int) -> ModelPreset:
@@ -100,17 +115,31 @@ def runnable_space(resolved: ResolvedModel, space: SearchSpace) -> SearchSpace:
     the sequence (``Family.sequence_parallel``), and without context parallelism for a preset the runtime
     cannot shard sequences of (:func:`no_context_parallel`); asking for either alone is an error naming the fix.
 
-    A model without a preset (a module, a stored graph) keeps the space: it is planned, not run here.
+    A user's module (or a Hugging Face model) runs through ``runtime.parallelize``, which splits no
+    sequence: neither sequence nor context parallelism. A stored graph without its module keeps the
+    space: it is planned, not run.
     """
     preset = resolved.preset
     if preset is None:
-        return space
+        if resolved.module is None:
+            return space
+        return _without_sequence_split(space, "the runtime splits sequences only for the project's gpt and llama "
+                                              "presets, not for a model of your own; drop it")
     space = replace(_runnable_cp(resolved, space), runtime_combinations=True)
     if preset.spec.sequence_parallel or not resolved.graph.seq_len or True not in space.sequence_parallel:
         return space
     if False not in space.sequence_parallel:
         raise SpecError("sequence_parallel", True, _no_sequence_parallel(preset))
     return replace(space, sequence_parallel=(False,))
+
+
+def _without_sequence_split(space: SearchSpace, why: str) -> SearchSpace:
+    """``space`` without sequence and context parallelism; asking for either alone is an error naming ``why``."""
+    if False not in space.sequence_parallel:
+        raise SpecError("sequence_parallel", True, why)
+    if space.cp is not None and 1 not in space.cp:
+        raise SpecError("cp", space.cp[0] if len(space.cp) == 1 else space.cp, why)
+    return replace(space, sequence_parallel=(False,), cp=(1,))
 
 
 CONTEXT_PARALLEL_FAMILIES = ("gpt", "llama")  # whose attention runtime/context_parallel.py shards (it reads this)

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 from planner.trace.interpret import OpNode, value_meta
 from planner.trace.meter import OpMeter, SavedTensorMeter
 from planner.trace.opaque import OpaqueFailure, opaque_call, reason_of
-from planner.trace.units import module_key
+from planner.trace.units import _has_stack, module_key
 
 EXPORT_ROOT = "inner"  # attribute name of the wrapped model inside the export wrapper
 
@@ -93,7 +93,11 @@ class _Tracer(torch.fx.Tracer):
         self._keys: dict[int, tuple] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        if isinstance(m, self.leaf_types):
+            return True
+        # torch.fx keeps every torch.nn module whole, nn.TransformerEncoder included: one that holds a stack
+        # of layers is opened, so its layers are the layers it holds
+        return not _has_stack(m) and super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)

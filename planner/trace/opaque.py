@@ -37,6 +37,22 @@ def reason_of(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
+# Words in the errors of code that needs tensor values or a device (torch on meta: "Tensor.item() cannot
+# be called on meta tensors", "Cannot copy out of meta tensor", "no fake impl or Meta kernel", a CUDA
+# extension's "expected a CUDA tensor"); NotImplementedError is always one.
+_DEVICE_WORDS = ("meta", "data-dependent", "cuda", "device", "storage", "numpy", "fake")
+
+
+def meta_limitation(exc: BaseException) -> bool:
+    """Whether ``exc`` is the meta device's limit (code that needs values or a device: estimated as an
+    opaque leaf) rather than the model failing on its input (a shape or dtype mismatch, which meta
+    kernels check as a GPU would, or an exception the model's own code raises)."""
+    if isinstance(exc, NotImplementedError):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in _DEVICE_WORDS)
+
+
 def estimate_flops(n_params: int, positions: int) -> float:
     return 2.0 * n_params * positions
 

@@ -43,7 +43,7 @@ from planner.trace.capture import CaptureFailure, capture_modules, export_graph,
 from planner.trace.graph import CostGraph
 from planner.trace.interpret import GraphRunner, OpNode, fx_path, value_meta
 from planner.trace.meter import ATTENTION_KERNELS, OpMeter, SavedTensorMeter
-from planner.trace.opaque import OpaqueFailure, opaque_call, reason_of
+from planner.trace.opaque import OpaqueFailure, meta_limitation, opaque_call, reason_of
 from planner.trace.rnn import rnn_shortcut
 from planner.trace.units import CONTAINERS, layer_units
 
@@ -204,6 +204,12 @@ class _Tracing:
                     ops, notes = capture_modules(self.meta, self.args, self.kwargs, self.units, opm, stm,
                                                  opaque)
             except CaptureFailure as f:
+                error = getattr(f, "error", None)
+                if error is not None and not meta_limitation(error):  # the model's own failure: no estimate
+                    raise SpecError("sample_input", f"{f.where}: {reason_of(error)}",
+                                    "the model's forward fails on this input (checked on the meta device, "
+                                    "which checks shapes and dtypes as a GPU does): pass a sample_input the "
+                                    "forward accepts, or fix the model") from error
                 culprit = getattr(f, "culprit", None)
                 if culprit is None or culprit is self.meta or f.where in opaque:
                     raise
@@ -228,6 +234,12 @@ class _Tracing:
                        inputs=[], output_shapes=shapes, output_bytes=nbytes, dtypes=dtypes,
                        params=list(self.meta.parameters()), records=opm.records.get("<model>", []),
                        saved=stm.saved.get("<model>", []), events=stm.events.get("<model>", []))]
+
+
+def token_length(tensors: list[torch.Tensor]) -> int | None:
+    """The sequence length a sample input shows: dim 1 of its first integer tensor of two or more dims."""
+    tokens = next((t for t in tensors if not t.is_floating_point() and t.dim() >= 2), None)
+    return int(tokens.shape[1]) if tokens is not None else None
 
 
 def _summarise(notes: list[str]) -> list[str]:
@@ -266,9 +278,11 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
     if not tensors or tensors[0].dim() == 0:
         raise SpecError("sample_input", sample_input, "pass at least one tensor with a batch dimension first")
     batch = int(tensors[0].shape[0])
+    if batch < 1:
+        raise SpecError("sample_input", tuple(tensors[0].shape), "the first tensor's dim 0 is the batch: give it "
+                        "at least one sample (batch 1 is enough)")
     if seq_len is None:
-        tokens = next((t for t in tensors if not t.is_floating_point() and t.dim() >= 2), None)
-        seq_len = int(tokens.shape[1]) if tokens is not None else None
+        seq_len = token_length(tensors)
     torch_dtype = TORCH_DTYPES[dtype]
     args, kwargs = tree_map(
         lambda t: t.to(torch_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
