@@ -290,6 +290,11 @@ class TableKnobs:
 NO_KNOBS = TableKnobs()
 
 
+# A tp solve's share left whole on every rank below which the layer is priced as split (a transformer's
+# norms and elementwise ops: Megatron's split, which the calibration was fitted on).
+_WHOLE_SHARE_FLOOR = 1e-3
+
+
 @dataclass(frozen=True)
 class TpSeconds:
     """Tensor-parallel seconds of each layer for one micro-batch, found by a solver (the intra-op ILP).
@@ -302,6 +307,9 @@ class TpSeconds:
     bwd_s: Sequence[float]
     source: str = "ilp"
     note: str = ""
+    # per layer, the solver's shares left whole on every tp rank: (FLOPs, parameters, saved activations);
+    # empty: every op split as Megatron splits a transformer (:func:`layer_table` charges the rest at tp = 1)
+    replicated: Sequence[tuple[float, float, float]] = ()
 
 
 def _exposed_tp_s(layer: Layer, t: LayerTimes, tc: tuple[float, float], *, tp: int,
@@ -338,7 +346,7 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
     * ``tp_pricing="none"``: no tp communication, a lower bound of both (the search's cheap bounds).
 
     Compute, parameters and activations are the calibrated figures for Megatron's split
-    (:func:`planner.cost.compute.layer_times`): on the traced transformers the ILP splits the same ops.
+    (:func:`planner.cost.compute.layer_times`), but for what the tp solve leaves whole (:func:`_whole_shares`).
     """
     if tp_pricing not in TP_PRICING:
         raise ValueError(f"tp_pricing: got {tp_pricing!r}; use one of {list(TP_PRICING)} (the intra-op ILP's "
@@ -347,25 +355,25 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
     source, note, tp_seconds = _tp_source(tp, tp_pricing, tp_seconds, tp_note, cp=knobs.cp)
     n = graph.num_layers
     arr = {k: np.zeros(n) for k in ("f", "b", "w", "r", "tc", "tcf", "st", "wk", "p", "o")}
-    by_signature: dict[str, object] = {}
+    by_signature: dict[str, LayerTimes] = {}
     tp_group = strided_group(cluster, tp, 1)
     seqs = tokens_per_rank(micro_batch, knobs.cp)  # this rank's tokens, in sequences (1/cp of each)
     recs = [layer_recompute(recompute, i, knobs.recompute_every) for i in range(n)]  # one in k: cost/sharding.py
     for i, layer in enumerate(graph.layers):
         fp8 = knobs.fp8 and i < n - 1  # torchtitan's float8 leaves the output head in bf16 (cost/fp8.py)
-        t = by_signature.get(layer.signature) if fp8 == knobs.fp8 else None
-        if t is None:  # repeated blocks have equal signatures and equal costs
-            t = layer_times(layer, micro_batch=seqs, tp=tp, sequence_parallel=sequence_parallel,
-                            device=cluster.device, dtype=dtype, c=c, gemm=cluster.shared_gemm, fp8=fp8)
-            by_signature[layer.signature] = t
+        whole = _whole_shares(tp_seconds, i) if tp > 1 else None
+        timing = dict(micro_batch=seqs, device=cluster.device, dtype=dtype, c=c, gemm=cluster.shared_gemm, fp8=fp8)
+        t = _row_times(layer, tp, sequence_parallel, whole, by_signature if fp8 == knobs.fp8 else None, timing)
         arr["f"][i], arr["b"][i], arr["w"][i] = t.fwd_s, t.bwd_input_s, t.bwd_weight_s
         tc = _tp_collective_s(layer, i, tp_seconds, priced=tp > 1 and tp_pricing != "none", dtype=dtype,
                               micro_batch=seqs, group=tp_group, sequence_parallel=sequence_parallel, c=c)
         tc_fwd, tc_bwd = _exposed_tp_s(layer, t, tc, tp=tp, c=c)
         arr["tcf"][i], arr["tc"][i] = tc_fwd, tc_fwd + tc_bwd
-        _fill_memory_row(arr, i, layer, t, tc_fwd, micro_batch=seqs, tp=tp,  # type: ignore[arg-type]
-                         sequence_parallel=sequence_parallel, recompute=recs[i], elt=DTYPE_BYTES.get(graph.dtype, 2),
-                         c=c, fp8=fp8)
+        row = {"micro_batch": seqs, "sequence_parallel": sequence_parallel, "recompute": recs[i],
+               "elt": DTYPE_BYTES.get(graph.dtype, 2), "c": c, "fp8": fp8}
+        _fill_memory_row(arr, i, layer, t, tc_fwd, tp=tp, **row)  # type: ignore[arg-type]
+        if whole is not None:
+            _whole_memory(arr, i, layer, t, tc_fwd, tp, whole, row)
     add_expert_rows(arr, graph, cluster, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
                     recompute=recompute, knobs=knobs, dtype=dtype, c=c)  # ep > 1: experts split (cost/experts.py)
     cp_comm = add_cp_rows(arr, graph, cluster, micro_batch=micro_batch, tp=tp, cp=knobs.cp, dtype=dtype, c=c,
@@ -378,6 +386,52 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
                       output_bytes=arr["o"], tied=tied, tp_comm_fwd_s=arr["tcf"], dtype=dtype, tp_source=source,
                       tp_note=note, cp_comm_s=cp_comm, expert_params=arr.get("ep_p"), all_to_all_s=arr.get("a2a"),
                       tp_calls=tp_calls_per_layer(graph, sequence_parallel) if tp > 1 else None)
+
+
+def _whole_shares(tp_seconds: TpSeconds | None, i: int) -> tuple[float, float, float] | None:
+    """Layer ``i``'s (FLOPs, parameters, saved activations) shares its tp solve leaves whole, or None when
+    it splits everything that weighs (under 0.1% of each left whole: a transformer's norms)."""
+    if tp_seconds is None or i >= len(tp_seconds.replicated):
+        return None
+    shares = tp_seconds.replicated[i]
+    return shares if max(shares) > _WHOLE_SHARE_FLOOR else None
+
+
+def _row_times(layer: Layer, tp: int, sequence_parallel: bool, whole: tuple[float, float, float] | None,
+               cache: dict[str, LayerTimes] | None, timing: dict) -> LayerTimes:
+    """A layer's times on one of ``tp`` ranks (``cache``: by signature, as repeated blocks have equal
+    costs), with the FLOPs share its tp solve leaves whole (``whole[0]``) run at tp = 1."""
+    t = cache.get(layer.signature) if cache is not None else None
+    if t is None:
+        t = layer_times(layer, tp=tp, sequence_parallel=sequence_parallel, **timing)
+        if cache is not None:
+            cache[layer.signature] = t
+    if whole is not None:
+        t = _blend_times(t, layer_times(layer, tp=1, sequence_parallel=False, **timing), whole[0])
+    return t
+
+
+def _blend_times(split: LayerTimes, whole: LayerTimes, share: float) -> LayerTimes:
+    """The times of a layer whose ``share`` of FLOPs runs whole on every tp rank, the rest split."""
+    mix = lambda a, b: (1.0 - share) * a + share * b  # noqa: E731
+    return LayerTimes(fwd_s=mix(split.fwd_s, whole.fwd_s), bwd_input_s=mix(split.bwd_input_s, whole.bwd_input_s),
+                      bwd_weight_s=mix(split.bwd_weight_s, whole.bwd_weight_s),
+                      attention_fwd_s=mix(split.attention_fwd_s, whole.attention_fwd_s),
+                      op_kept_fwd_s=mix(split.op_kept_fwd_s, whole.op_kept_fwd_s))
+
+
+def _whole_memory(arr: dict[str, np.ndarray], i: int, layer: Layer, t: LayerTimes, tc_fwd: float, tp: int,
+                  whole: tuple[float, float, float], row: dict) -> None:
+    """Layer ``i``'s parameters and activations with the shares its tp solve leaves whole kept in full.
+
+    ``params`` holds the layer's parameters before the division by tp that every reader makes, so a
+    share ``q`` left whole counts ``q·tp`` there: ``(1 - q)/tp + q`` of them per rank."""
+    _, params, saved = whole
+    arr["p"][i] *= (1.0 - params) + params * tp
+    one = {k: np.zeros(len(arr["st"])) for k in arr}
+    _fill_memory_row(one, i, layer, t, tc_fwd, tp=1, **{**row, "sequence_parallel": False})
+    for key in ("st", "wk"):
+        arr[key][i] = (1.0 - saved) * arr[key][i] + saved * one[key][i]
 
 
 def _tp_collective_s(layer: Layer, i: int, tp_seconds: TpSeconds | None, *, priced: bool, dtype: str,

@@ -26,6 +26,7 @@ from planner.intra_op.from_trace import (
 from planner.intra_op.graph import OpGraph
 from planner.intra_op.ilp import IlpResult
 from planner.intra_op.mesh import MeshSpec
+from planner.intra_op.placement import Replicate
 from planner.intra_op.solution import LayerSharding, OpSharding, ShardingSolution
 from planner.intra_op.solve import (
     Assembly,
@@ -211,6 +212,28 @@ class ModelSolve:
                 summed[(ui, keys)] = phases
             out[li] = dict(phases)
         return out
+
+    def layer_replicated(self) -> dict[int, tuple[float, float, float]]:
+        """Each solved layer's shares left whole on every tp rank by the chosen strategies: of its FLOPs
+        (forward + backward), of its own parameters' elements and of its saved activations. An op is
+        whole when no input, output or parameter of it is sharded (a ``replicate`` strategy, or a
+        follower of one); the cost model charges those shares at tp = 1 (:func:`planner.cost.layer_table.layer_table`)."""
+        per_unit: dict[int, tuple[float, float, float]] = {}
+        for ui in {self.unit_of[li] for li in self.prep.chosen}:
+            ops, _, _, _ = self._unit(ui)
+            graph = self.units[ui].graph
+            whole, total = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+            for name, sharding in ops.items():
+                op = graph.ops[name]
+                amounts = (op.fwd_flops + op.bwd_flops, float(sum(p.numel for p in op.params if p.owned)),
+                           op.saved_bytes)
+                layouts = (*sharding.input_layouts, sharding.output_layout, *sharding.param_layouts.values())
+                split = any(not isinstance(place, Replicate) for layout in layouts for place in layout)
+                for k, amount in enumerate(amounts):
+                    total[k] += amount
+                    whole[k] += 0.0 if split else amount
+            per_unit[ui] = tuple(w / t if t > 0 else 0.0 for w, t in zip(whole, total))  # type: ignore[assignment]
+        return {li: per_unit[self.unit_of[li]] for li in self.prep.chosen}
 
     def solution(self) -> ShardingSolution:
         """The per-layer :class:`ShardingSolution` of this solve (built once)."""

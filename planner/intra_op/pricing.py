@@ -70,6 +70,9 @@ class TpPricing:
     fwd_s: tuple[float, ...] = ()
     bwd_s: tuple[float, ...] = ()
     grad_sync_s: tuple[float, ...] = ()
+    # per layer, the shares the solve leaves whole on every rank (ModelSolve.layer_replicated): of FLOPs,
+    # parameters and saved activations (empty: every op split, Megatron's assumption)
+    replicated: tuple[tuple[float, float, float], ...] = ()
     reason: str = ""
     solve: ModelSolve | None = None
     solve_time_s: float = 0.0
@@ -133,7 +136,8 @@ def ilp_layer_table(cost_graph: CostGraph, cluster: ClusterSpec, *, micro_batch:
     if tp > 1 and pricing is not None:
         note = pricing.note()
         if pricing.source == "ilp":
-            seconds = TpSeconds(fwd_s=pricing.fwd_s, bwd_s=pricing.bwd_s, source="ilp", note=note)
+            seconds = TpSeconds(fwd_s=pricing.fwd_s, bwd_s=pricing.bwd_s, source="ilp", note=note,
+                                replicated=pricing.replicated)
     return layer_table(cost_graph, cluster, micro_batch=micro_batch, tp=tp, sequence_parallel=sequence_parallel,
                        recompute=recompute, c=c, dtype=dtype, tp_seconds=seconds, tp_note=note, knobs=knobs)
 
@@ -167,8 +171,9 @@ def _solve(cost_graph: CostGraph, cluster: ClusterSpec, *, tp: int, micro_batch:
                                 time_limit_s=time_limit_s, constants=c)
     except (PlannerError, RuntimeError, ValueError) as exc:  # RuntimeError: both ILP backends failed
         return TpPricing(source="megatron", reason=f"the intra-op ILP failed ({type(exc).__name__}: {exc})", **base)
-    comm = solve.layer_comm_s()
+    comm, whole = solve.layer_comm_s(), solve.layer_replicated()
     n = cost_graph.num_layers
     phase = {p: tuple(comm.get(i, {}).get(p, 0.0) for i in range(n)) for p in ("fwd", "bwd", "grad_sync")}
     return TpPricing(source="ilp", fwd_s=phase["fwd"], bwd_s=phase["bwd"], grad_sync_s=phase["grad_sync"],
+                     replicated=tuple(whole.get(i, (0.0, 0.0, 0.0)) for i in range(n)),
                      solve=solve, solve_time_s=time.perf_counter() - start, **base)
