@@ -12,8 +12,10 @@ import contextlib
 import gc
 import itertools
 import json
+import math
+import numbers
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -37,12 +39,27 @@ from planner.resolve import (  # noqa: F401  (planner.api's public names)
     resolve_model,
     runnable_space,
 )
-from planner.search import Candidate, SearchResult, SearchSpace, search, tp_solve_of
+from planner.search import Candidate, SearchResult, SearchSpace, polished, search, tp_solve_of
 
 MAX_GLOBAL_BATCH = 10_000_000  # samples per step: above any batch in use; keeps the search's pricing bounded
 
 
+def _check_search_args(top_k: Any, time_limit_s: Any, constants: Any) -> None:
+    """plan()'s own arguments (the CLI checks its flags the same way)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise SpecError("top_k", top_k, "expected a positive integer: how many configurations to keep (default 5)")
+    if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float))
+                                     or not math.isfinite(time_limit_s) or time_limit_s <= 0):
+        raise SpecError("time_limit_s", time_limit_s, "expected a positive number of seconds, or None (no limit)")
+    if constants is not None and not isinstance(constants, CostConstants):
+        raise SpecError("constants", type(constants).__name__,
+                        "expected a CostConstants; from a dict: dataclasses.replace(CostConstants(), **fields), "
+                        "or planner.cost.constants.constants_from_file(path)")
+
+
 def _check_batch(global_batch: Any) -> int:
+    if isinstance(global_batch, numbers.Integral) and not isinstance(global_batch, (bool, int)):
+        global_batch = int(global_batch)  # numpy's integers
     if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
         raise SpecError("global_batch", global_batch, "expected a positive integer number of samples per step")
     if global_batch > MAX_GLOBAL_BATCH:
@@ -85,7 +102,8 @@ def plan(model: nn.Module | str | Any, cluster: ClusterSpec | str, *, global_bat
     recipe (pure DP, ZeRO-3/FSDP, Megatron-LM) reaches under the same cost model. ``progress(done,
     total)`` is called as the search goes (the CLI draws a bar with it; the library draws nothing).
     """
-    _check_batch(global_batch)
+    global_batch = _check_batch(global_batch)
+    _check_search_args(top_k, time_limit_s, constants)  # before tracing: a bad argument fails at once
     spec = resolve_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node)
     resolved = _resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
     return plan_resolved(resolved, spec, global_batch=global_batch, space=space, constants=constants,
@@ -97,7 +115,8 @@ def plan_resolved(resolved: ResolvedModel, spec: ClusterSpec, *, global_batch: i
                   time_limit_s: float | None = None, top_k: int = 5, baselines: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> Plan:
     """:func:`plan` for an already traced model (used by what-if analysis on a stored graph)."""
-    _check_batch(global_batch)
+    global_batch = _check_batch(global_batch)
+    _check_search_args(top_k, time_limit_s, constants)
     c = constants or CostConstants()
     space = runnable_space(resolved, space or SearchSpace())
     given = spec
@@ -189,7 +208,8 @@ def _frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-_SPLIT_WORDS = {"uniform": "equal traced layers per chunk",
+_SPLIT_WORDS = {"exact": "the stage solver's optimum of (m-1)·slowest + sum, without local search on the step",
+                "uniform": "equal traced layers per chunk",
                 "megatron": "equal runs of blocks per chunk, the embedding first and the head last",
                 "nanotron": "each rank keeps the block that passes its share of the weights"}
 
@@ -214,15 +234,18 @@ def _check_rule(graph: Any, space: SearchSpace) -> None:
 
 def _split_note(partition: str) -> str:
     """The plan's line on a stage split it did not choose itself."""
-    whose = "equal layers" if partition == "uniform" else f"{partition}'s own split"
-    return f"stages: {whose} ({_SPLIT_WORDS[partition]}), not the planner's exact split"
+    whose = {"uniform": "equal layers", "exact": "the exact solver's split"}.get(partition, f"{partition}'s own split")
+    return f"stages: {whose} ({_SPLIT_WORDS[partition]}), not the planner's own split"
 
 
 def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: ParallelConfig, *,
              seq_len: int | None = None, sample_input: Any = None, nodes: int | None = None,
              devices_per_node: int | None = None, constants: CostConstants | None = None, dtype: str | None = None,
-             partition: str = "balanced") -> Plan:
-    """Price one configuration (no search). The plan says whether it fits."""
+             partition: str = "balanced", stages: Sequence[tuple[int, int]] | None = None) -> Plan:
+    """Price one configuration (no search). The plan says whether it fits.
+
+    ``stages``: each chunk's layers ``(start, stop)``, in chunk order, priced as given instead of a
+    split the planner makes (a plan file's own stages, edited by hand: ``evaluate --plan``)."""
     spec = resolve_cluster(cluster, nodes=nodes, devices_per_node=devices_per_node)
     resolved = _resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
     c = constants or CostConstants()
@@ -232,22 +255,48 @@ def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: P
     if config.cp > 1:  # a preset the runtime cannot split along the sequence: refused, naming cp
         runnable_space(resolved, SearchSpace(cp=(config.cp,)))
     if partition not in PARTITIONS:
-        raise SpecError("partition", partition, "use 'balanced' (exact DP), 'uniform' (equal layers per stage), "
-                        "'megatron' or 'nanotron' (that framework's own split)")
+        raise SpecError("partition", partition, "use 'balanced' (the exact DP's split, improved on the simulated "
+                        "step), 'exact' (the DP's alone), 'uniform' (equal layers per stage), 'megatron' or "
+                        "'nanotron' (that framework's own split)")
     if partition in FRAMEWORK_SPLITS:  # its own error where the rule cannot split the model so
         FRAMEWORK_SPLITS[partition](resolved.graph, config.pp * config.virtual_stages)
     pricer = Pricer(resolved.graph, spec, c)
-    cand = price_config(pricer, config, rule=partition)
-    if partition != "balanced" and config.pp > 1:  # one stage: no split to name
-        cand.prediction.notes.append(_split_note(partition))
+    if stages is not None:
+        bounds = _checked_stages(stages, resolved.graph.num_layers, config.pp * config.virtual_stages)
+        cand = Candidate(config, bounds, pricer.evaluate(config, bounds), "given")
+        if config.pp > 1:
+            cand.prediction.notes.append("stages: as given (the plan file's own), not a split the planner made")
+    else:
+        cand = price_config(pricer, config, rule=partition)
+        if partition != "balanced" and config.pp > 1:  # one stage: no split to name
+            cand.prediction.notes.append(_split_note(partition))
     return build_plan(resolved, spec, cand, c, global_batch=config.global_batch, result=None,
                       tp_solve=tp_solve_of(pricer, config))
 
 
+def _checked_stages(stages: Any, num_layers: int, chunks: int) -> tuple[tuple[int, int], ...]:
+    """``stages`` as boundaries, if they cut the ``num_layers`` layers into ``chunks`` contiguous non-empty
+    chunks in order; else a SpecError naming what is wrong."""
+    try:
+        bounds = tuple((int(a), int(b)) for a, b in stages)
+    except (TypeError, ValueError):
+        raise SpecError("stages", stages, "expected (first layer, layer after the last) per chunk") from None
+    if len(bounds) != chunks:
+        raise SpecError("stages", len(bounds), f"the configuration runs pp x virtual stages = {chunks} chunks: give "
+                        "one (start, stop) per chunk")
+    edges = [0] + [b for _, b in bounds]
+    if any(a != edges[k] for k, (a, _) in enumerate(bounds)) or any(b <= a for a, b in bounds) \
+            or edges[-1] != num_layers:
+        raise SpecError("stages", [list(b) for b in bounds], f"chunks must cut layers 0..{num_layers} in order, each "
+                        "starting where the previous stops and holding at least one layer")
+    return bounds
+
+
 def price_config(pricer: Pricer, config: ParallelConfig, *, balanced: bool = True,
                  rule: str = "balanced") -> Candidate:
-    """One given configuration as :func:`evaluate` prices it: the exact partition DP's split (the
-    time-balanced one, status "infeasible", when no split fits in memory), or ``rule``'s
+    """One given configuration as :func:`evaluate` prices it: the exact partition DP's split,
+    improved on the simulated step as the search improves its best (:func:`planner.search.polished`;
+    the time-balanced split, status "infeasible", when no split fits in memory), or ``rule``'s
     (:meth:`Pricer.rule_split`), then the cost model."""
     table = pricer.table(table_key(config))
     part = pricer.split(config, table, balanced=balanced, rule=rule)
@@ -255,6 +304,7 @@ def price_config(pricer: Pricer, config: ParallelConfig, *, balanced: bool = Tru
     if not part.feasible and part.status != "given":  # nothing fits: price the time-balanced split instead
         part = pricer.split(config, table, c=replace(pricer.c, allocator_usable_fraction=1e9))
         status = "infeasible"
-    return Candidate(config, part.boundaries, pricer.evaluate(config, part.boundaries, table), status)
+    cand = Candidate(config, part.boundaries, pricer.evaluate(config, part.boundaries, table), status)
+    return polished(pricer, cand) if rule == "balanced" else cand
 
 

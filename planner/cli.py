@@ -31,7 +31,7 @@ GiB = 2**30
 DTYPES = ("bf16", "fp16", "fp32")
 RECOMPUTE = ("none", "selective", "op", "full")
 ZERO_STAGES = (0, 1, 2, 3)
-PARTITIONS = ("balanced", "uniform", "megatron", "nanotron")  # the first is the default (planner.api.PARTITIONS)
+PARTITIONS = ("balanced", "exact", "uniform", "megatron", "nanotron")  # the first is the default (planner.api.PARTITIONS)
 DEFAULT_TRAINER = "megatron"
 
 
@@ -105,9 +105,10 @@ def _add_planning_commands(sub: Any) -> None:
     p.add_argument("--schedules", help="comma-separated schedules the search may use")
     p.add_argument("--partition", default=PARTITIONS[0], type=choice_arg(*PARTITIONS),
                    metavar=choices_metavar(*PARTITIONS),
-                   help="stage boundaries of every configuration searched: exact memory-aware DP (balanced), equal "
-                        "layers per stage (uniform), or the split Megatron-LM (megatron) or nanotron (nanotron) "
-                        "makes by its own rule, for a run in that framework")
+                   help="stage boundaries of every configuration searched: the exact memory-aware DP's, improved by "
+                        "local search on the simulated step (balanced), the DP's alone (exact), equal layers per "
+                        "stage (uniform), or the split Megatron-LM (megatron) or nanotron (nanotron) makes by its "
+                        "own rule, for a run in that framework")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("evaluate", help="predict one hand-written configuration (no search)")
@@ -117,8 +118,9 @@ def _add_planning_commands(sub: Any) -> None:
     p.add_argument("--plan", help="re-evaluate the configuration and stages of this plan file")
     p.add_argument("--partition", default=PARTITIONS[0], type=choice_arg(*PARTITIONS),
                    metavar=choices_metavar(*PARTITIONS),
-                   help="stage boundaries: exact memory-aware DP (balanced), equal layers per stage (uniform), "
-                        "or the split Megatron-LM (megatron) or nanotron (nanotron) makes by its own rule")
+                   help="stage boundaries: the exact memory-aware DP's, improved by local search on the simulated "
+                        "step (balanced), the DP's alone (exact), equal layers per stage (uniform), or the split "
+                        "Megatron-LM (megatron) or nanotron (nanotron) makes by its own rule")
 
 
 def _add_plan_file_commands(sub: Any) -> None:
@@ -423,7 +425,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         cluster = old.cluster
         known = {f for f in CostConstants.__dataclass_fields__}  # the plan's own constants (older files: fewer)
         constants = CostConstants(**{k: v for k, v in old.cost_constants.items() if k in known})
-        result = evaluate(model, cluster, cfg, seq_len=old.model.seq_len, dtype=old.model.dtype, constants=constants)
+        result = evaluate(model, cluster, cfg, seq_len=old.model.seq_len, dtype=old.model.dtype, constants=constants,
+                          stages=[(s.layer_start, s.layer_stop) for s in old.stages])  # as the file has them
         return _emit(result, args)
     per_replica = args.global_batch // (args.dp * args.micro_batch)  # check_arguments: divides exactly
     cfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch,

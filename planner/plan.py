@@ -540,6 +540,8 @@ def _cluster_from_dict(d: dict[str, Any], source: str | None) -> ClusterSpec:
 
 def write_atomic(path: Path, text: str, *, force: bool = False) -> Path:
     """Write ``text`` to ``path`` via a temp file in the same folder and a rename."""
+    if path.is_dir():
+        raise SpecError("output", str(path), "it is a folder; give a file path (e.g. a name ending in .json)")
     if path.exists() and not force:
         raise SpecError("output", str(path), "the file exists; pass --force (force=True) to overwrite it, "
                         "or choose another path")

@@ -39,7 +39,8 @@ from planner.cost.model import (
 from planner.errors import SpecError
 from planner.inter_op.chain import Partition, StageCosts, partition_dp, uniform_partition
 from planner.inter_op.device_balance import balance_chunks, busiest_work
-from planner.inter_op.framework_splits import FRAMEWORK_SPLITS
+from planner.inter_op.framework_splits import FRAMEWORK_SPLITS, SOLVED
+from planner.inter_op.local_search import Polished, improve_split
 from planner.intra_op.pricing import TpPricing, ilp_layer_table, tp_pricing
 from planner.plan import ParallelConfig
 from planner.schedules.closed_form import in_flight_per_device
@@ -68,6 +69,18 @@ def flights_of(schedule: str, p: int, m: int, v: int) -> tuple[float, ...]:
 # before the balanced split is priced against the min-max one (planner.pricing.Pricer._schedule_choice).
 _BALANCE_GAIN = 0.005
 
+# Local search on a split (Pricer.polish) runs where the pipeline bubble is at least this share of
+# the step: what it finds are shorter fill, drain and stalls, a share of the bubble (docs/inter-op.md).
+_POLISH_MIN_BUBBLE = 0.05
+# The split it found replaces the solver's only when it saves at least this share of the step: the
+# solver's split also balances memory, and a smaller gain is within what the cost model can tell apart.
+_POLISH_MIN_GAIN = 0.005
+# Steps it may price: at most _POLISH_EVALS, fewer where each simulates many (micro-batch, chunk)
+# pairs (about a microsecond each): _POLISH_WORK pairs in all, but never under _POLISH_MIN_EVALS steps.
+_POLISH_EVALS = 200
+_POLISH_MIN_EVALS = 20
+_POLISH_WORK = 400_000
+
 
 class Pricer:
     """Layer tables, tp solves, partitions and predictions of ``graph`` on ``cluster`` under ``constants``.
@@ -87,6 +100,7 @@ class Pricer:
         self._bound: dict[tuple, Partition] = {}
         self._chunked: dict[tuple, Partition] = {}
         self._chosen: dict[tuple, Partition] = {}
+        self._polished: dict[tuple, tuple[Polished, StepPrediction]] = {}
 
     def with_cluster(self, cluster: ClusterSpec) -> Pricer:
         """A Pricer of the same graph and constants on ``cluster`` (another node-group order) that
@@ -284,8 +298,8 @@ class Pricer:
         """
         c = c or self.c
         count = cfg.pp * cfg.virtual_stages
-        if rule != "balanced" or not balanced:  # ``balanced=False``: equal layers, as before ``rule``
-            return self.rule_split("uniform" if rule == "balanced" else rule, count)
+        if rule not in SOLVED or not balanced:  # ``balanced=False``: equal layers, as before ``rule``
+            return self.rule_split("uniform" if rule in SOLVED else rule, count)
         rows, limits = self._chunk_rows(cfg, table, c)
         part = partition_dp(self._stage_costs(cfg, table, c, rows, limits, memory=cfg.virtual_stages == 1), count)
         return self._device_balanced(cfg, table, c, part) if cfg.virtual_stages > 1 else part
@@ -387,7 +401,7 @@ class Pricer:
         this Pricer's own, alive as long as it is, so their ``id`` names them.
         """
         table = table if table is not None else self.table(table_key(cfg))
-        if rule != "balanced" or not balanced:  # a fixed rule: nothing to solve
+        if rule not in SOLVED or not balanced:  # a fixed rule: nothing to solve
             return self.split(cfg, table, balanced=balanced, rule=rule)
         rows, limits = self._chunk_rows(cfg, table, self.c)
         one_row = all(r is rows[0] for r in rows)
@@ -416,6 +430,35 @@ class Pricer:
         if key not in self._bound:
             self._bound[key] = partition_dp(self._stage_costs(cfg, table, self.c, rows, limits, memory=True), p)
         return self._bound[key]
+
+    def polish(self, cfg: ParallelConfig, boundaries: tuple[tuple[int, int], ...],
+               table: LayerTable | None = None) -> tuple[Polished, StepPrediction]:
+        """The split local search on the simulated step reaches from ``boundaries``
+        (:mod:`planner.inter_op.local_search`), and its prediction; with one pipeline stage, or a
+        start that does not fit, ``boundaries`` itself. Cached per (table, configuration, start)."""
+        table = table if table is not None else self.table(table_key(cfg))
+        key = (id(table), cfg, boundaries)
+        if key not in self._polished:
+            priced: dict[tuple[tuple[int, int], ...], StepPrediction] = {}
+
+            def step(b: tuple[tuple[int, int], ...]) -> float:
+                pred = priced.get(b)
+                if pred is None:
+                    pred = priced[b] = self.evaluate(cfg, b, table)
+                return pred.step_time_s if pred.fits else math.inf
+
+            start = step(boundaries)
+            chunks = cfg.pp * cfg.virtual_stages
+            bubble = priced[boundaries].time_breakdown_s.get("pp_bubble", 0.0)
+            if chunks < 2 or bubble < _POLISH_MIN_BUBBLE * start:  # not searched: no steps beyond the start
+                found = Polished(boundaries, start, start, 0)
+            else:  # each step simulates m micro-batches through every chunk: fewer steps where that is long
+                budget = min(_POLISH_EVALS, max(_POLISH_MIN_EVALS, _POLISH_WORK // (cfg.num_micro_batches * chunks)))
+                found = improve_split(boundaries, step, max_evals=budget)
+                if found.gain < _POLISH_MIN_GAIN:  # not worth leaving the solver's (memory-balanced) split
+                    found = Polished(boundaries, start, start, found.evaluations)
+            self._polished[key] = (found, priced[found.boundaries])
+        return self._polished[key]
 
     def evaluate(self, cfg: ParallelConfig, boundaries: tuple[tuple[int, int], ...] | list[tuple[int, int]],
                  table: LayerTable | None = None) -> StepPrediction:

@@ -49,6 +49,9 @@ from planner.space import (  # noqa: F401  (SYNC_DEFAULT, SearchSpace: planner.s
 )
 from planner.trace.graph import CostGraph
 
+# Configurations the search keeps beyond its ``top_k`` for local search on their splits to reorder.
+_POLISH_POOL = 3
+
 
 @dataclass
 class Candidate:
@@ -56,6 +59,10 @@ class Candidate:
     boundaries: tuple[tuple[int, int], ...]
     prediction: StepPrediction
     partition_status: str = "optimal"
+    # The solver's split as local search on the simulated step improved it (planner.inter_op.local_search):
+    # share of the step it saved (0: the solver's split stayed) and the steps it priced.
+    split_gain: float = 0.0
+    split_evaluations: int = 0
 
     @property
     def step_time_s(self) -> float:
@@ -126,7 +133,7 @@ def search(graph: CostGraph, cluster: ClusterSpec, global_batch: int, *, space: 
         run.family(pp, tp, dp, mb, RECOMPUTE[rec_i], sp, global_batch // dp // mb, knobs)
     if progress:
         progress(len(families), len(families))
-    top = run.top
+    top = run.polished_top()
     best = top[0] if top else None
     return SearchResult(best=best, top=top, evaluated=run.evaluated, pruned=run.pruned, infeasible=run.infeasible,
                         time_s=time.perf_counter() - start, timed_out=timed_out, closest_misses=run.misses,
@@ -181,10 +188,20 @@ class _Search:
         self.bound_misses: list[tuple[dict[str, float], ParallelConfig]] = []
         self.evaluated = self.pruned = self.infeasible = 0
         self.limit = pricer.largest_usable_bytes()
-        self.rule = space.partition  # "balanced": the exact split; else a fixed rule (Pricer.rule_split)
+        self.rule = space.partition  # "balanced"/"exact": the solver's split; else a fixed rule (Pricer.rule_split)
+        # ``top`` keeps a few more than ``top_k``: local search on their splits can reorder them
+        self.polish = self.rule == "balanced"
+        self.pool = top_k + _POLISH_POOL if self.polish else top_k
 
     def kth_best(self) -> float:
-        return self.top[-1].step_time_s if len(self.top) >= self.top_k else math.inf
+        return self.top[self.top_k - 1].step_time_s if len(self.top) >= self.top_k else math.inf
+
+    def polished_top(self) -> list[Candidate]:
+        """The ``top_k`` best once each kept pipeline's split is improved on the simulated step
+        (:func:`polished`). Pruning stays sound: its bounds hold for every split of a configuration."""
+        if not self.polish:
+            return self.top
+        return sorted((polished(self.pricer, c) for c in self.top), key=_rank_key)[:self.top_k]
 
     def family(self, pp: int, tp: int, dp: int, mb: int, rec: str, sp: bool, m: int,
                knobs: TableKnobs = NO_KNOBS) -> None:
@@ -284,15 +301,30 @@ class _Search:
             self.misses.sort(key=lambda x: x.prediction.peak_memory_bytes)
             del self.misses[3:]
             return
-        if cand.step_time_s < self.kth_best():
+        if len(self.top) < self.pool or cand.step_time_s < self.top[-1].step_time_s:
             self.top.append(cand)
             self.top.sort(key=_rank_key)
-            del self.top[self.top_k:]
+            del self.top[self.pool:]
+
+
+def polished(pricer: Pricer, cand: Candidate) -> Candidate:
+    """``cand`` at the split local search on the simulated step reaches from the solver's
+    (:meth:`planner.pricing.Pricer.polish`); unchanged with one stage or a split it did not solve."""
+    if cand.config.pp * cand.config.virtual_stages < 2 or cand.partition_status != "optimal":
+        return cand
+    found, pred = pricer.polish(cand.config, cand.boundaries)
+    if found.evaluations == 0:  # too little bubble to search (Pricer.polish)
+        return cand
+    if found.boundaries == cand.boundaries:
+        return replace(cand, split_evaluations=found.evaluations)
+    return replace(cand, boundaries=found.boundaries, prediction=pred, split_gain=found.gain,
+                   split_evaluations=found.evaluations)
 
 
 def compare_schedules(pricer: Pricer, cand: Candidate) -> list[ScheduleOption]:
     """The synchronous schedules at ``cand``'s degrees and micro-batching (pp > 1; its own included),
-    each with its own exact stage split and prediction."""
+    each with its own stage split (the exact solver's, improved by local search as :func:`polished`
+    does) and prediction."""
     cfg = cand.config
     if cfg.pp == 1:
         return []
@@ -315,7 +347,7 @@ def compare_schedules(pricer: Pricer, cand: Candidate) -> list[ScheduleOption]:
         if not part.feasible:
             out.append(ScheduleOption(name, v, None))
             continue
-        pred = pricer.evaluate(alt, part.boundaries, table)
+        pred = pricer.polish(alt, part.boundaries, table)[1]  # as the search prices its best
         out.append(ScheduleOption(name, v, pred.step_time_s,
                                   getattr(pred.schedule_result, "bubble_fraction", math.nan), pred.fits))
     return out

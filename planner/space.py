@@ -8,7 +8,7 @@ search (:mod:`planner.search`) walks them best-first.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from planner import schedules
@@ -59,7 +59,36 @@ class SearchSpace:
     def __post_init__(self) -> None:
         if self.partition not in PARTITIONS:
             raise SpecError("partition", self.partition, f"use one of {', '.join(PARTITIONS)} (balanced: the exact "
-                            "memory-aware split; uniform: equal layers; megatron, nanotron: that framework's own)")
+                            "memory-aware split improved on the simulated step; exact: that split alone; uniform: "
+                            "equal layers; megatron, nanotron: that framework's own)")
+        for name in ("tp", "pp", "dp", "micro_batch_size", "virtual_stages", "cp", "ep", "recompute_every"):
+            _check_choices(name, getattr(self, name), lambda x: _positive_int(x), "positive integers")
+        _check_choices("dp_shard", self.dp_shard, lambda x: x is None or _positive_int(x), "positive integers or None")
+        _check_choices("zero_stage", self.zero_stage, lambda x: x in (0, 1, 2, 3), "ZeRO stages 0-3")
+        _check_choices("recompute", self.recompute, lambda x: x in RECOMPUTE, f"names from {list(RECOMPUTE)}")
+        _check_choices("schedules", self.schedules, lambda x: x in schedules.SCHEDULE_NAMES,
+                       f"names from {list(schedules.SCHEDULE_NAMES)}")
+        for name in ("sequence_parallel", "reshard_after_forward", "fp8"):
+            _check_choices(name, getattr(self, name), lambda x: isinstance(x, bool), "True/False")
+        for name in ("max_micro_batch_size", "tp_max_nodes"):
+            if not _positive_int(getattr(self, name)):
+                raise SpecError(name, getattr(self, name), "expected a positive integer")
+
+
+def _positive_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _check_choices(name: str, values: object, ok: Callable[[object], bool], what: str) -> None:
+    """A SearchSpace field is None (the search chooses) or a non-empty tuple of allowed values."""
+    if values is None and name not in ("recompute", "zero_stage", "sequence_parallel"):
+        return
+    if not isinstance(values, (tuple, list)) or not values:
+        raise SpecError(name, values, f"expected a non-empty tuple of {what}, e.g. {name}=(...,)"
+                        + ("" if name in ("recompute", "zero_stage", "sequence_parallel") else ", or None"))
+    bad = [v for v in values if not ok(v)]
+    if bad:
+        raise SpecError(name, bad[0] if len(bad) == 1 else bad, f"expected {what}")
 
 
 def unrunnable_combination(cfg: ParallelConfig) -> str | None:

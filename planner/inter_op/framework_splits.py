@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from planner.errors import SpecError
 from planner.trace.graph import CostGraph
 
-__all__ = ["FRAMEWORK_SPLITS", "PARTITIONS", "block_boundaries", "even_block_counts", "layer_kinds", "megatron_split",
+__all__ = ["FRAMEWORK_SPLITS", "PARTITIONS", "SOLVED", "block_boundaries", "even_block_counts", "layer_kinds", "megatron_split",
            "nanotron_split", "uniform_block_counts"]
 
 Boundaries = tuple[tuple[int, int], ...]
@@ -113,4 +113,7 @@ def nanotron_split(graph: CostGraph, count: int) -> Boundaries:
 FRAMEWORK_SPLITS = {"megatron": megatron_split, "nanotron": nanotron_split}
 # Every stage-split rule a plan or an evaluation may use: the planner's exact memory-aware partition,
 # equal traced layers per chunk, or a framework's own.
-PARTITIONS = ("balanced", "uniform", *FRAMEWORK_SPLITS)
+# "balanced": the exact DP's split improved on the simulated step (planner.inter_op.local_search);
+# "exact": the DP's split alone; the rest are fixed rules.
+PARTITIONS = ("balanced", "exact", "uniform", *FRAMEWORK_SPLITS)
+SOLVED = ("balanced", "exact")  # the partitions the stage solver computes

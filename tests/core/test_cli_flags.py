@@ -89,7 +89,7 @@ def test_evaluate_plan_reprices_a_plan_without_a_preset_from_its_stored_graph(tm
     model = ModelPreset(name="m", family="gpt", config={"num_layers": 2, "hidden": 64, "heads": 4, "vocab_size": 128,
                                                         "seq_len": 32}).build(device="meta")
     made = plan(model, "dgx-a100-80g", global_batch=8, sample_input=torch.zeros(1, 32, dtype=torch.long),
-                space=SearchSpace(tp=(2,), sequence_parallel=(True,)))
+                space=SearchSpace(tp=(2,), sequence_parallel=(False,)))
     assert made.model.preset is None
     path = made.to_json(tmp_path / "module.json")
     code, out, err = run_cli(["evaluate", "--plan", str(path), "--json"], capsys)
