@@ -25,7 +25,7 @@ from planner.trace import trace_model
 from runtime import checkpoint as ckpt
 from runtime.errors import RunCheckError
 from runtime.float8 import check_float8
-from runtime.model import check_layer_coverage, resolve_preset, tied_parameters
+from runtime.model import check_layer_coverage, resolve_preset, tied_parameters, whole_model_plan
 from runtime.parallel_dims import ParallelDims
 from runtime.pipeline_parallel import choose_schedule
 from runtime.tensor_parallel import check_tensor_parallel
@@ -198,6 +198,8 @@ def check_user_model(plan: Plan, model: torch.nn.Module, sample_input: Any) -> N
 def check_layer_names(model: torch.nn.Module, plan: Plan) -> None:
     """Every layer the plan cuts stages at is a submodule of ``model``: what even ``--allow-mismatch`` needs,
     since the stages are built by those names."""
+    if whole_model_plan(model, plan):
+        return
     names = dict(model.named_modules())
     missing = [name for name in plan.model.layer_names if name not in names]
     if missing:

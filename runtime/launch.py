@@ -82,7 +82,7 @@ def run_local(args: WorkerArgs, nproc: int) -> dict[int, Any]:
     if args.user is not None and args.user.model:  # parallelize() checks the model itself, in the workers
         from runtime.user_model import preflight_user
 
-        preflight_user(plan, local_launch(nproc), resume_dir=resume_dir)
+        preflight_user(plan, local_launch(nproc), resume_dir=resume_dir, checkpoint_dir=args.options.checkpoint_dir)
     else:
         preflight(plan, local_launch(nproc), resume_dir=resume_dir)
     return launch_workers(nproc, run_worker, replace(args, checked=True), debug=args.debug,
@@ -280,7 +280,8 @@ def _worker(args: WorkerArgs) -> RunResult:
     if args.user is not None and args.user.model and not args.checked:  # parallelize() checks the model
         from runtime.user_model import preflight_user
 
-        preflight_user(plan, launch, resume_dir=args.options.checkpoint_dir if args.options.resume else None)
+        preflight_user(plan, launch, resume_dir=args.options.checkpoint_dir if args.options.resume else None,
+                       checkpoint_dir=args.options.checkpoint_dir)
         args = replace(args, checked=True)
     if not args.checked:
         preset = preflight(plan, launch, fingerprint=False,

@@ -40,6 +40,8 @@ def free_other_layers(model: nn.Module, plan: Plan, stages: list[StageModule]) -
 
     Each tensor gets a meta replacement of its own, so a weight tied to a local layer keeps its storage there.
     """
+    if any(stage.is_whole for stage in stages):  # the only stage: every layer is this rank's
+        return 0
     mine = {path for stage in stages for path in stage.layer_paths}
     freed = 0
     for name in plan.model.layer_names:

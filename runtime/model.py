@@ -204,6 +204,13 @@ def build_stage_modules(model: nn.Module, stages: list[Stage], plan: Plan | None
     """
     if plan is None:
         return [StageModule(model, s.layer_names, stage_index=s.index) for s in stages]
+    if whole_model_plan(model, plan):  # the one stage holds the model's children and its own parameters
+        out = [StageModule(model, tuple(n for n, _ in model.named_children()), stage_index=s.index, whole=True)
+               for s in stages]
+        for stage in out:
+            for name in [*model._parameters, *model._buffers]:
+                _attach(stage, name, model)
+        return out
     layer_names = plan.model.layer_names or tuple(n for s in plan.stages for n in s.layer_names)
     # By tensor: a tied one is inside when any of its names is (T5's ``shared.weight`` is encoder.embed_tokens')
     inside = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
@@ -260,8 +267,18 @@ def tied_parameters(model: nn.Module, plan: Plan) -> list[TiedParameter]:
     return tied
 
 
+def whole_model_plan(model: nn.Module, plan: Plan) -> bool:
+    """A plan whose one layer is the whole model: the planner names a model without a stack of layers (a flat
+    MLP, one block called several times, a forward it could only trace whole) after its class."""
+    names = plan.model.layer_names
+    return (len(names) == 1 and len(plan.stages) == 1 and names[0] == type(model).__name__
+            and names[0] not in dict(model.named_modules()))
+
+
 def check_layer_coverage(model: nn.Module, plan: Plan) -> None:
     """Every parameter must fall in a planned stage under one of its names, or training would silently skip it."""
+    if whole_model_plan(model, plan):  # one stage holding everything
+        return
     placed = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
               if _stage_of_param(name, plan.stages) >= 0}
     if len(placed) < len({id(p) for p in model.parameters()}):  # outside every layer: placed if the forward reads it

@@ -261,6 +261,7 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
     initialised by ``init_fn(stage)`` (default: every submodule's ``reset_parameters``) or loaded from
     ``checkpoint``. Joins the process group, or creates it from torchrun's environment.
     """
+    loss_fn = _scalar_loss(loss_fn)
     check_context_parallel(plan, None, user_model=True)  # the runtime owns the attention of its presets only
     check_expert_parallel(plan, None, user_model=True)  # experts are split in the presets' loop only
     join_process_group("parallelize()", "start the script with torchrun (torchrun --nproc-per-node N script.py)",
@@ -284,8 +285,11 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
                                         reshard_after_forward=par.reshard_after_forward,
                                         replicas=par.dp // par.shard_group)  # HSDP (runtime/data_parallel.py)
     _split(stages, plan, mesh, device, on_meta=meta)
+    early = meta and dp_mode.kind == "ddp"  # DDP checks and broadcasts real weights as it wraps them
+    if early:
+        materialize(stages, device, init_fn)
     wrapped = [apply_data_parallel(stage, dp_mode, mesh["dp"], device) for stage in stages]
-    if meta:
+    if meta and not early:
         materialize(stages, device, init_fn)
     if checkpoint is not None:
         load_into(checkpoint, stages, [], plan)
@@ -294,8 +298,12 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
         zero = OptimizerShards(stages, mesh["dp"], dp_mode.zero_stage)
         if meta:  # each rank initialised its replica; its own slices now stand for every rank's
             zero.gather_parameters()
+    groups = tied_groups(tied, plan, layout, timeout_s)
+    if meta and checkpoint is None:  # each position initialised its own copy of a tied weight
+        for group in groups:
+            group.copy_from_owner(stages)
     r = RankState(stages=stages, wrapped=wrapped, optimizers=[], dp_mode=dp_mode, zero=zero,
-                  tied_groups=tied_groups(tied, plan, layout, timeout_s),
+                  tied_groups=groups,
                   duplicate_names={n for t in tied for n in t.names[1:]},
                   loss_fn=loss_fn, autocast=plan_autocast(plan, device), input_names=stages[0].input_names)
     if par.pp > 1:
@@ -392,6 +400,18 @@ def _micro_batch_kwargs(model: nn.Module, sample: Any, micro_batch: int) -> dict
             if isinstance(t, torch.Tensor) else t
 
     return without_cache(params, 0, {k: rows(v) for k, v in named.items()})
+
+
+def _scalar_loss(loss_fn: LossFn) -> LossFn:
+    """``loss_fn``, refusing what is not one number per micro-batch (``reduction="none"``) with the fix."""
+    def loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
+        value = loss_fn(output, targets)
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise RunCheckError(f"loss_fn (--loss): returned {got}; return the mean loss of one micro-batch, a "
+                                "0-dim tensor (e.g. cross_entropy with reduction='mean', or .mean() of the losses)")
+        return value
+    return loss
 
 
 def _rebuilding_output(loss_fn: LossFn, stages: list[StageModule]) -> LossFn:

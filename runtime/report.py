@@ -24,13 +24,14 @@ MiB = 2**20
 
 def build_report(plan: Plan, plan_path: str, options: RunOptions, result: RunResult, launch) -> dict[str, Any]:
     pred = plan.predicted
-    measured_step = median_step_time_s(result.step_times_s)
+    measured_step = median_step_time_s(result.step_times_s) if result.step_times_s else None  # --steps 0: none
     per_device = list(pred.memory_per_device_bytes)
     ranks = []
     for m in result.ranks:
         ranks.append({
             "rank": m.rank, "coords": m.coords, "stages": m.stages, "step_times_s": m.step_times_s,
-            "median_step_time_s": median_step_time_s(m.step_times_s), "peak_memory_bytes": m.peak_memory_bytes,
+            "median_step_time_s": median_step_time_s(m.step_times_s) if m.step_times_s else None,
+            "peak_memory_bytes": m.peak_memory_bytes,
             "memory_kind": m.memory_kind, "model_state_bytes": m.model_state_bytes,
             "predicted_memory_bytes": per_device[m.rank] if m.rank < len(per_device) else None,
         })
@@ -51,7 +52,7 @@ def build_report(plan: Plan, plan_path: str, options: RunOptions, result: RunRes
                      "memory_kind": ranks[0]["memory_kind"] if ranks else "",
                      "max_model_state_bytes": max((r["model_state_bytes"] for r in ranks), default=0)},
         "measured_over_predicted": {
-            "step_time": measured_step / pred.step_time_s if pred.step_time_s else None,
+            "step_time": measured_step / pred.step_time_s if pred.step_time_s and measured_step is not None else None,
             "peak_memory": peak / pred.peak_memory_bytes if pred.peak_memory_bytes else None,
         },
         "checkpoints": result.checkpoints,
@@ -64,11 +65,12 @@ def format_table(report: dict[str, Any]) -> str:
     for r in report["ranks"]:
         planned = r["predicted_memory_bytes"]
         lines.append(f"{r['rank']:>4} {r['coords']['pp']:>3} {r['coords']['dp']:>3} {r['coords']['tp']:>3} "
-                     f"{','.join(map(str, r['stages'])):>8} {r['median_step_time_s']:>16.4f} "
+                     f"{','.join(map(str, r['stages'])):>8} {_seconds(r['median_step_time_s']):>16} "
                      f"{r['peak_memory_bytes'] / MiB:>9.1f} {r['model_state_bytes'] / MiB:>9.1f} "
                      f"{(planned or 0) / MiB:>11.1f}")
     p, m, ratio = report["predicted"], report["measured"], report["measured_over_predicted"]
-    lines.append(f"predicted vs measured step time: {p['step_time_s']:.4f} s vs {m['step_time_s']:.4f} s"
+    lines.append(f"predicted vs measured step time: {p['step_time_s']:.4f} s vs "
+                 + (f"{m['step_time_s']:.4f} s" if m["step_time_s"] is not None else "not measured (no step ran)")
                  + (f" (x{ratio['step_time']:.2f})" if ratio["step_time"] else ""))
     lines.append(f"predicted vs measured peak memory: {p['peak_memory_bytes'] / MiB:.1f} MiB vs "
                  f"{m['peak_memory_bytes'] / MiB:.1f} MiB ({m['memory_kind']}); largest weights+grads+optimizer "
@@ -77,6 +79,10 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"loss: step {report['steps'][0]['step']} {report['steps'][0]['loss']:.6f} -> step "
                      f"{report['steps'][-1]['step']} {report['steps'][-1]['loss']:.6f}")
     return "\n".join(lines)
+
+
+def _seconds(x: float | None) -> str:
+    return f"{x:.4f}" if x is not None else "-"
 
 
 def write_report(plan: Plan, plan_path: str, options: RunOptions, result: RunResult, launch, *,

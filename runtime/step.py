@@ -49,6 +49,23 @@ class TiedGroup:
 
     names: dict[int, str]  # stage index -> parameter name in that stage
     group: Any  # this rank's process group of the copies (None: this rank holds none)
+    owner: int = -1  # global rank in ``group`` holding the first stage's copy (the embedding's)
+
+    def copy_from_owner(self, stages: list[StageModule]) -> None:
+        """Make every copy the first stage's: weights each rank initialised on its own (a model built on
+        meta) would otherwise stay different copies of one weight, their gradients summed but never equal."""
+        done: set[int] = set()
+        for stage in stages:
+            name = self.names.get(stage.stage_index)
+            if name is None or self.group is None:
+                continue
+            param = stage.get_parameter(name)
+            if id(param) in done:
+                continue
+            done.add(id(param))
+            with torch.no_grad():
+                dist.broadcast(param._local_tensor if isinstance(param, DTensor) else param.data, src=self.owner,
+                               group=self.group)
 
     def sync(self, stages: list[StageModule]) -> None:
         done: set[int] = set()
@@ -261,15 +278,15 @@ def tied_groups(tied: list[TiedParameter], plan: Plan, layout: RankLayout, timeo
         positions = sorted({pos[s] for s in names})
         if len(positions) < 2:
             continue
-        mine = None
+        mine, owner = None, -1
         for d in range(layout.dp):
             for cp_i in range(layout.cp):  # each cp rank's copies: its own tokens' gradient
                 for tp_i in range(layout.tp):
                     ranks = [layout.rank_of(p, d, tp_i, cp_i) for p in positions]
                     g = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
                     if rank in ranks:
-                        mine = g
-        groups.append(TiedGroup(names=names, group=mine))
+                        mine, owner = g, layout.rank_of(pos[min(names)], d, tp_i, cp_i)
+        groups.append(TiedGroup(names=names, group=mine, owner=owner))
     return groups
 
 

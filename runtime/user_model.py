@@ -172,6 +172,9 @@ def next_batch(batches: Iterator[Any], spec: str | None, plan: Plan, step: int) 
     except StopIteration:
         raise RunCheckError(f"{where}: the loader ran out before step {step}; yield a batch for every step "
                             "(loop over the data), or lower --steps") from None
+    except Exception as exc:  # a generator loader fails here, not when called (a missing file, a bad path)
+        raise RunCheckError(f"{where}: raised {type(exc).__name__} while yielding the batch of step {step}: "
+                            f"{_first(exc)}; fix the loader (--debug shows the traceback)") from exc
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise RunCheckError(f"{where}: yielded a {type(batch).__name__}; yield (inputs, targets) tuples, inputs a "
                             "tensor, a tuple or a dict of tensors, with micro_batch_size x num_micro_batches = "
@@ -189,10 +192,17 @@ def next_batch(batches: Iterator[Any], spec: str | None, plan: Plan, step: int) 
     return inputs, targets
 
 
-def preflight_user(plan: Plan, launch: Launch, *, resume_dir: str | None) -> None:
+def preflight_user(plan: Plan, launch: Launch, *, resume_dir: str | None, checkpoint_dir: str | None = None) -> None:
     """What the launcher can check before starting workers for a user model (parallelize checks the model)."""
     ParallelDims.from_plan(plan, launch.world_size)
     _check_cluster(plan, launch)
+    if checkpoint_dir is not None:
+        busiest = max(sum(1 for s in plan.stages if rank in s.ranks) for rank in range(launch.world_size))
+        if busiest > 1:  # ParallelModel._optimizers: optimizer state is saved per stage of one rank
+            raise RunCheckError(f"--checkpoint-dir: this plan gives a rank {busiest} stages ({plan.parallel.schedule}, "
+                                f"virtual stages {plan.parallel.virtual_stages}), and a run of your own model saves "
+                                "its optimizer state with one stage per rank; plan without virtual stages (a "
+                                "schedule such as 1f1b or zb-h1), or drop --checkpoint-dir")
     if resume_dir is not None:
         check_manifest_model(ckpt.verify_checkpoint(ckpt.latest_checkpoint(resume_dir)), plan, resume_dir)
 

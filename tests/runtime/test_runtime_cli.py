@@ -212,3 +212,17 @@ def test_corrupted_checkpoint_is_detected(foundation, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert f"{shard.name} is corrupted" in err and "Traceback" not in err
+
+
+def test_a_run_of_no_steps_reports_no_measured_step_time(tmp_path):
+    """``--steps 0`` (a resumed run already at its last step) measured nothing: the report says so, never 0 s."""
+    from runtime.report import build_report, format_table
+    from runtime.train import RankMetrics, RunOptions, RunResult
+
+    plan = make_plan(dp=2)
+    rank = RankMetrics(rank=0, coords={"pp": 0, "dp": 0, "tp": 0}, stages=[0])
+    result = RunResult(first_step=0, losses=[], grad_norms=[], step_times_s=[], rank=rank, ranks=[rank])
+    launch = type("L", (), {"world_size": 2, "nodes": 1, "procs_per_node": 2, "device_type": "cpu"})()
+    report = build_report(plan, "p.json", RunOptions(steps=0), result, launch)
+    assert report["measured"]["step_time_s"] is None and report["measured_over_predicted"]["step_time"] is None
+    assert "not measured" in format_table(report)
