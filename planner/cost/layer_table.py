@@ -13,7 +13,7 @@ when none are given, Megatron's all-reduce count (:func:`tp_collectives`) priced
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -425,13 +425,14 @@ def _whole_memory(arr: dict[str, np.ndarray], i: int, layer: Layer, t: LayerTime
     """Layer ``i``'s parameters and activations with the shares its tp solve leaves whole kept in full.
 
     ``params`` holds the layer's parameters before the division by tp that every reader makes, so a
-    share ``q`` left whole counts ``q·tp`` there: ``(1 - q)/tp + q`` of them per rank."""
+    share ``q`` left whole counts ``q·tp`` there: ``(1 - q)/tp + q`` of them per rank. Activations: the
+    trace already keeps Megatron's replicated part whole (``replicated_activation_bytes``: norm and
+    residual inputs); the solve's whole share counts where it is larger (a replicated convolution's)."""
     _, params, saved = whole
+    if saved * layer.activation_bytes > layer.replicated_activation_bytes:
+        wider = replace(layer, replicated_activation_bytes=saved * layer.activation_bytes)
+        _fill_memory_row(arr, i, wider, t, tc_fwd, tp=tp, **row)
     arr["p"][i] *= (1.0 - params) + params * tp
-    one = {k: np.zeros(len(arr["st"])) for k in arr}
-    _fill_memory_row(one, i, layer, t, tc_fwd, tp=1, **{**row, "sequence_parallel": False})
-    for key in ("st", "wk"):
-        arr[key][i] = (1.0 - saved) * arr[key][i] + saved * one[key][i]
 
 
 def _tp_collective_s(layer: Layer, i: int, tp_seconds: TpSeconds | None, *, priced: bool, dtype: str,
