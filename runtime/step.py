@@ -51,32 +51,26 @@ class TiedGroup:
     group: Any  # this rank's process group of the copies (None: this rank holds none)
     owner: int = -1  # global rank in ``group`` holding the first stage's copy (the embedding's)
 
+    def _local_copies(self, stages: list[StageModule]) -> list[nn.Parameter]:
+        """This rank's copies, each once (the same Parameter in two local stages is one copy)."""
+        out: dict[int, nn.Parameter] = {}
+        for stage in stages:
+            name = self.names.get(stage.stage_index)
+            if name is not None and self.group is not None:
+                param = stage.get_parameter(name)
+                out.setdefault(id(param), param)
+        return list(out.values())
+
     def copy_from_owner(self, stages: list[StageModule]) -> None:
         """Make every copy the first stage's: weights each rank initialised on its own (a model built on
         meta) would otherwise stay different copies of one weight, their gradients summed but never equal."""
-        done: set[int] = set()
-        for stage in stages:
-            name = self.names.get(stage.stage_index)
-            if name is None or self.group is None:
-                continue
-            param = stage.get_parameter(name)
-            if id(param) in done:
-                continue
-            done.add(id(param))
+        for param in self._local_copies(stages):
             with torch.no_grad():
                 dist.broadcast(param._local_tensor if isinstance(param, DTensor) else param.data, src=self.owner,
                                group=self.group)
 
     def sync(self, stages: list[StageModule]) -> None:
-        done: set[int] = set()
-        for stage in stages:
-            name = self.names.get(stage.stage_index)
-            if name is None or self.group is None:
-                continue
-            param = stage.get_parameter(name)
-            if id(param) in done:  # the same Parameter in two local stages: summed once
-                continue
-            done.add(id(param))
+        for param in self._local_copies(stages):
             grad = param.grad
             dist.all_reduce(grad._local_tensor if isinstance(grad, DTensor) else grad, group=self.group)
 
