@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"(fits: {r.published.predicted.fits}), measured {r.measured_step_s:.2f} s; planner "
                   f"{r.planned.parallel.label()} -> {r.planned.predicted.step_time_s:.2f} s in {r.plan_s:.1f} s",
                   flush=True)
+            for who, p in (("published", r.published), ("planner", r.planned)):
+                parts = sorted(p.predicted.time_breakdown_s.items(), key=lambda kv: -kv[1])
+                print(f"  {who}: " + ", ".join(f"{k} {v:.3g} s" for k, v in parts if v > 0), flush=True)
     if args.markdown:
         print(markdown(rows))
     return 0

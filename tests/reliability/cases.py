@@ -360,6 +360,10 @@ CASES: list[Case] = [
     Case("what-if-nan", "options", "explain --what-if memory=nanx",
          lambda t: ["explain", _plan_file(t, lambda d: None), "--what-if", "memory=nanx"], 2,
          ("--what-if: got 'memory=nanx'", "a positive number or a factor like 2x")),
+    Case("evaluate-plan-stage-gap", "plan file", "evaluate --plan on stages edited by hand to leave a layer out",
+         lambda t: ["evaluate", "--plan", _plan_file(t, lambda d: d["stages"][0].update(layers=[
+             d["stages"][0]["layers"][0], d["stages"][0]["layers"][1] - 1]))], 2,
+         ("stages",)),
     Case("evaluate-plan-with-cluster", "options", "evaluate --plan with --cluster, which the plan file fixes",
          lambda t: ["evaluate", "--plan", _plan_file(t, lambda d: None, restamp=True), "--cluster", "dgx-h100"], 2,
          ("--cluster: got 'dgx-h100'", "re-prices the plan file's own model, cluster")),
