@@ -254,6 +254,8 @@ def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: P
         runnable_space(resolved, SearchSpace(sequence_parallel=(True,)))
     if config.cp > 1:  # a preset the runtime cannot split along the sequence: refused, naming cp
         runnable_space(resolved, SearchSpace(cp=(config.cp,)))
+    if config.recompute == "selective":  # a module of one's own without `attn` submodules: refused
+        runnable_space(resolved, SearchSpace(recompute=("selective",)))
     if partition not in PARTITIONS:
         raise SpecError("partition", partition, "use 'balanced' (the exact DP's split, improved on the simulated "
                         "step), 'exact' (the DP's alone), 'uniform' (equal layers per stage), 'megatron' or "

@@ -123,14 +123,30 @@ def runnable_space(resolved: ResolvedModel, space: SearchSpace) -> SearchSpace:
     if preset is None:
         if resolved.module is None:
             return space
-        return _without_sequence_split(space, "the runtime splits sequences only for the project's gpt and llama "
-                                              "presets, not for a model of your own; drop it")
+        space = _without_sequence_split(space, "the runtime splits sequences only for the project's gpt and llama "
+                                               "presets, not for a model of your own; drop it")
+        return _without_selective(space, resolved)
     space = replace(_runnable_cp(resolved, space), runtime_combinations=True)
     if preset.spec.sequence_parallel or not resolved.graph.seq_len or True not in space.sequence_parallel:
         return space
     if False not in space.sequence_parallel:
         raise SpecError("sequence_parallel", True, _no_sequence_parallel(preset))
     return replace(space, sequence_parallel=(False,))
+
+
+def _without_selective(space: SearchSpace, resolved: ResolvedModel) -> SearchSpace:
+    """``space`` without selective recompute for a module none of whose layers has an ``attn`` submodule,
+    which the runtime checkpoints for it (``runtime/recompute.py``); asking for it alone is an error."""
+    module = resolved.module
+    if "selective" not in space.recompute or module is None:
+        return space
+    names = dict(module.named_modules())
+    if any(hasattr(names.get(layer.name), "attn") for layer in resolved.graph.layers):
+        return space
+    if space.recompute == ("selective",):
+        raise SpecError("recompute", "selective", "the runtime recomputes selectively the `attn` submodule of each "
+                        "layer, and no layer of this model has one: use 'full', 'op' or 'none'")
+    return replace(space, recompute=tuple(r for r in space.recompute if r != "selective"))
 
 
 def _without_sequence_split(space: SearchSpace, why: str) -> SearchSpace:

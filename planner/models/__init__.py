@@ -281,6 +281,10 @@ def load_preset(name: str) -> ModelPreset:
     from planner.cluster import _edit_distance
 
     path = datasets_dir() / "models" / f"{name}.json"
+    if not path.is_file() and (name.endswith(".py") or ":" in name):
+        raise SpecError("model", name, "a model of your own is planned through the Python API: planner.plan(module, "
+                        "cluster, global_batch=..., sample_input=...) (docs/train-your-own-model.md); --model takes "
+                        "a preset name or a Hugging Face config.json")
     if not path.is_file():
         known = list_presets()
         close = sorted(known, key=lambda k: _edit_distance(k, name))[:3]

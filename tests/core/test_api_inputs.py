@@ -137,3 +137,24 @@ def test_tp_prices_what_its_solve_leaves_whole_at_full_cost():
     lstm_weights = 2 * 4 * (128 * 128 * 2 + 2 * 128) * 2  # two LSTMs, bf16
     assert four.predicted.devices[0].memory_bytes["weights"] >= lstm_weights
     assert four.predicted.time_breakdown_s["compute"] > 0.5 * one.predicted.time_breakdown_s["compute"]
+
+
+def test_selective_recompute_needs_attention_submodules_in_a_module_of_ones_own():
+    """The runtime recomputes selectively each layer's ``attn`` submodule; a CNN has none, so the search
+    leaves selective out and asking for it is an error, where the runtime refused it at start before."""
+
+    class CNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.blocks(x).mean((2, 3)))
+
+    x = torch.zeros(1, 8, 16, 16)
+    assert _plan(CNN(), sample_input=x).parallel.recompute != "selective"
+    with pytest.raises(SpecError, match="recompute"):
+        _plan(CNN(), sample_input=x, space=SearchSpace(recompute=("selective",)))
+    with pytest.raises(SpecError, match="attn"):
+        evaluate(CNN(), "cpu-local", ParallelConfig(dp=2, recompute="selective"), sample_input=x)

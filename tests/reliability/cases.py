@@ -128,6 +128,9 @@ CASES: list[Case] = [
          lambda t: ["plan", "--model", "gpt-tiny", "--cluster", "dgx-a100", "--global-batch", "8"], 2,
          ("no such preset", "dgx-a100-80g")),
     # -- model --------------------------------------------------------------------------------
+    Case("model-python-file", "model", "--model given a Python file of one's own model",
+         lambda t: ["plan", "--model", "my_model.py", "--cluster", "cpu-local", "--global-batch", "8"], 2,
+         ("model: got 'my_model.py'", "planner.plan(module")),
     Case("model-unknown-preset", "model", "misspelt model preset",
          lambda t: ["plan", "--model", "gpt3-175", "--cluster", "cpu-local", "--global-batch", "8"], 2,
          ("no such model preset", "gpt3-175b")),
