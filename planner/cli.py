@@ -427,7 +427,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         constants = CostConstants(**{k: v for k, v in old.cost_constants.items() if k in known})
         result = evaluate(model, cluster, cfg, seq_len=old.model.seq_len, dtype=old.model.dtype, constants=constants,
                           stages=[(s.layer_start, s.layer_stop) for s in old.stages])  # as the file has them
-        return _emit(result, args)
+        return _emit(_kept_placements(result, old), args)
     per_replica = args.global_batch // (args.dp * args.micro_batch)  # check_arguments: divides exactly
     cfg = ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch,
                          num_micro_batches=per_replica, virtual_stages=args.virtual_stages or 1,
@@ -441,6 +441,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                       devices_per_node=devices_per_node, dtype=args.dtype, partition=args.partition,
                       constants=_constants(args))
     return _emit(result, args)
+
+
+def _kept_placements(result: Any, old: Any) -> Any:
+    """``result`` with the plan file's tensor-parallel placements where re-pricing its stored graph (no op
+    graph to solve again) found none: a module of one's own has no other split for the runtime to run."""
+    from dataclasses import replace
+
+    if result.parallel.tp == 1 or result.placements.style or not old.placements.style:
+        return result
+    note = ("tensor-parallel placements kept from the plan file (its intra-op solve); the stored graph has no op "
+            "graph to solve again, so tp communication is priced by the Megatron count")
+    return replace(result, placements=old.placements, explanation=(*result.explanation, note))
 
 
 def _stored_model(plan: Any) -> Any:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from planner import plan
+from planner import Plan, plan
 from planner.cli import main
 from planner.models import ModelPreset
 from planner.search import SearchSpace
@@ -97,3 +97,9 @@ def test_evaluate_plan_reprices_a_plan_without_a_preset_from_its_stored_graph(tm
     data = json.loads(out)
     assert (data["tp"], data["dp"]) == (made.parallel.tp, made.parallel.dp)
     assert data["step_time_s"] == pytest.approx(made.predicted.step_time_s, rel=0.02)
+    # written back, the re-priced plan keeps the file's placements: a module of one's own has no other split
+    code, _, err = run_cli(["evaluate", "--plan", str(path), "-o", str(tmp_path / "again.json")], capsys)
+    assert code == 0, err
+    again = Plan.from_json(tmp_path / "again.json")
+    assert made.placements.style and again.placements.style == made.placements.style
+    assert any("placements kept from the plan file" in line for line in again.explanation)
