@@ -75,10 +75,31 @@ def resolve_model(model: nn.Module | str, *, seq_len: int | None = None, sample_
     # A preset's module was built here only to be traced: trace it in place instead of deep-copying
     # it (0.35 s, 40% of tracing GPT-3 175B); a caller's module is copied so it is left as given.
     graph = trace_model(module, inputs, name=name, dtype=dtype, seq_len=seq_len, copy_model=preset is None)
+    if preset is None:
+        graph.notes.extend(_state_notes(module))
     if preset is not None and preset.config.get("seq_len") != load_preset(preset.name).config.get("seq_len"):
         graph.notes.append(f"{preset.name} stretched to {seq_len} positions (rotary) with fused attention "
                            "(FlashAttention: no s x s scores stored), as long-context training runs it")
     return ResolvedModel(module=module, preset=preset, graph=graph)
+
+
+def _state_notes(module: nn.Module) -> list[str]:
+    """What the cost model does not price of a module of one's own, said on the plan: frozen parameters
+    (priced as trained: their gradients, optimizer state and weight-gradient work are counted) and
+    buffers (not counted in memory)."""
+    notes = []
+    params = {id(p): p for p in module.parameters()}
+    frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
+    if frozen:
+        total = sum(p.numel() for p in params.values())
+        notes.append(f"{frozen:,} of {total:,} parameters are frozen (requires_grad=False); the cost model prices "
+                     "every parameter as trained (gradients, optimizer state, weight-gradient work), so memory and "
+                     "step time are overestimated for this model")
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    if buffers > 2**20:
+        notes.append(f"{buffers / 2**20:,.1f} MiB of buffers (register_buffer) are not counted in the memory per "
+                     "device; add them to what a device must hold")
+    return notes
 
 
 def _check_module_seq_len(seq_len: int, sample_input: Any) -> None:

@@ -158,3 +158,16 @@ def test_selective_recompute_needs_attention_submodules_in_a_module_of_ones_own(
         _plan(CNN(), sample_input=x, space=SearchSpace(recompute=("selective",)))
     with pytest.raises(SpecError, match="attn"):
         evaluate(CNN(), "cpu-local", ParallelConfig(dp=2, recompute="selective"), sample_input=x)
+
+
+def test_frozen_parameters_and_buffers_are_said_not_silently_priced():
+    """Frozen parameters are priced as trained and buffers are not counted: the plan says both."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10))
+    for p in model[:2].parameters():
+        p.requires_grad_(False)
+    model.register_buffer("table", torch.zeros(2**19))
+    p = evaluate(model, "cpu-local", ParallelConfig(dp=2), sample_input=torch.zeros(1, 64))
+    assert any("8,320 of 8,970 parameters are frozen" in line for line in p.explanation)
+    assert any("2.0 MiB of buffers" in line for line in p.explanation)
+    plain = evaluate(Chain(), "cpu-local", ParallelConfig(dp=2), sample_input=IDS)
+    assert not any("frozen" in line or "buffers" in line for line in plain.explanation)
