@@ -168,8 +168,11 @@ def write_manifest(folder: Path, *, step: int, info: dict[str, Any]) -> dict[str
 
 
 def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: list[torch.optim.Optimizer],
-                    zero: OptimizerShards | None = None) -> None:
-    """Collective: fill this rank's stages and optimizers from a verified checkpoint, resharding as needed."""
+                    zero: OptimizerShards | None = None, *, aliases: tuple[tuple[str, ...], ...] = ()) -> None:
+    """Collective: fill this rank's stages and optimizers from a verified checkpoint, resharding as needed.
+
+    ``aliases``: the names of each tied weight. A plan that keeps one copy saves its state under one name
+    (``embed.weight``); a plan with the copies on two ranks reads the other (``head.weight``) from it."""
     model_sd: dict[str, Any] = {}
     optim_sd: dict[str, Any] = {}
     per_stage = []
@@ -196,11 +199,17 @@ def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: lis
         model_sd.update(msd)
         optim_sd.update(osd)
     state = {"model": model_sd, "optim": optim_sd} if optimizers else {"model": model_sd}
+    renamed = _read_from_twins(state, path, aliases) if aliases else {}
     try:
         dcp.load(state, checkpoint_id=str(path))
     except Exception as exc:  # DCP raises a CheckpointException wrapping each rank's error
         raise CheckpointError(f"checkpoint {path}: cannot be loaded into this plan ({_first_line(exc)}); it was "
                               "written for a different model, or is damaged") from exc
+    for part, key, twin in renamed:  # values DCP replaced rather than filled in place
+        for msd, osd, _ in per_stage:
+            target = msd if part == "model" else osd
+            if key in target:
+                target[key] = state[part][twin]
     for position, (stage, optim, (msd, osd, templates)) in enumerate(
             zip(stages, optimizers or [None] * len(stages), per_stage)):
         tp_of = _canonical_keys(stage)
@@ -218,6 +227,29 @@ def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: lis
             zero.load_optimizer_state(optim, position, osd)
         elif optim is not None:
             set_optimizer_state_dict(stage, optim, osd, options=_OPTIONS)
+
+
+def _read_from_twins(state: dict[str, dict[str, Any]], path: str | Path,
+                     aliases: tuple[tuple[str, ...], ...]) -> list[tuple[str, str, str]]:
+    """Keys of ``state`` the checkpoint lacks, moved to the key of a tied twin it holds (``head.weight``'s
+    state read from ``embed.weight``'s); returns ``(part, key, twin key)`` of each move."""
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    moves = []
+    for part, sd in state.items():
+        for key in [k for k in sd if f"{part}.{k}" not in saved]:
+            for names in aliases:
+                twin = next((key.replace(n, m, 1) for n in names for m in names
+                             if m != n and _names_param(key, n) and f"{part}.{key.replace(n, m, 1)}" in saved), None)
+                if twin is not None and twin not in sd:
+                    sd[twin] = sd.pop(key)
+                    moves.append((part, key, twin))
+                    break
+    return moves
+
+
+def _names_param(key: str, name: str) -> bool:
+    """Whether a state-dict key is the parameter ``name`` or one of its optimizer entries."""
+    return key == name or key.startswith(f"state.{name}.") or key.startswith(f"param_groups.{name}.")
 
 
 def _saved_optimizer_keys(meta: Any) -> dict[str, tuple[torch.Size, torch.dtype]]:

@@ -238,7 +238,8 @@ class ParallelModel:
     def load(self, directory: str | Path, *, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Collective: load a DCP checkpoint (a ``step-*`` folder or the newest under ``directory``) or Hugging
         Face ``*.safetensors`` files into this rank's shards, whatever plan saved them."""
-        load_into(directory, self.stages, self._optimizers(optimizer), self.plan, zero=self._r.zero)
+        load_into(directory, self.stages, self._optimizers(optimizer), self.plan, zero=self._r.zero,
+                  aliases=self._r.tied_names)
 
     def _optimizers(self, optimizer: torch.optim.Optimizer | None) -> list[torch.optim.Optimizer]:
         if optimizer is None:
@@ -304,7 +305,7 @@ def parallelize(model: nn.Module, plan: Plan, *, loss_fn: LossFn, sample_input: 
             group.copy_from_owner(stages)
     r = RankState(stages=stages, wrapped=wrapped, optimizers=[], dp_mode=dp_mode, zero=zero,
                   tied_groups=groups,
-                  duplicate_names={n for t in tied for n in t.names[1:]},
+                  duplicate_names={n for t in tied for n in t.names[1:]}, tied_names=tuple(t.names for t in tied),
                   loss_fn=loss_fn, autocast=plan_autocast(plan, device), input_names=stages[0].input_names)
     if par.pp > 1:
         _pipeline(r, plan, loss_fn, mesh, device)
@@ -427,7 +428,8 @@ def _rebuilding_output(loss_fn: LossFn, stages: list[StageModule]) -> LossFn:
 
 
 def load_into(source: str | Path, stages: list[StageModule], optimizers: list[torch.optim.Optimizer],
-              plan: Plan, *, zero: OptimizerShards | None = None) -> None:
+              plan: Plan, *, zero: OptimizerShards | None = None,
+              aliases: tuple[tuple[str, ...], ...] = ()) -> None:
     """Fill ``stages`` from a DCP checkpoint or Hugging Face safetensors files (see :meth:`ParallelModel.load`)."""
     path = Path(source)
     if any(path.glob("*.safetensors")):
@@ -442,4 +444,4 @@ def load_into(source: str | Path, stages: list[StageModule], optimizers: list[to
     if manifest.get("model_fingerprint") not in (None, plan.model.fingerprint):
         raise RunCheckError(f"checkpoint {path}: saved for model fingerprint {manifest.get('model_fingerprint')}, "
                             f"but the plan's model is {plan.model.fingerprint}; load a checkpoint of this model")
-    ckpt.load_checkpoint(path, stages, optimizers, zero)
+    ckpt.load_checkpoint(path, stages, optimizers, zero, aliases=aliases)

@@ -93,6 +93,7 @@ class RankState:
     holds_first: bool = True
     last_holder: bool = True
     num_inputs: int = 1  # tensors the model takes (T5: 2)
+    tied_names: tuple[tuple[str, ...], ...] = ()  # every tied weight's names (a checkpoint may hold one of them)
     input_names: tuple[str, ...] | None = None  # non-chain models: every stage takes the inputs by name
     setup: dict[str, str] = field(default_factory=dict)
 

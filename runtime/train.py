@@ -318,7 +318,8 @@ def _build(plan: Plan, preset: ModelPreset, options: RunOptions, mesh, dims: Par
     r = RankState(stages=stages, wrapped=wrapped, dp_mode=dp_mode, optimizers=[],
                   zero=OptimizerShards(stages, data_mesh(mesh, par.cp), dp_mode.zero_stage) if dp_mode.kind == "zero" else None,
                   tied_groups=tied_groups(tied, plan, dims.layout, options.timeout_s),
-                  duplicate_names={n for t in tied for n in t.names[1:]}, loss_fn=loss_function(preset),
+                  duplicate_names={n for t in tied for n in t.names[1:]}, tied_names=tuple(t.names for t in tied),
+                  loss_fn=loss_function(preset),
                   autocast=plan_autocast(plan, device), num_inputs=len(preset.sample_input(1, plan.model.seq_len)),
                   input_names=stages[0].input_names if stages else None,
                   setup={"data_parallel": dp_mode.describe(), "recompute": par.recompute,
@@ -389,7 +390,7 @@ def _resume(plan: Plan, options: RunOptions, r: RankState) -> int:
     path = ckpt.latest_checkpoint(options.checkpoint_dir)
     manifest = verified_manifest(path)
     check_manifest_model(manifest, plan, path)
-    ckpt.load_checkpoint(path, r.stages, r.optimizers, r.zero)
+    ckpt.load_checkpoint(path, r.stages, r.optimizers, r.zero, aliases=r.tied_names)
     if manifest.get("seed") != options.seed and dist.get_rank() == 0:
         print(f"warning: resuming a run saved with seed {manifest.get('seed')} using seed {options.seed}; "
               "the synthetic data after the checkpoint differs from the original run's", flush=True)

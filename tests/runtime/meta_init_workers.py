@@ -78,3 +78,37 @@ def flat_losses(plan_text: str, steps: int) -> list[float]:
         optim.step()
         optim.zero_grad(set_to_none=True)
     return out
+
+
+def _tied_batches(steps: int, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        t = torch.randint(0, 64, (rows, 9), generator=g)
+        out.append((t[:, :-1], t[:, 1:]))
+    return out
+
+
+def tied_resume(first_text: str, second_text: str, folder: str) -> list[float]:
+    """TiedLM: 2 steps under the first plan, saved (model and AdamW state); then loaded under the second plan
+    and one more step. Returns the 3 global losses (the same data, this rank's rows of each batch)."""
+    losses = []
+    batches = None
+    for text, steps in ((first_text, (0, 1)), (second_text, (2,))):
+        plan = Plan.from_dict(json.loads(text))
+        torch.manual_seed(0)
+        pm = parallelize(TiedLM(), plan, loss_fn=_loss, sample_input=SAMPLE)
+        optim = torch.optim.AdamW(pm.parameters(), lr=0.01)
+        if steps == (2,):
+            pm.load(folder, optimizer=optim)
+        rows = plan.parallel.micro_batch_size * plan.parallel.num_micro_batches
+        batches = _tied_batches(3, rows * plan.parallel.dp)
+        for i in steps:
+            x, y = batches[i]
+            mine = slice(pm.data_rank * rows, (pm.data_rank + 1) * rows)
+            losses.append(pm.step(x[mine], y[mine]))
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+        if steps == (0, 1):
+            pm.save(folder, step=2, optimizer=optim)
+    return losses

@@ -51,3 +51,17 @@ def test_a_model_planned_as_one_layer_trains_as_one_process():
     got = launch(2, flat_losses, plan.to_json_text(), 3)
     for rank in (0, 1):
         assert got[rank] == pytest.approx(reference, abs=1e-5)
+
+
+def test_a_tied_model_saved_with_one_copy_resumes_with_two(tmp_path):
+    """Saved under dp=2 (the tied weight is one parameter: its optimizer state under one name), resumed under
+    pp=2 (a copy on each rank): the second copy's state is read from its twin's, and step 3's loss is the
+    one a run that never stopped gets."""
+    from meta_init_workers import tied_resume
+
+    dp = _plan_text(ParallelConfig(dp=2, micro_batch_size=2, num_micro_batches=1))
+    pp = _plan_text(ParallelConfig(pp=2, micro_batch_size=2, num_micro_batches=2))
+    resumed = launch(2, tied_resume, dp, pp, str(tmp_path / "a"))
+    straight = launch(2, tied_resume, dp, dp, str(tmp_path / "b"))
+    assert resumed[0] == pytest.approx(straight[0], abs=1e-5)
+    assert resumed[0][2] != pytest.approx(resumed[0][1], abs=1e-3)  # the steps train
