@@ -250,12 +250,10 @@ def evaluate(model: nn.Module | str | Any, cluster: ClusterSpec | str, config: P
     resolved = _resolve_model(model, seq_len=seq_len, sample_input=sample_input, dtype=dtype or default_dtype(spec))
     c = constants or CostConstants()
     check_config(config, resolved.graph, spec)
-    if config.sequence_parallel:
-        runnable_space(resolved, SearchSpace(sequence_parallel=(True,)))
-    if config.cp > 1:  # a preset the runtime cannot split along the sequence: refused, naming cp
-        runnable_space(resolved, SearchSpace(cp=(config.cp,)))
-    if config.recompute == "selective":  # a module of one's own without `attn` submodules: refused
-        runnable_space(resolved, SearchSpace(recompute=("selective",)))
+    # what the runtime cannot run for this model (sequence or context parallelism, selective recompute
+    # without `attn` submodules) is refused, naming the knob, as the search leaves it out
+    runnable_space(resolved, SearchSpace(sequence_parallel=(config.sequence_parallel,), cp=(config.cp,),
+                                         recompute=(config.recompute,)))
     if partition not in PARTITIONS:
         raise SpecError("partition", partition, "use 'balanced' (the exact DP's split, improved on the simulated "
                         "step), 'exact' (the DP's alone), 'uniform' (equal layers per stage), 'megatron' or "

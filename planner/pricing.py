@@ -432,14 +432,15 @@ class Pricer:
         return self._bound[key]
 
     def polish(self, cfg: ParallelConfig, boundaries: tuple[tuple[int, int], ...],
-               table: LayerTable | None = None) -> tuple[Polished, StepPrediction]:
+               table: LayerTable | None = None, start: StepPrediction | None = None) -> tuple[Polished, StepPrediction]:
         """The split local search on the simulated step reaches from ``boundaries``
         (:mod:`planner.inter_op.local_search`), and its prediction; with one pipeline stage, or a
-        start that does not fit, ``boundaries`` itself. Cached per (table, configuration, start)."""
+        start that does not fit, ``boundaries`` itself. ``start``: the prediction of ``boundaries`` at
+        ``table``, when the caller has it. Cached per (table, configuration, start)."""
         table = table if table is not None else self.table(table_key(cfg))
         key = (id(table), cfg, boundaries)
         if key not in self._polished:
-            priced: dict[tuple[tuple[int, int], ...], StepPrediction] = {}
+            priced: dict[tuple[tuple[int, int], ...], StepPrediction] = {} if start is None else {boundaries: start}
 
             def step(b: tuple[tuple[int, int], ...]) -> float:
                 pred = priced.get(b)

@@ -312,7 +312,7 @@ def polished(pricer: Pricer, cand: Candidate) -> Candidate:
     (:meth:`planner.pricing.Pricer.polish`); unchanged with one stage or a split it did not solve."""
     if cand.config.pp * cand.config.virtual_stages < 2 or cand.partition_status != "optimal":
         return cand
-    found, pred = pricer.polish(cand.config, cand.boundaries)
+    found, pred = pricer.polish(cand.config, cand.boundaries, start=cand.prediction)
     if found.evaluations == 0:  # too little bubble to search (Pricer.polish)
         return cand
     if found.boundaries == cand.boundaries:

@@ -79,13 +79,17 @@ def _positive_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
+_REQUIRED = ("recompute", "zero_stage", "sequence_parallel")  # SearchSpace fields that cannot be None
+
+
 def _check_choices(name: str, values: object, ok: Callable[[object], bool], what: str) -> None:
     """A SearchSpace field is None (the search chooses) or a non-empty tuple of allowed values."""
-    if values is None and name not in ("recompute", "zero_stage", "sequence_parallel"):
+    optional = name not in _REQUIRED
+    if values is None and optional:
         return
     if not isinstance(values, (tuple, list)) or not values:
         raise SpecError(name, values, f"expected a non-empty tuple of {what}, e.g. {name}=(...,)"
-                        + ("" if name in ("recompute", "zero_stage", "sequence_parallel") else ", or None"))
+                        + (", or None" if optional else ""))
     bad = [v for v in values if not ok(v)]
     if bad:
         raise SpecError(name, bad[0] if len(bad) == 1 else bad, f"expected {what}")

@@ -199,7 +199,7 @@ def load_checkpoint(path: str | Path, stages: list[StageModule], optimizers: lis
         model_sd.update(msd)
         optim_sd.update(osd)
     state = {"model": model_sd, "optim": optim_sd} if optimizers else {"model": model_sd}
-    renamed = _read_from_twins(state, path, aliases) if aliases else {}
+    renamed = _read_from_twins(state, path, aliases) if aliases else []
     try:
         dcp.load(state, checkpoint_id=str(path))
     except Exception as exc:  # DCP raises a CheckpointException wrapping each rank's error

@@ -401,13 +401,14 @@ def _row_times(layer: Layer, tp: int, sequence_parallel: bool, whole: tuple[floa
                cache: dict[str, LayerTimes] | None, timing: dict) -> LayerTimes:
     """A layer's times on one of ``tp`` ranks (``cache``: by signature, as repeated blocks have equal
     costs), with the FLOPs share its tp solve leaves whole (``whole[0]``) run at tp = 1."""
-    t = cache.get(layer.signature) if cache is not None else None
+    key = layer.signature if whole is None else f"{layer.signature} whole {whole[0]!r}"
+    t = cache.get(key) if cache is not None else None
     if t is None:
         t = layer_times(layer, tp=tp, sequence_parallel=sequence_parallel, **timing)
+        if whole is not None:
+            t = _blend_times(t, layer_times(layer, tp=1, sequence_parallel=False, **timing), whole[0])
         if cache is not None:
-            cache[layer.signature] = t
-    if whole is not None:
-        t = _blend_times(t, layer_times(layer, tp=1, sequence_parallel=False, **timing), whole[0])
+            cache[key] = t
     return t
 
 
