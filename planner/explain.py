@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
 from planner.cost.context_parallel import cp_step_note
+from planner.cost.memory import model_state_bytes
 from planner.cost.model import StepPrediction, usable_memory_bytes
 from planner.cost.sharding import keeps_unsharded_grads
 from planner.errors import InfeasibleError
@@ -274,7 +275,7 @@ def infeasible_error(graph: CostGraph, cluster: ClusterSpec, global_batch: int, 
             f"it would need devices with at least {_device_size(per_device, have)}. "
             f"{_more_devices(graph, cluster, global_batch, c, space)}",
             details={"missing_bytes": need - limit, "config": cfg.label(), "parts": named})
-    total_state = graph.param_count * (c.weight_bytes + c.grad_bytes + c.optimizer_bytes)
+    total_state = model_state_bytes(graph, c)
     if total_state / n <= limit:  # memory is not why: the knobs and the batch leave no valid configuration
         return InfeasibleError(f"{head}: {_no_valid_configuration(global_batch, space, graph.num_layers, n)}",
                                details={"state_bytes": total_state, "reason": "empty search space"})

@@ -16,6 +16,7 @@ import networkx as nx
 from planner.trace.graph import CostGraph, ExpertRouting, Layer, OpCost, TiedParam
 
 _PER_LAYER = ("index", "name", "param_count", "tied_params")
+_PER_LAYER_IF_SET = ("frozen_count",)  # written only where not 0: a record without it reads as before
 
 
 def graph_to_dict(graph: CostGraph) -> dict[str, Any]:
@@ -25,9 +26,13 @@ def graph_to_dict(graph: CostGraph) -> dict[str, Any]:
         d = asdict(layer)
         if not layer.experts:  # a dense layer's record is as before expert routing was traced
             del d["experts"]
+        for t in d["tied_params"]:
+            if not t["frozen"]:
+                del t["frozen"]
         if layer.signature not in bodies:
-            bodies[layer.signature] = {k: v for k, v in d.items() if k not in _PER_LAYER}
-        layers.append({k: d[k] for k in _PER_LAYER} | {"signature": layer.signature})
+            bodies[layer.signature] = {k: v for k, v in d.items() if k not in _PER_LAYER + _PER_LAYER_IF_SET}
+        layers.append({k: d[k] for k in _PER_LAYER} | {k: d[k] for k in _PER_LAYER_IF_SET if d[k]}
+                      | {"signature": layer.signature})
     out = {
         "name": graph.name, "dtype": graph.dtype, "seq_len": graph.seq_len, "param_count": graph.param_count,
         "method": graph.method, "notes": list(graph.notes), "signatures": bodies, "layers": layers,

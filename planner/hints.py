@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 from planner.cluster import ClusterSpec
 from planner.cost.constants import CostConstants
-from planner.cost.memory import stage_memory, usable_memory_bytes
+from planner.cost.memory import model_state_bytes, stage_memory, usable_memory_bytes
 from planner.cost.model import evaluate
 from planner.plan import RECOMPUTE, ParallelConfig
 from planner.plausible import RANGES
@@ -71,7 +71,7 @@ def _probe_space(space: SearchSpace) -> SearchSpace:
 def state_floor_nodes(graph: CostGraph, cluster: ClusterSpec, c: CostConstants) -> int:
     """No count below this fits: the model state alone fills every device of it."""
     limit = usable_memory_bytes(cluster, c)
-    state = graph.param_count * (c.weight_bytes + c.grad_bytes + c.optimizer_bytes)
+    state = model_state_bytes(graph, c)
     if limit <= 0:
         return math.inf  # type: ignore[return-value]
     return max(1, math.ceil(state / (limit * cluster.devices_per_node)))

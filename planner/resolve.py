@@ -84,17 +84,15 @@ def resolve_model(model: nn.Module | str, *, seq_len: int | None = None, sample_
 
 
 def _state_notes(module: nn.Module) -> list[str]:
-    """What the cost model does not price of a module of one's own, said on the plan: frozen parameters
-    (priced as trained: their gradients, optimizer state and weight-gradient work are counted) and
-    buffers (not counted in memory)."""
+    """What a module of one's own holds that the plan should say: frozen parameters (priced as held, with no
+    gradient, optimizer state or weight-gradient work) and buffers (not counted in memory)."""
     notes = []
     params = {id(p): p for p in module.parameters()}
     frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
     if frozen:
         total = sum(p.numel() for p in params.values())
-        notes.append(f"{frozen:,} of {total:,} parameters are frozen (requires_grad=False); the cost model prices "
-                     "every parameter as trained (gradients, optimizer state, weight-gradient work), so memory and "
-                     "step time are overestimated for this model")
+        notes.append(f"{frozen:,} of {total:,} parameters are frozen (requires_grad=False): priced as held weights "
+                     "with no gradient, optimizer state, weight-gradient work or data-parallel reduction")
     buffers = sum(b.numel() * b.element_size() for b in module.buffers())
     if buffers > 2**20:
         notes.append(f"{buffers / 2**20:,.1f} MiB of buffers (register_buffer) are not counted in the memory per "

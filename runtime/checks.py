@@ -154,18 +154,22 @@ def check_module_fingerprint(plan: Plan, model: torch.nn.Module, sample_input: A
         return
     what = f"{graph.num_layers} layers, {graph.param_count} parameters"
     if plan.graph:
-        planned = [(layer.name, layer.param_count, layer.signature) for layer in graph_from_dict(plan.graph).layers]
-        traced = [(layer.name, layer.param_count, layer.signature) for layer in graph.layers]
+        planned = [(layer.name, layer.param_count, layer.signature, layer.frozen_count)
+                   for layer in graph_from_dict(plan.graph).layers]
+        traced = [(layer.name, layer.param_count, layer.signature, layer.frozen_count) for layer in graph.layers]
         diffs = [(p, t) for p, t in zip(planned, traced) if p != t]
         if len(planned) != len(traced):
             what = (f"{len(traced)} layers where the plan has {len(planned)} (layers only in the plan: "
                     f"{sorted({n for n, *_ in planned} - {n for n, *_ in traced})[:5]}, only in the model: "
                     f"{sorted({n for n, *_ in traced} - {n for n, *_ in planned})[:5]})")
         elif diffs:
-            (pname, pcount, _), (tname, tcount, _) = diffs[0]
+            (pname, pcount, _, pfrozen), (tname, tcount, _, tfrozen) = diffs[0]
             shape = ("same parameter count, other shapes or ops (or the plan was written by a planner version "
                      "that traced this model's ops differently)") if pcount == tcount else \
                 f"{tcount} parameters where the plan has {pcount}"
+            if pcount == tcount and pfrozen != tfrozen:  # frozen after planning, or unfrozen
+                shape = (f"{tfrozen} of its parameters are frozen (requires_grad=False) where the plan has {pfrozen}: "
+                         "freeze the model as it will train before planning it")
             what = f"layer {tname!r} differs from the plan's {pname!r}: {shape}"
             if len(diffs) > 1:
                 what += f" (and {len(diffs) - 1} more layers differ)"

@@ -13,7 +13,7 @@ when none are given, Megatron's all-reduce count (:func:`tp_collectives`) priced
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -175,9 +175,31 @@ class LayerTable:
     # or a reduce-scatter and an all-gather under sequence parallelism, per tp_collectives entry); None
     # when tp = 1. What CostConstants.pipelined_tp_collective_s is charged per (planner.cost.model).
     tp_calls: np.ndarray | None = None
+    # Frozen parameters (requires_grad=False; Layer.frozen_count): each layer's share of ``params`` that
+    # trains (None: all of it) and the tied parameters that are frozen. See :meth:`trained`.
+    trainable_share: np.ndarray | None = None
+    frozen_tied: frozenset[str] = frozenset()
     # Memoised derived figures (see segment, total_s, total_summary_s); not part of the table's value.
     _segments: dict[tuple[int, int], Segment] = field(default_factory=dict, init=False, repr=False, compare=False)
     _totals: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def trained(self) -> LayerTable:
+        """This table counting only the parameters that train: what gradients, optimizer state, the optimizer
+        step and the data-parallel reduction scale with (held weights and ZeRO-3's gathers count them all).
+        The table itself when every parameter trains, so a model without frozen ones prices exactly as before."""
+        if self.trainable_share is None and not self.frozen_tied:
+            return self
+        view = self._totals.get("trained")
+        if view is None:
+            share = self.trainable_share if self.trainable_share is not None else 1.0
+            tied = [[(name, 0 if name in self.frozen_tied else numel, owner) for name, numel, owner in entries]
+                    for entries in self.tied]
+            fields_ = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+            view = LayerTable(**(fields_ | {"params": self.params * share, "tied": tied, "_matrices": None,
+                                            "trainable_share": None, "frozen_tied": frozenset()}))
+            self._totals["trained"] = view
+        return view  # type: ignore[return-value]
 
     @property
     def total_s(self) -> np.ndarray:
@@ -380,12 +402,21 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
                           recompute=recompute, every=knobs.recompute_every)  # K/V gathers (cost/context_parallel.py)
     _add_loss(arr, graph.layers[-1], micro_batch=seqs, tp=tp, dtype=dtype, cluster=cluster, c=c,  # type: ignore[arg-type]
               recompute=recs[-1], gather_over=tp_group if tp_pricing != "none" else None)
-    tied = [[(t.name, t.numel, t.owner) for t in layer.tied_params] for layer in graph.layers]
     return LayerTable(fwd_s=arr["f"], bwd_input_s=arr["b"], bwd_weight_s=arr["w"], recompute_s=arr["r"],
                       tp_comm_s=arr["tc"], stored_act_bytes=arr["st"], work_act_bytes=arr["wk"], params=arr["p"],
-                      output_bytes=arr["o"], tied=tied, tp_comm_fwd_s=arr["tcf"], dtype=dtype, tp_source=source,
+                      output_bytes=arr["o"], tp_comm_fwd_s=arr["tcf"], dtype=dtype, tp_source=source,
                       tp_note=note, cp_comm_s=cp_comm, expert_params=arr.get("ep_p"), all_to_all_s=arr.get("a2a"),
-                      tp_calls=tp_calls_per_layer(graph, sequence_parallel) if tp > 1 else None)
+                      tp_calls=tp_calls_per_layer(graph, sequence_parallel) if tp > 1 else None,
+                      **_param_parts(graph))
+
+
+def _param_parts(graph: CostGraph) -> dict[str, object]:
+    """The table's ``tied`` parameters and what of its parameters is frozen: each layer's share of its own
+    that trains (None: every one does) and the frozen tied ones."""
+    frozen = np.array([lay.frozen_count / lay.param_count if lay.param_count else 0.0 for lay in graph.layers])
+    return {"tied": [[(t.name, t.numel, t.owner) for t in lay.tied_params] for lay in graph.layers],
+            "trainable_share": 1.0 - frozen if frozen.any() else None,
+            "frozen_tied": frozenset(t.name for lay in graph.layers for t in lay.tied_params if t.frozen)}
 
 
 def _whole_shares(tp_seconds: TpSeconds | None, i: int) -> tuple[float, float, float] | None:

@@ -49,6 +49,7 @@ from planner.plan import ParallelConfig
 
 if TYPE_CHECKING:
     from planner.cost.layer_table import LayerTable
+    from planner.trace.graph import CostGraph
 
 
 def stage_params(table: LayerTable, start: int, stop: int) -> float:
@@ -160,13 +161,16 @@ def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight:
                  c: CostConstants, is_last: bool) -> MemoryParts:
     """Memory of one device holding ``chunks`` (one per virtual stage) of layers."""
     coef = _coefficients(table, cfg, c)
+    trained = table.trained
     if len(chunks) == 1:  # memoised sums and maxima, as the slices give them
         seg = table.segment(*chunks[0])
         params, stored, work, out, param_max = seg.params, seg.stored_act_bytes, seg.work_act_max, seg.output_max, \
             seg.param_max
+        tparams = params if trained is table else trained.segment(*chunks[0]).params
     else:
         segs = [table.segment(a, b) for a, b in chunks]
         params = device_params(table, chunks)
+        tparams = params if trained is table else device_params(trained, chunks)
         stored = sum(s.stored_act_bytes for s in segs)
         work = max(s.work_act_max for s in segs)
         out = max(s.output_max for s in segs)
@@ -180,14 +184,21 @@ def stage_memory(table: LayerTable, chunks: list[tuple[int, int]], *, in_flight:
     # The optimizer step runs after the activations are freed: its temporaries add only what
     # exceeds the backward-time peak.
     extra = coef.expert_extra  # ZeRO with ep: the experts over their own shard (cost/experts.py)
+    # Gradients, optimizer state and the step's temporaries: of the parameters that train (frozen ones none).
     if extra is None:
-        temp += max(0.0, coef.optimizer_temp * params - activations - temp)
-        return MemoryParts(pw * params, pg * params, po * params, activations, temp)
+        temp += max(0.0, coef.optimizer_temp * tparams - activations - temp)
+        return MemoryParts(pw * params, pg * tparams, po * tparams, activations, temp)
     experts = device_expert_params(table, chunks)
-    opt_temp = coef.optimizer_temp * params + extra[3] * experts
+    opt_temp = coef.optimizer_temp * tparams + extra[3] * experts
     temp += max(0.0, opt_temp - activations - temp)
-    return MemoryParts(pw * params + extra[0] * experts, pg * params + extra[1] * experts,
-                       po * params + extra[2] * experts, activations, temp)
+    return MemoryParts(pw * params + extra[0] * experts, pg * tparams + extra[1] * experts,
+                       po * tparams + extra[2] * experts, activations, temp)
+
+
+def model_state_bytes(graph: CostGraph, c: CostConstants) -> float:
+    """The whole model's weights, gradients and optimizer state, unsharded: frozen parameters hold weights only."""
+    trained = graph.param_count - graph.frozen_param_count
+    return graph.param_count * c.weight_bytes + trained * (c.grad_bytes + c.optimizer_bytes)
 
 
 def usable_memory_bytes(cluster: ClusterSpec, c: CostConstants) -> float:
@@ -230,8 +241,9 @@ def stage_memory_matrix(table: LayerTable, cfg: ParallelConfig, c: CostConstants
     element-wise arithmetic, so the block equals the slice of the full matrix exactly.
     """
     mats = table.matrices()
-    state = sum(_per_param_bytes(table, cfg, c)) * mats["params"]
-    opt_temp = _optimizer_temp_per_param(cfg, c) * mats["params"]
+    trained = table.trained.matrices()["params"] if table.trained is not table else mats["params"]
+    state = _state_bytes(_per_param_bytes(table, cfg, c), mats["params"], trained)
+    opt_temp = _optimizer_temp_per_param(cfg, c) * trained
     extra = expert_state_extra(table, cfg, c)  # ZeRO with ep: the experts over their own shard (cost/experts.py)
     if extra is not None:
         E = np.concatenate([[0.0], np.cumsum(table.expert_params)])  # type: ignore[arg-type]
@@ -262,27 +274,21 @@ def stage_memory_vec(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *
 
     Same formula as :func:`stage_memory` for one chunk; used by the partition DP.
     """
-    n = len(table.params)
-    P = np.concatenate([[0.0], np.cumsum(table.params)])
     S = np.concatenate([[0.0], np.cumsum(table.stored_act_bytes)])
-    per_param = sum(_per_param_bytes(table, cfg, c))
+    per = _per_param_bytes(table, cfg, c)
     opt_temp = _optimizer_temp_per_param(cfg, c)
     gather = _gather_bytes_per_param(table, cfg, c)
-    tied = [(u, name, numel, owner) for u in range(n) for name, numel, owner in table.tied[u]]
+    held = _stage_params_vec(table)
+    trains = held if table.trained is table else _stage_params_vec(table.trained)
     logits = _logits_factor(table, cfg, c)
     extra = expert_state_extra(table, cfg, c)  # ZeRO with ep: the experts over their own shard (cost/experts.py)
     E = np.concatenate([[0.0], np.cumsum(table.expert_params)]) if extra is not None else None  # type: ignore[arg-type]
 
     def vec(j: int, k: int) -> np.ndarray:
         i = np.arange(j)
-        params = P[j] - P[i]
-        seen: set[str] = set()
-        for u, name, numel, owner in tied:
-            if u < j and name not in seen:
-                # counted once per stage: for start i with owner < i <= (last user of name below j)
-                users = [uu for uu, nn, _, _ in tied if nn == name and uu < j]
-                params = params + numel * ((i > owner) & (i <= max(users)))
-                seen.add(name)
+        params = held(j)
+        tparams = params if trains is held else trains(j)
+        state = _state_bytes(per, params, tparams)
         work = np.maximum.accumulate(table.work_act_bytes[:j][::-1])[::-1]
         out = np.maximum.accumulate(table.output_bytes[:j][::-1])[::-1]
         peak = in_flight[k] * (S[j] - S[i]) + work + 2 * out
@@ -292,8 +298,36 @@ def stage_memory_vec(table: LayerTable, cfg: ParallelConfig, c: CostConstants, *
             peak = peak + logits * table.output_bytes[j - 1]
         if extra is not None:
             experts = E[j] - E[i]  # type: ignore[index]
-            return per_param * params + sum(extra[:3]) * experts + np.maximum(peak, opt_temp * params
-                                                                             + extra[3] * experts)
-        return per_param * params + np.maximum(peak, opt_temp * params)
+            return state + sum(extra[:3]) * experts + np.maximum(peak, opt_temp * tparams + extra[3] * experts)
+        return state + np.maximum(peak, opt_temp * tparams)
 
     return vec
+
+
+def _state_bytes(per: tuple[float, float, float], params, trained):
+    """Weights of every parameter held, gradients and optimizer state of those that train (``trained`` is
+    ``params`` itself when none is frozen: then the sum is formed as it always was)."""
+    if trained is params:
+        return sum(per) * params
+    return per[0] * params + (per[1] + per[2]) * trained
+
+
+def _stage_params_vec(table: LayerTable):
+    """``g(j)``: :func:`stage_params` of layers [i, j) for every start ``i < j``, as a vector."""
+    n = len(table.params)
+    P = np.concatenate([[0.0], np.cumsum(table.params)])
+    tied = [(u, name, numel, owner) for u in range(n) for name, numel, owner in table.tied[u]]
+
+    def g(j: int) -> np.ndarray:
+        i = np.arange(j)
+        params = P[j] - P[i]
+        seen: set[str] = set()
+        for u, name, numel, owner in tied:
+            if u < j and name not in seen:
+                # counted once per stage: for start i with owner < i <= (last user of name below j)
+                users = [uu for uu, nn, _, _ in tied if nn == name and uu < j]
+                params = params + numel * ((i > owner) & (i <= max(users)))
+                seen.add(name)
+        return params
+
+    return g

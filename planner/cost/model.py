@@ -227,7 +227,7 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
     p, m = cfg.pp, cfg.num_micro_batches
     w_b, g_b, _ = c.state_bytes(table.dtype)
     dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s = [], [], [], [], []
-    tied_holders = tied_holder_devices(table, boundaries, cfg) if p > 1 else []
+    tied_holders = tied_holder_devices(table.trained, boundaries, cfg) if p > 1 else []
     for d in range(p):
         # this position's own ZeRO shard group and HSDP replicas (cost/sharding.py), links and memory bandwidth
         groups = shard_groups(cluster, cfg, d)
@@ -235,7 +235,9 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
         bw_mem = pos[d].cluster.device.memory_bandwidth_bytes_per_s * c.memory_bandwidth_efficiency
         chunks = [boundaries[j] for j in held[d]]
         params = device_params(table, chunks) / cfg.tp
-        grads, weights = g_b * params, w_b * params
+        # frozen parameters (requires_grad=False) have no gradient to reduce and no update to gather back
+        trained = params if table.trained is table else device_params(table.trained, chunks) / cfg.tp
+        grads, weights = g_b * trained, w_b * trained
         if cfg.zero_stage == 0:  # expert gradients over their dp/ep replicas (cost/experts.py)
             reduce = dp_grad_all_reduce_s(table, chunks, grads, dp_group, dp=cfg.dp, ep=cfg.ep, tp=cfg.tp, cp=cfg.cp,
                                           cluster=cluster, c=c)
@@ -249,7 +251,7 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
             gather = overlapped_comm_s(gather, first_fwd, c)
         if cfg.overlap_grad_reduce:  # buckets reduce as the last micro-batch's backward produces them
             backward = [bin_[j] + bw[j] for j in held[d]]  # as chunks
-            seconds, released = backward_release(pos[d].table, chunks, backward)
+            seconds, released = backward_release(pos[d].table.trained, chunks, backward)
             reduce = exposed_reduce_s(reduce, seconds, released, c.grad_bucket_bytes / max(grads, 1.0), c)
         fsdp_host = 0.0  # the sharding framework's host work: per wrapped layer and micro-batch
         if cfg.zero_stage >= 1 and cfg.dp > 1 and c.fsdp_layer_overhead_s > 0:
@@ -263,13 +265,13 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
                                 + fsdp_host)
         else:
             fsdp_exposed.append(0.0)
-        tied_sync.append(tied_sync_s(table, boundaries, d, cfg, cluster, c, g_b, tied_holders))
+        tied_sync.append(tied_sync_s(table.trained, boundaries, d, cfg, cluster, c, g_b, tied_holders))
         shard = optimizer_shard(cfg)
-        optim_s.append(c.optimizer_step_bytes_per_param * params / shard / bw_mem
+        optim_s.append(c.optimizer_step_bytes_per_param * trained / shard / bw_mem
                        + c.optimizer_step_bytes_per_param * expert_shard_extra(table, chunks, cfg, shard) / bw_mem)
         # every micro-batch after the first adds its gradients into the sum (ZeRO-2/3: into the shard)
         acc_shard = shard_size(cfg) if cfg.zero_stage >= 2 and not keeps_unsharded_grads(cfg) else 1
-        accum_s.append((m - 1) * c.grad_accumulation_bytes_per_param * params / acc_shard / bw_mem
+        accum_s.append((m - 1) * c.grad_accumulation_bytes_per_param * trained / acc_shard / bw_mem
                        + (m - 1) * c.grad_accumulation_bytes_per_param
                        * expert_shard_extra(table, chunks, cfg, acc_shard) / bw_mem)
     return dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s
@@ -330,7 +332,7 @@ def _notes(graph: CostGraph, cluster: ClusterSpec, cfg: ParallelConfig, c: CostC
     if any(grp.collectives is not None for grp in cluster.groups):  # what the measured curves priced (cluster.md)
         g_b = c.state_bytes(table.dtype)[1]
         tp_bytes = [x * cfg.micro_batch_size for lay in graph.layers for x in sum(tp_collectives(lay, table.dtype), [])]
-        dp_bytes = [g_b * device_params(table, chunks_of_device(boundaries, devices, d)) / cfg.tp
+        dp_bytes = [g_b * device_params(table.trained, chunks_of_device(boundaries, devices, d)) / cfg.tp
                     for d in range(cfg.pp)]
         p2p_bytes = [float(table.output_bytes[b - 1]) for _, b in boundaries[:-1]]
         notes.extend(step_collective_notes(cluster, cfg, c, tp_bytes=tp_bytes, dp_bytes=dp_bytes, p2p_bytes=p2p_bytes))

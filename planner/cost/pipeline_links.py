@@ -102,7 +102,7 @@ def tied_sync_s(table: LayerTable, boundaries: list[tuple[int, int]], device: in
     per = cfg.dp * cfg.cp * cfg.tp  # ranks per position (planner.layout.RankLayout.position_ranks)
     total = 0.0
     for numel, holders_dev in holders:
-        if device not in holders_dev or len(holders_dev) < 2:
+        if device not in holders_dev or len(holders_dev) < 2 or not numel:  # numel 0: frozen, nothing to sync
             continue
         group = group_of_ranks(cluster, [k * per for k in sorted(holders_dev)])
         total += all_reduce_s(grad_bytes * numel / cfg.tp, group, c)

@@ -88,8 +88,8 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
     by_name = {op.name: op for op in ops}
     saved_by = _saved_by_op(ops, layer_of)
     g = _op_graph(ops, by_name, layer_of, saved_by, batch)
-    own_count, tied = _own_params(ops, layer_of, g, model, units, new_index, notes)
-    layers = _layers(ops, ctx, order, layer_of, by_name, saved_by, own_count, tied)
+    own_count, frozen_count, tied = _own_params(ops, layer_of, g, model, units, new_index, notes)
+    layers = _layers(ops, ctx, order, layer_of, by_name, saved_by, (own_count, frozen_count), tied)
     total_params = sum(p.numel() for p in model.parameters())
     return CostGraph(name=ctx.name, ops=g, layers=layers, layer_graph=layer_graph_from_ops(g, len(order)),
                      dtype=ctx.dtype, seq_len=ctx.seq_len, param_count=total_params, method=ctx.method,
@@ -200,7 +200,7 @@ def _op_graph(ops: list[OpNode], by_name: dict[str, OpNode], layer_of: dict[str,
 
 def _layers(ops: list[OpNode], ctx: TraceContext, order: list[int], layer_of: dict[str, int],
             by_name: dict[str, OpNode], saved_by: dict[str, list[tuple[tuple[int, ...], int]]],
-            own_count: dict[int, int], tied: dict[int, dict[str, TiedParam]]) -> list[Layer]:
+            counts: tuple[dict[int, int], dict[int, int]], tied: dict[int, dict[str, TiedParam]]) -> list[Layer]:
     """One :class:`Layer` per entry of ``order``: its ops' costs per sample, its memory, what enters
     and leaves it, and a signature equal for layers that are copies of each other."""
     units, batch = ctx.units, ctx.batch
@@ -238,7 +238,8 @@ def _layers(ops: list[OpNode], ctx: TraceContext, order: list[int], layer_of: di
             fwd_flops=fwd,
             bwd_input_flops=sum(r.flops * r.bwd_input_mult for r in recs) / batch,
             bwd_weight_flops=sum(r.flops * r.bwd_weight_mult for r in recs) / batch,
-            param_count=own_count[li], tied_params=tuple(sorted(tied[li].values(), key=lambda t: t.name)),
+            param_count=counts[0][li], frozen_count=counts[1][li],
+            tied_params=tuple(sorted(tied[li].values(), key=lambda t: t.name)),
             activation_bytes=act,
             replicated_activation_bytes=sum(replicated) / batch,
             attention_activation_bytes=sum(attention_saved) / batch,
@@ -394,20 +395,23 @@ def _signature(members: list[OpNode], saved: list[tuple[tuple[int, ...], int]], 
     real_ops = [(op.kind, op.output_shapes) for op in members
                 if op.kind not in ("placeholder", "get_attr")]
     sig_src = repr((real_ops,
-                    sorted((tuple(p.shape), str(p.dtype)) for op in members for p in op.params),
+                    sorted((tuple(p.shape), str(p.dtype)) + (() if p.requires_grad else ("frozen",))
+                           for op in members for p in op.params),
                     [s for s, _ in saved], round(fwd), round(act)))
     return hashlib.sha1(sig_src.encode()).hexdigest()[:12]
 
 
 def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, model: nn.Module,
                 units: list[str], new_index: dict[int, int],
-                notes: list[str]) -> tuple[dict[int, int], dict[int, dict[str, TiedParam]]]:
-    """First use owns a parameter; never-used ones go to their module's layer (noted)."""
+                notes: list[str]) -> tuple[dict[int, int], dict[int, int], dict[int, dict[str, TiedParam]]]:
+    """First use owns a parameter; never-used ones go to their module's layer (noted). Returns each
+    layer's own parameter count, the frozen part of it, and the tied parameters it uses."""
     param_names: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         param_names.setdefault(id(p), n)
     owner: dict[int, int] = {}
     own_count: dict[int, int] = defaultdict(int)
+    frozen_count: dict[int, int] = defaultdict(int)
     tied: dict[int, dict[str, TiedParam]] = defaultdict(dict)
     for op in ops:
         li = layer_of[op.name]
@@ -416,10 +420,12 @@ def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, mode
             if id(p) not in owner:
                 owner[id(p)] = li
                 own_count[li] += p.numel()
+                frozen_count[li] += 0 if p.requires_grad else p.numel()
                 g.nodes[op.name]["param_bytes"] += p.numel() * p.element_size()
             elif owner[id(p)] != li:
                 pname = param_names.get(id(p), "?")
-                tied[li][pname] = TiedParam(name=pname, numel=p.numel(), owner=owner[id(p)])
+                tied[li][pname] = TiedParam(name=pname, numel=p.numel(), owner=owner[id(p)],
+                                            frozen=not p.requires_grad)
     unused = [(n, p) for n, p in model.named_parameters() if id(p) not in owner]
     if unused:
         cache: dict[str, int] = {}
@@ -430,8 +436,9 @@ def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, mode
                 raw = max((r for r in ran if r < raw), default=ran[0])
             owner[id(p)] = new_index[raw]
             own_count[owner[id(p)]] += p.numel()
+            frozen_count[owner[id(p)]] += 0 if p.requires_grad else p.numel()
         total = sum(p.numel() for _, p in unused)
         notes.append(f"{total:,} parameters ({len(unused)} tensors, e.g. {unused[0][0]}) are never used "
                      "in forward; each is counted in its module's layer, or the nearest earlier one that ran "
                      "(it still takes memory)")
-    return own_count, tied
+    return own_count, frozen_count, tied

@@ -58,6 +58,7 @@ class TiedParam:
     name: str
     numel: int
     owner: int
+    frozen: bool = False  # requires_grad=False: held, never given a gradient or optimizer state
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +87,9 @@ class Layer:
     bwd_weight_flops: float
     param_count: int
     tied_params: tuple[TiedParam, ...] = ()
+    # Of ``param_count``: parameters with requires_grad=False (a frozen backbone, LoRA's base weights).
+    # They are held like the others but have no gradient, no optimizer state and no data-parallel reduction.
+    frozen_count: int = 0
     activation_bytes: float
     replicated_activation_bytes: float
     attention_activation_bytes: float
@@ -174,6 +178,11 @@ class CostGraph:
     # How the model computes attention, as traced: "fused" (SDPA's flash / memory-efficient kernel:
     # no s x s scores in memory), "eager" (scores materialised), "none", or "" (not recorded).
     attention: str = ""
+
+    @property
+    def frozen_param_count(self) -> int:
+        """Parameters with requires_grad=False (:attr:`Layer.frozen_count`, each counted by its owner)."""
+        return sum(layer.frozen_count for layer in self.layers)
 
     @property
     def num_layers(self) -> int:

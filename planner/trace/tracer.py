@@ -63,14 +63,25 @@ def _to_meta(value: Any) -> Any:
 
 
 def _meta_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A training-mode copy on meta in ``dtype``; the caller's module is not modified."""
+    """A training-mode copy on meta in ``dtype``; the caller's module is not modified. Each parameter keeps
+    its ``requires_grad``: a frozen one is traced without a weight gradient, as autograd runs it."""
     on_meta = all(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers()))
     clone = copy.deepcopy(model) if on_meta else _deepcopy_to_meta(model)
     clone = clone.to(device="meta", dtype=dtype)
     clone.train()
-    for p in clone.parameters():
-        p.requires_grad_(True)
     return clone
+
+
+def _checked_meta(model: nn.Module, dtype: torch.dtype, label: str, copy: bool) -> nn.Module:
+    """``model`` on meta in training mode (a copy, or itself), refused when it has nothing to train: a plan
+    for a model whose every parameter is frozen could mean nothing."""
+    meta = _meta_copy(model, dtype) if copy else model.to(device="meta", dtype=dtype).train()
+    params = list(meta.parameters())
+    if params and not any(p.requires_grad for p in params):
+        raise SpecError("model", label, f"every one of its {sum(p.numel() for p in params):,} parameters has "
+                        "requires_grad=False, so training would change nothing: unfreeze what you train "
+                        "(p.requires_grad_(True)) before planning")
+    return meta
 
 
 def _deepcopy_to_meta(model: nn.Module) -> nn.Module:
@@ -287,11 +298,8 @@ def trace_model(model: nn.Module, sample_input: tuple | dict | torch.Tensor, *, 
     args, kwargs = tree_map(
         lambda t: t.to(torch_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
         (args, kwargs))
-    if copy_model:
-        meta = _meta_copy(model, torch_dtype)
-    else:
-        meta = model.to(device="meta", dtype=torch_dtype).train().requires_grad_(True)
     label = name or type(model).__name__
+    meta = _checked_meta(model, torch_dtype, label, copy_model)
     gc_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived meta tensors and graph nodes: collection would cost ~25%
     try:

@@ -110,6 +110,10 @@ def build(name: str, *, device: str = "cpu", wide: int | None = None) -> nn.Modu
     with torch.device(device):
         if name == "skip":
             model = SkipLM(wide=wide)
+        elif name == "frozen":  # fine-tuning: the embedding and the first block stay as they are
+            model = SkipLM()
+            model.embed.requires_grad_(False)
+            model.blocks[0].requires_grad_(False)
         elif name == "tied":
             model = TiedLM()
         elif name == "llama":

@@ -11,7 +11,8 @@ parameter bytes each rank holds, and is handed a model with one block wider than
 
 A third model ties its head to its embedding (``TiedLM``); zb-v's V placement puts the embedding's stage
 and the head's on rank 0, where they share one parameter: pp=2 zb-v (2 processes), and with dp=2 +
-ZeRO-1 or tp=2 (4 processes).
+ZeRO-1 or tp=2 (4 processes). A fourth is the skip model fine-tuned: its embedding and first block frozen
+(requires_grad=False), at pp=2, dp=2 and dp=2 with ZeRO-1 and -3.
 
 Run as a script, it prints the table of docs/train-your-own-model.md::
 
@@ -39,6 +40,7 @@ WORLD2 = ("pp=2", "dp=2", "tp=2", "dp=2 zero1", "dp=2 zero2", "dp=2 zero3", "dp=
 WORLD4 = ("pp=2 x dp=2",)
 TIED2 = ("pp=2 zb-v",)  # the tied model: its embedding's and head's stages on one rank
 TIED4 = ("pp=2 zb-v x dp=2 zero1", "pp=2 zb-v x tp=2")
+FROZEN2 = ("pp=2", "dp=2", "dp=2 zero1", "dp=2 zero3")  # the skip model with its embedding and first block frozen
 META = ("pp=2 x tp=2", "pp=2 x dp=2 zero3")
 WIDER = "skip with blocks.1 twice as wide as planned"
 RESUME = "skip: DCP saved under tp=2 after step 1, resumed under pp=2"
@@ -59,7 +61,7 @@ def _world(configs: tuple[str, ...], nproc: int, extras: bool, tied: tuple[str, 
 
 @pytest.fixture(scope="module")
 def oracle() -> dict:
-    return launch(1, references, [*MODELS, "tied"])[0]
+    return launch(1, references, [*MODELS, "tied", "frozen"])[0]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,7 @@ def world2(tmp_path_factory) -> dict:
     loads = [(RESUME, planned("skip", "tp=2"), planned("skip", "pp=2"), str(tmp_path_factory.mktemp("dcp"))),
              (SAFETENSORS, planned("llama", "tp=2"), None, str(hf))]
     cases = [(m, c, planned(m, c)) for m in MODELS for c in WORLD2] + [("tied", c, planned("tied", c)) for c in TIED2]
+    cases += [("frozen", c, planned("frozen", c)) for c in FROZEN2]
     return launch(2, run_cases, cases, [], [], loads)[0]
 
 
@@ -127,6 +130,17 @@ def test_a_wider_model_is_refused_before_any_process_starts():
     check_module_fingerprint(planned("skip", "dp=2"), build("skip"), sample_input("skip"))  # the planned one passes
 
 
+def test_a_model_frozen_after_planning_is_refused_by_name():
+    """The plan priced every parameter as trained; the frozen model traces otherwise, and the check says how."""
+    from runtime import RunCheckError
+    from runtime.checks import check_module_fingerprint
+
+    with pytest.raises(RunCheckError, match=r"layer 'embed' .*8192 of its parameters are frozen \(requires_grad=False\) "
+                                            r"where the plan has 0: freeze the model as it will train before planning"):
+        check_module_fingerprint(planned("skip", "dp=2"), build("frozen"), sample_input("skip"))
+    check_module_fingerprint(planned("frozen", "dp=2"), build("frozen"), sample_input("frozen"))
+
+
 def _check(losses: list[float], reference: list[float]) -> None:
     assert len(losses) == STEPS
     diff = max(abs(a - b) for a, b in zip(losses, reference))
@@ -151,6 +165,17 @@ def test_four_processes_train_as_one(model, config, world4, oracle):
 @pytest.mark.parametrize("config", TIED2)
 def test_tied_stages_on_one_rank_train_as_one_process(config, world2, oracle):
     _check(world2["losses"][("tied", config)], oracle["tied"])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("config", FROZEN2)
+def test_frozen_parameters_stay_frozen_and_the_rest_trains_as_one_process(config, world2, oracle):
+    """A fine-tuning run (embedding and first block requires_grad=False): the single process never changes the
+    frozen weights, so equal losses over 3 steps mean the parallel run did not either; the plan priced them
+    without gradients or optimizer state."""
+    _check(world2["losses"][("frozen", config)], oracle["frozen"])
+    plan = planned("frozen", config)
+    assert any("are frozen (requires_grad=False): priced as held weights" in line for line in plan.explanation)
 
 
 @pytest.mark.multiprocess
