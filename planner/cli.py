@@ -461,7 +461,8 @@ def _stored_model(plan: Any) -> Any:
     from planner.graph_io import graph_from_dict
     from planner.resolve import ResolvedModel
 
-    return ResolvedModel(module=None, preset=None, graph=graph_from_dict(plan.graph)) if plan.graph else None
+    return ResolvedModel(module=None, preset=None, graph=graph_from_dict(plan.graph),
+                         sample_spec=plan.model.sample_input) if plan.graph else None
 
 
 def _constants(args: argparse.Namespace) -> Any:

@@ -219,6 +219,17 @@ class ModelInfo:
     dtype: str
     global_batch: int
     flops_per_sample: float
+    # A module's sample input: structure, shapes and dtypes (planner.sample_spec), so the runtime can trace
+    # it again without being handed one; None for presets (the runtime makes their token ids).
+    sample_input: dict[str, Any] | None = None
+
+
+def _model_dict(model: ModelInfo) -> dict[str, Any]:
+    """``model`` as the file holds it; a preset's plan has no ``sample_input`` key (a file as before)."""
+    d = asdict(model)
+    if d["sample_input"] is None:
+        del d["sample_input"]
+    return d
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -403,7 +414,7 @@ class Plan:
         s = self.solver
         d = {
             "schema_version": SCHEMA_VERSION, "planner_version": self.planner_version,
-            "model": asdict(self.model), "cluster": self.cluster.to_dict(),
+            "model": _model_dict(self.model), "cluster": self.cluster.to_dict(),
             "cluster_fingerprint": self.cluster_fingerprint, "parallel": parallel_to_dict(self.parallel),
             "mesh": {"axes": list(self.mesh_axes), "shape": list(self.mesh_shape)},
             "stages": [{**{k: v for k, v in asdict(st).items() if k not in ("layer_start", "layer_stop")},

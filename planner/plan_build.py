@@ -79,7 +79,8 @@ def build_plan(resolved: ResolvedModel, cluster: ClusterSpec, cand: Candidate, c
                      family=preset.family if preset else None, fingerprint=graph.fingerprint(),
                      param_count=graph.param_count, num_layers=graph.num_layers,
                      layer_names=tuple(layer.name for layer in graph.layers), seq_len=graph.seq_len,
-                     dtype=graph.dtype, global_batch=global_batch, flops_per_sample=graph.train_flops)
+                     dtype=graph.dtype, global_batch=global_batch, flops_per_sample=graph.train_flops,
+                     sample_input=resolved.sample_spec)
     predicted = _prediction(cand, cfg, graph, global_batch, cand.prediction.chunk_phase_times_s)
     predicted = replace(predicted, uncertainty=uncertainty.describe(
         predicted.step_time_s, predicted.time_breakdown_s, nodes=cluster.nodes, pp=cfg.pp, tp=cfg.tp,

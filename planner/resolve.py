@@ -22,6 +22,7 @@ from planner.errors import PlannerError, SpecError, raise_all
 from planner.models import FAMILIES, ModelPreset, load_preset
 from planner.models.moe import MoEFeedForward
 from planner.plan import ParallelConfig
+from planner.sample_spec import describe_sample
 from planner.space import SearchSpace, check_sequence_parallel
 from planner.trace import CostGraph, trace_model
 from planner.trace.tracer import token_length
@@ -33,6 +34,7 @@ class ResolvedModel:
     module: nn.Module | None  # None when the graph comes from a plan file
     preset: ModelPreset | None
     graph: CostGraph
+    sample_spec: dict[str, Any] | None = None  # a module's sample input, described (planner.sample_spec)
 
 
 def resolve_cluster(cluster: ClusterSpec | str, *, nodes: int | None = None,
@@ -80,7 +82,8 @@ def resolve_model(model: nn.Module | str, *, seq_len: int | None = None, sample_
     if preset is not None and preset.config.get("seq_len") != load_preset(preset.name).config.get("seq_len"):
         graph.notes.append(f"{preset.name} stretched to {seq_len} positions (rotary) with fused attention "
                            "(FlashAttention: no s x s scores stored), as long-context training runs it")
-    return ResolvedModel(module=module, preset=preset, graph=graph)
+    return ResolvedModel(module=module, preset=preset, graph=graph,
+                         sample_spec=describe_sample(inputs) if preset is None else None)
 
 
 def _state_notes(module: nn.Module) -> list[str]:

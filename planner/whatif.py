@@ -106,5 +106,6 @@ def replan(plan: Plan, changes: list[WhatIf], **kwargs: Any) -> Plan:
                         "planner); re-create it with `python -m planner plan` to use --what-if")
     cluster, batch = apply(plan, changes)
     preset = load_preset(plan.model.preset) if plan.model.preset else None
-    resolved = ResolvedModel(module=None, preset=preset, graph=graph_from_dict(plan.graph))
+    resolved = ResolvedModel(module=None, preset=preset, graph=graph_from_dict(plan.graph),
+                             sample_spec=plan.model.sample_input)
     return plan_resolved(resolved, cluster, global_batch=batch, **kwargs)

@@ -183,12 +183,24 @@ def check_module_fingerprint(plan: Plan, model: torch.nn.Module, sample_input: A
 
 
 def plan_sample_input(plan: Plan, sample_input: Any = None) -> Any:
-    """``sample_input``, else the one the planner makes for a token model: ``[1, seq_len]`` token ids."""
+    """``sample_input``, else zeros of the one the plan records (``plan.model.sample_input``: a module's
+    structure, shapes and dtypes), else the one the planner makes for a token model: ``[1, seq_len]`` ids."""
     if sample_input is not None:
         return sample_input
+    if plan.model.sample_input is not None:
+        from planner.errors import SpecError
+        from planner.sample_spec import sample_from_spec
+
+        try:
+            return sample_from_spec(plan.model.sample_input)
+        except (SpecError, KeyError, TypeError, ValueError) as exc:
+            raise RunCheckError(f"model.sample_input: the plan's record of the sample input cannot be read ({exc}); "
+                                "pass parallelize(..., sample_input=) the sample input the plan was made with, "
+                                "or re-create the plan") from exc
     if plan.model.seq_len is None:
-        raise RunCheckError("sample_input: the plan's model has no sequence length to make token ids from; pass "
-                            "parallelize(..., sample_input=) the sample input the plan was made with")
+        raise RunCheckError("sample_input: the plan records no sample input and its model no sequence length to "
+                            "make token ids from; pass parallelize(..., sample_input=) the sample input the plan "
+                            "was made with, or re-create the plan with this planner (it records the sample)")
     return torch.zeros(1, plan.model.seq_len, dtype=torch.long)
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,6 +73,30 @@ def test_user_loader_gets_rank_and_world_and_each_rank_its_rows(tmp_path, refere
     x, y = synthetic_global_batch(preset, batch=plan.parallel.global_batch, seq_len=preset.seq_len, seed=0, step=0)
     assert torch.equal(torch.cat([f["inputs"] for f in first]), x)
     assert torch.equal(torch.cat([f["targets"] for f in first]), y)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("config", ["dp=2", "pp=2"])
+def test_an_image_model_runs_from_the_plan_alone(tmp_path, config):
+    """A CNN's plan records its sample input (a float image, not token ids), so ``run --model`` can check and
+    cut the module without being handed one; the losses fall."""
+    from user_cli_models import IMAGE, small_cnn
+
+    from planner import ParallelConfig, evaluate
+
+    dp, pp = (2, 1) if config == "dp=2" else (1, 2)
+    cfg = ParallelConfig(dp=dp, pp=pp, micro_batch_size=4, num_micro_batches=2)
+    plan = evaluate(small_cnn(), "cpu-local", cfg, sample_input=torch.zeros(1, *IMAGE), devices_per_node=2,
+                    dtype="fp32")
+    assert plan.model.sample_input == {"tensor": {"shape": [1, *IMAGE], "dtype": "float32"}}
+    path = str(tmp_path / "cnn.json")
+    plan.to_json(path)
+    out = tmp_path / "m.json"
+    proc = _cli(path, "--nproc", "2", "--steps", "4", "--out", str(out), "--model", "user_cli_models:small_cnn",
+                "--data", "user_cli_models:image_loader", "--lr", "0.01")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = _losses(out)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
 
 
 @pytest.mark.parametrize("flags, expected", [

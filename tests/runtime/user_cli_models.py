@@ -91,3 +91,39 @@ def position_batches(rank: int, world: int, batch_size: int, seed: int, first_st
         rows = slice(rank * batch_size, (rank + 1) * batch_size)
         yield tokens[rows, :-1], tokens[rows, 1:]
         step += 1
+
+
+class SmallCNN(torch.nn.Module):
+    """An image classifier: its sample input is a float image batch, not token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()) for _ in range(3))
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = self.stem(images)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+IMAGE = (3, 16, 16)
+
+
+def small_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN()
+
+
+def image_loader(rank: int, world: int, batch_size: int, seed: int):
+    step = 0
+    while True:
+        gen = torch.Generator().manual_seed(seed * 1000 + step)
+        x = torch.randn(batch_size * world, *IMAGE, generator=gen)
+        y = torch.randint(0, 10, (batch_size * world,), generator=gen)
+        rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        yield x[rows], y[rows]
+        step += 1
