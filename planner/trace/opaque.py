@@ -5,7 +5,8 @@ meta tensors do not have, so such a module fails under every tracer, eager inclu
 stop, the tracer treats the innermost failing module as an *opaque leaf*:
 
 * forward FLOPs = 2 × (its parameters) × (positions in its input), i.e. as if each parameter took
-  part in one multiply-add per position (exact for a linear layer, a rough guide otherwise);
+  part in one multiply-add per position (exact for a linear layer, a rough guide otherwise); in a
+  mixture of experts only the ``top_k`` of ``num_experts`` experts a position is routed to count;
   backward = twice that (input and weight gradients);
 * bytes = its parameters + its input and output; activation saved = its input;
 * output = a tensor with the input's shape and dtype (an assumption; if the code after it needs
@@ -79,7 +80,8 @@ def opaque_call(module: nn.Module, path: str, args: tuple, kwargs: dict, exc: Ba
         positions = x.numel() // x.shape[-1]
     else:
         positions = max(x.numel(), 1)
-    flops = estimate_flops(n_params, positions)
+    active, moe = _active_params(module, n_params)
+    flops = estimate_flops(active, positions)
     x_bytes = x.numel() * x.element_size()
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     opm.key = stm.key = _SCRATCH
@@ -107,6 +109,22 @@ def opaque_call(module: nn.Module, path: str, args: tuple, kwargs: dict, exc: Ba
             stm.saved.setdefault(key, []).append((tuple(base.shape), stm.nbytes_of(base)))
     stm.keep.append(out)
     note = (f"{path or '<root>'} ({type(module).__name__}) cannot run on the meta device ({reason_of(exc)}); "
-            f"treated as an opaque leaf: costs estimated from its {n_params:,} parameters (2 FLOPs per "
+            f"treated as an opaque leaf: costs estimated from its {n_params:,} parameters{moe} (2 FLOPs per "
             f"parameter per position), output assumed to have the input's shape {tuple(x.shape)}")
     return out, note
+
+
+def _active_params(module: nn.Module, n_params: int) -> tuple[float, str]:
+    """The parameters each position multiplies with: all of them, but in a mixture of experts (recognised
+    as :func:`planner.trace.assemble.expert_routing` does) only its ``top_k`` of ``num_experts`` experts'
+    (times the capacity factor: experts compute over their padded slots). A hand-written router indexes
+    tokens by value, so it never runs on meta; counting every expert for every token overstated it by
+    ``num_experts / top_k``."""
+    from planner.trace.assemble import expert_routing  # assemble imports the tracer's modules
+
+    routes = expert_routing(module)
+    if not routes:
+        return float(n_params), ""
+    idle = sum(r.expert_params * (1.0 - min(1.0, r.top_k * r.capacity_factor / r.num_experts)) for r in routes)
+    shown = ", ".join(f"{r.top_k} of {r.num_experts}" for r in routes)
+    return n_params - idle, f", of which each position uses its router's pick of experts ({shown})"

@@ -171,3 +171,36 @@ def test_caller_module_is_left_untouched():
     trace_model(model, torch.randn(2, 8))
     assert not model.training
     assert {n: (p.device.type, p.dtype, p.requires_grad) for n, p in model.named_parameters()} == before
+
+
+class LoopMoE(nn.Module):
+    """A hand-written top-k mixture of experts: it gathers each expert's tokens by value (``nonzero``), so it
+    cannot run on the meta device and is estimated."""
+
+    def __init__(self, hidden: int = 32, num_experts: int = 8, top_k: int = 2) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.ReLU(),
+                                                   nn.Linear(4 * hidden, hidden)) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.gate(flat).softmax(-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            out[rows] += weights[rows, slot, None] * expert(flat[rows])
+        return out.reshape(x.shape)
+
+
+def test_a_hand_written_mixture_of_experts_counts_its_top_k_experts():
+    """Each position goes through top_k of num_experts experts: the estimate counts those, not all of them."""
+    from planner.trace import trace_model
+
+    moe = LoopMoE()
+    g = trace_model(moe, torch.zeros(1, 16, 32))
+    assert any("opaque" in n and "2 of 8" in n for n in g.notes), g.notes
+    expert = sum(p.numel() for p in moe.experts[0].parameters())
+    active = moe.gate.weight.numel() + 2 * expert  # the router and two experts per position
+    assert g.fwd_flops == pytest.approx(2 * active * 16, rel=1e-6)
