@@ -91,6 +91,7 @@ class ParallelModel:
         self.plan = plan
         self._r = rank
         self._stepped = False  # ZeRO-1/2: a step ran since the replicas last gathered the optimizer's slices
+        self._first_shapes: list[tuple[str, tuple[int, ...]]] | None = None  # pp > 1: every step's must equal them
         self._mesh = mesh
         self.layout = layout
         self.coords = coords
@@ -164,6 +165,7 @@ class ParallelModel:
                                     f"num_micro_batches = {par.micro_batch_size} x {par.num_micro_batches} = {rows} "
                                     f"samples per step (the loader gets rank={self.data_rank}, "
                                     f"world={self.data_world})")
+        self._check_fixed_shapes(names, values, targets)
         r.input_names = names
         values = tuple(t.to(self.device) for t in values)
         self._gather()
@@ -172,6 +174,24 @@ class ParallelModel:
         reduce_gradients(r, self.plan, self._mesh["dp"])
         self._stepped = True
         return global_loss(local, r.last_holder and self.coords.tp == 0, par.dp, self.device)
+
+    def _check_fixed_shapes(self, names: tuple[str, ...] | None, values: tuple[torch.Tensor, ...],
+                            targets: torch.Tensor) -> None:
+        """Under pipeline parallelism every step must bring the first step's shapes: torch.distributed.pipelining
+        sizes the stages' send and receive buffers once, and another shape fails deep inside it."""
+        if self.plan.parallel.pp == 1:
+            return
+        shapes = [(n, tuple(t.shape)) for n, t in zip(names or [f"inputs[{i}]" for i in range(len(values))], values)]
+        shapes.append(("targets", tuple(targets.shape)))
+        if self._first_shapes is None:
+            self._first_shapes = shapes
+            return
+        for (name, first), (_, now) in zip(self._first_shapes, shapes):
+            if first != now:
+                raise RunCheckError(f"step: {name} has shape {now}, and {first} at the first step; under pipeline "
+                                    f"parallelism (pp={self.plan.parallel.pp}) every step takes one shape (the "
+                                    "stages' send and receive buffers are sized once): pad or cut your batches to "
+                                    "one sequence length, or plan without pp")
 
     def _gather(self) -> None:
         """ZeRO-1/2: after the caller's optimizer step, every rank's updated slices into every replica (collective).

@@ -9,7 +9,8 @@ Each flag names a callable as ``pkg.module:name`` (imported with the current fol
   targets)``, this data-parallel rank's share of each global batch (``micro_batch_size x
   num_micro_batches`` rows). It is also given, when its signature takes them: ``batch_size`` (those
   rows), ``seq_len``, ``seed`` and ``first_step`` (the step a resumed run continues after, so the loader
-  can skip what was trained). Default: the preset's synthetic data;
+  can skip what was trained; one that does not take it has that many batches skipped). Default: the
+  preset's synthetic data;
 * ``--loss``: ``loss_fn(output, targets)`` returns the mean loss of one micro-batch. Default: the
   preset's loss, else cross-entropy over the output's last dim (its ``.logits`` when it has them).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import os
 import sys
 import time
@@ -157,10 +159,16 @@ def user_batches(spec: str | None, plan: Plan, *, data_rank: int, data_world: in
         raise RunCheckError(f"--data: {spec} takes {list(params)}; it must take rank= and world= (this data-parallel "
                             "rank and their number) and yield that rank's share of each global batch")
     try:
-        return iter(loader(**kwargs))
+        batches = iter(loader(**kwargs))
     except Exception as exc:
         raise RunCheckError(f"--data: {spec}(rank={data_rank}, world={data_world}, ...) raised "
                             f"{type(exc).__name__}: {_first(exc)}; fix the loader (--debug shows the traceback)") from exc
+    if first_step and "first_step" not in kwargs:  # it starts over: skip what the checkpoint already trained
+        if dist.is_initialized() and dist.get_rank() == 0:
+            print(f"--data {spec} takes no first_step=: skipping its first {first_step} batches so the resumed run "
+                  "does not train them again (take first_step= to seek instead)", file=sys.stderr, flush=True)
+        batches = itertools.islice(batches, first_step, None)
+    return batches
 
 
 def next_batch(batches: Iterator[Any], spec: str | None, plan: Plan, step: int) -> tuple[Any, torch.Tensor]:

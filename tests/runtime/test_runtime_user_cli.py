@@ -99,6 +99,28 @@ def test_an_image_model_runs_from_the_plan_alone(tmp_path, config):
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
 
 
+@pytest.mark.multiprocess
+def test_a_sequence_length_that_changes_under_pp_is_one_line(tmp_path):
+    """pipelining sizes its buffers at the first step: a shorter batch later is named, with the fix."""
+    plan = write_plan(make_plan(pp=2, num_micro_batches=4), tmp_path / "pp2.json")
+    proc = _cli(plan, "--nproc", "2", "--steps", "2", "--model", "user_cli_models:gpt_tiny",
+                "--data", "user_cli_models:varying_loader")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "under pipeline parallelism (pp=2) every step takes one shape" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_resumed_loader_without_first_step_skips_what_was_trained():
+    """A loader that cannot seek starts over on resume; the run skips the batches the checkpoint trained."""
+    from runtime.user_model import user_batches
+
+    plan = make_plan(dp=2, num_micro_batches=2)
+    fresh = user_batches("user_cli_models:counting_loader", plan, data_rank=0, data_world=2, seed=0, first_step=0)
+    resumed = user_batches("user_cli_models:counting_loader", plan, data_rank=0, data_world=2, seed=0, first_step=3)
+    assert int(next(fresh)[1][0]) == 0
+    assert [int(next(resumed)[1][0]) for _ in range(2)] == [3, 4]
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--model", "no_such_module_xyz:build"], "--model: cannot import 'no_such_module_xyz'"),
     (["--model", "user_cli_models:raises"], "--model: user_cli_models:raises() raised ValueError: no weights"),

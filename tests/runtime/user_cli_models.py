@@ -127,3 +127,20 @@ def image_loader(rank: int, world: int, batch_size: int, seed: int):
         rows = slice(rank * batch_size, (rank + 1) * batch_size)
         yield x[rows], y[rows]
         step += 1
+
+
+def counting_loader(rank: int, world: int, batch_size: int):
+    """A loader that knows nothing of resuming: batch k holds the value k."""
+    step = 0
+    while True:
+        yield torch.full((batch_size, 4), step), torch.full((batch_size,), step)
+        step += 1
+
+
+def varying_loader(rank: int, world: int, batch_size: int, seed: int):
+    """gpt-tiny batches whose sequence length changes at the second step (a loader without padding)."""
+    preset = load_preset("gpt-tiny")
+    for step, seq in enumerate((preset.seq_len, preset.seq_len // 2)):
+        x, y = synthetic_global_batch(preset, batch=batch_size * world, seq_len=seq, seed=seed, step=step)
+        rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        yield x[rows], y[rows]
