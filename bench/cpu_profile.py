@@ -11,10 +11,11 @@ of them running at once:
   both at once (the all-reduce started asynchronously before the GEMMs, waited for after them), each
   the least disturbed of seven interleaved repetitions. ``overlap = (t_gemm + t_comm − t_both) /
   min(t_gemm, t_comm)``: 1 when communication hides behind compute, 0 when the two take turns;
-* **framework**: one training step of a small MLP stack alone, under DDP, under FSDP2 and split in
-  tensor-parallel pairs (what each framework costs per layer beyond its collectives);
+* **framework**: one training step of a small MLP stack alone (and its forward-backward and its
+  optimizer step apart), under DDP, under FSDP2 and split in tensor-parallel pairs (what each framework
+  costs per layer beyond its collectives), the least disturbed of five interleaved repetitions;
 * **compute share**: every process runs the same fixed mix of work (GEMMs, element-wise ops, a small
-  forward/backward) at once; ``share = t_alone / t_busy`` per process is the fraction of one
+  forward/backward) at once, the least disturbed of five; ``share = t_alone / t_busy`` per process is the fraction of one
   process's lone speed it keeps while all ``N`` are busy (about ``cores / N`` once ``N`` exceeds the
   cores, a little under 1 below that: shared caches and memory bandwidth).
 
@@ -154,16 +155,6 @@ def _framework_steps(rank: int, world: int, barrier) -> dict:
 
     x = torch.randn(FRAMEWORK_ROWS, h)
 
-    def stepper(model: nn.Module):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step() -> None:
-            model(x).sum().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
     out = {}
     modes = {"alone": build(), "ddp": DistributedDataParallel(build())}
     fsdp = build()
@@ -178,19 +169,54 @@ def _framework_steps(rank: int, world: int, barrier) -> dict:
         for block in tp:
             parallelize_module(block, tp_mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
         modes["tp"] = tp
-    steps = {name: stepper(model) for name, model in modes.items()}
+    steps = {name: _stepper(model, x) for name, model in modes.items()}
+    steps.update(_halves(build, x))
     if world % 2 == 0:
         steps.update(_pipeline_steps(build, x))
     reps: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(3):  # interleaved, medians
+    for _ in range(5):  # interleaved; the least disturbed of each
         for name, step in steps.items():
             reps[name].append(_mean_wall_s(step, barrier, min_total_s=0.1))
-    out = {name: statistics.median(v) for name, v in reps.items()}
+    out = {name: min(v) for name, v in reps.items()}
     out["blocks"] = FRAMEWORK_BLOCKS
     out["hidden"] = h
     out["rows"] = FRAMEWORK_ROWS
     out["pp_micro_batches"] = PIPELINE_MICRO_BATCHES
     return out
+
+
+def _stepper(model, x):
+    """One training step of ``model`` on ``x``: forward, backward, AdamW."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _halves(build, x) -> dict:
+    """The lone step in its two parts, which scale differently: forward and backward run once per
+    micro-batch, the optimizer's per-tensor loop once per step."""
+    import torch
+
+    model, stepped = build(), build()  # the optimizer's model keeps its gradients
+    opt = torch.optim.AdamW(stepped.parameters(), lr=1e-4)
+
+    def forward_backward() -> None:
+        model(x).sum().backward()
+        for p in model.parameters():
+            p.grad = None
+
+    def optimizer() -> None:
+        opt.step()
+
+    stepped(x).sum().backward()  # gradients for the optimizer's steps to read
+    return {"alone_fwd_bwd": forward_backward, "alone_optimizer": optimizer}
 
 
 def _pipeline_steps(build, x) -> dict:
@@ -258,7 +284,8 @@ def _worker(rank: int, world: int, store: str, queue, sizes: tuple[int, ...]) ->
         out["collectives"][name] = points
     # Compute share: the same work on every process at once.
     mix = _work_mix()
-    out["mix_busy_s"] = statistics.median(_mean_wall_s(mix, barrier, min_total_s=0.3) for _ in range(3))
+    # The least disturbed of five, as the measured bench reads its runs (a burst of load would slow all)
+    out["mix_busy_s"] = min(_mean_wall_s(mix, barrier, min_total_s=0.3) for _ in range(5))
     # Overlap of an asynchronous all-reduce with GEMMs of about the same length (so neither hides in
     # the other's noise), the three measurements interleaved five times.
     g1, g2 = torch.randn(256, 512), torch.randn(512, 512)

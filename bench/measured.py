@@ -272,10 +272,10 @@ def _profile_lines(machines: dict[int, Machine]) -> list[str]:
 
 
 def section(ctx: Context) -> str:
-    rounds = 1 if ctx.quick else 2
+    rounds = 1 if ctx.quick else 3
     lines = ["## Measured on this machine (CPU, gloo)\n", __doc__.split("\n\n", 1)[1].strip(), "",
              f"Each configuration runs {rounds} time(s) (all configurations of a case in order, then in reverse "
-             f"order). Each run's step time is the median of its steps after the first {WARMUP_STEPS} (warm-up) "
+             f"order, alternating). Each run's step time is the median of its steps after the first {WARMUP_STEPS} (warm-up) "
              "steps; a configuration's measured step time is its least disturbed run's (the smallest of those "
              "medians: other users' load on this shared machine comes in bursts that slow a whole run). A "
              "hand-picked configuration that is the plan's own is not run again: it shares the plan's runs.", ""]

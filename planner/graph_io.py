@@ -16,7 +16,7 @@ import networkx as nx
 from planner.trace.graph import CostGraph, ExpertRouting, Layer, OpCost, TiedParam
 
 _PER_LAYER = ("index", "name", "param_count", "tied_params")
-_PER_LAYER_IF_SET = ("frozen_count",)  # written only where not 0: a record without it reads as before
+_PER_LAYER_IF_SET = ("frozen_count", "trained_tensors")  # written where not 0: a record without them reads as before
 
 
 def graph_to_dict(graph: CostGraph) -> dict[str, Any]:

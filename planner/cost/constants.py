@@ -166,6 +166,11 @@ class CostConstants:
     # master, m, v and the low-precision weight copy (4·3 + 2 + 4·3 + 2 = 28, rounded up for the
     # gradient-norm pass and the fp32 gradient copy Megatron keeps).
     optimizer_step_bytes_per_param: float = 36
+    # Host seconds per parameter tensor per optimizer step: a non-fused optimizer's Python loop over
+    # tensors (torch's AdamW on a CPU runs a dozen small ops per tensor, 50 µs each on this project's
+    # CPU profile; bench/cpu_profile.py measures it). 0 for GPU trainers, whose fused or multi-tensor
+    # optimizers step a whole bucket at once.
+    optimizer_tensor_overhead_s: float = 0.0
     # Memory traffic per local parameter to add one micro-batch's gradients into the step's gradient
     # sum, for each micro-batch after the first (a memory-bound pass over every parameter). 0 where
     # the weight-gradient GEMM accumulates in its own epilogue (Megatron-LM's

@@ -143,7 +143,8 @@ def cpu_profile_constants(profile: dict, base: CostConstants | None = None) -> C
     reclaim = max(0.0, 1.0 - cores / (n * threads))
     c = replace(c, fsdp_layer_overhead_s=fsdp_s, tp_layer_overhead_s=tp_s, pipeline_step_overhead_s=pp_s / 2,
                 idle_reclaim_fraction=reclaim)
-    dispatch = fit_dispatch_s(profile, c)
+    dispatch, per_tensor = fit_dispatch_s(profile, c)
+    c = replace(c, optimizer_tensor_overhead_s=per_tensor)
     return c if dispatch is None else replace(c, op_dispatch_s=max(dispatch, c.op_dispatch_s))
 
 
@@ -234,38 +235,56 @@ def framework_model(hidden: int, blocks: int):
                            for _ in range(blocks)])
 
 
-def fit_dispatch_s(profile: dict, c: CostConstants) -> float | None:
-    """Host seconds per traced op that make the cost model's price of the framework micro-model's step
-    (one process, all ``N`` busy) equal to the step the profile timed (``framework.alone``).
+def fit_dispatch_s(profile: dict, c: CostConstants) -> tuple[float | None, float]:
+    """``(op_dispatch_s, optimizer_tensor_overhead_s)``: host seconds per traced op, and per parameter tensor
+    of the optimizer's step, that make the cost model's price of the framework micro-model's step (one
+    process, all ``N`` busy) equal to what the profile timed.
 
     The single-op chain of :func:`profile_cpu` measures ATen's dispatch alone; a model's op also pays
-    for its module call, autograd's bookkeeping and the optimizer's per-tensor loop, which is what
-    small models and small micro-batches are made of. The price is linear in ``op_dispatch_s``, so two
-    evaluations give it. ``None`` when the profile has no framework step or the fit is not positive.
+    for its module call and autograd's bookkeeping, which is what small models and small micro-batches
+    are made of. The forward-backward alone (``framework.alone_fwd_bwd``) fits the first: its price is
+    linear in ``op_dispatch_s``, so two evaluations give it. The optimizer's step alone
+    (``framework.alone_optimizer``), less what its per-parameter traffic is priced at, is its per-tensor
+    loop: half the micro-model's step on this machine, and once per step, not once per micro-batch, so
+    it must not pass for dispatch. A profile without the two parts fits the whole step to dispatch (as
+    before). ``None`` dispatch when the profile has no framework step or the fit is not positive.
     """
     from planner.cost.model import evaluate as evaluate_cost
     from planner.cost.model import layer_table
-    from planner.plan import ParallelConfig
-    from planner.trace import trace_model
 
     fw = profile.get("framework") or {}
     if "alone" not in fw:
-        return None
+        return None, 0.0
+    graph, one, cfg = _framework_setup(profile, fw)
+    split = "alone_fwd_bwd" in fw and "alone_optimizer" in fw
+
+    def price(dispatch_s: float) -> tuple[float, float]:
+        cc = replace(c, op_dispatch_s=dispatch_s)
+        table = layer_table(graph, one, micro_batch=cfg.micro_batch_size, tp=1, sequence_parallel=False,
+                            recompute="none", c=cc)
+        pred = evaluate_cost(graph, one, cfg, [(0, graph.num_layers)], cc, table=table)
+        optimizer = pred.time_breakdown_s.get("optimizer", 0.0)
+        return (pred.step_time_s - optimizer if split else pred.step_time_s), optimizer
+
+    (base, optimizer), (bumped, _) = price(0.0), price(1e-5)
+    if bumped - base <= 0:
+        return None, 0.0
+    target = float(fw["alone_fwd_bwd"] if split else fw["alone"])
+    fitted = (target - base) / (bumped - base) * 1e-5
+    tensors = sum(lay.trained_tensors for lay in graph.layers)
+    per_tensor = max(0.0, float(fw["alone_optimizer"]) - optimizer) / tensors if split and tensors else 0.0
+    return (fitted if fitted > 0 else None), per_tensor
+
+
+def _framework_setup(profile: dict, fw: dict):
+    """The framework micro-model traced, the one-process cluster and the configuration it is priced at."""
+    from planner.plan import ParallelConfig
+    from planner.trace import trace_model
+
     h, blocks, rows = int(fw["hidden"]), int(fw["blocks"]), int(fw["rows"])
     graph = trace_model(framework_model(h, blocks), (torch.zeros(rows, h),), name="framework-mlp", dtype="fp32",
                         copy_model=False)
     one = cpu_profile_cluster(profile, measured_collectives=False)
     one = ClusterSpec.homogeneous(name="one-process", device=one.device, nodes=1, devices_per_node=1,
                                   intra_node=one.intra_node, inter_node=one.inter_node)
-    cfg = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=rows, num_micro_batches=1)
-
-    def price(dispatch_s: float) -> float:
-        cc = replace(c, op_dispatch_s=dispatch_s)
-        table = layer_table(graph, one, micro_batch=rows, tp=1, sequence_parallel=False, recompute="none", c=cc)
-        return evaluate_cost(graph, one, cfg, [(0, graph.num_layers)], cc, table=table).step_time_s
-
-    base, slope = price(0.0), price(1e-5) - price(0.0)
-    if slope <= 0:
-        return None
-    fitted = (float(fw["alone"]) - base) / slope * 1e-5
-    return fitted if fitted > 0 else None
+    return graph, one, ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=rows, num_micro_batches=1)

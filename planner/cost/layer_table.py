@@ -179,6 +179,7 @@ class LayerTable:
     # trains (None: all of it) and the tied parameters that are frozen. See :meth:`trained`.
     trainable_share: np.ndarray | None = None
     frozen_tied: frozenset[str] = frozenset()
+    trained_tensors: np.ndarray | None = None  # each layer's own parameter tensors that train (Layer.trained_tensors)
     # Memoised derived figures (see segment, total_s, total_summary_s); not part of the table's value.
     _segments: dict[tuple[int, int], Segment] = field(default_factory=dict, init=False, repr=False, compare=False)
     _totals: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -412,11 +413,12 @@ def layer_table(graph: CostGraph, cluster: ClusterSpec, *, micro_batch: int, tp:
 
 def _param_parts(graph: CostGraph) -> dict[str, object]:
     """The table's ``tied`` parameters and what of its parameters is frozen: each layer's share of its own
-    that trains (None: every one does) and the frozen tied ones."""
+    that trains (None: every one does), the frozen tied ones, and each layer's parameter tensors that train."""
     frozen = np.array([lay.frozen_count / lay.param_count if lay.param_count else 0.0 for lay in graph.layers])
     return {"tied": [[(t.name, t.numel, t.owner) for t in lay.tied_params] for lay in graph.layers],
             "trainable_share": 1.0 - frozen if frozen.any() else None,
-            "frozen_tied": frozenset(t.name for lay in graph.layers for t in lay.tied_params if t.frozen)}
+            "frozen_tied": frozenset(t.name for lay in graph.layers for t in lay.tied_params if t.frozen),
+            "trained_tensors": np.array([lay.trained_tensors for lay in graph.layers], dtype=float)}
 
 
 def _whole_shares(tp_seconds: TpSeconds | None, i: int) -> tuple[float, float, float] | None:

@@ -268,13 +268,22 @@ def _device_tails(table: LayerTable, pos: list[Position], boundaries: list[tuple
         tied_sync.append(tied_sync_s(table.trained, boundaries, d, cfg, cluster, c, g_b, tied_holders))
         shard = optimizer_shard(cfg)
         optim_s.append(c.optimizer_step_bytes_per_param * trained / shard / bw_mem
-                       + c.optimizer_step_bytes_per_param * expert_shard_extra(table, chunks, cfg, shard) / bw_mem)
+                       + c.optimizer_step_bytes_per_param * expert_shard_extra(table, chunks, cfg, shard) / bw_mem
+                       + optimizer_loop_s(table, chunks, c))
         # every micro-batch after the first adds its gradients into the sum (ZeRO-2/3: into the shard)
         acc_shard = shard_size(cfg) if cfg.zero_stage >= 2 and not keeps_unsharded_grads(cfg) else 1
         accum_s.append((m - 1) * c.grad_accumulation_bytes_per_param * trained / acc_shard / bw_mem
                        + (m - 1) * c.grad_accumulation_bytes_per_param
                        * expert_shard_extra(table, chunks, cfg, acc_shard) / bw_mem)
     return dp_exposed, fsdp_exposed, tied_sync, optim_s, accum_s
+
+
+def optimizer_loop_s(table: LayerTable, chunks: list[tuple[int, int]], c: CostConstants) -> float:
+    """The optimizer's per-tensor host work on one device: ``optimizer_tensor_overhead_s`` for each parameter
+    tensor that trains in its chunks (a shard of a tensor is still one tensor to loop over)."""
+    if not c.optimizer_tensor_overhead_s or table.trained_tensors is None:
+        return 0.0
+    return c.optimizer_tensor_overhead_s * float(sum(table.trained_tensors[a:b].sum() for a, b in chunks))
 
 
 def _breakdown(tb: LayerTable, chunks_b: list[tuple[int, int]], cfg: ParallelConfig, c: CostConstants, *,

@@ -88,8 +88,8 @@ def assemble(ops: list[OpNode], ctx: TraceContext, notes: list[str]) -> CostGrap
     by_name = {op.name: op for op in ops}
     saved_by = _saved_by_op(ops, layer_of)
     g = _op_graph(ops, by_name, layer_of, saved_by, batch)
-    own_count, frozen_count, tied = _own_params(ops, layer_of, g, model, units, new_index, notes)
-    layers = _layers(ops, ctx, order, layer_of, by_name, saved_by, (own_count, frozen_count), tied)
+    counts, tied = _own_params(ops, layer_of, g, model, units, new_index, notes)
+    layers = _layers(ops, ctx, order, layer_of, by_name, saved_by, counts, tied)
     total_params = sum(p.numel() for p in model.parameters())
     return CostGraph(name=ctx.name, ops=g, layers=layers, layer_graph=layer_graph_from_ops(g, len(order)),
                      dtype=ctx.dtype, seq_len=ctx.seq_len, param_count=total_params, method=ctx.method,
@@ -200,7 +200,7 @@ def _op_graph(ops: list[OpNode], by_name: dict[str, OpNode], layer_of: dict[str,
 
 def _layers(ops: list[OpNode], ctx: TraceContext, order: list[int], layer_of: dict[str, int],
             by_name: dict[str, OpNode], saved_by: dict[str, list[tuple[tuple[int, ...], int]]],
-            counts: tuple[dict[int, int], dict[int, int]], tied: dict[int, dict[str, TiedParam]]) -> list[Layer]:
+            counts: tuple[dict[int, int], ...], tied: dict[int, dict[str, TiedParam]]) -> list[Layer]:
     """One :class:`Layer` per entry of ``order``: its ops' costs per sample, its memory, what enters
     and leaves it, and a signature equal for layers that are copies of each other."""
     units, batch = ctx.units, ctx.batch
@@ -238,7 +238,7 @@ def _layers(ops: list[OpNode], ctx: TraceContext, order: list[int], layer_of: di
             fwd_flops=fwd,
             bwd_input_flops=sum(r.flops * r.bwd_input_mult for r in recs) / batch,
             bwd_weight_flops=sum(r.flops * r.bwd_weight_mult for r in recs) / batch,
-            param_count=counts[0][li], frozen_count=counts[1][li],
+            param_count=counts[0][li], frozen_count=counts[1][li], trained_tensors=counts[2][li],
             tied_params=tuple(sorted(tied[li].values(), key=lambda t: t.name)),
             activation_bytes=act,
             replicated_activation_bytes=sum(replicated) / batch,
@@ -403,15 +403,17 @@ def _signature(members: list[OpNode], saved: list[tuple[tuple[int, ...], int]], 
 
 def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, model: nn.Module,
                 units: list[str], new_index: dict[int, int],
-                notes: list[str]) -> tuple[dict[int, int], dict[int, int], dict[int, dict[str, TiedParam]]]:
+                notes: list[str]) -> tuple[tuple[dict[int, int], ...], dict[int, dict[str, TiedParam]]]:
     """First use owns a parameter; never-used ones go to their module's layer (noted). Returns each
-    layer's own parameter count, the frozen part of it, and the tied parameters it uses."""
+    layer's (own parameter count, the frozen part of it, its own parameter tensors that train), and the
+    tied parameters it uses."""
     param_names: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         param_names.setdefault(id(p), n)
     owner: dict[int, int] = {}
     own_count: dict[int, int] = defaultdict(int)
     frozen_count: dict[int, int] = defaultdict(int)
+    trained_tensors: dict[int, int] = defaultdict(int)
     tied: dict[int, dict[str, TiedParam]] = defaultdict(dict)
     for op in ops:
         li = layer_of[op.name]
@@ -421,6 +423,7 @@ def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, mode
                 owner[id(p)] = li
                 own_count[li] += p.numel()
                 frozen_count[li] += 0 if p.requires_grad else p.numel()
+                trained_tensors[li] += int(p.requires_grad)
                 g.nodes[op.name]["param_bytes"] += p.numel() * p.element_size()
             elif owner[id(p)] != li:
                 pname = param_names.get(id(p), "?")
@@ -437,8 +440,9 @@ def _own_params(ops: list[OpNode], layer_of: dict[str, int], g: nx.DiGraph, mode
             owner[id(p)] = new_index[raw]
             own_count[owner[id(p)]] += p.numel()
             frozen_count[owner[id(p)]] += 0 if p.requires_grad else p.numel()
+            trained_tensors[owner[id(p)]] += int(p.requires_grad)
         total = sum(p.numel() for _, p in unused)
         notes.append(f"{total:,} parameters ({len(unused)} tensors, e.g. {unused[0][0]}) are never used "
                      "in forward; each is counted in its module's layer, or the nearest earlier one that ran "
                      "(it still takes memory)")
-    return own_count, frozen_count, tied
+    return (own_count, frozen_count, trained_tensors), tied

@@ -90,6 +90,9 @@ class Layer:
     # Of ``param_count``: parameters with requires_grad=False (a frozen backbone, LoRA's base weights).
     # They are held like the others but have no gradient, no optimizer state and no data-parallel reduction.
     frozen_count: int = 0
+    # Parameter tensors it owns that train: what an optimizer's per-tensor loop steps over (0 in a graph
+    # stored before it was counted).
+    trained_tensors: int = 0
     activation_bytes: float
     replicated_activation_bytes: float
     attention_activation_bytes: float

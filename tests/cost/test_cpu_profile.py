@@ -195,3 +195,26 @@ def test_time_shared_cores_give_back_the_reclaimed_share_of_the_bubble():
     dp_only = ParallelConfig(dp=2, tp=1, pp=1, micro_batch_size=8, num_micro_batches=1)
     assert _price(dp_only, replace(BASE, idle_reclaim_fraction=0.5)).step_time_s == _price(dp_only, BASE).step_time_s
     assert math.isfinite(half.step_time_s)
+
+
+def test_the_optimizers_loop_is_fitted_per_tensor_not_per_op():
+    """The micro-model's step timed in two parts: forward-backward fits the per-op host time, the optimizer's
+    step its per-tensor loop, so a pipeline's extra micro-batches are not charged the optimizer's loop again."""
+    from planner.cost.cpu_calibration import _framework_setup
+    from planner.cost.model import evaluate as evaluate_cost
+    from planner.cost.model import layer_table
+
+    fw = {"alone": 0.0030, "alone_fwd_bwd": 0.0014, "alone_optimizer": 0.0016, "ddp": 0.004, "fsdp": 0.02,
+          "tp": 0.01, "pp": 0.01, "pp_half_alone": 0.002, "blocks": 4, "hidden": 64, "rows": 16,
+          "pp_micro_batches": 4}
+    profile = synthetic_profile(nproc=2, share=1.0, framework=fw)
+    c = cpu_profile_constants(profile)
+    graph, one, cfg = _framework_setup(profile, fw)
+    assert 0 < c.optimizer_tensor_overhead_s < 0.0016 / 16  # 16 tensors, less what their traffic is priced at
+    table = layer_table(graph, one, micro_batch=16, tp=1, sequence_parallel=False, recompute="none", c=c)
+    pred = evaluate_cost(graph, one, cfg, [(0, graph.num_layers)], c, table=table)
+    assert pred.time_breakdown_s["optimizer"] == pytest.approx(0.0016, rel=1e-6)
+    assert pred.step_time_s - pred.time_breakdown_s["optimizer"] == pytest.approx(0.0014, rel=1e-6)
+    whole = cpu_profile_constants(synthetic_profile(nproc=2, share=1.0, framework={
+        k: v for k, v in fw.items() if k not in ("alone_fwd_bwd", "alone_optimizer")}))
+    assert whole.optimizer_tensor_overhead_s == 0 and whole.op_dispatch_s > 2 * c.op_dispatch_s  # the old fit
