@@ -14,10 +14,13 @@ of them running at once:
 * **framework**: one training step of a small MLP stack alone (and its forward-backward and its
   optimizer step apart), under DDP, under FSDP2 and split in tensor-parallel pairs (what each framework
   costs per layer beyond its collectives), the least disturbed of five interleaved repetitions;
-* **compute share**: every process runs the same fixed mix of work (GEMMs, element-wise ops, a small
-  forward/backward) at once, the least disturbed of five; ``share = t_alone / t_busy`` per process is the fraction of one
-  process's lone speed it keeps while all ``N`` are busy (about ``cores / N`` once ``N`` exceeds the
-  cores, a little under 1 below that: shared caches and memory bandwidth).
+* **shares**: every process runs the same work at once, the least disturbed of five; ``share =
+  t_alone / t_busy`` per process is the fraction of one process's lone speed it keeps while all ``N``
+  are busy (about ``cores / N`` once ``N`` exceeds the cores). Three kinds of work, which contend
+  differently below that: a fixed mix (GEMMs, element-wise ops, a small forward/backward:
+  ``compute_share``, what host dispatch is stretched by), GEMMs alone (``gemm_share``: the peak FLOP/s;
+  processes on their own cores hardly contend) and a memory stream alone (``memory_share``: the
+  bandwidth, which the cores share).
 
 The single-process micro-benchmarks (:func:`bench.cpu_calibration.profile_cpu`) run first, in
 the parent, alone. :func:`planner.cost.cpu_calibration.cpu_profile_constants` and
@@ -125,6 +128,29 @@ def _work_mix():
             lin(torch.tanh(lin(inp))).sum().backward()
 
     return mix
+
+
+def _share_loops() -> dict:
+    """What each process runs at once to measure its share of the machine, by kind of work: the mix above
+    (the host-bound share dispatch is stretched by), GEMMs alone (the arithmetic units: time-slicing
+    divides them, two processes on two cores hardly contend) and a memory stream alone (the bandwidth
+    the cores share, which processes on their own cores still contend for)."""
+    import torch
+
+    torch.manual_seed(0)
+    a, b = torch.randn(384, 384), torch.randn(384, 384)
+    src = torch.randn(4 << 20)
+    dst = torch.empty_like(src)
+
+    def gemm() -> None:
+        for _ in range(12):
+            torch.mm(a, b)
+
+    def stream() -> None:
+        for _ in range(4):
+            dst.copy_(src)
+
+    return {"mix": _work_mix(), "gemm": gemm, "stream": stream}
 
 
 FRAMEWORK_BLOCKS = 4  # the framework micro-model: blocks of Linear(h, 4h), GELU, Linear(4h, h)
@@ -282,10 +308,10 @@ def _worker(rank: int, world: int, store: str, queue, sizes: tuple[int, ...]) ->
                 t /= 2  # two messages per call
             points.append({"message_bytes": nbytes, "seconds": t})
         out["collectives"][name] = points
-    # Compute share: the same work on every process at once.
-    mix = _work_mix()
-    # The least disturbed of five, as the measured bench reads its runs (a burst of load would slow all)
-    out["mix_busy_s"] = min(_mean_wall_s(mix, barrier, min_total_s=0.3) for _ in range(5))
+    # Shares: the same work on every process at once, the least disturbed of five, as the measured bench
+    # reads its runs (a burst of load would slow all)
+    for kind, loop in _share_loops().items():
+        out[f"{kind}_busy_s"] = min(_mean_wall_s(loop, barrier, min_total_s=0.2) for _ in range(5))
     # Overlap of an asynchronous all-reduce with GEMMs of about the same length (so neither hides in
     # the other's noise), the three measurements interleaved five times.
     g1, g2 = torch.randn(256, 512), torch.randn(512, 512)
@@ -327,20 +353,12 @@ def _worker(rank: int, world: int, store: str, queue, sizes: tuple[int, ...]) ->
 def profile(nproc: int, *, quick: bool = False) -> dict:
     """Measure everything above on ``nproc`` processes; the dict :func:`planner.cost.cpu_calibration.
     cpu_profile_constants` reads."""
-    import torch
     import torch.multiprocessing as mp
 
     from bench.cpu_calibration import profile_cpu
 
     alone = profile_cpu()  # in this process, alone, on one thread (CPU time)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_threads(nproc))
-    try:
-        mix = _work_mix()
-        mix()
-        alone_mix = min(_time(mix) for _ in range(5))
-    finally:
-        torch.set_num_threads(threads)
+    alone_s = _alone_share_loops(nproc)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory(prefix="cpu-profile-") as tmp:
@@ -360,7 +378,7 @@ def profile(nproc: int, *, quick: bool = False) -> dict:
             worst = max(results[r]["collectives"][name][i]["seconds"] for r in results)
             points.append({"message_bytes": pt["message_bytes"], "seconds": worst})
         collectives[name] = points
-    busy = statistics.median(results[r]["mix_busy_s"] for r in results)
+    busy = {kind: statistics.median(results[r][f"{kind}_busy_s"] for r in results) for kind in alone_s}
     g = max(results[r]["overlap_gemm_s"] for r in results)
     c = max(results[r]["overlap_comm_s"] for r in results)
     both = max(results[r]["overlap_both_s"] for r in results)
@@ -375,13 +393,31 @@ def profile(nproc: int, *, quick: bool = False) -> dict:
         "cpu_count": os.cpu_count(),
         "threads_per_process": results[0]["threads"],
         "alone": dataclasses.asdict(alone),
-        "mix_alone_s": alone_mix,
-        "mix_busy_s": busy,
-        "compute_share": min(1.0, alone_mix / busy),
+        "mix_alone_s": alone_s["mix"],
+        "mix_busy_s": busy["mix"],
+        "compute_share": min(1.0, alone_s["mix"] / busy["mix"]),
+        "gemm_share": min(1.0, alone_s["gemm"] / busy["gemm"]),
+        "memory_share": min(1.0, alone_s["stream"] / busy["stream"]),
         "collectives": collectives,
         "overlap": {"gemm_s": g, "comm_s": c, "both_s": both,
                     "fraction": max(0.0, min(1.0, fraction))},
     }
+
+
+def _alone_share_loops(nproc: int) -> dict[str, float]:
+    """CPU seconds of each :func:`_share_loops` loop in this process, alone, with a worker's threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_threads(nproc))
+    try:
+        alone_s = {}
+        for kind, loop in _share_loops().items():
+            loop()
+            alone_s[kind] = min(_time(loop) for _ in range(5))
+        return alone_s
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _time(fn) -> float:
