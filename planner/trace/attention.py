@@ -145,4 +145,29 @@ class FusedAttention(TorchFunctionMode):
             if out is not None:
                 self.calls += 1
                 return out
+        if func is F.multi_head_attention_forward:
+            return self._multi_head(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _multi_head(self, func, args: tuple, kwargs: dict):
+        """``nn.MultiheadAttention``'s functional forward. Called from here, where torch has set this mode
+        aside, its own SDPA call (``need_weights=False``, as ``nn.TransformerEncoderLayer`` asks) would run
+        the math fallback and store the scores; it reads SDPA as a global of torch.nn.functional, so the
+        fused kernel stands in for it for this one call. With ``need_weights=True`` torch computes the
+        weights by hand (two bmm and a softmax), as a GPU does too: that path is left as it is."""
+        import torch.nn.functional as functional
+
+        own = functional.scaled_dot_product_attention
+
+        def sdpa(*a: Any, **kw: Any) -> torch.Tensor:
+            out = fused_sdpa(*a, **kw)
+            if out is None:
+                return own(*a, **kw)
+            self.calls += 1
+            return out
+
+        functional.scaled_dot_product_attention = sdpa
+        try:
+            return func(*args, **kwargs)
+        finally:
+            functional.scaled_dot_product_attention = own

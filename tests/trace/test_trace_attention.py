@@ -181,3 +181,26 @@ def test_the_causal_note_describes_the_capture_that_is_kept(monkeypatch):
     assert graph.method == "export"
     assert [op.kind for op in _kernels(graph)] == ["_scaled_dot_product_efficient_attention"]
     assert not any("is_causal=True" in note for note in graph.notes)
+
+
+def test_torch_multihead_attention_runs_the_fused_kernel_unless_it_returns_weights():
+    """nn.TransformerEncoderLayer asks nn.MultiheadAttention for no weights, and torch then calls SDPA from
+    inside F.multi_head_attention_forward, which a GPU runs fused: priced so, no s x s scores stored. Asked
+    for its weights (the module's default), it computes them by hand on a GPU too: eager."""
+    from planner.trace import trace_model
+
+    layer = nn.TransformerEncoderLayer(64, 4, dropout=0.0, batch_first=True)
+    g = trace_model(nn.Sequential(layer), torch.zeros(1, 128, 64))
+    assert g.attention == "fused" and g.layers[0].attention_activation_bytes == 0
+    assert "_scaled_dot_product_flash_attention" in [o.kind for o in g.layers[0].op_costs]
+
+    class Weights(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x)[0]
+
+    assert trace_model(Weights(), torch.zeros(1, 128, 64)).attention == "eager"
+    assert nn.functional.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention  # restored
