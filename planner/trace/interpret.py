@@ -461,7 +461,7 @@ class GraphRunner(torch.fx.Interpreter):
                 name=name, kind=r.kind, target=target, module_path=path, inputs=inputs,
                 output_shapes=r.output_shapes, output_bytes=r.output_bytes, dtypes=r.dtypes, params=params,
                 records=list(r.records), saved=saved, events=events, replayed_from=r.replayed_from or r.name,
-                out_bases=tuple((segment, id(storage_base(t))) for t in _tensors(ref.values[i]))))
+                out_bases=tuple(_replayed_base(segment, storage_base(t), fabricated) for t in _tensors(ref.values[i]))))
         for ref_base, fab in fabricated.items():
             if ref.base_seen.get(ref_base):
                 self.stm.seen.add(id(fab))
@@ -494,3 +494,11 @@ class GraphRunner(torch.fx.Interpreter):
             for table in (self.opm.records, self.opm.param_uses, self.stm.saved, self.stm.events):
                 table.pop(_SCRATCH, None)
             self.opm.key = self.stm.key = key
+
+
+def _replayed_base(segment: str, base: torch.Tensor, fabricated: dict[int, torch.Tensor]) -> object:
+    """The identity of a replayed op's output: the fabricated tensor that leaves the segment, where it is
+    one (later layers save and read that tensor, so pointwise_saved must see the two as one), else one
+    unique to this segment."""
+    fab = fabricated.get(id(base))
+    return id(fab) if fab is not None else (segment, id(base))

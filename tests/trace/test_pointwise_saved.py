@@ -59,3 +59,19 @@ def test_the_cost_model_leaves_them_out_for_fusing_trainers_only():
     assert stored(megatron, fp8=True) == 2 * (block.activation_bytes - block.pointwise_saved_bytes - fp8_copies)
     assert stored(eager, fp8=True) == stored(eager)  # torchao keeps the bf16 inputs
     assert stored(replace(megatron, fused_pointwise_saves=False)) == stored(eager)
+
+
+def test_a_block_replayed_after_a_replayed_block_counts_what_a_direct_trace_counts():
+    """The first norm's product reads the block's input, which the block before made: when that block was
+    itself replayed, the input's identity has to be the tensor that left it, or the product was missed
+    (every block from the third on, in a replayed trace)."""
+    from planner.trace import trace_model
+
+    preset = ModelPreset(name="probe", family="llama", config={**LLAMA, "num_layers": 4})
+    sample = preset.sample_input(1)
+    replayed = trace_model(preset.build(device="meta"), sample, dtype="bf16", reuse=True)
+    direct = trace_model(preset.build(device="meta"), sample, dtype="bf16", reuse=False)
+    assert replayed.notes != direct.notes  # blocks were replayed in one and not in the other
+    expected = LLAMA["seq_len"] * (2 * LLAMA["hidden"] + LLAMA["ffn_hidden"]) * 2
+    assert [lay.pointwise_saved_bytes for lay in replayed.layers[1:5]] == [expected] * 4
+    assert [lay.pointwise_saved_bytes for lay in replayed.layers] == [lay.pointwise_saved_bytes for lay in direct.layers]
