@@ -167,8 +167,8 @@ class CostConstants:
     # gradient-norm pass and the fp32 gradient copy Megatron keeps).
     optimizer_step_bytes_per_param: float = 36
     # Host seconds per parameter tensor per optimizer step: a non-fused optimizer's Python loop over
-    # tensors (torch's AdamW on a CPU runs a dozen small ops per tensor, 50 µs each on this project's
-    # CPU profile; bench/cpu_profile.py measures it). 0 for GPU trainers, whose fused or multi-tensor
+    # tensors (torch's AdamW on a CPU runs a dozen small ops per tensor: tens of µs per tensor in this
+    # project's CPU profiles; bench/cpu_profile.py measures it). 0 for GPU trainers, whose fused or multi-tensor
     # optimizers step a whole bucket at once.
     optimizer_tensor_overhead_s: float = 0.0
     # Memory traffic per local parameter to add one micro-batch's gradients into the step's gradient

@@ -214,8 +214,8 @@ def cpu_profile_cluster(profile: dict, *, name: str | None = None, measured_coll
     d["name"] = name or f"cpu-local-n{n}"
     d["description"] = (f"{n} local processes on {profile.get('cpu_count', '?')} CPUs, measured by bench.cpu_profile: "
                         f"each process keeps {share:.2f} of its lone speed while all are busy; links fitted to gloo")
-    # GEMMs and memory streams keep their own shares where the profile measured them (two processes on two
-    # cores: about 1 and 0.8 here, where the mix of both, host-bound work included, gives 0.67-1.0)
+    # GEMMs and memory streams keep their own shares where the profile measured them: two processes on two
+    # cores hardly contend for arithmetic and do for the memory bus (calibration.md)
     d["device"]["peak_flops"] = {"fp32": alone.peak_flops * float(profile.get("gemm_share", share))}
     d["device"]["memory_bandwidth_bytes_per_s"] = alone.memory_bandwidth * float(profile.get("memory_share", share))
     alpha, bw = fit_alpha_beta(profile)
