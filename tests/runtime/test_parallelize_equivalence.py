@@ -12,7 +12,7 @@ parameter bytes each rank holds, and is handed a model with one block wider than
 A third model ties its head to its embedding (``TiedLM``); zb-v's V placement puts the embedding's stage
 and the head's on rank 0, where they share one parameter: pp=2 zb-v (2 processes), and with dp=2 +
 ZeRO-1 or tp=2 (4 processes). A fourth is the skip model fine-tuned: its embedding and first block frozen
-(requires_grad=False), at pp=2, dp=2 and dp=2 with ZeRO-1 and -3.
+(requires_grad=False), at pp=2, dp=2, tp=2 and dp=2 with ZeRO-1 and -3.
 
 Run as a script, it prints the table of docs/train-your-own-model.md::
 
@@ -40,7 +40,7 @@ WORLD2 = ("pp=2", "dp=2", "tp=2", "dp=2 zero1", "dp=2 zero2", "dp=2 zero3", "dp=
 WORLD4 = ("pp=2 x dp=2",)
 TIED2 = ("pp=2 zb-v",)  # the tied model: its embedding's and head's stages on one rank
 TIED4 = ("pp=2 zb-v x dp=2 zero1", "pp=2 zb-v x tp=2")
-FROZEN2 = ("pp=2", "dp=2", "dp=2 zero1", "dp=2 zero3")  # the skip model with its embedding and first block frozen
+FROZEN2 = ("pp=2", "dp=2", "tp=2", "dp=2 zero1", "dp=2 zero3")  # the skip model with its embedding and first block frozen
 META = ("pp=2 x tp=2", "pp=2 x dp=2 zero3")
 WIDER = "skip with blocks.1 twice as wide as planned"
 RESUME = "skip: DCP saved under tp=2 after step 1, resumed under pp=2"
