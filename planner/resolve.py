@@ -78,7 +78,7 @@ def resolve_model(model: nn.Module | str, *, seq_len: int | None = None, sample_
     # it (0.35 s, 40% of tracing GPT-3 175B); a caller's module is copied so it is left as given.
     graph = trace_model(module, inputs, name=name, dtype=dtype, seq_len=seq_len, copy_model=preset is None)
     if preset is None:
-        graph.notes.extend(_state_notes(module))
+        graph.notes.extend(_state_notes(module, graph))
     if preset is not None and preset.config.get("seq_len") != load_preset(preset.name).config.get("seq_len"):
         graph.notes.append(f"{preset.name} stretched to {seq_len} positions (rotary) with fused attention "
                            "(FlashAttention: no s x s scores stored), as long-context training runs it")
@@ -86,16 +86,15 @@ def resolve_model(model: nn.Module | str, *, seq_len: int | None = None, sample_
                          sample_spec=describe_sample(inputs) if preset is None else None)
 
 
-def _state_notes(module: nn.Module) -> list[str]:
+def _state_notes(module: nn.Module, graph: CostGraph) -> list[str]:
     """What a module of one's own holds that the plan should say: frozen parameters (priced as held, with no
-    gradient, optimizer state or weight-gradient work) and buffers (not counted in memory)."""
+    gradient, optimizer state or weight-gradient work: the trace counted them) and buffers (not counted in
+    memory)."""
     notes = []
-    params = {id(p): p for p in module.parameters()}
-    frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
-    if frozen:
-        total = sum(p.numel() for p in params.values())
-        notes.append(f"{frozen:,} of {total:,} parameters are frozen (requires_grad=False): priced as held weights "
-                     "with no gradient, optimizer state, weight-gradient work or data-parallel reduction")
+    if graph.frozen_param_count:
+        notes.append(f"{graph.frozen_param_count:,} of {graph.param_count:,} parameters are frozen "
+                     "(requires_grad=False): priced as held weights with no gradient, optimizer state, "
+                     "weight-gradient work or data-parallel reduction")
     buffers = sum(b.numel() * b.element_size() for b in module.buffers())
     if buffers > 2**20:
         notes.append(f"{buffers / 2**20:,.1f} MiB of buffers (register_buffer) are not counted in the memory per "

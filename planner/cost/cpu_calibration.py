@@ -144,7 +144,7 @@ def cpu_profile_constants(profile: dict, base: CostConstants | None = None) -> C
     reclaim = max(0.0, 1.0 - cores / (n * threads))
     c = replace(c, fsdp_layer_overhead_s=fsdp_s, tp_layer_overhead_s=tp_s, pipeline_step_overhead_s=pp_s / 2,
                 idle_reclaim_fraction=reclaim)
-    dispatch, per_tensor = fit_dispatch_s(profile, c)
+    dispatch, per_tensor = fit_host_overheads(profile, c)
     c = replace(c, optimizer_tensor_overhead_s=per_tensor)
     return c if dispatch is None else replace(c, op_dispatch_s=max(dispatch, c.op_dispatch_s))
 
@@ -239,7 +239,7 @@ def framework_model(hidden: int, blocks: int):
                            for _ in range(blocks)])
 
 
-def fit_dispatch_s(profile: dict, c: CostConstants) -> tuple[float | None, float]:
+def fit_host_overheads(profile: dict, c: CostConstants) -> tuple[float | None, float]:
     """``(op_dispatch_s, optimizer_tensor_overhead_s)``: host seconds per traced op, and per parameter tensor
     of the optimizer's step, that make the cost model's price of the framework micro-model's step (one
     process, all ``N`` busy) equal to what the profile timed.
